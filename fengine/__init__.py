@@ -1,0 +1,26 @@
+"""fengine: a functional training engine for PyTorch.
+
+The whole training state is one value (`TrainState`); a step is a function from
+state to state; AMP, accumulation, clipping and EMA are composable transforms.
+"""
+
+from fengine import optim as optim, rng as rng
+from fengine.state import DonatedStateError as DonatedStateError, TrainState as TrainState
+from fengine.step import (
+    GradResult as GradResult,
+    Step as Step,
+    parse_losses as parse_losses,
+    train_step as train_step,
+)
+from fengine.transforms import (
+    MicroBatches as MicroBatches,
+    accumulate as accumulate,
+    amp as amp,
+    check_finite as check_finite,
+    compose as compose,
+    ema as ema,
+    ema_params as ema_params,
+)
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,307 @@
+"""Optimizers as gradient transformations, bitwise equal to ``torch.optim`` (foreach).
+
+Each optimizer's ``apply`` replays the op sequence of torch's ``_multi_tensor_*``
+kernel for one param group: the same ``torch._foreach_*`` calls with the same
+scalars, so params and moments match ``torch.optim.X(foreach=True)`` bit for bit.
+Hyper-parameters may be numbers or schedules ``step -> value``; the step count
+used for bias correction is the optimizer's own ``count`` (updates applied), the
+schedule step is the global step (see `fengine.optim.base`).
+
+Params with no gradient (unused in the forward) are skipped, as torch does.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fengine.optim.base import GradientTransformation, Hyper, check_hyper, resolve, update_via_apply
+
+
+__all__ = ["AdagradState", "AdamState", "RMSpropState", "SgdState", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
+
+
+def _zeros(params, names=None):
+    return {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
+
+
+def _pick(d, grads):
+    return [d[n] for n in grads]
+
+
+def _optimizer(init_fn, apply_fn) -> GradientTransformation:
+    return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn)
+
+
+# ---------------------------------------------------------------- SGD
+class SgdState(NamedTuple):
+    count: int
+    momentum_buffer: dict[str, torch.Tensor]
+    lr: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+
+def sgd(
+    lr: Hyper,
+    momentum: Hyper = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: Hyper = 0.0,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """SGD with momentum/Nesterov and coupled weight decay, as ``torch.optim.SGD``."""
+    where = "sgd"
+    check_hyper("lr", lr, where=where)
+    check_hyper("momentum", momentum, where=where)
+    check_hyper("weight_decay", weight_decay, where=where)
+    if nesterov and not callable(momentum) and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"sgd: nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum}, dampening={dampening}")
+    uses_momentum = callable(momentum) or momentum != 0
+
+    def init_fn(params):
+        return SgdState(0, _zeros(params) if uses_momentum else {}, float(resolve(lr, 0)))
+
+    def apply_fn(grads, state, params, *, step=None):
+        t = state.count if step is None else step
+        lr_t, mom, wd = resolve(lr, t), resolve(momentum, t), resolve(weight_decay, t)
+        p = _pick(params, grads)
+        g = list(grads.values())
+        if maximize:
+            g = torch._foreach_neg(g)
+        if wd != 0:
+            if maximize:
+                torch._foreach_add_(g, p, alpha=wd)
+            else:
+                g = torch._foreach_add(g, p, alpha=wd)
+        if mom != 0:
+            bufs = _pick(state.momentum_buffer, grads)
+            if state.count == 0:  # torch starts the buffer as a clone of the first gradient
+                torch._foreach_copy_(bufs, g)
+            else:
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, g, alpha=1 - dampening)
+            if nesterov:
+                torch._foreach_add_(g, bufs, alpha=mom)
+            else:
+                g = bufs
+        torch._foreach_add_(p, g, alpha=-lr_t)
+        return params, SgdState(state.count + 1, state.momentum_buffer, float(lr_t))
+
+    return _optimizer(init_fn, apply_fn)
+
+
+# ---------------------------------------------------------------- Adam / AdamW
+class AdamState(NamedTuple):
+    count: int
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    max_exp_avg_sq: dict[str, torch.Tensor]
+    lr: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+
+def _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, where) -> GradientTransformation:
+    check_hyper("lr", lr, where=where)
+    check_hyper("b1", b1, high=1.0, where=where)
+    check_hyper("b2", b2, high=1.0, where=where)
+    check_hyper("eps", eps, where=where)
+    check_hyper("weight_decay", weight_decay, where=where)
+
+    def init_fn(params):
+        return AdamState(0, _zeros(params), _zeros(params), _zeros(params) if amsgrad else {}, float(resolve(lr, 0)))
+
+    def apply_fn(grads, state, params, *, step=None):
+        t = state.count if step is None else step
+        lr_t, beta1, beta2, wd = resolve(lr, t), resolve(b1, t), resolve(b2, t), resolve(weight_decay, t)
+        count = state.count + 1
+        p = _pick(params, grads)
+        g = list(grads.values())
+        m = _pick(state.exp_avg, grads)
+        v = _pick(state.exp_avg_sq, grads)
+        if maximize:
+            g = torch._foreach_neg(g)
+        if wd != 0:
+            if decoupled:
+                torch._foreach_mul_(p, 1 - lr_t * wd)
+            elif maximize:
+                torch._foreach_add_(g, p, alpha=wd)
+            else:
+                g = torch._foreach_add(g, p, alpha=wd)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        del g
+        bias_correction1 = 1 - beta1 ** float(count)
+        bias_correction2 = 1 - beta2 ** float(count)
+        step_size = (lr_t / bias_correction1) * -1
+        bias_correction2_sqrt = bias_correction2**0.5
+        if amsgrad:
+            vmax = _pick(state.max_exp_avg_sq, grads)
+            torch._foreach_maximum_(vmax, v)
+            denom = torch._foreach_sqrt(vmax)
+        else:
+            denom = torch._foreach_sqrt(v)
+        n = len(p)
+        torch._foreach_div_(denom, [bias_correction2_sqrt] * n)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, m, denom, [step_size] * n)
+        return params, state._replace(count=count, lr=float(lr_t))
+
+    return _optimizer(init_fn, apply_fn)
+
+
+def adam(
+    lr: Hyper = 1e-3,
+    b1: Hyper = 0.9,
+    b2: Hyper = 0.999,
+    eps: float = 1e-8,
+    weight_decay: Hyper = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """Adam with L2 (coupled) weight decay, as ``torch.optim.Adam``. ``b1`` may be scheduled (MMEngine momentum schedulers)."""
+    return _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=False, where="adam")
+
+
+def adamw(
+    lr: Hyper = 1e-3,
+    b1: Hyper = 0.9,
+    b2: Hyper = 0.999,
+    eps: float = 1e-8,
+    weight_decay: Hyper = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """AdamW (decoupled weight decay), as ``torch.optim.AdamW``."""
+    return _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=True, where="adamw")
+
+
+# ---------------------------------------------------------------- RMSprop
+class RMSpropState(NamedTuple):
+    count: int
+    square_avg: dict[str, torch.Tensor]
+    grad_avg: dict[str, torch.Tensor]
+    momentum_buffer: dict[str, torch.Tensor]
+    lr: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+
+def rmsprop(
+    lr: Hyper = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: Hyper = 0.0,
+    momentum: Hyper = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """RMSprop, as ``torch.optim.RMSprop``."""
+    where = "rmsprop"
+    for name, value in (("lr", lr), ("alpha", alpha), ("eps", eps), ("weight_decay", weight_decay), ("momentum", momentum)):
+        check_hyper(name, value, where=where)
+    uses_momentum = callable(momentum) or momentum > 0
+
+    def init_fn(params):
+        return RMSpropState(
+            0, _zeros(params), _zeros(params) if centered else {}, _zeros(params) if uses_momentum else {},
+            float(resolve(lr, 0)),
+        )
+
+    def apply_fn(grads, state, params, *, step=None):
+        t = state.count if step is None else step
+        lr_t, wd, mom = resolve(lr, t), resolve(weight_decay, t), resolve(momentum, t)
+        p = _pick(params, grads)
+        g = list(grads.values())
+        sq = _pick(state.square_avg, grads)
+        if maximize:
+            g = torch._foreach_neg(g)
+        if wd != 0:
+            if maximize:
+                torch._foreach_add_(g, p, alpha=wd)
+            else:
+                g = torch._foreach_add(g, p, alpha=wd)
+        torch._foreach_mul_(sq, alpha)
+        torch._foreach_addcmul_(sq, g, g, value=1 - alpha)
+        if centered:
+            ga = _pick(state.grad_avg, grads)
+            torch._foreach_lerp_(ga, g, 1 - alpha)
+            avg = torch._foreach_addcmul(sq, ga, ga, value=-1)
+            torch._foreach_sqrt_(avg)
+            torch._foreach_add_(avg, eps)
+        else:
+            avg = torch._foreach_sqrt(sq)
+            torch._foreach_add_(avg, eps)
+        if mom > 0:
+            buf = _pick(state.momentum_buffer, grads)
+            torch._foreach_mul_(buf, mom)
+            torch._foreach_addcdiv_(buf, g, avg)
+            torch._foreach_add_(p, buf, alpha=-lr_t)
+        else:
+            torch._foreach_addcdiv_(p, g, avg, value=-lr_t)
+        return params, state._replace(count=state.count + 1, lr=float(lr_t))
+
+    return _optimizer(init_fn, apply_fn)
+
+
+# ---------------------------------------------------------------- Adagrad
+class AdagradState(NamedTuple):
+    count: int
+    sum: dict[str, torch.Tensor]
+    lr: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+
+def adagrad(
+    lr: Hyper = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: Hyper = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """Adagrad, as ``torch.optim.Adagrad``."""
+    where = "adagrad"
+    for name, value in (("lr", lr), ("lr_decay", lr_decay), ("weight_decay", weight_decay),
+                        ("initial_accumulator_value", initial_accumulator_value), ("eps", eps)):
+        check_hyper(name, value, where=where)
+
+    def init_fn(params):
+        sums = {n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format) for n, p in params.items()}
+        return AdagradState(0, sums, float(resolve(lr, 0)))
+
+    def apply_fn(grads, state, params, *, step=None):
+        t = state.count if step is None else step
+        lr_t, wd = resolve(lr, t), resolve(weight_decay, t)
+        count = state.count + 1
+        p = _pick(params, grads)
+        g = list(grads.values())
+        sums = _pick(state.sum, grads)
+        if maximize:
+            g = torch._foreach_neg(g)
+        if wd != 0:
+            if maximize:
+                torch._foreach_add_(g, p, alpha=wd)
+            else:
+                g = torch._foreach_add(g, p, alpha=wd)
+        minus_clr = [-lr_t / (1 + (float(count) - 1) * lr_decay)] * len(p)
+        torch._foreach_addcmul_(sums, g, g, value=1)
+        std = torch._foreach_sqrt(sums)
+        torch._foreach_add_(std, eps)
+        if wd != 0 or maximize:
+            torch._foreach_mul_(g, minus_clr)
+            numerator = g
+        else:
+            numerator = torch._foreach_mul(g, minus_clr)
+        torch._foreach_addcdiv_(p, numerator, std)
+        return params, AdagradState(count, state.sum, float(lr_t))
+
+    return _optimizer(init_fn, apply_fn)

@@ -1,0 +1,289 @@
+"""Gradient transformations: the optax protocol, adapted to eager PyTorch.
+
+A `GradientTransformation` is a pair of functions
+
+    init(params) -> state
+    update(grads, state, params=None, *, step=None) -> (updates, state)
+
+over ordered ``name -> tensor`` dicts. Optimizers add a third, ``apply``, which
+writes the update into the params in place with the exact op sequence of the
+matching ``torch.optim`` foreach kernel (``addcdiv_`` and friends), so results
+are bitwise those of torch; a separate ``update`` + ``params += updates`` would
+round differently.
+
+Like JAX donation, these functions may update ``state`` (and, for ``apply``,
+``params``) in place and return them: callers that need the old values pass
+copies (`TrainState` steps built with ``donate=False`` do). They run under
+``torch.no_grad()``. ``step`` is the global step (counted even when an fp16
+update is skipped), so schedules follow it the way torch/MMEngine schedulers do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "Hyper",
+    "PartitionState",
+    "apply_updates",
+    "chain",
+    "collect_metrics",
+    "identity",
+    "partition",
+    "resolve",
+    "set_to_zero",
+    "step_params",
+]
+
+Params = dict[str, torch.Tensor]
+Updates = dict[str, torch.Tensor]
+Hyper = float | Callable[[int], float]
+"""A hyper-parameter: a number, or a schedule ``step -> value`` (see `fengine.schedules`)."""
+
+
+class UpdateFn(Protocol):
+    def __call__(self, grads: Updates, state: Any, params: Params | None = None, *, step: int | None = None) -> tuple[Updates, Any]: ...
+
+
+class ApplyFn(Protocol):
+    def __call__(self, grads: Updates, state: Any, params: Params, *, step: int | None = None) -> tuple[Params, Any]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """``init`` and ``update`` (and, for optimizers, a fused in-place ``apply``)."""
+
+    init: Callable[[Params], Any]
+    update: UpdateFn
+    apply: ApplyFn | None = None
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transformation."""
+
+
+def resolve(value: Hyper, step: int | None) -> float:
+    """The value of a hyper-parameter at ``step`` (schedules are called, numbers returned)."""
+    if callable(value):
+        if step is None:
+            raise ValueError("a scheduled hyper-parameter needs the global step: pass step=... to update/apply")
+        return float(value(step))
+    return value
+
+
+def check_hyper(name: str, value: Hyper, *, low: float = 0.0, high: float | None = None, where: str) -> None:
+    """Validate a number-or-schedule hyper-parameter up front (schedules are checked at step 0)."""
+    probe = value(0) if callable(value) else value
+    if not isinstance(probe, (int, float)) or isinstance(probe, bool):
+        raise TypeError(f"{where}: {name} must be a number or a schedule step -> number, got {value!r}")
+    if probe < low or (high is not None and probe >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{where}: invalid {name} {probe!r}; expected a value {bound}")
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``params += updates`` in place (one foreach op); returns ``params``."""
+    names = list(updates)
+    with torch.no_grad():
+        torch._foreach_add_([params[n] for n in names], list(updates.values()))
+    return params
+
+
+def step_params(tx: GradientTransformation, grads: Updates, state: Any, params: Params, *, step: int | None = None) -> tuple[Params, Any]:
+    """Update ``params`` with ``tx``: the fused ``apply`` when it has one, else update + add."""
+    with torch.no_grad():
+        if tx.apply is not None:
+            return tx.apply(grads, state, params, step=step)
+        updates, state = tx.update(grads, state, params, step=step)
+        return apply_updates(params, updates), state
+
+
+def update_via_apply(apply: ApplyFn) -> UpdateFn:
+    """An ``update`` for an optimizer defined by its fused ``apply``: run it on copies, return the delta.
+
+    Used only when an optimizer is not last in a chain; the delta is exact up to
+    one rounding of ``new - old``.
+    """
+
+    def update_fn(grads, state, params=None, *, step=None):
+        if params is None:
+            raise ValueError("this optimizer needs params to compute updates")
+        new = {n: params[n].detach().clone() for n in grads}
+        new, state = apply(grads, state, new, step=step)
+        return {n: new[n] - params[n] for n in grads}, state
+
+    return update_fn
+
+
+def identity() -> GradientTransformation:
+    """Pass gradients through unchanged."""
+
+    def init_fn(params):
+        del params
+        return EmptyState()
+
+    def update_fn(grads, state, params=None, *, step=None):
+        del params, step
+        return grads, state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def set_to_zero() -> GradientTransformation:
+    """Zero updates: freezes the params it is applied to (e.g. one group of a `partition`)."""
+
+    def init_fn(params):
+        del params
+        return EmptyState()
+
+    def update_fn(grads, state, params=None, *, step=None):
+        del params, step
+        return {n: torch.zeros_like(g) for n, g in grads.items()}, state
+
+    def apply_fn(grads, state, params, *, step=None):
+        del grads, step
+        return params, state
+
+    return GradientTransformation(init_fn, update_fn, apply_fn)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order; the state is the tuple of their states.
+
+    If the last one is an optimizer (has ``apply``), the chain has ``apply`` too,
+    so ``chain(clip_by_global_norm(1.0), adamw(1e-3))`` updates params with
+    torch's exact AdamW kernel sequence.
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"chain: argument {i} is {type(t).__name__}, expected a GradientTransformation")
+
+    def init_fn(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def _check(state):
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            raise ValueError(
+                f"chain of {len(transforms)} transformations got a state of "
+                f"{len(state) if isinstance(state, tuple) else type(state).__name__}; "
+                "was it made by this chain's init?"
+            )
+
+    def update_fn(grads, state, params=None, *, step=None):
+        _check(state)
+        new_state = []
+        for t, s in zip(transforms, state):
+            grads, s = t.update(grads, s, params, step=step)
+            new_state.append(s)
+        return grads, tuple(new_state)
+
+    apply_fn = None
+    if transforms and transforms[-1].apply is not None:
+        *head, last = transforms
+
+        def apply_fn(grads, state, params, *, step=None):
+            _check(state)
+            new_state = []
+            for t, s in zip(head, state):
+                grads, s = t.update(grads, s, params, step=step)
+                new_state.append(s)
+            params, s = last.apply(grads, state[-1], params, step=step)
+            new_state.append(s)
+            return params, tuple(new_state)
+
+    return GradientTransformation(init_fn, update_fn, apply_fn)
+
+
+class PartitionState(NamedTuple):
+    """Per-label states of a `partition`."""
+
+    inner: dict[str, Any]
+
+
+def partition(
+    transforms: Mapping[str, GradientTransformation],
+    labels: Mapping[str, str] | Callable[[str, torch.Tensor], str],
+) -> GradientTransformation:
+    """Apply a different transformation to each group of params (optax ``multi_transform``).
+
+    Args:
+      transforms: label -> transformation (use `set_to_zero` to freeze a group).
+      labels: param name -> label, or a function ``(name, tensor) -> label``.
+
+    Every trainable param must get a label that ``transforms`` has; the error
+    names the first that does not.
+    """
+    transforms = dict(transforms)
+    cache: dict[tuple[str, ...], dict[str, list[str]]] = {}
+
+    def groups_of(params: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+        key = tuple(params)
+        found = cache.get(key)
+        if found is None:
+            found = {label: [] for label in transforms}
+            for name, tensor in params.items():
+                label = labels(name, tensor) if callable(labels) else labels.get(name)
+                if label not in transforms:
+                    raise KeyError(
+                        f"partition: param {name!r} has label {label!r}, but transforms has labels "
+                        f"{sorted(transforms)}"
+                    )
+                found[label].append(name)
+            cache[key] = found
+        return found
+
+    def init_fn(params):
+        groups = groups_of(params)
+        return PartitionState({label: transforms[label].init({n: params[n] for n in names}) for label, names in groups.items()})
+
+    def update_fn(grads, state, params=None, *, step=None):
+        groups = groups_of(grads)
+        updates: dict[str, torch.Tensor] = {}
+        inner = {}
+        for label, names in groups.items():
+            sub = {n: grads[n] for n in names}
+            sub_params = None if params is None else {n: params[n] for n in names}
+            u, inner[label] = transforms[label].update(sub, state.inner[label], sub_params, step=step)
+            updates.update(u)
+        return {n: updates[n] for n in grads}, PartitionState(inner)
+
+    apply_fn = None
+    if all(t.apply is not None for t in transforms.values()):
+
+        def apply_fn(grads, state, params, *, step=None):
+            groups = groups_of(grads)
+            inner = {}
+            for label, names in groups.items():
+                sub = {n: grads[n] for n in names}
+                _, inner[label] = transforms[label].apply(sub, state.inner[label], {n: params[n] for n in names}, step=step)
+            return params, PartitionState(inner)
+
+    return GradientTransformation(init_fn, update_fn, apply_fn)
+
+
+def collect_metrics(opt_state: Any) -> dict[str, torch.Tensor]:
+    """Scalars a transformation reported in its state (e.g. ``grad_norm``), by name.
+
+    A state reports by defining ``metrics() -> dict``. Only chain tuples and
+    partitions are walked, never the per-parameter tensors.
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(s: Any, prefix: str) -> None:
+        if hasattr(s, "metrics") and callable(s.metrics):
+            for k, v in s.metrics().items():
+                out[prefix + k] = v
+        elif isinstance(s, PartitionState):
+            for label, inner in s.inner.items():
+                walk(inner, f"{prefix}{label}/")
+        elif isinstance(s, tuple) and not hasattr(s, "_fields"):
+            for inner in s:
+                walk(inner, prefix)
+
+    walk(opt_state, "")
+    return out

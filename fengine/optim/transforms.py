@@ -1,0 +1,130 @@
+"""Gradient preprocessing: clipping, weight decay, scaling.
+
+Clipping reproduces ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
+(foreach) exactly, without host syncs: the clip coefficient stays a tensor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fengine.optim.base import EmptyState, GradientTransformation, Hyper, check_hyper, resolve
+
+
+__all__ = [
+    "ClipByGlobalNormState",
+    "add_decayed_weights",
+    "clip_by_global_norm",
+    "clip_by_value",
+    "global_norm",
+    "scale",
+    "scale_by_schedule",
+]
+
+
+def global_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of all ``tensors`` viewed as one vector, as ``clip_grad_norm_`` computes it."""
+    if not tensors:
+        return torch.tensor(0.0)
+    first = tensors[0].device
+    norms = torch._foreach_norm(tensors, norm_type)
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+
+
+class ClipByGlobalNormState(NamedTuple):
+    grad_norm: torch.Tensor
+    """Pre-clip global norm of the last update (reported as metric ``grad_norm``)."""
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"grad_norm": self.grad_norm}
+
+
+def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTransformation:
+    """Scale gradients so their global norm is at most ``max_norm`` (``clip_grad_norm_``).
+
+    The pre-clip norm is reported in the step metrics as ``grad_norm``, as
+    MMEngine logs it. Under fp16 AMP the step unscales gradients before this runs.
+    """
+    if not isinstance(max_norm, (int, float)) or max_norm <= 0:
+        raise ValueError(f"clip_by_global_norm: max_norm must be a positive number, got {max_norm!r}")
+    norm_type = float(norm_type)
+    max_norm = float(max_norm)
+
+    def init_fn(params):
+        device = next(iter(params.values())).device if params else "cpu"
+        return ClipByGlobalNormState(torch.zeros((), device=device))
+
+    def update_fn(grads, state, params=None, *, step=None):
+        del params, step
+        g = list(grads.values())
+        total = global_norm(g, norm_type)
+        clip_coef = max_norm / (total + 1e-6)
+        torch._foreach_mul_(g, torch.clamp(clip_coef, max=1.0))
+        return grads, ClipByGlobalNormState(total)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_value(clip_value: float) -> GradientTransformation:
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` (``clip_grad_value_``)."""
+    if not isinstance(clip_value, (int, float)) or clip_value <= 0:
+        raise ValueError(f"clip_by_value: clip_value must be a positive number, got {clip_value!r}")
+    clip_value = float(clip_value)
+
+    def init_fn(params):
+        del params
+        return EmptyState()
+
+    def update_fn(grads, state, params=None, *, step=None):
+        del params, step
+        g = list(grads.values())
+        torch._foreach_clamp_min_(g, -clip_value)
+        torch._foreach_clamp_max_(g, clip_value)
+        return grads, state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
+    """``updates = grads + weight_decay * params`` (L2 regularisation as a gradient term)."""
+    check_hyper("weight_decay", weight_decay, where="add_decayed_weights")
+
+    def init_fn(params):
+        del params
+        return EmptyState()
+
+    def update_fn(grads, state, params=None, *, step=None):
+        if params is None:
+            raise ValueError("add_decayed_weights needs params")
+        wd = resolve(weight_decay, step if step is not None else 0)
+        if wd == 0:
+            return grads, state
+        names = list(grads)
+        out = torch._foreach_add(list(grads.values()), [params[n] for n in names], alpha=wd)
+        return dict(zip(names, out)), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def scale(factor: float) -> GradientTransformation:
+    """Multiply updates by a constant (e.g. ``scale(-lr)`` ends a hand-made SGD chain)."""
+    return scale_by_schedule(lambda _: factor)
+
+
+def scale_by_schedule(schedule: Hyper) -> GradientTransformation:
+    """Multiply updates by ``schedule(step)`` (global step)."""
+
+    def init_fn(params):
+        del params
+        return EmptyState()
+
+    def update_fn(grads, state, params=None, *, step=None):
+        del params
+        factor = resolve(schedule, step if step is not None else 0)
+        g = list(grads.values())
+        torch._foreach_mul_(g, factor)
+        return grads, state
+
+    return GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,71 @@
+"""Derived randomness: every random draw is a pure function of the run's seed.
+
+Per-step randomness (dropout) uses ``fold_in(seed, step, micro_step)``;
+per-sample data randomness uses ``fold_in(seed, epoch, index)``. Resume and
+replay therefore need no RNG snapshots, and the number of DataLoader workers
+cannot change what a sample sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+__all__ = ["fold_in", "generator", "seeded_default_generators"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64 finaliser: a bijective avalanche on 64-bit integers."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def fold_in(seed: int, *data: int) -> int:
+    """A 63-bit key derived from ``seed`` and ``data`` (like ``jax.random.fold_in``).
+
+    Distinct inputs give unrelated keys; the same inputs always give the same key,
+    on every machine and Python version.
+    """
+    key = _mix64(seed & _MASK64)
+    for d in data:
+        key = _mix64(key ^ _mix64(int(d) & _MASK64))
+    return key >> 1  # torch seeds must fit in a signed 64-bit int
+
+
+def generator(seed: int, *data: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A fresh ``torch.Generator`` seeded with ``fold_in(seed, *data)``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(fold_in(seed, *data))
+    return g
+
+
+@contextlib.contextmanager
+def seeded_default_generators(key: int, devices: tuple[torch.device, ...] = ()) -> Iterator[None]:
+    """Seed torch's default CPU (and given CUDA) generators with ``key``; restore them after.
+
+    Modules such as ``nn.Dropout`` draw from the default generator, so the step
+    seeds it from a derived key inside this scope; the caller's generator state is
+    left exactly as it was (cheaper than ``torch.random.fork_rng``: ~3 us on CPU).
+    """
+    cpu = torch.default_generator
+    saved = cpu.get_state()
+    cuda_saved = []
+    try:
+        cpu.manual_seed(key)
+        for dev in devices:
+            if dev.type == "cuda":
+                g = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
+                cuda_saved.append((g, g.get_state()))
+                g.manual_seed(key)
+        yield
+    finally:
+        cpu.set_state(saved)
+        for g, s in cuda_saved:
+            g.set_state(s)

@@ -1,0 +1,171 @@
+"""`TrainState`: everything a run needs to continue, as one immutable value.
+
+A state is a frozen dataclass registered as a pytree. Steps built with donation
+(the default) update its tensors in place and hand them to the state they return;
+the input state is then *consumed*, and touching any of its fields raises
+`DonatedStateError`, the way JAX refuses a donated buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+
+__all__ = ["DonatedStateError", "TrainState", "clone_tree", "tensors_of"]
+
+
+class DonatedStateError(RuntimeError):
+    """Raised when a state that was donated to a step is used again."""
+
+
+_FIELDS = ("step", "params", "buffers", "opt_state", "extra", "seed", "epoch", "batch_in_epoch")
+_ALL = (*_FIELDS, "model")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class TrainState:
+    """The whole training state.
+
+    Attributes:
+      step: optimizer updates applied so far (a fp16 step skipped for inf/nan
+        gradients counts too, as schedulers do in torch and MMEngine).
+      params: parameter name -> tensor, in ``module.named_parameters()`` order.
+        Trainable ones have ``requires_grad=True``; they are leaves, never
+        ``nn.Parameter``.
+      buffers: buffer name -> tensor (BatchNorm statistics and the like).
+      opt_state: the state of the gradient transformation (moments, counts).
+      extra: states of the step transforms, by name (``"amp"``, ``"ema"``, ...).
+      seed: the run's seed; every random draw is derived from it (see `fengine.rng`).
+      epoch: completed epochs.
+      batch_in_epoch: batches consumed in the current epoch.
+    """
+
+    step: int = 0
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    opt_state: Any = ()
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The module the params belong to: static structure, not state (never checkpointed)."""
+    # Who consumed this state; a one-slot list so the frozen value can be marked.
+    _donated_to: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _ALL:
+            donated = object.__getattribute__(self, "_donated_to")
+            if donated:
+                step = object.__getattribute__(self, "step")
+                raise DonatedStateError(
+                    f"state at step {step} was donated to {donated[0]}; its tensors were "
+                    "updated in place. Use the state that step returned, or build the step "
+                    "with donate=False to keep this one."
+                )
+        return object.__getattribute__(self, name)
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        tx: Any = None,
+        *,
+        seed: int = 0,
+        extra: Mapping[str, Any] | None = None,
+    ) -> TrainState:
+        """Take params and buffers from ``model`` (copied) and initialise ``tx`` on them.
+
+        Parameters with ``requires_grad=False`` are kept (the forward needs them)
+        but are not trainable: ``tx`` sees only the trainable ones.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"TrainState.create: model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
+        params = {
+            name: p.detach().clone().requires_grad_(p.requires_grad)
+            for name, p in model.named_parameters()
+        }
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        opt_state = tx.init(trainable(params)) if tx is not None else ()
+        return cls(
+            step=0, params=params, buffers=buffers, opt_state=opt_state,
+            extra=dict(extra or {}), seed=seed, model=model,
+        )
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A new state with ``changes``; this one stays valid."""
+        unknown = set(changes) - set(_ALL)
+        if unknown:
+            raise TypeError(f"TrainState.replace: unknown fields {sorted(unknown)}; fields are {list(_FIELDS)}")
+        values = {f: getattr(self, f) for f in _ALL}
+        values.update(changes)
+        return TrainState(**values)
+
+    # -- donation -------------------------------------------------------
+    @property
+    def is_donated(self) -> bool:
+        return bool(object.__getattribute__(self, "_donated_to"))
+
+    def _mark_donated(self, to: str) -> None:
+        object.__getattribute__(self, "_donated_to").append(to)
+
+    def clone(self) -> TrainState:
+        """A deep copy: every tensor cloned, so the copy shares no storage."""
+        return TrainState(**{f: clone_tree(getattr(self, f)) for f in _FIELDS}, model=self.model)
+
+    def __repr__(self) -> str:
+        if self.is_donated:
+            return f"TrainState(<donated to {object.__getattribute__(self, '_donated_to')[0]}>)"
+        n = sum(t.numel() for t in self.params.values())
+        return (
+            f"TrainState(step={self.step}, epoch={self.epoch}, batch_in_epoch={self.batch_in_epoch}, "
+            f"seed={self.seed}, params={len(self.params)} tensors/{n} values, "
+            f"buffers={len(self.buffers)}, extra={sorted(self.extra)})"
+        )
+
+
+def trainable(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The params that receive gradients (``requires_grad=True``)."""
+    return {k: v for k, v in params.items() if v.requires_grad}
+
+
+def clone_tree(tree: Any) -> Any:
+    """Clone every tensor of a pytree, keeping ``requires_grad`` on leaves."""
+    return pytree.tree_map(
+        lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x,
+        tree,
+    )
+
+
+def tensors_of(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _flatten(state: TrainState):
+    return [getattr(state, f) for f in _FIELDS], state.model
+
+
+def _unflatten(children, model) -> TrainState:
+    return TrainState(**dict(zip(_FIELDS, children)), model=model)
+
+
+def _flatten_with_keys(state: TrainState):
+    children, ctx = _flatten(state)
+    return [(pytree.GetAttrKey(f), c) for f, c in zip(_FIELDS, children)], ctx
+
+
+pytree.register_pytree_node(
+    TrainState,
+    _flatten,
+    _unflatten,
+    serialized_type_name="fengine.TrainState",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
