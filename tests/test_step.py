@@ -1,0 +1,164 @@
+"""The train step: donation, loss parsing, randomness, buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from helpers import assert_dicts_equal, ce_loss, cnn_batches, mlp, mlp_batches, small_cnn
+from torch import nn
+
+import fengine as fe
+from fengine import optim
+
+
+def _state(model=None, tx=None, seed=0):
+    model = model or mlp(dropout=0.3)
+    return fe.TrainState.create(model, tx or optim.adamw(1e-2), seed=seed)
+
+
+def test_use_after_donate_raises_naming_the_steps():
+    tx = optim.adamw(1e-2)
+    step = fe.train_step(ce_loss, tx)
+    s0 = _state(tx=tx)
+    s1, _ = step(s0, mlp_batches(1)[0])
+    with pytest.raises(fe.DonatedStateError, match="state at step 0 was donated to step 1"):
+        _ = s0.params
+    with pytest.raises(fe.DonatedStateError):
+        step(s0, mlp_batches(1)[0])
+    s2, _ = step(s1, mlp_batches(1)[0])
+    with pytest.raises(fe.DonatedStateError, match="state at step 1 was donated to step 2"):
+        pytree.tree_leaves(s1)
+    assert s2.step == 2
+
+
+def test_donate_false_keeps_input_and_gives_same_bits():
+    tx = optim.adamw(1e-2)
+    batches = mlp_batches(5)
+    keep = fe.train_step(ce_loss, tx, donate=False)
+    donate = fe.train_step(ce_loss, tx, donate=True)
+    a = b = None
+    a, b = _state(tx=tx), _state(tx=tx)
+    snapshot = a.clone()
+    for batch in batches:
+        a_next, ma = keep(a, batch)
+        assert_dicts_equal(a.params, snapshot.params, "input state was modified")
+        a = a_next
+        snapshot = a.clone()
+        b, mb = donate(b, batch)
+        assert torch.equal(ma["loss"], mb["loss"])
+    assert_dicts_equal(a.params, b.params, "params")
+    assert_dicts_equal(a.opt_state.exp_avg, b.opt_state.exp_avg, "exp_avg")
+
+
+def test_dropout_is_a_function_of_seed_and_step_and_leaves_global_rng_alone():
+    tx = optim.sgd(0.1)
+    step = fe.train_step(ce_loss, tx, donate=False)
+    s = _state(model=mlp(dropout=0.5), tx=tx, seed=3)
+    batch = mlp_batches(1)[0]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, _ = step(s, batch)
+    b, _ = step(s, batch)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert_dicts_equal(a.params, b.params, "same state + batch")
+    c, _ = step(s.replace(seed=4), batch)
+    assert not torch.equal(a.params["3.weight"], c.params["3.weight"])  # other seed, other dropout mask
+    d, _ = step(s.replace(step=5), batch)
+    assert not torch.equal(a.params["3.weight"], d.params["3.weight"])
+
+
+def test_batchnorm_buffers_are_carried_in_state():
+    tx = optim.sgd(0.1)
+    state = fe.TrainState.create(small_cnn(), tx)
+    assert set(state.buffers) == {"1.running_mean", "1.running_var", "1.num_batches_tracked",
+                                  "4.running_mean", "4.running_var", "4.num_batches_tracked"}
+    step = fe.train_step(ce_loss, tx)
+    for batch in cnn_batches(3):
+        state, _ = step(state, batch)
+    assert int(state.buffers["1.num_batches_tracked"]) == 3
+    assert not torch.equal(state.buffers["1.running_mean"], torch.zeros(4))
+
+
+def test_loss_dict_follows_mmengine_parse_losses():
+    from mmengine.model import BaseModel
+
+    class Oracle(BaseModel):
+        def forward(self, *a, **k):
+            raise NotImplementedError
+
+    losses = {
+        "loss_cls": torch.tensor([1.0, 2.0]),
+        "loss_box": [torch.tensor(0.5), torch.tensor([1.0, 3.0])],
+        "acc": torch.tensor(0.75),  # logged, not optimised
+    }
+    total, log_vars = Oracle().parse_losses(losses)
+    loss, metrics = fe.parse_losses(losses)
+    assert torch.equal(loss, total)
+    assert list(metrics) == list(log_vars)
+    for k, v in log_vars.items():
+        assert torch.equal(metrics[k], v), k
+
+
+def test_loss_forms_and_errors():
+    x = torch.tensor(2.0, requires_grad=True)
+    loss, m = fe.parse_losses((x * 3, {"lr_probe": 1.0}))
+    assert loss.item() == 6.0 and m["lr_probe"] == 1.0 and m["loss"].item() == 6.0
+    with pytest.raises(ValueError, match="no key containing 'loss'"):
+        fe.parse_losses({"acc": x})
+    with pytest.raises(TypeError, match="each value must be a tensor"):
+        fe.parse_losses({"loss": 1.0})
+    with pytest.raises(TypeError, match=r"expected \(loss, aux\)"):
+        fe.parse_losses((x, x, x))
+    with pytest.raises(TypeError, match="must return a tensor"):
+        fe.parse_losses("loss")
+
+
+def test_metrics_are_tensors_not_host_values():
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1))
+    step = fe.train_step(lambda m, b: {"loss": ce_loss(m, b), "aux": ce_loss(m, b) * 0}, tx)
+    _, metrics = step(_state(tx=tx), mlp_batches(1)[0])
+    for k in ("loss", "aux", "grad_norm"):
+        assert isinstance(metrics[k], torch.Tensor) and metrics[k].ndim == 0 and not metrics[k].requires_grad
+
+
+def test_state_is_a_pytree_and_replace_is_functional():
+    s = _state()
+    leaves, spec = pytree.tree_flatten(s)
+    rebuilt = pytree.tree_unflatten(leaves, spec)
+    assert rebuilt.model is s.model and rebuilt.step == s.step
+    assert_dicts_equal(rebuilt.params, s.params)
+    t = s.replace(epoch=3)
+    assert (s.epoch, t.epoch) == (0, 3)
+    with pytest.raises(TypeError, match="unknown fields"):
+        s.replace(lr=1.0)
+    with pytest.raises(Exception):
+        s.step = 3  # frozen
+
+
+def test_create_validates_input():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        fe.TrainState.create("net", optim.sgd(0.1))
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        fe.TrainState.create(mlp(), optim.sgd(0.1), seed=-1)
+    with pytest.raises(TypeError, match="tx must be a GradientTransformation"):
+        fe.train_step(ce_loss, torch.optim.SGD)
+
+
+def test_loss_fn_can_use_submodules_with_bound_params():
+    """model attributes (not only model(...)) see the state's params."""
+    net = nn.Sequential(nn.Linear(16, 10))
+    tx = optim.sgd(1.0)
+    state = fe.TrainState.create(net, tx)
+    with torch.no_grad():
+        state.params["0.weight"].zero_()
+        state.params["0.bias"].zero_()
+    seen = {}
+
+    def loss_fn(model, batch):
+        seen["w"] = model[0].weight.detach().clone()
+        return ce_loss(model, batch)
+
+    fe.train_step(loss_fn, tx)(state, mlp_batches(1)[0])
+    assert torch.equal(seen["w"], torch.zeros(10, 16))
+    assert not torch.equal(net[0].weight, torch.zeros(10, 16))  # the module's own tensors are untouched
