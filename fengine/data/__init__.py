@@ -1,0 +1,33 @@
+"""Deterministic, resumable data: samplers, a loader, collate functions, preprocessing, datasets.
+
+Everything here is a function of ``(seed, epoch, index)`` (or stream position):
+resuming a run needs its position, never an RNG snapshot.
+"""
+
+from fengine.data.collate import default_collate, pseudo_collate
+from fengine.data.datasets import digits, synthetic_classification
+from fengine.data.loader import Loader
+from fengine.data.preprocess import ImagePreprocessor, to_device
+from fengine.data.sampler import (
+    InfiniteSampler,
+    Sampler,
+    epoch_indices,
+    samples_per_rank,
+    stream_indices,
+)
+
+
+__all__ = [
+    "ImagePreprocessor",
+    "InfiniteSampler",
+    "Loader",
+    "Sampler",
+    "default_collate",
+    "digits",
+    "epoch_indices",
+    "pseudo_collate",
+    "samples_per_rank",
+    "stream_indices",
+    "synthetic_classification",
+    "to_device",
+]

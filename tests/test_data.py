@@ -1,0 +1,419 @@
+"""fengine.data against independent references: MMEngine's samplers, collate functions and
+ImgDataPreprocessor, torch's DataLoader, scikit-learn's digits and hand computation."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, OrderedDict, namedtuple
+
+import mmengine.dataset as mmd
+import mmengine.dataset.sampler as mm_sampler
+import numpy as np
+import pytest
+import torch
+from mmengine.model import ImgDataPreprocessor
+from torch.utils.data import DataLoader, TensorDataset
+
+import fengine.data as fd
+from fengine import rng
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def assert_tree_equal(a, b):
+    """Same container types, same keys/lengths, bitwise-equal tensors (dtype included)."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_tree_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_tree_equal(x, y)
+    else:
+        assert a == b
+
+
+def mm_default_sampler(monkeypatch, n, *, seed, epoch, shuffle=True, rank=0, world=1, round_up=True):
+    monkeypatch.setattr(mm_sampler, "get_dist_info", lambda: (rank, world))
+    s = mmd.DefaultSampler(range(n), shuffle=shuffle, seed=seed, round_up=round_up)
+    s.set_epoch(epoch)
+    return s
+
+
+def reference_batches(dataset, indices, batch_size, drop_last, transform=None, seed=0, epoch=0):
+    """Hand-built batches: fetch in the given order, transform with rng.generator(seed, epoch, i)."""
+    samples = [
+        dataset[i] if transform is None else transform(dataset[i], rng.generator(seed, epoch, i))
+        for i in indices
+    ]
+    chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    if drop_last and chunks and len(chunks[-1]) < batch_size:
+        chunks.pop()
+    return [torch.utils.data.default_collate(c) for c in chunks]
+
+
+def jitter(sample, g):
+    """A random per-sample augmentation that draws only from the generator it is given."""
+    x, y = sample
+    flip = torch.rand((), generator=g) < 0.5
+    x = torch.where(flip, x.flip(-1), x) + 0.1 * torch.randn(x.shape, generator=g)
+    return x, y
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """A generic map-style dataset (no vectorised fast path) returning dicts."""
+
+    def __init__(self, n):
+        self.x = torch.arange(n * 3, dtype=torch.float32).view(n, 3)
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": int(i) % 5, "name": f"s{i}"}
+
+
+def tensor_dataset(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 2, 4, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+# ---------------------------------------------------------------- samplers
+
+SAMPLER_CASES = [
+    # n, seed, epoch, rank, world, shuffle, round_up
+    (10, 0, 0, 0, 1, True, True),
+    (10, 3, 5, 0, 1, True, True),
+    (10, 0, 1, 2, 3, True, True),
+    (10, 7, 2, 2, 3, True, False),
+    (11, 1, 0, 3, 4, True, True),
+    (11, 1, 4, 3, 4, False, True),
+    (11, 1, 4, 1, 4, False, False),
+    (3, 9, 1, 4, 5, True, True),  # fewer samples than ranks: padding repeats the permutation
+    (3, 9, 1, 4, 5, True, False),
+    (1, 0, 0, 0, 2, True, True),
+    (1000, 1234, 17, 5, 8, True, True),
+]
+
+
+@pytest.mark.parametrize("n, seed, epoch, rank, world, shuffle, round_up", SAMPLER_CASES)
+def test_epoch_indices_match_mmengine(monkeypatch, n, seed, epoch, rank, world, shuffle, round_up):
+    ref = mm_default_sampler(
+        monkeypatch, n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world=world,
+        round_up=round_up,
+    )
+    got = fd.epoch_indices(
+        n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world, round_up=round_up
+    )
+    assert got == list(ref)
+    assert fd.samples_per_rank(n, rank=rank, world_size=world, round_up=round_up) == len(ref)
+    sampler = fd.Sampler(n, seed=seed, shuffle=shuffle, rank=rank, world_size=world, round_up=round_up)
+    assert len(sampler) == len(ref)
+    assert list(sampler.epoch(epoch)) == list(ref)
+
+
+def test_sampler_start_skips_by_index_and_keeps_no_epoch_state(monkeypatch):
+    s = fd.Sampler(50, seed=4, rank=1, world_size=3)
+    for epoch, start in [(2, 0), (2, 7), (0, 16), (2, 17)]:  # epoch 2 again after epoch 0
+        ref = list(mm_default_sampler(monkeypatch, 50, seed=4, epoch=epoch, rank=1, world=3))
+        assert list(s.epoch(epoch, start=start)) == ref[start:]
+    with pytest.raises(ValueError, match="start"):
+        s.epoch(0, start=18)
+    with pytest.raises(ValueError, match="rank"):
+        fd.Sampler(5, seed=0, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("rank, world", [(0, 1), (0, 3), (2, 3)])
+def test_infinite_first_pass_matches_mmengine(monkeypatch, shuffle, rank, world):
+    n, seed = 23, 5
+    monkeypatch.setattr(mm_sampler, "get_dist_info", lambda: (rank, world))
+    ref = mmd.InfiniteSampler(range(n), shuffle=shuffle, seed=seed)
+    first_pass = fd.samples_per_rank(n, rank=rank, world_size=world, round_up=False)
+    mine = fd.InfiniteSampler(n, seed=seed, shuffle=shuffle, rank=rank, world_size=world)
+    assert list(itertools.islice(mine, first_pass)) == list(itertools.islice(ref, first_pass))
+    assert len(mine) == len(ref)
+
+
+def test_infinite_stream_is_default_sampler_epochs_and_resumes_by_position(monkeypatch):
+    n, seed, world = 13, 2, 3
+    # Reference: MMEngine DefaultSampler orders of epochs 0..5 (single process), concatenated.
+    stream = []
+    for epoch in range(6):
+        stream += list(mm_default_sampler(monkeypatch, n, seed=seed, epoch=epoch, round_up=False))
+    for rank in range(world):
+        rank_stream = stream[rank::world]
+        s = fd.InfiniteSampler(n, seed=seed, rank=rank, world_size=world)
+        assert list(itertools.islice(s.stream(), 20)) == rank_stream[:20]
+        for start in (0, 4, 9, 15):  # resume anywhere, including across pass boundaries
+            assert list(itertools.islice(s.stream(start), 8)) == rank_stream[start : start + 8]
+            assert s.indices(start, 8) == rank_stream[start : start + 8]
+            assert fd.stream_indices(
+                n, seed=seed, start=start, count=8, rank=rank, world_size=world
+            ) == rank_stream[start : start + 8]
+
+
+# ---------------------------------------------------------------- loader
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("make", [DictDataset, tensor_dataset])
+def test_loader_matches_torch_dataloader_with_mmengine_sampler(monkeypatch, make, drop_last):
+    ds, bs, seed = make(23), 4, 11
+    loader = fd.Loader(ds, bs, seed=seed, drop_last=drop_last)
+    for epoch in (0, 1, 3):
+        sampler = mm_default_sampler(monkeypatch, len(ds), seed=seed, epoch=epoch)
+        ref = list(DataLoader(ds, bs, sampler=sampler, drop_last=drop_last))
+        assert len(loader) == len(ref)
+        got = list(loader.epoch(epoch))
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            assert_tree_equal(a, b)
+
+
+def test_loader_rank_shard_and_mid_epoch_start_match_reference(monkeypatch):
+    ds, bs, seed, world = tensor_dataset(30), 3, 7, 4
+    for rank in (0, 3):
+        loader = fd.Loader(ds, bs, seed=seed, rank=rank, world_size=world)
+        sampler = mm_default_sampler(monkeypatch, len(ds), seed=seed, epoch=2, rank=rank, world=world)
+        ref = list(DataLoader(ds, bs, sampler=sampler))
+        assert len(loader) == len(ref) == 3  # ceil(ceil(30 / 4) / 3)
+        for start in range(len(ref) + 1):  # start == len(loader): resume at the epoch's end
+            got = list(loader.epoch(2, start_batch=start))
+            assert len(got) == len(ref) - start
+            for a, b in zip(got, ref[start:]):
+                assert_tree_equal(a, b)
+
+
+def test_loader_pseudo_collate(monkeypatch):
+    ds, seed = DictDataset(10), 3
+    loader = fd.Loader(ds, 4, seed=seed, collate_fn=fd.pseudo_collate)
+    sampler = mm_default_sampler(monkeypatch, 10, seed=seed, epoch=1)
+    ref = list(DataLoader(ds, 4, sampler=sampler, collate_fn=mmd.pseudo_collate))
+    for a, b in zip(loader.epoch(1), ref, strict=True):
+        assert_tree_equal(a, b)
+
+
+def test_augmented_batches_same_for_0_and_2_workers_and_mid_epoch(monkeypatch):
+    ds, bs, seed = tensor_dataset(21), 4, 5
+    refs = {
+        epoch: reference_batches(
+            ds, list(mm_default_sampler(monkeypatch, 21, seed=seed, epoch=epoch)), bs, False,
+            transform=jitter, seed=seed, epoch=epoch,
+        )
+        for epoch in (0, 1)
+    }
+    rng_before = torch.get_rng_state()
+    serial = fd.Loader(ds, bs, seed=seed, transform=jitter)
+    workers = fd.Loader(ds, bs, seed=seed, transform=jitter, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1, 0):  # persistent workers reused across epochs, order not monotone
+        for loader in (serial, workers):
+            got = list(loader.epoch(epoch))
+            assert len(got) == len(refs[epoch])
+            for a, b in zip(got, refs[epoch]):
+                assert_tree_equal(a, b)
+        for start in (2, 5):
+            got = list(workers.epoch(epoch, start_batch=start))
+            for a, b in zip(got, refs[epoch][start:], strict=True):
+                assert_tree_equal(a, b)
+    # Neither the loader nor its worker seeding consumed the caller's global RNG.
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_loader_stream_matches_concatenated_epochs_and_resumes(monkeypatch):
+    ds, bs, seed = tensor_dataset(10), 4, 8
+    # Reference: MMEngine epoch orders 0..4 concatenated; batches cross epoch boundaries and a
+    # sample's augmentation key is the epoch (permutation number) it belongs to.
+    keyed = [
+        (epoch, i)
+        for epoch in range(5)
+        for i in mm_default_sampler(monkeypatch, 10, seed=seed, epoch=epoch, round_up=False)
+    ]
+    samples = [jitter(ds[i], rng.generator(seed, epoch, i)) for epoch, i in keyed]
+    ref = [torch.utils.data.default_collate(samples[k : k + bs]) for k in range(0, 48, bs)]
+    loader = fd.Loader(ds, bs, seed=seed, transform=jitter)
+    for start in (0, 3, 7):
+        got = list(itertools.islice(loader.stream(start_batch=start), 12 - start))
+        for a, b in zip(got, ref[start:], strict=True):
+            assert_tree_equal(a, b)
+
+
+def test_loader_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"`dataset` is empty.*at least one sample"):
+        fd.Loader(TensorDataset(torch.zeros(0, 3)), 2, seed=0)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=r"`batch_size` must be an int >= 1"):
+            fd.Loader(tensor_dataset(5), bad, seed=0)
+    with pytest.raises(ValueError, match=r"drop_last=True with batch_size=8 leaves zero batches"):
+        fd.Loader(tensor_dataset(5), 8, seed=0, drop_last=True)
+    with pytest.raises(ValueError, match=r"drop_last=True.*rank 1 of 4 gets 2 samples"):
+        fd.Loader(tensor_dataset(5), 3, seed=0, drop_last=True, rank=1, world_size=4)
+    loader = fd.Loader(tensor_dataset(5), 2, seed=0)
+    with pytest.raises(ValueError, match=r"`start_batch` must be in \[0, 3\]"):
+        loader.epoch(0, start_batch=4)
+    with pytest.raises(ValueError, match="persistent_workers"):
+        fd.Loader(tensor_dataset(5), 2, seed=0, persistent_workers=True)
+    with pytest.raises(TypeError, match="map-style"):
+        fd.Loader(iter([1, 2]), 2, seed=0)
+
+
+# ---------------------------------------------------------------- collate
+
+Point = namedtuple("Point", ["x", "y"])
+
+COLLATE_BATCHES = [
+    [(torch.ones(2), 1), (torch.zeros(2), 2)],
+    [{"img": np.arange(6).reshape(2, 3), "label": 3, "meta": "a"},
+     {"img": np.ones((2, 3), dtype=np.int64), "label": 4, "meta": "b"}],
+    [Point(torch.tensor([1.0]), 2.5), Point(torch.tensor([2.0]), 3.5)],
+    [[torch.ones(1), {"k": torch.zeros(2)}], [torch.zeros(1), {"k": torch.ones(2)}]],
+    [OrderedDict(a=torch.ones(2, 2), b=[1, 2]), OrderedDict(a=torch.zeros(2, 2), b=[3, 4])],
+    ["x", "y", "z"],
+]
+
+
+@pytest.mark.parametrize("batch", COLLATE_BATCHES)
+def test_collate_functions_match_mmengine(batch):
+    assert_tree_equal(fd.pseudo_collate(batch), mmd.pseudo_collate(batch))
+    assert_tree_equal(fd.default_collate(batch), mmd.default_collate(batch))
+
+
+def test_pseudo_collate_keeps_unequal_shapes_and_checks_lengths():
+    batch = [{"img": torch.ones(3, 4, 5)}, {"img": torch.ones(3, 6, 2)}]
+    assert_tree_equal(fd.pseudo_collate(batch), mmd.pseudo_collate(batch))
+    with pytest.raises(RuntimeError):
+        mmd.pseudo_collate([[1, 2], [3]])
+    with pytest.raises(RuntimeError, match="same length"):
+        fd.pseudo_collate([[1, 2], [3]])
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def uint8_images(n=4, c=3, h=5, w=6):
+    return torch.randint(0, 256, (n, c, h, w), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+
+
+def test_image_preprocessor_matches_mmengine_img_data_preprocessor():
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    imgs = uint8_images()
+    ref = ImgDataPreprocessor(mean=mean, std=std)({"inputs": imgs.clone()}, False)["inputs"]
+    pre = fd.ImagePreprocessor(mean, std, device="cpu")
+    assert_tree_equal(pre({"inputs": imgs}, training=False)["inputs"], ref)
+    # pseudo_collate'd list of images is stacked first, as MMEngine does
+    as_list = list(imgs)
+    ref_list = ImgDataPreprocessor(mean=mean, std=std)({"inputs": list(as_list)}, False)["inputs"]
+    assert_tree_equal(pre({"inputs": as_list}, training=False)["inputs"], ref_list)
+
+
+def test_image_preprocessor_tuple_batch_vs_hand_computation_and_channels_last():
+    imgs, labels = uint8_images(), torch.arange(4)
+    out_x, out_y = fd.ImagePreprocessor([127.5], [127.5], channels_last=True)((imgs, labels), False)
+    expected = (imgs.to(torch.float64) - 127.5) / 127.5
+    assert out_x.dtype == torch.float32
+    torch.testing.assert_close(out_x.double(), expected, rtol=0, atol=1e-6)
+    assert out_x.is_contiguous(memory_format=torch.channels_last)
+    assert_tree_equal(out_y, labels)  # non-image entries are not converted
+    # without mean/std: only the uint8 -> float conversion
+    assert_tree_equal(fd.ImagePreprocessor()(imgs, True), imgs.float())
+    with pytest.raises(ValueError, match="3 channels"):
+        fd.ImagePreprocessor([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])(torch.zeros(2, 1, 4, 4), False)
+    with pytest.raises(ValueError, match="both"):
+        fd.ImagePreprocessor(mean=[0.5])
+
+
+def test_image_preprocessor_augment_only_in_training_with_callers_generator():
+    calls = []
+
+    def augment(batch, g):
+        calls.append(g)
+        x, y = batch
+        return x + torch.rand(x.shape, generator=g), y
+
+    pre = fd.ImagePreprocessor(augment=augment)
+    imgs, labels = uint8_images(), torch.arange(4)
+    x_eval, _ = pre((imgs, labels), training=False)
+    assert calls == []
+    assert_tree_equal(x_eval, imgs.float())
+    g = rng.generator(0, 42)
+    x_train, _ = pre((imgs, labels), training=True, generator=g)
+    assert calls == [g]
+    noise = torch.rand(imgs.shape, generator=rng.generator(0, 42))
+    assert_tree_equal(x_train, imgs.float() + noise)
+    with pytest.raises(ValueError, match="generator"):
+        pre((imgs, labels), training=True)
+
+
+def test_image_preprocessor_moves_nested_batches_and_keeps_structure():
+    Sample = namedtuple("Sample", ["boxes", "tag"])
+    batch = OrderedDict(
+        inputs=uint8_images(),
+        data_samples=[Sample(torch.ones(2, 4), "a"), Sample(torch.zeros(1, 4), "b")],
+        extra=(torch.arange(3), None, 7, "text"),
+    )
+    out = fd.ImagePreprocessor([0.0], [1.0], device="meta")(batch, training=False)
+    assert type(out) is OrderedDict and list(out) == list(batch)
+    assert out["inputs"].device.type == "meta" and out["inputs"].dtype == torch.float32
+    assert out["inputs"].shape == batch["inputs"].shape
+    s0 = out["data_samples"][0]
+    assert type(out["data_samples"]) is list and type(s0) is Sample and s0.tag == "a"
+    assert s0.boxes.device.type == "meta"
+    assert type(out["extra"]) is tuple and out["extra"][1:] == (None, 7, "text")
+    assert out["extra"][0].device.type == "meta" and out["extra"][0].dtype == torch.int64
+    # device=None leaves everything where it is; CPU -> CPU keeps values
+    assert fd.to_device(batch, None) is batch
+    assert_tree_equal(fd.to_device(batch, "cpu"), batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_loader_and_preprocessor_on_cuda():
+    ds = TensorDataset(uint8_images(16), torch.arange(16))
+    loader = fd.Loader(ds, 8, seed=0, pin_memory=True, num_workers=1)
+    pre = fd.ImagePreprocessor([127.5], [127.5], device="cuda")
+    for x, y in loader.epoch(0):
+        assert x.is_pinned()
+        out_x, out_y = pre((x, y), training=False)
+        assert out_x.is_cuda and out_y.is_cuda
+        torch.testing.assert_close(out_x.cpu(), (x.float() - 127.5) / 127.5)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def test_digits_split_is_a_deterministic_partition_of_sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    sk = load_digits()
+    train, val = fd.digits("train"), fd.digits("val", seed=0)
+    assert len(val) == round(len(sk.target) * 0.2) and len(train) + len(val) == len(sk.target)
+    x, y = train[0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    ours = Counter()
+    for ds in (train, val):
+        images, labels = ds.tensors
+        assert images.min() >= 0 and images.max() <= 1
+        ours.update(zip(map(tuple, (images * 16).round().long().flatten(1).tolist()), labels.tolist()))
+    theirs = Counter(zip(map(tuple, sk.images.reshape(-1, 64).astype(int).tolist()), sk.target.tolist()))
+    assert ours == theirs
+    assert_tree_equal(list(fd.digits("val", seed=0).tensors), list(val.tensors))
+    assert not torch.equal(fd.digits("val", seed=1).tensors[1], val.tensors[1])
+    with pytest.raises(ValueError, match="split"):
+        fd.digits("test")
+
+
+def test_synthetic_classification_is_seeded_balanced_and_leaves_global_rng_alone():
+    before = torch.get_rng_state()
+    ds = fd.synthetic_classification(100, 6, 4, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    x, y = ds.tensors
+    assert x.shape == (100, 6) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.bincount(y).tolist() == [25, 25, 25, 25]
+    assert_tree_equal(list(fd.synthetic_classification(100, 6, 4, seed=3).tensors), [x, y])
+    assert not torch.equal(fd.synthetic_classification(100, 6, 4, seed=4).tensors[0], x)
