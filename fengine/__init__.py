@@ -4,7 +4,27 @@ The whole training state is one value (`TrainState`); a step is a function from
 state to state; AMP, accumulation, clipping and EMA are composable transforms.
 """
 
-from fengine import optim as optim, rng as rng
+from fengine import (
+    data as data,
+    handlers as handlers,
+    metrics as metrics,
+    optim as optim,
+    rng as rng,
+    schedules as schedules,
+)
+from fengine.events import (
+    Handler as Handler,
+    Priority as Priority,
+    RunInfo as RunInfo,
+    Snapshot as Snapshot,
+    Stop as Stop,
+)
+from fengine.loop import (
+    Val as Val,
+    evaluate as evaluate,
+    fit as fit,
+    should_validate as should_validate,
+)
 from fengine.state import DonatedStateError as DonatedStateError, TrainState as TrainState
 from fengine.step import (
     GradResult as GradResult,
