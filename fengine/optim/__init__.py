@@ -25,6 +25,13 @@ from fengine.optim.base import (
     set_to_zero as set_to_zero,
     step_params as step_params,
 )
+from fengine.optim.paramwise import (
+    ParamGroups as ParamGroups,
+    convnext_layer_id as convnext_layer_id,
+    convnext_stage_id as convnext_stage_id,
+    layer_decay as layer_decay,
+    paramwise as paramwise,
+)
 from fengine.optim.torch_wrap import (
     TorchOptimizerState as TorchOptimizerState,
     from_torch as from_torch,

@@ -246,6 +246,9 @@ def partition(
         updates: dict[str, torch.Tensor] = {}
         inner = {}
         for label, names in groups.items():
+            if not names:  # no param of this group got a gradient this step: leave its state alone
+                inner[label] = state.inner[label]
+                continue
             sub = {n: grads[n] for n in names}
             sub_params = None if params is None else {n: params[n] for n in names}
             u, inner[label] = transforms[label].update(sub, state.inner[label], sub_params, step=step)
@@ -259,6 +262,9 @@ def partition(
             groups = groups_of(grads)
             inner = {}
             for label, names in groups.items():
+                if not names:
+                    inner[label] = state.inner[label]
+                    continue
                 sub = {n: grads[n] for n in names}
                 _, inner[label] = transforms[label].apply(sub, state.inner[label], {n: params[n] for n in names}, step=step)
             return params, PartitionState(inner)
