@@ -16,6 +16,7 @@ from fengine.events import (
     Handler as Handler,
     Priority as Priority,
     RunInfo as RunInfo,
+    Save as Save,
     Snapshot as Snapshot,
     Stop as Stop,
 )

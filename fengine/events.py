@@ -21,7 +21,7 @@ from typing import Any
 from fengine.state import TrainState
 
 
-__all__ = ["EVENTS", "Dispatcher", "Handler", "Priority", "RunInfo", "Snapshot", "Stop"]
+__all__ = ["EVENTS", "Dispatcher", "Handler", "Priority", "RunInfo", "Save", "Snapshot", "Stop"]
 
 EVENTS = (
     "before_run",
@@ -69,6 +69,19 @@ class Stop:
     """Returned by a handler to end training after the current event."""
 
     reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Save:
+    """Returned by a handler to have `fit` write a checkpoint of the current state to ``path``.
+
+    `fit` is the only writer of checkpoints: it adds the handlers' ``state_dict()``s
+    and the run config to the file, fires ``before/after_save_checkpoint``, and with
+    ``latest=True`` moves ``work_dir/last_checkpoint`` to the file once it is complete.
+    """
+
+    path: Path
+    latest: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +174,7 @@ class Dispatcher:
             for event in EVENTS
         }
         self.stop: Stop | None = None
+        self.saves: list[Save] = []
 
     def wants(self, event: str) -> bool:
         return bool(self._table[event])
@@ -174,3 +188,26 @@ class Dispatcher:
             signal = method(snap)
             if isinstance(signal, Stop) and self.stop is None:
                 self.stop = signal
+            elif isinstance(signal, Save) and signal not in self.saves:
+                self.saves.append(signal)
+
+    def state_dicts(self) -> dict[str, Any]:
+        """``state_dict()`` of every handler that has one, keyed by class name (``Name#2`` for repeats)."""
+        out: dict[str, Any] = {}
+        for key, h in self._keyed():
+            sd = h.state_dict() if callable(getattr(h, "state_dict", None)) else None
+            if sd:
+                out[key] = sd
+        return out
+
+    def load_state_dicts(self, states: Mapping[str, Any]) -> None:
+        for key, h in self._keyed():
+            if key in states and callable(getattr(h, "load_state_dict", None)):
+                h.load_state_dict(states[key])
+
+    def _keyed(self):
+        seen: dict[str, int] = {}
+        for h in self.handlers:
+            name = type(h).__name__
+            seen[name] = seen.get(name, 0) + 1
+            yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), h

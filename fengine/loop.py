@@ -11,9 +11,13 @@ last epoch/step, and the modulus is absolute, not counted from ``begin``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from fengine import checkpoint
 from fengine.events import Dispatcher, RunInfo, Snapshot
 from fengine.metrics import Evaluator, Metric
 from fengine.state import TrainState
@@ -31,6 +36,8 @@ from fengine.transforms import MicroBatches
 
 
 __all__ = ["Val", "default_predict", "evaluate", "fit", "should_validate"]
+
+log = logging.getLogger("fengine")
 
 
 def default_predict(model: nn.Module, batch: Any) -> Any:
@@ -159,6 +166,7 @@ def fit(
     val: Val | None = None,
     handlers: Iterable[Any] | None = None,
     work_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
     config: Mapping[str, Any] | None = None,
 ) -> TrainState:
     """Train: fold ``step`` over ``train_data`` until ``max_epochs`` or ``max_steps``.
@@ -167,7 +175,14 @@ def fit(
     arithmetic) or any re-iterable with a length (resumes by skipping batches).
     With `fengine.accumulate` (k), each update consumes a group of k batches;
     the last group of an epoch may be shorter. ``handlers=None`` uses
-    `fengine.handlers.default_handlers`. Returns the final state.
+    `fengine.handlers.default_handlers`.
+
+    ``resume=True`` continues from ``work_dir``'s latest checkpoint (from scratch
+    if there is none), ``resume=PATH`` from that file: the state, and the
+    handlers' own state (best score, kept checkpoints, patience), continue
+    exactly where they were. SIGTERM/SIGINT during training (with a
+    ``work_dir``) save a checkpoint at the next step boundary and exit with
+    status 128 + signal number. Returns the final state.
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"fit: state must be a TrainState, got {type(state).__name__}")
@@ -186,73 +201,144 @@ def fit(
     steps_per_epoch = math.ceil(batches_per_epoch / k)
     by_epoch = max_epochs is not None
     total = max_epochs * steps_per_epoch if by_epoch else max_steps
+    interval = 0
     if val is not None:
         if not isinstance(val, Val):
             raise TypeError(f"fit: val must be a fengine.Val(data, metrics, ...), got {type(val).__name__}")
         interval = val.interval if val.interval is not None else (1 if by_epoch else 1000)
         if interval < 1:
             raise ValueError(f"Val: interval must be >= 1, got {interval}")
+    work_dir = Path(work_dir) if work_dir is not None else None
+    if resume is True and work_dir is None:
+        raise ValueError("fit: resume=True continues from work_dir's latest checkpoint; pass work_dir=...")
     if handlers is None:
         from fengine.handlers import default_handlers
 
         handlers = default_handlers()
-    work_dir = Path(work_dir) if work_dir is not None else None
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
 
     state = step.init_state(state)
     dispatch = Dispatcher(handlers)
-    run = RunInfo(
-        work_dir=work_dir, by_epoch=by_epoch, max_epochs=max_epochs, max_steps=total,
-        steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, micro_batches=k,
-        start_step=state.step, val_batches=len(val.data) if val is not None and hasattr(val.data, "__len__") else None,
-        config=config,
-    )
-    current = {"state": state}
+    current = {"state": state, "run": None}
 
     def at(event: str, **kw: Any) -> Callable[[], Snapshot]:
-        return lambda: Snapshot(event, current["state"], run, **kw)
+        return lambda: Snapshot(event, current["state"], current["run"], **kw)
+
+    def run_info(start_step: int) -> RunInfo:
+        return RunInfo(
+            work_dir=work_dir, by_epoch=by_epoch, max_epochs=max_epochs, max_steps=total,
+            steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, micro_batches=k,
+            start_step=start_step, config=config,
+            val_batches=len(val.data) if val is not None and hasattr(val.data, "__len__") else None,
+        )
+
+    def save(path: Path, latest: bool) -> None:
+        path = Path(path)
+        dispatch("before_save_checkpoint", at("before_save_checkpoint", checkpoint=path))
+        meta = {"config": dict(config) if config else None, "handlers": dispatch.state_dicts(),
+                "run": {"by_epoch": by_epoch, "max_epochs": max_epochs, "max_steps": total}}
+        checkpoint.save(path, current["state"], meta)
+        if latest:
+            checkpoint.mark_latest(work_dir if work_dir is not None else path.parent, path)
+        dispatch("after_save_checkpoint", at("after_save_checkpoint", checkpoint=path))
+
+    def flush_saves() -> None:
+        while dispatch.saves:
+            request = dispatch.saves.pop(0)
+            save(request.path, request.latest)
 
     def validate() -> None:
         _evaluate(current["state"], val.data, val.metrics, val.eval_fn, params=val.params,
-                  dispatch=dispatch, run=run, phase="val")
+                  dispatch=dispatch, run=current["run"], phase="val")
+        flush_saves()
 
+    current["run"] = run_info(state.step)
     dispatch("before_run", at("before_run"))
+    if resume:
+        path = checkpoint.latest(work_dir) if resume is True else Path(resume)
+        if path is None:
+            log.info("resume: no checkpoint in %s; starting from scratch", work_dir)
+        else:
+            state = checkpoint.load(path, like=state)
+            dispatch.load_state_dicts((checkpoint.read_meta(path) or {}).get("handlers") or {})
+            current.update(state=state, run=run_info(state.step))
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
+            dispatch("after_load_checkpoint", at("after_load_checkpoint", checkpoint=path))
     dispatch("before_train", at("before_train"))
-    while dispatch.stop is None and state.step < total and not (by_epoch and state.epoch >= max_epochs):
-        dispatch("before_train_epoch", at("before_train_epoch"))
-        batches = _batches(train_data, state.epoch, state.batch_in_epoch)
-        t_last = time.perf_counter()
-        while True:
-            group = list(itertools.islice(batches, k))
-            if not group:
-                break
-            batch = MicroBatches(group) if k > 1 else group[0]
-            data_time = time.perf_counter() - t_last
-            idx = state.batch_in_epoch // k
-            dispatch("before_train_iter", at("before_train_iter", batch_idx=idx, batch=batch, data_time=data_time))
-            try:
-                state, metrics = step(state, batch)
-            except (TypeError, ValueError, IndexError, KeyError) as e:
-                if hasattr(e, "add_note"):
-                    e.add_note(f"fit: while running the step on batch {state.batch_in_epoch} of epoch {state.epoch} "
-                               f"(a {type(batch).__name__}); check that the loss function matches the batch structure")
-                raise
-            state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
-            current["state"] = state
-            dispatch("after_train_iter", at("after_train_iter", batch_idx=idx, batch=batch, metrics=metrics, data_time=data_time))
+    with _preemption(enabled=work_dir is not None) as interrupted:
+        while dispatch.stop is None and state.step < total and not (by_epoch and state.epoch >= max_epochs):
+            dispatch("before_train_epoch", at("before_train_epoch"))
+            batches = _batches(train_data, state.epoch, state.batch_in_epoch)
             t_last = time.perf_counter()
-            if not by_epoch and val is not None and should_validate(state.step, interval=interval, begin=val.begin, last=total):
+            while True:
+                group = list(itertools.islice(batches, k))
+                if not group:
+                    break
+                batch = MicroBatches(group) if k > 1 else group[0]
+                data_time = time.perf_counter() - t_last
+                idx = state.batch_in_epoch // k
+                dispatch("before_train_iter", at("before_train_iter", batch_idx=idx, batch=batch, data_time=data_time))
+                try:
+                    state, metrics = step(state, batch)
+                except (TypeError, ValueError, IndexError, KeyError) as e:
+                    if hasattr(e, "add_note"):
+                        e.add_note(f"fit: while running the step on batch {state.batch_in_epoch} of epoch {state.epoch} "
+                                   f"(a {type(batch).__name__}); check that the loss function matches the batch structure")
+                    raise
+                state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
+                current["state"] = state
+                dispatch("after_train_iter", at("after_train_iter", batch_idx=idx, batch=batch, metrics=metrics,
+                                                data_time=data_time))
+                flush_saves()
+                if interrupted:
+                    _exit_preempted(interrupted[0], save, work_dir, state, dispatch, at)
+                t_last = time.perf_counter()
+                if not by_epoch and val is not None and should_validate(state.step, interval=interval, begin=val.begin, last=total):
+                    validate()
+                if dispatch.stop is not None or state.step >= total:
+                    break
+            if state.batch_in_epoch < batches_per_epoch:
+                break  # stopped or reached max_steps inside the epoch: the position stays mid-epoch
+            state = state.replace(epoch=state.epoch + 1, batch_in_epoch=0)
+            current["state"] = state
+            dispatch("after_train_epoch", at("after_train_epoch"))
+            flush_saves()
+            if by_epoch and val is not None and should_validate(state.epoch, interval=interval, begin=val.begin, last=max_epochs):
                 validate()
-            if dispatch.stop is not None or state.step >= total:
-                break
-        if state.batch_in_epoch < batches_per_epoch:
-            break  # stopped or reached max_steps inside the epoch: the position stays mid-epoch
-        state = state.replace(epoch=state.epoch + 1, batch_in_epoch=0)
-        current["state"] = state
-        dispatch("after_train_epoch", at("after_train_epoch"))
-        if by_epoch and val is not None and should_validate(state.epoch, interval=interval, begin=val.begin, last=max_epochs):
-            validate()
-    dispatch("after_train", at("after_train", metrics={"stop": dispatch.stop.reason} if dispatch.stop else {}))
+        dispatch("after_train", at("after_train", metrics={"stop": dispatch.stop.reason} if dispatch.stop else {}))
+        flush_saves()
     dispatch("after_run", at("after_run"))
     return current["state"]
+
+
+@contextlib.contextmanager
+def _preemption(enabled: bool):
+    """Turn SIGTERM/SIGINT into a flag the loop checks at step boundaries (main thread only)."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous[signum])  # a second signal acts immediately
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, on_signal)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _exit_preempted(signum, save, work_dir, state, dispatch, at) -> None:
+    name = signal.Signals(signum).name
+    path = work_dir / f"step_{state.step}.safetensors"
+    log.warning("%s received: saving %s and exiting", name, path)
+    save(path, True)
+    dispatch("after_train", at("after_train", metrics={"stop": name}))
+    dispatch("after_run", at("after_run"))
+    raise SystemExit(128 + signum)

@@ -1,0 +1,105 @@
+"""Resume is exact: a run interrupted at step k and resumed equals the straight run, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from resume_experiment import SaveAtEnd, experiment
+
+import fengine as fe
+from fengine import checkpoint
+from fengine.replay import state_digest
+
+
+HERE = Path(__file__).parent
+N = 30  # 100 samples / batch 8 = 13 batches per epoch
+
+
+def _assert_states_equal(a: fe.TrainState, b: fe.TrainState) -> None:
+    la, lb = pytree.tree_flatten_with_path(a)[0], pytree.tree_flatten_with_path(b)[0]
+    assert [pytree.keystr(p) for p, _ in la] == [pytree.keystr(p) for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        same = torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        assert same, f"{pytree.keystr(path)} differs"
+
+
+def _straight(variant: str) -> fe.TrainState:
+    state, step, data = experiment(variant)
+    return fe.fit(state, step, data, max_steps=N, handlers=[])
+
+
+@pytest.mark.parametrize("variant,k", [
+    ("plain", 7),           # mid-epoch
+    ("plain", 13),          # exactly at an epoch boundary (13 batches per epoch)
+    ("accumulate", 2),      # k=3 groups: an epoch is 5 updates (4 of 3 batches + 1 of 1); stop mid-epoch
+    ("accumulate", 5),      # ... and at the end of the first epoch, after a short group
+    ("fp16_ema", 9),        # loss scaler and EMA in the state
+    ("workers2", 11),       # augmentation drawn in 2 DataLoader workers
+])
+def test_interrupted_and_resumed_equals_straight(tmp_path, variant, k):
+    straight = _straight(variant)
+    state, step, data = experiment(variant)
+    first = fe.fit(state, step, data, max_steps=k, work_dir=tmp_path, handlers=[SaveAtEnd()])
+    assert first.step == k
+    assert checkpoint.latest(tmp_path).name == f"end_{k}.safetensors"
+    state, step, data = experiment(variant)  # a new process would rebuild everything from scratch
+    resumed = fe.fit(state, step, data, max_steps=N, work_dir=tmp_path, resume=True, handlers=[])
+    assert resumed.step == N
+    _assert_states_equal(resumed, straight)
+
+
+def test_workers_do_not_change_the_batches():
+    a = _straight("plain")
+    b = _straight("workers2")
+    _assert_states_equal(a, b)
+
+
+def test_epoch_based_resume_at_epoch_boundary_and_mid_epoch(tmp_path):
+    state, step, data = experiment("plain")
+    straight = fe.fit(state, step, data, max_epochs=3, handlers=[])
+    state, step, data = experiment("plain")
+    fe.fit(state, step, data, max_steps=20, work_dir=tmp_path, handlers=[SaveAtEnd()])  # mid-epoch 2
+    state, step, data = experiment("plain")
+    resumed = fe.fit(state, step, data, max_epochs=3, work_dir=tmp_path, resume=True, handlers=[])
+    assert (resumed.epoch, resumed.batch_in_epoch, resumed.step) == (3, 0, 39)
+    _assert_states_equal(resumed, straight)
+
+
+def test_resume_true_without_checkpoint_starts_from_scratch(tmp_path):
+    state, step, data = experiment("plain")
+    resumed = fe.fit(state, step, data, max_steps=3, work_dir=tmp_path, resume=True, handlers=[])
+    assert resumed.step == 3
+
+
+def test_resume_true_needs_work_dir():
+    state, step, data = experiment("plain")
+    with pytest.raises(ValueError, match="pass work_dir"):
+        fe.fit(state, step, data, max_steps=3, resume=True, handlers=[])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_at_step_boundary_then_exits_and_resume_is_exact(tmp_path, sig):
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    cmd = [sys.executable, str(HERE / "resume_experiment.py"), str(tmp_path), str(N), "--sleep", "0.05"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1]) >= 4:
+            proc.send_signal(sig)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    saved = checkpoint.latest(tmp_path)
+    assert saved is not None and saved.name.startswith("step_")
+    stopped_at = checkpoint.read_meta(saved)  # the file is complete and readable
+    assert stopped_at is not None
+    done = subprocess.run(cmd[:-2], capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr
+    digest = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("digest")][0]
+    assert digest == state_digest(_straight("plain"))
