@@ -8,6 +8,7 @@ from fengine import (
     data as data,
     handlers as handlers,
     metrics as metrics,
+    multi as multi,
     optim as optim,
     rng as rng,
     schedules as schedules,

@@ -30,7 +30,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from fengine import checkpoint
 from fengine.events import Dispatcher, RunInfo, Snapshot
 from fengine.metrics import Evaluator, Metric
-from fengine.state import TrainState
+from fengine.state import DonatedStateError, TrainState
 from fengine.step import Step
 from fengine.transforms import MicroBatches
 
@@ -261,7 +261,7 @@ def fit(
             log.info("resume: no checkpoint in %s; starting from scratch", work_dir)
         else:
             state = checkpoint.load(path, like=state)
-            dispatch.load_state_dicts((checkpoint.read_meta(path) or {}).get("handlers") or {})
+            dispatch.load_state_dicts((checkpoint.read_meta(path)["meta"] or {}).get("handlers") or {})
             current.update(state=state, run=run_info(state.step))
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
             dispatch("after_load_checkpoint", at("after_load_checkpoint", checkpoint=path))
@@ -269,6 +269,8 @@ def fit(
     with _preemption(enabled=work_dir is not None) as interrupted:
         while dispatch.stop is None and state.step < total and not (by_epoch and state.epoch >= max_epochs):
             dispatch("before_train_epoch", at("before_train_epoch"))
+            if dispatch.stop is not None:
+                break
             batches = _batches(train_data, state.epoch, state.batch_in_epoch)
             t_last = time.perf_counter()
             while True:
@@ -279,12 +281,18 @@ def fit(
                 data_time = time.perf_counter() - t_last
                 idx = state.batch_in_epoch // k
                 dispatch("before_train_iter", at("before_train_iter", batch_idx=idx, batch=batch, data_time=data_time))
+                if dispatch.stop is not None:
+                    break
+                at_epoch, at_batch = state.epoch, state.batch_in_epoch
                 try:
                     state, metrics = step(state, batch)
-                except (TypeError, ValueError, IndexError, KeyError) as e:
+                except DonatedStateError:
+                    raise
+                except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
                     if hasattr(e, "add_note"):
-                        e.add_note(f"fit: while running the step on batch {state.batch_in_epoch} of epoch {state.epoch} "
-                                   f"(a {type(batch).__name__}); check that the loss function matches the batch structure")
+                        hint = "" if type(e) is RuntimeError else "; check that the loss function matches the batch structure"
+                        e.add_note(f"fit: while running the step on batch {at_batch} of epoch {at_epoch} "
+                                   f"(a {type(batch).__name__}){hint}")
                     raise
                 state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
                 current["state"] = state
