@@ -301,9 +301,9 @@ def fit(
                 flush_saves()
                 if interrupted:
                     _exit_preempted(interrupted[0], save, work_dir, state, dispatch, at)
-                t_last = time.perf_counter()
                 if not by_epoch and val is not None and should_validate(state.step, interval=interval, begin=val.begin, last=total):
                     validate()
+                t_last = time.perf_counter()
                 if dispatch.stop is not None or state.step >= total:
                     break
             if state.batch_in_epoch < batches_per_epoch:

@@ -1,0 +1,637 @@
+"""`Logger`: MMEngine's ``LoggerHook`` + ``LogProcessor`` as an event handler.
+
+What it prints, when, and how values are smoothed follow MMEngine 0.10:
+
+* a train line when ``(batch_idx + 1) % interval == 0`` counted within the epoch
+  (iteration-based runs: ``step % interval == 0``); with ``ignore_last`` the
+  last, partial interval of an epoch (run) is skipped unless the epoch is
+  shorter than the interval;
+* keys matching ``.*(loss|time|data_time|grad_norm).*`` are means over the
+  last ``window_size`` iterations (whatever the interval), others (``lr``) show
+  the latest value;
+* ``Epoch(train)  [1][ 10/1563]  lr: 1.0000e-03  eta: 0:05:12  time: 0.0123  data_time: 0.0011  loss: 2.3012``;
+  ``Iter(train) [  10/1000]  ...`` for iteration-based runs; ``Epoch(val) [1][10/313]    eta: ...``
+  every ``interval`` evaluation batches and ``Epoch(val) [1][313/313]    accuracy: 35.7000  data_time: ...  time: ...``
+  after each evaluation.
+
+Metric values stay on their device until a line is due: the logger keeps a
+short window of each metric's tensors and moves them to the host in one
+transfer per line (per device), never one ``.item()`` per key per step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from fengine.events import Handler, Priority, Snapshot
+from fengine.handlers.timing import Timer
+
+
+__all__ = [
+    "LOGGER_NAME",
+    "MEAN_PATTERN",
+    "Logger",
+    "ScalarHistory",
+    "Stat",
+    "get_logger",
+    "should_log",
+    "to_host",
+]
+
+LOGGER_NAME = "fengine"
+MEAN_PATTERN = r".*(loss|time|data_time|grad_norm).*"
+_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+_DATEFMT = "%Y/%m/%d %H:%M:%S"
+_METHODS = ("mean", "min", "max", "current")
+
+
+# ------------------------------------------------------------------ stdlib logging
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted, so a rich progress
+    bar (which redirects stdout) prints log lines above itself and pytest captures them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        del value
+
+
+def get_logger() -> logging.Logger:
+    """The stdlib logger ``"fengine"``; on first use, if nobody configured it, it gets a
+    stdout handler (MMEngine's ``2022/08/22 15:51:56 - mmengine - INFO - ...`` format)
+    and stops propagating to the root logger (no duplicate lines); level INFO unless set."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+        logger.addHandler(handler)
+        logger.propagate = False
+    return logger
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+# ------------------------------------------------------------------ host transfer
+def to_host(values: Sequence[Any]) -> list[float]:
+    """Python floats of ``values`` (tensors, numbers): one stacked transfer per device.
+
+    Tensors with more than one element are averaged first (on their device).
+    """
+    out: list[float] = [0.0] * len(values)
+    groups: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            groups.setdefault(v.device, []).append(i)
+        else:
+            out[i] = float(v)
+    for device, idx in groups.items():
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        parts = []
+        for i in idx:
+            t = values[i].detach()
+            if t.numel() != 1:
+                t = t.float().mean()
+            parts.append(t.reshape(()).to(dtype))
+        for i, x in zip(idx, torch.stack(parts).tolist()):  # the one device -> host copy
+            out[i] = x
+    return out
+
+
+# ------------------------------------------------------------------ statistics
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """A custom statistic of a logged value (MMEngine ``LogProcessor.custom_cfg`` entry).
+
+    Args:
+        src: the metric key (``"loss"``, ``"time"``, ...; MMEngine's ``data_src``).
+        method: ``"mean"``, ``"min"``, ``"max"`` or ``"current"`` (MMEngine's ``method_name``).
+        window: iterations: an int, ``"epoch"`` (since the epoch began), ``"global"``
+            (since this process started), or None for the logger's ``window_size``.
+        name: the key to log it under; None replaces ``src`` itself (MMEngine's ``log_name``).
+    """
+
+    src: str
+    method: str = "mean"
+    window: int | str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ValueError(f"Stat({self.src!r}): method must be one of {_METHODS}, got {self.method!r}")
+        w = self.window
+        if not (w is None or w in ("epoch", "global") or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)):
+            raise ValueError(f"Stat({self.src!r}): window must be an int >= 1, 'epoch', 'global' or None, got {w!r}")
+
+    @classmethod
+    def from_mmengine(cls, cfg: Mapping[str, Any]) -> Stat:
+        """From an MMEngine ``custom_cfg`` dict: ``data_src``, ``method_name``, ``window_size``, ``log_name``."""
+        unknown = set(cfg) - {"data_src", "method_name", "window_size", "log_name"}
+        if unknown or "data_src" not in cfg:
+            raise ValueError(
+                f"Stat.from_mmengine: expected keys data_src (required), method_name, window_size, log_name; got {sorted(cfg)}"
+            )
+        return cls(cfg["data_src"], cfg.get("method_name", "mean"), cfg.get("window_size"), cfg.get("log_name"))
+
+    @property
+    def key(self) -> str:
+        return self.name if self.name is not None else self.src
+
+
+class _Series:
+    """One scalar's history: raw values not yet on the host (``pending``), then host floats."""
+
+    __slots__ = ("pending", "values", "keep_all", "epoch_cut", "g", "e")
+
+    def __init__(self, cap: int, keep_all: bool) -> None:
+        self.pending: collections.deque = collections.deque(maxlen=None if keep_all else cap)
+        self.values: collections.deque = collections.deque(maxlen=cap)
+        self.keep_all = keep_all
+        self.epoch_cut = 0  # pending[:epoch_cut] belong to an earlier epoch
+        self.g = [0.0, 0, math.inf, -math.inf]  # global sum, count, min, max
+        self.e = [0.0, 0, math.inf, -math.inf]  # the same since the epoch began
+
+    def absorb(self, host: list[float]) -> None:
+        self.values.extend(host)
+        if self.keep_all:
+            for j, x in enumerate(host):
+                accs = (self.g, self.e) if j >= self.epoch_cut else (self.g,)
+                for acc in accs:
+                    acc[0] += x
+                    acc[1] += 1
+                    acc[2] = min(acc[2], x)
+                    acc[3] = max(acc[3], x)
+        self.pending.clear()
+        self.epoch_cut = 0
+
+    def stat(self, method: str, window: int | str) -> float | None:
+        if not self.values:
+            return None
+        if method == "current":
+            return self.values[-1]
+        if isinstance(window, str):
+            acc = self.g if window == "global" else self.e
+            if acc[1] == 0:
+                return None
+            return {"mean": acc[0] / acc[1], "min": acc[2], "max": acc[3]}[method]
+        vals = list(self.values)[-window:]
+        if method == "mean":
+            return sum(vals) / len(vals)
+        return min(vals) if method == "min" else max(vals)
+
+
+class ScalarHistory:
+    """Windows of scalar values keyed by name, synced to the host only on `sync`.
+
+    ``append`` only puts the value (a tensor or a number) in a bounded deque:
+    MMEngine's ``HistoryBuffer``, without its per-step ``.item()``. A key keeps as
+    many values as its statistics need: ``window_size`` for keys matching
+    ``mean_pattern``, 1 for the others, more for `Stat` windows; ``"epoch"`` /
+    ``"global"`` windows keep running sums.
+    """
+
+    def __init__(self, window_size: int = 10, stats: Iterable[Stat] = (), mean_pattern: str = MEAN_PATTERN) -> None:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
+        self.window_size = window_size
+        self.stats = tuple(stats)
+        self.pattern = re.compile(mean_pattern)
+        self._series: dict[str, _Series] = {}
+
+    def _new(self, key: str) -> _Series:
+        cap = self.window_size if self.pattern.search(key) else 1
+        keep_all = False
+        for st in self.stats:
+            if st.src == key:
+                w = self.window_size if st.window is None else st.window
+                if isinstance(w, str):
+                    keep_all = keep_all or st.method != "current"
+                elif st.method != "current":
+                    cap = max(cap, w)
+        s = _Series(cap, keep_all)
+        self._series[key] = s
+        return s
+
+    def append(self, key: str, value: Any) -> None:
+        s = self._series.get(key)
+        if s is None:
+            s = self._new(key)
+        s.pending.append(value)
+
+    def new_epoch(self) -> None:
+        for s in self._series.values():
+            s.epoch_cut = len(s.pending)
+            s.e = [0.0, 0, math.inf, -math.inf]
+
+    def sync(self) -> None:
+        """Move every pending value to the host in one transfer per device."""
+        flat: list[Any] = []
+        spans = []
+        for s in self._series.values():
+            if s.pending:
+                spans.append((s, len(flat), len(s.pending)))
+                flat.extend(s.pending)
+        if not flat:
+            return
+        host = to_host(flat)
+        for s, start, n in spans:
+            s.absorb(host[start:start + n])
+
+    def stat(self, key: str, method: str = "mean", window: int | str | None = None) -> float | None:
+        """A statistic of ``key`` over what was synced (call `sync` first); None if unknown."""
+        s = self._series.get(key)
+        return None if s is None else s.stat(method, self.window_size if window is None else window)
+
+    def collect(self) -> dict[str, float]:
+        """Sync, then MMEngine's ``_collect_scalars``: default statistic per key, then the `Stat`s."""
+        self.sync()
+        tag: dict[str, float] = {}
+        for key, s in self._series.items():
+            value = s.stat("mean", self.window_size) if self.pattern.search(key) else s.stat("current", 1)
+            if value is not None:
+                tag[key] = value
+        for st in self.stats:
+            s = self._series.get(st.src)
+            if s is not None:
+                value = s.stat(st.method, self.window_size if st.window is None else st.window)
+                if value is not None:
+                    tag[st.key] = value
+        return tag
+
+
+def should_log(snap: Snapshot, interval: int, ignore_last: bool = True) -> bool:
+    """MMEngine's LoggerHook rule for a train iteration.
+
+    Epoch-based runs count ``batch_idx + 1`` within the epoch; iteration-based runs
+    count the global step. With ``ignore_last`` the last, partial interval of the
+    epoch (run) is skipped unless the whole epoch (run) is shorter than ``interval``.
+    """
+    run = snap.run
+    if run.by_epoch:
+        i, n = snap.batch_idx + 1, run.steps_per_epoch
+    else:
+        i, n = snap.step, run.max_steps
+    if i % interval == 0:
+        return True
+    return i == n and (not ignore_last or n <= interval)
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _to_json(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)  # 'nan', 'inf', '-inf': strict-JSON safe
+    return x
+
+
+def _epoch_label(snap: Snapshot) -> int:
+    """1-based epoch of the latest completed update (the epoch MMEngine prints)."""
+    return snap.state.epoch + (1 if snap.state.batch_in_epoch > 0 else 0)
+
+
+# ------------------------------------------------------------------ the handler
+class Logger(Handler):
+    """Log training and evaluation to the console, ``work_dir/<timestamp>.log`` and
+    ``work_dir/scalars.jsonl`` (MMEngine's LoggerHook with the default LogProcessor).
+
+    Args:
+        interval: log every ``interval`` updates (counted within the epoch for
+            epoch-based runs, on the global step for iteration-based runs) and every
+            ``interval`` evaluation batches.
+        window_size: iterations averaged for keys matching ``mean_pattern``.
+        ignore_last: skip the last, partial interval of an epoch (MMEngine's default).
+        timer: the `Timer` to read ``time``/``data_time``/``eta`` from; it must be in
+            the handlers too. None: the logger runs a private Timer itself. False: no
+            timing fields.
+        json_file: name of the JSON-lines file in ``work_dir`` (None: none). One object
+            per logged train interval (``{"step", "epoch", "lr", "loss", ...}``, smoothed
+            values as printed) and per evaluation (``{"step", "epoch", "val/<key>", ...}``),
+            flushed at each line.
+        log_file: write ``work_dir/<timestamp>.log`` too.
+        custom: extra statistics (`Stat`, or MMEngine ``custom_cfg`` dicts).
+        num_digits: decimals printed (MMEngine's ``num_digits``).
+        mean_pattern: which keys are window-averaged.
+
+    The lr printed is the one the update used, taken from the step metrics (``lr``;
+    with `fengine.optim.partition` the first group's ``<group>/lr``, as MMEngine logs
+    param group 0). Only rank 0 logs.
+    """
+
+    priority = Priority.BELOW_NORMAL
+
+    def __init__(
+        self,
+        interval: int = 10,
+        *,
+        window_size: int = 10,
+        ignore_last: bool = True,
+        timer: Timer | None | bool = None,
+        json_file: str | None = "scalars.jsonl",
+        log_file: bool = True,
+        custom: Iterable[Stat | Mapping[str, Any]] = (),
+        num_digits: int = 4,
+        mean_pattern: str = MEAN_PATTERN,
+        priority: int | str | None = None,
+    ) -> None:
+        super().__init__(priority=priority)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"Logger: interval must be an int >= 1, got {interval!r}")
+        if not isinstance(ignore_last, bool):
+            raise TypeError(f"Logger: ignore_last must be a bool, got {ignore_last!r}")
+        if timer is True:
+            timer = None
+        if not (timer is None or timer is False or isinstance(timer, Timer)):
+            raise TypeError(f"Logger: timer must be a fengine.handlers.Timer, None or False, got {type(timer).__name__}")
+        stats = tuple(s if isinstance(s, Stat) else Stat.from_mmengine(s) for s in custom)
+        names = [s.key for s in stats]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"Logger: custom statistics {dup} are defined twice; give each Stat a distinct name= "
+                "(a Stat without a name replaces its src, which can happen once)"
+            )
+        self.interval = interval
+        self.window_size = window_size
+        self.ignore_last = ignore_last
+        self.json_file = json_file
+        self.log_file = log_file
+        self.num_digits = num_digits
+        self.mean_pattern = mean_pattern
+        self.stats = stats
+        self._own_timer = timer is None
+        self.timer: Timer | None = Timer() if timer is None else (timer or None)
+        self._train = ScalarHistory(window_size, stats, mean_pattern)
+        self._eval: dict[str, ScalarHistory] = {}
+        self._rename: dict[str, str | None] = {}
+        self._json: TextIO | None = None
+        self._file_handler: logging.FileHandler | None = None
+        self._active: bool | None = None
+        self._warned_timer = False
+        self.logger = get_logger()
+
+    # ------------------------------------------------------------------ setup
+    def _is_active(self) -> bool:
+        if self._active is None:
+            self._active = _rank() == 0
+        return self._active
+
+    def on_before_run(self, snap: Snapshot) -> None:
+        self._active = _rank() == 0
+        if not self._active:
+            return
+        self.logger = get_logger()
+        self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
+        self._rename = {}
+        work_dir = snap.run.work_dir
+        if work_dir is None:
+            return
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [h for h in self.logger.handlers if getattr(h, "_fengine_run_log", False)]:
+            # left by a run that raised before after_run: do not write this run into its file
+            self.logger.removeHandler(stale)
+            stale.close()
+        self._file_handler = None
+        if self.log_file:
+            path = work_dir / f"{time.strftime('%Y%m%d_%H%M%S')}.log"
+            self._file_handler = logging.FileHandler(path, encoding="utf-8")
+            self._file_handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+            self._file_handler._fengine_run_log = True  # type: ignore[attr-defined]
+            self.logger.addHandler(self._file_handler)
+        if self.json_file is not None and self._json is None:
+            self._json = open(work_dir / self.json_file, "a", encoding="utf-8")  # noqa: SIM115 (closed at after_run)
+
+    def on_after_run(self, snap: Snapshot) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the JSON-lines and log files (idempotent)."""
+        if self._json is not None:
+            self._json.close()
+            self._json = None
+        if self._file_handler is not None:
+            self.logger.removeHandler(self._file_handler)
+            self._file_handler.close()
+            self._file_handler = None
+
+    def _write_json(self, record: Mapping[str, Any]) -> None:
+        if self._json is not None:
+            self._json.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
+            self._json.flush()
+
+    # ------------------------------------------------------------------ timing
+    def _tick(self, event: str, snap: Snapshot) -> None:
+        if self._own_timer and self.timer is not None:
+            getattr(self.timer, "on_" + event)(snap)
+
+    def _timing(self, phase: str, hist: ScalarHistory) -> None:
+        if self.timer is None:
+            return
+        last = self.timer.last(phase)
+        if last is None:
+            if not self._warned_timer:
+                self._warned_timer = True
+                self.logger.warning(
+                    "Logger: its Timer has measured nothing; pass the same Timer in handlers=[...] "
+                    "(or build the Logger with timer=None to let it time by itself)"
+                )
+            return
+        hist.append("time", last[0])
+        hist.append("data_time", last[1])
+
+    def on_before_train(self, snap: Snapshot) -> None:
+        self._tick("before_train", snap)
+
+    def on_before_train_epoch(self, snap: Snapshot) -> None:
+        self._tick("before_train_epoch", snap)
+        self._train.new_epoch()
+
+    def on_before_train_iter(self, snap: Snapshot) -> None:
+        self._tick("before_train_iter", snap)
+
+    def _before_eval_epoch(self, snap: Snapshot) -> None:
+        self._tick(f"before_{snap.phase}_epoch", snap)
+        hist = self._eval.get(snap.phase)
+        if hist is None:
+            # running means over the pass for the closing line (not printed on the progress lines)
+            stats = (Stat("time", window="epoch", name="_pass_time"), Stat("data_time", window="epoch", name="_pass_data_time"))
+            hist = self._eval[snap.phase] = ScalarHistory(self.window_size, stats, self.mean_pattern)
+        hist.new_epoch()
+
+    def _before_eval_iter(self, snap: Snapshot) -> None:
+        self._tick(f"before_{snap.phase}_iter", snap)
+
+    on_before_val_epoch = _before_eval_epoch
+    on_before_test_epoch = _before_eval_epoch
+    on_before_val_iter = _before_eval_iter
+    on_before_test_iter = _before_eval_iter
+
+    # ------------------------------------------------------------------ train
+    def _key(self, key: str, metrics: Mapping[str, Any]) -> str | None:
+        """``lr`` for the first ``<group>/lr`` when there is no plain ``lr``; None drops a key."""
+        if key not in self._rename:
+            name: str | None = key
+            if key.endswith("/lr") and "lr" not in metrics:
+                claimed = any(v == "lr" for v in self._rename.values())
+                name = None if claimed else "lr"
+            self._rename[key] = name
+        return self._rename[key]
+
+    def on_after_train_iter(self, snap: Snapshot) -> None:
+        self._tick("after_train_iter", snap)
+        if not self._is_active():
+            return
+        hist = self._train
+        metrics = snap.metrics
+        for key, value in metrics.items():
+            if isinstance(value, (torch.Tensor, float, int)):
+                name = self._key(key, metrics)
+                if name is not None:
+                    hist.append(name, value)
+        self._timing("train", hist)
+        if not should_log(snap, self.interval, self.ignore_last):
+            return
+        tag = hist.collect()
+        memory = self._memory(snap)
+        self.logger.info(self._train_line(snap, tag, memory))
+        record: dict[str, Any] = {"step": snap.step, "epoch": snap.epoch + 1}
+        record.update((k, v) for k, v in tag.items() if k.endswith("lr"))  # lr first, as printed
+        record.update(tag)
+        if memory is not None:
+            record["memory"] = memory
+        self._write_json(record)
+
+    def _train_line(self, snap: Snapshot, tag: Mapping[str, float], memory: int | None) -> str:
+        run = snap.run
+        if run.by_epoch:
+            n = run.steps_per_epoch
+            head = f"Epoch(train){_epoch_str(snap.epoch + 1, run.max_epochs)}[{str(snap.batch_idx + 1).rjust(len(str(n)))}/{n}]  "
+        else:
+            n = run.max_steps
+            head = f"Iter(train) [{str(snap.step).rjust(len(str(n)))}/{n}]  "
+        return self._line(head, snap, tag, memory, rest=True)
+
+    def _line(self, head: str, snap: Snapshot, tag: Mapping[str, float], memory: int | None, *, rest: bool) -> str:
+        """MMEngine's ``get_log_after_iter`` body: lr, eta/time/data_time, memory, the rest."""
+        d = self.num_digits
+        tag = dict(tag)
+        lrs = [f"{k}: {tag.pop(k):.{d}e}" for k in list(tag) if k.endswith("lr")]
+        s = head + " ".join(lrs) + "  "
+        eta = self.timer.eta(snap) if self.timer is not None else None
+        if "time" in tag and "data_time" in tag and eta is not None:
+            s += f"eta: {datetime.timedelta(seconds=int(eta))}  "
+            s += f"time: {tag.pop('time'):.{d}f}  data_time: {tag.pop('data_time'):.{d}f}  "
+        if memory is not None:
+            s += f"memory: {memory}  "
+        if rest:
+            s += "  ".join(f"{k}: {_fmt(v, d)}" for k, v in tag.items())
+        return s.rstrip()
+
+    @staticmethod
+    def _memory(snap: Snapshot) -> int | None:
+        """Peak CUDA memory in MB since the last line (MMEngine resets the peak each time)."""
+        device = next((p.device for p in snap.state.params.values()), None)
+        if device is None or device.type != "cuda":
+            return None
+        mb = torch.cuda.max_memory_allocated(device) // (1024 * 1024)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(mb)
+
+    def on_after_train(self, snap: Snapshot) -> None:
+        if self._is_active() and "stop" in snap.metrics:
+            self.logger.info(f"Training stopped at step {snap.step}: {snap.metrics['stop']}")
+
+    # ------------------------------------------------------------------ evaluation
+    def _after_eval_iter(self, snap: Snapshot) -> None:
+        self._tick(f"after_{snap.phase}_iter", snap)
+        if not self._is_active():
+            return
+        hist = self._eval[snap.phase]
+        self._timing(snap.phase, hist)
+        if (snap.batch_idx + 1) % self.interval != 0:
+            return
+        tag = hist.collect()
+        self.logger.info(self._line(self._eval_head(snap, snap.batch_idx + 1), snap, tag, self._memory(snap), rest=False))
+
+    on_after_val_iter = _after_eval_iter
+    on_after_test_iter = _after_eval_iter
+
+    def _eval_head(self, snap: Snapshot, i: int) -> str:
+        run, phase = snap.run, snap.phase
+        n = snap.eval_len if snap.eval_len is not None else "?"
+        i_str = str(i).rjust(len(str(n)))
+        standalone = run.steps_per_epoch == 0  # fengine.evaluate(): MMEngine's by-epoch test loop format
+        if run.by_epoch or standalone:
+            if phase == "val" and not standalone:
+                return f"Epoch({phase}){_epoch_str(snap.epoch, run.max_epochs)}[{i_str}/{n}]  "
+            return f"Epoch({phase}) [{i_str}/{n}]  "
+        return f"Iter({phase}) [{i_str}/{n}]  "
+
+    def _after_eval_epoch(self, snap: Snapshot) -> None:
+        self._tick(f"after_{snap.phase}_epoch", snap)
+        if not self._is_active():
+            return
+        run, phase = snap.run, snap.phase
+        n = snap.eval_len if snap.eval_len is not None else "?"
+        standalone = run.steps_per_epoch == 0
+        if run.by_epoch or standalone:
+            # MMEngine: no right-alignment of the epoch on this line
+            head = f"Epoch({phase}) [{snap.epoch}][{n}/{n}]  " if phase == "val" and not standalone else f"Epoch({phase}) [{n}/{n}]  "
+        else:
+            head = f"Iter({phase}) [{n}/{n}]  "
+        items: dict[str, Any] = {}
+        for key, value in snap.metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()  # evaluation results are host values already; this is once per pass
+            items[key] = value
+        hist = self._eval.get(phase)
+        timing = {}
+        if hist is not None:
+            hist.sync()
+            for key in ("data_time", "time"):
+                v = hist.stat(key, "mean", "epoch")
+                if v is not None:
+                    timing[key] = v
+        d = self.num_digits
+        self.logger.info((head + "  " + "  ".join(f"{k}: {_fmt(v, d)}" for k, v in {**items, **timing}.items())).rstrip())
+        record: dict[str, Any] = {"step": snap.step, "epoch": _epoch_label(snap)}
+        for key, value in {**items, **timing}.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                record[f"{phase}/{key}"] = value
+        self._write_json(record)
+
+    on_after_val_epoch = _after_eval_epoch
+    on_after_test_epoch = _after_eval_epoch
+
+
+def _epoch_str(epoch: int, max_epochs: int | None) -> str:
+    """``" [1]"`` right-aligned to the width of ``max_epochs`` (MMEngine: ``len(str(max_epochs)) + 3``)."""
+    return f"[{epoch}]".rjust(len(str(max_epochs if max_epochs is not None else epoch)) + 3)
