@@ -2,7 +2,8 @@
 
 A handler is any object with ``on_<event>(snap)`` methods for the events below
 (MMEngine's hook points, same names). It receives a `Snapshot` and may return
-`Stop` to end training. It never changes the state: values a handler needs to
+signals (one, or a list): `Stop` to end training, `Save` to have `fit` write a
+checkpoint. It never changes the state: values a handler needs to
 keep across a resume (best score, kept checkpoints) go in its own small
 ``state_dict()``, which `Checkpointer` stores in the checkpoint.
 
@@ -185,11 +186,12 @@ class Dispatcher:
             return
         snap = snap_factory()
         for method in methods:
-            signal = method(snap)
-            if isinstance(signal, Stop) and self.stop is None:
-                self.stop = signal
-            elif isinstance(signal, Save) and signal not in self.saves:
-                self.saves.append(signal)
+            returned = method(snap)
+            for signal in returned if isinstance(returned, (list, tuple)) else (returned,):
+                if isinstance(signal, Stop) and self.stop is None:
+                    self.stop = signal
+                elif isinstance(signal, Save) and signal not in self.saves:
+                    self.saves.append(signal)
 
     def state_dicts(self) -> dict[str, Any]:
         """``state_dict()`` of every handler that has one, keyed by class name (``Name#2`` for repeats)."""

@@ -155,6 +155,7 @@ def _load_recipe(path: str):
     if spec is None or not Path(path).is_file():
         raise ReplayError(f"recipe {path} not found")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the recipe runs
     spec.loader.exec_module(module)
     if not callable(getattr(module, "from_config", None)):
         raise ReplayError(f"recipe {path} defines no from_config(config) to rebuild the run")
