@@ -1,0 +1,441 @@
+"""`Checkpointer`: periodic, last, best and published checkpoints (MMEngine's CheckpointHook).
+
+The handler decides what to save and when: it returns `Save` signals (a list when
+one event needs several files) and `fit` writes them in order right after the
+event, storing every handler's ``state_dict()`` in each file. MMEngine's rules,
+with ``n`` the completed epoch / update count (MMEngine's ``epoch + 1`` / ``iter + 1``):
+
+* **periodic** (``after_train_epoch``; ``after_train_iter`` with ``by_epoch=False``):
+  save ``filename_tmpl.format(n)`` iff ``n >= save_begin and (n - save_begin) %
+  interval == 0``, or ``save_last`` and ``n`` is the last (``interval=-1``: only
+  then); ``work_dir/last_checkpoint`` points at it.
+* **max_keep_ckpts** N: keep the newest N periodic files; the oldest is deleted
+  before the new one is saved, re-saving the newest does not rotate, best files do
+  not count. The kept ids survive a resume (trimmed at ``before_train`` if N fell).
+* **save_best** (``after_val_epoch``): for each key (``"auto"``: the first key of
+  the first validation) whose score is strictly better (``rule``, or `infer_rule`),
+  the key's previous best file is deleted and ``best_{key}_{filename_tmpl.format(n)}``
+  (``/`` -> ``_``) is saved. The event returns these saves, then a re-save of the
+  periodic checkpoint of step ``n`` if there is one, so the best score and path it
+  stores are current. Empty results warn and skip.
+* **out_dir**: save to ``out_dir / basename(work_dir)`` (``out_dir`` itself without
+  a work_dir), else to ``work_dir``.
+* **published**: at ``after_train``, params-only ``<stem>-<sha256[:8]>.safetensors``
+  copies of the last and best checkpoints (`fengine.checkpoint.publish`).
+
+Deviations from MMEngine, on purpose:
+
+* after a new best MMEngine saves ``filename_tmpl.format(n)`` even when no periodic
+  checkpoint was due (it then counts in the rotation); here only an existing
+  periodic checkpoint of that step is re-saved;
+* best checkpoints hold the whole training state (MMEngine's drop the optimizer and
+  schedulers);
+* ``interval=0`` or ``< -1`` and ``max_keep_ckpts=0`` are errors (MMEngine reads any
+  value <= 0 as "never" / "unlimited"), and so is ``by_epoch=True`` in an
+  iteration-based run (``fit(max_steps=...)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import os
+import string
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fengine import checkpoint
+from fengine.events import Handler, Priority, RunInfo, Save, Snapshot
+
+
+__all__ = ["DEFAULT_GREATER_KEYS", "DEFAULT_LESS_KEYS", "Checkpointer", "every_n", "infer_rule", "should_save"]
+
+log = logging.getLogger("fengine")
+
+DEFAULT_GREATER_KEYS = ("acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc")
+DEFAULT_LESS_KEYS = ("loss",)
+_RULES = {"greater": operator.gt, "less": operator.lt}
+_INIT = {"greater": -math.inf, "less": math.inf}
+
+
+def infer_rule(
+    key: str,
+    greater_keys: Sequence[str] = DEFAULT_GREATER_KEYS,
+    less_keys: Sequence[str] = DEFAULT_LESS_KEYS,
+) -> str:
+    """``'greater'`` or ``'less'`` for a metric key, MMEngine's rule (case-insensitive):
+    exact match in ``greater_keys``, then in ``less_keys``, then substring of the key in
+    ``greater_keys``, then in ``less_keys``; otherwise ValueError."""
+    name = key.lower()
+    greater = {k.lower() for k in greater_keys}
+    less = {k.lower() for k in less_keys}
+    if name in greater:
+        return "greater"
+    if name in less:
+        return "less"
+    if any(k in name for k in greater):
+        return "greater"
+    if any(k in name for k in less):
+        return "less"
+    raise ValueError(
+        f"Checkpointer: cannot infer the rule for save_best key {key!r}: none of the 'greater' keys "
+        f"{list(greater_keys)} nor the 'less' keys {list(less_keys)} occurs in it; pass rule='greater' "
+        "or rule='less' (a list of rules for a list of keys), or extend greater_keys/less_keys"
+    )
+
+
+def every_n(count: int, n: int, start: int = 0) -> bool:
+    """MMEngine's ``every_n_epochs`` / ``every_n_train_iters`` on a completed count
+    (``count`` = its ``epoch + 1`` / ``iter + 1``): ``count >= start and (count - start) % n == 0``;
+    never for ``n <= 0``."""
+    d = count - start
+    return n > 0 and d >= 0 and d % n == 0
+
+
+def should_save(count: int, *, interval: int, save_begin: int = 0, last: int | None = None, save_last: bool = True) -> bool:
+    """The periodic-save predicate after ``count`` completed epochs / updates (see the module doc)."""
+    return every_n(count, interval, save_begin) or (save_last and last is not None and count == last)
+
+
+# ---------------------------------------------------------------------- argument checks
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Checkpointer: {name} must be an int, got {value!r}")
+    return value
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Checkpointer: {name} must be a bool, got {value!r}")
+    return value
+
+
+def _str_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"Checkpointer: {name} must be a str or a list of str, got {value!r}")
+
+
+def _check_tmpl(tmpl: Any) -> str:
+    if not isinstance(tmpl, str):
+        raise TypeError(f"Checkpointer: filename_tmpl must be a str with one '{{}}', got {tmpl!r}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(tmpl) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"Checkpointer: filename_tmpl={tmpl!r} is not a valid format string ({e}); "
+                         "it needs exactly one '{}', filled with the epoch / step count") from None
+    if len(fields) != 1 or fields[0] != "":
+        raise ValueError(f"Checkpointer: filename_tmpl={tmpl!r} must contain exactly one '{{}}' (optionally with a "
+                         f"format spec, e.g. 'epoch_{{:03d}}.safetensors'), filled with the epoch / step count; "
+                         f"it has {len(fields)} replacement field(s) {fields}")
+    try:
+        name = tmpl.format(1)
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise ValueError(f"Checkpointer: filename_tmpl={tmpl!r} cannot format an int: {e}") from None
+    if not name or Path(name).is_absolute():
+        raise ValueError(f"Checkpointer: filename_tmpl={tmpl!r} must be a relative file name (the directory is "
+                         "work_dir or out_dir)")
+    return tmpl
+
+
+def _best_keys(save_best: Any) -> list[str]:
+    if save_best is None:
+        return []
+    keys = _str_list("save_best", save_best)
+    if not keys or any(not k for k in keys):
+        raise ValueError(f"Checkpointer: save_best must name at least one metric key (non-empty), got {save_best!r}")
+    if "auto" in keys and len(keys) > 1:
+        raise ValueError(f"Checkpointer: save_best={keys}: 'auto' (the first validation key) cannot be "
+                         "combined with other keys or repeated")
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"Checkpointer: save_best={keys} lists {dup} more than once")
+    return keys
+
+
+def _given_rules(rule: Any, keys: list[str]) -> list[str | None]:
+    """One rule (or None: infer it) per save_best key."""
+    if rule is not None and not keys:
+        raise ValueError(f"Checkpointer: rule={rule!r} is only used with save_best=...; pass save_best or drop rule")
+    if rule is None or isinstance(rule, str):
+        rules = [rule] * len(keys)
+    elif isinstance(rule, (list, tuple)):
+        if len(rule) not in (1, len(keys)):
+            raise ValueError(f"Checkpointer: rule={list(rule)} must have 1 entry or one per save_best key "
+                             f"({len(keys)}: {keys})")
+        rules = list(rule) * len(keys) if len(rule) == 1 else list(rule)
+    else:
+        raise TypeError(f"Checkpointer: rule must be 'greater', 'less', None or a list of them, got {rule!r}")
+    for r in rules:
+        if r is not None and r not in _RULES:
+            raise ValueError(f"Checkpointer: rule must be 'greater' or 'less' (or None to infer it), got {r!r}")
+    return rules
+
+
+def _score(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"Checkpointer: the validation result {key!r} is a tensor of shape "
+                            f"{tuple(value.shape)}; save_best needs a scalar")
+        return float(value.item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"Checkpointer: the validation result {key!r} is a {type(value).__name__} ({value!r}); "
+                    "save_best needs a number")
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class Checkpointer(Handler):
+    """Save checkpoints periodically, the last one, and the best ones (MMEngine's CheckpointHook).
+
+    Args:
+      interval: save every ``interval`` epochs (``by_epoch``) or updates; ``-1``: never
+        periodically (only the last with ``save_last``, and the best with ``save_best``).
+      by_epoch: count epochs (``after_train_epoch``) or updates (``after_train_iter``).
+      max_keep_ckpts: keep only the newest N periodic checkpoints; ``-1`` keeps all.
+      save_last: always save after the last epoch / update, whatever the interval.
+      save_best: a validation result key, a list of keys (one best file each), or ``"auto"``
+        (the first key of the first validation's results).
+      rule: ``"greater"`` or ``"less"``, or a list (one rule for all keys, or one per key);
+        ``None`` infers it from the key (`infer_rule`).
+      greater_keys, less_keys: the names `infer_rule` matches (MMEngine's defaults).
+      out_dir: save to ``out_dir / basename(work_dir)`` instead of ``work_dir``.
+      save_begin: the first epoch / update count that may be saved periodically.
+      filename_tmpl: file name with one ``{}`` (the epoch / update count); default
+        ``"epoch_{}.safetensors"`` / ``"iter_{}.safetensors"``.
+      published: after training, also write params-only ``<stem>-<sha256[:8]>.safetensors``
+        copies of the last and best checkpoints (needs ``save_last`` or ``save_best``).
+      published_params: which weights to publish: ``"auto"`` (the EMA weights when the run
+        keeps an EMA, as MMEngine's EMAHook puts them in ``state_dict``), ``"live"`` or ``"ema"``.
+      priority: default VERY_LOW (after the schedulers and the logger, as MMEngine).
+    """
+
+    priority = Priority.VERY_LOW
+
+    def __init__(
+        self,
+        interval: int = 1,
+        *,
+        by_epoch: bool = True,
+        max_keep_ckpts: int = -1,
+        save_last: bool = True,
+        save_best: str | Sequence[str] | None = None,
+        rule: str | Sequence[str | None] | None = None,
+        greater_keys: str | Sequence[str] | None = None,
+        less_keys: str | Sequence[str] | None = None,
+        out_dir: str | os.PathLike | None = None,
+        save_begin: int = 0,
+        filename_tmpl: str | None = None,
+        published: bool = False,
+        published_params: str = "auto",
+        priority: int | str | None = None,
+    ) -> None:
+        super().__init__(priority=priority)
+        self.interval = _check_int("interval", interval)
+        if interval < 1 and interval != -1:
+            raise ValueError(f"Checkpointer: interval must be >= 1, or -1 for no periodic checkpoints "
+                             f"(only the last with save_last and the best with save_best), got {interval}")
+        self.by_epoch = _check_bool("by_epoch", by_epoch)
+        self.max_keep_ckpts = -1 if max_keep_ckpts is None else _check_int("max_keep_ckpts", max_keep_ckpts)
+        if self.max_keep_ckpts < 1 and self.max_keep_ckpts != -1:
+            raise ValueError(f"Checkpointer: max_keep_ckpts must be >= 1 (how many periodic checkpoints to keep) "
+                             f"or -1 (keep all), got {max_keep_ckpts}")
+        self.save_begin = _check_int("save_begin", save_begin)
+        if save_begin < 0:
+            raise ValueError(f"Checkpointer: save_begin must be >= 0, got {save_begin}")
+        self.save_last = _check_bool("save_last", save_last)
+        default_tmpl = ("epoch_{}" if by_epoch else "iter_{}") + ".safetensors"
+        self.filename_tmpl = _check_tmpl(default_tmpl if filename_tmpl is None else filename_tmpl)
+        self.greater_keys = tuple(DEFAULT_GREATER_KEYS if greater_keys is None else _str_list("greater_keys", greater_keys))
+        self.less_keys = tuple(DEFAULT_LESS_KEYS if less_keys is None else _str_list("less_keys", less_keys))
+        self.save_best = _best_keys(save_best)
+        # one rule per key; None only for an unresolved "auto" without a given rule
+        self.rules = [r or (None if k == "auto" else self._infer(k))
+                      for k, r in zip(self.save_best, _given_rules(rule, self.save_best))]
+        self.published = _check_bool("published", published)
+        if published and not save_last and not self.save_best:
+            raise ValueError("Checkpointer: published=True publishes the last and/or the best checkpoint; "
+                             "set save_last=True or save_best=...")
+        if published_params not in ("auto", "live", "ema"):
+            raise ValueError(f"Checkpointer: published_params must be 'auto', 'live' or 'ema', got {published_params!r}")
+        self.published_params = published_params
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        # what survives a resume (state_dict)
+        self.keep_ckpt_ids: list[int] = []
+        self.last_ckpt: str | None = None  # the latest periodic file, relative to the checkpoint directory
+        self.last_step: int | None = None  # its epoch / update count
+        self.best: dict[str, dict[str, Any]] = {}  # key -> {"score": float, "path": str}
+
+    def directory(self, run: RunInfo | None) -> Path:
+        """Where the checkpoints go: ``out_dir / basename(work_dir)``, ``work_dir``, or ``out_dir``."""
+        work_dir = None if run is None or run.work_dir is None else Path(run.work_dir)
+        if self.out_dir is None:
+            if work_dir is None:
+                raise ValueError("Checkpointer: nowhere to save checkpoints: pass fit(..., work_dir=...) "
+                                 "or Checkpointer(out_dir=...)")
+            return work_dir
+        if work_dir is None:
+            return self.out_dir
+        if self.out_dir.resolve() == work_dir.resolve():
+            return work_dir
+        return self.out_dir / (work_dir.name or work_dir.resolve().name)
+
+    # ------------------------------------------------------------------ events
+    def on_before_train(self, snap: Snapshot) -> None:
+        if self.by_epoch and snap.run.max_epochs is None:
+            raise ValueError(
+                "Checkpointer(by_epoch=True) counts epochs, but this run is iteration-based "
+                "(fit(max_steps=...)); pass Checkpointer(by_epoch=False, interval=<updates>)"
+            )
+        directory = self.directory(snap.run)
+        log.info("Checkpoints will be saved to %s.", directory)
+        self._rotate(directory, keep=self.max_keep_ckpts)
+
+    def on_after_train_epoch(self, snap: Snapshot) -> Save | None:
+        return self._maybe_periodic(snap) if self.by_epoch else None
+
+    def on_after_train_iter(self, snap: Snapshot) -> Save | None:
+        return None if self.by_epoch else self._maybe_periodic(snap)
+
+    def on_after_val_epoch(self, snap: Snapshot) -> list[Save] | None:
+        """One `Save` per new best, then the re-save of this step's periodic checkpoint."""
+        if not self.save_best:
+            return None
+        metrics: Mapping[str, Any] = snap.metrics or {}
+        if not metrics:
+            warnings.warn("Checkpointer: the validation results are empty; the best checkpoint is not "
+                          "updated in this evaluation", UserWarning, stacklevel=2)
+            return None
+        if self.save_best == ["auto"]:
+            self._resolve_auto(next(iter(metrics)))
+            log.info("Checkpointer: save_best='auto' follows %r (rule %r)", self.save_best[0], self.rules[0])
+        directory, n = self.directory(snap.run), self._count(snap)
+        saves = []
+        for key, rule in zip(self.save_best, self.rules):
+            if key not in metrics:
+                raise KeyError(f"Checkpointer: save_best key {key!r} is not in the validation results; "
+                               f"available keys: {list(metrics)}")
+            score = _score(key, metrics[key])
+            if self._is_new_best(key, rule, score):
+                saves.append(self._replace_best(directory, key, score, n))
+        if saves and self.last_step == n:
+            saves.append(self._periodic(directory, n))  # so the best info it stores is current
+        return saves
+
+    def on_after_save_checkpoint(self, snap: Snapshot) -> None:
+        """MMEngine's log line for a best checkpoint, once `fit` has written it."""
+        for key, best in self.best.items():
+            if snap.checkpoint == self.directory(snap.run) / best["path"]:
+                log.info("The best checkpoint with %.4f %s at %d %s is saved to %s.", best["score"], key,
+                         self._count(snap), "epoch" if self.by_epoch else "iter", best["path"])
+
+    def on_after_train(self, snap: Snapshot) -> None:
+        if not self.published:
+            return
+        directory = self.directory(snap.run)
+        sources = [directory / self.last_ckpt] if self.save_last and self.last_ckpt is not None else []
+        sources += [directory / best["path"] for best in self.best.values()]
+        for src in sources:
+            if not src.is_file():
+                warnings.warn(f"Checkpointer: cannot publish {src}: the file is missing", UserWarning, stacklevel=2)
+                continue
+            self.publish(src, snap.state)
+
+    def publish(self, path: str | os.PathLike, like: Any) -> Path:
+        """Publish the params (and buffers) of checkpoint ``path`` as ``<stem>-<sha256[:8]>.safetensors``.
+
+        ``like`` is a `TrainState` of the run (its structure names what to read)."""
+        path = Path(path)
+        e = like.extra.get("ema") if isinstance(getattr(like, "extra", None), Mapping) else None
+        if self.published_params == "ema" and e is None:
+            raise ValueError("Checkpointer(published_params='ema'): the run keeps no EMA; add fengine.ema(...) to the step")
+        use_ema = self.published_params == "ema" or (self.published_params == "auto" and e is not None)
+        weights, _ = checkpoint.load_params(path, like, strict=True, use_ema=use_ema)
+        out = checkpoint.publish(weights, path, meta={"published_from": path.name, "ema": use_ema})
+        log.info("The checkpoint (%s) is published to %s.", path, out)
+        return out
+
+    # ------------------------------------------------------------------ periodic
+    def _count(self, snap: Snapshot) -> int:
+        return snap.state.epoch if self.by_epoch else snap.state.step
+
+    def _maybe_periodic(self, snap: Snapshot) -> Save | None:
+        n = self._count(snap)
+        last = snap.run.max_epochs if self.by_epoch else snap.run.max_steps
+        if not should_save(n, interval=self.interval, save_begin=self.save_begin, last=last, save_last=self.save_last):
+            return None
+        log.info("Saving checkpoint at %d %s", n, "epochs" if self.by_epoch else "iterations")
+        return self._periodic(self.directory(snap.run), n)
+
+    def _periodic(self, directory: Path, n: int) -> Save:
+        """Rotate (delete the oldest first, MMEngine's order) and ask for ``filename_tmpl.format(n)``."""
+        if self.max_keep_ckpts > 0 and self.keep_ckpt_ids[-1:] != [n]:
+            self._rotate(directory, keep=self.max_keep_ckpts - 1)
+            self.keep_ckpt_ids.append(n)
+        self.last_ckpt, self.last_step = self.filename_tmpl.format(n), n
+        return Save(directory / self.last_ckpt, latest=True)
+
+    def _rotate(self, directory: Path, keep: int) -> None:
+        """Delete the oldest kept periodic checkpoints until at most ``keep`` remain (max_keep_ckpts only)."""
+        while self.max_keep_ckpts > 0 and len(self.keep_ckpt_ids) > keep:
+            path = directory / self.filename_tmpl.format(self.keep_ckpt_ids.pop(0))
+            if _unlink(path):
+                log.debug("Checkpointer: removed %s (max_keep_ckpts=%d)", path, self.max_keep_ckpts)
+
+    # ------------------------------------------------------------------ best
+    def _infer(self, key: str) -> str:
+        return infer_rule(key, self.greater_keys, self.less_keys)
+
+    def _resolve_auto(self, key: str) -> None:
+        """``save_best="auto"`` follows ``key`` from now on."""
+        self.save_best, self.rules = [key], [self.rules[0] or self._infer(key)]
+
+    def _is_new_best(self, key: str, rule: str, score: float | None) -> bool:
+        """Strictly better than every earlier validation of ``key``."""
+        best = self.best[key]["score"] if key in self.best else _INIT[rule]
+        return score is not None and _RULES[rule](score, best)
+
+    def _replace_best(self, directory: Path, key: str, score: float, n: int) -> Save:
+        """Delete the previous best file of ``key``, record the new best and ask for its file."""
+        if key in self.best and _unlink(directory / self.best[key]["path"]):
+            log.info("The previous best checkpoint %s is removed", directory / self.best[key]["path"])
+        name = f"best_{key}_{self.filename_tmpl.format(n)}".replace("/", "_")
+        self.best[key] = {"score": score, "path": name}
+        return Save(directory / name, latest=False)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "keep_ckpt_ids": list(self.keep_ckpt_ids),
+            "last_ckpt": self.last_ckpt,
+            "last_step": self.last_step,
+            "best": {k: dict(v) for k, v in self.best.items()},
+            "save_best": list(self.save_best),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.max_keep_ckpts > 0:
+            self.keep_ckpt_ids = [int(i) for i in state.get("keep_ckpt_ids") or []]
+        self.last_ckpt = state.get("last_ckpt")
+        self.last_step = None if state.get("last_step") is None else int(state["last_step"])
+        saved_keys = list(state.get("save_best") or [])
+        if self.save_best == ["auto"] and len(saved_keys) == 1 and saved_keys[0] != "auto":
+            self._resolve_auto(saved_keys[0])  # the key 'auto' followed before the resume
+        best = state.get("best") or {}
+        self.best = {k: {"score": float(v["score"]), "path": v["path"]} for k, v in best.items() if k in self.save_best}
