@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.stateless import _reparametrize_module
 
 from fengine import checkpoint
+from fengine.bind import bind
 from fengine.events import Dispatcher, RunInfo, Snapshot
 from fengine.metrics import Evaluator, Metric
 from fengine.state import DonatedStateError, TrainState
@@ -118,13 +118,13 @@ def _evaluate(state, data, metrics, eval_fn, *, params, dispatch, run, phase) ->
     dispatch(f"before_{phase}_epoch", snap(f"before_{phase}_epoch"))
     was_training = model.training
     model.eval()
-    bound = {**_eval_params(state, params), **state.buffers}
+    eval_params = _eval_params(state, params)
     acc = evaluator.init()
     try:
         batches = _batches(data, 0, 0) if hasattr(data, "epoch") else iter(data)
         for i, batch in enumerate(batches):
             dispatch(f"before_{phase}_iter", snap(f"before_{phase}_iter", batch_idx=i, batch=batch))
-            with torch.no_grad(), _reparametrize_module(model, bound):
+            with torch.no_grad(), bind(model, eval_params, state.buffers):
                 outputs = eval_fn(model, batch)
             acc = evaluator.update(acc, batch, outputs)
             dispatch(f"after_{phase}_iter", snap(f"after_{phase}_iter", batch_idx=i, batch=batch, outputs=outputs))

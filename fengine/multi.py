@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.utils.stateless import _reparametrize_module
 
+from fengine.bind import bind
 from fengine.optim.base import GradientTransformation, collect_metrics, step_params
 from fengine.rng import fold_in, seeded_default_generators
 from fengine.state import TrainState
@@ -140,7 +140,7 @@ class MultiStep(Step):
             owned = groups[name]
             with ExitStack() as stack:
                 stack.enter_context(seeded_default_generators(fold_in(state.seed, state.step, i), devices))
-                stack.enter_context(_reparametrize_module(model, {**params, **state.buffers}))
+                stack.enter_context(bind(model, params, state.buffers))
                 out = part.loss_fn(model, batch)
             loss, part_metrics = parse_losses(out)
             grads = torch.autograd.grad(loss, [params[n] for n in owned], allow_unused=True)

@@ -56,20 +56,6 @@ class TrainState:
     batch_in_epoch: int = 0
     model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
     """The module the params belong to: static structure, not state (never checkpointed)."""
-    # Who consumed this state; a one-slot list so the frozen value can be marked.
-    _donated_to: list = dataclasses.field(default_factory=list, repr=False, compare=False)
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in _ALL:
-            donated = object.__getattribute__(self, "_donated_to")
-            if donated:
-                step = object.__getattribute__(self, "step")
-                raise DonatedStateError(
-                    f"state at step {step} was donated to {donated[0]}; its tensors were "
-                    "updated in place. Use the state that step returned, or build the step "
-                    "with donate=False to keep this one."
-                )
-        return object.__getattribute__(self, name)
 
     @classmethod
     def create(
@@ -112,24 +98,49 @@ class TrainState:
     # -- donation -------------------------------------------------------
     @property
     def is_donated(self) -> bool:
-        return bool(object.__getattribute__(self, "_donated_to"))
+        return False
 
     def _mark_donated(self, to: str) -> None:
-        object.__getattribute__(self, "_donated_to").append(to)
+        """Consume this state: from now on reading any field raises `DonatedStateError`.
+
+        Implemented by switching the instance's class, so live states pay nothing
+        for the check on attribute access.
+        """
+        object.__setattr__(self, "_donated_to", to)
+        object.__setattr__(self, "__class__", _DonatedTrainState)
 
     def clone(self) -> TrainState:
         """A deep copy: every tensor cloned, so the copy shares no storage."""
         return TrainState(**{f: clone_tree(getattr(self, f)) for f in _FIELDS}, model=self.model)
 
     def __repr__(self) -> str:
-        if self.is_donated:
-            return f"TrainState(<donated to {object.__getattribute__(self, '_donated_to')[0]}>)"
         n = sum(t.numel() for t in self.params.values())
         return (
             f"TrainState(step={self.step}, epoch={self.epoch}, batch_in_epoch={self.batch_in_epoch}, "
             f"seed={self.seed}, params={len(self.params)} tensors/{n} values, "
             f"buffers={len(self.buffers)}, extra={sorted(self.extra)})"
         )
+
+
+class _DonatedTrainState(TrainState):
+    """A `TrainState` that was donated to a step: every field access raises."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _ALL:
+            step = object.__getattribute__(self, "__dict__")["step"]
+            to = object.__getattribute__(self, "__dict__")["_donated_to"]
+            raise DonatedStateError(
+                f"state at step {step} was donated to {to}; its tensors were updated in place. "
+                "Use the state that step returned, or build the step with donate=False to keep this one."
+            )
+        return object.__getattribute__(self, name)
+
+    @property
+    def is_donated(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"TrainState(<donated to {self.__dict__['_donated_to']}>)"
 
 
 def trainable(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -162,6 +173,11 @@ def _flatten_with_keys(state: TrainState):
     return [(pytree.GetAttrKey(f), c) for f, c in zip(_FIELDS, children)], ctx
 
 
+def _refuse(state: _DonatedTrainState):
+    return state.params, None  # raises DonatedStateError
+
+
+pytree.register_pytree_node(_DonatedTrainState, _refuse, _unflatten, serialized_type_name="fengine.DonatedTrainState")
 pytree.register_pytree_node(
     TrainState,
     _flatten,

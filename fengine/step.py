@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.utils.stateless import _reparametrize_module
 
+from fengine.bind import bind
 from fengine.optim.base import GradientTransformation, collect_metrics, step_params
 from fengine.rng import fold_in, seeded_default_generators
 from fengine.state import TrainState
@@ -98,13 +98,12 @@ def _backward(step: Step, state: TrainState, batch: Any, scale: Any, micro: int)
     if not model.training:
         model.train()
     params, names = state.params, step.trainable_names(state)
-    bound = {**params, **state.buffers}
     key = fold_in(state.seed, state.step, micro)
     with ExitStack() as stack:
         stack.enter_context(seeded_default_generators(key, step.devices(state)))
         for ctx in step.forward_contexts:
             stack.enter_context(ctx(state))
-        stack.enter_context(_reparametrize_module(model, bound))
+        stack.enter_context(bind(model, params, state.buffers))
         out = step.loss_fn(model, batch)
     loss, metrics = parse_losses(out)
     target = loss if scale is None else loss * scale

@@ -164,3 +164,40 @@ def test_loss_fn_can_use_submodules_with_bound_params():
     fe.train_step(loss_fn, tx)(state, mlp_batches(1)[0])
     assert torch.equal(seen["w"], torch.zeros(10, 16))
     assert not torch.equal(net[0].weight, torch.zeros(10, 16))  # the module's own tensors are untouched
+
+
+def test_tied_and_shared_weights_are_bound_everywhere():
+    """A weight used by two modules (tied) and a module used twice: same training as torch."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(16, 16, bias=False)
+            self.dec = nn.Linear(16, 16, bias=False)
+            self.dec.weight = self.enc.weight  # tied
+            self.shared = nn.Linear(16, 16)
+            self.blocks = nn.ModuleList([self.shared, self.shared])  # one module, two places
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.dec(torch.tanh(self.enc(x)))
+            for block in self.blocks:
+                x = torch.relu(block(x))
+            return self.head(x)
+
+    torch.manual_seed(0)
+    ref = Tied()
+    torch.manual_seed(0)
+    net = Tied()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    tx = optim.sgd(0.1, momentum=0.9)
+    state = fe.TrainState.create(net, tx)
+    assert "dec.weight" not in state.params  # tied weights are one entry
+    step = fe.train_step(ce_loss, tx)
+    for batch in mlp_batches(5):
+        opt.zero_grad()
+        ce_loss(ref, batch).backward()
+        opt.step()
+        state, _ = step(state, batch)
+    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref.named_parameters()}, "params")
+    assert net.dec.weight is net.enc.weight and isinstance(net.enc.weight, nn.Parameter)  # module restored

@@ -1,0 +1,62 @@
+"""Run a module with a state's tensors in place of its own (a cheap ``functional_call``).
+
+``torch.func.functional_call`` re-walks the module and swaps every tensor through
+generic accessors on each call (~5 us per tensor). The slots a module keeps its
+tensors in do not change between steps, so `Binding` finds them once and then
+swaps by plain dict assignment. Tied weights (one tensor in several modules) are
+bound everywhere they appear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+__all__ = ["Binding", "bind"]
+
+
+class Binding:
+    """The (dict, key) slots of a module's parameters and buffers, by canonical name."""
+
+    def __init__(self, model: nn.Module) -> None:
+        canonical = {id(p): ("p", n) for n, p in model.named_parameters()}
+        canonical.update({id(b): ("b", n) for n, b in model.named_buffers()})
+        self.slots: list[tuple[dict, str, bool, str]] = []
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for key, tensor in store.items():
+                    if tensor is not None and id(tensor) in canonical:
+                        kind, name = canonical[id(tensor)]
+                        self.slots.append((store, key, kind == "p", name))
+
+    @contextlib.contextmanager
+    def __call__(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        saved = []
+        try:
+            for store, key, is_param, name in self.slots:
+                source = params if is_param else buffers
+                if name not in source:
+                    kind = "params" if is_param else "buffers"
+                    raise KeyError(f"the state has no {kind}[{name!r}], which the model uses; was the state built from this model?")
+                saved.append(store[key])
+                store[key] = source[name]
+            yield
+        finally:
+            for (store, key, _, _), original in zip(reversed(self.slots[: len(saved)]), reversed(saved)):
+                store[key] = original
+
+
+_cache: weakref.WeakKeyDictionary[nn.Module, Binding] = weakref.WeakKeyDictionary()
+
+
+def bind(model: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]):
+    """Context manager: inside it, ``model`` computes with ``params`` and ``buffers``."""
+    binding = _cache.get(model)
+    if binding is None:
+        binding = _cache[model] = Binding(model)
+    return binding(params, buffers)
