@@ -165,14 +165,16 @@ def _load_recipe(path: str):
 class _Collector(Handler):
     priority = Priority.LOWEST
 
-    def __init__(self, wanted: set[tuple[int, int, int]]) -> None:
+    def __init__(self, wanted: set[tuple[int, int, int]], target: tuple[int, int, int]) -> None:
         super().__init__()
-        self.wanted, self.seen = wanted, {}
+        self.wanted, self.target, self.seen, self.at_target = wanted, target, {}, None
 
     def _take(self, snap: Snapshot) -> None:
         key = _key(_position(snap.state))
         if key in self.wanted and key not in self.seen:
             self.seen[key] = state_digest(snap.state)
+        if key == self.target and self.at_target is None:
+            self.at_target = snap.state.clone()  # the target checkpoint's position, before the loop moves on
 
     on_after_train_iter = _take
     on_after_train_epoch = _take
@@ -225,14 +227,17 @@ def replay(work_dir: str | Path, *, start: int | None = None, to: int | None = N
     for r in records:
         if _key(r) in wanted:
             expected.setdefault(_key(r), r["digest"])
-    collector = _Collector(set(expected))
+    collector = _Collector(set(expected), _key(target))
     if state.step == 0 and begin["batch_in_epoch"] == 0 and begin["epoch"] == 0:
         first = next((r for r in records if _key(r) == (0, 0, 0)), None)
         if first is not None:
             expected[(0, 0, 0)] = first["digest"]
             collector.seen[(0, 0, 0)] = state_digest(state)
     out(f"replaying {work_dir} from step {begin['step']} to step {target['step']} ({target['checkpoint']})")
-    final = fengine.fit(state, exp.step, exp.train_data, max_steps=target["step"], handlers=[collector])
+    fengine.fit(state, exp.step, exp.train_data, max_steps=target["step"], handlers=[collector])
+    final = collector.at_target
+    if final is None:
+        raise ReplayError(f"the replay never reached the position of the target checkpoint {_key(target)}")
 
     ok, first_bad = True, None
     out(f"{'step':>8} {'epoch':>5} {'batch':>5}  {'recorded':<16} {'replayed':<16} ok")
