@@ -134,7 +134,7 @@ def test_rule_inference_matches_mmengine(name):
     try:
         expected = mm_hooks.EarlyStoppingHook("x", rule="less")._init_rule(name)
     except ValueError:
-        with pytest.raises(ValueError, match=f"monitor='{name}'.*pass rule="):
+        with pytest.raises(ValueError, match=f"monitor '{name}'.*pass rule="):
             infer_rule(name)
         with pytest.raises(ValueError, match="rule"):
             EarlyStopping(name)

@@ -529,7 +529,7 @@ def test_early_stopping_monitor_that_does_not_exist():
     with pytest.warns(UserWarning, match="monitor='val_acc'"):  # MMEngine's default strict=False: warn, skip
         final = fe.fit(state, step, batches, max_epochs=2, val=val, handlers=[EarlyStopping("val_acc")])
     assert final.epoch == 2
-    with pytest.raises(ValueError, match="cannot infer the rule for monitor='fid'"):
+    with pytest.raises(ValueError, match="cannot infer the rule for monitor 'fid'"):
         EarlyStopping("fid")
 
 

@@ -67,10 +67,14 @@ def infer_rule(
     key: str,
     greater_keys: Sequence[str] = DEFAULT_GREATER_KEYS,
     less_keys: Sequence[str] = DEFAULT_LESS_KEYS,
+    *,
+    who: str = "Checkpointer",
+    arg: str = "save_best key",
 ) -> str:
     """``'greater'`` or ``'less'`` for a metric key, MMEngine's rule (case-insensitive):
     exact match in ``greater_keys``, then in ``less_keys``, then substring of the key in
-    ``greater_keys``, then in ``less_keys``; otherwise ValueError."""
+    ``greater_keys``, then in ``less_keys``; otherwise ValueError naming ``who`` and
+    ``arg`` (the handler and its argument). Shared by `Checkpointer` and `EarlyStopping`."""
     name = key.lower()
     greater = {k.lower() for k in greater_keys}
     less = {k.lower() for k in less_keys}
@@ -83,7 +87,7 @@ def infer_rule(
     if any(k in name for k in less):
         return "less"
     raise ValueError(
-        f"Checkpointer: cannot infer the rule for save_best key {key!r}: none of the 'greater' keys "
+        f"{who}: cannot infer the rule for {arg} {key!r}: none of the 'greater' keys "
         f"{list(greater_keys)} nor the 'less' keys {list(less_keys)} occurs in it; pass rule='greater' "
         "or rule='less' (a list of rules for a list of keys), or extend greater_keys/less_keys"
     )

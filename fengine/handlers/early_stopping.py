@@ -33,12 +33,11 @@ from typing import Any
 import torch
 
 from fengine.events import Handler, Priority, Snapshot, Stop
+from fengine.handlers.checkpointer import infer_rule as _infer_rule
 
 
 __all__ = ["EarlyStopping", "MissingMetricError", "infer_rule"]
 
-_GREATER_KEYS = ("acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc")
-_LESS_KEYS = ("loss",)
 _RULES = {"greater": lambda x, y: x > y, "less": lambda x, y: x < y}
 
 
@@ -51,21 +50,7 @@ class MissingMetricError(KeyError, RuntimeError):
 
 def infer_rule(monitor: str) -> str:
     """'greater' or 'less' for a metric name, MMEngine's rule (exact match first, then substring)."""
-    greater = {k.lower() for k in _GREATER_KEYS}
-    less = {k.lower() for k in _LESS_KEYS}
-    name = monitor.lower()
-    if name in greater:
-        return "greater"
-    if name in less:
-        return "less"
-    if any(k in name for k in greater):
-        return "greater"
-    if any(k in name for k in less):
-        return "less"
-    raise ValueError(
-        f"EarlyStopping: cannot infer the rule for monitor={monitor!r} (no known 'greater' key "
-        f"{list(_GREATER_KEYS)} or 'less' key {list(_LESS_KEYS)} in its name); pass rule='greater' or rule='less'"
-    )
+    return _infer_rule(monitor, who="EarlyStopping", arg="monitor")
 
 
 def _to_json(x: float) -> float | str:
