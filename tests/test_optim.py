@@ -33,16 +33,30 @@ CASES = [
      {"sum": "sum"}),
 ]
 
+# torch's fused kernels: SGD, Adam, AdamW, Adagrad (all CASES but RMSprop), plus the flags that only they read
+FUSED_CASES = [c for c in CASES if c[1] is not optim.rmsprop] + [
+    ("adam_maximize", optim.adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3, maximize=True),
+     {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}),
+    ("adamw_amsgrad", optim.adamw, torch.optim.AdamW, dict(lr=1e-2, weight_decay=5e-2, amsgrad=True),
+     {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "max_exp_avg_sq": "max_exp_avg_sq"}),
+    ("adagrad_maximize", optim.adagrad, torch.optim.Adagrad, dict(lr=1e-2, maximize=True), {"sum": "sum"}),
+]
+
+
 # torch names the betas as a tuple
 def _torch_kwargs(kw):
     return dict(kw)
 
 
-def _run_reference(model, torch_cls, kw, batches, seed, clip=None):
-    """The hand-written loop fengine must reproduce bit for bit."""
-    opt = torch_cls(model.parameters(), foreach=True, **_torch_kwargs(kw))
+def _run_reference(model, torch_cls, kw, batches, seed, clip=None, fused=False, lr_schedule=None):
+    """The hand-written loop fengine must reproduce bit for bit (``torch_cls(fused=True)`` with ``fused``)."""
+    impl = dict(fused=True) if fused else dict(foreach=True)
+    opt = torch_cls(model.parameters(), **impl, **_torch_kwargs(kw))
     for t, batch in enumerate(batches):
         torch.manual_seed(fold_in(seed, t, 0))  # same dropout draws as the functional step
+        if lr_schedule is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_schedule(t)
         opt.zero_grad(set_to_none=True)
         ce_loss(model, batch).backward()
         if clip is not None:
@@ -61,13 +75,11 @@ def _run_fengine(model, tx, batches, seed, donate=True):
     return state, metrics
 
 
-@pytest.mark.parametrize("name,factory,torch_cls,kw,state_map", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("net", ["mlp", "cnn_bn"])
-def test_optimizer_matches_torch_bitwise(name, factory, torch_cls, kw, state_map, net):
+def _assert_matches_torch(name, factory, torch_cls, kw, state_map, net, fused=False):
     make, batches = (lambda: mlp(dropout=0.2), mlp_batches(100)) if net == "mlp" else (small_cnn, cnn_batches(100))
     ref_model, model = make(), make()
-    opt = _run_reference(ref_model, torch_cls, kw, batches, seed=7)
-    state, _ = _run_fengine(model, factory(**kw), batches, seed=7)
+    opt = _run_reference(ref_model, torch_cls, kw, batches, seed=7, fused=fused)
+    state, _ = _run_fengine(model, factory(**kw, **(dict(fused=True) if fused else {})), batches, seed=7)
 
     assert_dicts_equal(state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params")
     assert_dicts_equal(state.buffers, dict(ref_model.named_buffers()), "buffers")
@@ -76,6 +88,63 @@ def test_optimizer_matches_torch_bitwise(name, factory, torch_cls, kw, state_map
             ours = getattr(state.opt_state, field)[n]
             assert torch.equal(ours, opt.state[p][torch_key]), f"{name}: {field}[{n}] differs"
     assert state.opt_state.count == 100 == state.step
+
+
+@pytest.mark.parametrize("name,factory,torch_cls,kw,state_map", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("net", ["mlp", "cnn_bn"])
+def test_optimizer_matches_torch_bitwise(name, factory, torch_cls, kw, state_map, net):
+    _assert_matches_torch(name, factory, torch_cls, kw, state_map, net)
+
+
+@pytest.mark.parametrize("name,factory,torch_cls,kw,state_map", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+@pytest.mark.parametrize("net", ["mlp", "cnn_bn"])
+def test_fused_optimizer_matches_torch_fused_bitwise(name, factory, torch_cls, kw, state_map, net):
+    _assert_matches_torch(name, factory, torch_cls, kw, state_map, net, fused=True)
+
+
+def test_fused_with_scheduled_lr_matches_torch():
+    sched = lambda t: 1e-2 / (1 + t)  # noqa: E731
+    ref_model, model = mlp(), mlp()
+    _run_reference(ref_model, torch.optim.AdamW, dict(lr=1e-2), mlp_batches(20), seed=0, fused=True, lr_schedule=sched)
+    state, metrics = _run_fengine(model, optim.adamw(lr=sched, fused=True), mlp_batches(20), seed=0)
+    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params")
+    assert metrics[-1]["lr"] == sched(19)
+
+
+@pytest.mark.parametrize("factory,torch_cls,kernel", [
+    (optim.sgd, torch.optim.SGD, "_fused_sgd_"), (optim.adam, torch.optim.Adam, "_fused_adam_"),
+    (optim.adamw, torch.optim.AdamW, "_fused_adamw_"), (optim.adagrad, torch.optim.Adagrad, "_fused_adagrad_"),
+])
+def test_fused_calls_the_fused_kernel_once_per_device_and_dtype(factory, torch_cls, kernel, monkeypatch):
+    """Mixed float32/float64 params: one kernel call per dtype group (as torch), and bitwise torch fused."""
+    g = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g, dtype=torch.float64),
+              "c": torch.randn(4, generator=g)}
+    steps = [{n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()} for _ in range(3)]
+    ref = [p.clone().requires_grad_() for p in params.values()]
+    opt = torch_cls(ref, lr=0.1, weight_decay=1e-2, fused=True)
+    for grads in steps:
+        for r, gr in zip(ref, grads.values()):
+            r.grad = gr.clone()
+        opt.step()
+
+    calls = []
+    real = getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda params, *a, **k: (calls.append(params[0].dtype), real(params, *a, **k)))
+    tx = factory(0.1, weight_decay=1e-2, fused=True)
+    state = tx.init(params)
+    for t, grads in enumerate(steps):
+        params, state = optim.step_params(tx, grads, state, params, step=t)
+    assert calls == [torch.float32, torch.float64] * 3 or calls == [torch.float64, torch.float32] * 3
+    assert_dicts_equal(params, {n: r.detach() for n, r in zip(params, ref)}, "params")
+
+
+@pytest.mark.parametrize("factory", [optim.sgd, optim.adam, optim.adamw, optim.adagrad])
+@pytest.mark.parametrize("param", [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.complex64),
+                                   torch.zeros(2, device="meta")], ids=["int64", "complex64", "meta"])
+def test_fused_rejects_what_torch_fused_rejects(factory, param):
+    with pytest.raises(ValueError, match="fused=True needs floating-point params .* param 'w'"):
+        factory(0.1, fused=True).init({"w": param})
 
 
 def test_betas_naming_and_schedule_are_used():

@@ -8,6 +8,12 @@ used for bias correction is the optimizer's own ``count`` (updates applied), the
 schedule step is the global step (see `fengine.optim.base`).
 
 Params with no gradient (unused in the forward) are skipped, as torch does.
+
+``fused=True`` (sgd, adam, adamw, adagrad) instead calls torch's fused kernel
+(``torch._fused_adam_`` and friends) the way ``torch.optim.X(fused=True)`` does:
+once per (device, dtype) group, with the step count as float32 ``state_steps``
+tensors, so results are bitwise those of ``torch.optim.X(fused=True)`` (which
+differ from the foreach results in the last bits).
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils._foreach_utils import (
+    _get_fused_kernels_supported_devices,
+    _group_tensors_by_device_and_dtype,
+)
 
 from fengine.optim.base import GradientTransformation, Hyper, check_hyper, resolve, update_via_apply
 
@@ -34,6 +44,38 @@ def _optimizer(init_fn, apply_fn) -> GradientTransformation:
     return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn)
 
 
+# torch keeps a fused optimizer's step as a float32 tensor bumped by 1 each update,
+# which stops growing at 2**24; the kernels only read it (``.item()`` on CPU)
+_FUSED_MAX_STEP = 2**24
+
+
+def _check_fused(params, where):
+    """``torch.optim``'s fused precondition (`_device_dtype_check_for_fused`), as a ValueError at init."""
+    devices = _get_fused_kernels_supported_devices()
+    for n, p in params.items():
+        if p.device.type not in devices or not torch.is_floating_point(p):
+            raise ValueError(
+                f"{where}: fused=True needs floating-point params on one of {devices}, "
+                f"but param {n!r} is {p.dtype} on {p.device.type}; use fused=False"
+            )
+
+
+def _fused_call(kernel, tensors, count=None, **kwargs):
+    """Run torch's fused ``kernel`` once per (device, dtype) group, as ``torch.optim``'s ``_fused_*``.
+
+    ``tensors`` are the per-param lists (params first; an empty list stays empty).
+    With ``count`` (the step after this update), one shared float32 0-d step tensor
+    per device is appended as ``state_steps``.
+    """
+    if not tensors[0]:
+        return
+    for (device, _), (lists, _) in _group_tensors_by_device_and_dtype(tensors, with_indices=False).items():
+        if count is not None:
+            step = torch.full((), float(min(count, _FUSED_MAX_STEP)), dtype=torch.float32, device=device)
+            lists = [*lists, [step] * len(lists[0])]
+        kernel(*lists, **kwargs)
+
+
 # ---------------------------------------------------------------- SGD
 class SgdState(NamedTuple):
     count: int
@@ -51,8 +93,9 @@ def sgd(
     nesterov: bool = False,
     weight_decay: Hyper = 0.0,
     maximize: bool = False,
+    fused: bool = False,
 ) -> GradientTransformation:
-    """SGD with momentum/Nesterov and coupled weight decay, as ``torch.optim.SGD``."""
+    """SGD with momentum/Nesterov and coupled weight decay, as ``torch.optim.SGD`` (``fused``: its fused kernel)."""
     where = "sgd"
     check_hyper("lr", lr, where=where)
     check_hyper("momentum", momentum, where=where)
@@ -62,6 +105,8 @@ def sgd(
     uses_momentum = callable(momentum) or momentum != 0
 
     def init_fn(params):
+        if fused:
+            _check_fused(params, where)
         return SgdState(0, _zeros(params) if uses_momentum else {}, float(resolve(lr, 0)))
 
     def apply_fn(grads, state, params, *, step=None):
@@ -69,6 +114,13 @@ def sgd(
         lr_t, mom, wd = resolve(lr, t), resolve(momentum, t), resolve(weight_decay, t)
         p = _pick(params, grads)
         g = list(grads.values())
+        if fused:
+            _fused_call(
+                torch._fused_sgd_, [p, g, _pick(state.momentum_buffer, grads) if mom != 0 else []],
+                weight_decay=wd, momentum=mom, lr=lr_t, dampening=dampening, nesterov=nesterov, maximize=maximize,
+                is_first_step=mom != 0 and state.count == 0,
+            )
+            return params, SgdState(state.count + 1, state.momentum_buffer, float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -105,7 +157,7 @@ class AdamState(NamedTuple):
         return {"lr": self.lr}
 
 
-def _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, where) -> GradientTransformation:
+def _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, fused, where) -> GradientTransformation:
     check_hyper("lr", lr, where=where)
     check_hyper("b1", b1, high=1.0, where=where)
     check_hyper("b2", b2, high=1.0, where=where)
@@ -113,6 +165,8 @@ def _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, where) ->
     check_hyper("weight_decay", weight_decay, where=where)
 
     def init_fn(params):
+        if fused:
+            _check_fused(params, where)
         return AdamState(0, _zeros(params), _zeros(params), _zeros(params) if amsgrad else {}, float(resolve(lr, 0)))
 
     def apply_fn(grads, state, params, *, step=None):
@@ -123,6 +177,13 @@ def _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, where) ->
         g = list(grads.values())
         m = _pick(state.exp_avg, grads)
         v = _pick(state.exp_avg_sq, grads)
+        if fused:
+            _fused_call(
+                torch._fused_adamw_ if decoupled else torch._fused_adam_,
+                [p, g, m, v, _pick(state.max_exp_avg_sq, grads) if amsgrad else []], count,
+                amsgrad=amsgrad, lr=lr_t, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=maximize,
+            )
+            return params, state._replace(count=count, lr=float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -163,9 +224,13 @@ def adam(
     weight_decay: Hyper = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
+    fused: bool = False,
 ) -> GradientTransformation:
-    """Adam with L2 (coupled) weight decay, as ``torch.optim.Adam``. ``b1`` may be scheduled (MMEngine momentum schedulers)."""
-    return _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=False, where="adam")
+    """Adam with L2 (coupled) weight decay, as ``torch.optim.Adam`` (``fused``: its fused kernel).
+
+    ``b1`` may be scheduled (MMEngine momentum schedulers).
+    """
+    return _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=False, fused=fused, where="adam")
 
 
 def adamw(
@@ -176,9 +241,10 @@ def adamw(
     weight_decay: Hyper = 1e-2,
     amsgrad: bool = False,
     maximize: bool = False,
+    fused: bool = False,
 ) -> GradientTransformation:
-    """AdamW (decoupled weight decay), as ``torch.optim.AdamW``."""
-    return _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=True, where="adamw")
+    """AdamW (decoupled weight decay), as ``torch.optim.AdamW`` (``fused``: its fused kernel)."""
+    return _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=True, fused=fused, where="adamw")
 
 
 # ---------------------------------------------------------------- RMSprop
@@ -267,14 +333,17 @@ def adagrad(
     initial_accumulator_value: float = 0.0,
     eps: float = 1e-10,
     maximize: bool = False,
+    fused: bool = False,
 ) -> GradientTransformation:
-    """Adagrad, as ``torch.optim.Adagrad``."""
+    """Adagrad, as ``torch.optim.Adagrad`` (``fused``: its fused kernel)."""
     where = "adagrad"
     for name, value in (("lr", lr), ("lr_decay", lr_decay), ("weight_decay", weight_decay),
                         ("initial_accumulator_value", initial_accumulator_value), ("eps", eps)):
         check_hyper(name, value, where=where)
 
     def init_fn(params):
+        if fused:
+            _check_fused(params, where)
         sums = {n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format) for n, p in params.items()}
         return AdagradState(0, sums, float(resolve(lr, 0)))
 
@@ -285,6 +354,10 @@ def adagrad(
         p = _pick(params, grads)
         g = list(grads.values())
         sums = _pick(state.sum, grads)
+        if fused:
+            _fused_call(torch._fused_adagrad_, [p, g, sums], count, lr=lr_t, lr_decay=lr_decay, weight_decay=wd,
+                        eps=eps, maximize=maximize)
+            return params, AdagradState(count, state.sum, float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
