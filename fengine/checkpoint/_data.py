@@ -1,0 +1,203 @@
+"""Tensor data: laid out after the header and checked in CRC-32 blocks, written and read on a few threads."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Every write goes through fengine.checkpoint._pwrite_all / _preallocate, looked up at call time,
+# so that tests can patch them there (a full disk).
+from fengine import checkpoint as seams
+from fengine.checkpoint._format import (
+    BLOCK,
+    DTYPE_NAMES,
+    DTYPES,
+    Header,
+    encode_header,
+    err,
+    header_digest,
+    n_blocks,
+)
+from fengine.checkpoint._io import BINARY, atomic_write, pread_into, run
+
+
+def _pieces(spans: list[tuple[int, int, Any]], starts: list[int], lo: int, hi: int) -> Iterator[tuple[int, int, int, Any]]:
+    """``(begin, a, z, item)`` for each span with bytes in [lo, hi); ``a:z`` are those bytes, counted from ``begin``.
+
+    ``spans`` are non-empty ``(begin, end, item)`` sorted by begin; ``starts`` their begins.
+    """
+    i = max(0, bisect.bisect_right(starts, lo) - 1)
+    while i < len(spans) and spans[i][0] < hi:
+        begin, end, item = spans[i]
+        if end > lo:
+            yield begin, max(lo, begin) - begin, min(hi, end) - begin, item
+        i += 1
+
+
+# ======================================================================= writing
+@dataclasses.dataclass
+class _Source:
+    name: str
+    dtype: str
+    shape: list[int]
+    data: memoryview | None  # the raw bytes (None when empty)
+    nbytes: int
+
+
+def _source(name: str, t: torch.Tensor) -> _Source:
+    if t.layout != torch.strided:
+        raise TypeError(f"checkpoint: {name} is a {t.layout} tensor; only dense (strided) tensors can be saved")
+    if t.is_quantized:
+        raise TypeError(f"checkpoint: {name} is a quantized tensor, which safetensors cannot store")
+    if t.dtype not in DTYPE_NAMES:
+        raise TypeError(f"checkpoint: {name} has dtype {t.dtype}, which safetensors cannot store")
+    if t.device.type == "meta":
+        raise TypeError(f"checkpoint: {name} is on the meta device (it has no data)")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()  # shared storage / views / transposes are fine
+    nbytes = t.numel() * t.element_size()
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if nbytes else None
+    return _Source(name, DTYPE_NAMES[t.dtype], list(t.shape), data, nbytes)
+
+
+def _data_digest(blocks: list[str]) -> str:
+    return json.dumps({"algorithm": "crc32", "block_size": BLOCK, "blocks": blocks}, separators=(",", ":"))
+
+
+def write_file(
+    path: Path,
+    named: list[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+    *,
+    fsync: bool = True,
+    name_by_sha256: Callable[[str], Path] | None = None,
+) -> Path:
+    """Write the tensors as a safetensors file with ``metadata`` and both digests, atomically; returns its path.
+
+    ``name_by_sha256(hex SHA-256 of the whole file)`` chooses the final name (`publish`).
+    """
+    sources = [_source(n, t) for n, t in named]
+    sources.sort(key=lambda s: -DTYPES[s.dtype].itemsize)  # (stable) keeps every tensor aligned to its element size
+    table, spans, total = {}, [], 0
+    for s in sources:
+        table[s.name] = {"dtype": s.dtype, "shape": s.shape, "data_offsets": [total, total + s.nbytes]}
+        if s.nbytes:
+            spans.append((total, total + s.nbytes, s.data))
+        total += s.nbytes
+    starts = [begin for begin, _, _ in spans]
+    nblocks = n_blocks(total, BLOCK)
+    metadata = dict(metadata)
+    # fixed-width placeholders: the header has its final length before the digests are known
+    metadata["fengine.data_digest"] = _data_digest(["0" * 8] * nblocks)
+    metadata["fengine.header_digest"] = "0" * 64
+    head_len = len(encode_header(table, metadata))
+
+    def write(fd: int) -> str | None:
+        seams._preallocate(fd, head_len + total)
+
+        def write_block(b: int) -> str:
+            crc = 0
+            for begin, a, z, data in _pieces(spans, starts, b * BLOCK, min((b + 1) * BLOCK, total)):
+                piece = data[a:z]
+                seams._pwrite_all(fd, piece, head_len + begin + a)
+                crc = zlib.crc32(piece, crc)
+            return f"{crc:08x}"
+
+        metadata["fengine.data_digest"] = _data_digest(run([functools.partial(write_block, b) for b in range(nblocks)]))
+        metadata["fengine.header_digest"] = header_digest(table, metadata)
+        head = encode_header(table, metadata)
+        if len(head) != head_len:  # pragma: no cover - guarded by the fixed-width placeholders
+            raise RuntimeError("checkpoint header changed length")
+        seams._pwrite_all(fd, memoryview(head), 0)
+        if name_by_sha256 is None:
+            return None
+        sha = hashlib.sha256(head)
+        for _, _, data in spans:
+            sha.update(data)
+        return sha.hexdigest()
+
+    return atomic_write(path, write, name_by_sha256, fsync=fsync)
+
+
+# ======================================================================= reading
+def read_tensors(h: Header, names: set[str], digest: dict | None, *, verify_all: bool = False) -> dict[str, torch.Tensor]:
+    """Read the named tensors into fresh CPU tensors, checking every block they touch (every block with ``verify_all``).
+
+    ``digest`` is None for a plain safetensors file: nothing to check.
+    """
+    block = digest["block_size"] if digest else BLOCK
+    dests: dict[str, torch.Tensor] = {}
+    views: dict[str, memoryview] = {}
+    for name in names:
+        info = h.table[name]
+        t = dests[name] = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        if t.numel():
+            views[name] = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    spans = [(*h.table[n]["data_offsets"], n) for n in h.order]
+    spans = [s for s in spans if s[1] > s[0]]
+    starts = [s[0] for s in spans]
+    nblocks = n_blocks(h.total, block)
+    local = threading.local()  # each thread's scratch buffer for bytes read only to be checked
+
+    try:
+        fd = os.open(h.path, os.O_RDONLY | BINARY)
+    except OSError as e:
+        raise err(h.path, f"cannot open: {e.strerror or e}") from None
+
+    def read_block(b: int, pieces: list) -> str | None:
+        """None, or what went wrong: "short" (the file shrank) or "crc"."""
+        crc = 0
+        for begin, a, z, name in pieces:
+            if name in views:
+                buf = views[name][a:z]
+            else:
+                if getattr(local, "buf", None) is None:
+                    local.buf = memoryview(bytearray(block))
+                buf = local.buf[: z - a]
+            if pread_into(fd, buf, h.data_start + begin + a) != len(buf):
+                return "short"
+            if digest is not None:
+                crc = zlib.crc32(buf, crc)
+        if digest is not None and f"{crc:08x}" != digest["blocks"][b]:
+            return "crc"
+        return None
+
+    todo = []
+    for b in range(nblocks):
+        pieces = list(_pieces(spans, starts, b * block, min((b + 1) * block, h.total)))
+        if verify_all or any(p[3] in names for p in pieces):
+            if digest is None:  # nothing to check: read only what is kept
+                pieces = [p for p in pieces if p[3] in names]
+            todo.append((b, pieces))
+    try:
+        results = run([functools.partial(read_block, b, pieces) for b, pieces in todo])
+    finally:
+        os.close(fd)
+    if "short" in results:
+        raise err(h.path, "truncated while reading (the file changed or shrank under us)")
+    bad = [b for (b, _), r in zip(todo, results) if r == "crc"]
+    if bad:
+        hit = []
+        for b in bad:
+            lo, hi = b * block, min((b + 1) * block, h.total)
+            hit += [n for s, e, n in spans if s < hi and e > lo and n not in hit]
+        shown = ", ".join(hit[:10]) + (f" and {len(hit) - 10} more" if len(hit) > 10 else "")
+        raise err(
+            h.path,
+            f"corrupt tensor data: CRC-32 mismatch in {len(bad)} of {nblocks} blocks "
+            f"(first at data bytes {bad[0] * block}-{min((bad[0] + 1) * block, h.total)}), in tensors {shown}",
+        )
+    return dests

@@ -1,0 +1,152 @@
+"""File I/O under the checkpoint format: atomic creation, positional reads/writes, a small thread pool."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+
+_POSITIONAL = hasattr(os, "pwrite") and hasattr(os, "preadv")
+BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+
+
+def _workers() -> int:
+    if not _POSITIONAL:  # pragma: no cover - seek + read/write: one thread at a time
+        return 1
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(4, n))
+
+
+def run(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run the tasks on a few threads (zlib and pread/pwrite release the GIL); results in order, first error wins."""
+    workers = _workers()
+    if len(tasks) <= 1 or workers == 1:
+        return [t() for t in tasks]
+    with ThreadPoolExecutor(workers, thread_name_prefix="fengine-ckpt") as ex:
+        futures = [ex.submit(t) for t in tasks]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``."""
+    done, n = 0, len(data)
+    while done < n:
+        if _POSITIONAL:
+            done += os.pwrite(fd, data[done:], offset + done)
+        else:  # pragma: no cover - e.g. Windows (single-threaded there, see _workers)
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            done += os.write(fd, data[done:])
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from ``offset``; returns the bytes read (less than asked only at end of file)."""
+    done, n = 0, len(buf)
+    while done < n:
+        if _POSITIONAL:
+            got = os.preadv(fd, [buf[done:]], offset + done)
+        else:  # pragma: no cover - e.g. Windows (single-threaded there, see _workers)
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            chunk = os.read(fd, n - done)
+            got = len(chunk)
+            buf[done:done + got] = chunk
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the file's space up front, so a full disk fails before any data is written."""
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_failed(path: Path, e: OSError, what: str) -> OSError:
+    """``e`` again (same type and errno), with a message naming ``path`` and saying nothing else changed."""
+    reason = e.strerror or str(e)
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        blocker = next((p for p in path.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            reason = f"{blocker} is a file, not a directory"
+    msg = (
+        f"cannot save {what} {path}: {reason}. Nothing was written there; existing "
+        "checkpoints and the last_checkpoint pointer are untouched"
+    )
+    try:
+        return type(e)(e.errno, msg, str(path)) if e.errno is not None else type(e)(msg)
+    except TypeError:  # pragma: no cover - odd OSError subclasses
+        return OSError(e.errno, msg, str(path))
+
+
+def atomic_write(
+    path: Path,
+    write: Callable[[int], Any],
+    final: Callable[[Any], Path] | None = None,
+    *,
+    fsync: bool = True,
+    what: str = "checkpoint",
+) -> Path:
+    """Create ``path`` atomically: ``write(fd)`` fills a hidden temp file beside it, then fsync, rename, fsync(dir).
+
+    ``final(result of write)`` may choose the name to rename to (`publish` names
+    the file by its digest). Returns the path written. A failure raises
+    ``OSError`` naming the path and removes the temp file.
+    """
+    tmp = None
+    fd = -1
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | BINARY, 0o666)
+        result = write(fd)
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        if final is not None:
+            path = final(result)
+        os.replace(tmp, path)
+        tmp = None
+        if fsync:
+            _fsync_dir(path.parent)
+        return path
+    except OSError as e:
+        raise _save_failed(path, e, what) from e
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

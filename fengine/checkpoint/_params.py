@@ -1,0 +1,257 @@
+"""Weights only: `load_params` (from any checkpoint, safetensors or .pth file) and `publish`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fengine.checkpoint._data import read_tensors, write_file
+from fengine.checkpoint._format import (
+    FORMAT,
+    SUFFIX,
+    CheckpointError,
+    CheckpointMismatchError,
+    Header,
+    err,
+    foreign,
+    listing,
+    metadata,
+    position,
+    read_header,
+    require_fengine,
+)
+from fengine.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What `load_params` did, by name (target names, after ``prefix_map``)."""
+
+    source: Path
+    format: str  # "fengine" (training checkpoint), "fengine-params" (publish), "safetensors", "torch"
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...]  # in the target, not in the file
+    unexpected: tuple[str, ...]  # in the file (after mapping), not in the target
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (name, file shape, target shape)
+    skipped: tuple[str, ...] = ()  # file names outside every prefix_map prefix (not loaded, not an error)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"load_params from {self.source} ({self.format}): {len(self.loaded)} loaded"]
+        if self.missing:
+            lines.append(listing("missing in the file", list(self.missing)))
+        if self.unexpected:
+            lines.append(listing("unexpected in the file", list(self.unexpected)))
+        if self.mismatched:
+            lines.append(listing("shape mismatch (file vs target)", [f"{n}: {list(a)} vs {list(b)}" for n, a, b in self.mismatched]))
+        if self.skipped:
+            lines.append(f"  skipped by prefix_map: {len(self.skipped)}")
+        return "\n".join(lines)
+
+
+# ======================================================================= load_params
+def _strip_module(name: str) -> str:
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the caller
+        raise err(path, f"cannot read as a torch checkpoint with torch.load(weights_only=True): {e}") from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and not isinstance(inner, torch.Tensor):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping):
+        raise err(path, f"holds a {type(obj).__name__}, not a state dict")
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+@dataclasses.dataclass
+class _Weights:
+    """The weights a file offers, before matching them to a target."""
+
+    format: str  # as in LoadReport
+    sources: dict[str, str]  # name as the target sees it (before prefix_map) -> key in the file
+    shapes: dict[str, tuple[int, ...]]  # key in the file -> shape
+    header: Header | None = None  # safetensors files
+    digest: dict | None = None  # fengine files
+    torch_sd: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # .pth files
+
+
+def _head_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)
+    except OSError:
+        return b""
+
+
+def _train_state_names(structure: list, use_ema: bool, path: Path) -> dict[str, str]:
+    """State-dict names of a training checkpoint's weights -> file keys (``params/fc1.weight`` -> ``fc1.weight``)."""
+    groups: dict[tuple, dict[str, str]] = {}  # parent path -> {dict key: file key}
+    for e in structure:
+        comps = e[2]
+        if e[1] == "tensor" and comps[-1][0] == "k":
+            groups.setdefault(tuple(c[1] for c in comps[:-1]), {})[str(comps[-1][1])] = e[0]
+    if not use_ema:
+        return {**groups.get(("params",), {}), **groups.get(("buffers",), {})}
+    ema = groups.get(("extra", "ema", "params"))
+    if not ema:
+        raise err(path, "has no EMA weights (extra/ema/params); train with fengine.ema(...) or pass use_ema=False")
+    return {**ema, **groups.get(("buffers",), {}), **groups.get(("extra", "ema", "buffers"), {})}
+
+
+def _weights(path: Path, use_ema: bool) -> _Weights:
+    if path.is_file() and foreign(_head_bytes(path)):
+        sd = _torch_state_dict(path)
+        sources: dict[str, str] = {}
+        for k in sd:
+            sources.setdefault(_strip_module(k), k)
+        return _Weights("torch", sources, {k: tuple(v.shape) for k, v in sd.items()}, torch_sd=sd)
+
+    h = read_header(path)
+    w = _Weights("safetensors", {}, {n: tuple(h.table[n]["shape"]) for n in h.order}, header=h)
+    if h.metadata.get("fengine.format") == FORMAT:
+        info = require_fengine(h)
+        w.digest = info.digest
+        if info.kind == "train_state":
+            w.format, w.sources = "fengine", _train_state_names(info.structure, use_ema, path)
+            return w
+        w.format = "fengine-params"
+    for n in h.order:
+        w.sources.setdefault(_strip_module(n), n)
+    return w
+
+
+def _rename(sources: dict[str, str], prefix_map: Mapping[str, str] | None, path: Path) -> tuple[dict[str, str], list[str]]:
+    """(target name -> file key, names skipped by ``prefix_map``)."""
+    mapped: dict[str, str] = {}
+    skipped = []
+    for name, key in sources.items():
+        if prefix_map:
+            best = max((p for p in prefix_map if name.startswith(p)), key=len, default=None)
+            if best is None:
+                skipped.append(name)
+                continue
+            name = prefix_map[best] + name[len(best):]
+        if name in mapped:
+            raise CheckpointError(f"{path}: prefix_map maps both {mapped[name]!r} and {key!r} to {name!r}")
+        mapped[name] = key
+    return mapped, skipped
+
+
+def load_params(
+    path: str | os.PathLike,
+    into: TrainState | nn.Module,
+    *,
+    prefix_map: Mapping[str, str] | None = None,
+    strict: bool = False,
+    use_ema: bool = False,
+) -> tuple[TrainState | dict[str, torch.Tensor], LoadReport]:
+    """Load weights (params and buffers) only: MMEngine's ``load_from`` / ``Pretrained`` init.
+
+    ``path`` may be a fengine checkpoint (its ``params/`` and ``buffers/``, or
+    with ``use_ema`` its EMA weights), a published params file, a plain
+    safetensors state dict, or a torch ``.pth`` state dict (read with
+    ``weights_only=True``; a ``{'state_dict': ...}`` wrapper is unwrapped).
+    A leading ``module.`` (DataParallel) is stripped from every name.
+
+    ``prefix_map`` renames by prefix, longest first: ``{'backbone.': ''}`` loads
+    ``backbone.*`` into the target's top level; file names matching no prefix
+    are skipped. Values are cast to the target's dtype and device. Returns
+    ``(new_state, report)`` for a `TrainState` (other fields shared with
+    ``into``), or ``(state_dict, report)`` for an ``nn.Module``: the module's
+    full state dict with the loaded values in place, for
+    ``module.load_state_dict``; the module itself is not modified.
+    ``strict=True`` raises `CheckpointMismatchError` listing every missing,
+    unexpected and shape-mismatched name.
+    """
+    path = Path(path)
+    if isinstance(into, TrainState):
+        targets = {**into.params, **into.buffers}
+    elif isinstance(into, nn.Module):
+        targets = dict(into.state_dict())
+    else:
+        raise TypeError(f"load_params: into must be a TrainState or an nn.Module, got {type(into).__name__}")
+
+    w = _weights(path, use_ema)
+    mapped, skipped = _rename(w.sources, prefix_map, path)
+    loaded, mismatched, unexpected = [], [], []
+    for name, key in mapped.items():
+        if name not in targets:
+            unexpected.append(name)
+        elif w.shapes[key] != tuple(targets[name].shape):
+            mismatched.append((name, w.shapes[key], tuple(targets[name].shape)))
+        else:
+            loaded.append(name)
+    missing = [n for n in targets if n not in mapped]
+    report = LoadReport(path, w.format, tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched), tuple(skipped))
+    if strict and not report.ok:
+        raise CheckpointMismatchError(
+            f"load_params(strict=True): {report}", missing=missing, unexpected=unexpected,
+            shape=[(n, list(a), list(b)) for n, a, b in mismatched],
+        )
+
+    # fresh tensors from safetensors; torch.load's may share storage (tied weights), so copy those
+    h = w.header
+    data = read_tensors(h, {mapped[n] for n in loaded}, w.digest) if h is not None else w.torch_sd
+    new: dict[str, torch.Tensor] = {}
+    for name in loaded:
+        src, tgt = data[mapped[name]], targets[name]
+        t = src.to(device=tgt.device if tgt.device.type != "meta" else "cpu", dtype=tgt.dtype, copy=h is None)
+        if tgt.requires_grad:
+            t = t.detach().requires_grad_(True)
+        new[name] = t
+    if isinstance(into, TrainState):
+        params = {n: new.get(n, v) for n, v in into.params.items()}
+        buffers = {n: new.get(n, v) for n, v in into.buffers.items()}
+        return into.replace(params=params, buffers=buffers), report
+    return {n: new.get(n, v) for n, v in targets.items()}, report
+
+
+# ======================================================================= publish
+def publish(
+    state: TrainState,
+    path_stem: str | os.PathLike,
+    *,
+    use_ema: bool = False,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write params and buffers only to ``{stem}-{sha256[:8]}.safetensors``; returns that path.
+
+    MMEngine's published checkpoint: no optimizer state, the name carries the
+    first 8 hex digits of the file's SHA-256. Names are plain state-dict names
+    (``fc1.weight``), so ``safetensors.torch.load_file`` gives a dict for
+    ``module.load_state_dict``; `load_params` reads it too. ``use_ema`` publishes
+    the EMA weights of `fengine.ema`.
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"publish: expected a TrainState, got {type(state).__name__}")
+    pos = position(state)
+    params, buffers = state.params, state.buffers
+    if use_ema:
+        e = state.extra.get("ema")
+        if e is None:
+            raise ValueError("publish(use_ema=True): the state has no EMA (extra['ema']); train with fengine.ema(...)")
+        params = e.params
+        buffers = {**buffers, **e.buffers}
+    stem = Path(path_stem)
+    if stem.name.endswith(SUFFIX):
+        stem = stem.with_name(stem.name[: -len(SUFFIX)])
+    return write_file(
+        stem.with_name(stem.name + SUFFIX), list({**params, **buffers}.items()), metadata("params", pos, meta),
+        name_by_sha256=lambda sha: stem.with_name(f"{stem.name}-{sha[:8]}{SUFFIX}"),
+    )
