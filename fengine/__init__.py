@@ -5,11 +5,14 @@ state to state; AMP, accumulation, clipping and EMA are composable transforms.
 """
 
 from fengine import (
+    checkpoint as checkpoint,
+    config as config,
     data as data,
     handlers as handlers,
     metrics as metrics,
     multi as multi,
     optim as optim,
+    replay as replay,
     rng as rng,
     schedules as schedules,
 )
