@@ -122,8 +122,9 @@ def test_early_stopping_defaults_and_priority_match_mmengine():
 
     ref = inspect.signature(mm_hooks.EarlyStoppingHook.__init__).parameters
     mine = inspect.signature(EarlyStopping.__init__).parameters
-    for name in ("rule", "min_delta", "strict", "check_finite", "patience", "stopping_threshold"):
+    for name in ("rule", "min_delta", "check_finite", "patience", "stopping_threshold"):
         assert mine[name].default == ref[name].default, name
+    assert mine["strict"].default is True and ref["strict"].default is False  # deliberate: a typo must not pass silently
     assert EarlyStopping("acc").priority == fe.Priority.LOWEST == 100
     assert mm_hooks.EarlyStoppingHook.priority == "LOWEST"
 
@@ -154,7 +155,7 @@ def test_early_stopping_rejects_bad_arguments():
 
 def test_missing_monitor_warns_like_mmengine_or_raises_when_strict():
     metrics = {"accuracy": 0.5, "loss": 1.0}
-    es = EarlyStopping("acc/top1")
+    es = EarlyStopping("acc/top1", strict=False)
     with pytest.warns(UserWarning, match=r"monitor='acc/top1'.*available keys: \['accuracy', 'loss'\]"):
         assert es.on_after_val_epoch(_snap(metrics)) is None
     assert es.wait_count == 0

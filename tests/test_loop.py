@@ -526,8 +526,8 @@ def test_early_stopping_monitor_that_does_not_exist():
     with pytest.raises(MissingMetricError, match=r"monitor='val_acc' is not in the validation results; available keys: \['accuracy'\]"):
         fe.fit(state, step, batches, max_epochs=2, val=val, handlers=[EarlyStopping("val_acc", strict=True)])
     state, step, batches = _setup(3)
-    with pytest.warns(UserWarning, match="monitor='val_acc'"):  # MMEngine's default strict=False: warn, skip
-        final = fe.fit(state, step, batches, max_epochs=2, val=val, handlers=[EarlyStopping("val_acc")])
+    with pytest.warns(UserWarning, match="monitor='val_acc'"):  # strict=False (MMEngine's default): warn, skip
+        final = fe.fit(state, step, batches, max_epochs=2, val=val, handlers=[EarlyStopping("val_acc", strict=False)])
     assert final.epoch == 2
     with pytest.raises(ValueError, match="cannot infer the rule for monitor 'fid'"):
         EarlyStopping("fid")

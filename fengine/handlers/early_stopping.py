@@ -13,9 +13,11 @@ Same rule, defaults and messages as ``mmengine.hooks.EarlyStoppingHook``:
 * ``rule=None`` is inferred from the name (case-insensitive exact match, then
   substring, against ``acc, top, AR@, auc, precision, mAP, mDice, mIoU, mAcc,
   aAcc`` -> greater and ``loss`` -> less);
-* a metric missing from the results warns and skips the check, or with
-  ``strict=True`` raises (`MissingMetricError`, a ``KeyError`` that is also a
-  ``RuntimeError``, MMEngine's type).
+* a metric missing from the results raises (`MissingMetricError`, a ``KeyError``
+  that is also a ``RuntimeError``, MMEngine's type) naming it and the available
+  keys; ``strict=False`` warns and skips the check instead, MMEngine's default
+  (fengine defaults to strict: a misspelt monitor must not silently disable
+  early stopping).
 
 MMEngine sets ``runner.train_loop.stop_training``; here the handler returns
 `Stop` (``fit`` then ends after the validation, as MMEngine's epoch loop checks
@@ -69,7 +71,7 @@ class EarlyStopping(Handler):
       stopping_threshold: stop as soon as the value is better than this.
       check_finite: stop when the value is NaN or infinite.
       strict: raise `MissingMetricError` when ``monitor`` is not in the results
-        (default: warn and skip, as MMEngine).
+        (default); ``False`` warns and skips, as MMEngine's default does.
       priority: default LOWEST (runs after checkpointing/logging of the same validation).
     """
 
@@ -84,7 +86,7 @@ class EarlyStopping(Handler):
         min_delta: float = 0.1,
         stopping_threshold: float | None = None,
         check_finite: bool = True,
-        strict: bool = False,
+        strict: bool = True,
         priority: int | str | None = None,
     ) -> None:
         super().__init__(priority=priority)
