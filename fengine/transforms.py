@@ -154,12 +154,14 @@ def accumulate(k: int, weight: Callable[[Any], float] | None = None) -> StepTran
             metrics: dict[str, Any] = {}
             for i, (mb, w_i) in enumerate(zip(group, weights)):
                 res = inner(s, state, mb, w_i if scale is None else scale * w_i, i)
-                for n, g in res.grads.items():
-                    acc = grads_sum.get(n)
-                    if acc is None:
-                        grads_sum[n] = g
-                    else:
-                        acc.add_(g)
+                if res.grads.keys() == grads_sum.keys():
+                    torch._foreach_add_(list(grads_sum.values()), list(res.grads.values()))
+                else:  # first micro-batch, or a param unused by some micro-batches
+                    for n, g in res.grads.items():
+                        if n in grads_sum:
+                            grads_sum[n].add_(g)
+                        else:
+                            grads_sum[n] = g
                 loss = res.loss * w_i if loss is None else loss + res.loss * w_i
                 for name, v in res.metrics.items():
                     if isinstance(v, torch.Tensor) and v.is_floating_point():
@@ -319,8 +321,10 @@ def ema(
                     if avg_b:
                         torch._foreach_copy_(avg_b, src_b)
                 elif e.steps % interval == 0:
-                    floats = [(a, p) for a, p in zip(avg_p + avg_b, src_p + src_b) if a.is_floating_point()]
-                    torch._foreach_lerp_([a for a, _ in floats], [p for _, p in floats], m)
+                    torch._foreach_lerp_(avg_p, src_p, m)
+                    floats = [(a, b) for a, b in zip(avg_b, src_b) if a.is_floating_point()]  # not step counters
+                    if floats:
+                        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], m)
             steps = e.steps + 1 if started else e.steps
             extra = dict(new_state.extra)
             extra["ema"] = EmaState(e.params, e.buffers, steps)
