@@ -7,45 +7,23 @@ A metric is a fold over the evaluation data::
         acc = metric.update(acc, batch, eval_fn(state, batch))
     results = metric.compute(metric.reduce(acc), size=len(dataset))
 
-``update`` never mutates ``acc``; it returns a new accumulator. Accumulators are
-*sufficient statistics* (sums and counts as tensors, a few numbers per metric whatever
-the number of batches), not stored predictions, so evaluation memory is constant and
-an accumulator can be checkpointed like any other pytree. Tensors stay on the device
-the outputs are on; the host transfer happens once, in ``compute`` (``update`` does no
-``.item()`` and no blocking copy).
+``update`` returns a new accumulator and never mutates ``acc``. Accumulators hold
+sufficient statistics (sums and counts), not predictions: constant memory, checkpointable
+as a pytree. They stay on the outputs' device; the one host transfer is in ``compute``.
 
-MMEngine correspondence:
+MMEngine: ``process`` -> ``update``, ``self.results`` -> ``acc``, ``collect_results`` ->
+``reduce``, ``compute_metrics`` -> ``compute``, ``evaluate(size)`` ->
+``Evaluator.compute(acc, size)``, ``offline_evaluate`` -> ``Evaluator.offline``;
+``default_prefix``/``prefix=`` are the same (keys become ``f"{prefix}/{name}"``).
 
-=====================================  ==========================================
-MMEngine                               fengine
-=====================================  ==========================================
-``BaseMetric.process(batch, samples)``  ``update(acc, batch, outputs) -> acc``
-``self.results``                       the explicit accumulator ``acc``
-``collect_results`` (all ranks)        ``reduce(acc)``
-``compute_metrics(results)``           ``compute(acc, size=None)``
-``BaseMetric.evaluate(size)``          ``Evaluator.compute(acc, size)`` (reduce + compute)
-``default_prefix`` / ``prefix=``       same; keys become ``f"{prefix}/{name}"``
-``Evaluator.offline_evaluate``         ``Evaluator.offline(predictions, data, chunk_size)``
-=====================================  ==========================================
-
-Distributed evaluation. Every `SumMetric` accumulator is a dict of tensors::
-
-    {"n":          int64 (R,)    samples seen, per rank (R = 1 before reduce)
-     "total":      (S,)          per-sample statistics summed over samples
-     "last":       (R, S)        statistics of the last sample seen, per rank
-     "last_known": int64 (R,)    1 where ``last`` is known exactly}
-
-``reduce`` is the identity unless ``torch.distributed`` is initialised with more than
-one rank; then it all-reduces (sums) ``total`` and all-gathers ``n``, ``last`` and
-``last_known`` in rank order, so every rank computes the same result (MMEngine
-broadcasts rank 0's). ``compute(acc, size)`` then drops the padded duplicates that
-``round_up=True`` sampling adds (MMEngine ``DefaultSampler``, torch
-``DistributedSampler``): those repeat the first indices to fill the last slot of the
-*last* ``n - size`` ranks, so the padding is exactly the last sample of each of those
-ranks, which ``last`` records. This is what MMEngine's ``collect_results(results,
-size)`` does when each result is one sample (interleave ranks, keep the first
-``size``). ``size`` larger than the samples seen (a ``drop_last`` loader) or padding of
-more than one sample per rank is an error rather than a silently wrong number.
+A `SumMetric` accumulator is ``{"n": (R,) samples seen, "total": (S,) summed statistics,
+"last": (R, S) statistics of the last sample, "last_known": (R,) 1 where ``last`` is
+exact}``, R = 1 before ``reduce``. In a multi-rank ``torch.distributed`` run, ``reduce``
+sums ``total`` and gathers the rest in rank order, so every rank gets the same result.
+``compute(acc, size)`` then drops the padding of ``round_up=True`` samplers
+(``DefaultSampler``, ``DistributedSampler``): one duplicate at the end of each of the last
+``n - size`` ranks, i.e. their ``last``. Missing samples (``drop_last``) or more padding
+than that raise instead of giving a wrong number.
 """
 
 from __future__ import annotations
@@ -59,43 +37,22 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 
-__all__ = [
-    "Accuracy",
-    "BatchStats",
-    "Evaluator",
-    "MeanLoss",
-    "Metric",
-    "SumMetric",
-    "add_prefix",
-]
+__all__ = ["Accuracy", "BatchStats", "Evaluator", "MeanLoss", "Metric", "SumMetric", "add_prefix"]
 
 
 def add_prefix(prefix: str | None, results: Mapping[str, float]) -> dict[str, float]:
     """``{f"{prefix}/{k}": v}`` when ``prefix`` is set, else a plain copy (MMEngine rule)."""
-    if not prefix:
-        return dict(results)
-    return {f"{prefix}/{k}": v for k, v in results.items()}
+    return {f"{prefix}/{k}" if prefix else k: v for k, v in results.items()}
 
 
 @runtime_checkable
 class Metric(Protocol):
-    """What `Evaluator` (and ``fengine.evaluate``) needs from a metric.
+    """What `Evaluator` needs from a metric; subclassing is optional.
 
-    * ``init() -> acc``: the empty accumulator (a pytree, preferably of tensors).
-    * ``update(acc, batch, outputs) -> acc``: fold one batch in, without mutating
-      ``acc``. ``batch`` is the raw loader batch, ``outputs`` whatever the eval
-      function returned for it (MMEngine's ``data_batch`` / ``data_samples``).
-    * ``reduce(acc) -> acc``: combine the accumulators of all ranks (identity in a
-      single process; the default here).
-    * ``compute(acc, size=None) -> dict[str, float]``: the results, keys already
-      prefixed with ``prefix``. ``size`` is the dataset length, used to drop padded
-      duplicates (see the module docstring); the evaluator passes it only when it is
-      not None, so a metric that ignores padding may define ``compute(acc)``.
-    * ``prefix``: ``None`` or the string prepended as ``f"{prefix}/{name}"``;
-      ``default_prefix`` is the class default, used when ``prefix`` is not given.
-
-    Any object with these methods works; subclassing is optional (it gives the
-    identity ``reduce``). For sums over samples, subclass `SumMetric`.
+    ``init()`` the empty accumulator; ``update(acc, batch, outputs)`` folds in one raw
+    batch and what the eval function returned for it; ``reduce(acc)`` combines ranks
+    (identity by default); ``compute(acc, size=None)`` the prefixed results (``size`` is
+    passed only when given, so ``compute(acc)`` suffices for metrics that ignore padding).
     """
 
     default_prefix: ClassVar[str | None] = None
@@ -112,23 +69,11 @@ class Metric(Protocol):
 
 
 class BatchStats(NamedTuple):
-    """What `SumMetric.batch_stats` returns for one batch.
-
-    ``n``: samples in the batch (a Python int, known from shapes without a sync);
-    ``total``: (S,) tensor, the per-sample statistics summed over the batch;
-    ``last``: (S,) tensor, the statistics of the batch's last sample, or ``None`` when
-    they cannot be known (then padded duplicates cannot be dropped exactly).
-    """
+    """One batch for `SumMetric`: sample count, (S,) sums, (S,) last sample or None if unknown."""
 
     n: int
     total: torch.Tensor
     last: torch.Tensor | None
-
-
-def _dist_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 def _gather_cat(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -138,27 +83,24 @@ def _gather_cat(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 class SumMetric(Metric):
-    """Base for metrics that are functions of per-sample statistics summed over samples.
+    """Base for metrics computed from per-sample statistics summed over samples.
 
-    Subclasses set ``names`` (result names, unprefixed), ``num_stats`` (S),
-    ``stat_dtype`` (the accumulator dtype before the first update) and implement
-    `batch_stats` and `finalize`. The accumulator layout and the padding rule are in
-    the module docstring.
+    Subclasses set ``names`` (unprefixed results), ``num_stats`` (S) and ``stat_dtype``,
+    and implement `batch_stats` and `finalize`.
     """
 
-    default_prefix: ClassVar[str | None] = None
     names: tuple[str, ...] = ()
     num_stats: int = 1
     stat_dtype: ClassVar[torch.dtype] = torch.int64
+    _unknown_last_hint = "per-sample statistics were not available"
 
     def __init__(self, prefix: str | None = None) -> None:
-        # `or`, as MMEngine: an empty prefix falls back to the class default.
-        self.prefix = prefix or self.default_prefix
+        self.prefix = prefix or self.default_prefix  # as MMEngine: "" falls back too
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The result keys `compute` returns (prefixed); used for early clash checks."""
-        return tuple(add_prefix(self.prefix, dict.fromkeys(self.names, 0.0)))
+        """The prefixed result keys, known before `compute` (for early clash checks)."""
+        return tuple(add_prefix(self.prefix, dict.fromkeys(self.names)))
 
     def batch_stats(self, batch: Any, outputs: Any) -> BatchStats:  # pragma: no cover
         raise NotImplementedError
@@ -167,14 +109,12 @@ class SumMetric(Metric):
         """Unprefixed results from the sample count and the summed statistics."""
         raise NotImplementedError
 
-    # -- the fold ---------------------------------------------------------------------
-
     def init(self) -> dict[str, torch.Tensor]:
-        s = self.num_stats
+        s, dt = self.num_stats, self.stat_dtype
         return {
             "n": torch.zeros(1, dtype=torch.int64),
-            "total": torch.zeros(s, dtype=self.stat_dtype),
-            "last": torch.zeros(1, s, dtype=self.stat_dtype),
+            "total": torch.zeros(s, dtype=dt),
+            "last": torch.zeros(1, s, dtype=dt),
             "last_known": torch.zeros(1, dtype=torch.int64),
         }
 
@@ -185,9 +125,7 @@ class SumMetric(Metric):
         dev, dt = st.total.device, st.total.dtype
         known = st.last is not None
         last = st.last if known else torch.zeros_like(st.total)
-        return {
-            # non_blocking: the first update moves the CPU init values to the device;
-            # a blocking copy would synchronise the host with the device.
+        return {  # non_blocking: moving the CPU init values must not sync with the device
             "n": acc["n"].to(dev, non_blocking=True) + st.n,
             "total": acc["total"].to(dev, dt, non_blocking=True) + st.total,
             "last": last.reshape(1, -1).to(dt),
@@ -195,12 +133,8 @@ class SumMetric(Metric):
         }
 
     def reduce(self, acc: Mapping[str, torch.Tensor]) -> dict:
-        """Sum ``total`` and gather ``n``/``last`` across ranks; identity in one process.
-
-        Collective: every rank must call it. Uses the default process group; the
-        accumulator tensors must live where the backend wants them (CUDA for NCCL).
-        """
-        world = _dist_world()
+        """Sum ``total``, gather the rest across ranks (a collective on the default group)."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world == 1:
             return dict(acc)
         if acc["n"].numel() != 1:
@@ -218,32 +152,26 @@ class SumMetric(Metric):
         }
 
     def compute(self, acc: Mapping[str, torch.Tensor], size: int | None = None) -> dict:
-        name = type(self).__name__
-        # The only host transfers of the fold.
-        n_ranks = [int(v) for v in acc["n"].cpu().tolist()]
-        totals = acc["total"].cpu().tolist()
+        n_ranks, totals = acc["n"].tolist(), acc["total"].tolist()  # the host transfers
         n = sum(n_ranks)
         if size is not None:
             totals = self._drop_padding(acc, n_ranks, totals, size)
             n = size
         if n == 0:
             raise ValueError(
-                f"{name}: no samples were seen (empty accumulator); run at least one "
-                "update with a non-empty batch before compute."
+                f"{type(self).__name__}: no samples were seen (empty accumulator); run at "
+                "least one update with a non-empty batch before compute."
             )
         return add_prefix(self.prefix, self.finalize(n, totals))
 
     def _drop_padding(self, acc, n_ranks: list[int], totals: list, size: int) -> list:
-        name = type(self).__name__
-        n, ranks = sum(n_ranks), len(n_ranks)
+        name, n, ranks = type(self).__name__, sum(n_ranks), len(n_ranks)
         pad = n - size
         if size < 0 or pad < 0:
             raise ValueError(
                 f"{name}: size={size} but {n} samples were seen; samples are missing "
                 "(a drop_last loader?). Pass size=None to skip this check."
             )
-        if pad == 0:
-            return totals
         if pad > ranks:
             raise ValueError(
                 f"{name}: {n} samples were seen for size={size}, i.e. {pad} padded "
@@ -251,22 +179,16 @@ class SumMetric(Metric):
                 f"{'is' if ranks == 1 else 'are'} {ranks} rank(s) in the accumulator "
                 "(was reduce called?)."
             )
-        last = acc["last"].cpu().tolist()
-        known = acc["last_known"].cpu().tolist()
-        totals = list(totals)
-        for r in range(ranks - pad, ranks):  # padding is the last sample of the last ranks
+        last, known = acc["last"].tolist(), acc["last_known"].tolist()
+        for r in range(ranks - pad, ranks):
             if n_ranks[r] == 0 or not known[r]:
+                why = "it saw no samples" if n_ranks[r] == 0 else self._unknown_last_hint
                 raise ValueError(
                     f"{name}: cannot drop the padded duplicate of rank {r}: the statistics "
-                    "of its last sample are unknown"
-                    + (" (it saw no samples)." if n_ranks[r] == 0 else
-                       f" ({self._unknown_last_hint()}).")
+                    f"of its last sample are unknown ({why})."
                 )
             totals = [t - v for t, v in zip(totals, last[r])]
         return totals
-
-    def _unknown_last_hint(self) -> str:
-        return "per-sample statistics were not available"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prefix={self.prefix!r})"
@@ -276,68 +198,59 @@ class SumMetric(Metric):
 
 
 def _default_logits(batch: Any, outputs: Any) -> Any:
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    return outputs
+    return outputs["logits"] if isinstance(outputs, Mapping) and "logits" in outputs else outputs
 
 
-def _label_from(container: Mapping, where: str, metric: str) -> Any:
+def _label_from(container: Mapping, where: str) -> Any:
     for key in ("label", "labels"):
         if key in container:
             return container[key]
     raise KeyError(
-        f"{metric}: {where} is a dict without a 'label' or 'labels' key (keys: "
+        f"Accuracy: {where} is a dict without a 'label' or 'labels' key (keys: "
         f"{sorted(map(str, container))}); pass target=lambda batch, outputs: ... to say "
         "where the labels are."
     )
 
 
-def _default_target(batch: Any, outputs: Any, metric: str = "Accuracy") -> Any:
+def _default_target(batch: Any, outputs: Any) -> Any:
     if batch is None:
         if isinstance(outputs, Mapping):
-            return _label_from(outputs, "the batch is None and the outputs", metric)
+            return _label_from(outputs, "the batch is None and the outputs")
         raise ValueError(
-            f"{metric}: the batch is None (offline evaluation without data?) and the "
+            "Accuracy: the batch is None (offline evaluation without data?) and the "
             f"outputs are a {type(outputs).__name__}, not a dict with a 'label' key; pass "
             "data=..., dict predictions with a 'label', or target=lambda batch, outputs: ...."
         )
     if isinstance(batch, Mapping):
-        return _label_from(batch, "the batch", metric)
+        return _label_from(batch, "the batch")
     if isinstance(batch, (tuple, list)):
         if len(batch) < 2:
             raise ValueError(
-                f"{metric}: expected a batch (inputs, labels, ...) with the labels at "
+                "Accuracy: expected a batch (inputs, labels, ...) with the labels at "
                 f"index 1, got a {type(batch).__name__} of length {len(batch)}; pass "
                 "target=lambda batch, outputs: ...."
             )
         return batch[1]
     raise TypeError(
-        f"{metric}: cannot find labels in a batch of type {type(batch).__name__}; "
+        f"Accuracy: cannot find labels in a batch of type {type(batch).__name__}; "
         "expected a tuple/list (labels at index 1) or a dict with 'label'/'labels', "
         "or pass target=lambda batch, outputs: ...."
     )
 
 
 class Accuracy(SumMetric):
-    """Top-k classification accuracy, in percent (``100 * correct / samples``).
+    """Top-k classification accuracy in percent, results ``accuracy`` (k=1), ``accuracy_top{k}``.
 
-    Result names: ``accuracy`` for k=1 (MMEngine's quick-start metric and its
-    ``accuracy: 35.7000`` log line) and ``accuracy_top{k}`` for k>1; with ``prefix``
-    they become ``f"{prefix}/accuracy"``, ... ``default_prefix`` is None.
-
-    A sample is correct at k when its label is the arg-max of its logits (top-1; ties
-    go to the lowest class index, as ``argmax``) or among the ``torch.topk`` k
-    highest; so the top-k accuracy never decreases with k.
+    A sample is correct at k when its label is the ``argmax`` of its logits (ties go to
+    the lowest index) or among the ``torch.topk`` k highest, so accuracy never drops with k.
 
     Args:
       topk: an int or a tuple of distinct positive ints.
       prefix: key prefix (see `Metric`).
-      logits: ``(batch, outputs) -> Tensor (N, C)``. Default: ``outputs`` itself, or
-        ``outputs["logits"]`` when the outputs are a dict.
-      target: ``(batch, outputs) -> Tensor (N,)`` of integer class indices. Default:
-        ``batch[1]`` for tuple/list batches, ``batch["label"]`` or ``batch["labels"]``
-        for dict batches; when the batch is None (offline evaluation without data),
-        ``outputs["label"]``/``outputs["labels"]``.
+      logits: ``(batch, outputs) -> Tensor (N, C)``; default ``outputs`` or
+        ``outputs["logits"]``.
+      target: ``(batch, outputs) -> Tensor (N,)`` of class indices; default ``batch[1]``,
+        ``batch["label"|"labels"]``, or ``outputs["label"|"labels"]`` when the batch is None.
     """
 
     def __init__(
@@ -371,12 +284,10 @@ class Accuracy(SumMetric):
             raise ValueError(
                 f"Accuracy: expected logits of shape (N, C), got shape {tuple(scores.shape)}"
             )
-        labels = self._target(batch, outputs)
-        if not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(labels)
+        labels = torch.as_tensor(self._target(batch, outputs))
         n, c = scores.shape
-        if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() \
-                or labels.dtype == torch.bool:
+        bad_dtype = labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
+        if labels.shape != (n,) or bad_dtype:
             raise ValueError(
                 f"Accuracy: expected integer labels of shape ({n},) matching logits of "
                 f"shape {tuple(scores.shape)}, got {labels.dtype} labels of shape "
@@ -388,26 +299,17 @@ class Accuracy(SumMetric):
                 f"Accuracy: topk={self.topk} asks for the top {maxk} of logits with only "
                 f"{c} classes (shape {tuple(scores.shape)})"
             )
-        dev = scores.device
         if n == 0:
-            z = torch.zeros(self.num_stats, dtype=torch.int64, device=dev)
-            return BatchStats(0, z, None)
-        scores = scores.detach()
-        labels = labels.to(dev, non_blocking=True)
+            return BatchStats(0, scores.new_zeros(0), None)  # ignored by update
+        scores, labels = scores.detach(), labels.to(scores.device, non_blocking=True)
         top1 = scores.argmax(dim=1) == labels
-        if maxk > 1:
-            hit = scores.topk(maxk, dim=1).indices == labels[:, None]  # (N, maxk)
-            cols = [top1 if k == 1 else hit[:, :k].any(dim=1) | top1 for k in self.topk]
-        else:
-            cols = [top1]
+        hit = scores.topk(maxk, dim=1).indices == labels[:, None] if maxk > 1 else None
+        cols = [top1 if k == 1 else hit[:, :k].any(dim=1) | top1 for k in self.topk]
         correct = torch.stack(cols, dim=1).to(torch.int64)  # (N, K)
         return BatchStats(n, correct.sum(dim=0), correct[-1])
 
     def finalize(self, n: int, totals: list[float]) -> dict[str, float]:
         return {name: 100.0 * c / n for name, c in zip(self.names, totals)}
-
-    def _unknown_last_hint(self) -> str:  # pragma: no cover - Accuracy always knows it
-        return "no per-sample statistics"
 
     def __repr__(self) -> str:
         return f"Accuracy(topk={self.topk}, prefix={self.prefix!r})"
@@ -416,51 +318,34 @@ class Accuracy(SumMetric):
 # -- MeanLoss -----------------------------------------------------------------------
 
 
-def _float_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def _infer_batch_size(batch: Any) -> int | None:
+    """Dim 0 of the first tensor found in ``batch`` (nested tuples, lists, dicts)."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.ndim else None
     if isinstance(batch, Mapping):
-        items: Iterable = batch.values()
-    elif isinstance(batch, (tuple, list)):
-        items = batch
-    else:
+        batch = list(batch.values())
+    if not isinstance(batch, (tuple, list)):
         return None
-    for item in items:
-        found = _infer_batch_size(item)
-        if found is not None:
-            return found
-    return None
+    return next((n for n in map(_infer_batch_size, batch) if n is not None), None)
 
 
 class MeanLoss(SumMetric):
-    """Sample-weighted mean of a loss over the evaluation set.
-
-    ``sum_b n_b * loss_b / sum_b n_b`` for batch-mean losses, ``sum_i loss_i / N`` for
-    per-sample losses: the mean over *samples*, so a short last batch weighs what its
-    samples weigh (not ``mean over batches``, which FashionMnistMetric in MMEngine's
-    docs computes; FEATURES B.4 item 26). Sums are kept in float64.
+    """Mean of a loss over *samples* (not over batches), summed in float64.
 
     Args:
-      key: where the loss is when the outputs are a dict (``outputs[key]``); tensor
-        or number outputs are the loss itself.
+      key: where the loss is in dict outputs; tensor or number outputs are the loss.
       name: the result name (default: ``key``).
-      loss: ``(batch, outputs) -> Tensor | float`` overriding the extraction. A 0-d
-        value is a batch mean; a 1-d value holds per-sample losses
-        (``reduction="none"``).
-      batch_size: ``(batch, outputs) -> int`` giving the sample count for batch-mean
-        losses. Default: dim 0 of the first tensor found in the batch.
+      loss: ``(batch, outputs) -> Tensor | float`` overriding the extraction: 0-d is a
+        batch mean, 1-d per-sample losses (``reduction="none"``).
+      batch_size: ``(batch, outputs) -> int``, the sample count of a batch-mean loss;
+        default dim 0 of the first tensor in the batch.
       prefix: key prefix (see `Metric`).
 
-    Padded duplicates (``compute(acc, size)``) can be dropped only when the losses are
-    per-sample; with batch-mean losses the last sample's loss is unknown and
-    ``compute`` raises instead of guessing.
+    Padding (``compute(acc, size)``) can be dropped only for per-sample losses.
     """
 
     stat_dtype: ClassVar[torch.dtype] = torch.float64
+    _unknown_last_hint = "the losses were batch means; return per-sample losses (reduction='none')"
 
     def __init__(
         self,
@@ -474,7 +359,6 @@ class MeanLoss(SumMetric):
         super().__init__(prefix)
         self.key = key
         self.names = (name or key,)
-        self.num_stats = 1
         self._loss = loss
         self._batch_size = batch_size
 
@@ -502,18 +386,15 @@ class MeanLoss(SumMetric):
 
     def batch_stats(self, batch: Any, outputs: Any) -> BatchStats:
         value = self._extract(batch, outputs)
-        dt = _float_dtype(value.device)
+        value = value.to(torch.float32 if value.device.type == "mps" else torch.float64)
         if value.ndim == 1:
             n = value.shape[0]
-            if self._batch_size is not None and self._batch_size(batch, outputs) != n:
+            if self._batch_size is not None and (bs := self._batch_size(batch, outputs)) != n:
                 raise ValueError(
-                    f"MeanLoss: batch_size says {self._batch_size(batch, outputs)} samples "
+                    f"MeanLoss: batch_size says {bs} samples "
                     f"but the per-sample loss has shape {tuple(value.shape)}"
                 )
-            v = value.to(dt)
-            if n == 0:
-                return BatchStats(0, v.sum().reshape(1), None)
-            return BatchStats(n, v.sum().reshape(1), v[-1:])
+            return BatchStats(n, value.sum().reshape(1), value[-1:])
         if value.ndim != 0:
             raise ValueError(
                 f"MeanLoss: expected a scalar (batch-mean) or 1-d per-sample loss, got "
@@ -521,22 +402,16 @@ class MeanLoss(SumMetric):
             )
         if self._batch_size is not None:
             n = int(self._batch_size(batch, outputs))
-        else:
-            found = _infer_batch_size(batch)
-            if found is None:
-                raise ValueError(
-                    f"MeanLoss: cannot weight a batch-mean loss: no tensor with a batch "
-                    f"dimension in a batch of type {type(batch).__name__}; pass "
-                    "batch_size=lambda batch, outputs: ... or per-sample losses."
-                )
-            n = found
-        return BatchStats(n, (value.to(dt) * n).reshape(1), None)
+        elif (n := _infer_batch_size(batch)) is None:
+            raise ValueError(
+                f"MeanLoss: cannot weight a batch-mean loss: no tensor with a batch "
+                f"dimension in a batch of type {type(batch).__name__}; pass "
+                "batch_size=lambda batch, outputs: ... or per-sample losses."
+            )
+        return BatchStats(n, (value * n).reshape(1), None)
 
     def finalize(self, n: int, totals: list[float]) -> dict[str, float]:
         return {self.names[0]: totals[0] / n}
-
-    def _unknown_last_hint(self) -> str:
-        return "the losses were batch means; return per-sample losses (reduction='none')"
 
     def __repr__(self) -> str:
         return f"MeanLoss(key={self.key!r}, name={self.names[0]!r}, prefix={self.prefix!r})"
@@ -545,17 +420,31 @@ class MeanLoss(SumMetric):
 # -- Evaluator ----------------------------------------------------------------------
 
 
-def _metric_label(m: Any) -> str:
+def _label(m: Any) -> str:
     return repr(m) if isinstance(m, SumMetric) else type(m).__name__
 
 
-class Evaluator:
-    """Several metrics folded together; the result dicts are merged.
+def _merge_unique(results: Iterable[tuple[Any, Mapping[str, float]]]) -> dict[str, float]:
+    """Merge ``(metric, results)`` pairs; a key produced twice is a ``ValueError``."""
+    merged: dict[str, float] = {}
+    owner: dict[str, Any] = {}
+    for m, out in results:
+        for key, value in out.items():
+            if key in merged:
+                raise ValueError(
+                    f"Evaluator: two metrics produce the result key {key!r} "
+                    f"({_label(owner[key])} and {_label(m)}); give them different prefixes, "
+                    f"e.g. {type(m).__name__}(..., prefix='other')."
+                )
+            merged[key], owner[key] = value, m
+    return merged
 
-    The accumulator is a tuple with one entry per metric. Two metrics producing the
-    same result key is an error (MMEngine raises ``ValueError`` too): raised at
-    construction when the metrics declare their ``keys`` (all `SumMetric` do), else by
-    `compute`. Give one of them a ``prefix=``.
+
+class Evaluator:
+    """Several metrics folded together (the accumulator is a tuple); results are merged.
+
+    Two metrics producing the same key is a ``ValueError`` (as in MMEngine): at
+    construction for metrics that declare ``keys`` (all `SumMetric`), else in `compute`.
     """
 
     def __init__(self, metrics: Metric | Sequence[Metric]) -> None:
@@ -569,23 +458,8 @@ class Evaluator:
                     "(see fengine.metrics.Metric)"
                 )
         self.metrics: tuple[Metric, ...] = tuple(metrics)
-        seen: dict[str, Any] = {}
-        for m in self.metrics:
-            keys = getattr(m, "keys", None)
-            if keys is None or callable(keys):
-                continue
-            for key in keys:
-                if key in seen:
-                    raise ValueError(self._clash(key, seen[key], m))
-                seen[key] = m
-
-    @staticmethod
-    def _clash(key: str, first: Any, second: Any) -> str:
-        return (
-            f"Evaluator: two metrics produce the result key {key!r} ({_metric_label(first)} "
-            f"and {_metric_label(second)}); give them different prefixes, e.g. "
-            f"{type(second).__name__}(..., prefix='other')."
-        )
+        declared = [(m, getattr(m, "keys", None)) for m in self.metrics]
+        _merge_unique((m, dict.fromkeys(k)) for m, k in declared if k is not None and not callable(k))
 
     def init(self) -> tuple:
         return tuple(m.init() for m in self.metrics)
@@ -600,25 +474,17 @@ class Evaluator:
 
     def reduce(self, acc: Sequence[Any]) -> tuple:
         """Each metric's ``reduce`` (identity for metrics without one)."""
-        return tuple(
-            getattr(m, "reduce", lambda a: a)(a) for m, a in zip(self.metrics, acc)
-        )
+        return tuple(getattr(m, "reduce", lambda a: a)(a) for m, a in zip(self.metrics, acc))
 
     def compute(self, acc: Sequence[Any], size: int | None = None) -> dict[str, float]:
         """Reduce across ranks, compute every metric, merge (MMEngine ``evaluate(size)``)."""
         return self._merge(self.reduce(acc), size)
 
     def _merge(self, acc: Sequence[Any], size: int | None) -> dict[str, float]:
-        results: dict[str, float] = {}
-        owner: dict[str, Any] = {}
-        for m, a in zip(self.metrics, acc):
-            out = m.compute(a) if size is None else m.compute(a, size)
-            for key, value in out.items():
-                if key in results:
-                    raise ValueError(self._clash(key, owner[key], m))
-                results[key] = value
-                owner[key] = m
-        return results
+        return _merge_unique(
+            (m, m.compute(a) if size is None else m.compute(a, size))
+            for m, a in zip(self.metrics, acc)
+        )
 
     def offline(
         self,
@@ -630,13 +496,10 @@ class Evaluator:
     ) -> dict[str, float]:
         """Evaluate saved per-sample predictions (MMEngine ``offline_evaluate``).
 
-        ``predictions`` holds one entry per sample (e.g. a logits row, or a dict with
-        ``logits`` and ``label``); ``data`` the matching dataset samples, or None. They
-        are cut into chunks of ``chunk_size`` samples, each chunk collated (stacked, by
-        ``default_collate``) into the ``(batch, outputs)`` of one `update`: the same
-        fold as online evaluation, so the result equals it (bitwise for counts; for
-        float sums, up to float64 rounding unless the chunks match the online batches).
-        Local: no cross-rank reduce, the size is the number of predictions.
+        ``predictions`` (one entry per sample) and the matching ``data`` samples (or
+        None) are cut into chunks of ``chunk_size``, each collated into the ``(batch,
+        outputs)`` of one `update`: the online fold, so the same results. Local: no
+        cross-rank reduce; the size is the number of predictions.
         """
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"Evaluator.offline: chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -646,10 +509,8 @@ class Evaluator:
                     "Evaluator.offline: predictions and data must have the same length, got "
                     f"{len(predictions)} predictions and {len(data)} data samples"  # type: ignore[arg-type]
                 )
-        preds = iter(predictions)
-        samples = iter(data) if data is not None else None
-        acc = self.init()
-        size = 0
+        preds, samples = iter(predictions), None if data is None else iter(data)
+        acc, size, end = self.init(), 0, object()
         while chunk := list(itertools.islice(preds, chunk_size)):
             batch = None
             if samples is not None:
@@ -662,7 +523,7 @@ class Evaluator:
                 batch = collate(dchunk)
             acc = self.update(acc, batch, collate(chunk))
             size += len(chunk)
-        if samples is not None and next(samples, _END) is not _END:
+        if samples is not None and next(samples, end) is not end:
             raise ValueError(
                 f"Evaluator.offline: data has more samples than the {size} predictions"
             )
@@ -671,5 +532,3 @@ class Evaluator:
     def __repr__(self) -> str:
         return f"Evaluator({list(self.metrics)!r})"
 
-
-_END = object()
