@@ -1,60 +1,53 @@
 """Schedules: pure functions ``step -> value`` for any optimizer hyper-parameter.
 
-A schedule is a frozen dataclass. ``schedule(step)`` is the value of the
-hyper-parameter (lr, momentum/beta1, weight decay, ...) used by optimizer update
-number ``step``; ``schedule.factor(step)`` is that value divided by
-``schedule.base``. Schedules hold their parameters, so they can be printed,
-compared, stored in a config and converted (`convert_to_iter_based`).
+A schedule is a frozen dataclass (printable, comparable, storable in a config):
+``schedule(step)`` is the value (lr, momentum/beta1, weight decay, ...) used by optimizer
+update number ``step``; ``schedule.factor(step)`` is that value divided by ``schedule.base``.
 
 Units
-    ``step`` is the global optimizer-update count, 0-based. ``schedule(t)`` equals
-    the value that torch / MMEngine put in ``param_groups[i]`` for iteration ``t``:
-    the value after the constructor's implicit ``scheduler.step()`` plus ``t`` more
-    steps. (With gradient accumulation MMEngine counts micro-batches; fengine counts
-    updates: divide MMEngine's iteration counts by the accumulation factor.)
+    ``step`` is the global optimizer-update count, 0-based. ``schedule(t)`` equals the
+    value torch / MMEngine put in ``param_groups[i]`` for iteration ``t`` (after the
+    constructor's implicit ``scheduler.step()`` plus ``t`` more). With gradient
+    accumulation MMEngine counts micro-batches, fengine counts updates: divide MMEngine's
+    iteration counts by the accumulation factor.
 
-    With ``by_epoch=True`` the schedule's unit is the epoch, ``epoch =
-    step // steps_per_epoch``: the value changes only at epoch boundaries, as
-    MMEngine's by-epoch schedulers stepped by ``ParamSchedulerHook`` after each
-    epoch. ``begin``, ``end`` and period arguments (``milestones``, ``step_size``,
-    ``T_max``, ``periods``, ``total_steps``) are then in epochs.
+    With ``by_epoch=True`` the unit is the epoch, ``step // steps_per_epoch``: the value
+    changes only at epoch boundaries (as MMEngine's by-epoch schedulers), and ``begin``,
+    ``end`` and the periods (``milestones``, ``step_size``, ``T_max``, ``periods``,
+    ``total_steps``) are in epochs.
 
 Windows
-    Each schedule is active in the half-open window ``[begin, end)`` of its own unit
-    (``end=None`` is infinity); the local step ``k = unit - begin`` drives the
-    formula, so milestones and ``T_max`` count from ``begin``. Before the window the
-    value is ``base`` (factor 1); after it the last in-window value is held.
+    A schedule is active in the half-open window ``[begin, end)`` of its own unit
+    (``end=None`` is infinity); its formula sees the local step ``k = unit - begin``, so
+    milestones and ``T_max`` count from ``begin``. Before the window the value is ``base``
+    (factor 1); after it the last in-window value is held.
 
 Joins
-    ``join(*schedules)`` reproduces a list in MMEngine's ``param_scheduler``:
-    ``value = base * product of the parts' factors``. Parts may mix units. Because a
-    part contributes 1 before its window and holds after it, a gap between windows
-    keeps the last value, and overlapping windows compound multiplicatively in list
-    order. This equals MMEngine's chained values (MMEngine schedulers multiply the
-    *current* value) when each part is multiplicative -- constant, linear, step,
-    multistep, exponential, and cosine (within ``T_max``) / poly with ``eta_min=0`` --
-    overlapping or not, and for any part entered at factor 1 with no overlap
-    (linear warm-up, then cosine). It differs where a floor (``eta_min`` /
-    ``eta_min_ratio`` of cosine, cosine_restart, poly), cosine_restart's restart value
-    or onecycle's absolute values meet a held factor other than 1 from another part:
-    MMEngine anneals towards / restarts at the absolute value, fengine scales the
-    whole part by that factor.
+    ``join(*schedules)`` reproduces a list in MMEngine's ``param_scheduler``: ``value =
+    base * product of the parts' factors``; parts may mix units. So a gap between windows
+    keeps the last value and overlapping windows compound in list order. This equals
+    MMEngine's chained values (which multiply the *current* value) when each part is
+    multiplicative -- constant, linear, step, multistep, exponential, and cosine (within
+    ``T_max``) / poly with ``eta_min=0`` -- and for any part entered at factor 1 with no
+    overlap (linear warm-up, then cosine). It differs where a floor (``eta_min`` /
+    ``eta_min_ratio``), cosine_restart's restart value or onecycle's absolute values meet
+    another part's held factor other than 1: MMEngine anneals towards / restarts at the
+    absolute value, fengine scales the whole part by that factor.
 
 Deviations from MMEngine (each deliberate)
     - ``by_epoch`` defaults to False (MMEngine: True): fengine's clock is the update
       count, and epoch units need ``steps_per_epoch`` up front.
-    - `linear` and `poly` require ``end``, and `cosine` / `onecycle` require ``end`` or
-      ``T_max`` / ``total_steps``: MMEngine's default ``end=INF`` (1e9) silently makes
-      a ramp 1e9 steps long.
-    - `onecycle` holds its final value after ``total_steps`` (torch and MMEngine raise
-      when stepped past it) and rejects a window longer than ``total_steps``.
+    - `linear` and `poly` require ``end``; `cosine` / `onecycle` require ``end`` or
+      ``T_max`` / ``total_steps`` (MMEngine's default ``end=1e9`` silently makes a ramp
+      1e9 steps long).
+    - `onecycle` holds its final value after ``total_steps`` (torch and MMEngine raise)
+      and rejects a window longer than ``total_steps``.
     - `cosine_restart` defaults to ``eta_min=0`` (MMEngine asserts one is given).
-    - Validation is up front: ``gamma > 0``, factors in [0, 1], positive periods; a
+    - Validation is up front (``gamma > 0``, factors in [0, 1], positive periods); a
       `linear` ``start_factor=0`` works (MMEngine's recursion divides by zero).
-    - `join` is a product of factors, not a recursion (see above).
+    - `join` is a product of factors, not a recursion (see Joins).
 
-``ReduceOnPlateau`` is not a schedule of the step alone (it needs validation
-metrics), so it is not here.
+``ReduceOnPlateau`` needs validation metrics, not just the step, so it is not here.
 """
 
 from __future__ import annotations
@@ -97,15 +90,18 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ validation
+# Each check returns the normalised value or raises a ValueError naming the argument.
 def _fail(where: str, arg: str, value: Any, expected: str) -> NoReturn:
     raise ValueError(f"{where}: {arg} must be {expected}, got {value!r}")
 
 
 def _int(where: str, arg: str, value: Any, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (bools rejected), else a ValueError naming ``arg``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         _fail(where, arg, value, f"an int >= {minimum}")
     return int(value)
+
+
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<=": operator.le}
 
 
 def _real(
@@ -117,34 +113,40 @@ def _real(
     ge: float | None = None,
     le: float | None = None,
 ) -> float:
-    """``value`` as a finite float within the given bounds, else a ValueError naming ``arg``."""
-    bounds = (
-        [f"> {gt}"] * (gt is not None)
-        + [f">= {ge}"] * (ge is not None)
-        + [f"<= {le}"] * (le is not None)
-    )
-    expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        _fail(where, arg, value, expected)
+    bounds = [(op, b) for op, b in zip(_COMPARE, (gt, ge, le)) if b is not None]
     if (
-        (gt is not None and not value > gt)
-        or (ge is not None and not value >= ge)
-        or (le is not None and not value <= le)
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not all(_COMPARE[op](value, b) for op, b in bounds)
     ):
-        _fail(where, arg, value, expected)
+        expected = " and ".join(f"{op} {b}" for op, b in bounds)
+        _fail(where, arg, value, f"a finite number {expected}".rstrip())
     return float(value)
 
 
+def _bool(where: str, arg: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(where, arg, value, "a bool")
+    return value
+
+
 def _items(
-    where: str, arg: str, value: Any, item: Callable[[Any], Any], *, nonempty: bool = True
+    where: str,
+    arg: str,
+    value: Any,
+    *,
+    item: Callable[..., Any],
+    nonempty: bool = True,
+    **bounds: Any,
 ) -> tuple:
-    """``value`` (any iterable but a string) as a tuple of validated items."""
+    """``value`` (any iterable but a string) as a tuple of items checked by ``item``."""
     expected = "a non-empty sequence" if nonempty else "a sequence"
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         _fail(where, arg, value, expected)
-    items = tuple(item(v) for v in value)
+    items = tuple(item(where, arg, v, **bounds) for v in value)
     if nonempty and not items:
-        _fail(where, arg, value, "a non-empty sequence")
+        _fail(where, arg, value, expected)
     return items
 
 
@@ -171,10 +173,11 @@ class Schedule:
     """A hyper-parameter as a function of the update count: ``value = base * factor(step)``.
 
     ``base`` is the nominal value (torch's initial ``lr`` / MMEngine's ``initial_lr``).
-    Subclasses implement ``__call__`` and ``factor``.
     """
 
     base: float
+
+    _name: ClassVar[str] = "schedule"  # names the schedule in error messages
 
     def __call__(self, step: int) -> float:
         """The value used by optimizer update number ``step`` (0-based)."""
@@ -184,14 +187,18 @@ class Schedule:
         """``self(step) / self.base``: the multiplier this schedule applies at ``step``."""
         raise NotImplementedError
 
+    def _check(self, field: str, check: Callable[..., Any], arg: str = "", **kw: Any) -> None:
+        """Validate and normalise ``field`` with ``check``; errors name ``arg`` (default: field)."""
+        _set(self, field, check(self._name, arg or field, getattr(self, field), **kw))
+
 
 @dataclass(frozen=True)
 class _Windowed(Schedule):
     """A schedule active in ``[begin, end)`` of its unit (steps, or epochs when ``by_epoch``).
 
-    Subclasses define the in-window curve by overriding exactly one of ``_factor(k)``
-    (multiplicative schedules) or ``_value(k)`` (schedules with absolute targets),
-    where ``k`` is the local step ``unit - begin``, clamped to the last in-window step.
+    Subclasses validate their fields in ``_validate`` and define the curve by overriding
+    ``_factor(k)`` (multiplicative) or ``_value(k)`` (absolute targets), where ``k`` is the
+    local step ``unit - begin``, clamped to the last in-window step.
     """
 
     _: KW_ONLY
@@ -200,29 +207,33 @@ class _Windowed(Schedule):
     by_epoch: bool = False
     steps_per_epoch: int | None = None
 
-    _name: ClassVar[str] = "schedule"
     _period_fields: ClassVar[tuple[str, ...]] = ()  # scaled by convert_to_iter_based
 
     def __post_init__(self) -> None:
-        where = self._name
-        _set(self, "base", _real(where, "base", self.base))
-        _set(self, "begin", _int(where, "begin", self.begin, minimum=0))
+        self._check("base", _real)
+        self._check("begin", _int, minimum=0)
         if self.end is not None:
-            end = _int(where, "end", self.end, minimum=0)
-            if end <= self.begin:
-                _fail(where, "end", end, f"> begin ({self.begin}); the window is [begin, end)")
-            _set(self, "end", end)
-        if not isinstance(self.by_epoch, bool):
-            _fail(where, "by_epoch", self.by_epoch, "a bool")
+            self._check("end", _int, minimum=0)
+            if self.end <= self.begin:
+                _fail(
+                    self._name,
+                    "end",
+                    self.end,
+                    f"> begin ({self.begin}); the window is [begin, end)",
+                )
+        self._check("by_epoch", _bool)
         if self.by_epoch and self.steps_per_epoch is None:
-            _fail(where, "steps_per_epoch", None, "an int >= 1 when by_epoch=True")
+            _fail(self._name, "steps_per_epoch", None, "an int >= 1 when by_epoch=True")
         if self.steps_per_epoch is not None:  # kept but unused when by_epoch=False
-            spe = _int(where, "steps_per_epoch", self.steps_per_epoch, minimum=1)
-            _set(self, "steps_per_epoch", spe)
+            self._check("steps_per_epoch", _int, minimum=1)
         self._validate()
 
     def _validate(self) -> None:
-        """Check and normalise the schedule-specific fields (ValueError naming the argument)."""
+        """Check and normalise the schedule-specific fields."""
+
+    def _require_window(self, why: str) -> None:
+        if self.end is None:
+            _fail(self._name, "end", None, f"an int > begin ({why})")
 
     @property
     def _window(self) -> int | None:
@@ -234,7 +245,7 @@ class _Windowed(Schedule):
         return self._window
 
     def _local(self, step: int) -> int | None:
-        """Local step for global ``step``: None before the window, clamped to the last in-window step."""
+        """Local step for global ``step``: None before the window, clamped to the span."""
         step = _check_step(step)
         unit = step // self.steps_per_epoch if self.by_epoch else step
         if unit < self.begin:
@@ -261,29 +272,27 @@ class _Windowed(Schedule):
             )
         return self._value(k) / self.base
 
-    def _require_window(self, what: str) -> int:
-        if self.end is None:
-            _fail(self._name, "end", None, f"an int > begin ({what})")
-        return self.end - self.begin
 
-
-def _eta_min(where: str, obj: Any) -> None:
-    """Shared eta_min / eta_min_ratio validation (MMEngine: give at most one; default eta_min=0)."""
-    if obj.eta_min is not None and obj.eta_min_ratio is not None:
+def _check_floor(s: Cosine | CosineRestart) -> None:
+    """Give at most one of eta_min / eta_min_ratio (as MMEngine); the floor defaults to 0."""
+    if s.eta_min is not None and s.eta_min_ratio is not None:
         raise ValueError(
-            f"{where}: give eta_min or eta_min_ratio, not both; got eta_min={obj.eta_min!r}, "
-            f"eta_min_ratio={obj.eta_min_ratio!r}"
+            f"{s._name}: give eta_min or eta_min_ratio, not both; got eta_min={s.eta_min!r}, "
+            f"eta_min_ratio={s.eta_min_ratio!r}"
         )
-    if obj.eta_min is not None:
-        _set(obj, "eta_min", _real(where, "eta_min", obj.eta_min))
-    if obj.eta_min_ratio is not None:
-        _set(obj, "eta_min_ratio", _real(where, "eta_min_ratio", obj.eta_min_ratio))
+    for field in ("eta_min", "eta_min_ratio"):
+        if getattr(s, field) is not None:
+            s._check(field, _real)
 
 
-def _floor(obj: Any) -> float:
-    if obj.eta_min_ratio is not None:
-        return obj.base * obj.eta_min_ratio
-    return 0.0 if obj.eta_min is None else obj.eta_min
+def _floor(s: Cosine | CosineRestart) -> float:
+    if s.eta_min_ratio is not None:
+        return s.base * s.eta_min_ratio
+    return 0.0 if s.eta_min is None else s.eta_min
+
+
+def _cosine(eta_min: float, eta_max: float, k: int, period: int) -> float:
+    return eta_min + (eta_max - eta_min) * (1 + math.cos(math.pi * k / period)) / 2
 
 
 # ------------------------------------------------------------------ schedules
@@ -291,18 +300,17 @@ def _floor(obj: Any) -> float:
 class Constant(_Windowed):
     """MMEngine ``ConstantLR``: ``base * factor`` in the window, back to ``base`` on its last step.
 
-    As in MMEngine, ``total_iters = end - begin - 1``: the factor applies on local steps
-    ``0 .. end-begin-2`` and the value returns to ``base`` at local step ``end-begin-1``
-    (torch's ``ConstantLR(total_iters=T)`` is ``end = begin + T + 1``). A one-step window
-    keeps the factor. ``end=None``: the factor applies forever. The field is named
-    ``factor_`` because ``factor`` is the method; the `constant` factory takes ``factor=``.
+    As in MMEngine the factor applies on local steps ``0 .. end-begin-2`` (torch's
+    ``ConstantLR(total_iters=T)`` is ``end = begin + T + 1``); a one-step window keeps the
+    factor, ``end=None`` keeps it forever. The field is ``factor_`` because ``factor`` is
+    the method; the `constant` factory takes ``factor=``.
     """
 
     factor_: float = 1.0 / 3
     _name: ClassVar[str] = "constant"
 
     def _validate(self) -> None:
-        _set(self, "factor_", _real(self._name, "factor", self.factor_, ge=0.0, le=1.0))
+        self._check("factor_", _real, arg="factor", ge=0.0, le=1.0)
 
     def _factor(self, k: int) -> float:
         window = self._window
@@ -315,9 +323,8 @@ class Constant(_Windowed):
 class Linear(_Windowed):
     """MMEngine ``LinearLR``: factor moves linearly from ``start_factor`` to ``end_factor``.
 
-    It reaches ``end_factor`` at local step ``end - begin - 1`` (MMEngine's
-    ``total_iters``) and holds it; ``end`` is required. torch's
-    ``LinearLR(total_iters=T)`` is ``end = begin + T + 1``.
+    It reaches ``end_factor`` at local step ``end - begin - 1`` and holds it; ``end`` is
+    required. torch's ``LinearLR(total_iters=T)`` is ``end = begin + T + 1``.
     """
 
     start_factor: float = 1.0 / 3
@@ -325,12 +332,8 @@ class Linear(_Windowed):
     _name: ClassVar[str] = "linear"
 
     def _validate(self) -> None:
-        _set(
-            self,
-            "start_factor",
-            _real(self._name, "start_factor", self.start_factor, ge=0.0, le=1.0),
-        )
-        _set(self, "end_factor", _real(self._name, "end_factor", self.end_factor, ge=0.0, le=1.0))
+        self._check("start_factor", _real, ge=0.0, le=1.0)
+        self._check("end_factor", _real, ge=0.0, le=1.0)
         self._require_window("the ramp spans [begin, end)")
 
     def _factor(self, k: int) -> float:
@@ -350,8 +353,8 @@ class Step(_Windowed):
     _period_fields: ClassVar[tuple[str, ...]] = ("step_size",)
 
     def _validate(self) -> None:
-        _set(self, "step_size", _int(self._name, "step_size", self.step_size, minimum=1))
-        _set(self, "gamma", _real(self._name, "gamma", self.gamma, gt=0.0))
+        self._check("step_size", _int, minimum=1)
+        self._check("gamma", _real, gt=0.0)
 
     def _factor(self, k: int) -> float:
         return self.gamma ** (k // self.step_size)
@@ -361,8 +364,8 @@ class Step(_Windowed):
 class MultiStep(_Windowed):
     """MMEngine/torch ``MultiStepLR``: factor ``gamma ** (number of milestones <= k)``.
 
-    Milestones count from ``begin``; repeated milestones decay repeatedly, a milestone 0
-    applies from the first in-window step (both as in torch and MMEngine).
+    As in torch and MMEngine, repeated milestones decay repeatedly and a milestone 0
+    applies from the first in-window step.
     """
 
     milestones: Sequence[int]
@@ -371,16 +374,9 @@ class MultiStep(_Windowed):
     _period_fields: ClassVar[tuple[str, ...]] = ("milestones",)
 
     def _validate(self) -> None:
-        where = self._name
-        ms = _items(
-            where,
-            "milestones",
-            self.milestones,
-            lambda m: _int(where, "milestones", m, minimum=0),
-            nonempty=False,
-        )
-        _set(self, "milestones", tuple(sorted(ms)))
-        _set(self, "gamma", _real(self._name, "gamma", self.gamma, gt=0.0))
+        self._check("milestones", _items, item=_int, minimum=0, nonempty=False)
+        _set(self, "milestones", tuple(sorted(self.milestones)))
+        self._check("gamma", _real, gt=0.0)
 
     def _factor(self, k: int) -> float:
         return self.gamma ** bisect.bisect_right(self.milestones, k)
@@ -388,17 +384,13 @@ class MultiStep(_Windowed):
 
 @dataclass(frozen=True)
 class Exponential(_Windowed):
-    """MMEngine/torch ``ExponentialLR``: factor ``gamma ** k``.
-
-    `convert_to_iter_based` does not rescale ``gamma`` (MMEngine behaviour), so the
-    converted schedule decays by ``gamma`` per step instead of per epoch.
-    """
+    """MMEngine/torch ``ExponentialLR``: factor ``gamma ** k``."""
 
     gamma: float
     _name: ClassVar[str] = "exponential"
 
     def _validate(self) -> None:
-        _set(self, "gamma", _real(self._name, "gamma", self.gamma, gt=0.0))
+        self._check("gamma", _real, gt=0.0)
 
     def _factor(self, k: int) -> float:
         return self.gamma**k
@@ -408,9 +400,9 @@ class Exponential(_Windowed):
 class Cosine(_Windowed):
     """MMEngine/torch ``CosineAnnealingLR``: ``eta_min + (base - eta_min) * (1 + cos(pi k / T_max)) / 2``.
 
-    ``T_max`` defaults to ``end - begin``; past ``T_max`` the curve continues
-    periodically, as torch's and MMEngine's recursion does. The floor is ``eta_min``
-    (absolute, default 0) or ``eta_min_ratio * base``.
+    ``T_max`` defaults to ``end - begin``; past ``T_max`` the curve continues periodically,
+    as torch's and MMEngine's recursion does. The floor is ``eta_min`` (absolute, default
+    0) or ``eta_min_ratio * base``.
     """
 
     T_max: int | None = None
@@ -423,13 +415,12 @@ class Cosine(_Windowed):
         if self.T_max is None:
             self._require_window("or give T_max; T_max defaults to end - begin")
         else:
-            _set(self, "T_max", _int(self._name, "T_max", self.T_max, minimum=1))
-        _eta_min(self._name, self)
+            self._check("T_max", _int, minimum=1)
+        _check_floor(self)
 
     def _value(self, k: int) -> float:
         t_max = self.T_max if self.T_max is not None else self._window
-        eta_min = _floor(self)
-        return eta_min + (self.base - eta_min) * (1 + math.cos(math.pi * k / t_max)) / 2
+        return _cosine(_floor(self), self.base, k, t_max)
 
 
 @dataclass(frozen=True)
@@ -437,9 +428,9 @@ class CosineRestart(_Windowed):
     """MMEngine ``CosineRestartLR``: cosine annealing restarted after each of ``periods``.
 
     Cycle ``i`` starts at ``base * restart_weights[i]`` and anneals towards the floor
-    (``eta_min``, or ``eta_min_ratio * base``; default 0, where MMEngine requires one
-    of them). After ``sum(periods)`` local steps the last value is held. torch's
-    ``CosineAnnealingWarmRestarts(T_0, T_mult)`` is ``periods=(T_0, T_0*T_mult, ...)``.
+    (``eta_min``, or ``eta_min_ratio * base``; default 0). After ``sum(periods)`` local
+    steps the last value is held. torch's ``CosineAnnealingWarmRestarts(T_0, T_mult)`` is
+    ``periods=(T_0, T_0*T_mult, ...)``.
     """
 
     periods: Sequence[int]
@@ -450,26 +441,16 @@ class CosineRestart(_Windowed):
     _period_fields: ClassVar[tuple[str, ...]] = ("periods",)
 
     def _validate(self) -> None:
-        where = self._name
-        periods = _items(
-            where, "periods", self.periods, lambda p: _int(where, "periods", p, minimum=1)
-        )
-        weights = _items(
-            where,
-            "restart_weights",
-            self.restart_weights,
-            lambda w: _real(where, "restart_weights", w, ge=0.0),
-        )
-        _set(self, "periods", periods)
-        _set(self, "restart_weights", weights)
+        self._check("periods", _items, item=_int, minimum=1)
+        self._check("restart_weights", _items, item=_real, ge=0.0)
         if len(self.periods) != len(self.restart_weights):
             _fail(
-                where,
+                self._name,
                 "restart_weights",
                 self.restart_weights,
                 f"of the same length as periods ({len(self.periods)})",
             )
-        _eta_min(where, self)
+        _check_floor(self)
 
     def _span(self) -> int | None:
         total = sum(self.periods)
@@ -480,12 +461,10 @@ class CosineRestart(_Windowed):
         while k >= start + self.periods[i]:  # k < sum(periods) by _span
             start += self.periods[i]
             i += 1
-        period, eta_max = self.periods[i], self.base * self.restart_weights[i]
-        s = k - start
-        if s == 0:
+        eta_max = self.base * self.restart_weights[i]
+        if k == start:
             return eta_max
-        eta_min = _floor(self)
-        return eta_min + (eta_max - eta_min) * (1 + math.cos(math.pi * s / period)) / 2
+        return _cosine(_floor(self), eta_max, k - start, self.periods[i])
 
 
 @dataclass(frozen=True)
@@ -501,8 +480,8 @@ class Poly(_Windowed):
     _name: ClassVar[str] = "poly"
 
     def _validate(self) -> None:
-        _set(self, "eta_min", _real(self._name, "eta_min", self.eta_min))
-        _set(self, "power", _real(self._name, "power", self.power, gt=0.0))
+        self._check("eta_min", _real)
+        self._check("power", _real, gt=0.0)
         self._require_window("the decay spans [begin, end)")
 
     def _value(self, k: int) -> float:
@@ -514,15 +493,13 @@ class Poly(_Windowed):
 
 @dataclass(frozen=True)
 class OneCycle(_Windowed):
-    """MMEngine/torch ``OneCycleLR`` (1cycle policy), values independent of ``base``.
+    """MMEngine/torch ``OneCycleLR`` (1cycle policy); values independent of ``base``.
 
     Starts at ``eta_max / div_factor``, rises to ``eta_max`` over ``pct_start`` of
     ``total_steps`` (default ``end - begin``) and anneals (``'cos'`` or ``'linear'``) to
     ``eta_max / div_factor / final_div_factor`` at local step ``total_steps - 1``;
-    ``three_phase`` adds the symmetric descent of the original paper. As in torch and
-    MMEngine the optimizer's own value is ignored: ``base`` is only the reference for
-    ``factor`` and `join`. After ``total_steps`` the final value is held (torch and
-    MMEngine raise once stepped past it).
+    ``three_phase`` adds the paper's symmetric descent. As in torch and MMEngine the
+    optimizer's value is ignored: ``base`` is only the reference for ``factor`` and `join`.
     """
 
     eta_max: float
@@ -536,41 +513,33 @@ class OneCycle(_Windowed):
     _period_fields: ClassVar[tuple[str, ...]] = ("total_steps",)
 
     def _validate(self) -> None:
-        where = self._name
-        _set(self, "eta_max", _real(where, "eta_max", self.eta_max, gt=0.0))
+        self._check("eta_max", _real, gt=0.0)
         if self.total_steps is None:
             self._require_window("or give total_steps; total_steps defaults to end - begin")
         else:
-            _set(self, "total_steps", _int(where, "total_steps", self.total_steps, minimum=1))
+            self._check("total_steps", _int, minimum=1)
             if self._window is not None and self._window > self.total_steps:
                 _fail(
-                    where,
+                    self._name,
                     "end",
                     self.end,
                     f"<= begin + total_steps ({self.begin + self.total_steps}); "
                     "torch/MMEngine cannot step past total_steps",
                 )
-        _set(self, "pct_start", _real(where, "pct_start", self.pct_start, ge=0.0, le=1.0))
+        self._check("pct_start", _real, ge=0.0, le=1.0)
         if self.anneal_strategy not in ("cos", "linear"):
-            _fail(where, "anneal_strategy", self.anneal_strategy, "'cos' or 'linear'")
-        _set(self, "div_factor", _real(where, "div_factor", self.div_factor, gt=0.0))
-        _set(
-            self,
-            "final_div_factor",
-            _real(where, "final_div_factor", self.final_div_factor, gt=0.0),
-        )
-        if not isinstance(self.three_phase, bool):
-            _fail(where, "three_phase", self.three_phase, "a bool")
-        start = 0.0
-        for end_step, _, _ in self._phases():
-            if not end_step > start:
-                _fail(
-                    where,
-                    "pct_start",
-                    self.pct_start,
-                    f"such that every phase spans > 0 steps (total_steps={self._total})",
-                )
-            start = end_step
+            _fail(self._name, "anneal_strategy", self.anneal_strategy, "'cos' or 'linear'")
+        self._check("div_factor", _real, gt=0.0)
+        self._check("final_div_factor", _real, gt=0.0)
+        self._check("three_phase", _bool)
+        ends = [0.0] + [end_step for end_step, _, _ in self._phases()]
+        if any(not b > a for a, b in zip(ends, ends[1:])):
+            _fail(
+                self._name,
+                "pct_start",
+                self.pct_start,
+                f"such that every phase spans > 0 steps (total_steps={self._total})",
+            )
 
     @property
     def _total(self) -> int:
@@ -593,16 +562,15 @@ class OneCycle(_Windowed):
         return [(float(pct * total) - 1, initial, self.eta_max), (total - 1, self.eta_max, minimum)]
 
     def _value(self, k: int) -> float:
-        phases = self._phases()
-        start_step = 0.0
-        for i, (end_step, start, end) in enumerate(phases):
-            if k <= end_step or i == len(phases) - 1:
-                pct = (k - start_step) / (end_step - start_step)
-                if self.anneal_strategy == "cos":
-                    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-                return (end - start) * pct + start
-            start_step = end_step
-        raise AssertionError("unreachable")
+        phases, i, start_step = self._phases(), 0, 0.0
+        while i < len(phases) - 1 and k > phases[i][0]:  # the last phase holds k beyond it
+            start_step = phases[i][0]
+            i += 1
+        end_step, start, end = phases[i]
+        pct = (k - start_step) / (end_step - start_step)
+        if self.anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
 
 
 @dataclass(frozen=True)
@@ -613,9 +581,10 @@ class Join(Schedule):
     """
 
     parts: tuple[Schedule, ...] = ()
+    _name: ClassVar[str] = "join"
 
     def __post_init__(self) -> None:
-        _set(self, "base", _real("join", "base", self.base))
+        self._check("base", _real)
         parts = tuple(self.parts)
         if not parts:
             _fail("join", "schedules", parts, "at least one schedule")
@@ -633,10 +602,7 @@ class Join(Schedule):
         return self.base * self.factor(step)
 
     def factor(self, step: int) -> float:
-        result = 1.0
-        for part in self.parts:
-            result *= part.factor(step)
-        return result
+        return math.prod((part.factor(step) for part in self.parts), start=1.0)
 
 
 # ------------------------------------------------------------------ factories
@@ -649,37 +615,27 @@ def constant(
     by_epoch: bool = False,
     steps_per_epoch: int | None = None,
 ) -> Constant:
-    """MMEngine ``ConstantLR``: ``base * factor`` in ``[begin, end)``, back to ``base`` at ``end - 1``."""
+    """`Constant` with its factor passed as ``factor``."""
     return Constant(
         base, factor, begin=begin, end=end, by_epoch=by_epoch, steps_per_epoch=steps_per_epoch
     )
 
 
+# The other factories are the classes under their MMEngine-config-like lower-case names.
 linear = Linear
-"""``linear(base, start_factor=1/3, end_factor=1.0, *, begin=0, end, ...)``."""
 step = Step
-"""``step(base, step_size, gamma=0.1, *, begin=0, end=None, ...)``."""
 multistep = MultiStep
-"""``multistep(base, milestones, gamma=0.1, *, begin=0, end=None, ...)``."""
 exponential = Exponential
-"""``exponential(base, gamma, *, begin=0, end=None, ...)``."""
 cosine = Cosine
-"""``cosine(base, T_max=None, eta_min=None, eta_min_ratio=None, *, begin=0, end=None, ...)``."""
 cosine_restart = CosineRestart
-"""``cosine_restart(base, periods, restart_weights=(1,), eta_min=None, eta_min_ratio=None, *, ...)``."""
 poly = Poly
-"""``poly(base, eta_min=0.0, power=1.0, *, begin=0, end, ...)``."""
 onecycle = OneCycle
-"""``onecycle(base, eta_max, total_steps=None, pct_start=0.3, anneal_strategy='cos', div_factor=25.0,
-final_div_factor=1e4, three_phase=False, *, begin=0, end=None, ...)``."""
 
 
 def join(*schedules: Schedule) -> Join:
-    """Combine schedules like a list in MMEngine's ``param_scheduler`` (nested joins are flattened).
+    """Combine schedules like a list in MMEngine's ``param_scheduler`` (see Joins above).
 
-    Each part is active in its own ``[begin, end)`` window and unit, contributes a
-    factor 1 before it and holds its last factor after it; the value is
-    ``base * product of factors``. All parts must have the same ``base``.
+    Nested joins are flattened; all parts must have the same ``base``.
     """
     parts: list[Schedule] = []
     for s in schedules:
@@ -696,14 +652,13 @@ def warmup(
     start_factor: float = 0.001,
     kind: Literal["linear", "constant"] = "linear",
 ) -> Join:
-    """Warm-up over update steps ``[0, steps)`` in front of ``schedule`` (joined, so they compound).
+    """Warm-up over update steps ``[0, steps)`` joined in front of ``schedule`` (they compound).
 
     ``kind='linear'``: factor ``start_factor + (1 - start_factor) * t / steps``;
-    ``kind='constant'``: factor ``start_factor``; both are exactly 1 from step ``steps``
-    on. This is torch's ``LinearLR``/``ConstantLR(total_iters=steps)`` and MMCV's
-    ``warmup='linear'|'constant'``; in MMEngine terms it is ``LinearLR``/``ConstantLR``
-    with ``by_epoch=False, begin=0, end=steps + 1`` (MMEngine's ``end=steps`` would
-    reach 1 one step earlier). ``schedule`` keeps its own window (not shifted).
+    ``kind='constant'``: factor ``start_factor``; both are exactly 1 from step ``steps``.
+    This is torch's ``LinearLR``/``ConstantLR(total_iters=steps)``, MMCV's ``warmup=``, and
+    MMEngine's ``LinearLR``/``ConstantLR`` with ``by_epoch=False, begin=0, end=steps + 1``
+    (MMEngine's ``end=steps`` reaches 1 one step earlier). ``schedule`` is not shifted.
     """
     steps = _int("warmup", "steps", steps, minimum=1)
     if not isinstance(schedule, Schedule):
@@ -718,23 +673,21 @@ def warmup(
 
 
 def convert_to_iter_based(schedule: Schedule, steps_per_epoch: int | None = None) -> Schedule:
-    """MMEngine's ``convert_to_iter_based`` / ``build_iter_from_epoch``: epoch units to step units.
+    """MMEngine's ``convert_to_iter_based`` / ``build_iter_from_epoch``: epoch units to steps.
 
-    Multiplies ``begin``, ``end`` (if finite) and the period arguments (``milestones``,
-    ``step_size``, ``T_max``, ``periods``, ``total_steps``) by ``steps_per_epoch`` and
-    sets ``by_epoch=False``, so the value moves every step instead of at epoch ends.
-    Factors are not rescaled: a converted `exponential` decays by ``gamma`` per
-    *step* (MMEngine does the same), and `linear`/`poly` ramp over the scaled window.
-    ``steps_per_epoch`` defaults to the schedule's own. For a `join`, the by-epoch parts
-    are converted and the step-unit parts kept.
+    Multiplies ``begin``, ``end`` and the period arguments by ``steps_per_epoch`` (default:
+    the schedule's own; if given it must match) and sets ``by_epoch=False``. Factors are
+    not rescaled: a converted `exponential` decays by ``gamma`` per *step*, as in MMEngine.
+    In a `join`, the by-epoch parts are converted and the others kept.
     """
     where = "convert_to_iter_based"
     if isinstance(schedule, Join):
-        if not any(getattr(p, "by_epoch", False) for p in schedule.parts):
+        by_epoch = [getattr(p, "by_epoch", False) for p in schedule.parts]
+        if not any(by_epoch):
             _fail(where, "schedule", schedule, "a join with at least one by_epoch=True part")
         parts = tuple(
-            convert_to_iter_based(p, steps_per_epoch) if getattr(p, "by_epoch", False) else p
-            for p in schedule.parts
+            convert_to_iter_based(p, steps_per_epoch) if e else p
+            for p, e in zip(schedule.parts, by_epoch)
         )
         return Join(schedule.base, parts)
     if not isinstance(schedule, _Windowed):
@@ -745,14 +698,9 @@ def convert_to_iter_based(schedule: Schedule, steps_per_epoch: int | None = None
         )
     n = schedule.steps_per_epoch
     if steps_per_epoch is not None:
-        n = _int(where, "steps_per_epoch", steps_per_epoch, minimum=1)
-        if n != schedule.steps_per_epoch:
-            _fail(
-                where,
-                "steps_per_epoch",
-                n,
-                f"equal to the schedule's steps_per_epoch ({schedule.steps_per_epoch})",
-            )
+        given = _int(where, "steps_per_epoch", steps_per_epoch, minimum=1)
+        if given != n:
+            _fail(where, "steps_per_epoch", given, f"equal to the schedule's steps_per_epoch ({n})")
     changes: dict[str, Any] = {
         "begin": schedule.begin * n,
         "end": None if schedule.end is None else schedule.end * n,
