@@ -1,22 +1,8 @@
-"""`Logger`: MMEngine's ``LoggerHook`` + ``LogProcessor`` as an event handler.
+"""`Logger`: MMEngine 0.10's ``LoggerHook`` + ``LogProcessor`` as an event handler.
 
-What it prints, when, and how values are smoothed follow MMEngine 0.10:
-
-* a train line when ``(batch_idx + 1) % interval == 0`` counted within the epoch
-  (iteration-based runs: ``step % interval == 0``); with ``ignore_last`` the
-  last, partial interval of an epoch (run) is skipped unless the epoch is
-  shorter than the interval;
-* keys matching ``.*(loss|time|data_time|grad_norm).*`` are means over the
-  last ``window_size`` iterations (whatever the interval), others (``lr``) show
-  the latest value;
-* ``Epoch(train)  [1][ 10/1563]  lr: 1.0000e-03  eta: 0:05:12  time: 0.0123  data_time: 0.0011  loss: 2.3012``;
-  ``Iter(train) [  10/1000]  ...`` for iteration-based runs; ``Epoch(val) [1][10/313]    eta: ...``
-  every ``interval`` evaluation batches and ``Epoch(val) [1][313/313]    accuracy: 35.7000  data_time: ...  time: ...``
-  after each evaluation.
-
-Metric values stay on their device until a line is due: the logger keeps a
-short window of each metric's tensors and moves them to the host in one
-transfer per line (per device), never one ``.item()`` per key per step.
+Lines look like ``Epoch(train)  [1][ 10/1563]  lr: 1.0000e-03  eta: 0:05:12  time: 0.0123
+data_time: 0.0011  loss: 2.3012``. Metric values stay on their device until a line
+is due, then move to the host in one transfer per device (no per-step ``.item()``).
 """
 
 from __future__ import annotations
@@ -60,11 +46,7 @@ _METHODS = ("mean", "min", "max", "current")
 
 # ------------------------------------------------------------------ stdlib logging
 class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is when a record is emitted, so a rich progress
-    bar (which redirects stdout) prints log lines above itself and pytest captures them."""
-
-    def __init__(self) -> None:
-        super().__init__()
+    """Writes to the current ``sys.stdout`` (so a rich progress bar and pytest capture see it)."""
 
     @property  # type: ignore[override]
     def stream(self) -> TextIO:
@@ -90,6 +72,20 @@ def get_logger() -> logging.Logger:
     return logger
 
 
+def _check_positive(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _host_items(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Evaluation results with one-element tensors as Python numbers (once per pass)."""
+    return {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in metrics.items()}
+
+
 def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
@@ -98,10 +94,8 @@ def _rank() -> int:
 
 # ------------------------------------------------------------------ host transfer
 def to_host(values: Sequence[Any]) -> list[float]:
-    """Python floats of ``values`` (tensors, numbers): one stacked transfer per device.
-
-    Tensors with more than one element are averaged first (on their device).
-    """
+    """Python floats of ``values`` (tensors, numbers; tensors averaged on their device),
+    with one stacked transfer per device."""
     out: list[float] = [0.0] * len(values)
     groups: dict[torch.device, list[int]] = {}
     for i, v in enumerate(values):
@@ -205,18 +199,15 @@ class _Series:
 
 
 class ScalarHistory:
-    """Windows of scalar values keyed by name, synced to the host only on `sync`.
+    """MMEngine's ``HistoryBuffer`` per key, kept on the device until `sync`.
 
-    ``append`` only puts the value (a tensor or a number) in a bounded deque:
-    MMEngine's ``HistoryBuffer``, without its per-step ``.item()``. A key keeps as
-    many values as its statistics need: ``window_size`` for keys matching
-    ``mean_pattern``, 1 for the others, more for `Stat` windows; ``"epoch"`` /
-    ``"global"`` windows keep running sums.
+    A key keeps as many values as its statistics need (``window_size`` for keys
+    matching ``mean_pattern``, else 1; more for `Stat` windows, running sums for
+    ``"epoch"`` / ``"global"``).
     """
 
     def __init__(self, window_size: int = 10, stats: Iterable[Stat] = (), mean_pattern: str = MEAN_PATTERN) -> None:
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
+        _check_positive(window_size, "window_size")
         self.window_size = window_size
         self.stats = tuple(stats)
         self.pattern = re.compile(mean_pattern)
@@ -301,9 +292,7 @@ def should_log(snap: Snapshot, interval: int, ignore_last: bool = True) -> bool:
 
 
 def _fmt(value: Any, digits: int) -> str:
-    if isinstance(value, (float, int)) and not isinstance(value, bool):
-        return f"{value:.{digits}f}"
-    return str(value)
+    return f"{value:.{digits}f}" if _is_number(value) else str(value)
 
 
 def _to_json(x: Any) -> Any:
@@ -317,35 +306,95 @@ def _epoch_label(snap: Snapshot) -> int:
     return snap.state.epoch + (1 if snap.state.batch_in_epoch > 0 else 0)
 
 
-# ------------------------------------------------------------------ the handler
-class Logger(Handler):
+# ------------------------------------------------------------------ the handlers
+class _TrainScalars(Handler):
+    """What `Logger` and `TensorBoard` share: rank 0 only, and the train metrics
+    smoothed and picked at the iterations MMEngine logs (`_train_scalars`)."""
+
+    priority = Priority.BELOW_NORMAL
+
+    def __init__(
+        self, interval: int, window_size: int, ignore_last: bool, timer: Timer | None,
+        stats: tuple[Stat, ...], mean_pattern: str, priority: int | str | None,
+    ) -> None:
+        super().__init__(priority=priority)
+        name = type(self).__name__
+        _check_positive(interval, f"{name}: interval")
+        if not isinstance(ignore_last, bool):
+            raise TypeError(f"{name}: ignore_last must be a bool, got {ignore_last!r}")
+        self.interval = interval
+        self.window_size = window_size
+        self.ignore_last = ignore_last
+        self.timer = timer
+        self.stats = stats
+        self.mean_pattern = mean_pattern
+        self._train = ScalarHistory(window_size, stats, mean_pattern)
+        self._rename: dict[str, str | None] = {}
+        self._active: bool | None = None
+
+    def _is_active(self) -> bool:
+        if self._active is None:
+            self._active = _rank() == 0
+        return self._active
+
+    def on_before_run(self, snap: Snapshot) -> None:
+        self._active = _rank() == 0
+        self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
+        self._rename = {}
+
+    def _key(self, key: str, metrics: Mapping[str, Any]) -> str | None:
+        """``lr`` for the first ``<group>/lr`` when there is no plain ``lr``; None drops a key."""
+        if key not in self._rename:
+            name: str | None = key
+            if key.endswith("/lr") and "lr" not in metrics:
+                name = None if "lr" in self._rename.values() else "lr"
+            self._rename[key] = name
+        return self._rename[key]
+
+    def _timing(self, phase: str, hist: ScalarHistory) -> bool:
+        """Append the timer's latest ``time`` / ``data_time``; False if it has none."""
+        last = self.timer.last(phase) if self.timer is not None else None
+        if last is not None:
+            hist.append("time", last[0])
+            hist.append("data_time", last[1])
+        return last is not None
+
+    def _train_scalars(self, snap: Snapshot) -> dict[str, float] | None:
+        """Record this iteration; the smoothed scalars when it is one to log, else None."""
+        if not self._is_active():
+            return None
+        for key, value in snap.metrics.items():
+            if isinstance(value, (torch.Tensor, float, int)):
+                name = self._key(key, snap.metrics)
+                if name is not None:
+                    self._train.append(name, value)
+        self._timing("train", self._train)
+        return self._train.collect() if should_log(snap, self.interval, self.ignore_last) else None
+
+
+class Logger(_TrainScalars):
     """Log training and evaluation to the console, ``work_dir/<timestamp>.log`` and
     ``work_dir/scalars.jsonl`` (MMEngine's LoggerHook with the default LogProcessor).
 
     Args:
-        interval: log every ``interval`` updates (counted within the epoch for
-            epoch-based runs, on the global step for iteration-based runs) and every
+        interval: log every ``interval`` updates (within the epoch for epoch-based
+            runs, on the global step otherwise; see `should_log`) and every
             ``interval`` evaluation batches.
         window_size: iterations averaged for keys matching ``mean_pattern``.
         ignore_last: skip the last, partial interval of an epoch (MMEngine's default).
-        timer: the `Timer` to read ``time``/``data_time``/``eta`` from; it must be in
-            the handlers too. None: the logger runs a private Timer itself. False: no
-            timing fields.
-        json_file: name of the JSON-lines file in ``work_dir`` (None: none). One object
-            per logged train interval (``{"step", "epoch", "lr", "loss", ...}``, smoothed
-            values as printed) and per evaluation (``{"step", "epoch", "val/<key>", ...}``),
-            flushed at each line.
+        timer: the `Timer` (also in the handlers) to read ``time``/``data_time``/``eta``
+            from. None: the logger runs a private Timer. False: no timing fields.
+        json_file: JSON-lines file in ``work_dir`` (None: none), one object per train
+            line (``{"step", "epoch", "lr", "loss", ...}`` as printed) and per
+            evaluation (``{"step", "epoch", "val/<key>", ...}``).
         log_file: write ``work_dir/<timestamp>.log`` too.
         custom: extra statistics (`Stat`, or MMEngine ``custom_cfg`` dicts).
         num_digits: decimals printed (MMEngine's ``num_digits``).
         mean_pattern: which keys are window-averaged.
 
-    The lr printed is the one the update used, taken from the step metrics (``lr``;
-    with `fengine.optim.partition` the first group's ``<group>/lr``, as MMEngine logs
-    param group 0). Only rank 0 logs.
+    The lr printed is the step metric ``lr`` (with `fengine.optim.partition`, the
+    first group's ``<group>/lr``, as MMEngine logs param group 0). Only rank 0 logs.
     """
-
-    priority = Priority.BELOW_NORMAL
 
     def __init__(
         self,
@@ -361,11 +410,6 @@ class Logger(Handler):
         mean_pattern: str = MEAN_PATTERN,
         priority: int | str | None = None,
     ) -> None:
-        super().__init__(priority=priority)
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"Logger: interval must be an int >= 1, got {interval!r}")
-        if not isinstance(ignore_last, bool):
-            raise TypeError(f"Logger: ignore_last must be a bool, got {ignore_last!r}")
         if timer is True:
             timer = None
         if not (timer is None or timer is False or isinstance(timer, Timer)):
@@ -378,38 +422,24 @@ class Logger(Handler):
                 f"Logger: custom statistics {dup} are defined twice; give each Stat a distinct name= "
                 "(a Stat without a name replaces its src, which can happen once)"
             )
-        self.interval = interval
-        self.window_size = window_size
-        self.ignore_last = ignore_last
+        own = Timer() if timer is None else (timer or None)
+        super().__init__(interval, window_size, ignore_last, own, stats, mean_pattern, priority)
         self.json_file = json_file
         self.log_file = log_file
         self.num_digits = num_digits
-        self.mean_pattern = mean_pattern
-        self.stats = stats
         self._own_timer = timer is None
-        self.timer: Timer | None = Timer() if timer is None else (timer or None)
-        self._train = ScalarHistory(window_size, stats, mean_pattern)
         self._eval: dict[str, ScalarHistory] = {}
-        self._rename: dict[str, str | None] = {}
         self._json: TextIO | None = None
         self._file_handler: logging.FileHandler | None = None
-        self._active: bool | None = None
         self._warned_timer = False
         self.logger = get_logger()
 
     # ------------------------------------------------------------------ setup
-    def _is_active(self) -> bool:
-        if self._active is None:
-            self._active = _rank() == 0
-        return self._active
-
     def on_before_run(self, snap: Snapshot) -> None:
-        self._active = _rank() == 0
+        super().on_before_run(snap)
         if not self._active:
             return
         self.logger = get_logger()
-        self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
-        self._rename = {}
         work_dir = snap.run.work_dir
         if work_dir is None:
             return
@@ -452,20 +482,15 @@ class Logger(Handler):
         if self._own_timer and self.timer is not None:
             getattr(self.timer, "on_" + event)(snap)
 
-    def _timing(self, phase: str, hist: ScalarHistory) -> None:
-        if self.timer is None:
-            return
-        last = self.timer.last(phase)
-        if last is None:
-            if not self._warned_timer:
-                self._warned_timer = True
-                self.logger.warning(
-                    "Logger: its Timer has measured nothing; pass the same Timer in handlers=[...] "
-                    "(or build the Logger with timer=None to let it time by itself)"
-                )
-            return
-        hist.append("time", last[0])
-        hist.append("data_time", last[1])
+    def _timing(self, phase: str, hist: ScalarHistory) -> bool:
+        measured = super()._timing(phase, hist)
+        if not measured and self.timer is not None and not self._warned_timer:
+            self._warned_timer = True
+            self.logger.warning(
+                "Logger: its Timer has measured nothing; pass the same Timer in handlers=[...] "
+                "(or build the Logger with timer=None to let it time by itself)"
+            )
+        return measured
 
     def on_before_train(self, snap: Snapshot) -> None:
         self._tick("before_train", snap)
@@ -495,49 +520,25 @@ class Logger(Handler):
     on_before_test_iter = _before_eval_iter
 
     # ------------------------------------------------------------------ train
-    def _key(self, key: str, metrics: Mapping[str, Any]) -> str | None:
-        """``lr`` for the first ``<group>/lr`` when there is no plain ``lr``; None drops a key."""
-        if key not in self._rename:
-            name: str | None = key
-            if key.endswith("/lr") and "lr" not in metrics:
-                claimed = any(v == "lr" for v in self._rename.values())
-                name = None if claimed else "lr"
-            self._rename[key] = name
-        return self._rename[key]
-
     def on_after_train_iter(self, snap: Snapshot) -> None:
         self._tick("after_train_iter", snap)
-        if not self._is_active():
+        tag = self._train_scalars(snap)
+        if tag is None:
             return
-        hist = self._train
-        metrics = snap.metrics
-        for key, value in metrics.items():
-            if isinstance(value, (torch.Tensor, float, int)):
-                name = self._key(key, metrics)
-                if name is not None:
-                    hist.append(name, value)
-        self._timing("train", hist)
-        if not should_log(snap, self.interval, self.ignore_last):
-            return
-        tag = hist.collect()
         memory = self._memory(snap)
-        self.logger.info(self._train_line(snap, tag, memory))
+        run = snap.run
+        if run.by_epoch:
+            epoch = _epoch_str(snap.epoch + 1, run.max_epochs)
+            head = _head("Epoch(train)", epoch, snap.batch_idx + 1, run.steps_per_epoch)
+        else:
+            head = _head("Iter(train)", " ", snap.step, run.max_steps)
+        self.logger.info(self._line(head, snap, tag, memory, rest=True))
         record: dict[str, Any] = {"step": snap.step, "epoch": snap.epoch + 1}
         record.update((k, v) for k, v in tag.items() if k.endswith("lr"))  # lr first, as printed
         record.update(tag)
         if memory is not None:
             record["memory"] = memory
         self._write_json(record)
-
-    def _train_line(self, snap: Snapshot, tag: Mapping[str, float], memory: int | None) -> str:
-        run = snap.run
-        if run.by_epoch:
-            n = run.steps_per_epoch
-            head = f"Epoch(train){_epoch_str(snap.epoch + 1, run.max_epochs)}[{str(snap.batch_idx + 1).rjust(len(str(n)))}/{n}]  "
-        else:
-            n = run.max_steps
-            head = f"Iter(train) [{str(snap.step).rjust(len(str(n)))}/{n}]  "
-        return self._line(head, snap, tag, memory, rest=True)
 
     def _line(self, head: str, snap: Snapshot, tag: Mapping[str, float], memory: int | None, *, rest: bool) -> str:
         """MMEngine's ``get_log_after_iter`` body: lr, eta/time/data_time, memory, the rest."""
@@ -584,52 +585,44 @@ class Logger(Handler):
     on_after_val_iter = _after_eval_iter
     on_after_test_iter = _after_eval_iter
 
-    def _eval_head(self, snap: Snapshot, i: int) -> str:
+    def _eval_head(self, snap: Snapshot, i: int | str, *, last: bool = False) -> str:
         run, phase = snap.run, snap.phase
         n = snap.eval_len if snap.eval_len is not None else "?"
-        i_str = str(i).rjust(len(str(n)))
         standalone = run.steps_per_epoch == 0  # fengine.evaluate(): MMEngine's by-epoch test loop format
-        if run.by_epoch or standalone:
-            if phase == "val" and not standalone:
-                return f"Epoch({phase}){_epoch_str(snap.epoch, run.max_epochs)}[{i_str}/{n}]  "
-            return f"Epoch({phase}) [{i_str}/{n}]  "
-        return f"Iter({phase}) [{i_str}/{n}]  "
+        if not (run.by_epoch or standalone):
+            return _head(f"Iter({phase})", " ", i, n)
+        if phase != "val" or standalone:
+            return _head(f"Epoch({phase})", " ", i, n)
+        # MMEngine does not right-align the epoch on the closing line
+        return _head(f"Epoch({phase})", f" [{snap.epoch}]" if last else _epoch_str(snap.epoch, run.max_epochs), i, n)
 
     def _after_eval_epoch(self, snap: Snapshot) -> None:
         self._tick(f"after_{snap.phase}_epoch", snap)
         if not self._is_active():
             return
-        run, phase = snap.run, snap.phase
         n = snap.eval_len if snap.eval_len is not None else "?"
-        standalone = run.steps_per_epoch == 0
-        if run.by_epoch or standalone:
-            # MMEngine: no right-alignment of the epoch on this line
-            head = f"Epoch({phase}) [{snap.epoch}][{n}/{n}]  " if phase == "val" and not standalone else f"Epoch({phase}) [{n}/{n}]  "
-        else:
-            head = f"Iter({phase}) [{n}/{n}]  "
-        items: dict[str, Any] = {}
-        for key, value in snap.metrics.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()  # evaluation results are host values already; this is once per pass
-            items[key] = value
-        hist = self._eval.get(phase)
-        timing = {}
+        items = _host_items(snap.metrics)
+        hist = self._eval.get(snap.phase)
         if hist is not None:
             hist.sync()
             for key in ("data_time", "time"):
                 v = hist.stat(key, "mean", "epoch")
                 if v is not None:
-                    timing[key] = v
+                    items[key] = v
         d = self.num_digits
-        self.logger.info((head + "  " + "  ".join(f"{k}: {_fmt(v, d)}" for k, v in {**items, **timing}.items())).rstrip())
+        head = self._eval_head(snap, n, last=True)
+        self.logger.info((head + "  " + "  ".join(f"{k}: {_fmt(v, d)}" for k, v in items.items())).rstrip())
         record: dict[str, Any] = {"step": snap.step, "epoch": _epoch_label(snap)}
-        for key, value in {**items, **timing}.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                record[f"{phase}/{key}"] = value
+        record.update((f"{snap.phase}/{k}", v) for k, v in items.items() if _is_number(v))
         self._write_json(record)
 
     on_after_val_epoch = _after_eval_epoch
     on_after_test_epoch = _after_eval_epoch
+
+
+def _head(kind: str, epoch: str, i: int | str, n: int | str) -> str:
+    """``Epoch(train)  [1][ 10/1563]  ``: ``i`` right-aligned to the width of ``n``."""
+    return f"{kind}{epoch}[{str(i).rjust(len(str(n)))}/{n}]  "
 
 
 def _epoch_str(epoch: int, max_epochs: int | None) -> str:
