@@ -187,6 +187,8 @@ class Dispatcher:
         snap = snap_factory()
         for method in methods:
             returned = method(snap)
+            if returned is None:
+                continue
             for signal in returned if isinstance(returned, (list, tuple)) else (returned,):
                 if isinstance(signal, Stop) and self.stop is None:
                     self.stop = signal

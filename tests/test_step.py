@@ -201,3 +201,12 @@ def test_tied_and_shared_weights_are_bound_everywhere():
         state, _ = step(state, batch)
     assert_dicts_equal(state.params, {n: p.detach() for n, p in ref.named_parameters()}, "params")
     assert net.dec.weight is net.enc.weight and isinstance(net.enc.weight, nn.Parameter)  # module restored
+
+
+def test_a_donated_state_cannot_be_replaced_or_cloned():
+    tx = optim.sgd(0.1)
+    s0 = _state(tx=tx)
+    fe.train_step(ce_loss, tx)(s0, mlp_batches(1)[0])
+    for use in (lambda: s0.replace(epoch=1), lambda: s0.clone(), lambda: s0.model):
+        with pytest.raises(fe.DonatedStateError):
+            use()
