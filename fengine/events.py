@@ -17,7 +17,8 @@ import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from fengine.state import TrainState
 
@@ -101,10 +102,13 @@ class RunInfo:
     config: Mapping[str, Any] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
+_NO_METRICS: Mapping[str, Any] = MappingProxyType({})
+
+
+class Snapshot(NamedTuple):
     """What a handler sees at an event. Read-only; ``state`` is valid during the call only
-    (the next step consumes it): ``state.clone()`` to keep it."""
+    (the next step consumes it): ``state.clone()`` to keep it. (A NamedTuple: it is
+    built twice per training step.)"""
 
     event: str
     state: TrainState
@@ -112,7 +116,7 @@ class Snapshot:
     phase: str = "train"  # train | val | test
     batch_idx: int | None = None  # index of the batch (update) within the epoch / eval pass, 0-based
     batch: Any = None
-    metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # step metrics or evaluation results
+    metrics: Mapping[str, Any] = _NO_METRICS  # step metrics or evaluation results
     outputs: Any = None
     data_time: float | None = None  # seconds spent waiting for the batch (set at iter events)
     eval_len: int | None = None  # batches in the current val/test pass

@@ -99,12 +99,14 @@ def _backward(step: Step, state: TrainState, batch: Any, scale: Any, micro: int)
         model.train()
     params, names = state.params, step.trainable_names(state)
     key = fold_in(state.seed, state.step, micro)
-    with ExitStack() as stack:
-        stack.enter_context(seeded_default_generators(key, step.devices(state)))
-        for ctx in step.forward_contexts:
-            stack.enter_context(ctx(state))
-        stack.enter_context(bind(model, params, state.buffers))
-        out = step.loss_fn(model, batch)
+    with seeded_default_generators(key, step.devices(state)), bind(model, params, state.buffers):
+        if step.forward_contexts:
+            with ExitStack() as stack:
+                for ctx in step.forward_contexts:
+                    stack.enter_context(ctx(state))
+                out = step.loss_fn(model, batch)
+        else:
+            out = step.loss_fn(model, batch)
     loss, metrics = parse_losses(out)
     target = loss if scale is None else loss * scale
     grads = torch.autograd.grad(target, [params[n] for n in names], allow_unused=True)

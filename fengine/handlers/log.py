@@ -433,6 +433,9 @@ class Logger(_TrainScalars):
         self._file_handler: logging.FileHandler | None = None
         self._warned_timer = False
         self.logger = get_logger()
+        if not self._own_timer:  # a shared Timer times the iterations: keep these no-ops out of the dispatch
+            for event in ("before_train_iter", "before_val_iter", "before_test_iter"):
+                setattr(self, "on_" + event, None)
 
     # ------------------------------------------------------------------ setup
     def on_before_run(self, snap: Snapshot) -> None:
