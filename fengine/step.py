@@ -170,23 +170,19 @@ class Step:
         return state.replace(extra=extra)
 
     def trainable_names(self, state: TrainState) -> list[str]:
-        """Names of the params that get gradients (cached per params dict layout)."""
-        key = ("names", id(state.params), len(state.params))
-        names = self._cache.get(key)
-        if names is None:
-            self._cache.clear()
-            names = [n for n, p in state.params.items() if p.requires_grad]
-            self._cache[key] = names
-        return names
+        """Names of the params that get gradients (recomputed when the params dict changes)."""
+        if self._cache.get("params") is not state.params:  # a donated step keeps the same dict
+            self._cache.update(
+                params=state.params,
+                names=[n for n, p in state.params.items() if p.requires_grad],
+                devices=tuple({p.device for p in state.params.values() if p.device.type == "cuda"}),
+            )
+        return self._cache["names"]
 
     def devices(self, state: TrainState) -> tuple[torch.device, ...]:
         """CUDA devices whose default generators the forward may draw from."""
-        key = ("devices", id(state.params))
-        devs = self._cache.get(key)
-        if devs is None:
-            devs = tuple({p.device for p in state.params.values() if p.device.type == "cuda"})
-            self._cache[key] = devs
-        return devs
+        self.trainable_names(state)
+        return self._cache["devices"]
 
     def with_(self, **changes: Any) -> Step:
         """A copy with ``changes`` (used by step transforms)."""
