@@ -242,12 +242,17 @@ def amp(
         def update(s: Step, state: TrainState, result: GradResult):
             scaler = state.extra["amp"]
             inv_scale = scaler.scale.double().reciprocal().float()
-            found_inf = torch.zeros((), dtype=torch.float32, device=scaler.scale.device)
+            home = scaler.scale.device
             by_device: dict[tuple, list[torch.Tensor]] = {}
             for g in result.grads.values():
                 by_device.setdefault((g.device, g.dtype), []).append(g)
+            flags = {}  # one overflow flag per device, as GradScaler keeps them
             for (dev, _), gs in by_device.items():
-                torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf.to(dev) if dev != found_inf.device else found_inf, inv_scale.to(dev))
+                flag = flags.setdefault(dev, torch.zeros((), dtype=torch.float32, device=dev))
+                torch._amp_foreach_non_finite_check_and_unscale_(gs, flag, inv_scale.to(dev))
+            found_inf = flags.pop(home, torch.zeros((), dtype=torch.float32, device=home))
+            for flag in flags.values():
+                found_inf = found_inf + flag.to(home)
             if bool(found_inf):  # the one host read: skip the update, as GradScaler.step does
                 new_state, metrics = state.replace(step=state.step + 1), dict(result.metrics)
             else:
