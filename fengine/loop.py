@@ -32,7 +32,7 @@ from fengine.events import Dispatcher, RunInfo, Snapshot
 from fengine.metrics import Evaluator, Metric
 from fengine.state import DonatedStateError, TrainState
 from fengine.step import Step
-from fengine.transforms import MicroBatches
+from fengine.transforms import MicroBatches, ema_params
 
 
 __all__ = ["Val", "default_predict", "evaluate", "fit", "should_validate"]
@@ -75,9 +75,9 @@ def should_validate(done: int, *, interval: int, begin: int, last: int) -> bool:
 
 
 def _eval_params(state: TrainState, which: str) -> dict[str, torch.Tensor]:
-    ema = state.extra.get("ema")
     if which == "auto":
-        return ema.params if ema is not None else state.params
+        return ema_params(state)
+    ema = state.extra.get("ema")
     if which == "ema":
         if ema is None:
             raise ValueError("params='ema' but the state has no EMA; add fengine.ema(...) to the step")

@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from fengine.bind import bind
 from fengine.optim.base import GradientTransformation, collect_metrics, step_params
-from fengine.rng import fold_in, seeded_default_generators
+from fengine.rng import fold_in
 from fengine.state import TrainState
-from fengine.step import Step, parse_losses
+from fengine.step import Step, loss_and_grads
 
 
 __all__ = ["MultiStep", "Part", "multi_step"]
@@ -126,11 +124,6 @@ class MultiStep(Step):
             )
         if not self.donate:
             state = state.clone()
-        model = state.model
-        if model is None:
-            raise ValueError("the state has no model; build it with TrainState.create(model, step.tx)")
-        if not model.training:
-            model.train()
         params = state.params
         groups = _groups(self.parts, params)
         devices = self.devices(state)
@@ -138,13 +131,8 @@ class MultiStep(Step):
         metrics: dict[str, Any] = {}
         for i, (name, part) in enumerate(self.parts):
             owned = groups[name]
-            with ExitStack() as stack:
-                stack.enter_context(seeded_default_generators(fold_in(state.seed, state.step, i), devices))
-                stack.enter_context(bind(model, params, state.buffers))
-                out = part.loss_fn(model, batch)
-            loss, part_metrics = parse_losses(out)
-            grads = torch.autograd.grad(loss, [params[n] for n in owned], allow_unused=True)
-            grads = {n: g for n, g in zip(owned, grads) if g is not None}
+            res = loss_and_grads(state, part.loss_fn, batch, owned, key=fold_in(state.seed, state.step, i), devices=devices)
+            grads, part_metrics = res.grads, res.metrics
             new_params, new_opt[name] = step_params(part.tx, grads, new_opt[name], {n: params[n] for n in owned}, step=state.step)
             for n, t in new_params.items():
                 if params[n] is not t:  # a transformation that returned new tensors instead of updating in place

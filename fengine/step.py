@@ -32,7 +32,7 @@ from fengine.rng import fold_in, seeded_default_generators
 from fengine.state import TrainState
 
 
-__all__ = ["GradResult", "Step", "parse_losses", "train_step"]
+__all__ = ["GradResult", "Step", "loss_and_grads", "parse_losses", "train_step"]
 
 Metrics = dict[str, Any]
 
@@ -90,27 +90,47 @@ def parse_losses(out: Any) -> tuple[torch.Tensor, Metrics]:
     return loss, metrics
 
 
-def _backward(step: Step, state: TrainState, batch: Any, scale: Any, micro: int) -> GradResult:
-    """Default gradient stage: forward with the state's params bound, then autograd."""
+def loss_and_grads(
+    state: TrainState,
+    loss_fn: Callable[[nn.Module, Any], Any],
+    batch: Any,
+    names: list[str],
+    *,
+    key: int,
+    devices: tuple[torch.device, ...] = (),
+    contexts: tuple[Callable[[TrainState], AbstractContextManager], ...] = (),
+    scale: Any = None,
+) -> GradResult:
+    """Run ``loss_fn(model, batch)`` with the state's tensors bound and torch's default
+    generators seeded with ``key``, then ``autograd.grad`` of ``loss * scale`` w.r.t. the
+    params ``names`` (unused params get no entry)."""
     model = state.model
     if model is None:
         raise ValueError("the state has no model; build it with TrainState.create(model, tx, seed=...)")
     if not model.training:
         model.train()
-    params, names = state.params, step.trainable_names(state)
-    key = fold_in(state.seed, state.step, micro)
-    with seeded_default_generators(key, step.devices(state)), bind(model, params, state.buffers):
-        if step.forward_contexts:
+    params = state.params
+    with seeded_default_generators(key, devices), bind(model, params, state.buffers):
+        if contexts:
             with ExitStack() as stack:
-                for ctx in step.forward_contexts:
+                for ctx in contexts:
                     stack.enter_context(ctx(state))
-                out = step.loss_fn(model, batch)
+                out = loss_fn(model, batch)
         else:
-            out = step.loss_fn(model, batch)
+            out = loss_fn(model, batch)
     loss, metrics = parse_losses(out)
     target = loss if scale is None else loss * scale
     grads = torch.autograd.grad(target, [params[n] for n in names], allow_unused=True)
     return GradResult(loss.detach(), {n: g for n, g in zip(names, grads) if g is not None}, metrics)
+
+
+def _backward(step: Step, state: TrainState, batch: Any, scale: Any, micro: int) -> GradResult:
+    """Default gradient stage: `loss_and_grads` over the trainable params, dropout keyed by
+    ``(seed, step, micro)``."""
+    return loss_and_grads(
+        state, step.loss_fn, batch, step.trainable_names(state), key=fold_in(state.seed, state.step, micro),
+        devices=step.devices(state), contexts=step.forward_contexts, scale=scale,
+    )
 
 
 def _optimizer_update(step: Step, state: TrainState, result: GradResult) -> tuple[TrainState, Metrics]:
