@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ce_loss, mlp, mlp_batches
+from helpers import Scripted, ce_loss, mlp, mlp_batches
 
 import fengine as fe
 from fengine import checkpoint, optim
@@ -28,26 +28,6 @@ mm_hooks = pytest.importorskip("mmengine.hooks")
 
 
 # ----------------------------------------------------------------- helpers
-class Scripted:
-    """A metric whose result at the i-th evaluation is ``values[i]``: a number (under ``key``) or a dict."""
-
-    prefix = None
-
-    def __init__(self, values, key="acc"):
-        self.values, self.key, self.calls = list(values), key, 0
-
-    def init(self):
-        return 0
-
-    def update(self, acc, batch, outputs):
-        return acc + 1
-
-    def compute(self, acc, size=None):
-        v = self.values[self.calls]
-        self.calls += 1
-        return dict(v) if isinstance(v, dict) else {self.key: v}
-
-
 class Saved(fe.Handler):
     """Records the name of every checkpoint fit writes, in order."""
 

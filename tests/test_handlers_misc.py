@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ce_loss, mlp, mlp_batches
+from helpers import Scripted, ce_loss, mlp, mlp_batches
 
 import fengine as fe
 from fengine import optim, schedules
@@ -22,25 +22,6 @@ mm_hooks = pytest.importorskip("mmengine.hooks")
 
 
 # ----------------------------------------------------------------- helpers
-class Scripted:
-    """A metric whose result at the i-th evaluation is ``values[i]`` (under ``key``)."""
-
-    def __init__(self, values, key="acc"):
-        self.values, self.key, self.calls = list(values), key, 0
-        self.prefix = None
-
-    def init(self):
-        return 0
-
-    def update(self, acc, batch, outputs):
-        return acc + 1
-
-    def compute(self, acc, size=None):
-        v = self.values[self.calls]
-        self.calls += 1
-        return {self.key: v}
-
-
 class Events(fe.Handler):
     """Records (event, phase, step, epoch) for every event."""
 
