@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 
-__all__ = ["DonatedStateError", "TrainState", "clone_tree", "tensors_of"]
+__all__ = ["DonatedStateError", "TrainState", "clone_tree"]
 
 
 class DonatedStateError(RuntimeError):
@@ -162,10 +162,6 @@ def clone_tree(tree: Any) -> Any:
         lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x,
         tree,
     )
-
-
-def tensors_of(tree: Any) -> list[torch.Tensor]:
-    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
 def _flatten(state: TrainState):
