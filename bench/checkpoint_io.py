@@ -59,7 +59,9 @@ def fsync_file(path: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gb", type=float, default=1.0, help="approximate state size in GB")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each (median reported)")
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temp dir)")
@@ -67,13 +69,21 @@ def main() -> None:
 
     state = build_state(args.gb)
     size = nbytes(state)
-    torch_obj = {"params": state.params, "buffers": state.buffers,
-                 "opt_state": {"exp_avg": state.opt_state.exp_avg, "exp_avg_sq": state.opt_state.exp_avg_sq,
-                               "count": state.opt_state.count},
-                 "step": state.step}
-    print(f"state: {size / 1e9:.3f} GB in {len(fengine.state.tensors_of(state))} tensors; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
-          f"median of {args.repeats} saves / {max(args.repeats, 5)} loads")
+    torch_obj = {
+        "params": state.params,
+        "buffers": state.buffers,
+        "opt_state": {
+            "exp_avg": state.opt_state.exp_avg,
+            "exp_avg_sq": state.opt_state.exp_avg_sq,
+            "count": state.opt_state.count,
+        },
+        "step": state.step,
+    }
+    print(
+        f"state: {size / 1e9:.3f} GB in {len(fengine.state.tensors_of(state))} tensors; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
+        f"median of {args.repeats} saves / {max(args.repeats, 5)} loads"
+    )
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         fe_path = os.path.join(d, "state.safetensors")
         pt_path = os.path.join(d, "state.pt")
@@ -83,19 +93,29 @@ def main() -> None:
         checkpoint.save(fe_path, state)
         torch.save(torch_obj, pt_path)
         fsync_file(pt_path)
-        runs: dict[str, list[float]] = {k: [] for k in ("fe_save", "fe_save_nosync", "pt_save", "pt_save_sync", "fe_load", "pt_load")}
+        runs: dict[str, list[float]] = {
+            k: []
+            for k in ("fe_save", "fe_save_nosync", "pt_save", "pt_save_sync", "fe_load", "pt_load")
+        }
         for _ in range(args.repeats):
             runs["fe_save"].append(timed(lambda: checkpoint.save(fe_path, state))[0])
             runs["pt_save"].append(timed(lambda: torch.save(torch_obj, pt_path))[0])
             fsync_file(pt_path)  # untimed: flush it so the next run starts clean
-            runs["fe_save_nosync"].append(timed(lambda: checkpoint.save(fe_path, state, fsync=False))[0])
+            runs["fe_save_nosync"].append(
+                timed(lambda: checkpoint.save(fe_path, state, fsync=False))[0]
+            )
             fsync_file(fe_path)
-            runs["pt_save_sync"].append(timed(lambda: (torch.save(torch_obj, pt_path), fsync_file(pt_path)))[0])
+            runs["pt_save_sync"].append(
+                timed(lambda: (torch.save(torch_obj, pt_path), fsync_file(pt_path)))[0]
+            )
 
         # load, warm cache: one untimed run of each, then timed runs, interleaved
         like = state
         loaded = checkpoint.load(fe_path, like)
-        ok = all(torch.equal(a, b) for a, b in zip(fengine.state.tensors_of(loaded), fengine.state.tensors_of(state)))
+        ok = all(
+            torch.equal(a, b)
+            for a, b in zip(fengine.state.tensors_of(loaded), fengine.state.tensors_of(state))
+        )
         del loaded
         torch.load(pt_path)
         for _ in range(max(args.repeats, 5)):
@@ -107,14 +127,26 @@ def main() -> None:
             runs["pt_load"].append(t)
     med = {k: statistics.median(v) for k, v in runs.items()}
     t_fe_save, t_fe_save_nosync, t_pt_save, t_pt_save_sync, t_fe_load, t_pt_load = (
-        med[k] for k in ("fe_save", "fe_save_nosync", "pt_save", "pt_save_sync", "fe_load", "pt_load"))
+        med[k]
+        for k in ("fe_save", "fe_save_nosync", "pt_save", "pt_save_sync", "fe_load", "pt_load")
+    )
 
     gbps = lambda t: size / t / 1e9  # noqa: E731
-    print(f"fengine.checkpoint.save          {t_fe_save:6.3f} s  {gbps(t_fe_save):6.2f} GB/s  (temp file, fsync, rename, dir fsync; CRC-32 blocks)")
-    print(f"fengine.checkpoint.save no fsync {t_fe_save_nosync:6.3f} s  {gbps(t_fe_save_nosync):6.2f} GB/s  (fsync=False: atomic against process kills only)")
-    print(f"torch.save                       {t_pt_save:6.3f} s  {gbps(t_pt_save):6.2f} GB/s  (no fsync)")
-    print(f"torch.save + fsync               {t_pt_save_sync:6.3f} s  {gbps(t_pt_save_sync):6.2f} GB/s")
-    print(f"fengine.checkpoint.load          {t_fe_load:6.3f} s  {gbps(t_fe_load):6.2f} GB/s  (structure and CRC-32 checked; bitwise equal: {ok})")
+    print(
+        f"fengine.checkpoint.save          {t_fe_save:6.3f} s  {gbps(t_fe_save):6.2f} GB/s  (temp file, fsync, rename, dir fsync; CRC-32 blocks)"
+    )
+    print(
+        f"fengine.checkpoint.save no fsync {t_fe_save_nosync:6.3f} s  {gbps(t_fe_save_nosync):6.2f} GB/s  (fsync=False: atomic against process kills only)"
+    )
+    print(
+        f"torch.save                       {t_pt_save:6.3f} s  {gbps(t_pt_save):6.2f} GB/s  (no fsync)"
+    )
+    print(
+        f"torch.save + fsync               {t_pt_save_sync:6.3f} s  {gbps(t_pt_save_sync):6.2f} GB/s"
+    )
+    print(
+        f"fengine.checkpoint.load          {t_fe_load:6.3f} s  {gbps(t_fe_load):6.2f} GB/s  (structure and CRC-32 checked; bitwise equal: {ok})"
+    )
     print(f"torch.load                       {t_pt_load:6.3f} s  {gbps(t_pt_load):6.2f} GB/s")
     print(f"ratio save {t_pt_save / t_fe_save:.2f} load {t_pt_load / t_fe_load:.2f}")
 

@@ -62,7 +62,9 @@ def main() -> None:
         ours.append(with_fit(batches, args.epochs))
     steps = args.epochs * args.batches
     ref_rate, our_rate = steps / statistics.median(ref), steps / statistics.median(ours)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps x {args.rounds} rounds (median)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps x {args.rounds} rounds (median)"
+    )
     print(f"hand-written loop (AdamW foreach):            {ref_rate:8.1f} steps/s")
     print(f"fengine.fit + Timer + Logger(interval=50):    {our_rate:8.1f} steps/s")
     print(f"ratio {our_rate / ref_rate:.2f}")

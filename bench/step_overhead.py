@@ -29,7 +29,10 @@ def make_model() -> nn.Module:
 
 def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def hand_written(batches) -> tuple[float, nn.Module]:
@@ -71,7 +74,9 @@ def main() -> None:
     ref_rate = args.steps / statistics.median(ref_times)
     fe_rate = args.steps / statistics.median(fe_times)
     same = all(torch.equal(state.params[n], p.detach()) for n, p in ref_model.named_parameters())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds (median)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds (median)"
+    )
     print(f"hand-written loop (AdamW foreach): {ref_rate:8.1f} steps/s")
     print(f"fengine train_step (adamw):        {fe_rate:8.1f} steps/s")
     print(f"final params bitwise equal: {same}")

@@ -35,19 +35,25 @@ class Binding:
                         self.slots.append((store, key, kind == "p", name))
 
     @contextlib.contextmanager
-    def __call__(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    def __call__(
+        self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
+    ) -> Iterator[None]:
         saved = []
         try:
             for store, key, is_param, name in self.slots:
                 source = params if is_param else buffers
                 if name not in source:
                     kind = "params" if is_param else "buffers"
-                    raise KeyError(f"the state has no {kind}[{name!r}], which the model uses; was the state built from this model?")
+                    raise KeyError(
+                        f"the state has no {kind}[{name!r}], which the model uses; was the state built from this model?"
+                    )
                 saved.append(store[key])
                 store[key] = source[name]
             yield
         finally:
-            for (store, key, _, _), original in zip(reversed(self.slots[: len(saved)]), reversed(saved)):
+            for (store, key, _, _), original in zip(
+                reversed(self.slots[: len(saved)]), reversed(saved)
+            ):
                 store[key] = original
 
 

@@ -29,7 +29,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def config_hash(config: Any) -> str:
     """SHA-256 of the canonical JSON of a config (dataclass or dict)."""
     data = to_dict(config) if dataclasses.is_dataclass(config) else config
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -40,8 +42,15 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(data) - fields
     if unknown:
-        raise ValueError(f"from_dict: {cls.__name__} has no fields {sorted(unknown)}; fields are {sorted(fields)}")
-    return cls(**{name: _convert(hints[name], value, f"{cls.__name__}.{name}") for name, value in data.items()})
+        raise ValueError(
+            f"from_dict: {cls.__name__} has no fields {sorted(unknown)}; fields are {sorted(fields)}"
+        )
+    return cls(
+        **{
+            name: _convert(hints[name], value, f"{cls.__name__}.{name}")
+            for name, value in data.items()
+        }
+    )
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -114,7 +114,9 @@ class Snapshot(NamedTuple):
     state: TrainState
     run: RunInfo
     phase: str = "train"  # train | val | test
-    batch_idx: int | None = None  # index of the batch (update) within the epoch / eval pass, 0-based
+    batch_idx: int | None = (
+        None  # index of the batch (update) within the epoch / eval pass, 0-based
+    )
     batch: Any = None
     metrics: Mapping[str, Any] = _NO_METRICS  # step metrics or evaluation results
     outputs: Any = None
@@ -157,7 +159,9 @@ def _priority(p: int | str) -> int:
         try:
             return Priority[p.upper()]
         except KeyError:
-            raise ValueError(f"unknown priority {p!r}; expected one of {[x.name for x in Priority]} or 0..100") from None
+            raise ValueError(
+                f"unknown priority {p!r}; expected one of {[x.name for x in Priority]} or 0..100"
+            ) from None
     if not isinstance(p, int) or not 0 <= p <= 100:
         raise ValueError(f"priority must be an int in 0..100 or a Priority name, got {p!r}")
     return int(p)
@@ -169,13 +173,26 @@ class Dispatcher:
     def __init__(self, handlers: Iterable[Any]) -> None:
         self.handlers = list(handlers)
         for h in self.handlers:
-            unknown = [m for m in dir(h) if m.startswith("on_") and m[3:] not in EVENTS and callable(getattr(h, m))]
+            unknown = [
+                m
+                for m in dir(h)
+                if m.startswith("on_") and m[3:] not in EVENTS and callable(getattr(h, m))
+            ]
             if unknown:
-                raise ValueError(f"{type(h).__name__} defines {unknown}, which are not events; events are {list(EVENTS)}")
-        order = sorted(range(len(self.handlers)), key=lambda i: (_priority(getattr(self.handlers[i], "priority", Priority.NORMAL)), i))
+                raise ValueError(
+                    f"{type(h).__name__} defines {unknown}, which are not events; events are {list(EVENTS)}"
+                )
+        order = sorted(
+            range(len(self.handlers)),
+            key=lambda i: (_priority(getattr(self.handlers[i], "priority", Priority.NORMAL)), i),
+        )
         self.handlers = [self.handlers[i] for i in order]
         self._table: dict[str, list[Callable]] = {
-            event: [getattr(h, "on_" + event) for h in self.handlers if callable(getattr(h, "on_" + event, None))]
+            event: [
+                getattr(h, "on_" + event)
+                for h in self.handlers
+                if callable(getattr(h, "on_" + event, None))
+            ]
             for event in EVENTS
         }
         self.stop: Stop | None = None

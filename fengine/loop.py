@@ -80,7 +80,9 @@ def _eval_params(state: TrainState, which: str) -> dict[str, torch.Tensor]:
     ema = state.extra.get("ema")
     if which == "ema":
         if ema is None:
-            raise ValueError("params='ema' but the state has no EMA; add fengine.ema(...) to the step")
+            raise ValueError(
+                "params='ema' but the state has no EMA; add fengine.ema(...) to the step"
+            )
         return ema.params
     if which == "live":
         return state.params
@@ -101,7 +103,9 @@ def _length(data: Iterable, name: str) -> int:
     try:
         n = len(data)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{name} must have a length (batches per epoch); got {type(data).__name__}") from None
+        raise TypeError(
+            f"{name} must have a length (batches per epoch); got {type(data).__name__}"
+        ) from None
     if n == 0:
         raise ValueError(f"{name} is empty: expected at least one batch per epoch")
     return n
@@ -113,7 +117,7 @@ def _evaluate(state, data, metrics, eval_fn, *, params, dispatch, run, phase) ->
     if model is None:
         raise ValueError("the state has no model; build it with TrainState.create(model, tx, ...)")
     n = len(data) if hasattr(data, "__len__") else None
-    snap = lambda event, **kw: (lambda: Snapshot(event, state, run, phase=phase, eval_len=n, **kw))  # noqa: E731
+    snap = lambda event, **kw: lambda: Snapshot(event, state, run, phase=phase, eval_len=n, **kw)  # noqa: E731
     dispatch(f"before_{phase}", snap(f"before_{phase}"))
     dispatch(f"before_{phase}_epoch", snap(f"before_{phase}_epoch"))
     was_training = model.training
@@ -127,7 +131,10 @@ def _evaluate(state, data, metrics, eval_fn, *, params, dispatch, run, phase) ->
             with torch.no_grad(), bind(model, eval_params, state.buffers):
                 outputs = eval_fn(model, batch)
             acc = evaluator.update(acc, batch, outputs)
-            dispatch(f"after_{phase}_iter", snap(f"after_{phase}_iter", batch_idx=i, batch=batch, outputs=outputs))
+            dispatch(
+                f"after_{phase}_iter",
+                snap(f"after_{phase}_iter", batch_idx=i, batch=batch, outputs=outputs),
+            )
     finally:
         model.train(was_training)
     results = evaluator.compute(acc)
@@ -151,9 +158,26 @@ def evaluate(
     without gradients. Handlers get the ``test`` events (MMEngine's TestLoop)."""
     if phase not in ("val", "test"):
         raise ValueError(f"evaluate: phase must be 'val' or 'test', got {phase!r}")
-    run = RunInfo(work_dir=None, by_epoch=False, max_epochs=None, max_steps=state.step, steps_per_epoch=0,
-                  batches_per_epoch=0, micro_batches=1, start_step=state.step)
-    return _evaluate(state, data, metrics, eval_fn, params=params, dispatch=Dispatcher(handlers), run=run, phase=phase)
+    run = RunInfo(
+        work_dir=None,
+        by_epoch=False,
+        max_epochs=None,
+        max_steps=state.step,
+        steps_per_epoch=0,
+        batches_per_epoch=0,
+        micro_batches=1,
+        start_step=state.step,
+    )
+    return _evaluate(
+        state,
+        data,
+        metrics,
+        eval_fn,
+        params=params,
+        dispatch=Dispatcher(handlers),
+        run=run,
+        phase=phase,
+    )
 
 
 def fit(
@@ -187,14 +211,18 @@ def fit(
     if not isinstance(state, TrainState):
         raise TypeError(f"fit: state must be a TrainState, got {type(state).__name__}")
     if not isinstance(step, Step):
-        raise TypeError(f"fit: step must be a Step from fengine.train_step, got {type(step).__name__}")
+        raise TypeError(
+            f"fit: step must be a Step from fengine.train_step, got {type(step).__name__}"
+        )
     if (max_epochs is None) == (max_steps is None):
         raise ValueError(
             f"fit: give exactly one of max_epochs (epoch-based) or max_steps (iteration-based); "
             f"got max_epochs={max_epochs}, max_steps={max_steps}"
         )
     for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
             raise ValueError(f"fit: {name} must be an int >= 1, got {value!r}")
     batches_per_epoch = _length(train_data, "train_data")
     k = step.micro_batches
@@ -204,13 +232,17 @@ def fit(
     interval = 0
     if val is not None:
         if not isinstance(val, Val):
-            raise TypeError(f"fit: val must be a fengine.Val(data, metrics, ...), got {type(val).__name__}")
+            raise TypeError(
+                f"fit: val must be a fengine.Val(data, metrics, ...), got {type(val).__name__}"
+            )
         interval = val.interval if val.interval is not None else (1 if by_epoch else 1000)
         if interval < 1:
             raise ValueError(f"Val: interval must be >= 1, got {interval}")
     work_dir = Path(work_dir) if work_dir is not None else None
     if resume is True and work_dir is None:
-        raise ValueError("fit: resume=True continues from work_dir's latest checkpoint; pass work_dir=...")
+        raise ValueError(
+            "fit: resume=True continues from work_dir's latest checkpoint; pass work_dir=..."
+        )
     if handlers is None:
         from fengine.handlers import default_handlers
 
@@ -227,17 +259,26 @@ def fit(
 
     def run_info(start_step: int) -> RunInfo:
         return RunInfo(
-            work_dir=work_dir, by_epoch=by_epoch, max_epochs=max_epochs, max_steps=total,
-            steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, micro_batches=k,
-            start_step=start_step, config=config,
+            work_dir=work_dir,
+            by_epoch=by_epoch,
+            max_epochs=max_epochs,
+            max_steps=total,
+            steps_per_epoch=steps_per_epoch,
+            batches_per_epoch=batches_per_epoch,
+            micro_batches=k,
+            start_step=start_step,
+            config=config,
             val_batches=len(val.data) if val is not None and hasattr(val.data, "__len__") else None,
         )
 
     def save(path: Path, latest: bool) -> None:
         path = Path(path)
         dispatch("before_save_checkpoint", at("before_save_checkpoint", checkpoint=path))
-        meta = {"config": dict(config) if config else None, "handlers": dispatch.state_dicts(),
-                "run": {"by_epoch": by_epoch, "max_epochs": max_epochs, "max_steps": total}}
+        meta = {
+            "config": dict(config) if config else None,
+            "handlers": dispatch.state_dicts(),
+            "run": {"by_epoch": by_epoch, "max_epochs": max_epochs, "max_steps": total},
+        }
         checkpoint.save(path, current["state"], meta)
         if latest:
             checkpoint.mark_latest(work_dir if work_dir is not None else path.parent, path)
@@ -249,8 +290,16 @@ def fit(
             save(request.path, request.latest)
 
     def validate() -> None:
-        _evaluate(current["state"], val.data, val.metrics, val.eval_fn, params=val.params,
-                  dispatch=dispatch, run=current["run"], phase="val")
+        _evaluate(
+            current["state"],
+            val.data,
+            val.metrics,
+            val.eval_fn,
+            params=val.params,
+            dispatch=dispatch,
+            run=current["run"],
+            phase="val",
+        )
         flush_saves()
 
     current["run"] = run_info(state.step)
@@ -261,13 +310,25 @@ def fit(
             log.info("resume: no checkpoint in %s; starting from scratch", work_dir)
         else:
             state = checkpoint.load(path, like=state)
-            dispatch.load_state_dicts((checkpoint.read_meta(path)["meta"] or {}).get("handlers") or {})
+            dispatch.load_state_dicts(
+                (checkpoint.read_meta(path)["meta"] or {}).get("handlers") or {}
+            )
             current.update(state=state, run=run_info(state.step))
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
+            log.info(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                path,
+                state.step,
+                state.epoch,
+                state.batch_in_epoch,
+            )
             dispatch("after_load_checkpoint", at("after_load_checkpoint", checkpoint=path))
     dispatch("before_train", at("before_train"))
     with _preemption(enabled=work_dir is not None) as interrupted:
-        while dispatch.stop is None and state.step < total and not (by_epoch and state.epoch >= max_epochs):
+        while (
+            dispatch.stop is None
+            and state.step < total
+            and not (by_epoch and state.epoch >= max_epochs)
+        ):
             dispatch("before_train_epoch", at("before_train_epoch"))
             if dispatch.stop is not None:
                 break
@@ -280,7 +341,10 @@ def fit(
                 batch = MicroBatches(group) if k > 1 else group[0]
                 data_time = time.perf_counter() - t_last
                 idx = state.batch_in_epoch // k
-                dispatch("before_train_iter", at("before_train_iter", batch_idx=idx, batch=batch, data_time=data_time))
+                dispatch(
+                    "before_train_iter",
+                    at("before_train_iter", batch_idx=idx, batch=batch, data_time=data_time),
+                )
                 if dispatch.stop is not None:
                     break
                 at_epoch, at_batch = state.epoch, state.batch_in_epoch
@@ -290,18 +354,36 @@ def fit(
                     raise
                 except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
                     if hasattr(e, "add_note"):
-                        hint = "" if type(e) is RuntimeError else "; check that the loss function matches the batch structure"
-                        e.add_note(f"fit: while running the step on batch {at_batch} of epoch {at_epoch} "
-                                   f"(a {type(batch).__name__}){hint}")
+                        hint = (
+                            ""
+                            if type(e) is RuntimeError
+                            else "; check that the loss function matches the batch structure"
+                        )
+                        e.add_note(
+                            f"fit: while running the step on batch {at_batch} of epoch {at_epoch} "
+                            f"(a {type(batch).__name__}){hint}"
+                        )
                     raise
                 state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
                 current["state"] = state
-                dispatch("after_train_iter", at("after_train_iter", batch_idx=idx, batch=batch, metrics=metrics,
-                                                data_time=data_time))
+                dispatch(
+                    "after_train_iter",
+                    at(
+                        "after_train_iter",
+                        batch_idx=idx,
+                        batch=batch,
+                        metrics=metrics,
+                        data_time=data_time,
+                    ),
+                )
                 flush_saves()
                 if interrupted:
                     _exit_preempted(interrupted[0], save, work_dir, state, dispatch, at)
-                if not by_epoch and val is not None and should_validate(state.step, interval=interval, begin=val.begin, last=total):
+                if (
+                    not by_epoch
+                    and val is not None
+                    and should_validate(state.step, interval=interval, begin=val.begin, last=total)
+                ):
                     validate()
                 t_last = time.perf_counter()
                 if dispatch.stop is not None or state.step >= total:
@@ -312,9 +394,18 @@ def fit(
             current["state"] = state
             dispatch("after_train_epoch", at("after_train_epoch"))
             flush_saves()
-            if by_epoch and val is not None and should_validate(state.epoch, interval=interval, begin=val.begin, last=max_epochs):
+            if (
+                by_epoch
+                and val is not None
+                and should_validate(
+                    state.epoch, interval=interval, begin=val.begin, last=max_epochs
+                )
+            ):
                 validate()
-        dispatch("after_train", at("after_train", metrics={"stop": dispatch.stop.reason} if dispatch.stop else {}))
+        dispatch(
+            "after_train",
+            at("after_train", metrics={"stop": dispatch.stop.reason} if dispatch.stop else {}),
+        )
         flush_saves()
     dispatch("after_run", at("after_run"))
     return current["state"]

@@ -451,7 +451,9 @@ class Evaluator:
         if not isinstance(metrics, Sequence):
             metrics = [metrics]
         for m in metrics:
-            missing = [a for a in ("init", "update", "compute") if not callable(getattr(m, a, None))]
+            missing = [
+                a for a in ("init", "update", "compute") if not callable(getattr(m, a, None))
+            ]
             if missing:
                 raise TypeError(
                     f"Evaluator: {m!r} is not a metric: it lacks {', '.join(missing)} "
@@ -459,7 +461,9 @@ class Evaluator:
                 )
         self.metrics: tuple[Metric, ...] = tuple(metrics)
         declared = [(m, getattr(m, "keys", None)) for m in self.metrics]
-        _merge_unique((m, dict.fromkeys(k)) for m, k in declared if k is not None and not callable(k))
+        _merge_unique(
+            (m, dict.fromkeys(k)) for m, k in declared if k is not None and not callable(k)
+        )
 
     def init(self) -> tuple:
         return tuple(m.init() for m in self.metrics)
@@ -502,7 +506,9 @@ class Evaluator:
         cross-rank reduce; the size is the number of predictions.
         """
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"Evaluator.offline: chunk_size must be an int >= 1, got {chunk_size!r}")
+            raise ValueError(
+                f"Evaluator.offline: chunk_size must be an int >= 1, got {chunk_size!r}"
+            )
         if data is not None and hasattr(predictions, "__len__") and hasattr(data, "__len__"):
             if len(predictions) != len(data):  # type: ignore[arg-type]
                 raise ValueError(
@@ -531,4 +537,3 @@ class Evaluator:
 
     def __repr__(self) -> str:
         return f"Evaluator({list(self.metrics)!r})"
-

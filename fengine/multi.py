@@ -68,7 +68,9 @@ def _selector(name: str, select: Selector) -> Callable[[str], bool]:
     )
 
 
-def _groups(parts: tuple[tuple[str, Part], ...], params: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+def _groups(
+    parts: tuple[tuple[str, Part], ...], params: Mapping[str, torch.Tensor]
+) -> dict[str, list[str]]:
     """Trainable param names of each part; every trainable param must belong to exactly one part."""
     groups: dict[str, list[str]] = {name: [] for name, _ in parts}
     for pname, p in params.items():
@@ -76,7 +78,9 @@ def _groups(parts: tuple[tuple[str, Part], ...], params: Mapping[str, torch.Tens
             continue
         owners = [name for name, part in parts if part.select(pname)]
         if len(owners) > 1:
-            raise ValueError(f"multi_step: param {pname!r} is selected by several parts {owners}; each must have one owner")
+            raise ValueError(
+                f"multi_step: param {pname!r} is selected by several parts {owners}; each must have one owner"
+            )
         if not owners:
             raise ValueError(
                 f"multi_step: trainable param {pname!r} belongs to no part (parts: {[n for n, _ in parts]}); "
@@ -95,7 +99,9 @@ def _multi_tx(parts: tuple[tuple[str, Part], ...]) -> GradientTransformation:
         return {name: part.tx.init({n: params[n] for n in groups[name]}) for name, part in parts}
 
     def update_fn(grads, state, params=None, *, step=None):
-        raise TypeError("the tx of a multi_step only initialises the per-part states; call the step itself")
+        raise TypeError(
+            "the tx of a multi_step only initialises the per-part states; call the step itself"
+        )
 
     return GradientTransformation(init_fn, update_fn)
 
@@ -131,11 +137,22 @@ class MultiStep(Step):
         metrics: dict[str, Any] = {}
         for i, (name, part) in enumerate(self.parts):
             owned = groups[name]
-            res = loss_and_grads(state, part.loss_fn, batch, owned, key=fold_in(state.seed, state.step, i), devices=devices)
+            res = loss_and_grads(
+                state,
+                part.loss_fn,
+                batch,
+                owned,
+                key=fold_in(state.seed, state.step, i),
+                devices=devices,
+            )
             grads, part_metrics = res.grads, res.metrics
-            new_params, new_opt[name] = step_params(part.tx, grads, new_opt[name], {n: params[n] for n in owned}, step=state.step)
+            new_params, new_opt[name] = step_params(
+                part.tx, grads, new_opt[name], {n: params[n] for n in owned}, step=state.step
+            )
             for n, t in new_params.items():
-                if params[n] is not t:  # a transformation that returned new tensors instead of updating in place
+                if (
+                    params[n] is not t
+                ):  # a transformation that returned new tensors instead of updating in place
                     params[n] = t
             for k, v in part_metrics.items():
                 metrics[f"{name}/{k}"] = v
@@ -174,17 +191,25 @@ def multi_step(
         raise TypeError("multi_step: parts must be a non-empty dict name -> (loss_fn, tx, params)")
     order = list(parts) if order is None else list(order)
     if sorted(order) != sorted(parts):
-        raise ValueError(f"multi_step: order {order} must list each part once; parts are {list(parts)}")
+        raise ValueError(
+            f"multi_step: order {order} must list each part once; parts are {list(parts)}"
+        )
     built = []
     for name in order:
         spec = parts[name]
         if not isinstance(spec, (tuple, list)) or len(spec) != 3:
-            raise TypeError(f"multi_step: part {name!r} must be (loss_fn, tx, params), got {spec!r}")
+            raise TypeError(
+                f"multi_step: part {name!r} must be (loss_fn, tx, params), got {spec!r}"
+            )
         loss_fn, tx, select = spec
         if not callable(loss_fn):
-            raise TypeError(f"multi_step: part {name!r}: loss_fn must be callable, got {type(loss_fn).__name__}")
+            raise TypeError(
+                f"multi_step: part {name!r}: loss_fn must be callable, got {type(loss_fn).__name__}"
+            )
         if not isinstance(tx, GradientTransformation):
-            raise TypeError(f"multi_step: part {name!r}: tx must be a GradientTransformation, got {type(tx).__name__}")
+            raise TypeError(
+                f"multi_step: part {name!r}: tx must be a GradientTransformation, got {type(tx).__name__}"
+            )
         built.append((name, Part(loss_fn, tx, _selector(name, select))))
     built_parts = tuple(built)
     return MultiStep(loss_fn=_no_grads, tx=_multi_tx(built_parts), donate=donate, parts=built_parts)

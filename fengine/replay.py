@@ -98,13 +98,18 @@ class RunRecorder(Handler):
             raise ValueError("RunRecorder needs fit(..., work_dir=...)")
         self._file = open(Path(snap.run.work_dir) / LOG_NAME, "a", encoding="utf-8")  # noqa: SIM115
         config = snap.run.config
-        self._write({
-            "kind": "header", "fengine": fengine.__version__, "torch": torch.__version__,
-            "recipe": str(self.recipe) if self.recipe else None,
-            "config": config, "config_hash": config_hash(config) if config is not None else None,
-            "code_hash": code_hash([self.recipe] if self.recipe else []),
-            "start": _position(snap.state),
-        })
+        self._write(
+            {
+                "kind": "header",
+                "fengine": fengine.__version__,
+                "torch": torch.__version__,
+                "recipe": str(self.recipe) if self.recipe else None,
+                "config": config,
+                "config_hash": config_hash(config) if config is not None else None,
+                "code_hash": code_hash([self.recipe] if self.recipe else []),
+                "start": _position(snap.state),
+            }
+        )
         if snap.state.step == 0:
             self._record(snap, None)
 
@@ -139,7 +144,9 @@ def read_log(work_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """(headers, digest records) of a recorded run."""
     path = Path(work_dir) / LOG_NAME
     if not path.is_file():
-        raise ReplayError(f"{path} not found: record the run with fengine.replay.RunRecorder (recipes do)")
+        raise ReplayError(
+            f"{path} not found: record the run with fengine.replay.RunRecorder (recipes do)"
+        )
     headers, digests = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -174,7 +181,9 @@ class _Collector(Handler):
         if key in self.wanted and key not in self.seen:
             self.seen[key] = state_digest(snap.state)
         if key == self.target and self.at_target is None:
-            self.at_target = snap.state.clone()  # the target checkpoint's position, before the loop moves on
+            self.at_target = (
+                snap.state.clone()
+            )  # the target checkpoint's position, before the loop moves on
 
     on_after_train_iter = _take
     on_after_train_epoch = _take
@@ -187,8 +196,14 @@ def _find(records: list[dict], step: int | None, *, latest: bool) -> dict | None
     return (ckpts[-1] if latest else ckpts[0]) if ckpts else None
 
 
-def replay(work_dir: str | Path, *, start: int | None = None, to: int | None = None, force: bool = False,
-           out=print) -> bool:
+def replay(
+    work_dir: str | Path,
+    *,
+    start: int | None = None,
+    to: int | None = None,
+    force: bool = False,
+    out=print,
+) -> bool:
     """Re-run a recorded run between checkpoints and compare bits; True when everything agrees."""
     work_dir = Path(work_dir)
     headers, records = read_log(work_dir)
@@ -206,7 +221,9 @@ def replay(work_dir: str | Path, *, start: int | None = None, to: int | None = N
     if now != header["code_hash"]:
         msg = f"the code changed since the run was recorded (code hash {now[:12]} vs recorded {header['code_hash'][:12]})"
         if not force:
-            raise ReplayError(msg + "; results may legitimately differ. Pass --force to replay anyway")
+            raise ReplayError(
+                msg + "; results may legitimately differ. Pass --force to replay anyway"
+            )
         out("warning: " + msg)
     exp = _load_recipe(recipe).from_config(header["config"])
 
@@ -214,14 +231,22 @@ def replay(work_dir: str | Path, *, start: int | None = None, to: int | None = N
     if start is not None and start != 0:
         rec = _find(records, start, latest=False)
         if rec is None:
-            raise ReplayError(f"no checkpoint recorded at step {start}; recorded: {[r['step'] for r in records if 'checkpoint' in r]}")
+            raise ReplayError(
+                f"no checkpoint recorded at step {start}; recorded: {[r['step'] for r in records if 'checkpoint' in r]}"
+            )
         state = checkpoint.load(rec["checkpoint"], like=state)
     target = _find(records, to, latest=True)
     if target is None:
-        raise ReplayError(f"no checkpoint recorded at step {to}" if to is not None else "the run recorded no checkpoint")
+        raise ReplayError(
+            f"no checkpoint recorded at step {to}"
+            if to is not None
+            else "the run recorded no checkpoint"
+        )
     begin = _position(state)
     if _key(begin) >= _key(target):
-        raise ReplayError(f"start (step {begin['step']}) is not before the target checkpoint (step {target['step']})")
+        raise ReplayError(
+            f"start (step {begin['step']}) is not before the target checkpoint (step {target['step']})"
+        )
     wanted = {_key(r) for r in records if _key(begin) < _key(r) <= _key(target)}
     expected = {}
     for r in records:
@@ -233,11 +258,15 @@ def replay(work_dir: str | Path, *, start: int | None = None, to: int | None = N
         if first is not None:
             expected[(0, 0, 0)] = first["digest"]
             collector.seen[(0, 0, 0)] = state_digest(state)
-    out(f"replaying {work_dir} from step {begin['step']} to step {target['step']} ({target['checkpoint']})")
+    out(
+        f"replaying {work_dir} from step {begin['step']} to step {target['step']} ({target['checkpoint']})"
+    )
     fengine.fit(state, exp.step, exp.train_data, max_steps=target["step"], handlers=[collector])
     final = collector.at_target
     if final is None:
-        raise ReplayError(f"the replay never reached the position of the target checkpoint {_key(target)}")
+        raise ReplayError(
+            f"the replay never reached the position of the target checkpoint {_key(target)}"
+        )
 
     ok, first_bad = True, None
     out(f"{'step':>8} {'epoch':>5} {'batch':>5}  {'recorded':<16} {'replayed':<16} ok")
@@ -247,7 +276,9 @@ def replay(work_dir: str | Path, *, start: int | None = None, to: int | None = N
         ok &= same
         if not same and first_bad is None:
             first_bad = key
-        out(f"{key[0]:>8} {key[1]:>5} {key[2]:>5}  {expected[key][:16]:<16} {(got or '-')[:16]:<16} {'yes' if same else 'NO'}")
+        out(
+            f"{key[0]:>8} {key[1]:>5} {key[2]:>5}  {expected[key][:16]:<16} {(got or '-')[:16]:<16} {'yes' if same else 'NO'}"
+        )
     reference = checkpoint.load(target["checkpoint"], like=final)
     ref_leaves = pytree.tree_flatten_with_path(reference)[0]
     got_leaves = pytree.tree_flatten_with_path(final)[0]
@@ -263,7 +294,9 @@ def replay(work_dir: str | Path, *, start: int | None = None, to: int | None = N
     else:
         out(f"checkpoint {target['checkpoint']}: every tensor bitwise equal")
     if first_bad is not None:
-        out(f"first differing digest at step {first_bad[0]} (epoch {first_bad[1]}, batch {first_bad[2]})")
+        out(
+            f"first differing digest at step {first_bad[0]} (epoch {first_bad[1]}, batch {first_bad[2]})"
+        )
     out("REPLAY OK" if ok else "REPLAY DIFFERS")
     return ok
 
@@ -271,11 +304,28 @@ def replay(work_dir: str | Path, *, start: int | None = None, to: int | None = N
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m fengine replay", description="Re-run a recorded run and compare bits.")
+    ap = argparse.ArgumentParser(
+        prog="python -m fengine replay", description="Re-run a recorded run and compare bits."
+    )
     ap.add_argument("work_dir", type=Path)
-    ap.add_argument("--from", dest="start", type=int, default=None, help="start at the checkpoint of this step (default: the initial state)")
-    ap.add_argument("--to", type=int, default=None, help="stop at the checkpoint of this step (default: the last)")
-    ap.add_argument("--force", action="store_true", help="replay even if the code or config hash differs from the recorded one")
+    ap.add_argument(
+        "--from",
+        dest="start",
+        type=int,
+        default=None,
+        help="start at the checkpoint of this step (default: the initial state)",
+    )
+    ap.add_argument(
+        "--to",
+        type=int,
+        default=None,
+        help="stop at the checkpoint of this step (default: the last)",
+    )
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="replay even if the code or config hash differs from the recorded one",
+    )
     args = ap.parse_args(argv)
     try:
         return 0 if replay(args.work_dir, start=args.start, to=args.to, force=args.force) else 1

@@ -65,7 +65,9 @@ class seeded_default_generators:  # noqa: N801 - used like a function: `with see
         try:
             for dev in self.devices:
                 if dev.type == "cuda":
-                    g = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
+                    g = torch.cuda.default_generators[
+                        dev.index if dev.index is not None else torch.cuda.current_device()
+                    ]
                     self.cuda_saved.append((g, g.get_state()))
                     g.manual_seed(self.key)
         except BaseException:

@@ -74,7 +74,9 @@ class TrainState:
         but are not trainable: ``tx`` sees only the trainable ones.
         """
         if not isinstance(model, nn.Module):
-            raise TypeError(f"TrainState.create: model must be an nn.Module, got {type(model).__name__}")
+            raise TypeError(
+                f"TrainState.create: model must be an nn.Module, got {type(model).__name__}"
+            )
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
         params = {
@@ -84,8 +86,13 @@ class TrainState:
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         opt_state = tx.init(trainable(params)) if tx is not None else ()
         return cls(
-            step=0, params=params, buffers=buffers, opt_state=opt_state,
-            extra=dict(extra or {}), seed=seed, model=model,
+            step=0,
+            params=params,
+            buffers=buffers,
+            opt_state=opt_state,
+            extra=dict(extra or {}),
+            seed=seed,
+            model=model,
         )
 
     def replace(self, **changes: Any) -> TrainState:
@@ -96,7 +103,9 @@ class TrainState:
         """
         if not changes.keys() <= _ALL_SET:
             unknown = sorted(set(changes) - _ALL_SET)
-            raise TypeError(f"TrainState.replace: unknown fields {unknown}; fields are {list(_FIELDS)}")
+            raise TypeError(
+                f"TrainState.replace: unknown fields {unknown}; fields are {list(_FIELDS)}"
+            )
         fields = dict(self.__dict__)
         fields.update(changes)
         new = object.__new__(TrainState)
@@ -159,7 +168,9 @@ def trainable(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def clone_tree(tree: Any) -> Any:
     """Clone every tensor of a pytree, keeping ``requires_grad`` on leaves."""
     return pytree.tree_map(
-        lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x,
+        lambda x: (
+            x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+        ),
         tree,
     )
 
@@ -181,7 +192,9 @@ def _refuse(state: _DonatedTrainState):
     return state.params, None  # raises DonatedStateError
 
 
-pytree.register_pytree_node(_DonatedTrainState, _refuse, _unflatten, serialized_type_name="fengine.DonatedTrainState")
+pytree.register_pytree_node(
+    _DonatedTrainState, _refuse, _unflatten, serialized_type_name="fengine.DonatedTrainState"
+)
 pytree.register_pytree_node(
     TrainState,
     _flatten,

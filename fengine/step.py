@@ -70,21 +70,31 @@ def parse_losses(out: Any) -> tuple[torch.Tensor, Metrics]:
         for name, value in out.items():
             if isinstance(value, torch.Tensor):
                 value = value.mean()
-            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            elif (
+                isinstance(value, (list, tuple))
+                and value
+                and all(isinstance(v, torch.Tensor) for v in value)
+            ):
                 value = sum(v.mean() for v in value)
             else:
-                raise TypeError(f"loss_fn returned {name}={type(value).__name__}; each value must be a tensor or a list of tensors")
+                raise TypeError(
+                    f"loss_fn returned {name}={type(value).__name__}; each value must be a tensor or a list of tensors"
+                )
             if "loss" in name:
                 terms.append(value)
             metrics[name] = value.detach()
         if not terms:
-            raise ValueError(f"loss_fn returned a dict with no key containing 'loss' (keys: {list(out)}); nothing to optimise")
+            raise ValueError(
+                f"loss_fn returned a dict with no key containing 'loss' (keys: {list(out)}); nothing to optimise"
+            )
         loss = terms[0]
         for t in terms[1:]:
             loss = loss + t
         metrics = {"loss": loss.detach(), **metrics}
     else:
-        raise TypeError(f"loss_fn must return a tensor, a dict of losses or (loss, aux); got {type(out).__name__}")
+        raise TypeError(
+            f"loss_fn must return a tensor, a dict of losses or (loss, aux); got {type(out).__name__}"
+        )
     for name, value in aux.items():
         metrics[name] = value.detach() if isinstance(value, torch.Tensor) else value
     return loss, metrics
@@ -106,7 +116,9 @@ def loss_and_grads(
     params ``names`` (unused params get no entry)."""
     model = state.model
     if model is None:
-        raise ValueError("the state has no model; build it with TrainState.create(model, tx, seed=...)")
+        raise ValueError(
+            "the state has no model; build it with TrainState.create(model, tx, seed=...)"
+        )
     if not model.training:
         model.train()
     params = state.params
@@ -128,14 +140,24 @@ def _backward(step: Step, state: TrainState, batch: Any, scale: Any, micro: int)
     """Default gradient stage: `loss_and_grads` over the trainable params, dropout keyed by
     ``(seed, step, micro)``."""
     return loss_and_grads(
-        state, step.loss_fn, batch, step.trainable_names(state), key=fold_in(state.seed, state.step, micro),
-        devices=step.devices(state), contexts=step.forward_contexts, scale=scale,
+        state,
+        step.loss_fn,
+        batch,
+        step.trainable_names(state),
+        key=fold_in(state.seed, state.step, micro),
+        devices=step.devices(state),
+        contexts=step.forward_contexts,
+        scale=scale,
     )
 
 
-def _optimizer_update(step: Step, state: TrainState, result: GradResult) -> tuple[TrainState, Metrics]:
+def _optimizer_update(
+    step: Step, state: TrainState, result: GradResult
+) -> tuple[TrainState, Metrics]:
     """Default update stage: the gradient transformation updates params in place."""
-    params, opt_state = step_params(step.tx, result.grads, state.opt_state, state.params, step=state.step)
+    params, opt_state = step_params(
+        step.tx, result.grads, state.opt_state, state.params, step=state.step
+    )
     metrics = dict(result.metrics)
     metrics.update(collect_metrics(opt_state))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -228,6 +250,7 @@ def train_step(
     if not callable(loss_fn):
         raise TypeError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
     if not isinstance(tx, GradientTransformation):
-        raise TypeError(f"train_step: tx must be a GradientTransformation (e.g. fengine.optim.adamw(...)), got {type(tx).__name__}")
+        raise TypeError(
+            f"train_step: tx must be a GradientTransformation (e.g. fengine.optim.adamw(...)), got {type(tx).__name__}"
+        )
     return Step(loss_fn=loss_fn, tx=tx, donate=donate)
-

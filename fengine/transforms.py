@@ -55,7 +55,9 @@ def compose(*transforms: StepTransform) -> Callable[[Step], Step]:
     """``compose(amp("bfloat16"), accumulate(4), ema(0.999))(step)``; listing order does not matter."""
     for t in transforms:
         if not isinstance(t, StepTransform):
-            raise TypeError(f"compose: expected step transforms (fengine.amp, accumulate, ema, check_finite), got {t!r}")
+            raise TypeError(
+                f"compose: expected step transforms (fengine.amp, accumulate, ema, check_finite), got {t!r}"
+            )
     names = [t.name for t in transforms]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -64,7 +66,9 @@ def compose(*transforms: StepTransform) -> Callable[[Step], Step]:
 
     def apply(step: Step) -> Step:
         if not isinstance(step, Step):
-            raise TypeError(f"compose(...) expects a Step from fengine.train_step, got {type(step).__name__}")
+            raise TypeError(
+                f"compose(...) expects a Step from fengine.train_step, got {type(step).__name__}"
+            )
         for t in ordered:
             step = t(step)
         return step
@@ -91,7 +95,11 @@ def check_finite() -> StepTransform:
         def grads(s: Step, state: TrainState, batch: Any, scale: Any, micro: int) -> GradResult:
             result = inner(s, state, batch, scale, micro)
             if not s.loss_scaling and not bool(torch.isfinite(result.loss)):
-                bad = {k: float(v) for k, v in result.metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1 and not torch.isfinite(v)}
+                bad = {
+                    k: float(v)
+                    for k, v in result.metrics.items()
+                    if isinstance(v, torch.Tensor) and v.numel() == 1 and not torch.isfinite(v)
+                }
                 where = f" (micro-batch {micro})" if s.micro_batches > 1 else ""
                 raise FloatingPointError(
                     f"non-finite loss at step {state.step + 1}{where}: "
@@ -147,7 +155,9 @@ def accumulate(k: int, weight: Callable[[Any], float] | None = None) -> StepTran
                 w = [float(weight(mb)) for mb in group]
                 total = sum(w)
                 if total <= 0:
-                    raise ValueError(f"accumulate: micro-batch weights sum to {total}; expected > 0")
+                    raise ValueError(
+                        f"accumulate: micro-batch weights sum to {total}; expected > 0"
+                    )
                 weights = [x / total for x in w]
             grads_sum: dict[str, torch.Tensor] = {}
             loss = None
@@ -209,8 +219,14 @@ def amp(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"amp: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if not (loss_scale is None or loss_scale == "dynamic" or (isinstance(loss_scale, (int, float)) and loss_scale > 0)):
-        raise ValueError(f"amp: loss_scale must be 'dynamic', a positive number or None, got {loss_scale!r}")
+    if not (
+        loss_scale is None
+        or loss_scale == "dynamic"
+        or (isinstance(loss_scale, (int, float)) and loss_scale > 0)
+    ):
+        raise ValueError(
+            f"amp: loss_scale must be 'dynamic', a positive number or None, got {loss_scale!r}"
+        )
     torch_dtype = _DTYPES[dtype]
     scaling = dtype == "float16" and loss_scale is not None
     dynamic = loss_scale == "dynamic"
@@ -258,12 +274,21 @@ def amp(
             else:
                 new_state, metrics = inner_update(s, state, result)
             if dynamic:
-                torch._amp_update_scale_(scaler.scale, scaler.growth_tracker, found_inf, growth_factor, backoff_factor, growth_interval)
+                torch._amp_update_scale_(
+                    scaler.scale,
+                    scaler.growth_tracker,
+                    found_inf,
+                    growth_factor,
+                    backoff_factor,
+                    growth_interval,
+                )
             metrics["loss_scale"] = scaler.scale.clone()
             metrics["update_skipped"] = found_inf
             return new_state, metrics
 
-        return step.with_(grads=grads, update=update, loss_scaling=True, extra_init=_extra(step, "amp", init))
+        return step.with_(
+            grads=grads, update=update, loss_scaling=True, extra_init=_extra(step, "amp", init)
+        )
 
     return StepTransform("amp", 30, fn)
 
@@ -297,7 +322,11 @@ def ema(
     """
     if decay is not None and momentum is not None:
         raise ValueError("ema: give decay or momentum, not both (momentum = 1 - decay)")
-    m = 0.0002 if decay is None and momentum is None else (momentum if momentum is not None else 1.0 - decay)
+    m = (
+        0.0002
+        if decay is None and momentum is None
+        else (momentum if momentum is not None else 1.0 - decay)
+    )
     if not 0.0 < m <= 1.0:
         raise ValueError(f"ema: momentum must be in (0, 1] (decay in [0, 1)), got momentum={m}")
     if not isinstance(interval, int) or interval < 1:
@@ -307,7 +336,9 @@ def ema(
 
     def init(state: TrainState) -> EmaState:
         params = {n: p.detach().clone() for n, p in state.params.items()}
-        buffers = {n: b.detach().clone() for n, b in state.buffers.items()} if update_buffers else {}
+        buffers = (
+            {n: b.detach().clone() for n, b in state.buffers.items()} if update_buffers else {}
+        )
         return EmaState(params, buffers, 0)
 
     def fn(step: Step) -> Step:
@@ -327,7 +358,9 @@ def ema(
                         torch._foreach_copy_(avg_b, src_b)
                 elif e.steps % interval == 0:
                     torch._foreach_lerp_(avg_p, src_p, m)
-                    floats = [(a, b) for a, b in zip(avg_b, src_b) if a.is_floating_point()]  # not step counters
+                    floats = [
+                        (a, b) for a, b in zip(avg_b, src_b) if a.is_floating_point()
+                    ]  # not step counters
                     if floats:
                         torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], m)
             steps = e.steps + 1 if started else e.steps
@@ -344,4 +377,3 @@ def ema_params(state: TrainState) -> dict[str, torch.Tensor]:
     """The params evaluation should use: the EMA ones if the run keeps an EMA, else the live ones."""
     e = state.extra.get("ema")
     return e.params if e is not None else state.params
-

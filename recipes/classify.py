@@ -114,7 +114,9 @@ class ResNet(nn.Module):
 
     def __init__(self, width: int = 32, blocks: int = 2, classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.blocks = nn.Sequential(*[Block(width) for _ in range(blocks)])
         self.head = nn.Linear(width, classes)
 
@@ -128,13 +130,16 @@ def random_shift(sample, generator: torch.Generator):
     image, label = sample
     dx, dy = torch.randint(-1, 2, (2,), generator=generator).tolist()
     padded = F.pad(image, (1, 1, 1, 1))
-    return padded[:, 1 + dy:9 + dy, 1 + dx:9 + dx], label
+    return padded[:, 1 + dy : 9 + dy, 1 + dx : 9 + dx], label
 
 
 def loss_fn(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     images, labels = batch
     logits = model(images)
-    return {"loss": F.cross_entropy(logits, labels), "acc": (logits.argmax(1) == labels).float().mean()}
+    return {
+        "loss": F.cross_entropy(logits, labels),
+        "acc": (logits.argmax(1) == labels).float().mean(),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +155,19 @@ class Experiment:
 
 def build(cfg: Config) -> Experiment:
     if cfg.max_epochs is not None and cfg.max_steps is not None:
-        raise SystemExit(f"give --max-epochs or --max-steps, not both (got {cfg.max_epochs} and {cfg.max_steps})")
-    train = Loader(digits("train", val_fraction=cfg.data.val_fraction), cfg.data.batch_size, seed=cfg.seed,
-                   transform=random_shift if cfg.data.augment else None, num_workers=cfg.data.num_workers)
-    val = Loader(digits("val", val_fraction=cfg.data.val_fraction), 256, seed=cfg.seed, shuffle=False)
+        raise SystemExit(
+            f"give --max-epochs or --max-steps, not both (got {cfg.max_epochs} and {cfg.max_steps})"
+        )
+    train = Loader(
+        digits("train", val_fraction=cfg.data.val_fraction),
+        cfg.data.batch_size,
+        seed=cfg.seed,
+        transform=random_shift if cfg.data.augment else None,
+        num_workers=cfg.data.num_workers,
+    )
+    val = Loader(
+        digits("val", val_fraction=cfg.data.val_fraction), 256, seed=cfg.seed, shuffle=False
+    )
     steps_per_epoch = math.ceil(len(train) / cfg.accumulate)
     max_epochs = cfg.max_epochs if cfg.max_steps is None else None
     if max_epochs is None and cfg.max_steps is None:
@@ -161,10 +175,16 @@ def build(cfg: Config) -> Experiment:
     total = cfg.max_steps or max_epochs * steps_per_epoch
     o = cfg.optim
     warm = min(o.warmup_steps, max(total - 1, 1))
-    lr = schedules.warmup(schedules.cosine(o.lr, T_max=max(total - warm, 1), begin=warm), steps=warm) if warm else \
-        schedules.cosine(o.lr, T_max=total)
-    opt = optim.adamw(lr, weight_decay=o.weight_decay) if o.name == "adamw" else \
-        optim.sgd(lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    lr = (
+        schedules.warmup(schedules.cosine(o.lr, T_max=max(total - warm, 1), begin=warm), steps=warm)
+        if warm
+        else schedules.cosine(o.lr, T_max=total)
+    )
+    opt = (
+        optim.adamw(lr, weight_decay=o.weight_decay)
+        if o.name == "adamw"
+        else optim.sgd(lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    )
     tx = optim.chain(optim.clip_by_global_norm(o.clip_grad), opt) if o.clip_grad else opt
     transforms = [fe.check_finite()]
     if cfg.amp != "none":
@@ -174,8 +194,12 @@ def build(cfg: Config) -> Experiment:
     if cfg.ema is not None:
         transforms.append(fe.ema(cfg.ema))
     step = fe.compose(*transforms)(fe.train_step(loss_fn, tx))
-    torch.manual_seed(cfg.seed)  # weight init: the only draw from the global generator, before training
-    state = step.init_state(fe.TrainState.create(ResNet(cfg.model.width, cfg.model.blocks), tx, seed=cfg.seed))
+    torch.manual_seed(
+        cfg.seed
+    )  # weight init: the only draw from the global generator, before training
+    state = step.init_state(
+        fe.TrainState.create(ResNet(cfg.model.width, cfg.model.blocks), tx, seed=cfg.seed)
+    )
     if cfg.load_from is not None:
         state, report = checkpoint.load_params(cfg.load_from, state)
         print(report)
@@ -187,10 +211,16 @@ def build(cfg: Config) -> Experiment:
 def checkpoints(cfg: Config, exp: Experiment) -> handlers.Checkpointer:
     """Every ``checkpoint_interval`` epochs (in steps for --max-steps runs), the last and the best."""
     if "max_epochs" in exp.fit_kwargs:
-        return handlers.Checkpointer(cfg.checkpoint_interval, max_keep_ckpts=cfg.keep_checkpoints, save_best="auto")
+        return handlers.Checkpointer(
+            cfg.checkpoint_interval, max_keep_ckpts=cfg.keep_checkpoints, save_best="auto"
+        )
     steps_per_epoch = math.ceil(len(exp.train_data) / cfg.accumulate)
-    return handlers.Checkpointer(cfg.checkpoint_interval * steps_per_epoch, by_epoch=False,
-                                 max_keep_ckpts=cfg.keep_checkpoints, save_best="auto")
+    return handlers.Checkpointer(
+        cfg.checkpoint_interval * steps_per_epoch,
+        by_epoch=False,
+        max_keep_ckpts=cfg.keep_checkpoints,
+        save_best="auto",
+    )
 
 
 def from_config(config: dict) -> Experiment:
@@ -213,10 +243,21 @@ def main(cfg: Config) -> float:
     if cfg.tensorboard:
         hs.append(handlers.TensorBoard(timer=timer))
     resume = cfg.resume_from if cfg.resume_from is not None else cfg.resume
-    state = fe.fit(exp.state, exp.step, exp.train_data, val=exp.val, handlers=hs, work_dir=cfg.work_dir,
-                   resume=resume, config=config, **exp.fit_kwargs)
+    state = fe.fit(
+        exp.state,
+        exp.step,
+        exp.train_data,
+        val=exp.val,
+        handlers=hs,
+        work_dir=cfg.work_dir,
+        resume=resume,
+        config=config,
+        **exp.fit_kwargs,
+    )
     result = fe.evaluate(state, fe.loop.default_predict, exp.val.data, exp.val.metrics)
-    print(f"final validation accuracy: {result['accuracy']:.2f}% after {state.step} steps ({state.epoch} epochs)")
+    print(
+        f"final validation accuracy: {result['accuracy']:.2f}% after {state.step} steps ({state.epoch} epochs)"
+    )
     return result["accuracy"]
 
 

@@ -20,20 +20,31 @@ def small_cnn(seed: int = 0) -> nn.Module:
     """Conv + BatchNorm + linear head: exercises buffers."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
     )
 
 
 def mlp_batches(n: int, batch: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 16, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(batch, 16, generator=g), torch.randint(0, 10, (batch,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def cnn_batches(n: int, batch: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def ce_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -44,7 +55,9 @@ def ce_loss(model: nn.Module, batch) -> torch.Tensor:
 def assert_dicts_equal(a: dict, b: dict, what: str = "") -> None:
     assert list(a) == list(b), f"{what}: keys differ"
     for k in a:
-        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max abs diff {(a[k] - b[k]).abs().max()})"
+        assert torch.equal(a[k], b[k]), (
+            f"{what}: {k} differs (max abs diff {(a[k] - b[k]).abs().max()})"
+        )
 
 
 class Scripted:

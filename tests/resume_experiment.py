@@ -39,9 +39,17 @@ def noisy(sample, generator):
 def experiment(variant: str = "plain", seed: int = 0):
     opts = VARIANTS[variant]
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4))
-    data = Loader(synthetic_classification(100, num_features=16, num_classes=4, seed=1), 8, seed=seed,
-                  transform=noisy, num_workers=opts.get("num_workers", 0), drop_last=False)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4)
+    )
+    data = Loader(
+        synthetic_classification(100, num_features=16, num_classes=4, seed=1),
+        8,
+        seed=seed,
+        transform=noisy,
+        num_workers=opts.get("num_workers", 0),
+        drop_last=False,
+    )
     lr = schedules.warmup(schedules.cosine(0.05, T_max=60, begin=5), steps=5)
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(lr, momentum=0.9, weight_decay=1e-4))
     transforms = []
@@ -80,8 +88,15 @@ def main() -> None:
     from fengine.replay import state_digest
 
     state, step, data = experiment(args.variant)
-    final = fe.fit(state, step, data, max_steps=args.max_steps, work_dir=args.work_dir, resume=True,
-                   handlers=[PrintSteps(args.sleep)])
+    final = fe.fit(
+        state,
+        step,
+        data,
+        max_steps=args.max_steps,
+        work_dir=args.work_dir,
+        resume=True,
+        handlers=[PrintSteps(args.sleep)],
+    )
     print(f"digest {state_digest(final)}", flush=True)
 
 

@@ -42,7 +42,9 @@ def loss_fn(model, batch):
 
 def batches(n: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)
+    ]
 
 
 def clip_adamw():
@@ -75,10 +77,20 @@ def train(step, state, data):
 
 CONFIGS = {
     "clip_adamw": dict(tx=clip_adamw, transforms=(), bn=False),
-    "amp_bf16_ema": dict(tx=clip_adamw, transforms=(lambda: fengine.amp("bfloat16"), lambda: fengine.ema(0.99)), bn=False),
-    "amp_fp16_scaler_ema": dict(tx=clip_adamw, transforms=(lambda: fengine.amp("float16"), lambda: fengine.ema(0.9)), bn=True),
+    "amp_bf16_ema": dict(
+        tx=clip_adamw,
+        transforms=(lambda: fengine.amp("bfloat16"), lambda: fengine.ema(0.99)),
+        bn=False,
+    ),
+    "amp_fp16_scaler_ema": dict(
+        tx=clip_adamw,
+        transforms=(lambda: fengine.amp("float16"), lambda: fengine.ema(0.9)),
+        bn=True,
+    ),
     "batchnorm": dict(tx=clip_adamw, transforms=(), bn=True),
-    "from_torch_adam": dict(tx=lambda: fengine.optim.from_torch(torch.optim.Adam, lr=1e-3), transforms=(), bn=True),
+    "from_torch_adam": dict(
+        tx=lambda: fengine.optim.from_torch(torch.optim.Adam, lr=1e-3), transforms=(), bn=True
+    ),
 }
 
 
@@ -135,16 +147,29 @@ def test_file_is_plain_safetensors_with_readable_names(tmp_path):
     state = train(step, template(), batches(2))
     path = ckpt.save(tmp_path / "ck.safetensors", state, {"cfg": {"lr": 0.001, "layers": [1, 2]}})
     tensors = st.load_file(path)
-    for name in ("params/0.weight", "buffers/1.running_mean", "buffers/1.num_batches_tracked",
-                 "opt_state/0/grad_norm", "opt_state/1/exp_avg/0.weight", "opt_state/1/exp_avg_sq/4.bias",
-                 "extra/amp/scale", "extra/amp/growth_tracker", "extra/ema/params/4.weight"):
+    for name in (
+        "params/0.weight",
+        "buffers/1.running_mean",
+        "buffers/1.num_batches_tracked",
+        "opt_state/0/grad_norm",
+        "opt_state/1/exp_avg/0.weight",
+        "opt_state/1/exp_avg_sq/4.bias",
+        "extra/amp/scale",
+        "extra/amp/growth_tracker",
+        "extra/ema/params/4.weight",
+    ):
         assert name in tensors, name
     assert torch.equal(tensors["params/0.weight"], state.params["0.weight"].detach())
     assert torch.equal(tensors["extra/amp/scale"], state.extra["amp"].scale)
     with safe_open(str(path), "pt") as f:
         md = f.metadata()
     assert md["fengine.format"] == "fengine.checkpoint"
-    assert json.loads(md["fengine.position"]) == {"step": 2, "epoch": 0, "batch_in_epoch": 0, "seed": 7}
+    assert json.loads(md["fengine.position"]) == {
+        "step": 2,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "seed": 7,
+    }
 
     meta = ckpt.read_meta(path)
     assert (meta["step"], meta["epoch"], meta["batch_in_epoch"], meta["seed"]) == (2, 0, 0, 7)
@@ -160,18 +185,24 @@ def test_tied_and_non_contiguous_tensors_save_and_tied_stay_tied(tmp_path):
     w = torch.randn(4, 5, requires_grad=True)
     base = torch.randn(6, 4)
     state = fengine.TrainState(
-        step=3, params={"enc.weight": w, "dec.weight": w},
+        step=3,
+        params={"enc.weight": w, "dec.weight": w},
         buffers={"t": base.t(), "strided": base[::2], "scalar": torch.tensor(2.5)},
-        opt_state=(), extra={"f": 1.5, "name": "x", "none": None, "flag": True},
+        opt_state=(),
+        extra={"f": 1.5, "name": "x", "none": None, "flag": True},
     )
     path = ckpt.save(tmp_path / "tied.safetensors", state)
     raw = st.load_file(path)
     assert torch.equal(raw["params/enc.weight"], raw["params/dec.weight"])
-    assert torch.equal(raw["buffers/t"], base.t()) and torch.equal(raw["buffers/strided"], base[::2])
+    assert torch.equal(raw["buffers/t"], base.t()) and torch.equal(
+        raw["buffers/strided"], base[::2]
+    )
     like = fengine.TrainState(
-        step=0, params={"enc.weight": (z := torch.zeros(4, 5, requires_grad=True)), "dec.weight": z},
+        step=0,
+        params={"enc.weight": (z := torch.zeros(4, 5, requires_grad=True)), "dec.weight": z},
         buffers={"t": torch.zeros(4, 6), "strided": torch.zeros(3, 4), "scalar": torch.tensor(0.0)},
-        opt_state=(), extra={"f": 0.0, "name": "", "none": None, "flag": False},
+        opt_state=(),
+        extra={"f": 0.0, "name": "", "none": None, "flag": False},
     )
     loaded = ckpt.load(path, like)
     assert loaded.params["enc.weight"] is loaded.params["dec.weight"]
@@ -205,7 +236,9 @@ def test_structure_mismatch_lists_every_problem_by_name(tmp_path):
     state = train(step, template(), batches(1))
     path = ckpt.save(tmp_path / "ck.safetensors", state)
 
-    other = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 4))  # 3.weight/3.bias: shape
+    other = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 4)
+    )  # 3.weight/3.bias: shape
     other.add_module("5", nn.Linear(2, 2))  # 5.weight, 5.bias: missing in the file
     like = fengine.TrainState.create(other, clip_adamw())
     params = dict(like.params)
@@ -215,12 +248,24 @@ def test_structure_mismatch_lists_every_problem_by_name(tmp_path):
         ckpt.load(path, like)
     e, msg = info.value, str(info.value)
     assert str(path) in msg
-    for name in ("params/5.weight", "params/5.bias", "opt_state/1/exp_avg/5.weight", "extra/ema_like"):
+    for name in (
+        "params/5.weight",
+        "params/5.bias",
+        "opt_state/1/exp_avg/5.weight",
+        "extra/ema_like",
+    ):
         assert name in msg and any(m.startswith(name) for m in e.missing), name
-    assert {s[0] for s in e.shape} >= {"params/3.weight", "params/3.bias", "opt_state/1/exp_avg_sq/3.weight"}
+    assert {s[0] for s in e.shape} >= {
+        "params/3.weight",
+        "params/3.bias",
+        "opt_state/1/exp_avg_sq/3.weight",
+    }
     assert ("params/3.weight", [3, 16], [4, 16]) in e.shape
     assert ("params/0.bias", "torch.float32", "torch.float64") in e.dtype
-    assert "params/3.weight: [3, 16] vs [4, 16]" in msg and "params/0.bias: torch.float32 vs torch.float64" in msg
+    assert (
+        "params/3.weight: [3, 16] vs [4, 16]" in msg
+        and "params/0.bias: torch.float32 vs torch.float64" in msg
+    )
 
     # the file has things the template lacks -> unexpected, with a hint for transform state
     step2, template2 = build("amp_bf16_ema")
@@ -235,7 +280,9 @@ def test_structure_mismatch_lists_every_problem_by_name(tmp_path):
 def test_scalar_vs_tensor_mismatch(tmp_path):
     state = fengine.TrainState(step=1, params={"w": torch.ones(2)}, buffers={}, extra={"x": 3})
     path = ckpt.save(tmp_path / "s.safetensors", state)
-    like = fengine.TrainState(step=0, params={"w": torch.ones(2)}, buffers={}, extra={"x": torch.zeros(1)})
+    like = fengine.TrainState(
+        step=0, params={"w": torch.ones(2)}, buffers={}, extra={"x": torch.zeros(1)}
+    )
     with pytest.raises(CheckpointMismatchError, match="extra/x") as info:
         ckpt.load(path, like)
     assert info.value.kind
@@ -307,7 +354,12 @@ def test_foreign_files_point_to_load_params(tmp_path, saved):
     legacy = tmp_path / "legacy.pth"
     torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
     published = ckpt.publish(ckpt.load(path, like), tmp_path / "pub")
-    for f, words in [(plain, "without fengine metadata"), (pth, "zip archive"), (legacy, "pickle"), (published, "params-only")]:
+    for f, words in [
+        (plain, "without fengine metadata"),
+        (pth, "zip archive"),
+        (legacy, "pickle"),
+        (published, "params-only"),
+    ]:
         with pytest.raises(CheckpointError) as info:
             ckpt.load(f, like)
         msg = str(info.value)
@@ -372,16 +424,25 @@ def _kill_state(step: int) -> fengine.TrainState:
     g = torch.Generator().manual_seed(99)
     base = {k: torch.randn(s, generator=g) for k, s in _KILL_SHAPES.items()}
     params = {k: (v + step).requires_grad_(True) for k, v in base.items()}
-    moments = fengine.optim.AdamState(step, {k: v * 0.5 + step for k, v in base.items()},
-                                      {k: v.abs() + step for k, v in base.items()}, {}, 1e-3)
-    return fengine.TrainState(step=step, params=params, buffers={}, opt_state=moments, epoch=step // 10)
+    moments = fengine.optim.AdamState(
+        step,
+        {k: v * 0.5 + step for k, v in base.items()},
+        {k: v.abs() + step for k, v in base.items()},
+        {},
+        1e-3,
+    )
+    return fengine.TrainState(
+        step=step, params=params, buffers={}, opt_state=moments, epoch=step // 10
+    )
 
 
 def _writer(work_dir: Path, first: int) -> None:  # runs in the forked child, until killed
     step = first
     while True:
         state = _kill_state(step)
-        ckpt.save(work_dir / f"iter_{step % 3}.safetensors", state, {"step": step}, update_latest=True)
+        ckpt.save(
+            work_dir / f"iter_{step % 3}.safetensors", state, {"step": step}, update_latest=True
+        )
         step += 1
 
 
@@ -396,7 +457,9 @@ def test_kill_9_during_saves_always_leaves_a_loadable_latest(tmp_path):
         pid = os.fork()
         if pid == 0:  # child: save forever; never return into pytest
             try:
-                torch.set_num_threads(1)  # as DataLoader workers do: the parent's OpenMP pool is gone after fork
+                torch.set_num_threads(
+                    1
+                )  # as DataLoader workers do: the parent's OpenMP pool is gone after fork
                 _writer(tmp_path, first)
             finally:
                 os._exit(0)
@@ -404,7 +467,9 @@ def test_kill_9_during_saves_always_leaves_a_loadable_latest(tmp_path):
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        leftovers = list(tmp_path.glob(".*.tmp"))  # the killed write's temp file, if it was mid-write
+        leftovers = list(
+            tmp_path.glob(".*.tmp")
+        )  # the killed write's temp file, if it was mid-write
         torn += bool(leftovers)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the pointer itself must name a good file: no fallback
@@ -445,7 +510,10 @@ def test_disk_full_leaves_previous_checkpoints_and_pointer_untouched(tmp_path, m
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ckpt, "_pwrite_all" if where == "write" else "_preallocate", no_space)
-    for target in ("iter_2.safetensors", "iter_1.safetensors"):  # a new name, and overwriting the previous one
+    for target in (
+        "iter_2.safetensors",
+        "iter_1.safetensors",
+    ):  # a new name, and overwriting the previous one
         with pytest.raises(OSError) as info:
             ckpt.save(tmp_path / target, state, update_latest=True)
         assert info.value.errno == errno.ENOSPC
@@ -502,7 +570,15 @@ def test_load_params_prefix_map_into_a_train_state(tmp_path):
     target = fengine.TrainState.create(backbone, clip_adamw())
     new, report = ckpt.load_params(path, target, prefix_map={"backbone.": ""})
     assert report.ok and report.format == "fengine"
-    assert set(report.loaded) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert set(report.loaded) == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+    }
     assert set(report.skipped) == {"head.weight", "head.bias"}
     assert torch.equal(new.params["0.weight"], det.backbone[0].weight.detach())
     assert new.params["0.weight"].requires_grad
@@ -527,13 +603,20 @@ def test_load_params_report_and_strict(tmp_path):
     sd, report = ckpt.load_params(path, target)
     assert report.format == "safetensors"
     assert set(report.missing) == {"extra.weight", "extra.bias"}
-    assert set(report.unexpected) == {"backbone.1.weight", "backbone.1.bias", "backbone.1.running_mean",
-                                      "backbone.1.running_var", "backbone.1.num_batches_tracked"}
+    assert set(report.unexpected) == {
+        "backbone.1.weight",
+        "backbone.1.bias",
+        "backbone.1.running_mean",
+        "backbone.1.running_var",
+        "backbone.1.num_batches_tracked",
+    }
     assert ("head.weight", (3, 16), (5, 16)) in report.mismatched
     assert set(report.loaded) == {"backbone.0.weight", "backbone.0.bias"}
     assert torch.equal(sd["backbone.0.weight"], src.backbone[0].weight.detach())
     assert sd["head.weight"].shape == (5, 16) and list(sd) == list(target.state_dict())
-    assert not torch.equal(target.backbone[0].weight, src.backbone[0].weight)  # the module is not modified
+    assert not torch.equal(
+        target.backbone[0].weight, src.backbone[0].weight
+    )  # the module is not modified
     target.load_state_dict(sd)
     assert "extra.weight" in str(report) and "head.weight" in str(report)
 
@@ -549,18 +632,25 @@ def test_load_params_report_and_strict(tmp_path):
 def test_load_params_from_torch_pth_with_wrapper_and_module_prefix(tmp_path):
     torch.manual_seed(0)
     src = Detector()
-    wrapped = {"meta": {"epoch": 3}, "state_dict": {"module." + k: v for k, v in src.state_dict().items()}}
+    wrapped = {
+        "meta": {"epoch": 3},
+        "state_dict": {"module." + k: v for k, v in src.state_dict().items()},
+    }
     pth = tmp_path / "epoch_3.pth"
     torch.save(wrapped, pth)
     torch.manual_seed(5)
     target = fengine.TrainState.create(Detector(), clip_adamw())
-    target = target.replace(params={k: v.detach().double().requires_grad_(True) for k, v in target.params.items()})
+    target = target.replace(
+        params={k: v.detach().double().requires_grad_(True) for k, v in target.params.items()}
+    )
     new, report = ckpt.load_params(pth, target, strict=True)
     assert report.format == "torch" and not report.missing and not report.unexpected
     for k, v in src.state_dict().items():
         got = new.params.get(k, new.buffers.get(k))
         assert torch.equal(got, v.to(got.dtype)), k
-    assert new.params["head.weight"].dtype == torch.float64 and new.params["head.weight"].requires_grad
+    assert (
+        new.params["head.weight"].dtype == torch.float64 and new.params["head.weight"].requires_grad
+    )
 
     legacy = tmp_path / "legacy.pth"
     torch.save(src.state_dict(), legacy, _use_new_zipfile_serialization=False)

@@ -49,21 +49,62 @@ def _files(d: Path) -> list[str]:
     return sorted(p.name for p in Path(d).glob("*.safetensors") if not p.name.startswith("."))
 
 
-def _run(work_dir, ckpt, *, max_epochs=None, max_steps=None, values=None, val_interval=None, n=2, resume=False,
-         state=None):
+def _run(
+    work_dir,
+    ckpt,
+    *,
+    max_epochs=None,
+    max_steps=None,
+    values=None,
+    val_interval=None,
+    n=2,
+    resume=False,
+    state=None,
+):
     st, step, batches = _setup(n)
     rec = Saved()
     val = None
     if values is not None:
-        val = fe.Val(batches[:1], [values if isinstance(values, Scripted) else Scripted(values)], interval=val_interval)
-    final = fe.fit(state or st, step, batches, max_epochs=max_epochs, max_steps=max_steps, val=val,
-                   handlers=[ckpt, rec], work_dir=work_dir, resume=resume)
+        val = fe.Val(
+            batches[:1],
+            [values if isinstance(values, Scripted) else Scripted(values)],
+            interval=val_interval,
+        )
+    final = fe.fit(
+        state or st,
+        step,
+        batches,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        val=val,
+        handlers=[ckpt, rec],
+        work_dir=work_dir,
+        resume=resume,
+    )
     return final, rec.names
 
 
-def _snap(event, *, epoch=0, step=0, max_epochs=10, max_steps=100, by_epoch=True, work_dir=None, metrics=None):
-    run = RunInfo(work_dir=work_dir, by_epoch=by_epoch, max_epochs=max_epochs if by_epoch else None,
-                  max_steps=max_steps, steps_per_epoch=1, batches_per_epoch=1, micro_batches=1, start_step=0)
+def _snap(
+    event,
+    *,
+    epoch=0,
+    step=0,
+    max_epochs=10,
+    max_steps=100,
+    by_epoch=True,
+    work_dir=None,
+    metrics=None,
+):
+    run = RunInfo(
+        work_dir=work_dir,
+        by_epoch=by_epoch,
+        max_epochs=max_epochs if by_epoch else None,
+        max_steps=max_steps,
+        steps_per_epoch=1,
+        batches_per_epoch=1,
+        micro_batches=1,
+        start_step=0,
+    )
     state = types.SimpleNamespace(epoch=epoch, step=step)
     return Snapshot(event, state, run, metrics=metrics or {})
 
@@ -85,10 +126,16 @@ def _mm_run(tmp, hook_kw, *, max_epochs=None, max_iters=None, values=None, val_e
         saved.append(filename)
 
     quiet = types.SimpleNamespace(info=lambda m: None, warning=lambda m: None)
-    runner = types.SimpleNamespace(work_dir=str(work_dir), logger=quiet, save_checkpoint=save_checkpoint,
-                                   message_hub=MessageHub.get_instance(f"ckpt-oracle-{uuid.uuid4().hex}"),
-                                   epoch=0, iter=0, max_epochs=max_epochs,
-                                   max_iters=max_iters if max_iters is not None else max_epochs * spe)
+    runner = types.SimpleNamespace(
+        work_dir=str(work_dir),
+        logger=quiet,
+        save_checkpoint=save_checkpoint,
+        message_hub=MessageHub.get_instance(f"ckpt-oracle-{uuid.uuid4().hex}"),
+        epoch=0,
+        iter=0,
+        max_epochs=max_epochs,
+        max_iters=max_iters if max_iters is not None else max_epochs * spe,
+    )
     hook = mm_hooks.CheckpointHook(**hook_kw)
     hook.before_train(runner)
     it = iter(values or [])
@@ -118,13 +165,19 @@ def _mm_run(tmp, hook_kw, *, max_epochs=None, max_iters=None, values=None, val_e
     out = Path(hook.out_dir)
     fix = lambda s: s.replace(".pth", ".safetensors")  # noqa: E731
     remaining = sorted(fix(p.name) for p in out.glob("*.pth"))
-    last = (work_dir / "last_checkpoint").read_text() if (work_dir / "last_checkpoint").exists() else None
+    last = (
+        (work_dir / "last_checkpoint").read_text()
+        if (work_dir / "last_checkpoint").exists()
+        else None
+    )
     return [fix(s) for s in saved], remaining, (fix(Path(last).name) if last else None)
 
 
 def _mm_kw(kw):
     kw = dict(kw)
-    kw["filename_tmpl"] = kw.get("filename_tmpl", "epoch_{}.pth" if kw.get("by_epoch", True) else "iter_{}.pth")
+    kw["filename_tmpl"] = kw.get(
+        "filename_tmpl", "epoch_{}.pth" if kw.get("by_epoch", True) else "iter_{}.pth"
+    )
     return kw
 
 
@@ -134,19 +187,43 @@ ORACLE_CASES = [
     (dict(interval=2, save_begin=5), dict(max_epochs=10), None, 1),  # "5, 7, 9" + 10 by save_last
     (dict(interval=2, save_begin=5, save_last=False), dict(max_epochs=10), None, 1),
     (dict(interval=3), dict(max_epochs=7), None, 1),
-    (dict(interval=1, max_keep_ckpts=2, save_best="acc"), dict(max_epochs=6), [0.1, 0.5, 0.3, 0.7, 0.7, 0.2], 1),
-    (dict(interval=2, max_keep_ckpts=1, save_best=["acc", "loss"]), dict(max_epochs=6),
-     [{"acc": 0.1, "loss": 3.0}, {"acc": 0.4, "loss": 3.5}, {"acc": 0.3, "loss": 2.0}], 2),
-    (dict(interval=4, by_epoch=False, max_keep_ckpts=2, save_best="loss"), dict(max_steps=14),
-     [{"loss": v} for v in (0.9, 0.5, 0.7, 0.4)], 4),
-    (dict(interval=3, by_epoch=False), dict(max_epochs=4), None, 1),  # iteration interval in an epoch run
+    (
+        dict(interval=1, max_keep_ckpts=2, save_best="acc"),
+        dict(max_epochs=6),
+        [0.1, 0.5, 0.3, 0.7, 0.7, 0.2],
+        1,
+    ),
+    (
+        dict(interval=2, max_keep_ckpts=1, save_best=["acc", "loss"]),
+        dict(max_epochs=6),
+        [{"acc": 0.1, "loss": 3.0}, {"acc": 0.4, "loss": 3.5}, {"acc": 0.3, "loss": 2.0}],
+        2,
+    ),
+    (
+        dict(interval=4, by_epoch=False, max_keep_ckpts=2, save_best="loss"),
+        dict(max_steps=14),
+        [{"loss": v} for v in (0.9, 0.5, 0.7, 0.4)],
+        4,
+    ),
+    (
+        dict(interval=3, by_epoch=False),
+        dict(max_epochs=4),
+        None,
+        1,
+    ),  # iteration interval in an epoch run
 ]
 
 
 @pytest.mark.parametrize("ckpt_kw,fit_kw,values,every", ORACLE_CASES)
 def test_matches_mmengine_checkpoint_hook(tmp_path, ckpt_kw, fit_kw, values, every):
-    names_mm, remaining_mm, last_mm = _mm_run(tmp_path / "mm", _mm_kw(ckpt_kw), max_epochs=fit_kw.get("max_epochs"),
-                                              max_iters=fit_kw.get("max_steps"), values=values, val_every=every)
+    names_mm, remaining_mm, last_mm = _mm_run(
+        tmp_path / "mm",
+        _mm_kw(ckpt_kw),
+        max_epochs=fit_kw.get("max_epochs"),
+        max_iters=fit_kw.get("max_steps"),
+        values=values,
+        val_every=every,
+    )
     work = tmp_path / "fe"
     _, names = _run(work, Checkpointer(**ckpt_kw), values=values, val_interval=every, **fit_kw)
     assert names == names_mm
@@ -168,9 +245,16 @@ def test_resave_only_when_a_periodic_checkpoint_of_that_step_exists(tmp_path):
     values = [0.1, 0.2, 0.3, 0.4]
     names_mm, _, _ = _mm_run(tmp_path / "mm", _mm_kw(kw), max_epochs=4, values=values)
     _, names = _run(tmp_path / "fe", Checkpointer(**kw), max_epochs=4, values=values)
-    assert names_mm[4:6] == ["best_acc_epoch_3.safetensors", "epoch_3.safetensors"]  # off-interval periodic file
+    assert names_mm[4:6] == [
+        "best_acc_epoch_3.safetensors",
+        "epoch_3.safetensors",
+    ]  # off-interval periodic file
     assert names == names_mm[:5] + names_mm[6:]
-    assert _files(tmp_path / "fe") == ["best_acc_epoch_4.safetensors", "epoch_2.safetensors", "epoch_4.safetensors"]
+    assert _files(tmp_path / "fe") == [
+        "best_acc_epoch_4.safetensors",
+        "epoch_2.safetensors",
+        "epoch_4.safetensors",
+    ]
 
 
 # ----------------------------------------------------------------- predicate
@@ -181,27 +265,48 @@ class _Runner(types.SimpleNamespace):
 @pytest.mark.parametrize("by_epoch", [True, False])
 def test_predicate_grid_vs_mmengine(by_epoch):
     last = 12
-    for interval, begin, save_last in itertools.product((-1, 1, 2, 3, 5), (0, 1, 3, 5), (True, False)):
-        hook = mm_hooks.CheckpointHook(interval=interval, by_epoch=by_epoch, save_begin=begin, save_last=save_last)
+    for interval, begin, save_last in itertools.product(
+        (-1, 1, 2, 3, 5), (0, 1, 3, 5), (True, False)
+    ):
+        hook = mm_hooks.CheckpointHook(
+            interval=interval, by_epoch=by_epoch, save_begin=begin, save_last=save_last
+        )
         got = []
-        hook._save_checkpoint = lambda r, got=got: got.append(r.epoch + 1 if by_epoch else r.iter + 1)
-        runner = _Runner(logger=types.SimpleNamespace(info=lambda m: None), max_epochs=last, max_iters=last)
+        hook._save_checkpoint = lambda r, got=got: got.append(
+            r.epoch + 1 if by_epoch else r.iter + 1
+        )
+        runner = _Runner(
+            logger=types.SimpleNamespace(info=lambda m: None), max_epochs=last, max_iters=last
+        )
         for i in range(last):
             runner.epoch = runner.iter = i
             (hook.after_train_epoch(runner) if by_epoch else hook.after_train_iter(runner, i))
-        mine = [n for n in range(1, last + 1)
-                if should_save(n, interval=interval, save_begin=begin, last=last, save_last=save_last)]
+        mine = [
+            n
+            for n in range(1, last + 1)
+            if should_save(n, interval=interval, save_begin=begin, last=last, save_last=save_last)
+        ]
         assert mine == got, (interval, begin, save_last)
         # the handler itself, on hand-built snapshots
-        ck = Checkpointer(interval, by_epoch=by_epoch, save_begin=begin, save_last=save_last, out_dir="/nonexistent")
+        ck = Checkpointer(
+            interval,
+            by_epoch=by_epoch,
+            save_begin=begin,
+            save_last=save_last,
+            out_dir="/nonexistent",
+        )
         event = "after_train_epoch" if by_epoch else "after_train_iter"
         method = getattr(ck, "on_" + event)
         requested = []
         for n in range(1, last + 1):
-            s = method(_snap(event, epoch=n, step=n, max_epochs=last, max_steps=last, by_epoch=by_epoch))
+            s = method(
+                _snap(event, epoch=n, step=n, max_epochs=last, max_steps=last, by_epoch=by_epoch)
+            )
             if s is not None:
                 assert isinstance(s, Save) and s.latest
-                assert s.path == Path("/nonexistent") / (f"epoch_{n}.safetensors" if by_epoch else f"iter_{n}.safetensors")
+                assert s.path == Path("/nonexistent") / (
+                    f"epoch_{n}.safetensors" if by_epoch else f"iter_{n}.safetensors"
+                )
                 requested.append(n)
         assert requested == got
 
@@ -209,7 +314,14 @@ def test_predicate_grid_vs_mmengine(by_epoch):
 def test_save_begin_doc_example_includes_last_epoch():
     got = [n for n in range(1, 11) if should_save(n, interval=2, save_begin=5, last=10)]
     assert got == [5, 7, 9, 10]
-    assert [n for n in range(1, 11) if should_save(n, interval=1, save_begin=5, last=10)] == [5, 6, 7, 8, 9, 10]
+    assert [n for n in range(1, 11) if should_save(n, interval=1, save_begin=5, last=10)] == [
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+    ]
 
 
 def test_rotation_deletes_oldest_before_returning_the_save(tmp_path):
@@ -229,8 +341,24 @@ def test_rotation_deletes_oldest_before_returning_the_save(tmp_path):
 
 
 # ----------------------------------------------------------------- rule inference
-RULE_KEYS = ["accuracy", "top-1", "ACC/accuracy", "val_loss", "mIoU", "FID", "acc", "Loss", "AR@100", "aAcc",
-             "precision_recall", "lossy_acc", "bbox_mAP", "coco/bbox_mAP_50", "IS", "psnr"]
+RULE_KEYS = [
+    "accuracy",
+    "top-1",
+    "ACC/accuracy",
+    "val_loss",
+    "mIoU",
+    "FID",
+    "acc",
+    "Loss",
+    "AR@100",
+    "aAcc",
+    "precision_recall",
+    "lossy_acc",
+    "bbox_mAP",
+    "coco/bbox_mAP_50",
+    "IS",
+    "psnr",
+]
 
 
 @pytest.mark.parametrize("key", RULE_KEYS)
@@ -240,7 +368,9 @@ def test_rule_inference_vs_mmengine(key):
     except ValueError:
         expected = None
     if expected is None:
-        with pytest.raises(ValueError, match=f"cannot infer the rule for save_best key {key!r}.*rule="):
+        with pytest.raises(
+            ValueError, match=f"cannot infer the rule for save_best key {key!r}.*rule="
+        ):
             Checkpointer(save_best=key)
         with pytest.raises(ValueError):
             infer_rule(key)
@@ -250,10 +380,17 @@ def test_rule_inference_vs_mmengine(key):
 
 
 def test_rule_inference_with_custom_keys_vs_mmengine():
-    for key, gk, lk in [("psnr", ["psnr"], None), ("FID", None, ["fid"]), ("ssim_loss", ["ssim"], None)]:
+    for key, gk, lk in [
+        ("psnr", ["psnr"], None),
+        ("FID", None, ["fid"]),
+        ("ssim_loss", ["ssim"], None),
+    ]:
         expected = mm_hooks.CheckpointHook(save_best=key, greater_keys=gk, less_keys=lk).rules[0]
         assert Checkpointer(save_best=key, greater_keys=gk, less_keys=lk).rules == [expected]
-    assert Checkpointer(save_best=["FID", "IS"], rule=["less", "greater"]).rules == ["less", "greater"]
+    assert Checkpointer(save_best=["FID", "IS"], rule=["less", "greater"]).rules == [
+        "less",
+        "greater",
+    ]
     assert Checkpointer(save_best=["FID", "acc"], rule="less").rules == ["less", "less"]
 
 
@@ -262,19 +399,35 @@ def test_best_rotates_and_resaves_the_periodic_checkpoint(tmp_path, caplog):
     ck = Checkpointer(1, save_best="acc")
     with caplog.at_level(logging.INFO, logger="fengine"):
         _, names = _run(tmp_path, ck, max_epochs=4, values=[0.5, 0.9, 0.6, 0.95])
-    assert names == ["epoch_1.safetensors", "best_acc_epoch_1.safetensors", "epoch_1.safetensors",
-                     "epoch_2.safetensors", "best_acc_epoch_2.safetensors", "epoch_2.safetensors",
-                     "epoch_3.safetensors",
-                     "epoch_4.safetensors", "best_acc_epoch_4.safetensors", "epoch_4.safetensors"]
+    assert names == [
+        "epoch_1.safetensors",
+        "best_acc_epoch_1.safetensors",
+        "epoch_1.safetensors",
+        "epoch_2.safetensors",
+        "best_acc_epoch_2.safetensors",
+        "epoch_2.safetensors",
+        "epoch_3.safetensors",
+        "epoch_4.safetensors",
+        "best_acc_epoch_4.safetensors",
+        "epoch_4.safetensors",
+    ]
     assert [f for f in _files(tmp_path) if f.startswith("best")] == ["best_acc_epoch_4.safetensors"]
     # the re-saved periodic checkpoint carries the current best; the best file is not the latest
-    meta = checkpoint.read_meta(tmp_path / "epoch_2.safetensors")["meta"]["handlers"]["Checkpointer"]
+    meta = checkpoint.read_meta(tmp_path / "epoch_2.safetensors")["meta"]["handlers"][
+        "Checkpointer"
+    ]
     assert meta["best"] == {"acc": {"score": 0.9, "path": "best_acc_epoch_2.safetensors"}}
     assert checkpoint.latest(tmp_path) == tmp_path / "epoch_4.safetensors"
     text = caplog.text
     assert "Saving checkpoint at 1 epochs" in text
-    assert "The best checkpoint with 0.9000 acc at 2 epoch is saved to best_acc_epoch_2.safetensors." in text
-    assert f"The previous best checkpoint {tmp_path / 'best_acc_epoch_2.safetensors'} is removed" in text
+    assert (
+        "The best checkpoint with 0.9000 acc at 2 epoch is saved to best_acc_epoch_2.safetensors."
+        in text
+    )
+    assert (
+        f"The previous best checkpoint {tmp_path / 'best_acc_epoch_2.safetensors'} is removed"
+        in text
+    )
     # the best checkpoint holds that epoch's state
     best = checkpoint.read_meta(tmp_path / "best_acc_epoch_4.safetensors")
     assert best["epoch"] == 4 and best["step"] == 8
@@ -285,15 +438,24 @@ def test_auto_takes_the_first_key_of_the_first_validation(tmp_path):
     ck = Checkpointer(1, save_best="auto")
     _run(tmp_path, ck, max_epochs=3, values=values)
     assert ck.save_best == ["top1"] and ck.rules == ["greater"]
-    assert [f for f in _files(tmp_path) if f.startswith("best")] == ["best_top1_epoch_2.safetensors"]
+    assert [f for f in _files(tmp_path) if f.startswith("best")] == [
+        "best_top1_epoch_2.safetensors"
+    ]
 
 
 def test_auto_with_a_key_that_needs_a_rule(tmp_path):
     with pytest.raises(ValueError, match="'FID'"):
-        _run(tmp_path / "a", Checkpointer(1, save_best="auto"), max_epochs=2, values=[{"FID": 3.0}] * 2)
+        _run(
+            tmp_path / "a",
+            Checkpointer(1, save_best="auto"),
+            max_epochs=2,
+            values=[{"FID": 3.0}] * 2,
+        )
     ck = Checkpointer(1, save_best="auto", rule="less")
     _run(tmp_path / "b", ck, max_epochs=3, values=[{"FID": 3.0}, {"FID": 2.0}, {"FID": 2.5}])
-    assert [f for f in _files(tmp_path / "b") if f.startswith("best")] == ["best_FID_epoch_2.safetensors"]
+    assert [f for f in _files(tmp_path / "b") if f.startswith("best")] == [
+        "best_FID_epoch_2.safetensors"
+    ]
 
 
 def test_best_key_with_slash_and_accuracy_metric(tmp_path):
@@ -328,7 +490,12 @@ def test_best_survives_resume(tmp_path):
 
 
 def test_auto_key_survives_resume(tmp_path):
-    _run(tmp_path, Checkpointer(1, save_best="auto"), max_epochs=2, values=[{"acc": 0.5, "x_loss": 1.0}] * 2)
+    _run(
+        tmp_path,
+        Checkpointer(1, save_best="auto"),
+        max_epochs=2,
+        values=[{"acc": 0.5, "x_loss": 1.0}] * 2,
+    )
     ck = Checkpointer(1, save_best="auto")
     _run(tmp_path, ck, max_epochs=3, values=[{"x_loss": 0.5, "acc": 0.6}], resume=True)
     assert ck.save_best == ["acc"]
@@ -345,11 +512,25 @@ def _loader_setup():
 
 def test_max_keep_counts_across_resume(tmp_path):
     st, step, loader = _loader_setup()
-    fe.fit(st, step, loader, max_epochs=3, handlers=[Checkpointer(1, max_keep_ckpts=2)], work_dir=tmp_path)
+    fe.fit(
+        st,
+        step,
+        loader,
+        max_epochs=3,
+        handlers=[Checkpointer(1, max_keep_ckpts=2)],
+        work_dir=tmp_path,
+    )
     assert _files(tmp_path) == ["epoch_2.safetensors", "epoch_3.safetensors"]
     st, step, loader = _loader_setup()
-    final = fe.fit(st, step, loader, max_epochs=6, handlers=[Checkpointer(1, max_keep_ckpts=2)],
-                   work_dir=tmp_path, resume=True)
+    final = fe.fit(
+        st,
+        step,
+        loader,
+        max_epochs=6,
+        handlers=[Checkpointer(1, max_keep_ckpts=2)],
+        work_dir=tmp_path,
+        resume=True,
+    )
     assert final.epoch == 6
     assert _files(tmp_path) == ["epoch_5.safetensors", "epoch_6.safetensors"]
     assert checkpoint.latest(tmp_path) == tmp_path / "epoch_6.safetensors"
@@ -367,7 +548,9 @@ def test_out_dir_gets_the_work_dir_name(tmp_path):
     _run(work, Checkpointer(1, out_dir=tmp_path / "store", max_keep_ckpts=1), max_epochs=2)
     assert _files(tmp_path / "store" / "exp1") == ["epoch_2.safetensors"]
     assert _files(work) == []
-    assert checkpoint.latest(work) == (tmp_path / "store" / "exp1" / "epoch_2.safetensors").resolve()
+    assert (
+        checkpoint.latest(work) == (tmp_path / "store" / "exp1" / "epoch_2.safetensors").resolve()
+    )
     # out_dir equal to work_dir is used as is (MMEngine)
     assert Checkpointer(out_dir=work).directory(RunInfo(work, True, 1, 1, 1, 1, 1, 0)) == work
 
@@ -394,9 +577,17 @@ def test_iteration_interval_naming_and_log(tmp_path, caplog):
 
 
 def test_filename_template(tmp_path):
-    _, names = _run(tmp_path, Checkpointer(1, filename_tmpl="ckpt_{:03d}.safetensors", save_best="acc"),
-                    max_epochs=2, values=[0.1, 0.2])
-    assert _files(tmp_path) == ["best_acc_ckpt_002.safetensors", "ckpt_001.safetensors", "ckpt_002.safetensors"]
+    _, names = _run(
+        tmp_path,
+        Checkpointer(1, filename_tmpl="ckpt_{:03d}.safetensors", save_best="acc"),
+        max_epochs=2,
+        values=[0.1, 0.2],
+    )
+    assert _files(tmp_path) == [
+        "best_acc_ckpt_002.safetensors",
+        "ckpt_001.safetensors",
+        "ckpt_002.safetensors",
+    ]
 
 
 def test_interval_minus_one_saves_only_the_last(tmp_path):
@@ -411,7 +602,10 @@ def test_published_last_and_best(tmp_path):
     files = _files(tmp_path)
     pub = [f for f in files if "-" in f]
     assert len(pub) == 2
-    for stem, src in (("epoch_3-", "epoch_3.safetensors"), ("best_acc_epoch_2-", "best_acc_epoch_2.safetensors")):
+    for stem, src in (
+        ("epoch_3-", "epoch_3.safetensors"),
+        ("best_acc_epoch_2-", "best_acc_epoch_2.safetensors"),
+    ):
         (name,) = [f for f in pub if f.startswith(stem)]
         path = tmp_path / name
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
@@ -433,8 +627,14 @@ def test_published_ema_weights(tmp_path, which):
     tx = optim.sgd(0.05)
     step = fe.compose(fe.ema(0.5))(fe.train_step(ce_loss, tx))
     st = fe.TrainState.create(mlp(), tx, seed=0)
-    final = fe.fit(st, step, mlp_batches(2), max_epochs=2, work_dir=tmp_path,
-                   handlers=[Checkpointer(1, published=True, published_params=which)])
+    final = fe.fit(
+        st,
+        step,
+        mlp_batches(2),
+        max_epochs=2,
+        work_dir=tmp_path,
+        handlers=[Checkpointer(1, published=True, published_params=which)],
+    )
     (name,) = [f for f in _files(tmp_path) if f.startswith("epoch_2-")]
     from safetensors.torch import load_file
 
@@ -449,40 +649,54 @@ def test_published_ema_weights(tmp_path, which):
 def test_validation_returns_all_its_saves_in_order(tmp_path):
     """One best per improved key, then the re-save of that step's periodic checkpoint, in one list."""
     ck = Checkpointer(2, save_best=["acc", "loss"], out_dir=tmp_path)
-    assert ck.on_after_train_epoch(_snap("after_train_epoch", epoch=2)) == Save(tmp_path / "epoch_2.safetensors")
-    saves = ck.on_after_val_epoch(_snap("after_val_epoch", epoch=2, metrics={"acc": 0.5, "loss": 1.0}))
-    assert saves == [Save(tmp_path / "best_acc_epoch_2.safetensors", latest=False),
-                     Save(tmp_path / "best_loss_epoch_2.safetensors", latest=False),
-                     Save(tmp_path / "epoch_2.safetensors", latest=True)]
+    assert ck.on_after_train_epoch(_snap("after_train_epoch", epoch=2)) == Save(
+        tmp_path / "epoch_2.safetensors"
+    )
+    saves = ck.on_after_val_epoch(
+        _snap("after_val_epoch", epoch=2, metrics={"acc": 0.5, "loss": 1.0})
+    )
+    assert saves == [
+        Save(tmp_path / "best_acc_epoch_2.safetensors", latest=False),
+        Save(tmp_path / "best_loss_epoch_2.safetensors", latest=False),
+        Save(tmp_path / "epoch_2.safetensors", latest=True),
+    ]
     # epoch 3 has no periodic checkpoint: only the improved key's best file
     assert ck.on_after_train_epoch(_snap("after_train_epoch", epoch=3)) is None
-    saves = ck.on_after_val_epoch(_snap("after_val_epoch", epoch=3, metrics={"acc": 0.4, "loss": 0.5}))
+    saves = ck.on_after_val_epoch(
+        _snap("after_val_epoch", epoch=3, metrics={"acc": 0.4, "loss": 0.5})
+    )
     assert saves == [Save(tmp_path / "best_loss_epoch_3.safetensors", latest=False)]
-    assert ck.on_after_val_epoch(_snap("after_val_epoch", epoch=3, metrics={"acc": 0.4, "loss": 0.5})) == []
+    assert (
+        ck.on_after_val_epoch(_snap("after_val_epoch", epoch=3, metrics={"acc": 0.4, "loss": 0.5}))
+        == []
+    )
 
 
 # ----------------------------------------------------------------- bad input
-@pytest.mark.parametrize("kw,exc,match", [
-    (dict(interval=0), ValueError, "interval"),
-    (dict(interval=-2), ValueError, "interval"),
-    (dict(interval=1.5), TypeError, "interval"),
-    (dict(save_begin=-1), ValueError, "save_begin"),
-    (dict(max_keep_ckpts=0), ValueError, "max_keep_ckpts"),
-    (dict(filename_tmpl="epoch.safetensors"), ValueError, "filename_tmpl"),
-    (dict(filename_tmpl="epoch_{}_{}.safetensors"), ValueError, "filename_tmpl"),
-    (dict(filename_tmpl="epoch_{x}.safetensors"), ValueError, "filename_tmpl"),
-    (dict(filename_tmpl="epoch_{"), ValueError, "filename_tmpl"),
-    (dict(save_best="acc", rule="bigger"), ValueError, "rule"),
-    (dict(save_best=["acc", "top"], rule=["greater", "less", "less"]), ValueError, "rule"),
-    (dict(save_best=["acc", "acc"]), ValueError, "save_best.*more than once"),
-    (dict(save_best=["auto", "auto"]), ValueError, "save_best.*auto"),
-    (dict(save_best=["auto", "acc"]), ValueError, "auto"),
-    (dict(save_best=""), ValueError, "save_best"),
-    (dict(save_best=3), TypeError, "save_best"),
-    (dict(rule="greater"), ValueError, "rule.*save_best"),
-    (dict(save_last=False, published=True), ValueError, "published"),
-    (dict(save_best="FID"), ValueError, "FID"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(interval=0), ValueError, "interval"),
+        (dict(interval=-2), ValueError, "interval"),
+        (dict(interval=1.5), TypeError, "interval"),
+        (dict(save_begin=-1), ValueError, "save_begin"),
+        (dict(max_keep_ckpts=0), ValueError, "max_keep_ckpts"),
+        (dict(filename_tmpl="epoch.safetensors"), ValueError, "filename_tmpl"),
+        (dict(filename_tmpl="epoch_{}_{}.safetensors"), ValueError, "filename_tmpl"),
+        (dict(filename_tmpl="epoch_{x}.safetensors"), ValueError, "filename_tmpl"),
+        (dict(filename_tmpl="epoch_{"), ValueError, "filename_tmpl"),
+        (dict(save_best="acc", rule="bigger"), ValueError, "rule"),
+        (dict(save_best=["acc", "top"], rule=["greater", "less", "less"]), ValueError, "rule"),
+        (dict(save_best=["acc", "acc"]), ValueError, "save_best.*more than once"),
+        (dict(save_best=["auto", "auto"]), ValueError, "save_best.*auto"),
+        (dict(save_best=["auto", "acc"]), ValueError, "auto"),
+        (dict(save_best=""), ValueError, "save_best"),
+        (dict(save_best=3), TypeError, "save_best"),
+        (dict(rule="greater"), ValueError, "rule.*save_best"),
+        (dict(save_last=False, published=True), ValueError, "published"),
+        (dict(save_best="FID"), ValueError, "FID"),
+    ],
+)
 def test_bad_input(kw, exc, match):
     with pytest.raises(exc, match=match):
         Checkpointer(**kw)

@@ -40,7 +40,9 @@ def assert_tree_equal(a, b):
         assert a == b
 
 
-def mm_default_sampler(monkeypatch, n, *, seed, epoch, shuffle=True, rank=0, world=1, round_up=True):
+def mm_default_sampler(
+    monkeypatch, n, *, seed, epoch, shuffle=True, rank=0, world=1, round_up=True
+):
     monkeypatch.setattr(mm_sampler, "get_dist_info", lambda: (rank, world))
     s = mmd.DefaultSampler(range(n), shuffle=shuffle, seed=seed, round_up=round_up)
     s.set_epoch(epoch)
@@ -106,7 +108,13 @@ SAMPLER_CASES = [
 @pytest.mark.parametrize("n, seed, epoch, rank, world, shuffle, round_up", SAMPLER_CASES)
 def test_epoch_indices_match_mmengine(monkeypatch, n, seed, epoch, rank, world, shuffle, round_up):
     ref = mm_default_sampler(
-        monkeypatch, n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world=world,
+        monkeypatch,
+        n,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        rank=rank,
+        world=world,
         round_up=round_up,
     )
     got = fd.epoch_indices(
@@ -114,7 +122,9 @@ def test_epoch_indices_match_mmengine(monkeypatch, n, seed, epoch, rank, world, 
     )
     assert got == list(ref)
     assert fd.samples_per_rank(n, rank=rank, world_size=world, round_up=round_up) == len(ref)
-    sampler = fd.Sampler(n, seed=seed, shuffle=shuffle, rank=rank, world_size=world, round_up=round_up)
+    sampler = fd.Sampler(
+        n, seed=seed, shuffle=shuffle, rank=rank, world_size=world, round_up=round_up
+    )
     assert len(sampler) == len(ref)
     assert list(sampler.epoch(epoch)) == list(ref)
 
@@ -155,9 +165,10 @@ def test_infinite_stream_is_default_sampler_epochs_and_resumes_by_position(monke
         for start in (0, 4, 9, 15):  # resume anywhere, including across pass boundaries
             assert list(itertools.islice(s.stream(start), 8)) == rank_stream[start : start + 8]
             assert s.indices(start, 8) == rank_stream[start : start + 8]
-            assert fd.stream_indices(
-                n, seed=seed, start=start, count=8, rank=rank, world_size=world
-            ) == rank_stream[start : start + 8]
+            assert (
+                fd.stream_indices(n, seed=seed, start=start, count=8, rank=rank, world_size=world)
+                == rank_stream[start : start + 8]
+            )
 
 
 # ---------------------------------------------------------------- loader
@@ -182,7 +193,9 @@ def test_loader_rank_shard_and_mid_epoch_start_match_reference(monkeypatch):
     ds, bs, seed, world = tensor_dataset(30), 3, 7, 4
     for rank in (0, 3):
         loader = fd.Loader(ds, bs, seed=seed, rank=rank, world_size=world)
-        sampler = mm_default_sampler(monkeypatch, len(ds), seed=seed, epoch=2, rank=rank, world=world)
+        sampler = mm_default_sampler(
+            monkeypatch, len(ds), seed=seed, epoch=2, rank=rank, world=world
+        )
         ref = list(DataLoader(ds, bs, sampler=sampler))
         assert len(loader) == len(ref) == 3  # ceil(ceil(30 / 4) / 3)
         for start in range(len(ref) + 1):  # start == len(loader): resume at the epoch's end
@@ -205,8 +218,13 @@ def test_augmented_batches_same_for_0_and_2_workers_and_mid_epoch(monkeypatch):
     ds, bs, seed = tensor_dataset(21), 4, 5
     refs = {
         epoch: reference_batches(
-            ds, list(mm_default_sampler(monkeypatch, 21, seed=seed, epoch=epoch)), bs, False,
-            transform=jitter, seed=seed, epoch=epoch,
+            ds,
+            list(mm_default_sampler(monkeypatch, 21, seed=seed, epoch=epoch)),
+            bs,
+            False,
+            transform=jitter,
+            seed=seed,
+            epoch=epoch,
         )
         for epoch in (0, 1)
     }
@@ -270,8 +288,10 @@ Point = namedtuple("Point", ["x", "y"])
 
 COLLATE_BATCHES = [
     [(torch.ones(2), 1), (torch.zeros(2), 2)],
-    [{"img": np.arange(6).reshape(2, 3), "label": 3, "meta": "a"},
-     {"img": np.ones((2, 3), dtype=np.int64), "label": 4, "meta": "b"}],
+    [
+        {"img": np.arange(6).reshape(2, 3), "label": 3, "meta": "a"},
+        {"img": np.ones((2, 3), dtype=np.int64), "label": 4, "meta": "b"},
+    ],
     [Point(torch.tensor([1.0]), 2.5), Point(torch.tensor([2.0]), 3.5)],
     [[torch.ones(1), {"k": torch.zeros(2)}], [torch.zeros(1), {"k": torch.ones(2)}]],
     [OrderedDict(a=torch.ones(2, 2), b=[1, 2]), OrderedDict(a=torch.zeros(2, 2), b=[3, 4])],
@@ -298,7 +318,9 @@ def test_pseudo_collate_keeps_unequal_shapes_and_checks_lengths():
 
 
 def uint8_images(n=4, c=3, h=5, w=6):
-    return torch.randint(0, 256, (n, c, h, w), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    return torch.randint(0, 256, (n, c, h, w), generator=torch.Generator().manual_seed(0)).to(
+        torch.uint8
+    )
 
 
 def test_image_preprocessor_matches_mmengine_img_data_preprocessor():
@@ -399,8 +421,12 @@ def test_digits_split_is_a_deterministic_partition_of_sklearn_digits():
     for ds in (train, val):
         images, labels = ds.tensors
         assert images.min() >= 0 and images.max() <= 1
-        ours.update(zip(map(tuple, (images * 16).round().long().flatten(1).tolist()), labels.tolist()))
-    theirs = Counter(zip(map(tuple, sk.images.reshape(-1, 64).astype(int).tolist()), sk.target.tolist()))
+        ours.update(
+            zip(map(tuple, (images * 16).round().long().flatten(1).tolist()), labels.tolist())
+        )
+    theirs = Counter(
+        zip(map(tuple, sk.images.reshape(-1, 64).astype(int).tolist()), sk.target.tolist())
+    )
     assert ours == theirs
     assert_tree_equal(list(fd.digits("val", seed=0).tensors), list(val.tensors))
     assert not torch.equal(fd.digits("val", seed=1).tensors[1], val.tensors[1])

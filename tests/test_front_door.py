@@ -19,11 +19,24 @@ def test_ci_runs_readme_test_command_verbatim():
 
 
 def test_recipe_help_lists_top_level_and_nested_flags():
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "classify.py"), "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "classify.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
-    for flag in ("--work-dir", "--max-epochs", "--max-steps", "--seed", "--resume", "--resume-from",
-                 "--optim.lr", "--data.batch-size", "--model.width"):
+    for flag in (
+        "--work-dir",
+        "--max-epochs",
+        "--max-steps",
+        "--seed",
+        "--resume",
+        "--resume-from",
+        "--optim.lr",
+        "--data.batch-size",
+        "--model.width",
+    ):
         assert flag in out.stdout, flag
 
 
@@ -32,7 +45,9 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     code = re.findall(r"```python\n(.+?)\n```", readme, flags=re.S)[0]
     assert "max_epochs=10" in code and '"work_dirs/example"' in code
-    code = code.replace("max_epochs=10", "max_epochs=1").replace('"work_dirs/example"', repr(str(tmp_path)))
+    code = code.replace("max_epochs=10", "max_epochs=1").replace(
+        '"work_dirs/example"', repr(str(tmp_path))
+    )
     printed = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(a))
     exec(compile(code, "README.md", "exec"), {})

@@ -72,19 +72,34 @@ def _sequences():
 
 
 @pytest.mark.parametrize("rule", ["greater", "less"])
-@pytest.mark.parametrize("min_delta,patience,threshold,check_finite", [
-    (0.1, 5, None, True),  # MMEngine's defaults
-    (0.01, 2, None, True),
-    (0.0, 1, None, False),
-    (0.05, 3, 0.95, True),
-    (0.1, 0, None, True),
-])
+@pytest.mark.parametrize(
+    "min_delta,patience,threshold,check_finite",
+    [
+        (0.1, 5, None, True),  # MMEngine's defaults
+        (0.01, 2, None, True),
+        (0.0, 1, None, False),
+        (0.05, 3, 0.95, True),
+        (0.1, 0, None, True),
+    ],
+)
 def test_early_stopping_matches_mmengine_hook(rule, min_delta, patience, threshold, check_finite):
     for seq in _sequences():
-        mine = EarlyStopping("score", rule=rule, min_delta=min_delta, patience=patience,
-                             stopping_threshold=threshold, check_finite=check_finite)
-        ref = mm_hooks.EarlyStoppingHook("score", rule=rule, min_delta=min_delta, patience=patience,
-                                         stopping_threshold=threshold, check_finite=check_finite)
+        mine = EarlyStopping(
+            "score",
+            rule=rule,
+            min_delta=min_delta,
+            patience=patience,
+            stopping_threshold=threshold,
+            check_finite=check_finite,
+        )
+        ref = mm_hooks.EarlyStoppingHook(
+            "score",
+            rule=rule,
+            min_delta=min_delta,
+            patience=patience,
+            stopping_threshold=threshold,
+            check_finite=check_finite,
+        )
         for i, v in enumerate(seq):
             runner = _mm_runner()
             ref.after_val_epoch(runner, {"score": v})
@@ -92,7 +107,9 @@ def test_early_stopping_matches_mmengine_hook(rule, min_delta, patience, thresho
             where = f"seq={seq} i={i}"
             assert (signal is not None) == runner.train_loop.stop_training, where
             assert mine.wait_count == ref.wait_count, where
-            assert (mine.best_score == ref.best_score) or (math.isnan(mine.best_score) and math.isnan(ref.best_score)), where
+            assert (mine.best_score == ref.best_score) or (
+                math.isnan(mine.best_score) and math.isnan(ref.best_score)
+            ), where
             if signal is not None:
                 assert isinstance(signal, fe.Stop)
                 assert signal.reason == "EarlyStopping: " + runner.messages[0]
@@ -105,13 +122,32 @@ def test_early_stopping_defaults_and_priority_match_mmengine():
     mine = inspect.signature(EarlyStopping.__init__).parameters
     for name in ("rule", "min_delta", "check_finite", "patience", "stopping_threshold"):
         assert mine[name].default == ref[name].default, name
-    assert mine["strict"].default is True and ref["strict"].default is False  # deliberate: a typo must not pass silently
+    assert (
+        mine["strict"].default is True and ref["strict"].default is False
+    )  # deliberate: a typo must not pass silently
     assert EarlyStopping("acc").priority == fe.Priority.LOWEST == 100
     assert mm_hooks.EarlyStoppingHook.priority == "LOWEST"
 
 
-@pytest.mark.parametrize("name", ["accuracy", "acc", "Acc/top1", "top-1", "loss", "val_loss", "mAP", "AR@100",
-                                  "precision_loss", "MIOU", "aAcc", "FID", "psnr", "my_auc"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "accuracy",
+        "acc",
+        "Acc/top1",
+        "top-1",
+        "loss",
+        "val_loss",
+        "mAP",
+        "AR@100",
+        "precision_loss",
+        "MIOU",
+        "aAcc",
+        "FID",
+        "psnr",
+        "my_auc",
+    ],
+)
 def test_rule_inference_matches_mmengine(name):
     try:
         expected = mm_hooks.EarlyStoppingHook("x", rule="less")._init_rule(name)
@@ -137,7 +173,9 @@ def test_early_stopping_rejects_bad_arguments():
 def test_missing_monitor_warns_like_mmengine_or_raises_when_strict():
     metrics = {"accuracy": 0.5, "loss": 1.0}
     es = EarlyStopping("acc/top1", strict=False)
-    with pytest.warns(UserWarning, match=r"monitor='acc/top1'.*available keys: \['accuracy', 'loss'\]"):
+    with pytest.warns(
+        UserWarning, match=r"monitor='acc/top1'.*available keys: \['accuracy', 'loss'\]"
+    ):
         assert es.on_after_val_epoch(_snap(metrics)) is None
     assert es.wait_count == 0
     ref = mm_hooks.EarlyStoppingHook("acc/top1")
@@ -145,10 +183,15 @@ def test_missing_monitor_warns_like_mmengine_or_raises_when_strict():
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         ref.after_val_epoch(runner, metrics)
-    assert any("do not include `monitor`" in str(x.message) for x in w) and not runner.train_loop.stop_training
+    assert (
+        any("do not include `monitor`" in str(x.message) for x in w)
+        and not runner.train_loop.stop_training
+    )
 
     strict = EarlyStopping("acc/top1", strict=True)
-    with pytest.raises(MissingMetricError, match=r"monitor='acc/top1'.*available keys: \['accuracy', 'loss'\]") as e:
+    with pytest.raises(
+        MissingMetricError, match=r"monitor='acc/top1'.*available keys: \['accuracy', 'loss'\]"
+    ) as e:
         strict.on_after_val_epoch(_snap(metrics))
     assert isinstance(e.value, KeyError) and isinstance(e.value, RuntimeError)
     with pytest.raises(RuntimeError, match="not available"):  # MMEngine's type
@@ -159,7 +202,14 @@ def test_missing_monitor_in_fit_strict_raises_naming_it():
     state, step, batches = _fit_setup()
     val = fe.Val(batches[:2], [Scripted([0.5] * 5, key="accuracy")])
     with pytest.raises(MissingMetricError, match="monitor='acc'.*'accuracy'"):
-        fe.fit(state, step, batches, max_epochs=3, val=val, handlers=[EarlyStopping("acc", strict=True)])
+        fe.fit(
+            state,
+            step,
+            batches,
+            max_epochs=3,
+            val=val,
+            handlers=[EarlyStopping("acc", strict=True)],
+        )
 
 
 def test_state_dict_round_trips_through_strict_json_and_resumes_the_count():
@@ -195,27 +245,40 @@ def _mm_epoch_loop_stop_epoch(values, max_epochs, **es_kw):
 
     hook = mm_hooks.EarlyStoppingHook("acc", **es_kw)
     it = iter(values)
-    runner = types.SimpleNamespace(logger=types.SimpleNamespace(info=lambda m: None), optim_wrapper=None)
+    runner = types.SimpleNamespace(
+        logger=types.SimpleNamespace(info=lambda m: None), optim_wrapper=None
+    )
     runner.call_hook = lambda name, **kw: None
     runner.model = types.SimpleNamespace(train=lambda: None, train_step=lambda *a, **k: {})
     loop = EpochBasedTrainLoop(runner, FakeLoader([0, 1, 2]), max_epochs=max_epochs)
     runner.train_loop = loop
-    runner.val_loop = types.SimpleNamespace(run=lambda: hook.after_val_epoch(runner, {"acc": next(it)}))
+    runner.val_loop = types.SimpleNamespace(
+        run=lambda: hook.after_val_epoch(runner, {"acc": next(it)})
+    )
     loop.run()
     return loop.epoch
 
 
-@pytest.mark.parametrize("values,patience", [
-    ([0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6], 2),
-    ([0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99], 3),
-    ([0.1, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.7, 1.9], 2),  # never stops
-])
+@pytest.mark.parametrize(
+    "values,patience",
+    [
+        ([0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6], 2),
+        ([0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99], 3),
+        ([0.1, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.7, 1.9], 2),  # never stops
+    ],
+)
 def test_early_stopping_in_fit_stops_at_mmengines_epoch(values, patience):
     state, step, batches = _fit_setup()
     events = Events()
     val = fe.Val(batches[:2], [Scripted(values)])
-    final = fe.fit(state, step, batches, max_epochs=10, val=val,
-                   handlers=[EarlyStopping("acc", patience=patience), events])
+    final = fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=10,
+        val=val,
+        handlers=[EarlyStopping("acc", patience=patience), events],
+    )
     expected = _mm_epoch_loop_stop_epoch(values, 10, patience=patience)
     assert final.epoch == expected and final.batch_in_epoch == 0 and final.step == 3 * expected
     after_train = [e for e in events.log if e[0] == "after_train"]
@@ -226,16 +289,26 @@ def test_early_stopping_in_fit_stops_at_mmengines_epoch(values, patience):
 def test_early_stopping_resumes_in_fit():
     values = [0.5, 0.7, 0.72, 0.73, 0.74, 0.75, 0.76, 0.77, 0.78, 0.79]
     state, step, batches = _fit_setup()
-    straight = fe.fit(state, step, batches, max_epochs=10, val=fe.Val(batches[:1], [Scripted(values)]),
-                      handlers=[EarlyStopping("acc", patience=3)])
+    straight = fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=10,
+        val=fe.Val(batches[:1], [Scripted(values)]),
+        handlers=[EarlyStopping("acc", patience=3)],
+    )
     state, step, batches = _fit_setup()
     metric = Scripted(values)
     es = EarlyStopping("acc", patience=3)
-    mid = fe.fit(state, step, batches, max_epochs=3, val=fe.Val(batches[:1], [metric]), handlers=[es])
+    mid = fe.fit(
+        state, step, batches, max_epochs=3, val=fe.Val(batches[:1], [metric]), handlers=[es]
+    )
     saved = json.loads(json.dumps(es.state_dict()))
     es2 = EarlyStopping("acc", patience=3)
     es2.load_state_dict(saved)
-    resumed = fe.fit(mid, step, batches, max_epochs=10, val=fe.Val(batches[:1], [metric]), handlers=[es2])
+    resumed = fe.fit(
+        mid, step, batches, max_epochs=10, val=fe.Val(batches[:1], [metric]), handlers=[es2]
+    )
     assert resumed.epoch == straight.epoch == 5
 
 
@@ -249,16 +322,37 @@ class SaveAfterVal(fe.Handler):
 def test_early_stopping_state_travels_in_the_checkpoint(tmp_path):
     values = [0.5, 0.7, 0.72, 0.73, 0.74, 0.75, 0.76, 0.77, 0.78, 0.79]
     state, step, batches = _fit_setup()
-    straight = fe.fit(state, step, batches, max_epochs=10, val=fe.Val(batches[:1], [Scripted(values)]),
-                      handlers=[EarlyStopping("acc", patience=3)])
+    straight = fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=10,
+        val=fe.Val(batches[:1], [Scripted(values)]),
+        handlers=[EarlyStopping("acc", patience=3)],
+    )
     metric = Scripted(values)
     state, step, batches = _fit_setup()
-    fe.fit(state, step, batches, max_epochs=3, val=fe.Val(batches[:1], [metric]),
-           handlers=[EarlyStopping("acc", patience=3), SaveAfterVal()], work_dir=tmp_path)
+    fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=3,
+        val=fe.Val(batches[:1], [metric]),
+        handlers=[EarlyStopping("acc", patience=3), SaveAfterVal()],
+        work_dir=tmp_path,
+    )
     es = EarlyStopping("acc", patience=3)
     state, step, batches = _fit_setup()  # a fresh process: state and handler from scratch
-    resumed = fe.fit(state, step, batches, max_epochs=10, val=fe.Val(batches[:1], [metric]),
-                     handlers=[es, SaveAfterVal()], work_dir=tmp_path, resume=True)
+    resumed = fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=10,
+        val=fe.Val(batches[:1], [metric]),
+        handlers=[es, SaveAfterVal()],
+        work_dir=tmp_path,
+        resume=True,
+    )
     assert resumed.epoch == straight.epoch == 5 and es.wait_count == 3
 
 
@@ -266,13 +360,22 @@ def test_early_stopping_state_travels_in_the_checkpoint(tmp_path):
 def _run_with(handlers, work_dir=None, max_epochs=2):
     state, step, batches = _fit_setup()
     val = fe.Val(batches[:2], [Scripted([0.1] * 10)])
-    state = fe.fit(state, step, batches, max_epochs=max_epochs, val=val, handlers=handlers, work_dir=work_dir)
+    state = fe.fit(
+        state, step, batches, max_epochs=max_epochs, val=val, handlers=handlers, work_dir=work_dir
+    )
     fe.evaluate(state, fe.loop.default_predict, batches[:2], [Scripted([0.2])], handlers=handlers)
     return state
 
 
-@pytest.mark.parametrize("flags", [{}, {"before_epoch": True}, {"after_iter": True, "after_epoch": False},
-                                   {"before_epoch": True, "after_epoch": True, "after_iter": True}])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        {"before_epoch": True},
+        {"after_iter": True, "after_epoch": False},
+        {"before_epoch": True, "after_epoch": True, "after_iter": True},
+    ],
+)
 def test_empty_cache_calls_where_mmengine_hook_does(monkeypatch, flags):
     from mmengine.hooks import empty_cache_hook
 
@@ -372,7 +475,9 @@ def test_schedule_recorder_records_schedule_and_lr_used_by_each_update():
     assert rec.values("step") == list(range(7))
     assert rec.values("lr") == [cos(t) for t in range(7)] == rec.values("cos")
     assert rec.values("wd") == [wd(t) for t in range(7)]
-    assert rec.values("lr")[0] == 0.1 and rec.values("lr")[5] == rec.values("lr")[6] < 0.02  # held after the window
+    assert (
+        rec.values("lr")[0] == 0.1 and rec.values("lr")[5] == rec.values("lr")[6] < 0.02
+    )  # held after the window
     with pytest.raises(KeyError, match="'nope' not recorded"):
         rec.values("nope")
 
@@ -387,10 +492,18 @@ def test_schedule_recorder_torch_reference_and_groups():
         ref.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    tx = optim.partition({"w": optim.sgd(schedules.cosine(0.1, T_max=5)), "b": optim.sgd(0.01)},
-                         lambda name, t: "w" if name.endswith("weight") else "b")
+    tx = optim.partition(
+        {"w": optim.sgd(schedules.cosine(0.1, T_max=5)), "b": optim.sgd(0.01)},
+        lambda name, t: "w" if name.endswith("weight") else "b",
+    )
     rec = ScheduleRecorder()
-    fe.fit(fe.TrainState.create(mlp(), tx), fe.train_step(ce_loss, tx), mlp_batches(5), max_steps=5, handlers=[rec])
+    fe.fit(
+        fe.TrainState.create(mlp(), tx),
+        fe.train_step(ce_loss, tx),
+        mlp_batches(5),
+        max_steps=5,
+        handlers=[rec],
+    )
     assert rec.values("w/lr") == pytest.approx(ref, rel=1e-12, abs=1e-15)
     assert rec.values("b/lr") == [0.01] * 5
     with pytest.raises(TypeError, match="schedule"):

@@ -69,12 +69,21 @@ def state_at(step=0, epoch=0, batch_in_epoch=0):
     return SimpleNamespace(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, params={})
 
 
-def run_info(*, by_epoch=True, max_epochs=1, steps_per_epoch=25, max_steps=None, start_step=0, work_dir=None):
+def run_info(
+    *, by_epoch=True, max_epochs=1, steps_per_epoch=25, max_steps=None, start_step=0, work_dir=None
+):
     if max_steps is None:
         max_steps = max_epochs * steps_per_epoch
-    return RunInfo(work_dir=work_dir, by_epoch=by_epoch, max_epochs=max_epochs if by_epoch else None,
-                   max_steps=max_steps, steps_per_epoch=steps_per_epoch, batches_per_epoch=steps_per_epoch,
-                   micro_batches=1, start_step=start_step)
+    return RunInfo(
+        work_dir=work_dir,
+        by_epoch=by_epoch,
+        max_epochs=max_epochs if by_epoch else None,
+        max_steps=max_steps,
+        steps_per_epoch=steps_per_epoch,
+        batches_per_epoch=steps_per_epoch,
+        micro_batches=1,
+        start_step=start_step,
+    )
 
 
 class Driver:
@@ -96,7 +105,9 @@ class Driver:
         self.clock.now += c
         s = self.state
         self.state = state_at(s.step + 1, s.epoch, s.batch_in_epoch + 1)
-        self.emit("after_train_iter", batch_idx=b, metrics=metrics, data_time=self.clock.now - start - c)
+        self.emit(
+            "after_train_iter", batch_idx=b, metrics=metrics, data_time=self.clock.now - start - c
+        )
 
     def end_epoch(self):
         self.state = state_at(self.state.step, self.state.epoch + 1, 0)
@@ -115,20 +126,41 @@ class Driver:
         self.emit(f"after_{phase}", eval_len=n, phase=phase, metrics=metrics)
 
 
-def tiny_fit(tmp_path=None, *, n=50, batch=2, handlers, max_epochs=None, max_steps=None, tx=None, val=None, aux=None):
+def tiny_fit(
+    tmp_path=None,
+    *,
+    n=50,
+    batch=2,
+    handlers,
+    max_epochs=None,
+    max_steps=None,
+    tx=None,
+    val=None,
+    aux=None,
+):
     """A real `fengine.fit` of an MLP on ``n`` synthetic samples (``n / batch`` iterations per epoch)."""
     loader = data.Loader(data.synthetic_classification(n, 16, 10), batch, seed=0)
     tx = tx or optim.sgd(0.01)
     state = fe.TrainState.create(mlp(), tx, seed=0)
     loss_fn = ce_loss if aux is None else (lambda model, b: (ce_loss(model, b), aux()))
     step = fe.train_step(loss_fn, tx)
-    return fe.fit(state, step, loader, max_epochs=max_epochs, max_steps=max_steps, handlers=handlers,
-                  work_dir=tmp_path, val=val)
+    return fe.fit(
+        state,
+        step,
+        loader,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        handlers=handlers,
+        work_dir=tmp_path,
+        val=val,
+    )
 
 
 def val_spec(n=10):
-    return fe.Val(data.Loader(data.synthetic_classification(n * 2, 16, 10, seed=1), 2, seed=0, shuffle=False),
-                  [fe.metrics.Accuracy()])
+    return fe.Val(
+        data.Loader(data.synthetic_classification(n * 2, 16, 10, seed=1), 2, seed=0, shuffle=False),
+        [fe.metrics.Accuracy()],
+    )
 
 
 def read_jsonl(path):
@@ -146,11 +178,15 @@ def test_console_line_layout_exact(lines):
     drv.emit("before_train")
     drv.emit("before_train_epoch")
     for b in range(10):
-        drv.train_iter(b, 0.0011, 0.0112, {"loss": torch.tensor(2.3012, dtype=torch.float64), "lr": 1e-3})
+        drv.train_iter(
+            b, 0.0011, 0.0112, {"loss": torch.tensor(2.3012, dtype=torch.float64), "lr": 1e-3}
+        )
     eta = int(0.0123 * (15630 - 10))  # mean iteration time x updates left: 192 s
     assert eta == 192
-    assert lines == ["Epoch(train)  [1][  10/1563]  lr: 1.0000e-03  eta: 0:03:12  time: 0.0123  "
-                     "data_time: 0.0011  loss: 2.3012"]
+    assert lines == [
+        "Epoch(train)  [1][  10/1563]  lr: 1.0000e-03  eta: 0:03:12  time: 0.0123  "
+        "data_time: 0.0011  loss: 2.3012"
+    ]
 
 
 def test_iteration_padding_and_iter_form(lines):
@@ -162,8 +198,10 @@ def test_iteration_padding_and_iter_form(lines):
     drv.emit("before_train_epoch")
     for b in range(10):
         drv.train_iter(b, 0.5, 1.5, {"loss": torch.tensor(0.25), "lr": 0.02})
-    assert lines == ["Iter(train) [  10/1000]  lr: 2.0000e-02  eta: 0:33:00  time: 2.0000  "
-                     "data_time: 0.5000  loss: 0.2500"]
+    assert lines == [
+        "Iter(train) [  10/1000]  lr: 2.0000e-02  eta: 0:33:00  time: 2.0000  "
+        "data_time: 0.5000  loss: 0.2500"
+    ]
 
 
 def test_val_lines(lines):
@@ -180,7 +218,9 @@ def test_val_lines(lines):
     drv.evaluate([(0.0047, 0.0075)] * 313, {"accuracy": 35.7})
     assert len(lines) == 32  # every 10 batches, then the results
     assert lines[0] == "Epoch(val) [1][ 10/313]    eta: 0:00:03  time: 0.0122  data_time: 0.0047"
-    assert lines[-1] == "Epoch(val) [1][313/313]    accuracy: 35.7000  data_time: 0.0047  time: 0.0122"
+    assert (
+        lines[-1] == "Epoch(val) [1][313/313]    accuracy: 35.7000  data_time: 0.0047  time: 0.0122"
+    )
 
 
 def test_standalone_evaluate_lines(lines):
@@ -189,8 +229,18 @@ def test_standalone_evaluate_lines(lines):
     state = fe.TrainState.create(model, optim.sgd(0.1))
     loader = data.Loader(data.synthetic_classification(40, 16, 10), 2, seed=0, shuffle=False)
     timer = Timer()
-    fe.evaluate(state, lambda m, b: m(b[0]), loader, [fe.metrics.Accuracy()], handlers=[timer, Logger(timer=timer)])
-    assert [line.split("  ")[0] for line in lines] == ["Epoch(test) [10/20]", "Epoch(test) [20/20]", "Epoch(test) [20/20]"]
+    fe.evaluate(
+        state,
+        lambda m, b: m(b[0]),
+        loader,
+        [fe.metrics.Accuracy()],
+        handlers=[timer, Logger(timer=timer)],
+    )
+    assert [line.split("  ")[0] for line in lines] == [
+        "Epoch(test) [10/20]",
+        "Epoch(test) [20/20]",
+        "Epoch(test) [20/20]",
+    ]
     assert lines[-1].startswith("Epoch(test) [20/20]    accuracy: ")
 
 
@@ -198,15 +248,36 @@ def test_standalone_evaluate_lines(lines):
 def _scenario(seed, epochs, per_epoch, n_val):
     g = torch.Generator().manual_seed(seed)
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()  # noqa: E731
-    train = [[(u(0.001, 0.01), u(0.01, 0.2), 0.1 * 0.9 ** (e * per_epoch + b),
-               {"loss": u(0.5, 3.0), "loss_cls": u(0.1, 2.0), "acc": u(0, 100)})
-              for b in range(per_epoch)] for e in range(epochs)]
-    val = [[(0.002, 0.010)] * n_val for _ in range(epochs)]  # constant: MMEngine's epoch window is one too long
+    train = [
+        [
+            (
+                u(0.001, 0.01),
+                u(0.01, 0.2),
+                0.1 * 0.9 ** (e * per_epoch + b),
+                {"loss": u(0.5, 3.0), "loss_cls": u(0.1, 2.0), "acc": u(0, 100)},
+            )
+            for b in range(per_epoch)
+        ]
+        for e in range(epochs)
+    ]
+    val = [
+        [(0.002, 0.010)] * n_val for _ in range(epochs)
+    ]  # constant: MMEngine's epoch window is one too long
     return train, val
 
 
-def _mmengine_lines(monkeypatch, train, val, *, by_epoch, interval, loader_len, max_iters, custom_cfg=None,
-                    val_every=None):
+def _mmengine_lines(
+    monkeypatch,
+    train,
+    val,
+    *,
+    by_epoch,
+    interval,
+    loader_len,
+    max_iters,
+    custom_cfg=None,
+    val_every=None,
+):
     from mmengine.hooks import IterTimerHook, LoggerHook, iter_timer_hook
     from mmengine.logging import MessageHub
     from mmengine.runner import LogProcessor, log_processor
@@ -218,10 +289,19 @@ def _mmengine_lines(monkeypatch, train, val, *, by_epoch, interval, loader_len, 
     n_val = len(val[0])
     runner = SimpleNamespace(
         message_hub=MessageHub.get_instance(f"fengine-oracle-{uuid.uuid4()}"),
-        logger=SimpleNamespace(info=out.append), visualizer=SimpleNamespace(add_scalars=lambda *a, **k: None),
-        train_dataloader=range(loader_len), val_dataloader=range(n_val), _train_loop=object(),
-        train_loop=SimpleNamespace(dataloader=range(loader_len)), val_loop=SimpleNamespace(dataloader=range(n_val)),
-        max_epochs=len(train), max_iters=max_iters, iter=0, epoch=0, experiment_name="exp", timestamp="t",
+        logger=SimpleNamespace(info=out.append),
+        visualizer=SimpleNamespace(add_scalars=lambda *a, **k: None),
+        train_dataloader=range(loader_len),
+        val_dataloader=range(n_val),
+        _train_loop=object(),
+        train_loop=SimpleNamespace(dataloader=range(loader_len)),
+        val_loop=SimpleNamespace(dataloader=range(n_val)),
+        max_epochs=len(train),
+        max_iters=max_iters,
+        iter=0,
+        epoch=0,
+        experiment_name="exp",
+        timestamp="t",
         log_processor=LogProcessor(by_epoch=by_epoch, custom_cfg=custom_cfg),
     )
     hub = runner.message_hub
@@ -268,10 +348,14 @@ def _mmengine_lines(monkeypatch, train, val, *, by_epoch, interval, loader_len, 
     return [line.rstrip() for line in out if not line.startswith("Exp name")]
 
 
-def _fengine_lines(lines, train, val, *, by_epoch, interval, loader_len, max_iters, custom=(), val_every=None):
+def _fengine_lines(
+    lines, train, val, *, by_epoch, interval, loader_len, max_iters, custom=(), val_every=None
+):
     clock = Clock()
     timer = Timer(clock=clock)
-    run = run_info(by_epoch=by_epoch, max_epochs=len(train), steps_per_epoch=loader_len, max_steps=max_iters)
+    run = run_info(
+        by_epoch=by_epoch, max_epochs=len(train), steps_per_epoch=loader_len, max_steps=max_iters
+    )
     drv = Driver([timer, Logger(interval, timer=timer, json_file=None, custom=custom)], run, clock)
     drv.emit("before_run")
     drv.emit("before_train")
@@ -301,15 +385,23 @@ def test_lines_match_mmengine_epoch_based(monkeypatch, lines):
     """25 iterations per epoch, interval 10: [10/25], [20/25] only (ignore_last), smoothing,
     eta, lr and val lines -- byte for byte what MMEngine's LoggerHook prints."""
     train, val = _scenario(0, epochs=2, per_epoch=25, n_val=13)
-    custom_cfg = [dict(data_src="loss", method_name="mean", window_size="global", log_name="loss_global"),
-                  dict(data_src="loss_cls", method_name="max", window_size="epoch", log_name="loss_cls_max"),
-                  dict(data_src="acc", method_name="min", window_size=3)]
+    custom_cfg = [
+        dict(data_src="loss", method_name="mean", window_size="global", log_name="loss_global"),
+        dict(data_src="loss_cls", method_name="max", window_size="epoch", log_name="loss_cls_max"),
+        dict(data_src="acc", method_name="min", window_size=3),
+    ]
     kw = dict(by_epoch=True, interval=10, loader_len=25, max_iters=50)
     expected = _mmengine_lines(monkeypatch, train, val, custom_cfg=custom_cfg, **kw)
     got = _fengine_lines(lines, train, val, custom=custom_cfg, **kw)
     assert [line.split("  ")[0] for line in got] == [
-        "Epoch(train) [1][10/25]", "Epoch(train) [1][20/25]", "Epoch(val) [1][10/13]", "Epoch(val) [1][13/13]",
-        "Epoch(train) [2][10/25]", "Epoch(train) [2][20/25]", "Epoch(val) [2][10/13]", "Epoch(val) [2][13/13]",
+        "Epoch(train) [1][10/25]",
+        "Epoch(train) [1][20/25]",
+        "Epoch(val) [1][10/13]",
+        "Epoch(val) [1][13/13]",
+        "Epoch(train) [2][10/25]",
+        "Epoch(train) [2][20/25]",
+        "Epoch(val) [2][10/13]",
+        "Epoch(val) [2][13/13]",
     ]
     assert got == expected
 
@@ -320,30 +412,48 @@ def test_lines_match_mmengine_iteration_based(monkeypatch, lines):
     expected = _mmengine_lines(monkeypatch, train, val, **kw)
     got = _fengine_lines(lines, train, val, **kw)
     assert [line.split("  ")[0] for line in got] == [
-        "Iter(train) [10/30]", "Iter(train) [20/30]", "Iter(val) [4/4]", "Iter(train) [30/30]"]
+        "Iter(train) [10/30]",
+        "Iter(train) [20/30]",
+        "Iter(val) [4/4]",
+        "Iter(train) [30/30]",
+    ]
     assert got == expected
 
 
 # ------------------------------------------------------------------ interval rule
-@pytest.mark.parametrize(("n", "interval", "ignore_last", "expected"), [
-    (25, 10, True, [10, 20]),          # MMEngine's ToyModel: no [25/25] line
-    (25, 10, False, [10, 20, 25]),
-    (5, 10, True, [5]),                # an epoch shorter than the interval is logged at its end
-    (20, 10, True, [10, 20]),
-])
+@pytest.mark.parametrize(
+    ("n", "interval", "ignore_last", "expected"),
+    [
+        (25, 10, True, [10, 20]),  # MMEngine's ToyModel: no [25/25] line
+        (25, 10, False, [10, 20, 25]),
+        (5, 10, True, [5]),  # an epoch shorter than the interval is logged at its end
+        (20, 10, True, [10, 20]),
+    ],
+)
 def test_should_log_within_epoch(n, interval, ignore_last, expected):
     run = run_info(max_epochs=3, steps_per_epoch=n)
     for epoch in range(3):  # counted within the epoch, not on the global step
-        got = [b + 1 for b in range(n)
-               if should_log(Snapshot("after_train_iter", state_at(epoch * n + b + 1, epoch), run, batch_idx=b),
-                             interval, ignore_last)]
+        got = [
+            b + 1
+            for b in range(n)
+            if should_log(
+                Snapshot("after_train_iter", state_at(epoch * n + b + 1, epoch), run, batch_idx=b),
+                interval,
+                ignore_last,
+            )
+        ]
         assert got == expected
 
 
 def test_should_log_iteration_based():
     run = run_info(by_epoch=False, steps_per_epoch=7, max_steps=25)
-    got = [s for s in range(1, 26)
-           if should_log(Snapshot("after_train_iter", state_at(s), run, batch_idx=(s - 1) % 7), 10, True)]
+    got = [
+        s
+        for s in range(1, 26)
+        if should_log(
+            Snapshot("after_train_iter", state_at(s), run, batch_idx=(s - 1) % 7), 10, True
+        )
+    ]
     assert got == [10, 20]
 
 
@@ -352,8 +462,12 @@ def test_fit_toy_example_logs_10_and_20_of_25(tmp_path, capsys):
     tiny_fit(tmp_path, handlers=default_handlers(), max_epochs=2)
     out = capsys.readouterr().out.splitlines()
     heads = [line.split(" - INFO - ")[1].split("  ")[0] for line in out]
-    assert heads == ["Epoch(train) [1][10/25]", "Epoch(train) [1][20/25]",
-                     "Epoch(train) [2][10/25]", "Epoch(train) [2][20/25]"]
+    assert heads == [
+        "Epoch(train) [1][10/25]",
+        "Epoch(train) [1][20/25]",
+        "Epoch(train) [2][10/25]",
+        "Epoch(train) [2][20/25]",
+    ]
     assert all(" - fengine - INFO - " in line for line in out)
     logs = list(tmp_path.glob("*.log"))
     assert len(logs) == 1 and logs[0].read_text().splitlines() == out
@@ -370,9 +484,16 @@ def test_smoothing_vs_hand_and_history_buffer(tmp_path):
     norms = (torch.rand(23, generator=g, dtype=torch.float64) * 10).tolist()
     lrs = [0.1 * 0.97**i for i in range(23)]
     run = run_info(max_epochs=2, steps_per_epoch=12, work_dir=tmp_path)  # 12 + 11 updates
-    logger = Logger(3, window_size=4, timer=False, custom=[Stat("loss", "mean", "global", "loss_global"),
-                                                           Stat("loss", "max", "epoch", "loss_max_epoch"),
-                                                           Stat("grad_norm", "min", 7)])
+    logger = Logger(
+        3,
+        window_size=4,
+        timer=False,
+        custom=[
+            Stat("loss", "mean", "global", "loss_global"),
+            Stat("loss", "max", "epoch", "loss_max_epoch"),
+            Stat("grad_norm", "min", 7),
+        ],
+    )
     drv = Driver([logger], run, Clock())
     drv.emit("before_run")
     drv.emit("before_train_epoch")
@@ -383,22 +504,39 @@ def test_smoothing_vs_hand_and_history_buffer(tmp_path):
             drv.end_epoch()
             drv.emit("before_train_epoch")
         b = drv.state.batch_in_epoch
-        metrics = {"loss": torch.tensor(losses[i], dtype=torch.float64), "grad_norm": torch.tensor(norms[i], dtype=torch.float64),
-                   "lr": lrs[i]}
+        metrics = {
+            "loss": torch.tensor(losses[i], dtype=torch.float64),
+            "grad_norm": torch.tensor(norms[i], dtype=torch.float64),
+            "lr": lrs[i],
+        }
         drv.train_iter(b, 0, 0, metrics)
         for k in buf:
             buf[k].update(float(metrics[k]))
         if (b + 1) % 3 == 0:
-            window = losses[max(0, i - 3):i + 1]
+            window = losses[max(0, i - 3) : i + 1]
             hand = sum(window) / len(window)
             assert buf["loss"].mean(4) == pytest.approx(hand, rel=1e-12)
-            expected.append({
-                "step": i + 1, "loss": hand, "grad_norm": buf["grad_norm"].min(7), "lr": lrs[i],
-                "loss_global": buf["loss"].mean(), "loss_max_epoch": buf["loss"].max(b + 1),
-            })
+            expected.append(
+                {
+                    "step": i + 1,
+                    "loss": hand,
+                    "grad_norm": buf["grad_norm"].min(7),
+                    "lr": lrs[i],
+                    "loss_global": buf["loss"].mean(),
+                    "loss_max_epoch": buf["loss"].max(b + 1),
+                }
+            )
     logger.on_after_run(None)
     records = read_jsonl(tmp_path / "scalars.jsonl")
-    assert [r["step"] for r in records] == [3, 6, 9, 12, 15, 18, 21]  # within epoch 2: [3/12], [6/12], [9/12]
+    assert [r["step"] for r in records] == [
+        3,
+        6,
+        9,
+        12,
+        15,
+        18,
+        21,
+    ]  # within epoch 2: [3/12], [6/12], [9/12]
     for rec, exp in zip(records, expected):
         assert rec["lr"] == exp["lr"]  # latest, not averaged
         for k in ("loss", "grad_norm", "loss_global", "loss_max_epoch"):
@@ -426,8 +564,9 @@ def test_stat_validation():
         Stat("loss", window=0)
     with pytest.raises(ValueError, match="defined twice"):
         Logger(custom=[Stat("loss", window=5), dict(data_src="loss", method_name="max")])
-    assert Stat.from_mmengine(dict(data_src="loss", method_name="max", window_size="global", log_name="m")) == \
-        Stat("loss", "max", "global", "m")
+    assert Stat.from_mmengine(
+        dict(data_src="loss", method_name="max", window_size="global", log_name="m")
+    ) == Stat("loss", "max", "global", "m")
 
 
 # ------------------------------------------------------------------ lr
@@ -443,8 +582,10 @@ def test_logged_lr_is_the_lr_used(tmp_path):
 
 def test_partitioned_optimizer_logs_first_group_lr(tmp_path, lines):
     head = schedules.linear(0.2, start_factor=0.5, end=4)
-    tx = optim.partition({"body": optim.sgd(head), "last": optim.sgd(0.01)},
-                         lambda name, p: "last" if name.startswith("2.") else "body")
+    tx = optim.partition(
+        {"body": optim.sgd(head), "last": optim.sgd(0.01)},
+        lambda name, p: "last" if name.startswith("2.") else "body",
+    )
     tiny_fit(tmp_path, n=16, handlers=[Logger(2, timer=False)], max_epochs=1, tx=tx)
     records = read_jsonl(tmp_path / "scalars.jsonl")
     assert [r["lr"] for r in records] == [head(s - 1) for s in (2, 4, 6, 8)]
@@ -466,7 +607,14 @@ def test_jsonl_content_and_flush(tmp_path):
     timer = Timer()
     tiny_fit(tmp_path, handlers=[timer, Logger(timer=timer), Peek()], max_epochs=2, val=val_spec())
     records = read_jsonl(tmp_path / "scalars.jsonl")
-    assert [(r["step"], r["epoch"]) for r in records] == [(10, 1), (20, 1), (25, 1), (35, 2), (45, 2), (50, 2)]
+    assert [(r["step"], r["epoch"]) for r in records] == [
+        (10, 1),
+        (20, 1),
+        (25, 1),
+        (35, 2),
+        (45, 2),
+        (50, 2),
+    ]
     assert list(records[0]) == ["step", "epoch", "lr", "loss", "time", "data_time"]
     assert set(records[2]) == {"step", "epoch", "val/accuracy", "val/data_time", "val/time"}
     assert 0 <= records[2]["val/accuracy"] <= 100
@@ -480,8 +628,8 @@ def _read_events(path):
     raw = Path(path).read_bytes()
     out, pos = [], 0
     while pos < len(raw):
-        (n,) = struct.unpack("<Q", raw[pos:pos + 8])
-        event = Event.FromString(raw[pos + 12:pos + 12 + n])
+        (n,) = struct.unpack("<Q", raw[pos : pos + 8])
+        event = Event.FromString(raw[pos + 12 : pos + 12 + n])
         pos += 12 + n + 4
         for v in event.summary.value:
             out.append((v.tag, event.step, v.simple_value))
@@ -499,14 +647,27 @@ def test_tensorboard_event_file(tmp_path):
     by_tag = {}
     for tag, step, value in scalars:
         by_tag.setdefault(tag, []).append((step, value))
-    assert set(by_tag) == {"train/loss", "train/lr", "train/time", "train/data_time", "val/accuracy"}
+    assert set(by_tag) == {
+        "train/loss",
+        "train/lr",
+        "train/time",
+        "train/data_time",
+        "val/accuracy",
+    }
     records = read_jsonl(tmp_path / "scalars.jsonl")
     train = [r for r in records if "loss" in r]
     for key in ("loss", "lr"):  # same iterations, same smoothing as the Logger
-        assert [s for s, _ in by_tag[f"train/{key}"]] == [r["step"] for r in train] == [10, 20, 35, 45]
-        assert [v for _, v in by_tag[f"train/{key}"]] == pytest.approx([r[key] for r in train], rel=1e-6)
-    assert by_tag["val/accuracy"] == [(r["step"], pytest.approx(r["val/accuracy"], rel=1e-6))
-                                      for r in records if "val/accuracy" in r]
+        assert (
+            [s for s, _ in by_tag[f"train/{key}"]] == [r["step"] for r in train] == [10, 20, 35, 45]
+        )
+        assert [v for _, v in by_tag[f"train/{key}"]] == pytest.approx(
+            [r[key] for r in train], rel=1e-6
+        )
+    assert by_tag["val/accuracy"] == [
+        (r["step"], pytest.approx(r["val/accuracy"], rel=1e-6))
+        for r in records
+        if "val/accuracy" in r
+    ]
     assert [s for s, _ in by_tag["val/accuracy"]] == [25, 50]
 
 
@@ -518,7 +679,11 @@ def test_tensorboard_needs_a_directory():
 def test_only_rank_zero_writes(tmp_path, monkeypatch, capsys):
     from fengine.handlers import log, progress, tensorboard
 
-    for module in (log, progress, tensorboard):  # not torch.distributed itself: the DataLoader reads it too
+    for module in (
+        log,
+        progress,
+        tensorboard,
+    ):  # not torch.distributed itself: the DataLoader reads it too
         monkeypatch.setattr(module, "_rank", lambda: 1)
     tiny_fit(tmp_path, handlers=[Timer(), Logger(), TensorBoard()], max_epochs=1)
     assert list(tmp_path.iterdir()) == []
@@ -529,7 +694,9 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch, capsys):
 def test_eta_fake_clock_restart_aware():
     clock = Clock()
     timer = Timer(window_size=3, clock=clock)
-    run = run_info(by_epoch=False, steps_per_epoch=1000, max_steps=200, start_step=100)  # resumed at step 100
+    run = run_info(
+        by_epoch=False, steps_per_epoch=1000, max_steps=200, start_step=100
+    )  # resumed at step 100
     drv = Driver([timer], run, clock, start_step=100)
     drv.emit("before_train")
     drv.emit("before_train_epoch")
@@ -577,7 +744,17 @@ def test_logger_without_timer_handler_times_itself(lines):
 
 
 # ------------------------------------------------------------------ no per-step host sync
-SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu", "__format__", "__repr__")
+SYNC_METHODS = (
+    "item",
+    "tolist",
+    "__float__",
+    "__int__",
+    "__bool__",
+    "numpy",
+    "cpu",
+    "__format__",
+    "__repr__",
+)
 
 
 class Counting(torch.Tensor):
@@ -608,8 +785,13 @@ def test_no_host_sync_between_log_steps(tmp_path):
 
     timer = Timer()
     handlers = [StepTracker(), timer, Logger(5, timer=timer), TensorBoard(timer=timer)]
-    tiny_fit(tmp_path, n=24, handlers=handlers, max_epochs=1,
-             aux=lambda: {"aux_loss": torch.tensor(0.5).as_subclass(Counting)})
+    tiny_fit(
+        tmp_path,
+        n=24,
+        handlers=handlers,
+        max_epochs=1,
+        aux=lambda: {"aux_loss": torch.tensor(0.5).as_subclass(Counting)},
+    )
     # Logger every 5 updates, TensorBoard every 10 (its default)
     assert Counting.reads == [(5, "tolist"), (10, "tolist"), (10, "tolist")]
 
@@ -635,6 +817,7 @@ def test_handlers_call_no_sync_method_off_interval(tmp_path, monkeypatch):
         for event in EVENTS:
             method = getattr(handler, "on_" + event, None)
             if callable(method):
+
                 def call(snap, _m=method):
                     current["step"], current["on"] = snap.step, True
                     try:
@@ -646,10 +829,20 @@ def test_handlers_call_no_sync_method_off_interval(tmp_path, monkeypatch):
         return Proxy()
 
     timer = Timer()
-    handlers = [watched(h) for h in (timer, Logger(4, timer=timer), TensorBoard(interval=6, timer=timer), ProgressBar())]
+    handlers = [
+        watched(h)
+        for h in (
+            timer,
+            Logger(4, timer=timer),
+            TensorBoard(interval=6, timer=timer),
+            ProgressBar(),
+        )
+    ]
     tiny_fit(tmp_path, n=28, handlers=handlers, max_epochs=1)
     assert {step for step, _ in calls} == {4, 6, 8, 12}
-    assert sorted(calls) == sorted([(4, "tolist"), (8, "tolist"), (12, "tolist"), (6, "tolist"), (12, "tolist")])
+    assert sorted(calls) == sorted(
+        [(4, "tolist"), (8, "tolist"), (12, "tolist"), (6, "tolist"), (12, "tolist")]
+    )
 
 
 # ------------------------------------------------------------------ progress bar
@@ -676,8 +869,12 @@ def test_handlers_do_not_change_the_state(tmp_path):
     """Same final params with and without every logging handler."""
     a = tiny_fit(None, handlers=[], max_epochs=1)
     timer = Timer()
-    b = tiny_fit(tmp_path, handlers=[timer, Logger(3, timer=timer), TensorBoard(timer=timer), ProgressBar()],
-                 max_epochs=1, val=val_spec(2))
+    b = tiny_fit(
+        tmp_path,
+        handlers=[timer, Logger(3, timer=timer), TensorBoard(timer=timer), ProgressBar()],
+        max_epochs=1,
+        val=val_spec(2),
+    )
     assert a.step == b.step == 25
     for k in a.params:
         assert torch.equal(a.params[k], b.params[k])
@@ -691,7 +888,10 @@ def test_nonfinite_values_are_strict_json(tmp_path):
     drv.emit("before_train_epoch")
     drv.train_iter(0, 0, 0, {"loss": torch.tensor(math.inf), "lr": 0.1})
     drv.emit("after_run")
-    assert json.loads((tmp_path / "scalars.jsonl").read_text(), parse_constant=pytest.fail)["loss"] == "inf"
+    assert (
+        json.loads((tmp_path / "scalars.jsonl").read_text(), parse_constant=pytest.fail)["loss"]
+        == "inf"
+    )
 
 
 def test_stop_reason_and_unregistered_timer_warning(lines):
@@ -703,7 +903,9 @@ def test_stop_reason_and_unregistered_timer_warning(lines):
     tiny_fit(handlers=[StopAt3(), Logger(1, timer=lonely)], max_steps=10)
     assert sum("has measured nothing" in line for line in lines) == 1
     train = [line for line in lines if line.startswith("Iter(train)")]
-    assert len(train) == 3 and re.fullmatch(r"Iter\(train\) \[ 1/10\]  lr: 1\.0000e-02  loss: \d\.\d{4}", train[0])
+    assert len(train) == 3 and re.fullmatch(
+        r"Iter\(train\) \[ 1/10\]  lr: 1\.0000e-02  loss: \d\.\d{4}", train[0]
+    )
     assert lines[-1] == "Training stopped at step 3: enough"
 
 
@@ -718,7 +920,9 @@ def test_a_run_that_raised_does_not_leak_its_log_file(tmp_path):
     tiny_fit(tmp_path / "b", handlers=[Logger(1, timer=False)], max_steps=2)
     (first,) = (tmp_path / "a").glob("*.log")
     assert len(first.read_text().splitlines()) == 1
-    assert not any(getattr(h, "_fengine_run_log", False) for h in logging.getLogger("fengine").handlers)
+    assert not any(
+        getattr(h, "_fengine_run_log", False) for h in logging.getLogger("fengine").handlers
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -726,11 +930,17 @@ def test_memory_field_on_cuda(lines, tmp_path):
     run = run_info(max_epochs=1, steps_per_epoch=1, work_dir=tmp_path)
     logger = Logger(1, timer=False)
     drv = Driver([logger], run, Clock())
-    drv.state = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0, params={"w": torch.zeros(256, 1024, device="cuda")})
+    drv.state = SimpleNamespace(
+        step=0, epoch=0, batch_in_epoch=0, params={"w": torch.zeros(256, 1024, device="cuda")}
+    )
     drv.emit("before_run")
     drv.emit("before_train_epoch")
     drv.state = SimpleNamespace(step=1, epoch=0, batch_in_epoch=1, params=drv.state.params)
-    drv.emit("after_train_iter", batch_idx=0, metrics={"loss": torch.ones((), device="cuda"), "lr": 0.1})
+    drv.emit(
+        "after_train_iter", batch_idx=0, metrics={"loss": torch.ones((), device="cuda"), "lr": 0.1}
+    )
     drv.emit("after_run")
-    assert re.fullmatch(r"Epoch\(train\) \[1\]\[1/1\]  lr: 1\.0000e-01  memory: \d+  loss: 1\.0000", lines[0])
+    assert re.fullmatch(
+        r"Epoch\(train\) \[1\]\[1/1\]  lr: 1\.0000e-01  memory: \d+  loss: 1\.0000", lines[0]
+    )
     assert isinstance(read_jsonl(tmp_path / "scalars.jsonl")[0]["memory"], int)

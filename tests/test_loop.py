@@ -66,7 +66,11 @@ class Recorder(fe.Handler):
 
 def _setup(n=3, dropout=0.0, tx=None, seed=0):
     tx = tx or optim.sgd(0.05, momentum=0.9)
-    return fe.TrainState.create(mlp(dropout=dropout), tx, seed=seed), fe.train_step(ce_loss, tx), mlp_batches(n)
+    return (
+        fe.TrainState.create(mlp(dropout=dropout), tx, seed=seed),
+        fe.train_step(ce_loss, tx),
+        mlp_batches(n),
+    )
 
 
 class FakeLoader(list):
@@ -76,7 +80,9 @@ class FakeLoader(list):
 
 
 def _mm_fake_runner(val_log, counter):
-    runner = types.SimpleNamespace(optim_wrapper=None, logger=types.SimpleNamespace(info=lambda m: None))
+    runner = types.SimpleNamespace(
+        optim_wrapper=None, logger=types.SimpleNamespace(info=lambda m: None)
+    )
     runner.call_hook = lambda name, **kw: None
     runner.model = types.SimpleNamespace(train=lambda: None, train_step=lambda *a, **k: {})
     runner.val_loop = types.SimpleNamespace(run=lambda: val_log.append(counter()))
@@ -85,42 +91,83 @@ def _mm_fake_runner(val_log, counter):
 
 # ----------------------------------------------------------------- event order
 TRAIN_ITER = ["before_train_iter", "after_train_iter"]
-VAL = ["before_val", "before_val_epoch",
-       "before_val_iter", "after_val_iter", "before_val_iter", "after_val_iter",
-       "after_val_epoch", "after_val"]
+VAL = [
+    "before_val",
+    "before_val_epoch",
+    "before_val_iter",
+    "after_val_iter",
+    "before_val_iter",
+    "after_val_iter",
+    "after_val_epoch",
+    "after_val",
+]
 EXPECTED_2x3_WITH_VAL = [
-    "before_run", "before_train",
-    "before_train_epoch", *TRAIN_ITER * 3, "after_train_epoch", *VAL,
-    "before_train_epoch", *TRAIN_ITER * 3, "after_train_epoch", *VAL,
-    "after_train", "after_run",
+    "before_run",
+    "before_train",
+    "before_train_epoch",
+    *TRAIN_ITER * 3,
+    "after_train_epoch",
+    *VAL,
+    "before_train_epoch",
+    *TRAIN_ITER * 3,
+    "after_train_epoch",
+    *VAL,
+    "after_train",
+    "after_run",
 ]
 
 
 def test_event_sequence_of_a_two_epoch_run_with_validation():
     state, step, batches = _setup(3)
     rec = Recorder()
-    fe.fit(state, step, batches, max_epochs=2, val=fe.Val(mlp_batches(2, seed=7), [Const()]), handlers=[rec])
+    fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=2,
+        val=fe.Val(mlp_batches(2, seed=7), [Const()]),
+        handlers=[rec],
+    )
     assert rec.events == EXPECTED_2x3_WITH_VAL
+
     # written out in full, with the loop position every snapshot shows: (event, step, epoch, batch_idx).
     # step = updates done (after_train_iter already shows the update it follows), epoch = epochs completed
     # (after_train_epoch shows the completed epoch: MMEngine's runner.epoch + 1 there).
-    val = lambda s, e: [("before_val", s, e, None), ("before_val_epoch", s, e, None),  # noqa: E731
-                        ("before_val_iter", s, e, 0), ("after_val_iter", s, e, 0),
-                        ("before_val_iter", s, e, 1), ("after_val_iter", s, e, 1),
-                        ("after_val_epoch", s, e, None), ("after_val", s, e, None)]
+    def val(s, e):
+        return [
+            ("before_val", s, e, None),
+            ("before_val_epoch", s, e, None),
+            ("before_val_iter", s, e, 0),
+            ("after_val_iter", s, e, 0),
+            ("before_val_iter", s, e, 1),
+            ("after_val_iter", s, e, 1),
+            ("after_val_epoch", s, e, None),
+            ("after_val", s, e, None),
+        ]
+
     assert rec.log == [
-        ("before_run", 0, 0, None), ("before_train", 0, 0, None),
+        ("before_run", 0, 0, None),
+        ("before_train", 0, 0, None),
         ("before_train_epoch", 0, 0, None),
-        ("before_train_iter", 0, 0, 0), ("after_train_iter", 1, 0, 0),
-        ("before_train_iter", 1, 0, 1), ("after_train_iter", 2, 0, 1),
-        ("before_train_iter", 2, 0, 2), ("after_train_iter", 3, 0, 2),
-        ("after_train_epoch", 3, 1, None), *val(3, 1),
+        ("before_train_iter", 0, 0, 0),
+        ("after_train_iter", 1, 0, 0),
+        ("before_train_iter", 1, 0, 1),
+        ("after_train_iter", 2, 0, 1),
+        ("before_train_iter", 2, 0, 2),
+        ("after_train_iter", 3, 0, 2),
+        ("after_train_epoch", 3, 1, None),
+        *val(3, 1),
         ("before_train_epoch", 3, 1, None),
-        ("before_train_iter", 3, 1, 0), ("after_train_iter", 4, 1, 0),
-        ("before_train_iter", 4, 1, 1), ("after_train_iter", 5, 1, 1),
-        ("before_train_iter", 5, 1, 2), ("after_train_iter", 6, 1, 2),
-        ("after_train_epoch", 6, 2, None), *val(6, 2),
-        ("after_train", 6, 2, None), ("after_run", 6, 2, None),
+        ("before_train_iter", 3, 1, 0),
+        ("after_train_iter", 4, 1, 0),
+        ("before_train_iter", 4, 1, 1),
+        ("after_train_iter", 5, 1, 1),
+        ("before_train_iter", 5, 1, 2),
+        ("after_train_iter", 6, 1, 2),
+        ("after_train_epoch", 6, 2, None),
+        *val(6, 2),
+        ("after_train", 6, 2, None),
+        ("after_run", 6, 2, None),
     ]
 
 
@@ -155,22 +202,51 @@ def test_event_sequence_matches_a_real_mmengine_runner(tmp_path):
         pass
 
     for stage in Hook.stages:
-        setattr(Rec, stage, lambda self, runner, *a, _s=stage, **k: calls.append((_s, k.get("batch_idx"))))
+        setattr(
+            Rec,
+            stage,
+            lambda self, runner, *a, _s=stage, **k: calls.append((_s, k.get("batch_idx"))),
+        )
     g = torch.Generator().manual_seed(0)
-    train = DataLoader(TensorDataset(torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)), batch_size=2)
-    val = DataLoader(TensorDataset(torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g)), batch_size=2)
-    no_defaults = dict(runtime_info=None, timer=None, sampler_seed=None, logger=None, param_scheduler=None, checkpoint=None)
+    train = DataLoader(
+        TensorDataset(torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)), batch_size=2
+    )
+    val = DataLoader(
+        TensorDataset(torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g)), batch_size=2
+    )
+    no_defaults = dict(
+        runtime_info=None,
+        timer=None,
+        sampler_seed=None,
+        logger=None,
+        param_scheduler=None,
+        checkpoint=None,
+    )
     runner = runner_mod.Runner(
-        model=Model(), work_dir=str(tmp_path), train_dataloader=train, val_dataloader=val,
-        val_evaluator=[Metric()], val_cfg=dict(), train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1),
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), default_hooks=no_defaults,
-        custom_hooks=[Rec()], log_level="ERROR",
+        model=Model(),
+        work_dir=str(tmp_path),
+        train_dataloader=train,
+        val_dataloader=val,
+        val_evaluator=[Metric()],
+        val_cfg=dict(),
+        train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
+        default_hooks=no_defaults,
+        custom_hooks=[Rec()],
+        log_level="ERROR",
     )
     runner.train()
 
     state, step, batches = _setup(3)
     rec = Recorder()
-    fe.fit(state, step, batches, max_epochs=2, val=fe.Val(mlp_batches(2, seed=7), [Const()]), handlers=[rec])
+    fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=2,
+        val=fe.Val(mlp_batches(2, seed=7), [Const()]),
+        handlers=[rec],
+    )
     assert [c[0] for c in calls] == rec.events == EXPECTED_2x3_WITH_VAL
     assert [c[1] for c in calls] == [e[3] for e in rec.log]  # batch_idx at every iter event
 
@@ -187,8 +263,18 @@ def test_priority_then_registration_order_like_mmengine_register_hook():
         h.on_before_run = lambda snap, _t=tag: order.append(_t)
         return h
 
-    spec = [("a", "LOW"), ("b", None), ("c", 30), ("d", "highest"), ("e", None), ("f", fe.Priority.LOWEST),
-            ("g", 70), ("h", "VERY_HIGH"), ("i", 0), ("j", "normal")]
+    spec = [
+        ("a", "LOW"),
+        ("b", None),
+        ("c", 30),
+        ("d", "highest"),
+        ("e", None),
+        ("f", fe.Priority.LOWEST),
+        ("g", 70),
+        ("h", "VERY_HIGH"),
+        ("i", 0),
+        ("j", "normal"),
+    ]
     handlers = [make(t, p) for t, p in spec]
     state, step, batches = _setup(1)
     fe.fit(state, step, batches, max_steps=1, handlers=handlers)
@@ -198,7 +284,9 @@ def test_priority_then_registration_order_like_mmengine_register_hook():
         hook = Hook()
         hook.tag = tag
         Runner.register_hook(fake, hook, priority=p)  # None -> the class attribute 'NORMAL'
-    assert order == [h.tag for h in fake._hooks] == ["d", "i", "h", "c", "b", "e", "j", "a", "g", "f"]
+    assert (
+        order == [h.tag for h in fake._hooks] == ["d", "i", "h", "c", "b", "e", "j", "a", "g", "f"]
+    )
 
 
 def test_bad_priorities_and_unknown_event_methods_are_rejected():
@@ -212,7 +300,9 @@ def test_bad_priorities_and_unknown_event_methods_are_rejected():
             pass
 
     state, step, batches = _setup(1)
-    with pytest.raises(ValueError, match=r"Typo defines \['on_after_trian_iter'\], which are not events"):
+    with pytest.raises(
+        ValueError, match=r"Typo defines \['on_after_trian_iter'\], which are not events"
+    ):
         fe.fit(state, step, batches, max_steps=1, handlers=[Typo()])
 
 
@@ -224,14 +314,18 @@ class StopAt(fe.Handler):
         setattr(self, "on_" + event, self._maybe)
 
     def _maybe(self, snap):
-        if (self.step is None or snap.step == self.step) and (self.epoch is None or snap.epoch == self.epoch):
+        if (self.step is None or snap.step == self.step) and (
+            self.epoch is None or snap.epoch == self.epoch
+        ):
             return fe.Stop(f"stop at {snap.event} step {snap.step}")
 
 
 def test_stop_after_train_iter_ends_mid_epoch_with_the_position_recorded():
     state, step, batches = _setup(3)
     rec = Recorder()
-    final = fe.fit(state, step, batches, max_epochs=5, handlers=[StopAt("after_train_iter", step=4), rec])
+    final = fe.fit(
+        state, step, batches, max_epochs=5, handlers=[StopAt("after_train_iter", step=4), rec]
+    )
     assert (final.step, final.epoch, final.batch_in_epoch) == (4, 1, 1)
     assert rec.events[-4:] == ["before_train_iter", "after_train_iter", "after_train", "after_run"]
     assert rec.events.count("after_train_epoch") == 1  # the cut epoch does not end
@@ -240,20 +334,41 @@ def test_stop_after_train_iter_ends_mid_epoch_with_the_position_recorded():
 def test_stop_on_the_last_iter_of_an_epoch_completes_the_epoch_and_validates():
     state, step, batches = _setup(3)
     rec = Recorder()
-    final = fe.fit(state, step, batches, max_epochs=5, val=fe.Val(batches[:1], [Const()]),
-                   handlers=[StopAt("after_train_iter", step=3), rec])
+    final = fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=5,
+        val=fe.Val(batches[:1], [Const()]),
+        handlers=[StopAt("after_train_iter", step=3), rec],
+    )
     assert (final.step, final.epoch, final.batch_in_epoch) == (3, 1, 0)
     i = rec.events.index("after_train_epoch")
-    assert rec.events[i:] == ["after_train_epoch", "before_val", "before_val_epoch", "before_val_iter", "after_val_iter",
-                              "after_val_epoch", "after_val", "after_train", "after_run"]
+    assert rec.events[i:] == [
+        "after_train_epoch",
+        "before_val",
+        "before_val_epoch",
+        "before_val_iter",
+        "after_val_iter",
+        "after_val_epoch",
+        "after_val",
+        "after_train",
+        "after_run",
+    ]
 
 
 def test_stop_after_train_epoch_still_validates_like_mmengine():
     # MMEngine: stop_training is checked at the top of the epoch loop, after the validation.
     state, step, batches = _setup(3)
     rec = Recorder()
-    final = fe.fit(state, step, batches, max_epochs=5, val=fe.Val(batches[:1], [Const()]),
-                   handlers=[StopAt("after_train_epoch", epoch=2), rec])
+    final = fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=5,
+        val=fe.Val(batches[:1], [Const()]),
+        handlers=[StopAt("after_train_epoch", epoch=2), rec],
+    )
     assert (final.step, final.epoch) == (6, 2)
     assert rec.events[-4:] == ["after_val_epoch", "after_val", "after_train", "after_run"]
 
@@ -266,7 +381,9 @@ def test_stop_reason_reaches_after_train_and_stop_before_train_runs_nothing():
             seen.update(snap.metrics)
 
     state, step, batches = _setup(3)
-    final = fe.fit(state, step, batches, max_epochs=2, handlers=[StopAt("after_train_iter", step=2), Watch()])
+    final = fe.fit(
+        state, step, batches, max_epochs=2, handlers=[StopAt("after_train_iter", step=2), Watch()]
+    )
     assert seen == {"stop": "stop at after_train_iter step 2"} and final.step == 2
     state, step, batches = _setup(3)
     final = fe.fit(state, step, batches, max_epochs=2, handlers=[StopAt("before_train")])
@@ -275,10 +392,14 @@ def test_stop_reason_reaches_after_train_and_stop_before_train_runs_nothing():
 
 def test_stop_at_before_train_iter_runs_no_further_step():
     state, step, batches = _setup(3)
-    final = fe.fit(state, step, batches, max_epochs=3, handlers=[StopAt("before_train_iter", step=2)])
+    final = fe.fit(
+        state, step, batches, max_epochs=3, handlers=[StopAt("before_train_iter", step=2)]
+    )
     assert final.step == 2
     state, step, batches = _setup(3)
-    final = fe.fit(state, step, batches, max_epochs=3, handlers=[StopAt("before_train_epoch", epoch=1)])
+    final = fe.fit(
+        state, step, batches, max_epochs=3, handlers=[StopAt("before_train_epoch", epoch=1)]
+    )
     assert (final.step, final.epoch, final.batch_in_epoch) == (3, 1, 0)
 
 
@@ -291,8 +412,14 @@ def _fe_val_epochs(max_epochs, interval, begin):
         def on_after_val_epoch(self, snap):
             at.append(snap.epoch)
 
-    fe.fit(state, step, batches, max_epochs=max_epochs, val=fe.Val(batches, [Const()], interval=interval, begin=begin),
-           handlers=[When()])
+    fe.fit(
+        state,
+        step,
+        batches,
+        max_epochs=max_epochs,
+        val=fe.Val(batches, [Const()], interval=interval, begin=begin),
+        handlers=[When()],
+    )
     return at
 
 
@@ -302,25 +429,33 @@ def _mm_val_epochs(max_epochs, interval, begin):
     at = []
     loop = None
     runner = _mm_fake_runner(at, lambda: loop.epoch)
-    loop = EpochBasedTrainLoop(runner, FakeLoader([0]), max_epochs=max_epochs, val_begin=begin, val_interval=interval)
+    loop = EpochBasedTrainLoop(
+        runner, FakeLoader([0]), max_epochs=max_epochs, val_begin=begin, val_interval=interval
+    )
     loop.run()
     return at
 
 
-@pytest.mark.parametrize("max_epochs,interval,begin,expected", [
-    (5, 2, 1, [2, 4, 5]),  # forced validation after the last epoch
-    (8, 2, 3, [4, 6, 8]),  # the modulus is absolute: not 3, 5, 7
-    (7, 2, 3, [4, 6, 7]),
-    (5, 1, 1, [1, 2, 3, 4, 5]),
-    (4, 10, 1, [4]),
-    (5, 1, 6, []),  # begin after the last epoch: never, not even the last
-    (6, 3, 2, [3, 6]),
-])
+@pytest.mark.parametrize(
+    "max_epochs,interval,begin,expected",
+    [
+        (5, 2, 1, [2, 4, 5]),  # forced validation after the last epoch
+        (8, 2, 3, [4, 6, 8]),  # the modulus is absolute: not 3, 5, 7
+        (7, 2, 3, [4, 6, 7]),
+        (5, 1, 1, [1, 2, 3, 4, 5]),
+        (4, 10, 1, [4]),
+        (5, 1, 6, []),  # begin after the last epoch: never, not even the last
+        (6, 3, 2, [3, 6]),
+    ],
+)
 def test_epoch_validation_schedule_matches_mmengine_loop(max_epochs, interval, begin, expected):
     assert _fe_val_epochs(max_epochs, interval, begin) == expected
     assert _mm_val_epochs(max_epochs, interval, begin) == expected
-    assert [e for e in range(1, max_epochs + 1)
-            if fe.should_validate(e, interval=interval, begin=begin, last=max_epochs)] == expected
+    assert [
+        e
+        for e in range(1, max_epochs + 1)
+        if fe.should_validate(e, interval=interval, begin=begin, last=max_epochs)
+    ] == expected
 
 
 def _fe_val_steps(max_steps, interval, begin, k=1):
@@ -336,8 +471,14 @@ def _fe_val_steps(max_steps, interval, begin, k=1):
         def on_after_val_epoch(self, snap):
             at.append(snap.step)
 
-    fe.fit(state, step, batches, max_steps=max_steps, val=fe.Val(batches[:1], [Const()], interval=interval, begin=begin),
-           handlers=[When()])
+    fe.fit(
+        state,
+        step,
+        batches,
+        max_steps=max_steps,
+        val=fe.Val(batches[:1], [Const()], interval=interval, begin=begin),
+        handlers=[When()],
+    )
     return at
 
 
@@ -347,24 +488,34 @@ def _mm_val_iters(max_iters, interval, begin):
     at = []
     loop = None
     runner = _mm_fake_runner(at, lambda: loop.iter)
-    loop = IterBasedTrainLoop(runner, FakeLoader(range(max_iters)), max_iters=max_iters, val_begin=begin,
-                              val_interval=interval)
+    loop = IterBasedTrainLoop(
+        runner,
+        FakeLoader(range(max_iters)),
+        max_iters=max_iters,
+        val_begin=begin,
+        val_interval=interval,
+    )
     loop.run()
     return at
 
 
-@pytest.mark.parametrize("max_steps,interval,begin,expected", [
-    (10, 3, 1, [3, 6, 9, 10]),
-    (10, 4, 5, [8, 10]),
-    (9, 3, 1, [3, 6, 9]),
-    (5, 1000, 1, [5]),  # MMEngine's default iteration interval: only the forced last one
-    (7, 2, 8, []),
-])
+@pytest.mark.parametrize(
+    "max_steps,interval,begin,expected",
+    [
+        (10, 3, 1, [3, 6, 9, 10]),
+        (10, 4, 5, [8, 10]),
+        (9, 3, 1, [3, 6, 9]),
+        (5, 1000, 1, [5]),  # MMEngine's default iteration interval: only the forced last one
+        (7, 2, 8, []),
+    ],
+)
 def test_iteration_validation_schedule_matches_mmengine_loop(max_steps, interval, begin, expected):
     assert _fe_val_steps(max_steps, interval, begin) == expected
     assert _mm_val_iters(max_steps, interval, begin) == expected
     if interval == 1000:
-        assert _fe_val_steps(max_steps, None, begin) == expected  # Val's default interval in iteration mode
+        assert (
+            _fe_val_steps(max_steps, None, begin) == expected
+        )  # Val's default interval in iteration mode
 
 
 def test_iteration_validation_counts_updates_with_accumulation():
@@ -375,7 +526,9 @@ def test_iteration_validation_counts_updates_with_accumulation():
 # ----------------------------------------------------------------- loop position and continuation
 def _loader(seed=0):
     g = torch.Generator().manual_seed(5)
-    ds = torch.utils.data.TensorDataset(torch.randn(24, 16, generator=g), torch.randint(0, 10, (24,), generator=g))
+    ds = torch.utils.data.TensorDataset(
+        torch.randn(24, 16, generator=g), torch.randint(0, 10, (24,), generator=g)
+    )
     return Loader(ds, batch_size=8, seed=seed, shuffle=True)
 
 
@@ -406,7 +559,11 @@ def test_position_after_a_max_steps_run_and_bitwise_continuation_with_loader():
     state, step = _fresh()
     straight = Batches()
     ref = fe.fit(state, step, loader, max_steps=11, handlers=[straight])
-    assert (ref.step, ref.epoch, ref.batch_in_epoch) == (done.step, done.epoch, done.batch_in_epoch) == (11, 3, 2)
+    assert (
+        (ref.step, ref.epoch, ref.batch_in_epoch)
+        == (done.step, done.epoch, done.batch_in_epoch)
+        == (11, 3, 2)
+    )
     assert_dicts_equal(done.params, ref.params, "params")
     assert_dicts_equal(done.opt_state.exp_avg, ref.opt_state.exp_avg, "exp_avg")
     for a, b in zip(first.seen + second.seen, straight.seen, strict=True):
@@ -420,7 +577,11 @@ def test_epoch_based_run_continues_from_a_mid_epoch_state():
     done = fe.fit(mid, step, loader, max_epochs=3, handlers=[])
     state, step = _fresh()
     ref = fe.fit(state, step, loader, max_epochs=3, handlers=[])
-    assert (done.step, done.epoch, done.batch_in_epoch) == (ref.step, ref.epoch, ref.batch_in_epoch) == (9, 3, 0)
+    assert (
+        (done.step, done.epoch, done.batch_in_epoch)
+        == (ref.step, ref.epoch, ref.batch_in_epoch)
+        == (9, 3, 0)
+    )
     assert_dicts_equal(done.params, ref.params, "params")
 
 
@@ -448,10 +609,24 @@ def test_accumulate_3_with_7_batches_per_epoch():
         def on_after_train_iter(self, snap):
             seen.append((snap.step, snap.batch_idx, len(snap.batch), snap.state.batch_in_epoch))
 
-    final = fe.fit(fe.TrainState.create(mlp(), tx), step, batches, max_epochs=2, handlers=[Groups()])
+    final = fe.fit(
+        fe.TrainState.create(mlp(), tx), step, batches, max_epochs=2, handlers=[Groups()]
+    )
     run, *iters = seen
-    assert (run.steps_per_epoch, run.batches_per_epoch, run.micro_batches, run.max_steps) == (3, 7, 3, 6)
-    assert iters == [(1, 0, 3, 3), (2, 1, 3, 6), (3, 2, 1, 7), (4, 0, 3, 3), (5, 1, 3, 6), (6, 2, 1, 7)]
+    assert (run.steps_per_epoch, run.batches_per_epoch, run.micro_batches, run.max_steps) == (
+        3,
+        7,
+        3,
+        6,
+    )
+    assert iters == [
+        (1, 0, 3, 3),
+        (2, 1, 3, 6),
+        (3, 2, 1, 7),
+        (4, 0, 3, 3),
+        (5, 1, 3, 6),
+        (6, 2, 1, 7),
+    ]
     assert (final.step, final.epoch, final.batch_in_epoch) == (6, 2, 0)
 
     # the same groups by hand, and a torch loop with the mean over each group (last group: mean of 1)
@@ -468,13 +643,18 @@ def test_accumulate_3_with_7_batches_per_epoch():
             for x, y in group:
                 (F.cross_entropy(model(x), y) * (1.0 / len(group))).backward()
             opt.step()
-    assert_dicts_equal(final.params, {n: p.detach() for n, p in model.named_parameters()}, "params vs torch")
+    assert_dicts_equal(
+        final.params, {n: p.detach() for n, p in model.named_parameters()}, "params vs torch"
+    )
 
 
 # ----------------------------------------------------------------- bad input
 def test_bad_lengths_and_counts_are_named():
     state, step, batches = _setup(3)
-    with pytest.raises(ValueError, match="exactly one of max_epochs .* or max_steps .*got max_epochs=2, max_steps=4"):
+    with pytest.raises(
+        ValueError,
+        match="exactly one of max_epochs .* or max_steps .*got max_epochs=2, max_steps=4",
+    ):
         fe.fit(state, step, batches, max_epochs=2, max_steps=4)
     with pytest.raises(ValueError, match="exactly one of max_epochs"):
         fe.fit(state, step, batches)
@@ -523,11 +703,30 @@ def test_a_batch_of_the_wrong_shape_names_batch_and_epoch():
 def test_early_stopping_monitor_that_does_not_exist():
     state, step, batches = _setup(3)
     val = fe.Val(batches[:1], [Const(key="accuracy")])
-    with pytest.raises(MissingMetricError, match=r"monitor='val_acc' is not in the validation results; available keys: \['accuracy'\]"):
-        fe.fit(state, step, batches, max_epochs=2, val=val, handlers=[EarlyStopping("val_acc", strict=True)])
+    with pytest.raises(
+        MissingMetricError,
+        match=r"monitor='val_acc' is not in the validation results; available keys: \['accuracy'\]",
+    ):
+        fe.fit(
+            state,
+            step,
+            batches,
+            max_epochs=2,
+            val=val,
+            handlers=[EarlyStopping("val_acc", strict=True)],
+        )
     state, step, batches = _setup(3)
-    with pytest.warns(UserWarning, match="monitor='val_acc'"):  # strict=False (MMEngine's default): warn, skip
-        final = fe.fit(state, step, batches, max_epochs=2, val=val, handlers=[EarlyStopping("val_acc", strict=False)])
+    with pytest.warns(
+        UserWarning, match="monitor='val_acc'"
+    ):  # strict=False (MMEngine's default): warn, skip
+        final = fe.fit(
+            state,
+            step,
+            batches,
+            max_epochs=2,
+            val=val,
+            handlers=[EarlyStopping("val_acc", strict=False)],
+        )
     assert final.epoch == 2
     with pytest.raises(ValueError, match="cannot infer the rule for monitor 'fid'"):
         EarlyStopping("fid")
@@ -546,8 +745,10 @@ def disc_loss(model, batch):
     real, z = batch
     fake = model.gen(z).detach()
     lr_, lf = model.disc(real), model.disc(fake)
-    return {"loss_real": F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_)),
-            "loss_fake": F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf))}
+    return {
+        "loss_real": F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_)),
+        "loss_fake": F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)),
+    }
 
 
 def gen_loss(model, batch):
@@ -567,10 +768,12 @@ def gan_batches(n, seed=3):
 
 def test_gan_with_two_optimizers_matches_torch_bitwise():
     g_lr = fe.schedules.linear(2e-3, start_factor=0.5, end=4)
-    step = multi_step({
-        "disc": (disc_loss, optim.adam(1e-3, b1=0.5), "disc"),
-        "gen": (gen_loss, optim.adam(g_lr, b1=0.5), lambda name: name.startswith("gen.")),
-    })
+    step = multi_step(
+        {
+            "disc": (disc_loss, optim.adam(1e-3, b1=0.5), "disc"),
+            "gen": (gen_loss, optim.adam(g_lr, b1=0.5), lambda name: name.startswith("gen.")),
+        }
+    )
     assert isinstance(step, MultiStep) and isinstance(step, fe.Step)
     state = fe.TrainState.create(GAN(), step.tx)
     assert list(state.opt_state) == ["disc", "gen"]
@@ -605,33 +808,58 @@ def test_gan_with_two_optimizers_matches_torch_bitwise():
         lg.backward()
         g_opt.step()
         g_sched.step()
-        ref_logs.append({"disc/loss": float((l_real + l_fake).detach()), "gen/loss": float(lg.detach()),
-                         "gen/lr": g_lr_used})
-    assert_dicts_equal(final.params, {n: p.detach() for n, p in model.named_parameters()}, "GAN params")
+        ref_logs.append(
+            {
+                "disc/loss": float((l_real + l_fake).detach()),
+                "gen/loss": float(lg.detach()),
+                "gen/lr": g_lr_used,
+            }
+        )
+    assert_dicts_equal(
+        final.params, {n: p.detach() for n, p in model.named_parameters()}, "GAN params"
+    )
     d_state = d_opt.state[model.disc[0].weight]
     assert torch.equal(final.opt_state["disc"].exp_avg["disc.0.weight"], d_state["exp_avg"])
-    assert set(logged[0]) == {"disc/loss", "disc/loss_real", "disc/loss_fake", "disc/lr", "gen/loss", "gen/lr"}
+    assert set(logged[0]) == {
+        "disc/loss",
+        "disc/loss_real",
+        "disc/loss_fake",
+        "disc/lr",
+        "gen/loss",
+        "gen/lr",
+    }
     for mine, ref in zip(logged, ref_logs, strict=True):
         assert mine["disc/loss"] == ref["disc/loss"] and mine["gen/loss"] == ref["gen/loss"]
         assert mine["gen/lr"] == pytest.approx(ref["gen/lr"], rel=1e-12) and mine["disc/lr"] == 1e-3
 
 
 def test_multi_step_donation_and_errors():
-    step = multi_step({"disc": (disc_loss, optim.sgd(0.1), "disc"), "gen": (gen_loss, optim.sgd(0.1), "gen")},
-                      donate=False)
+    step = multi_step(
+        {"disc": (disc_loss, optim.sgd(0.1), "disc"), "gen": (gen_loss, optim.sgd(0.1), "gen")},
+        donate=False,
+    )
     state = fe.TrainState.create(GAN(), step.tx)
     before = state.clone()
     new, _ = step(state, gan_batches(1)[0])
     assert_dicts_equal(state.params, before.params, "donate=False keeps the input")
-    donating = multi_step({"disc": (disc_loss, optim.sgd(0.1), "disc"), "gen": (gen_loss, optim.sgd(0.1), "gen")})
+    donating = multi_step(
+        {"disc": (disc_loss, optim.sgd(0.1), "disc"), "gen": (gen_loss, optim.sgd(0.1), "gen")}
+    )
     s2, _ = donating(new, gan_batches(1)[0])
     with pytest.raises(fe.DonatedStateError):
         _ = new.params
     with pytest.raises(ValueError, match="'gen.0.weight' belongs to no part"):
         fe.TrainState.create(GAN(), multi_step({"disc": (disc_loss, optim.sgd(0.1), "disc")}).tx)
     with pytest.raises(ValueError, match="selected by several parts"):
-        fe.TrainState.create(GAN(), multi_step({"a": (disc_loss, optim.sgd(0.1), lambda n: True),
-                                                "b": (gen_loss, optim.sgd(0.1), "gen")}).tx)
+        fe.TrainState.create(
+            GAN(),
+            multi_step(
+                {
+                    "a": (disc_loss, optim.sgd(0.1), lambda n: True),
+                    "b": (gen_loss, optim.sgd(0.1), "gen"),
+                }
+            ).tx,
+        )
     with pytest.raises(ValueError, match="opt_state must be the dict of part states"):
         step(fe.TrainState.create(GAN(), optim.sgd(0.1)), gan_batches(1)[0])
     with pytest.raises(TypeError, match="not supported on a multi_step"):
@@ -658,7 +886,7 @@ def test_evaluate_uses_ema_params_live_on_request_and_gives_the_metric_the_raw_b
         metric = Const(record=True)
         out = fe.evaluate(state, eval_fn, data, [metric], params=params)
         assert out == {"acc": 0.5}
-        (batch, outputs), = metric.seen
+        ((batch, outputs),) = metric.seen
         assert batch is data[0]  # the RAW batch, not a copy or a preprocessed one
         with torch.no_grad():
             ref = functional_call(state.model, {**expected, **state.buffers}, (x,))
@@ -677,15 +905,27 @@ def test_evaluate_emits_test_events_and_validation_in_fit_uses_ema():
     tx = optim.sgd(0.5)
     state = fe.TrainState.create(mlp(), tx)
     fe.evaluate(state, fe.loop.default_predict, mlp_batches(2), [Const()], handlers=[rec])
-    assert rec.events == ["before_test", "before_test_epoch", "before_test_iter", "after_test_iter",
-                          "before_test_iter", "after_test_iter", "after_test_epoch", "after_test"]
+    assert rec.events == [
+        "before_test",
+        "before_test_epoch",
+        "before_test_iter",
+        "after_test_iter",
+        "before_test_iter",
+        "after_test_iter",
+        "after_test_epoch",
+        "after_test",
+    ]
 
     step = fe.ema(momentum=0.5)(fe.train_step(ce_loss, tx))
     metric = Const(record=True)
     val_batch = mlp_batches(1, seed=9)
-    final = fe.fit(state, step, mlp_batches(3), max_epochs=1, val=fe.Val(val_batch, [metric]), handlers=[])
-    (_, outputs), = metric.seen
+    final = fe.fit(
+        state, step, mlp_batches(3), max_epochs=1, val=fe.Val(val_batch, [metric]), handlers=[]
+    )
+    ((_, outputs),) = metric.seen
     with torch.no_grad():
-        ref = functional_call(final.model, {**final.extra["ema"].params, **final.buffers}, (val_batch[0][0],))
+        ref = functional_call(
+            final.model, {**final.extra["ema"].params, **final.buffers}, (val_batch[0][0],)
+        )
     assert torch.equal(outputs, ref)
     assert final.model.training  # evaluation restored train mode

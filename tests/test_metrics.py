@@ -207,18 +207,42 @@ def test_argmax_tie_rule_and_topk_monotone():
 @pytest.mark.parametrize(
     ("batch", "outputs", "exc", "pattern"),
     [
-        ((None, torch.tensor([0, 1, 2, 3])), torch.zeros(4), ValueError,
-         r"Accuracy: expected logits of shape \(N, C\), got shape \(4,\)"),
-        ((None, torch.tensor([0, 1, 2])), torch.zeros(4, 5), ValueError,
-         r"Accuracy: expected integer labels of shape \(4,\).*shape \(4, 5\).*shape \(3,\)"),
-        ((None, torch.zeros(4)), torch.zeros(4, 5), ValueError,
-         r"Accuracy: expected integer labels.*torch.float32"),
-        ((None, torch.tensor([0, 1, 2, 3])), [[0.0] * 5] * 4, TypeError,
-         r"Accuracy: expected logits as a tensor.*got a list"),
-        ({"img": torch.zeros(4), "target": torch.zeros(4)}, torch.zeros(4, 5), KeyError,
-         r"Accuracy: the batch is a dict without a 'label' or 'labels' key.*'img', 'target'"),
-        ((torch.zeros(4),), torch.zeros(4, 5), ValueError,
-         r"Accuracy: expected a batch \(inputs, labels, ...\).*length 1"),
+        (
+            (None, torch.tensor([0, 1, 2, 3])),
+            torch.zeros(4),
+            ValueError,
+            r"Accuracy: expected logits of shape \(N, C\), got shape \(4,\)",
+        ),
+        (
+            (None, torch.tensor([0, 1, 2])),
+            torch.zeros(4, 5),
+            ValueError,
+            r"Accuracy: expected integer labels of shape \(4,\).*shape \(4, 5\).*shape \(3,\)",
+        ),
+        (
+            (None, torch.zeros(4)),
+            torch.zeros(4, 5),
+            ValueError,
+            r"Accuracy: expected integer labels.*torch.float32",
+        ),
+        (
+            (None, torch.tensor([0, 1, 2, 3])),
+            [[0.0] * 5] * 4,
+            TypeError,
+            r"Accuracy: expected logits as a tensor.*got a list",
+        ),
+        (
+            {"img": torch.zeros(4), "target": torch.zeros(4)},
+            torch.zeros(4, 5),
+            KeyError,
+            r"Accuracy: the batch is a dict without a 'label' or 'labels' key.*'img', 'target'",
+        ),
+        (
+            (torch.zeros(4),),
+            torch.zeros(4, 5),
+            ValueError,
+            r"Accuracy: expected a batch \(inputs, labels, ...\).*length 1",
+        ),
         (None, torch.zeros(4, 5), ValueError, r"Accuracy: the batch is None"),
         ("text", torch.zeros(4, 5), TypeError, r"Accuracy: cannot find labels.*str"),
     ],
@@ -285,7 +309,9 @@ def test_update_does_not_sync_with_the_device():
         torch.cuda.set_sync_debug_mode(0)
     assert acc[0]["total"].device.type == "cuda"
     cpu = Evaluator([Accuracy(topk=(1, 2)), MeanLoss()])
-    want = cpu.compute(fold(cpu, [((None, y), {"logits": x, "loss": x.mean(1)}) for x, y in batches]))
+    want = cpu.compute(
+        fold(cpu, [((None, y), {"logits": x, "loss": x.mean(1)}) for x, y in batches])
+    )
     got = ev.compute(acc)
     assert got["accuracy"] == want["accuracy"]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
@@ -319,22 +345,44 @@ def test_mean_loss_per_sample_and_options():
     assert m.keys == ("val/val_nll",)
     assert m.compute(fold(m, pairs)) == {"val/val_nll": 4.5}
     sized = MeanLoss(loss=lambda b, o: o[0], batch_size=lambda b, o: o[1])
-    got = sized.compute(fold(sized, [(None, (torch.tensor(2.0), 1)), (None, (torch.tensor(1.0), 3))]))
+    got = sized.compute(
+        fold(sized, [(None, (torch.tensor(2.0), 1)), (None, (torch.tensor(1.0), 3))])
+    )
     assert got == {"loss": 1.25}  # (2*1 + 1*3) / 4
 
 
 @pytest.mark.parametrize(
     ("m", "batch", "outputs", "exc", "pattern"),
     [
-        (MeanLoss(), None, {"nll": torch.tensor(1.0)}, KeyError,
-         r"MeanLoss: the outputs are a dict without the key 'loss'.*'nll'"),
-        (MeanLoss(), None, torch.zeros(2, 2), ValueError,
-         r"MeanLoss: expected a scalar.*shape \(2, 2\)"),
-        (MeanLoss(), None, torch.tensor(1.0), ValueError,
-         r"MeanLoss: cannot weight a batch-mean loss.*NoneType"),
+        (
+            MeanLoss(),
+            None,
+            {"nll": torch.tensor(1.0)},
+            KeyError,
+            r"MeanLoss: the outputs are a dict without the key 'loss'.*'nll'",
+        ),
+        (
+            MeanLoss(),
+            None,
+            torch.zeros(2, 2),
+            ValueError,
+            r"MeanLoss: expected a scalar.*shape \(2, 2\)",
+        ),
+        (
+            MeanLoss(),
+            None,
+            torch.tensor(1.0),
+            ValueError,
+            r"MeanLoss: cannot weight a batch-mean loss.*NoneType",
+        ),
         (MeanLoss(), None, "x", TypeError, r"MeanLoss: expected the loss as a tensor"),
-        (MeanLoss(batch_size=lambda b, o: 3), None, torch.zeros(2), ValueError,
-         r"MeanLoss: batch_size says 3.*\(2,\)"),
+        (
+            MeanLoss(batch_size=lambda b, o: 3),
+            None,
+            torch.zeros(2),
+            ValueError,
+            r"MeanLoss: batch_size says 3.*\(2,\)",
+        ),
     ],
 )
 def test_mean_loss_bad_input(m, batch, outputs, exc, pattern):
@@ -415,9 +463,7 @@ def test_custom_sum_metric():
 
     x, y = random_batches([12], classes=3, seed=10)[0]
     m = ErrorRate()
-    assert m.compute(fold(m, [((None, y), x)])) == {
-        "err/rate": int((x.argmax(1) != y).sum()) / 12
-    }
+    assert m.compute(fold(m, [((None, y), x)])) == {"err/rate": int((x.argmax(1) != y).sum()) / 12}
 
 
 # -- offline evaluation -------------------------------------------------------------------
@@ -505,8 +551,10 @@ def test_size_drops_a_padded_duplicate_in_one_process():
     # Pad like DefaultSampler(round_up=True) would: repeat sample 0 at the end.
     x0, y0 = dataset[0]
     padded = pairs + [
-        ((torch.stack([x0]), y0[None]), {"logits": pairs[0][1]["logits"][:1],
-                                         "loss": pairs[0][1]["loss"][:1]})
+        (
+            (torch.stack([x0]), y0[None]),
+            {"logits": pairs[0][1]["logits"][:1], "loss": pairs[0][1]["loss"][:1]},
+        )
     ]
     ev = Evaluator([Accuracy(topk=(1, 3)), MeanLoss()])
     clean = ev.compute(fold(ev, pairs))
@@ -544,7 +592,7 @@ def _dist_worker(rank, world, store, out_dir, size):
         logits, labels, losses = _dist_data(size)
         # MMEngine's own sampler decides this rank's shard and its padding.
         idx = list(DefaultSampler(list(range(size)), shuffle=False, round_up=True))
-        chunks = [torch.tensor(idx[i:i + 2]) for i in range(0, len(idx), 2)]
+        chunks = [torch.tensor(idx[i : i + 2]) for i in range(0, len(idx), 2)]
 
         ev = Evaluator([Accuracy(topk=(1, 3)), MeanLoss()])
         acc = ev.init()
@@ -572,8 +620,13 @@ def test_distributed_reduce_drops_round_up_padding(tmp_path):
     world, size = 3, 7
     # fork: the workers reuse the imported torch/mmengine (spawn costs seconds).
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_dist_worker, args=(world, str(tmp_path / "store"), str(tmp_path), size),
-                       nprocs=world, join=True, start_method=method)
+    mp.start_processes(
+        _dist_worker,
+        args=(world, str(tmp_path / "store"), str(tmp_path), size),
+        nprocs=world,
+        join=True,
+        start_method=method,
+    )
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for r in results:
         assert r == results[0]  # every rank computes the same numbers

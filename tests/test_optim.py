@@ -16,30 +16,94 @@ from fengine.rng import fold_in
 CASES = [
     ("sgd", optim.sgd, torch.optim.SGD, dict(lr=0.05), {}),
     ("sgd_wd", optim.sgd, torch.optim.SGD, dict(lr=0.05, weight_decay=1e-2), {}),
-    ("momentum", optim.sgd, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
-     {"momentum_buffer": "momentum_buffer"}),
-    ("nesterov", optim.sgd, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-     {"momentum_buffer": "momentum_buffer"}),
-    ("sgd_maximize", optim.sgd, torch.optim.SGD, dict(lr=0.01, momentum=0.5, maximize=True, weight_decay=1e-3),
-     {"momentum_buffer": "momentum_buffer"}),
-    ("adam", optim.adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3), {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}),
-    ("adam_amsgrad", optim.adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True),
-     {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "max_exp_avg_sq": "max_exp_avg_sq"}),
-    ("adamw", optim.adamw, torch.optim.AdamW, dict(lr=1e-2, weight_decay=5e-2), {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}),
-    ("rmsprop", optim.rmsprop, torch.optim.RMSprop, dict(lr=1e-3, weight_decay=1e-3), {"square_avg": "square_avg"}),
-    ("rmsprop_centered_momentum", optim.rmsprop, torch.optim.RMSprop, dict(lr=1e-3, momentum=0.9, centered=True),
-     {"square_avg": "square_avg", "grad_avg": "grad_avg", "momentum_buffer": "momentum_buffer"}),
-    ("adagrad", optim.adagrad, torch.optim.Adagrad, dict(lr=1e-2, lr_decay=1e-3, weight_decay=1e-3, initial_accumulator_value=0.1),
-     {"sum": "sum"}),
+    (
+        "momentum",
+        optim.sgd,
+        torch.optim.SGD,
+        dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
+        {"momentum_buffer": "momentum_buffer"},
+    ),
+    (
+        "nesterov",
+        optim.sgd,
+        torch.optim.SGD,
+        dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        {"momentum_buffer": "momentum_buffer"},
+    ),
+    (
+        "sgd_maximize",
+        optim.sgd,
+        torch.optim.SGD,
+        dict(lr=0.01, momentum=0.5, maximize=True, weight_decay=1e-3),
+        {"momentum_buffer": "momentum_buffer"},
+    ),
+    (
+        "adam",
+        optim.adam,
+        torch.optim.Adam,
+        dict(lr=1e-2, weight_decay=1e-3),
+        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
+    ),
+    (
+        "adam_amsgrad",
+        optim.adam,
+        torch.optim.Adam,
+        dict(lr=1e-2, amsgrad=True),
+        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "max_exp_avg_sq": "max_exp_avg_sq"},
+    ),
+    (
+        "adamw",
+        optim.adamw,
+        torch.optim.AdamW,
+        dict(lr=1e-2, weight_decay=5e-2),
+        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
+    ),
+    (
+        "rmsprop",
+        optim.rmsprop,
+        torch.optim.RMSprop,
+        dict(lr=1e-3, weight_decay=1e-3),
+        {"square_avg": "square_avg"},
+    ),
+    (
+        "rmsprop_centered_momentum",
+        optim.rmsprop,
+        torch.optim.RMSprop,
+        dict(lr=1e-3, momentum=0.9, centered=True),
+        {"square_avg": "square_avg", "grad_avg": "grad_avg", "momentum_buffer": "momentum_buffer"},
+    ),
+    (
+        "adagrad",
+        optim.adagrad,
+        torch.optim.Adagrad,
+        dict(lr=1e-2, lr_decay=1e-3, weight_decay=1e-3, initial_accumulator_value=0.1),
+        {"sum": "sum"},
+    ),
 ]
 
 # torch's fused kernels: SGD, Adam, AdamW, Adagrad (all CASES but RMSprop), plus the flags that only they read
 FUSED_CASES = [c for c in CASES if c[1] is not optim.rmsprop] + [
-    ("adam_maximize", optim.adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3, maximize=True),
-     {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}),
-    ("adamw_amsgrad", optim.adamw, torch.optim.AdamW, dict(lr=1e-2, weight_decay=5e-2, amsgrad=True),
-     {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "max_exp_avg_sq": "max_exp_avg_sq"}),
-    ("adagrad_maximize", optim.adagrad, torch.optim.Adagrad, dict(lr=1e-2, maximize=True), {"sum": "sum"}),
+    (
+        "adam_maximize",
+        optim.adam,
+        torch.optim.Adam,
+        dict(lr=1e-2, weight_decay=1e-3, maximize=True),
+        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
+    ),
+    (
+        "adamw_amsgrad",
+        optim.adamw,
+        torch.optim.AdamW,
+        dict(lr=1e-2, weight_decay=5e-2, amsgrad=True),
+        {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "max_exp_avg_sq": "max_exp_avg_sq"},
+    ),
+    (
+        "adagrad_maximize",
+        optim.adagrad,
+        torch.optim.Adagrad,
+        dict(lr=1e-2, maximize=True),
+        {"sum": "sum"},
+    ),
 ]
 
 
@@ -76,12 +140,20 @@ def _run_fengine(model, tx, batches, seed, donate=True):
 
 
 def _assert_matches_torch(name, factory, torch_cls, kw, state_map, net, fused=False):
-    make, batches = (lambda: mlp(dropout=0.2), mlp_batches(100)) if net == "mlp" else (small_cnn, cnn_batches(100))
+    make, batches = (
+        (lambda: mlp(dropout=0.2), mlp_batches(100))
+        if net == "mlp"
+        else (small_cnn, cnn_batches(100))
+    )
     ref_model, model = make(), make()
     opt = _run_reference(ref_model, torch_cls, kw, batches, seed=7, fused=fused)
-    state, _ = _run_fengine(model, factory(**kw, **(dict(fused=True) if fused else {})), batches, seed=7)
+    state, _ = _run_fengine(
+        model, factory(**kw, **(dict(fused=True) if fused else {})), batches, seed=7
+    )
 
-    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params")
+    assert_dicts_equal(
+        state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params"
+    )
     assert_dicts_equal(state.buffers, dict(ref_model.named_buffers()), "buffers")
     for n, p in ref_model.named_parameters():
         for torch_key, field in state_map.items():
@@ -96,7 +168,9 @@ def test_optimizer_matches_torch_bitwise(name, factory, torch_cls, kw, state_map
     _assert_matches_torch(name, factory, torch_cls, kw, state_map, net)
 
 
-@pytest.mark.parametrize("name,factory,torch_cls,kw,state_map", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+@pytest.mark.parametrize(
+    "name,factory,torch_cls,kw,state_map", FUSED_CASES, ids=[c[0] for c in FUSED_CASES]
+)
 @pytest.mark.parametrize("net", ["mlp", "cnn_bn"])
 def test_fused_optimizer_matches_torch_fused_bitwise(name, factory, torch_cls, kw, state_map, net):
     _assert_matches_torch(name, factory, torch_cls, kw, state_map, net, fused=True)
@@ -105,22 +179,45 @@ def test_fused_optimizer_matches_torch_fused_bitwise(name, factory, torch_cls, k
 def test_fused_with_scheduled_lr_matches_torch():
     sched = lambda t: 1e-2 / (1 + t)  # noqa: E731
     ref_model, model = mlp(), mlp()
-    _run_reference(ref_model, torch.optim.AdamW, dict(lr=1e-2), mlp_batches(20), seed=0, fused=True, lr_schedule=sched)
+    _run_reference(
+        ref_model,
+        torch.optim.AdamW,
+        dict(lr=1e-2),
+        mlp_batches(20),
+        seed=0,
+        fused=True,
+        lr_schedule=sched,
+    )
     state, metrics = _run_fengine(model, optim.adamw(lr=sched, fused=True), mlp_batches(20), seed=0)
-    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params")
+    assert_dicts_equal(
+        state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params"
+    )
     assert metrics[-1]["lr"] == sched(19)
 
 
-@pytest.mark.parametrize("factory,torch_cls,kernel", [
-    (optim.sgd, torch.optim.SGD, "_fused_sgd_"), (optim.adam, torch.optim.Adam, "_fused_adam_"),
-    (optim.adamw, torch.optim.AdamW, "_fused_adamw_"), (optim.adagrad, torch.optim.Adagrad, "_fused_adagrad_"),
-])
-def test_fused_calls_the_fused_kernel_once_per_device_and_dtype(factory, torch_cls, kernel, monkeypatch):
+@pytest.mark.parametrize(
+    "factory,torch_cls,kernel",
+    [
+        (optim.sgd, torch.optim.SGD, "_fused_sgd_"),
+        (optim.adam, torch.optim.Adam, "_fused_adam_"),
+        (optim.adamw, torch.optim.AdamW, "_fused_adamw_"),
+        (optim.adagrad, torch.optim.Adagrad, "_fused_adagrad_"),
+    ],
+)
+def test_fused_calls_the_fused_kernel_once_per_device_and_dtype(
+    factory, torch_cls, kernel, monkeypatch
+):
     """Mixed float32/float64 params: one kernel call per dtype group (as torch), and bitwise torch fused."""
     g = torch.Generator().manual_seed(0)
-    params = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g, dtype=torch.float64),
-              "c": torch.randn(4, generator=g)}
-    steps = [{n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()} for _ in range(3)]
+    params = {
+        "a": torch.randn(5, 3, generator=g),
+        "b": torch.randn(7, generator=g, dtype=torch.float64),
+        "c": torch.randn(4, generator=g),
+    }
+    steps = [
+        {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
+        for _ in range(3)
+    ]
     ref = [p.clone().requires_grad_() for p in params.values()]
     opt = torch_cls(ref, lr=0.1, weight_decay=1e-2, fused=True)
     for grads in steps:
@@ -130,18 +227,31 @@ def test_fused_calls_the_fused_kernel_once_per_device_and_dtype(factory, torch_c
 
     calls = []
     real = getattr(torch, kernel)
-    monkeypatch.setattr(torch, kernel, lambda params, *a, **k: (calls.append(params[0].dtype), real(params, *a, **k)))
+    monkeypatch.setattr(
+        torch,
+        kernel,
+        lambda params, *a, **k: (calls.append(params[0].dtype), real(params, *a, **k)),
+    )
     tx = factory(0.1, weight_decay=1e-2, fused=True)
     state = tx.init(params)
     for t, grads in enumerate(steps):
         params, state = optim.step_params(tx, grads, state, params, step=t)
-    assert calls == [torch.float32, torch.float64] * 3 or calls == [torch.float64, torch.float32] * 3
+    assert (
+        calls == [torch.float32, torch.float64] * 3 or calls == [torch.float64, torch.float32] * 3
+    )
     assert_dicts_equal(params, {n: r.detach() for n, r in zip(params, ref)}, "params")
 
 
 @pytest.mark.parametrize("factory", [optim.sgd, optim.adam, optim.adamw, optim.adagrad])
-@pytest.mark.parametrize("param", [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.complex64),
-                                   torch.zeros(2, device="meta")], ids=["int64", "complex64", "meta"])
+@pytest.mark.parametrize(
+    "param",
+    [
+        torch.zeros(2, dtype=torch.int64),
+        torch.zeros(2, dtype=torch.complex64),
+        torch.zeros(2, device="meta"),
+    ],
+    ids=["int64", "complex64", "meta"],
+)
 def test_fused_rejects_what_torch_fused_rejects(factory, param):
     with pytest.raises(ValueError, match="fused=True needs floating-point params .* param 'w'"):
         factory(0.1, fused=True).init({"w": param})
@@ -160,7 +270,9 @@ def test_clip_by_global_norm_matches_clip_grad_norm_():
     _run_reference(ref_model, torch.optim.AdamW, dict(lr=1e-2), mlp_batches(50), seed=0, clip=clip)
     tx = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(lr=1e-2))
     state, metrics = _run_fengine(model, tx, mlp_batches(50), seed=0)
-    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params")
+    assert_dicts_equal(
+        state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params"
+    )
     # the reported norm is the pre-clip norm that clip_grad_norm_ returns
     probe = mlp()
     ce_loss(probe, mlp_batches(1)[0]).backward()
@@ -174,14 +286,20 @@ def test_clip_by_value_matches_clip_grad_value_():
     ref_model, model = mlp(), mlp()
     clip = lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.01, foreach=True)  # noqa: E731
     _run_reference(ref_model, torch.optim.SGD, dict(lr=0.1), mlp_batches(20), seed=0, clip=clip)
-    state, _ = _run_fengine(model, optim.chain(optim.clip_by_value(0.01), optim.sgd(lr=0.1)), mlp_batches(20), seed=0)
-    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params")
+    state, _ = _run_fengine(
+        model, optim.chain(optim.clip_by_value(0.01), optim.sgd(lr=0.1)), mlp_batches(20), seed=0
+    )
+    assert_dicts_equal(
+        state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params"
+    )
 
 
 def test_chain_of_plain_transforms_is_sgd():
     """add_decayed_weights + scale(-lr) + apply_updates == torch SGD with weight decay (same ops)."""
     ref_model, model = mlp(), mlp()
-    _run_reference(ref_model, torch.optim.SGD, dict(lr=0.1, weight_decay=0.01), mlp_batches(10), seed=0)
+    _run_reference(
+        ref_model, torch.optim.SGD, dict(lr=0.1, weight_decay=0.01), mlp_batches(10), seed=0
+    )
     tx = optim.chain(optim.add_decayed_weights(0.01), optim.scale(-0.1))
     assert tx.apply is None
     state, _ = _run_fengine(model, tx, mlp_batches(10), seed=0)
@@ -192,9 +310,18 @@ def test_chain_of_plain_transforms_is_sgd():
 def test_from_torch_matches_torch():
     ref_model, model = mlp(), mlp()
     _run_reference(ref_model, torch.optim.NAdam, dict(lr=1e-2), mlp_batches(30), seed=0)
-    state, metrics = _run_fengine(model, optim.from_torch(torch.optim.NAdam, lr=1e-2, foreach=True), mlp_batches(30), seed=0)
-    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params")
-    assert set(state.opt_state.per_param["0.weight"]) == {"step", "exp_avg", "exp_avg_sq", "mu_product"}
+    state, metrics = _run_fengine(
+        model, optim.from_torch(torch.optim.NAdam, lr=1e-2, foreach=True), mlp_batches(30), seed=0
+    )
+    assert_dicts_equal(
+        state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params"
+    )
+    assert set(state.opt_state.per_param["0.weight"]) == {
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+        "mu_product",
+    }
     assert metrics[-1]["lr"] == 1e-2
 
 
@@ -217,10 +344,14 @@ def test_partition_runs_each_group_with_its_own_optimizer():
         opt.zero_grad()
         ce_loss(ref_model, batch).backward()
         opt.step()
-    tx = optim.partition({"a": optim.sgd(0.1, momentum=0.9), "b": optim.sgd(0.01, momentum=0.9)},
-                         lambda name, _: "a" if name.startswith("0.") else "b")
+    tx = optim.partition(
+        {"a": optim.sgd(0.1, momentum=0.9), "b": optim.sgd(0.01, momentum=0.9)},
+        lambda name, _: "a" if name.startswith("0.") else "b",
+    )
     state, metrics = _run_fengine(model, tx, mlp_batches(20), seed=0)
-    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params")
+    assert_dicts_equal(
+        state.params, {n: p.detach() for n, p in ref_model.named_parameters()}, "params"
+    )
     assert metrics[0]["a/lr"] == 0.1 and metrics[0]["b/lr"] == 0.01
 
 
@@ -254,12 +385,15 @@ def test_frozen_param_and_unused_param_are_not_updated():
     assert not torch.equal(state.params["used.weight"], before["used.weight"])
 
 
-@pytest.mark.parametrize("factory,kw,match", [
-    (optim.sgd, dict(lr=-1.0), "invalid lr"),
-    (optim.adam, dict(b1=1.0), "invalid b1"),
-    (optim.adamw, dict(lr="fast"), "lr must be a number or a schedule"),
-    (optim.sgd, dict(lr=0.1, nesterov=True), "nesterov=True requires momentum"),
-])
+@pytest.mark.parametrize(
+    "factory,kw,match",
+    [
+        (optim.sgd, dict(lr=-1.0), "invalid lr"),
+        (optim.adam, dict(b1=1.0), "invalid b1"),
+        (optim.adamw, dict(lr="fast"), "lr must be a number or a schedule"),
+        (optim.sgd, dict(lr=0.1, nesterov=True), "nesterov=True requires momentum"),
+    ],
+)
 def test_bad_hyperparameters_are_named(factory, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         factory(**kw)

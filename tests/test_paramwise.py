@@ -109,15 +109,32 @@ TYPEWISE = [
     dict(bias_lr_mult=2.0, bias_decay_mult=0.5),
     dict(dwconv_decay_mult=0.3),
     dict(flat_decay_mult=0.0),
-    dict(bias_lr_mult=2.0, bias_decay_mult=0.5, norm_decay_mult=0.0, dwconv_decay_mult=0.3, flat_decay_mult=0.1),
+    dict(
+        bias_lr_mult=2.0,
+        bias_decay_mult=0.5,
+        norm_decay_mult=0.0,
+        dwconv_decay_mult=0.3,
+        flat_decay_mult=0.1,
+    ),
     dict(bias_decay_mult=0.0, flat_decay_mult=0.5),  # dw bias: bias rule wins over dwconv
 ]
 
 CUSTOM = [
     # the documented example: the longer key wins
-    dict(custom_keys={"backbone.layer0": dict(lr_mult=0, decay_mult=0), "backbone": dict(lr_mult=1), "head": dict(lr_mult=0.1)}),
+    dict(
+        custom_keys={
+            "backbone.layer0": dict(lr_mult=0, decay_mult=0),
+            "backbone": dict(lr_mult=1),
+            "head": dict(lr_mult=0.1),
+        }
+    ),
     # a custom match turns the type-wise rules off for that param
-    dict(custom_keys={"head": dict(lr_mult=0.1, decay_mult=2.0)}, norm_decay_mult=0.0, bias_lr_mult=2.0, flat_decay_mult=0.3),
+    dict(
+        custom_keys={"head": dict(lr_mult=0.1, decay_mult=2.0)},
+        norm_decay_mult=0.0,
+        bias_lr_mult=2.0,
+        flat_decay_mult=0.3,
+    ),
     # equal lengths: alphabetical order decides ('1.bias' < 'layer1')
     dict(custom_keys={"layer1": dict(lr_mult=0.5), "1.bias": dict(lr_mult=0.25, decay_mult=3.0)}),
     # a top-level param is matched as '.gamma'
@@ -125,7 +142,11 @@ CUSTOM = [
 ]
 
 
-@pytest.mark.parametrize("cfg", TYPEWISE + CUSTOM, ids=lambda c: ",".join(sorted(c)) + str(sorted(c.get("custom_keys", {}))))
+@pytest.mark.parametrize(
+    "cfg",
+    TYPEWISE + CUSTOM,
+    ids=lambda c: ",".join(sorted(c)) + str(sorted(c.get("custom_keys", {}))),
+)
 def test_paramwise_matches_mmengine(cfg, monkeypatch):
     model = make_net()
     groups = paramwise(model, lr=LR, weight_decay=WD, **cfg)
@@ -135,12 +156,26 @@ def test_paramwise_matches_mmengine(cfg, monkeypatch):
 
 
 def test_paramwise_golden_rules():
-    g = paramwise(make_net(), lr=LR, weight_decay=WD, bias_lr_mult=2.0, bias_decay_mult=0.5, norm_decay_mult=0.0,
-                  dwconv_decay_mult=0.3, flat_decay_mult=0.1)
+    g = paramwise(
+        make_net(),
+        lr=LR,
+        weight_decay=WD,
+        bias_lr_mult=2.0,
+        bias_decay_mult=0.5,
+        norm_decay_mult=0.0,
+        dwconv_decay_mult=0.3,
+        flat_decay_mult=0.1,
+    )
     assert g["backbone.bn0.weight"].rule == "norm_decay_mult"
-    assert (g.lr_of("backbone.bn0.bias"), g.weight_decay_of("backbone.bn0.bias")) == (LR, 0.0)  # norm: no bias_lr_mult
+    assert (g.lr_of("backbone.bn0.bias"), g.weight_decay_of("backbone.bn0.bias")) == (
+        LR,
+        0.0,
+    )  # norm: no bias_lr_mult
     assert g["backbone.layer0.bias"].rule == "bias_lr_mult + bias_decay_mult"
-    assert (g.lr_of("backbone.layer0.bias"), g.weight_decay_of("backbone.layer0.bias")) == (LR * 2.0, WD * 0.5)
+    assert (g.lr_of("backbone.layer0.bias"), g.weight_decay_of("backbone.layer0.bias")) == (
+        LR * 2.0,
+        WD * 0.5,
+    )
     assert g["backbone.dw.weight"].rule == "dwconv_decay_mult"
     assert g["backbone.dw.bias"].rule == "bias_lr_mult + bias_decay_mult"  # bias > dwconv
     assert g["backbone.scale"].rule == "flat_decay_mult"
@@ -164,7 +199,11 @@ def test_doc_toy_model_log_lines(monkeypatch):
     ]
     assert_matches_mmengine(g, model, dict(norm_decay_mult=0), monkeypatch)
 
-    keys = {"backbone.layer0": dict(lr_mult=0, decay_mult=0), "backbone": dict(lr_mult=1), "head": dict(lr_mult=0.1)}
+    keys = {
+        "backbone.layer0": dict(lr_mult=0, decay_mult=0),
+        "backbone": dict(lr_mult=1),
+        "head": dict(lr_mult=0.1),
+    }
     g = paramwise(model, lr=LR, weight_decay=WD, custom_keys=keys)
     lines = g.log_lines()
     assert lines[:4] == [
@@ -233,11 +272,20 @@ class DcnNet(nn.Module):
         self.norm = nn.BatchNorm2d(4)
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(bias_lr_mult=2.0, dcn_offset_lr_mult=0.1, bias_decay_mult=0.5, flat_decay_mult=0.3, dwconv_decay_mult=0.7),
-    dict(dcn_offset_lr_mult=0.1, norm_decay_mult=0.0, flat_decay_mult=0.0),
-    dict(bias_lr_mult=3.0, custom_keys={"neck": dict(lr_mult=0.2)}, dcn_offset_lr_mult=0.1),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(
+            bias_lr_mult=2.0,
+            dcn_offset_lr_mult=0.1,
+            bias_decay_mult=0.5,
+            flat_decay_mult=0.3,
+            dwconv_decay_mult=0.7,
+        ),
+        dict(dcn_offset_lr_mult=0.1, norm_decay_mult=0.0, flat_decay_mult=0.0),
+        dict(bias_lr_mult=3.0, custom_keys={"neck": dict(lr_mult=0.2)}, dcn_offset_lr_mult=0.1),
+    ],
+)
 def test_dcn_offset_rules_match_mmengine(cfg, monkeypatch):
     fake_ops = types.ModuleType("mmcv.ops")
     fake_ops.DeformConv2d = DeformConv2d
@@ -270,35 +318,59 @@ def test_bypass_duplicate(monkeypatch):
     g = paramwise(model, lr=LR, weight_decay=WD, **cfg)
     assert_matches_mmengine(g, model, cfg, monkeypatch)
     assert [n for n, _ in g.skipped] == ["b.weight", "block.0.weight", "block.0.bias"]
-    with pytest.raises(ValueError, match=r"'b.weight' is the same tensor as 'a.weight'.*bypass_duplicate=True"):
+    with pytest.raises(
+        ValueError, match=r"'b.weight' is the same tensor as 'a.weight'.*bypass_duplicate=True"
+    ):
         paramwise(model, lr=LR, weight_decay=WD, bias_lr_mult=2.0)
     with pytest.raises(ValueError):  # MMEngine fails too (torch rejects a param in two groups)
         mmengine_build(model, dict(bias_lr_mult=2.0), monkeypatch)
 
 
 # ---------------------------------------------------------------- errors
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(norm_decay_mult=0.0), ValueError, r"norm_decay_mult=0.0 .*weight_decay is 0"),
-    (dict(flat_decay_mult=0.5), ValueError, r"flat_decay_mult=0.5"),
-    (dict(custom_keys={"head": dict(decay_mult=0)}), ValueError, r"custom_keys\['head'\]\['decay_mult'\]=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(norm_decay_mult=0.0), ValueError, r"norm_decay_mult=0.0 .*weight_decay is 0"),
+        (dict(flat_decay_mult=0.5), ValueError, r"flat_decay_mult=0.5"),
+        (
+            dict(custom_keys={"head": dict(decay_mult=0)}),
+            ValueError,
+            r"custom_keys\['head'\]\['decay_mult'\]=0",
+        ),
+    ],
+)
 def test_decay_mult_without_weight_decay(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         paramwise(make_net(), lr=LR, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(bias_lr_mult=-1.0), ValueError, r"bias_lr_mult must be a finite number >= 0, got -1.0"),
-    (dict(dwconv_decay_mult="0"), TypeError, r"dwconv_decay_mult must be a number, got '0'"),
-    (dict(bias_decay_mult=math.nan), ValueError, r"bias_decay_mult"),
-    (dict(custom_keys=["head"]), TypeError, r"custom_keys must be a dict"),
-    (dict(custom_keys={"head": 0.1}), TypeError, r"custom_keys\['head'\] must be a dict"),
-    (dict(custom_keys={"head": dict(lr=0.1)}), ValueError, r"custom_keys\['head'\] sets 'lr'=0.1; give lr_mult"),
-    (dict(custom_keys={"head": dict(lr_mult=-2)}), ValueError, r"custom_keys\['head'\]\['lr_mult'\] must be"),
-    (dict(lr=-0.1), ValueError, r"invalid lr -0.1"),
-    (dict(lr="0.1"), TypeError, r"lr must be a number or a schedule"),
-    (dict(bypass_duplicate=1), TypeError, r"bypass_duplicate must be a bool"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (
+            dict(bias_lr_mult=-1.0),
+            ValueError,
+            r"bias_lr_mult must be a finite number >= 0, got -1.0",
+        ),
+        (dict(dwconv_decay_mult="0"), TypeError, r"dwconv_decay_mult must be a number, got '0'"),
+        (dict(bias_decay_mult=math.nan), ValueError, r"bias_decay_mult"),
+        (dict(custom_keys=["head"]), TypeError, r"custom_keys must be a dict"),
+        (dict(custom_keys={"head": 0.1}), TypeError, r"custom_keys\['head'\] must be a dict"),
+        (
+            dict(custom_keys={"head": dict(lr=0.1)}),
+            ValueError,
+            r"custom_keys\['head'\] sets 'lr'=0.1; give lr_mult",
+        ),
+        (
+            dict(custom_keys={"head": dict(lr_mult=-2)}),
+            ValueError,
+            r"custom_keys\['head'\]\['lr_mult'\] must be",
+        ),
+        (dict(lr=-0.1), ValueError, r"invalid lr -0.1"),
+        (dict(lr="0.1"), TypeError, r"lr must be a number or a schedule"),
+        (dict(bypass_duplicate=1), TypeError, r"bypass_duplicate must be a bool"),
+    ],
+)
 def test_paramwise_errors_name_the_option(kwargs, exc, match):
     kwargs = dict(dict(lr=LR, weight_decay=WD), **kwargs)
     with pytest.raises(exc, match=match):
@@ -306,12 +378,28 @@ def test_paramwise_errors_name_the_option(kwargs, exc, match):
 
 
 def test_table_and_repr():
-    g = paramwise(make_net(), lr=LR, weight_decay=WD, norm_decay_mult=0.0, custom_keys={"head": dict(lr_mult=0.1)})
+    g = paramwise(
+        make_net(),
+        lr=LR,
+        weight_decay=WD,
+        norm_decay_mult=0.0,
+        custom_keys={"head": dict(lr_mult=0.1)},
+    )
     text = str(g)
     lines = text.splitlines()
     assert lines[0].startswith("paramwise: ")
-    assert lines[1].split() == ["name", "shape", "lr", "weight_decay", "lr_mult", "decay_mult", "rule"]
-    assert sum(1 for ln in lines if ln.startswith(("backbone.", "head.", "gamma", "unused."))) == len(g)
+    assert lines[1].split() == [
+        "name",
+        "shape",
+        "lr",
+        "weight_decay",
+        "lr_mult",
+        "decay_mult",
+        "rule",
+    ]
+    assert sum(
+        1 for ln in lines if ln.startswith(("backbone.", "head.", "gamma", "unused."))
+    ) == len(g)
     row = next(ln for ln in lines if ln.startswith("backbone.bn0.weight "))
     assert row.split()[1:6] == ["8", "0.01", "0", "1", "0"]
     assert "skipped: backbone.frozen.weight (requires_grad=False)" in text
@@ -341,7 +429,10 @@ class ConvNeXt(nn.Module):
     def __init__(self, depths=(1, 1, 6, 1), d=4):
         super().__init__()
         self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(3 if i == 0 else d, d, 1), nn.GroupNorm(1, d)) for i in range(4)]
+            [
+                nn.Sequential(nn.Conv2d(3 if i == 0 else d, d, 1), nn.GroupNorm(1, d))
+                for i in range(4)
+            ]
         )
         self.stages = nn.ModuleList([nn.Sequential(*[Block(d) for _ in range(n)]) for n in depths])
         self.pos_embed = nn.Parameter(torch.zeros(1, d, 1, 1))  # qualified name: decayed by MMDet
@@ -465,17 +556,34 @@ def test_layer_decay_matches_mmdet(decay_type):
     assert g.names == tuple(n for n, p in model.named_parameters() if p.requires_grad)
     for s in g:
         r = ref[s.name]
-        assert (s.lr, s.weight_decay, s.group, s.lr_mult) == (r["lr"], r["weight_decay"], r["group_name"], r["lr_scale"]), s.name
+        assert (s.lr, s.weight_decay, s.group, s.lr_mult) == (
+            r["lr"],
+            r["weight_decay"],
+            r["group_name"],
+            r["lr_scale"],
+        ), s.name
     assert g.skipped == (("frozen", "requires_grad=False"),)
     # build() groups params exactly as MMDet does (one label per MMDet group)
     groups = {grp.label: set(grp.names) for grp in g.groups()}
-    assert groups == {rg["group_name"]: set(rg["param_names"]) for rg in mmdet_param_groups(model, 1e-4, 0.05, cfg)}
+    assert groups == {
+        rg["group_name"]: set(rg["param_names"])
+        for rg in mmdet_param_groups(model, 1e-4, 0.05, cfg)
+    }
 
 
 def test_layer_decay_golden_numbers():
     """FEATURES C5: decay_rate 0.95, num_layers 6 -> scale(id) = 0.95 ** (7 - id); lr 1e-4 -> 6.9834e-5 at id 0."""
     g = layer_decay(Detector(), lr=1e-4, weight_decay=0.05, decay_rate=0.95, num_layers=6)
-    golden = {0: 0.69834, 1: 0.73509, 2: 0.77378, 3: 0.81451, 4: 0.85737, 5: 0.9025, 6: 0.95, 7: 1.0}
+    golden = {
+        0: 0.69834,
+        1: 0.73509,
+        2: 0.77378,
+        3: 0.81451,
+        4: 0.85737,
+        5: 0.9025,
+        6: 0.95,
+        7: 1.0,
+    }
     ids = {
         "backbone.pos_embed": 0,
         "backbone.downsample_layers.0.0.weight": 0,
@@ -513,23 +621,38 @@ def test_layer_decay_user_function():
     def lid(name):
         return 0 if name.startswith("backbone.") else 3
 
-    g = layer_decay(Detector(), lr=0.1, weight_decay=0.01, decay_rate=0.5, num_layers=2, layer_id=lid)
+    g = layer_decay(
+        Detector(), lr=0.1, weight_decay=0.01, decay_rate=0.5, num_layers=2, layer_id=lid
+    )
     assert g.lr_of("backbone.stages.0.0.pwconv.weight") == 0.5**3 * 0.1
     assert g.lr_of("neck.weight") == 0.1
     assert g.weight_decay_of("neck.weight") == 0.01
     with pytest.warns(UserWarning, match="layer id 9, outside 0..3"):
-        layer_decay(Detector(), lr=0.1, weight_decay=0.0, decay_rate=0.5, num_layers=2, layer_id=lambda n: 9)
+        layer_decay(
+            Detector(), lr=0.1, weight_decay=0.0, decay_rate=0.5, num_layers=2, layer_id=lambda n: 9
+        )
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(decay_type="block_wise"), ValueError, r"decay_type must be 'layer_wise' or 'stage_wise', got 'block_wise'"),
-    (dict(layer_id="vit"), ValueError, r"layer_id must be 'convnext' or a function"),
-    (dict(layer_id=lambda n: 0, decay_type="stage_wise"), ValueError, r"decay_type='stage_wise' picks a built-in"),
-    (dict(layer_id=lambda n: "0"), TypeError, r"returned '0', expected an int"),
-    (dict(decay_rate=0), ValueError, r"decay_rate must be a number > 0, got 0"),
-    (dict(num_layers=-1), ValueError, r"num_layers must be an int >= 0, got -1"),
-    (dict(weight_decay=-1.0), ValueError, r"invalid weight_decay -1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (
+            dict(decay_type="block_wise"),
+            ValueError,
+            r"decay_type must be 'layer_wise' or 'stage_wise', got 'block_wise'",
+        ),
+        (dict(layer_id="vit"), ValueError, r"layer_id must be 'convnext' or a function"),
+        (
+            dict(layer_id=lambda n: 0, decay_type="stage_wise"),
+            ValueError,
+            r"decay_type='stage_wise' picks a built-in",
+        ),
+        (dict(layer_id=lambda n: "0"), TypeError, r"returned '0', expected an int"),
+        (dict(decay_rate=0), ValueError, r"decay_rate must be a number > 0, got 0"),
+        (dict(num_layers=-1), ValueError, r"num_layers must be an int >= 0, got -1"),
+        (dict(weight_decay=-1.0), ValueError, r"invalid weight_decay -1.0"),
+    ],
+)
 def test_layer_decay_errors(kwargs, exc, match):
     kwargs = dict(dict(lr=1e-4, weight_decay=0.05, decay_rate=0.95, num_layers=6), **kwargs)
     with pytest.raises(exc, match=match):
@@ -543,7 +666,9 @@ def test_layer_decay_convnext_needs_convnext_names():
 
 # ---------------------------------------------------------------- build(): bitwise vs torch.optim
 def functional_copy(model):
-    return {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    return {
+        n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in model.named_parameters()
+    }
 
 
 def train_both(model, torch_opt, tx, steps=5, *, x_shape=(4, 3, 8, 8), set_lr=None):
@@ -568,8 +693,15 @@ def train_both(model, torch_opt, tx, steps=5, *, x_shape=(4, 3, 8, 8), set_lr=No
 
 
 BUILD_CFG = dict(
-    custom_keys={"backbone.layer0": dict(lr_mult=0, decay_mult=0), "head": dict(lr_mult=0.1), "unused": dict(lr_mult=0.5)},
-    norm_decay_mult=0.0, bias_lr_mult=2.0, dwconv_decay_mult=0.3, flat_decay_mult=0.1,
+    custom_keys={
+        "backbone.layer0": dict(lr_mult=0, decay_mult=0),
+        "head": dict(lr_mult=0.1),
+        "unused": dict(lr_mult=0.5),
+    },
+    norm_decay_mult=0.0,
+    bias_lr_mult=2.0,
+    dwconv_decay_mult=0.3,
+    flat_decay_mult=0.1,
 )
 
 
@@ -586,8 +718,11 @@ def test_build_bitwise_vs_torch(which, monkeypatch):
         tx = g.build(adamw)
         make = lambda groups: torch.optim.AdamW(groups, lr=LR, foreach=True)  # noqa: E731
     # torch gets MMEngine's per-param lr / weight decay, one group per param
-    torch_groups = [dict(params=[p], lr=mm[n]["lr"], weight_decay=mm[n]["weight_decay"])
-                    for n, p in model.named_parameters() if p.requires_grad]
+    torch_groups = [
+        dict(params=[p], lr=mm[n]["lr"], weight_decay=mm[n]["weight_decay"])
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    ]
     init = functional_copy(make_net())
     ref, ours, _ = train_both(model, make(torch_groups), tx)
     assert ref.keys() == ours.keys()
@@ -605,8 +740,14 @@ def test_build_layer_decay_bitwise_vs_torch():
     cfg = dict(decay_rate=0.9, num_layers=6)
     g = layer_decay(model, lr=1e-3, weight_decay=0.05, **cfg)
     ref_groups = mmdet_param_groups(model, 1e-3, 0.05, cfg)
-    opt = torch.optim.AdamW([{k: v for k, v in rg.items() if k in ("params", "lr", "weight_decay")} for rg in ref_groups],
-                            lr=1e-3, foreach=True)
+    opt = torch.optim.AdamW(
+        [
+            {k: v for k, v in rg.items() if k in ("params", "lr", "weight_decay")}
+            for rg in ref_groups
+        ],
+        lr=1e-3,
+        foreach=True,
+    )
     ref, ours, state = train_both(model, opt, g.build(adamw), steps=3, x_shape=(2, 3, 4, 4))
     for n in ref:
         assert torch.equal(ref[n], ours[n]), n
@@ -615,8 +756,13 @@ def test_build_layer_decay_bitwise_vs_torch():
 
 def test_build_with_scheduled_lr_scales_each_group():
     model = make_net()
-    g = paramwise(model, lr=LR, weight_decay=WD, custom_keys={"head": dict(lr_mult=0.1), "backbone.layer0": dict(lr_mult=0)},
-                  norm_decay_mult=0.0)
+    g = paramwise(
+        model,
+        lr=LR,
+        weight_decay=WD,
+        custom_keys={"head": dict(lr_mult=0.1), "backbone.layer0": dict(lr_mult=0)},
+        norm_decay_mult=0.0,
+    )
 
     def sched(step):
         return 0.05 * 0.5**step
@@ -631,7 +777,10 @@ def test_build_with_scheduled_lr_scales_each_group():
     tx = g.build(sgd, lr=sched, momentum=0.9)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params_of = dict(model.named_parameters())
-    torch_groups = [dict(params=[params_of[n] for n in grp.names], weight_decay=grp.weight_decay) for grp in plan.values()]
+    torch_groups = [
+        dict(params=[params_of[n] for n in grp.names], weight_decay=grp.weight_decay)
+        for grp in plan.values()
+    ]
     opt = torch.optim.SGD(torch_groups, lr=sched(0), momentum=0.9, foreach=True)
 
     def set_lr(t):
@@ -658,14 +807,24 @@ def test_schedule_as_constructor_base():
     tx = g.build(sgd)  # uses the constructor's schedule
     params = {n: p.detach().clone() for n, p in make_net().named_parameters() if p.requires_grad}
     state = tx.init(params)
-    _, state = step_params(tx, {n: torch.ones_like(p) for n, p in params.items()}, state, params, step=2)
+    _, state = step_params(
+        tx, {n: torch.ones_like(p) for n, p in params.items()}, state, params, step=2
+    )
     lrs = {k: v for k, v in collect_metrics(state).items() if k.endswith("/lr")}
     assert sorted(lrs.values()) == [sched(2), 2.0 * sched(2)]
 
 
 def test_build_errors():
-    g = paramwise(make_net(), lr=LR, weight_decay=WD, custom_keys={"head": dict(lr_mult=0.1, betas=(0.9, 0.99))})
-    with pytest.raises(TypeError, match=r"ParamGroups.build: sgd\(.*betas=\(0.9, 0.99\)\) for group .*'backbone.head_proj.weight'"):
+    g = paramwise(
+        make_net(),
+        lr=LR,
+        weight_decay=WD,
+        custom_keys={"head": dict(lr_mult=0.1, betas=(0.9, 0.99))},
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"ParamGroups.build: sgd\(.*betas=\(0.9, 0.99\)\) for group .*'backbone.head_proj.weight'",
+    ):
         g.build(sgd)
     with pytest.raises(ValueError, match="invalid lr -1"):
         g.build(sgd, lr=-1.0)

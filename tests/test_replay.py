@@ -12,11 +12,23 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--no-tensorboard", "--data.batch-size", "64", "--model.width", "8", "--model.blocks", "1", "--log-interval", "50"]
+FAST = [
+    "--no-tensorboard",
+    "--data.batch-size",
+    "64",
+    "--model.width",
+    "8",
+    "--model.blocks",
+    "1",
+    "--log-interval",
+    "50",
+]
 
 
 def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +48,9 @@ def test_replay_from_scratch_reproduces_every_digest_and_tensor(recorded):
     out = _run("-m", "fengine", "replay", str(work))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "every tensor bitwise equal" in out.stdout and "REPLAY OK" in out.stdout
-    steps = [int(line.split()[0]) for line in out.stdout.splitlines() if line.strip().endswith("yes")]
+    steps = [
+        int(line.split()[0]) for line in out.stdout.splitlines() if line.strip().endswith("yes")
+    ]
     assert 0 in steps and 23 in steps and 30 in steps
 
 

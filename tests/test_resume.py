@@ -35,14 +35,20 @@ def _straight(variant: str) -> fe.TrainState:
     return fe.fit(state, step, data, max_steps=N, handlers=[])
 
 
-@pytest.mark.parametrize("variant,k", [
-    ("plain", 7),           # mid-epoch
-    ("plain", 13),          # exactly at an epoch boundary (13 batches per epoch)
-    ("accumulate", 2),      # k=3 groups: an epoch is 5 updates (4 of 3 batches + 1 of 1); stop mid-epoch
-    ("accumulate", 5),      # ... and at the end of the first epoch, after a short group
-    ("fp16_ema", 9),        # loss scaler and EMA in the state
-    ("workers2", 11),       # augmentation drawn in 2 DataLoader workers
-])
+@pytest.mark.parametrize(
+    "variant,k",
+    [
+        ("plain", 7),  # mid-epoch
+        ("plain", 13),  # exactly at an epoch boundary (13 batches per epoch)
+        (
+            "accumulate",
+            2,
+        ),  # k=3 groups: an epoch is 5 updates (4 of 3 batches + 1 of 1); stop mid-epoch
+        ("accumulate", 5),  # ... and at the end of the first epoch, after a short group
+        ("fp16_ema", 9),  # loss scaler and EMA in the state
+        ("workers2", 11),  # augmentation drawn in 2 DataLoader workers
+    ],
+)
 def test_interrupted_and_resumed_equals_straight(tmp_path, variant, k):
     straight = _straight(variant)
     state, step, data = experiment(variant)
@@ -65,7 +71,9 @@ def test_epoch_based_resume_at_epoch_boundary_and_mid_epoch(tmp_path):
     state, step, data = experiment("plain")
     straight = fe.fit(state, step, data, max_epochs=3, handlers=[])
     state, step, data = experiment("plain")
-    fe.fit(state, step, data, max_steps=20, work_dir=tmp_path, handlers=[SaveAtEnd()])  # mid-epoch 2
+    fe.fit(
+        state, step, data, max_steps=20, work_dir=tmp_path, handlers=[SaveAtEnd()]
+    )  # mid-epoch 2
     state, step, data = experiment("plain")
     resumed = fe.fit(state, step, data, max_epochs=3, work_dir=tmp_path, resume=True, handlers=[])
     assert (resumed.epoch, resumed.batch_in_epoch, resumed.step) == (3, 0, 39)
@@ -87,7 +95,14 @@ def test_resume_true_needs_work_dir():
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_checkpoints_at_step_boundary_then_exits_and_resume_is_exact(tmp_path, sig):
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    cmd = [sys.executable, str(HERE / "resume_experiment.py"), str(tmp_path), str(N), "--sleep", "0.05"]
+    cmd = [
+        sys.executable,
+        str(HERE / "resume_experiment.py"),
+        str(tmp_path),
+        str(N),
+        "--sleep",
+        "0.05",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
         if line.startswith("step ") and int(line.split()[1]) >= 4:

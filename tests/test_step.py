@@ -63,7 +63,9 @@ def test_dropout_is_a_function_of_seed_and_step_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
     assert_dicts_equal(a.params, b.params, "same state + batch")
     c, _ = step(s.replace(seed=4), batch)
-    assert not torch.equal(a.params["3.weight"], c.params["3.weight"])  # other seed, other dropout mask
+    assert not torch.equal(
+        a.params["3.weight"], c.params["3.weight"]
+    )  # other seed, other dropout mask
     d, _ = step(s.replace(step=5), batch)
     assert not torch.equal(a.params["3.weight"], d.params["3.weight"])
 
@@ -71,8 +73,14 @@ def test_dropout_is_a_function_of_seed_and_step_and_leaves_global_rng_alone():
 def test_batchnorm_buffers_are_carried_in_state():
     tx = optim.sgd(0.1)
     state = fe.TrainState.create(small_cnn(), tx)
-    assert set(state.buffers) == {"1.running_mean", "1.running_var", "1.num_batches_tracked",
-                                  "4.running_mean", "4.running_var", "4.num_batches_tracked"}
+    assert set(state.buffers) == {
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "4.running_mean",
+        "4.running_var",
+        "4.num_batches_tracked",
+    }
     step = fe.train_step(ce_loss, tx)
     for batch in cnn_batches(3):
         state, _ = step(state, batch)
@@ -119,7 +127,11 @@ def test_metrics_are_tensors_not_host_values():
     step = fe.train_step(lambda m, b: {"loss": ce_loss(m, b), "aux": ce_loss(m, b) * 0}, tx)
     _, metrics = step(_state(tx=tx), mlp_batches(1)[0])
     for k in ("loss", "aux", "grad_norm"):
-        assert isinstance(metrics[k], torch.Tensor) and metrics[k].ndim == 0 and not metrics[k].requires_grad
+        assert (
+            isinstance(metrics[k], torch.Tensor)
+            and metrics[k].ndim == 0
+            and not metrics[k].requires_grad
+        )
 
 
 def test_state_is_a_pytree_and_replace_is_functional():
@@ -163,7 +175,9 @@ def test_loss_fn_can_use_submodules_with_bound_params():
 
     fe.train_step(loss_fn, tx)(state, mlp_batches(1)[0])
     assert torch.equal(seen["w"], torch.zeros(10, 16))
-    assert not torch.equal(net[0].weight, torch.zeros(10, 16))  # the module's own tensors are untouched
+    assert not torch.equal(
+        net[0].weight, torch.zeros(10, 16)
+    )  # the module's own tensors are untouched
 
 
 def test_tied_and_shared_weights_are_bound_everywhere():
@@ -200,7 +214,9 @@ def test_tied_and_shared_weights_are_bound_everywhere():
         opt.step()
         state, _ = step(state, batch)
     assert_dicts_equal(state.params, {n: p.detach() for n, p in ref.named_parameters()}, "params")
-    assert net.dec.weight is net.enc.weight and isinstance(net.enc.weight, nn.Parameter)  # module restored
+    assert net.dec.weight is net.enc.weight and isinstance(
+        net.enc.weight, nn.Parameter
+    )  # module restored
 
 
 def test_a_donated_state_cannot_be_replaced_or_cloned():

@@ -59,7 +59,9 @@ def test_accumulate_leftover_window_matches_mmengine_optimwrapper():
     torch.manual_seed(0)
     ours = Toy()
 
-    wrapper = OptimWrapper(torch.optim.SGD(ref.parameters(), lr=0.01, foreach=True), accumulative_counts=4)
+    wrapper = OptimWrapper(
+        torch.optim.SGD(ref.parameters(), lr=0.01, foreach=True), accumulative_counts=4
+    )
     wrapper.initialize_count_status(ref, 0, 25)
     updates = 0
     for batch in batches:
@@ -73,7 +75,7 @@ def test_accumulate_leftover_window_matches_mmengine_optimwrapper():
     tx = optim.sgd(0.01)
     step = fe.compose(fe.accumulate(4))(fe.train_step(losses, tx))
     state = _create(ours, tx)
-    groups = [batches[i:i + 4] for i in range(0, 25, 4)]
+    groups = [batches[i : i + 4] for i in range(0, 25, 4)]
     assert [len(gr) for gr in groups] == [4, 4, 4, 4, 4, 4, 1]
     for group in groups:
         state, _ = step(state, fe.MicroBatches(group))
@@ -86,7 +88,9 @@ def test_accumulate_weighted_by_samples_gives_the_exact_mean_for_unequal_micro_b
     tx = optim.sgd(0.5)
     sizes = [8, 3, 5]
     g = torch.Generator().manual_seed(2)
-    micro = [(torch.randn(s, 16, generator=g), torch.randint(0, 10, (s,), generator=g)) for s in sizes]
+    micro = [
+        (torch.randn(s, 16, generator=g), torch.randint(0, 10, (s,), generator=g)) for s in sizes
+    ]
     step = fe.compose(fe.accumulate(3, weight=lambda b: len(b[1])))(fe.train_step(ce_loss, tx))
     a, _ = step(_create(mlp(), tx), fe.MicroBatches(micro))
     big = (torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro]))
@@ -133,7 +137,10 @@ def test_fp16_scaler_sequence_matches_torch_gradscaler():
     growth_interval = 3
     batches = mlp_batches(16)
     poison = {2, 3, 9}  # steps whose loss is inf -> inf/nan grads -> skipped
-    data = [(x, y, torch.tensor(float("inf") if t in poison else 1.0)) for t, (x, y) in enumerate(batches)]
+    data = [
+        (x, y, torch.tensor(float("inf") if t in poison else 1.0))
+        for t, (x, y) in enumerate(batches)
+    ]
 
     ref = mlp()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=True)
@@ -152,7 +159,9 @@ def test_fp16_scaler_sequence_matches_torch_gradscaler():
         ref_trackers.append(int(scaler._growth_tracker))
 
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9))
-    step = fe.compose(fe.amp("float16", growth_interval=growth_interval))(fe.train_step(_scaled_loss_fn, tx))
+    step = fe.compose(fe.amp("float16", growth_interval=growth_interval))(
+        fe.train_step(_scaled_loss_fn, tx)
+    )
     state = _create(mlp(), tx)
     scales, trackers, skipped = [], [], []
     for batch in data:
@@ -165,7 +174,9 @@ def test_fp16_scaler_sequence_matches_torch_gradscaler():
     assert [t for t, s in enumerate(skipped) if s] == sorted(poison)
     assert state.step == 16 and state.opt_state[1].count == 16 - len(poison)
     pairs = list(zip(ref_scales, ref_scales[1:]))
-    assert any(b > a for a, b in pairs) and any(b < a for a, b in pairs)  # both growth and backoff exercised
+    assert any(b > a for a, b in pairs) and any(
+        b < a for a, b in pairs
+    )  # both growth and backoff exercised
     assert_dicts_equal(state.params, {n: p.detach() for n, p in ref.named_parameters()}, "params")
 
 
@@ -198,7 +209,9 @@ def test_ema_matches_mmengine_exponential_moving_average(interval, begin):
     from mmengine.model import ExponentialMovingAverage
 
     tx = optim.adamw(1e-2)
-    step = fe.compose(fe.ema(momentum=0.1, interval=interval, begin=begin))(fe.train_step(ce_loss, tx))
+    step = fe.compose(fe.ema(momentum=0.1, interval=interval, begin=begin))(
+        fe.train_step(ce_loss, tx)
+    )
     state = _create(mlp(), tx)
     live = mlp()
     oracle = ExponentialMovingAverage(live, momentum=0.1, interval=interval)
@@ -235,7 +248,9 @@ def test_check_finite_names_step_and_terms():
     step = fe.compose(fe.check_finite())(fe.train_step(loss_fn, tx))
     state = _create(mlp(), tx)
     before = state.params["0.weight"].clone()
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1: loss=nan, loss_bad=nan"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss at step 1: loss=nan, loss_bad=nan"
+    ):
         step(state, mlp_batches(1)[0])
     assert torch.equal(state.params["0.weight"], before)  # nothing applied, state still usable
 
@@ -251,12 +266,16 @@ def test_check_finite_defers_to_fp16_loss_scaling():
 def test_compose_order_is_canonical_and_duplicates_rejected():
     tx = optim.sgd(0.1, momentum=0.9)
     data = [(x, y, torch.tensor(1.0)) for x, y in mlp_batches(4)]
-    a_step = fe.compose(fe.ema(0.9), fe.amp("float16"), fe.accumulate(2))(fe.train_step(_scaled_loss_fn, tx))
-    b_step = fe.compose(fe.accumulate(2), fe.amp("float16"), fe.ema(0.9))(fe.train_step(_scaled_loss_fn, tx))
+    a_step = fe.compose(fe.ema(0.9), fe.amp("float16"), fe.accumulate(2))(
+        fe.train_step(_scaled_loss_fn, tx)
+    )
+    b_step = fe.compose(fe.accumulate(2), fe.amp("float16"), fe.ema(0.9))(
+        fe.train_step(_scaled_loss_fn, tx)
+    )
     a, b = _create(mlp(), tx), _create(mlp(), tx)
     for i in range(0, 4, 2):
-        a, _ = a_step(a, fe.MicroBatches(data[i:i + 2]))
-        b, _ = b_step(b, fe.MicroBatches(data[i:i + 2]))
+        a, _ = a_step(a, fe.MicroBatches(data[i : i + 2]))
+        b, _ = b_step(b, fe.MicroBatches(data[i : i + 2]))
     assert_dicts_equal(a.params, b.params)
     assert_dicts_equal(a.extra["ema"].params, b.extra["ema"].params)
     assert a_step.transforms == ("accumulate", "amp", "ema")

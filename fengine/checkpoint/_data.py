@@ -32,7 +32,9 @@ from fengine.checkpoint._format import (
 from fengine.checkpoint._io import BINARY, atomic_write, pread_into, run
 
 
-def _pieces(spans: list[tuple[int, int, Any]], starts: list[int], lo: int, hi: int) -> Iterator[tuple[int, int, int, Any]]:
+def _pieces(
+    spans: list[tuple[int, int, Any]], starts: list[int], lo: int, hi: int
+) -> Iterator[tuple[int, int, int, Any]]:
     """``(begin, a, z, item)`` for each span with bytes in [lo, hi); ``a:z`` are those bytes, counted from ``begin``.
 
     ``spans`` are non-empty ``(begin, end, item)`` sorted by begin; ``starts`` their begins.
@@ -57,7 +59,9 @@ class _Source:
 
 def _source(name: str, t: torch.Tensor) -> _Source:
     if t.layout != torch.strided:
-        raise TypeError(f"checkpoint: {name} is a {t.layout} tensor; only dense (strided) tensors can be saved")
+        raise TypeError(
+            f"checkpoint: {name} is a {t.layout} tensor; only dense (strided) tensors can be saved"
+        )
     if t.is_quantized:
         raise TypeError(f"checkpoint: {name} is a quantized tensor, which safetensors cannot store")
     if t.dtype not in DTYPE_NAMES:
@@ -74,7 +78,9 @@ def _source(name: str, t: torch.Tensor) -> _Source:
 
 
 def _data_digest(blocks: list[str]) -> str:
-    return json.dumps({"algorithm": "crc32", "block_size": BLOCK, "blocks": blocks}, separators=(",", ":"))
+    return json.dumps(
+        {"algorithm": "crc32", "block_size": BLOCK, "blocks": blocks}, separators=(",", ":")
+    )
 
 
 def write_file(
@@ -90,10 +96,16 @@ def write_file(
     ``name_by_sha256(hex SHA-256 of the whole file)`` chooses the final name (`publish`).
     """
     sources = [_source(n, t) for n, t in named]
-    sources.sort(key=lambda s: -DTYPES[s.dtype].itemsize)  # (stable) keeps every tensor aligned to its element size
+    sources.sort(
+        key=lambda s: -DTYPES[s.dtype].itemsize
+    )  # (stable) keeps every tensor aligned to its element size
     table, spans, total = {}, [], 0
     for s in sources:
-        table[s.name] = {"dtype": s.dtype, "shape": s.shape, "data_offsets": [total, total + s.nbytes]}
+        table[s.name] = {
+            "dtype": s.dtype,
+            "shape": s.shape,
+            "data_offsets": [total, total + s.nbytes],
+        }
         if s.nbytes:
             spans.append((total, total + s.nbytes, s.data))
         total += s.nbytes
@@ -116,7 +128,9 @@ def write_file(
                 crc = zlib.crc32(piece, crc)
             return f"{crc:08x}"
 
-        metadata["fengine.data_digest"] = _data_digest(run([functools.partial(write_block, b) for b in range(nblocks)]))
+        metadata["fengine.data_digest"] = _data_digest(
+            run([functools.partial(write_block, b) for b in range(nblocks)])
+        )
         metadata["fengine.header_digest"] = header_digest(table, metadata)
         head = encode_header(table, metadata)
         if len(head) != head_len:  # pragma: no cover - guarded by the fixed-width placeholders
@@ -133,7 +147,9 @@ def write_file(
 
 
 # ======================================================================= reading
-def read_tensors(h: Header, names: set[str], digest: dict | None, *, verify_all: bool = False) -> dict[str, torch.Tensor]:
+def read_tensors(
+    h: Header, names: set[str], digest: dict | None, *, verify_all: bool = False
+) -> dict[str, torch.Tensor]:
     """Read the named tensors into fresh CPU tensors, checking every block they touch (every block with ``verify_all``).
 
     ``digest`` is None for a plain safetensors file: nothing to check.

@@ -29,11 +29,24 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, attr)
     for name, attr in (
-        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
-        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
-        ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-        ("F8_E5M2", "float8_e5m2"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("C64", "complex64"),
+        ("F64", "float64"),
+        ("F32", "float32"),
+        ("F16", "float16"),
+        ("BF16", "bfloat16"),
+        ("I64", "int64"),
+        ("I32", "int32"),
+        ("I16", "int16"),
+        ("I8", "int8"),
+        ("U64", "uint64"),
+        ("U32", "uint32"),
+        ("U16", "uint16"),
+        ("U8", "uint8"),
+        ("BOOL", "bool"),
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+        ("C64", "complex64"),
     )
     if hasattr(torch, attr)
 }
@@ -81,20 +94,32 @@ def n_blocks(total: int, block: int) -> int:
 
 def encode_header(table: dict, metadata: dict[str, str]) -> bytes:
     """The safetensors header: 8-byte little-endian length, then JSON padded so the data starts 8-byte aligned."""
-    raw = json.dumps({"__metadata__": metadata, **table}, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    raw = json.dumps(
+        {"__metadata__": metadata, **table}, separators=(",", ":"), ensure_ascii=True
+    ).encode("ascii")
     raw += b" " * (-(8 + len(raw)) % 8)
     return len(raw).to_bytes(8, "little") + raw
 
 
 def header_digest(table: Mapping, metadata: Mapping[str, str]) -> str:
     """SHA-256 of the tensor table and all metadata but the digest itself, in a canonical JSON form."""
-    canon = {"tensors": table, "metadata": {k: v for k, v in metadata.items() if k != "fengine.header_digest"}}
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+    canon = {
+        "tensors": table,
+        "metadata": {k: v for k, v in metadata.items() if k != "fengine.header_digest"},
+    }
+    return hashlib.sha256(
+        json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    ).hexdigest()
 
 
 def position(state: TrainState) -> dict[str, int]:
     """``fengine.position``; raises `DonatedStateError` for a consumed state."""
-    return {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "seed": state.seed}
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "seed": state.seed,
+    }
 
 
 def _json_default(obj: Any) -> Any:
@@ -117,10 +142,14 @@ def _dump_meta(meta: Mapping[str, Any] | None) -> str:
     try:
         return json.dumps(dict(meta), default=_json_default, ensure_ascii=False)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"save: meta must be JSON-serialisable (str/int/float/bool/None/list/dict, dataclasses, paths): {e}") from None
+        raise TypeError(
+            f"save: meta must be JSON-serialisable (str/int/float/bool/None/list/dict, dataclasses, paths): {e}"
+        ) from None
 
 
-def metadata(kind: str, pos: dict[str, int], meta: Mapping[str, Any] | None, **fields: str) -> dict[str, str]:
+def metadata(
+    kind: str, pos: dict[str, int], meta: Mapping[str, Any] | None, **fields: str
+) -> dict[str, str]:
     """fengine's safetensors metadata, without the digests (`write_file` adds those); ``fields`` become ``fengine.<name>``."""
     fe = sys.modules.get("fengine")
     versions = {
@@ -163,7 +192,10 @@ def foreign(first: bytes) -> str | None:
 def read_header(path: Path) -> Header:
     """Read and check a safetensors header: valid JSON, known dtypes, tensors tiling the data exactly."""
     if path.is_dir():
-        raise err(path, "is a directory, not a checkpoint file (fengine.checkpoint.latest(work_dir) finds the newest checkpoint in one)")
+        raise err(
+            path,
+            "is a directory, not a checkpoint file (fengine.checkpoint.latest(work_dir) finds the newest checkpoint in one)",
+        )
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -180,9 +212,17 @@ def read_header(path: Path) -> Header:
         if kind:
             raise err(path, f"is {kind}, not a fengine checkpoint; {USE_LOAD_PARAMS}")
         if size < 8:
-            raise err(path, f"truncated: {size} bytes, less than a safetensors header" if size else "is empty (truncated)")
+            raise err(
+                path,
+                f"truncated: {size} bytes, less than a safetensors header"
+                if size
+                else "is empty (truncated)",
+            )
         if n > size - 8:
-            raise err(path, f"truncated or corrupt: the header length field says {n} bytes but the file has {size} (not a complete safetensors file)")
+            raise err(
+                path,
+                f"truncated or corrupt: the header length field says {n} bytes but the file has {size} (not a complete safetensors file)",
+            )
         if n > _MAX_HEADER:
             raise err(path, f"corrupt: header length {n} exceeds the safetensors limit")
         raise err(path, "not a safetensors file (no JSON header), or its header is corrupt")
@@ -193,7 +233,9 @@ def read_header(path: Path) -> Header:
     if not isinstance(header, dict):
         raise err(path, "corrupt header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
         raise err(path, "corrupt header (__metadata__ is not a string-to-string map)")
     spans = []
     for name, info in header.items():
@@ -206,20 +248,31 @@ def read_header(path: Path) -> Header:
             if not (isinstance(begin, int) and isinstance(end, int)):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise err(path, f"corrupt header: bad entry for tensor {name!r}: {info!r:.200}") from None
+            raise err(
+                path, f"corrupt header: bad entry for tensor {name!r}: {info!r:.200}"
+            ) from None
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise err(path, f"corrupt header: tensor {name!r} has {end - begin} bytes for shape {shape} of {info['dtype']}")
+            raise err(
+                path,
+                f"corrupt header: tensor {name!r} has {end - begin} bytes for shape {shape} of {info['dtype']}",
+            )
         spans.append((begin, end, name))
     spans.sort()
     expected = 0
     for begin, end, name in spans:
         if begin != expected:
-            raise err(path, f"corrupt header: tensor {name!r} starts at byte {begin} of the data, expected {expected}")
+            raise err(
+                path,
+                f"corrupt header: tensor {name!r} starts at byte {begin} of the data, expected {expected}",
+            )
         expected = end
     data_start = 8 + n
     have = size - data_start
     if have < expected:
-        raise err(path, f"truncated: the header describes {expected} bytes of tensor data, the file has {have}")
+        raise err(
+            path,
+            f"truncated: the header describes {expected} bytes of tensor data, the file has {have}",
+        )
     if have > expected:
         raise err(path, f"corrupt: {have - expected} unexpected bytes after the tensor data")
     return Header(path, size, data_start, header, meta, [s[2] for s in spans], expected)
@@ -243,28 +296,50 @@ def require_fengine(h: Header, want: str | None = None) -> Info:
     """Parse and verify fengine's metadata (header digest included); ``want`` a kind, or any."""
     md, path = h.metadata, h.path
     if md.get("fengine.format") != FORMAT:
-        raise err(path, f"a safetensors file without fengine metadata, so not a fengine checkpoint; {USE_LOAD_PARAMS}")
+        raise err(
+            path,
+            f"a safetensors file without fengine metadata, so not a fengine checkpoint; {USE_LOAD_PARAMS}",
+        )
     if md.get("fengine.header_digest") != header_digest(h.table, md):
-        raise err(path, "corrupt header: its SHA-256 digest does not match (tensor table or metadata altered)")
+        raise err(
+            path,
+            "corrupt header: its SHA-256 digest does not match (tensor table or metadata altered)",
+        )
     try:
         version = int(md["fengine.format_version"])
     except (KeyError, ValueError):
         raise err(path, "corrupt header: no valid fengine.format_version") from None
     if version > FORMAT_VERSION:
-        raise err(path, f"written in checkpoint format {version} by a newer fengine; this one reads up to {FORMAT_VERSION}")
+        raise err(
+            path,
+            f"written in checkpoint format {version} by a newer fengine; this one reads up to {FORMAT_VERSION}",
+        )
     try:
         fields = {
             name: json.loads(md.get(f"fengine.{name}", empty))
-            for name, empty in (("position", "{}"), ("structure", "[]"), ("scalars", "{}"), ("meta", "{}"), ("versions", "{}"))
+            for name, empty in (
+                ("position", "{}"),
+                ("structure", "[]"),
+                ("scalars", "{}"),
+                ("meta", "{}"),
+                ("versions", "{}"),
+            )
         }
         digest = json.loads(md["fengine.data_digest"]) if "fengine.data_digest" in md else None
     except json.JSONDecodeError as e:
         raise err(path, f"corrupt metadata ({e})") from None
-    if digest is None or digest.get("algorithm") != "crc32" or len(digest.get("blocks", ())) != n_blocks(h.total, digest.get("block_size", BLOCK)):
+    if (
+        digest is None
+        or digest.get("algorithm") != "crc32"
+        or len(digest.get("blocks", ())) != n_blocks(h.total, digest.get("block_size", BLOCK))
+    ):
         raise err(path, "corrupt metadata: fengine.data_digest does not describe the tensor data")
     info = Info(version=version, kind=md.get("fengine.kind", ""), digest=digest, **fields)
     if want == "train_state" and info.kind != "train_state":
-        raise err(path, f"a params-only fengine file (kind {info.kind!r}, e.g. from publish), not a training checkpoint; {USE_LOAD_PARAMS}")
+        raise err(
+            path,
+            f"a params-only fengine file (kind {info.kind!r}, e.g. from publish), not a training checkpoint; {USE_LOAD_PARAMS}",
+        )
     if info.kind == "train_state":
         if {e[0] for e in info.structure if e[1] == "tensor"} != set(h.table):
             raise err(path, "corrupt metadata: fengine.structure does not list the file's tensors")

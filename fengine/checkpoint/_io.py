@@ -61,7 +61,7 @@ def pread_into(fd: int, buf: memoryview, offset: int) -> int:
             os.lseek(fd, offset + done, os.SEEK_SET)
             chunk = os.read(fd, n - done)
             got = len(chunk)
-            buf[done:done + got] = chunk
+            buf[done : done + got] = chunk
         if got == 0:
             break
         done += got

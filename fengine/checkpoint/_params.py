@@ -34,12 +34,18 @@ class LoadReport:
     """What `load_params` did, by name (target names, after ``prefix_map``)."""
 
     source: Path
-    format: str  # "fengine" (training checkpoint), "fengine-params" (publish), "safetensors", "torch"
+    format: (
+        str  # "fengine" (training checkpoint), "fengine-params" (publish), "safetensors", "torch"
+    )
     loaded: tuple[str, ...]
     missing: tuple[str, ...]  # in the target, not in the file
     unexpected: tuple[str, ...]  # in the file (after mapping), not in the target
-    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (name, file shape, target shape)
-    skipped: tuple[str, ...] = ()  # file names outside every prefix_map prefix (not loaded, not an error)
+    mismatched: tuple[
+        tuple[str, tuple[int, ...], tuple[int, ...]], ...
+    ]  # (name, file shape, target shape)
+    skipped: tuple[
+        str, ...
+    ] = ()  # file names outside every prefix_map prefix (not loaded, not an error)
 
     @property
     def ok(self) -> bool:
@@ -52,7 +58,12 @@ class LoadReport:
         if self.unexpected:
             lines.append(listing("unexpected in the file", list(self.unexpected)))
         if self.mismatched:
-            lines.append(listing("shape mismatch (file vs target)", [f"{n}: {list(a)} vs {list(b)}" for n, a, b in self.mismatched]))
+            lines.append(
+                listing(
+                    "shape mismatch (file vs target)",
+                    [f"{n}: {list(a)} vs {list(b)}" for n, a, b in self.mismatched],
+                )
+            )
         if self.skipped:
             lines.append(f"  skipped by prefix_map: {len(self.skipped)}")
         return "\n".join(lines)
@@ -60,14 +71,16 @@ class LoadReport:
 
 # ======================================================================= load_params
 def _strip_module(name: str) -> str:
-    return name[len("module."):] if name.startswith("module.") else name
+    return name[len("module.") :] if name.startswith("module.") else name
 
 
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the caller
-        raise err(path, f"cannot read as a torch checkpoint with torch.load(weights_only=True): {e}") from None
+        raise err(
+            path, f"cannot read as a torch checkpoint with torch.load(weights_only=True): {e}"
+        ) from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             inner = obj.get(key)
@@ -110,7 +123,10 @@ def _train_state_names(structure: list, use_ema: bool, path: Path) -> dict[str, 
         return {**groups.get(("params",), {}), **groups.get(("buffers",), {})}
     ema = groups.get(("extra", "ema", "params"))
     if not ema:
-        raise err(path, "has no EMA weights (extra/ema/params); train with fengine.ema(...) or pass use_ema=False")
+        raise err(
+            path,
+            "has no EMA weights (extra/ema/params); train with fengine.ema(...) or pass use_ema=False",
+        )
     return {**ema, **groups.get(("buffers",), {}), **groups.get(("extra", "ema", "buffers"), {})}
 
 
@@ -136,7 +152,9 @@ def _weights(path: Path, use_ema: bool) -> _Weights:
     return w
 
 
-def _rename(sources: dict[str, str], prefix_map: Mapping[str, str] | None, path: Path) -> tuple[dict[str, str], list[str]]:
+def _rename(
+    sources: dict[str, str], prefix_map: Mapping[str, str] | None, path: Path
+) -> tuple[dict[str, str], list[str]]:
     """(target name -> file key, names skipped by ``prefix_map``)."""
     mapped: dict[str, str] = {}
     skipped = []
@@ -146,9 +164,11 @@ def _rename(sources: dict[str, str], prefix_map: Mapping[str, str] | None, path:
             if best is None:
                 skipped.append(name)
                 continue
-            name = prefix_map[best] + name[len(best):]
+            name = prefix_map[best] + name[len(best) :]
         if name in mapped:
-            raise CheckpointError(f"{path}: prefix_map maps both {mapped[name]!r} and {key!r} to {name!r}")
+            raise CheckpointError(
+                f"{path}: prefix_map maps both {mapped[name]!r} and {key!r} to {name!r}"
+            )
         mapped[name] = key
     return mapped, skipped
 
@@ -185,7 +205,9 @@ def load_params(
     elif isinstance(into, nn.Module):
         targets = dict(into.state_dict())
     else:
-        raise TypeError(f"load_params: into must be a TrainState or an nn.Module, got {type(into).__name__}")
+        raise TypeError(
+            f"load_params: into must be a TrainState or an nn.Module, got {type(into).__name__}"
+        )
 
     w = _weights(path, use_ema)
     mapped, skipped = _rename(w.sources, prefix_map, path)
@@ -198,10 +220,20 @@ def load_params(
         else:
             loaded.append(name)
     missing = [n for n in targets if n not in mapped]
-    report = LoadReport(path, w.format, tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched), tuple(skipped))
+    report = LoadReport(
+        path,
+        w.format,
+        tuple(loaded),
+        tuple(missing),
+        tuple(unexpected),
+        tuple(mismatched),
+        tuple(skipped),
+    )
     if strict and not report.ok:
         raise CheckpointMismatchError(
-            f"load_params(strict=True): {report}", missing=missing, unexpected=unexpected,
+            f"load_params(strict=True): {report}",
+            missing=missing,
+            unexpected=unexpected,
             shape=[(n, list(a), list(b)) for n, a, b in mismatched],
         )
 
@@ -211,7 +243,11 @@ def load_params(
     new: dict[str, torch.Tensor] = {}
     for name in loaded:
         src, tgt = data[mapped[name]], targets[name]
-        t = src.to(device=tgt.device if tgt.device.type != "meta" else "cpu", dtype=tgt.dtype, copy=h is None)
+        t = src.to(
+            device=tgt.device if tgt.device.type != "meta" else "cpu",
+            dtype=tgt.dtype,
+            copy=h is None,
+        )
         if tgt.requires_grad:
             t = t.detach().requires_grad_(True)
         new[name] = t
@@ -245,13 +281,17 @@ def publish(
     if use_ema:
         e = state.extra.get("ema")
         if e is None:
-            raise ValueError("publish(use_ema=True): the state has no EMA (extra['ema']); train with fengine.ema(...)")
+            raise ValueError(
+                "publish(use_ema=True): the state has no EMA (extra['ema']); train with fengine.ema(...)"
+            )
         params = e.params
         buffers = {**buffers, **e.buffers}
     stem = Path(path_stem)
     if stem.name.endswith(SUFFIX):
         stem = stem.with_name(stem.name[: -len(SUFFIX)])
     return write_file(
-        stem.with_name(stem.name + SUFFIX), list({**params, **buffers}.items()), metadata("params", pos, meta),
+        stem.with_name(stem.name + SUFFIX),
+        list({**params, **buffers}.items()),
+        metadata("params", pos, meta),
         name_by_sha256=lambda sha: stem.with_name(f"{stem.name}-{sha[:8]}{SUFFIX}"),
     )

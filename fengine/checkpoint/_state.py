@@ -72,7 +72,9 @@ def save(
         if isinstance(v, torch.Tensor):
             named.append((leaf.name, v))
             structure.append([leaf.name, "tensor", leaf.path, v.device.type])
-        elif isinstance(v, _SCALARS):  # NaN/inf floats go as JSON NaN/Infinity, which json reads back
+        elif isinstance(
+            v, _SCALARS
+        ):  # NaN/inf floats go as JSON NaN/Infinity, which json reads back
             scalars[leaf.name] = v
             structure.append([leaf.name, "scalar", leaf.path])
         elif is_empty_dict(v):
@@ -83,8 +85,11 @@ def save(
                 "or int/float/bool/str/None"
             )
     md = metadata(
-        "train_state", pos, meta,
-        structure=json.dumps(structure, ensure_ascii=False), scalars=json.dumps(scalars, ensure_ascii=False),
+        "train_state",
+        pos,
+        meta,
+        structure=json.dumps(structure, ensure_ascii=False),
+        scalars=json.dumps(scalars, ensure_ascii=False),
     )
     write_file(path, named, md, fsync=fsync)
     if update_latest:
@@ -110,7 +115,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         "versions": info.versions,
         "scalars": info.scalars,
         "structure": info.structure,
-        "tensors": {n: {"dtype": h.table[n]["dtype"], "shape": list(h.table[n]["shape"])} for n in h.order},
+        "tensors": {
+            n: {"dtype": h.table[n]["dtype"], "shape": list(h.table[n]["shape"])} for n in h.order
+        },
         "file_size": h.size,
     }
 
@@ -129,7 +136,9 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
     ``like`` (tied) stay one object if their saved values are equal.
     """
     if not isinstance(like, TrainState):
-        raise TypeError(f"load: like must be a TrainState (the template to load into), got {type(like).__name__}")
+        raise TypeError(
+            f"load: like must be a TrainState (the template to load into), got {type(like).__name__}"
+        )
     h = read_header(Path(path))
     info = require_fengine(h, want="train_state")
     tmpl, spec = flatten(like)
@@ -170,13 +179,28 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
         if e is None:
             if is_empty_dict(v) and leaf.name in below:
                 continue  # the file has other structure here: its entries are reported as unexpected
-            missing.append(leaf.name + (" (empty dict)" if is_empty_dict(v) else "" if isinstance(v, torch.Tensor) else " (non-tensor)"))
+            missing.append(
+                leaf.name
+                + (
+                    " (empty dict)"
+                    if is_empty_dict(v)
+                    else ""
+                    if isinstance(v, torch.Tensor)
+                    else " (non-tensor)"
+                )
+            )
             continue
         used.add(leaf.name)
         file_kind = e[1]
-        tmpl_kind = "tensor" if isinstance(v, torch.Tensor) else ("empty" if is_empty_dict(v) else "scalar")
+        tmpl_kind = (
+            "tensor" if isinstance(v, torch.Tensor) else ("empty" if is_empty_dict(v) else "scalar")
+        )
         if file_kind != tmpl_kind:
-            desc = {"tensor": "a tensor", "empty": "an empty dict", "scalar": "a non-tensor value"}.get(file_kind, file_kind)
+            desc = {
+                "tensor": "a tensor",
+                "empty": "an empty dict",
+                "scalar": "a non-tensor value",
+            }.get(file_kind, file_kind)
             kind_bad.append(f"{leaf.name}: {desc} in the file, {_describe(v)} in the template")
         elif file_kind == "tensor":
             fi = h.table[leaf.name]
@@ -188,18 +212,32 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
     for name, e in file_entries.items():
         if name in used or (e[1] == "empty" and name in tmpl_prefixes):
             continue  # (an empty dict in the file where the template has entries: those are reported missing)
-        unexpected.append(name + {"tensor": "", "scalar": " (non-tensor)", "empty": " (empty dict)"}.get(e[1], ""))
+        unexpected.append(
+            name + {"tensor": "", "scalar": " (non-tensor)", "empty": " (empty dict)"}.get(e[1], "")
+        )
 
     if missing or unexpected or shape_bad or dtype_bad or kind_bad:
-        parts = [f"{h.path}: the checkpoint (step {info.position.get('step')}) does not match the template state:"]
+        parts = [
+            f"{h.path}: the checkpoint (step {info.position.get('step')}) does not match the template state:"
+        ]
         if missing:
             parts.append(listing("missing in the file", missing))
         if unexpected:
             parts.append(listing("unexpected in the file", unexpected))
         if shape_bad:
-            parts.append(listing("shape mismatch (file vs template)", [f"{n}: {a} vs {b}" for n, a, b in shape_bad]))
+            parts.append(
+                listing(
+                    "shape mismatch (file vs template)",
+                    [f"{n}: {a} vs {b}" for n, a, b in shape_bad],
+                )
+            )
         if dtype_bad:
-            parts.append(listing("dtype mismatch (file vs template)", [f"{n}: {a} vs {b}" for n, a, b in dtype_bad]))
+            parts.append(
+                listing(
+                    "dtype mismatch (file vs template)",
+                    [f"{n}: {a} vs {b}" for n, a, b in dtype_bad],
+                )
+            )
         if kind_bad:
             parts.append(listing("tensor / non-tensor mismatch", kind_bad))
         if any(u.startswith("extra/") for u in unexpected) and not like.extra:
@@ -208,7 +246,12 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
                 "build the template with step.init_state(TrainState.create(...))"
             )
         raise CheckpointMismatchError(
-            "\n".join(parts), missing=missing, unexpected=unexpected, shape=shape_bad, dtype=dtype_bad, kind=kind_bad,
+            "\n".join(parts),
+            missing=missing,
+            unexpected=unexpected,
+            shape=shape_bad,
+            dtype=dtype_bad,
+            kind=kind_bad,
         )
     return adopt
 
@@ -219,11 +262,18 @@ def _place(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
 
-def _values(tmpl: list[Leaf], adopt: dict[str, list], tensors: dict[str, torch.Tensor], info: Info) -> list[Any]:
+def _values(
+    tmpl: list[Leaf], adopt: dict[str, list], tensors: dict[str, torch.Tensor], info: Info
+) -> list[Any]:
     """The loaded leaves, in the template's order, on the template's devices."""
     # adopted tensors: CPU if saved from CPU (torch keeps Adam's `step` there), else the template's accelerator
     accel = next(
-        (leaf.value.device for leaf in tmpl if isinstance(leaf.value, torch.Tensor) and leaf.value.device.type not in ("cpu", "meta")),
+        (
+            leaf.value.device
+            for leaf in tmpl
+            if isinstance(leaf.value, torch.Tensor)
+            and leaf.value.device.type not in ("cpu", "meta")
+        ),
         torch.device("cpu"),
     )
     values: dict[str, Any] = dict(info.scalars)
@@ -231,7 +281,9 @@ def _values(tmpl: list[Leaf], adopt: dict[str, list], tensors: dict[str, torch.T
         for e in entries:
             if e[1] == "tensor":
                 saved = e[3] if len(e) > 3 else "cpu"
-                values[e[0]] = _place(tensors[e[0]], torch.device("cpu") if saved == "cpu" else accel)
+                values[e[0]] = _place(
+                    tensors[e[0]], torch.device("cpu") if saved == "cpu" else accel
+                )
     out: list[Any] = []
     first_of: dict[int, torch.Tensor] = {}
     for leaf in tmpl:
@@ -276,7 +328,9 @@ def mark_latest(work_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
         text = str(path.resolve())
     pointer = work_dir / POINTER
     data = memoryview((text + "\n").encode("utf-8"))
-    atomic_write(pointer, lambda fd: seams._pwrite_all(fd, data, 0), what="the last_checkpoint pointer")
+    atomic_write(
+        pointer, lambda fd: seams._pwrite_all(fd, data, 0), what="the last_checkpoint pointer"
+    )
     return pointer
 
 

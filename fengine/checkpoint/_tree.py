@@ -28,8 +28,12 @@ def _component(key: Any, where: list[str]) -> tuple[list, str]:
         k = key.key
         if isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool)):
             return ["k", k], _escape(str(k))
-        raise TypeError(f"checkpoint: dict key {k!r} under {'/'.join(where) or 'the state'} is not a str or int")
-    raise TypeError(f"checkpoint: unsupported pytree key {key!r} under {'/'.join(where) or 'the state'}")
+        raise TypeError(
+            f"checkpoint: dict key {k!r} under {'/'.join(where) or 'the state'} is not a str or int"
+        )
+    raise TypeError(
+        f"checkpoint: unsupported pytree key {key!r} under {'/'.join(where) or 'the state'}"
+    )
 
 
 @dataclasses.dataclass
@@ -51,7 +55,9 @@ def flatten(tree: Any) -> tuple[list[Leaf], Any]:
             texts.append(t)
         name = "/".join(texts)
         if name in seen:
-            raise TypeError(f"checkpoint: two leaves of the state are both named {name!r} (an int and a str dict key?)")
+            raise TypeError(
+                f"checkpoint: two leaves of the state are both named {name!r} (an int and a str dict key?)"
+            )
         seen.add(name)
         leaves.append(Leaf(name, comps, value))
     return leaves, spec

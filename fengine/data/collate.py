@@ -45,7 +45,9 @@ def pseudo_collate(batch: Sequence[Any]) -> Any:
     if isinstance(elem, Sequence):
         size = len(elem)
         if any(len(sample) != size for sample in batch):
-            raise RuntimeError("pseudo_collate: every sample in the batch must have the same length")
+            raise RuntimeError(
+                "pseudo_collate: every sample in the batch must have the same length"
+            )
         fields = [pseudo_collate(field) for field in zip(*batch)]
         if isinstance(elem, tuple):
             return fields

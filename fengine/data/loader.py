@@ -149,7 +149,11 @@ class Loader:
         self.seed = seed
         self.drop_last = drop_last
         self.sampler = Sampler(
-            len(dataset), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
+            len(dataset),
+            seed=seed,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
             round_up=round_up,
         )
         self.infinite_sampler = InfiniteSampler(
@@ -217,8 +221,13 @@ class Loader:
         def batches() -> Iterator[_Keys]:
             for first in count(start_batch, per_call):
                 passes, idx = stream_positions(
-                    s.n, seed=s.seed, start=first * bs, count=per_call * bs, shuffle=s.shuffle,
-                    rank=s.rank, world_size=s.world_size,
+                    s.n,
+                    seed=s.seed,
+                    start=first * bs,
+                    count=per_call * bs,
+                    shuffle=s.shuffle,
+                    rank=s.rank,
+                    world_size=s.world_size,
                 )
                 passes, idx = passes.tolist(), idx.tolist()
                 for i in range(0, len(idx), bs):

@@ -106,7 +106,9 @@ class ImagePreprocessor:
                 raise ValueError(f"ImagePreprocessor: `std` must not contain 0, got {list(std)}")
         if not dtype.is_floating_point:
             raise ValueError(f"ImagePreprocessor: `dtype` must be floating, got {dtype}")
-        self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self._mean = (
+            None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        )
         self._std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.device = None if device is None else torch.device(device)
         self.channels_last = channels_last

@@ -98,7 +98,12 @@ def epoch_indices(
     ``world_size``-th index starting at ``r``.
     """
     return epoch_index_tensor(
-        n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size,
+        n,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        rank=rank,
+        world_size=world_size,
         round_up=round_up,
     ).tolist()
 
@@ -127,8 +132,13 @@ class Sampler:
     def index_tensor(self, epoch: int) -> torch.Tensor:
         """This rank's indices for ``epoch`` as an int64 tensor."""
         return epoch_index_tensor(
-            self.n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
-            world_size=self.world_size, round_up=self.round_up,
+            self.n,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            rank=self.rank,
+            world_size=self.world_size,
+            round_up=self.round_up,
         )
 
     def indices(self, epoch: int) -> list[int]:
@@ -222,8 +232,13 @@ class InfiniteSampler:
     def indices(self, start: int, count: int) -> list[int]:
         """The ``count`` indices from position ``start`` on (a pure function)."""
         return stream_indices(
-            self.n, seed=self.seed, start=start, count=count, shuffle=self.shuffle,
-            rank=self.rank, world_size=self.world_size,
+            self.n,
+            seed=self.seed,
+            start=start,
+            count=count,
+            shuffle=self.shuffle,
+            rank=self.rank,
+            world_size=self.world_size,
         )
 
     def stream(self, start: int = 0) -> Iterator[int]:

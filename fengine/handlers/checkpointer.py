@@ -53,11 +53,29 @@ from fengine import checkpoint
 from fengine.events import Handler, Priority, RunInfo, Save, Snapshot
 
 
-__all__ = ["DEFAULT_GREATER_KEYS", "DEFAULT_LESS_KEYS", "Checkpointer", "every_n", "infer_rule", "should_save"]
+__all__ = [
+    "DEFAULT_GREATER_KEYS",
+    "DEFAULT_LESS_KEYS",
+    "Checkpointer",
+    "every_n",
+    "infer_rule",
+    "should_save",
+]
 
 log = logging.getLogger("fengine")
 
-DEFAULT_GREATER_KEYS = ("acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc")
+DEFAULT_GREATER_KEYS = (
+    "acc",
+    "top",
+    "AR@",
+    "auc",
+    "precision",
+    "mAP",
+    "mDice",
+    "mIoU",
+    "mAcc",
+    "aAcc",
+)
 DEFAULT_LESS_KEYS = ("loss",)
 _RULES = {"greater": operator.gt, "less": operator.lt}
 _INIT = {"greater": -math.inf, "less": math.inf}
@@ -101,9 +119,18 @@ def every_n(count: int, n: int, start: int = 0) -> bool:
     return n > 0 and d >= 0 and d % n == 0
 
 
-def should_save(count: int, *, interval: int, save_begin: int = 0, last: int | None = None, save_last: bool = True) -> bool:
+def should_save(
+    count: int,
+    *,
+    interval: int,
+    save_begin: int = 0,
+    last: int | None = None,
+    save_last: bool = True,
+) -> bool:
     """The periodic-save predicate after ``count`` completed epochs / updates (see the module doc)."""
-    return every_n(count, interval, save_begin) or (save_last and last is not None and count == last)
+    return every_n(count, interval, save_begin) or (
+        save_last and last is not None and count == last
+    )
 
 
 # ---------------------------------------------------------------------- argument checks
@@ -133,19 +160,27 @@ def _check_tmpl(tmpl: Any) -> str:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(tmpl) if f is not None]
     except ValueError as e:
-        raise ValueError(f"Checkpointer: filename_tmpl={tmpl!r} is not a valid format string ({e}); "
-                         "it needs exactly one '{}', filled with the epoch / step count") from None
+        raise ValueError(
+            f"Checkpointer: filename_tmpl={tmpl!r} is not a valid format string ({e}); "
+            "it needs exactly one '{}', filled with the epoch / step count"
+        ) from None
     if len(fields) != 1 or fields[0] != "":
-        raise ValueError(f"Checkpointer: filename_tmpl={tmpl!r} must contain exactly one '{{}}' (optionally with a "
-                         f"format spec, e.g. 'epoch_{{:03d}}.safetensors'), filled with the epoch / step count; "
-                         f"it has {len(fields)} replacement field(s) {fields}")
+        raise ValueError(
+            f"Checkpointer: filename_tmpl={tmpl!r} must contain exactly one '{{}}' (optionally with a "
+            f"format spec, e.g. 'epoch_{{:03d}}.safetensors'), filled with the epoch / step count; "
+            f"it has {len(fields)} replacement field(s) {fields}"
+        )
     try:
         name = tmpl.format(1)
     except (ValueError, TypeError, IndexError, KeyError) as e:
-        raise ValueError(f"Checkpointer: filename_tmpl={tmpl!r} cannot format an int: {e}") from None
+        raise ValueError(
+            f"Checkpointer: filename_tmpl={tmpl!r} cannot format an int: {e}"
+        ) from None
     if not name or Path(name).is_absolute():
-        raise ValueError(f"Checkpointer: filename_tmpl={tmpl!r} must be a relative file name (the directory is "
-                         "work_dir or out_dir)")
+        raise ValueError(
+            f"Checkpointer: filename_tmpl={tmpl!r} must be a relative file name (the directory is "
+            "work_dir or out_dir)"
+        )
     return tmpl
 
 
@@ -154,10 +189,14 @@ def _best_keys(save_best: Any) -> list[str]:
         return []
     keys = _str_list("save_best", save_best)
     if not keys or any(not k for k in keys):
-        raise ValueError(f"Checkpointer: save_best must name at least one metric key (non-empty), got {save_best!r}")
+        raise ValueError(
+            f"Checkpointer: save_best must name at least one metric key (non-empty), got {save_best!r}"
+        )
     if "auto" in keys and len(keys) > 1:
-        raise ValueError(f"Checkpointer: save_best={keys}: 'auto' (the first validation key) cannot be "
-                         "combined with other keys or repeated")
+        raise ValueError(
+            f"Checkpointer: save_best={keys}: 'auto' (the first validation key) cannot be "
+            "combined with other keys or repeated"
+        )
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise ValueError(f"Checkpointer: save_best={keys} lists {dup} more than once")
@@ -167,19 +206,27 @@ def _best_keys(save_best: Any) -> list[str]:
 def _given_rules(rule: Any, keys: list[str]) -> list[str | None]:
     """One rule (or None: infer it) per save_best key."""
     if rule is not None and not keys:
-        raise ValueError(f"Checkpointer: rule={rule!r} is only used with save_best=...; pass save_best or drop rule")
+        raise ValueError(
+            f"Checkpointer: rule={rule!r} is only used with save_best=...; pass save_best or drop rule"
+        )
     if rule is None or isinstance(rule, str):
         rules = [rule] * len(keys)
     elif isinstance(rule, (list, tuple)):
         if len(rule) not in (1, len(keys)):
-            raise ValueError(f"Checkpointer: rule={list(rule)} must have 1 entry or one per save_best key "
-                             f"({len(keys)}: {keys})")
+            raise ValueError(
+                f"Checkpointer: rule={list(rule)} must have 1 entry or one per save_best key "
+                f"({len(keys)}: {keys})"
+            )
         rules = list(rule) * len(keys) if len(rule) == 1 else list(rule)
     else:
-        raise TypeError(f"Checkpointer: rule must be 'greater', 'less', None or a list of them, got {rule!r}")
+        raise TypeError(
+            f"Checkpointer: rule must be 'greater', 'less', None or a list of them, got {rule!r}"
+        )
     for r in rules:
         if r is not None and r not in _RULES:
-            raise ValueError(f"Checkpointer: rule must be 'greater' or 'less' (or None to infer it), got {r!r}")
+            raise ValueError(
+                f"Checkpointer: rule must be 'greater' or 'less' (or None to infer it), got {r!r}"
+            )
     return rules
 
 
@@ -188,13 +235,17 @@ def _score(key: str, value: Any) -> float | None:
         return None
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise TypeError(f"Checkpointer: the validation result {key!r} is a tensor of shape "
-                            f"{tuple(value.shape)}; save_best needs a scalar")
+            raise TypeError(
+                f"Checkpointer: the validation result {key!r} is a tensor of shape "
+                f"{tuple(value.shape)}; save_best needs a scalar"
+            )
         return float(value.item())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    raise TypeError(f"Checkpointer: the validation result {key!r} is a {type(value).__name__} ({value!r}); "
-                    "save_best needs a number")
+    raise TypeError(
+        f"Checkpointer: the validation result {key!r} is a {type(value).__name__} ({value!r}); "
+        "save_best needs a number"
+    )
 
 
 def _unlink(path: Path) -> bool:
@@ -253,36 +304,56 @@ class Checkpointer(Handler):
         super().__init__(priority=priority)
         self.interval = _check_int("interval", interval)
         if interval < 1 and interval != -1:
-            raise ValueError(f"Checkpointer: interval must be >= 1, or -1 for no periodic checkpoints "
-                             f"(only the last with save_last and the best with save_best), got {interval}")
+            raise ValueError(
+                f"Checkpointer: interval must be >= 1, or -1 for no periodic checkpoints "
+                f"(only the last with save_last and the best with save_best), got {interval}"
+            )
         self.by_epoch = _check_bool("by_epoch", by_epoch)
-        self.max_keep_ckpts = -1 if max_keep_ckpts is None else _check_int("max_keep_ckpts", max_keep_ckpts)
+        self.max_keep_ckpts = (
+            -1 if max_keep_ckpts is None else _check_int("max_keep_ckpts", max_keep_ckpts)
+        )
         if self.max_keep_ckpts < 1 and self.max_keep_ckpts != -1:
-            raise ValueError(f"Checkpointer: max_keep_ckpts must be >= 1 (how many periodic checkpoints to keep) "
-                             f"or -1 (keep all), got {max_keep_ckpts}")
+            raise ValueError(
+                f"Checkpointer: max_keep_ckpts must be >= 1 (how many periodic checkpoints to keep) "
+                f"or -1 (keep all), got {max_keep_ckpts}"
+            )
         self.save_begin = _check_int("save_begin", save_begin)
         if save_begin < 0:
             raise ValueError(f"Checkpointer: save_begin must be >= 0, got {save_begin}")
         self.save_last = _check_bool("save_last", save_last)
         default_tmpl = ("epoch_{}" if by_epoch else "iter_{}") + ".safetensors"
         self.filename_tmpl = _check_tmpl(default_tmpl if filename_tmpl is None else filename_tmpl)
-        self.greater_keys = tuple(DEFAULT_GREATER_KEYS if greater_keys is None else _str_list("greater_keys", greater_keys))
-        self.less_keys = tuple(DEFAULT_LESS_KEYS if less_keys is None else _str_list("less_keys", less_keys))
+        self.greater_keys = tuple(
+            DEFAULT_GREATER_KEYS
+            if greater_keys is None
+            else _str_list("greater_keys", greater_keys)
+        )
+        self.less_keys = tuple(
+            DEFAULT_LESS_KEYS if less_keys is None else _str_list("less_keys", less_keys)
+        )
         self.save_best = _best_keys(save_best)
         # one rule per key; None only for an unresolved "auto" without a given rule
-        self.rules = [r or (None if k == "auto" else self._infer(k))
-                      for k, r in zip(self.save_best, _given_rules(rule, self.save_best))]
+        self.rules = [
+            r or (None if k == "auto" else self._infer(k))
+            for k, r in zip(self.save_best, _given_rules(rule, self.save_best))
+        ]
         self.published = _check_bool("published", published)
         if published and not save_last and not self.save_best:
-            raise ValueError("Checkpointer: published=True publishes the last and/or the best checkpoint; "
-                             "set save_last=True or save_best=...")
+            raise ValueError(
+                "Checkpointer: published=True publishes the last and/or the best checkpoint; "
+                "set save_last=True or save_best=..."
+            )
         if published_params not in ("auto", "live", "ema"):
-            raise ValueError(f"Checkpointer: published_params must be 'auto', 'live' or 'ema', got {published_params!r}")
+            raise ValueError(
+                f"Checkpointer: published_params must be 'auto', 'live' or 'ema', got {published_params!r}"
+            )
         self.published_params = published_params
         self.out_dir = None if out_dir is None else Path(out_dir)
         # what survives a resume (state_dict)
         self.keep_ckpt_ids: list[int] = []
-        self.last_ckpt: str | None = None  # the latest periodic file, relative to the checkpoint directory
+        self.last_ckpt: str | None = (
+            None  # the latest periodic file, relative to the checkpoint directory
+        )
         self.last_step: int | None = None  # its epoch / update count
         self.best: dict[str, dict[str, Any]] = {}  # key -> {"score": float, "path": str}
 
@@ -291,8 +362,10 @@ class Checkpointer(Handler):
         work_dir = None if run is None or run.work_dir is None else Path(run.work_dir)
         if self.out_dir is None:
             if work_dir is None:
-                raise ValueError("Checkpointer: nowhere to save checkpoints: pass fit(..., work_dir=...) "
-                                 "or Checkpointer(out_dir=...)")
+                raise ValueError(
+                    "Checkpointer: nowhere to save checkpoints: pass fit(..., work_dir=...) "
+                    "or Checkpointer(out_dir=...)"
+                )
             return work_dir
         if work_dir is None:
             return self.out_dir
@@ -323,18 +396,28 @@ class Checkpointer(Handler):
             return None
         metrics: Mapping[str, Any] = snap.metrics or {}
         if not metrics:
-            warnings.warn("Checkpointer: the validation results are empty; the best checkpoint is not "
-                          "updated in this evaluation", UserWarning, stacklevel=2)
+            warnings.warn(
+                "Checkpointer: the validation results are empty; the best checkpoint is not "
+                "updated in this evaluation",
+                UserWarning,
+                stacklevel=2,
+            )
             return None
         if self.save_best == ["auto"]:
             self._resolve_auto(next(iter(metrics)))
-            log.info("Checkpointer: save_best='auto' follows %r (rule %r)", self.save_best[0], self.rules[0])
+            log.info(
+                "Checkpointer: save_best='auto' follows %r (rule %r)",
+                self.save_best[0],
+                self.rules[0],
+            )
         directory, n = self.directory(snap.run), self._count(snap)
         saves = []
         for key, rule in zip(self.save_best, self.rules):
             if key not in metrics:
-                raise KeyError(f"Checkpointer: save_best key {key!r} is not in the validation results; "
-                               f"available keys: {list(metrics)}")
+                raise KeyError(
+                    f"Checkpointer: save_best key {key!r} is not in the validation results; "
+                    f"available keys: {list(metrics)}"
+                )
             score = _score(key, metrics[key])
             if self._is_new_best(key, rule, score):
                 saves.append(self._replace_best(directory, key, score, n))
@@ -346,18 +429,30 @@ class Checkpointer(Handler):
         """MMEngine's log line for a best checkpoint, once `fit` has written it."""
         for key, best in self.best.items():
             if snap.checkpoint == self.directory(snap.run) / best["path"]:
-                log.info("The best checkpoint with %.4f %s at %d %s is saved to %s.", best["score"], key,
-                         self._count(snap), "epoch" if self.by_epoch else "iter", best["path"])
+                log.info(
+                    "The best checkpoint with %.4f %s at %d %s is saved to %s.",
+                    best["score"],
+                    key,
+                    self._count(snap),
+                    "epoch" if self.by_epoch else "iter",
+                    best["path"],
+                )
 
     def on_after_train(self, snap: Snapshot) -> None:
         if not self.published:
             return
         directory = self.directory(snap.run)
-        sources = [directory / self.last_ckpt] if self.save_last and self.last_ckpt is not None else []
+        sources = (
+            [directory / self.last_ckpt] if self.save_last and self.last_ckpt is not None else []
+        )
         sources += [directory / best["path"] for best in self.best.values()]
         for src in sources:
             if not src.is_file():
-                warnings.warn(f"Checkpointer: cannot publish {src}: the file is missing", UserWarning, stacklevel=2)
+                warnings.warn(
+                    f"Checkpointer: cannot publish {src}: the file is missing",
+                    UserWarning,
+                    stacklevel=2,
+                )
                 continue
             self.publish(src, snap.state)
 
@@ -368,8 +463,12 @@ class Checkpointer(Handler):
         path = Path(path)
         e = like.extra.get("ema") if isinstance(getattr(like, "extra", None), Mapping) else None
         if self.published_params == "ema" and e is None:
-            raise ValueError("Checkpointer(published_params='ema'): the run keeps no EMA; add fengine.ema(...) to the step")
-        use_ema = self.published_params == "ema" or (self.published_params == "auto" and e is not None)
+            raise ValueError(
+                "Checkpointer(published_params='ema'): the run keeps no EMA; add fengine.ema(...) to the step"
+            )
+        use_ema = self.published_params == "ema" or (
+            self.published_params == "auto" and e is not None
+        )
         weights, _ = checkpoint.load_params(path, like, strict=True, use_ema=use_ema)
         out = checkpoint.publish(weights, path, meta={"published_from": path.name, "ema": use_ema})
         log.info("The checkpoint (%s) is published to %s.", path, out)
@@ -382,7 +481,13 @@ class Checkpointer(Handler):
     def _maybe_periodic(self, snap: Snapshot) -> Save | None:
         n = self._count(snap)
         last = snap.run.max_epochs if self.by_epoch else snap.run.max_steps
-        if not should_save(n, interval=self.interval, save_begin=self.save_begin, last=last, save_last=self.save_last):
+        if not should_save(
+            n,
+            interval=self.interval,
+            save_begin=self.save_begin,
+            last=last,
+            save_last=self.save_last,
+        ):
             return None
         log.info("Saving checkpoint at %d %s", n, "epochs" if self.by_epoch else "iterations")
         return self._periodic(self.directory(snap.run), n)
@@ -418,7 +523,9 @@ class Checkpointer(Handler):
     def _replace_best(self, directory: Path, key: str, score: float, n: int) -> Save:
         """Delete the previous best file of ``key``, record the new best and ask for its file."""
         if key in self.best and _unlink(directory / self.best[key]["path"]):
-            log.info("The previous best checkpoint %s is removed", directory / self.best[key]["path"])
+            log.info(
+                "The previous best checkpoint %s is removed", directory / self.best[key]["path"]
+            )
         name = f"best_{key}_{self.filename_tmpl.format(n)}".replace("/", "_")
         self.best[key] = {"score": score, "path": name}
         return Save(directory / name, latest=False)
@@ -442,4 +549,8 @@ class Checkpointer(Handler):
         if self.save_best == ["auto"] and len(saved_keys) == 1 and saved_keys[0] != "auto":
             self._resolve_auto(saved_keys[0])  # the key 'auto' followed before the resume
         best = state.get("best") or {}
-        self.best = {k: {"score": float(v["score"]), "path": v["path"]} for k, v in best.items() if k in self.save_best}
+        self.best = {
+            k: {"score": float(v["score"]), "path": v["path"]}
+            for k, v in best.items()
+            if k in self.save_best
+        }

@@ -91,17 +91,25 @@ class EarlyStopping(Handler):
     ) -> None:
         super().__init__(priority=priority)
         if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"EarlyStopping: monitor must be a metric name (non-empty str), got {monitor!r}")
+            raise ValueError(
+                f"EarlyStopping: monitor must be a metric name (non-empty str), got {monitor!r}"
+            )
         if rule is None:
             rule = infer_rule(monitor)
         elif rule not in _RULES:
             raise ValueError(f"EarlyStopping: rule must be 'greater' or 'less', got {rule!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta):
+        if (
+            isinstance(min_delta, bool)
+            or not isinstance(min_delta, (int, float))
+            or not math.isfinite(min_delta)
+        ):
             raise ValueError(f"EarlyStopping: min_delta must be a finite number, got {min_delta!r}")
         if stopping_threshold is not None and not isinstance(stopping_threshold, (int, float)):
-            raise ValueError(f"EarlyStopping: stopping_threshold must be a number or None, got {stopping_threshold!r}")
+            raise ValueError(
+                f"EarlyStopping: stopping_threshold must be a number or None, got {stopping_threshold!r}"
+            )
         self.monitor = monitor
         self.rule = rule
         # MMEngine stores the delta signed by the rule and compares best + delta with the value.
@@ -118,17 +126,23 @@ class EarlyStopping(Handler):
         """Fold one validation result in; the reason to stop, or None to go on."""
         compare = _RULES[self.rule]
         if self.check_finite and not math.isfinite(value):
-            return (f"Monitored metric {self.monitor} = {value} is infinite. "
-                    f"Previous best value was {self.best_score:.3f}.")
+            return (
+                f"Monitored metric {self.monitor} = {value} is infinite. "
+                f"Previous best value was {self.best_score:.3f}."
+            )
         if self.stopping_threshold is not None and compare(value, self.stopping_threshold):
             self.best_score = value
-            return (f"Stopping threshold reached: `{self.monitor}` = {value} is "
-                    f"{self.rule} than {self.stopping_threshold}.")
+            return (
+                f"Stopping threshold reached: `{self.monitor}` = {value} is "
+                f"{self.rule} than {self.stopping_threshold}."
+            )
         if compare(self.best_score + self.min_delta, value):
             self.wait_count += 1
             if self.wait_count >= self.patience:
-                return (f"the monitored metric did not improve in the last {self.wait_count} records. "
-                        f"best score: {self.best_score:.3f}. ")
+                return (
+                    f"the monitored metric did not improve in the last {self.wait_count} records. "
+                    f"best score: {self.best_score:.3f}. "
+                )
             return None
         self.best_score = value
         self.wait_count = 0
@@ -137,10 +151,14 @@ class EarlyStopping(Handler):
     def on_after_val_epoch(self, snap: Snapshot) -> Stop | None:
         metrics: Mapping[str, Any] = snap.metrics
         if self.monitor not in metrics:
-            msg = (f"EarlyStopping: monitor={self.monitor!r} is not in the validation results; "
-                   f"available keys: {sorted(metrics)}")
+            msg = (
+                f"EarlyStopping: monitor={self.monitor!r} is not in the validation results; "
+                f"available keys: {sorted(metrics)}"
+            )
             if self.strict:
-                raise MissingMetricError(msg + " (or set strict=False to skip the check with a warning)")
+                raise MissingMetricError(
+                    msg + " (or set strict=False to skip the check with a warning)"
+                )
             warnings.warn(msg + "; skipping the early-stopping check", UserWarning, stacklevel=2)
             return None
         value = metrics[self.monitor]
@@ -158,11 +176,16 @@ class EarlyStopping(Handler):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("monitor", self.monitor) != self.monitor or state.get("rule", self.rule) != self.rule:
+        if (
+            state.get("monitor", self.monitor) != self.monitor
+            or state.get("rule", self.rule) != self.rule
+        ):
             warnings.warn(
                 f"EarlyStopping: the checkpoint's state is for monitor={state.get('monitor')!r} "
                 f"rule={state.get('rule')!r}, this handler monitors {self.monitor!r} ({self.rule}); "
-                "starting the count afresh", UserWarning, stacklevel=2,
+                "starting the count afresh",
+                UserWarning,
+                stacklevel=2,
             )
             return
         self.wait_count = int(state["wait_count"])

@@ -83,7 +83,10 @@ def _is_number(value: Any) -> bool:
 
 def _host_items(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluation results with one-element tensors as Python numbers (once per pass)."""
-    return {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in metrics.items()}
+    return {
+        k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        for k, v in metrics.items()
+    }
 
 
 def _rank() -> int:
@@ -136,10 +139,18 @@ class Stat:
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
-            raise ValueError(f"Stat({self.src!r}): method must be one of {_METHODS}, got {self.method!r}")
+            raise ValueError(
+                f"Stat({self.src!r}): method must be one of {_METHODS}, got {self.method!r}"
+            )
         w = self.window
-        if not (w is None or w in ("epoch", "global") or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)):
-            raise ValueError(f"Stat({self.src!r}): window must be an int >= 1, 'epoch', 'global' or None, got {w!r}")
+        if not (
+            w is None
+            or w in ("epoch", "global")
+            or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)
+        ):
+            raise ValueError(
+                f"Stat({self.src!r}): window must be an int >= 1, 'epoch', 'global' or None, got {w!r}"
+            )
 
     @classmethod
     def from_mmengine(cls, cfg: Mapping[str, Any]) -> Stat:
@@ -149,7 +160,12 @@ class Stat:
             raise ValueError(
                 f"Stat.from_mmengine: expected keys data_src (required), method_name, window_size, log_name; got {sorted(cfg)}"
             )
-        return cls(cfg["data_src"], cfg.get("method_name", "mean"), cfg.get("window_size"), cfg.get("log_name"))
+        return cls(
+            cfg["data_src"],
+            cfg.get("method_name", "mean"),
+            cfg.get("window_size"),
+            cfg.get("log_name"),
+        )
 
     @property
     def key(self) -> str:
@@ -206,7 +222,9 @@ class ScalarHistory:
     ``"epoch"`` / ``"global"``).
     """
 
-    def __init__(self, window_size: int = 10, stats: Iterable[Stat] = (), mean_pattern: str = MEAN_PATTERN) -> None:
+    def __init__(
+        self, window_size: int = 10, stats: Iterable[Stat] = (), mean_pattern: str = MEAN_PATTERN
+    ) -> None:
         _check_positive(window_size, "window_size")
         self.window_size = window_size
         self.stats = tuple(stats)
@@ -250,7 +268,7 @@ class ScalarHistory:
             return
         host = to_host(flat)
         for s, start, n in spans:
-            s.absorb(host[start:start + n])
+            s.absorb(host[start : start + n])
 
     def stat(self, key: str, method: str = "mean", window: int | str | None = None) -> float | None:
         """A statistic of ``key`` over what was synced (call `sync` first); None if unknown."""
@@ -262,7 +280,11 @@ class ScalarHistory:
         self.sync()
         tag: dict[str, float] = {}
         for key, s in self._series.items():
-            value = s.stat("mean", self.window_size) if self.pattern.search(key) else s.stat("current", 1)
+            value = (
+                s.stat("mean", self.window_size)
+                if self.pattern.search(key)
+                else s.stat("current", 1)
+            )
             if value is not None:
                 tag[key] = value
         for st in self.stats:
@@ -314,8 +336,14 @@ class _TrainScalars(Handler):
     priority = Priority.BELOW_NORMAL
 
     def __init__(
-        self, interval: int, window_size: int, ignore_last: bool, timer: Timer | None,
-        stats: tuple[Stat, ...], mean_pattern: str, priority: int | str | None,
+        self,
+        interval: int,
+        window_size: int,
+        ignore_last: bool,
+        timer: Timer | None,
+        stats: tuple[Stat, ...],
+        mean_pattern: str,
+        priority: int | str | None,
     ) -> None:
         super().__init__(priority=priority)
         name = type(self).__name__
@@ -413,7 +441,9 @@ class Logger(_TrainScalars):
         if timer is True:
             timer = None
         if not (timer is None or timer is False or isinstance(timer, Timer)):
-            raise TypeError(f"Logger: timer must be a fengine.handlers.Timer, None or False, got {type(timer).__name__}")
+            raise TypeError(
+                f"Logger: timer must be a fengine.handlers.Timer, None or False, got {type(timer).__name__}"
+            )
         stats = tuple(s if isinstance(s, Stat) else Stat.from_mmengine(s) for s in custom)
         names = [s.key for s in stats]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -433,7 +463,9 @@ class Logger(_TrainScalars):
         self._file_handler: logging.FileHandler | None = None
         self._warned_timer = False
         self.logger = get_logger()
-        if not self._own_timer:  # a shared Timer times the iterations: keep these no-ops out of the dispatch
+        if (
+            not self._own_timer
+        ):  # a shared Timer times the iterations: keep these no-ops out of the dispatch
             for event in ("before_train_iter", "before_val_iter", "before_test_iter"):
                 setattr(self, "on_" + event, None)
 
@@ -510,8 +542,13 @@ class Logger(_TrainScalars):
         hist = self._eval.get(snap.phase)
         if hist is None:
             # running means over the pass for the closing line (not printed on the progress lines)
-            stats = (Stat("time", window="epoch", name="_pass_time"), Stat("data_time", window="epoch", name="_pass_data_time"))
-            hist = self._eval[snap.phase] = ScalarHistory(self.window_size, stats, self.mean_pattern)
+            stats = (
+                Stat("time", window="epoch", name="_pass_time"),
+                Stat("data_time", window="epoch", name="_pass_data_time"),
+            )
+            hist = self._eval[snap.phase] = ScalarHistory(
+                self.window_size, stats, self.mean_pattern
+            )
         hist.new_epoch()
 
     def _before_eval_iter(self, snap: Snapshot) -> None:
@@ -543,7 +580,9 @@ class Logger(_TrainScalars):
             record["memory"] = memory
         self._write_json(record)
 
-    def _line(self, head: str, snap: Snapshot, tag: Mapping[str, float], memory: int | None, *, rest: bool) -> str:
+    def _line(
+        self, head: str, snap: Snapshot, tag: Mapping[str, float], memory: int | None, *, rest: bool
+    ) -> str:
         """MMEngine's ``get_log_after_iter`` body: lr, eta/time/data_time, memory, the rest."""
         d = self.num_digits
         tag = dict(tag)
@@ -583,7 +622,11 @@ class Logger(_TrainScalars):
         if (snap.batch_idx + 1) % self.interval != 0:
             return
         tag = hist.collect()
-        self.logger.info(self._line(self._eval_head(snap, snap.batch_idx + 1), snap, tag, self._memory(snap), rest=False))
+        self.logger.info(
+            self._line(
+                self._eval_head(snap, snap.batch_idx + 1), snap, tag, self._memory(snap), rest=False
+            )
+        )
 
     on_after_val_iter = _after_eval_iter
     on_after_test_iter = _after_eval_iter
@@ -591,13 +634,20 @@ class Logger(_TrainScalars):
     def _eval_head(self, snap: Snapshot, i: int | str, *, last: bool = False) -> str:
         run, phase = snap.run, snap.phase
         n = snap.eval_len if snap.eval_len is not None else "?"
-        standalone = run.steps_per_epoch == 0  # fengine.evaluate(): MMEngine's by-epoch test loop format
+        standalone = (
+            run.steps_per_epoch == 0
+        )  # fengine.evaluate(): MMEngine's by-epoch test loop format
         if not (run.by_epoch or standalone):
             return _head(f"Iter({phase})", " ", i, n)
         if phase != "val" or standalone:
             return _head(f"Epoch({phase})", " ", i, n)
         # MMEngine does not right-align the epoch on the closing line
-        return _head(f"Epoch({phase})", f" [{snap.epoch}]" if last else _epoch_str(snap.epoch, run.max_epochs), i, n)
+        return _head(
+            f"Epoch({phase})",
+            f" [{snap.epoch}]" if last else _epoch_str(snap.epoch, run.max_epochs),
+            i,
+            n,
+        )
 
     def _after_eval_epoch(self, snap: Snapshot) -> None:
         self._tick(f"after_{snap.phase}_epoch", snap)
@@ -614,7 +664,9 @@ class Logger(_TrainScalars):
                     items[key] = v
         d = self.num_digits
         head = self._eval_head(snap, n, last=True)
-        self.logger.info((head + "  " + "  ".join(f"{k}: {_fmt(v, d)}" for k, v in items.items())).rstrip())
+        self.logger.info(
+            (head + "  " + "  ".join(f"{k}: {_fmt(v, d)}" for k, v in items.items())).rstrip()
+        )
         record: dict[str, Any] = {"step": snap.step, "epoch": _epoch_label(snap)}
         record.update((f"{snap.phase}/{k}", v) for k, v in items.items() if _is_number(v))
         self._write_json(record)

@@ -41,7 +41,11 @@ class EmptyCache(Handler):
         priority: int | str | None = None,
     ) -> None:
         super().__init__(priority=priority)
-        self.before_epoch, self.after_epoch, self.after_iter = bool(before_epoch), bool(after_epoch), bool(after_iter)
+        self.before_epoch, self.after_epoch, self.after_iter = (
+            bool(before_epoch),
+            bool(after_epoch),
+            bool(after_iter),
+        )
         for phase in ("train", "val", "test"):
             if self.before_epoch:
                 setattr(self, f"on_before_{phase}_epoch", _empty_cache)
@@ -51,11 +55,16 @@ class EmptyCache(Handler):
                 setattr(self, f"on_after_{phase}_iter", _empty_cache)
 
     def __repr__(self) -> str:
-        return (f"EmptyCache(before_epoch={self.before_epoch}, after_epoch={self.after_epoch}, "
-                f"after_iter={self.after_iter})")
+        return (
+            f"EmptyCache(before_epoch={self.before_epoch}, after_epoch={self.after_epoch}, "
+            f"after_iter={self.after_iter})"
+        )
 
 
-_ACTIVITIES = {"cpu": torch.profiler.ProfilerActivity.CPU, "cuda": torch.profiler.ProfilerActivity.CUDA}
+_ACTIVITIES = {
+    "cpu": torch.profiler.ProfilerActivity.CPU,
+    "cuda": torch.profiler.ProfilerActivity.CUDA,
+}
 
 
 class Profiler(Handler):
@@ -100,7 +109,12 @@ class Profiler(Handler):
         priority: int | str | None = None,
     ) -> None:
         super().__init__(priority=priority)
-        for name, value, low in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1), ("repeat", repeat, 0)):
+        for name, value, low in (
+            ("wait", wait, 0),
+            ("warmup", warmup, 0),
+            ("active", active, 1),
+            ("repeat", repeat, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Profiler: {name} must be an int >= {low}, got {value!r}")
         self.wait, self.warmup, self.active, self.repeat = wait, warmup, active, repeat
@@ -113,10 +127,14 @@ class Profiler(Handler):
             for a in activities:
                 if isinstance(a, str):
                     if a.lower() not in _ACTIVITIES:
-                        raise ValueError(f"Profiler: unknown activity {a!r}; expected one of {sorted(_ACTIVITIES)}")
+                        raise ValueError(
+                            f"Profiler: unknown activity {a!r}; expected one of {sorted(_ACTIVITIES)}"
+                        )
                     a = _ACTIVITIES[a.lower()]
                 elif not isinstance(a, torch.profiler.ProfilerActivity):
-                    raise ValueError(f"Profiler: activities must be 'cpu'/'cuda' or ProfilerActivity, got {a!r}")
+                    raise ValueError(
+                        f"Profiler: activities must be 'cpu'/'cuda' or ProfilerActivity, got {a!r}"
+                    )
                 acts.append(a)
             if not acts:
                 raise ValueError("Profiler: activities is empty")
@@ -137,7 +155,11 @@ class Profiler(Handler):
 
     def _trace_ready(self, prof: torch.profiler.profile) -> None:
         assert self._out is not None
-        rank = f"_rank{dist.get_rank()}" if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else ""
+        rank = (
+            f"_rank{dist.get_rank()}"
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            else ""
+        )
         path = self._out / f"trace_step{self._step}{rank}.json"
         prof.export_chrome_trace(str(path))
         self.traces.append(path)
@@ -146,16 +168,24 @@ class Profiler(Handler):
 
     def on_before_run(self, snap: Snapshot) -> None:
         self.close()  # a profiler left open by an earlier run that raised
-        out = self.out_dir if self.out_dir is not None else (snap.run.work_dir / "profiler" if snap.run.work_dir is not None else None)
+        out = (
+            self.out_dir
+            if self.out_dir is not None
+            else (snap.run.work_dir / "profiler" if snap.run.work_dir is not None else None)
+        )
         if out is None:
-            raise ValueError("Profiler: no directory for the traces; pass fit(..., work_dir=...) or Profiler(out_dir=...)")
+            raise ValueError(
+                "Profiler: no directory for the traces; pass fit(..., work_dir=...) or Profiler(out_dir=...)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         self._out = out
         self._step = snap.step
         self._windows_left = self.repeat if self.repeat > 0 else None
         prof = torch.profiler.profile(
             activities=self.activities,
-            schedule=torch.profiler.schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=self.repeat),
+            schedule=torch.profiler.schedule(
+                wait=self.wait, warmup=self.warmup, active=self.active, repeat=self.repeat
+            ),
             on_trace_ready=self._trace_ready,
             record_shapes=self.record_shapes,
             profile_memory=self.profile_memory,
@@ -205,11 +235,15 @@ class ScheduleRecorder(Handler):
 
     priority = Priority.NORMAL
 
-    def __init__(self, *, priority: int | str | None = None, **schedules: Callable[[int], float]) -> None:
+    def __init__(
+        self, *, priority: int | str | None = None, **schedules: Callable[[int], float]
+    ) -> None:
         super().__init__(priority=priority)
         for name, s in schedules.items():
             if not callable(s):
-                raise TypeError(f"ScheduleRecorder: {name} must be a schedule step -> value, got {type(s).__name__}")
+                raise TypeError(
+                    f"ScheduleRecorder: {name} must be a schedule step -> value, got {type(s).__name__}"
+                )
         self.schedules = dict(schedules)
         self.history: list[dict[str, Any]] = []
 
@@ -228,6 +262,8 @@ class ScheduleRecorder(Handler):
         out = []
         for entry in self.history:
             if key not in entry:
-                raise KeyError(f"ScheduleRecorder: {key!r} not recorded at step {entry['step']}; keys: {sorted(entry)}")
+                raise KeyError(
+                    f"ScheduleRecorder: {key!r} not recorded at step {entry['step']}; keys: {sorted(entry)}"
+                )
             out.append(entry[key])
         return out

@@ -27,7 +27,9 @@ class ProgressBar(Handler):
 
     priority = Priority.LOW
 
-    def __init__(self, *, console: Any = None, transient: bool = True, priority: int | str | None = None) -> None:
+    def __init__(
+        self, *, console: Any = None, transient: bool = True, priority: int | str | None = None
+    ) -> None:
         super().__init__(priority=priority)
         self.console = console
         self.transient = transient
@@ -56,8 +58,13 @@ class ProgressBar(Handler):
             )
 
             self._progress = Progress(
-                TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=self.transient,
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=self.transient,
             )
             self._progress.start()
         return self._progress
@@ -72,7 +79,9 @@ class ProgressBar(Handler):
     def on_before_train(self, snap: Snapshot) -> None:
         progress = self._start()
         if progress is not None and not snap.run.by_epoch:
-            self._train_task = progress.add_task("Train", total=snap.run.max_steps, completed=snap.step)
+            self._train_task = progress.add_task(
+                "Train", total=snap.run.max_steps, completed=snap.step
+            )
 
     def on_before_train_epoch(self, snap: Snapshot) -> None:
         progress = self._start()

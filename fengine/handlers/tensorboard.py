@@ -46,7 +46,9 @@ class TensorBoard(_TrainScalars):
         priority: int | str | None = None,
     ) -> None:
         if timer is not None and not isinstance(timer, Timer):
-            raise TypeError(f"TensorBoard: timer must be a fengine.handlers.Timer or None, got {type(timer).__name__}")
+            raise TypeError(
+                f"TensorBoard: timer must be a fengine.handlers.Timer or None, got {type(timer).__name__}"
+            )
         super().__init__(interval, window_size, ignore_last, timer, (), mean_pattern, priority)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.flush_secs = flush_secs
@@ -92,7 +94,11 @@ class TensorBoard(_TrainScalars):
 
     def _after_eval_epoch(self, snap: Snapshot) -> None:
         if self._is_active():
-            self._write(snap, snap.phase, {k: float(v) for k, v in _host_items(snap.metrics).items() if _is_number(v)})
+            self._write(
+                snap,
+                snap.phase,
+                {k: float(v) for k, v in _host_items(snap.metrics).items() if _is_number(v)},
+            )
 
     on_after_val_epoch = _after_eval_epoch
     on_after_test_epoch = _after_eval_epoch

@@ -85,7 +85,9 @@ class Timer(Handler):
         self._t: float | None = None  # end of the last iteration / start of the epoch
 
     def _new_phase(self) -> _Phase:
-        return _Phase(collections.deque(maxlen=self.window_size), collections.deque(maxlen=self.window_size))
+        return _Phase(
+            collections.deque(maxlen=self.window_size), collections.deque(maxlen=self.window_size)
+        )
 
     # ------------------------------------------------------------------ events
     def on_before_train(self, snap: Snapshot) -> None:
@@ -143,7 +145,9 @@ class Timer(Handler):
             return None
         return ph.times[-1], ph.data_times[-1]
 
-    def mean(self, key: str = "time", phase: str = "train", window: int | str | None = None) -> float | None:
+    def mean(
+        self, key: str = "time", phase: str = "train", window: int | str | None = None
+    ) -> float | None:
         """Mean ``time`` or ``data_time`` of ``phase``.
 
         ``window``: None (the last ``window_size`` iterations), an int ``n <= window_size``
@@ -163,7 +167,9 @@ class Timer(Handler):
         if window is None:
             window = self.window_size
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"Timer.mean: window must be None, an int >= 1, 'epoch' or 'global', got {window!r}")
+            raise ValueError(
+                f"Timer.mean: window must be None, an int >= 1, 'epoch' or 'global', got {window!r}"
+            )
         if window > self.window_size:
             raise ValueError(
                 f"Timer.mean: window {window} is longer than the {self.window_size} iterations this timer "

@@ -29,7 +29,17 @@ from torch.utils._foreach_utils import (
 from fengine.optim.base import GradientTransformation, Hyper, check_hyper, resolve, update_via_apply
 
 
-__all__ = ["AdagradState", "AdamState", "RMSpropState", "SgdState", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
+__all__ = [
+    "AdagradState",
+    "AdamState",
+    "RMSpropState",
+    "SgdState",
+    "adagrad",
+    "adam",
+    "adamw",
+    "rmsprop",
+    "sgd",
+]
 
 
 def _zeros(params, names=None):
@@ -69,9 +79,13 @@ def _fused_call(kernel, tensors, count=None, **kwargs):
     """
     if not tensors[0]:
         return
-    for (device, _), (lists, _) in _group_tensors_by_device_and_dtype(tensors, with_indices=False).items():
+    for (device, _), (lists, _) in _group_tensors_by_device_and_dtype(
+        tensors, with_indices=False
+    ).items():
         if count is not None:
-            step = torch.full((), float(min(count, _FUSED_MAX_STEP)), dtype=torch.float32, device=device)
+            step = torch.full(
+                (), float(min(count, _FUSED_MAX_STEP)), dtype=torch.float32, device=device
+            )
             lists = [*lists, [step] * len(lists[0])]
         kernel(*lists, **kwargs)
 
@@ -101,7 +115,9 @@ def sgd(
     check_hyper("momentum", momentum, where=where)
     check_hyper("weight_decay", weight_decay, where=where)
     if nesterov and not callable(momentum) and (momentum <= 0 or dampening != 0):
-        raise ValueError(f"sgd: nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum}, dampening={dampening}")
+        raise ValueError(
+            f"sgd: nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum}, dampening={dampening}"
+        )
     uses_momentum = callable(momentum) or momentum != 0
 
     def init_fn(params):
@@ -116,8 +132,14 @@ def sgd(
         g = list(grads.values())
         if fused:
             _fused_call(
-                torch._fused_sgd_, [p, g, _pick(state.momentum_buffer, grads) if mom != 0 else []],
-                weight_decay=wd, momentum=mom, lr=lr_t, dampening=dampening, nesterov=nesterov, maximize=maximize,
+                torch._fused_sgd_,
+                [p, g, _pick(state.momentum_buffer, grads) if mom != 0 else []],
+                weight_decay=wd,
+                momentum=mom,
+                lr=lr_t,
+                dampening=dampening,
+                nesterov=nesterov,
+                maximize=maximize,
                 is_first_step=mom != 0 and state.count == 0,
             )
             return params, SgdState(state.count + 1, state.momentum_buffer, float(lr_t))
@@ -157,7 +179,9 @@ class AdamState(NamedTuple):
         return {"lr": self.lr}
 
 
-def _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, fused, where) -> GradientTransformation:
+def _adam(
+    lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, fused, where
+) -> GradientTransformation:
     check_hyper("lr", lr, where=where)
     check_hyper("b1", b1, high=1.0, where=where)
     check_hyper("b2", b2, high=1.0, where=where)
@@ -167,11 +191,22 @@ def _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, fused, wh
     def init_fn(params):
         if fused:
             _check_fused(params, where)
-        return AdamState(0, _zeros(params), _zeros(params), _zeros(params) if amsgrad else {}, float(resolve(lr, 0)))
+        return AdamState(
+            0,
+            _zeros(params),
+            _zeros(params),
+            _zeros(params) if amsgrad else {},
+            float(resolve(lr, 0)),
+        )
 
     def apply_fn(grads, state, params, *, step=None):
         t = state.count if step is None else step
-        lr_t, beta1, beta2, wd = resolve(lr, t), resolve(b1, t), resolve(b2, t), resolve(weight_decay, t)
+        lr_t, beta1, beta2, wd = (
+            resolve(lr, t),
+            resolve(b1, t),
+            resolve(b2, t),
+            resolve(weight_decay, t),
+        )
         count = state.count + 1
         p = _pick(params, grads)
         g = list(grads.values())
@@ -180,8 +215,15 @@ def _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled, fused, wh
         if fused:
             _fused_call(
                 torch._fused_adamw_ if decoupled else torch._fused_adam_,
-                [p, g, m, v, _pick(state.max_exp_avg_sq, grads) if amsgrad else []], count,
-                amsgrad=amsgrad, lr=lr_t, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=maximize,
+                [p, g, m, v, _pick(state.max_exp_avg_sq, grads) if amsgrad else []],
+                count,
+                amsgrad=amsgrad,
+                lr=lr_t,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=wd,
+                eps=eps,
+                maximize=maximize,
             )
             return params, state._replace(count=count, lr=float(lr_t))
         if maximize:
@@ -230,7 +272,9 @@ def adam(
 
     ``b1`` may be scheduled (MMEngine momentum schedulers).
     """
-    return _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=False, fused=fused, where="adam")
+    return _adam(
+        lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=False, fused=fused, where="adam"
+    )
 
 
 def adamw(
@@ -244,7 +288,9 @@ def adamw(
     fused: bool = False,
 ) -> GradientTransformation:
     """AdamW (decoupled weight decay), as ``torch.optim.AdamW`` (``fused``: its fused kernel)."""
-    return _adam(lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=True, fused=fused, where="adamw")
+    return _adam(
+        lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=True, fused=fused, where="adamw"
+    )
 
 
 # ---------------------------------------------------------------- RMSprop
@@ -270,13 +316,22 @@ def rmsprop(
 ) -> GradientTransformation:
     """RMSprop, as ``torch.optim.RMSprop``."""
     where = "rmsprop"
-    for name, value in (("lr", lr), ("alpha", alpha), ("eps", eps), ("weight_decay", weight_decay), ("momentum", momentum)):
+    for name, value in (
+        ("lr", lr),
+        ("alpha", alpha),
+        ("eps", eps),
+        ("weight_decay", weight_decay),
+        ("momentum", momentum),
+    ):
         check_hyper(name, value, where=where)
     uses_momentum = callable(momentum) or momentum > 0
 
     def init_fn(params):
         return RMSpropState(
-            0, _zeros(params), _zeros(params) if centered else {}, _zeros(params) if uses_momentum else {},
+            0,
+            _zeros(params),
+            _zeros(params) if centered else {},
+            _zeros(params) if uses_momentum else {},
             float(resolve(lr, 0)),
         )
 
@@ -337,14 +392,22 @@ def adagrad(
 ) -> GradientTransformation:
     """Adagrad, as ``torch.optim.Adagrad`` (``fused``: its fused kernel)."""
     where = "adagrad"
-    for name, value in (("lr", lr), ("lr_decay", lr_decay), ("weight_decay", weight_decay),
-                        ("initial_accumulator_value", initial_accumulator_value), ("eps", eps)):
+    for name, value in (
+        ("lr", lr),
+        ("lr_decay", lr_decay),
+        ("weight_decay", weight_decay),
+        ("initial_accumulator_value", initial_accumulator_value),
+        ("eps", eps),
+    ):
         check_hyper(name, value, where=where)
 
     def init_fn(params):
         if fused:
             _check_fused(params, where)
-        sums = {n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format) for n, p in params.items()}
+        sums = {
+            n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format)
+            for n, p in params.items()
+        }
         return AdagradState(0, sums, float(resolve(lr, 0)))
 
     def apply_fn(grads, state, params, *, step=None):
@@ -355,8 +418,16 @@ def adagrad(
         g = list(grads.values())
         sums = _pick(state.sum, grads)
         if fused:
-            _fused_call(torch._fused_adagrad_, [p, g, sums], count, lr=lr_t, lr_decay=lr_decay, weight_decay=wd,
-                        eps=eps, maximize=maximize)
+            _fused_call(
+                torch._fused_adagrad_,
+                [p, g, sums],
+                count,
+                lr=lr_t,
+                lr_decay=lr_decay,
+                weight_decay=wd,
+                eps=eps,
+                maximize=maximize,
+            )
             return params, AdagradState(count, state.sum, float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)

@@ -48,11 +48,15 @@ Hyper = float | Callable[[int], float]
 
 
 class UpdateFn(Protocol):
-    def __call__(self, grads: Updates, state: Any, params: Params | None = None, *, step: int | None = None) -> tuple[Updates, Any]: ...
+    def __call__(
+        self, grads: Updates, state: Any, params: Params | None = None, *, step: int | None = None
+    ) -> tuple[Updates, Any]: ...
 
 
 class ApplyFn(Protocol):
-    def __call__(self, grads: Updates, state: Any, params: Params, *, step: int | None = None) -> tuple[Params, Any]: ...
+    def __call__(
+        self, grads: Updates, state: Any, params: Params, *, step: int | None = None
+    ) -> tuple[Params, Any]: ...
 
 
 class GradientTransformation(NamedTuple):
@@ -71,16 +75,22 @@ def resolve(value: Hyper, step: int | None) -> float:
     """The value of a hyper-parameter at ``step`` (schedules are called, numbers returned)."""
     if callable(value):
         if step is None:
-            raise ValueError("a scheduled hyper-parameter needs the global step: pass step=... to update/apply")
+            raise ValueError(
+                "a scheduled hyper-parameter needs the global step: pass step=... to update/apply"
+            )
         return float(value(step))
     return value
 
 
-def check_hyper(name: str, value: Hyper, *, low: float = 0.0, high: float | None = None, where: str) -> None:
+def check_hyper(
+    name: str, value: Hyper, *, low: float = 0.0, high: float | None = None, where: str
+) -> None:
     """Validate a number-or-schedule hyper-parameter up front (schedules are checked at step 0)."""
     probe = value(0) if callable(value) else value
     if not isinstance(probe, (int, float)) or isinstance(probe, bool):
-        raise TypeError(f"{where}: {name} must be a number or a schedule step -> number, got {value!r}")
+        raise TypeError(
+            f"{where}: {name} must be a number or a schedule step -> number, got {value!r}"
+        )
     if probe < low or (high is not None and probe >= high):
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{where}: invalid {name} {probe!r}; expected a value {bound}")
@@ -94,7 +104,14 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return params
 
 
-def step_params(tx: GradientTransformation, grads: Updates, state: Any, params: Params, *, step: int | None = None) -> tuple[Params, Any]:
+def step_params(
+    tx: GradientTransformation,
+    grads: Updates,
+    state: Any,
+    params: Params,
+    *,
+    step: int | None = None,
+) -> tuple[Params, Any]:
     """Update ``params`` with ``tx``: the fused ``apply`` when it has one, else update + add."""
     with torch.no_grad():
         if tx.apply is not None:
@@ -161,7 +178,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
-            raise TypeError(f"chain: argument {i} is {type(t).__name__}, expected a GradientTransformation")
+            raise TypeError(
+                f"chain: argument {i} is {type(t).__name__}, expected a GradientTransformation"
+            )
 
     def init_fn(params):
         return tuple(t.init(params) for t in transforms)
@@ -239,7 +258,12 @@ def partition(
 
     def init_fn(params):
         groups = groups_of(params)
-        return PartitionState({label: transforms[label].init({n: params[n] for n in names}) for label, names in groups.items()})
+        return PartitionState(
+            {
+                label: transforms[label].init({n: params[n] for n in names})
+                for label, names in groups.items()
+            }
+        )
 
     def update_fn(grads, state, params=None, *, step=None):
         groups = groups_of(grads)
@@ -251,7 +275,9 @@ def partition(
                 continue
             sub = {n: grads[n] for n in names}
             sub_params = None if params is None else {n: params[n] for n in names}
-            u, inner[label] = transforms[label].update(sub, state.inner[label], sub_params, step=step)
+            u, inner[label] = transforms[label].update(
+                sub, state.inner[label], sub_params, step=step
+            )
             updates.update(u)
         return {n: updates[n] for n in grads}, PartitionState(inner)
 
@@ -266,7 +292,9 @@ def partition(
                     inner[label] = state.inner[label]
                     continue
                 sub = {n: grads[n] for n in names}
-                _, inner[label] = transforms[label].apply(sub, state.inner[label], {n: params[n] for n in names}, step=step)
+                _, inner[label] = transforms[label].apply(
+                    sub, state.inner[label], {n: params[n] for n in names}, step=step
+                )
             return params, PartitionState(inner)
 
     return GradientTransformation(init_fn, update_fn, apply_fn)

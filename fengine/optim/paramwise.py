@@ -201,8 +201,20 @@ class ParamGroups:
             elif lm == 1 and dm == 1 and not options:
                 label = "default"
             else:
-                label = ",".join([f"lr_mult={lm!r}", f"decay_mult={dm!r}"] + [f"{k}={v!r}" for k, v in options])
-            out.append(Group(label, tuple(m.name for m in members), lm, dm, _scale(base_lr, lm), _scale(base_wd, dm), options))
+                label = ",".join(
+                    [f"lr_mult={lm!r}", f"decay_mult={dm!r}"] + [f"{k}={v!r}" for k, v in options]
+                )
+            out.append(
+                Group(
+                    label,
+                    tuple(m.name for m in members),
+                    lm,
+                    dm,
+                    _scale(base_lr, lm),
+                    _scale(base_wd, dm),
+                    options,
+                )
+            )
         return out
 
     def labels(self) -> dict[str, str]:
@@ -224,10 +236,14 @@ class ParamGroups:
         entry's options. A group with no gradient in a step is skipped that step.
         """
         if not callable(optimizer):
-            raise TypeError(f"ParamGroups.build: optimizer must be a function like fengine.optim.sgd, got {optimizer!r}")
+            raise TypeError(
+                f"ParamGroups.build: optimizer must be a function like fengine.optim.sgd, got {optimizer!r}"
+            )
         plan = self.groups(lr=lr, weight_decay=weight_decay)
         if not plan:
-            raise ValueError(f"ParamGroups.build: no trainable params (skipped: {[n for n, _ in self.skipped]})")
+            raise ValueError(
+                f"ParamGroups.build: no trainable params (skipped: {[n for n, _ in self.skipped]})"
+            )
         where = getattr(optimizer, "__name__", repr(optimizer))
         transforms: dict[str, GradientTransformation] = {}
         labels: dict[str, str] = {}
@@ -242,7 +258,9 @@ class ParamGroups:
                     f"({g.names[0]!r}, ...) failed: {e}"
                 ) from e
             if not isinstance(tx, GradientTransformation):
-                raise TypeError(f"ParamGroups.build: {where}(...) returned {type(tx).__name__}, expected a GradientTransformation")
+                raise TypeError(
+                    f"ParamGroups.build: {where}(...) returned {type(tx).__name__}, expected a GradientTransformation"
+                )
             transforms[g.label] = tx
             labels.update(dict.fromkeys(g.names, g.label))
         return partition(transforms, labels)
@@ -256,13 +274,21 @@ class ParamGroups:
         )
         cols = ("name", "shape", "lr", "weight_decay", "lr_mult", "decay_mult", "rule")
         rows = [
-            (s.name, "x".join(map(str, s.shape)) or "scalar", _show(s.lr), _show(s.weight_decay),
-             f"{s.lr_mult:g}", f"{s.decay_mult:g}",
-             s.rule + "".join(f", {k}={v!r}" for k, v in s.options))
+            (
+                s.name,
+                "x".join(map(str, s.shape)) or "scalar",
+                _show(s.lr),
+                _show(s.weight_decay),
+                f"{s.lr_mult:g}",
+                f"{s.decay_mult:g}",
+                s.rule + "".join(f", {k}={v!r}" for k, v in s.options),
+            )
             for s in self.settings
         ]
         widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
-        lines = [head] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [cols, *rows]]
+        lines = [head] + [
+            "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [cols, *rows]
+        ]
         lines += [f"skipped: {name} ({reason})" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -278,10 +304,14 @@ class ParamGroups:
         For `paramwise`, exactly what ``DefaultOptimWrapperConstructor`` logs when the
         optimizer config has a ``weight_decay``.
         """
-        return [f"paramwise_options -- {s.name}:{k}={v}" for s in self.settings for k, v in s.logged]
+        return [
+            f"paramwise_options -- {s.name}:{k}={v}" for s in self.settings for k, v in s.logged
+        ]
 
 
-def _check_mult(where: str, option: str, value: Any, scales_zero_wd: bool = False, drop: str | None = None) -> None:
+def _check_mult(
+    where: str, option: str, value: Any, scales_zero_wd: bool = False, drop: str | None = None
+) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}: {option} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0:
@@ -354,13 +384,19 @@ def paramwise(
 
     custom: dict[str, dict[str, Any]] = {}
     if custom_keys is not None and not isinstance(custom_keys, Mapping):
-        raise TypeError(f"{where}: custom_keys must be a dict {{name substring: dict(lr_mult=..., decay_mult=...)}}, got {custom_keys!r}")
+        raise TypeError(
+            f"{where}: custom_keys must be a dict {{name substring: dict(lr_mult=..., decay_mult=...)}}, got {custom_keys!r}"
+        )
     for key, cfg in (custom_keys or {}).items():
         opt = f"custom_keys[{key!r}]"
         if not isinstance(key, str):
-            raise TypeError(f"{where}: custom_keys keys must be strings (substrings of param names), got {key!r}")
+            raise TypeError(
+                f"{where}: custom_keys keys must be strings (substrings of param names), got {key!r}"
+            )
         if not isinstance(cfg, Mapping):
-            raise TypeError(f"{where}: {opt} must be a dict like dict(lr_mult=0.1, decay_mult=0.0), got {cfg!r}")
+            raise TypeError(
+                f"{where}: {opt} must be a dict like dict(lr_mult=0.1, decay_mult=0.0), got {cfg!r}"
+            )
         for bad, hint in (
             ("lr", "give lr_mult (relative to the base lr) instead"),
             ("weight_decay", "give decay_mult (relative to the base weight_decay) instead"),
@@ -399,34 +435,60 @@ def paramwise(
         for child_name, child in module.named_children():
             visit(child, f"{prefix}.{child_name}" if prefix else child_name, is_dcn)
 
-    def setting(full: str, local: str, param: nn.Parameter, module: nn.Module, prefix: str, under_dcn: bool) -> ParamSetting:
+    def setting(
+        full: str, local: str, param: nn.Parameter, module: nn.Module, prefix: str, under_dcn: bool
+    ) -> ParamSetting:
         shape, match_name = tuple(param.shape), f"{prefix}.{local}"
         key = next((k for k in sorted_keys if k in match_name), None)
         if key is not None:
             cfg = custom[key]
             lm, dm = cfg.get("lr_mult", 1.0), cfg.get("decay_mult", 1.0)
             p_lr, p_wd = _scale(lr, lm), _scale(weight_decay, dm)
-            rule = f"custom_keys[{key!r}]" + ("" if _aligned(key, match_name) else " (substring inside a name component)")
+            rule = f"custom_keys[{key!r}]" + (
+                "" if _aligned(key, match_name) else " (substring inside a name component)"
+            )
             options = tuple((k, v) for k, v in cfg.items() if k not in ("lr_mult", "decay_mult"))
             logged = {"lr": p_lr, "weight_decay": p_wd, **cfg}
-            return ParamSetting(full, shape, float(lm), float(dm), p_lr, p_wd, rule, None, options, tuple(logged.items()))
+            return ParamSetting(
+                full,
+                shape,
+                float(lm),
+                float(dm),
+                p_lr,
+                p_wd,
+                rule,
+                None,
+                options,
+                tuple(logged.items()),
+            )
         is_norm = isinstance(module, _NORM_TYPES)
         lm, dm, lr_rule, wd_rule = 1.0, 1.0, None, None
         if local == "bias" and not (is_norm or under_dcn) and bias_lr_mult is not None:
             lm, lr_rule = bias_lr_mult, "bias_lr_mult"
-        if "conv_offset" in prefix and under_dcn and dcn_offset_lr_mult is not None and isinstance(module, nn.Conv2d):
+        if (
+            "conv_offset" in prefix
+            and under_dcn
+            and dcn_offset_lr_mult is not None
+            and isinstance(module, nn.Conv2d)
+        ):
             lm, lr_rule = dcn_offset_lr_mult, "dcn_offset_lr_mult"
         if is_norm and norm_decay_mult is not None:
             dm, wd_rule = norm_decay_mult, "norm_decay_mult"
         elif local == "bias" and not under_dcn and bias_decay_mult is not None:
             dm, wd_rule = bias_decay_mult, "bias_decay_mult"
-        elif isinstance(module, nn.Conv2d) and module.in_channels == module.groups and dwconv_decay_mult is not None:
+        elif (
+            isinstance(module, nn.Conv2d)
+            and module.in_channels == module.groups
+            and dwconv_decay_mult is not None
+        ):
             dm, wd_rule = dwconv_decay_mult, "dwconv_decay_mult"
         elif param.ndim == 1 and not under_dcn and flat_decay_mult is not None:
             dm, wd_rule = flat_decay_mult, "flat_decay_mult"
         p_lr = _scale(lr, lm) if lr_rule else lr
         p_wd = _scale(weight_decay, dm) if wd_rule else weight_decay
-        logged = tuple((k, v) for k, v, r in (("lr", p_lr, lr_rule), ("weight_decay", p_wd, wd_rule)) if r)
+        logged = tuple(
+            (k, v) for k, v, r in (("lr", p_lr, lr_rule), ("weight_decay", p_wd, wd_rule)) if r
+        )
         rule = " + ".join(r for r in (lr_rule, wd_rule) if r) or "default"
         return ParamSetting(full, shape, float(lm), float(dm), p_lr, p_wd, rule, None, (), logged)
 
@@ -442,7 +504,9 @@ def _convnext_index(name: str, index: int, where: str) -> int:
     try:
         return int(name.split(".")[index])
     except (IndexError, ValueError):
-        raise ValueError(f"{where}: cannot read a ConvNeXt stage/block index from {name!r}") from None
+        raise ValueError(
+            f"{where}: cannot read a ConvNeXt stage/block index from {name!r}"
+        ) from None
 
 
 def convnext_layer_id(name: str, num_layers: int) -> int:
@@ -471,7 +535,10 @@ def convnext_stage_id(name: str, max_stage_id: int) -> int:
     if name in _CONVNEXT_TOKENS or name.startswith("backbone.downsample_layers"):
         return 0
     if name.startswith("backbone.stages"):
-        return _convnext_index(name, 2, "layer_decay(layer_id='convnext', decay_type='stage_wise')") + 1
+        return (
+            _convnext_index(name, 2, "layer_decay(layer_id='convnext', decay_type='stage_wise')")
+            + 1
+        )
     return max_stage_id - 1
 
 
@@ -497,16 +564,24 @@ def layer_decay(
     """
     where = "layer_decay"
     _check_base(where, model, lr, weight_decay)
-    if isinstance(decay_rate, bool) or not isinstance(decay_rate, numbers.Real) or not (0 < decay_rate < math.inf):
+    if (
+        isinstance(decay_rate, bool)
+        or not isinstance(decay_rate, numbers.Real)
+        or not (0 < decay_rate < math.inf)
+    ):
         raise ValueError(f"{where}: decay_rate must be a number > 0, got {decay_rate!r}")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"{where}: num_layers must be an int >= 0, got {num_layers!r}")
     if decay_type not in ("layer_wise", "stage_wise"):
-        raise ValueError(f"{where}: decay_type must be 'layer_wise' or 'stage_wise', got {decay_type!r}")
+        raise ValueError(
+            f"{where}: decay_type must be 'layer_wise' or 'stage_wise', got {decay_type!r}"
+        )
     n = num_layers + 2
     if callable(layer_id):
         if decay_type != "layer_wise":
-            raise ValueError(f"{where}: decay_type={decay_type!r} picks a built-in layer_id rule; a layer_id function gives the ids itself")
+            raise ValueError(
+                f"{where}: decay_type={decay_type!r} picks a built-in layer_id rule; a layer_id function gives the ids itself"
+            )
         id_fn, id_name = layer_id, getattr(layer_id, "__name__", repr(layer_id))
     elif layer_id == "convnext":
         if decay_type == "layer_wise":
@@ -515,7 +590,9 @@ def layer_decay(
             id_fn = partial(convnext_stage_id, max_stage_id=n)
         id_name = f"convnext {decay_type}"
     else:
-        raise ValueError(f"{where}: layer_id must be 'convnext' or a function name -> int, got {layer_id!r}")
+        raise ValueError(
+            f"{where}: layer_id must be 'convnext' or a function name -> int, got {layer_id!r}"
+        )
 
     settings: list[ParamSetting] = []
     skipped: list[tuple[str, str]] = []
@@ -525,7 +602,9 @@ def layer_decay(
             continue
         lid = id_fn(name)
         if isinstance(lid, bool) or not isinstance(lid, int):
-            raise TypeError(f"{where}: layer_id {id_name}({name!r}) returned {lid!r}, expected an int")
+            raise TypeError(
+                f"{where}: layer_id {id_name}({name!r}) returned {lid!r}, expected an int"
+            )
         scale = decay_rate ** (n - lid - 1)
         if not 0 <= lid <= n - 1:
             warnings.warn(
@@ -547,14 +626,39 @@ def layer_decay(
         group = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
         rule = f"layer {lid}: lr_scale={decay_rate}**{n - lid - 1}, {no_decay or 'decay'}"
         logged = (("lr", p_lr), ("weight_decay", p_wd), ("lr_scale", scale), ("group_name", group))
-        settings.append(ParamSetting(name, tuple(param.shape), float(scale), 0.0 if no_decay else 1.0, p_lr, p_wd, rule, group, (), logged))
+        settings.append(
+            ParamSetting(
+                name,
+                tuple(param.shape),
+                float(scale),
+                0.0 if no_decay else 1.0,
+                p_lr,
+                p_wd,
+                rule,
+                group,
+                (),
+                logged,
+            )
+        )
 
-    if layer_id == "convnext" and settings and not any(
-        s.name in _CONVNEXT_TOKENS or s.name.startswith(("backbone.downsample_layers", "backbone.stages")) for s in settings
+    if (
+        layer_id == "convnext"
+        and settings
+        and not any(
+            s.name in _CONVNEXT_TOKENS
+            or s.name.startswith(("backbone.downsample_layers", "backbone.stages"))
+            for s in settings
+        )
     ):
         raise ValueError(
             f"{where}: layer_id='convnext' expects ConvNeXt param names (backbone.downsample_layers.S..., "
             f"backbone.stages.S.B...), but none of the model's params match (e.g. {settings[0].name!r}); "
             "pass layer_id=<function name -> int> for other models"
         )
-    return ParamGroups(tuple(settings), tuple(skipped), lr, weight_decay, f"layer_decay({id_name}, decay_rate={decay_rate}, num_layers={num_layers})")
+    return ParamGroups(
+        tuple(settings),
+        tuple(skipped),
+        lr,
+        weight_decay,
+        f"layer_decay({id_name}, decay_rate={decay_rate}, num_layers={num_layers})",
+    )

@@ -35,7 +35,9 @@ def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> Grad
     Example: ``from_torch(torch.optim.NAdam, lr=schedules.cosine(1e-3, T_max=1000))``.
     """
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
-        raise TypeError(f"from_torch: expected a torch.optim.Optimizer subclass, got {optimizer_cls!r}")
+        raise TypeError(
+            f"from_torch: expected a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
+        )
     scheduled = {k: v for k, v in hyper.items() if callable(v)}
     static = {k: v for k, v in hyper.items() if not callable(v)}
     cache: dict[str, Any] = {}
@@ -50,7 +52,10 @@ def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> Grad
 
     def init_fn(params):
         try:  # validate the hyper-parameters now, not at the first step
-            optimizer_cls([torch.zeros(1, requires_grad=True)], **dict(static, **{k: resolve(v, 0) for k, v in scheduled.items()}))
+            optimizer_cls(
+                [torch.zeros(1, requires_grad=True)],
+                **dict(static, **{k: resolve(v, 0) for k, v in scheduled.items()}),
+            )
         except (TypeError, ValueError) as e:
             raise type(e)(f"from_torch({optimizer_cls.__name__}, ...): {e}") from None
         lr = resolve(hyper.get("lr", 0.0), 0)
@@ -74,6 +79,8 @@ def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> Grad
             for p in tensors:
                 p.grad = None
             opt.state.clear()
-        return params, TorchOptimizerState(state.count + 1, state.per_param, float(group.get("lr", 0.0)))
+        return params, TorchOptimizerState(
+            state.count + 1, state.per_param, float(group.get("lr", 0.0))
+        )
 
     return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn)

@@ -48,7 +48,9 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
     MMEngine logs it. Under fp16 AMP the step unscales gradients before this runs.
     """
     if not isinstance(max_norm, (int, float)) or max_norm <= 0:
-        raise ValueError(f"clip_by_global_norm: max_norm must be a positive number, got {max_norm!r}")
+        raise ValueError(
+            f"clip_by_global_norm: max_norm must be a positive number, got {max_norm!r}"
+        )
     norm_type = float(norm_type)
     max_norm = float(max_norm)
 
