@@ -1,7 +1,9 @@
 """fengine: a functional training engine for PyTorch.
 
-The whole training state is one value (`TrainState`); a step is a function from
-state to state; AMP, accumulation, clipping and EMA are composable transforms.
+The whole training state is one value (`TrainState`), built by the step that
+trains it (``state = step.init(model, seed=0)``); a step is a function from state
+to state; AMP, accumulation, finite checks and EMA are wrappers composed in
+reading order around it.
 """
 
 from fengine import (
@@ -10,12 +12,12 @@ from fengine import (
     data as data,
     handlers as handlers,
     metrics as metrics,
-    multi as multi,
     optim as optim,
     replay as replay,
     rng as rng,
     schedules as schedules,
 )
+from fengine.evaluation import default_predict as default_predict, evaluate as evaluate
 from fengine.events import (
     Handler as Handler,
     Priority as Priority,
@@ -23,29 +25,38 @@ from fengine.events import (
     Save as Save,
     Snapshot as Snapshot,
     Stop as Stop,
+    on as on,
 )
 from fengine.loop import (
+    Plan as Plan,
+    Preempted as Preempted,
+    Tick as Tick,
     Val as Val,
-    evaluate as evaluate,
     fit as fit,
+    plan as plan,
     should_validate as should_validate,
+    train_steps as train_steps,
 )
+from fengine.multi import multi_step as multi_step
 from fengine.state import DonatedStateError as DonatedStateError, TrainState as TrainState
 from fengine.step import (
-    GradResult as GradResult,
+    Grads as Grads,
+    Part as Part,
     Step as Step,
+    StepMismatchError as StepMismatchError,
     parse_losses as parse_losses,
     train_step as train_step,
 )
-from fengine.transforms import (
+from fengine.wrappers import (
     MicroBatches as MicroBatches,
+    Wrapper as Wrapper,
     accumulate as accumulate,
     amp as amp,
     check_finite as check_finite,
-    compose as compose,
     ema as ema,
-    ema_params as ema_params,
+    forward_wrapper as forward_wrapper,
+    post_update as post_update,
 )
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,7 +23,17 @@ from typing import Any, NamedTuple
 from fengine.state import TrainState
 
 
-__all__ = ["EVENTS", "Dispatcher", "Handler", "Priority", "RunInfo", "Save", "Snapshot", "Stop"]
+__all__ = [
+    "EVENTS",
+    "Dispatcher",
+    "Handler",
+    "Priority",
+    "RunInfo",
+    "Save",
+    "Snapshot",
+    "Stop",
+    "on",
+]
 
 EVENTS = (
     "before_run",
@@ -134,17 +144,27 @@ class Snapshot(NamedTuple):
 
 
 class Handler:
-    """Optional base class: gives ``priority`` (NORMAL) and empty ``state_dict``.
+    """Optional base class: gives ``priority`` (NORMAL), ``name`` and an empty ``state_dict``.
 
     Subclasses define any ``on_<event>(snap)`` methods. Set ``priority`` as a class
-    attribute or pass ``priority=`` to ``__init__``.
+    attribute or pass ``priority=`` to ``__init__``. A handler whose state must
+    survive a resume (``state_dict``) is stored in the checkpoint under its
+    ``name``: a stable, explicit key (class default, or ``name=``), so two
+    handlers of one class can both persist.
     """
 
     priority: int = Priority.NORMAL
+    name: str | None = None
 
-    def __init__(self, *, priority: int | str | None = None) -> None:
+    def __init__(self, *, priority: int | str | None = None, name: str | None = None) -> None:
         if priority is not None:
             self.priority = _priority(priority)
+        if name is not None:
+            if not isinstance(name, str) or not name:
+                raise ValueError(
+                    f"{type(self).__name__}: name must be a non-empty str, got {name!r}"
+                )
+            self.name = name
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable values this handler must carry across a resume."""
@@ -167,8 +187,87 @@ def _priority(p: int | str) -> int:
     return int(p)
 
 
+_POSITION = {  # the 1-based count `on(every=, once=)` filters on, per event
+    "before_train_iter": lambda s: s.state.step + 1,
+    "after_train_iter": lambda s: s.state.step,
+    "before_train_epoch": lambda s: s.state.epoch + 1,
+    "after_train_epoch": lambda s: s.state.epoch,
+}
+
+
+class _On(Handler):
+    """A plain function as a handler of one event (built by `on`)."""
+
+    def __init__(
+        self,
+        event: str,
+        fn: Callable[[Snapshot], Any],
+        every: int | None,
+        once: int | None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.event, self.fn, self.every, self.once, self.fired = event, fn, every, once, 0
+        setattr(self, "on_" + event, self._call)
+
+    def _call(self, snap: Snapshot) -> Any:
+        self.fired += 1
+        position = _POSITION.get(self.event)
+        n = position(snap) if position is not None else self.fired
+        if (self.every is None or n % self.every == 0) and (self.once is None or n == self.once):
+            return self.fn(snap)
+        return None
+
+    def __repr__(self) -> str:
+        return f"on({self.event!r}, {getattr(self.fn, '__name__', self.fn)})"
+
+
+def on(
+    event: str,
+    *,
+    every: int | None = None,
+    once: int | None = None,
+    priority: int | str | None = None,
+    name: str | None = None,
+) -> Callable[[Callable[[Snapshot], Any]], Handler]:
+    """Make a plain function ``fn(snap)`` a handler of ``event`` (Ignite-style filters).
+
+    ``every=n`` calls it when the event's count is a multiple of ``n``, ``once=n``
+    only when it equals ``n``. The count is the update number for train-iteration
+    events (``after_train_iter``: updates done; ``before_train_iter``: the update
+    about to run), the epoch number for train-epoch events, and the number of
+    times the event fired in this process for the others. The function may
+    return signals (`Stop`, `Save`) like a handler method::
+
+        @fe.on("after_train_iter", every=100)
+        def show(snap):
+            print(snap.step, float(snap.metrics["loss"]))
+    """
+    if event not in EVENTS:
+        raise ValueError(f"on: unknown event {event!r}; events are {list(EVENTS)}")
+    for what, value in (("every", every), ("once", once)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"on: {what} must be an int >= 1, got {value!r}")
+
+    def register(fn: Callable[[Snapshot], Any]) -> Handler:
+        if not callable(fn):
+            raise TypeError(
+                f"on({event!r}): expected a function of the snapshot, got {type(fn).__name__}"
+            )
+        return _On(event, fn, every, once, priority=priority, name=name)
+
+    return register
+
+
+def _keeps_state(h: Any) -> bool:
+    method = getattr(type(h), "state_dict", None)
+    return callable(method) and method is not Handler.state_dict
+
+
 class Dispatcher:
-    """Calls handlers' ``on_<event>`` methods in priority order; collects `Stop` signals."""
+    """Calls handlers' ``on_<event>`` methods in priority order; collects `Stop` and `Save` signals."""
 
     def __init__(self, handlers: Iterable[Any]) -> None:
         self.handlers = list(handlers)
@@ -182,6 +281,20 @@ class Dispatcher:
                 raise ValueError(
                     f"{type(h).__name__} defines {unknown}, which are not events; events are {list(EVENTS)}"
                 )
+        names = [getattr(h, "name", None) for h in self.handlers if _keeps_state(h)]
+        if None in names:
+            h = next(
+                h for h in self.handlers if _keeps_state(h) and getattr(h, "name", None) is None
+            )
+            raise ValueError(
+                f"{type(h).__name__} keeps state across resumes (state_dict) but has no name; "
+                "give it one (name=...) so its checkpointed state has a stable key"
+            )
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"several handlers keeping state are named {twice}; pass name=... to tell them apart"
+            )
         order = sorted(
             range(len(self.handlers)),
             key=lambda i: (_priority(getattr(self.handlers[i], "priority", Priority.NORMAL)), i),
@@ -201,11 +314,12 @@ class Dispatcher:
     def wants(self, event: str) -> bool:
         return bool(self._table[event])
 
-    def __call__(self, event: str, snap_factory: Callable[[], Snapshot]) -> None:
+    def __call__(self, event: str, state: TrainState, run: RunInfo, **fields: Any) -> None:
+        """Build the event's `Snapshot` (only if a handler listens) and call the handlers."""
         methods = self._table[event]
         if not methods:
             return
-        snap = snap_factory()
+        snap = Snapshot(event, state, run, **fields)
         for method in methods:
             returned = method(snap)
             if returned is None:
@@ -217,22 +331,16 @@ class Dispatcher:
                     self.saves.append(signal)
 
     def state_dicts(self) -> dict[str, Any]:
-        """``state_dict()`` of every handler that has one, keyed by class name (``Name#2`` for repeats)."""
+        """``state_dict()`` of every handler that keeps one, by handler name."""
         out: dict[str, Any] = {}
-        for key, h in self._keyed():
-            sd = h.state_dict() if callable(getattr(h, "state_dict", None)) else None
-            if sd:
-                out[key] = sd
+        for h in self.handlers:
+            if _keeps_state(h):
+                sd = h.state_dict()
+                if sd:
+                    out[h.name] = sd
         return out
 
     def load_state_dicts(self, states: Mapping[str, Any]) -> None:
-        for key, h in self._keyed():
-            if key in states and callable(getattr(h, "load_state_dict", None)):
-                h.load_state_dict(states[key])
-
-    def _keyed(self):
-        seen: dict[str, int] = {}
         for h in self.handlers:
-            name = type(h).__name__
-            seen[name] = seen.get(name, 0) + 1
-            yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), h
+            if _keeps_state(h) and h.name in states:
+                h.load_state_dict(states[h.name])

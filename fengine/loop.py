@@ -1,12 +1,16 @@
-"""Loops as folds: `fit` folds the step over the data and emits events; `evaluate` folds metrics.
+"""Training as a fold: `train_steps` yields the loop's ticks, `fit` consumes them.
+
+`train_steps` owns the position: it groups batches for accumulation, runs the
+step (which donates the state), advances ``batch_in_epoch``/``epoch`` and yields a
+`Tick` at each of MMEngine's four train-loop points. It does nothing else, so a
+custom loop or a test can iterate it directly. `fit` is its consumer: handlers'
+events, validation cadence, checkpoint requests, resume and preemption.
 
 Epoch-based (``max_epochs``) and iteration-based (``max_steps``) training are the
-same fold with a different end. The loop position (epoch, batch index in the
-epoch, step) lives in the `TrainState`, so a run continues from any state.
-
-Validation follows MMEngine: after epoch ``e`` (or update ``i``) when
-``e >= begin and (e % interval == 0 or e == last)`` — it always runs after the
-last epoch/step, and the modulus is absolute, not counted from ``begin``.
+same fold with a different end (`plan` does the arithmetic, once). Validation
+follows MMEngine: after epoch ``e`` (or update ``i``) when ``e >= begin and
+(e % interval == 0 or e == last)`` — always after the last epoch/step, and the
+modulus is absolute, not counted from ``begin``.
 """
 
 from __future__ import annotations
@@ -21,35 +25,34 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
-import torch
 from torch import nn
 
 from fengine import checkpoint
-from fengine.bind import bind
-from fengine.events import Dispatcher, RunInfo, Snapshot
+from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
+from fengine.events import Dispatcher, RunInfo
 from fengine.metrics import Evaluator, Metric
 from fengine.state import DonatedStateError, TrainState
 from fengine.step import Step
-from fengine.transforms import MicroBatches, ema_params
+from fengine.wrappers import MicroBatches
 
 
-__all__ = ["Val", "default_predict", "evaluate", "fit", "should_validate"]
+__all__ = [
+    "Plan",
+    "Preempted",
+    "Tick",
+    "Val",
+    "default_predict",
+    "evaluate",
+    "fit",
+    "plan",
+    "should_validate",
+    "train_steps",
+]
 
 log = logging.getLogger("fengine")
-
-
-def default_predict(model: nn.Module, batch: Any) -> Any:
-    """``model(inputs)`` where inputs are ``batch[0]`` (tuple/list) or ``batch["inputs"]`` (dict)."""
-    if isinstance(batch, (tuple, list)) and batch:
-        return model(batch[0])
-    if isinstance(batch, Mapping) and "inputs" in batch:
-        return model(batch["inputs"])
-    raise TypeError(
-        f"default_predict: cannot find the inputs in a batch of type {type(batch).__name__}; expected "
-        "(inputs, ...) or {'inputs': ...}. Pass eval_fn=lambda model, batch: ... to Val/evaluate."
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,9 @@ class Val:
     """Validation during `fit`: what to evaluate and when.
 
     ``interval`` defaults to 1 epoch (epoch-based runs) or 1000 steps
-    (iteration-based), MMEngine's defaults. ``params``: "auto" validates with the
-    EMA params when the step keeps an EMA, "live" or "ema" to force.
+    (iteration-based), MMEngine's defaults. ``params``: "auto" validates with
+    `TrainState.eval_weights` (the EMA ones when the step keeps an EMA), "live"
+    or "ema" to force.
     """
 
     data: Iterable
@@ -74,29 +78,56 @@ def should_validate(done: int, *, interval: int, begin: int, last: int) -> bool:
     return done >= begin and (done % interval == 0 or done == last)
 
 
-def _eval_params(state: TrainState, which: str) -> dict[str, torch.Tensor]:
-    if which == "auto":
-        return ema_params(state)
-    ema = state.extra.get("ema")
-    if which == "ema":
-        if ema is None:
-            raise ValueError(
-                "params='ema' but the state has no EMA; add fengine.ema(...) to the step"
-            )
-        return ema.params
-    if which == "live":
-        return state.params
-    raise ValueError(f"params must be 'auto', 'ema' or 'live', got {which!r}")
+class Plan(NamedTuple):
+    """The loop's arithmetic, computed once (`plan`): recipes size their schedules from it."""
+
+    batches_per_epoch: int  # loader batches (micro-batches with accumulation)
+    steps_per_epoch: int  # optimizer updates per epoch
+    total_steps: int  # the update the run ends at
+    max_epochs: int | None  # None: iteration-based
+    micro_batches: int
+
+    @property
+    def by_epoch(self) -> bool:
+        return self.max_epochs is not None
+
+    def done(self, state: TrainState) -> bool:
+        return state.step >= self.total_steps or (
+            self.max_epochs is not None and state.epoch >= self.max_epochs
+        )
 
 
-def _batches(data: Iterable, epoch: int, start: int) -> Iterator:
-    """The batches of ``epoch`` from index ``start``: by arithmetic for fengine Loaders, by skipping otherwise."""
-    if hasattr(data, "epoch") and callable(data.epoch):
-        return iter(data.epoch(epoch, start_batch=start))
-    sampler = getattr(data, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    return itertools.islice(iter(data), start, None)
+def plan(
+    train_data: Iterable | int,
+    *,
+    micro_batches: int = 1,
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
+    where: str = "plan",
+) -> Plan:
+    """Steps per epoch and total steps for ``train_data`` (or its number of batches), grouped
+    ``micro_batches`` to an update, run for ``max_epochs`` or ``max_steps`` (exactly one)."""
+    if (max_epochs is None) == (max_steps is None):
+        raise ValueError(
+            f"{where}: give exactly one of max_epochs (epoch-based) or max_steps (iteration-based); "
+            f"got max_epochs={max_epochs}, max_steps={max_steps}"
+        )
+    for name, value in (
+        ("max_epochs", max_epochs),
+        ("max_steps", max_steps),
+        ("micro_batches", micro_batches),
+    ):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{where}: {name} must be an int >= 1, got {value!r}")
+    batches = train_data if isinstance(train_data, int) else _length(train_data, "train_data")
+    if batches < 1:
+        raise ValueError("train_data is empty: expected at least one batch per epoch")
+    steps_per_epoch = math.ceil(batches / micro_batches)
+    total = max_epochs * steps_per_epoch if max_epochs is not None else max_steps
+    assert total is not None
+    return Plan(batches, steps_per_epoch, total, max_epochs, micro_batches)
 
 
 def _length(data: Iterable, name: str) -> int:
@@ -111,73 +142,85 @@ def _length(data: Iterable, name: str) -> int:
     return n
 
 
-def _evaluate(state, data, metrics, eval_fn, *, params, dispatch, run, phase) -> dict[str, float]:
-    evaluator = metrics if isinstance(metrics, Evaluator) else Evaluator(list(metrics))
-    model = state.model
-    if model is None:
-        raise ValueError("the state has no model; build it with TrainState.create(model, tx, ...)")
-    n = len(data) if hasattr(data, "__len__") else None
-    snap = lambda event, **kw: lambda: Snapshot(event, state, run, phase=phase, eval_len=n, **kw)  # noqa: E731
-    dispatch(f"before_{phase}", snap(f"before_{phase}"))
-    dispatch(f"before_{phase}_epoch", snap(f"before_{phase}_epoch"))
-    was_training = model.training
-    model.eval()
-    eval_params = _eval_params(state, params)
-    acc = evaluator.init()
-    try:
-        batches = _batches(data, 0, 0) if hasattr(data, "epoch") else iter(data)
-        for i, batch in enumerate(batches):
-            dispatch(f"before_{phase}_iter", snap(f"before_{phase}_iter", batch_idx=i, batch=batch))
-            with torch.no_grad(), bind(model, eval_params, state.buffers):
-                outputs = eval_fn(model, batch)
-            acc = evaluator.update(acc, batch, outputs)
-            dispatch(
-                f"after_{phase}_iter",
-                snap(f"after_{phase}_iter", batch_idx=i, batch=batch, outputs=outputs),
-            )
-    finally:
-        model.train(was_training)
-    results = evaluator.compute(acc)
-    dispatch(f"after_{phase}_epoch", snap(f"after_{phase}_epoch", metrics=results))
-    dispatch(f"after_{phase}", snap(f"after_{phase}", metrics=results))
-    return results
+_NO_METRICS: Mapping[str, Any] = MappingProxyType({})
 
 
-def evaluate(
+class Tick(NamedTuple):
+    """One of the train loop's points, with the state there (valid until the next tick)."""
+
+    event: str  # before_train_epoch | before_train_iter | after_train_iter | after_train_epoch
+    state: TrainState
+    batch_idx: int | None = None  # update index within the epoch
+    batch: Any = None
+    metrics: Mapping[str, Any] = _NO_METRICS
+    data_time: float | None = None  # seconds spent waiting for the batch
+
+
+def train_steps(
     state: TrainState,
-    eval_fn: Callable[[nn.Module, Any], Any],
-    data: Iterable,
-    metrics: Sequence[Metric] | Evaluator,
+    step: Step,
+    train_data: Iterable,
+    plan: Plan,
     *,
-    params: str = "auto",
-    handlers: Iterable[Any] = (),
-    phase: str = "test",
-) -> dict[str, float]:
-    """Evaluate ``metrics`` over ``data``: ``eval_fn(model, batch) -> outputs`` with the state's
-    params bound (EMA params if the state keeps them, unless ``params="live"``), in eval mode,
-    without gradients. Handlers get the ``test`` events (MMEngine's TestLoop)."""
-    if phase not in ("val", "test"):
-        raise ValueError(f"evaluate: phase must be 'val' or 'test', got {phase!r}")
-    run = RunInfo(
-        work_dir=None,
-        by_epoch=False,
-        max_epochs=None,
-        max_steps=state.step,
-        steps_per_epoch=0,
-        batches_per_epoch=0,
-        micro_batches=1,
-        start_step=state.step,
-    )
-    return _evaluate(
-        state,
-        data,
-        metrics,
-        eval_fn,
-        params=params,
-        dispatch=Dispatcher(handlers),
-        run=run,
-        phase=phase,
-    )
+    stop: Callable[[], bool] = lambda: False,
+) -> Iterator[Tick]:
+    """Run ``step`` over ``train_data`` from ``state``'s position until ``plan`` is done (or ``stop()``),
+    yielding a `Tick` before/after each epoch and each update."""
+    k = plan.micro_batches
+    while not stop() and not plan.done(state):
+        yield Tick("before_train_epoch", state)
+        if stop():
+            return
+        batches = batches_of(train_data, state.epoch, state.batch_in_epoch)
+        t = time.perf_counter()
+        while group := list(itertools.islice(batches, k)):
+            batch = MicroBatches(group) if k > 1 else group[0]
+            idx, data_time = state.batch_in_epoch // k, time.perf_counter() - t
+            yield Tick("before_train_iter", state, idx, batch, data_time=data_time)
+            if stop():
+                return
+            state, metrics = _run(step, state, batch)
+            state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
+            yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
+            if stop() or state.step >= plan.total_steps:
+                break
+            t = time.perf_counter()
+        if state.batch_in_epoch < plan.batches_per_epoch:
+            return  # stopped or reached max_steps inside the epoch: the position stays mid-epoch
+        state = state.replace(epoch=state.epoch + 1, batch_in_epoch=0)
+        yield Tick("after_train_epoch", state)
+
+
+def _run(step: Step, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+    try:
+        return step(state, batch)
+    except DonatedStateError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
+        hint = (
+            ""
+            if type(e) is RuntimeError
+            else "; check that the loss function matches the batch structure"
+        )
+        e.add_note(
+            f"fit: while running the step on batch {state.batch_in_epoch} of epoch {state.epoch} "
+            f"(a {type(batch).__name__}){hint}"
+        )
+        raise
+
+
+class Preempted(Exception):
+    """`fit` received SIGTERM/SIGINT, saved ``checkpoint`` at a step boundary and stopped.
+
+    A recipe turns it into the conventional exit status: ``sys.exit(e.exit_code)`` (128 + signal).
+    """
+
+    def __init__(self, signum: int, checkpoint: Path, state: TrainState) -> None:
+        self.signum, self.checkpoint, self.state = signum, checkpoint, state
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"{signal.Signals(signum).name} received: saved {checkpoint} at step {state.step}"
+        )
 
 
 def fit(
@@ -193,20 +236,17 @@ def fit(
     resume: bool | str | Path = False,
     config: Mapping[str, Any] | None = None,
 ) -> TrainState:
-    """Train: fold ``step`` over ``train_data`` until ``max_epochs`` or ``max_steps``.
+    """Train: fold ``step`` over ``train_data`` until ``max_epochs`` or ``max_steps``; returns the final state.
 
     ``train_data`` is a `fengine.data.Loader` (resumes mid-epoch by index
     arithmetic) or any re-iterable with a length (resumes by skipping batches).
     With `fengine.accumulate` (k), each update consumes a group of k batches;
     the last group of an epoch may be shorter. ``handlers=None`` uses
-    `fengine.handlers.default_handlers`.
-
-    ``resume=True`` continues from ``work_dir``'s latest checkpoint (from scratch
-    if there is none), ``resume=PATH`` from that file: the state, and the
-    handlers' own state (best score, kept checkpoints, patience), continue
-    exactly where they were. SIGTERM/SIGINT during training (with a
-    ``work_dir``) save a checkpoint at the next step boundary and exit with
-    status 128 + signal number. Returns the final state.
+    `fengine.handlers.default_handlers`. ``resume=True`` continues from
+    ``work_dir``'s latest checkpoint (from scratch if there is none),
+    ``resume=PATH`` from that file, handlers' own state included. SIGTERM/SIGINT
+    (with a ``work_dir``) save a checkpoint at the next step boundary and raise
+    `Preempted`.
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"fit: state must be a TrainState, got {type(state).__name__}")
@@ -214,30 +254,14 @@ def fit(
         raise TypeError(
             f"fit: step must be a Step from fengine.train_step, got {type(step).__name__}"
         )
-    if (max_epochs is None) == (max_steps is None):
-        raise ValueError(
-            f"fit: give exactly one of max_epochs (epoch-based) or max_steps (iteration-based); "
-            f"got max_epochs={max_epochs}, max_steps={max_steps}"
-        )
-    for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(f"fit: {name} must be an int >= 1, got {value!r}")
-    batches_per_epoch = _length(train_data, "train_data")
-    k = step.micro_batches
-    steps_per_epoch = math.ceil(batches_per_epoch / k)
-    by_epoch = max_epochs is not None
-    total = max_epochs * steps_per_epoch if by_epoch else max_steps
-    interval = 0
-    if val is not None:
-        if not isinstance(val, Val):
-            raise TypeError(
-                f"fit: val must be a fengine.Val(data, metrics, ...), got {type(val).__name__}"
-            )
-        interval = val.interval if val.interval is not None else (1 if by_epoch else 1000)
-        if interval < 1:
-            raise ValueError(f"Val: interval must be >= 1, got {interval}")
+    p = plan(
+        train_data,
+        micro_batches=step.micro_batches,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        where="fit",
+    )
+    interval = _val_interval(val, p)
     work_dir = Path(work_dir) if work_dir is not None else None
     if resume is True and work_dir is None:
         raise ValueError(
@@ -247,183 +271,127 @@ def fit(
         from fengine.handlers import default_handlers
 
         handlers = default_handlers()
+    dispatch = Dispatcher(handlers)
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
-
-    state = step.init_state(state)
-    dispatch = Dispatcher(handlers)
-    current = {"state": state, "run": None}
-
-    def at(event: str, **kw: Any) -> Callable[[], Snapshot]:
-        return lambda: Snapshot(event, current["state"], current["run"], **kw)
-
-    def run_info(start_step: int) -> RunInfo:
-        return RunInfo(
-            work_dir=work_dir,
-            by_epoch=by_epoch,
-            max_epochs=max_epochs,
-            max_steps=total,
-            steps_per_epoch=steps_per_epoch,
-            batches_per_epoch=batches_per_epoch,
-            micro_batches=k,
-            start_step=start_step,
-            config=config,
-            val_batches=len(val.data) if val is not None and hasattr(val.data, "__len__") else None,
-        )
-
-    def save(path: Path, latest: bool) -> None:
-        path = Path(path)
-        dispatch("before_save_checkpoint", at("before_save_checkpoint", checkpoint=path))
-        meta = {
-            "config": dict(config) if config else None,
-            "handlers": dispatch.state_dicts(),
-            "run": {"by_epoch": by_epoch, "max_epochs": max_epochs, "max_steps": total},
-        }
-        checkpoint.save(path, current["state"], meta)
-        if latest:
-            checkpoint.mark_latest(work_dir if work_dir is not None else path.parent, path)
-        dispatch("after_save_checkpoint", at("after_save_checkpoint", checkpoint=path))
-
-    def flush_saves() -> None:
-        while dispatch.saves:
-            request = dispatch.saves.pop(0)
-            save(request.path, request.latest)
-
-    def validate() -> None:
-        _evaluate(
-            current["state"],
-            val.data,
-            val.metrics,
-            val.eval_fn,
-            params=val.params,
-            dispatch=dispatch,
-            run=current["run"],
-            phase="val",
-        )
-        flush_saves()
-
-    current["run"] = run_info(state.step)
-    dispatch("before_run", at("before_run"))
+    val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
+    run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch, p.batches_per_epoch,
+                  p.micro_batches, state.step, val_batches, config)  # fmt: skip
+    dispatch("before_run", state, run)
     if resume:
-        path = checkpoint.latest(work_dir) if resume is True else Path(resume)
-        if path is None:
-            log.info("resume: no checkpoint in %s; starting from scratch", work_dir)
-        else:
-            state = checkpoint.load(path, like=state)
-            dispatch.load_state_dicts(
-                (checkpoint.read_meta(path)["meta"] or {}).get("handlers") or {}
-            )
-            current.update(state=state, run=run_info(state.step))
-            log.info(
-                "resumed from %s at step %d (epoch %d, batch %d)",
-                path,
-                state.step,
-                state.epoch,
-                state.batch_in_epoch,
-            )
-            dispatch("after_load_checkpoint", at("after_load_checkpoint", checkpoint=path))
-    dispatch("before_train", at("before_train"))
-    with _preemption(enabled=work_dir is not None) as interrupted:
-        while (
-            dispatch.stop is None
-            and state.step < total
-            and not (by_epoch and state.epoch >= max_epochs)
-        ):
-            dispatch("before_train_epoch", at("before_train_epoch"))
-            if dispatch.stop is not None:
-                break
-            batches = _batches(train_data, state.epoch, state.batch_in_epoch)
-            t_last = time.perf_counter()
-            while True:
-                group = list(itertools.islice(batches, k))
-                if not group:
-                    break
-                batch = MicroBatches(group) if k > 1 else group[0]
-                data_time = time.perf_counter() - t_last
-                idx = state.batch_in_epoch // k
-                dispatch(
-                    "before_train_iter",
-                    at("before_train_iter", batch_idx=idx, batch=batch, data_time=data_time),
-                )
-                if dispatch.stop is not None:
-                    break
-                at_epoch, at_batch = state.epoch, state.batch_in_epoch
-                try:
-                    state, metrics = step(state, batch)
-                except DonatedStateError:
-                    raise
-                except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
-                    if hasattr(e, "add_note"):
-                        hint = (
-                            ""
-                            if type(e) is RuntimeError
-                            else "; check that the loss function matches the batch structure"
-                        )
-                        e.add_note(
-                            f"fit: while running the step on batch {at_batch} of epoch {at_epoch} "
-                            f"(a {type(batch).__name__}){hint}"
-                        )
-                    raise
-                state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
-                current["state"] = state
-                dispatch(
-                    "after_train_iter",
-                    at(
-                        "after_train_iter",
-                        batch_idx=idx,
-                        batch=batch,
-                        metrics=metrics,
-                        data_time=data_time,
-                    ),
-                )
-                flush_saves()
-                if interrupted:
-                    _exit_preempted(interrupted[0], save, work_dir, state, dispatch, at)
-                if (
-                    not by_epoch
-                    and val is not None
-                    and should_validate(state.step, interval=interval, begin=val.begin, last=total)
-                ):
-                    validate()
-                t_last = time.perf_counter()
-                if dispatch.stop is not None or state.step >= total:
-                    break
-            if state.batch_in_epoch < batches_per_epoch:
-                break  # stopped or reached max_steps inside the epoch: the position stays mid-epoch
-            state = state.replace(epoch=state.epoch + 1, batch_in_epoch=0)
-            current["state"] = state
-            dispatch("after_train_epoch", at("after_train_epoch"))
-            flush_saves()
-            if (
-                by_epoch
-                and val is not None
-                and should_validate(
-                    state.epoch, interval=interval, begin=val.begin, last=max_epochs
-                )
-            ):
-                validate()
+        state, run = _resume(state, resume, run, dispatch)
+    dispatch("before_train", state, run)
+    with _signals(enabled=work_dir is not None) as received:
+        for tick in train_steps(state, step, train_data, p, stop=lambda: dispatch.stop is not None):
+            state = tick.state
+            dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch, metrics=tick.metrics,
+                     data_time=tick.data_time)  # fmt: skip
+            _flush_saves(state, run, dispatch)
+            if tick.event == "after_train_iter" and received:
+                _preempt(received[0], state, run, dispatch)
+            if val is not None and _validation_due(tick, p, val.begin, interval):
+                run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch, run=run,
+                         phase="val")  # fmt: skip
+                _flush_saves(state, run, dispatch)
         dispatch(
             "after_train",
-            at("after_train", metrics={"stop": dispatch.stop.reason} if dispatch.stop else {}),
+            state,
+            run,
+            metrics={"stop": dispatch.stop.reason} if dispatch.stop else {},
         )
-        flush_saves()
-    dispatch("after_run", at("after_run"))
-    return current["state"]
+        _flush_saves(state, run, dispatch)
+    dispatch("after_run", state, run)
+    return state
+
+
+def _val_interval(val: Val | None, p: Plan) -> int:
+    if val is None:
+        return 0
+    if not isinstance(val, Val):
+        raise TypeError(
+            f"fit: val must be a fengine.Val(data, metrics, ...), got {type(val).__name__}"
+        )
+    interval = val.interval if val.interval is not None else (1 if p.by_epoch else 1000)
+    if interval < 1:
+        raise ValueError(f"Val: interval must be >= 1, got {interval}")
+    return interval
+
+
+def _validation_due(tick: Tick, p: Plan, begin: int, interval: int) -> bool:
+    """After each epoch (epoch-based) or update (iteration-based), by `should_validate`."""
+    if tick.event != ("after_train_epoch" if p.by_epoch else "after_train_iter"):
+        return False
+    done = tick.state.epoch if p.by_epoch else tick.state.step
+    return should_validate(done, interval=interval, begin=begin, last=p.max_epochs or p.total_steps)
+
+
+def _resume(
+    state: TrainState, resume: bool | str | Path, run: RunInfo, dispatch: Dispatcher
+) -> tuple[TrainState, RunInfo]:
+    assert resume is not True or run.work_dir is not None
+    path = checkpoint.latest(run.work_dir) if resume is True else Path(resume)  # type: ignore[arg-type]
+    if path is None:
+        log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
+        return state, run
+    state = checkpoint.load(path, like=state)
+    dispatch.load_state_dicts((checkpoint.read_meta(path)["meta"] or {}).get("handlers") or {})
+    run = dataclasses.replace(run, start_step=state.step)
+    log.info(
+        "resumed from %s at step %d (epoch %d, batch %d)",
+        path,
+        state.step,
+        state.epoch,
+        state.batch_in_epoch,
+    )
+    dispatch("after_load_checkpoint", state, run, checkpoint=path)
+    return state, run
+
+
+def save(
+    path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, latest: bool = True
+) -> None:
+    """Write ``state`` with the handlers' state and the run config; fire the save events; move the pointer."""
+    dispatch("before_save_checkpoint", state, run, checkpoint=path)
+    meta = {
+        "config": dict(run.config) if run.config else None,
+        "handlers": dispatch.state_dicts(),
+        "run": {"by_epoch": run.by_epoch, "max_epochs": run.max_epochs, "max_steps": run.max_steps},
+    }
+    checkpoint.save(path, state, meta)
+    if latest:
+        checkpoint.mark_latest(run.work_dir if run.work_dir is not None else path.parent, path)
+    dispatch("after_save_checkpoint", state, run, checkpoint=path)
+
+
+def _flush_saves(state: TrainState, run: RunInfo, dispatch: Dispatcher) -> None:
+    while dispatch.saves:
+        request = dispatch.saves.pop(0)
+        save(Path(request.path), state, run, dispatch, latest=request.latest)
+
+
+def _preempt(signum: int, state: TrainState, run: RunInfo, dispatch: Dispatcher) -> None:
+    assert run.work_dir is not None
+    path = run.work_dir / f"step_{state.step}.safetensors"
+    log.warning("%s received: saving %s and stopping", signal.Signals(signum).name, path)
+    save(path, state, run, dispatch)
+    dispatch("after_train", state, run, metrics={"stop": signal.Signals(signum).name})
+    dispatch("after_run", state, run)
+    raise Preempted(signum, path, state)
 
 
 @contextlib.contextmanager
-def _preemption(enabled: bool):
+def _signals(enabled: bool) -> Iterator[list[int]]:
     """Turn SIGTERM/SIGINT into a flag the loop checks at step boundaries (main thread only)."""
     received: list[int] = []
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield received
         return
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: Any) -> None:
         received.append(signum)
         signal.signal(signum, previous[signum])  # a second signal acts immediately
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict[int, Any] = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for s in previous:
         signal.signal(s, on_signal)
     try:
@@ -431,13 +399,3 @@ def _preemption(enabled: bool):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def _exit_preempted(signum, save, work_dir, state, dispatch, at) -> None:
-    name = signal.Signals(signum).name
-    path = work_dir / f"step_{state.step}.safetensors"
-    log.warning("%s received: saving %s and exiting", name, path)
-    save(path, True)
-    dispatch("after_train", at("after_train", metrics={"stop": name}))
-    dispatch("after_run", at("after_run"))
-    raise SystemExit(128 + signum)

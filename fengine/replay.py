@@ -22,7 +22,7 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.utils._pytree as pytree
@@ -86,10 +86,12 @@ class RunRecorder(Handler):
             raise ValueError(f"RunRecorder: every must be an int >= 1, got {every!r}")
         self.every = every
         main = getattr(sys.modules.get("__main__"), "__file__", None)
-        self.recipe = Path(recipe or main).resolve() if (recipe or main) else None
-        self._file = None
+        source = recipe or main
+        self.recipe = Path(source).resolve() if source else None
+        self._file: TextIO | None = None
 
     def _write(self, record: dict[str, Any]) -> None:
+        assert self._file is not None, "RunRecorder writes between before_train and after_run"
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
@@ -147,7 +149,8 @@ def read_log(work_dir: str | Path) -> tuple[list[dict], list[dict]]:
         raise ReplayError(
             f"{path} not found: record the run with fengine.replay.RunRecorder (recipes do)"
         )
-    headers, digests = [], []
+    headers: list[dict] = []
+    digests: list[dict] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             r = json.loads(line)
@@ -159,7 +162,7 @@ def read_log(work_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 def _load_recipe(path: str):
     spec = importlib.util.spec_from_file_location("_fengine_replayed_recipe", path)
-    if spec is None or not Path(path).is_file():
+    if spec is None or spec.loader is None or not Path(path).is_file():
         raise ReplayError(f"recipe {path} not found")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the recipe runs
@@ -174,7 +177,9 @@ class _Collector(Handler):
 
     def __init__(self, wanted: set[tuple[int, int, int]], target: tuple[int, int, int]) -> None:
         super().__init__()
-        self.wanted, self.target, self.seen, self.at_target = wanted, target, {}, None
+        self.wanted, self.target = wanted, target
+        self.seen: dict[tuple[int, int, int], str] = {}
+        self.at_target: TrainState | None = None
 
     def _take(self, snap: Snapshot) -> None:
         key = _key(_position(snap.state))
@@ -248,7 +253,7 @@ def replay(
             f"start (step {begin['step']}) is not before the target checkpoint (step {target['step']})"
         )
     wanted = {_key(r) for r in records if _key(begin) < _key(r) <= _key(target)}
-    expected = {}
+    expected: dict[tuple[int, int, int], str] = {}
     for r in records:
         if _key(r) in wanted:
             expected.setdefault(_key(r), r["digest"])

@@ -27,7 +27,7 @@ class DonatedStateError(RuntimeError):
 _FIELDS = ("step", "params", "buffers", "opt_state", "extra", "seed", "epoch", "batch_in_epoch")
 _ALL = (*_FIELDS, "model")
 _ALL_SET = frozenset(_ALL)
-_GUARDED = _ALL_SET | {"replace", "clone"}
+_GUARDED = _ALL_SET | {"replace", "clone", "eval_weights"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -41,8 +41,9 @@ class TrainState:
         Trainable ones have ``requires_grad=True``; they are leaves, never
         ``nn.Parameter``.
       buffers: buffer name -> tensor (BatchNorm statistics and the like).
-      opt_state: the state of the gradient transformation (moments, counts).
-      extra: states of the step transforms, by name (``"amp"``, ``"ema"``, ...).
+      opt_state: the state of the gradient transformation (moments, counts); a
+        dict by part name for a `fengine.multi_step`.
+      extra: the states of the step's wrappers, by their names (`fengine.Wrapper.name`).
       seed: the run's seed; every random draw is derived from it (see `fengine.rng`).
       epoch: completed epochs.
       batch_in_epoch: batches consumed in the current epoch.
@@ -60,19 +61,19 @@ class TrainState:
     """The module the params belong to: static structure, not state (never checkpointed)."""
 
     @classmethod
-    def create(
-        cls,
-        model: nn.Module,
-        tx: Any = None,
-        *,
-        seed: int = 0,
-        extra: Mapping[str, Any] | None = None,
-    ) -> TrainState:
-        """Take params and buffers from ``model`` (copied) and initialise ``tx`` on them.
+    def create(cls, model: nn.Module, *unexpected: Any, seed: int = 0) -> TrainState:
+        """Take params and buffers from ``model`` (copied); no optimizer or wrapper state.
 
+        The low-level constructor behind `fengine.Step.init`, which is how a
+        state for training is built (``state = step.init(model, seed=0)``).
         Parameters with ``requires_grad=False`` are kept (the forward needs them)
-        but are not trainable: ``tx`` sees only the trainable ones.
+        but are not trainable.
         """
+        if unexpected:
+            raise TypeError(
+                "TrainState.create(model, seed=...) takes no gradient transformation: the step builds "
+                "the state it trains, with the tx given once: state = step.init(model, seed=...)"
+            )
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"TrainState.create: model must be an nn.Module, got {type(model).__name__}"
@@ -84,16 +85,21 @@ class TrainState:
             for name, p in model.named_parameters()
         }
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-        opt_state = tx.init(trainable(params)) if tx is not None else ()
-        return cls(
-            step=0,
-            params=params,
-            buffers=buffers,
-            opt_state=opt_state,
-            extra=dict(extra or {}),
-            seed=seed,
-            model=model,
-        )
+        return cls(step=0, params=params, buffers=buffers, seed=seed, model=model)
+
+    def eval_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The weights to evaluate, checkpoint as "the model" and publish: ``(params, buffers)``.
+
+        The live ones, with whatever a wrapper's state substitutes (the EMA weights of
+        `fengine.ema`): a state in ``extra`` takes part by defining
+        ``eval_weights(params, buffers) -> (params, buffers)``.
+        """
+        params, buffers = self.params, self.buffers
+        for sub in self.extra.values():
+            swap = getattr(sub, "eval_weights", None)
+            if callable(swap):
+                params, buffers = swap(params, buffers)
+        return params, buffers
 
     def replace(self, **changes: Any) -> TrainState:
         """A new state with ``changes``; this one stays valid.

@@ -1,27 +1,36 @@
-"""The training step: a pure function ``(state, batch) -> (state, metrics)``.
+"""The training step: a pure function ``(state, batch) -> (state, metrics)``, built once.
 
-`train_step` builds a `Step` from a loss function and a gradient transformation.
-A `Step` runs two stages, each a replaceable function so step transforms
-(`fengine.amp`, `fengine.accumulate`, `fengine.ema`, `fengine.check_finite`) can
-wrap them:
+A `Step` is made of *parts* (one for `train_step`; several for `fengine.multi_step`,
+e.g. a GAN's discriminator and generator), each a loss function, a gradient
+transformation and the params it owns, and of *wrappers* (`fengine.wrappers`) in
+the order they are written. Each wrapper acts at its stage, outermost first:
 
-* ``grads(step, state, batch, scale, micro) -> GradResult``: forward under the
-  step's contexts, loss times ``scale``, ``torch.autograd.grad`` (measured 1.6x
-  faster than ``torch.func.grad`` in eager mode);
-* ``update(step, state, result) -> (state, metrics)``: the optimizer update.
+* **forward** wrappers wrap the gradient computation ``grad_fn(state, batch, *,
+  weight, micro) -> Grads`` (autocast, micro-batching, a user's context);
+* **gradient** wrappers wrap the application of the gradient transformation
+  ``apply(state, grads) -> (state, metrics)`` (fp16 unscale + skip-on-inf + scale
+  update, finite checks), so every transformation inside ``tx`` sees true,
+  unscaled gradients by construction;
+* **post-update** wrappers wrap the whole step (EMA).
 
-Randomness inside the forward (dropout) comes from torch's default generator,
-seeded with ``fold_in(seed, step, micro)`` in a scope that restores the caller's
-generator: same state + same batch gives the same bits, and no RNG snapshot is
-needed to resume. Metrics are tensors; nothing here syncs with the device.
+The base ``grad_fn`` binds the state's tensors into the module, runs
+``loss_fn(model, batch)`` with torch's default generators seeded from
+``fold_in(seed, step, micro)`` (restored afterwards), and takes
+``torch.autograd.grad`` of ``loss * weight`` (measured 1.6x faster than
+``torch.func.grad`` in eager mode). ``weight`` is the loss's cotangent: the
+micro-batch share and the fp16 loss scale multiply into it.
+
+The step counter and scheduled hyper-parameters stay host-side Python numbers in
+eager mode: torch.optim's foreach kernels take Python scalars, and that is what
+keeps the optimizers bitwise equal to torch.optim. A compiled step feeds them as
+0-d tensors derived from the step instead (DESIGN principle 11). Metrics are
+tensors: nothing here syncs with the device.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, ExitStack
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -32,17 +41,35 @@ from fengine.rng import fold_in, seeded_default_generators
 from fengine.state import TrainState
 
 
-__all__ = ["GradResult", "Step", "loss_and_grads", "parse_losses", "train_step"]
+if TYPE_CHECKING:
+    from fengine.wrappers import Wrapper
+
+__all__ = ["Grads", "Part", "Step", "StepMismatchError", "parse_losses", "train_step"]
 
 Metrics = dict[str, Any]
+LossFn = Callable[[nn.Module, Any], Any]
 
 
-class GradResult(NamedTuple):
-    """What the gradient stage hands to the update stage."""
+class Grads(NamedTuple):
+    """What the gradient computation hands to the gradient transformation."""
 
     loss: torch.Tensor  # total loss (detached, unscaled)
-    grads: dict[str, torch.Tensor]  # trainable param name -> gradient (absent: unused param)
+    grads: dict[str, torch.Tensor]  # param name -> gradient (absent: param unused by the loss)
     metrics: Metrics  # loss terms and aux values (detached tensors)
+
+
+class GradFn(Protocol):
+    def __call__(
+        self, state: TrainState, batch: Any, *, weight: Any = None, micro: int = 0
+    ) -> Grads: ...
+
+
+ApplyFn = Callable[[TrainState, Grads], tuple[TrainState, Metrics]]
+StepFn = Callable[[TrainState, Any], tuple[TrainState, Metrics]]
+
+
+class StepMismatchError(ValueError):
+    """The state was not built for this step (other optimizer, missing wrapper state)."""
 
 
 def parse_losses(out: Any) -> tuple[torch.Tensor, Metrics]:
@@ -65,8 +92,7 @@ def parse_losses(out: Any) -> tuple[torch.Tensor, Metrics]:
         loss = out if out.ndim == 0 else out.mean()
         metrics: Metrics = {"loss": loss.detach()}
     elif isinstance(out, Mapping):
-        metrics = {}
-        terms = []
+        metrics, terms = {}, []
         for name, value in out.items():
             if isinstance(value, torch.Tensor):
                 value = value.mean()
@@ -100,151 +126,272 @@ def parse_losses(out: Any) -> tuple[torch.Tensor, Metrics]:
     return loss, metrics
 
 
-def loss_and_grads(
-    state: TrainState,
-    loss_fn: Callable[[nn.Module, Any], Any],
-    batch: Any,
-    names: list[str],
-    *,
-    key: int,
-    devices: tuple[torch.device, ...] = (),
-    contexts: tuple[Callable[[TrainState], AbstractContextManager], ...] = (),
-    scale: Any = None,
-) -> GradResult:
-    """Run ``loss_fn(model, batch)`` with the state's tensors bound and torch's default
-    generators seeded with ``key``, then ``autograd.grad`` of ``loss * scale`` w.r.t. the
-    params ``names`` (unused params get no entry)."""
-    model = state.model
-    if model is None:
-        raise ValueError(
-            "the state has no model; build it with TrainState.create(model, tx, seed=...)"
+class Part(NamedTuple):
+    """One (loss, optimizer, params) of a step. ``name`` is None for the only part of a
+    `train_step`; a `multi_step` keeps part states under their names."""
+
+    name: str | None
+    loss_fn: LossFn
+    tx: GradientTransformation
+    select: Callable[[str], bool] | None = None  # which trainable params it owns (None: all)
+    position: int = 0  # in the update order (the dropout key of a multi step)
+
+    def owned(self, params: Mapping[str, torch.Tensor]) -> list[str]:
+        sel = self.select
+        return [n for n, p in params.items() if p.requires_grad and (sel is None or sel(n))]
+
+    def get(self, tree: Any) -> Any:
+        """This part's entry of a per-part tree (the tree itself for a single part)."""
+        return tree if self.name is None else tree[self.name]
+
+    def put(self, tree: Any, value: Any) -> Any:
+        return value if self.name is None else {**tree, self.name: value}
+
+
+def selector(spec: str | Callable[[str], bool], where: str) -> Callable[[str], bool]:
+    """A param-name predicate from a submodule name (``"gen"`` selects ``gen.*``) or a function."""
+    if isinstance(spec, str):
+        prefix = spec
+
+        def by_prefix(name: str) -> bool:
+            return name == prefix or name.startswith(prefix + ".")
+
+        return by_prefix
+    if callable(spec):
+        return spec
+    raise TypeError(
+        f"{where}: params must be a submodule name (str) or a function param_name -> bool, got {type(spec).__name__}"
+    )
+
+
+def _grad_fn(part: Part, multi: bool) -> GradFn:
+    """The innermost gradient computation of ``part`` (see the module docstring)."""
+    cache: dict[str, Any] = {}
+
+    def grad_fn(state: TrainState, batch: Any, *, weight: Any = None, micro: int = 0) -> Grads:
+        params = state.params
+        if cache.get("params") is not params:  # a donating step keeps the same dict
+            cuda = {p.device for p in params.values() if p.device.type == "cuda"}
+            cache.update(params=params, names=part.owned(params), devices=tuple(cuda))
+        names = cache["names"]
+        key = (
+            fold_in(state.seed, state.step, part.position, micro)
+            if multi
+            else fold_in(state.seed, state.step, micro)
         )
-    if not model.training:
-        model.train()
-    params = state.params
-    with seeded_default_generators(key, devices), bind(model, params, state.buffers):
-        if contexts:
-            with ExitStack() as stack:
-                for ctx in contexts:
-                    stack.enter_context(ctx(state))
-                out = loss_fn(model, batch)
-        else:
-            out = loss_fn(model, batch)
-    loss, metrics = parse_losses(out)
-    target = loss if scale is None else loss * scale
-    grads = torch.autograd.grad(target, [params[n] for n in names], allow_unused=True)
-    return GradResult(loss.detach(), {n: g for n, g in zip(names, grads) if g is not None}, metrics)
+        model = state.model
+        assert model is not None  # Step.check refused a state without one
+        if not model.training:
+            model.train()
+        with seeded_default_generators(key, cache["devices"]), bind(model, params, state.buffers):
+            out = part.loss_fn(model, batch)
+        loss, metrics = parse_losses(out)
+        target = loss if weight is None else loss * weight
+        grads = torch.autograd.grad(target, [params[n] for n in names], allow_unused=True)
+        return Grads(loss.detach(), {n: g for n, g in zip(names, grads) if g is not None}, metrics)
+
+    return grad_fn
 
 
-def _backward(step: Step, state: TrainState, batch: Any, scale: Any, micro: int) -> GradResult:
-    """Default gradient stage: `loss_and_grads` over the trainable params, dropout keyed by
-    ``(seed, step, micro)``."""
-    return loss_and_grads(
-        state,
-        step.loss_fn,
-        batch,
-        step.trainable_names(state),
-        key=fold_in(state.seed, state.step, micro),
-        devices=step.devices(state),
-        contexts=step.forward_contexts,
-        scale=scale,
-    )
+def _apply_fn(part: Part) -> ApplyFn:
+    """Apply ``part.tx`` to the gradients: params updated in place, the part's optimizer state replaced."""
+
+    def apply(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
+        params = state.params
+        new, opt = step_params(part.tx, g.grads, part.get(state.opt_state), params, step=state.step)
+        if (
+            new is not params
+        ):  # a transformation that returned new tensors instead of updating in place
+            new = {**params, **new}
+        metrics = {**g.metrics, **collect_metrics(opt)}
+        return state.replace(params=new, opt_state=part.put(state.opt_state, opt)), metrics
+
+    return apply
 
 
-def _optimizer_update(
-    step: Step, state: TrainState, result: GradResult
-) -> tuple[TrainState, Metrics]:
-    """Default update stage: the gradient transformation updates params in place."""
-    params, opt_state = step_params(
-        step.tx, result.grads, state.opt_state, state.params, step=state.step
-    )
-    metrics = dict(result.metrics)
-    metrics.update(collect_metrics(opt_state))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
 class Step:
-    """A training step. Call it: ``state, metrics = step(state, batch)``.
+    """A training step. ``state = step.init(model, seed=0)``, then ``state, metrics = step(state, batch)``.
 
-    Built by `train_step`; step transforms return modified copies. With
-    ``donate=True`` the input state is consumed (its tensors are updated in place
-    and reused by the returned state); with ``donate=False`` it is deep-copied
-    first and stays valid. Both give bitwise-identical results.
+    Built by `train_step` / `fengine.multi_step`. With ``donate=True`` the input
+    state is consumed (its tensors are updated in place and reused by the
+    returned state); with ``donate=False`` it is deep-copied first and stays
+    valid. Both give bitwise-identical results.
     """
 
-    loss_fn: Callable[[nn.Module, Any], Any]
-    tx: GradientTransformation
-    donate: bool = True
-    grads: Callable[..., GradResult] = _backward
-    update: Callable[..., tuple[TrainState, Metrics]] = _optimizer_update
-    forward_contexts: tuple[Callable[[TrainState], AbstractContextManager], ...] = ()
-    micro_batches: int = 1
-    """Micro-batches per update: `fit` hands the step groups of this many batches."""
-    loss_scaling: bool = False
-    """True when an fp16 loss scaler skips updates on non-finite gradients."""
-    extra_init: tuple[tuple[str, Callable[[TrainState], Any]], ...] = ()
-    """(name, init) for transform states kept in ``state.extra``."""
-    transforms: tuple[str, ...] = ()
-    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+    def __init__(
+        self, parts: Sequence[Part], wrappers: Sequence[Wrapper] = (), *, donate: bool = True
+    ) -> None:
+        from fengine.wrappers import check_wrappers
+
+        self.parts, self.wrappers, self.donate = tuple(parts), check_wrappers(wrappers), donate
+        self.micro_batches = max((w.micro_batches for w in self.wrappers), default=1)
+        """Batches per update: `fit` hands the step groups of this many (`fengine.MicroBatches`)."""
+        multi = len(self.parts) > 1 or self.parts[0].name is not None
+        stages = []
+        for part in self.parts:
+            grad_fn, apply = _grad_fn(part, multi), _apply_fn(part)
+            for w in reversed(self.wrappers):  # the first written ends up outermost
+                grad_fn, apply = w.forward(grad_fn, part), w.gradient(apply, part)
+            stages.append((part, grad_fn, apply))
+
+        def core(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+            if not multi:
+                _, grad_fn, apply = stages[0]
+                state, metrics = apply(state, grad_fn(state, batch))
+            else:  # parts in turn, each seeing the params the parts before it updated
+                metrics = {}
+                for part, grad_fn, apply in stages:
+                    state, m = apply(state, grad_fn(state, batch))
+                    metrics.update({f"{part.name}/{k}": v for k, v in m.items()})
+            return state.replace(step=state.step + 1), metrics
+
+        fn: StepFn = core
+        for w in reversed(self.wrappers):
+            fn = w.after(fn)
+        self._fn = fn
+        self._fits: tuple[int, int] | None = (
+            None  # ids of (opt_state, extra) of the last state checked or made
+        )
+
+    def init(self, model: nn.Module, *, seed: int = 0) -> TrainState:
+        """The state this step trains: ``model``'s params and buffers (copied), the optimizer
+        state of every part and the state of every wrapper that keeps one."""
+        state = TrainState.create(model, seed=seed)
+        state = state.replace(opt_state=self._init_opt(state.params))
+        state = state.replace(
+            extra={w.name: w.init(state, self.parts) for w in self.wrappers if w.name}
+        )
+        self._fits = (id(state.opt_state), id(state.extra))
+        return state
+
+    def _init_opt(self, params: Mapping[str, torch.Tensor]) -> Any:
+        """The optimizer state of every part (a dict by part name for a multi step)."""
+        owned = {p.name: {n: params[n] for n in p.owned(params)} for p in self.parts}
+        if self.parts[0].name is None:
+            return self.parts[0].tx.init(owned[None])
+        claims: dict[str, list[str | None]] = {}
+        for part_name, names in owned.items():
+            for n in names:
+                claims.setdefault(n, []).append(part_name)
+        problems = [
+            f"param {n!r} is selected by several parts {o}" for n, o in claims.items() if len(o) > 1
+        ]
+        problems += [f"part {n!r} selects no trainable params" for n, o in owned.items() if not o]
+        problems += [
+            f"trainable param {n!r} belongs to no part"
+            for n, p in params.items()
+            if p.requires_grad and n not in claims
+        ]
+        if problems:
+            raise ValueError(
+                f"multi_step: {'; '.join(problems[:5])} (parts: {list(owned)}); every trainable param "
+                "must belong to exactly one part (or set requires_grad=False)"
+            )
+        return {name: self.parts[i].tx.init(o) for i, (name, o) in enumerate(owned.items())}
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if not isinstance(state, TrainState):
             raise TypeError(f"step: expected a TrainState, got {type(state).__name__}")
+        if (id(state.opt_state), id(state.extra)) != self._fits:
+            self.check(state)
         given = state
-        for name, _ in self.extra_init:
-            if name not in state.extra:
-                state = self.init_state(state)
-                break
         if not self.donate:
             state = state.clone()
-        new_state, metrics = self.update(self, state, self.grads(self, state, batch, None, 0))
+        new, metrics = self._fn(state, batch)
+        self._fits = (id(new.opt_state), id(new.extra))
         if self.donate:
             given._mark_donated(f"step {given.step + 1}")
-        return new_state, metrics
+        return new, metrics
 
-    def init_state(self, state: TrainState) -> TrainState:
-        """Add the states of this step's transforms (``state.extra``) where missing."""
-        extra = dict(state.extra)
-        for name, init in self.extra_init:
-            if name not in extra:
-                extra[name] = init(state)
-        return state.replace(extra=extra)
-
-    def trainable_names(self, state: TrainState) -> list[str]:
-        """Names of the params that get gradients (recomputed when the params dict changes)."""
-        if self._cache.get("params") is not state.params:  # a donated step keeps the same dict
-            self._cache.update(
-                params=state.params,
-                names=[n for n, p in state.params.items() if p.requires_grad],
-                devices=tuple({p.device for p in state.params.values() if p.device.type == "cuda"}),
+    def check(self, state: TrainState) -> None:
+        """Raise `StepMismatchError` naming what differs if ``state`` was not built for this step."""
+        if state.model is None:
+            raise StepMismatchError(
+                "the state has no model; build it with step.init(model, seed=...)"
             )
-        return self._cache["names"]
+        meta = {
+            n: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
+            for n, p in state.params.items()
+        }
+        try:
+            expected = self._init_opt(meta)
+        except (
+            RuntimeError,
+            ValueError,
+            NotImplementedError,
+        ):  # e.g. a fused optimizer refuses meta tensors
+            expected = self._init_opt(state.params)
+        where = _first_difference(expected, state.opt_state, "state.opt_state")
+        if where:
+            raise StepMismatchError(
+                f"the state does not fit this step's optimizer: {where}. "
+                "Build the state with this step: state = step.init(model, seed=...)"
+            )
+        wanted = [w.name for w in self.wrappers if w.name]
+        missing = [n for n in wanted if n not in state.extra]
+        unknown = [n for n in state.extra if n not in wanted]
+        if missing or unknown:
+            raise StepMismatchError(
+                "the state does not fit this step's wrappers: "
+                + "; ".join(
+                    [
+                        f"state.extra lacks {n!r} (this step has a wrapper keeping it)"
+                        for n in missing
+                    ]
+                    + [
+                        f"state.extra has {n!r}, which no wrapper of this step keeps"
+                        for n in unknown
+                    ]
+                )
+                + ". Build the state with this step: state = step.init(model, seed=...)"
+            )
 
-    def devices(self, state: TrainState) -> tuple[torch.device, ...]:
-        """CUDA devices whose default generators the forward may draw from."""
-        self.trainable_names(state)
-        return self._cache["devices"]
+    def __repr__(self) -> str:
+        parts = ", ".join(p.name or "model" for p in self.parts)
+        return f"Step(parts=[{parts}], wrappers={list(self.wrappers)}, donate={self.donate})"
 
-    def with_(self, **changes: Any) -> Step:
-        """A copy with ``changes`` (used by step transforms)."""
-        return dataclasses.replace(self, _cache={}, **changes)
+
+def _first_difference(expected: Any, actual: Any, path: str) -> str | None:
+    """Where two state trees differ in container types or keys (tensors and empty dicts match anything)."""
+    if isinstance(expected, torch.Tensor) or (isinstance(expected, dict) and not expected):
+        return None
+    if type(expected) is not type(actual):
+        return f"{path} is {type(actual).__name__}, this step makes {type(expected).__name__}"
+    if isinstance(expected, dict):
+        if expected.keys() != actual.keys():
+            return f"{path} has keys {sorted(actual)[:6]}, this step makes {sorted(expected)[:6]}"
+        items = [(f"{path}[{k!r}]", expected[k], actual[k]) for k in expected]
+    elif isinstance(expected, tuple):
+        if len(expected) != len(actual):
+            return f"{path} has {len(actual)} entries, this step makes {len(expected)}"
+        fields = getattr(expected, "_fields", None)
+        items = [
+            (f"{path}.{fields[i]}" if fields else f"{path}[{i}]", e, a)
+            for i, (e, a) in enumerate(zip(expected, actual))
+        ]
+    else:
+        return None
+    for sub, e, a in items:
+        found = _first_difference(e, a, sub)
+        if found:
+            return found
+    return None
 
 
 def train_step(
-    loss_fn: Callable[[nn.Module, Any], Any],
-    tx: GradientTransformation,
-    *,
-    donate: bool = True,
+    loss_fn: LossFn, tx: GradientTransformation, *wrappers: Wrapper, donate: bool = True
 ) -> Step:
     """Build the step ``(state, batch) -> (state, metrics)``.
 
     Args:
-      loss_fn: ``loss_fn(model, batch)``; ``model`` is the state's module
-        (``state.model``), run with the state's params and buffers bound. Returns a loss tensor, a dict of losses
-        (summed over keys containing "loss"; MMEngine's parse_losses) or
+      loss_fn: ``loss_fn(model, batch)``; ``model`` is the state's module run with
+        the state's params and buffers bound. Returns a loss tensor, a dict of
+        losses (summed over keys containing "loss"; MMEngine's parse_losses) or
         ``(loss, aux)``.
-      tx: the gradient transformation (e.g. ``optim.adamw(1e-3)``).
+      tx: the gradient transformation, given once (e.g. ``optim.chain(gradient_noise(...),
+        optim.clip_by_global_norm(1.0), optim.adamw(1e-3))``).
+      wrappers: `fengine.amp`, `accumulate`, `ema`, `check_finite`, your own
+        (`fengine.forward_wrapper`, `fengine.post_update`), in reading order.
       donate: update the state in place and consume the input (default), or copy.
     """
     if not callable(loss_fn):
@@ -253,4 +400,4 @@ def train_step(
         raise TypeError(
             f"train_step: tx must be a GradientTransformation (e.g. fengine.optim.adamw(...)), got {type(tx).__name__}"
         )
-    return Step(loss_fn=loss_fn, tx=tx, donate=donate)
+    return Step([Part(None, loss_fn, tx)], wrappers, donate=donate)

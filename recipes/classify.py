@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Literal
@@ -151,6 +150,7 @@ class Experiment:
     train_data: Loader
     val: fe.Val
     fit_kwargs: dict
+    loop: fe.Plan
 
 
 def build(cfg: Config) -> Experiment:
@@ -168,11 +168,13 @@ def build(cfg: Config) -> Experiment:
     val = Loader(
         digits("val", val_fraction=cfg.data.val_fraction), 256, seed=cfg.seed, shuffle=False
     )
-    steps_per_epoch = math.ceil(len(train) / cfg.accumulate)
     max_epochs = cfg.max_epochs if cfg.max_steps is None else None
     if max_epochs is None and cfg.max_steps is None:
         max_epochs = 10
-    total = cfg.max_steps or max_epochs * steps_per_epoch
+    loop = fe.plan(
+        train, micro_batches=cfg.accumulate, max_epochs=max_epochs, max_steps=cfg.max_steps
+    )
+    total = loop.total_steps
     o = cfg.optim
     warm = min(o.warmup_steps, max(total - 1, 1))
     lr = (
@@ -186,37 +188,34 @@ def build(cfg: Config) -> Experiment:
         else optim.sgd(lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
     )
     tx = optim.chain(optim.clip_by_global_norm(o.clip_grad), opt) if o.clip_grad else opt
-    transforms = [fe.check_finite()]
+    wrappers: list[fe.Wrapper] = []
     if cfg.amp != "none":
-        transforms.append(fe.amp(cfg.amp))
+        wrappers.append(fe.amp(cfg.amp))
+    wrappers.append(fe.check_finite())  # after amp: fp16 overflows are the scaler's to skip
     if cfg.accumulate > 1:
-        transforms.append(fe.accumulate(cfg.accumulate))
+        wrappers.append(fe.accumulate(cfg.accumulate))
     if cfg.ema is not None:
-        transforms.append(fe.ema(cfg.ema))
-    step = fe.compose(*transforms)(fe.train_step(loss_fn, tx))
+        wrappers.append(fe.ema(cfg.ema))
+    step = fe.train_step(loss_fn, tx, *wrappers)
     torch.manual_seed(
         cfg.seed
     )  # weight init: the only draw from the global generator, before training
-    state = step.init_state(
-        fe.TrainState.create(ResNet(cfg.model.width, cfg.model.blocks), tx, seed=cfg.seed)
-    )
+    state = step.init(ResNet(cfg.model.width, cfg.model.blocks), seed=cfg.seed)
     if cfg.load_from is not None:
         state, report = checkpoint.load_params(cfg.load_from, state)
         print(report)
-    by_epoch = max_epochs is not None
-    fit_kwargs = dict(max_epochs=max_epochs) if by_epoch else dict(max_steps=cfg.max_steps)
-    return Experiment(state, step, train, fe.Val(val, [Accuracy()]), fit_kwargs)
+    fit_kwargs = dict(max_epochs=max_epochs) if loop.by_epoch else dict(max_steps=cfg.max_steps)
+    return Experiment(state, step, train, fe.Val(val, [Accuracy()]), fit_kwargs, loop)
 
 
 def checkpoints(cfg: Config, exp: Experiment) -> handlers.Checkpointer:
     """Every ``checkpoint_interval`` epochs (in steps for --max-steps runs), the last and the best."""
-    if "max_epochs" in exp.fit_kwargs:
+    if exp.loop.by_epoch:
         return handlers.Checkpointer(
             cfg.checkpoint_interval, max_keep_ckpts=cfg.keep_checkpoints, save_best="auto"
         )
-    steps_per_epoch = math.ceil(len(exp.train_data) / cfg.accumulate)
     return handlers.Checkpointer(
-        cfg.checkpoint_interval * steps_per_epoch,
+        cfg.checkpoint_interval * exp.loop.steps_per_epoch,
         by_epoch=False,
         max_keep_ckpts=cfg.keep_checkpoints,
         save_best="auto",
@@ -262,5 +261,9 @@ def main(cfg: Config) -> float:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config, description=__doc__.split("\n\n")[0]))
+    try:
+        main(tyro.cli(Config, description=__doc__.split("\n\n")[0]))
+    except fe.Preempted as stopped:  # SIGTERM/SIGINT: a checkpoint was saved; resume with --resume
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
     sys.exit(0)

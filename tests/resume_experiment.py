@@ -52,15 +52,15 @@ def experiment(variant: str = "plain", seed: int = 0):
     )
     lr = schedules.warmup(schedules.cosine(0.05, T_max=60, begin=5), steps=5)
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(lr, momentum=0.9, weight_decay=1e-4))
-    transforms = []
-    if opts.get("accumulate"):
-        transforms.append(fe.accumulate(opts["accumulate"]))
+    wrappers = []
     if opts.get("amp"):
-        transforms.append(fe.amp(opts["amp"]))
+        wrappers.append(fe.amp(opts["amp"]))
+    if opts.get("accumulate"):
+        wrappers.append(fe.accumulate(opts["accumulate"]))
     if opts.get("ema"):
-        transforms.append(fe.ema(opts["ema"]))
-    step = fe.compose(*transforms)(fe.train_step(lambda m, b: F.cross_entropy(m(b[0]), b[1]), tx))
-    return fe.TrainState.create(model, tx, seed=seed), step, data
+        wrappers.append(fe.ema(opts["ema"]))
+    step = fe.train_step(lambda m, b: F.cross_entropy(m(b[0]), b[1]), tx, *wrappers)
+    return step.init(model, seed=seed), step, data
 
 
 class SaveAtEnd(fe.Handler):
@@ -88,17 +88,20 @@ def main() -> None:
     from fengine.replay import state_digest
 
     state, step, data = experiment(args.variant)
-    final = fe.fit(
-        state,
-        step,
-        data,
-        max_steps=args.max_steps,
-        work_dir=args.work_dir,
-        resume=True,
-        handlers=[PrintSteps(args.sleep)],
-    )
+    try:
+        final = fe.fit(
+            state,
+            step,
+            data,
+            max_steps=args.max_steps,
+            work_dir=args.work_dir,
+            resume=True,
+            handlers=[PrintSteps(args.sleep)],
+        )
+    except fe.Preempted as stopped:
+        sys.exit(stopped.exit_code)
     print(f"digest {state_digest(final)}", flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

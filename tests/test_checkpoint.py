@@ -97,12 +97,10 @@ CONFIGS = {
 def build(name: str):
     cfg = CONFIGS[name]
     model, tx = make_model(cfg["bn"]), cfg["tx"]()
-    step = fengine.train_step(loss_fn, tx)
-    if cfg["transforms"]:
-        step = fengine.compose(*(t() for t in cfg["transforms"]))(step)
+    step = fengine.train_step(loss_fn, tx, *(t() for t in cfg["transforms"]))
 
     def template():
-        return step.init_state(fengine.TrainState.create(model, tx, seed=7))
+        return step.init(model, seed=7)
 
     return step, template
 
@@ -240,7 +238,7 @@ def test_structure_mismatch_lists_every_problem_by_name(tmp_path):
         nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 4)
     )  # 3.weight/3.bias: shape
     other.add_module("5", nn.Linear(2, 2))  # 5.weight, 5.bias: missing in the file
-    like = fengine.TrainState.create(other, clip_adamw())
+    like = fengine.train_step(loss_fn, clip_adamw()).init(other)
     params = dict(like.params)
     params["0.bias"] = params["0.bias"].double()  # dtype
     like = like.replace(params=params, extra={"ema_like": torch.zeros(1)})
@@ -272,9 +270,9 @@ def test_structure_mismatch_lists_every_problem_by_name(tmp_path):
     state2 = train(step2, template2(), batches(1))
     path2 = ckpt.save(tmp_path / "ema.safetensors", state2)
     with pytest.raises(CheckpointMismatchError) as info:
-        ckpt.load(path2, fengine.TrainState.create(make_model(), clip_adamw()))
+        ckpt.load(path2, fengine.train_step(loss_fn, clip_adamw()).init(make_model()))
     assert "extra/ema/params/0.weight" in info.value.unexpected
-    assert "init_state" in str(info.value)
+    assert "step.init(model" in str(info.value)
 
 
 def test_scalar_vs_tensor_mismatch(tmp_path):
@@ -562,12 +560,12 @@ class Detector(nn.Module):
 def test_load_params_prefix_map_into_a_train_state(tmp_path):
     torch.manual_seed(0)
     det = Detector()
-    det_state = fengine.TrainState.create(det, clip_adamw())
+    det_state = fengine.train_step(loss_fn, clip_adamw()).init(det)
     path = ckpt.save(tmp_path / "det.safetensors", det_state)
 
     torch.manual_seed(1)
     backbone = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16))
-    target = fengine.TrainState.create(backbone, clip_adamw())
+    target = fengine.train_step(loss_fn, clip_adamw()).init(backbone)
     new, report = ckpt.load_params(path, target, prefix_map={"backbone.": ""})
     assert report.ok and report.format == "fengine"
     assert set(report.loaded) == {
@@ -639,7 +637,7 @@ def test_load_params_from_torch_pth_with_wrapper_and_module_prefix(tmp_path):
     pth = tmp_path / "epoch_3.pth"
     torch.save(wrapped, pth)
     torch.manual_seed(5)
-    target = fengine.TrainState.create(Detector(), clip_adamw())
+    target = fengine.train_step(loss_fn, clip_adamw()).init(Detector())
     target = target.replace(
         params={k: v.detach().double().requires_grad_(True) for k, v in target.params.items()}
     )
@@ -667,9 +665,13 @@ def test_load_params_ema_weights_and_corruption(tmp_path):
     step, template = build("amp_bf16_ema")
     state = train(step, template(), batches(3))
     path = ckpt.save(tmp_path / "ck.safetensors", state)
-    new, report = ckpt.load_params(path, template(), use_ema=True, strict=True)
+    new, report = ckpt.load_params(path, template(), strict=True)  # the eval weights: EMA's
     for k, v in state.extra["ema"].params.items():
         assert torch.equal(new.params[k], v)
+    live, _ = ckpt.load_params(path, template(), strict=True, weights="live")
+    for k, v in state.params.items():
+        assert torch.equal(live.params[k], v)
+    assert not torch.equal(live.params["0.weight"], new.params["0.weight"])
     data = bytearray(path.read_bytes())
     data[-3] ^= 1
     path.write_bytes(bytes(data))
@@ -681,7 +683,7 @@ def test_load_params_ema_weights_and_corruption(tmp_path):
 def test_publish_names_the_file_by_its_sha256(tmp_path):
     step, template = build("amp_bf16_ema")
     state = train(step, template(), batches(2))
-    out = ckpt.publish(state, tmp_path / "epoch_2")
+    out = ckpt.publish(state, tmp_path / "epoch_2", weights="live")
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     assert out.name == f"epoch_2-{digest[:8]}.safetensors"
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
@@ -690,9 +692,9 @@ def test_publish_names_the_file_by_its_sha256(tmp_path):
     model = make_model()
     model.load_state_dict(sd)
     assert ckpt.read_meta(out)["kind"] == "params"
-    again = ckpt.publish(state, tmp_path / "epoch_2.safetensors")
+    again = ckpt.publish(state, tmp_path / "epoch_2.safetensors", weights="live")
     assert again == out  # deterministic bytes, same name
-    ema = ckpt.publish(state, tmp_path / "ema", use_ema=True)
+    ema = ckpt.publish(state, tmp_path / "ema")  # default: the eval weights (EMA's)
     assert torch.equal(st.load_file(ema)["0.weight"], state.extra["ema"].params["0.weight"])
     _, report = ckpt.load_params(out, template(), strict=True)
     assert report.format == "fengine-params"

@@ -41,8 +41,8 @@ class Saved(fe.Handler):
 
 def _setup(n=2):
     tx = optim.sgd(0.05)
-    state = fe.TrainState.create(mlp(), tx, seed=0)
-    return state, fe.train_step(ce_loss, tx), mlp_batches(n)
+    step = fe.train_step(ce_loss, tx)
+    return step.init(mlp(), seed=0), step, mlp_batches(n)
 
 
 def _files(d: Path) -> list[str]:
@@ -414,7 +414,7 @@ def test_best_rotates_and_resaves_the_periodic_checkpoint(tmp_path, caplog):
     assert [f for f in _files(tmp_path) if f.startswith("best")] == ["best_acc_epoch_4.safetensors"]
     # the re-saved periodic checkpoint carries the current best; the best file is not the latest
     meta = checkpoint.read_meta(tmp_path / "epoch_2.safetensors")["meta"]["handlers"][
-        "Checkpointer"
+        "checkpointer"
     ]
     assert meta["best"] == {"acc": {"score": 0.9, "path": "best_acc_epoch_2.safetensors"}}
     assert checkpoint.latest(tmp_path) == tmp_path / "epoch_4.safetensors"
@@ -507,7 +507,8 @@ def _loader_setup():
     ds = fe.data.synthetic_classification(48, num_features=16, num_classes=4, seed=0)
     loader = fe.data.Loader(ds, batch_size=16, seed=0)
     tx = optim.sgd(0.05)
-    return fe.TrainState.create(mlp(), tx, seed=0), fe.train_step(ce_loss, tx), loader
+    step = fe.train_step(ce_loss, tx)
+    return step.init(mlp(), seed=0), step, loader
 
 
 def test_max_keep_counts_across_resume(tmp_path):
@@ -625,8 +626,8 @@ def test_published_last_and_best(tmp_path):
 @pytest.mark.parametrize("which", ["auto", "live"])
 def test_published_ema_weights(tmp_path, which):
     tx = optim.sgd(0.05)
-    step = fe.compose(fe.ema(0.5))(fe.train_step(ce_loss, tx))
-    st = fe.TrainState.create(mlp(), tx, seed=0)
+    step = fe.train_step(ce_loss, tx, fe.ema(0.5))
+    st = step.init(mlp(), seed=0)
     final = fe.fit(
         st,
         step,

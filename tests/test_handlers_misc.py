@@ -50,8 +50,8 @@ def _mm_runner():
 
 def _fit_setup(n=3, dropout=0.0):
     tx = optim.sgd(0.05)
-    state = fe.TrainState.create(mlp(dropout=dropout), tx, seed=0)
-    return state, fe.train_step(ce_loss, tx), mlp_batches(n)
+    step = fe.train_step(ce_loss, tx)
+    return step.init(mlp(dropout=dropout), seed=0), step, mlp_batches(n)
 
 
 # ----------------------------------------------------------------- EarlyStopping
@@ -469,7 +469,7 @@ def test_schedule_recorder_records_schedule_and_lr_used_by_each_update():
     cos = schedules.cosine(0.1, end=6, eta_min=0.01)
     wd = schedules.linear(1e-4, start_factor=0.5, end=4)
     tx = optim.sgd(cos, momentum=0.9, weight_decay=wd)
-    state = fe.TrainState.create(mlp(), tx)
+    state = fe.train_step(ce_loss, tx).init(mlp())
     rec = ScheduleRecorder(cos=cos, wd=wd)
     fe.fit(state, fe.train_step(ce_loss, tx), mlp_batches(3), max_steps=7, handlers=[rec])
     assert rec.values("step") == list(range(7))
@@ -498,7 +498,7 @@ def test_schedule_recorder_torch_reference_and_groups():
     )
     rec = ScheduleRecorder()
     fe.fit(
-        fe.TrainState.create(mlp(), tx),
+        fe.train_step(ce_loss, tx).init(mlp()),
         fe.train_step(ce_loss, tx),
         mlp_batches(5),
         max_steps=5,

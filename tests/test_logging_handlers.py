@@ -95,7 +95,7 @@ class Driver:
         self.state = state_at(step=start_step)
 
     def emit(self, event, **kw):
-        self.dispatch(event, lambda: Snapshot(event, self.state, self.run, **kw))
+        self.dispatch(event, self.state, self.run, **kw)
 
     def train_iter(self, b, d, c, metrics):
         """Batch ``b``: waits ``d`` s for data, computes for ``c`` s, returns ``metrics``."""
@@ -141,9 +141,9 @@ def tiny_fit(
     """A real `fengine.fit` of an MLP on ``n`` synthetic samples (``n / batch`` iterations per epoch)."""
     loader = data.Loader(data.synthetic_classification(n, 16, 10), batch, seed=0)
     tx = tx or optim.sgd(0.01)
-    state = fe.TrainState.create(mlp(), tx, seed=0)
     loss_fn = ce_loss if aux is None else (lambda model, b: (ce_loss(model, b), aux()))
     step = fe.train_step(loss_fn, tx)
+    state = step.init(mlp(), seed=0)
     return fe.fit(
         state,
         step,
@@ -226,7 +226,7 @@ def test_val_lines(lines):
 def test_standalone_evaluate_lines(lines):
     """`fengine.evaluate` (MMEngine's test loop): ``Epoch(test) [i/n]``."""
     model = mlp()
-    state = fe.TrainState.create(model, optim.sgd(0.1))
+    state = fe.train_step(lambda m, b: m(b).sum(), optim.sgd(0.1)).init(model)
     loader = data.Loader(data.synthetic_classification(40, 16, 10), 2, seed=0, shuffle=False)
     timer = Timer()
     fe.evaluate(

@@ -22,7 +22,7 @@ import fengine as fe
 from fengine import optim
 from fengine.data import Loader
 from fengine.handlers.early_stopping import EarlyStopping, MissingMetricError
-from fengine.multi import MultiStep, multi_step
+from fengine.multi import multi_step
 
 
 # ----------------------------------------------------------------- helpers
@@ -66,11 +66,8 @@ class Recorder(fe.Handler):
 
 def _setup(n=3, dropout=0.0, tx=None, seed=0):
     tx = tx or optim.sgd(0.05, momentum=0.9)
-    return (
-        fe.TrainState.create(mlp(dropout=dropout), tx, seed=seed),
-        fe.train_step(ce_loss, tx),
-        mlp_batches(n),
-    )
+    step = fe.train_step(ce_loss, tx)
+    return step.init(mlp(dropout=dropout), seed=seed), step, mlp_batches(n)
 
 
 class FakeLoader(list):
@@ -460,10 +457,8 @@ def test_epoch_validation_schedule_matches_mmengine_loop(max_epochs, interval, b
 
 def _fe_val_steps(max_steps, interval, begin, k=1):
     tx = optim.sgd(0.05)
-    step = fe.train_step(ce_loss, tx)
-    if k > 1:
-        step = fe.accumulate(k)(step)
-    state = fe.TrainState.create(mlp(), tx)
+    step = fe.train_step(ce_loss, tx, *([fe.accumulate(k)] if k > 1 else []))
+    state = step.init(mlp())
     batches = mlp_batches(4)
     at = []
 
@@ -543,7 +538,8 @@ class Batches(fe.Handler):
 
 def _fresh(seed=0):
     tx = optim.adamw(1e-2)
-    return fe.TrainState.create(mlp(dropout=0.2), tx, seed=seed), fe.train_step(ce_loss, tx)
+    step = fe.train_step(ce_loss, tx)
+    return step.init(mlp(dropout=0.2), seed=seed), step
 
 
 def test_position_after_a_max_steps_run_and_bitwise_continuation_with_loader():
@@ -598,7 +594,7 @@ def test_plain_list_data_resumes_by_skipping():
 # ----------------------------------------------------------------- accumulation
 def test_accumulate_3_with_7_batches_per_epoch():
     tx = optim.sgd(0.1)
-    step = fe.accumulate(3)(fe.train_step(ce_loss, tx))
+    step = fe.train_step(ce_loss, tx, fe.accumulate(3))
     batches = mlp_batches(7)
     seen = []
 
@@ -609,9 +605,7 @@ def test_accumulate_3_with_7_batches_per_epoch():
         def on_after_train_iter(self, snap):
             seen.append((snap.step, snap.batch_idx, len(snap.batch), snap.state.batch_in_epoch))
 
-    final = fe.fit(
-        fe.TrainState.create(mlp(), tx), step, batches, max_epochs=2, handlers=[Groups()]
-    )
+    final = fe.fit(step.init(mlp()), step, batches, max_epochs=2, handlers=[Groups()])
     run, *iters = seen
     assert (run.steps_per_epoch, run.batches_per_epoch, run.micro_batches, run.max_steps) == (
         3,
@@ -630,7 +624,7 @@ def test_accumulate_3_with_7_batches_per_epoch():
     assert (final.step, final.epoch, final.batch_in_epoch) == (6, 2, 0)
 
     # the same groups by hand, and a torch loop with the mean over each group (last group: mean of 1)
-    manual = fe.TrainState.create(mlp(), tx)
+    manual = step.init(mlp())
     for _ in range(2):
         for group in (batches[0:3], batches[3:6], batches[6:7]):
             manual, _ = step(manual, fe.MicroBatches(group))
@@ -774,8 +768,8 @@ def test_gan_with_two_optimizers_matches_torch_bitwise():
             "gen": (gen_loss, optim.adam(g_lr, b1=0.5), lambda name: name.startswith("gen.")),
         }
     )
-    assert isinstance(step, MultiStep) and isinstance(step, fe.Step)
-    state = fe.TrainState.create(GAN(), step.tx)
+    assert isinstance(step, fe.Step)
+    state = step.init(GAN())
     assert list(state.opt_state) == ["disc", "gen"]
     batches = gan_batches(4)
     logged = []
@@ -838,7 +832,7 @@ def test_multi_step_donation_and_errors():
         {"disc": (disc_loss, optim.sgd(0.1), "disc"), "gen": (gen_loss, optim.sgd(0.1), "gen")},
         donate=False,
     )
-    state = fe.TrainState.create(GAN(), step.tx)
+    state = step.init(GAN())
     before = state.clone()
     new, _ = step(state, gan_batches(1)[0])
     assert_dicts_equal(state.params, before.params, "donate=False keeps the input")
@@ -849,21 +843,18 @@ def test_multi_step_donation_and_errors():
     with pytest.raises(fe.DonatedStateError):
         _ = new.params
     with pytest.raises(ValueError, match="'gen.0.weight' belongs to no part"):
-        fe.TrainState.create(GAN(), multi_step({"disc": (disc_loss, optim.sgd(0.1), "disc")}).tx)
+        multi_step({"disc": (disc_loss, optim.sgd(0.1), "disc")}).init(GAN())
     with pytest.raises(ValueError, match="selected by several parts"):
-        fe.TrainState.create(
-            GAN(),
-            multi_step(
-                {
-                    "a": (disc_loss, optim.sgd(0.1), lambda n: True),
-                    "b": (gen_loss, optim.sgd(0.1), "gen"),
-                }
-            ).tx,
-        )
-    with pytest.raises(ValueError, match="opt_state must be the dict of part states"):
-        step(fe.TrainState.create(GAN(), optim.sgd(0.1)), gan_batches(1)[0])
-    with pytest.raises(TypeError, match="not supported on a multi_step"):
-        fe.accumulate(2)(step)
+        multi_step(
+            {
+                "a": (disc_loss, optim.sgd(0.1), lambda n: True),
+                "b": (gen_loss, optim.sgd(0.1), "gen"),
+            }
+        ).init(GAN())
+    with pytest.raises(
+        fe.StepMismatchError, match="state.opt_state is SgdState, this step makes dict"
+    ):
+        step(fe.train_step(gen_loss, optim.sgd(0.1)).init(GAN()), gan_batches(1)[0])
     with pytest.raises(ValueError, match="order"):
         multi_step({"disc": (disc_loss, optim.sgd(0.1), "disc")}, order=["gen"])
 
@@ -871,8 +862,8 @@ def test_multi_step_donation_and_errors():
 # ----------------------------------------------------------------- evaluate
 def test_evaluate_uses_ema_params_live_on_request_and_gives_the_metric_the_raw_batch():
     tx = optim.sgd(0.5)
-    step = fe.ema(momentum=0.5)(fe.train_step(ce_loss, tx))
-    state = fe.TrainState.create(mlp(), tx)
+    step = fe.train_step(ce_loss, tx, fe.ema(momentum=0.5))
+    state = step.init(mlp())
     state = fe.fit(state, step, mlp_batches(3), max_steps=3, handlers=[])
     ema = state.extra["ema"].params
     assert not torch.equal(ema["0.weight"], state.params["0.weight"])
@@ -893,7 +884,7 @@ def test_evaluate_uses_ema_params_live_on_request_and_gives_the_metric_the_raw_b
         assert torch.equal(outputs, ref), params
         assert not outputs.requires_grad
 
-    plain = fe.TrainState.create(mlp(), tx)
+    plain = fe.train_step(ce_loss, tx).init(mlp())
     with pytest.raises(ValueError, match="params='ema' but the state has no EMA"):
         fe.evaluate(plain, eval_fn, data, [Const()], params="ema")
     with pytest.raises(ValueError, match="params must be 'auto', 'ema' or 'live'"):
@@ -903,7 +894,8 @@ def test_evaluate_uses_ema_params_live_on_request_and_gives_the_metric_the_raw_b
 def test_evaluate_emits_test_events_and_validation_in_fit_uses_ema():
     rec = Recorder()
     tx = optim.sgd(0.5)
-    state = fe.TrainState.create(mlp(), tx)
+    step = fe.train_step(ce_loss, tx, fe.ema(momentum=0.5))
+    state = step.init(mlp())
     fe.evaluate(state, fe.loop.default_predict, mlp_batches(2), [Const()], handlers=[rec])
     assert rec.events == [
         "before_test",
@@ -916,7 +908,6 @@ def test_evaluate_emits_test_events_and_validation_in_fit_uses_ema():
         "after_test",
     ]
 
-    step = fe.ema(momentum=0.5)(fe.train_step(ce_loss, tx))
     metric = Const(record=True)
     val_batch = mlp_batches(1, seed=9)
     final = fe.fit(

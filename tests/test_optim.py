@@ -130,8 +130,8 @@ def _run_reference(model, torch_cls, kw, batches, seed, clip=None, fused=False, 
 
 
 def _run_fengine(model, tx, batches, seed, donate=True):
-    state = fe.TrainState.create(model, tx, seed=seed)
     step = fe.train_step(ce_loss, tx, donate=donate)
+    state = step.init(model, seed=seed)
     metrics = []
     for batch in batches:
         state, m = step(state, batch)
@@ -376,7 +376,7 @@ def test_frozen_param_and_unused_param_are_not_updated():
     torch.manual_seed(0)
     net = Net()
     tx = optim.adamw(1e-2)
-    state = fe.TrainState.create(net, tx)
+    state = fe.train_step(ce_loss, tx).init(net)
     assert "frozen.weight" not in state.opt_state.exp_avg  # tx sees trainable params only
     before = {n: p.clone() for n, p in state.params.items()}
     state, _ = fe.train_step(ce_loss, tx)(state, mlp_batches(1)[0])

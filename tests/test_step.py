@@ -14,7 +14,7 @@ from fengine import optim
 
 def _state(model=None, tx=None, seed=0):
     model = model or mlp(dropout=0.3)
-    return fe.TrainState.create(model, tx or optim.adamw(1e-2), seed=seed)
+    return fe.train_step(ce_loss, tx or optim.adamw(1e-2)).init(model, seed=seed)
 
 
 def test_use_after_donate_raises_naming_the_steps():
@@ -72,7 +72,7 @@ def test_dropout_is_a_function_of_seed_and_step_and_leaves_global_rng_alone():
 
 def test_batchnorm_buffers_are_carried_in_state():
     tx = optim.sgd(0.1)
-    state = fe.TrainState.create(small_cnn(), tx)
+    state = fe.train_step(ce_loss, tx).init(small_cnn())
     assert set(state.buffers) == {
         "1.running_mean",
         "1.running_var",
@@ -152,9 +152,9 @@ def test_state_is_a_pytree_and_replace_is_functional():
 
 def test_create_validates_input():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
-        fe.TrainState.create("net", optim.sgd(0.1))
+        fe.TrainState.create("net")
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
-        fe.TrainState.create(mlp(), optim.sgd(0.1), seed=-1)
+        fe.train_step(ce_loss, optim.sgd(0.1)).init(mlp(), seed=-1)
     with pytest.raises(TypeError, match="tx must be a GradientTransformation"):
         fe.train_step(ce_loss, torch.optim.SGD)
 
@@ -163,7 +163,7 @@ def test_loss_fn_can_use_submodules_with_bound_params():
     """model attributes (not only model(...)) see the state's params."""
     net = nn.Sequential(nn.Linear(16, 10))
     tx = optim.sgd(1.0)
-    state = fe.TrainState.create(net, tx)
+    state = fe.train_step(ce_loss, tx).init(net)
     with torch.no_grad():
         state.params["0.weight"].zero_()
         state.params["0.bias"].zero_()
@@ -205,7 +205,7 @@ def test_tied_and_shared_weights_are_bound_everywhere():
     net = Tied()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=True)
     tx = optim.sgd(0.1, momentum=0.9)
-    state = fe.TrainState.create(net, tx)
+    state = fe.train_step(ce_loss, tx).init(net)
     assert "dec.weight" not in state.params  # tied weights are one entry
     step = fe.train_step(ce_loss, tx)
     for batch in mlp_batches(5):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,25 +113,37 @@ def _head_bytes(path: Path) -> bytes:
         return b""
 
 
-def _train_state_names(structure: list, use_ema: bool, path: Path) -> dict[str, str]:
-    """State-dict names of a training checkpoint's weights -> file keys (``params/fc1.weight`` -> ``fc1.weight``)."""
+def _train_state_names(h: Header, structure: list, weights: str) -> dict[str, str]:
+    """State-dict names of a training checkpoint's weights -> file keys (``fc1.weight`` -> ``params/fc1.weight``).
+
+    ``weights="eval"`` takes the file's eval weights (`TrainState.eval_weights` at save
+    time, e.g. EMA): its ``fengine.eval_weights`` entry maps names to other keys of the
+    same file. A key outside the file is refused (the map only ever selects tensors).
+    """
     groups: dict[tuple, dict[str, str]] = {}  # parent path -> {dict key: file key}
     for e in structure:
         comps = e[2]
         if e[1] == "tensor" and comps[-1][0] == "k":
             groups.setdefault(tuple(c[1] for c in comps[:-1]), {})[str(comps[-1][1])] = e[0]
-    if not use_ema:
-        return {**groups.get(("params",), {}), **groups.get(("buffers",), {})}
-    ema = groups.get(("extra", "ema", "params"))
-    if not ema:
+    names = {**groups.get(("params",), {}), **groups.get(("buffers",), {})}
+    if weights == "live":
+        return names
+    try:
+        swaps = json.loads(h.metadata.get("fengine.eval_weights", "{}"))
+    except json.JSONDecodeError:
+        swaps = None
+    if not isinstance(swaps, dict) or not all(
+        isinstance(k, str) and k in names and isinstance(v, str) and v in h.table
+        for k, v in swaps.items()
+    ):
         raise err(
-            path,
-            "has no EMA weights (extra/ema/params); train with fengine.ema(...) or pass use_ema=False",
+            h.path,
+            "has a malformed fengine.eval_weights entry (it must map weight names to tensors of the file)",
         )
-    return {**ema, **groups.get(("buffers",), {}), **groups.get(("extra", "ema", "buffers"), {})}
+    return {**names, **swaps}
 
 
-def _weights(path: Path, use_ema: bool) -> _Weights:
+def _weights(path: Path, weights: str) -> _Weights:
     if path.is_file() and foreign(_head_bytes(path)):
         sd = _torch_state_dict(path)
         sources: dict[str, str] = {}
@@ -144,7 +157,7 @@ def _weights(path: Path, use_ema: bool) -> _Weights:
         info = require_fengine(h)
         w.digest = info.digest
         if info.kind == "train_state":
-            w.format, w.sources = "fengine", _train_state_names(info.structure, use_ema, path)
+            w.format, w.sources = "fengine", _train_state_names(h, info.structure, weights)
             return w
         w.format = "fengine-params"
     for n in h.order:
@@ -179,12 +192,13 @@ def load_params(
     *,
     prefix_map: Mapping[str, str] | None = None,
     strict: bool = False,
-    use_ema: bool = False,
+    weights: str = "eval",
 ) -> tuple[TrainState | dict[str, torch.Tensor], LoadReport]:
     """Load weights (params and buffers) only: MMEngine's ``load_from`` / ``Pretrained`` init.
 
-    ``path`` may be a fengine checkpoint (its ``params/`` and ``buffers/``, or
-    with ``use_ema`` its EMA weights), a published params file, a plain
+    ``path`` may be a fengine checkpoint (its eval weights: the EMA ones when the
+    run kept an EMA, see `TrainState.eval_weights`; ``weights="live"`` for the
+    trained ones), a published params file, a plain
     safetensors state dict, or a torch ``.pth`` state dict (read with
     ``weights_only=True``; a ``{'state_dict': ...}`` wrapper is unwrapped).
     A leading ``module.`` (DataParallel) is stripped from every name.
@@ -209,7 +223,9 @@ def load_params(
             f"load_params: into must be a TrainState or an nn.Module, got {type(into).__name__}"
         )
 
-    w = _weights(path, use_ema)
+    if weights not in ("eval", "live"):
+        raise ValueError(f"load_params: weights must be 'eval' or 'live', got {weights!r}")
+    w = _weights(path, weights)
     mapped, skipped = _rename(w.sources, prefix_map, path)
     loaded, mismatched, unexpected = [], [], []
     for name, key in mapped.items():
@@ -263,29 +279,24 @@ def publish(
     state: TrainState,
     path_stem: str | os.PathLike,
     *,
-    use_ema: bool = False,
+    weights: str = "eval",
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write params and buffers only to ``{stem}-{sha256[:8]}.safetensors``; returns that path.
+    """Write the weights only to ``{stem}-{sha256[:8]}.safetensors``; returns that path.
 
     MMEngine's published checkpoint: no optimizer state, the name carries the
     first 8 hex digits of the file's SHA-256. Names are plain state-dict names
     (``fc1.weight``), so ``safetensors.torch.load_file`` gives a dict for
-    ``module.load_state_dict``; `load_params` reads it too. ``use_ema`` publishes
-    the EMA weights of `fengine.ema`.
+    ``module.load_state_dict``; `load_params` reads it too. The weights are
+    `TrainState.eval_weights` (the EMA ones when the step keeps an EMA), or the
+    trained ones with ``weights="live"``.
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"publish: expected a TrainState, got {type(state).__name__}")
+    if weights not in ("eval", "live"):
+        raise ValueError(f"publish: weights must be 'eval' or 'live', got {weights!r}")
     pos = position(state)
-    params, buffers = state.params, state.buffers
-    if use_ema:
-        e = state.extra.get("ema")
-        if e is None:
-            raise ValueError(
-                "publish(use_ema=True): the state has no EMA (extra['ema']); train with fengine.ema(...)"
-            )
-        params = e.params
-        buffers = {**buffers, **e.buffers}
+    params, buffers = state.eval_weights() if weights == "eval" else (state.params, state.buffers)
     stem = Path(path_stem)
     if stem.name.endswith(SUFFIX):
         stem = stem.with_name(stem.name[: -len(SUFFIX)])

@@ -90,11 +90,25 @@ def save(
         meta,
         structure=json.dumps(structure, ensure_ascii=False),
         scalars=json.dumps(scalars, ensure_ascii=False),
+        eval_weights=json.dumps(_eval_weight_keys(state, named), ensure_ascii=False),
     )
     write_file(path, named, md, fsync=fsync)
     if update_latest:
         mark_latest(path.parent, path)
     return path
+
+
+def _eval_weight_keys(state: TrainState, named: list[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """Weight name -> file key where `TrainState.eval_weights` differs from the live weights (EMA)."""
+    key_of = {id(t): name for name, t in named}
+    params, buffers = state.eval_weights()
+    out = {}
+    for n, t in {**params, **buffers}.items():
+        key = key_of.get(id(t))
+        live = state.params.get(n) if n in state.params else state.buffers.get(n)
+        if key is not None and t is not live:
+            out[n] = key
+    return out
 
 
 # ======================================================================= read_meta / load
@@ -242,8 +256,8 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
             parts.append(listing("tensor / non-tensor mismatch", kind_bad))
         if any(u.startswith("extra/") for u in unexpected) and not like.extra:
             parts.append(
-                "  hint: the file has step-transform state (amp, ema, ...) and the template has none; "
-                "build the template with step.init_state(TrainState.create(...))"
+                "  hint: the file has step-wrapper state (amp, ema, ...) and the template has none; "
+                "build the template with the run's step: step.init(model, seed=...)"
             )
         raise CheckpointMismatchError(
             "\n".join(parts),
@@ -358,6 +372,7 @@ def latest(work_dir: str | os.PathLike, *, verify: bool = True) -> Path | None:
     pointer = work_dir / POINTER
     if not pointer.is_file():
         return None
+    problem: str | None
     try:
         text = pointer.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:

@@ -51,6 +51,7 @@ import torch
 
 from fengine import checkpoint
 from fengine.events import Handler, Priority, RunInfo, Save, Snapshot
+from fengine.state import TrainState
 
 
 __all__ = [
@@ -276,12 +277,15 @@ class Checkpointer(Handler):
         ``"epoch_{}.safetensors"`` / ``"iter_{}.safetensors"``.
       published: after training, also write params-only ``<stem>-<sha256[:8]>.safetensors``
         copies of the last and best checkpoints (needs ``save_last`` or ``save_best``).
-      published_params: which weights to publish: ``"auto"`` (the EMA weights when the run
-        keeps an EMA, as MMEngine's EMAHook puts them in ``state_dict``), ``"live"`` or ``"ema"``.
+      published_params: which weights to publish: ``"auto"`` (the checkpoint's eval weights,
+        `TrainState.eval_weights`: the EMA ones when the run keeps an EMA, as MMEngine's
+        EMAHook puts them in ``state_dict``), ``"live"`` or ``"ema"`` (eval weights, required).
+      name: the key of this handler's state in checkpoints (default ``"checkpointer"``).
       priority: default VERY_LOW (after the schedulers and the logger, as MMEngine).
     """
 
     priority = Priority.VERY_LOW
+    name = "checkpointer"
 
     def __init__(
         self,
@@ -300,8 +304,9 @@ class Checkpointer(Handler):
         published: bool = False,
         published_params: str = "auto",
         priority: int | str | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(priority=priority)
+        super().__init__(priority=priority, name=name)
         self.interval = _check_int("interval", interval)
         if interval < 1 and interval != -1:
             raise ValueError(
@@ -419,7 +424,8 @@ class Checkpointer(Handler):
                     f"available keys: {list(metrics)}"
                 )
             score = _score(key, metrics[key])
-            if self._is_new_best(key, rule, score):
+            assert rule is not None  # "auto" was resolved above
+            if score is not None and self._is_new_best(key, rule, score):
                 saves.append(self._replace_best(directory, key, score, n))
         if saves and self.last_step == n:
             saves.append(self._periodic(directory, n))  # so the best info it stores is current
@@ -461,16 +467,16 @@ class Checkpointer(Handler):
 
         ``like`` is a `TrainState` of the run (its structure names what to read)."""
         path = Path(path)
-        e = like.extra.get("ema") if isinstance(getattr(like, "extra", None), Mapping) else None
-        if self.published_params == "ema" and e is None:
+        if self.published_params == "ema" and like.eval_weights()[0] is like.params:
             raise ValueError(
                 "Checkpointer(published_params='ema'): the run keeps no EMA; add fengine.ema(...) to the step"
             )
-        use_ema = self.published_params == "ema" or (
-            self.published_params == "auto" and e is not None
+        weights = "live" if self.published_params == "live" else "eval"
+        loaded, _ = checkpoint.load_params(path, like, strict=True, weights=weights)
+        assert isinstance(loaded, TrainState)
+        out = checkpoint.publish(
+            loaded, path, weights="live", meta={"published_from": path.name, "weights": weights}
         )
-        weights, _ = checkpoint.load_params(path, like, strict=True, use_ema=use_ema)
-        out = checkpoint.publish(weights, path, meta={"published_from": path.name, "ema": use_ema})
         log.info("The checkpoint (%s) is published to %s.", path, out)
         return out
 

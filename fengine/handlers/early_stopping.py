@@ -76,6 +76,7 @@ class EarlyStopping(Handler):
     """
 
     priority = Priority.LOWEST
+    name = "early_stopping"
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Step transforms: accumulate, amp (GradScaler parity), ema (MMEngine parity), check_finite, compose."""
+"""Step wrappers: accumulate, amp (GradScaler parity), ema (MMEngine parity), check_finite, reading order."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from fengine import optim
 
 
 def _create(model, tx, seed=0):
-    return fe.TrainState.create(model, tx, seed=seed)
+    """A state for a plain step with ``tx`` (steps with the same tx and no stateful wrappers share it)."""
+    return fe.train_step(ce_loss, tx).init(model, seed=seed)
 
 
 # ---------------------------------------------------------------- accumulate
 def test_accumulate_k_micro_batches_equals_one_big_batch():
     """k micro-batches of size b == one batch of size k*b (mean loss), within float tolerance."""
     tx = optim.sgd(0.1, momentum=0.9)
-    acc_step = fe.compose(fe.accumulate(4))(fe.train_step(ce_loss, tx))
+    acc_step = fe.train_step(ce_loss, tx, fe.accumulate(4))
     big_step = fe.train_step(ce_loss, tx)
     a, b = _create(mlp(), tx), _create(mlp(), tx)
     for micro in [mlp_batches(4, batch=8, seed=s) for s in range(10)]:
@@ -73,7 +74,7 @@ def test_accumulate_leftover_window_matches_mmengine_optimwrapper():
     assert updates == 7
 
     tx = optim.sgd(0.01)
-    step = fe.compose(fe.accumulate(4))(fe.train_step(losses, tx))
+    step = fe.train_step(losses, tx, fe.accumulate(4))
     state = _create(ours, tx)
     groups = [batches[i : i + 4] for i in range(0, 25, 4)]
     assert [len(gr) for gr in groups] == [4, 4, 4, 4, 4, 4, 1]
@@ -91,7 +92,7 @@ def test_accumulate_weighted_by_samples_gives_the_exact_mean_for_unequal_micro_b
     micro = [
         (torch.randn(s, 16, generator=g), torch.randint(0, 10, (s,), generator=g)) for s in sizes
     ]
-    step = fe.compose(fe.accumulate(3, weight=lambda b: len(b[1])))(fe.train_step(ce_loss, tx))
+    step = fe.train_step(ce_loss, tx, fe.accumulate(3, weight=lambda b: len(b[1])))
     a, _ = step(_create(mlp(), tx), fe.MicroBatches(micro))
     big = (torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro]))
     b, _ = fe.train_step(ce_loss, tx)(_create(mlp(), tx), big)
@@ -101,7 +102,7 @@ def test_accumulate_weighted_by_samples_gives_the_exact_mean_for_unequal_micro_b
 
 def test_accumulate_rejects_bad_groups():
     tx = optim.sgd(0.1)
-    step = fe.compose(fe.accumulate(2))(fe.train_step(ce_loss, tx))
+    step = fe.train_step(ce_loss, tx, fe.accumulate(2))
     with pytest.raises(TypeError, match="MicroBatches"):
         step(_create(mlp(), tx), mlp_batches(1)[0])
     with pytest.raises(ValueError, match="got 3 micro-batches, expected 1..2"):
@@ -118,7 +119,7 @@ def test_accumulate_micro_batches_draw_distinct_dropout():
         masks.append(F.dropout(torch.ones(100), 0.5, training=True))
         return ce_loss(model, batch)
 
-    step = fe.compose(fe.accumulate(2))(fe.train_step(loss_fn, tx, donate=False))
+    step = fe.train_step(loss_fn, tx, fe.accumulate(2), donate=False)
     s = _create(mlp(), tx, seed=1)
     step(s, fe.MicroBatches(mlp_batches(2)))
     step(s, fe.MicroBatches(mlp_batches(2)))
@@ -159,15 +160,14 @@ def test_fp16_scaler_sequence_matches_torch_gradscaler():
         ref_trackers.append(int(scaler._growth_tracker))
 
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9))
-    step = fe.compose(fe.amp("float16", growth_interval=growth_interval))(
-        fe.train_step(_scaled_loss_fn, tx)
-    )
-    state = _create(mlp(), tx)
+    amp = fe.amp("float16", growth_interval=growth_interval)
+    step = fe.train_step(_scaled_loss_fn, tx, amp)
+    state = step.init(mlp())
     scales, trackers, skipped = [], [], []
     for batch in data:
         state, m = step(state, batch)
-        scales.append(float(state.extra["amp"].scale))
-        trackers.append(int(state.extra["amp"].growth_tracker))
+        scales.append(float(amp.scaler(state).scale))
+        trackers.append(int(amp.scaler(state).growth_tracker))
         skipped.append(bool(m["update_skipped"]))
     assert scales == ref_scales
     assert trackers == ref_trackers
@@ -189,7 +189,7 @@ def test_bf16_autocasts_without_scaler():
         return F.cross_entropy(out.float(), batch[1])
 
     tx = optim.sgd(0.1)
-    step = fe.compose(fe.amp("bfloat16"))(fe.train_step(loss_fn, tx))
+    step = fe.train_step(loss_fn, tx, fe.amp("bfloat16"))
     state, m = step(_create(mlp(), tx), mlp_batches(1)[0])
     assert seen == [torch.bfloat16]
     assert "amp" not in state.extra and "loss_scale" not in m
@@ -209,10 +209,9 @@ def test_ema_matches_mmengine_exponential_moving_average(interval, begin):
     from mmengine.model import ExponentialMovingAverage
 
     tx = optim.adamw(1e-2)
-    step = fe.compose(fe.ema(momentum=0.1, interval=interval, begin=begin))(
-        fe.train_step(ce_loss, tx)
-    )
-    state = _create(mlp(), tx)
+    ema = fe.ema(momentum=0.1, interval=interval, begin=begin)
+    step = fe.train_step(ce_loss, tx, ema)
+    state = step.init(mlp())
     live = mlp()
     oracle = ExponentialMovingAverage(live, momentum=0.1, interval=interval)
     for t, batch in enumerate(mlp_batches(8)):
@@ -225,10 +224,11 @@ def test_ema_matches_mmengine_exponential_moving_average(interval, begin):
         else:
             for n, p in oracle.module.named_parameters():
                 p.data.copy_(live.get_parameter(n))
-    ours = state.extra["ema"].params
+    ours = ema.params(state)
     for n, p in oracle.module.named_parameters():
         assert torch.equal(ours[n], p.detach()), n
-    assert fe.ema_params(state) is ours
+    params, buffers = state.eval_weights()  # what evaluation, checkpoints and publish use
+    assert all(params[n] is ours[n] for n in ours) and buffers is not None
 
 
 def test_ema_decay_is_one_minus_momentum_and_validates():
@@ -238,14 +238,27 @@ def test_ema_decay_is_one_minus_momentum_and_validates():
         fe.ema(1.5)
 
 
-# ---------------------------------------------------------------- check_finite and compose
+def test_ema_of_a_submodule_only():
+    tx = optim.sgd(0.5)
+    ema = fe.ema(momentum=0.5, params="2")  # the head Linear of the MLP only
+    step = fe.train_step(ce_loss, tx, ema)
+    state = step.init(mlp())
+    assert sorted(state.extra["ema"].params) == ["2.bias", "2.weight"]
+    for batch in mlp_batches(3):
+        state, _ = step(state, batch)
+    params, _ = state.eval_weights()
+    assert params["0.weight"] is state.params["0.weight"]
+    assert not torch.equal(params["2.weight"], state.params["2.weight"])
+
+
+# ---------------------------------------------------------------- check_finite
 def test_check_finite_names_step_and_terms():
     def loss_fn(model, batch):
         ce = ce_loss(model, batch)
         return {"loss_ce": ce, "loss_bad": ce * float("nan"), "acc": ce * 0}
 
     tx = optim.sgd(0.1)
-    step = fe.compose(fe.check_finite())(fe.train_step(loss_fn, tx))
+    step = fe.train_step(loss_fn, tx, fe.check_finite())
     state = _create(mlp(), tx)
     before = state.params["0.weight"].clone()
     with pytest.raises(
@@ -255,31 +268,157 @@ def test_check_finite_names_step_and_terms():
     assert torch.equal(state.params["0.weight"], before)  # nothing applied, state still usable
 
 
-def test_check_finite_defers_to_fp16_loss_scaling():
+def test_check_finite_after_fp16_amp_leaves_overflows_to_the_scaler():
     tx = optim.sgd(0.1)
-    step = fe.compose(fe.check_finite(), fe.amp("float16"))(fe.train_step(_scaled_loss_fn, tx))
+    amp = fe.amp("float16")
+    step = fe.train_step(_scaled_loss_fn, tx, amp, fe.check_finite())
     x, y = mlp_batches(1)[0]
-    state, m = step(_create(mlp(), tx), (x, y, torch.tensor(float("inf"))))
-    assert bool(m["update_skipped"]) and float(state.extra["amp"].scale) == 2.0**15
+    state, m = step(step.init(mlp()), (x, y, torch.tensor(float("inf"))))
+    assert bool(m["update_skipped"]) and float(amp.scaler(state).scale) == 2.0**15
+    with pytest.raises(ValueError, match=r"check_finite\(\) is written before amp"):
+        fe.train_step(_scaled_loss_fn, tx, fe.check_finite(), fe.amp("float16"))
 
 
-def test_compose_order_is_canonical_and_duplicates_rejected():
+# ---------------------------------------------------------------- composition
+def test_forward_wrappers_in_either_order_give_the_same_bits():
+    """amp outside or inside accumulate: the same scaled micro-batch losses, the same update."""
     tx = optim.sgd(0.1, momentum=0.9)
     data = [(x, y, torch.tensor(1.0)) for x, y in mlp_batches(4)]
-    a_step = fe.compose(fe.ema(0.9), fe.amp("float16"), fe.accumulate(2))(
-        fe.train_step(_scaled_loss_fn, tx)
-    )
-    b_step = fe.compose(fe.accumulate(2), fe.amp("float16"), fe.ema(0.9))(
-        fe.train_step(_scaled_loss_fn, tx)
-    )
-    a, b = _create(mlp(), tx), _create(mlp(), tx)
+    a_step = fe.train_step(_scaled_loss_fn, tx, fe.amp("float16"), fe.accumulate(2), fe.ema(0.9))
+    b_step = fe.train_step(_scaled_loss_fn, tx, fe.accumulate(2), fe.amp("float16"), fe.ema(0.9))
+    a, b = a_step.init(mlp()), b_step.init(mlp())
     for i in range(0, 4, 2):
         a, _ = a_step(a, fe.MicroBatches(data[i : i + 2]))
         b, _ = b_step(b, fe.MicroBatches(data[i : i + 2]))
     assert_dicts_equal(a.params, b.params)
     assert_dicts_equal(a.extra["ema"].params, b.extra["ema"].params)
-    assert a_step.transforms == ("accumulate", "amp", "ema")
-    with pytest.raises(ValueError, match="given more than once"):
-        fe.compose(fe.ema(0.9), fe.ema(0.8))
-    with pytest.raises(TypeError, match="expected step transforms"):
-        fe.compose(optim.sgd(0.1))
+
+
+def test_meaningless_combinations_are_refused_at_construction():
+    tx = optim.sgd(0.1)
+    with pytest.raises(ValueError, match="amp .* is given twice"):
+        fe.train_step(ce_loss, tx, fe.amp("float16"), fe.amp("bfloat16"))
+    with pytest.raises(ValueError, match="accumulate .* is given twice"):
+        fe.train_step(ce_loss, tx, fe.accumulate(2), fe.accumulate(2))
+    with pytest.raises(ValueError, match=r"same name \['ema'\]"):
+        fe.train_step(ce_loss, tx, fe.ema(0.9), fe.ema(0.8))
+    fe.train_step(ce_loss, tx, fe.ema(0.9), fe.ema(0.8, name="ema_slow"))  # distinct names: fine
+    with pytest.raises(
+        TypeError, match="step wrapper 0 is a gradient transformation; put it in tx"
+    ):
+        fe.train_step(ce_loss, tx, optim.clip_by_global_norm(1.0))
+    with pytest.raises(TypeError, match="step wrapper 1 is function"):
+        fe.train_step(ce_loss, tx, fe.amp("bfloat16"), lambda grad_fn: grad_fn)
+
+
+def test_init_builds_every_state_and_a_foreign_state_is_named():
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3))
+    step = fe.train_step(_scaled_loss_fn, tx, fe.amp("float16"), fe.ema(0.9))
+    state = step.init(mlp(), seed=3)
+    assert state.seed == 3 and sorted(state.extra) == ["amp", "ema"]
+    assert type(state.opt_state[1]).__name__ == "AdamState"
+    batch = (*mlp_batches(1)[0], torch.tensor(1.0))
+    sgd_state = fe.train_step(_scaled_loss_fn, optim.sgd(0.1)).init(mlp())
+    with pytest.raises(
+        fe.StepMismatchError, match="state.opt_state is SgdState, this step makes tuple"
+    ):
+        step(sgd_state, batch)
+    adam_alone = fe.train_step(
+        _scaled_loss_fn, optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1))
+    )
+    with pytest.raises(
+        fe.StepMismatchError, match=r"state.opt_state\[1\] is SgdState, this step makes AdamState"
+    ):
+        step(adam_alone.init(mlp()), batch)
+    plain = fe.train_step(_scaled_loss_fn, tx).init(mlp())
+    with pytest.raises(fe.StepMismatchError, match="state.extra lacks 'amp'.*lacks 'ema'"):
+        step(plain, batch)
+    with pytest.raises(fe.StepMismatchError, match="state.extra has 'ema', which no wrapper"):
+        fe.train_step(_scaled_loss_fn, tx, fe.amp("float16"))(state, batch)
+    with pytest.raises(TypeError, match="takes no gradient transformation"):
+        fe.TrainState.create(mlp(), tx)
+    state, _ = step(state, batch)  # the state it built fits
+    assert state.step == 1
+
+
+# ------------------------------------------------- user-written wrappers of each kind
+class GradientNoise:
+    """README's gradient transformation: Gaussian noise on the gradients, keyed by (seed, step)."""
+
+    def __new__(cls, std, seed=0, seen=None):
+        def init(params):
+            return optim.EmptyState()
+
+        def update(grads, state, params=None, *, step=None):
+            if seen is not None:
+                seen.append({n: g.clone() for n, g in grads.items()})
+            g = torch.Generator().manual_seed(fe.rng.fold_in(seed, step))
+            noisy = {n: x + std * torch.randn(x.shape, generator=g) for n, x in grads.items()}
+            return noisy, state
+
+        return optim.GradientTransformation(init, update)
+
+
+def test_user_wrappers_of_each_kind_under_fp16_scaling_with_accumulation():
+    """A gradient transformation, a forward wrapper (a context) and a post-update wrapper, each a few
+    lines, under fp16 dynamic loss scaling with 3 micro-batches, against torch + GradScaler."""
+    seen_by_tx, seen_by_forward, seen_after = [], [], []
+
+    def recording_context(grad_fn):  # a forward wrapper: runs the forward/backward under a context
+        def wrapped(state, batch, **kw):
+            with torch.autograd.set_grad_enabled(True):
+                g = grad_fn(state, batch, **kw)
+            seen_by_forward.append(
+                (torch.is_autocast_enabled("cpu"), {n: v.clone() for n, v in g.grads.items()})
+            )
+            return g
+
+        return wrapped
+
+    def max_norm_rows(step_fn):  # a post-update wrapper: a weight constraint after each update
+        def wrapped(state, batch):
+            state, metrics = step_fn(state, batch)
+            seen_after.append(state.params["0.weight"].clone())
+            with torch.no_grad():
+                state.params["0.weight"].copy_(torch.renorm(state.params["0.weight"], 2, 0, 0.5))
+            return state, metrics
+
+        return wrapped
+
+    tx = optim.chain(GradientNoise(0.0, seen=seen_by_tx), optim.sgd(0.1, momentum=0.9))
+    amp = fe.amp("float16", init_scale=2.0**10)
+    step = fe.train_step(
+        ce_loss, tx, amp, fe.forward_wrapper(recording_context), fe.accumulate(3),
+        fe.post_update(max_norm_rows),
+    )  # fmt: skip
+    state = step.init(mlp())
+
+    ref = mlp()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for t in range(3):
+        group = mlp_batches(3, seed=10 + t)
+        scale = amp.scaler(state).scale.clone()
+        state, _ = step(state, fe.MicroBatches(group))
+        opt.zero_grad(set_to_none=True)
+        for x, y in group:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = ce_loss(ref, (x, y))
+            scaler.scale(loss * (1.0 / 3)).backward()
+        scaler.unscale_(opt)
+        true_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        scaler.step(opt)
+        scaler.update()
+        after_update = ref[0].weight.detach().clone()
+        with torch.no_grad():
+            ref[0].weight.copy_(torch.renorm(ref[0].weight, 2, 0, 0.5))
+        # the gradient transformation in tx sees the true, unscaled gradient
+        assert_dicts_equal(seen_by_tx[t], true_grads, f"tx gradients at step {t}")
+        # the forward wrapper sits inside amp: autocast is on, and it sees the backward's gradients,
+        # which are of the scaled loss (as torch's .grad before unscale_): / scale == torch's true ones
+        autocast_on, grads = seen_by_forward[t]
+        assert autocast_on
+        assert_dicts_equal({n: v / scale for n, v in grads.items()}, true_grads, "forward wrapper")
+        # the post-update wrapper sees the updated params
+        assert torch.equal(seen_after[t], after_update)
+    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref.named_parameters()}, "params")

@@ -1,0 +1,148 @@
+"""Evaluation as a fold: metrics accumulated over a pass of the data, with the eval weights bound."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from typing import Any
+
+import torch
+from torch import nn
+
+from fengine.bind import bind
+from fengine.events import Dispatcher, RunInfo
+from fengine.metrics import Evaluator, Metric
+from fengine.state import TrainState
+
+
+__all__ = ["default_predict", "evaluate", "weights_for"]
+
+
+def default_predict(model: nn.Module, batch: Any) -> Any:
+    """``model(inputs)`` where inputs are ``batch[0]`` (tuple/list) or ``batch["inputs"]`` (dict)."""
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    if isinstance(batch, Mapping) and "inputs" in batch:
+        return model(batch["inputs"])
+    raise TypeError(
+        f"default_predict: cannot find the inputs in a batch of type {type(batch).__name__}; expected "
+        "(inputs, ...) or {'inputs': ...}. Pass eval_fn=lambda model, batch: ... to Val/evaluate."
+    )
+
+
+def weights_for(
+    state: TrainState, which: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(params, buffers)`` to evaluate: ``"auto"`` = `TrainState.eval_weights` (the EMA ones when
+    the step keeps an EMA), ``"live"`` = the trained ones, ``"ema"`` = the eval weights, which must differ."""
+    if which == "live":
+        return state.params, state.buffers
+    if which not in ("auto", "ema"):
+        raise ValueError(f"params must be 'auto', 'ema' or 'live', got {which!r}")
+    params, buffers = state.eval_weights()
+    if which == "ema" and params is state.params:
+        raise ValueError("params='ema' but the state has no EMA; add fengine.ema(...) to the step")
+    return params, buffers
+
+
+def batches_of(data: Iterable, epoch: int, start: int) -> Iterator:
+    """The batches of ``epoch`` from index ``start``: by arithmetic for fengine Loaders, by skipping otherwise."""
+    if hasattr(data, "epoch") and callable(data.epoch):
+        return iter(data.epoch(epoch, start_batch=start))
+    sampler: Any = getattr(data, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    return itertools.islice(iter(data), start, None)
+
+
+def run_eval(
+    state: TrainState,
+    data: Iterable,
+    metrics: Sequence[Metric] | Evaluator,
+    eval_fn: Callable[[nn.Module, Any], Any],
+    *,
+    params: str,
+    dispatch: Dispatcher,
+    run: RunInfo,
+    phase: str,
+) -> dict[str, Any]:
+    """One val/test pass with its events (MMEngine's ValLoop/TestLoop)."""
+    evaluator = metrics if isinstance(metrics, Evaluator) else Evaluator(list(metrics))
+    model = state.model
+    if model is None:
+        raise ValueError("the state has no model; build it with step.init(model, seed=...)")
+    n = len(data) if isinstance(data, Sized) else None
+    dispatch(f"before_{phase}", state, run, phase=phase, eval_len=n)
+    dispatch(f"before_{phase}_epoch", state, run, phase=phase, eval_len=n)
+    was_training = model.training
+    model.eval()
+    eval_params, eval_buffers = weights_for(state, params)
+    acc = evaluator.init()
+    try:
+        for i, batch in enumerate(batches_of(data, 0, 0) if hasattr(data, "epoch") else iter(data)):
+            dispatch(
+                f"before_{phase}_iter",
+                state,
+                run,
+                phase=phase,
+                eval_len=n,
+                batch_idx=i,
+                batch=batch,
+            )
+            with torch.no_grad(), bind(model, eval_params, eval_buffers):
+                outputs = eval_fn(model, batch)
+            acc = evaluator.update(acc, batch, outputs)
+            dispatch(
+                f"after_{phase}_iter",
+                state,
+                run,
+                phase=phase,
+                eval_len=n,
+                batch_idx=i,
+                batch=batch,
+                outputs=outputs,
+            )
+    finally:
+        model.train(was_training)
+    results = evaluator.compute(acc)
+    dispatch(f"after_{phase}_epoch", state, run, phase=phase, eval_len=n, metrics=results)
+    dispatch(f"after_{phase}", state, run, phase=phase, eval_len=n, metrics=results)
+    return results
+
+
+def evaluate(
+    state: TrainState,
+    eval_fn: Callable[[nn.Module, Any], Any],
+    data: Iterable,
+    metrics: Sequence[Metric] | Evaluator,
+    *,
+    params: str = "auto",
+    handlers: Iterable[Any] = (),
+    phase: str = "test",
+) -> dict[str, Any]:
+    """Evaluate ``metrics`` over ``data``: ``eval_fn(model, batch) -> outputs`` with the state's
+    eval weights bound (`TrainState.eval_weights`: the EMA ones if the step keeps an EMA,
+    unless ``params="live"``), in eval mode, without gradients. Handlers get the ``test``
+    events (MMEngine's TestLoop)."""
+    if phase not in ("val", "test"):
+        raise ValueError(f"evaluate: phase must be 'val' or 'test', got {phase!r}")
+    run = RunInfo(
+        work_dir=None,
+        by_epoch=False,
+        max_epochs=None,
+        max_steps=state.step,
+        steps_per_epoch=0,
+        batches_per_epoch=0,
+        micro_batches=1,
+        start_step=state.step,
+    )
+    return run_eval(
+        state,
+        data,
+        metrics,
+        eval_fn,
+        params=params,
+        dispatch=Dispatcher(handlers),
+        run=run,
+        phase=phase,
+    )
