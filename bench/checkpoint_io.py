@@ -10,7 +10,7 @@ fsync, CRC-32 of every 16 MiB block); its load includes the structure check
 against the template and the digest check. torch.save does not fsync; the
 line "torch.save + fsync" shows that cost for comparison.
 
-Run: python bench/checkpoint_io.py [--gb 1.0]
+Run: python bench/checkpoint_io.py [--gb 1.0]   (smoke test: --gb 0.002 --repeats 1)
 The last line is ``ratio save X.XX load Y.YY`` (fengine throughput / torch throughput).
 """
 
@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 import fengine
@@ -33,7 +34,7 @@ def build_state(gb: float) -> fengine.TrainState:
     # 3 float32 copies (params, exp_avg, exp_avg_sq) of 4 Linear(d, d) layers
     d = int((gb * 1e9 / (3 * 4 * 4)) ** 0.5)
     model = nn.Sequential(*[nn.Linear(d, d) for _ in range(4)])
-    state = fengine.TrainState.create(model, fengine.optim.adamw(1e-3))
+    state = fengine.train_step(lambda m, b: m(b).sum(), fengine.optim.adamw(1e-3)).init(model)
     g = torch.Generator().manual_seed(0)
     for group in (state.params, state.opt_state.exp_avg, state.opt_state.exp_avg_sq):
         for t in group.values():
@@ -42,8 +43,12 @@ def build_state(gb: float) -> fengine.TrainState:
     return state.replace(step=1000)
 
 
+def tensors(state: fengine.TrainState) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(state) if isinstance(t, torch.Tensor)]
+
+
 def nbytes(state: fengine.TrainState) -> int:
-    return sum(t.numel() * t.element_size() for t in fengine.state.tensors_of(state))
+    return sum(t.numel() * t.element_size() for t in tensors(state))
 
 
 def timed(fn):
@@ -72,15 +77,11 @@ def main() -> None:
     torch_obj = {
         "params": state.params,
         "buffers": state.buffers,
-        "opt_state": {
-            "exp_avg": state.opt_state.exp_avg,
-            "exp_avg_sq": state.opt_state.exp_avg_sq,
-            "count": state.opt_state.count,
-        },
+        "opt_state": state.opt_state._asdict(),
         "step": state.step,
     }
     print(
-        f"state: {size / 1e9:.3f} GB in {len(fengine.state.tensors_of(state))} tensors; "
+        f"state: {size / 1e9:.3f} GB in {len(tensors(state))} tensors; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
         f"median of {args.repeats} saves / {max(args.repeats, 5)} loads"
     )
@@ -112,10 +113,7 @@ def main() -> None:
         # load, warm cache: one untimed run of each, then timed runs, interleaved
         like = state
         loaded = checkpoint.load(fe_path, like)
-        ok = all(
-            torch.equal(a, b)
-            for a, b in zip(fengine.state.tensors_of(loaded), fengine.state.tensors_of(state))
-        )
+        ok = all(torch.equal(a, b) for a, b in zip(tensors(loaded), tensors(state)))
         del loaded
         torch.load(pt_path)
         for _ in range(max(args.repeats, 5)):

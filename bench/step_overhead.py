@@ -6,7 +6,7 @@ on the same initial weights and batches, interleaved in rounds to share the
 machine's noise; the last line is ``ratio X.XX`` (fengine steps/s over the
 hand-written loop's, higher is better).
 
-    python bench/step_overhead.py [--steps 2000] [--rounds 5] [--threads 2]
+    python bench/step_overhead.py [--steps 2000] [--rounds 5] [--threads 2]   (smoke: --steps 20 --rounds 1)
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def hand_written(batches) -> tuple[float, nn.Module]:
 
 
 def functional(batches) -> tuple[float, fe.TrainState]:
-    tx = fe.optim.adamw(lr=1e-3)
-    state = fe.TrainState.create(make_model(), tx)
-    step = fe.train_step(lambda model, b: F.cross_entropy(model(b[0]), b[1]), tx)
+    step = fe.train_step(
+        lambda model, b: F.cross_entropy(model(b[0]), b[1]), fe.optim.adamw(lr=1e-3)
+    )
+    state = step.init(make_model())
     t0 = time.perf_counter()
     for batch in batches:
         state, _ = step(state, batch)

@@ -36,17 +36,18 @@ import torch
 from torch import nn
 
 from fengine.bind import bind
+from fengine.losses import Metrics, parse_losses
 from fengine.optim.base import GradientTransformation, collect_metrics, step_params
 from fengine.rng import fold_in, seeded_default_generators
 from fengine.state import TrainState
+from fengine.step_check import StepMismatchError, check_fits, check_ownership
 
 
 if TYPE_CHECKING:
     from fengine.wrappers import Wrapper
 
-__all__ = ["Grads", "Part", "Step", "StepMismatchError", "parse_losses", "train_step"]
+__all__ = ["Grads", "Part", "Step", "StepMismatchError", "parse_losses", "selector", "train_step"]
 
-Metrics = dict[str, Any]
 LossFn = Callable[[nn.Module, Any], Any]
 
 
@@ -66,64 +67,6 @@ class GradFn(Protocol):
 
 ApplyFn = Callable[[TrainState, Grads], tuple[TrainState, Metrics]]
 StepFn = Callable[[TrainState, Any], tuple[TrainState, Metrics]]
-
-
-class StepMismatchError(ValueError):
-    """The state was not built for this step (other optimizer, missing wrapper state)."""
-
-
-def parse_losses(out: Any) -> tuple[torch.Tensor, Metrics]:
-    """Turn what a loss function returned into ``(loss, metrics)``.
-
-    Accepts a tensor; a dict of losses (MMEngine's ``parse_losses``: every value
-    is ``mean()``-reduced, lists of tensors summed after that, and only keys
-    containing ``"loss"`` are summed into the optimised loss, the others are just
-    logged); or ``(loss, aux)`` with ``loss`` one of the above and ``aux`` a dict
-    of extra values to log.
-    """
-    aux: Mapping[str, Any] = {}
-    if isinstance(out, tuple):
-        if len(out) != 2 or not isinstance(out[1], Mapping):
-            raise TypeError(
-                f"loss_fn returned a tuple of {len(out)} items; expected (loss, aux) with aux a dict of values to log"
-            )
-        out, aux = out
-    if isinstance(out, torch.Tensor):
-        loss = out if out.ndim == 0 else out.mean()
-        metrics: Metrics = {"loss": loss.detach()}
-    elif isinstance(out, Mapping):
-        metrics, terms = {}, []
-        for name, value in out.items():
-            if isinstance(value, torch.Tensor):
-                value = value.mean()
-            elif (
-                isinstance(value, (list, tuple))
-                and value
-                and all(isinstance(v, torch.Tensor) for v in value)
-            ):
-                value = sum(v.mean() for v in value)
-            else:
-                raise TypeError(
-                    f"loss_fn returned {name}={type(value).__name__}; each value must be a tensor or a list of tensors"
-                )
-            if "loss" in name:
-                terms.append(value)
-            metrics[name] = value.detach()
-        if not terms:
-            raise ValueError(
-                f"loss_fn returned a dict with no key containing 'loss' (keys: {list(out)}); nothing to optimise"
-            )
-        loss = terms[0]
-        for t in terms[1:]:
-            loss = loss + t
-        metrics = {"loss": loss.detach(), **metrics}
-    else:
-        raise TypeError(
-            f"loss_fn must return a tensor, a dict of losses or (loss, aux); got {type(out).__name__}"
-        )
-    for name, value in aux.items():
-        metrics[name] = value.detach() if isinstance(value, torch.Tensor) else value
-    return loss, metrics
 
 
 class Part(NamedTuple):
@@ -199,9 +142,7 @@ def _apply_fn(part: Part) -> ApplyFn:
     def apply(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
         params = state.params
         new, opt = step_params(part.tx, g.grads, part.get(state.opt_state), params, step=state.step)
-        if (
-            new is not params
-        ):  # a transformation that returned new tensors instead of updating in place
+        if new is not params:  # a transformation that returned new tensors, not updated in place
             new = {**params, **new}
         metrics = {**g.metrics, **collect_metrics(opt)}
         return state.replace(params=new, opt_state=part.put(state.opt_state, opt)), metrics
@@ -249,9 +190,7 @@ class Step:
         for w in reversed(self.wrappers):
             fn = w.after(fn)
         self._fn = fn
-        self._fits: tuple[int, int] | None = (
-            None  # ids of (opt_state, extra) of the last state checked or made
-        )
+        self._fits: tuple[int, int] | None = None  # ids of (opt_state, extra) last checked or made
 
     def init(self, model: nn.Module, *, seed: int = 0) -> TrainState:
         """The state this step trains: ``model``'s params and buffers (copied), the optimizer
@@ -269,24 +208,7 @@ class Step:
         owned = {p.name: {n: params[n] for n in p.owned(params)} for p in self.parts}
         if self.parts[0].name is None:
             return self.parts[0].tx.init(owned[None])
-        claims: dict[str, list[str | None]] = {}
-        for part_name, names in owned.items():
-            for n in names:
-                claims.setdefault(n, []).append(part_name)
-        problems = [
-            f"param {n!r} is selected by several parts {o}" for n, o in claims.items() if len(o) > 1
-        ]
-        problems += [f"part {n!r} selects no trainable params" for n, o in owned.items() if not o]
-        problems += [
-            f"trainable param {n!r} belongs to no part"
-            for n, p in params.items()
-            if p.requires_grad and n not in claims
-        ]
-        if problems:
-            raise ValueError(
-                f"multi_step: {'; '.join(problems[:5])} (parts: {list(owned)}); every trainable param "
-                "must belong to exactly one part (or set requires_grad=False)"
-            )
+        check_ownership(owned, params)
         return {name: self.parts[i].tx.init(o) for i, (name, o) in enumerate(owned.items())}
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -305,77 +227,11 @@ class Step:
 
     def check(self, state: TrainState) -> None:
         """Raise `StepMismatchError` naming what differs if ``state`` was not built for this step."""
-        if state.model is None:
-            raise StepMismatchError(
-                "the state has no model; build it with step.init(model, seed=...)"
-            )
-        meta = {
-            n: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
-            for n, p in state.params.items()
-        }
-        try:
-            expected = self._init_opt(meta)
-        except (
-            RuntimeError,
-            ValueError,
-            NotImplementedError,
-        ):  # e.g. a fused optimizer refuses meta tensors
-            expected = self._init_opt(state.params)
-        where = _first_difference(expected, state.opt_state, "state.opt_state")
-        if where:
-            raise StepMismatchError(
-                f"the state does not fit this step's optimizer: {where}. "
-                "Build the state with this step: state = step.init(model, seed=...)"
-            )
-        wanted = [w.name for w in self.wrappers if w.name]
-        missing = [n for n in wanted if n not in state.extra]
-        unknown = [n for n in state.extra if n not in wanted]
-        if missing or unknown:
-            raise StepMismatchError(
-                "the state does not fit this step's wrappers: "
-                + "; ".join(
-                    [
-                        f"state.extra lacks {n!r} (this step has a wrapper keeping it)"
-                        for n in missing
-                    ]
-                    + [
-                        f"state.extra has {n!r}, which no wrapper of this step keeps"
-                        for n in unknown
-                    ]
-                )
-                + ". Build the state with this step: state = step.init(model, seed=...)"
-            )
+        check_fits(self, state)
 
     def __repr__(self) -> str:
         parts = ", ".join(p.name or "model" for p in self.parts)
         return f"Step(parts=[{parts}], wrappers={list(self.wrappers)}, donate={self.donate})"
-
-
-def _first_difference(expected: Any, actual: Any, path: str) -> str | None:
-    """Where two state trees differ in container types or keys (tensors and empty dicts match anything)."""
-    if isinstance(expected, torch.Tensor) or (isinstance(expected, dict) and not expected):
-        return None
-    if type(expected) is not type(actual):
-        return f"{path} is {type(actual).__name__}, this step makes {type(expected).__name__}"
-    if isinstance(expected, dict):
-        if expected.keys() != actual.keys():
-            return f"{path} has keys {sorted(actual)[:6]}, this step makes {sorted(expected)[:6]}"
-        items = [(f"{path}[{k!r}]", expected[k], actual[k]) for k in expected]
-    elif isinstance(expected, tuple):
-        if len(expected) != len(actual):
-            return f"{path} has {len(actual)} entries, this step makes {len(expected)}"
-        fields = getattr(expected, "_fields", None)
-        items = [
-            (f"{path}.{fields[i]}" if fields else f"{path}[{i}]", e, a)
-            for i, (e, a) in enumerate(zip(expected, actual))
-        ]
-    else:
-        return None
-    for sub, e, a in items:
-        found = _first_difference(e, a, sub)
-        if found:
-            return found
-    return None
 
 
 def train_step(

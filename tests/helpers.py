@@ -78,3 +78,37 @@ class Scripted:
         v = self.values[self.calls]
         self.calls += 1
         return dict(v) if isinstance(v, dict) else {self.key: v}
+
+
+# ----------------------------------------------------------------- a tiny GAN (several optimizers)
+class GAN(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.disc = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+
+
+def disc_loss(model, batch):
+    real, z = batch
+    fake = model.gen(z).detach()
+    lr_, lf = model.disc(real), model.disc(fake)
+    return {
+        "loss_real": F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_)),
+        "loss_fake": F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)),
+    }
+
+
+def gen_loss(model, batch):
+    _, z = batch
+    logits = model.disc(model.gen(z))
+    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+
+def gan_batches(n, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        real = torch.randn(16, 2, generator=g) * 0.5 + torch.tensor([2.0, -1.0])
+        out.append((real, torch.randn(16, 4, generator=g)))
+    return out

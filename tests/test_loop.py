@@ -13,7 +13,16 @@ import types
 
 import pytest
 import torch
-from helpers import assert_dicts_equal, ce_loss, mlp, mlp_batches
+from helpers import (
+    GAN,
+    assert_dicts_equal,
+    ce_loss,
+    disc_loss,
+    gan_batches,
+    gen_loss,
+    mlp,
+    mlp_batches,
+)
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -727,39 +736,6 @@ def test_early_stopping_monitor_that_does_not_exist():
 
 
 # ----------------------------------------------------------------- several optimizers: a tiny GAN
-class GAN(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
-        self.disc = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
-
-
-def disc_loss(model, batch):
-    real, z = batch
-    fake = model.gen(z).detach()
-    lr_, lf = model.disc(real), model.disc(fake)
-    return {
-        "loss_real": F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_)),
-        "loss_fake": F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)),
-    }
-
-
-def gen_loss(model, batch):
-    _, z = batch
-    logits = model.disc(model.gen(z))
-    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-
-
-def gan_batches(n, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        real = torch.randn(16, 2, generator=g) * 0.5 + torch.tensor([2.0, -1.0])
-        out.append((real, torch.randn(16, 4, generator=g)))
-    return out
-
-
 def test_gan_with_two_optimizers_matches_torch_bitwise():
     g_lr = fe.schedules.linear(2e-3, start_factor=0.5, end=4)
     step = multi_step(

@@ -1,0 +1,102 @@
+"""`accumulate`: k micro-batches per update, inside one step call (levanter style).
+
+Nothing partial is ever left in the state, so a checkpoint at any step resumes
+exactly, and schedules count *updates* (one per call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fengine.state import TrainState
+from fengine.step import GradFn, Grads, Metrics, Part
+from fengine.wrappers.base import Wrapper, once
+
+
+__all__ = ["MicroBatches", "accumulate"]
+
+
+class MicroBatches(tuple):
+    """A group of micro-batches for one accumulated update (`fit` builds these)."""
+
+
+class _Accumulate(Wrapper):
+    def __init__(self, k: int, weight: Callable[[Any], float] | None) -> None:
+        self.micro_batches, self.weight = k, weight
+
+    def validate(self, before: Sequence[Wrapper]) -> None:
+        once(_Accumulate, "accumulate (micro-batching)", before)
+
+    def forward(self, grad_fn: GradFn, part: Part) -> GradFn:
+        k, share_of = self.micro_batches, self.weight
+
+        def grad_sum(state: TrainState, batch: Any, *, weight: Any = None, micro: int = 0) -> Grads:
+            group = batch
+            if not isinstance(group, MicroBatches):
+                raise TypeError(
+                    f"an accumulate({k}) step takes fengine.MicroBatches([batch, ...]) of 1..{k} micro-batches, "
+                    f"got {type(group).__name__}; fit() groups batches for you"
+                )
+            r = len(group)
+            if not 1 <= r <= k:
+                raise ValueError(f"accumulate({k}): got {r} micro-batches, expected 1..{k}")
+            shares = _shares(group, share_of)
+            total: dict[str, torch.Tensor] = {}
+            loss: Any = None
+            metrics: Metrics = {}
+            for i, (mb, w_i) in enumerate(zip(group, shares)):
+                res = grad_fn(state, mb, weight=w_i if weight is None else weight * w_i, micro=i)
+                if res.grads.keys() == total.keys():
+                    torch._foreach_add_(list(total.values()), list(res.grads.values()))
+                else:  # first micro-batch, or a param unused by some micro-batches
+                    for n, g in res.grads.items():
+                        if n in total:
+                            total[n].add_(g)
+                        else:
+                            total[n] = g
+                loss = res.loss * w_i if loss is None else loss + res.loss * w_i
+                for name, v in res.metrics.items():
+                    if isinstance(v, torch.Tensor) and v.is_floating_point():
+                        metrics[name] = v * w_i if name not in metrics else metrics[name] + v * w_i
+                    else:
+                        metrics[name] = v
+            return Grads(loss, total, metrics)
+
+        return grad_sum
+
+    def __repr__(self) -> str:
+        return f"accumulate({self.micro_batches})"
+
+
+def _shares(group: Sequence[Any], weight: Callable[[Any], float] | None) -> list[float]:
+    if weight is None:
+        return [1.0 / len(group)] * len(group)
+    w = [float(weight(mb)) for mb in group]
+    total = sum(w)
+    if total <= 0:
+        raise ValueError(f"accumulate: micro-batch weights sum to {total}; expected > 0")
+    return [x / total for x in w]
+
+
+def accumulate(k: int, weight: Callable[[Any], float] | None = None) -> Wrapper:
+    """``k`` micro-batches per update, inside one step call.
+
+    The step takes ``MicroBatches([b1, ..., br])`` with ``1 <= r <= k``. Each
+    micro-batch loss is multiplied by ``1/r`` so the gradient is the mean, and a
+    last group that is short (the data ran out mid-window: ``r < k``) is divided
+    by ``r``, not ``k``, as MMEngine's OptimWrapper does for its final window.
+    Unlike MMEngine, a window never straddles an epoch boundary: `fit` groups the
+    batches of each epoch, and its last group may be short.
+
+    ``weight(micro_batch) -> number`` (e.g. the sample or valid-token count)
+    replaces the count: micro-batch i is then weighted ``w_i / sum(w)``, which
+    gives the exact mean over samples/tokens when micro-batches differ in size.
+    Schedules count updates, not micro-batches. Dropout in micro-batch i draws
+    from ``fold_in(seed, step, i)``.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"accumulate: k must be an int >= 1, got {k!r}")
+    return _Accumulate(k, weight)

@@ -1,0 +1,155 @@
+"""`amp`: autocast the forward; for float16, torch.amp.GradScaler's loss scaling around ``tx``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from fengine.state import TrainState
+from fengine.step import ApplyFn, GradFn, Grads, Metrics, Part
+from fengine.wrappers.base import Wrapper, _CheckFinite, once
+
+
+__all__ = ["ScalerState", "amp"]
+
+
+class ScalerState(NamedTuple):
+    """fp16 loss scaler (torch.amp.GradScaler's ``_scale`` and ``_growth_tracker``)."""
+
+    scale: torch.Tensor
+    growth_tracker: torch.Tensor
+
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _Amp(Wrapper):
+    def __init__(
+        self, dtype: str, loss_scale: str | float | None, scaler: tuple[float, float, float, int]
+    ) -> None:
+        self.dtype, self.loss_scale = _DTYPES[dtype], loss_scale
+        self.init_scale, self.growth_factor, self.backoff_factor, self.growth_interval = scaler
+        self.scaling = dtype == "float16" and loss_scale is not None
+        self.name = "amp" if self.scaling else None
+
+    def validate(self, before: Sequence[Wrapper]) -> None:
+        once(_Amp, "amp (autocast and loss scaling)", before)
+        if self.scaling and any(isinstance(w, _CheckFinite) for w in before):
+            raise ValueError(
+                "check_finite() is written before amp('float16'): it would raise on the loss scaler's routine "
+                "overflows, which amp skips. Write it after amp."
+            )
+
+    def init(self, state: TrainState, parts: tuple[Part, ...]) -> Any:
+        dev = next(iter(state.params.values())).device
+        first = self.init_scale if self.loss_scale == "dynamic" else float(self.loss_scale or 1.0)
+
+        def one() -> ScalerState:
+            return ScalerState(
+                torch.full((), first, dtype=torch.float32, device=dev),
+                torch.full((), 0, dtype=torch.int32, device=dev),
+            )
+
+        return one() if parts[0].name is None else {p.name: one() for p in parts}
+
+    def scaler(self, state: TrainState, part: str | None = None) -> ScalerState:
+        """The loss scaler in ``state`` (of ``part`` for a multi step: each part has its own)."""
+        if self.name is None:
+            raise ValueError(f"{self!r} keeps no loss scaler")
+        sub = state.extra[self.name]
+        return sub if isinstance(sub, ScalerState) else sub[part]
+
+    def forward(self, grad_fn: GradFn, part: Part) -> GradFn:
+        dtype, name = self.dtype, self.name
+
+        def autocast(state: TrainState, batch: Any, *, weight: Any = None, micro: int = 0) -> Grads:
+            if name is not None:
+                scale = part.get(state.extra[name]).scale
+                weight = scale if weight is None else weight * scale
+            device = next(iter(state.params.values())).device.type
+            with torch.autocast(device_type=device, dtype=dtype):
+                return grad_fn(state, batch, weight=weight, micro=micro)
+
+        return autocast
+
+    def gradient(self, apply: ApplyFn, part: Part) -> ApplyFn:
+        if self.name is None:
+            return apply
+        name, dynamic = self.name, self.loss_scale == "dynamic"
+        factors = (self.growth_factor, self.backoff_factor, self.growth_interval)
+
+        def unscaled(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
+            scaler = part.get(state.extra[name])
+            found_inf = _unscale_(g.grads, scaler.scale)
+            if bool(found_inf):  # the one host read: skip the update, as GradScaler.step does
+                new_state, metrics = state, dict(g.metrics)
+            else:
+                new_state, metrics = apply(state, g)
+            if dynamic:
+                torch._amp_update_scale_(scaler.scale, scaler.growth_tracker, found_inf, *factors)
+            metrics["loss_scale"] = scaler.scale.clone()
+            metrics["update_skipped"] = found_inf
+            return new_state, metrics
+
+        return unscaled
+
+    def __repr__(self) -> str:
+        return f"amp({str(self.dtype).removeprefix('torch.')!r}, loss_scale={self.loss_scale!r})"
+
+
+def _unscale_(grads: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    """Divide ``grads`` by ``scale`` in place; the summed overflow flags (one per device, as GradScaler)."""
+    inv_scale = scale.double().reciprocal().float()
+    home = scale.device
+    by_device: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads.values():
+        by_device.setdefault((g.device, g.dtype), []).append(g)
+    flags: dict[torch.device, torch.Tensor] = {}
+    for (dev, _), gs in by_device.items():
+        flag = flags.setdefault(dev, torch.zeros((), dtype=torch.float32, device=dev))
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, flag, inv_scale.to(dev))
+    found_inf = flags.pop(home, torch.zeros((), dtype=torch.float32, device=home))
+    for flag in flags.values():
+        found_inf = found_inf + flag.to(home)
+    return found_inf
+
+
+def amp(
+    dtype: str = "float16",
+    loss_scale: str | float | None = "dynamic",
+    *,
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+) -> Wrapper:
+    """Mixed precision: autocast the forward; for float16, scale the loss.
+
+    ``loss_scale="dynamic"`` follows ``torch.amp.GradScaler`` exactly (same
+    defaults and the same ``_amp_foreach_non_finite_check_and_unscale_`` /
+    ``_amp_update_scale_`` kernels): grads are unscaled once, before ``tx`` (so
+    clipping and any transformation in it see true gradients); an update with
+    inf/nan gradients is skipped (the step counter still advances, as schedulers
+    do in torch); the scale backs off by 0.5 and grows by 2.0 after 2000 good
+    steps. A number is a static scale (overflowing steps are still skipped).
+    ``None`` disables scaling; bfloat16 never scales. In a multi step each part
+    has its own scaler, as each of MMEngine's AmpOptimWrappers does. Skipping
+    needs one host read of the overflow flag per step, as GradScaler does.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"amp: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if not (
+        loss_scale is None
+        or loss_scale == "dynamic"
+        or (
+            isinstance(loss_scale, (int, float))
+            and not isinstance(loss_scale, bool)
+            and loss_scale > 0
+        )
+    ):
+        raise ValueError(
+            f"amp: loss_scale must be 'dynamic', a positive number or None, got {loss_scale!r}"
+        )
+    return _Amp(dtype, loss_scale, (init_scale, growth_factor, backoff_factor, growth_interval))

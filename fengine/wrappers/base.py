@@ -1,0 +1,136 @@
+"""The wrapper protocol, its checks, plain-function wrappers and `check_finite`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fengine.state import TrainState
+from fengine.step import ApplyFn, GradFn, Grads, Metrics, Part, StepFn
+
+
+__all__ = ["Wrapper", "check_finite", "check_wrappers", "forward_wrapper", "once", "post_update"]
+
+
+class Wrapper:
+    """Base of step wrappers: every hook defaults to "leave the stage alone"."""
+
+    name: str | None = None
+    """Key of this wrapper's state in ``state.extra`` (None: it keeps none)."""
+    micro_batches: int = 1
+    """Batches one update consumes (`accumulate` sets it)."""
+
+    def init(self, state: TrainState, parts: tuple[Part, ...]) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} names a state ({self.name!r}) but defines no init"
+        )
+
+    def forward(self, grad_fn: GradFn, part: Part) -> GradFn:
+        return grad_fn
+
+    def gradient(self, apply: ApplyFn, part: Part) -> ApplyFn:
+        return apply
+
+    def after(self, step_fn: StepFn) -> StepFn:
+        return step_fn
+
+    def validate(self, before: Sequence[Wrapper]) -> None:
+        """Refuse a meaningless combination with the wrappers written ``before`` this one."""
+
+
+def check_wrappers(wrappers: Sequence[Any]) -> tuple[Wrapper, ...]:
+    from fengine.optim.base import GradientTransformation
+
+    for i, w in enumerate(wrappers):
+        if isinstance(w, GradientTransformation):
+            raise TypeError(
+                f"step wrapper {i} is a gradient transformation; put it in tx, e.g. "
+                "train_step(loss_fn, optim.chain(your_transform, optim.adamw(...)), ...)"
+            )
+        if not isinstance(w, Wrapper):
+            raise TypeError(
+                f"step wrapper {i} is {type(w).__name__}; expected fengine.amp, accumulate, ema, check_finite, "
+                "forward_wrapper(fn) or post_update(fn)"
+            )
+        w.validate(wrappers[:i])
+    names = [w.name for w in wrappers if w.name]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(
+            f"step wrappers keep state under the same name {twice}; give each a distinct name="
+        )
+    return tuple(wrappers)
+
+
+def once(kind: type, what: str, before: Sequence[Wrapper]) -> None:
+    if any(isinstance(w, kind) for w in before):
+        raise ValueError(f"{what} is given twice; a step takes one")
+
+
+# ----------------------------------------------------------------- user wrappers
+class _Forward(Wrapper):
+    def __init__(self, fn: Callable[[GradFn], GradFn]) -> None:
+        self.fn = fn
+
+    def forward(self, grad_fn: GradFn, part: Part) -> GradFn:
+        return self.fn(grad_fn)
+
+    def __repr__(self) -> str:
+        return f"forward_wrapper({getattr(self.fn, '__name__', self.fn)})"
+
+
+class _PostUpdate(Wrapper):
+    def __init__(self, fn: Callable[[StepFn], StepFn]) -> None:
+        self.fn = fn
+
+    def after(self, step_fn: StepFn) -> StepFn:
+        return self.fn(step_fn)
+
+    def __repr__(self) -> str:
+        return f"post_update({getattr(self.fn, '__name__', self.fn)})"
+
+
+def forward_wrapper(fn: Callable[[GradFn], GradFn]) -> Wrapper:
+    """A forward/backward wrapper from ``fn(grad_fn) -> grad_fn``; ``grad_fn(state, batch, **kw)``
+    returns `fengine.Grads` (pass ``**kw`` through)."""
+    return _Forward(fn)
+
+
+def post_update(fn: Callable[[StepFn], StepFn]) -> Wrapper:
+    """A post-update wrapper from ``fn(step_fn) -> step_fn``; ``step_fn(state, batch) -> (state, metrics)``."""
+    return _PostUpdate(fn)
+
+
+# ----------------------------------------------------------------- check_finite
+class _CheckFinite(Wrapper):
+    def gradient(self, apply: ApplyFn, part: Part) -> ApplyFn:
+        def checked(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
+            if not bool(torch.isfinite(g.loss)):
+                bad = {
+                    k: float(v)
+                    for k, v in g.metrics.items()
+                    if isinstance(v, torch.Tensor) and v.numel() == 1 and not torch.isfinite(v)
+                }
+                raise FloatingPointError(
+                    f"non-finite loss at step {state.step + 1}: "
+                    + ", ".join(f"{k}={v}" for k, v in bad.items())
+                    + ". The state before this step is intact (params not updated)."
+                )
+            return apply(state, g)
+
+        return checked
+
+    def __repr__(self) -> str:
+        return "check_finite()"
+
+
+def check_finite() -> Wrapper:
+    """Raise `FloatingPointError` on a NaN/Inf loss before the update, naming the step and the loss terms.
+
+    Costs one host sync per step (reading the loss). Write it after an fp16
+    `amp`: there a non-finite value means the loss scale is too high, the scaler
+    skips the update and backs off, and this check never sees it.
+    """
+    return _CheckFinite()

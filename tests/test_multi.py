@@ -1,0 +1,129 @@
+"""Several optimizers compose with the wrappers: MMEngine's GAN tutorial with AmpOptimWrappers and an EMA
+of the generator, against a hand-written torch loop with one GradScaler per optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import GAN, assert_dicts_equal, disc_loss, gan_batches, gen_loss
+
+import fengine as fe
+from fengine import optim
+
+
+def _poisoned(batches, at):
+    """Batch ``at`` has an inf sample: the discriminator's gradients overflow there, the generator's do not."""
+    out = list(batches)
+    real, z = out[at]
+    real = real.clone()
+    real[0, 0] = float("inf")
+    out[at] = (real, z)
+    return out
+
+
+def test_gan_under_fp16_with_generator_ema_matches_torch_gradscalers_bitwise():
+    """Each part gets its own loss scaler, as OptimWrapperDict(gen=AmpOptimWrapper, disc=AmpOptimWrapper):
+    scale, unscale, skip on inf, update per optimizer; the EMA follows the generator only."""
+    from mmengine.model import ExponentialMovingAverage
+
+    kw = dict(init_scale=2.0**8, growth_interval=2)
+    amp = fe.amp("float16", **kw)
+    ema = fe.ema(momentum=0.25, params="gen")
+    step = fe.multi_step(
+        {
+            "disc": (disc_loss, optim.adam(1e-3, b1=0.5), "disc"),
+            "gen": (gen_loss, optim.adam(2e-3, b1=0.5), "gen"),
+        },
+        amp,
+        ema,
+    )
+    state = step.init(GAN())
+    assert sorted(state.extra) == ["amp", "ema"] and sorted(state.extra["amp"]) == ["disc", "gen"]
+    assert sorted(state.extra["ema"].params) == [
+        "gen.0.bias",
+        "gen.0.weight",
+        "gen.2.bias",
+        "gen.2.weight",
+    ]
+    batches = _poisoned(gan_batches(6), at=2)
+
+    model = GAN()
+    d_opt = torch.optim.Adam(model.disc.parameters(), lr=1e-3, betas=(0.5, 0.999), foreach=True)
+    g_opt = torch.optim.Adam(model.gen.parameters(), lr=2e-3, betas=(0.5, 0.999), foreach=True)
+    d_scaler = torch.amp.GradScaler("cpu", **kw)
+    g_scaler = torch.amp.GradScaler("cpu", **kw)
+    oracle = ExponentialMovingAverage(model.gen, momentum=0.25)
+
+    def amp_update(opt, scaler, loss_fn, batch):  # MMEngine AmpOptimWrapper.update_params
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, _ = fe.parse_losses(loss_fn(model, batch))
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach()
+
+    skipped = []
+    for batch in batches:
+        state, m = step(state, batch)
+        d_loss = amp_update(d_opt, d_scaler, disc_loss, batch)
+        g_loss = amp_update(g_opt, g_scaler, gen_loss, batch)
+        oracle.update_parameters(model.gen)
+        for ours, ref in (
+            (m["disc/loss"], d_loss),
+            (m["gen/loss"], g_loss),
+        ):  # bitwise (nan at the inf batch)
+            torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+        assert float(m["disc/loss_scale"]) == d_scaler.get_scale()
+        assert float(m["gen/loss_scale"]) == g_scaler.get_scale()
+        assert float(amp.scaler(state, "gen").scale) == g_scaler.get_scale()
+        skipped.append((bool(m["disc/update_skipped"]), bool(m["gen/update_skipped"])))
+    assert skipped[2] == (True, False) and not any(any(s) for i, s in enumerate(skipped) if i != 2)
+    assert d_scaler.get_scale() != g_scaler.get_scale()  # the two scalers moved apart
+    assert_dicts_equal(state.params, {n: p.detach() for n, p in model.named_parameters()}, "params")
+    assert torch.equal(
+        state.opt_state["gen"].exp_avg["gen.0.weight"], g_opt.state[model.gen[0].weight]["exp_avg"]
+    )
+    averaged = ema.params(state)
+    for n, p in oracle.module.named_parameters():
+        assert torch.equal(averaged["gen." + n], p.detach()), n
+    assert averaged["disc.0.weight"] is state.params["disc.0.weight"]  # not averaged
+
+
+def test_gan_with_accumulation_and_check_finite_runs_each_part_over_the_micro_batches():
+    """accumulate(2) on a multi step: each part averages its gradient over the group (vs torch)."""
+    step = fe.multi_step(
+        {"disc": (disc_loss, optim.sgd(0.1), "disc"), "gen": (gen_loss, optim.sgd(0.1), "gen")},
+        fe.accumulate(2),
+        fe.check_finite(),
+    )
+    state = step.init(GAN())
+    group = gan_batches(2)
+    state, _ = step(state, fe.MicroBatches(group))
+
+    model = GAN()
+    d_opt = torch.optim.SGD(model.disc.parameters(), lr=0.1, foreach=True)
+    g_opt = torch.optim.SGD(model.gen.parameters(), lr=0.1, foreach=True)
+    for opt, loss_fn in ((d_opt, disc_loss), (g_opt, gen_loss)):
+        opt.zero_grad(set_to_none=True)
+        for batch in group:
+            loss, _ = fe.parse_losses(loss_fn(model, batch))
+            (loss * 0.5).backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(state.params[n], p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_multi_step_state_errors_name_the_part():
+    step = fe.multi_step(
+        {"disc": (disc_loss, optim.sgd(0.1), "disc"), "gen": (gen_loss, optim.sgd(0.1), "gen")}
+    )
+    other = fe.multi_step(
+        {"disc": (disc_loss, optim.sgd(0.1), "disc"), "gen": (gen_loss, optim.adam(0.1), "gen")}
+    )
+    with pytest.raises(
+        fe.StepMismatchError,
+        match=r"state.opt_state\['gen'\] is SgdState, this step makes AdamState",
+    ):
+        other(step.init(GAN()), gan_batches(1)[0])
