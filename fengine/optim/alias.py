@@ -4,7 +4,7 @@ Each optimizer's ``apply`` replays the op sequence of torch's ``_multi_tensor_*`
 kernel for one param group: the same ``torch._foreach_*`` calls with the same
 scalars, so params and moments match ``torch.optim.X(foreach=True)`` bit for bit.
 Hyper-parameters may be numbers or schedules ``step -> value``; the step count
-used for bias correction is the optimizer's own ``count`` (updates applied), the
+used for bias correction is the optimizer's own ``num_updates`` (updates applied), the
 schedule step is the global step (see `fengine.optim.base`).
 
 Params with no gradient (unused in the forward) are skipped, as torch does.
@@ -70,11 +70,11 @@ def _check_fused(params, where):
             )
 
 
-def _fused_call(kernel, tensors, count=None, **kwargs):
+def _fused_call(kernel, tensors, num_updates=None, **kwargs):
     """Run torch's fused ``kernel`` once per (device, dtype) group, as ``torch.optim``'s ``_fused_*``.
 
     ``tensors`` are the per-param lists (params first; an empty list stays empty).
-    With ``count`` (the step after this update), one shared float32 0-d step tensor
+    With ``num_updates`` (the count after this update), one shared float32 0-d step tensor
     per device is appended as ``state_steps``.
     """
     if not tensors[0]:
@@ -82,9 +82,9 @@ def _fused_call(kernel, tensors, count=None, **kwargs):
     for (device, _), (lists, _) in _group_tensors_by_device_and_dtype(
         tensors, with_indices=False
     ).items():
-        if count is not None:
+        if num_updates is not None:
             step = torch.full(
-                (), float(min(count, _FUSED_MAX_STEP)), dtype=torch.float32, device=device
+                (), float(min(num_updates, _FUSED_MAX_STEP)), dtype=torch.float32, device=device
             )
             lists = [*lists, [step] * len(lists[0])]
         kernel(*lists, **kwargs)
@@ -92,7 +92,7 @@ def _fused_call(kernel, tensors, count=None, **kwargs):
 
 # ---------------------------------------------------------------- SGD
 class SgdState(NamedTuple):
-    count: int
+    num_updates: int
     momentum_buffer: dict[str, torch.Tensor]
     lr: float
 
@@ -126,7 +126,7 @@ def sgd(
         return SgdState(0, _zeros(params) if uses_momentum else {}, float(resolve(lr, 0)))
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         lr_t, mom, wd = resolve(lr, t), resolve(momentum, t), resolve(weight_decay, t)
         p = _pick(params, grads)
         g = list(grads.values())
@@ -140,9 +140,9 @@ def sgd(
                 dampening=dampening,
                 nesterov=nesterov,
                 maximize=maximize,
-                is_first_step=mom != 0 and state.count == 0,
+                is_first_step=mom != 0 and state.num_updates == 0,
             )
-            return params, SgdState(state.count + 1, state.momentum_buffer, float(lr_t))
+            return params, SgdState(state.num_updates + 1, state.momentum_buffer, float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -152,7 +152,7 @@ def sgd(
                 g = torch._foreach_add(g, p, alpha=wd)
         if mom != 0:
             bufs = _pick(state.momentum_buffer, grads)
-            if state.count == 0:  # torch starts the buffer as a clone of the first gradient
+            if state.num_updates == 0:  # torch starts the buffer as a clone of the first gradient
                 torch._foreach_copy_(bufs, g)
             else:
                 torch._foreach_mul_(bufs, mom)
@@ -162,14 +162,14 @@ def sgd(
             else:
                 g = bufs
         torch._foreach_add_(p, g, alpha=-lr_t)
-        return params, SgdState(state.count + 1, state.momentum_buffer, float(lr_t))
+        return params, SgdState(state.num_updates + 1, state.momentum_buffer, float(lr_t))
 
     return _optimizer(init_fn, apply_fn)
 
 
 # ---------------------------------------------------------------- Adam / AdamW
 class AdamState(NamedTuple):
-    count: int
+    num_updates: int
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
     max_exp_avg_sq: dict[str, torch.Tensor]
@@ -200,14 +200,14 @@ def _adam(
         )
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         lr_t, beta1, beta2, wd = (
             resolve(lr, t),
             resolve(b1, t),
             resolve(b2, t),
             resolve(weight_decay, t),
         )
-        count = state.count + 1
+        num_updates = state.num_updates + 1
         p = _pick(params, grads)
         g = list(grads.values())
         m = _pick(state.exp_avg, grads)
@@ -216,7 +216,7 @@ def _adam(
             _fused_call(
                 torch._fused_adamw_ if decoupled else torch._fused_adam_,
                 [p, g, m, v, _pick(state.max_exp_avg_sq, grads) if amsgrad else []],
-                count,
+                num_updates,
                 amsgrad=amsgrad,
                 lr=lr_t,
                 beta1=beta1,
@@ -225,7 +225,7 @@ def _adam(
                 eps=eps,
                 maximize=maximize,
             )
-            return params, state._replace(count=count, lr=float(lr_t))
+            return params, state._replace(num_updates=num_updates, lr=float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -239,8 +239,8 @@ def _adam(
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
         del g
-        bias_correction1 = 1 - beta1 ** float(count)
-        bias_correction2 = 1 - beta2 ** float(count)
+        bias_correction1 = 1 - beta1 ** float(num_updates)
+        bias_correction2 = 1 - beta2 ** float(num_updates)
         step_size = (lr_t / bias_correction1) * -1
         bias_correction2_sqrt = bias_correction2**0.5
         if amsgrad:
@@ -253,7 +253,7 @@ def _adam(
         torch._foreach_div_(denom, [bias_correction2_sqrt] * n)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, m, denom, [step_size] * n)
-        return params, state._replace(count=count, lr=float(lr_t))
+        return params, state._replace(num_updates=num_updates, lr=float(lr_t))
 
     return _optimizer(init_fn, apply_fn)
 
@@ -295,7 +295,7 @@ def adamw(
 
 # ---------------------------------------------------------------- RMSprop
 class RMSpropState(NamedTuple):
-    count: int
+    num_updates: int
     square_avg: dict[str, torch.Tensor]
     grad_avg: dict[str, torch.Tensor]
     momentum_buffer: dict[str, torch.Tensor]
@@ -336,7 +336,7 @@ def rmsprop(
         )
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         lr_t, wd, mom = resolve(lr, t), resolve(weight_decay, t), resolve(momentum, t)
         p = _pick(params, grads)
         g = list(grads.values())
@@ -366,14 +366,14 @@ def rmsprop(
             torch._foreach_add_(p, buf, alpha=-lr_t)
         else:
             torch._foreach_addcdiv_(p, g, avg, value=-lr_t)
-        return params, state._replace(count=state.count + 1, lr=float(lr_t))
+        return params, state._replace(num_updates=state.num_updates + 1, lr=float(lr_t))
 
     return _optimizer(init_fn, apply_fn)
 
 
 # ---------------------------------------------------------------- Adagrad
 class AdagradState(NamedTuple):
-    count: int
+    num_updates: int
     sum: dict[str, torch.Tensor]
     lr: float
 
@@ -411,9 +411,9 @@ def adagrad(
         return AdagradState(0, sums, float(resolve(lr, 0)))
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         lr_t, wd = resolve(lr, t), resolve(weight_decay, t)
-        count = state.count + 1
+        num_updates = state.num_updates + 1
         p = _pick(params, grads)
         g = list(grads.values())
         sums = _pick(state.sum, grads)
@@ -421,14 +421,14 @@ def adagrad(
             _fused_call(
                 torch._fused_adagrad_,
                 [p, g, sums],
-                count,
+                num_updates,
                 lr=lr_t,
                 lr_decay=lr_decay,
                 weight_decay=wd,
                 eps=eps,
                 maximize=maximize,
             )
-            return params, AdagradState(count, state.sum, float(lr_t))
+            return params, AdagradState(num_updates, state.sum, float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -436,7 +436,7 @@ def adagrad(
                 torch._foreach_add_(g, p, alpha=wd)
             else:
                 g = torch._foreach_add(g, p, alpha=wd)
-        minus_clr = [-lr_t / (1 + (float(count) - 1) * lr_decay)] * len(p)
+        minus_clr = [-lr_t / (1 + (float(num_updates) - 1) * lr_decay)] * len(p)
         torch._foreach_addcmul_(sums, g, g, value=1)
         std = torch._foreach_sqrt(sums)
         torch._foreach_add_(std, eps)
@@ -446,6 +446,6 @@ def adagrad(
         else:
             numerator = torch._foreach_mul(g, minus_clr)
         torch._foreach_addcdiv_(p, numerator, std)
-        return params, AdagradState(count, state.sum, float(lr_t))
+        return params, AdagradState(num_updates, state.sum, float(lr_t))
 
     return _optimizer(init_fn, apply_fn)
