@@ -42,6 +42,10 @@ __all__ = [
 ]
 
 
+# the foreach kernels take lists; their out-of-place forms (``_foreach_neg``...) return tuples
+_Tensors = list[torch.Tensor] | tuple[torch.Tensor, ...]
+
+
 def _zeros(params, names=None):
     return {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
 
@@ -129,7 +133,7 @@ def sgd(
         t = state.num_updates if step is None else step
         lr_t, mom, wd = resolve(lr, t), resolve(momentum, t), resolve(weight_decay, t)
         p = _pick(params, grads)
-        g = list(grads.values())
+        g: _Tensors = list(grads.values())
         if fused:
             _fused_call(
                 torch._fused_sgd_,
@@ -209,7 +213,7 @@ def _adam(
         )
         num_updates = state.num_updates + 1
         p = _pick(params, grads)
-        g = list(grads.values())
+        g: _Tensors = list(grads.values())
         m = _pick(state.exp_avg, grads)
         v = _pick(state.exp_avg_sq, grads)
         if fused:
@@ -339,7 +343,7 @@ def rmsprop(
         t = state.num_updates if step is None else step
         lr_t, wd, mom = resolve(lr, t), resolve(weight_decay, t), resolve(momentum, t)
         p = _pick(params, grads)
-        g = list(grads.values())
+        g: _Tensors = list(grads.values())
         sq = _pick(state.square_avg, grads)
         if maximize:
             g = torch._foreach_neg(g)
@@ -415,7 +419,7 @@ def adagrad(
         lr_t, wd = resolve(lr, t), resolve(weight_decay, t)
         num_updates = state.num_updates + 1
         p = _pick(params, grads)
-        g = list(grads.values())
+        g: _Tensors = list(grads.values())
         sums = _pick(state.sum, grads)
         if fused:
             _fused_call(
@@ -440,6 +444,7 @@ def adagrad(
         torch._foreach_addcmul_(sums, g, g, value=1)
         std = torch._foreach_sqrt(sums)
         torch._foreach_add_(std, eps)
+        numerator: _Tensors
         if wd != 0 or maximize:
             torch._foreach_mul_(g, minus_clr)
             numerator = g
