@@ -48,7 +48,7 @@ _METHODS = ("mean", "min", "max", "current")
 class _StdoutHandler(logging.StreamHandler):
     """Writes to the current ``sys.stdout`` (so a rich progress bar and pytest capture see it)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stdout
 
@@ -93,6 +93,13 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+def _batch_number(snap: Snapshot) -> int:
+    """``batch_idx + 1`` of an iteration event (the loop always sets ``batch_idx`` there)."""
+    if snap.batch_idx is None:
+        raise ValueError(f"{snap.event}: a {snap.phase} iteration event needs batch_idx")
+    return snap.batch_idx + 1
 
 
 # ------------------------------------------------------------------ host transfer
@@ -288,9 +295,9 @@ class ScalarHistory:
             if value is not None:
                 tag[key] = value
         for st in self.stats:
-            s = self._series.get(st.src)
-            if s is not None:
-                value = s.stat(st.method, self.window_size if st.window is None else st.window)
+            src = self._series.get(st.src)
+            if src is not None:
+                value = src.stat(st.method, self.window_size if st.window is None else st.window)
                 if value is not None:
                     tag[st.key] = value
         return tag
@@ -305,7 +312,7 @@ def should_log(snap: Snapshot, interval: int, ignore_last: bool = True) -> bool:
     """
     run = snap.run
     if run.by_epoch:
-        i, n = snap.batch_idx + 1, run.steps_per_epoch
+        i, n = _batch_number(snap), run.steps_per_epoch
     else:
         i, n = snap.step, run.max_steps
     if i % interval == 0:
@@ -569,7 +576,7 @@ class Logger(_TrainScalars):
         run = snap.run
         if run.by_epoch:
             epoch = _epoch_str(snap.epoch + 1, run.max_epochs)
-            head = _head("Epoch(train)", epoch, snap.batch_idx + 1, run.steps_per_epoch)
+            head = _head("Epoch(train)", epoch, _batch_number(snap), run.steps_per_epoch)
         else:
             head = _head("Iter(train)", " ", snap.step, run.max_steps)
         self.logger.info(self._line(head, snap, tag, memory, rest=True))
@@ -619,13 +626,12 @@ class Logger(_TrainScalars):
             return
         hist = self._eval[snap.phase]
         self._timing(snap.phase, hist)
-        if (snap.batch_idx + 1) % self.interval != 0:
+        done = _batch_number(snap)
+        if done % self.interval != 0:
             return
         tag = hist.collect()
         self.logger.info(
-            self._line(
-                self._eval_head(snap, snap.batch_idx + 1), snap, tag, self._memory(snap), rest=False
-            )
+            self._line(self._eval_head(snap, done), snap, tag, self._memory(snap), rest=False)
         )
 
     on_after_val_iter = _after_eval_iter
