@@ -446,6 +446,7 @@ def _writer(work_dir: Path, first: int) -> None:  # runs in the forked child, un
         step += 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_kill_9_during_saves_always_leaves_a_loadable_latest(tmp_path):
     rng = random.Random(20240601)

@@ -925,7 +925,7 @@ def test_a_run_that_raised_does_not_leak_its_log_file(tmp_path):
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_memory_field_on_cuda(lines, tmp_path):
     run = run_info(max_epochs=1, steps_per_epoch=1, work_dir=tmp_path)
     logger = Logger(1, timer=False)
