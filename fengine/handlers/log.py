@@ -466,7 +466,7 @@ class Logger(_TrainScalars):
         self.num_digits = num_digits
         self._own_timer = timer is None
         self._eval: dict[str, ScalarHistory] = {}
-        self._json: TextIO | None = None
+        self._json_path: Path | None = None
         self._file_handler: logging.FileHandler | None = None
         self._warned_timer = False
         self.logger = get_logger()
@@ -498,26 +498,26 @@ class Logger(_TrainScalars):
             self._file_handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
             self._file_handler._fengine_run_log = True  # type: ignore[attr-defined]
             self.logger.addHandler(self._file_handler)
-        if self.json_file is not None and self._json is None:
-            self._json = open(work_dir / self.json_file, "a", encoding="utf-8")  # noqa: SIM115 (closed at after_run)
+        if self.json_file is not None:
+            self._json_path = work_dir / self.json_file
 
     def on_after_run(self, snap: Snapshot) -> None:
         self.close()
 
     def close(self) -> None:
-        """Close the JSON-lines and log files (idempotent)."""
-        if self._json is not None:
-            self._json.close()
-            self._json = None
+        """Stop writing the JSON-lines file and close the log file (idempotent)."""
+        self._json_path = None
         if self._file_handler is not None:
             self.logger.removeHandler(self._file_handler)
             self._file_handler.close()
             self._file_handler = None
 
     def _write_json(self, record: Mapping[str, Any]) -> None:
-        if self._json is not None:
-            self._json.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
-            self._json.flush()
+        # opened per record (as MMEngine's LocalVisBackend does): a run that raises, and so
+        # never reaches after_run, leaves no open file behind
+        if self._json_path is not None:
+            with open(self._json_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
 
     # ------------------------------------------------------------------ timing
     def _tick(self, event: str, snap: Snapshot) -> None:
