@@ -48,7 +48,8 @@ _METHODS = ("mean", "min", "max", "current")
 class _StdoutHandler(logging.StreamHandler):
     """Writes to the current ``sys.stdout`` (so a rich progress bar and pytest capture see it)."""
 
-    @property
+    # mypy 1.10 rejects a property over StreamHandler's stream attribute (newer ones accept it)
+    @property  # type: ignore[override, unused-ignore]
     def stream(self) -> TextIO:
         return sys.stdout
 
@@ -639,7 +640,7 @@ class Logger(_TrainScalars):
 
     def _eval_head(self, snap: Snapshot, i: int | str, *, last: bool = False) -> str:
         run, phase = snap.run, snap.phase
-        n = snap.eval_len if snap.eval_len is not None else "?"
+        n: int | str = snap.eval_len if snap.eval_len is not None else "?"
         standalone = (
             run.steps_per_epoch == 0
         )  # fengine.evaluate(): MMEngine's by-epoch test loop format
@@ -659,7 +660,7 @@ class Logger(_TrainScalars):
         self._tick(f"after_{snap.phase}_epoch", snap)
         if not self._is_active():
             return
-        n = snap.eval_len if snap.eval_len is not None else "?"
+        n: int | str = snap.eval_len if snap.eval_len is not None else "?"
         items = _host_items(snap.metrics)
         hist = self._eval.get(snap.phase)
         if hist is not None:
