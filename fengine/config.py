@@ -21,8 +21,10 @@ __all__ = ["config_hash", "from_dict", "to_dict"]
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a dataclass config (paths as strings, tuples as lists)."""
-    if not dataclasses.is_dataclass(cfg):
-        raise TypeError(f"to_dict: expected a dataclass instance, got {type(cfg).__name__}")
+    # a dataclass *class* passes is_dataclass too, but asdict needs an instance
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        what = f"the class {cfg.__name__}" if isinstance(cfg, type) else type(cfg).__name__
+        raise TypeError(f"to_dict: expected a dataclass instance, got {what}")
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
@@ -65,7 +67,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except (TypeError, ValueError):
                 continue
         raise ValueError(f"{where}: {value!r} fits none of {options}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected a dict for {tp.__name__}, got {value!r}")
         return from_dict(tp, value)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -39,8 +39,10 @@ from torch.utils.data import default_collate
 
 __all__ = ["Accuracy", "BatchStats", "Evaluator", "MeanLoss", "Metric", "SumMetric", "add_prefix"]
 
+_V = TypeVar("_V")  # a result value (float), or None where only the keys matter
 
-def add_prefix(prefix: str | None, results: Mapping[str, float]) -> dict[str, float]:
+
+def add_prefix(prefix: str | None, results: Mapping[str, _V]) -> dict[str, _V]:
     """``{f"{prefix}/{k}": v}`` when ``prefix`` is set, else a plain copy (MMEngine rule)."""
     return {f"{prefix}/{k}" if prefix else k: v for k, v in results.items()}
 
@@ -124,7 +126,7 @@ class SumMetric(Metric):
             return dict(acc)
         dev, dt = st.total.device, st.total.dtype
         known = st.last is not None
-        last = st.last if known else torch.zeros_like(st.total)
+        last = st.last if st.last is not None else torch.zeros_like(st.total)
         return {  # non_blocking: moving the CPU init values must not sync with the device
             "n": acc["n"].to(dev, non_blocking=True) + st.n,
             "total": acc["total"].to(dev, dt, non_blocking=True) + st.total,
@@ -303,7 +305,8 @@ class Accuracy(SumMetric):
             return BatchStats(0, scores.new_zeros(0), None)  # ignored by update
         scores, labels = scores.detach(), labels.to(scores.device, non_blocking=True)
         top1 = scores.argmax(dim=1) == labels
-        hit = scores.topk(maxk, dim=1).indices == labels[:, None] if maxk > 1 else None
+        # (N, maxk) hits of the top-maxk; with maxk == 1 every k is 1 and top1 alone answers
+        hit = scores.topk(maxk, dim=1).indices == labels[:, None] if maxk > 1 else top1[:, None]
         cols = [top1 if k == 1 else hit[:, :k].any(dim=1) | top1 for k in self.topk]
         correct = torch.stack(cols, dim=1).to(torch.int64)  # (N, K)
         return BatchStats(n, correct.sum(dim=0), correct[-1])
@@ -402,12 +405,15 @@ class MeanLoss(SumMetric):
             )
         if self._batch_size is not None:
             n = int(self._batch_size(batch, outputs))
-        elif (n := _infer_batch_size(batch)) is None:
-            raise ValueError(
-                f"MeanLoss: cannot weight a batch-mean loss: no tensor with a batch "
-                f"dimension in a batch of type {type(batch).__name__}; pass "
-                "batch_size=lambda batch, outputs: ... or per-sample losses."
-            )
+        else:
+            inferred = _infer_batch_size(batch)
+            if inferred is None:
+                raise ValueError(
+                    f"MeanLoss: cannot weight a batch-mean loss: no tensor with a batch "
+                    f"dimension in a batch of type {type(batch).__name__}; pass "
+                    "batch_size=lambda batch, outputs: ... or per-sample losses."
+                )
+            n = inferred
         return BatchStats(n, (value * n).reshape(1), None)
 
     def finalize(self, n: int, totals: list[float]) -> dict[str, float]:
@@ -424,9 +430,9 @@ def _label(m: Any) -> str:
     return repr(m) if isinstance(m, SumMetric) else type(m).__name__
 
 
-def _merge_unique(results: Iterable[tuple[Any, Mapping[str, float]]]) -> dict[str, float]:
+def _merge_unique(results: Iterable[tuple[Any, Mapping[str, _V]]]) -> dict[str, _V]:
     """Merge ``(metric, results)`` pairs; a key produced twice is a ``ValueError``."""
-    merged: dict[str, float] = {}
+    merged: dict[str, _V] = {}
     owner: dict[str, Any] = {}
     for m, out in results:
         for key, value in out.items():

@@ -240,6 +240,13 @@ class _Windowed(Schedule):
         """Number of in-window units, ``end - begin`` (None = unbounded)."""
         return None if self.end is None else self.end - self.begin
 
+    @property
+    def _bounded_window(self) -> int:
+        """``end - begin`` of a schedule whose ``_validate`` called `_require_window`."""
+        window = self._window
+        assert window is not None, f"{self._name}: end was required at construction"
+        return window
+
     def _span(self) -> int | None:
         """Number of local steps with their own value; the value is held afterwards."""
         return self._window
@@ -247,7 +254,11 @@ class _Windowed(Schedule):
     def _local(self, step: int) -> int | None:
         """Local step for global ``step``: None before the window, clamped to the span."""
         step = _check_step(step)
-        unit = step // self.steps_per_epoch if self.by_epoch else step
+        if self.by_epoch:
+            assert self.steps_per_epoch is not None  # __post_init__ requires it when by_epoch
+            unit = step // self.steps_per_epoch
+        else:
+            unit = step
         if unit < self.begin:
             return None
         span = self._span()
@@ -337,7 +348,7 @@ class Linear(_Windowed):
         self._require_window("the ramp spans [begin, end)")
 
     def _factor(self, k: int) -> float:
-        total = self._window - 1
+        total = self._bounded_window - 1
         if total == 0:
             return self.start_factor
         return self.start_factor + (self.end_factor - self.start_factor) * k / total
@@ -419,7 +430,7 @@ class Cosine(_Windowed):
         _check_floor(self)
 
     def _value(self, k: int) -> float:
-        t_max = self.T_max if self.T_max is not None else self._window
+        t_max = self.T_max if self.T_max is not None else self._bounded_window
         return _cosine(_floor(self), self.base, k, t_max)
 
 
@@ -485,7 +496,7 @@ class Poly(_Windowed):
         self._require_window("the decay spans [begin, end)")
 
     def _value(self, k: int) -> float:
-        total = self._window - 1
+        total = self._bounded_window - 1
         if total == 0:
             return self.base
         return self.eta_min + (self.base - self.eta_min) * (1 - k / total) ** self.power
@@ -543,7 +554,7 @@ class OneCycle(_Windowed):
 
     @property
     def _total(self) -> int:
-        return self.total_steps if self.total_steps is not None else self._window
+        return self.total_steps if self.total_steps is not None else self._bounded_window
 
     def _span(self) -> int | None:
         return self._total
@@ -697,6 +708,7 @@ def convert_to_iter_based(schedule: Schedule, steps_per_epoch: int | None = None
             where, "schedule.by_epoch", False, "True (only epoch-based schedules can be converted)"
         )
     n = schedule.steps_per_epoch
+    assert n is not None  # __post_init__ requires it when by_epoch
     if steps_per_epoch is not None:
         given = _int(where, "steps_per_epoch", steps_per_epoch, minimum=1)
         if given != n:

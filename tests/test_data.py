@@ -394,7 +394,7 @@ def test_image_preprocessor_moves_nested_batches_and_keeps_structure():
     assert_tree_equal(fd.to_device(batch, "cpu"), batch)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_pinned_loader_and_preprocessor_on_cuda():
     ds = TensorDataset(uint8_images(16), torch.arange(16))
     loader = fd.Loader(ds, 8, seed=0, pin_memory=True, num_workers=1)

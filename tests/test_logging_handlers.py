@@ -920,12 +920,15 @@ def test_a_run_that_raised_does_not_leak_its_log_file(tmp_path):
     tiny_fit(tmp_path / "b", handlers=[Logger(1, timer=False)], max_steps=2)
     (first,) = (tmp_path / "a").glob("*.log")
     assert len(first.read_text().splitlines()) == 1
+    # the JSON-lines file holds step 1 and is not left open (an unclosed file would be a
+    # ResourceWarning, an error under the suite's filterwarnings)
+    assert len((tmp_path / "a" / "scalars.jsonl").read_text().splitlines()) == 1
     assert not any(
         getattr(h, "_fengine_run_log", False) for h in logging.getLogger("fengine").handlers
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_memory_field_on_cuda(lines, tmp_path):
     run = run_info(max_epochs=1, steps_per_epoch=1, work_dir=tmp_path)
     logger = Logger(1, timer=False)

@@ -294,7 +294,7 @@ def test_update_is_pure_and_acc_is_constant_size():
     assert acc["n"].tolist() == [100]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_update_does_not_sync_with_the_device():
     batches = random_batches([8, 8, 3], classes=6, seed=7)
     ev = Evaluator([Accuracy(topk=(1, 2)), MeanLoss()])

@@ -159,7 +159,7 @@ def _assert_matches_torch(name, factory, torch_cls, kw, state_map, net, fused=Fa
         for torch_key, field in state_map.items():
             ours = getattr(state.opt_state, field)[n]
             assert torch.equal(ours, opt.state[p][torch_key]), f"{name}: {field}[{n}] differs"
-    assert state.opt_state.count == 100 == state.step
+    assert state.opt_state.num_updates == 100 == state.step
 
 
 @pytest.mark.parametrize("name,factory,torch_cls,kw,state_map", CASES, ids=[c[0] for c in CASES])

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 
+pytestmark = pytest.mark.slow  # every test here runs recipe subprocesses (seconds each)
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST = [
     "--no-tensorboard",

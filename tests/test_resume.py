@@ -92,6 +92,7 @@ def test_resume_true_needs_work_dir():
         fe.fit(state, step, data, max_steps=3, resume=True, handlers=[])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_checkpoints_at_step_boundary_then_exits_and_resume_is_exact(tmp_path, sig):
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))

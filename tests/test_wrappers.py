@@ -172,7 +172,7 @@ def test_fp16_scaler_sequence_matches_torch_gradscaler():
     assert scales == ref_scales
     assert trackers == ref_trackers
     assert [t for t, s in enumerate(skipped) if s] == sorted(poison)
-    assert state.step == 16 and state.opt_state[1].count == 16 - len(poison)
+    assert state.step == 16 and state.opt_state[1].num_updates == 16 - len(poison)
     pairs = list(zip(ref_scales, ref_scales[1:]))
     assert any(b > a for a, b in pairs) and any(
         b < a for a, b in pairs

@@ -57,6 +57,12 @@ class _Source:
     nbytes: int
 
 
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (sharing its memory)."""
+    # an ndarray is a buffer, but numpy's stubs declare __buffer__ only for Python >= 3.12
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
 def _source(name: str, t: torch.Tensor) -> _Source:
     if t.layout != torch.strided:
         raise TypeError(
@@ -73,7 +79,7 @@ def _source(name: str, t: torch.Tensor) -> _Source:
         t = t.cpu()
     t = t.resolve_conj().resolve_neg().contiguous()  # shared storage / views / transposes are fine
     nbytes = t.numel() * t.element_size()
-    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if nbytes else None
+    data = _bytes_of(t) if nbytes else None
     return _Source(name, DTYPE_NAMES[t.dtype], list(t.shape), data, nbytes)
 
 
@@ -99,14 +105,16 @@ def write_file(
     sources.sort(
         key=lambda s: -DTYPES[s.dtype].itemsize
     )  # (stable) keeps every tensor aligned to its element size
-    table, spans, total = {}, [], 0
+    table: dict[str, dict[str, Any]] = {}
+    spans: list[tuple[int, int, memoryview]] = []
+    total = 0
     for s in sources:
         table[s.name] = {
             "dtype": s.dtype,
             "shape": s.shape,
             "data_offsets": [total, total + s.nbytes],
         }
-        if s.nbytes:
+        if s.data is not None:  # None exactly when the tensor has no bytes
             spans.append((total, total + s.nbytes, s.data))
         total += s.nbytes
     starts = [begin for begin, _, _ in spans]
@@ -161,7 +169,7 @@ def read_tensors(
         info = h.table[name]
         t = dests[name] = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
         if t.numel():
-            views[name] = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            views[name] = _bytes_of(t)
     spans = [(*h.table[n]["data_offsets"], n) for n in h.order]
     spans = [s for s in spans if s[1] > s[0]]
     starts = [s[0] for s in spans]

@@ -46,9 +46,11 @@ class Leaf:
 def flatten(tree: Any) -> tuple[list[Leaf], Any]:
     """Leaves with readable names (empty dicts are leaves too) and the treespec."""
     flat, spec = pytree.tree_flatten_with_path(tree, is_leaf=is_empty_dict)
-    leaves, seen = [], set()
+    leaves: list[Leaf] = []
+    seen: set[str] = set()
     for keys, value in flat:
-        comps, texts = [], []
+        comps: list[list] = []
+        texts: list[str] = []
         for k in keys:
             c, t = _component(k, texts)
             comps.append(c)

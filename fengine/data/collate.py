@@ -22,7 +22,8 @@ def default_collate(batch: Sequence[Any]) -> Any:
     Delegates to ``torch.utils.data.default_collate``; MMEngine's ``default_collate``
     agrees with it on everything but MMEngine's own ``BaseDataElement``.
     """
-    return torch.utils.data.default_collate(batch)
+    # torch annotates ``batch`` as a list, but any sequence of samples works
+    return torch.utils.data.default_collate(batch)  # type: ignore[arg-type]
 
 
 def pseudo_collate(batch: Sequence[Any]) -> Any:
@@ -40,8 +41,9 @@ def pseudo_collate(batch: Sequence[Any]) -> Any:
         return batch
     if isinstance(elem, tuple) and hasattr(elem, "_fields"):  # named tuple
         return type(elem)(*(pseudo_collate(field) for field in zip(*batch)))
-    if isinstance(elem, Mapping):
-        return type(elem)({key: pseudo_collate([d[key] for d in batch]) for key in elem})
+    if isinstance(elem, Mapping):  # as MMEngine: the mapping type is built from a dict
+        mapping_type: Any = type(elem)
+        return mapping_type({key: pseudo_collate([d[key] for d in batch]) for key in elem})
     if isinstance(elem, Sequence):
         size = len(elem)
         if any(len(sample) != size for sample in batch):
@@ -51,8 +53,9 @@ def pseudo_collate(batch: Sequence[Any]) -> Any:
         fields = [pseudo_collate(field) for field in zip(*batch)]
         if isinstance(elem, tuple):
             return fields
+        sequence_type: Any = type(elem)
         try:
-            return type(elem)(fields)
+            return sequence_type(fields)
         except TypeError:  # sequence types such as `range` cannot be built from a list
             return fields
     return batch

@@ -171,7 +171,9 @@ class Loader:
         self._worker_seed = torch.Generator()
         self._loader = torch.utils.data.DataLoader(
             _Fetch(dataset, transform, collate_fn, seed),
-            batch_sampler=self._plan,
+            # torch types batch samplers as yielding index lists, but it hands each batch
+            # unchanged to the dataset's __getitems__, which takes our _Keys
+            batch_sampler=self._plan,  # type: ignore[arg-type]
             collate_fn=_identity,
             num_workers=num_workers,
             pin_memory=pin_memory,
@@ -229,8 +231,8 @@ class Loader:
                     rank=s.rank,
                     world_size=s.world_size,
                 )
-                passes, idx = passes.tolist(), idx.tolist()
-                for i in range(0, len(idx), bs):
-                    yield _Keys(passes[i : i + bs], idx[i : i + bs])
+                pass_list, idx_list = passes.tolist(), idx.tolist()
+                for i in range(0, len(idx_list), bs):
+                    yield _Keys(pass_list[i : i + bs], idx_list[i : i + bs])
 
         return self._start(batches, -1)

@@ -31,8 +31,11 @@ def _rebuild(template: Any, items: Any) -> Any:
 
 def _rebuild_mapping(template: Mapping, items: dict) -> Mapping:
     """A mapping of ``template``'s type holding ``items`` (a plain dict if that type cannot be built)."""
+    mapping_type: Any = type(
+        template
+    )  # concrete mappings take a dict (Mapping itself declares no arguments)
     try:
-        return type(template)(items)
+        return mapping_type(items)
     except TypeError:
         return items
 
@@ -166,6 +169,11 @@ class ImagePreprocessor:
         elif isinstance(batch, Mapping):
             batch = _rebuild_mapping(batch, {**batch, slot: self.process_image(batch[slot])})
         else:
+            if not isinstance(slot, int):
+                raise TypeError(
+                    f"ImagePreprocessor: inputs={slot!r} is a mapping key, but the batch is a "
+                    f"{type(batch).__name__}; use a position (int) for sequence batches"
+                )
             items = list(batch)
             items[slot] = self.process_image(items[slot])
             batch = _rebuild(batch, items)

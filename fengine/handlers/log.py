@@ -48,7 +48,8 @@ _METHODS = ("mean", "min", "max", "current")
 class _StdoutHandler(logging.StreamHandler):
     """Writes to the current ``sys.stdout`` (so a rich progress bar and pytest capture see it)."""
 
-    @property  # type: ignore[override]
+    # mypy 1.10 rejects a property over StreamHandler's stream attribute (newer ones accept it)
+    @property  # type: ignore[override, unused-ignore]
     def stream(self) -> TextIO:
         return sys.stdout
 
@@ -93,6 +94,13 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+def _batch_number(snap: Snapshot) -> int:
+    """``batch_idx + 1`` of an iteration event (the loop always sets ``batch_idx`` there)."""
+    if snap.batch_idx is None:
+        raise ValueError(f"{snap.event}: a {snap.phase} iteration event needs batch_idx")
+    return snap.batch_idx + 1
 
 
 # ------------------------------------------------------------------ host transfer
@@ -288,9 +296,9 @@ class ScalarHistory:
             if value is not None:
                 tag[key] = value
         for st in self.stats:
-            s = self._series.get(st.src)
-            if s is not None:
-                value = s.stat(st.method, self.window_size if st.window is None else st.window)
+            src = self._series.get(st.src)
+            if src is not None:
+                value = src.stat(st.method, self.window_size if st.window is None else st.window)
                 if value is not None:
                     tag[st.key] = value
         return tag
@@ -305,7 +313,7 @@ def should_log(snap: Snapshot, interval: int, ignore_last: bool = True) -> bool:
     """
     run = snap.run
     if run.by_epoch:
-        i, n = snap.batch_idx + 1, run.steps_per_epoch
+        i, n = _batch_number(snap), run.steps_per_epoch
     else:
         i, n = snap.step, run.max_steps
     if i % interval == 0:
@@ -459,7 +467,7 @@ class Logger(_TrainScalars):
         self.num_digits = num_digits
         self._own_timer = timer is None
         self._eval: dict[str, ScalarHistory] = {}
-        self._json: TextIO | None = None
+        self._json_path: Path | None = None
         self._file_handler: logging.FileHandler | None = None
         self._warned_timer = False
         self.logger = get_logger()
@@ -491,26 +499,26 @@ class Logger(_TrainScalars):
             self._file_handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
             self._file_handler._fengine_run_log = True  # type: ignore[attr-defined]
             self.logger.addHandler(self._file_handler)
-        if self.json_file is not None and self._json is None:
-            self._json = open(work_dir / self.json_file, "a", encoding="utf-8")  # noqa: SIM115 (closed at after_run)
+        if self.json_file is not None:
+            self._json_path = work_dir / self.json_file
 
     def on_after_run(self, snap: Snapshot) -> None:
         self.close()
 
     def close(self) -> None:
-        """Close the JSON-lines and log files (idempotent)."""
-        if self._json is not None:
-            self._json.close()
-            self._json = None
+        """Stop writing the JSON-lines file and close the log file (idempotent)."""
+        self._json_path = None
         if self._file_handler is not None:
             self.logger.removeHandler(self._file_handler)
             self._file_handler.close()
             self._file_handler = None
 
     def _write_json(self, record: Mapping[str, Any]) -> None:
-        if self._json is not None:
-            self._json.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
-            self._json.flush()
+        # opened per record (as MMEngine's LocalVisBackend does): a run that raises, and so
+        # never reaches after_run, leaves no open file behind
+        if self._json_path is not None:
+            with open(self._json_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
 
     # ------------------------------------------------------------------ timing
     def _tick(self, event: str, snap: Snapshot) -> None:
@@ -569,7 +577,7 @@ class Logger(_TrainScalars):
         run = snap.run
         if run.by_epoch:
             epoch = _epoch_str(snap.epoch + 1, run.max_epochs)
-            head = _head("Epoch(train)", epoch, snap.batch_idx + 1, run.steps_per_epoch)
+            head = _head("Epoch(train)", epoch, _batch_number(snap), run.steps_per_epoch)
         else:
             head = _head("Iter(train)", " ", snap.step, run.max_steps)
         self.logger.info(self._line(head, snap, tag, memory, rest=True))
@@ -619,13 +627,12 @@ class Logger(_TrainScalars):
             return
         hist = self._eval[snap.phase]
         self._timing(snap.phase, hist)
-        if (snap.batch_idx + 1) % self.interval != 0:
+        done = _batch_number(snap)
+        if done % self.interval != 0:
             return
         tag = hist.collect()
         self.logger.info(
-            self._line(
-                self._eval_head(snap, snap.batch_idx + 1), snap, tag, self._memory(snap), rest=False
-            )
+            self._line(self._eval_head(snap, done), snap, tag, self._memory(snap), rest=False)
         )
 
     on_after_val_iter = _after_eval_iter
@@ -633,7 +640,7 @@ class Logger(_TrainScalars):
 
     def _eval_head(self, snap: Snapshot, i: int | str, *, last: bool = False) -> str:
         run, phase = snap.run, snap.phase
-        n = snap.eval_len if snap.eval_len is not None else "?"
+        n: int | str = snap.eval_len if snap.eval_len is not None else "?"
         standalone = (
             run.steps_per_epoch == 0
         )  # fengine.evaluate(): MMEngine's by-epoch test loop format
@@ -653,7 +660,7 @@ class Logger(_TrainScalars):
         self._tick(f"after_{snap.phase}_epoch", snap)
         if not self._is_active():
             return
-        n = snap.eval_len if snap.eval_len is not None else "?"
+        n: int | str = snap.eval_len if snap.eval_len is not None else "?"
         items = _host_items(snap.metrics)
         hist = self._eval.get(snap.phase)
         if hist is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fengine.events import Handler, Priority, Snapshot
-from fengine.handlers.log import _rank
+from fengine.handlers.log import _batch_number, _rank
 
 
 __all__ = ["ProgressBar"]
@@ -95,7 +95,7 @@ class ProgressBar(Handler):
 
     def on_after_train_iter(self, snap: Snapshot) -> None:
         if self._progress is not None and self._train_task is not None:
-            done = snap.batch_idx + 1 if snap.run.by_epoch else snap.step
+            done = _batch_number(snap) if snap.run.by_epoch else snap.step
             self._progress.update(self._train_task, completed=done)
 
     def on_after_train_epoch(self, snap: Snapshot) -> None:
@@ -117,7 +117,7 @@ class ProgressBar(Handler):
 
     def _after_eval_iter(self, snap: Snapshot) -> None:
         if self._progress is not None and self._eval_task is not None:
-            self._progress.update(self._eval_task, completed=snap.batch_idx + 1)
+            self._progress.update(self._eval_task, completed=_batch_number(snap))
 
     def _after_eval_epoch(self, snap: Snapshot) -> None:
         if self._progress is not None and self._eval_task is not None:

@@ -4,7 +4,7 @@ Each optimizer's ``apply`` replays the op sequence of torch's ``_multi_tensor_*`
 kernel for one param group: the same ``torch._foreach_*`` calls with the same
 scalars, so params and moments match ``torch.optim.X(foreach=True)`` bit for bit.
 Hyper-parameters may be numbers or schedules ``step -> value``; the step count
-used for bias correction is the optimizer's own ``count`` (updates applied), the
+used for bias correction is the optimizer's own ``num_updates`` (updates applied), the
 schedule step is the global step (see `fengine.optim.base`).
 
 Params with no gradient (unused in the forward) are skipped, as torch does.
@@ -42,6 +42,10 @@ __all__ = [
 ]
 
 
+# the foreach kernels take lists; their out-of-place forms (``_foreach_neg``...) return tuples
+_Tensors = list[torch.Tensor] | tuple[torch.Tensor, ...]
+
+
 def _zeros(params, names=None):
     return {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
 
@@ -70,11 +74,11 @@ def _check_fused(params, where):
             )
 
 
-def _fused_call(kernel, tensors, count=None, **kwargs):
+def _fused_call(kernel, tensors, num_updates=None, **kwargs):
     """Run torch's fused ``kernel`` once per (device, dtype) group, as ``torch.optim``'s ``_fused_*``.
 
     ``tensors`` are the per-param lists (params first; an empty list stays empty).
-    With ``count`` (the step after this update), one shared float32 0-d step tensor
+    With ``num_updates`` (the count after this update), one shared float32 0-d step tensor
     per device is appended as ``state_steps``.
     """
     if not tensors[0]:
@@ -82,9 +86,9 @@ def _fused_call(kernel, tensors, count=None, **kwargs):
     for (device, _), (lists, _) in _group_tensors_by_device_and_dtype(
         tensors, with_indices=False
     ).items():
-        if count is not None:
+        if num_updates is not None:
             step = torch.full(
-                (), float(min(count, _FUSED_MAX_STEP)), dtype=torch.float32, device=device
+                (), float(min(num_updates, _FUSED_MAX_STEP)), dtype=torch.float32, device=device
             )
             lists = [*lists, [step] * len(lists[0])]
         kernel(*lists, **kwargs)
@@ -92,7 +96,7 @@ def _fused_call(kernel, tensors, count=None, **kwargs):
 
 # ---------------------------------------------------------------- SGD
 class SgdState(NamedTuple):
-    count: int
+    num_updates: int
     momentum_buffer: dict[str, torch.Tensor]
     lr: float
 
@@ -126,10 +130,10 @@ def sgd(
         return SgdState(0, _zeros(params) if uses_momentum else {}, float(resolve(lr, 0)))
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         lr_t, mom, wd = resolve(lr, t), resolve(momentum, t), resolve(weight_decay, t)
         p = _pick(params, grads)
-        g = list(grads.values())
+        g: _Tensors = list(grads.values())
         if fused:
             _fused_call(
                 torch._fused_sgd_,
@@ -140,9 +144,9 @@ def sgd(
                 dampening=dampening,
                 nesterov=nesterov,
                 maximize=maximize,
-                is_first_step=mom != 0 and state.count == 0,
+                is_first_step=mom != 0 and state.num_updates == 0,
             )
-            return params, SgdState(state.count + 1, state.momentum_buffer, float(lr_t))
+            return params, SgdState(state.num_updates + 1, state.momentum_buffer, float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -152,7 +156,7 @@ def sgd(
                 g = torch._foreach_add(g, p, alpha=wd)
         if mom != 0:
             bufs = _pick(state.momentum_buffer, grads)
-            if state.count == 0:  # torch starts the buffer as a clone of the first gradient
+            if state.num_updates == 0:  # torch starts the buffer as a clone of the first gradient
                 torch._foreach_copy_(bufs, g)
             else:
                 torch._foreach_mul_(bufs, mom)
@@ -162,14 +166,14 @@ def sgd(
             else:
                 g = bufs
         torch._foreach_add_(p, g, alpha=-lr_t)
-        return params, SgdState(state.count + 1, state.momentum_buffer, float(lr_t))
+        return params, SgdState(state.num_updates + 1, state.momentum_buffer, float(lr_t))
 
     return _optimizer(init_fn, apply_fn)
 
 
 # ---------------------------------------------------------------- Adam / AdamW
 class AdamState(NamedTuple):
-    count: int
+    num_updates: int
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
     max_exp_avg_sq: dict[str, torch.Tensor]
@@ -200,23 +204,23 @@ def _adam(
         )
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         lr_t, beta1, beta2, wd = (
             resolve(lr, t),
             resolve(b1, t),
             resolve(b2, t),
             resolve(weight_decay, t),
         )
-        count = state.count + 1
+        num_updates = state.num_updates + 1
         p = _pick(params, grads)
-        g = list(grads.values())
+        g: _Tensors = list(grads.values())
         m = _pick(state.exp_avg, grads)
         v = _pick(state.exp_avg_sq, grads)
         if fused:
             _fused_call(
                 torch._fused_adamw_ if decoupled else torch._fused_adam_,
                 [p, g, m, v, _pick(state.max_exp_avg_sq, grads) if amsgrad else []],
-                count,
+                num_updates,
                 amsgrad=amsgrad,
                 lr=lr_t,
                 beta1=beta1,
@@ -225,7 +229,7 @@ def _adam(
                 eps=eps,
                 maximize=maximize,
             )
-            return params, state._replace(count=count, lr=float(lr_t))
+            return params, state._replace(num_updates=num_updates, lr=float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -239,8 +243,8 @@ def _adam(
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
         del g
-        bias_correction1 = 1 - beta1 ** float(count)
-        bias_correction2 = 1 - beta2 ** float(count)
+        bias_correction1 = 1 - beta1 ** float(num_updates)
+        bias_correction2 = 1 - beta2 ** float(num_updates)
         step_size = (lr_t / bias_correction1) * -1
         bias_correction2_sqrt = bias_correction2**0.5
         if amsgrad:
@@ -253,7 +257,7 @@ def _adam(
         torch._foreach_div_(denom, [bias_correction2_sqrt] * n)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, m, denom, [step_size] * n)
-        return params, state._replace(count=count, lr=float(lr_t))
+        return params, state._replace(num_updates=num_updates, lr=float(lr_t))
 
     return _optimizer(init_fn, apply_fn)
 
@@ -295,7 +299,7 @@ def adamw(
 
 # ---------------------------------------------------------------- RMSprop
 class RMSpropState(NamedTuple):
-    count: int
+    num_updates: int
     square_avg: dict[str, torch.Tensor]
     grad_avg: dict[str, torch.Tensor]
     momentum_buffer: dict[str, torch.Tensor]
@@ -336,10 +340,10 @@ def rmsprop(
         )
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         lr_t, wd, mom = resolve(lr, t), resolve(weight_decay, t), resolve(momentum, t)
         p = _pick(params, grads)
-        g = list(grads.values())
+        g: _Tensors = list(grads.values())
         sq = _pick(state.square_avg, grads)
         if maximize:
             g = torch._foreach_neg(g)
@@ -366,14 +370,14 @@ def rmsprop(
             torch._foreach_add_(p, buf, alpha=-lr_t)
         else:
             torch._foreach_addcdiv_(p, g, avg, value=-lr_t)
-        return params, state._replace(count=state.count + 1, lr=float(lr_t))
+        return params, state._replace(num_updates=state.num_updates + 1, lr=float(lr_t))
 
     return _optimizer(init_fn, apply_fn)
 
 
 # ---------------------------------------------------------------- Adagrad
 class AdagradState(NamedTuple):
-    count: int
+    num_updates: int
     sum: dict[str, torch.Tensor]
     lr: float
 
@@ -411,24 +415,24 @@ def adagrad(
         return AdagradState(0, sums, float(resolve(lr, 0)))
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         lr_t, wd = resolve(lr, t), resolve(weight_decay, t)
-        count = state.count + 1
+        num_updates = state.num_updates + 1
         p = _pick(params, grads)
-        g = list(grads.values())
+        g: _Tensors = list(grads.values())
         sums = _pick(state.sum, grads)
         if fused:
             _fused_call(
                 torch._fused_adagrad_,
                 [p, g, sums],
-                count,
+                num_updates,
                 lr=lr_t,
                 lr_decay=lr_decay,
                 weight_decay=wd,
                 eps=eps,
                 maximize=maximize,
             )
-            return params, AdagradState(count, state.sum, float(lr_t))
+            return params, AdagradState(num_updates, state.sum, float(lr_t))
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -436,16 +440,17 @@ def adagrad(
                 torch._foreach_add_(g, p, alpha=wd)
             else:
                 g = torch._foreach_add(g, p, alpha=wd)
-        minus_clr = [-lr_t / (1 + (float(count) - 1) * lr_decay)] * len(p)
+        minus_clr = [-lr_t / (1 + (float(num_updates) - 1) * lr_decay)] * len(p)
         torch._foreach_addcmul_(sums, g, g, value=1)
         std = torch._foreach_sqrt(sums)
         torch._foreach_add_(std, eps)
+        numerator: _Tensors
         if wd != 0 or maximize:
             torch._foreach_mul_(g, minus_clr)
             numerator = g
         else:
             numerator = torch._foreach_mul(g, minus_clr)
         torch._foreach_addcdiv_(p, numerator, std)
-        return params, AdagradState(count, state.sum, float(lr_t))
+        return params, AdagradState(num_updates, state.sum, float(lr_t))
 
     return _optimizer(init_fn, apply_fn)

@@ -202,8 +202,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return grads, tuple(new_state)
 
     apply_fn = None
-    if transforms and transforms[-1].apply is not None:
-        *head, last = transforms
+    last_apply = transforms[-1].apply if transforms else None
+    if last_apply is not None:
+        head = transforms[:-1]
 
         def apply_fn(grads, state, params, *, step=None):
             _check(state)
@@ -211,7 +212,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             for t, s in zip(head, state):
                 grads, s = t.update(grads, s, params, step=step)
                 new_state.append(s)
-            params, s = last.apply(grads, state[-1], params, step=step)
+            params, s = last_apply(grads, state[-1], params, step=step)
             new_state.append(s)
             return params, tuple(new_state)
 
@@ -282,7 +283,8 @@ def partition(
         return {n: updates[n] for n in grads}, PartitionState(inner)
 
     apply_fn = None
-    if all(t.apply is not None for t in transforms.values()):
+    applies = {label: t.apply for label, t in transforms.items() if t.apply is not None}
+    if len(applies) == len(transforms):
 
         def apply_fn(grads, state, params, *, step=None):
             groups = groups_of(grads)
@@ -292,7 +294,7 @@ def partition(
                     inner[label] = state.inner[label]
                     continue
                 sub = {n: grads[n] for n in names}
-                _, inner[label] = transforms[label].apply(
+                _, inner[label] = applies[label](
                     sub, state.inner[label], {n: params[n] for n in names}, step=step
                 )
             return params, PartitionState(inner)

@@ -196,8 +196,9 @@ class ParamGroups:
         for (lm, dm, _), members in buckets.items():
             options = members[0].options
             named = {m.group for m in members}
-            if len(named) == 1 and None not in named:
-                label = named.pop()
+            shared = named.pop() if len(named) == 1 else None  # the one group name all share
+            if shared is not None:
+                label = shared
             elif lm == 1 and dm == 1 and not options:
                 label = "default"
             else:
@@ -448,7 +449,7 @@ def paramwise(
                 "" if _aligned(key, match_name) else " (substring inside a name component)"
             )
             options = tuple((k, v) for k, v in cfg.items() if k not in ("lr_mult", "decay_mult"))
-            logged = {"lr": p_lr, "weight_decay": p_wd, **cfg}
+            custom_logged = {"lr": p_lr, "weight_decay": p_wd, **cfg}
             return ParamSetting(
                 full,
                 shape,
@@ -459,7 +460,7 @@ def paramwise(
                 rule,
                 None,
                 options,
-                tuple(logged.items()),
+                tuple(custom_logged.items()),
             )
         is_norm = isinstance(module, _NORM_TYPES)
         lm, dm, lr_rule, wd_rule = 1.0, 1.0, None, None

@@ -20,7 +20,7 @@ __all__ = ["TorchOptimizerState", "from_torch"]
 
 
 class TorchOptimizerState(NamedTuple):
-    count: int
+    num_updates: int
     per_param: dict[str, dict[str, Any]]
     """param name -> that param's ``optimizer.state[p]`` dict (empty until the first update)."""
     lr: float
@@ -62,7 +62,7 @@ def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> Grad
         return TorchOptimizerState(0, {n: {} for n in params}, float(lr))
 
     def apply_fn(grads, state, params, *, step=None):
-        t = state.count if step is None else step
+        t = state.num_updates if step is None else step
         names = list(grads)
         tensors = [params[n] for n in names]
         opt = build(tensors)
@@ -80,7 +80,7 @@ def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> Grad
                 p.grad = None
             opt.state.clear()
         return params, TorchOptimizerState(
-            state.count + 1, state.per_param, float(group.get("lr", 0.0))
+            state.num_updates + 1, state.per_param, float(group.get("lr", 0.0))
         )
 
     return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn)
