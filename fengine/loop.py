@@ -202,10 +202,9 @@ def _run(step: Step, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
             if type(e) is RuntimeError
             else "; check that the loss function matches the batch structure"
         )
-        e.add_note(
-            f"fit: while running the step on batch {state.batch_in_epoch} of epoch {state.epoch} "
-            f"(a {type(batch).__name__}){hint}"
-        )
+        note = f"fit: while running the step on batch {state.batch_in_epoch} of epoch {state.epoch} (a {type(batch).__name__}){hint}"
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            e.add_note(note)
         raise
 
 
