@@ -53,3 +53,18 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), {})
     assert printed and "accuracy" in printed[-1][0]
     assert (tmp_path / "last_checkpoint").is_file()
+
+
+def test_readme_user_wrappers_example_runs(monkeypatch):
+    """README's "Composing a step" block: a gradient transformation, a forward wrapper and a
+    post-update wrapper under fp16 loss scaling with accumulation."""
+    readme = (ROOT / "README.md").read_text()
+    code = next(
+        c for c in re.findall(r"```python\n(.+?)\n```", readme, flags=re.S) if "gradient_noise" in c
+    )
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(a))
+    exec(compile(code, "README.md", "exec"), {})
+    metrics = printed[-1][0]
+    assert set(metrics) == {"loss", "grad_norm", "lr", "loss_scale", "update_skipped"}
+    assert metrics["loss_scale"] == 65536.0 and metrics["update_skipped"] == 0.0
