@@ -283,10 +283,11 @@ def fit(
     with _signals(enabled=work_dir is not None) as received:
         for tick in train_steps(state, step, train_data, p, stop=lambda: dispatch.stop is not None):
             state = tick.state
-            dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch, metrics=tick.metrics,
-                     data_time=tick.data_time)  # fmt: skip
-            _flush_saves(state, run, dispatch)
-            if tick.event == "after_train_iter" and received:
+            if dispatch.wants(tick.event):
+                dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch, metrics=tick.metrics,
+                         data_time=tick.data_time)  # fmt: skip
+                _flush_saves(state, run, dispatch)
+            if received and tick.event == "after_train_iter":
                 _preempt(received[0], state, run, dispatch)
             if val is not None and _validation_due(tick, p, val.begin, interval):
                 run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch, run=run,

@@ -140,12 +140,15 @@ def _apply_fn(part: Part) -> ApplyFn:
     """Apply ``part.tx`` to the gradients: params updated in place, the part's optimizer state replaced."""
 
     def apply(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
-        params = state.params
-        new, opt = step_params(part.tx, g.grads, part.get(state.opt_state), params, step=state.step)
+        params, opt_state = state.params, state.opt_state
+        own = opt_state if part.name is None else opt_state[part.name]
+        new, own = step_params(part.tx, g.grads, own, params, step=state.step)
         if new is not params:  # a transformation that returned new tensors, not updated in place
             new = {**params, **new}
-        metrics = {**g.metrics, **collect_metrics(opt)}
-        return state.replace(params=new, opt_state=part.put(state.opt_state, opt)), metrics
+        metrics = {**g.metrics, **collect_metrics(own)}
+        return state.replace(
+            params=new, opt_state=own if part.name is None else {**opt_state, part.name: own}
+        ), metrics
 
     return apply
 
