@@ -72,41 +72,30 @@ def run_eval(
     if model is None:
         raise ValueError("the state has no model; build it with step.init(model, seed=...)")
     n = len(data) if isinstance(data, Sized) else None
-    dispatch(f"before_{phase}", state, run, phase=phase, eval_len=n)
-    dispatch(f"before_{phase}_epoch", state, run, phase=phase, eval_len=n)
+
+    def emit(
+        when: str, unit: str = "", **fields: Any
+    ) -> None:  # ("before", "_iter") -> before_val_iter
+        dispatch(f"{when}_{phase}{unit}", state, run, phase=phase, eval_len=n, **fields)
+
+    emit("before")
+    emit("before", "_epoch")
     was_training = model.training
     model.eval()
     eval_params, eval_buffers = weights_for(state, params)
     acc = evaluator.init()
     try:
         for i, batch in enumerate(batches_of(data, 0, 0) if hasattr(data, "epoch") else iter(data)):
-            dispatch(
-                f"before_{phase}_iter",
-                state,
-                run,
-                phase=phase,
-                eval_len=n,
-                batch_idx=i,
-                batch=batch,
-            )
+            emit("before", "_iter", batch_idx=i, batch=batch)
             with torch.no_grad(), bind(model, eval_params, eval_buffers):
                 outputs = eval_fn(model, batch)
             acc = evaluator.update(acc, batch, outputs)
-            dispatch(
-                f"after_{phase}_iter",
-                state,
-                run,
-                phase=phase,
-                eval_len=n,
-                batch_idx=i,
-                batch=batch,
-                outputs=outputs,
-            )
+            emit("after", "_iter", batch_idx=i, batch=batch, outputs=outputs)
     finally:
         model.train(was_training)
     results = evaluator.compute(acc)
-    dispatch(f"after_{phase}_epoch", state, run, phase=phase, eval_len=n, metrics=results)
-    dispatch(f"after_{phase}", state, run, phase=phase, eval_len=n, metrics=results)
+    emit("after", "_epoch", metrics=results)
+    emit("after", metrics=results)
     return results
 
 

@@ -286,7 +286,8 @@ def fit(
             if dispatch.wants(tick.event):
                 dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch, metrics=tick.metrics,
                          data_time=tick.data_time)  # fmt: skip
-                _flush_saves(state, run, dispatch)
+                if dispatch.saves:
+                    _flush_saves(state, run, dispatch)
             if received and tick.event == "after_train_iter":
                 _preempt(received[0], state, run, dispatch)
             if val is not None and _validation_due(tick, p, val.begin, interval):
