@@ -21,6 +21,7 @@ from fengine.evaluation import default_predict as default_predict, evaluate as e
 from fengine.events import (
     Handler as Handler,
     Priority as Priority,
+    Retire as Retire,
     RunInfo as RunInfo,
     Save as Save,
     Snapshot as Snapshot,
@@ -47,6 +48,7 @@ from fengine.step import (
     parse_losses as parse_losses,
     train_step as train_step,
 )
+from fengine.workdir import WorkDirLocked as WorkDirLocked, lock_work_dir as lock_work_dir
 from fengine.wrappers import (
     MicroBatches as MicroBatches,
     Wrapper as Wrapper,

@@ -3,7 +3,7 @@
 A handler is any object with ``on_<event>(snap)`` methods for the events below
 (MMEngine's hook points, same names). It receives a `Snapshot` and may return
 signals (one, or a list): `Stop` to end training, `Save` to have `fit` write a
-checkpoint. It never changes the state: values a handler needs to
+checkpoint, `Retire` to have it delete checkpoints it no longer keeps. It never changes the state: values a handler needs to
 keep across a resume (best score, kept checkpoints) go in its own small
 ``state_dict()``, which `Checkpointer` stores in the checkpoint.
 
@@ -94,6 +94,19 @@ class Save:
 
     path: Path
     latest: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Retire:
+    """Returned by a handler: checkpoint files it no longer keeps (rotation, a replaced best).
+
+    Retention is data, not deletion: `fit` deletes them only after every `Save` of the
+    same event is durable and ``last_checkpoint`` has moved, never the file the pointer
+    names and never a file that is not a fengine checkpoint. A kill at any moment
+    therefore leaves at least the old or the new file.
+    """
+
+    paths: tuple[Path, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +323,7 @@ class Dispatcher:
         }
         self.stop: Stop | None = None
         self.saves: list[Save] = []
+        self.retires: list[Path] = []
 
     def wants(self, event: str) -> bool:
         return bool(self._table[event])
@@ -329,6 +343,8 @@ class Dispatcher:
                     self.stop = signal
                 elif isinstance(signal, Save) and signal not in self.saves:
                     self.saves.append(signal)
+                elif isinstance(signal, Retire):
+                    self.retires.extend(p for p in signal.paths if p not in self.retires)
 
     def state_dicts(self) -> dict[str, Any]:
         """``state_dict()`` of every handler that keeps one, by handler name."""

@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -33,14 +34,18 @@ from torch import nn
 from fengine import checkpoint
 from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
 from fengine.events import Dispatcher, RunInfo
+from fengine.finite import FiniteWatch
 from fengine.metrics import Evaluator, Metric
 from fengine.state import DonatedStateError, TrainState
 from fengine.step import Step
+from fengine.workdir import lock_work_dir
 from fengine.wrappers import MicroBatches
 
 
 __all__ = [
     "Plan",
+    "retire",
+    "save",
     "Preempted",
     "Tick",
     "Val",
@@ -167,7 +172,14 @@ def train_steps(
     """Run ``step`` over ``train_data`` from ``state``'s position until ``plan`` is done (or ``stop()``),
     yielding a `Tick` before/after each epoch and each update."""
     k = plan.micro_batches
-    while not stop() and not plan.done(state):
+    while True:
+        if state.batch_in_epoch >= plan.batches_per_epoch:  # every batch done: end the epoch
+            state = state.replace(
+                epoch=state.epoch + 1, batch_in_epoch=0
+            )  # (also when resumed there)
+            yield Tick("after_train_epoch", state)
+        if stop() or plan.done(state):
+            return
         yield Tick("before_train_epoch", state)
         if stop():
             return
@@ -187,8 +199,6 @@ def train_steps(
             t = time.perf_counter()
         if state.batch_in_epoch < plan.batches_per_epoch:
             return  # stopped or reached max_steps inside the epoch: the position stays mid-epoch
-        state = state.replace(epoch=state.epoch + 1, batch_in_epoch=0)
-        yield Tick("after_train_epoch", state)
 
 
 def _run(step: Step, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
@@ -234,6 +244,7 @@ def fit(
     work_dir: str | Path | None = None,
     resume: bool | str | Path = False,
     config: Mapping[str, Any] | None = None,
+    check_nonfinite: bool = True,
 ) -> TrainState:
     """Train: fold ``step`` over ``train_data`` until ``max_epochs`` or ``max_steps``; returns the final state.
 
@@ -243,9 +254,12 @@ def fit(
     the last group of an epoch may be shorter. ``handlers=None`` uses
     `fengine.handlers.default_handlers`. ``resume=True`` continues from
     ``work_dir``'s latest checkpoint (from scratch if there is none),
-    ``resume=PATH`` from that file, handlers' own state included. SIGTERM/SIGINT
+    ``resume=PATH`` from that file, handlers' own state included, and finishes
+    what the uninterrupted run did at that position (its validation). SIGTERM/SIGINT
     (with a ``work_dir``) save a checkpoint at the next step boundary and raise
-    `Preempted`.
+    `Preempted`. The ``work_dir`` is locked for the run (`fengine.lock_work_dir`).
+    ``check_nonfinite`` raises `FloatingPointError` on the first non-finite loss
+    (`fengine.finite.FiniteWatch`: read every 50 updates, no per-step host sync).
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"fit: state must be a TrainState, got {type(state).__name__}")
@@ -271,37 +285,49 @@ def fit(
 
         handlers = default_handlers()
     dispatch = Dispatcher(handlers)
-    if work_dir is not None:
-        work_dir.mkdir(parents=True, exist_ok=True)
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
-    run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch, p.batches_per_epoch,
-                  p.micro_batches, state.step, val_batches, config)  # fmt: skip
-    dispatch("before_run", state, run)
-    if resume:
-        state, run = _resume(state, resume, run, dispatch)
-    dispatch("before_train", state, run)
-    with _signals(enabled=work_dir is not None) as received:
-        for tick in train_steps(state, step, train_data, p, stop=lambda: dispatch.stop is not None):
-            state = tick.state
-            if dispatch.wants(tick.event):
-                dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch, metrics=tick.metrics,
-                         data_time=tick.data_time)  # fmt: skip
-                if dispatch.saves:
-                    _flush_saves(state, run, dispatch)
-            if received and tick.event == "after_train_iter":
-                _preempt(received[0], state, run, dispatch)
-            if val is not None and _validation_due(tick, p, val.begin, interval):
-                run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch, run=run,
-                         phase="val")  # fmt: skip
-                _flush_saves(state, run, dispatch)
-        dispatch(
-            "after_train",
-            state,
-            run,
-            metrics={"stop": dispatch.stop.reason} if dispatch.stop else {},
-        )
-        _flush_saves(state, run, dispatch)
-    dispatch("after_run", state, run)
+    with lock_work_dir(work_dir):
+        run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch,
+                      p.batches_per_epoch, p.micro_batches, state.step, val_batches, config)  # fmt: skip
+        dispatch("before_run", state, run)
+        moment = None
+        if resume:
+            state, run, moment = _resume(state, resume, run, dispatch)
+        dispatch("before_train", state, run)
+        _flush(state, run, dispatch, "before_train")
+        if (
+            val is not None
+            and moment is not None
+            and _validation_due(moment, state, p, val.begin, interval)
+        ):
+            _validate(
+                state, val, dispatch, run
+            )  # the checkpoint was saved before this position's validation
+        watch = FiniteWatch(enabled=check_nonfinite)
+        with _signals(enabled=work_dir is not None) as received:
+            for tick in train_steps(
+                state, step, train_data, p, stop=lambda: dispatch.stop is not None
+            ):
+                state = tick.state
+                if tick.event == "after_train_iter":
+                    watch.record(state.step, tick.metrics)
+                if dispatch.wants(tick.event):
+                    dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch,
+                             metrics=tick.metrics, data_time=tick.data_time)  # fmt: skip
+                    _flush(state, run, dispatch, tick.event)
+                if received:
+                    _preempt(received[0], state, run, dispatch, tick.event)
+                if val is not None and _validation_due(tick.event, state, p, val.begin, interval):
+                    _validate(state, val, dispatch, run)
+                    if received:
+                        _preempt(received[0], state, run, dispatch, "after_val")
+            watch.check()
+            if received:  # e.g. during the final validation: still a preemption (exit 128 + signal)
+                _preempt(received[0], state, run, dispatch, "after_val")
+            reason = {"stop": dispatch.stop.reason} if dispatch.stop else {}
+            dispatch("after_train", state, run, metrics=reason)
+            _flush(state, run, dispatch, "after_train")
+        dispatch("after_run", state, run)
     return state
 
 
@@ -318,24 +344,46 @@ def _val_interval(val: Val | None, p: Plan) -> int:
     return interval
 
 
-def _validation_due(tick: Tick, p: Plan, begin: int, interval: int) -> bool:
+def _validation_due(event: str, state: TrainState, p: Plan, begin: int, interval: int) -> bool:
     """After each epoch (epoch-based) or update (iteration-based), by `should_validate`."""
-    if tick.event != ("after_train_epoch" if p.by_epoch else "after_train_iter"):
+    if event != ("after_train_epoch" if p.by_epoch else "after_train_iter"):
         return False
-    done = tick.state.epoch if p.by_epoch else tick.state.step
+    done = state.epoch if p.by_epoch else state.step
     return should_validate(done, interval=interval, begin=begin, last=p.max_epochs or p.total_steps)
+
+
+def _validate(state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo) -> None:
+    run_eval(
+        state,
+        val.data,
+        val.metrics,
+        val.eval_fn,
+        params=val.params,
+        dispatch=dispatch,
+        run=run,
+        phase="val",
+    )
+    _flush(state, run, dispatch, "after_val")
 
 
 def _resume(
     state: TrainState, resume: bool | str | Path, run: RunInfo, dispatch: Dispatcher
-) -> tuple[TrainState, RunInfo]:
+) -> tuple[TrainState, RunInfo, str | None]:
+    """Load the checkpoint and the handlers' state; also the loop moment it was saved at."""
     assert resume is not True or run.work_dir is not None
     path = checkpoint.latest(run.work_dir) if resume is True else Path(resume)  # type: ignore[arg-type]
     if path is None:
         log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
-        return state, run
+        return state, run, None
     state = checkpoint.load(path, like=state)
-    dispatch.load_state_dicts((checkpoint.read_meta(path)["meta"] or {}).get("handlers") or {})
+    meta = checkpoint.read_meta(path)["meta"]
+    meta = meta if isinstance(meta, Mapping) else {}
+    handler_states = meta.get("handlers") or {}
+    if not isinstance(handler_states, Mapping):
+        raise checkpoint.CheckpointError(
+            f"{path}: its handler state is a {type(handler_states).__name__}, expected a dict"
+        )
+    dispatch.load_state_dicts(handler_states)
     run = dataclasses.replace(run, start_step=state.step)
     log.info(
         "resumed from %s at step %d (epoch %d, batch %d)",
@@ -345,18 +393,26 @@ def _resume(
         state.batch_in_epoch,
     )
     dispatch("after_load_checkpoint", state, run, checkpoint=path)
-    return state, run
+    moment = meta.get("moment")
+    return state, run, moment if moment in _MOMENTS else None
 
 
-def save(
-    path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, latest: bool = True
-) -> None:
-    """Write ``state`` with the handlers' state and the run config; fire the save events; move the pointer."""
+_MOMENTS = ("before_train", "before_train_epoch", "before_train_iter", "after_train_iter", "after_train_epoch",
+            "after_val", "after_train")  # fmt: skip
+"""Where in the loop a checkpoint was written (its ``moment``): resuming from one written before a
+position's validation runs that validation first, as the uninterrupted run did."""
+
+
+def save(path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, latest: bool = True,
+         moment: str = "after_train") -> None:  # fmt: skip
+    """Write ``state`` with the handlers' state, the run config and the loop ``moment``; fire the
+    save events; move the pointer."""
     dispatch("before_save_checkpoint", state, run, checkpoint=path)
     meta = {
         "config": dict(run.config) if run.config else None,
         "handlers": dispatch.state_dicts(),
         "run": {"by_epoch": run.by_epoch, "max_epochs": run.max_epochs, "max_steps": run.max_steps},
+        "moment": moment,
     }
     checkpoint.save(path, state, meta)
     if latest:
@@ -364,17 +420,56 @@ def save(
     dispatch("after_save_checkpoint", state, run, checkpoint=path)
 
 
-def _flush_saves(state: TrainState, run: RunInfo, dispatch: Dispatcher) -> None:
+def _flush(state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str) -> None:
+    """Write the checkpoints handlers asked for, then delete what they retired (once the new
+    files are durable and the pointer has moved)."""
     while dispatch.saves:
         request = dispatch.saves.pop(0)
-        save(Path(request.path), state, run, dispatch, latest=request.latest)
+        save(Path(request.path), state, run, dispatch, latest=request.latest, moment=moment)
+    if dispatch.retires:
+        retire(dispatch.retires, run.work_dir)
+        dispatch.retires.clear()
 
 
-def _preempt(signum: int, state: TrainState, run: RunInfo, dispatch: Dispatcher) -> None:
+def retire(paths: Iterable[Path], work_dir: Path | None) -> None:
+    """Delete retired checkpoints: never the file ``last_checkpoint`` names, never a file that is
+    not a fengine checkpoint; the directory is fsynced after each, so a deletion is durable."""
+    pointed = _pointed(work_dir)
+    for path in paths:
+        path = Path(path)
+        if not path.exists() or (pointed is not None and path.resolve() == pointed):
+            continue
+        try:
+            checkpoint.read_meta(path)
+        except (checkpoint.CheckpointError, OSError) as e:
+            log.warning("not deleting %s: it is not a readable fengine checkpoint (%s)", path, e)
+            continue
+        path.unlink()
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pointed(work_dir: Path | None) -> Path | None:
+    if work_dir is None:
+        return None
+    try:
+        text = (work_dir / checkpoint.POINTER).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return (work_dir / text).resolve() if text else None
+
+
+def _preempt(
+    signum: int, state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str
+) -> None:
     assert run.work_dir is not None
     path = run.work_dir / f"step_{state.step}.safetensors"
     log.warning("%s received: saving %s and stopping", signal.Signals(signum).name, path)
-    save(path, state, run, dispatch)
+    save(path, state, run, dispatch, moment=moment)
+    _flush(state, run, dispatch, moment)  # what handlers retired because of it (rotation)
     dispatch("after_train", state, run, metrics={"stop": signal.Signals(signum).name})
     dispatch("after_run", state, run)
     raise Preempted(signum, path, state)

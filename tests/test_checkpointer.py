@@ -324,20 +324,24 @@ def test_save_begin_doc_example_includes_last_epoch():
     ]
 
 
-def test_rotation_deletes_oldest_before_returning_the_save(tmp_path):
+def test_rotation_is_data_the_handler_never_deletes(tmp_path):
+    """The handler retires the oldest file with the new save; it deletes nothing itself (fit deletes
+    after the new file is durable: MMEngine's delete-first order could leave no checkpoint)."""
     ck = Checkpointer(1, max_keep_ckpts=2, out_dir=tmp_path)
     for n in range(1, 5):
-        s = ck.on_after_train_epoch(_snap("after_train_epoch", epoch=n))
-        assert s.path == tmp_path / f"epoch_{n}.safetensors"
-        assert not s.path.exists()
-        present = _files(tmp_path)
-        assert len(present) <= 1  # the oldest is gone before the new one is written
-        s.path.write_bytes(b"")  # what fit would write
-    assert _files(tmp_path) == ["epoch_3.safetensors", "epoch_4.safetensors"]
-    assert ck.state_dict()["keep_ckpt_ids"] == [3, 4]
-    # re-saving the newest step does not rotate
-    ck._periodic(tmp_path, 4)
-    assert _files(tmp_path) == ["epoch_3.safetensors", "epoch_4.safetensors"]
+        signals = ck.on_after_train_epoch(_snap("after_train_epoch", epoch=n))
+        signals = signals if isinstance(signals, list) else [signals]
+        (save,) = [s for s in signals if isinstance(s, Save)]
+        retired = [p for s in signals if isinstance(s, fe.Retire) for p in s.paths]
+        assert save.path == tmp_path / f"epoch_{n}.safetensors" and save.latest
+        assert retired == ([tmp_path / f"epoch_{n - 2}.safetensors"] if n > 2 else [])
+        assert all(p.exists() for p in retired)  # still there: not the handler's to delete
+        save.path.write_bytes(b"")  # what fit would write
+    assert ck.state_dict()["kept"] == ["epoch_3.safetensors", "epoch_4.safetensors"]
+    assert ck.state_dict()["retiring"] == ["epoch_2.safetensors"]
+    assert ck._periodic(tmp_path, 4) == Save(
+        tmp_path / "epoch_4.safetensors"
+    )  # re-saving: no rotation
 
 
 # ----------------------------------------------------------------- rule inference
@@ -483,8 +487,9 @@ def test_best_survives_resume(tmp_path):
     st, _ = _run(tmp_path, ck, max_epochs=3, values=[0.5, 0.9, 0.6])
     assert [f for f in _files(tmp_path) if f.startswith("best")] == ["best_acc_epoch_2.safetensors"]
     ck2 = Checkpointer(1, save_best="acc")
-    # 0.7 is below the restored best 0.9 (a fresh handler would save it); 0.95 replaces best_acc_epoch_2
-    _run(tmp_path, ck2, max_epochs=5, values=[0.7, 0.95], resume=True)
+    # epoch_3 was saved before epoch 3's validation, so the resumed run repeats it first (0.6), as the
+    # straight run did; 0.7 is below the restored best 0.9 (a fresh handler would save it); 0.95 replaces it
+    _run(tmp_path, ck2, max_epochs=5, values=[0.6, 0.7, 0.95], resume=True)
     assert [f for f in _files(tmp_path) if f.startswith("best")] == ["best_acc_epoch_5.safetensors"]
     assert ck2.best["acc"]["score"] == 0.95
 
@@ -497,7 +502,14 @@ def test_auto_key_survives_resume(tmp_path):
         values=[{"acc": 0.5, "x_loss": 1.0}] * 2,
     )
     ck = Checkpointer(1, save_best="auto")
-    _run(tmp_path, ck, max_epochs=3, values=[{"x_loss": 0.5, "acc": 0.6}], resume=True)
+    # epoch 2's validation is repeated first (its checkpoint was written before it), then epoch 3's
+    _run(
+        tmp_path,
+        ck,
+        max_epochs=3,
+        values=[{"acc": 0.5, "x_loss": 1.0}, {"x_loss": 0.5, "acc": 0.6}],
+        resume=True,
+    )
     assert ck.save_best == ["acc"]
     assert [f for f in _files(tmp_path) if f.startswith("best")] == ["best_acc_epoch_3.safetensors"]
 
@@ -666,7 +678,12 @@ def test_validation_returns_all_its_saves_in_order(tmp_path):
     saves = ck.on_after_val_epoch(
         _snap("after_val_epoch", epoch=3, metrics={"acc": 0.4, "loss": 0.5})
     )
-    assert saves == [Save(tmp_path / "best_loss_epoch_3.safetensors", latest=False)]
+    assert saves == [
+        Save(tmp_path / "best_loss_epoch_3.safetensors", latest=False),
+        fe.Retire(
+            (tmp_path / "best_loss_epoch_2.safetensors",)
+        ),  # deleted by fit once the new one is durable
+    ]
     assert (
         ck.on_after_val_epoch(_snap("after_val_epoch", epoch=3, metrics={"acc": 0.4, "loss": 0.5}))
         == []

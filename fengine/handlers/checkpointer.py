@@ -9,13 +9,18 @@ with ``n`` the completed epoch / update count (MMEngine's ``epoch + 1`` / ``iter
   save ``filename_tmpl.format(n)`` iff ``n >= save_begin and (n - save_begin) %
   interval == 0``, or ``save_last`` and ``n`` is the last (``interval=-1``: only
   then); ``work_dir/last_checkpoint`` points at it.
-* **max_keep_ckpts** N: keep the newest N periodic files; the oldest is deleted
-  before the new one is saved, re-saving the newest does not rotate, best files do
-  not count. The kept ids survive a resume (trimmed at ``before_train`` if N fell).
+* **max_keep_ckpts** N: keep the newest N periodic files (preemption checkpoints
+  ``step_N`` count too); re-saving the newest does not rotate, best files do not
+  count. The kept names survive a resume (trimmed at the next save if N fell).
+* **retention is data**: the handler never deletes. It returns `Retire` for the
+  files it stops keeping, and `fit` deletes them only once the new file is durable
+  and ``last_checkpoint`` has moved (MMEngine deletes the oldest first: a kill in
+  between left no checkpoint). Names read back from a checkpoint are untrusted:
+  anything but a plain file name is refused.
 * **save_best** (``after_val_epoch``): for each key (``"auto"``: the first key of
   the first validation) whose score is strictly better (``rule``, or `infer_rule`),
-  the key's previous best file is deleted and ``best_{key}_{filename_tmpl.format(n)}``
-  (``/`` -> ``_``) is saved. The event returns these saves, then a re-save of the
+  ``best_{key}_{filename_tmpl.format(n)}`` (``/`` -> ``_``) is saved and the key's
+  previous best file retired. The event returns these saves, then a re-save of the
   periodic checkpoint of step ``n`` if there is one, so the best score and path it
   stores are current. Empty results warn and skip.
 * **out_dir**: save to ``out_dir / basename(work_dir)`` (``out_dir`` itself without
@@ -50,7 +55,8 @@ from typing import Any
 import torch
 
 from fengine import checkpoint
-from fengine.events import Handler, Priority, RunInfo, Save, Snapshot
+from fengine.checkpoint import CheckpointError
+from fengine.events import Handler, Priority, Retire, RunInfo, Save, Snapshot
 from fengine.state import TrainState
 
 
@@ -249,14 +255,6 @@ def _score(key: str, value: Any) -> float | None:
     )
 
 
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
-
-
 class Checkpointer(Handler):
     """Save checkpoints periodically, the last one, and the best ones (MMEngine's CheckpointHook).
 
@@ -355,12 +353,15 @@ class Checkpointer(Handler):
         self.published_params = published_params
         self.out_dir = None if out_dir is None else Path(out_dir)
         # what survives a resume (state_dict)
-        self.keep_ckpt_ids: list[int] = []
+        self.kept: list[str] = []  # periodic (and preemption) files kept, oldest first
         self.last_ckpt: str | None = (
             None  # the latest periodic file, relative to the checkpoint directory
         )
         self.last_step: int | None = None  # its epoch / update count
         self.best: dict[str, dict[str, Any]] = {}  # key -> {"score": float, "path": str}
+        self.retiring: list[
+            str
+        ] = []  # files retired by the latest saves (deleted by fit once they are durable)
 
     def directory(self, run: RunInfo | None) -> Path:
         """Where the checkpoints go: ``out_dir / basename(work_dir)``, ``work_dir``, or ``out_dir``."""
@@ -379,7 +380,7 @@ class Checkpointer(Handler):
         return self.out_dir / (work_dir.name or work_dir.resolve().name)
 
     # ------------------------------------------------------------------ events
-    def on_before_train(self, snap: Snapshot) -> None:
+    def on_before_train(self, snap: Snapshot) -> Retire | None:
         if self.by_epoch and snap.run.max_epochs is None:
             raise ValueError(
                 "Checkpointer(by_epoch=True) counts epochs, but this run is iteration-based "
@@ -387,15 +388,32 @@ class Checkpointer(Handler):
             )
         directory = self.directory(snap.run)
         log.info("Checkpoints will be saved to %s.", directory)
-        self._rotate(directory, keep=self.max_keep_ckpts)
+        leftovers = [directory / n for n in self.retiring if (directory / n).is_file()]
+        return (
+            Retire(tuple(leftovers)) if leftovers else None
+        )  # a kill came before fit deleted them
 
-    def on_after_train_epoch(self, snap: Snapshot) -> Save | None:
+    def on_after_train_epoch(self, snap: Snapshot) -> Save | list[Save | Retire] | None:
         return self._maybe_periodic(snap) if self.by_epoch else None
 
-    def on_after_train_iter(self, snap: Snapshot) -> Save | None:
+    def on_after_train_iter(self, snap: Snapshot) -> Save | list[Save | Retire] | None:
         return None if self.by_epoch else self._maybe_periodic(snap)
 
-    def on_after_val_epoch(self, snap: Snapshot) -> list[Save] | None:
+    def on_before_save_checkpoint(self, snap: Snapshot) -> Retire | None:
+        """A checkpoint this handler did not ask for (`fit`'s preemption ``step_N``) counts as kept."""
+        path, directory = snap.checkpoint, self.directory(snap.run)
+        if path is None or self.max_keep_ckpts < 1 or Path(path).parent != directory:
+            return None
+        name = Path(path).name
+        if (
+            name in self.kept
+            or name == self.last_ckpt
+            or any(b["path"] == name for b in self.best.values())
+        ):
+            return None
+        return self._keep(directory, name)
+
+    def on_after_val_epoch(self, snap: Snapshot) -> list[Save | Retire] | None:
         """One `Save` per new best, then the re-save of this step's periodic checkpoint."""
         if not self.save_best:
             return None
@@ -416,7 +434,8 @@ class Checkpointer(Handler):
                 self.rules[0],
             )
         directory, n = self.directory(snap.run), self._count(snap)
-        saves = []
+        saves: list[Save | Retire] = []
+        self.retiring = []
         for key, rule in zip(self.save_best, self.rules):
             if key not in metrics:
                 raise KeyError(
@@ -426,9 +445,11 @@ class Checkpointer(Handler):
             score = _score(key, metrics[key])
             assert rule is not None  # "auto" was resolved above
             if score is not None and self._is_new_best(key, rule, score):
-                saves.append(self._replace_best(directory, key, score, n))
+                saves.extend(self._replace_best(directory, key, score, n))
         if saves and self.last_step == n:
-            saves.append(self._periodic(directory, n))  # so the best info it stores is current
+            saves.extend(
+                _as_list(self._periodic(directory, n))
+            )  # so the best info it stores is current
         return saves
 
     def on_after_save_checkpoint(self, snap: Snapshot) -> None:
@@ -484,7 +505,7 @@ class Checkpointer(Handler):
     def _count(self, snap: Snapshot) -> int:
         return snap.state.epoch if self.by_epoch else snap.state.step
 
-    def _maybe_periodic(self, snap: Snapshot) -> Save | None:
+    def _maybe_periodic(self, snap: Snapshot) -> Save | list[Save | Retire] | None:
         n = self._count(snap)
         last = snap.run.max_epochs if self.by_epoch else snap.run.max_steps
         if not should_save(
@@ -496,22 +517,24 @@ class Checkpointer(Handler):
         ):
             return None
         log.info("Saving checkpoint at %d %s", n, "epochs" if self.by_epoch else "iterations")
+        self.retiring = []
         return self._periodic(self.directory(snap.run), n)
 
-    def _periodic(self, directory: Path, n: int) -> Save:
-        """Rotate (delete the oldest first, MMEngine's order) and ask for ``filename_tmpl.format(n)``."""
-        if self.max_keep_ckpts > 0 and self.keep_ckpt_ids[-1:] != [n]:
-            self._rotate(directory, keep=self.max_keep_ckpts - 1)
-            self.keep_ckpt_ids.append(n)
+    def _periodic(self, directory: Path, n: int) -> Save | list[Save | Retire]:
+        """Ask for ``filename_tmpl.format(n)`` and retire the oldest kept files beyond max_keep_ckpts."""
         self.last_ckpt, self.last_step = self.filename_tmpl.format(n), n
-        return Save(directory / self.last_ckpt, latest=True)
+        save = Save(directory / self.last_ckpt, latest=True)
+        retire = self._keep(directory, self.last_ckpt) if self.max_keep_ckpts > 0 else None
+        return save if retire is None else [save, retire]
 
-    def _rotate(self, directory: Path, keep: int) -> None:
-        """Delete the oldest kept periodic checkpoints until at most ``keep`` remain (max_keep_ckpts only)."""
-        while self.max_keep_ckpts > 0 and len(self.keep_ckpt_ids) > keep:
-            path = directory / self.filename_tmpl.format(self.keep_ckpt_ids.pop(0))
-            if _unlink(path):
-                log.debug("Checkpointer: removed %s (max_keep_ckpts=%d)", path, self.max_keep_ckpts)
+    def _keep(self, directory: Path, name: str) -> Retire | None:
+        """Add ``name`` as the newest kept file; `Retire` the oldest beyond max_keep_ckpts."""
+        if self.kept[-1:] == [name]:
+            return None  # re-saving the newest does not rotate
+        self.kept = [k for k in self.kept if k != name] + [name]
+        old, self.kept = self.kept[: -self.max_keep_ckpts], self.kept[-self.max_keep_ckpts :]
+        self.retiring += old
+        return Retire(tuple(directory / k for k in old)) if old else None
 
     # ------------------------------------------------------------------ best
     def _infer(self, key: str) -> str:
@@ -526,20 +549,22 @@ class Checkpointer(Handler):
         best = self.best[key]["score"] if key in self.best else _INIT[rule]
         return score is not None and _RULES[rule](score, best)
 
-    def _replace_best(self, directory: Path, key: str, score: float, n: int) -> Save:
-        """Delete the previous best file of ``key``, record the new best and ask for its file."""
-        if key in self.best and _unlink(directory / self.best[key]["path"]):
-            log.info(
-                "The previous best checkpoint %s is removed", directory / self.best[key]["path"]
-            )
+    def _replace_best(self, directory: Path, key: str, score: float, n: int) -> list[Save | Retire]:
+        """Record the new best of ``key``, ask for its file and retire the previous one."""
         name = f"best_{key}_{self.filename_tmpl.format(n)}".replace("/", "_")
+        old = self.best[key]["path"] if key in self.best else None
         self.best[key] = {"score": score, "path": name}
-        return Save(directory / name, latest=False)
+        if old is None or old == name:
+            return [Save(directory / name, latest=False)]
+        log.info("The previous best checkpoint %s is removed", directory / old)
+        self.retiring.append(old)
+        return [Save(directory / name, latest=False), Retire((directory / old,))]
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         return {
-            "keep_ckpt_ids": list(self.keep_ckpt_ids),
+            "kept": list(self.kept),
+            "retiring": list(self.retiring),
             "last_ckpt": self.last_ckpt,
             "last_step": self.last_step,
             "best": {k: dict(v) for k, v in self.best.items()},
@@ -547,16 +572,65 @@ class Checkpointer(Handler):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from a checkpoint's metadata: untrusted, so every name must be a plain file name."""
+        where = f"Checkpointer({self.name!r}) state in the checkpoint"
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{where} is a {type(state).__name__}, expected a dict")
         if self.max_keep_ckpts > 0:
-            self.keep_ckpt_ids = [int(i) for i in state.get("keep_ckpt_ids") or []]
-        self.last_ckpt = state.get("last_ckpt")
-        self.last_step = None if state.get("last_step") is None else int(state["last_step"])
-        saved_keys = list(state.get("save_best") or [])
+            self.kept = [
+                _plain_name(n, f"{where}: kept") for n in _list(state.get("kept"), f"{where}: kept")
+            ]
+        self.retiring = [
+            _plain_name(n, f"{where}: retiring")
+            for n in _list(state.get("retiring"), f"{where}: retiring")
+        ]
+        last = state.get("last_ckpt")
+        self.last_ckpt = None if last is None else _plain_name(last, f"{where}: last_ckpt")
+        step = state.get("last_step")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise CheckpointError(f"{where}: last_step must be a non-negative int, got {step!r}")
+        self.last_step = step
+        saved_keys = [str(k) for k in _list(state.get("save_best"), f"{where}: save_best")]
         if self.save_best == ["auto"] and len(saved_keys) == 1 and saved_keys[0] != "auto":
             self._resolve_auto(saved_keys[0])  # the key 'auto' followed before the resume
         best = state.get("best") or {}
-        self.best = {
-            k: {"score": float(v["score"]), "path": v["path"]}
-            for k, v in best.items()
-            if k in self.save_best
-        }
+        if not isinstance(best, Mapping):
+            raise CheckpointError(f"{where}: best must be a dict, got {type(best).__name__}")
+        self.best = {}
+        for k, v in best.items():
+            if k not in self.save_best:
+                continue
+            score = v.get("score") if isinstance(v, Mapping) else None
+            if not isinstance(score, (int, float)) or isinstance(score, bool):
+                raise CheckpointError(f"{where}: best[{k!r}] must hold a numeric score, got {v!r}")
+            self.best[k] = {
+                "score": float(score),
+                "path": _plain_name(v.get("path"), f"{where}: best[{k!r}].path"),
+            }
+
+
+def _as_list(signals: Save | list[Save | Retire]) -> list[Save | Retire]:
+    return signals if isinstance(signals, list) else [signals]
+
+
+def _list(value: Any, where: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CheckpointError(f"{where} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _plain_name(value: Any, where: str) -> str:
+    """A file name inside the checkpoint directory: no directory part, no '..', not hidden."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or value != Path(value).name
+        or value.startswith(".")
+    ):
+        raise CheckpointError(
+            f"{where} must be a plain file name inside the checkpoint directory, got {value!r}; "
+            "the checkpoint's metadata may have been tampered with"
+        )
+    return value

@@ -1,0 +1,80 @@
+"""Non-finite losses, caught by default without a per-step host sync.
+
+`FiniteWatch` keeps each update's loss terms (the metrics whose name contains
+"loss", as MMEngine's parse_losses sums them) and fp16 skip flags as the device
+tensors they are, and reads them to the host in one transfer every ``every``
+updates (and at the end). An update whose loss is NaN/Inf and that was not skipped
+by the fp16 loss scaler raises `FloatingPointError` naming its step and terms.
+The exact, per-step alternative is the `fengine.check_finite` wrapper, which stops
+before the update (one host read per step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+__all__ = ["FiniteWatch"]
+
+
+class FiniteWatch:
+    def __init__(self, every: int = 50, *, enabled: bool = True) -> None:
+        self.every, self.enabled = every, enabled
+        self.rows: list[tuple[int, Mapping[str, Any]]] = []
+
+    def record(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Keep update ``step``'s metrics (references only); check once ``every`` are kept."""
+        if self.enabled:
+            self.rows.append((step, metrics))
+            if len(self.rows) >= self.every:
+                self.check()
+
+    def check(self) -> None:
+        """Read the kept values to the host (one transfer) and raise on the first non-finite loss."""
+        rows, self.rows = self.rows, []
+        picked = [
+            (step, key, v)
+            for step, metrics in rows
+            for key, v in metrics.items()
+            if isinstance(v, torch.Tensor)
+            and v.numel() == 1
+            and ("loss" in key or key.endswith("update_skipped"))
+        ]
+        if not picked:
+            return
+        device = picked[0][2].device
+        values = torch.stack(
+            [v.detach().reshape(()).to(device, torch.float64) for _, _, v in picked]
+        ).tolist()
+        by_step: dict[int, dict[str, float]] = {}
+        for (step, key, _), value in zip(picked, values):
+            by_step.setdefault(step, {})[key] = value
+        for step, terms in by_step.items():
+            bad = {
+                k: v
+                for k, v in terms.items()
+                if "loss" in k and not math.isfinite(v) and not _skipped(k, terms)
+            }
+            if bad:
+                raise FloatingPointError(
+                    f"non-finite loss at step {step}: "
+                    + ", ".join(f"{k}={v}" for k, v in bad.items())
+                    + ". The parameters are not finite from this update on; resume from a checkpoint "
+                    "before it. fengine.check_finite() stops before the update instead (one host read "
+                    "per step); fit(check_nonfinite=False) trains on."
+                )
+
+
+def _is_loss(key: str) -> bool:
+    return "loss" in key and not key.endswith("loss_scale")
+
+
+def _skipped(key: str, terms: Mapping[str, float]) -> bool:
+    """Was this loss's update skipped by an fp16 loss scaler (then a non-finite loss is routine)?"""
+    part = key.rpartition("/")[0]
+    flag = terms.get(f"{part}/update_skipped" if part else "update_skipped")
+    return bool(flag)

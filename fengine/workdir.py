@@ -1,0 +1,79 @@
+"""One run per work dir: an exclusive OS lock (``flock``) held for the duration of a run.
+
+Two runs writing one work dir interleave checkpoints, logs and ``config.json``
+silently. `lock_work_dir` takes ``work_dir/.fengine.lock`` with ``flock``: the OS
+releases it when the process ends however it ends (kill -9 included), so a stale
+lock never blocks the next run. The holder's pid is written into the file for the
+error message. Re-entrant within a process: a recipe can hold the lock around its
+own writes (``config.json``) and call `fengine.fit`, which takes it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock (documented)
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_NAME", "WorkDirLocked", "lock_work_dir"]
+
+LOCK_NAME = ".fengine.lock"
+_held: dict[Path, list[int]] = {}  # resolved work dir -> [fd, depth]
+_guard = threading.Lock()
+
+
+class WorkDirLocked(RuntimeError):
+    """Another process is running in this work dir."""
+
+
+@contextlib.contextmanager
+def lock_work_dir(work_dir: str | os.PathLike | None) -> Iterator[None]:
+    """Hold the exclusive lock of ``work_dir`` (created if missing) inside the ``with`` block.
+
+    Raises `WorkDirLocked` naming the holder's pid when another process holds it.
+    ``None`` (no work dir) locks nothing.
+    """
+    if work_dir is None or fcntl is None:
+        yield
+        return
+    d = Path(work_dir).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    with _guard:
+        entry = _held.get(d)
+        if entry is not None:
+            entry[1] += 1
+        else:
+            _held[d] = [_acquire(d), 1]
+    try:
+        yield
+    finally:
+        with _guard:
+            entry = _held[d]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[d]
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                os.close(entry[0])
+
+
+def _acquire(d: Path) -> int:
+    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkDirLocked(
+            f"work dir {d} is in use by another run (pid {holder}); wait for it to finish, "
+            "or give this run another work dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
