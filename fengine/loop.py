@@ -38,7 +38,7 @@ from fengine.finite import FiniteWatch
 from fengine.metrics import Evaluator, Metric
 from fengine.state import DonatedStateError, TrainState
 from fengine.step import Step
-from fengine.workdir import lock_work_dir
+from fengine.workdir import lock_work_dir, remove_stale_temps
 from fengine.wrappers import MicroBatches
 
 
@@ -287,6 +287,8 @@ def fit(
     dispatch = Dispatcher(handlers)
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
     with lock_work_dir(work_dir):
+        if work_dir is not None:
+            remove_stale_temps(work_dir)
         run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch,
                       p.batches_per_epoch, p.micro_batches, state.step, val_batches, config)  # fmt: skip
         dispatch("before_run", state, run)

@@ -1,0 +1,352 @@
+"""Nothing lost: a kill at any moment of a run with rotation and best-tracking leaves a resumable
+run, its best checkpoint and no stale temp files; resume finishes what the straight run did.
+
+Two harnesses. ``kill_at(k)`` stops the process's k-th filesystem mutation in its tracks (the
+disk is frozen from then on, as a kill -9 leaves it), for every k of a run: every distinct
+on-disk state. ``fork`` + SIGKILL at random moments is the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+from helpers import assert_dicts_equal, ce_loss, mlp, mlp_batches
+from torch.nn import functional as F
+
+import fengine as fe
+from fengine import checkpoint, loop, optim
+from fengine.handlers import Checkpointer
+from fengine.metrics import MeanLoss
+
+
+MUTATING = (
+    "open",
+    "write",
+    "pwrite",
+    "fsync",
+    "replace",
+    "rename",
+    "unlink",
+    "ftruncate",
+    "posix_fallocate",
+)
+
+
+class Killed(BaseException):
+    """The simulated kill -9 (a BaseException: nothing in fengine may catch it)."""
+
+
+@contextlib.contextmanager
+def kill_at(k: int | None, monkeypatch):
+    """Raise `Killed` at the k-th mutating filesystem call; every later call raises too, so no cleanup
+    code touches the disk after the "kill". ``k=None`` only counts. Yields the counter."""
+    state = {"n": 0, "dead": False}
+
+    def wrap(fn):
+        def call(*args, **kw):
+            if state["dead"]:
+                raise Killed()
+            if fn is os.open and not args[1] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                return fn(*args, **kw)  # reading is not a mutation
+            state["n"] += 1
+            if state["n"] == k:
+                state["dead"] = True
+                raise Killed()
+            return fn(*args, **kw)
+
+        return call
+
+    with monkeypatch.context() as m:
+        for name in MUTATING:
+            m.setattr(os, name, wrap(getattr(os, name)))
+        yield state
+
+
+def experiment(work, max_keep, *, resume=True, max_epochs=4):
+    """4 epochs of 3 batches; a checkpoint every epoch, at most ``max_keep`` kept; the best val loss."""
+    step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+    val = fe.Val(
+        mlp_batches(2, seed=9), [MeanLoss()], eval_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    )
+    ck = Checkpointer(1, max_keep_ckpts=max_keep, save_best="loss", rule="less")
+    return fe.fit(step.init(mlp(), seed=0), step, mlp_batches(3), max_epochs=max_epochs, val=val,
+                  handlers=[ck], work_dir=work, resume=resume)  # fmt: skip
+
+
+def _ckpts(work):
+    return sorted(p.name for p in work.glob("*.safetensors"))
+
+
+def _best_ok(work):
+    return any(checkpoint.read_meta(p)["step"] >= 0 for p in work.glob("best_*.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_keep", [1, 3])
+def test_a_kill_at_every_filesystem_step_loses_nothing(tmp_path, monkeypatch, max_keep):
+    straight = experiment(tmp_path / "straight", max_keep)
+    expected_files = _ckpts(tmp_path / "straight")
+    with kill_at(None, monkeypatch) as counted:
+        experiment(tmp_path / "count", max_keep)
+    total = counted["n"]
+    assert total > 40  # every save: temp file, data, fsync, rename, dir fsync, pointer, retire...
+    saved: list = []
+    real_save = loop.save
+
+    def recording_save(path, *a, **kw):
+        real_save(path, *a, **kw)
+        saved.append(path.name)
+
+    monkeypatch.setattr(loop, "save", recording_save)
+    unresumable = lost_best = stale = 0
+    for k in range(1, total + 1):
+        work = tmp_path / f"k{k}"
+        saved.clear()
+        with kill_at(k, monkeypatch), pytest.raises(Killed):
+            experiment(work, max_keep)
+        # the disk as the kill left it: a completed save means a loadable checkpoint and, once a best
+        # was saved, a best file
+        if saved:
+            latest = checkpoint.latest(work)
+            unresumable += latest is None
+        if any(n.startswith("best_") for n in saved):
+            lost_best += not _best_ok(work)
+        done = experiment(work, max_keep)
+        assert_dicts_equal(done.params, straight.params, f"resumed after a kill at step {k}")
+        assert _ckpts(work) == expected_files, k
+        stale += len([p for p in work.iterdir() if p.name.endswith(".tmp")])
+    assert (unresumable, lost_best, stale) == (0, 0, 0)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing(tmp_path):
+    """50 real kill -9 of a forked run at random moments, each followed by a resume to the end."""
+    straight = experiment(tmp_path / "straight", 1)
+    t0 = time.perf_counter()
+    experiment(tmp_path / "timing", 1)
+    duration = time.perf_counter() - t0
+    rng = random.Random(0)
+    outcomes = {"unresumable": 0, "lost_best": 0, "stale": 0, "killed": 0}
+    for i in range(50):
+        work = tmp_path / f"run{i}"
+        pid = os.fork()
+        if pid == 0:  # the child trains until it is killed
+            code = 1
+            try:
+                torch.set_num_threads(1)
+                experiment(work, 1)
+                code = 0
+            finally:
+                os._exit(code)
+        time.sleep(rng.uniform(0, duration * 1.2))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        outcomes["killed"] += os.WIFSIGNALED(status)
+        if any(work.glob("*.safetensors")) and checkpoint.latest(work) is None:
+            outcomes["unresumable"] += 1
+        done = experiment(work, 1)
+        assert_dicts_equal(done.params, straight.params, f"run {i}")
+        outcomes["lost_best"] += not _best_ok(work)
+        outcomes["stale"] += len([p for p in work.iterdir() if p.name.endswith(".tmp")])
+    assert outcomes["killed"] >= 25  # most kills land mid-run
+    assert (outcomes["unresumable"], outcomes["lost_best"], outcomes["stale"]) == (0, 0, 0), (
+        outcomes
+    )
+
+
+# ----------------------------------------------------------------- resume finishes what the straight run did
+class Events(fe.Handler):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_after_val_epoch(self, snap):
+        self.seen.append(("val", snap.step, snap.epoch))
+
+
+def test_resume_from_the_last_step_of_an_epoch_finishes_the_epoch_and_validates(tmp_path):
+    """A preemption right after the last update: the checkpoint sits at (epoch 3, batch 3) before the
+    epoch's end and its validation; the resumed run does both and ends where the straight run ends."""
+    straight = experiment(tmp_path / "straight", 3)
+
+    @fe.on("after_train_iter", once=12)
+    def sigterm(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+    val = fe.Val(
+        mlp_batches(2, seed=9), [MeanLoss()], eval_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    )
+    with pytest.raises(fe.Preempted) as info:
+        fe.fit(step.init(mlp(), seed=0), step, mlp_batches(3), max_epochs=4, val=val, work_dir=tmp_path / "w",
+               handlers=[Checkpointer(1, max_keep_ckpts=3, save_best="loss", rule="less"), sigterm])  # fmt: skip
+    assert (info.value.state.epoch, info.value.state.batch_in_epoch) == (3, 3)
+    done = experiment(tmp_path / "w", 3)
+    assert (done.step, done.epoch, done.batch_in_epoch) == (
+        straight.step,
+        straight.epoch,
+        straight.batch_in_epoch,
+    )
+    assert_dicts_equal(done.params, straight.params)
+    best = lambda w: sorted(p.name for p in w.glob("best_*"))  # noqa: E731
+    assert best(tmp_path / "w") == best(tmp_path / "straight")  # the final validation happened
+    assert "step_12.safetensors" not in _ckpts(
+        tmp_path / "w"
+    )  # the preemption file rotated away (max_keep 3)
+
+
+def test_sigterm_during_the_final_validation_is_a_preemption(tmp_path):
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+
+    @fe.on("before_val_iter", once=2)
+    def sigterm(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    val = fe.Val(mlp_batches(1), [MeanLoss()], eval_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    with pytest.raises(fe.Preempted) as info:
+        fe.fit(
+            step.init(mlp()),
+            step,
+            mlp_batches(2),
+            max_epochs=1,
+            val=val,
+            handlers=[sigterm],
+            work_dir=tmp_path,
+        )
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert checkpoint.read_meta(info.value.checkpoint)["meta"]["moment"] == "after_val"
+
+
+def test_iteration_run_killed_before_its_last_validation_validates_on_resume(tmp_path):
+    """The last periodic checkpoint is written before that step's validation; a kill in between and a
+    resume give the validation the straight run did (the best checkpoint moves to the last step)."""
+
+    def run(work, handlers=()):
+        step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+        val = fe.Val(mlp_batches(2, seed=9), [MeanLoss()], eval_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                     interval=3)  # fmt: skip
+        ck = Checkpointer(3, by_epoch=False, save_best="loss", rule="less")
+        return fe.fit(step.init(mlp(), seed=0), step, mlp_batches(3), max_steps=9, val=val, work_dir=work,
+                      handlers=[ck, *handlers], resume=True)  # fmt: skip
+
+    run(tmp_path / "straight")
+
+    class KillInLastValidation(fe.Handler):
+        def on_before_val(self, snap):
+            if snap.step == 9:
+                raise Killed()
+
+    with pytest.raises(Killed):
+        run(tmp_path / "w", [KillInLastValidation()])
+    assert not (tmp_path / "w" / "best_loss_iter_9.safetensors").exists()
+    run(tmp_path / "w")
+    best = lambda w: sorted(p.name for p in w.glob("best_*"))  # noqa: E731
+    assert best(tmp_path / "w") == best(tmp_path / "straight") == ["best_loss_iter_9.safetensors"]
+
+
+# ----------------------------------------------------------------- untrusted handler state
+@pytest.mark.parametrize("field,value", [
+    ("kept", ["../outside.safetensors"]),
+    ("kept", ["/etc/passwd"]),
+    ("retiring", ["sub/dir.safetensors"]),
+    ("last_ckpt", "/tmp/x.safetensors"),
+    ("best", {"loss": {"score": 0.1, "path": "../../victim.safetensors"}}),
+    ("best", {"loss": {"score": "high", "path": "best.safetensors"}}),
+    ("kept", "epoch_1.safetensors"),
+])  # fmt: skip
+def test_paths_from_checkpoint_metadata_must_be_plain_names(tmp_path, field, value):
+    victim = tmp_path / "victim.safetensors"
+    experiment(tmp_path / "w", 1, max_epochs=1)
+    victim.write_bytes(
+        (tmp_path / "w" / "epoch_1.safetensors").read_bytes()
+    )  # a real checkpoint outside
+    path = tmp_path / "w" / "epoch_1.safetensors"
+    meta = checkpoint.read_meta(path)["meta"]
+    meta["handlers"]["checkpointer"][field] = value
+    state = checkpoint.load(
+        path, like=fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9)).init(mlp())
+    )
+    evil = tmp_path / "w" / "evil.safetensors"
+    checkpoint.save(evil, state, meta)
+    with pytest.raises(checkpoint.CheckpointError, match="Checkpointer.*checkpointer"):
+        step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+        fe.fit(step.init(mlp()), step, mlp_batches(3), max_epochs=3, resume=evil, work_dir=tmp_path / "w",
+               handlers=[Checkpointer(1, max_keep_ckpts=1, save_best="loss", rule="less", published=True)])  # fmt: skip
+    assert victim.exists()
+
+
+def test_retire_never_deletes_the_pointer_target_or_a_non_checkpoint(tmp_path):
+    experiment(tmp_path, 3, max_epochs=2)
+    pointed = checkpoint.latest(tmp_path)
+    other = tmp_path / "notes.safetensors"
+    other.write_text("not a checkpoint")
+    loop.retire([pointed, other], tmp_path)
+    assert pointed.exists() and other.exists()
+
+
+# ----------------------------------------------------------------- one run per work dir
+def test_a_second_run_in_a_locked_work_dir_is_refused_naming_the_holder(tmp_path):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with fe.lock_work_dir(tmp_path):
+                os.write(w, b"locked")
+                time.sleep(30)
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.read(r, 6) == b"locked"
+    try:
+        step = fe.train_step(ce_loss, optim.sgd(0.1))
+        with pytest.raises(fe.WorkDirLocked, match=f"in use by another run \\(pid {pid}\\)"):
+            fe.fit(
+                step.init(mlp()), step, mlp_batches(2), max_epochs=1, work_dir=tmp_path, handlers=[]
+            )
+        assert not list(tmp_path.glob("*.safetensors"))
+    finally:
+        os.kill(pid, signal.SIGKILL)  # kill -9 releases the OS lock
+        os.waitpid(pid, 0)
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+    fe.fit(step.init(mlp()), step, mlp_batches(2), max_epochs=1, work_dir=tmp_path, handlers=[])
+    with fe.lock_work_dir(tmp_path), fe.lock_work_dir(tmp_path):  # re-entrant in one process
+        fe.fit(step.init(mlp()), step, mlp_batches(2), max_epochs=1, work_dir=tmp_path, handlers=[])
+
+
+# ----------------------------------------------------------------- non-finite losses by default
+def test_a_non_finite_loss_is_caught_by_default_without_per_step_reads():
+    def loss_fn(model, batch):
+        ce = ce_loss(model, batch)
+        return {"loss_ce": ce, "loss_log": torch.log(ce - 10)}  # NaN from the start
+
+    step = fe.train_step(loss_fn, optim.sgd(0.1))
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss at step 1: loss=nan, loss_log=nan"
+    ):
+        fe.fit(step.init(mlp()), step, mlp_batches(7), max_steps=70, handlers=[])
+    ok = fe.fit(
+        step.init(mlp()), step, mlp_batches(7), max_steps=20, handlers=[], check_nonfinite=False
+    )
+    assert ok.step == 20
+
+
+def test_fp16_skipped_steps_are_not_non_finite_losses():
+    def loss_fn(model, batch):
+        x, y, blowup = batch
+        return ce_loss(model, (x, y)) * blowup
+
+    step = fe.train_step(loss_fn, optim.sgd(0.1), fe.amp("float16"))
+    data = [
+        (x, y, torch.tensor(float("inf") if i == 1 else 1.0))
+        for i, (x, y) in enumerate(mlp_batches(4))
+    ]
+    final = fe.fit(step.init(mlp()), step, data, max_epochs=2, handlers=[])
+    assert final.step == 8  # two skipped updates, no error
