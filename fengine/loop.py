@@ -261,12 +261,7 @@ def fit(
     ``check_nonfinite`` raises `FloatingPointError` on the first non-finite loss
     (`fengine.finite.FiniteWatch`: read every 50 updates, no per-step host sync).
     """
-    if not isinstance(state, TrainState):
-        raise TypeError(f"fit: state must be a TrainState, got {type(state).__name__}")
-    if not isinstance(step, Step):
-        raise TypeError(
-            f"fit: step must be a Step from fengine.train_step, got {type(step).__name__}"
-        )
+    _check_fit_args(state, step, resume, work_dir)
     p = plan(
         train_data,
         micro_batches=step.micro_batches,
@@ -276,15 +271,7 @@ def fit(
     )
     interval = _val_interval(val, p)
     work_dir = Path(work_dir) if work_dir is not None else None
-    if resume is True and work_dir is None:
-        raise ValueError(
-            "fit: resume=True continues from work_dir's latest checkpoint; pass work_dir=..."
-        )
-    if handlers is None:
-        from fengine.handlers import default_handlers
-
-        handlers = default_handlers()
-    dispatch = Dispatcher(handlers)
+    dispatch = Dispatcher(_default_handlers() if handlers is None else handlers)
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
     with lock_work_dir(work_dir):
         if work_dir is not None:
@@ -331,6 +318,25 @@ def fit(
             _flush(state, run, dispatch, "after_train")
         dispatch("after_run", state, run)
     return state
+
+
+def _check_fit_args(state: Any, step: Any, resume: Any, work_dir: Any) -> None:
+    if not isinstance(state, TrainState):
+        raise TypeError(f"fit: state must be a TrainState, got {type(state).__name__}")
+    if not isinstance(step, Step):
+        raise TypeError(
+            f"fit: step must be a Step from fengine.train_step, got {type(step).__name__}"
+        )
+    if resume is True and work_dir is None:
+        raise ValueError(
+            "fit: resume=True continues from work_dir's latest checkpoint; pass work_dir=..."
+        )
+
+
+def _default_handlers() -> list[Any]:
+    from fengine.handlers import default_handlers  # handlers import the loop's types
+
+    return default_handlers()
 
 
 def _val_interval(val: Val | None, p: Plan) -> int:
