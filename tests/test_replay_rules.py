@@ -1,0 +1,114 @@
+"""Replay's rules, on a tiny recipe run in this process (tests/replay_recipe.py): segments,
+paths relative to the work dir, removed checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import replay_recipe
+
+from fengine import checkpoint
+from fengine.replay import ReplayError, read_log, replay, state_digest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = Path(replay_recipe.__file__).resolve()
+
+
+def _replay(work, **kw) -> tuple[bool, str]:
+    lines: list[str] = []
+    ok = replay(work, out=lines.append, **kw)
+    return ok, "\n".join(lines)
+
+
+def _records(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "run_log.jsonl").read_text().splitlines()]
+
+
+def _rewrite(work: Path, edit) -> None:
+    records = [edit(r) or r for r in _records(work)]
+    (work / "run_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def run12(tmp_path):
+    """12 steps (10 per epoch), checkpoints at 5, 10, 12."""
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_steps=12)
+    return work
+
+
+def test_a_resume_with_a_longer_horizon_is_a_second_segment_and_replays_ok(run12, tmp_path):
+    resumed = replay_recipe.run(run12, max_steps=25, resume=True)
+    first, second = read_log(run12)
+    assert first.record["config"] == second.record["config"]  # no resume flag, no horizon in it
+    assert "resume" not in first.record["config"] and "max_steps" not in first.record["config"]
+    assert (first.horizon["total_steps"], second.horizon["total_steps"]) == (12, 25)
+    assert second.start == (12, 1, 2) and second.record["resumed_from"] == "iter_12.safetensors"
+    # the resume rebuilt the cosine from the new total: a straight 25-step run computes other bits,
+    # so replay must rebuild each segment with its own horizon
+    straight = replay_recipe.run(tmp_path / "straight", max_steps=25)
+    assert state_digest(straight) != state_digest(resumed)
+    ok, out = _replay(run12)
+    assert ok, out
+    assert "segment 1: steps 0-12, max_steps 12" in out
+    assert "segment 2: steps 12-25, max_steps 25, resumed from iter_12.safetensors" in out
+    assert "(same as segment 1)" in out and out.endswith("REPLAY OK")
+
+
+def test_a_resume_from_an_earlier_checkpoint_with_another_lr_replays_the_path_taken(run12):
+    replay_recipe.run(run12, max_steps=18, resume_from=str(run12 / "iter_5.safetensors"), lr=0.01)
+    ok, out = _replay(run12)
+    assert ok, out
+    assert "segment 1: steps 0-5" in out and "segment 2: steps 5-18" in out
+    assert "differs from segment 1 in lr" in out
+    rows = [line.split() for line in out.splitlines() if line.endswith(" yes")]
+    assert [int(r[0]) for r in rows] == [0, 3, 5, 6, 9, 10, 12, 15, 18]
+    # steps 6-12 of the rows are segment 2's: segment 1's abandoned 10 and 12 are not compared
+    seg1 = {r["digest"] for r in read_log(run12)[0].digests if r["step"] > 5}
+    assert not seg1 & {r["digest"] for r in read_log(run12)[1].digests}
+
+
+def test_from_offers_only_existing_files_and_to_a_removed_one_compares_its_digest(tmp_path):
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_steps=15, keep=2)
+    replay_recipe.run(work, max_steps=20, keep=2, resume=True)  # iter_15 recorded three times
+    assert sorted(p.name for p in work.glob("iter_*")) == [
+        "iter_15.safetensors",
+        "iter_20.safetensors",
+    ]
+    with pytest.raises(ReplayError, match=r"no checkpoint file of step 5 .*one of \[15\] "):
+        replay(work, start=5, out=lambda s: None)
+    ok, out = _replay(work, start=15)
+    assert ok and "from step 15 to step 20" in out
+    ok, out = _replay(work, to=10)
+    assert ok, out
+    assert "iter_10.safetensors is gone" in out and "compared with its recorded digest only" in out
+    _rewrite(work, lambda r: r.update(digest="0" * 64) if r.get("step") == 10 else None)
+    ok, out = _replay(work, to=10)
+    assert not ok and "first differing digest at step 10" in out
+
+
+def test_checkpoints_are_named_relative_to_the_work_dir_and_found_from_any_cwd(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    replay_recipe.run("w", max_steps=10)
+    names = [r["checkpoint"] for r in _records(tmp_path / "a" / "w") if "checkpoint" in r]
+    assert set(names) == {"iter_5.safetensors", "iter_10.safetensors"}
+    copy = tmp_path / "b" / "w"
+    shutil.copytree(tmp_path / "a" / "w", copy)
+    monkeypatch.chdir(tmp_path)
+    ok, out = _replay(copy, start=5)
+    assert ok and f"checkpoint {copy / 'iter_10.safetensors'}: every tensor bitwise equal" in out
+    data = bytearray((copy / "iter_10.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # a flipped byte in the copy's tensor data
+    (copy / "iter_10.safetensors").write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=str(copy / "iter_10.safetensors")):
+        replay(copy, out=lambda s: None)
+    ok, _ = _replay(tmp_path / "a" / "w")  # the original, from another cwd, is intact
+    assert ok
