@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -50,6 +51,7 @@ def recorded(tmp_path_factory):
 def test_replay_from_scratch_reproduces_every_digest_and_tensor(recorded):
     out = _replay(str(recorded))
     assert out.returncode == 0, out.stdout + out.stderr
+    assert f"running recipe {RECIPE}" in out.stdout
     assert "every tensor bitwise equal" in out.stdout and "REPLAY OK" in out.stdout
     steps = [
         int(line.split()[0]) for line in out.stdout.splitlines() if line.strip().endswith("yes")
@@ -77,22 +79,38 @@ def test_replay_reports_the_first_differing_step(recorded, tmp_path):
     assert "first differing digest at step 23" in out.stdout and "REPLAY DIFFERS" in out.stdout
 
 
-def test_replay_refuses_a_changed_recipe_unless_forced(recorded, tmp_path):
+def test_replay_never_runs_a_recipe_the_log_names_outside_the_project(recorded, tmp_path):
     copy = tmp_path / "work"
     shutil.copytree(recorded, copy)
-    changed = tmp_path / "changed.py"
-    changed.write_text(RECIPE.read_text() + "\n# edited after the run\n")
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
     log = copy / "run_log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     for r in records:
         if r["kind"] == "segment":
-            r["recipe"] = str(changed)
+            r["recipe"] = str(evil)
+            r["code"]["recipe"] = hashlib.sha256(evil.read_bytes()).hexdigest()
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = _replay(str(copy), "--to", "23")
+    out = _replay(str(copy))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"names the recipe {evil}, outside" in out.stderr
+    assert f"pass --recipe {evil} if you trust it" in out.stderr
+    assert not marker.exists() and "running recipe" not in out.stdout
+    # the recipe the user names is checked against the recorded hash (here: the evil script's)
+    named = _replay(str(copy), "--recipe", str(RECIPE), "--from", "23")
+    assert named.returncode == 2 and f"the recipe {RECIPE} differs" in named.stderr
+    assert not marker.exists()
+
+
+def test_replay_refuses_a_changed_recipe_unless_forced(recorded, tmp_path):
+    changed = tmp_path / "changed.py"
+    changed.write_text(RECIPE.read_text() + "\n# edited after the run\n")
+    out = _replay(str(recorded), "--to", "23", "--recipe", str(changed))
     assert out.returncode == 2
     assert f"the recipe {changed} differs from the one segment 1 recorded" in out.stderr
     assert "pass --force to replay anyway" in out.stderr
-    forced = _replay(str(copy), "--to", "23", "--force")
+    forced = _replay(str(recorded), "--to", "23", "--recipe", str(changed), "--force")
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert f"warning: the recipe {changed} differs" in forced.stdout
 

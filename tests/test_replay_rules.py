@@ -1,5 +1,5 @@
 """Replay's rules, on a tiny recipe run in this process (tests/replay_recipe.py): segments,
-paths relative to the work dir, removed checkpoints."""
+paths relative to the work dir, removed checkpoints, and which recipe replay agrees to run."""
 
 from __future__ import annotations
 
@@ -112,3 +112,53 @@ def test_checkpoints_are_named_relative_to_the_work_dir_and_found_from_any_cwd(
         replay(copy, out=lambda s: None)
     ok, _ = _replay(tmp_path / "a" / "w")  # the original, from another cwd, is intact
     assert ok
+
+
+EVIL = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
+
+
+def _name_recipe(work: Path, script: Path) -> None:
+    import hashlib
+
+    sha = hashlib.sha256(script.read_bytes()).hexdigest()  # a self-reported hash proves nothing
+
+    def edit(r):
+        if r["kind"] == "segment":
+            r["recipe"], r["code"]["recipe"] = str(script), sha
+
+    _rewrite(work, edit)
+
+
+def test_a_recipe_named_by_the_log_outside_the_project_is_not_run(run12, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.py"
+    evil.write_text(EVIL.format(marker=str(marker)))
+    _name_recipe(run12, evil)
+    with pytest.raises(
+        ReplayError,
+        match=rf"names the recipe {evil}, outside .* pass --recipe {evil} if you trust it",
+    ):
+        replay(run12, out=lambda s: None)
+    inside = run12 / "evil.py"  # shipped inside the work dir, replayed from the work dir's parent
+    inside.write_text(EVIL.format(marker=str(marker)))
+    _name_recipe(run12, inside)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ReplayError, match="inside the work dir itself"):
+        replay(run12, out=lambda s: None)
+    assert not marker.exists()
+
+
+def test_a_recipe_the_user_names_runs_and_must_match_the_recorded_hash(run12, tmp_path):
+    copy = tmp_path / "elsewhere" / "recipe.py"
+    copy.parent.mkdir()
+    shutil.copy(RECIPE, copy)
+    ok, out = _replay(run12, recipe=copy)
+    assert ok and f"running recipe {copy}" in out
+    copy.write_text(copy.read_text() + "\n# edited after the run\n")
+    with pytest.raises(
+        ReplayError, match=rf"the recipe {copy} differs from the one segment 1 recorded"
+    ):
+        replay(run12, recipe=copy, out=lambda s: None)
+    ok, out = _replay(run12, recipe=copy, force=True)
+    assert ok and f"warning: the recipe {copy} differs" in out

@@ -12,7 +12,11 @@ state) to checkpoint M (default: the last), compares every recorded digest on th
 way and every tensor of checkpoint M bitwise, and reports the first step and
 tensor that differ.
 
-The recipe's hash must match the one recorded (``--force`` to replay anyway).
+Replay runs a recipe's code, so it runs only a recipe the user names
+(``--recipe PATH``) or one the run log names that lies under the current directory
+or under the source checkout fengine is imported from (a directory with a
+``pyproject.toml``), and not inside the work dir; anything else is refused. The
+recipe's hash must match the one recorded (``--force`` to replay anyway).
 
 The guarantee is *exact*: same machine, build and world size give the same bits.
 """
@@ -69,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         "checked against its recorded digest",
     )
     ap.add_argument(
+        "--recipe",
+        default=None,
+        metavar="PATH",
+        help="run this recipe instead of the one the run log names (needed when that one lies "
+        "outside the current directory and fengine's project)",
+    )
+    ap.add_argument(
         "--force",
         action="store_true",
         help="replay even if the recipe or fengine's sources differ from the recorded ones",
@@ -80,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             start=args.start,
             to=args.to,
             force=args.force,
+            recipe=args.recipe,
         )
     except (ReplayError, checkpoint.CheckpointError) as e:
         print(f"replay: {e}", file=sys.stderr)

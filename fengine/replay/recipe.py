@@ -1,6 +1,11 @@
-"""Importing the recipe a run log names, and rebuilding a segment with its ``from_config``.
+"""Which recipe replay may run, importing it, and rebuilding a segment with its ``from_config``.
 
-The recipe's SHA-256 must equal the one each replayed segment recorded.
+A run log is data, and data must not choose the code that runs: replay runs the
+recipe the user names (``--recipe PATH``), or the one the run log names when it lies
+under the current directory or under the source checkout fengine is imported from
+(the directory holding the ``fengine`` package, when it has a ``pyproject.toml``),
+and not inside the work dir being replayed. The recipe's SHA-256 must equal the
+one each replayed segment recorded.
 """
 
 from __future__ import annotations
@@ -13,22 +18,51 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import fengine
 from fengine.replay.log import LOG_NAME, ReplayError, Segment, code_hash, file_hash
 from fengine.state import TrainState
 from fengine.step import Step
 
 
-__all__ = ["build", "check_code", "load_recipe", "resolve_recipe"]
+__all__ = ["build", "check_code", "load_recipe", "resolve_recipe", "trusted_roots"]
 
 
-def resolve_recipe(recorded: str | None, work_dir: Path) -> Path:
-    """The recipe the run log names."""
+def trusted_roots() -> list[Path]:
+    """Where a recipe named by a run log may be run from without ``--recipe``: the current
+    directory and, when fengine is imported from a source checkout, that project."""
+    roots = [Path.cwd().resolve()]
+    project = Path(fengine.__file__).resolve().parent.parent
+    if (project / "pyproject.toml").is_file() and project not in roots:
+        roots.append(project)
+    return roots
+
+
+def resolve_recipe(recorded: str | None, given: str | Path | None, work_dir: Path) -> Path:
+    """The recipe to run: ``given`` (the user's), else the recorded one if it is trusted."""
     log = work_dir / LOG_NAME
+    if given is not None:
+        path = Path(given).resolve()
+        if not path.is_file():
+            raise ReplayError(f"--recipe {given}: no such file; pass the script that ran")
+        return path
     if recorded is None:
-        raise ReplayError(f"{log} names no recipe to rebuild the run from")
-    path = Path(recorded)
+        raise ReplayError(f"{log} names no recipe: pass --recipe PATH to the script that ran")
+    path = Path(recorded).resolve()
+    roots = trusted_roots()
+    where = ""
+    if path.is_relative_to(work_dir.resolve()):
+        where = "inside the work dir itself"
+    elif not any(path.is_relative_to(r) for r in roots):
+        where = (
+            f"outside the current directory and fengine's project ({', '.join(map(str, roots))})"
+        )
+    if where:
+        raise ReplayError(
+            f"{log} names the recipe {path}, {where}, and replay runs only a recipe you name "
+            f"there: pass --recipe {path} if you trust it"
+        )
     if not path.is_file():
-        raise ReplayError(f"recipe {path} (named by {log}) not found")
+        raise ReplayError(f"recipe {path} (named by {log}) not found: pass --recipe PATH")
     return path
 
 
@@ -55,11 +89,12 @@ def check_code(
         out(f"warning: {msg}")
 
 
-def load_recipe(path: Path) -> ModuleType:
-    """Import the recipe and check its ``from_config`` hook."""
+def load_recipe(path: Path, out: Callable[[str], Any]) -> ModuleType:
+    """Import the recipe (saying so first) and check its ``from_config`` hook."""
+    out(f"running recipe {path}")
     spec = importlib.util.spec_from_file_location("_fengine_replayed_recipe", path)
     if spec is None or spec.loader is None:
-        raise ReplayError(f"recipe {path} cannot be imported: it must be a .py file")
+        raise ReplayError(f"recipe {path} cannot be imported: pass --recipe PATH to a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the recipe runs
     spec.loader.exec_module(module)

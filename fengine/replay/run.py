@@ -195,6 +195,7 @@ def replay(
     start: int | None = None,
     to: int | None = None,
     force: bool = False,
+    recipe: str | Path | None = None,
     out: Out = print,
 ) -> bool:
     """Re-run a recorded run from checkpoint ``start`` (default: the initial state) to checkpoint
@@ -202,10 +203,10 @@ def replay(
     work_dir = Path(work_dir)
     segments = read_log(work_dir)
     sel = select(work_dir, lineage(segments), start, to)
-    path = resolve_recipe(sel.legs[-1].seg.record["recipe"], work_dir)
+    path = resolve_recipe(sel.legs[-1].seg.record["recipe"], recipe, work_dir)
     describe(work_dir, sel, out)
     check_code(path, [leg.seg for leg in sel.legs], force, out)
-    module = load_recipe(path)
+    module = load_recipe(path, out)
     seen: dict[Pos, str] = {key(r): "" for r in sel.records}
     state = None
     for leg in sel.legs:
