@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,9 +30,10 @@ FAST = [
 ]
 
 
-def _run(*args: str, cwd: Path = ROOT, timeout: int = 240):
+def _run(*args: str, cwd: Path = ROOT, threads: int = 2, timeout: int = 240):
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
     )
 
 
@@ -41,9 +43,9 @@ def _replay(*args: str, cwd: Path = ROOT):
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """A 30-step run (23 steps per epoch: checkpoints at steps 23 and 30)."""
+    """A 30-step run on one thread (23 steps per epoch: checkpoints at steps 23 and 30)."""
     work = tmp_path_factory.mktemp("replay") / "work"
-    out = _run(str(RECIPE), "--work-dir", str(work), "--max-steps", "30", *FAST)
+    out = _run(str(RECIPE), "--work-dir", str(work), "--max-steps", "30", *FAST, threads=1)
     assert out.returncode == 0, out.stderr
     return work
 
@@ -59,10 +61,19 @@ def test_replay_from_scratch_reproduces_every_digest_and_tensor(recorded):
     assert steps == [0, 23, 30]
 
 
-def test_replay_between_checkpoints(recorded):
-    out = _replay(str(recorded), "--from", "23")
+def test_replay_sets_the_recorded_thread_count_and_says_so(recorded):
+    out = _replay(str(recorded), "--from", "23")  # this process has 2 threads, the run had 1
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "from step 23 to step 30" in out.stdout and "REPLAY OK" in out.stdout
+    assert (
+        "note: the run was recorded with 1 thread, replaying with 2: bits depend on the thread "
+        "count; using 1 (--keep-settings keeps 2)" in out.stdout
+    )
+    assert "from step 23 to step 30" in out.stdout
+    kept = _replay(str(recorded), "--from", "23", "--keep-settings")
+    assert kept.returncode in (0, 1), kept.stderr  # 1 where two threads compute other bits
+    assert "keeping 2 (--keep-settings)" in kept.stdout
+    if kept.returncode == 1:
+        assert "the environment differs from the recorded one" in kept.stdout
 
 
 def test_replay_reports_the_first_differing_step(recorded, tmp_path):

@@ -1,14 +1,17 @@
 """Replay's rules, on a tiny recipe run in this process (tests/replay_recipe.py): segments,
-paths relative to the work dir, removed checkpoints, and which recipe replay agrees to run."""
+paths relative to the work dir, removed checkpoints, the recorded environment, and which
+recipe replay agrees to run."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import replay_recipe
+import torch
 
 from fengine import checkpoint
 from fengine.replay import ReplayError, read_log, replay, state_digest
@@ -31,6 +34,13 @@ def _records(work: Path) -> list[dict]:
 def _rewrite(work: Path, edit) -> None:
     records = [edit(r) or r for r in _records(work)]
     (work / "run_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -112,6 +122,26 @@ def test_checkpoints_are_named_relative_to_the_work_dir_and_found_from_any_cwd(
         replay(copy, out=lambda s: None)
     ok, _ = _replay(tmp_path / "a" / "w")  # the original, from another cwd, is intact
     assert ok
+
+
+def test_replay_uses_the_recorded_thread_count_unless_told_to_keep_its_own(tmp_path):
+    torch.set_num_threads(1)
+    replay_recipe.run(tmp_path / "w", max_steps=6)
+    assert read_log(tmp_path / "w")[0].record["env"]["threads"] == 1
+    torch.set_num_threads(2)
+    ok, out = _replay(tmp_path / "w")
+    assert ok, out
+    assert (
+        "note: the run was recorded with 1 thread, replaying with 2: bits depend on the thread count; using 1"
+        in out
+    )
+    assert sys.modules["_fengine_replayed_recipe"].threads_seen == [
+        1
+    ]  # the replayed build ran with 1
+    assert torch.get_num_threads() == 2  # and the process's own setting is back
+    ok, out = _replay(tmp_path / "w", keep_settings=True)
+    assert "keeping 2 (--keep-settings)" in out
+    assert sys.modules["_fengine_replayed_recipe"].threads_seen == [2]
 
 
 EVIL = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"

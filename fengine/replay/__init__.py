@@ -2,8 +2,9 @@
 
 `RunRecorder` writes ``work_dir/run_log.jsonl`` (`fengine.replay.log`): per start of
 `fit` (a *segment*: the first run and each resume) the config that determines the
-bits, the horizon, and hashes of fengine's sources and of the recipe; then state
-digests at the start, every ``every`` steps and at every checkpoint.
+bits, the horizon, hashes of fengine's sources and of the recipe, and the
+environment (versions, device type, thread count, deterministic algorithms); then
+state digests at the start, every ``every`` steps and at every checkpoint.
 
 `replay` (``python -m fengine replay WORK_DIR``, `fengine.replay.run`) rebuilds
 each segment from its own config and horizon with the recipe's ``from_config``,
@@ -21,6 +22,7 @@ recipe's hash must match the one recorded (``--force`` to replay anyway).
 The guarantee is *exact*: same machine, build and world size give the same bits.
 """
 
+from fengine.replay.env import environment as environment
 from fengine.replay.log import (
     LOG_NAME as LOG_NAME,
     ReplayError as ReplayError,
@@ -37,6 +39,7 @@ __all__ = [
     "ReplayError",
     "RunRecorder",
     "code_hash",
+    "environment",
     "main",
     "read_log",
     "replay",
@@ -84,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replay even if the recipe or fengine's sources differ from the recorded ones",
     )
+    ap.add_argument(
+        "--keep-settings",
+        action="store_true",
+        help="keep this process's thread count and deterministic-algorithms setting "
+        "(default: use the recorded ones)",
+    )
     args = ap.parse_args(argv)
     try:
         ok = replay(
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             to=args.to,
             force=args.force,
             recipe=args.recipe,
+            keep_settings=args.keep_settings,
         )
     except (ReplayError, checkpoint.CheckpointError) as e:
         print(f"replay: {e}", file=sys.stderr)

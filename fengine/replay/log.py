@@ -8,7 +8,8 @@ checkpoint:
 * ``{"kind": "segment", "format": 2, "start": {step, epoch, batch_in_epoch},
   "resumed_from": NAME | null, "horizon": {"max_epochs", "max_steps", "total_steps"},
   "config": {...}, "config_hash": HEX, "recipe": PATH | null,
-  "code": {"fengine": HEX, "recipe": HEX | null}}``
+  "code": {"fengine": HEX, "recipe": HEX | null},
+  "env": {"fengine", "torch", "python", "device", "threads", "deterministic"}}``
 * ``{"kind": "digest", "step", "epoch", "batch_in_epoch", "digest": HEX,
   "checkpoint": NAME}`` (``checkpoint`` only where a file holds that state).
 
@@ -35,6 +36,7 @@ import torch.utils._pytree as pytree
 import fengine
 from fengine.config import config_hash
 from fengine.events import Handler, Priority, Snapshot
+from fengine.replay.env import environment
 from fengine.state import TrainState
 
 
@@ -106,7 +108,7 @@ def checkpoint_name(path: str | os.PathLike, work_dir: str | os.PathLike) -> str
 
 class RunRecorder(Handler):
     """Record what replay needs in ``work_dir/run_log.jsonl`` (appended across resumes): per
-    start of `fit` a segment record (config, horizon, code hashes), and state
+    start of `fit` a segment record (config, horizon, code hashes, environment), and state
     digests at the start, every ``every`` steps and at each checkpoint.
 
     ``recipe`` is the script that built the run (default: the ``__main__`` file); it must
@@ -177,6 +179,7 @@ class RunRecorder(Handler):
                     "fengine": code_hash(),
                     "recipe": file_hash(self.recipe) if self.recipe else None,
                 },
+                "env": environment(snap.state),
             }
         )
         start = {"kind": "digest", **position(snap.state), "digest": state_digest(snap.state)}

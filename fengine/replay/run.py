@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 
 from fengine import checkpoint
 from fengine.loop import plan, train_steps
+from fengine.replay import env
 from fengine.replay.log import (
     LOG_NAME,
     Pos,
@@ -196,6 +197,7 @@ def replay(
     to: int | None = None,
     force: bool = False,
     recipe: str | Path | None = None,
+    keep_settings: bool = False,
     out: Out = print,
 ) -> bool:
     """Re-run a recorded run from checkpoint ``start`` (default: the initial state) to checkpoint
@@ -206,20 +208,34 @@ def replay(
     path = resolve_recipe(sel.legs[-1].seg.record["recipe"], recipe, work_dir)
     describe(work_dir, sel, out)
     check_code(path, [leg.seg for leg in sel.legs], force, out)
+    who = "the run was" if len(sel.legs) == 1 else "segment {} was"
+    recorded = [(who.format(leg.seg.number), leg.seg.record["env"]) for leg in sel.legs]
+    differences = env.notes(recorded, keep_settings)
+    for note in differences:
+        out(note)
     module = load_recipe(path, out)
     seen: dict[Pos, str] = {key(r): "" for r in sel.records}
-    state = None
-    for leg in sel.legs:
-        exp = build(module, leg.seg, path)
-        if state is None:
-            f = sel.start_file
-            state = exp.state if f is None else checkpoint.load(f, like=exp.state)
-            seen[sel.begin] = state_digest(state)
-        else:
-            state = _carry(state, exp.state)
-        state = run_leg(state, exp, leg, sel.stop(leg), seen)
+    saved, state = env.environment(), None
+    try:
+        for leg in sel.legs:
+            if not keep_settings:
+                env.apply(leg.seg.record["env"])
+            exp = build(module, leg.seg, path)
+            device = env.device_note(who.format(leg.seg.number), leg.seg.record["env"], exp.state)
+            if device:
+                differences.append(device)
+                out(device)
+            if state is None:
+                f = sel.start_file
+                state = exp.state if f is None else checkpoint.load(f, like=exp.state)
+                seen[sel.begin] = state_digest(state)
+            else:
+                state = _carry(state, exp.state)
+            state = run_leg(state, exp, leg, sel.stop(leg), seen)
+    finally:
+        env.apply(saved)
     assert state is not None
-    return report(work_dir, sel, seen, state, out)
+    return report(work_dir, sel, seen, state, out, env_differs=bool(differences))
 
 
 def report(
@@ -228,6 +244,8 @@ def report(
     seen: dict[Pos, str],
     final: TrainState,
     out: Out,
+    *,
+    env_differs: bool = False,
 ) -> bool:
     """The digest table, the target checkpoint's tensors, and the verdict."""
     ok, first_bad = True, None
@@ -261,6 +279,10 @@ def report(
     if first_bad is not None:
         step, epoch, batch = first_bad
         out(f"first differing digest at step {step} (epoch {epoch}, batch {batch})")
+    if not ok and env_differs:
+        out(
+            "the environment differs from the recorded one (notes above): that alone can change bits"
+        )
     out("REPLAY OK" if ok else "REPLAY DIFFERS")
     return ok
 
