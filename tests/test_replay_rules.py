@@ -1,6 +1,6 @@
 """Replay's rules, on a tiny recipe run in this process (tests/replay_recipe.py): segments,
-paths relative to the work dir, removed checkpoints, the recorded environment, and which
-recipe replay agrees to run."""
+paths relative to the work dir, removed checkpoints, the run log's damage, the recorded
+environment, and which recipe replay agrees to run."""
 
 from __future__ import annotations
 
@@ -122,6 +122,43 @@ def test_checkpoints_are_named_relative_to_the_work_dir_and_found_from_any_cwd(
         replay(copy, out=lambda s: None)
     ok, _ = _replay(tmp_path / "a" / "w")  # the original, from another cwd, is intact
     assert ok
+
+
+def test_a_torn_last_line_is_skipped_and_a_bad_line_is_named(run12):
+    log = run12 / "run_log.jsonl"
+    n = len(log.read_text().splitlines())
+    with log.open("a") as f:
+        f.write('{"kind": "digest", "step": 13, "ep')  # kill -9 mid-write
+    ok, out = _replay(run12)
+    assert ok and f"warning: {log}:{n + 1}: skipping a torn last line" in out
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([*lines[:2], "not json", *lines[2:-1]]) + "\n")
+    with pytest.raises(ReplayError, match=rf"{log}:3 is not a JSON record"):
+        replay(run12, out=lambda s: None)
+
+
+def test_an_old_format_or_an_incomplete_record_is_named_with_its_line(run12):
+    log = run12 / "run_log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([json.dumps({"kind": "header", "config": {}}), *lines]) + "\n")
+    with pytest.raises(ReplayError, match=rf"{log}:1 was written by an older fengine"):
+        replay(run12, out=lambda s: None)
+    digest = json.loads(lines[1])
+    del digest["digest"]
+    log.write_text("\n".join([lines[0], json.dumps(digest), *lines[2:]]) + "\n")
+    with pytest.raises(ReplayError, match=rf"{log}:2 is not a valid run log record \(no digest\)"):
+        replay(run12, out=lambda s: None)
+
+
+def test_the_recorder_drops_a_torn_last_line_before_appending(run12, caplog):
+    log = run12 / "run_log.jsonl"
+    with log.open("a") as f:
+        f.write('{"kind": "dig')
+    replay_recipe.run(run12, max_steps=15, resume=True)
+    assert f"{log}: dropping a torn last record (13 bytes)" in caplog.text
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    ok, out = _replay(run12)
+    assert ok and "skipping a torn" not in out
 
 
 def test_replay_uses_the_recorded_thread_count_unless_told_to_keep_its_own(tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterable
@@ -53,6 +54,7 @@ __all__ = [
 
 LOG_NAME = "run_log.jsonl"
 FORMAT = 2
+log = logging.getLogger("fengine")
 
 Pos = tuple[int, int, int]  # (step, epoch, batch_in_epoch): ordered along a run
 
@@ -158,6 +160,7 @@ class RunRecorder(Handler):
             raise ValueError("RunRecorder needs fit(..., work_dir=...)")
         self._work_dir = Path(run.work_dir)
         path = self._work_dir / LOG_NAME
+        _repair_tail(path)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
         config = self.config if self.config is not None else run.config
         config = dict(config) if config is not None else None
@@ -207,6 +210,24 @@ class RunRecorder(Handler):
             self._file = None
 
 
+def _repair_tail(path: Path) -> None:
+    """Drop a torn last record (a process killed mid-write) before appending after it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+        except ValueError:
+            log.warning("%s: dropping a torn last record (%d bytes)", path, len(data) - cut)
+            f.truncate(cut)
+        else:
+            f.write(b"\n")  # a complete record without its newline
+
+
 @dataclasses.dataclass
 class Segment:
     """One start of `fit` in the run log: its record and the digests it wrote."""
@@ -225,31 +246,74 @@ class Segment:
         return self.record["horizon"]
 
 
-def read_log(work_dir: str | Path) -> list[Segment]:
-    """The segments of a recorded run."""
+_FIELDS = {
+    "segment": {
+        "start",
+        "resumed_from",
+        "horizon",
+        "config",
+        "config_hash",
+        "recipe",
+        "code",
+        "env",
+    },
+    "digest": {"step", "epoch", "batch_in_epoch", "digest"},
+}
+
+
+def _problem(r: Any, kind: Any, after_segment: bool) -> str:
+    if kind not in _FIELDS:
+        return f"kind {kind!r}"
+    missing = _FIELDS[kind] - set(r)
+    if missing:
+        return f"no {', '.join(sorted(missing))}"
+    return "" if kind == "segment" or after_segment else "a digest before any segment record"
+
+
+def read_log(work_dir: str | Path, notes: list[str] | None = None) -> list[Segment]:
+    """The segments of a recorded run. A torn last line (a process killed mid-write) is
+    skipped with a note appended to ``notes``; any other unreadable line is an error."""
     path = Path(work_dir) / LOG_NAME
     if not path.is_file():
         raise ReplayError(
             f"{path} not found: record the run with fengine.replay.RunRecorder (recipes do)"
         )
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
     segments: list[Segment] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        r = json.loads(line)
-        if r["kind"] == "header":
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            if n == len(lines):  # no newline after it: the write never finished
+                if notes is not None:
+                    notes.append(f"warning: {path}:{n}: skipping a torn last line ({e})")
+                continue
+            raise ReplayError(
+                f"{path}:{n} is not a JSON record ({e}); the run log is damaged: "
+                "restore it or delete that line to replay what remains"
+            ) from None
+        kind = r.get("kind") if isinstance(r, dict) else None
+        if kind == "header":
             raise ReplayError(
                 f"{path}:{n} was written by an older fengine (run log format 1, no segments); "
                 "record the run again with this version to replay it"
             )
-        if r["kind"] == "segment":
-            if r.get("format") != FORMAT:
-                raise ReplayError(
-                    f"{path}:{n} has run log format {r.get('format')!r}; this fengine reads "
-                    f"format {FORMAT}: replay it with the fengine that recorded it"
-                )
+        if kind == "segment" and r.get("format") != FORMAT:
+            raise ReplayError(
+                f"{path}:{n} has run log format {r.get('format')!r}; this fengine reads "
+                f"format {FORMAT}: replay it with the fengine that recorded it"
+            )
+        problem = _problem(r, kind, bool(segments))
+        if problem:
+            raise ReplayError(
+                f"{path}:{n} is not a valid run log record ({problem}); restore the file"
+            )
+        if kind == "segment":
             segments.append(Segment(len(segments) + 1, n, r, []))
-        elif segments:
+        else:
             segments[-1].digests.append(r)
     if not segments:
         raise ReplayError(f"{path} has no segment record: the run never started training")

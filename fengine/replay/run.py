@@ -203,7 +203,10 @@ def replay(
     """Re-run a recorded run from checkpoint ``start`` (default: the initial state) to checkpoint
     ``to`` (default: the last), segment by segment; True when every bit agrees. See `fengine.replay`."""
     work_dir = Path(work_dir)
-    segments = read_log(work_dir)
+    notes: list[str] = []
+    segments = read_log(work_dir, notes)
+    for note in notes:
+        out(note)
     sel = select(work_dir, lineage(segments), start, to)
     path = resolve_recipe(sel.legs[-1].seg.record["recipe"], recipe, work_dir)
     describe(work_dir, sel, out)
