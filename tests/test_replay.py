@@ -140,4 +140,6 @@ def test_the_readme_sequence_replays_ok(tmp_path):
     assert "segment 1: steps 0-30, max_steps 30" in out.stdout
     assert "segment 2: steps 30-60, max_steps 60, resumed from iter_30.safetensors" in out.stdout
     assert "(same as segment 1)" in out.stdout
+    progress = [line for line in out.stdout.splitlines() if line.startswith("  step ")]
+    assert len(progress) == 10 and progress[-1].startswith("  step 60/60 (100%")
     assert "every tensor bitwise equal" in out.stdout and out.stdout.rstrip().endswith("REPLAY OK")

@@ -181,6 +181,13 @@ def test_replay_uses_the_recorded_thread_count_unless_told_to_keep_its_own(tmp_p
     assert sys.modules["_fengine_replayed_recipe"].threads_seen == [2]
 
 
+def test_progress_is_a_line_every_tenth(run12):
+    replay_recipe.run(run12, max_steps=40, resume=True)
+    ok, out = _replay(run12)
+    progress = [line.split()[1] for line in out.splitlines() if line.startswith("  step ")]
+    assert ok and progress == [f"{s}/40" for s in (4, 8, 12, 16, 20, 24, 28, 32, 36, 40)]
+
+
 EVIL = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
 

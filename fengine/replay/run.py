@@ -4,7 +4,10 @@ config and horizon, re-run it with `fengine.train_steps`, and compare the bits."
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,6 +159,28 @@ def describe(work_dir: Path, sel: Selection, out: Out) -> None:
         out(f"  segment {leg.seg.number}: steps {steps}, {horizon}{resumed}, {config}")
 
 
+class Progress:
+    """A line every ~10% of the steps, or one line rewritten in place when stdout is a terminal."""
+
+    def __init__(self, out: Out, first: int, last: int, tty: bool) -> None:
+        self.out, self.first, self.last, self.tty = out, first, last, tty
+        self.every = max(1, math.ceil((last - first) / 10))
+        self.t0 = time.perf_counter()
+
+    def __call__(self, step: int) -> None:
+        pct = 100 * (step - self.first) // max(self.last - self.first, 1)
+        line = f"  step {step}/{self.last} ({pct}%, {time.perf_counter() - self.t0:.1f} s)"
+        if self.tty:
+            sys.stdout.write("\r" + line)
+            sys.stdout.flush()
+        elif (step - self.first) % self.every == 0 or step == self.last:
+            self.out(line)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+
+
 def _carry(state: TrainState, like: TrainState) -> TrainState:
     """Into the next segment as its resume did: through a checkpoint, loaded like its fresh state."""
     with tempfile.TemporaryDirectory() as d:
@@ -163,7 +188,9 @@ def _carry(state: TrainState, like: TrainState) -> TrainState:
         return checkpoint.load(path, like=like)
 
 
-def run_leg(state: TrainState, exp: Any, leg: Leg, stop: Pos, seen: dict[Pos, str]) -> TrainState:
+def run_leg(
+    state: TrainState, exp: Any, leg: Leg, stop: Pos, seen: dict[Pos, str], progress: Progress
+) -> TrainState:
     """Re-run ``leg`` from ``state`` to position ``stop``, digesting every position in ``seen``."""
     h, where = leg.seg.horizon, f"segment {leg.seg.number} (line {leg.seg.line})"
     p = plan(exp.train_data, micro_batches=exp.step.micro_batches,
@@ -180,6 +207,8 @@ def run_leg(state: TrainState, exp: Any, leg: Leg, stop: Pos, seen: dict[Pos, st
             pos = key(position(tick.state))
             if pos in seen:
                 seen[pos] = state_digest(tick.state)
+            if tick.event == "after_train_iter":
+                progress(tick.state.step)
             if pos == stop:
                 return tick.state
             if pos > stop:
@@ -218,6 +247,7 @@ def replay(
         out(note)
     module = load_recipe(path, out)
     seen: dict[Pos, str] = {key(r): "" for r in sel.records}
+    progress = Progress(out, sel.begin[0], sel.end[0], tty=out is print and sys.stdout.isatty())
     saved, state = env.environment(), None
     try:
         for leg in sel.legs:
@@ -234,8 +264,9 @@ def replay(
                 seen[sel.begin] = state_digest(state)
             else:
                 state = _carry(state, exp.state)
-            state = run_leg(state, exp, leg, sel.stop(leg), seen)
+            state = run_leg(state, exp, leg, sel.stop(leg), seen, progress)
     finally:
+        progress.close()
         env.apply(saved)
     assert state is not None
     return report(work_dir, sel, seen, state, out, env_differs=bool(differences))
