@@ -1,4 +1,5 @@
-"""Command line: ``python -m fengine replay WORK_DIR [--from K] [--to M] [--force]``."""
+"""Command line: ``python -m fengine replay WORK_DIR [--from K] [--to M] [--recipe PATH] [--force]
+[--keep-settings]`` (``python -m fengine replay --help`` for details)."""
 
 import sys
 

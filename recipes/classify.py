@@ -222,9 +222,25 @@ def checkpoints(cfg: Config, exp: Experiment) -> handlers.Checkpointer:
     )
 
 
-def from_config(config: dict) -> Experiment:
-    """Rebuild the run from its recorded config (used by ``python -m fengine replay``)."""
-    return build(from_dict(Config, config))
+# How to start (where, from which checkpoint) and how far: not what the run computes. The run log
+# records the config without them, and the horizon per segment (each start of fit), so a resumed
+# run is the same config; output-only fields (logging, checkpoint cadence) do not change a bit either.
+NOT_RECORDED = ("work_dir", "resume", "resume_from", "max_epochs", "max_steps", "log_interval",
+                "checkpoint_interval", "keep_checkpoints", "tensorboard")  # fmt: skip
+
+
+def recorded_config(cfg: Config) -> dict:
+    """The config that determines the bits, as the run log records it (``load_from`` made absolute,
+    so a replay from another directory finds the same file)."""
+    config = {k: v for k, v in to_dict(cfg).items() if k not in NOT_RECORDED}
+    if cfg.load_from is not None:
+        config["load_from"] = str(cfg.load_from.resolve())
+    return config
+
+
+def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None) -> Experiment:
+    """Rebuild one segment of a run from its recorded config and horizon (``python -m fengine replay``)."""
+    return build(from_dict(Config, {**config, "max_epochs": max_epochs, "max_steps": max_steps}))
 
 
 def main(cfg: Config) -> float:
@@ -237,7 +253,7 @@ def main(cfg: Config) -> float:
         timer,
         handlers.Logger(interval=cfg.log_interval, timer=timer),
         checkpoints(cfg, exp),
-        RunRecorder(every=100),
+        RunRecorder(every=100, config=recorded_config(cfg)),
     ]
     if cfg.tensorboard:
         hs.append(handlers.TensorBoard(timer=timer))

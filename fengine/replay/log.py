@@ -1,0 +1,320 @@
+"""The run log, ``work_dir/run_log.jsonl``: `RunRecorder` writes it, `read_log` reads it.
+
+One JSON object a line, appended across resumes. Every start of `fit` (a
+*segment*) writes a ``segment`` record, then the digest of the state it starts
+from; the run then writes a ``digest`` record every ``every`` steps and at every
+checkpoint:
+
+* ``{"kind": "segment", "format": 2, "start": {step, epoch, batch_in_epoch},
+  "resumed_from": NAME | null, "horizon": {"max_epochs", "max_steps", "total_steps"},
+  "config": {...}, "config_hash": HEX, "recipe": PATH | null,
+  "code": {"fengine": HEX, "recipe": HEX | null},
+  "env": {"fengine", "torch", "python", "device", "threads", "deterministic"}}``
+* ``{"kind": "digest", "step", "epoch", "batch_in_epoch", "digest": HEX,
+  "checkpoint": NAME}`` (``checkpoint`` only where a file holds that state).
+
+``config`` is what determines the bits (the recipe leaves out how-to-start flags
+such as ``resume``, and the horizon, recorded per segment in ``horizon``). A
+checkpoint NAME is relative to the work dir when the file lies inside it (so a
+copied work dir names its own files), absolute otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.utils._pytree as pytree
+
+import fengine
+from fengine.config import config_hash
+from fengine.events import Handler, Priority, Snapshot
+from fengine.replay.env import environment
+from fengine.state import TrainState
+
+
+__all__ = [
+    "LOG_NAME",
+    "ReplayError",
+    "RunRecorder",
+    "Segment",
+    "code_hash",
+    "file_hash",
+    "read_log",
+    "state_digest",
+]
+
+LOG_NAME = "run_log.jsonl"
+FORMAT = 2
+log = logging.getLogger("fengine")
+
+Pos = tuple[int, int, int]  # (step, epoch, batch_in_epoch): ordered along a run
+
+
+class ReplayError(RuntimeError):
+    """The run cannot be replayed as asked (missing records, changed code, untrusted recipe)."""
+
+
+def state_digest(state: TrainState) -> str:
+    """SHA-256 over every leaf of the state (names, dtypes, shapes, bytes; scalars as JSON)."""
+    h = hashlib.sha256()
+    leaves, _ = pytree.tree_flatten_with_path(state)
+    for path, leaf in leaves:
+        h.update(pytree.keystr(path).encode())
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(json.dumps(leaf).encode())
+    return h.hexdigest()
+
+
+def code_hash(extra_files: Iterable[str | Path] = ()) -> str:
+    """SHA-256 of fengine's Python sources and ``extra_files``."""
+    h = hashlib.sha256()
+    root = Path(fengine.__file__).parent
+    files = sorted(root.rglob("*.py")) + [Path(f) for f in extra_files]
+    for f in files:
+        h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of one file's bytes (the recipe)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def position(state: TrainState) -> dict[str, int]:
+    return {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch}
+
+
+def key(r: dict) -> Pos:
+    return r["step"], r["epoch"], r["batch_in_epoch"]
+
+
+def checkpoint_name(path: str | os.PathLike, work_dir: str | os.PathLike) -> str:
+    """``path`` relative to ``work_dir`` when inside it (posix separators), else absolute."""
+    p, w = Path(path).resolve(), Path(work_dir).resolve()
+    return p.relative_to(w).as_posix() if p.is_relative_to(w) else str(p)
+
+
+class RunRecorder(Handler):
+    """Record what replay needs in ``work_dir/run_log.jsonl`` (appended across resumes): per
+    start of `fit` a segment record (config, horizon, code hashes, environment), and state
+    digests at the start, every ``every`` steps and at each checkpoint.
+
+    ``recipe`` is the script that built the run (default: the ``__main__`` file); it must
+    define ``from_config(config: dict, *, max_epochs, max_steps)`` returning an object with
+    ``state``, ``step`` and ``train_data``. ``config`` is what determines the bits (default:
+    `fit`'s ``config``): leave out how-to-start flags (``resume``, ``resume_from``, the work
+    dir) and the horizon (``max_epochs``/``max_steps``, recorded per segment), or every
+    resumed run would look like another configuration.
+    """
+
+    priority = Priority.LOWEST
+
+    def __init__(
+        self,
+        every: int = 100,
+        *,
+        recipe: str | Path | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"RunRecorder: every must be an int >= 1, got {every!r}")
+        self.every = every
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        source = recipe or main
+        self.recipe = Path(source).resolve() if source else None
+        self.config = config
+        self._file: TextIO | None = None
+        self._work_dir: Path | None = None
+        self._resumed_from: str | None = None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self._file is not None, "RunRecorder writes between before_train and after_run"
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def on_before_run(self, snap: Snapshot) -> None:
+        self._resumed_from = None
+
+    def on_after_load_checkpoint(self, snap: Snapshot) -> None:
+        if snap.checkpoint is not None and snap.run.work_dir is not None:
+            self._resumed_from = checkpoint_name(snap.checkpoint, snap.run.work_dir)
+
+    def on_before_train(self, snap: Snapshot) -> None:
+        run = snap.run
+        if run.work_dir is None:
+            raise ValueError("RunRecorder needs fit(..., work_dir=...)")
+        self._work_dir = Path(run.work_dir)
+        path = self._work_dir / LOG_NAME
+        _repair_tail(path)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        config = self.config if self.config is not None else run.config
+        config = dict(config) if config is not None else None
+        self._write(
+            {
+                "kind": "segment",
+                "format": FORMAT,
+                "start": position(snap.state),
+                "resumed_from": self._resumed_from,
+                "horizon": {
+                    "max_epochs": run.max_epochs,
+                    "max_steps": None if run.by_epoch else run.max_steps,
+                    "total_steps": run.max_steps,
+                },
+                "config": config,
+                "config_hash": config_hash(config) if config is not None else None,
+                "recipe": str(self.recipe) if self.recipe else None,
+                "code": {
+                    "fengine": code_hash(),
+                    "recipe": file_hash(self.recipe) if self.recipe else None,
+                },
+                "env": environment(snap.state),
+            }
+        )
+        start = {"kind": "digest", **position(snap.state), "digest": state_digest(snap.state)}
+        if self._resumed_from is not None:
+            start["checkpoint"] = self._resumed_from  # the file this state was loaded from
+        self._write(start)
+
+    def _record(self, snap: Snapshot, path: Path | None) -> None:
+        record = {"kind": "digest", **position(snap.state), "digest": state_digest(snap.state)}
+        if path is not None:
+            assert self._work_dir is not None
+            record["checkpoint"] = checkpoint_name(path, self._work_dir)
+        self._write(record)
+
+    def on_after_train_iter(self, snap: Snapshot) -> None:
+        if snap.state.step % self.every == 0:
+            self._record(snap, None)
+
+    def on_after_save_checkpoint(self, snap: Snapshot) -> None:
+        self._record(snap, snap.checkpoint)
+
+    def on_after_run(self, snap: Snapshot) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a torn last record (a process killed mid-write) before appending after it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+        except ValueError:
+            log.warning("%s: dropping a torn last record (%d bytes)", path, len(data) - cut)
+            f.truncate(cut)
+        else:
+            f.write(b"\n")  # a complete record without its newline
+
+
+@dataclasses.dataclass
+class Segment:
+    """One start of `fit` in the run log: its record and the digests it wrote."""
+
+    number: int  # 1-based, in file order
+    line: int
+    record: dict[str, Any]
+    digests: list[dict[str, Any]]
+
+    @property
+    def start(self) -> Pos:
+        return key(self.record["start"])
+
+    @property
+    def horizon(self) -> dict[str, Any]:
+        return self.record["horizon"]
+
+
+_FIELDS = {
+    "segment": {
+        "start",
+        "resumed_from",
+        "horizon",
+        "config",
+        "config_hash",
+        "recipe",
+        "code",
+        "env",
+    },
+    "digest": {"step", "epoch", "batch_in_epoch", "digest"},
+}
+
+
+def _problem(r: Any, kind: Any, after_segment: bool) -> str:
+    if kind not in _FIELDS:
+        return f"kind {kind!r}"
+    missing = _FIELDS[kind] - set(r)
+    if missing:
+        return f"no {', '.join(sorted(missing))}"
+    return "" if kind == "segment" or after_segment else "a digest before any segment record"
+
+
+def read_log(work_dir: str | Path, notes: list[str] | None = None) -> list[Segment]:
+    """The segments of a recorded run. A torn last line (a process killed mid-write) is
+    skipped with a note appended to ``notes``; any other unreadable line is an error."""
+    path = Path(work_dir) / LOG_NAME
+    if not path.is_file():
+        raise ReplayError(
+            f"{path} not found: record the run with fengine.replay.RunRecorder (recipes do)"
+        )
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    segments: list[Segment] = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            if n == len(lines):  # no newline after it: the write never finished
+                if notes is not None:
+                    notes.append(f"warning: {path}:{n}: skipping a torn last line ({e})")
+                continue
+            raise ReplayError(
+                f"{path}:{n} is not a JSON record ({e}); the run log is damaged: "
+                "restore it or delete that line to replay what remains"
+            ) from None
+        kind = r.get("kind") if isinstance(r, dict) else None
+        if kind == "header":
+            raise ReplayError(
+                f"{path}:{n} was written by an older fengine (run log format 1, no segments); "
+                "record the run again with this version to replay it"
+            )
+        if kind == "segment" and r.get("format") != FORMAT:
+            raise ReplayError(
+                f"{path}:{n} has run log format {r.get('format')!r}; this fengine reads "
+                f"format {FORMAT}: replay it with the fengine that recorded it"
+            )
+        problem = _problem(r, kind, bool(segments))
+        if problem:
+            raise ReplayError(
+                f"{path}:{n} is not a valid run log record ({problem}); restore the file"
+            )
+        if kind == "segment":
+            segments.append(Segment(len(segments) + 1, n, r, []))
+        else:
+            segments[-1].digests.append(r)
+    if not segments:
+        raise ReplayError(f"{path} has no segment record: the run never started training")
+    return segments

@@ -1,0 +1,325 @@
+"""Re-execution: pick the segments leading to the target checkpoint, rebuild each from its own
+config and horizon, re-run it with `fengine.train_steps`, and compare the bits."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from fengine import checkpoint
+from fengine.loop import plan, train_steps
+from fengine.replay import env
+from fengine.replay.log import (
+    LOG_NAME,
+    Pos,
+    ReplayError,
+    Segment,
+    key,
+    position,
+    read_log,
+    state_digest,
+)
+from fengine.replay.recipe import build, check_code, load_recipe, resolve_recipe
+from fengine.state import TrainState
+
+
+__all__ = ["lineage", "replay"]
+
+SCRATCH: Pos = (0, 0, 0)
+Out = Callable[[str], Any]
+
+
+@dataclasses.dataclass
+class Leg:
+    """A segment on the path to the target, run until ``end`` (where the next one resumed)."""
+
+    seg: Segment
+    end: Pos | None
+
+    def records(self) -> list[dict]:
+        s, e = self.seg.start, self.end
+        return [r for r in self.seg.digests if s <= key(r) and (e is None or key(r) <= e)]
+
+
+def lineage(segments: list[Segment]) -> list[Leg]:
+    """The segments whose states lead to the last one: walking back from a segment's start,
+    the latest earlier segment that started before that position and could reach it."""
+    chain = [segments[-1]]
+    while chain[0].start != SCRATCH:
+        p = chain[0].start
+        before = segments[: chain[0].number - 1]
+        earlier = [s for s in before if s.start < p and s.horizon["total_steps"] >= p[0]]
+        if not earlier:
+            break  # resumed from a checkpoint this log did not produce
+        chain.insert(0, earlier[-1])
+    return [Leg(s, chain[i + 1].start if i + 1 < len(chain) else None) for i, s in enumerate(chain)]
+
+
+def _path(work_dir: Path, name: str) -> Path:
+    p = Path(name)
+    return p if p.is_absolute() else work_dir / p
+
+
+@dataclasses.dataclass
+class Selection:
+    """What to re-run: from position ``begin`` (``start_file``'s, or the initial state) to
+    ``target``'s, through ``legs``; ``records`` are the digests on that path."""
+
+    legs: list[Leg]
+    records: list[dict]
+    target: dict
+    begin: Pos
+    start_file: Path | None
+
+    @property
+    def end(self) -> Pos:
+        return key(self.target)
+
+    def stop(self, leg: Leg) -> Pos:
+        return self.end if leg.end is None else min(leg.end, self.end)
+
+
+def select(work_dir: Path, legs: list[Leg], start: int | None, to: int | None) -> Selection:
+    """``start``: a step with a checkpoint file on the path (None or 0: the initial state);
+    ``to``: a step with a recorded checkpoint (None: the last), its file present or not."""
+    log = work_dir / LOG_NAME
+    records = [r for leg in legs for r in leg.records()]
+    ckpts = [r for r in records if "checkpoint" in r]
+    if not ckpts:
+        raise ReplayError(f"{log} records no checkpoint to verify against: save one (Checkpointer)")
+    target = ckpts[-1] if to is None else next((r for r in ckpts[::-1] if r["step"] == to), None)
+    if target is None:
+        steps = sorted({r["step"] for r in ckpts})
+        raise ReplayError(f"{log} records no checkpoint at step {to}: pass --to one of {steps}")
+    end, start_file = key(target), None
+    if not start:
+        begin = SCRATCH
+        if legs[0].seg.start != SCRATCH:
+            raise ReplayError(
+                f"{log}: segment {legs[0].seg.number} resumed from "
+                f"{legs[0].seg.record['resumed_from']}, a state no segment of the log produced: "
+                "replay from a later checkpoint with --from"
+            )
+    else:
+        present = sorted(
+            {(key(r), r["checkpoint"]) for r in ckpts if _path(work_dir, r["checkpoint"]).is_file()}
+        )
+        at = [(pos, name) for pos, name in present if pos[0] == start and pos < end]
+        if not at:
+            offer = sorted({pos[0] for pos, _ in present if pos < end})
+            raise ReplayError(
+                f"{work_dir} has no checkpoint file of step {start} before step {end[0]}: "
+                f"pass --from one of {offer} (the files that still exist)"
+            )
+        begin, start_file = at[-1][0], _path(work_dir, at[-1][1])
+    if begin >= end:
+        raise ReplayError(
+            f"start (step {begin[0]}) is not before the target checkpoint (step {end[0]}) "
+            f"of {log}: pass --to a later step"
+        )
+    run = [leg for leg in legs if (leg.end is None or leg.end > begin) and leg.seg.start < end]
+    on_path = [r for r in records if begin <= key(r) <= end]
+    return Selection(run, on_path, target, begin, start_file)
+
+
+def _config_note(leg: Leg, first: Leg) -> str:
+    def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted({*a, *b}) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    if leg is first:
+        return ""
+    changed = diff(first.seg.record["config"], leg.seg.record["config"])
+    other = f"segment {first.seg.number}"
+    return f" (differs from {other} in {', '.join(changed)})" if changed else f" (same as {other})"
+
+
+def describe(work_dir: Path, sel: Selection, out: Out) -> None:
+    out(
+        f"replaying {work_dir} from step {sel.begin[0]} to step {sel.end[0]} ({sel.target['checkpoint']})"
+    )
+    for leg in sel.legs:
+        r, h = leg.seg.record, leg.seg.horizon
+        horizon = (
+            f"max_epochs {h['max_epochs']}" if h["max_epochs"] else f"max_steps {h['max_steps']}"
+        )
+        resumed = f", resumed from {r['resumed_from']}" if r["resumed_from"] else ""
+        steps = f"{max(leg.seg.start, sel.begin)[0]}-{sel.stop(leg)[0]}"
+        config = f"config {(r['config_hash'] or '-')[:12]}{_config_note(leg, sel.legs[0])}"
+        out(f"  segment {leg.seg.number}: steps {steps}, {horizon}{resumed}, {config}")
+
+
+class Progress:
+    """A line every ~10% of the steps, or one line rewritten in place when stdout is a terminal."""
+
+    def __init__(self, out: Out, first: int, last: int, tty: bool) -> None:
+        self.out, self.first, self.last, self.tty = out, first, last, tty
+        self.every = max(1, math.ceil((last - first) / 10))
+        self.t0 = time.perf_counter()
+
+    def __call__(self, step: int) -> None:
+        pct = 100 * (step - self.first) // max(self.last - self.first, 1)
+        line = f"  step {step}/{self.last} ({pct}%, {time.perf_counter() - self.t0:.1f} s)"
+        if self.tty:
+            sys.stdout.write("\r" + line)
+            sys.stdout.flush()
+        elif (step - self.first) % self.every == 0 or step == self.last:
+            self.out(line)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+
+
+def _carry(state: TrainState, like: TrainState) -> TrainState:
+    """Into the next segment as its resume did: through a checkpoint, loaded like its fresh state."""
+    with tempfile.TemporaryDirectory() as d:
+        path = checkpoint.save(Path(d) / "carry.safetensors", state, fsync=False)
+        return checkpoint.load(path, like=like)
+
+
+def run_leg(
+    state: TrainState, exp: Any, leg: Leg, stop: Pos, seen: dict[Pos, str], progress: Progress
+) -> TrainState:
+    """Re-run ``leg`` from ``state`` to position ``stop``, digesting every position in ``seen``."""
+    h, where = leg.seg.horizon, f"segment {leg.seg.number} (line {leg.seg.line})"
+    p = plan(exp.train_data, micro_batches=exp.step.micro_batches,
+             max_epochs=h["max_epochs"], max_steps=h["max_steps"])  # fmt: skip
+    if p.total_steps != h["total_steps"]:
+        raise ReplayError(
+            f"{where} ran {h['total_steps']} steps, the recipe now plans {p.total_steps}: "
+            "its data or code changed; pass --recipe PATH to the script that ran"
+        )
+    if key(position(state)) == stop:
+        return state
+    for tick in train_steps(state, exp.step, exp.train_data, p):
+        if tick.event in ("after_train_iter", "after_train_epoch"):
+            pos = key(position(tick.state))
+            if pos in seen:
+                seen[pos] = state_digest(tick.state)
+            if tick.event == "after_train_iter":
+                progress(tick.state.step)
+            if pos == stop:
+                return tick.state
+            if pos > stop:
+                break
+    raise ReplayError(
+        f"{where} re-run never reached step {stop[0]} (epoch {stop[1]}, batch {stop[2]}): the "
+        "recipe builds another run than the recorded one; pass --recipe PATH to the script that ran"
+    )
+
+
+def replay(
+    work_dir: str | Path,
+    *,
+    start: int | None = None,
+    to: int | None = None,
+    force: bool = False,
+    recipe: str | Path | None = None,
+    keep_settings: bool = False,
+    out: Out = print,
+) -> bool:
+    """Re-run a recorded run from checkpoint ``start`` (default: the initial state) to checkpoint
+    ``to`` (default: the last), segment by segment; True when every bit agrees. See `fengine.replay`."""
+    work_dir = Path(work_dir)
+    notes: list[str] = []
+    segments = read_log(work_dir, notes)
+    for note in notes:
+        out(note)
+    sel = select(work_dir, lineage(segments), start, to)
+    path = resolve_recipe(sel.legs[-1].seg.record["recipe"], recipe, work_dir)
+    describe(work_dir, sel, out)
+    check_code(path, [leg.seg for leg in sel.legs], force, out)
+    who = "the run was" if len(sel.legs) == 1 else "segment {} was"
+    recorded = [(who.format(leg.seg.number), leg.seg.record["env"]) for leg in sel.legs]
+    differences = env.notes(recorded, keep_settings)
+    for note in differences:
+        out(note)
+    module = load_recipe(path, out)
+    seen: dict[Pos, str] = {key(r): "" for r in sel.records}
+    progress = Progress(out, sel.begin[0], sel.end[0], tty=out is print and sys.stdout.isatty())
+    saved, state = env.environment(), None
+    try:
+        for leg in sel.legs:
+            if not keep_settings:
+                env.apply(leg.seg.record["env"])
+            exp = build(module, leg.seg, path)
+            device = env.device_note(who.format(leg.seg.number), leg.seg.record["env"], exp.state)
+            if device:
+                differences.append(device)
+                out(device)
+            if state is None:
+                f = sel.start_file
+                state = exp.state if f is None else checkpoint.load(f, like=exp.state)
+                seen[sel.begin] = state_digest(state)
+            else:
+                state = _carry(state, exp.state)
+            state = run_leg(state, exp, leg, sel.stop(leg), seen, progress)
+    finally:
+        progress.close()
+        env.apply(saved)
+    assert state is not None
+    return report(work_dir, sel, seen, state, out, env_differs=bool(differences))
+
+
+def report(
+    work_dir: Path,
+    sel: Selection,
+    seen: dict[Pos, str],
+    final: TrainState,
+    out: Out,
+    *,
+    env_differs: bool = False,
+) -> bool:
+    """The digest table, the target checkpoint's tensors, and the verdict."""
+    ok, first_bad = True, None
+    out(f"{'step':>8} {'epoch':>5} {'batch':>5}  {'recorded':<16} {'replayed':<16} ok")
+    for pos, digest in sorted(dict.fromkeys((key(r), r["digest"]) for r in sel.records)):
+        got = seen.get(pos) or "-"
+        ok &= got == digest
+        if got != digest and first_bad is None:
+            first_bad = pos
+        mark = "yes" if got == digest else "NO"
+        out(f"{pos[0]:>8} {pos[1]:>5} {pos[2]:>5}  {digest[:16]:<16} {got[:16]:<16} {mark}")
+    names = [r["checkpoint"] for r in sel.records if key(r) == sel.end and "checkpoint" in r]
+    files = [p for p in dict.fromkeys(_path(work_dir, n) for n in names) if p.is_file()]
+    if not files:
+        out(f"checkpoint {sel.target['checkpoint']} is gone (removed after the run, e.g. by "
+            "max_keep_ckpts): compared with its recorded digest only")  # fmt: skip
+    for path in files:
+        reference = checkpoint.load(path, like=final)  # a damaged file raises, naming itself
+        pairs = zip(*(pytree.tree_flatten_with_path(s)[0] for s in (reference, final)))
+        bad = next((pytree.keystr(p) for (p, a), (_, b) in pairs if not _equal(a, b)), None)
+        ok &= bad is None
+        out(
+            f"checkpoint {path}: "
+            + (f"first differing tensor {bad}" if bad else "every tensor bitwise equal")
+        )
+        if state_digest(reference) != sel.target["digest"]:
+            ok = False
+            out(
+                f"checkpoint {path} does not hold the state the run log recorded for it (replaced?)"
+            )
+    if first_bad is not None:
+        step, epoch, batch = first_bad
+        out(f"first differing digest at step {step} (epoch {epoch}, batch {batch})")
+    if not ok and env_differs:
+        out(
+            "the environment differs from the recorded one (notes above): that alone can change bits"
+        )
+    out("REPLAY OK" if ok else "REPLAY DIFFERS")
+    return ok
+
+
+def _equal(a: Any, b: Any) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

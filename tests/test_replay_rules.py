@@ -1,0 +1,238 @@
+"""Replay's rules, on a tiny recipe run in this process (tests/replay_recipe.py): segments,
+paths relative to the work dir, removed checkpoints, the run log's damage, the recorded
+environment, and which recipe replay agrees to run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import replay_recipe
+import torch
+
+from fengine import checkpoint
+from fengine.replay import ReplayError, read_log, replay, state_digest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = Path(replay_recipe.__file__).resolve()
+
+
+def _replay(work, **kw) -> tuple[bool, str]:
+    lines: list[str] = []
+    ok = replay(work, out=lines.append, **kw)
+    return ok, "\n".join(lines)
+
+
+def _records(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "run_log.jsonl").read_text().splitlines()]
+
+
+def _rewrite(work: Path, edit) -> None:
+    records = [edit(r) or r for r in _records(work)]
+    (work / "run_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run12(tmp_path):
+    """12 steps (10 per epoch), checkpoints at 5, 10, 12."""
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_steps=12)
+    return work
+
+
+def test_a_resume_with_a_longer_horizon_is_a_second_segment_and_replays_ok(run12, tmp_path):
+    resumed = replay_recipe.run(run12, max_steps=25, resume=True)
+    first, second = read_log(run12)
+    assert first.record["config"] == second.record["config"]  # no resume flag, no horizon in it
+    assert "resume" not in first.record["config"] and "max_steps" not in first.record["config"]
+    assert (first.horizon["total_steps"], second.horizon["total_steps"]) == (12, 25)
+    assert second.start == (12, 1, 2) and second.record["resumed_from"] == "iter_12.safetensors"
+    # the resume rebuilt the cosine from the new total: a straight 25-step run computes other bits,
+    # so replay must rebuild each segment with its own horizon
+    straight = replay_recipe.run(tmp_path / "straight", max_steps=25)
+    assert state_digest(straight) != state_digest(resumed)
+    ok, out = _replay(run12)
+    assert ok, out
+    assert "segment 1: steps 0-12, max_steps 12" in out
+    assert "segment 2: steps 12-25, max_steps 25, resumed from iter_12.safetensors" in out
+    assert "(same as segment 1)" in out and out.endswith("REPLAY OK")
+
+
+def test_a_resume_from_an_earlier_checkpoint_with_another_lr_replays_the_path_taken(run12):
+    replay_recipe.run(run12, max_steps=18, resume_from=str(run12 / "iter_5.safetensors"), lr=0.01)
+    ok, out = _replay(run12)
+    assert ok, out
+    assert "segment 1: steps 0-5" in out and "segment 2: steps 5-18" in out
+    assert "differs from segment 1 in lr" in out
+    rows = [line.split() for line in out.splitlines() if line.endswith(" yes")]
+    assert [int(r[0]) for r in rows] == [0, 3, 5, 6, 9, 10, 12, 15, 18]
+    # steps 6-12 of the rows are segment 2's: segment 1's abandoned 10 and 12 are not compared
+    seg1 = {r["digest"] for r in read_log(run12)[0].digests if r["step"] > 5}
+    assert not seg1 & {r["digest"] for r in read_log(run12)[1].digests}
+
+
+def test_from_offers_only_existing_files_and_to_a_removed_one_compares_its_digest(tmp_path):
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_steps=15, keep=2)
+    replay_recipe.run(work, max_steps=20, keep=2, resume=True)  # iter_15 recorded three times
+    assert sorted(p.name for p in work.glob("iter_*")) == [
+        "iter_15.safetensors",
+        "iter_20.safetensors",
+    ]
+    with pytest.raises(ReplayError, match=r"no checkpoint file of step 5 .*one of \[15\] "):
+        replay(work, start=5, out=lambda s: None)
+    ok, out = _replay(work, start=15)
+    assert ok and "from step 15 to step 20" in out
+    ok, out = _replay(work, to=10)
+    assert ok, out
+    assert "iter_10.safetensors is gone" in out and "compared with its recorded digest only" in out
+    _rewrite(work, lambda r: r.update(digest="0" * 64) if r.get("step") == 10 else None)
+    ok, out = _replay(work, to=10)
+    assert not ok and "first differing digest at step 10" in out
+
+
+def test_checkpoints_are_named_relative_to_the_work_dir_and_found_from_any_cwd(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    replay_recipe.run("w", max_steps=10)
+    names = [r["checkpoint"] for r in _records(tmp_path / "a" / "w") if "checkpoint" in r]
+    assert set(names) == {"iter_5.safetensors", "iter_10.safetensors"}
+    copy = tmp_path / "b" / "w"
+    shutil.copytree(tmp_path / "a" / "w", copy)
+    monkeypatch.chdir(tmp_path)
+    ok, out = _replay(copy, start=5)
+    assert ok and f"checkpoint {copy / 'iter_10.safetensors'}: every tensor bitwise equal" in out
+    data = bytearray((copy / "iter_10.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # a flipped byte in the copy's tensor data
+    (copy / "iter_10.safetensors").write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=str(copy / "iter_10.safetensors")):
+        replay(copy, out=lambda s: None)
+    ok, _ = _replay(tmp_path / "a" / "w")  # the original, from another cwd, is intact
+    assert ok
+
+
+def test_a_torn_last_line_is_skipped_and_a_bad_line_is_named(run12):
+    log = run12 / "run_log.jsonl"
+    n = len(log.read_text().splitlines())
+    with log.open("a") as f:
+        f.write('{"kind": "digest", "step": 13, "ep')  # kill -9 mid-write
+    ok, out = _replay(run12)
+    assert ok and f"warning: {log}:{n + 1}: skipping a torn last line" in out
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([*lines[:2], "not json", *lines[2:-1]]) + "\n")
+    with pytest.raises(ReplayError, match=rf"{log}:3 is not a JSON record"):
+        replay(run12, out=lambda s: None)
+
+
+def test_an_old_format_or_an_incomplete_record_is_named_with_its_line(run12):
+    log = run12 / "run_log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([json.dumps({"kind": "header", "config": {}}), *lines]) + "\n")
+    with pytest.raises(ReplayError, match=rf"{log}:1 was written by an older fengine"):
+        replay(run12, out=lambda s: None)
+    digest = json.loads(lines[1])
+    del digest["digest"]
+    log.write_text("\n".join([lines[0], json.dumps(digest), *lines[2:]]) + "\n")
+    with pytest.raises(ReplayError, match=rf"{log}:2 is not a valid run log record \(no digest\)"):
+        replay(run12, out=lambda s: None)
+
+
+def test_the_recorder_drops_a_torn_last_line_before_appending(run12, caplog):
+    log = run12 / "run_log.jsonl"
+    with log.open("a") as f:
+        f.write('{"kind": "dig')
+    replay_recipe.run(run12, max_steps=15, resume=True)
+    assert f"{log}: dropping a torn last record (13 bytes)" in caplog.text
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    ok, out = _replay(run12)
+    assert ok and "skipping a torn" not in out
+
+
+def test_replay_uses_the_recorded_thread_count_unless_told_to_keep_its_own(tmp_path):
+    torch.set_num_threads(1)
+    replay_recipe.run(tmp_path / "w", max_steps=6)
+    assert read_log(tmp_path / "w")[0].record["env"]["threads"] == 1
+    torch.set_num_threads(2)
+    ok, out = _replay(tmp_path / "w")
+    assert ok, out
+    assert (
+        "note: the run was recorded with 1 thread, replaying with 2: bits depend on the thread count; using 1"
+        in out
+    )
+    assert sys.modules["_fengine_replayed_recipe"].threads_seen == [
+        1
+    ]  # the replayed build ran with 1
+    assert torch.get_num_threads() == 2  # and the process's own setting is back
+    ok, out = _replay(tmp_path / "w", keep_settings=True)
+    assert "keeping 2 (--keep-settings)" in out
+    assert sys.modules["_fengine_replayed_recipe"].threads_seen == [2]
+
+
+def test_progress_is_a_line_every_tenth(run12):
+    replay_recipe.run(run12, max_steps=40, resume=True)
+    ok, out = _replay(run12)
+    progress = [line.split()[1] for line in out.splitlines() if line.startswith("  step ")]
+    assert ok and progress == [f"{s}/40" for s in (4, 8, 12, 16, 20, 24, 28, 32, 36, 40)]
+
+
+EVIL = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
+
+
+def _name_recipe(work: Path, script: Path) -> None:
+    import hashlib
+
+    sha = hashlib.sha256(script.read_bytes()).hexdigest()  # a self-reported hash proves nothing
+
+    def edit(r):
+        if r["kind"] == "segment":
+            r["recipe"], r["code"]["recipe"] = str(script), sha
+
+    _rewrite(work, edit)
+
+
+def test_a_recipe_named_by_the_log_outside_the_project_is_not_run(run12, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.py"
+    evil.write_text(EVIL.format(marker=str(marker)))
+    _name_recipe(run12, evil)
+    with pytest.raises(
+        ReplayError,
+        match=rf"names the recipe {evil}, outside .* pass --recipe {evil} if you trust it",
+    ):
+        replay(run12, out=lambda s: None)
+    inside = run12 / "evil.py"  # shipped inside the work dir, replayed from the work dir's parent
+    inside.write_text(EVIL.format(marker=str(marker)))
+    _name_recipe(run12, inside)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ReplayError, match="inside the work dir itself"):
+        replay(run12, out=lambda s: None)
+    assert not marker.exists()
+
+
+def test_a_recipe_the_user_names_runs_and_must_match_the_recorded_hash(run12, tmp_path):
+    copy = tmp_path / "elsewhere" / "recipe.py"
+    copy.parent.mkdir()
+    shutil.copy(RECIPE, copy)
+    ok, out = _replay(run12, recipe=copy)
+    assert ok and f"running recipe {copy}" in out
+    copy.write_text(copy.read_text() + "\n# edited after the run\n")
+    with pytest.raises(
+        ReplayError, match=rf"the recipe {copy} differs from the one segment 1 recorded"
+    ):
+        replay(run12, recipe=copy, out=lambda s: None)
+    ok, out = _replay(run12, recipe=copy, force=True)
+    assert ok and f"warning: the recipe {copy} differs" in out
