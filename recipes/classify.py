@@ -245,31 +245,22 @@ def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None) 
 
 def main(cfg: Config) -> float:
     exp = build(cfg)
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    config = to_dict(cfg)
-    (cfg.work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    timer = handlers.Timer()
-    hs = [
-        timer,
-        handlers.Logger(interval=cfg.log_interval, timer=timer),
-        checkpoints(cfg, exp),
-        RunRecorder(every=100, config=recorded_config(cfg)),
-    ]
-    if cfg.tensorboard:
-        hs.append(handlers.TensorBoard(timer=timer))
-    resume = cfg.resume_from if cfg.resume_from is not None else cfg.resume
-    state = fe.fit(
-        exp.state,
-        exp.step,
-        exp.train_data,
-        val=exp.val,
-        handlers=hs,
-        work_dir=cfg.work_dir,
-        resume=resume,
-        config=config,
-        **exp.fit_kwargs,
-    )
-    result = fe.evaluate(state, fe.loop.default_predict, exp.val.data, exp.val.metrics)
+    with fe.lock_work_dir(cfg.work_dir):  # one run per work dir, config.json included
+        config = to_dict(cfg)
+        (cfg.work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        timer = handlers.Timer()
+        hs = [
+            timer,
+            handlers.Logger(interval=cfg.log_interval, timer=timer),
+            checkpoints(cfg, exp),
+            RunRecorder(every=100, config=recorded_config(cfg)),
+        ]
+        if cfg.tensorboard:
+            hs.append(handlers.TensorBoard(timer=timer))
+        resume = cfg.resume_from if cfg.resume_from is not None else cfg.resume
+        state = fe.fit(exp.state, exp.step, exp.train_data, val=exp.val, handlers=hs, work_dir=cfg.work_dir,
+                       resume=resume, config=config, **exp.fit_kwargs)  # fmt: skip
+    result = fe.evaluate(state, fe.default_predict, exp.val.data, exp.val.metrics)
     print(
         f"final validation accuracy: {result['accuracy']:.2f}% after {state.step} steps ({state.epoch} epochs)"
     )
@@ -282,4 +273,7 @@ if __name__ == "__main__":
     except fe.Preempted as stopped:  # SIGTERM/SIGINT: a checkpoint was saved; resume with --resume
         print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
+    except fe.WorkDirLocked as busy:
+        print(f"error: {busy}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(0)
