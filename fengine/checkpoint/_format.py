@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fengine.checkpoint._io import NotRegularFile, open_regular
+
 
 if TYPE_CHECKING:
     from fengine.state import TrainState
@@ -178,6 +180,28 @@ class Header:
     metadata: dict[str, str]
     order: list[str]  # names sorted by offset
     total: int  # bytes of tensor data
+    identity: tuple[int, ...]  # (device, inode, size, mtime) when the header was read
+
+
+def identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_checkpoint(path: Path) -> tuple[int, os.stat_result]:
+    """`open_regular`, with every refusal a `CheckpointError` naming ``path``."""
+    try:
+        return open_regular(path)
+    except NotRegularFile as e:
+        hint = (
+            " (fengine.checkpoint.latest(work_dir) finds the newest checkpoint in one)"
+            if e.kind == "a directory"
+            else ""
+        )
+        raise err(path, f"is {e.kind}, not a checkpoint file{hint}") from None
+    except FileNotFoundError:
+        raise err(path, "no such file") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise err(path, f"cannot open: {getattr(e, 'strerror', None) or e}") from None
 
 
 def foreign(first: bytes) -> str | None:
@@ -191,19 +215,9 @@ def foreign(first: bytes) -> str | None:
 
 def read_header(path: Path) -> Header:
     """Read and check a safetensors header: valid JSON, known dtypes, tensors tiling the data exactly."""
-    if path.is_dir():
-        raise err(
-            path,
-            "is a directory, not a checkpoint file (fengine.checkpoint.latest(work_dir) finds the newest checkpoint in one)",
-        )
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise err(path, "no such file") from None
-    except OSError as e:
-        raise err(path, f"cannot open: {e.strerror or e}") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
+    fd, st = open_checkpoint(path)
+    with os.fdopen(fd, "rb") as f:
+        size = st.st_size
         first = f.read(8)
         n = int.from_bytes(first, "little") if len(first) == 8 else -1
         raw = f.read(n) if 0 <= n <= min(size - 8, _MAX_HEADER) else b""
@@ -275,7 +289,9 @@ def read_header(path: Path) -> Header:
         )
     if have > expected:
         raise err(path, f"corrupt: {have - expected} unexpected bytes after the tensor data")
-    return Header(path, size, data_start, header, meta, [s[2] for s in spans], expected)
+    return Header(
+        path, size, data_start, header, meta, [s[2] for s in spans], expected, identity(st)
+    )
 
 
 @dataclasses.dataclass

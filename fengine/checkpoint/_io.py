@@ -1,10 +1,11 @@
-"""File I/O under the checkpoint format: atomic creation, positional reads/writes, a small thread pool."""
+"""File I/O under the checkpoint format: atomic creation, opening regular files only, positional reads/writes, a small thread pool."""
 
 from __future__ import annotations
 
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 _POSITIONAL = hasattr(os, "pwrite") and hasattr(os, "preadv")
 BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
 
 
 def _workers() -> int:
@@ -78,6 +80,55 @@ def preallocate(fd: int, size: int) -> None:
                 raise
 
 
+# ======================================================================= reading
+class NotRegularFile(Exception):
+    """The path names a directory, FIFO, socket or device: ``kind`` says which (``"a FIFO"``)."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"  # pragma: no cover - e.g. a door or whiteout
+
+
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading: ``(fd, its fstat)``; anything else raises `NotRegularFile`.
+
+    Checked before opening (opening a device can have effects) and again on the
+    open descriptor (the path may have been swapped in between); opened
+    non-blocking, so even a FIFO swapped in never makes this wait. ``OSError``
+    (e.g. ``FileNotFoundError``) and ``ValueError`` (a NUL in the path) pass through.
+    """
+    kind = _kind(os.stat(path).st_mode)
+    if kind:
+        raise NotRegularFile(kind)
+    fd = os.open(path, os.O_RDONLY | BINARY | _NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        kind = _kind(st.st_mode)
+        if kind:
+            raise NotRegularFile(kind)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+# ======================================================================= writing
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

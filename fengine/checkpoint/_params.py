@@ -27,6 +27,7 @@ from fengine.checkpoint._format import (
     read_header,
     require_fengine,
 )
+from fengine.checkpoint._io import NotRegularFile, open_regular
 from fengine.state import TrainState
 
 
@@ -107,10 +108,11 @@ class _Weights:
 
 def _head_bytes(path: Path) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read(8)
-    except OSError:
-        return b""
+        fd, _ = open_regular(path)
+    except (OSError, ValueError, NotRegularFile):
+        return b""  # read_header says what is wrong
+    with os.fdopen(fd, "rb") as f:
+        return f.read(8)
 
 
 def _train_state_names(h: Header, structure: list, weights: str) -> dict[str, str]:
@@ -144,7 +146,7 @@ def _train_state_names(h: Header, structure: list, weights: str) -> dict[str, st
 
 
 def _weights(path: Path, weights: str) -> _Weights:
-    if path.is_file() and foreign(_head_bytes(path)):
+    if foreign(_head_bytes(path)):
         sd = _torch_state_dict(path)
         sources: dict[str, str] = {}
         for k in sd:
