@@ -312,6 +312,12 @@ def require_fengine(h: Header, want: str | None = None) -> Info:
     """Parse and verify fengine's metadata (header digest included); ``want`` a kind, or any."""
     md, path = h.metadata, h.path
     if md.get("fengine.format") != FORMAT:
+        if any(k.startswith("fengine.") for k in md):
+            raise err(
+                path,
+                f"corrupt header: fengine.format must be {FORMAT!r}, got {md.get('fengine.format')!r:.80} "
+                "(the file has fengine metadata, so its format marker is damaged)",
+            )
         raise err(
             path,
             f"a safetensors file without fengine metadata, so not a fengine checkpoint; {USE_LOAD_PARAMS}",

@@ -14,7 +14,6 @@ from torch import nn
 
 from fengine.checkpoint._data import read_tensors, write_file
 from fengine.checkpoint._format import (
-    FORMAT,
     SUFFIX,
     CheckpointError,
     CheckpointMismatchError,
@@ -155,7 +154,7 @@ def _weights(path: Path, weights: str) -> _Weights:
 
     h = read_header(path)
     w = _Weights("safetensors", {}, {n: tuple(h.table[n]["shape"]) for n in h.order}, header=h)
-    if h.metadata.get("fengine.format") == FORMAT:
+    if any(k.startswith("fengine.") for k in h.metadata):  # (a damaged format marker is an error)
         info = require_fengine(h)
         w.digest = info.digest
         if info.kind == "train_state":
@@ -195,6 +194,7 @@ def load_params(
     prefix_map: Mapping[str, str] | None = None,
     strict: bool = False,
     weights: str = "eval",
+    allow_empty: bool = False,
 ) -> tuple[TrainState | dict[str, torch.Tensor], LoadReport]:
     """Load weights (params and buffers) only: MMEngine's ``load_from`` / ``Pretrained`` init.
 
@@ -213,7 +213,9 @@ def load_params(
     full state dict with the loaded values in place, for
     ``module.load_state_dict``; the module itself is not modified.
     ``strict=True`` raises `CheckpointMismatchError` listing every missing,
-    unexpected and shape-mismatched name.
+    unexpected and shape-mismatched name. Loading nothing at all (no name of the
+    file matches one of the target) raises `CheckpointError` listing some of
+    both, unless ``allow_empty=True``.
     """
     path = Path(path)
     if isinstance(into, TrainState):
@@ -255,6 +257,9 @@ def load_params(
             shape=[(n, list(a), list(b)) for n, a, b in mismatched],
         )
 
+    if not loaded and not allow_empty:
+        raise _nothing_matched(path, w, mapped, targets, report)
+
     # fresh tensors from safetensors; torch.load's may share storage (tied weights), so copy those
     h = w.header
     data = read_tensors(h, {mapped[n] for n in loaded}, w.digest) if h is not None else w.torch_sd
@@ -274,6 +279,32 @@ def load_params(
         buffers = {n: new.get(n, v) for n, v in into.buffers.items()}
         return into.replace(params=params, buffers=buffers), report
     return {n: new.get(n, v) for n, v in targets.items()}, report
+
+
+def _nothing_matched(
+    path: Path, w: _Weights, mapped: dict[str, str], targets: dict, report: LoadReport
+) -> CheckpointError:
+    def some(names) -> str:
+        names = list(names)
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        return f"{len(names)} ({', '.join(names[:5]) + more})" if names else "none"
+
+    notes = ""
+    if report.mismatched:
+        notes += f"; {some(m[0] for m in report.mismatched)} match by name but not by shape"
+    if report.skipped:
+        notes += f"; prefix_map skipped {len(report.skipped)}"
+    if w.format == "safetensors" and any(n.startswith(("params/", "opt_state/")) for n in w.shapes):
+        notes += (
+            "; its names look like a fengine training checkpoint's, but it has no fengine "
+            "metadata (stripped or damaged)"
+        )
+    return err(
+        path,
+        f"load_params loaded nothing: the file's weights are {some(mapped or w.sources)}, "
+        f"the target's {some(targets)}{notes}; use prefix_map to rename, or allow_empty=True "
+        "to accept loading nothing",
+    )
 
 
 # ======================================================================= publish
