@@ -229,3 +229,114 @@ def test_a_damaged_format_marker_is_not_read_as_plain_safetensors(base, tmp_path
     st.save_file(st.load_file(tmp_path / "marker.safetensors"), stripped)
     with pytest.raises(CheckpointError, match="look like a fengine training checkpoint"):
         ckpt.load_params(stripped, template())
+
+
+# ----------------------------------------------------------------- latest and the pointer
+def _save_steps(work: Path, saves: list[tuple[int, str, int]], state) -> dict[str, Path]:
+    """Save ``state`` at each (step, name, mtime in seconds)."""
+    out = {}
+    for step, name, mtime in saves:
+        p = ckpt.save(work / name, state.replace(step=step))
+        os.utime(p, ns=(mtime * 10**9, mtime * 10**9))
+        out[name] = p
+    return out
+
+
+def test_latest_without_a_pointer_warns_and_takes_the_highest_step(tmp_path):
+    step, template = build("clip_adamw")
+    state = template()
+    assert ckpt.latest(tmp_path) is None
+    # by step, not by name and not by time: iter_7 is oldest and sorts first
+    paths = _save_steps(
+        tmp_path,
+        [(7, "a_iter_7.safetensors", 10**9), (3, "z_iter_3.safetensors", 2 * 10**9)],
+        state,
+    )
+    ckpt.publish(state.replace(step=99), tmp_path / "pub")  # weights only: never a resume point
+    (tmp_path / "best.safetensors").write_bytes(b"junk")  # unreadable: skipped
+    with pytest.warns(UserWarning) as w:
+        assert ckpt.latest(tmp_path) == paths["a_iter_7.safetensors"]
+    msg = str(w[0].message)
+    assert "last_checkpoint does not exist" in msg and "a_iter_7.safetensors" in msg
+    assert "highest step (7)" in msg
+    # same step: the newer file
+    paths.update(_save_steps(tmp_path, [(7, "b_iter_7.safetensors", 10**9 + 1)], state))
+    with pytest.warns(UserWarning, match="b_iter_7"):
+        assert ckpt.latest(tmp_path) == paths["b_iter_7.safetensors"]
+    # the highest step damaged in its data: the next one
+    damaged = bytearray(paths["b_iter_7.safetensors"].read_bytes())
+    damaged[-1] ^= 1
+    paths["b_iter_7.safetensors"].write_bytes(bytes(damaged))
+    os.utime(paths["b_iter_7.safetensors"], ns=(10**18 + 10**9, 10**18 + 10**9))
+    with pytest.warns(UserWarning, match="a_iter_7"):
+        assert ckpt.latest(tmp_path) == paths["a_iter_7.safetensors"]
+    with pytest.warns(UserWarning, match="b_iter_7"):  # unless asked not to read the data
+        assert ckpt.latest(tmp_path, verify=False) == paths["b_iter_7.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "OUTSIDE",  # absolute path of a real checkpoint outside work_dir
+        "../outside/iter_5.safetensors",
+        "sub/../../outside/iter_5.safetensors",
+        "LINK",  # a symlink inside work_dir to the outside checkpoint
+        "sub",  # a directory
+        "nul\0byte",
+        "x" * 5000,
+        b"\xff\xfe",
+        "",
+    ],
+)
+def test_an_unusable_pointer_never_chooses_a_file_outside_the_work_dir(tmp_path, text):
+    step, template = build("clip_adamw")
+    state = template()
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    (work / "sub").mkdir(parents=True)
+    inside = ckpt.save(work / "iter_2.safetensors", state.replace(step=2))
+    far = ckpt.save(outside / "iter_5.safetensors", state.replace(step=5))
+    (work / "link.safetensors").symlink_to(far)
+    if text == "OUTSIDE":
+        text = str(far)
+    elif text == "LINK":
+        text = "link.safetensors"
+    pointer = work / "last_checkpoint"
+    pointer.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.warns(UserWarning, match="falling back") as w:
+        got = ckpt.latest(work)
+    # the symlink is a file in work_dir for the fallback scan, but it resolves outside: never taken
+    assert got == inside, (got, str(w[0].message))
+    assert str(pointer) in str(w[0].message)
+
+
+def test_pointer_into_save_dir_is_followed_when_the_caller_names_it(tmp_path):
+    step, template = build("clip_adamw")
+    state = template()
+    work, store = tmp_path / "runs" / "exp1", tmp_path / "store" / "exp1"
+    work.mkdir(parents=True)
+    path = ckpt.save(store / "epoch_2.safetensors", state.replace(step=2))
+    ckpt.mark_latest(work, path)
+    assert Path((work / "last_checkpoint").read_text().strip()).is_absolute()
+    assert ckpt.latest(work, save_dir=store) == path.resolve()
+    (work / "last_checkpoint").unlink()  # and its fallback searches there too
+    with pytest.warns(UserWarning, match="epoch_2"):
+        assert ckpt.latest(work, save_dir=store) == store / "epoch_2.safetensors"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_fifo_named_by_the_pointer_or_as_the_pointer_falls_back_without_hanging(base, tmp_path):
+    state, template, data = base
+    # named by last_checkpoint, or being last_checkpoint: unusable, falls back, never hangs
+    work = tmp_path / "work"
+    work.mkdir()
+    good = ckpt.save(work / "iter_2.safetensors", state)
+    os.mkfifo(work / "iter_9.safetensors")  # also met by the fallback's directory scan
+    (work / "last_checkpoint").write_text("iter_9.safetensors")
+    with pytest.warns(UserWarning, match="a FIFO") as w:
+        tag, got = _within(10, lambda: ckpt.latest(work), work / "iter_9.safetensors")
+    assert (tag, got) == ("ok", good) and "iter_2.safetensors" in str(w[0].message)
+    (work / "last_checkpoint").unlink()
+    os.mkfifo(work / "last_checkpoint")
+    with pytest.warns(UserWarning, match="last_checkpoint is a FIFO"):
+        tag, got = _within(10, lambda: ckpt.latest(work), work / "last_checkpoint")
+    assert (tag, got) == ("ok", good)
