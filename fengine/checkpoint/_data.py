@@ -191,7 +191,7 @@ def read_tensors(
                 buf = views[name][a:z]
             else:
                 if getattr(local, "buf", None) is None:
-                    local.buf = memoryview(bytearray(block))
+                    local.buf = memoryview(bytearray(min(block, h.total)))
                 buf = local.buf[: z - a]
             if pread_into(fd, buf, h.data_start + begin + a) != len(buf):
                 return "short"

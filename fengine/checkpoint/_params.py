@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from fengine.checkpoint._format import (
     CheckpointError,
     CheckpointMismatchError,
     Header,
+    Info,
     err,
     foreign,
     listing,
@@ -25,6 +25,7 @@ from fengine.checkpoint._format import (
     position,
     read_header,
     require_fengine,
+    weight_keys,
 )
 from fengine.checkpoint._io import NotRegularFile, open_regular
 from fengine.state import TrainState
@@ -114,34 +115,15 @@ def _head_bytes(path: Path) -> bytes:
         return f.read(8)
 
 
-def _train_state_names(h: Header, structure: list, weights: str) -> dict[str, str]:
+def _train_state_names(info: Info, weights: str) -> dict[str, str]:
     """State-dict names of a training checkpoint's weights -> file keys (``fc1.weight`` -> ``params/fc1.weight``).
 
     ``weights="eval"`` takes the file's eval weights (`TrainState.eval_weights` at save
     time, e.g. EMA): its ``fengine.eval_weights`` entry maps names to other keys of the
-    same file. A key outside the file is refused (the map only ever selects tensors).
+    same file (checked by `require_fengine`).
     """
-    groups: dict[tuple, dict[str, str]] = {}  # parent path -> {dict key: file key}
-    for e in structure:
-        comps = e[2]
-        if e[1] == "tensor" and comps[-1][0] == "k":
-            groups.setdefault(tuple(c[1] for c in comps[:-1]), {})[str(comps[-1][1])] = e[0]
-    names = {**groups.get(("params",), {}), **groups.get(("buffers",), {})}
-    if weights == "live":
-        return names
-    try:
-        swaps = json.loads(h.metadata.get("fengine.eval_weights", "{}"))
-    except json.JSONDecodeError:
-        swaps = None
-    if not isinstance(swaps, dict) or not all(
-        isinstance(k, str) and k in names and isinstance(v, str) and v in h.table
-        for k, v in swaps.items()
-    ):
-        raise err(
-            h.path,
-            "has a malformed fengine.eval_weights entry (it must map weight names to tensors of the file)",
-        )
-    return {**names, **swaps}
+    names = weight_keys(info.structure)
+    return names if weights == "live" else {**names, **info.eval_weights}
 
 
 def _weights(path: Path, weights: str) -> _Weights:
@@ -158,7 +140,7 @@ def _weights(path: Path, weights: str) -> _Weights:
         info = require_fengine(h)
         w.digest = info.digest
         if info.kind == "train_state":
-            w.format, w.sources = "fengine", _train_state_names(h, info.structure, weights)
+            w.format, w.sources = "fengine", _train_state_names(info, weights)
             return w
         w.format = "fengine-params"
     for n in h.order:

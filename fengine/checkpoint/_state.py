@@ -16,6 +16,7 @@ from fengine import checkpoint as seams  # see _data: writes go through seams._p
 from fengine.checkpoint._data import read_tensors, write_file
 from fengine.checkpoint._format import (
     DTYPES,
+    MAX_DEPTH,
     SUFFIX,
     CheckpointError,
     CheckpointMismatchError,
@@ -69,6 +70,10 @@ def save(
     named, structure, scalars = [], [], {}
     for leaf in leaves:
         v = leaf.value
+        if len(leaf.path) > MAX_DEPTH:
+            raise TypeError(
+                f"save: {leaf.name} is nested {len(leaf.path)} levels deep; a checkpoint holds at most {MAX_DEPTH}"
+            )
         if isinstance(v, torch.Tensor):
             named.append((leaf.name, v))
             structure.append([leaf.name, "tensor", leaf.path, v.device.type])
