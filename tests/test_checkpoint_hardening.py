@@ -10,7 +10,11 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -27,7 +31,7 @@ from torch import nn
 
 import fengine
 from fengine import checkpoint as ckpt
-from fengine.checkpoint import CheckpointError, CheckpointMismatchError, _data, _format
+from fengine.checkpoint import CheckpointError, CheckpointMismatchError, _data, _format, _state
 
 
 META = {"config": {"lr": 0.001}, "handlers": {"Checkpointer": {"best": 0.5}}}
@@ -769,3 +773,125 @@ def test_save_refuses_positions_no_file_could_hold(tmp_path):
     # seeds up to 2**64 - 1 round-trip
     path = ckpt.save(tmp_path / "ok.safetensors", state.replace(seed=2**64 - 1))
     assert ckpt.load(path, template()).seed == 2**64 - 1
+
+
+# ----------------------------------------------------------------- stale temps
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_clean_stale_temps_removes_only_dead_writers_temp_files(tmp_path):
+    dead, live = _dead_pid(), os.getpid()
+    names = {
+        f".iter_3.safetensors.{dead}.0badc0de.tmp": True,
+        f".last_checkpoint.{dead}.12345678.tmp": True,
+        f".pub.safetensors.{dead}.abcdef01.tmp": True,
+        f".iter_4.safetensors.{live}.0badc0de.tmp": False,  # a save in progress
+        f".iter_4.safetensors.{os.getppid()}.0badc0de.tmp": False,
+        f".iter_3.safetensors.{dead}.0BADC0DE.tmp": False,  # not fengine's pattern
+        f".iter_3.safetensors.{dead}.0badc0d.tmp": False,
+        f"iter_3.safetensors.{dead}.0badc0de.tmp": False,
+        f".iter_3.safetensors.{dead}.0badc0de.tmp.bak": False,
+        f"..{dead}.0badc0de.tmp": False,
+        ".iter_3.safetensors.0.0badc0de.tmp": False,
+        ".iter_3.safetensors.x.0badc0de.tmp": False,
+        ".foo.tmp": False,
+        "iter_3.safetensors": False,
+        "last_checkpoint": False,
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / f".dir.safetensors.{dead}.0badc0de.tmp").mkdir()  # not a regular file
+    target = tmp_path / "keep.txt"
+    target.write_text("keep")
+    (tmp_path / f".link.safetensors.{dead}.0badc0de.tmp").symlink_to(target)
+    removed = ckpt.clean_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
+    assert all(p.parent == tmp_path for p in removed)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {n for n, stale in names.items() if not stale} | {
+        f".dir.safetensors.{dead}.0badc0de.tmp",
+        "keep.txt",
+        f".link.safetensors.{dead}.0badc0de.tmp",
+    }
+    assert target.read_text() == "keep"
+    assert ckpt.clean_stale_temps(tmp_path) == []
+    assert ckpt.clean_stale_temps(tmp_path / "missing") == []
+
+
+def test_clean_stale_temps_when_liveness_cannot_be_told_goes_by_age(tmp_path, monkeypatch):
+    step, template = build("clip_adamw")
+    monkeypatch.setattr(_state, "pid_alive", lambda pid: None)
+    older, newer = (
+        tmp_path / ".a.safetensors.77.00000000.tmp",
+        tmp_path / ".b.safetensors.77.11111111.tmp",
+    )
+    for p in (older, newer):
+        p.write_bytes(b"x")
+    assert ckpt.clean_stale_temps(tmp_path) == []  # no checkpoint to compare with: keep
+    ck = ckpt.save(tmp_path / "iter_1.safetensors", template())
+    os.utime(older, ns=(10**18, 10**18))
+    os.utime(ck, ns=(2 * 10**18, 2 * 10**18))
+    os.utime(newer, ns=(3 * 10**18, 3 * 10**18))
+    assert ckpt.clean_stale_temps(tmp_path) == [older]
+    assert newer.exists() and ck.exists()
+
+
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, torch, fengine
+    from fengine import checkpoint
+    params = {f"w{i}": torch.full((1024, 1024), float(i)) for i in range(24)}  # 96 MiB
+    state = fengine.TrainState(step=1, params=params, buffers={})
+    print("ready", flush=True)
+    while True:
+        checkpoint.save(sys.argv[1], state)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="kill -9")
+def test_clean_stale_temps_after_a_real_kill_9_mid_save(tmp_path):
+    target = tmp_path / "big.safetensors"
+    env = dict(os.environ, PYTHONPATH=str(Path(fengine.__file__).parents[1]))
+    for _attempt_no in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WRITER, str(target)], env=env, stdout=subprocess.PIPE
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+            deadline = time.monotonic() + 60
+            while not any(tmp_path.glob(".*.tmp")) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            proc.kill()  # SIGKILL: no cleanup runs
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+        leftovers = sorted(tmp_path.glob(".*.tmp"))
+        if leftovers:
+            break
+    assert leftovers, "no kill landed during a write"
+    assert leftovers[0].name.startswith(f".big.safetensors.{proc.pid}.")
+    removed = ckpt.clean_stale_temps(tmp_path)
+    assert removed == leftovers
+    assert not any(tmp_path.glob(".*.tmp"))
+    if target.exists():  # a complete earlier save is untouched and loads
+        ckpt.read_meta(target)
+
+
+# ----------------------------------------------------------------- remove
+def test_remove_deletes_and_fsyncs_the_directory(tmp_path, monkeypatch):
+    step, template = build("clip_adamw")
+    path = ckpt.save(tmp_path / "iter_1.safetensors", template())
+    synced = []
+    monkeypatch.setattr(ckpt._io, "_fsync_dir", lambda d: synced.append(d))
+    assert ckpt.remove(path) is True and not path.exists()
+    assert synced == [tmp_path]
+    assert ckpt.remove(path) is False and synced == [tmp_path]
+    with pytest.raises(IsADirectoryError):
+        ckpt.remove(tmp_path)
+    assert tmp_path.is_dir()

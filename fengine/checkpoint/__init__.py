@@ -47,6 +47,7 @@ from fengine.checkpoint._format import (
     CheckpointError as CheckpointError,
     CheckpointMismatchError as CheckpointMismatchError,
 )
+from fengine.checkpoint._io import remove as remove
 from fengine.checkpoint._params import (
     LoadReport as LoadReport,
     load_params as load_params,
@@ -54,6 +55,7 @@ from fengine.checkpoint._params import (
 )
 from fengine.checkpoint._state import (
     POINTER as POINTER,
+    clean_stale_temps as clean_stale_temps,
     latest as latest,
     load as load,
     mark_latest as mark_latest,
@@ -67,12 +69,14 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "LoadReport",
+    "clean_stale_temps",
     "latest",
     "load",
     "load_params",
     "mark_latest",
     "publish",
     "read_meta",
+    "remove",
     "save",
 ]
 

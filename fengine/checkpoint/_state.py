@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from fengine.checkpoint._format import (
     read_header,
     require_fengine,
 )
-from fengine.checkpoint._io import NotRegularFile, atomic_write, open_regular
+from fengine.checkpoint._io import TEMP, NotRegularFile, atomic_write, open_regular, pid_alive
 from fengine.checkpoint._tree import Leaf, adoptable, flatten, is_empty_dict, prefixes, rebuild
 from fengine.state import TrainState
 
@@ -489,3 +490,64 @@ def latest(
         stacklevel=2,
     )
     return found[0]
+
+
+# ======================================================================= stale temp files
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that killed saves left in ``directory``; returns the paths removed.
+
+    A save writes a hidden ``.<name>.<pid>.<8 hex digits>.tmp`` beside its target
+    and renames it into place; a process killed midway leaves it behind (nothing
+    reads it, but it takes disk space). Only regular files named exactly so are
+    considered, and only those whose writing process no longer exists are removed:
+    one of a live process (a save in progress) is kept. Where that cannot be told
+    (not POSIX), a temp file is removed only if it is older than the newest
+    checkpoint in ``directory``. Nothing else is ever touched. The pid test is for
+    one machine: do not call this on a directory that processes on other machines
+    are saving into. `fit` calls it on the work dir when a run starts.
+    """
+    directory = Path(directory)
+    try:
+        names = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    newest: int | None = None
+    removed = []
+    for name in names:
+        m = TEMP.fullmatch(name)
+        if m is None:
+            continue
+        p = directory / name
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        alive = pid_alive(int(m["pid"]))
+        if alive is None:
+            if newest is None:
+                newest = _newest_checkpoint_mtime(directory, names)
+            alive = st.st_mtime_ns >= newest
+        if alive:
+            continue
+        try:
+            os.unlink(p)
+        except OSError:  # gone already, or not ours to remove
+            continue
+        removed.append(p)
+    return removed
+
+
+def _newest_checkpoint_mtime(directory: Path, names: list[str]) -> int:
+    newest = 0
+    for name in names:
+        if name.startswith(".") or not name.endswith(SUFFIX):
+            continue
+        try:
+            st = os.stat(directory / name)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            newest = max(newest, st.st_mtime_ns)
+    return newest
