@@ -30,15 +30,28 @@ written the same way, and only after the checkpoint it names is complete. A save
 killed midway leaves at most a hidden ``.<name>.<pid>.<random>.tmp`` file, which
 nothing reads.
 
-Loading checks the file against a template state (``like``) and reports every
-missing / unexpected name and every shape / dtype mismatch at once; the block
-digests are checked as the data is read, and nothing is returned unless all of
-it matched.
+Nothing in a file is trusted. Only regular files are opened (a FIFO, socket,
+device or directory is refused, never waited on). Every header field is checked
+before use (`_format`): the tensor table (dtypes, shapes, offsets tiling the data
+exactly), and each fengine field's type, range and consistency with the others,
+so that a file edited with its digests recomputed still raises one
+`CheckpointError` naming the file and the field, never a raw ``TypeError`` or
+``ZeroDivisionError``. Loading then checks the file against a template state
+(``like``) and reports every missing / unexpected name and every shape / dtype
+mismatch at once; the block digests are checked as the data is read, and
+nothing is returned unless all of it matched.
 
-Modules: `_format` (header, metadata, digests, errors), `_data` (tensor bytes in
-CRC-32 blocks), `_io` (atomic files, positional I/O, threads), `_tree` (leaf
-names), `_state` (save / load / read_meta / latest / mark_latest), `_params`
-(load_params / publish).
+The ``last_checkpoint`` pointer is a hint: `latest` follows it only to a regular
+file inside the work dir (or the ``save_dir`` the caller names), and otherwise,
+or without a pointer, warns and takes the readable checkpoint with the highest
+step. `clean_stale_temps` removes the temp files of killed saves (their writer
+is gone); `remove` deletes a checkpoint durably (for retention policies).
+
+Modules: `_format` (header, metadata, digests, errors, field checks), `_data`
+(tensor bytes in CRC-32 blocks), `_io` (atomic files, opening regular files,
+removal, positional I/O, threads), `_tree` (leaf names), `_state` (save / load /
+read_meta / latest / mark_latest / clean_stale_temps), `_params` (load_params /
+publish).
 """
 
 from fengine.checkpoint import _io
@@ -47,6 +60,7 @@ from fengine.checkpoint._format import (
     CheckpointError as CheckpointError,
     CheckpointMismatchError as CheckpointMismatchError,
 )
+from fengine.checkpoint._io import remove as remove
 from fengine.checkpoint._params import (
     LoadReport as LoadReport,
     load_params as load_params,
@@ -54,6 +68,7 @@ from fengine.checkpoint._params import (
 )
 from fengine.checkpoint._state import (
     POINTER as POINTER,
+    clean_stale_temps as clean_stale_temps,
     latest as latest,
     load as load,
     mark_latest as mark_latest,
@@ -67,12 +82,14 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "LoadReport",
+    "clean_stale_temps",
     "latest",
     "load",
     "load_params",
     "mark_latest",
     "publish",
     "read_meta",
+    "remove",
     "save",
 ]
 

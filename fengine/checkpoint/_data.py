@@ -27,9 +27,11 @@ from fengine.checkpoint._format import (
     encode_header,
     err,
     header_digest,
+    identity,
     n_blocks,
+    open_checkpoint,
 )
-from fengine.checkpoint._io import BINARY, atomic_write, pread_into, run
+from fengine.checkpoint._io import atomic_write, pread_into, run
 
 
 def _pieces(
@@ -176,10 +178,10 @@ def read_tensors(
     nblocks = n_blocks(h.total, block)
     local = threading.local()  # each thread's scratch buffer for bytes read only to be checked
 
-    try:
-        fd = os.open(h.path, os.O_RDONLY | BINARY)
-    except OSError as e:
-        raise err(h.path, f"cannot open: {e.strerror or e}") from None
+    fd, st = open_checkpoint(h.path)
+    if identity(st) != h.identity:
+        os.close(fd)
+        raise err(h.path, "changed since its header was read (replaced or rewritten meanwhile)")
 
     def read_block(b: int, pieces: list) -> str | None:
         """None, or what went wrong: "short" (the file shrank) or "crc"."""
@@ -189,7 +191,7 @@ def read_tensors(
                 buf = views[name][a:z]
             else:
                 if getattr(local, "buf", None) is None:
-                    local.buf = memoryview(bytearray(block))
+                    local.buf = memoryview(bytearray(min(block, h.total)))
                 buf = local.buf[: z - a]
             if pread_into(fd, buf, h.data_start + begin + a) != len(buf):
                 return "short"

@@ -1,10 +1,12 @@
-"""File I/O under the checkpoint format: atomic creation, positional reads/writes, a small thread pool."""
+"""File I/O under the checkpoint format: atomic creation and removal, opening regular files only, positional reads/writes, a small thread pool."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +15,10 @@ from typing import Any
 
 _POSITIONAL = hasattr(os, "pwrite") and hasattr(os, "preadv")
 BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
+
+TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
+"""The hidden temp file `atomic_write` writes beside ``name``: ``.<name>.<pid>.<8 hex digits>.tmp``."""
 
 
 def _workers() -> int:
@@ -78,6 +84,55 @@ def preallocate(fd: int, size: int) -> None:
                 raise
 
 
+# ======================================================================= reading
+class NotRegularFile(Exception):
+    """The path names a directory, FIFO, socket or device: ``kind`` says which (``"a FIFO"``)."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"  # pragma: no cover - e.g. a door or whiteout
+
+
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading: ``(fd, its fstat)``; anything else raises `NotRegularFile`.
+
+    Checked before opening (opening a device can have effects) and again on the
+    open descriptor (the path may have been swapped in between); opened
+    non-blocking, so even a FIFO swapped in never makes this wait. ``OSError``
+    (e.g. ``FileNotFoundError``) and ``ValueError`` (a NUL in the path) pass through.
+    """
+    kind = _kind(os.stat(path).st_mode)
+    if kind:
+        raise NotRegularFile(kind)
+    fd = os.open(path, os.O_RDONLY | BINARY | _NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        kind = _kind(st.st_mode)
+        if kind:
+            raise NotRegularFile(kind)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+# ======================================================================= writing and removing
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -126,7 +181,7 @@ def atomic_write(
     fd = -1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # see TEMP
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | BINARY, 0o666)
         result = write(fd)
         if fsync:
@@ -150,3 +205,41 @@ def atomic_write(
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def remove(path: str | os.PathLike) -> bool:
+    """Delete a checkpoint file, then fsync its directory; False if it was not there.
+
+    The directory fsync orders the deletion after the renames that came before
+    it (the newer checkpoint, the ``last_checkpoint`` pointer): after a power
+    loss a retention policy never turns out to have deleted the file the pointer
+    still names while the new one is lost. A directory raises ``IsADirectoryError``.
+    """
+    path = Path(path)
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise IsADirectoryError(
+                errno.EISDIR, "checkpoint.remove: a directory, not a checkpoint file", str(path)
+            )
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
+def pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` exists on this machine; None when this cannot be told (not POSIX)."""
+    if os.name != "posix":  # on Windows os.kill(pid, 0) would terminate the process
+        return None
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except (OSError, OverflowError):
+        return None
+    return True

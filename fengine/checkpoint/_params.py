@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,11 +13,11 @@ from torch import nn
 
 from fengine.checkpoint._data import read_tensors, write_file
 from fengine.checkpoint._format import (
-    FORMAT,
     SUFFIX,
     CheckpointError,
     CheckpointMismatchError,
     Header,
+    Info,
     err,
     foreign,
     listing,
@@ -26,7 +25,9 @@ from fengine.checkpoint._format import (
     position,
     read_header,
     require_fengine,
+    weight_keys,
 )
+from fengine.checkpoint._io import NotRegularFile, open_regular
 from fengine.state import TrainState
 
 
@@ -107,44 +108,26 @@ class _Weights:
 
 def _head_bytes(path: Path) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read(8)
-    except OSError:
-        return b""
+        fd, _ = open_regular(path)
+    except (OSError, ValueError, NotRegularFile):
+        return b""  # read_header says what is wrong
+    with os.fdopen(fd, "rb") as f:
+        return f.read(8)
 
 
-def _train_state_names(h: Header, structure: list, weights: str) -> dict[str, str]:
+def _train_state_names(info: Info, weights: str) -> dict[str, str]:
     """State-dict names of a training checkpoint's weights -> file keys (``fc1.weight`` -> ``params/fc1.weight``).
 
     ``weights="eval"`` takes the file's eval weights (`TrainState.eval_weights` at save
     time, e.g. EMA): its ``fengine.eval_weights`` entry maps names to other keys of the
-    same file. A key outside the file is refused (the map only ever selects tensors).
+    same file (checked by `require_fengine`).
     """
-    groups: dict[tuple, dict[str, str]] = {}  # parent path -> {dict key: file key}
-    for e in structure:
-        comps = e[2]
-        if e[1] == "tensor" and comps[-1][0] == "k":
-            groups.setdefault(tuple(c[1] for c in comps[:-1]), {})[str(comps[-1][1])] = e[0]
-    names = {**groups.get(("params",), {}), **groups.get(("buffers",), {})}
-    if weights == "live":
-        return names
-    try:
-        swaps = json.loads(h.metadata.get("fengine.eval_weights", "{}"))
-    except json.JSONDecodeError:
-        swaps = None
-    if not isinstance(swaps, dict) or not all(
-        isinstance(k, str) and k in names and isinstance(v, str) and v in h.table
-        for k, v in swaps.items()
-    ):
-        raise err(
-            h.path,
-            "has a malformed fengine.eval_weights entry (it must map weight names to tensors of the file)",
-        )
-    return {**names, **swaps}
+    names = weight_keys(info.structure)
+    return names if weights == "live" else {**names, **info.eval_weights}
 
 
 def _weights(path: Path, weights: str) -> _Weights:
-    if path.is_file() and foreign(_head_bytes(path)):
+    if foreign(_head_bytes(path)):
         sd = _torch_state_dict(path)
         sources: dict[str, str] = {}
         for k in sd:
@@ -153,11 +136,11 @@ def _weights(path: Path, weights: str) -> _Weights:
 
     h = read_header(path)
     w = _Weights("safetensors", {}, {n: tuple(h.table[n]["shape"]) for n in h.order}, header=h)
-    if h.metadata.get("fengine.format") == FORMAT:
+    if any(k.startswith("fengine.") for k in h.metadata):  # (a damaged format marker is an error)
         info = require_fengine(h)
         w.digest = info.digest
         if info.kind == "train_state":
-            w.format, w.sources = "fengine", _train_state_names(h, info.structure, weights)
+            w.format, w.sources = "fengine", _train_state_names(info, weights)
             return w
         w.format = "fengine-params"
     for n in h.order:
@@ -193,6 +176,7 @@ def load_params(
     prefix_map: Mapping[str, str] | None = None,
     strict: bool = False,
     weights: str = "eval",
+    allow_empty: bool = False,
 ) -> tuple[TrainState | dict[str, torch.Tensor], LoadReport]:
     """Load weights (params and buffers) only: MMEngine's ``load_from`` / ``Pretrained`` init.
 
@@ -211,7 +195,9 @@ def load_params(
     full state dict with the loaded values in place, for
     ``module.load_state_dict``; the module itself is not modified.
     ``strict=True`` raises `CheckpointMismatchError` listing every missing,
-    unexpected and shape-mismatched name.
+    unexpected and shape-mismatched name. Loading nothing at all (no name of the
+    file matches one of the target) raises `CheckpointError` listing some of
+    both, unless ``allow_empty=True``.
     """
     path = Path(path)
     if isinstance(into, TrainState):
@@ -253,6 +239,9 @@ def load_params(
             shape=[(n, list(a), list(b)) for n, a, b in mismatched],
         )
 
+    if not loaded and not allow_empty:
+        raise _nothing_matched(path, w, mapped, targets, report)
+
     # fresh tensors from safetensors; torch.load's may share storage (tied weights), so copy those
     h = w.header
     data = read_tensors(h, {mapped[n] for n in loaded}, w.digest) if h is not None else w.torch_sd
@@ -272,6 +261,32 @@ def load_params(
         buffers = {n: new.get(n, v) for n, v in into.buffers.items()}
         return into.replace(params=params, buffers=buffers), report
     return {n: new.get(n, v) for n, v in targets.items()}, report
+
+
+def _nothing_matched(
+    path: Path, w: _Weights, mapped: dict[str, str], targets: dict, report: LoadReport
+) -> CheckpointError:
+    def some(names) -> str:
+        names = list(names)
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        return f"{len(names)} ({', '.join(names[:5]) + more})" if names else "none"
+
+    notes = ""
+    if report.mismatched:
+        notes += f"; {some(m[0] for m in report.mismatched)} match by name but not by shape"
+    if report.skipped:
+        notes += f"; prefix_map skipped {len(report.skipped)}"
+    if w.format == "safetensors" and any(n.startswith(("params/", "opt_state/")) for n in w.shapes):
+        notes += (
+            "; its names look like a fengine training checkpoint's, but it has no fengine "
+            "metadata (stripped or damaged)"
+        )
+    return err(
+        path,
+        f"load_params loaded nothing: the file's weights are {some(mapped or w.sources)}, "
+        f"the target's {some(targets)}{notes}; use prefix_map to rename, or allow_empty=True "
+        "to accept loading nothing",
+    )
 
 
 # ======================================================================= publish

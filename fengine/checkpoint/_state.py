@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from fengine import checkpoint as seams  # see _data: writes go through seams._p
 from fengine.checkpoint._data import read_tensors, write_file
 from fengine.checkpoint._format import (
     DTYPES,
+    MAX_DEPTH,
     SUFFIX,
     CheckpointError,
     CheckpointMismatchError,
@@ -27,7 +29,7 @@ from fengine.checkpoint._format import (
     read_header,
     require_fengine,
 )
-from fengine.checkpoint._io import atomic_write
+from fengine.checkpoint._io import TEMP, NotRegularFile, atomic_write, open_regular, pid_alive
 from fengine.checkpoint._tree import Leaf, adoptable, flatten, is_empty_dict, prefixes, rebuild
 from fengine.state import TrainState
 
@@ -69,6 +71,10 @@ def save(
     named, structure, scalars = [], [], {}
     for leaf in leaves:
         v = leaf.value
+        if len(leaf.path) > MAX_DEPTH:
+            raise TypeError(
+                f"save: {leaf.name} is nested {len(leaf.path)} levels deep; a checkpoint holds at most {MAX_DEPTH}"
+            )
         if isinstance(v, torch.Tensor):
             named.append((leaf.name, v))
             structure.append([leaf.name, "tensor", leaf.path, v.device.type])
@@ -348,11 +354,59 @@ def mark_latest(work_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
     return pointer
 
 
-def _usable(path: Path, verify: bool) -> str | None:
-    """None if ``path`` is a loadable training checkpoint, else why not."""
+_POINTER_MAX = 4096  # bytes: more than any path it holds
+
+
+def _read_pointer(pointer: Path) -> tuple[str | None, str | None]:
+    """``(text, None)``; ``(None, None)`` when there is no pointer; ``(None, why it is unusable)``."""
     try:
-        h = read_header(path)
-        info = require_fengine(h, want="train_state")
+        fd, _ = open_regular(pointer)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except NotRegularFile as e:
+        return None, f"{pointer} is {e.kind}, not a file"
+    except (OSError, ValueError) as e:
+        return None, f"{pointer}: unreadable ({e})"
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(_POINTER_MAX + 1)
+    if len(raw) > _POINTER_MAX:
+        return None, f"{pointer} is over {_POINTER_MAX} bytes, not a path"
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"{pointer} is not UTF-8 text"
+    return (text, None) if text else (None, f"{pointer} is empty")
+
+
+def _pointed(pointer: Path, text: str, dirs: list[Path]) -> tuple[Path | None, str | None]:
+    """The file the pointer's ``text`` names, if it lies in one of ``dirs`` (or below); else why not."""
+    where = " or ".join(map(str, dirs))
+    if "\0" in text:
+        return None, f"{pointer} holds a NUL character"
+    p = Path(text)
+    if ".." in p.parts:
+        return (
+            None,
+            f"{pointer} names {text!r}, a path with '..' (it may only name a file in {where})",
+        )
+    target = p if p.is_absolute() else dirs[0] / p
+    if not _inside(target, dirs):
+        return (
+            None,
+            f"{pointer} names {text!r}, outside {where} (the pointer may only name a file there)",
+        )
+    return target, None
+
+
+def _inside(path: Path, dirs: list[Path]) -> bool:
+    """Whether ``path``, symlinks resolved, lies in one of ``dirs`` (or below)."""
+    real = Path(os.path.realpath(path))
+    return any(real.is_relative_to(os.path.realpath(d)) for d in dirs)
+
+
+def _usable(h: Header, info: Info, verify: bool) -> str | None:
+    """None if the checkpoint's data checks out (when ``verify``), else why not."""
+    try:
         if verify:
             read_tensors(h, set(), info.digest, verify_all=True)
     except CheckpointError as e:
@@ -360,47 +414,140 @@ def _usable(path: Path, verify: bool) -> str | None:
     return None
 
 
-def latest(work_dir: str | os.PathLike, *, verify: bool = True) -> Path | None:
-    """The checkpoint ``work_dir/last_checkpoint`` names, or None when there is no pointer.
-
-    If the named file is missing or unreadable (checked fully, data digests
-    included, unless ``verify=False``), warns and falls back to the newest
-    readable training checkpoint (``*.safetensors``, by modification time) in
-    ``work_dir``; raises `CheckpointError` if there is none.
-    """
-    work_dir = Path(work_dir)
-    pointer = work_dir / POINTER
-    if not pointer.is_file():
-        return None
-    problem: str | None
+def _training_checkpoint(path: Path) -> tuple[Header, Info] | str:
     try:
-        text = pointer.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        text, problem = "", f"{pointer}: unreadable ({e})"
-    else:
-        problem = f"{pointer} is empty" if not text else None
-    target = None
-    if text:
-        target = Path(text)
-        if not target.is_absolute():
-            target = work_dir / target
-        problem = _usable(target, verify)
-        if problem is None:
-            return target
-    candidates = []
-    for p in work_dir.glob("*" + SUFFIX):
-        if p.name.startswith(".") or (target is not None and p == target):
-            continue
+        h = read_header(path)
+        return h, require_fengine(h, want="train_state")
+    except CheckpointError as e:
+        return str(e)
+
+
+def _newest_readable(dirs: list[Path], skip: Path | None, verify: bool) -> tuple[Path, int] | None:
+    """The readable training checkpoint in ``dirs`` with the highest step, then the latest mtime: (path, step)."""
+    found = []
+    for d in dirs:
         try:
-            candidates.append((p.stat().st_mtime_ns, p.name, p))
+            names = os.listdir(d)
         except OSError:
             continue
-    for _, _, p in sorted(candidates, reverse=True):
-        if _usable(p, verify) is None:
-            warnings.warn(
-                f"last_checkpoint names an unusable checkpoint ({problem}); falling back to {p}, "
-                f"the newest readable checkpoint in {work_dir}",
-                stacklevel=2,
-            )
-            return p
-    raise CheckpointError(f"{problem}; and no other readable checkpoint is in {work_dir}")
+        for name in names:
+            p = d / name
+            if name.startswith(".") or not name.endswith(SUFFIX) or p == skip:
+                continue
+            if not _inside(p, dirs):  # a symlink out of the directory
+                continue
+            got = _training_checkpoint(p)
+            if not isinstance(got, str):
+                h, info = got
+                found.append((info.position["step"], h.identity[3], name, p, h, info))
+    for step, _, _, p, h, info in sorted(found, key=lambda c: c[:3], reverse=True):
+        if _usable(h, info, verify) is None:
+            return p, step
+    return None
+
+
+def latest(
+    work_dir: str | os.PathLike,
+    *,
+    verify: bool = True,
+    save_dir: str | os.PathLike | None = None,
+) -> Path | None:
+    """The checkpoint to resume ``work_dir`` from: the one ``work_dir/last_checkpoint`` names, or None if there is none.
+
+    The pointer is not trusted: it may name only a regular file inside
+    ``work_dir`` (or ``save_dir``, where the checkpoints go when that is elsewhere,
+    e.g. `Checkpointer`'s ``out_dir``), without ``..``. If it names anything else,
+    or a file that is missing or unreadable (checked fully, data digests included,
+    unless ``verify=False``), or it is unreadable itself, this warns and falls back
+    to the readable training checkpoint (``*.safetensors``) in those directories
+    with the highest step recorded in the file, then the newest modification time;
+    and raises `CheckpointError` if there is none. With no pointer at all, it warns
+    and returns that same checkpoint if there is one, else None.
+    """
+    work_dir = Path(work_dir)
+    dirs = [work_dir] + ([Path(save_dir)] if save_dir is not None else [])
+    pointer = work_dir / POINTER
+    text, problem = _read_pointer(pointer)
+    target = None
+    if text is not None:
+        target, problem = _pointed(pointer, text, dirs)
+        if target is not None:
+            got = _training_checkpoint(target)
+            problem = got if isinstance(got, str) else _usable(*got, verify)
+            if problem is None:
+                return target
+            problem = f"{pointer} names an unusable checkpoint ({problem})"
+    found = _newest_readable(dirs, target, verify)
+    if problem is None and found is None:  # no pointer, no checkpoint: a fresh run
+        return None
+    if found is None:
+        raise CheckpointError(f"{problem}; and no other readable checkpoint is in {work_dir}")
+    why = problem or f"{pointer} does not exist"
+    warnings.warn(
+        f"{why}; falling back to {found[0]}, the readable checkpoint with the highest step "
+        f"({found[1]}) in {' and '.join(map(str, dirs))}",
+        UserWarning,
+        stacklevel=2,
+    )
+    return found[0]
+
+
+# ======================================================================= stale temp files
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that killed saves left in ``directory``; returns the paths removed.
+
+    A save writes a hidden ``.<name>.<pid>.<8 hex digits>.tmp`` beside its target
+    and renames it into place; a process killed midway leaves it behind (nothing
+    reads it, but it takes disk space). Only regular files named exactly so are
+    considered, and only those whose writing process no longer exists are removed:
+    one of a live process (a save in progress) is kept. Where that cannot be told
+    (not POSIX), a temp file is removed only if it is older than the newest
+    checkpoint in ``directory``. Nothing else is ever touched. The pid test is for
+    one machine: do not call this on a directory that processes on other machines
+    are saving into. `fit` calls it on the work dir when a run starts.
+    """
+    directory = Path(directory)
+    try:
+        names = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    newest: int | None = None
+    removed = []
+    for name in names:
+        m = TEMP.fullmatch(name)
+        if m is None:
+            continue
+        p = directory / name
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        alive = pid_alive(int(m["pid"]))
+        if alive is None:
+            if newest is None:
+                newest = _newest_checkpoint_mtime(directory, names)
+            alive = st.st_mtime_ns >= newest
+        if alive:
+            continue
+        try:
+            os.unlink(p)
+        except OSError:  # gone already, or not ours to remove
+            continue
+        removed.append(p)
+    return removed
+
+
+def _newest_checkpoint_mtime(directory: Path, names: list[str]) -> int:
+    newest = 0
+    for name in names:
+        if name.startswith(".") or not name.endswith(SUFFIX):
+            continue
+        try:
+            st = os.stat(directory / name)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            newest = max(newest, st.st_mtime_ns)
+    return newest

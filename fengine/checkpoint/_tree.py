@@ -18,21 +18,26 @@ def _escape(text: str) -> str:
     return text.replace("%", "%25").replace("/", "%2F")
 
 
-def _component(key: Any, where: list[str]) -> tuple[list, str]:
-    """A pytree key as (JSON component, name text)."""
+def name_of(path: list) -> str:
+    """A leaf's name from its JSON path components: ``[["a", "params"], ["k", "fc.weight"]]`` -> ``params/fc.weight``."""
+    return "/".join(str(key) if kind == "i" else _escape(str(key)) for kind, key in path)
+
+
+def _component(key: Any, where: list[list]) -> list:
+    """A pytree key as a JSON component: ``["a", attr]`` / ``["i", index]`` / ``["k", dict key]``."""
     if isinstance(key, pytree.GetAttrKey):
-        return ["a", key.name], _escape(key.name)
+        return ["a", key.name]
     if isinstance(key, pytree.SequenceKey):
-        return ["i", key.idx], str(key.idx)
+        return ["i", key.idx]
     if isinstance(key, pytree.MappingKey):
         k = key.key
         if isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool)):
-            return ["k", k], _escape(str(k))
+            return ["k", k]
         raise TypeError(
-            f"checkpoint: dict key {k!r} under {'/'.join(where) or 'the state'} is not a str or int"
+            f"checkpoint: dict key {k!r} under {name_of(where) or 'the state'} is not a str or int"
         )
     raise TypeError(
-        f"checkpoint: unsupported pytree key {key!r} under {'/'.join(where) or 'the state'}"
+        f"checkpoint: unsupported pytree key {key!r} under {name_of(where) or 'the state'}"
     )
 
 
@@ -50,12 +55,9 @@ def flatten(tree: Any) -> tuple[list[Leaf], Any]:
     seen: set[str] = set()
     for keys, value in flat:
         comps: list[list] = []
-        texts: list[str] = []
         for k in keys:
-            c, t = _component(k, texts)
-            comps.append(c)
-            texts.append(t)
-        name = "/".join(texts)
+            comps.append(_component(k, comps))
+        name = name_of(comps)
         if name in seen:
             raise TypeError(
                 f"checkpoint: two leaves of the state are both named {name!r} (an int and a str dict key?)"
