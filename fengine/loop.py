@@ -20,10 +20,10 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -38,7 +38,7 @@ from fengine.finite import FiniteWatch
 from fengine.metrics import Evaluator, Metric
 from fengine.state import DonatedStateError, TrainState
 from fengine.step import Step
-from fengine.workdir import lock_work_dir, remove_stale_temps
+from fengine.workdir import lock_work_dir
 from fengine.wrappers import MicroBatches
 
 
@@ -274,8 +274,12 @@ def fit(
     dispatch = Dispatcher(_default_handlers() if handlers is None else handlers)
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
     with lock_work_dir(work_dir):
-        if work_dir is not None:
-            remove_stale_temps(work_dir)
+        if work_dir is not None and (
+            removed := checkpoint.clean_stale_temps(work_dir, locked=True)
+        ):
+            log.info(
+                "removed %d temp file(s) left by interrupted saves in %s", len(removed), work_dir
+            )
         run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch,
                       p.batches_per_epoch, p.micro_batches, state.step, val_batches, config)  # fmt: skip
         dispatch("before_run", state, run)
@@ -378,8 +382,20 @@ def _resume(
     state: TrainState, resume: bool | str | Path, run: RunInfo, dispatch: Dispatcher
 ) -> tuple[TrainState, RunInfo, str | None]:
     """Load the checkpoint and the handlers' state; also the loop moment it was saved at."""
-    assert resume is not True or run.work_dir is not None
-    path = checkpoint.latest(run.work_dir) if resume is True else Path(resume)  # type: ignore[arg-type]
+    if resume is True:
+        assert run.work_dir is not None
+        save_dirs = [
+            h.directory(run) for h in dispatch.handlers if callable(getattr(h, "directory", None))
+        ]
+        with warnings.catch_warnings(
+            record=True
+        ) as said:  # a fallback is news for the log, not an error
+            warnings.simplefilter("always")
+            path = checkpoint.latest(run.work_dir, save_dir=save_dirs[0] if save_dirs else None)
+        for w in said:
+            log.warning("resume: %s", w.message)
+    else:
+        path = Path(resume)  # type: ignore[arg-type]  # fit only resumes when resume is truthy
     if path is None:
         log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
         return state, run, None
@@ -452,12 +468,7 @@ def retire(paths: Iterable[Path], work_dir: Path | None) -> None:
         except (checkpoint.CheckpointError, OSError) as e:
             log.warning("not deleting %s: it is not a readable fengine checkpoint (%s)", path, e)
             continue
-        path.unlink()
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        checkpoint.remove(path)
 
 
 def _pointed(work_dir: Path | None) -> Path | None:

@@ -11,10 +11,7 @@ own writes (``config.json``) and call `fengine.fit`, which takes it again.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import re
-import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +22,10 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no lock (documented)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "WorkDirLocked", "lock_work_dir", "remove_stale_temps"]
+__all__ = ["LOCK_NAME", "WorkDirLocked", "lock_work_dir"]
 
-log = logging.getLogger("fengine")
 LOCK_NAME = ".fengine.lock"
-TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
-"""The hidden temp files fengine's atomic writes create (`fengine.checkpoint._io.atomic_write`)."""
+
 _held: dict[Path, list[int]] = {}  # resolved work dir -> [fd, depth]
 _guard = threading.Lock()
 
@@ -87,19 +82,3 @@ def _acquire(d: Path) -> int:
         os.close(fd)  # releases the lock
         raise
     return fd
-
-
-def remove_stale_temps(work_dir: str | os.PathLike) -> list[Path]:
-    """Delete what killed saves left in ``work_dir``: regular files named exactly like fengine's
-    temp files, nothing else. Call it holding the work dir's lock (`fit` does, at start): then no
-    other writer exists, so every such file is stale."""
-    removed = []
-    for entry in os.scandir(os.fspath(Path(work_dir))):
-        if TEMP_NAME.fullmatch(entry.name) and stat.S_ISREG(
-            entry.stat(follow_symlinks=False).st_mode
-        ):
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-    if removed:
-        log.info("removed %d temp file(s) left by interrupted saves in %s", len(removed), work_dir)
-    return removed

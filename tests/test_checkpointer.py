@@ -561,9 +561,16 @@ def test_out_dir_gets_the_work_dir_name(tmp_path):
     _run(work, Checkpointer(1, out_dir=tmp_path / "store", max_keep_ckpts=1), max_epochs=2)
     assert _files(tmp_path / "store" / "exp1") == ["epoch_2.safetensors"]
     assert _files(work) == []
-    assert (
-        checkpoint.latest(work) == (tmp_path / "store" / "exp1" / "epoch_2.safetensors").resolve()
+    store = tmp_path / "store" / "exp1"
+    # the pointer in the work dir names a file outside it: followed only into the save dir given
+    assert checkpoint.latest(work, save_dir=store) == (store / "epoch_2.safetensors").resolve()
+    final, _ = _run(
+        work,
+        Checkpointer(1, out_dir=tmp_path / "store", max_keep_ckpts=1),
+        max_epochs=3,
+        resume=True,
     )
+    assert final.epoch == 3 and _files(store) == ["epoch_3.safetensors"]  # resumed from the out_dir
     # out_dir equal to work_dir is used as is (MMEngine)
     assert Checkpointer(out_dir=work).directory(RunInfo(work, True, 1, 1, 1, 1, 1, 0)) == work
 

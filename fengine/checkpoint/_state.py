@@ -493,7 +493,7 @@ def latest(
 
 
 # ======================================================================= stale temp files
-def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+def clean_stale_temps(directory: str | os.PathLike, *, locked: bool = False) -> list[Path]:
     """Remove the temp files that killed saves left in ``directory``; returns the paths removed.
 
     A save writes a hidden ``.<name>.<pid>.<8 hex digits>.tmp`` beside its target
@@ -504,7 +504,9 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     (not POSIX), a temp file is removed only if it is older than the newest
     checkpoint in ``directory``. Nothing else is ever touched. The pid test is for
     one machine: do not call this on a directory that processes on other machines
-    are saving into. `fit` calls it on the work dir when a run starts.
+    are saving into. ``locked=True`` says the caller holds the directory's run lock
+    (`fengine.lock_work_dir`): then no other writer exists and every such file is
+    stale, whatever its pid (`fit` calls it so on the work dir when a run starts).
     """
     directory = Path(directory)
     try:
@@ -524,7 +526,7 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        alive = pid_alive(int(m["pid"]))
+        alive = False if locked else pid_alive(int(m["pid"]))
         if alive is None:
             if newest is None:
                 newest = _newest_checkpoint_mtime(directory, names)
