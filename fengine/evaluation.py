@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fengine.bind import bind
+from fengine.devices import device_of, to_device
 from fengine.events import Dispatcher, RunInfo
 from fengine.metrics import Evaluator, Metric
 from fengine.state import TrainState
@@ -55,6 +56,12 @@ def batches_of(data: Iterable, epoch: int, start: int) -> Iterator:
     return itertools.islice(iter(data), start, None)
 
 
+def _dataset_size(data: Iterable) -> int | None:
+    """The number of real samples, so gathered metrics drop the sampler's padding (collect_results)."""
+    dataset = getattr(data, "dataset", None)
+    return len(dataset) if isinstance(dataset, Sized) else None
+
+
 def run_eval(
     state: TrainState,
     data: Iterable,
@@ -83,9 +90,11 @@ def run_eval(
     was_training = model.training
     model.eval()
     eval_params, eval_buffers = weights_for(state, params)
+    device = device_of(eval_params)
     acc = evaluator.init()
     try:
-        for i, batch in enumerate(batches_of(data, 0, 0) if hasattr(data, "epoch") else iter(data)):
+        for i, raw in enumerate(batches_of(data, 0, 0) if hasattr(data, "epoch") else iter(data)):
+            batch = to_device(raw, device)  # the same object when it is there already
             emit("before", "_iter", batch_idx=i, batch=batch)
             with torch.no_grad(), bind(model, eval_params, eval_buffers):
                 outputs = eval_fn(model, batch)
@@ -93,7 +102,7 @@ def run_eval(
             emit("after", "_iter", batch_idx=i, batch=batch, outputs=outputs)
     finally:
         model.train(was_training)
-    results = evaluator.compute(acc)
+    results = evaluator.compute(acc, _dataset_size(data) if run.world_size > 1 else None)
     emit("after", "_epoch", metrics=results)
     emit("after", metrics=results)
     return results

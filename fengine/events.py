@@ -123,6 +123,9 @@ class RunInfo:
     start_step: int  # the step this process started (or resumed) at
     val_batches: int | None = None
     config: Mapping[str, Any] | None = None
+    rank: int = 0  # this process in torch.distributed's default group
+    world_size: int = 1
+    devices: tuple[str, ...] = ()  # every rank's device, in rank order
 
 
 _NO_METRICS: Mapping[str, Any] = MappingProxyType({})

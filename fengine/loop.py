@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from fengine import checkpoint
+from fengine import checkpoint, distributed
+from fengine.devices import device_of, to_device
 from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
 from fengine.events import Dispatcher, RunInfo
 from fengine.finite import FiniteWatch
@@ -170,8 +171,9 @@ def train_steps(
     stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Tick]:
     """Run ``step`` over ``train_data`` from ``state``'s position until ``plan`` is done (or ``stop()``),
-    yielding a `Tick` before/after each epoch and each update."""
-    k = plan.micro_batches
+    yielding a `Tick` before/after each epoch and each update. Batches are moved to the state's
+    device for the step (`fengine.devices.to_device`); ticks carry them as the data gave them."""
+    k, device = plan.micro_batches, device_of(state.params)
     while True:
         if state.batch_in_epoch >= plan.batches_per_epoch:  # every batch done: end the epoch
             state = state.replace(
@@ -191,7 +193,7 @@ def train_steps(
             yield Tick("before_train_iter", state, idx, batch, data_time=data_time)
             if stop():
                 return
-            state, metrics = _run(step, state, batch)
+            state, metrics = _run(step, state, to_device(batch, device))
             state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
             yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
             if stop() or state.step >= plan.total_steps:
@@ -272,16 +274,14 @@ def fit(
     interval = _val_interval(val, p)
     work_dir = Path(work_dir) if work_dir is not None else None
     dispatch = Dispatcher(_default_handlers() if handlers is None else handlers)
+    world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
-    with lock_work_dir(work_dir):
-        if work_dir is not None and (
-            removed := checkpoint.clean_stale_temps(work_dir, locked=True)
-        ):
-            log.info(
-                "removed %d temp file(s) left by interrupted saves in %s", len(removed), work_dir
-            )
+    with lock_work_dir(work_dir if main else None):  # rank 0 writes the work dir
+        if main and work_dir is not None:
+            _remove_stale_temps(work_dir)
         run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch,
-                      p.batches_per_epoch, p.micro_batches, state.step, val_batches, config)  # fmt: skip
+                      p.batches_per_epoch, p.micro_batches, state.step, val_batches, config,
+                      distributed.rank(), world, tuple(distributed.gather_objects(str(device))))  # fmt: skip
         dispatch("before_run", state, run)
         moment = None
         if resume:
@@ -304,24 +304,47 @@ def fit(
                 state = tick.state
                 if tick.event == "after_train_iter":
                     watch.record(state.step, tick.metrics)
+                elif tick.event == "after_train_epoch" and world > 1:
+                    distributed.sync_buffers(state.buffers)  # MMEngine's SyncBuffersHook
                 if dispatch.wants(tick.event):
                     dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch,
                              metrics=tick.metrics, data_time=tick.data_time)  # fmt: skip
                     _flush(state, run, dispatch, tick.event)
-                if received:
-                    _preempt(received[0], state, run, dispatch, tick.event)
+                if _signalled(received, tick, world, device):
+                    _preempt(received, state, run, dispatch, tick.event)
                 if val is not None and _validation_due(tick.event, state, p, val.begin, interval):
                     _validate(state, val, dispatch, run)
-                    if received:
-                        _preempt(received[0], state, run, dispatch, "after_val")
+                    if _signalled(received, tick, world, device):
+                        _preempt(received, state, run, dispatch, "after_val")
             watch.check()
-            if received:  # e.g. during the final validation: still a preemption (exit 128 + signal)
-                _preempt(received[0], state, run, dispatch, "after_val")
+            if _signalled(
+                received, None, world, device
+            ):  # e.g. in the final validation: still a preemption
+                _preempt(received, state, run, dispatch, "after_val")
             reason = {"stop": dispatch.stop.reason} if dispatch.stop else {}
             dispatch("after_train", state, run, metrics=reason)
             _flush(state, run, dispatch, "after_train")
         dispatch("after_run", state, run)
     return state
+
+
+def _check_distributed(step: Step) -> int:
+    """The world size; several ranks need a step that averages gradients across them."""
+    distributed.check_launch()
+    world = distributed.world_size()
+    if world > 1 and not any(type(w).__name__ == "_DataParallel" for w in step.wrappers):
+        raise ValueError(
+            f"fit: {world} processes but the step does not average gradients across them, so each "
+            "would train its own model; add fengine.data_parallel() to the step (before amp)"
+        )
+    return world
+
+
+def _remove_stale_temps(work_dir: Path) -> None:
+    """Temp files of killed saves: safe to remove, since this run holds the work dir's lock."""
+    removed = checkpoint.clean_stale_temps(work_dir, locked=True)
+    if removed:
+        log.info("removed %d temp file(s) left by interrupted saves in %s", len(removed), work_dir)
 
 
 def _check_fit_args(state: Any, step: Any, resume: Any, work_dir: Any) -> None:
@@ -408,6 +431,10 @@ def _resume(
             f"{path}: its handler state is a {type(handler_states).__name__}, expected a dict"
         )
     dispatch.load_state_dicts(handler_states)
+    saved_world = (
+        (meta.get("run") or {}).get("world_size", 1) if isinstance(meta.get("run"), Mapping) else 1
+    )
+    state = _repartition(state, saved_world, run.world_size, path)
     run = dataclasses.replace(run, start_step=state.step)
     log.info(
         "resumed from %s at step %d (epoch %d, batch %d)",
@@ -427,6 +454,27 @@ _MOMENTS = ("before_train", "before_train_epoch", "before_train_iter", "after_tr
 position's validation runs that validation first, as the uninterrupted run did."""
 
 
+def _repartition(state: TrainState, saved: Any, world: int, path: Path) -> TrainState:
+    """The position in the epoch, in this world size's batches: a run saved by N processes (each at
+    batch b of its shard) is at sample b * N * batch_size of the epoch, i.e. batch b * N / M for M."""
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+        raise checkpoint.CheckpointError(
+            f"{path}: its run world_size is {saved!r}, expected an int >= 1"
+        )
+    if saved == world or state.batch_in_epoch == 0:
+        return state
+    if (state.batch_in_epoch * saved) % world:
+        raise ValueError(
+            f"{path} was saved by {saved} processes at batch {state.batch_in_epoch} of the epoch "
+            f"({state.batch_in_epoch * saved} batches of all ranks); {world} processes cannot continue at "
+            f"that sample; resume with a world size that divides {state.batch_in_epoch * saved}, or from an "
+            "epoch boundary"
+        )
+    log.info("resume: %d -> %d processes: batch %d of the epoch becomes %d", saved, world,
+             state.batch_in_epoch, state.batch_in_epoch * saved // world)  # fmt: skip
+    return state.replace(batch_in_epoch=state.batch_in_epoch * saved // world)
+
+
 def save(path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, latest: bool = True,
          moment: str = "after_train") -> None:  # fmt: skip
     """Write ``state`` with the handlers' state, the run config and the loop ``moment``; fire the
@@ -435,12 +483,19 @@ def save(path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, l
     meta = {
         "config": dict(run.config) if run.config else None,
         "handlers": dispatch.state_dicts(),
-        "run": {"by_epoch": run.by_epoch, "max_epochs": run.max_epochs, "max_steps": run.max_steps},
+        "run": {
+            "by_epoch": run.by_epoch,
+            "max_epochs": run.max_epochs,
+            "max_steps": run.max_steps,
+            "world_size": run.world_size,
+        },  # fmt: skip
         "moment": moment,
     }
-    checkpoint.save(path, state, meta)
-    if latest:
-        checkpoint.mark_latest(run.work_dir if run.work_dir is not None else path.parent, path)
+    if run.rank == 0:  # the state is the same on every rank: rank 0 writes it
+        checkpoint.save(path, state, meta)
+        if latest:
+            checkpoint.mark_latest(run.work_dir if run.work_dir is not None else path.parent, path)
+    distributed.barrier()  # on disk before any rank goes on
     dispatch("after_save_checkpoint", state, run, checkpoint=path)
 
 
@@ -451,7 +506,8 @@ def _flush(state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str) -
         request = dispatch.saves.pop(0)
         save(Path(request.path), state, run, dispatch, latest=request.latest, moment=moment)
     if dispatch.retires:
-        retire(dispatch.retires, run.work_dir)
+        if run.rank == 0:
+            retire(dispatch.retires, run.work_dir)
         dispatch.retires.clear()
 
 
@@ -481,10 +537,24 @@ def _pointed(work_dir: Path | None) -> Path | None:
     return (work_dir / text).resolve() if text else None
 
 
+def _signalled(received: list[int], tick: Tick | None, world: int, device: Any) -> bool:
+    """Did SIGTERM/SIGINT arrive? With several ranks all agree (a tiny all-reduce every 10 updates,
+    at epoch ends and at the end), so every rank saves at the same step."""
+    if world == 1:
+        return bool(received)
+    if tick is not None and not (
+        tick.event == "after_train_epoch"
+        or (tick.event == "after_train_iter" and tick.state.step % 10 == 0)
+    ):
+        return False
+    return distributed.agree(bool(received), device)
+
+
 def _preempt(
-    signum: int, state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str
+    received: list[int], state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str
 ) -> None:
     assert run.work_dir is not None
+    signum = received[0] if received else signal.SIGTERM  # another rank received it
     path = run.work_dir / f"step_{state.step}.safetensors"
     log.warning("%s received: saving %s and stopping", signal.Signals(signum).name, path)
     save(path, state, run, dispatch, moment=moment)

@@ -61,8 +61,14 @@ class TrainState:
     """The module the params belong to: static structure, not state (never checkpointed)."""
 
     @classmethod
-    def create(cls, model: nn.Module, *unexpected: Any, seed: int = 0) -> TrainState:
-        """Take params and buffers from ``model`` (copied); no optimizer or wrapper state.
+    def create(
+        cls,
+        model: nn.Module,
+        *unexpected: Any,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> TrainState:
+        """Take params and buffers from ``model`` (copied, to ``device`` if given); no optimizer or wrapper state.
 
         The low-level constructor behind `fengine.Step.init`, which is how a
         state for training is built (``state = step.init(model, seed=0)``).
@@ -80,11 +86,14 @@ class TrainState:
             )
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
+        to = None if device is None else torch.device(device)
         params = {
-            name: p.detach().clone().requires_grad_(p.requires_grad)
+            name: p.detach().to(to or p.device, copy=True).requires_grad_(p.requires_grad)
             for name, p in model.named_parameters()
         }
-        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        buffers = {
+            name: b.detach().to(to or b.device, copy=True) for name, b in model.named_buffers()
+        }
         return cls(step=0, params=params, buffers=buffers, seed=seed, model=model)
 
     def eval_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

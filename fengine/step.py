@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fengine.bind import bind
+from fengine.devices import device_of, devices_in
 from fengine.losses import Metrics, parse_losses
 from fengine.optim.base import GradientTransformation, collect_metrics, step_params
 from fengine.rng import fold_in, seeded_default_generators
@@ -57,6 +58,9 @@ class Grads(NamedTuple):
     loss: torch.Tensor  # total loss (detached, unscaled)
     grads: dict[str, torch.Tensor]  # param name -> gradient (absent: param unused by the loss)
     metrics: Metrics  # loss terms and aux values (detached tensors)
+    weight: float | None = (
+        None  # samples/tokens these grads are the mean over (accumulate(weight=))
+    )
 
 
 class GradFn(Protocol):
@@ -127,13 +131,27 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
         if not model.training:
             model.train()
         with seeded_default_generators(key, cache["devices"]), bind(model, params, state.buffers):
-            out = part.loss_fn(model, batch)
+            try:
+                out = part.loss_fn(model, batch)
+            except RuntimeError as e:
+                _name_devices(e, params, batch)
+                raise
         loss, metrics = parse_losses(out)
         target = loss if weight is None else loss * weight
         grads = torch.autograd.grad(target, [params[n] for n in names], allow_unused=True)
         return Grads(loss.detach(), {n: g for n, g in zip(names, grads) if g is not None}, metrics)
 
     return grad_fn
+
+
+def _name_devices(e: RuntimeError, params: Mapping[str, torch.Tensor], batch: Any) -> None:
+    """A device mismatch between the batch and the state: say which devices (a note on ``e``)."""
+    on = devices_in(batch) - {device_of(params)}
+    if on and "device" in str(e) and hasattr(e, "add_note"):
+        e.add_note(
+            f"the state is on {device_of(params)} but the batch has tensors on {sorted(map(str, on))}; "
+            "fit/evaluate move batches for you, or call fengine.devices.to_device(batch, device)"
+        )
 
 
 def _apply_fn(part: Part) -> ApplyFn:
@@ -195,10 +213,14 @@ class Step:
         self._fn = fn
         self._fits: tuple[int, int] | None = None  # ids of (opt_state, extra) last checked or made
 
-    def init(self, model: nn.Module, *, seed: int = 0) -> TrainState:
-        """The state this step trains: ``model``'s params and buffers (copied), the optimizer
-        state of every part and the state of every wrapper that keeps one."""
-        state = TrainState.create(model, seed=seed)
+    def init(
+        self, model: nn.Module, *, seed: int = 0, device: str | torch.device | None = None
+    ) -> TrainState:
+        """The state this step trains: ``model``'s params and buffers (copied to ``device``, default:
+        where they are), the optimizer state of every part and the state of every wrapper that
+        keeps one, on the same device. The module itself stays where it is: the step binds the
+        state's tensors into it."""
+        state = TrainState.create(model, seed=seed, device=device)
         state = state.replace(opt_state=self._init_opt(state.params))
         state = state.replace(
             extra={w.name: w.init(state, self.parts) for w in self.wrappers if w.name}

@@ -484,8 +484,16 @@ class Logger(_TrainScalars):
             return
         self.logger = get_logger()
         work_dir = snap.run.work_dir
-        if work_dir is None:
-            return
+        if work_dir is not None:
+            self._open_files(Path(work_dir))
+        run = snap.run
+        if run.world_size > 1:  # a distributed run says so first
+            self.logger.info("world_size: %d", run.world_size)
+            self.logger.info(
+                "devices: %s", ", ".join(f"rank {r}: {d}" for r, d in enumerate(run.devices))
+            )
+
+    def _open_files(self, work_dir: Path) -> None:
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         for stale in [h for h in self.logger.handlers if getattr(h, "_fengine_run_log", False)]:

@@ -21,4 +21,5 @@ from fengine.wrappers.base import (
     forward_wrapper as forward_wrapper,
     post_update as post_update,
 )
+from fengine.wrappers.data_parallel import data_parallel as data_parallel
 from fengine.wrappers.ema import EmaState as EmaState, ema as ema

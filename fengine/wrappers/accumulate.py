@@ -43,7 +43,7 @@ class _Accumulate(Wrapper):
             r = len(group)
             if not 1 <= r <= k:
                 raise ValueError(f"accumulate({k}): got {r} micro-batches, expected 1..{k}")
-            shares = _shares(group, share_of)
+            shares, group_weight = _shares(group, share_of)
             total: dict[str, torch.Tensor] = {}
             loss: Any = None
             metrics: Metrics = {}
@@ -63,7 +63,7 @@ class _Accumulate(Wrapper):
                         metrics[name] = v * w_i if name not in metrics else metrics[name] + v * w_i
                     else:
                         metrics[name] = v
-            return Grads(loss, total, metrics)
+            return Grads(loss, total, metrics, group_weight)
 
         return grad_sum
 
@@ -71,14 +71,17 @@ class _Accumulate(Wrapper):
         return f"accumulate({self.micro_batches})"
 
 
-def _shares(group: Sequence[Any], weight: Callable[[Any], float] | None) -> list[float]:
+def _shares(
+    group: Sequence[Any], weight: Callable[[Any], float] | None
+) -> tuple[list[float], float | None]:
+    """Each micro-batch's share of the mean, and the group's total weight (None: counted by micro-batch)."""
     if weight is None:
-        return [1.0 / len(group)] * len(group)
+        return [1.0 / len(group)] * len(group), None
     w = [float(weight(mb)) for mb in group]
     total = sum(w)
     if total <= 0:
         raise ValueError(f"accumulate: micro-batch weights sum to {total}; expected > 0")
-    return [x / total for x in w]
+    return [x / total for x in w], total
 
 
 def accumulate(k: int, weight: Callable[[Any], float] | None = None) -> Wrapper:
@@ -95,7 +98,9 @@ def accumulate(k: int, weight: Callable[[Any], float] | None = None) -> Wrapper:
     replaces the count: micro-batch i is then weighted ``w_i / sum(w)``, which
     gives the exact mean over samples/tokens when micro-batches differ in size.
     Schedules count updates, not micro-batches. Dropout in micro-batch i draws
-    from ``fold_in(seed, step, i)``.
+    from ``fold_in(seed, step, i)``. With `fengine.data_parallel`, the total weight of
+    each rank's group weights its share of the global mean (ranks may hold different
+    sample or token counts).
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"accumulate: k must be an int >= 1, got {k!r}")

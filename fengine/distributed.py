@@ -1,0 +1,158 @@
+"""torch.distributed, as torchrun launches it: the process group, who this rank is, and collectives.
+
+``torchrun --nproc_per_node=N script.py`` starts N processes with ``WORLD_SIZE``,
+``RANK``, ``LOCAL_RANK`` and the rendezvous address in the environment. `setup`
+initialises the default process group from them (gloo on CPU, nccl on CUDA, one
+device per local rank). A process launched that way that trains without a process
+group would silently train N independent copies: `fengine.fit` refuses it.
+
+Everything here is a no-op in a single process, so the same script runs either way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+__all__ = [
+    "DistInfo",
+    "barrier",
+    "check_launch",
+    "gather_objects",
+    "is_main",
+    "launched_world_size",
+    "rank",
+    "setup",
+    "sync_buffers",
+    "world_size",
+]
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one that writes files (logs, checkpoints, run logs)."""
+    return rank() == 0
+
+
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun set it (1 when not launched by torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def setup(device: str | torch.device | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
+    """Initialise the default process group from torchrun's environment and pick this rank's device.
+
+    ``device`` "cpu", "cuda" or "cuda:N" (default: cuda when available, else cpu). Under
+    torchrun, "cuda" means ``cuda:LOCAL_RANK`` (one device per process) and the backend is
+    nccl; on CPU it is gloo. Without torchrun (``WORLD_SIZE`` unset or 1) nothing is
+    initialised. Safe to call twice.
+    """
+    want = torch.device(device) if device is not None else None
+    if want is None:
+        want = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--device {want} but CUDA is not available here (torch {torch.__version__})"
+        )
+    world = launched_world_size()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want.type == "cuda" and want.index is None:
+        want = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    if want.type == "cuda":
+        torch.cuda.set_device(want)
+    if world > 1 and not _active():
+        backend = "nccl" if want.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as e:  # noqa: BLE001 - whatever the rendezvous raised, say what was tried
+            raise RuntimeError(
+                f"launched with WORLD_SIZE={world} but the {backend} process group could not be "
+                f"initialised from the environment (MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {e}"
+            ) from e
+    return DistInfo(rank(), world_size(), local, want)
+
+
+def check_launch() -> None:
+    """Refuse to train N independent copies: launched by torchrun but no process group."""
+    world = launched_world_size()
+    if world > 1 and not _active():
+        raise RuntimeError(
+            f"this process was launched as one of WORLD_SIZE={world} (torchrun) but no process group is "
+            "initialised, so each process would train its own copy; call fengine.distributed.setup() "
+            "before building the state (recipes do) and add fengine.data_parallel() to the step"
+        )
+
+
+def barrier() -> None:
+    if _active() and world_size() > 1:
+        dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (a collective; ``[obj]`` in one process)."""
+    if not _active() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any (e.g. a preemption signal seen by one rank)."""
+    if not _active() or world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def sync_buffers(buffers: Mapping[str, torch.Tensor]) -> None:
+    """Average floating-point buffers (BatchNorm statistics) across ranks in place: MMEngine's
+    SyncBuffersHook, run by `fit` after each training epoch."""
+    if not _active() or world_size() == 1:
+        return
+    floats = [b for b in buffers.values() if b.is_floating_point()]
+    for group in _by_device_dtype(floats):
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.all_reduce(flat)
+        flat.div_(world_size())
+        torch._foreach_copy_(group, [v.view_as(b) for v, b in zip(_split(flat, group), group)])
+
+
+def _by_device_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
+def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.split(flat, [t.numel() for t in like]))
