@@ -11,7 +11,9 @@ Everything here is a no-op in a single process, so the same script runs either w
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -91,13 +93,25 @@ def setup(device: str | torch.device | None = None, *, timeout_s: float = 1800.0
         backend = "nccl" if want.type == "cuda" else "gloo"
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            atexit.register(
+                _teardown
+            )  # a live gloo/nccl group at interpreter exit aborts the process
         except Exception as e:  # noqa: BLE001 - whatever the rendezvous raised, say what was tried
             raise RuntimeError(
                 f"launched with WORLD_SIZE={world} but the {backend} process group could not be "
                 f"initialised from the environment (MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
                 f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {e}"
             ) from e
+    if (
+        rank() != 0
+    ):  # one console: other ranks only say what goes wrong (MMEngine's MMLogger does the same)
+        logging.getLogger("fengine").setLevel(logging.WARNING)
     return DistInfo(rank(), world_size(), local, want)
+
+
+def _teardown() -> None:
+    if _active():
+        dist.destroy_process_group()
 
 
 def check_launch() -> None:

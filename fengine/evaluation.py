@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fengine import distributed
 from fengine.bind import bind
 from fengine.devices import device_of, to_device
 from fengine.events import Dispatcher, RunInfo
@@ -133,6 +134,8 @@ def evaluate(
         batches_per_epoch=0,
         micro_batches=1,
         start_step=state.step,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
     )
     return run_eval(
         state,

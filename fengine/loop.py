@@ -98,9 +98,11 @@ class Plan(NamedTuple):
         return self.max_epochs is not None
 
     def done(self, state: TrainState) -> bool:
-        return state.step >= self.total_steps or (
-            self.max_epochs is not None and state.epoch >= self.max_epochs
-        )
+        """Epoch-based runs end by epochs (a resume at another world size changes the updates per
+        epoch), iteration-based ones by updates."""
+        if self.max_epochs is not None:
+            return state.epoch >= self.max_epochs
+        return state.step >= self.total_steps
 
 
 def plan(
@@ -196,7 +198,7 @@ def train_steps(
             state, metrics = _run(step, state, to_device(batch, device))
             state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
             yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
-            if stop() or state.step >= plan.total_steps:
+            if stop() or (not plan.by_epoch and state.step >= plan.total_steps):
                 break
             t = time.perf_counter()
         if state.batch_in_epoch < plan.batches_per_epoch:

@@ -73,6 +73,8 @@ class Config:
     max_steps: int | None = None
     """train this many optimizer updates instead of epochs"""
     seed: int = 0
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: cuda when available, else cpu); under torchrun, cuda is cuda:LOCAL_RANK"""
     resume: bool = False
     """continue from the latest checkpoint in --work-dir"""
     resume_from: Path | None = None
@@ -158,15 +160,17 @@ def build(cfg: Config) -> Experiment:
         raise SystemExit(
             f"give --max-epochs or --max-steps, not both (got {cfg.max_epochs} and {cfg.max_steps})"
         )
-    train = Loader(
-        digits("train", val_fraction=cfg.data.val_fraction),
-        cfg.data.batch_size,
-        seed=cfg.seed,
-        transform=random_shift if cfg.data.augment else None,
-        num_workers=cfg.data.num_workers,
-    )
+    dist = fe.distributed.setup(cfg.device)  # under torchrun: the process group, this rank's device
+    shard = dict(rank=dist.rank, world_size=dist.world_size)
+    train = Loader(digits("train", val_fraction=cfg.data.val_fraction), cfg.data.batch_size, seed=cfg.seed,
+                   transform=random_shift if cfg.data.augment else None, num_workers=cfg.data.num_workers,
+                   pin_memory=dist.device.type == "cuda", **shard)  # fmt: skip
     val = Loader(
-        digits("val", val_fraction=cfg.data.val_fraction), 256, seed=cfg.seed, shuffle=False
+        digits("val", val_fraction=cfg.data.val_fraction),
+        256,
+        seed=cfg.seed,
+        shuffle=False,
+        **shard,
     )
     max_epochs = cfg.max_epochs if cfg.max_steps is None else None
     if max_epochs is None and cfg.max_steps is None:
@@ -188,7 +192,7 @@ def build(cfg: Config) -> Experiment:
         else optim.sgd(lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
     )
     tx = optim.chain(optim.clip_by_global_norm(o.clip_grad), opt) if o.clip_grad else opt
-    wrappers: list[fe.Wrapper] = []
+    wrappers: list[fe.Wrapper] = [fe.data_parallel()] if dist.world_size > 1 else []  # before amp
     if cfg.amp != "none":
         wrappers.append(fe.amp(cfg.amp))
     wrappers.append(fe.check_finite())  # after amp: fp16 overflows are the scaler's to skip
@@ -200,7 +204,7 @@ def build(cfg: Config) -> Experiment:
     torch.manual_seed(
         cfg.seed
     )  # weight init: the only draw from the global generator, before training
-    state = step.init(ResNet(cfg.model.width, cfg.model.blocks), seed=cfg.seed)
+    state = step.init(ResNet(cfg.model.width, cfg.model.blocks), seed=cfg.seed, device=dist.device)
     if cfg.load_from is not None:
         state, report = checkpoint.load_params(cfg.load_from, state)
         print(report)
@@ -226,7 +230,7 @@ def checkpoints(cfg: Config, exp: Experiment) -> handlers.Checkpointer:
 # records the config without them, and the horizon per segment (each start of fit), so a resumed
 # run is the same config; output-only fields (logging, checkpoint cadence) do not change a bit either.
 NOT_RECORDED = ("work_dir", "resume", "resume_from", "max_epochs", "max_steps", "log_interval",
-                "checkpoint_interval", "keep_checkpoints", "tensorboard")  # fmt: skip
+                "checkpoint_interval", "keep_checkpoints", "tensorboard", "device")  # fmt: skip
 
 
 def recorded_config(cfg: Config) -> dict:
@@ -245,9 +249,13 @@ def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None) 
 
 def main(cfg: Config) -> float:
     exp = build(cfg)
-    with fe.lock_work_dir(cfg.work_dir):  # one run per work dir, config.json included
+    main_rank = fe.distributed.is_main()
+    with fe.lock_work_dir(
+        cfg.work_dir if main_rank else None
+    ):  # one run per work dir, config.json included
         config = to_dict(cfg)
-        (cfg.work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if main_rank:
+            (cfg.work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         timer = handlers.Timer()
         hs = [
             timer,
@@ -261,9 +269,10 @@ def main(cfg: Config) -> float:
         state = fe.fit(exp.state, exp.step, exp.train_data, val=exp.val, handlers=hs, work_dir=cfg.work_dir,
                        resume=resume, config=config, **exp.fit_kwargs)  # fmt: skip
     result = fe.evaluate(state, fe.default_predict, exp.val.data, exp.val.metrics)
-    print(
-        f"final validation accuracy: {result['accuracy']:.2f}% after {state.step} steps ({state.epoch} epochs)"
-    )
+    if main_rank:
+        print(
+            f"final validation accuracy: {result['accuracy']:.2f}% after {state.step} steps ({state.epoch} epochs)"
+        )
     return result["accuracy"]
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fengine
+from fengine import distributed
 from fengine.state import TrainState
 
 
@@ -31,6 +32,7 @@ def environment(state: TrainState | None = None) -> dict[str, Any]:
         "device": devices[0] if devices else "cpu",
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "world_size": distributed.world_size(),
     }
 
 
@@ -55,6 +57,12 @@ def notes(recorded: list[tuple[str, dict[str, Any]]], keep: bool) -> list[str]:
             out.append(
                 f"note: {who} recorded with deterministic algorithms {on[env['deterministic']]}, "
                 f"replaying with them {on[now['deterministic']]}; {act}"
+            )
+        if env.get("world_size", 1) != now["world_size"]:
+            out.append(
+                f"note: {who} recorded with {env.get('world_size', 1)} processes, replaying with "
+                f"{now['world_size']}: bits depend on the world size (launch replay with torchrun "
+                f"--nproc_per_node={env.get('world_size', 1)} to reproduce them)"
             )
         for what in ("torch", "python", "fengine"):
             if env[what] != now[what]:

@@ -143,7 +143,8 @@ class RunRecorder(Handler):
         self._resumed_from: str | None = None
 
     def _write(self, record: dict[str, Any]) -> None:
-        assert self._file is not None, "RunRecorder writes between before_train and after_run"
+        if self._file is None:  # not rank 0, or outside before_train .. after_run
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
@@ -158,6 +159,8 @@ class RunRecorder(Handler):
         run = snap.run
         if run.work_dir is None:
             raise ValueError("RunRecorder needs fit(..., work_dir=...)")
+        if run.rank != 0:
+            return  # rank 0 writes the run log
         self._work_dir = Path(run.work_dir)
         path = self._work_dir / LOG_NAME
         _repair_tail(path)
@@ -191,6 +194,8 @@ class RunRecorder(Handler):
         self._write(start)
 
     def _record(self, snap: Snapshot, path: Path | None) -> None:
+        if self._file is None:
+            return
         record = {"kind": "digest", **position(snap.state), "digest": state_digest(snap.state)}
         if path is not None:
             assert self._work_dir is not None

@@ -1,0 +1,221 @@
+"""Scenarios run under ``torchrun --nproc_per_node=2`` by tests/test_distributed.py.
+
+Each rank writes what the parent compares into ``OUT/<scenario>_rank<r>.pt`` (rank 0 also
+writes the fengine work dirs). Usage: ``torchrun ... dist_worker.py OUT SCENARIO [...]``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from helpers import ce_loss, mlp, mlp_batches, small_cnn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fengine as fe
+from fengine import optim
+from fengine.handlers import Checkpointer
+from fengine.metrics import Accuracy
+
+
+def shards(n, rank, world, batch=8, seed=1):
+    """Each step's global batch is ``world`` per-rank batches; this rank's part of each."""
+    return [mlp_batches(world, batch=batch, seed=seed + t)[rank] for t in range(n)]
+
+
+def fengine_dp(out, rank, world):
+    """fengine data_parallel vs DDP on the same per-rank batches: plain SGD+momentum, and fp16
+    dynamic loss scaling with accumulation (DDP: GradScaler + no_sync for the first micro-batch)."""
+    data = shards(6, rank, world)
+    step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=0.9), fe.data_parallel())
+    state = step.init(mlp(), seed=0)
+    for b in data:
+        state, _ = step(state, b)
+    ref = DDP(mlp())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+
+    groups = [shards(2, rank, world, seed=100 + 10 * t) for t in range(4)]
+    amp_step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=0.9), fe.data_parallel(), fe.amp("float16"),
+                             fe.accumulate(2))  # fmt: skip
+    amp_state = amp_step.init(mlp(), seed=0)
+    for g in groups:
+        amp_state, _ = amp_step(amp_state, fe.MicroBatches(g))
+    amp_ref = DDP(mlp())
+    amp_opt = torch.optim.SGD(amp_ref.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    scaler = torch.amp.GradScaler("cpu")
+    for g in groups:
+        amp_opt.zero_grad(set_to_none=True)
+        with amp_ref.no_sync():
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = ce_loss(amp_ref, g[0])
+            scaler.scale(loss * 0.5).backward()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = ce_loss(amp_ref, g[1])
+        scaler.scale(loss * 0.5).backward()
+        scaler.step(amp_opt)
+        scaler.update()
+
+    # unequal sample counts: rank r holds 4 + 6r samples; weighted by count = the global mean
+    x, y = mlp_batches(1, batch=4 + 6 * rank, seed=50 + rank)[0]
+    w_step = fe.train_step(
+        ce_loss, optim.sgd(0.5), fe.data_parallel(), fe.accumulate(1, weight=lambda b: len(b[1]))
+    )
+    w_state, _ = w_step(w_step.init(mlp(), seed=0), fe.MicroBatches([(x, y)]))
+    torch.save(
+        {
+            "fe": state.params,
+            "ddp": {n: p.detach() for n, p in ref.module.named_parameters()},
+            "fe_amp": amp_state.params,
+            "ddp_amp": {n: p.detach() for n, p in amp_ref.module.named_parameters()},
+            "scale": float(amp_step.wrappers[1].scaler(amp_state).scale),
+            "ddp_scale": scaler.get_scale(),
+            "weighted": w_state.params,
+        },
+        out / f"dp_rank{rank}.pt",
+    )
+
+
+def fit_run(out, rank, world):
+    """fit with a sharded Loader, a BatchNorm CNN, validation, checkpoints: rank 0 writes; buffers synced;
+    resume at the same world size is exact; metrics are gathered over the whole val set."""
+    ds = fe.data.synthetic_classification(48, num_features=64, num_classes=10, seed=0)
+    images = fe.data.synthetic_classification(48, num_features=64, num_classes=10, seed=0)
+
+    def loader(data, **kw):
+        return fe.data.Loader(data, 4, seed=0, rank=rank, world_size=world, **kw)
+
+    def cnn_loss(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x.view(-1, 1, 8, 8)), y)
+
+    def predict(model, batch):
+        return model(batch[0].view(-1, 1, 8, 8))
+
+    step = fe.train_step(cnn_loss, optim.sgd(0.05, momentum=0.9), fe.data_parallel())
+    val = fe.Val(loader(images, shuffle=False), [Accuracy()], eval_fn=predict)
+    seen = []
+    rec = fe.on("after_val_epoch")(lambda snap: seen.append(float(snap.metrics["accuracy"])))
+    work = out / "fit"
+    straight = fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_epochs=3, val=val,
+                      handlers=[Checkpointer(1, max_keep_ckpts=2), rec], work_dir=work)  # fmt: skip
+    mid = out / "fit_resumed"
+    fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_steps=7, handlers=[Checkpointer(3, by_epoch=False)],
+           work_dir=mid)  # fmt: skip
+    resumed = fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_epochs=3, handlers=[], work_dir=mid,
+                     resume=True)  # fmt: skip
+    single = fe.evaluate(straight, predict, loader(images, shuffle=False), [Accuracy()])
+    torch.save(
+        {"params": straight.params, "buffers": straight.buffers, "resumed": resumed.params, "val": seen,
+         "evaluate": single["accuracy"], "position": (straight.step, straight.epoch, straight.batch_in_epoch)},
+        out / f"fit_rank{rank}.pt",
+    )  # fmt: skip
+
+
+def dropout(out, rank, world):
+    """Dropout masks: the same on every rank by default, per rank with diff_rank_seed."""
+    masks = {}
+    for diff in (False, True):
+        seen: list = []
+
+        def loss_fn(model, batch, seen=seen):
+            seen.append(F.dropout(torch.ones(64), 0.5, training=True))
+            return ce_loss(model, batch)
+
+        step = fe.train_step(loss_fn, optim.sgd(0.1), fe.data_parallel(diff_rank_seed=diff))
+        step(step.init(mlp(), seed=3), mlp_batches(1)[0])
+        masks[diff] = seen[0]
+    torch.save(masks, out / f"dropout_rank{rank}.pt")
+
+
+def refuse(out, rank, world):
+    """A step without data_parallel under 2 processes is refused."""
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+    try:
+        fe.fit(step.init(mlp()), step, mlp_batches(2), max_epochs=1, handlers=[])
+    except ValueError as e:
+        (out / f"refuse_rank{rank}.txt").write_text(str(e))
+
+
+def preempt(out, rank, world):
+    """SIGTERM reaches rank 1 only: both ranks agree, save one checkpoint at the same step, raise Preempted."""
+
+    @fe.on("after_train_iter", once=3)
+    def term(snap):
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    step = fe.train_step(ce_loss, optim.sgd(0.1), fe.data_parallel())
+    try:
+        fe.fit(
+            step.init(mlp()),
+            step,
+            shards(40, rank, world),
+            max_epochs=1,
+            handlers=[term],
+            work_dir=out / "pre",
+        )
+    except fe.Preempted as e:
+        (out / f"preempt_rank{rank}.txt").write_text(f"{e.state.step} {e.exit_code}")
+
+
+class Seen(fe.Handler):
+    """The samples (their first feature) each update consumed."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def on_after_train_iter(self, snap):
+        self.rows += snap.batch[0][:, 0].tolist()
+
+
+def position_data():
+    return fe.data.synthetic_classification(48, num_features=16, num_classes=10, seed=5)
+
+
+def position_run(work, rank, world, **fit_kw):
+    """The run whose sample position the 2 <-> 1 process resumes check (batch 4 per rank)."""
+    loader = fe.data.Loader(position_data(), 4, seed=0, rank=rank, world_size=world)
+    wrappers = [fe.data_parallel()] if world > 1 else []
+    step = fe.train_step(ce_loss, optim.sgd(0.05), *wrappers)
+    seen = Seen()
+    fe.fit(step.init(mlp(), seed=0), step, loader, handlers=[seen, Checkpointer(1, by_epoch=False)], work_dir=work,
+           **fit_kw)  # fmt: skip
+    return seen.rows
+
+
+def two_to_one(out, rank, world):
+    """2 processes train 1 update (8 samples) and checkpoint; the parent resumes in 1 process."""
+    rows = position_run(out / "two", rank, world, max_steps=1)
+    torch.save(rows, out / f"two_to_one_rank{rank}.pt")
+
+
+def one_to_two(out, rank, world):
+    """The parent trained 2 updates in 1 process (8 samples); 2 processes resume and finish the epoch."""
+    rows = position_run(out / "one", rank, world, max_epochs=1, resume=True)
+    torch.save(rows, out / f"one_to_two_rank{rank}.pt")
+
+
+SCENARIOS = {
+    f.__name__: f for f in (fengine_dp, fit_run, dropout, refuse, preempt, two_to_one, one_to_two)
+}
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    info = fe.distributed.setup("cpu")
+    for name in sys.argv[2:]:
+        SCENARIOS[name](out, info.rank, info.world_size)
+        dist.barrier()
+    time.sleep(0.1)
+    dist.destroy_process_group()

@@ -1,0 +1,156 @@
+"""Beyond one process: 2 CPU processes (gloo) launched by torchrun, against DistributedDataParallel and
+against one process on the same work (tests/dist_worker.py holds the per-rank code)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import position_data, position_run
+from helpers import assert_dicts_equal, ce_loss, mlp, mlp_batches
+
+import fengine as fe
+from fengine import optim
+
+
+pytestmark = pytest.mark.slow  # each torchrun launch starts two Python processes (seconds)
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def torchrun(out: Path, *scenarios: str, script: Path | None = None, args: tuple[str, ...] = ()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script or HERE / "dist_worker.py"), *((str(out), *scenarios) if script is None else args)]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out)
+    return done
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    done = torchrun(out, "fengine_dp", "fit_run", "dropout", "refuse", "preempt", "two_to_one")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def load(out, name, rank):
+    return torch.load(out / f"{name}_rank{rank}.pt", weights_only=False)
+
+
+def test_data_parallel_equals_ddp_bitwise_and_one_process_on_the_whole_batch(ran):
+    r0, r1 = load(ran, "dp", 0), load(ran, "dp", 1)
+    assert_dicts_equal(r0["fe"], r1["fe"], "ranks agree")
+    assert_dicts_equal(r0["fe"], r0["ddp"], "fengine data_parallel vs DDP")
+    assert_dicts_equal(
+        r0["fe_amp"], r0["ddp_amp"], "fp16 + accumulate(2) vs DDP + GradScaler + no_sync"
+    )
+    assert r0["scale"] == r0["ddp_scale"]
+    # one process on the concatenated batches: the same mean gradient, summed in another order
+    from dist_worker import shards
+
+    step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=0.9))
+    state = step.init(mlp(), seed=0)
+    for a, b in zip(shards(6, 0, 2), shards(6, 1, 2)):
+        state, _ = step(state, (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])))
+    for n in state.params:
+        torch.testing.assert_close(r0["fe"][n], state.params[n], rtol=1e-5, atol=1e-6)
+
+
+def test_unequal_sample_counts_give_the_global_mean(ran):
+    """Rank 0 holds 4 samples, rank 1 holds 10: weighted by count, the update is the mean over all 14."""
+    xs, ys = zip(*(mlp_batches(1, batch=4 + 6 * r, seed=50 + r)[0] for r in range(2)))
+    step = fe.train_step(ce_loss, optim.sgd(0.5))
+    ref, _ = step(step.init(mlp(), seed=0), (torch.cat(xs), torch.cat(ys)))
+    got = load(ran, "dp", 0)["weighted"]
+    for n in ref.params:
+        torch.testing.assert_close(got[n], ref.params[n], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_writes_from_rank_0_syncs_buffers_gathers_metrics_and_resumes_exactly(ran):
+    r0, r1 = load(ran, "fit", 0), load(ran, "fit", 1)
+    assert_dicts_equal(r0["params"], r1["params"], "params agree")
+    assert_dicts_equal(r0["buffers"], r1["buffers"], "BatchNorm statistics synced after each epoch")
+    assert_dicts_equal(r0["resumed"], r0["params"], "resumed at the same world size == straight")
+    assert r0["position"] == (18, 3, 0)  # 48 samples / 2 ranks / batch 4 = 6 updates per epoch
+    assert r0["val"] == r1["val"] and len(r0["val"]) == 3
+    assert (
+        r0["evaluate"] == r1["evaluate"] == r0["val"][-1]
+    )  # gathered over all 48 samples, no padding
+    files = sorted(p.name for p in (ran / "fit").iterdir())
+    assert files == [
+        ".fengine.lock",
+        "epoch_2.safetensors",
+        "epoch_3.safetensors",
+        "last_checkpoint",
+    ]
+    assert (
+        fe.checkpoint.read_meta(ran / "fit" / "epoch_3.safetensors")["meta"]["run"]["world_size"]
+        == 2
+    )
+
+
+def test_dropout_is_shared_by_default_and_per_rank_with_diff_rank_seed(ran):
+    r0, r1 = load(ran, "dropout", 0), load(ran, "dropout", 1)
+    assert torch.equal(r0[False], r1[False])
+    assert not torch.equal(r0[True], r1[True])
+
+
+def test_a_step_without_data_parallel_is_refused(ran):
+    for rank in (0, 1):
+        msg = (ran / f"refuse_rank{rank}.txt").read_text()
+        assert (
+            "2 processes but the step does not average gradients" in msg
+            and "data_parallel()" in msg
+        )
+
+
+def test_preemption_seen_by_one_rank_stops_both_at_the_same_step(ran):
+    got = [(ran / f"preempt_rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert got[0] == got[1] == ["10", "143"]  # agreed at the next 10-update boundary
+    assert (ran / "pre" / "step_10.safetensors").is_file()
+
+
+def test_two_processes_resume_in_one_at_the_same_sample(ran):
+    first = load(ran, "two_to_one", 0) + load(ran, "two_to_one", 1)
+    assert len(first) == 8
+    seen = position_run(ran / "two", 0, 1, max_epochs=1, resume=True)
+    everything = [float(x[0]) for x, _ in position_data()]
+    assert sorted(first + seen) == sorted(everything)  # each of the 48 samples once in the epoch
+
+
+def test_one_process_resumes_in_two_at_the_same_sample(tmp_path):
+    first = position_run(tmp_path / "one", 0, 1, max_steps=2)
+    done = torchrun(tmp_path, "one_to_two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rest = load(tmp_path, "one_to_two", 0) + load(tmp_path, "one_to_two", 1)
+    everything = [float(x[0]) for x, _ in position_data()]
+    assert sorted(first + rest) == sorted(everything)
+
+
+def test_launched_by_torchrun_without_a_process_group_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 .* no process group .* its own copy"):
+        fe.fit(step.init(mlp()), step, mlp_batches(2), max_epochs=1, handlers=[])
+
+
+def test_recipe_under_torchrun(tmp_path):
+    """README's command: one work dir written by rank 0, one log with world_size and devices."""
+    args = ("--work-dir", str(tmp_path / "w"), "--max-steps", "12", "--no-tensorboard", "--model.width", "8",
+            "--model.blocks", "1", "--device", "cpu")  # fmt: skip
+    done = torchrun(tmp_path, script=ROOT / "recipes" / "classify.py", args=args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final validation accuracy") == 1
+    logs = list((tmp_path / "w").glob("*.log"))
+    assert len(logs) == 1
+    text = logs[0].read_text()
+    assert "world_size: 2" in text and "rank 0: cpu, rank 1: cpu" in text
+    assert (tmp_path / "w" / "iter_12.safetensors").is_file()
