@@ -36,7 +36,7 @@ def make_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def hand_written(batches) -> tuple[float, nn.Module]:
-    model = make_model()
+    model = make_model().to(batches[0][0].device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     t0 = time.perf_counter()
     for x, y in batches:
@@ -50,7 +50,7 @@ def functional(batches) -> tuple[float, fe.TrainState]:
     step = fe.train_step(
         lambda model, b: F.cross_entropy(model(b[0]), b[1]), fe.optim.adamw(lr=1e-3)
     )
-    state = step.init(make_model())
+    state = step.init(make_model(), device=batches[0][0].device)
     t0 = time.perf_counter()
     for batch in batches:
         state, _ = step(state, batch)
@@ -62,9 +62,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--device", default="cpu", help="cpu or cuda (batches are placed there up front)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    batches = make_batches(args.steps)
+    batches = [(x.to(args.device), y.to(args.device)) for x, y in make_batches(args.steps)]
     hand_written(batches[:100]), functional(batches[:100])  # warm-up
     ref_times, fe_times = [], []
     for _ in range(args.rounds):
