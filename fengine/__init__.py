@@ -55,6 +55,7 @@ from fengine.wrappers import (
     accumulate as accumulate,
     amp as amp,
     check_finite as check_finite,
+    checkpoint_activations as checkpoint_activations,
     ema as ema,
     forward_wrapper as forward_wrapper,
     post_update as post_update,

@@ -22,3 +22,4 @@ from fengine.wrappers.base import (
     post_update as post_update,
 )
 from fengine.wrappers.ema import EmaState as EmaState, ema as ema
+from fengine.wrappers.remat import checkpoint_activations as checkpoint_activations
