@@ -203,9 +203,17 @@ def checkpoint_activations(*modules: Spec | Sequence[Spec]) -> Wrapper:
     matches nothing, raises ``ValueError`` on the step's first call, listing the
     model's submodules; ``wrapper.modules(model)`` resolves the choice up front.
 
-    Cost: one extra forward of each chosen block per step (its recomputation during
-    backward); what it saves is every activation inside the block, as only the
-    block's inputs are kept.
+    Cost: one extra forward of each chosen block per forward pass (per micro-batch
+    under `fengine.accumulate`), its recomputation during backward; what it saves is
+    every activation inside the block, as only the block's inputs are kept (measured
+    in ``tests/test_remat.py`` with saved-tensor hooks: 8 MLP blocks keep 8.6x fewer
+    bytes, 6 conv blocks 4.1x).
+
+    MMEngine's ``activation_checkpointing=[names]`` config patches the modules for good
+    with reentrant checkpointing (positional arguments only); here the patch lasts one
+    gradient computation, uses the non-reentrant variant (keyword arguments and
+    ``torch.autograd.grad`` work) and gives the same gradients as MMEngine's on a
+    hand-written torch loop (tested).
 
     Guarantee: gradients, params and buffers are bitwise equal to the step without
     this wrapper, dropout included. Torch's checkpoint records the CPU RNG state
