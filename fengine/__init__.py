@@ -56,6 +56,7 @@ from fengine.wrappers import (
     accumulate as accumulate,
     amp as amp,
     check_finite as check_finite,
+    checkpoint_activations as checkpoint_activations,
     data_parallel as data_parallel,
     ema as ema,
     forward_wrapper as forward_wrapper,

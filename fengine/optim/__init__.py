@@ -32,6 +32,7 @@ from fengine.optim.paramwise import (
     layer_decay as layer_decay,
     paramwise as paramwise,
 )
+from fengine.optim.scaling import scale_lr as scale_lr
 from fengine.optim.torch_wrap import (
     TorchOptimizerState as TorchOptimizerState,
     from_torch as from_torch,

@@ -23,3 +23,4 @@ from fengine.wrappers.base import (
 )
 from fengine.wrappers.data_parallel import data_parallel as data_parallel
 from fengine.wrappers.ema import EmaState as EmaState, ema as ema
+from fengine.wrappers.remat import checkpoint_activations as checkpoint_activations
