@@ -54,6 +54,8 @@ class OptimConfig:
     """linear warmup from 0.001 x lr over this many updates"""
     clip_grad: float | None = None
     """clip the global gradient norm to this value"""
+    base_batch_size: int | None = None
+    """MMEngine's auto_scale_lr: lr was tuned for this total batch size; scale it linearly to batch_size x processes"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,11 +182,21 @@ def build(cfg: Config) -> Experiment:
     )
     total = loop.total_steps
     o = cfg.optim
+    base_lr = o.lr
+    if (
+        o.base_batch_size is not None
+    ):  # the effective lr goes to the log and, via the config, the run log
+        base_lr = optim.scale_lr(o.lr, base_batch_size=o.base_batch_size, batch_size=cfg.data.batch_size,
+                                 world_size=dist.world_size)  # fmt: skip
+        if dist.rank == 0:
+            print(f"auto_scale_lr: {base_lr!r}")
     warm = min(o.warmup_steps, max(total - 1, 1))
     lr = (
-        schedules.warmup(schedules.cosine(o.lr, T_max=max(total - warm, 1), begin=warm), steps=warm)
+        schedules.warmup(
+            schedules.cosine(base_lr, T_max=max(total - warm, 1), begin=warm), steps=warm
+        )
         if warm
-        else schedules.cosine(o.lr, T_max=total)
+        else schedules.cosine(base_lr, T_max=total)
     )
     opt = (
         optim.adamw(lr, weight_decay=o.weight_decay)
