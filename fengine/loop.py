@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -173,36 +173,64 @@ def train_steps(
     stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Tick]:
     """Run ``step`` over ``train_data`` from ``state``'s position until ``plan`` is done (or ``stop()``),
-    yielding a `Tick` before/after each epoch and each update. Batches are moved to the state's
-    device for the step (`fengine.devices.to_device`); ticks carry them as the data gave them."""
-    k, device = plan.micro_batches, device_of(state.params)
+    yielding a `Tick` at MMEngine's train-loop points: before/after each update, and before/after
+    each epoch (epoch-based), or once around the whole run (iteration-based, as MMEngine's
+    IterBasedTrainLoop: passes over the data are silent there, ``state.epoch`` still counts them).
+    Batches are moved to the state's device for the step; ticks carry them as the data gave them."""
+    if not plan.by_epoch:
+        yield Tick("before_train_epoch", state)
+        while not stop() and not plan.done(state):
+            if state.batch_in_epoch >= plan.batches_per_epoch:
+                state = _next_epoch(state)
+            state = yield from _updates(state, step, train_data, plan, stop)
+        if state.batch_in_epoch >= plan.batches_per_epoch:
+            state = _next_epoch(state)
+        yield Tick("after_train_epoch", state)
+        return
     while True:
-        if state.batch_in_epoch >= plan.batches_per_epoch:  # every batch done: end the epoch
-            state = state.replace(
-                epoch=state.epoch + 1, batch_in_epoch=0
-            )  # (also when resumed there)
+        if (
+            state.batch_in_epoch >= plan.batches_per_epoch
+        ):  # every batch done (also when resumed there)
+            state = _next_epoch(state)
             yield Tick("after_train_epoch", state)
         if stop() or plan.done(state):
             return
         yield Tick("before_train_epoch", state)
         if stop():
             return
-        batches = batches_of(train_data, state.epoch, state.batch_in_epoch)
-        t = time.perf_counter()
-        while group := list(itertools.islice(batches, k)):
-            batch = MicroBatches(group) if k > 1 else group[0]
-            idx, data_time = state.batch_in_epoch // k, time.perf_counter() - t
-            yield Tick("before_train_iter", state, idx, batch, data_time=data_time)
-            if stop():
-                return
-            state, metrics = _run(step, state, to_device(batch, device))
-            state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
-            yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
-            if stop() or (not plan.by_epoch and state.step >= plan.total_steps):
-                break
-            t = time.perf_counter()
+        state = yield from _updates(state, step, train_data, plan, stop)
         if state.batch_in_epoch < plan.batches_per_epoch:
-            return  # stopped or reached max_steps inside the epoch: the position stays mid-epoch
+            return  # stopped inside the epoch: the position stays mid-epoch
+
+
+def _next_epoch(state: TrainState) -> TrainState:
+    return state.replace(epoch=state.epoch + 1, batch_in_epoch=0)
+
+
+def _updates(
+    state: TrainState, step: Step, train_data: Iterable, plan: Plan, stop: Callable[[], bool]
+) -> Generator[Tick, None, TrainState]:
+    """The rest of the current pass over the data, one update per group of micro-batches."""
+    k, device = plan.micro_batches, device_of(state.params)
+    batches = batches_of(train_data, state.epoch, state.batch_in_epoch)
+    t = time.perf_counter()
+    while group := list(itertools.islice(batches, k)):
+        batch = MicroBatches(group) if k > 1 else group[0]
+        # batch_idx as MMEngine gives it: in the epoch, or the global iteration
+        idx, data_time = (
+            state.batch_in_epoch // k if plan.by_epoch else state.step,
+            time.perf_counter() - t,
+        )
+        yield Tick("before_train_iter", state, idx, batch, data_time=data_time)
+        if stop():
+            return state
+        state, metrics = _run(step, state, to_device(batch, device))
+        state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
+        yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
+        if stop() or plan.done(state):
+            return state
+        t = time.perf_counter()
+    return state
 
 
 def _run(step: Step, state: TrainState, batch: Any) -> tuple[TrainState, Any]:

@@ -257,6 +257,89 @@ def test_event_sequence_matches_a_real_mmengine_runner(tmp_path):
     assert [c[1] for c in calls] == [e[3] for e in rec.log]  # batch_idx at every iter event
 
 
+def test_iteration_based_event_sequence_matches_a_real_mmengine_runner(tmp_path):
+    """IterBasedTrainLoop: one before/after_train_epoch around the run, batch_idx the global iteration."""
+    runner_mod = pytest.importorskip("mmengine.runner")
+    from mmengine.evaluator import BaseMetric
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Model(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x, y, mode="tensor"):
+            out = self.lin(x)
+            return {"loss": ((out - y) ** 2).mean()} if mode == "loss" else [out]
+
+    class Metric(BaseMetric):
+        default_prefix = "m"
+
+        def process(self, data_batch, data_samples):
+            self.results.append(1)
+
+        def compute_metrics(self, results):
+            return {"acc": 1.0}
+
+    calls = []
+
+    class Rec(Hook):
+        pass
+
+    for stage in Hook.stages:
+        setattr(
+            Rec,
+            stage,
+            lambda self, runner, *a, _s=stage, **k: calls.append((_s, k.get("batch_idx"))),
+        )
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(
+        TensorDataset(torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)), batch_size=2
+    )
+    val = DataLoader(
+        TensorDataset(torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g)), batch_size=2
+    )
+    no_defaults = dict(
+        runtime_info=None,
+        timer=None,
+        sampler_seed=None,
+        logger=None,
+        param_scheduler=None,
+        checkpoint=None,
+    )
+    runner = runner_mod.Runner(
+        model=Model(),
+        work_dir=str(tmp_path),
+        train_dataloader=train,
+        val_dataloader=val,
+        val_evaluator=[Metric()],
+        val_cfg=dict(),
+        train_cfg=dict(by_epoch=False, max_iters=7, val_interval=3),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
+        default_hooks=no_defaults,
+        custom_hooks=[Rec()],
+        log_level="ERROR",
+    )
+    runner.train()
+
+    state, step, batches = _setup(3)
+    rec = Recorder()
+    fe.fit(
+        state,
+        step,
+        batches,
+        max_steps=7,
+        val=fe.Val(mlp_batches(2, seed=7), [Const()], interval=3),
+        handlers=[rec],
+    )
+    assert [c[0] for c in calls] == rec.events
+    assert rec.events.count("before_train_epoch") == rec.events.count("after_train_epoch") == 1
+    assert rec.events.count("after_val") == 3  # at 3, 6 and the last, 7
+    assert [c[1] for c in calls] == [e[3] for e in rec.log]  # batch_idx at every iter event
+
+
 # ----------------------------------------------------------------- priorities
 def test_priority_then_registration_order_like_mmengine_register_hook():
     from mmengine.hooks import Hook
@@ -559,7 +642,8 @@ def test_position_after_a_max_steps_run_and_bitwise_continuation_with_loader():
     mid = fe.fit(state, step, loader, max_steps=5, handlers=[first])
     assert (mid.step, mid.epoch, mid.batch_in_epoch) == (5, 1, 2)
     done = fe.fit(mid, step, loader, max_steps=11, handlers=[second])
-    assert second.seen[0][:3] == (6, 1, 2)  # continues with batch 2 of epoch 1
+    # continues with batch 2 of epoch 1; batch_idx is the global iteration (MMEngine's IterBasedTrainLoop)
+    assert second.seen[0][:3] == (6, 1, 5) and mid.batch_in_epoch == 2
 
     state, step = _fresh()
     straight = Batches()
