@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
@@ -57,6 +58,17 @@ def batches_of(data: Iterable, epoch: int, start: int) -> Iterator:
     return itertools.islice(iter(data), start, None)
 
 
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _autocast(dtype: str | None, device: torch.device) -> Any:
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in _DTYPES:
+        raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {dtype!r}")
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[dtype])
+
+
 def _dataset_size(data: Iterable) -> int | None:
     """The number of real samples, so gathered metrics drop the sampler's padding (collect_results)."""
     dataset = getattr(data, "dataset", None)
@@ -73,8 +85,9 @@ def run_eval(
     dispatch: Dispatcher,
     run: RunInfo,
     phase: str,
+    autocast: str | None = None,
 ) -> dict[str, Any]:
-    """One val/test pass with its events (MMEngine's ValLoop/TestLoop)."""
+    """One val/test pass with its events (MMEngine's ValLoop/TestLoop), under ``autocast`` if given."""
     evaluator = metrics if isinstance(metrics, Evaluator) else Evaluator(list(metrics))
     model = state.model
     if model is None:
@@ -97,13 +110,17 @@ def run_eval(
         for i, raw in enumerate(batches_of(data, 0, 0) if hasattr(data, "epoch") else iter(data)):
             batch = to_device(raw, device)  # the same object when it is there already
             emit("before", "_iter", batch_idx=i, batch=batch)
-            with torch.no_grad(), bind(model, eval_params, eval_buffers):
+            with (
+                torch.no_grad(),
+                _autocast(autocast, device),
+                bind(model, eval_params, eval_buffers),
+            ):
                 outputs = eval_fn(model, batch)
             acc = evaluator.update(acc, batch, outputs)
             emit("after", "_iter", batch_idx=i, batch=batch, outputs=outputs)
     finally:
         model.train(was_training)
-    results = evaluator.compute(acc, _dataset_size(data) if run.world_size > 1 else None)
+    results = evaluator.compute(acc, _dataset_size(data))  # padding of a sharded sampler dropped
     emit("after", "_epoch", metrics=results)
     emit("after", metrics=results)
     return results
@@ -118,6 +135,7 @@ def evaluate(
     params: str = "auto",
     handlers: Iterable[Any] = (),
     phase: str = "test",
+    autocast: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``metrics`` over ``data``: ``eval_fn(model, batch) -> outputs`` with the state's
     eval weights bound (`TrainState.eval_weights`: the EMA ones if the step keeps an EMA,
@@ -146,4 +164,5 @@ def evaluate(
         dispatch=Dispatcher(handlers),
         run=run,
         phase=phase,
+        autocast=autocast,
     )

@@ -156,7 +156,22 @@ class Snapshot(NamedTuple):
 
     @property
     def epoch(self) -> int:
+        """Completed epochs (at ``after_train_epoch``: including the one that just ended)."""
         return self.state.epoch
+
+    @property
+    def runner_epoch(self) -> int:
+        """MMEngine's ``runner.epoch`` here, for ported hooks: the 0-based epoch in progress, not yet
+        incremented at ``after_train_epoch``; 0 throughout an iteration-based run."""
+        if not self.run.by_epoch:
+            return 0
+        return self.state.epoch - 1 if self.event == "after_train_epoch" else self.state.epoch
+
+    @property
+    def runner_iter(self) -> int:
+        """MMEngine's ``runner.iter`` here: updates done before this one (at ``after_train_iter``
+        MMEngine has not counted the current one yet)."""
+        return self.state.step - 1 if self.event == "after_train_iter" else self.state.step
 
 
 class Handler:
@@ -285,17 +300,20 @@ def _keeps_state(h: Any) -> bool:
 class Dispatcher:
     """Calls handlers' ``on_<event>`` methods in priority order; collects `Stop` and `Save` signals."""
 
-    def __init__(self, handlers: Iterable[Any]) -> None:
+    def __init__(self, handlers: Iterable[Any], *, extra_events: Iterable[str] = ()) -> None:
+        """``extra_events``: names a custom loop fires besides MMEngine's (as MMEngine lets a custom loop
+        call new hook names); handlers may define ``on_<name>`` for them."""
+        self.events = (*EVENTS, *extra_events)
         self.handlers = list(handlers)
         for h in self.handlers:
             unknown = [
                 m
                 for m in dir(h)
-                if m.startswith("on_") and m[3:] not in EVENTS and callable(getattr(h, m))
+                if m.startswith("on_") and m[3:] not in self.events and callable(getattr(h, m))
             ]
             if unknown:
                 raise ValueError(
-                    f"{type(h).__name__} defines {unknown}, which are not events; events are {list(EVENTS)}"
+                    f"{type(h).__name__} defines {unknown}, which are not events; events are {list(self.events)}"
                 )
         names = [getattr(h, "name", None) for h in self.handlers if _keeps_state(h)]
         if None in names:
@@ -322,7 +340,7 @@ class Dispatcher:
                 for h in self.handlers
                 if callable(getattr(h, "on_" + event, None))
             ]
-            for event in EVENTS
+            for event in self.events
         }
         self.stop: Stop | None = None
         self.saves: list[Save] = []

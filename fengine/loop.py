@@ -15,6 +15,7 @@ modulus is absolute, not counted from ``begin``.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import itertools
@@ -68,7 +69,10 @@ class Val:
     ``interval`` defaults to 1 epoch (epoch-based runs) or 1000 steps
     (iteration-based), MMEngine's defaults. ``params``: "auto" validates with
     `TrainState.eval_weights` (the EMA ones when the step keeps an EMA), "live"
-    or "ema" to force.
+    or "ema" to force. ``autocast``: run the evaluation under autocast of that dtype
+    (MMEngine's ``val_cfg=dict(fp16=True)`` is ``"float16"``). ``dynamic_intervals``:
+    ``[(milestone, interval), ...]``, MMEngine's: from epoch (step) ``milestone`` on,
+    validate every ``interval``.
     """
 
     data: Iterable
@@ -77,10 +81,26 @@ class Val:
     interval: int | None = None
     begin: int = 1
     params: str = "auto"
+    autocast: str | None = None
+    dynamic_intervals: Sequence[tuple[int, int]] = ()
 
 
-def should_validate(done: int, *, interval: int, begin: int, last: int) -> bool:
-    """MMEngine's rule: after ``done`` epochs/steps, validate if ``done >= begin`` and on the interval or last."""
+def should_validate(
+    done: int,
+    *,
+    interval: int,
+    begin: int,
+    last: int,
+    dynamic_intervals: Sequence[tuple[int, int]] = (),
+) -> bool:
+    """MMEngine's rule: after ``done`` epochs/steps, validate if ``done >= begin`` and on the interval
+    or last; with ``dynamic_intervals`` the interval is the one whose milestone ``done + 1`` has reached
+    (MMEngine's ``_decide_current_val_interval``)."""
+    if dynamic_intervals:
+        milestones = [0, *(m for m, _ in dynamic_intervals)]
+        interval = [interval, *(i for _, i in dynamic_intervals)][
+            bisect.bisect(milestones, done + 1) - 1
+        ]
     return done >= begin and (done % interval == 0 or done == last)
 
 
@@ -284,7 +304,8 @@ def fit(
     arithmetic) or any re-iterable with a length (resumes by skipping batches).
     With `fengine.accumulate` (k), each update consumes a group of k batches;
     the last group of an epoch may be shorter. ``handlers=None`` uses
-    `fengine.handlers.default_handlers`. ``resume=True`` continues from
+    `fengine.handlers.default_handlers` (Timer, Logger) and, with a ``work_dir``, a
+    `Checkpointer` every epoch (iteration-based: at the end), as MMEngine's defaults. ``resume=True`` continues from
     ``work_dir``'s latest checkpoint (from scratch if there is none),
     ``resume=PATH`` from that file, handlers' own state included, and finishes
     what the uninterrupted run did at that position (its validation). SIGTERM/SIGINT
@@ -303,7 +324,7 @@ def fit(
     )
     interval = _val_interval(val, p)
     work_dir = Path(work_dir) if work_dir is not None else None
-    dispatch = Dispatcher(_default_handlers() if handlers is None else handlers)
+    dispatch = Dispatcher(_default_handlers(work_dir, p.by_epoch) if handlers is None else handlers)
     world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
     with lock_work_dir(work_dir if main else None):  # rank 0 writes the work dir
@@ -315,13 +336,13 @@ def fit(
         dispatch("before_run", state, run)
         moment = None
         if resume:
-            state, run, moment = _resume(state, resume, run, dispatch)
+            state, run, moment = _resume(state, step, resume, run, dispatch)
         dispatch("before_train", state, run)
         _flush(state, run, dispatch, "before_train")
         if (
             val is not None
             and moment is not None
-            and _validation_due(moment, state, p, val.begin, interval)
+            and _validation_due(moment, state, p, val, interval)
         ):
             _validate(
                 state, val, dispatch, run
@@ -342,7 +363,7 @@ def fit(
                     _flush(state, run, dispatch, tick.event)
                 if _signalled(received, tick, world, device):
                     _preempt(received, state, run, dispatch, tick.event)
-                if val is not None and _validation_due(tick.event, state, p, val.begin, interval):
+                if val is not None and _validation_due(tick.event, state, p, val, interval):
                     _validate(state, val, dispatch, run)
                     if _signalled(received, tick, world, device):
                         _preempt(received, state, run, dispatch, "after_val")
@@ -390,10 +411,15 @@ def _check_fit_args(state: Any, step: Any, resume: Any, work_dir: Any) -> None:
         )
 
 
-def _default_handlers() -> list[Any]:
-    from fengine.handlers import default_handlers  # handlers import the loop's types
+def _default_handlers(work_dir: Path | None, by_epoch: bool) -> list[Any]:
+    """`fengine.handlers.default_handlers`, and with a work dir MMEngine's default CheckpointHook: a
+    checkpoint every epoch (iteration-based runs: at the end, as its interval=1 epoch gives there)."""
+    from fengine.handlers import Checkpointer, default_handlers  # handlers import the loop's types
 
-    return default_handlers()
+    handlers = default_handlers()
+    if work_dir is not None:
+        handlers.append(Checkpointer(1) if by_epoch else Checkpointer(-1, by_epoch=False))
+    return handlers
 
 
 def _val_interval(val: Val | None, p: Plan) -> int:
@@ -409,30 +435,23 @@ def _val_interval(val: Val | None, p: Plan) -> int:
     return interval
 
 
-def _validation_due(event: str, state: TrainState, p: Plan, begin: int, interval: int) -> bool:
+def _validation_due(event: str, state: TrainState, p: Plan, val: Val, interval: int) -> bool:
     """After each epoch (epoch-based) or update (iteration-based), by `should_validate`."""
     if event != ("after_train_epoch" if p.by_epoch else "after_train_iter"):
         return False
     done = state.epoch if p.by_epoch else state.step
-    return should_validate(done, interval=interval, begin=begin, last=p.max_epochs or p.total_steps)
+    return should_validate(done, interval=interval, begin=val.begin, last=p.max_epochs or p.total_steps,
+                           dynamic_intervals=val.dynamic_intervals)  # fmt: skip
 
 
 def _validate(state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo) -> None:
-    run_eval(
-        state,
-        val.data,
-        val.metrics,
-        val.eval_fn,
-        params=val.params,
-        dispatch=dispatch,
-        run=run,
-        phase="val",
-    )
+    run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch, run=run,
+             phase="val", autocast=val.autocast)  # fmt: skip
     _flush(state, run, dispatch, "after_val")
 
 
 def _resume(
-    state: TrainState, resume: bool | str | Path, run: RunInfo, dispatch: Dispatcher
+    state: TrainState, step: Step, resume: bool | str | Path, run: RunInfo, dispatch: Dispatcher
 ) -> tuple[TrainState, RunInfo, str | None]:
     """Load the checkpoint and the handlers' state; also the loop moment it was saved at."""
     if resume is True:
@@ -452,7 +471,10 @@ def _resume(
     if path is None:
         log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
         return state, run, None
-    state = checkpoint.load(path, like=state)
+    try:
+        state = checkpoint.load(path, like=state)
+    except checkpoint.CheckpointMismatchError as e:
+        state = _load_adding_wrappers(path, state, step, e)
     meta = checkpoint.read_meta(path)["meta"]
     meta = meta if isinstance(meta, Mapping) else {}
     handler_states = meta.get("handlers") or {}
@@ -482,6 +504,30 @@ _MOMENTS = ("before_train", "before_train_epoch", "before_train_iter", "after_tr
             "after_val", "after_train")  # fmt: skip
 """Where in the loop a checkpoint was written (its ``moment``): resuming from one written before a
 position's validation runs that validation first, as the uninterrupted run did."""
+
+
+def _load_adding_wrappers(
+    path: Path, like: TrainState, step: Step, error: checkpoint.CheckpointMismatchError
+) -> TrainState:
+    """A checkpoint lacking only some wrappers' state (an EMA added to a resumed run): load the rest
+    and start those wrappers from the loaded weights, with a warning (MMEngine's EMAHook does so)."""
+    names = {m.split("/")[1] for m in error.missing if m.startswith("extra/")}
+    if (
+        not names
+        or any(not m.startswith("extra/") for m in error.missing)
+        or (error.unexpected or error.shape or error.dtype or error.kind)
+    ):
+        raise error
+    state = checkpoint.load(
+        path, like=like.replace(extra={k: v for k, v in like.extra.items() if k not in names})
+    )
+    added = {str(w.name): w.init(state, step.parts) for w in step.wrappers if w.name in names}
+    log.warning(
+        "resume: %s has no state for %s; starting it from the loaded weights", path, sorted(added)
+    )
+    return state.replace(
+        extra={k: state.extra[k] if k in state.extra else added[k] for k in like.extra}
+    )
 
 
 def _repartition(state: TrainState, saved: Any, world: int, path: Path) -> TrainState:

@@ -8,10 +8,15 @@ cannot change what a sample sees.
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+
+import numpy as np
 import torch
 
 
-__all__ = ["fold_in", "generator", "seeded_default_generators"]
+__all__ = ["fold_in", "generator", "seed_everything", "seeded_default_generators"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -78,3 +83,33 @@ class seeded_default_generators:  # noqa: N801 - used like a function: `with see
         torch.default_generator.set_state(self.saved)
         for g, state in self.cuda_saved:
             g.set_state(state)
+
+
+def seed_everything(
+    seed: int | None = None, *, deterministic: bool = False, diff_rank_seed: bool = False
+) -> int:
+    """MMEngine's ``randomness=dict(seed=..., deterministic=..., diff_rank_seed=...)``: seed Python's
+    ``random``, NumPy and torch (CPU and every CUDA device) before the model is built, since weight
+    init is the one draw a run takes from the global generators (training draws from derived keys).
+
+    ``seed=None`` draws one (rank 0's, shared by every rank) and logs it; ``diff_rank_seed`` adds
+    the rank; ``deterministic`` turns on torch's deterministic algorithms and turns cudnn's
+    benchmark off. Returns the seed used (record it: ``step.init(model, seed=...)``).
+    """
+    from fengine import distributed  # distributed imports nothing from here; keep rng import-light
+
+    if seed is None:
+        drawn = [int.from_bytes(os.urandom(4), "little")]
+        seed = int(distributed.gather_objects(drawn[0])[0])  # rank 0's draw, everywhere
+        logging.getLogger("fengine").info("seed_everything: no seed given, drew %d", seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed_everything: seed must be a non-negative int or None, got {seed!r}")
+    if diff_rank_seed:
+        seed += distributed.rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    return seed

@@ -213,9 +213,7 @@ def build(cfg: Config) -> Experiment:
     if cfg.ema is not None:
         wrappers.append(fe.ema(cfg.ema))
     step = fe.train_step(loss_fn, tx, *wrappers)
-    torch.manual_seed(
-        cfg.seed
-    )  # weight init: the only draw from the global generator, before training
+    fe.seed_everything(cfg.seed)  # weight init: the only draw from the global generators
     state = step.init(ResNet(cfg.model.width, cfg.model.blocks), seed=cfg.seed, device=dist.device)
     if cfg.load_from is not None:
         state, report = checkpoint.load_params(cfg.load_from, state)
