@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import ce_loss, mlp_batches
+from helpers import ce_loss, mlp_batches, small_cnn
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
@@ -367,6 +367,46 @@ def multi(out, rank, world):
     save(out, "multi", rank, full(state.params))
 
 
+# ---------------------------------------------------------------- buffers, dropout keys
+def batchnorm(out, rank, world):
+    """A BatchNorm CNN: buffers shared with the module, synced after each epoch, loaded in place;
+    a resume at an epoch boundary equals the straight run (params and buffers)."""
+    ds = fe.data.synthetic_classification(32, num_features=64, num_classes=10, seed=0)
+
+    def cnn_loss(model, batch):
+        return F.cross_entropy(model(batch[0].view(-1, 1, 8, 8)), batch[1])
+
+    def run(work, **kw):
+        model = fe.distributed.shard(small_cnn(), units=(nn.Conv2d, nn.Linear))
+        step = fe.train_step(cnn_loss, optim.sgd(0.05, momentum=0.9), fe.fsdp())
+        loader = fe.data.Loader(ds, 4, seed=0, rank=rank, world_size=world)
+        state = fe.fit(step.init(model, seed=0), step, loader, handlers=[Checkpointer(1)],
+                       work_dir=out / work, **kw)  # fmt: skip
+        assert all(state.buffers[n] is b for n, b in model.named_buffers())
+        return {"params": full(state.params), "buffers": dict(state.buffers)}
+
+    straight = run("bn", max_epochs=2)
+    run("bn_resumed", max_epochs=1)
+    resumed = run("bn_resumed", max_epochs=2, resume=True)
+    save(out, "batchnorm", rank, {"straight": straight, "resumed": resumed})
+
+
+def dropout(out, rank, world):
+    """Dropout keys: shared by all ranks by default, per rank with diff_rank_seed (as data_parallel)."""
+    masks = {}
+    for diff in (False, True):
+        seen: list = []
+
+        def loss_fn(model, batch, seen=seen):
+            seen.append(F.dropout(torch.ones(64), 0.5, training=True))
+            return ce_loss(model, batch)
+
+        step = fe.train_step(loss_fn, optim.sgd(0.1), fe.fsdp(diff_rank_seed=diff))
+        step(step.init(sharded(deep_mlp()), seed=3), shards(1, rank, world)[0])
+        masks[diff] = seen[0]
+    save(out, "dropout", rank, masks)
+
+
 # ---------------------------------------------------------------- refusals
 def errors(out, rank, world):
     msgs = {}
@@ -426,7 +466,18 @@ def errors(out, rank, world):
 
 SCENARIOS = {
     f.__name__: f
-    for f in (optimizers, accumulation, bf16, fp16, ema_eval, fit_resume, multi, errors)
+    for f in (
+        optimizers,
+        accumulation,
+        bf16,
+        fp16,
+        ema_eval,
+        fit_resume,
+        multi,
+        batchnorm,
+        dropout,
+        errors,
+    )  # fmt: skip
 }
 
 if __name__ == "__main__":

@@ -20,16 +20,8 @@ from fengine.wrappers.accumulate import micro_batch_position
 
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = (
-    "optimizers",
-    "accumulation",
-    "bf16",
-    "fp16",
-    "ema_eval",
-    "fit_resume",
-    "multi",
-    "errors",
-)
+SCENARIOS = ("optimizers", "accumulation", "bf16", "fp16", "ema_eval", "fit_resume", "multi", "batchnorm",
+             "dropout", "errors")  # fmt: skip
 slow = pytest.mark.slow  # each torchrun launch starts two Python processes (seconds)
 
 # one process on the concatenated batches sums in another order: the same tolerance as data_parallel's
@@ -215,6 +207,23 @@ def test_multi_step_parts_under_fsdp(ran):
         state, _ = step(state, b)
     for n in state.params:
         torch.testing.assert_close(got[n], state.params[n].detach(), **ONE_PROCESS)
+
+
+@slow
+def test_batchnorm_buffers_are_shared_synced_and_resumed(ran):
+    r0, r1 = load(ran, "batchnorm", 0), load(ran, "batchnorm", 1)
+    for r in (r0, r1):
+        assert_trees_equal(r["resumed"], r["straight"], "resumed at epoch 1 == straight")
+    assert_trees_equal(
+        r0["straight"], r1["straight"], "params agree, buffers synced after each epoch"
+    )
+
+
+@slow
+def test_dropout_keys_are_shared_by_default_and_per_rank_with_diff_rank_seed(ran):
+    r0, r1 = load(ran, "dropout", 0), load(ran, "dropout", 1)
+    assert torch.equal(r0[False], r1[False])
+    assert not torch.equal(r0[True], r1[True])
 
 
 @slow
