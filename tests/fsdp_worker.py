@@ -367,6 +367,20 @@ def multi(out, rank, world):
     save(out, "multi", rank, full(state.params))
 
 
+# ---------------------------------------------------------------- activation checkpointing
+def remat(out, rank, world):
+    """checkpoint_activations (written before fsdp()) recomputes the units' activations under
+    FSDP: the same bits as without it."""
+    res = {}
+    for wrappers in ((), (fe.checkpoint_activations(nn.Linear),)):
+        step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=0.9), *wrappers, fe.fsdp())
+        state = step.init(sharded(deep_mlp()), seed=0)
+        for b in shards(3, rank, world):
+            state, _ = step(state, b)
+        res[bool(wrappers)] = full(state.params)
+    save(out, "remat", rank, res)
+
+
 # ---------------------------------------------------------------- buffers, dropout keys
 def batchnorm(out, rank, world):
     """A BatchNorm CNN: buffers shared with the module, synced after each epoch, loaded in place;
@@ -464,21 +478,8 @@ def errors(out, rank, world):
     save(out, "errors", rank, msgs)
 
 
-SCENARIOS = {
-    f.__name__: f
-    for f in (
-        optimizers,
-        accumulation,
-        bf16,
-        fp16,
-        ema_eval,
-        fit_resume,
-        multi,
-        batchnorm,
-        dropout,
-        errors,
-    )  # fmt: skip
-}
+SCENARIOS = {f.__name__: f for f in (optimizers, accumulation, bf16, fp16, ema_eval, fit_resume, multi,
+                                     remat, batchnorm, dropout, errors)}  # fmt: skip
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

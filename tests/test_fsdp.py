@@ -20,8 +20,8 @@ from fengine.wrappers.accumulate import micro_batch_position
 
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("optimizers", "accumulation", "bf16", "fp16", "ema_eval", "fit_resume", "multi", "batchnorm",
-             "dropout", "errors")  # fmt: skip
+SCENARIOS = ("optimizers", "accumulation", "bf16", "fp16", "ema_eval", "fit_resume", "multi", "remat",
+             "batchnorm", "dropout", "errors")  # fmt: skip
 slow = pytest.mark.slow  # each torchrun launch starts two Python processes (seconds)
 
 # one process on the concatenated batches sums in another order: the same tolerance as data_parallel's
@@ -207,6 +207,12 @@ def test_multi_step_parts_under_fsdp(ran):
         state, _ = step(state, b)
     for n in state.params:
         torch.testing.assert_close(got[n], state.params[n].detach(), **ONE_PROCESS)
+
+
+@slow
+def test_activation_checkpointing_composes_with_fsdp(ran):
+    r0 = load(ran, "remat")
+    assert_equal(r0[True], r0[False], "checkpoint_activations(nn.Linear) + fsdp() == fsdp() alone")
 
 
 @slow
