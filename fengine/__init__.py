@@ -17,6 +17,7 @@ from fengine import (
     replay as replay,
     rng as rng,
     schedules as schedules,
+    sharding as sharding,
 )
 from fengine.evaluation import default_predict as default_predict, evaluate as evaluate
 from fengine.events import (
@@ -61,6 +62,7 @@ from fengine.wrappers import (
     data_parallel as data_parallel,
     ema as ema,
     forward_wrapper as forward_wrapper,
+    fsdp as fsdp,
     post_update as post_update,
 )
 

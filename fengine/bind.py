@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from fengine.sharding import bind_values, is_sharded
+
 
 __all__ = ["Binding", "bind"]
 
@@ -33,6 +35,11 @@ class Binding:
                     if tensor is not None and id(tensor) in canonical:
                         kind, name = canonical[id(tensor)]
                         self.slots.append((store, key, kind == "p", name))
+        self.sharded = is_sharded(model)
+        if (
+            self.sharded
+        ):  # FSDP sets its parameters into their slots itself: only buffers are swapped
+            self.slots = [s for s in self.slots if not s[2]]
 
     @contextlib.contextmanager
     def __call__(
@@ -65,4 +72,11 @@ def bind(model: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[
     binding = _cache.get(model)
     if binding is None:
         binding = _cache[model] = Binding(model)
+    if binding.sharded:
+        return bind_values(model, params, buffers, binding)
     return binding(params, buffers)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop ``model``'s cached binding (`fengine.sharding.shard` replaced its parameters)."""
+    _cache.pop(model, None)

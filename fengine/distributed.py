@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from fengine.sharding import shard as shard  # FSDP2: see fengine.sharding
+
 
 __all__ = [
     "DistInfo",
@@ -31,6 +33,7 @@ __all__ = [
     "launched_world_size",
     "rank",
     "setup",
+    "shard",
     "sync_buffers",
     "world_size",
 ]

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from fengine import checkpoint, distributed
+from fengine import checkpoint, distributed, sharding
 from fengine.devices import device_of, to_device
 from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
 from fengine.events import Dispatcher, RunInfo
@@ -383,10 +383,11 @@ def _check_distributed(step: Step) -> int:
     """The world size; several ranks need a step that averages gradients across them."""
     distributed.check_launch()
     world = distributed.world_size()
-    if world > 1 and not any(type(w).__name__ == "_DataParallel" for w in step.wrappers):
+    if world > 1 and not any(type(w).__name__ in ("_DataParallel", "_Fsdp") for w in step.wrappers):
         raise ValueError(
             f"fit: {world} processes but the step does not average gradients across them, so each "
-            "would train its own model; add fengine.data_parallel() to the step (before amp)"
+            "would train its own model; add fengine.data_parallel() to the step (before amp), or "
+            "fengine.fsdp() for a model sharded with fengine.distributed.shard"
         )
     return world
 
@@ -567,8 +568,9 @@ def save(path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, l
         },  # fmt: skip
         "moment": moment,
     }
+    full = sharding.gather_state(state)  # a sharded state is gathered by every rank, for rank 0
     if run.rank == 0:  # the state is the same on every rank: rank 0 writes it
-        checkpoint.save(path, state, meta)
+        checkpoint.save(path, full, meta)
         if latest:
             checkpoint.mark_latest(run.work_dir if run.work_dir is not None else path.parent, path)
     distributed.barrier()  # on disk before any rank goes on

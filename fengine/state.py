@@ -16,6 +16,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fengine.sharding import is_sharded, shared_tensors
+
 
 __all__ = ["DonatedStateError", "TrainState", "clone_tree"]
 
@@ -39,7 +41,8 @@ class TrainState:
         gradients counts too, as schedulers do in torch and MMEngine).
       params: parameter name -> tensor, in ``module.named_parameters()`` order.
         Trainable ones have ``requires_grad=True``; they are leaves, never
-        ``nn.Parameter``.
+        ``nn.Parameter``, except for a model sharded by FSDP, whose params are the
+        module's own sharded parameters (`fengine.sharding`).
       buffers: buffer name -> tensor (BatchNorm statistics and the like).
       opt_state: the state of the gradient transformation (moments, counts); a
         dict by part name for a `fengine.multi_step`.
@@ -70,6 +73,9 @@ class TrainState:
     ) -> TrainState:
         """Take params and buffers from ``model`` (copied, to ``device`` if given); no optimizer or wrapper state.
 
+        A model sharded by FSDP (`fengine.distributed.shard`) is not copied: the state holds
+        the module's own sharded parameters and buffers, which FSDP all-gathers from.
+
         The low-level constructor behind `fengine.Step.init`, which is how a
         state for training is built (``state = step.init(model, seed=0)``).
         Parameters with ``requires_grad=False`` are kept (the forward needs them)
@@ -86,6 +92,9 @@ class TrainState:
             )
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
+        if is_sharded(model):  # FSDP all-gathers from the module's own params: share, never copy
+            params, buffers = shared_tensors(model, device)
+            return cls(params=params, buffers=buffers, seed=seed, model=model)
         to = None if device is None else torch.device(device)
         params = {
             name: p.detach().to(to or p.device, copy=True).requires_grad_(p.requires_grad)

@@ -18,7 +18,9 @@ The base ``grad_fn`` binds the state's tensors into the module, runs
 ``fold_in(seed, step, micro)`` (restored afterwards), and takes
 ``torch.autograd.grad`` of ``loss * weight`` (measured 1.6x faster than
 ``torch.func.grad`` in eager mode). ``weight`` is the loss's cotangent: the
-micro-batch share and the fp16 loss scale multiply into it.
+micro-batch share and the fp16 loss scale multiply into it. A model sharded by FSDP2
+gets its gradients from backward hooks instead: `fengine.fsdp` replaces this
+computation (`fengine.sharding`), and the base one refuses such a model.
 
 The step counter and scheduled hyper-parameters stay host-side Python numbers in
 eager mode: torch.optim's foreach kernels take Python scalars, and that is what
@@ -29,6 +31,7 @@ tensors: nothing here syncs with the device.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -40,6 +43,7 @@ from fengine.devices import device_of, devices_in
 from fengine.losses import Metrics, parse_losses
 from fengine.optim.base import GradientTransformation, collect_metrics, step_params
 from fengine.rng import fold_in, seeded_default_generators
+from fengine.sharding import refuse_autograd
 from fengine.state import TrainState
 from fengine.step_check import StepMismatchError, check_fits, check_ownership
 
@@ -111,6 +115,14 @@ def selector(spec: str | Callable[[str], bool], where: str) -> Callable[[str], b
     )
 
 
+_base_grad_fns: weakref.WeakSet = weakref.WeakSet()
+
+
+def is_base_grad_fn(fn: Any) -> bool:
+    """Whether ``fn`` is a step's own gradient computation, unwrapped (`fengine.fsdp` replaces it)."""
+    return fn in _base_grad_fns
+
+
 def _grad_fn(part: Part, multi: bool) -> GradFn:
     """The innermost gradient computation of ``part`` (see the module docstring)."""
     cache: dict[str, Any] = {}
@@ -118,6 +130,7 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
     def grad_fn(state: TrainState, batch: Any, *, weight: Any = None, micro: int = 0) -> Grads:
         params = state.params
         if cache.get("params") is not params:  # a donating step keeps the same dict
+            refuse_autograd(state.model)
             cuda = {p.device for p in params.values() if p.device.type == "cuda"}
             cache.update(params=params, names=part.owned(params), devices=tuple(cuda))
         names = cache["names"]
@@ -141,6 +154,7 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
         grads = torch.autograd.grad(target, [params[n] for n in names], allow_unused=True)
         return Grads(loss.detach(), {n: g for n, g in zip(names, grads) if g is not None}, metrics)
 
+    _base_grad_fns.add(grad_fn)
     return grad_fn
 
 

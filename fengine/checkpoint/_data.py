@@ -32,6 +32,7 @@ from fengine.checkpoint._format import (
     open_checkpoint,
 )
 from fengine.checkpoint._io import atomic_write, pread_into, run
+from fengine.sharding import is_dtensor
 
 
 def _pieces(
@@ -66,6 +67,11 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 
 def _source(name: str, t: torch.Tensor) -> _Source:
+    if is_dtensor(t):
+        raise TypeError(
+            f"checkpoint: {name} is sharded across processes (a DTensor); gather it first, on every "
+            "rank: full = fengine.sharding.gather_state(state), then save full on rank 0 (fit does this)"
+        )
     if t.layout != torch.strided:
         raise TypeError(
             f"checkpoint: {name} is a {t.layout} tensor; only dense (strided) tensors can be saved"

@@ -31,6 +31,7 @@ from fengine.checkpoint._format import (
 )
 from fengine.checkpoint._io import TEMP, NotRegularFile, atomic_write, open_regular, pid_alive
 from fengine.checkpoint._tree import Leaf, adoptable, flatten, is_empty_dict, prefixes, rebuild
+from fengine.sharding import load_leaf, owned_ids, reshard
 from fengine.state import TrainState
 
 
@@ -154,6 +155,11 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
     `fengine.optim.from_torch` optimizer, which torch fills lazily at the first
     step) takes the file's entries. Leaves that are one tensor object in
     ``like`` (tied) stay one object if their saved values are equal.
+
+    For a state of a sharded model (FSDP, `fengine.sharding`), every rank reads the full
+    tensors and keeps its shard of each sharded leaf (no communication), and the model's
+    own params and buffers, which the state shares, receive the loaded values in place
+    (there is one set of weights: the module's); the state returned holds them.
     """
     if not isinstance(like, TrainState):
         raise TypeError(
@@ -164,7 +170,11 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
     tmpl, spec = flatten(like)
     adopt = _match(h, info, tmpl, like)
     tensors = read_tensors(h, set(h.table), info.digest, verify_all=True)
-    return pytree.tree_unflatten(_values(tmpl, adopt, tensors, info), spec)
+    owned = owned_ids(like.model)  # a sharded model's own tensors are written in place
+    state = pytree.tree_unflatten(_values(tmpl, adopt, tensors, info, owned), spec)
+    if owned and like.model is not None:
+        reshard(like.model)  # no all-gathered copy of the old values survives
+    return state
 
 
 def _describe(v: Any) -> str:
@@ -283,7 +293,11 @@ def _place(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _values(
-    tmpl: list[Leaf], adopt: dict[str, list], tensors: dict[str, torch.Tensor], info: Info
+    tmpl: list[Leaf],
+    adopt: dict[str, list],
+    tensors: dict[str, torch.Tensor],
+    info: Info,
+    owned: set[int],
 ) -> list[Any]:
     """The loaded leaves, in the template's order, on the template's devices."""
     # adopted tensors: CPU if saved from CPU (torch keeps Adam's `step` there), else the template's accelerator
@@ -312,6 +326,10 @@ def _values(
             out.append(rebuild(adopt[leaf.name], len(leaf.path), values))
         elif isinstance(v, torch.Tensor):
             t = tensors[leaf.name]
+            placed = load_leaf(t, v, owned)  # sharded: this rank's shard (no communication)
+            if placed is not None:
+                out.append(first_of.setdefault(id(v), placed))
+                continue
             shared = first_of.get(id(v))
             if shared is not None and torch.equal(shared.detach().cpu(), t):
                 out.append(shared)  # one object in the template: keep it one object

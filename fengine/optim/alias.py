@@ -27,6 +27,7 @@ from torch.utils._foreach_utils import (
 )
 
 from fengine.optim.base import GradientTransformation, Hyper, check_hyper, resolve, update_via_apply
+from fengine.sharding import foreach_copy_
 
 
 __all__ = [
@@ -157,7 +158,7 @@ def sgd(
         if mom != 0:
             bufs = _pick(state.momentum_buffer, grads)
             if state.num_updates == 0:  # torch starts the buffer as a clone of the first gradient
-                torch._foreach_copy_(bufs, g)
+                foreach_copy_(bufs, g)
             else:
                 torch._foreach_mul_(bufs, mom)
                 torch._foreach_add_(bufs, g, alpha=1 - dampening)

@@ -25,12 +25,19 @@ __all__ = [
 
 
 def global_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The norm of all ``tensors`` viewed as one vector, as ``clip_grad_norm_`` computes it."""
+    """The norm of all ``tensors`` viewed as one vector, as ``clip_grad_norm_`` computes it.
+
+    For sharded tensors (DTensors, `fengine.sharding`) it is the norm of the full tensors,
+    computed as ``clip_grad_norm_`` does on them (each shard's norm, reduced across ranks),
+    and returned as a plain tensor with the same value on every rank.
+    """
     if not tensors:
         return torch.tensor(0.0)
     first = tensors[0].device
     norms = torch._foreach_norm(tensors, norm_type)
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+    total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+    full = getattr(total, "full_tensor", None)  # a DTensor: replicated here, so no communication
+    return full() if full is not None else total
 
 
 class ClipByGlobalNormState(NamedTuple):

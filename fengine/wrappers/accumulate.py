@@ -7,6 +7,7 @@ exactly, and schedules count *updates* (one per call).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -16,7 +17,15 @@ from fengine.step import GradFn, Grads, Metrics, Part
 from fengine.wrappers.base import Wrapper, once
 
 
-__all__ = ["MicroBatches", "accumulate"]
+__all__ = ["MicroBatches", "accumulate", "micro_batch_position"]
+
+_position: ContextVar[tuple[int, int] | None] = ContextVar("fengine_micro_batch", default=None)
+
+
+def micro_batch_position() -> tuple[int, int] | None:
+    """``(i, r)`` while an `accumulate` step computes micro-batch ``i`` of a group of ``r``; None
+    outside one (`fengine.fsdp` syncs gradients on the last micro-batch only, on request)."""
+    return _position.get()
 
 
 class MicroBatches(tuple):
@@ -48,10 +57,16 @@ class _Accumulate(Wrapper):
             loss: Any = None
             metrics: Metrics = {}
             for i, (mb, w_i) in enumerate(zip(group, shares)):
-                res = grad_fn(state, mb, weight=w_i if weight is None else weight * w_i, micro=i)
-                if res.grads.keys() == total.keys():
+                token = _position.set((i, r))
+                try:
+                    res = grad_fn(
+                        state, mb, weight=w_i if weight is None else weight * w_i, micro=i
+                    )
+                finally:
+                    _position.reset(token)
+                if total and res.grads.keys() == total.keys():
                     torch._foreach_add_(list(total.values()), list(res.grads.values()))
-                else:  # first micro-batch, or a param unused by some micro-batches
+                else:  # first micro-batch, a param unused by some micro-batches, or none yet (fsdp's deferred reduce)
                     for n, g in res.grads.items():
                         if n in total:
                             total[n].add_(g)

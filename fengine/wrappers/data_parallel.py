@@ -35,6 +35,10 @@ class _DataParallel(Wrapper):
 
     def validate(self, before: Sequence[Wrapper]) -> None:
         once(_DataParallel, "data_parallel", before)
+        from fengine.wrappers.fsdp import _Fsdp, fsdp_with_data_parallel
+
+        if any(isinstance(w, _Fsdp) for w in before):
+            raise ValueError(fsdp_with_data_parallel)
         late = [w for w in before if isinstance(w, (_Amp, _CheckFinite))]
         if late:
             raise ValueError(

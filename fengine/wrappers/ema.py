@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fengine.sharding import foreach_copy_
 from fengine.state import TrainState
 from fengine.step import Metrics, Part, StepFn, selector
 from fengine.wrappers.base import Wrapper
@@ -78,7 +79,7 @@ class _Ema(Wrapper):
             started = new.step >= begin  # MMEngine: runner.iter + 1 >= begin_iter
             with torch.no_grad():
                 if not started or e.steps == 0:
-                    torch._foreach_copy_(cache["avg"], cache["src"])
+                    foreach_copy_(cache["avg"], cache["src"])
                     if avg_b:
                         torch._foreach_copy_(avg_b, src_b)
                 elif e.steps % interval == 0:
