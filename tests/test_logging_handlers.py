@@ -381,18 +381,38 @@ def _fengine_lines(
     return list(lines)
 
 
+def spread(self, window_size=None):
+    """A registered statistic (the same function on MMEngine's HistoryBuffer and on History)."""
+    values = self._log_history if window_size is None else self._log_history[-window_size:]
+    return float(values.max() - values.min())
+
+
 def test_lines_match_mmengine_epoch_based(monkeypatch, lines):
     """25 iterations per epoch, interval 10: [10/25], [20/25] only (ignore_last), smoothing,
-    eta, lr and val lines -- byte for byte what MMEngine's LoggerHook prints."""
+    eta, lr and val lines -- byte for byte what MMEngine's LoggerHook prints; custom statistics
+    with every kind of window (none: the whole history) and a registered one."""
+    from mmengine.logging import HistoryBuffer
+
     train, val = _scenario(0, epochs=2, per_epoch=25, n_val=13)
     custom_cfg = [
         dict(data_src="loss", method_name="mean", window_size="global", log_name="loss_global"),
         dict(data_src="loss_cls", method_name="max", window_size="epoch", log_name="loss_cls_max"),
         dict(data_src="acc", method_name="min", window_size=3),
+        dict(data_src="loss_cls", method_name="max", log_name="loss_cls_max_all"),
+        dict(data_src="loss", method_name="mean", log_name="loss_mean_all"),
+        dict(data_src="acc", method_name="spread", window_size=4, log_name="acc_spread"),
+        dict(data_src="loss", method_name="spread", log_name="loss_spread"),
     ]
     kw = dict(by_epoch=True, interval=10, loader_len=25, max_iters=50)
-    expected = _mmengine_lines(monkeypatch, train, val, custom_cfg=custom_cfg, **kw)
-    got = _fengine_lines(lines, train, val, custom=custom_cfg, **kw)
+    fe.handlers.History.register_statistics(spread)
+    HistoryBuffer.register_statistics(spread)
+    try:
+        expected = _mmengine_lines(monkeypatch, train, val, custom_cfg=custom_cfg, **kw)
+        got = _fengine_lines(lines, train, val, custom=custom_cfg, **kw)
+    finally:
+        fe.handlers.History.unregister_statistics("spread")
+        HistoryBuffer._statistics_methods.pop("spread", None)
+    assert "loss_cls_max_all: " in got[-4] and "acc_spread: " in got[-4]
     assert [line.split("  ")[0] for line in got] == [
         "Epoch(train) [1][10/25]",
         "Epoch(train) [1][20/25]",

@@ -6,6 +6,7 @@ from fengine.handlers.early_stopping import (
     EarlyStopping as EarlyStopping,
     MissingMetricError as MissingMetricError,
 )
+from fengine.handlers.history import History as History
 from fengine.handlers.log import (
     Logger as Logger,
     ScalarHistory as ScalarHistory,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -20,9 +21,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 
 from fengine.events import Handler, Priority, Snapshot
+from fengine.handlers.history import History, known_statistics, statistic
 from fengine.handlers.timing import Timer
 
 
@@ -134,21 +137,31 @@ class Stat:
 
     Args:
         src: the metric key (``"loss"``, ``"time"``, ...; MMEngine's ``data_src``).
-        method: ``"mean"``, ``"min"``, ``"max"`` or ``"current"`` (MMEngine's ``method_name``).
+        method: ``"mean"`` (count-weighted), ``"min"``, ``"max"``, ``"current"``, or the
+            name of a statistic registered with `History.register_statistics`
+            (MMEngine's ``method_name``).
         window: iterations: an int, ``"epoch"`` (since the epoch began), ``"global"``
-            (since this process started), or None for the logger's ``window_size``.
+            (since this process started), or None for the whole history (MMEngine's
+            ``custom_cfg`` without ``window_size``: ``Stat("loss", "max")`` is the
+            largest loss logged so far).
         name: the key to log it under; None replaces ``src`` itself (MMEngine's ``log_name``).
+        options: extra keyword arguments for a registered statistic (the other keys
+            of an MMEngine ``custom_cfg`` entry). A registered statistic is called as
+            MMEngine calls it: ``fn(history, window_size=window, **options)`` (no
+            ``window_size`` when ``window`` is None), ``history`` a `History`.
     """
 
     src: str
     method: str = "mean"
     window: int | str | None = None
     name: str | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in _METHODS:
+        if self.method not in _METHODS and statistic(self.method) is None:
             raise ValueError(
-                f"Stat({self.src!r}): method must be one of {_METHODS}, got {self.method!r}"
+                f"Stat({self.src!r}): method must be one of {list(known_statistics())} "
+                f"(History.register_statistics adds more), got {self.method!r}"
             )
         w = self.window
         if not (
@@ -159,21 +172,32 @@ class Stat:
             raise ValueError(
                 f"Stat({self.src!r}): window must be an int >= 1, 'epoch', 'global' or None, got {w!r}"
             )
+        if self.options and self.method in _METHODS:
+            raise ValueError(
+                f"Stat({self.src!r}): options are for registered statistics, not {self.method!r}"
+            )
+        if self.method not in _METHODS and isinstance(w, str):
+            raise ValueError(
+                f"Stat({self.src!r}): a registered statistic takes an int window or None, got {w!r}"
+            )
 
     @classmethod
     def from_mmengine(cls, cfg: Mapping[str, Any]) -> Stat:
-        """From an MMEngine ``custom_cfg`` dict: ``data_src``, ``method_name``, ``window_size``, ``log_name``."""
-        unknown = set(cfg) - {"data_src", "method_name", "window_size", "log_name"}
-        if unknown or "data_src" not in cfg:
+        """From an MMEngine ``custom_cfg`` dict: ``data_src``, ``method_name``, ``window_size``,
+        ``log_name``; other keys are the options of a registered statistic."""
+        if "data_src" not in cfg:
             raise ValueError(
                 f"Stat.from_mmengine: expected keys data_src (required), method_name, window_size, log_name; got {sorted(cfg)}"
             )
-        return cls(
-            cfg["data_src"],
-            cfg.get("method_name", "mean"),
-            cfg.get("window_size"),
-            cfg.get("log_name"),
-        )
+        known = {"data_src", "method_name", "window_size", "log_name"}
+        method = cfg.get("method_name", "mean")
+        options = {k: v for k, v in cfg.items() if k not in known}
+        if options and method in _METHODS:
+            raise ValueError(
+                f"Stat.from_mmengine: unknown keys {sorted(options)} for method {method!r}; "
+                f"expected data_src, method_name, window_size, log_name"
+            )
+        return cls(cfg["data_src"], method, cfg.get("window_size"), cfg.get("log_name"), options)
 
     @property
     def key(self) -> str:
@@ -181,124 +205,183 @@ class Stat:
 
 
 class _Series:
-    """One scalar's history: raw values not yet on the host (``pending``), then host floats."""
+    """One scalar's history: raw values not yet on the host (``pending``), then host floats.
 
-    __slots__ = ("pending", "values", "keep_all", "epoch_cut", "g", "e")
+    ``values``/``counts`` keep the last ``cap`` entries (``cap=None``: all); ``g``/``e``
+    are running ``[sum of values, sum of counts, min, max]`` since this process started
+    and since the epoch began (kept when ``running``)."""
 
-    def __init__(self, cap: int, keep_all: bool) -> None:
-        self.pending: collections.deque = collections.deque(maxlen=None if keep_all else cap)
+    __slots__ = ("pending", "pending_counts", "values", "counts", "running", "epoch_cut", "g", "e")
+
+    def __init__(self, cap: int | None, running: bool) -> None:
+        self.pending: collections.deque = collections.deque(maxlen=None if running else cap)
+        self.pending_counts: collections.deque = collections.deque(maxlen=self.pending.maxlen)
         self.values: collections.deque = collections.deque(maxlen=cap)
-        self.keep_all = keep_all
+        self.counts: collections.deque = collections.deque(maxlen=cap)
+        self.running = running
         self.epoch_cut = 0  # pending[:epoch_cut] belong to an earlier epoch
-        self.g = [0.0, 0, math.inf, -math.inf]  # global sum, count, min, max
-        self.e = [0.0, 0, math.inf, -math.inf]  # the same since the epoch began
+        self.g = [0.0, 0.0, math.inf, -math.inf]
+        self.e = [0.0, 0.0, math.inf, -math.inf]
 
-    def absorb(self, host: list[float]) -> None:
+    def absorb(self, host: list[float], counts: list[float]) -> None:
         self.values.extend(host)
-        if self.keep_all:
-            for j, x in enumerate(host):
+        self.counts.extend(counts)
+        if self.running:
+            for j, (x, c) in enumerate(zip(host, counts)):
                 accs = (self.g, self.e) if j >= self.epoch_cut else (self.g,)
                 for acc in accs:
                     acc[0] += x
-                    acc[1] += 1
+                    acc[1] += c
                     acc[2] = min(acc[2], x)
                     acc[3] = max(acc[3], x)
         self.pending.clear()
+        self.pending_counts.clear()
         self.epoch_cut = 0
 
-    def stat(self, method: str, window: int | str) -> float | None:
+    def stat(self, method: str, window: int | str | None, options: Mapping[str, Any]) -> Any:
         if not self.values:
             return None
         if method == "current":
             return self.values[-1]
+        if method not in _METHODS:  # a registered statistic sees the kept history
+            # called as MMEngine calls it: fn(history, window_size=w, **options), no window_size for None
+            hist = History(self.values, self.counts, max_length=max(len(self.values), 1))
+            sized = {} if window is None else {"window_size": window}
+            return hist.statistics(method, **sized, **options)
         if isinstance(window, str):
-            acc = self.g if window == "global" else self.e
-            if acc[1] == 0:
+            acc = self.g if window in ("global", None) else self.e
+            if acc[2] == math.inf and acc[3] == -math.inf:  # nothing yet
                 return None
-            return {"mean": acc[0] / acc[1], "min": acc[2], "max": acc[3]}[method]
-        vals = list(self.values)[-window:]
-        if method == "mean":
-            return sum(vals) / len(vals)
+            if method == "mean":
+                return acc[0] / acc[1] if acc[1] else math.nan
+            return acc[2] if method == "min" else acc[3]
+        n = len(self.values) if window is None else min(window, len(self.values))
+        vals = list(itertools.islice(reversed(self.values), n))[::-1]
+        if method == "mean":  # MMEngine's HistoryBuffer.mean, with numpy's summation order
+            counts = list(itertools.islice(reversed(self.counts), n))[::-1]
+            return float(np.sum(vals) / np.sum(counts))
         return min(vals) if method == "min" else max(vals)
 
 
 class ScalarHistory:
-    """MMEngine's ``HistoryBuffer`` per key, kept on the device until `sync`.
+    """MMEngine's ``HistoryBuffer`` per key (the logger's store), kept on the device until `sync`.
 
     A key keeps as many values as its statistics need (``window_size`` for keys
     matching ``mean_pattern``, else 1; more for `Stat` windows, running sums for
-    ``"epoch"`` / ``"global"``).
+    ``"epoch"`` / ``"global"`` and whole-history statistics). Values may be logged
+    with a ``count`` (MMEngine's ``update(value, count)``): means are
+    ``sum(values) / sum(counts)``.
+
+    ``max_length``: None (default) keeps whole-history statistics exact as running
+    sums, never dropping a value; an int bounds them to the last ``max_length``
+    values, as MMEngine's buffers (1,000,000 there) do. Registered statistics see the
+    last ``max_length`` values (all of them when None).
     """
 
     def __init__(
-        self, window_size: int = 10, stats: Iterable[Stat] = (), mean_pattern: str = MEAN_PATTERN
+        self,
+        window_size: int = 10,
+        stats: Iterable[Stat] = (),
+        mean_pattern: str = MEAN_PATTERN,
+        max_length: int | None = None,
     ) -> None:
         _check_positive(window_size, "window_size")
+        if max_length is not None:
+            _check_positive(max_length, "max_length")
         self.window_size = window_size
+        self.max_length = max_length
         self.stats = tuple(stats)
         self.pattern = re.compile(mean_pattern)
         self._series: dict[str, _Series] = {}
 
     def _new(self, key: str) -> _Series:
-        cap = self.window_size if self.pattern.search(key) else 1
-        keep_all = False
+        cap: int | None = self.window_size if self.pattern.search(key) else 1
+        running = False
         for st in self.stats:
-            if st.src == key:
-                w = self.window_size if st.window is None else st.window
-                if isinstance(w, str):
-                    keep_all = keep_all or st.method != "current"
-                elif st.method != "current":
-                    cap = max(cap, w)
-        s = _Series(cap, keep_all)
+            if st.src != key or st.method == "current":
+                continue
+            w = st.window
+            if isinstance(w, str) or (
+                w is None and st.method in _METHODS and self.max_length is None
+            ):
+                running = True
+            elif w is None:
+                cap = None if self.max_length is None or cap is None else max(cap, self.max_length)
+            elif cap is not None:
+                cap = max(cap, w)
+        if cap is not None and self.max_length is not None:
+            cap = min(cap, self.max_length)
+        s = _Series(cap, running)
         self._series[key] = s
         return s
 
-    def append(self, key: str, value: Any) -> None:
+    def append(self, key: str, value: Any, count: Any = 1) -> None:
+        """Record ``value`` (a tensor stays on its device until `sync`) logged ``count`` times."""
         s = self._series.get(key)
         if s is None:
             s = self._new(key)
         s.pending.append(value)
+        s.pending_counts.append(count)
 
     def new_epoch(self) -> None:
         for s in self._series.values():
             s.epoch_cut = len(s.pending)
-            s.e = [0.0, 0, math.inf, -math.inf]
+            s.e = [0.0, 0.0, math.inf, -math.inf]
 
     def sync(self) -> None:
-        """Move every pending value to the host in one transfer per device."""
+        """Move every pending value (and count) to the host in one transfer per device."""
         flat: list[Any] = []
         spans = []
         for s in self._series.values():
             if s.pending:
-                spans.append((s, len(flat), len(s.pending)))
+                n = len(s.pending)
+                spans.append((s, len(flat), n))
                 flat.extend(s.pending)
+                flat.extend(s.pending_counts)
         if not flat:
             return
         host = to_host(flat)
         for s, start, n in spans:
-            s.absorb(host[start : start + n])
+            s.absorb(host[start : start + n], host[start + n : start + 2 * n])
 
-    def stat(self, key: str, method: str = "mean", window: int | str | None = None) -> float | None:
-        """A statistic of ``key`` over what was synced (call `sync` first); None if unknown."""
+    def stat(
+        self, key: str, method: str = "mean", window: int | str | None = None, **options: Any
+    ) -> Any:
+        """A statistic of ``key`` over what was synced (call `sync` first); None if unknown.
+        ``window=None``: the whole history (MMEngine's ``HistoryBuffer.mean()``)."""
         s = self._series.get(key)
-        return None if s is None else s.stat(method, self.window_size if window is None else window)
+        return None if s is None else s.stat(method, self._window(method, window), options)
 
-    def collect(self) -> dict[str, float]:
+    def _window(self, method: str, window: int | str | None) -> int | str | None:
+        """The whole history of a built-in statistic is its running sums when nothing is dropped."""
+        if window is None and method in _METHODS and self.max_length is None:
+            return "global"
+        return window
+
+    def history(self, key: str) -> History:
+        """The values and counts ``key`` keeps, as a host-side `History` (syncs first)."""
+        self.sync()
+        s = self._series.get(key)
+        if s is None:
+            raise KeyError(f"ScalarHistory: no key {key!r}; keys: {sorted(self._series)}")
+        return History(s.values, s.counts, max_length=max(len(s.values), 1))
+
+    def collect(self) -> dict[str, Any]:
         """Sync, then MMEngine's ``_collect_scalars``: default statistic per key, then the `Stat`s."""
         self.sync()
-        tag: dict[str, float] = {}
+        tag: dict[str, Any] = {}
         for key, s in self._series.items():
             value = (
-                s.stat("mean", self.window_size)
+                s.stat("mean", self.window_size, {})
                 if self.pattern.search(key)
-                else s.stat("current", 1)
+                else s.stat("current", 1, {})
             )
             if value is not None:
                 tag[key] = value
         for st in self.stats:
             src = self._series.get(st.src)
             if src is not None:
-                value = src.stat(st.method, self.window_size if st.window is None else st.window)
+                value = src.stat(st.method, self._window(st.method, st.window), st.options)
                 if value is not None:
                     tag[st.key] = value
         return tag
