@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fengine.events import Handler, Priority, Snapshot
+from fengine.handlers.banner import environment, format_banner, format_config
 from fengine.handlers.history import History, known_statistics, statistic
 from fengine.handlers.timing import Timer
 
@@ -35,6 +36,7 @@ __all__ = [
     "Logger",
     "ScalarHistory",
     "Stat",
+    "exp_name_due",
     "get_logger",
     "should_log",
     "to_host",
@@ -85,12 +87,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _host_item(value: Any) -> Any:
+    """A one-element tensor or array, or a numpy number, as a Python number; else ``value``."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value
+    if isinstance(value, np.ndarray):
+        return value.item() if value.size == 1 else value
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _host_items(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Evaluation results with one-element tensors as Python numbers (once per pass)."""
-    return {
-        k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
-        for k, v in metrics.items()
-    }
+    """Evaluation results with one-element tensors/arrays as Python numbers (once per pass)."""
+    return {k: _host_item(v) for k, v in metrics.items()}
 
 
 def _rank() -> int:
@@ -404,8 +412,25 @@ def should_log(snap: Snapshot, interval: int, ignore_last: bool = True) -> bool:
     return i == n and (not ignore_last or n <= interval)
 
 
+def exp_name_due(snap: Snapshot, interval: int) -> bool:
+    """MMEngine's LoggerHook rule for its ``Exp name: ...`` line after a train iteration:
+    every ``interval`` updates (global step), and when ``batch_idx + 1`` equals the
+    updates per epoch. (MMEngine's iteration-based loop passes the global step as
+    ``batch_idx``, so an iteration-based run prints it at the end of its first epoch only.)
+    """
+    end = snap.step if not snap.run.by_epoch else _batch_number(snap)
+    return snap.step % interval == 0 or end == snap.run.steps_per_epoch
+
+
 def _fmt(value: Any, digits: int) -> str:
-    return f"{value:.{digits}f}" if _is_number(value) else str(value)
+    """A value as MMEngine's LogProcessor prints it: floats with ``digits`` decimals, ints
+    as they are, tensors and arrays (non-scalar results, e.g. a confusion matrix) on their
+    own lines."""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"\n{value}\n"
+    return str(value)
 
 
 def _to_json(x: Any) -> Any:
@@ -461,14 +486,30 @@ class _TrainScalars(Handler):
         self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
         self._rename = {}
 
-    def _key(self, key: str, metrics: Mapping[str, Any]) -> str | None:
-        """``lr`` for the first ``<group>/lr`` when there is no plain ``lr``; None drops a key."""
+    def _key(self, key: str, snap: Snapshot) -> str | None:
+        """The name a metric is logged under (None drops it): the lr of param group 0 of each
+        optimizer, named as MMEngine's RuntimeInfoHook names ``optim_wrapper.get_lr()``.
+
+        One optimizer: ``lr``, or with `fengine.optim.partition` the first ``<group>/lr``.
+        A `fengine.multi_step` (MMEngine's OptimWrapperDict): ``<part>.lr`` for each part, from
+        its ``<part>/lr`` (or its first ``<part>/<group>/lr``). The other groups' lrs are dropped.
+        """
         if key not in self._rename:
-            name: str | None = key
-            if key.endswith("/lr") and "lr" not in metrics:
-                name = None if "lr" in self._rename.values() else "lr"
-            self._rename[key] = name
+            self._rename[key] = self._lr_name(key, snap) if key.endswith("/lr") else key
         return self._rename[key]
+
+    def _lr_name(self, key: str, snap: Snapshot) -> str | None:
+        opt_state = getattr(snap.state, "opt_state", None)
+        part = key.split("/", 1)[0]
+        if isinstance(opt_state, dict) and part in opt_state:  # a multi_step part
+            plain, name = f"{part}/lr", f"{part}.lr"
+        else:
+            plain, name = "lr", "lr"
+        if key == plain:
+            return name
+        if plain in snap.metrics or name in self._rename.values():
+            return None  # the optimizer's own lr, or an earlier group's, is the one logged
+        return name
 
     def _timing(self, phase: str, hist: ScalarHistory) -> bool:
         """Append the timer's latest ``time`` / ``data_time``; False if it has none."""
@@ -484,7 +525,7 @@ class _TrainScalars(Handler):
             return None
         for key, value in snap.metrics.items():
             if isinstance(value, (torch.Tensor, float, int)):
-                name = self._key(key, snap.metrics)
+                name = self._key(key, snap)
                 if name is not None:
                     self._train.append(name, value)
         self._timing("train", self._train)
@@ -510,9 +551,20 @@ class Logger(_TrainScalars):
         custom: extra statistics (`Stat`, or MMEngine ``custom_cfg`` dicts).
         num_digits: decimals printed (MMEngine's ``num_digits``).
         mean_pattern: which keys are window-averaged.
+        exp_name: the experiment name of the ``Exp name: <name>`` lines; default
+            ``<work_dir name>_<timestamp>`` (the log file's timestamp; MMEngine:
+            ``<config name>_<timestamp>``), or the timestamp without a work dir.
+        interval_exp_name: print ``Exp name: ...`` every this many updates (global step)
+            and at the end of each epoch (MMEngine's rule, see `exp_name_due`); 0: never.
+        env: log the environment at the start of a run (MMEngine's ``System environment``
+            / ``Runtime environment`` banner: versions, devices, seed, deterministic flags).
+        log_config: log the run's resolved config (``fit(config=...)``) at the start,
+            ``Config:`` and the config as MMEngine's ``pretty_text`` writes it.
 
     The lr printed is the step metric ``lr`` (with `fengine.optim.partition`, the
-    first group's ``<group>/lr``, as MMEngine logs param group 0). Only rank 0 logs.
+    first group's ``<group>/lr``, as MMEngine logs param group 0); a `fengine.multi_step`
+    prints each part's as ``<part>.lr`` (MMEngine's OptimWrapperDict: ``gen.lr``,
+    ``disc.lr``). Only rank 0 logs.
     """
 
     def __init__(
@@ -527,8 +579,18 @@ class Logger(_TrainScalars):
         custom: Iterable[Stat | Mapping[str, Any]] = (),
         num_digits: int = 4,
         mean_pattern: str = MEAN_PATTERN,
+        exp_name: str | None = None,
+        interval_exp_name: int = 1000,
+        env: bool = True,
+        log_config: bool = True,
         priority: int | str | None = None,
     ) -> None:
+        if isinstance(interval_exp_name, bool) or not isinstance(interval_exp_name, int):
+            raise TypeError(f"Logger: interval_exp_name must be an int, got {interval_exp_name!r}")
+        if interval_exp_name < 0:
+            raise ValueError(f"Logger: interval_exp_name must be >= 0, got {interval_exp_name}")
+        if exp_name is not None and (not isinstance(exp_name, str) or not exp_name):
+            raise ValueError(f"Logger: exp_name must be a non-empty str, got {exp_name!r}")
         if timer is True:
             timer = None
         if not (timer is None or timer is False or isinstance(timer, Timer)):
@@ -548,6 +610,12 @@ class Logger(_TrainScalars):
         self.json_file = json_file
         self.log_file = log_file
         self.num_digits = num_digits
+        self.exp_name = exp_name
+        self.interval_exp_name = interval_exp_name
+        self.env = env
+        self.log_config = log_config
+        self.timestamp: str | None = None  # of this run's log file, set at before_run
+        self.experiment_name: str | None = None  # what the Exp name lines print
         self._own_timer = timer is None
         self._eval: dict[str, ScalarHistory] = {}
         self._json_path: Path | None = None
@@ -566,7 +634,14 @@ class Logger(_TrainScalars):
         if not self._active:
             return
         self.logger = get_logger()
+        self.timestamp = time.strftime("%Y%m%d_%H%M%S")
         work_dir = snap.run.work_dir
+        if self.exp_name is not None:
+            self.experiment_name = self.exp_name
+        elif work_dir is not None and Path(work_dir).resolve().name:
+            self.experiment_name = f"{Path(work_dir).resolve().name}_{self.timestamp}"
+        else:
+            self.experiment_name = self.timestamp
         if work_dir is not None:
             self._open_files(Path(work_dir))
         run = snap.run
@@ -575,6 +650,10 @@ class Logger(_TrainScalars):
             self.logger.info(
                 "devices: %s", ", ".join(f"rank {r}: {d}" for r, d in enumerate(run.devices))
             )
+        if self.env:
+            self.logger.info(format_banner(*environment(snap)))
+        if self.log_config and run.config:
+            self.logger.info("Config:\n%s", format_config(run.config))
 
     def _open_files(self, work_dir: Path) -> None:
         work_dir = Path(work_dir)
@@ -585,7 +664,7 @@ class Logger(_TrainScalars):
             stale.close()
         self._file_handler = None
         if self.log_file:
-            path = work_dir / f"{time.strftime('%Y%m%d_%H%M%S')}.log"
+            path = work_dir / f"{self.timestamp or time.strftime('%Y%m%d_%H%M%S')}.log"
             self._file_handler = logging.FileHandler(path, encoding="utf-8")
             self._file_handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
             self._file_handler._fengine_run_log = True  # type: ignore[attr-defined]
@@ -661,6 +740,12 @@ class Logger(_TrainScalars):
     # ------------------------------------------------------------------ train
     def on_after_train_iter(self, snap: Snapshot) -> None:
         self._tick("after_train_iter", snap)
+        if (
+            self.interval_exp_name
+            and self._is_active()
+            and exp_name_due(snap, self.interval_exp_name)
+        ):
+            self.logger.info("Exp name: %s", self.experiment_name)
         tag = self._train_scalars(snap)
         if tag is None:
             return
@@ -752,7 +837,11 @@ class Logger(_TrainScalars):
         if not self._is_active():
             return
         n: int | str = snap.eval_len if snap.eval_len is not None else "?"
-        items = _host_items(snap.metrics)
+        results = _host_items(snap.metrics)
+        # MMEngine's order: scalar results, then the others (a confusion matrix on its own
+        # lines), then the pass's mean data_time and time
+        items = {k: v for k, v in results.items() if _is_number(v)}
+        items.update((k, v) for k, v in results.items() if not _is_number(v))
         hist = self._eval.get(snap.phase)
         if hist is not None:
             hist.sync()
