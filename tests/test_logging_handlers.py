@@ -757,9 +757,12 @@ def _read_events(path):
     return out
 
 
-def test_tensorboard_event_file(tmp_path):
+@pytest.mark.parametrize("by_epoch", [True, False])
+def test_tensorboard_event_file(tmp_path, by_epoch):
+    """Train scalars at the Logger's iterations and values; validation at the epoch
+    (MMEngine's ``log_metric_by_epoch=True``) or, with False, at the step."""
     timer = Timer()
-    tb = TensorBoard(timer=timer)
+    tb = TensorBoard(timer=timer, log_metric_by_epoch=by_epoch)
     tiny_fit(tmp_path, handlers=[timer, Logger(timer=timer), tb], max_epochs=2, val=val_spec())
     tb.close()  # idempotent after after_run
     files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -784,12 +787,10 @@ def test_tensorboard_event_file(tmp_path):
         assert [v for _, v in by_tag[f"train/{key}"]] == pytest.approx(
             [r[key] for r in train], rel=1e-6
         )
-    assert by_tag["val/accuracy"] == [
-        (r["step"], pytest.approx(r["val/accuracy"], rel=1e-6))
-        for r in records
-        if "val/accuracy" in r
+    assert [v for _, v in by_tag["val/accuracy"]] == [
+        pytest.approx(r["val/accuracy"], rel=1e-6) for r in records if "val/accuracy" in r
     ]
-    assert [s for s, _ in by_tag["val/accuracy"]] == [25, 50]
+    assert [s for s, _ in by_tag["val/accuracy"]] == ([1, 2] if by_epoch else [25, 50])
 
 
 def test_tensorboard_needs_a_directory():
@@ -798,15 +799,17 @@ def test_tensorboard_needs_a_directory():
 
 
 def test_only_rank_zero_writes(tmp_path, monkeypatch, capsys):
-    from fengine.handlers import log, progress, tensorboard
+    from fengine.handlers import log, progress, tensorboard, trackers
 
     for module in (
         log,
         progress,
         tensorboard,
+        trackers,
     ):  # not torch.distributed itself: the DataLoader reads it too
         monkeypatch.setattr(module, "_rank", lambda: 1)
-    tiny_fit(tmp_path, handlers=[Timer(), Logger(), TensorBoard()], max_epochs=1)
+    handlers = [Timer(), Logger(), TensorBoard(), fe.handlers.WandB(), fe.handlers.MLflow()]
+    tiny_fit(tmp_path, handlers=handlers, max_epochs=1)  # rank 1 imports neither wandb nor mlflow
     assert [p.name for p in tmp_path.iterdir()] == [
         fe.workdir.LOCK_NAME
     ]  # the run's lock, no output
