@@ -167,6 +167,7 @@ def test_scalar_history_registered_statistic(registered):
     assert Stat.from_mmengine(
         dict(data_src="loss", method_name="weighted_mean", window_size=3, weight=[1, 2, 3])
     ) == Stat("loss", "weighted_mean", 3, None, {"weight": [1, 2, 3]})
+    assert len({Stat("loss", "weighted_mean", 3, None, {"weight": [1, 2, 3]}), Stat("loss")}) == 2
 
 
 def test_stat_rejects_unknown_methods_and_options():

@@ -163,7 +163,7 @@ class Stat:
     method: str = "mean"
     window: int | str | None = None
     name: str | None = None
-    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS and statistic(self.method) is None:
