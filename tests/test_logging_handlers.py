@@ -9,6 +9,7 @@ the event file back.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -65,8 +66,10 @@ def lines():
     logger.removeHandler(handler)
 
 
-def state_at(step=0, epoch=0, batch_in_epoch=0):
-    return SimpleNamespace(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, params={})
+def state_at(step=0, epoch=0, batch_in_epoch=0, opt_state=()):
+    return SimpleNamespace(
+        step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, params={}, opt_state=opt_state
+    )
 
 
 def run_info(
@@ -104,7 +107,7 @@ class Driver:
         self.emit("before_train_iter", batch_idx=b, data_time=self.clock.now - start)
         self.clock.now += c
         s = self.state
-        self.state = state_at(s.step + 1, s.epoch, s.batch_in_epoch + 1)
+        self.state = state_at(s.step + 1, s.epoch, s.batch_in_epoch + 1, s.opt_state)
         self.emit(
             "after_train_iter", batch_idx=b, metrics=metrics, data_time=self.clock.now - start - c
         )
@@ -173,7 +176,7 @@ def test_console_line_layout_exact(lines):
     clock = Clock()
     timer = Timer(clock=clock)
     run = run_info(max_epochs=10, steps_per_epoch=1563)
-    drv = Driver([timer, Logger(timer=timer, json_file=None)], run, clock)
+    drv = Driver([timer, Logger(timer=timer, json_file=None, env=False)], run, clock)
     drv.emit("before_run")
     drv.emit("before_train")
     drv.emit("before_train_epoch")
@@ -193,7 +196,7 @@ def test_iteration_padding_and_iter_form(lines):
     clock = Clock()
     timer = Timer(clock=clock)
     run = run_info(by_epoch=False, steps_per_epoch=400, max_steps=1000)
-    drv = Driver([timer, Logger(timer=timer, json_file=None)], run, clock)
+    drv = Driver([timer, Logger(timer=timer, json_file=None, env=False)], run, clock)
     drv.emit("before_train")
     drv.emit("before_train_epoch")
     for b in range(10):
@@ -208,7 +211,7 @@ def test_val_lines(lines):
     clock = Clock()
     timer = Timer(clock=clock)
     run = run_info(max_epochs=1, steps_per_epoch=2)
-    drv = Driver([timer, Logger(timer=timer, json_file=None)], run, clock)
+    drv = Driver([timer, Logger(timer=timer, json_file=None, env=False)], run, clock)
     drv.emit("before_train")
     drv.emit("before_train_epoch")
     for b in range(2):
@@ -345,7 +348,7 @@ def _mmengine_lines(
         if by_epoch:
             runner.epoch += 1
             validate(val[e])
-    return [line.rstrip() for line in out if not line.startswith("Exp name")]
+    return [line.rstrip() for line in out]
 
 
 def _fengine_lines(
@@ -356,7 +359,8 @@ def _fengine_lines(
     run = run_info(
         by_epoch=by_epoch, max_epochs=len(train), steps_per_epoch=loader_len, max_steps=max_iters
     )
-    drv = Driver([timer, Logger(interval, timer=timer, json_file=None, custom=custom)], run, clock)
+    logger = Logger(interval, timer=timer, json_file=None, custom=custom, exp_name="exp", env=False)
+    drv = Driver([timer, logger], run, clock)
     drv.emit("before_run")
     drv.emit("before_train")
     done = []
@@ -381,25 +385,47 @@ def _fengine_lines(
     return list(lines)
 
 
+def spread(self, window_size=None):
+    """A registered statistic (the same function on MMEngine's HistoryBuffer and on History)."""
+    values = self._log_history if window_size is None else self._log_history[-window_size:]
+    return float(values.max() - values.min())
+
+
 def test_lines_match_mmengine_epoch_based(monkeypatch, lines):
     """25 iterations per epoch, interval 10: [10/25], [20/25] only (ignore_last), smoothing,
-    eta, lr and val lines -- byte for byte what MMEngine's LoggerHook prints."""
+    eta, lr and val lines -- byte for byte what MMEngine's LoggerHook prints; custom statistics
+    with every kind of window (none: the whole history) and a registered one."""
+    from mmengine.logging import HistoryBuffer
+
     train, val = _scenario(0, epochs=2, per_epoch=25, n_val=13)
     custom_cfg = [
         dict(data_src="loss", method_name="mean", window_size="global", log_name="loss_global"),
         dict(data_src="loss_cls", method_name="max", window_size="epoch", log_name="loss_cls_max"),
         dict(data_src="acc", method_name="min", window_size=3),
+        dict(data_src="loss_cls", method_name="max", log_name="loss_cls_max_all"),
+        dict(data_src="loss", method_name="mean", log_name="loss_mean_all"),
+        dict(data_src="acc", method_name="spread", window_size=4, log_name="acc_spread"),
+        dict(data_src="loss", method_name="spread", log_name="loss_spread"),
     ]
     kw = dict(by_epoch=True, interval=10, loader_len=25, max_iters=50)
-    expected = _mmengine_lines(monkeypatch, train, val, custom_cfg=custom_cfg, **kw)
-    got = _fengine_lines(lines, train, val, custom=custom_cfg, **kw)
+    fe.handlers.History.register_statistics(spread)
+    HistoryBuffer.register_statistics(spread)
+    try:
+        expected = _mmengine_lines(monkeypatch, train, val, custom_cfg=custom_cfg, **kw)
+        got = _fengine_lines(lines, train, val, custom=custom_cfg, **kw)
+    finally:
+        fe.handlers.History.unregister_statistics("spread")
+        HistoryBuffer._statistics_methods.pop("spread", None)
+    assert "loss_cls_max_all: " in got[-5] and "acc_spread: " in got[-5]
     assert [line.split("  ")[0] for line in got] == [
         "Epoch(train) [1][10/25]",
         "Epoch(train) [1][20/25]",
+        "Exp name: exp",
         "Epoch(val) [1][10/13]",
         "Epoch(val) [1][13/13]",
         "Epoch(train) [2][10/25]",
         "Epoch(train) [2][20/25]",
+        "Exp name: exp",
         "Epoch(val) [2][10/13]",
         "Epoch(val) [2][13/13]",
     ]
@@ -461,16 +487,20 @@ def test_fit_toy_example_logs_10_and_20_of_25(tmp_path, capsys):
     """FEATURES §25 item 18: 50 samples, batch 2, one epoch -> lines at [10/25] and [20/25] only."""
     tiny_fit(tmp_path, handlers=default_handlers(), max_epochs=2)
     out = capsys.readouterr().out.splitlines()
-    heads = [line.split(" - INFO - ")[1].split("  ")[0] for line in out]
-    assert heads == [
+    (log,) = tmp_path.glob("*.log")
+    assert log.read_text().splitlines() == out  # the console and the file: the same lines
+    records = [line.split(" - INFO - ")[1] for line in out if " - fengine - INFO - " in line]
+    assert records[0] == ""  # the environment banner, MMEngine's frame: a message on its own lines
+    assert out[out.index(next(x for x in out if x.endswith(" - INFO - "))) + 1] == "-" * 60
+    exp = f"Exp name: {tmp_path.name}_{log.stem}"  # MMEngine: <config name>_<timestamp>
+    assert [r.split("  ")[0] for r in records[1:]] == [
         "Epoch(train) [1][10/25]",
         "Epoch(train) [1][20/25]",
+        exp,  # at the end of each epoch (and every 1000 updates)
         "Epoch(train) [2][10/25]",
         "Epoch(train) [2][20/25]",
+        exp,
     ]
-    assert all(" - fengine - INFO - " in line for line in out)
-    logs = list(tmp_path.glob("*.log"))
-    assert len(logs) == 1 and logs[0].read_text().splitlines() == out
 
 
 # ------------------------------------------------------------------ smoothing
@@ -591,7 +621,98 @@ def test_partitioned_optimizer_logs_first_group_lr(tmp_path, lines):
     assert [r["lr"] for r in records] == [head(s - 1) for s in (2, 4, 6, 8)]
     assert all("body/lr" not in r and "last/lr" not in r for r in records)
     assert head(1) == pytest.approx(0.2 * (0.5 + 0.5 / 3))
-    assert lines[0].startswith(f"Epoch(train) [1][2/8]  lr: {head(1):.4e}  loss: ")
+    train = [line for line in lines if line.startswith("Epoch(train)")]
+    assert train[0].startswith(f"Epoch(train) [1][2/8]  lr: {head(1):.4e}  loss: ")
+
+
+def test_multi_optimizer_lrs_match_mmengine_optim_wrapper_dict(monkeypatch, lines):
+    """A multi_step's ``disc/lr``, ``gen/lr`` (and a partition inside a part) print as MMEngine
+    prints an OptimWrapperDict's ``get_lr()`` (RuntimeInfoHook -> ``train/disc.lr``, ...)."""
+    from mmengine.hooks import LoggerHook, RuntimeInfoHook
+    from mmengine.logging import MessageHub
+    from mmengine.optim import OptimWrapper, OptimWrapperDict
+    from mmengine.runner import LogProcessor, log_processor
+
+    monkeypatch.setattr(log_processor, "is_cuda_available", lambda: False)
+    n = 12
+    lr_d = [2e-4 * 0.9**i for i in range(n)]
+    lr_g = [1e-4 * (i + 1) / n for i in range(n)]
+    losses = [{"disc/loss": 0.5 + 0.01 * i, "gen/loss": 2.0 - 0.1 * i} for i in range(n)]
+
+    # MMEngine: two wrappers in an OptimWrapperDict, lrs set on param group 0 each iteration
+    out: list[str] = []
+    wrappers = OptimWrapperDict(
+        disc=OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)),
+        gen=OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)),
+    )
+    runner = SimpleNamespace(
+        message_hub=MessageHub.get_instance(f"fengine-oracle-{uuid.uuid4()}"),
+        logger=SimpleNamespace(info=out.append),
+        visualizer=SimpleNamespace(add_scalars=lambda *a, **k: None),
+        optim_wrapper=wrappers,
+        train_dataloader=range(n),
+        train_loop=SimpleNamespace(dataloader=range(n)),
+        _train_loop=object(),
+        max_epochs=1,
+        max_iters=n,
+        iter=0,
+        epoch=0,
+        experiment_name="exp",
+        timestamp="t",
+        log_processor=LogProcessor(),
+    )
+    info, logger = RuntimeInfoHook(), LoggerHook(interval=4)
+    logger.before_run(runner)
+    for i in range(n):
+        wrappers["disc"].optimizer.param_groups[0]["lr"] = lr_d[i]
+        wrappers["gen"].optimizer.param_groups[0]["lr"] = lr_g[i]
+        info.before_train_iter(runner, i)
+        info.after_train_iter(runner, i, outputs=losses[i])
+        logger.after_train_iter(runner, i)
+        runner.iter += 1
+    expected = list(out)
+    assert list(wrappers.get_lr()) == ["disc.lr", "gen.lr"]
+
+    # fengine: the step's metrics, the state's opt_state a dict by part (a multi_step)
+    for partitioned in (False, True):
+        lines.clear()
+        logger = Logger(4, timer=False, json_file=None, exp_name="exp", env=False)
+        drv = Driver([logger], run_info(steps_per_epoch=n), Clock())
+        drv.state = state_at(opt_state={"disc": (), "gen": ()})
+        drv.emit("before_run")
+        drv.emit("before_train_epoch")
+        for i in range(n):
+            metrics = {"disc/loss": torch.tensor(losses[i]["disc/loss"], dtype=torch.float64)}
+            metrics["disc/lr"] = lr_d[i]
+            metrics["gen/loss"] = torch.tensor(losses[i]["gen/loss"], dtype=torch.float64)
+            if partitioned:  # optim.partition inside the generator: its first group is logged
+                metrics.update({"gen/body/lr": lr_g[i], "gen/head/lr": 10 * lr_g[i]})
+            else:
+                metrics["gen/lr"] = lr_g[i]
+            drv.train_iter(i, 0, 0, metrics)
+        assert lines == expected
+    assert expected[0].startswith(
+        f"Epoch(train) [1][ 4/12]  disc.lr: {lr_d[3]:.4e} gen.lr: {lr_g[3]:.4e}  disc/loss: "
+    )
+
+
+def test_multi_step_fit_logs_each_parts_lr(tmp_path, lines):
+    from helpers import GAN, disc_loss, gan_batches, gen_loss
+
+    step = fe.multi_step(
+        {
+            "disc": (disc_loss, optim.adam(2e-4), "disc"),
+            "gen": (gen_loss, optim.adam(schedules.linear(1e-4, start_factor=0.5, end=8)), "gen"),
+        }
+    )
+    state = step.init(GAN(), seed=0)
+    fe.fit(state, step, gan_batches(8), max_steps=8, handlers=[Logger(4, timer=False)],
+           work_dir=tmp_path)  # fmt: skip
+    train = [line for line in lines if line.startswith("Iter(train)")]
+    assert train[0].startswith("Iter(train) [4/8]  disc.lr: 2.0000e-04 gen.lr: ")
+    records = read_jsonl(tmp_path / "scalars.jsonl")
+    assert list(records[0])[2:4] == ["disc.lr", "gen.lr"]
+    assert all("gen/lr" not in r and "lr" not in r for r in records)
 
 
 # ------------------------------------------------------------------ files
@@ -636,9 +757,12 @@ def _read_events(path):
     return out
 
 
-def test_tensorboard_event_file(tmp_path):
+@pytest.mark.parametrize("by_epoch", [True, False])
+def test_tensorboard_event_file(tmp_path, by_epoch):
+    """Train scalars at the Logger's iterations and values; validation at the epoch
+    (MMEngine's ``log_metric_by_epoch=True``) or, with False, at the step."""
     timer = Timer()
-    tb = TensorBoard(timer=timer)
+    tb = TensorBoard(timer=timer, log_metric_by_epoch=by_epoch)
     tiny_fit(tmp_path, handlers=[timer, Logger(timer=timer), tb], max_epochs=2, val=val_spec())
     tb.close()  # idempotent after after_run
     files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -663,12 +787,10 @@ def test_tensorboard_event_file(tmp_path):
         assert [v for _, v in by_tag[f"train/{key}"]] == pytest.approx(
             [r[key] for r in train], rel=1e-6
         )
-    assert by_tag["val/accuracy"] == [
-        (r["step"], pytest.approx(r["val/accuracy"], rel=1e-6))
-        for r in records
-        if "val/accuracy" in r
+    assert [v for _, v in by_tag["val/accuracy"]] == [
+        pytest.approx(r["val/accuracy"], rel=1e-6) for r in records if "val/accuracy" in r
     ]
-    assert [s for s, _ in by_tag["val/accuracy"]] == [25, 50]
+    assert [s for s, _ in by_tag["val/accuracy"]] == ([1, 2] if by_epoch else [25, 50])
 
 
 def test_tensorboard_needs_a_directory():
@@ -677,15 +799,17 @@ def test_tensorboard_needs_a_directory():
 
 
 def test_only_rank_zero_writes(tmp_path, monkeypatch, capsys):
-    from fengine.handlers import log, progress, tensorboard
+    from fengine.handlers import log, progress, tensorboard, trackers
 
     for module in (
         log,
         progress,
         tensorboard,
+        trackers,
     ):  # not torch.distributed itself: the DataLoader reads it too
         monkeypatch.setattr(module, "_rank", lambda: 1)
-    tiny_fit(tmp_path, handlers=[Timer(), Logger(), TensorBoard()], max_epochs=1)
+    handlers = [Timer(), Logger(), TensorBoard(), fe.handlers.WandB(), fe.handlers.MLflow()]
+    tiny_fit(tmp_path, handlers=handlers, max_epochs=1)  # rank 1 imports neither wandb nor mlflow
     assert [p.name for p in tmp_path.iterdir()] == [
         fe.workdir.LOCK_NAME
     ]  # the run's lock, no output
@@ -739,10 +863,12 @@ def test_timer_in_fit_and_default_handlers():
 
 def test_logger_without_timer_handler_times_itself(lines):
     tiny_fit(handlers=[Logger(5)], max_steps=5)
-    assert " eta: " in lines[0] and " time: " in lines[0] and " data_time: " in lines[0]
+    train = [line for line in lines if line.startswith("Iter(train)")]
+    assert " eta: " in train[0] and " time: " in train[0] and " data_time: " in train[0]
     lines.clear()
     tiny_fit(handlers=[Logger(5, timer=False)], max_steps=5)
-    assert lines[0].startswith("Iter(train) [5/5]  lr: 1.0000e-02  loss: ")
+    train = [line for line in lines if line.startswith("Iter(train)")]
+    assert train[0].startswith("Iter(train) [5/5]  lr: 1.0000e-02  loss: ")
 
 
 # ------------------------------------------------------------------ no per-step host sync
@@ -922,7 +1048,7 @@ def test_a_run_that_raised_does_not_leak_its_log_file(tmp_path):
         tiny_fit(tmp_path / "a", handlers=[Logger(1, timer=False), Boom()], max_steps=3)
     tiny_fit(tmp_path / "b", handlers=[Logger(1, timer=False)], max_steps=2)
     (first,) = (tmp_path / "a").glob("*.log")
-    assert len(first.read_text().splitlines()) == 1
+    assert sum("Iter(train)" in line for line in first.read_text().splitlines()) == 1
     # the JSON-lines file holds step 1 and is not left open (an unclosed file would be a
     # ResourceWarning, an error under the suite's filterwarnings)
     assert len((tmp_path / "a" / "scalars.jsonl").read_text().splitlines()) == 1
@@ -950,3 +1076,161 @@ def test_memory_field_on_cuda(lines, tmp_path):
         r"Epoch\(train\) \[1\]\[1/1\]  lr: 1\.0000e-01  memory: \d+  loss: 1\.0000", lines[0]
     )
     assert isinstance(read_jsonl(tmp_path / "scalars.jsonl")[0]["memory"], int)
+
+
+# ------------------------------------------------------------------ non-scalar results
+def _mmengine_eval_line(monkeypatch, timings, metrics, phase):
+    """MMEngine's closing line of one val/test pass: IterTimerHook + RuntimeInfoHook feed the
+    message hub (non-scalar results as runtime info), LogProcessor.get_log_after_epoch formats."""
+    from mmengine.hooks import IterTimerHook, RuntimeInfoHook, iter_timer_hook
+    from mmengine.logging import MessageHub
+    from mmengine.runner import LogProcessor
+
+    clock = Clock()
+    monkeypatch.setattr(iter_timer_hook, "time", SimpleNamespace(time=clock))
+    n = len(timings)
+    runner = SimpleNamespace(
+        message_hub=MessageHub.get_instance(f"fengine-oracle-{uuid.uuid4()}"),
+        val_dataloader=range(n),
+        test_dataloader=range(n),
+        val_loop=SimpleNamespace(dataloader=range(n)),
+        test_loop=SimpleNamespace(dataloader=range(n)),
+        _train_loop=object(),
+        max_epochs=3,
+        epoch=1,
+        iter=25,
+    )
+    timer = IterTimerHook()
+    getattr(timer, f"before_{phase}_epoch")(runner)
+    for i, (d, c) in enumerate(timings):
+        clock.now += d
+        getattr(timer, f"before_{phase}_iter")(runner, i)
+        clock.now += c
+        getattr(timer, f"after_{phase}_iter")(runner, i)
+    getattr(RuntimeInfoHook(), f"after_{phase}_epoch")(runner, metrics)
+    _, line = LogProcessor(by_epoch=True).get_log_after_epoch(
+        runner, n, phase, with_non_scalar=phase == "test"
+    )
+    return line
+
+
+@pytest.mark.parametrize("phase", ["val", "test"])
+def test_non_scalar_results_printed_as_mmengine(monkeypatch, lines, phase):
+    """A confusion matrix (tensor), an array, a list and a string among the results: scalars
+    first, the others after them, tensors and arrays on their own lines -- MMEngine's bytes."""
+    import numpy as np
+
+    metrics = {
+        "accuracy": 71.25,
+        "cm": torch.tensor([[3, 1], [0, 4]]),
+        "top5": torch.tensor(93.5),
+        "per_class": np.array([0.5, 0.25, 0.75]),
+        "n": 40,
+        "classes": ["cat", "dog"],
+        "half": np.float64(0.125),
+        "note": "ok",
+        "one": np.array([2.5]),
+    }
+    timings = [(0.002, 0.010)] * 4
+    expected = _mmengine_eval_line(monkeypatch, timings, metrics, phase)
+    clock = Clock()
+    timer = Timer(clock=clock)
+    if phase == "val":
+        run = run_info(max_epochs=3, steps_per_epoch=25)
+    else:  # fengine.evaluate: MMEngine's test loop
+        run = dataclasses.replace(run_info(), steps_per_epoch=0, max_epochs=None)
+    drv = Driver([timer, Logger(timer=timer, json_file=None, env=False)], run, clock)
+    drv.state = state_at(step=25, epoch=1)
+    drv.evaluate(timings, metrics, phase=phase)
+    assert "cm: \ntensor([[3, 1],\n        [0, 4]])\n  " in expected
+    assert lines[-1] == expected.rstrip()
+
+
+# ------------------------------------------------------------------ run start, Exp name
+def test_environment_banner_layout_is_mmengines(monkeypatch):
+    """`format_banner` lays out MMEngine's ``Runner._log_env`` message byte for byte."""
+    from mmengine.runner import runner as mm_runner
+
+    from fengine.handlers.banner import environment, format_banner
+
+    system, runtime = environment()
+    monkeypatch.setattr(mm_runner, "collect_env", lambda: dict(system))
+    out: list[str] = []
+    fake = SimpleNamespace(
+        _randomness_cfg={"seed": 0, "deterministic": False},
+        _seed=0,
+        _launcher="none",
+        _distributed=False,
+        _world_size=1,
+        logger=SimpleNamespace(info=out.append),
+        cfg=SimpleNamespace(_cfg_dict={}),
+    )
+    mm_runner.Runner._log_env(fake, {"cudnn_benchmark": False})
+    mm_runtime = {
+        "cudnn_benchmark": False,
+        "seed": 0,
+        "deterministic": False,
+        "Distributed launcher": "none",
+        "Distributed training": False,
+        "GPU number": 1,
+    }
+    assert out == [format_banner(system, mm_runtime)]
+    assert list(system)[:3] == ["sys.platform", "Python", "CUDA available"]
+    assert system["PyTorch"] == torch.__version__ and system["fengine"] == fe.__version__
+    assert runtime["deterministic"] is torch.are_deterministic_algorithms_enabled()
+    assert runtime["threads"] == torch.get_num_threads() and runtime["world_size"] == 1
+
+
+def test_run_start_banner_config_and_exp_name(tmp_path, lines):
+    """A fit with a config: banner (seed from the state), ``Config:`` text, then training with
+    ``Exp name`` lines every 3 updates and at the end of each epoch."""
+    loader = data.Loader(data.synthetic_classification(20, 16, 10), 2, seed=0)
+    step = fe.train_step(ce_loss, optim.sgd(0.01))
+    config = {"seed": 7, "optim": {"lr": 0.01, "betas": [0.9, 0.999]}, "model": "mlp"}
+    fe.fit(step.init(mlp(), seed=7), step, loader, max_epochs=2, config=config, work_dir=tmp_path,
+           handlers=[Logger(5, timer=False, interval_exp_name=4, exp_name="toy")])  # fmt: skip
+    banner, cfg, *rest = lines
+    assert banner.startswith("\n" + "-" * 60 + "\nSystem environment:\n    sys.platform: ")
+    assert banner.endswith("\n" + "-" * 60 + "\n")
+    runtime = banner.split("\nRuntime environment:\n")[1].splitlines()
+    assert runtime[:2] == [
+        "    seed: 7",
+        f"    deterministic: {torch.are_deterministic_algorithms_enabled()}",
+    ]
+    assert "    world_size: 1" in runtime and "    devices: cpu" in runtime
+    assert cfg == (
+        "Config:\nseed = 7\noptim = dict(\n    lr=0.01,\n    betas=[0.9, 0.999])\nmodel = 'mlp'\n"
+    )
+    # 10 updates per epoch, Exp name at steps 4, 8, 10 (end of epoch 1), 12, 16, 20 (both)
+    assert [r.split("  ")[0] for r in rest] == [
+        "Exp name: toy",
+        "Epoch(train) [1][ 5/10]",
+        "Exp name: toy",
+        "Exp name: toy",
+        "Epoch(train) [1][10/10]",
+        "Exp name: toy",
+        "Epoch(train) [2][ 5/10]",
+        "Exp name: toy",
+        "Exp name: toy",
+        "Epoch(train) [2][10/10]",
+    ]
+    (log,) = tmp_path.glob("*.log")
+    assert "Config:\nseed = 7\n" in log.read_text()
+
+
+def test_exp_name_rule_matches_logger_hook():
+    """`exp_name_due` against MMEngine's LoggerHook conditions, epoch- and iteration-based
+    (MMEngine's IterBasedTrainLoop passes the global iteration as ``batch_idx``)."""
+    from mmengine.hooks import LoggerHook
+
+    hook = LoggerHook(interval_exp_name=7)
+    for by_epoch, n, total in ((True, 5, 30), (False, 12, 40)):
+        run = run_info(by_epoch=by_epoch, max_epochs=total // n, steps_per_epoch=n, max_steps=total)
+        for step in range(1, total + 1):
+            b = (step - 1) % n if by_epoch else step - 1
+            runner = SimpleNamespace(iter=step - 1)
+            expected = hook.every_n_train_iters(runner, 7) or hook.end_of_epoch(range(n), b)
+            snap = Snapshot(
+                "after_train_iter", state_at(step, (step - 1) // n), run, batch_idx=(step - 1) % n
+            )
+            assert fe.handlers.log.exp_name_due(snap, 7) == expected, (by_epoch, step)

@@ -6,6 +6,7 @@ from fengine.handlers.early_stopping import (
     EarlyStopping as EarlyStopping,
     MissingMetricError as MissingMetricError,
 )
+from fengine.handlers.history import History as History
 from fengine.handlers.log import (
     Logger as Logger,
     ScalarHistory as ScalarHistory,
@@ -21,6 +22,7 @@ from fengine.handlers.misc import (
 from fengine.handlers.progress import ProgressBar as ProgressBar
 from fengine.handlers.tensorboard import TensorBoard as TensorBoard
 from fengine.handlers.timing import Timer as Timer
+from fengine.handlers.trackers import MLflow as MLflow, Tracker as Tracker, WandB as WandB
 
 
 def default_handlers() -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -20,9 +21,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 
 from fengine.events import Handler, Priority, Snapshot
+from fengine.handlers.banner import environment, format_banner, format_config
+from fengine.handlers.history import History, known_statistics, statistic
 from fengine.handlers.timing import Timer
 
 
@@ -32,6 +36,7 @@ __all__ = [
     "Logger",
     "ScalarHistory",
     "Stat",
+    "exp_name_due",
     "get_logger",
     "should_log",
     "to_host",
@@ -82,12 +87,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _host_item(value: Any) -> Any:
+    """A one-element tensor or array, or a numpy number, as a Python number; else ``value``."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value
+    if isinstance(value, np.ndarray):
+        return value.item() if value.size == 1 else value
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _host_items(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Evaluation results with one-element tensors as Python numbers (once per pass)."""
-    return {
-        k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
-        for k, v in metrics.items()
-    }
+    """Evaluation results with one-element tensors/arrays as Python numbers (once per pass)."""
+    return {k: _host_item(v) for k, v in metrics.items()}
 
 
 def _rank() -> int:
@@ -134,21 +145,31 @@ class Stat:
 
     Args:
         src: the metric key (``"loss"``, ``"time"``, ...; MMEngine's ``data_src``).
-        method: ``"mean"``, ``"min"``, ``"max"`` or ``"current"`` (MMEngine's ``method_name``).
+        method: ``"mean"`` (count-weighted), ``"min"``, ``"max"``, ``"current"``, or the
+            name of a statistic registered with `History.register_statistics`
+            (MMEngine's ``method_name``).
         window: iterations: an int, ``"epoch"`` (since the epoch began), ``"global"``
-            (since this process started), or None for the logger's ``window_size``.
+            (since this process started), or None for the whole history (MMEngine's
+            ``custom_cfg`` without ``window_size``: ``Stat("loss", "max")`` is the
+            largest loss logged so far).
         name: the key to log it under; None replaces ``src`` itself (MMEngine's ``log_name``).
+        options: extra keyword arguments for a registered statistic (the other keys
+            of an MMEngine ``custom_cfg`` entry). A registered statistic is called as
+            MMEngine calls it: ``fn(history, window_size=window, **options)`` (no
+            ``window_size`` when ``window`` is None), ``history`` a `History`.
     """
 
     src: str
     method: str = "mean"
     window: int | str | None = None
     name: str | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        if self.method not in _METHODS:
+        if self.method not in _METHODS and statistic(self.method) is None:
             raise ValueError(
-                f"Stat({self.src!r}): method must be one of {_METHODS}, got {self.method!r}"
+                f"Stat({self.src!r}): method must be one of {list(known_statistics())} "
+                f"(History.register_statistics adds more), got {self.method!r}"
             )
         w = self.window
         if not (
@@ -159,21 +180,32 @@ class Stat:
             raise ValueError(
                 f"Stat({self.src!r}): window must be an int >= 1, 'epoch', 'global' or None, got {w!r}"
             )
+        if self.options and self.method in _METHODS:
+            raise ValueError(
+                f"Stat({self.src!r}): options are for registered statistics, not {self.method!r}"
+            )
+        if self.method not in _METHODS and isinstance(w, str):
+            raise ValueError(
+                f"Stat({self.src!r}): a registered statistic takes an int window or None, got {w!r}"
+            )
 
     @classmethod
     def from_mmengine(cls, cfg: Mapping[str, Any]) -> Stat:
-        """From an MMEngine ``custom_cfg`` dict: ``data_src``, ``method_name``, ``window_size``, ``log_name``."""
-        unknown = set(cfg) - {"data_src", "method_name", "window_size", "log_name"}
-        if unknown or "data_src" not in cfg:
+        """From an MMEngine ``custom_cfg`` dict: ``data_src``, ``method_name``, ``window_size``,
+        ``log_name``; other keys are the options of a registered statistic."""
+        if "data_src" not in cfg:
             raise ValueError(
                 f"Stat.from_mmengine: expected keys data_src (required), method_name, window_size, log_name; got {sorted(cfg)}"
             )
-        return cls(
-            cfg["data_src"],
-            cfg.get("method_name", "mean"),
-            cfg.get("window_size"),
-            cfg.get("log_name"),
-        )
+        known = {"data_src", "method_name", "window_size", "log_name"}
+        method = cfg.get("method_name", "mean")
+        options = {k: v for k, v in cfg.items() if k not in known}
+        if options and method in _METHODS:
+            raise ValueError(
+                f"Stat.from_mmengine: unknown keys {sorted(options)} for method {method!r}; "
+                f"expected data_src, method_name, window_size, log_name"
+            )
+        return cls(cfg["data_src"], method, cfg.get("window_size"), cfg.get("log_name"), options)
 
     @property
     def key(self) -> str:
@@ -181,124 +213,183 @@ class Stat:
 
 
 class _Series:
-    """One scalar's history: raw values not yet on the host (``pending``), then host floats."""
+    """One scalar's history: raw values not yet on the host (``pending``), then host floats.
 
-    __slots__ = ("pending", "values", "keep_all", "epoch_cut", "g", "e")
+    ``values``/``counts`` keep the last ``cap`` entries (``cap=None``: all); ``g``/``e``
+    are running ``[sum of values, sum of counts, min, max]`` since this process started
+    and since the epoch began (kept when ``running``)."""
 
-    def __init__(self, cap: int, keep_all: bool) -> None:
-        self.pending: collections.deque = collections.deque(maxlen=None if keep_all else cap)
+    __slots__ = ("pending", "pending_counts", "values", "counts", "running", "epoch_cut", "g", "e")
+
+    def __init__(self, cap: int | None, running: bool) -> None:
+        self.pending: collections.deque = collections.deque(maxlen=None if running else cap)
+        self.pending_counts: collections.deque = collections.deque(maxlen=self.pending.maxlen)
         self.values: collections.deque = collections.deque(maxlen=cap)
-        self.keep_all = keep_all
+        self.counts: collections.deque = collections.deque(maxlen=cap)
+        self.running = running
         self.epoch_cut = 0  # pending[:epoch_cut] belong to an earlier epoch
-        self.g = [0.0, 0, math.inf, -math.inf]  # global sum, count, min, max
-        self.e = [0.0, 0, math.inf, -math.inf]  # the same since the epoch began
+        self.g = [0.0, 0.0, math.inf, -math.inf]
+        self.e = [0.0, 0.0, math.inf, -math.inf]
 
-    def absorb(self, host: list[float]) -> None:
+    def absorb(self, host: list[float], counts: list[float]) -> None:
         self.values.extend(host)
-        if self.keep_all:
-            for j, x in enumerate(host):
+        self.counts.extend(counts)
+        if self.running:
+            for j, (x, c) in enumerate(zip(host, counts)):
                 accs = (self.g, self.e) if j >= self.epoch_cut else (self.g,)
                 for acc in accs:
                     acc[0] += x
-                    acc[1] += 1
+                    acc[1] += c
                     acc[2] = min(acc[2], x)
                     acc[3] = max(acc[3], x)
         self.pending.clear()
+        self.pending_counts.clear()
         self.epoch_cut = 0
 
-    def stat(self, method: str, window: int | str) -> float | None:
+    def stat(self, method: str, window: int | str | None, options: Mapping[str, Any]) -> Any:
         if not self.values:
             return None
         if method == "current":
             return self.values[-1]
+        if method not in _METHODS:  # a registered statistic sees the kept history
+            # called as MMEngine calls it: fn(history, window_size=w, **options), no window_size for None
+            hist = History(self.values, self.counts, max_length=max(len(self.values), 1))
+            sized = {} if window is None else {"window_size": window}
+            return hist.statistics(method, **sized, **options)
         if isinstance(window, str):
-            acc = self.g if window == "global" else self.e
-            if acc[1] == 0:
+            acc = self.g if window in ("global", None) else self.e
+            if acc[2] == math.inf and acc[3] == -math.inf:  # nothing yet
                 return None
-            return {"mean": acc[0] / acc[1], "min": acc[2], "max": acc[3]}[method]
-        vals = list(self.values)[-window:]
-        if method == "mean":
-            return sum(vals) / len(vals)
+            if method == "mean":
+                return acc[0] / acc[1] if acc[1] else math.nan
+            return acc[2] if method == "min" else acc[3]
+        n = len(self.values) if window is None else min(window, len(self.values))
+        vals = list(itertools.islice(reversed(self.values), n))[::-1]
+        if method == "mean":  # MMEngine's HistoryBuffer.mean, with numpy's summation order
+            counts = list(itertools.islice(reversed(self.counts), n))[::-1]
+            return float(np.sum(vals) / np.sum(counts))
         return min(vals) if method == "min" else max(vals)
 
 
 class ScalarHistory:
-    """MMEngine's ``HistoryBuffer`` per key, kept on the device until `sync`.
+    """MMEngine's ``HistoryBuffer`` per key (the logger's store), kept on the device until `sync`.
 
     A key keeps as many values as its statistics need (``window_size`` for keys
     matching ``mean_pattern``, else 1; more for `Stat` windows, running sums for
-    ``"epoch"`` / ``"global"``).
+    ``"epoch"`` / ``"global"`` and whole-history statistics). Values may be logged
+    with a ``count`` (MMEngine's ``update(value, count)``): means are
+    ``sum(values) / sum(counts)``.
+
+    ``max_length``: None (default) keeps whole-history statistics exact as running
+    sums, never dropping a value; an int bounds them to the last ``max_length``
+    values, as MMEngine's buffers (1,000,000 there) do. Registered statistics see the
+    last ``max_length`` values (all of them when None).
     """
 
     def __init__(
-        self, window_size: int = 10, stats: Iterable[Stat] = (), mean_pattern: str = MEAN_PATTERN
+        self,
+        window_size: int = 10,
+        stats: Iterable[Stat] = (),
+        mean_pattern: str = MEAN_PATTERN,
+        max_length: int | None = None,
     ) -> None:
         _check_positive(window_size, "window_size")
+        if max_length is not None:
+            _check_positive(max_length, "max_length")
         self.window_size = window_size
+        self.max_length = max_length
         self.stats = tuple(stats)
         self.pattern = re.compile(mean_pattern)
         self._series: dict[str, _Series] = {}
 
     def _new(self, key: str) -> _Series:
-        cap = self.window_size if self.pattern.search(key) else 1
-        keep_all = False
+        cap: int | None = self.window_size if self.pattern.search(key) else 1
+        running = False
         for st in self.stats:
-            if st.src == key:
-                w = self.window_size if st.window is None else st.window
-                if isinstance(w, str):
-                    keep_all = keep_all or st.method != "current"
-                elif st.method != "current":
-                    cap = max(cap, w)
-        s = _Series(cap, keep_all)
+            if st.src != key or st.method == "current":
+                continue
+            w = st.window
+            if isinstance(w, str) or (
+                w is None and st.method in _METHODS and self.max_length is None
+            ):
+                running = True
+            elif w is None:
+                cap = None if self.max_length is None or cap is None else max(cap, self.max_length)
+            elif cap is not None:
+                cap = max(cap, w)
+        if cap is not None and self.max_length is not None:
+            cap = min(cap, self.max_length)
+        s = _Series(cap, running)
         self._series[key] = s
         return s
 
-    def append(self, key: str, value: Any) -> None:
+    def append(self, key: str, value: Any, count: Any = 1) -> None:
+        """Record ``value`` (a tensor stays on its device until `sync`) logged ``count`` times."""
         s = self._series.get(key)
         if s is None:
             s = self._new(key)
         s.pending.append(value)
+        s.pending_counts.append(count)
 
     def new_epoch(self) -> None:
         for s in self._series.values():
             s.epoch_cut = len(s.pending)
-            s.e = [0.0, 0, math.inf, -math.inf]
+            s.e = [0.0, 0.0, math.inf, -math.inf]
 
     def sync(self) -> None:
-        """Move every pending value to the host in one transfer per device."""
+        """Move every pending value (and count) to the host in one transfer per device."""
         flat: list[Any] = []
         spans = []
         for s in self._series.values():
             if s.pending:
-                spans.append((s, len(flat), len(s.pending)))
+                n = len(s.pending)
+                spans.append((s, len(flat), n))
                 flat.extend(s.pending)
+                flat.extend(s.pending_counts)
         if not flat:
             return
         host = to_host(flat)
         for s, start, n in spans:
-            s.absorb(host[start : start + n])
+            s.absorb(host[start : start + n], host[start + n : start + 2 * n])
 
-    def stat(self, key: str, method: str = "mean", window: int | str | None = None) -> float | None:
-        """A statistic of ``key`` over what was synced (call `sync` first); None if unknown."""
+    def stat(
+        self, key: str, method: str = "mean", window: int | str | None = None, **options: Any
+    ) -> Any:
+        """A statistic of ``key`` over what was synced (call `sync` first); None if unknown.
+        ``window=None``: the whole history (MMEngine's ``HistoryBuffer.mean()``)."""
         s = self._series.get(key)
-        return None if s is None else s.stat(method, self.window_size if window is None else window)
+        return None if s is None else s.stat(method, self._window(method, window), options)
 
-    def collect(self) -> dict[str, float]:
+    def _window(self, method: str, window: int | str | None) -> int | str | None:
+        """The whole history of a built-in statistic is its running sums when nothing is dropped."""
+        if window is None and method in _METHODS and self.max_length is None:
+            return "global"
+        return window
+
+    def history(self, key: str) -> History:
+        """The values and counts ``key`` keeps, as a host-side `History` (syncs first)."""
+        self.sync()
+        s = self._series.get(key)
+        if s is None:
+            raise KeyError(f"ScalarHistory: no key {key!r}; keys: {sorted(self._series)}")
+        return History(s.values, s.counts, max_length=max(len(s.values), 1))
+
+    def collect(self) -> dict[str, Any]:
         """Sync, then MMEngine's ``_collect_scalars``: default statistic per key, then the `Stat`s."""
         self.sync()
-        tag: dict[str, float] = {}
+        tag: dict[str, Any] = {}
         for key, s in self._series.items():
             value = (
-                s.stat("mean", self.window_size)
+                s.stat("mean", self.window_size, {})
                 if self.pattern.search(key)
-                else s.stat("current", 1)
+                else s.stat("current", 1, {})
             )
             if value is not None:
                 tag[key] = value
         for st in self.stats:
             src = self._series.get(st.src)
             if src is not None:
-                value = src.stat(st.method, self.window_size if st.window is None else st.window)
+                value = src.stat(st.method, self._window(st.method, st.window), st.options)
                 if value is not None:
                     tag[st.key] = value
         return tag
@@ -321,8 +412,25 @@ def should_log(snap: Snapshot, interval: int, ignore_last: bool = True) -> bool:
     return i == n and (not ignore_last or n <= interval)
 
 
+def exp_name_due(snap: Snapshot, interval: int) -> bool:
+    """MMEngine's LoggerHook rule for its ``Exp name: ...`` line after a train iteration:
+    every ``interval`` updates (global step), and when ``batch_idx + 1`` equals the
+    updates per epoch. (MMEngine's iteration-based loop passes the global step as
+    ``batch_idx``, so an iteration-based run prints it at the end of its first epoch only.)
+    """
+    end = snap.step if not snap.run.by_epoch else _batch_number(snap)
+    return snap.step % interval == 0 or end == snap.run.steps_per_epoch
+
+
 def _fmt(value: Any, digits: int) -> str:
-    return f"{value:.{digits}f}" if _is_number(value) else str(value)
+    """A value as MMEngine's LogProcessor prints it: floats with ``digits`` decimals, ints
+    as they are, tensors and arrays (non-scalar results, e.g. a confusion matrix) on their
+    own lines."""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"\n{value}\n"
+    return str(value)
 
 
 def _to_json(x: Any) -> Any:
@@ -378,14 +486,30 @@ class _TrainScalars(Handler):
         self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
         self._rename = {}
 
-    def _key(self, key: str, metrics: Mapping[str, Any]) -> str | None:
-        """``lr`` for the first ``<group>/lr`` when there is no plain ``lr``; None drops a key."""
+    def _key(self, key: str, snap: Snapshot) -> str | None:
+        """The name a metric is logged under (None drops it): the lr of param group 0 of each
+        optimizer, named as MMEngine's RuntimeInfoHook names ``optim_wrapper.get_lr()``.
+
+        One optimizer: ``lr``, or with `fengine.optim.partition` the first ``<group>/lr``.
+        A `fengine.multi_step` (MMEngine's OptimWrapperDict): ``<part>.lr`` for each part, from
+        its ``<part>/lr`` (or its first ``<part>/<group>/lr``). The other groups' lrs are dropped.
+        """
         if key not in self._rename:
-            name: str | None = key
-            if key.endswith("/lr") and "lr" not in metrics:
-                name = None if "lr" in self._rename.values() else "lr"
-            self._rename[key] = name
+            self._rename[key] = self._lr_name(key, snap) if key.endswith("/lr") else key
         return self._rename[key]
+
+    def _lr_name(self, key: str, snap: Snapshot) -> str | None:
+        opt_state = getattr(snap.state, "opt_state", None)
+        part = key.split("/", 1)[0]
+        if isinstance(opt_state, dict) and part in opt_state:  # a multi_step part
+            plain, name = f"{part}/lr", f"{part}.lr"
+        else:
+            plain, name = "lr", "lr"
+        if key == plain:
+            return name
+        if plain in snap.metrics or name in self._rename.values():
+            return None  # the optimizer's own lr, or an earlier group's, is the one logged
+        return name
 
     def _timing(self, phase: str, hist: ScalarHistory) -> bool:
         """Append the timer's latest ``time`` / ``data_time``; False if it has none."""
@@ -401,7 +525,7 @@ class _TrainScalars(Handler):
             return None
         for key, value in snap.metrics.items():
             if isinstance(value, (torch.Tensor, float, int)):
-                name = self._key(key, snap.metrics)
+                name = self._key(key, snap)
                 if name is not None:
                     self._train.append(name, value)
         self._timing("train", self._train)
@@ -427,9 +551,20 @@ class Logger(_TrainScalars):
         custom: extra statistics (`Stat`, or MMEngine ``custom_cfg`` dicts).
         num_digits: decimals printed (MMEngine's ``num_digits``).
         mean_pattern: which keys are window-averaged.
+        exp_name: the experiment name of the ``Exp name: <name>`` lines; default
+            ``<work_dir name>_<timestamp>`` (the log file's timestamp; MMEngine:
+            ``<config name>_<timestamp>``), or the timestamp without a work dir.
+        interval_exp_name: print ``Exp name: ...`` every this many updates (global step)
+            and at the end of each epoch (MMEngine's rule, see `exp_name_due`); 0: never.
+        env: log the environment at the start of a run (MMEngine's ``System environment``
+            / ``Runtime environment`` banner: versions, devices, seed, deterministic flags).
+        log_config: log the run's resolved config (``fit(config=...)``) at the start,
+            ``Config:`` and the config as MMEngine's ``pretty_text`` writes it.
 
     The lr printed is the step metric ``lr`` (with `fengine.optim.partition`, the
-    first group's ``<group>/lr``, as MMEngine logs param group 0). Only rank 0 logs.
+    first group's ``<group>/lr``, as MMEngine logs param group 0); a `fengine.multi_step`
+    prints each part's as ``<part>.lr`` (MMEngine's OptimWrapperDict: ``gen.lr``,
+    ``disc.lr``). Only rank 0 logs.
     """
 
     def __init__(
@@ -444,8 +579,18 @@ class Logger(_TrainScalars):
         custom: Iterable[Stat | Mapping[str, Any]] = (),
         num_digits: int = 4,
         mean_pattern: str = MEAN_PATTERN,
+        exp_name: str | None = None,
+        interval_exp_name: int = 1000,
+        env: bool = True,
+        log_config: bool = True,
         priority: int | str | None = None,
     ) -> None:
+        if isinstance(interval_exp_name, bool) or not isinstance(interval_exp_name, int):
+            raise TypeError(f"Logger: interval_exp_name must be an int, got {interval_exp_name!r}")
+        if interval_exp_name < 0:
+            raise ValueError(f"Logger: interval_exp_name must be >= 0, got {interval_exp_name}")
+        if exp_name is not None and (not isinstance(exp_name, str) or not exp_name):
+            raise ValueError(f"Logger: exp_name must be a non-empty str, got {exp_name!r}")
         if timer is True:
             timer = None
         if not (timer is None or timer is False or isinstance(timer, Timer)):
@@ -465,6 +610,12 @@ class Logger(_TrainScalars):
         self.json_file = json_file
         self.log_file = log_file
         self.num_digits = num_digits
+        self.exp_name = exp_name
+        self.interval_exp_name = interval_exp_name
+        self.env = env
+        self.log_config = log_config
+        self.timestamp: str | None = None  # of this run's log file, set at before_run
+        self.experiment_name: str | None = None  # what the Exp name lines print
         self._own_timer = timer is None
         self._eval: dict[str, ScalarHistory] = {}
         self._json_path: Path | None = None
@@ -483,7 +634,14 @@ class Logger(_TrainScalars):
         if not self._active:
             return
         self.logger = get_logger()
+        self.timestamp = time.strftime("%Y%m%d_%H%M%S")
         work_dir = snap.run.work_dir
+        if self.exp_name is not None:
+            self.experiment_name = self.exp_name
+        elif work_dir is not None and Path(work_dir).resolve().name:
+            self.experiment_name = f"{Path(work_dir).resolve().name}_{self.timestamp}"
+        else:
+            self.experiment_name = self.timestamp
         if work_dir is not None:
             self._open_files(Path(work_dir))
         run = snap.run
@@ -492,6 +650,10 @@ class Logger(_TrainScalars):
             self.logger.info(
                 "devices: %s", ", ".join(f"rank {r}: {d}" for r, d in enumerate(run.devices))
             )
+        if self.env:
+            self.logger.info(format_banner(*environment(snap)))
+        if self.log_config and run.config:
+            self.logger.info("Config:\n%s", format_config(run.config))
 
     def _open_files(self, work_dir: Path) -> None:
         work_dir = Path(work_dir)
@@ -502,7 +664,7 @@ class Logger(_TrainScalars):
             stale.close()
         self._file_handler = None
         if self.log_file:
-            path = work_dir / f"{time.strftime('%Y%m%d_%H%M%S')}.log"
+            path = work_dir / f"{self.timestamp or time.strftime('%Y%m%d_%H%M%S')}.log"
             self._file_handler = logging.FileHandler(path, encoding="utf-8")
             self._file_handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
             self._file_handler._fengine_run_log = True  # type: ignore[attr-defined]
@@ -578,6 +740,12 @@ class Logger(_TrainScalars):
     # ------------------------------------------------------------------ train
     def on_after_train_iter(self, snap: Snapshot) -> None:
         self._tick("after_train_iter", snap)
+        if (
+            self.interval_exp_name
+            and self._is_active()
+            and exp_name_due(snap, self.interval_exp_name)
+        ):
+            self.logger.info("Exp name: %s", self.experiment_name)
         tag = self._train_scalars(snap)
         if tag is None:
             return
@@ -669,7 +837,11 @@ class Logger(_TrainScalars):
         if not self._is_active():
             return
         n: int | str = snap.eval_len if snap.eval_len is not None else "?"
-        items = _host_items(snap.metrics)
+        results = _host_items(snap.metrics)
+        # MMEngine's order: scalar results, then the others (a confusion matrix on its own
+        # lines), then the pass's mean data_time and time
+        items = {k: v for k, v in results.items() if _is_number(v)}
+        items.update((k, v) for k, v in results.items() if not _is_number(v))
         hist = self._eval.get(snap.phase)
         if hist is not None:
             hist.sync()
