@@ -61,6 +61,7 @@ from fengine.wrappers import (
     ema as ema,
     forward_wrapper as forward_wrapper,
     post_update as post_update,
+    swa as swa,
 )
 
 
