@@ -64,6 +64,7 @@ from fengine.wrappers import (
     forward_wrapper as forward_wrapper,
     fsdp as fsdp,
     post_update as post_update,
+    swa as swa,
 )
 
 

@@ -13,11 +13,13 @@ import dataclasses
 import math
 import sys
 import types
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from fengine import schedules as S
 from fengine.optim import adamw, collect_metrics, sgd, step_params
 from fengine.optim.paramwise import ParamGroups, Scaled, layer_decay, paramwise
 
@@ -833,3 +835,189 @@ def test_build_errors():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match=r"no trainable params \(skipped: \['weight', 'bias'\]\)"):
         paramwise(frozen, lr=LR).build(sgd)
+
+
+# ---------------------------------------------------------------- schedules per group vs MMEngine
+ms = pytest.importorskip("mmengine.optim.scheduler")
+
+GROUP_CFG = dict(custom_keys={"head": dict(lr_mult=10.0, decay_mult=2.0)}, bias_lr_mult=2.0)
+N_STEPS = 40
+
+
+def _mm_group_values(model, paramwise_cfg, makers, monkeypatch, key="lr", n=N_STEPS, **opt):
+    """name -> the value MMEngine's schedulers put in that param's group before each iteration."""
+    cfg = dict(type="SGD", lr=0.05, weight_decay=1e-3, momentum=0.9, **opt)
+    monkeypatch.setattr(dc, "print_log", lambda *a, **k: None)
+    wrapper = dc.DefaultOptimWrapperConstructor(dict(optimizer=cfg), paramwise_cfg)(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheds = [make(wrapper) for make in makers]
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {names[id(p)]: g for g in wrapper.optimizer.param_groups for p in g["params"]}
+    out: dict[str, list[float]] = {name: [] for name in groups}
+    for _ in range(n):
+        for name, g in groups.items():
+            out[name].append(g[key])
+        wrapper.optimizer.step()  # no grads: a no-op update
+        for s in scheds:
+            s.step()
+    return out
+
+
+SCHEDULE_CASES = [
+    (
+        "poly eta_min",
+        S.poly(0.05, eta_min=1e-3, power=1.0, end=30),
+        [lambda o: ms.PolyLR(o, eta_min=1e-3, power=1.0, begin=0, end=30, by_epoch=False)],
+    ),
+    (
+        "poly power 2",
+        S.poly(0.05, eta_min=2e-3, power=2.0, begin=5, end=35),
+        [lambda o: ms.PolyLR(o, eta_min=2e-3, power=2.0, begin=5, end=35, by_epoch=False)],
+    ),
+    (
+        "cosine eta_min",
+        S.cosine(0.05, eta_min=5e-3, end=30),
+        [lambda o: ms.CosineAnnealingLR(o, T_max=30, eta_min=5e-3, end=30, by_epoch=False)],
+    ),
+    (
+        "cosine eta_min_ratio",
+        S.cosine(0.05, eta_min_ratio=0.1, end=30),
+        [lambda o: ms.CosineAnnealingLR(o, T_max=30, eta_min_ratio=0.1, end=30, by_epoch=False)],
+    ),
+    (
+        "warmup + cosine eta_min",
+        S.join(S.linear(0.05, 0.1, 1.0, end=6), S.cosine(0.05, eta_min=1e-3, begin=5, end=40)),
+        [
+            lambda o: ms.LinearLR(o, start_factor=0.1, end=6, by_epoch=False),
+            lambda o: ms.CosineAnnealingLR(
+                o, T_max=35, eta_min=1e-3, begin=5, end=40, by_epoch=False
+            ),
+        ],
+    ),
+    (
+        "cosine_restart eta_min",
+        S.cosine_restart(0.05, periods=(10, 20), restart_weights=(1.0, 0.5), eta_min=1e-3),
+        [
+            lambda o: ms.CosineRestartLR(
+                o, periods=[10, 20], restart_weights=[1.0, 0.5], eta_min=1e-3, by_epoch=False
+            )
+        ],
+    ),
+    (
+        "onecycle",
+        S.onecycle(0.05, eta_max=0.3, total_steps=40),
+        [lambda o: ms.OneCycleLR(o, eta_max=0.3, total_steps=40, by_epoch=False)],
+    ),
+    (
+        "multistep",
+        S.multistep(0.05, milestones=(10, 25), gamma=0.2),
+        [lambda o: ms.MultiStepLR(o, milestones=[10, 25], gamma=0.2, by_epoch=False)],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "schedule,makers", [c[1:] for c in SCHEDULE_CASES], ids=[c[0] for c in SCHEDULE_CASES]
+)
+def test_scheduled_lr_per_group_matches_mmengine(schedule, makers, monkeypatch):
+    """Each group runs the schedule on its own initial lr: floors and onecycle stay absolute."""
+    model = make_net()
+    theirs = _mm_group_values(model, GROUP_CFG, makers, monkeypatch)
+    g = paramwise(model, lr=0.05, weight_decay=1e-3, **GROUP_CFG)
+    lrs = {grp.label: grp.lr for grp in g.groups(lr=schedule)}
+    labels = g.labels()
+    mults = {s.name: s.lr_mult for s in g}
+    assert set(mults.values()) == {1.0, 2.0, 10.0}
+    for name, want in theirs.items():
+        lr = lrs[labels[name]]
+        got = [lr(t) for t in range(N_STEPS)]
+        for t, (a, b) in enumerate(zip(got, want)):
+            assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15), (name, t, a, b)
+
+
+def test_scheduled_lr_floor_is_absolute_the_issue_numbers(monkeypatch):
+    """Issue 11: PolyLR(eta_min=0.001) takes a lr_mult=10 group from 0.5 to 0.001 (not 0.01)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    cfg = dict(custom_keys={"1.": dict(lr_mult=10.0)})
+    poly = S.poly(0.05, eta_min=1e-3, end=10)
+    theirs = _mm_group_values(
+        model,
+        cfg,
+        [lambda o: ms.PolyLR(o, eta_min=1e-3, begin=0, end=10, by_epoch=False)],
+        monkeypatch,
+        n=12,
+    )
+    g = paramwise(model, lr=0.05, **cfg)
+    fast = g.groups(lr=poly)[1]
+    assert fast.names == ("1.weight", "1.bias") and fast.lr_mult == 10.0
+    assert theirs["1.weight"][0] == 0.5 and theirs["1.weight"][-1] == 0.001
+    assert fast.lr(0) == 0.5 and fast.lr(11) == 0.001
+    assert math.isclose(fast.lr(1), theirs["1.weight"][1], rel_tol=1e-12)  # 0.44455..., not 0.4455
+    assert repr(fast.lr).startswith("10.0 * Poly(")
+
+
+def test_scheduled_weight_decay_per_group_matches_mmengine(monkeypatch):
+    """decay_mult rebuilds a weight-decay schedule the same way (MMEngine's generic scheduler)."""
+    model = make_net()
+    makers = [
+        lambda o: ms.CosineAnnealingParamScheduler(
+            o, "weight_decay", T_max=30, eta_min=1e-4, end=30, by_epoch=False
+        )
+    ]
+    theirs = _mm_group_values(model, GROUP_CFG, makers, monkeypatch, key="weight_decay")
+    g = paramwise(model, lr=0.05, weight_decay=1e-3, **GROUP_CFG)
+    wds = {
+        grp.label: grp.weight_decay
+        for grp in g.groups(weight_decay=S.cosine(1e-3, eta_min=1e-4, end=30))
+    }
+    labels = g.labels()
+    assert {s.decay_mult for s in g} == {1.0, 2.0}
+    for name, want in theirs.items():
+        got = [wds[labels[name]](t) for t in range(N_STEPS)]
+        for t, (a, b) in enumerate(zip(got, want)):
+            assert math.isclose(a, b, rel_tol=1e-12), (name, t, a, b)
+
+
+def test_scale_lr_then_paramwise_matches_mmengine(monkeypatch):
+    """auto_scale_lr's scaled base, then a group's mult: MMEngine builds schedulers on lr * scale * mult."""
+    from fengine.optim import scale_lr
+
+    model = make_net()
+    scaled = scale_lr(S.cosine(0.025, eta_min=1e-3, end=30), base_batch_size=16, batch_size=32)
+    assert scaled.base == 0.05
+    makers = [lambda o: ms.CosineAnnealingLR(o, T_max=30, eta_min=1e-3, end=30, by_epoch=False)]
+    theirs = _mm_group_values(model, GROUP_CFG, makers, monkeypatch)
+    g = paramwise(model, lr=scaled, weight_decay=1e-3, **GROUP_CFG)
+    lrs = {grp.label: grp.lr for grp in g.groups()}
+    for name, want in theirs.items():
+        got = [lrs[g.labels()[name]](t) for t in range(N_STEPS)]
+        for t, (a, b) in enumerate(zip(got, want)):
+            assert math.isclose(a, b, rel_tol=1e-12), (name, t, a, b)
+
+
+def test_lr_mult_zero_stays_frozen_under_a_floor_deviation(monkeypatch):
+    """Deliberate deviation: MMEngine's PolyLR lifts a lr_mult=0 group to eta_min; fengine keeps 0."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    cfg = dict(custom_keys={"0.": dict(lr_mult=0.0)})
+    theirs = _mm_group_values(
+        model,
+        cfg,
+        [lambda o: ms.PolyLR(o, eta_min=1e-3, begin=0, end=10, by_epoch=False)],
+        monkeypatch,
+        n=12,
+    )
+    assert theirs["0.weight"][0] == 0.0 and theirs["0.weight"][-1] == 0.001  # MMEngine trains it
+    g = paramwise(model, lr=0.05, **cfg)
+    frozen = g.groups(lr=S.poly(0.05, eta_min=1e-3, end=10))[0]
+    assert frozen.names == ("0.weight", "0.bias") and frozen.lr == 0.0
+
+
+def test_scaled_opaque_callable_is_multiplied():
+    """A plain function has no base to rebuild on: it is multiplied (floors and all)."""
+    fn = lambda step: 0.1 / (1 + step)  # noqa: E731
+    assert Scaled(3.0, fn)(4) == 3.0 * fn(4)
+    sched = S.cosine(0.1, eta_min=0.01, end=10)
+    assert Scaled(3.0, sched)(9) != 3.0 * sched(9)
+    want = 0.01 + (0.3 - 0.01) * (1 + math.cos(math.pi * 9 / 10)) / 2  # cosine on base 0.3
+    assert math.isclose(Scaled(3.0, sched)(9), want, rel_tol=1e-12)

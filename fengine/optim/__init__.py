@@ -19,6 +19,7 @@ from fengine.optim.base import (
     apply_updates as apply_updates,
     chain as chain,
     collect_metrics as collect_metrics,
+    hyperparams as hyperparams,
     identity as identity,
     partition as partition,
     resolve as resolve,

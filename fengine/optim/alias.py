@@ -9,6 +9,11 @@ schedule step is the global step (see `fengine.optim.base`).
 
 Params with no gradient (unused in the forward) are skipped, as torch does.
 
+Each state reports, by `fengine.optim.collect_metrics`, the ``lr`` of its last update
+(the step metrics, logged as MMEngine logs ``lr``), and by `fengine.optim.hyperparams`
+also its ``momentum`` (SGD / RMSprop momentum, Adam / AdamW ``b1``, 0 for Adagrad):
+MMEngine's ``get_lr()`` / ``get_momentum()``.
+
 ``fused=True`` (sgd, adam, adamw, adagrad) instead calls torch's fused kernel
 (``torch._fused_adam_`` and friends) the way ``torch.optim.X(fused=True)`` does:
 once per (device, dtype) group, with the step count as float32 ``state_steps``
@@ -99,10 +104,14 @@ def _fused_call(kernel, tensors, num_updates=None, **kwargs):
 class SgdState(NamedTuple):
     num_updates: int
     momentum_buffer: dict[str, torch.Tensor]
-    lr: float
+    lr: float  # the lr of the last update (of step 0 before any): what the logs report
+    momentum: float = 0.0  # the momentum of the last update, likewise
 
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
+
+    def hyperparams(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum}
 
 
 def sgd(
@@ -128,7 +137,12 @@ def sgd(
     def init_fn(params):
         if fused:
             _check_fused(params, where)
-        return SgdState(0, _zeros(params) if uses_momentum else {}, float(resolve(lr, 0)))
+        return SgdState(
+            0,
+            _zeros(params) if uses_momentum else {},
+            float(resolve(lr, 0)),
+            float(resolve(momentum, 0)),
+        )
 
     def apply_fn(grads, state, params, *, step=None):
         t = state.num_updates if step is None else step
@@ -147,7 +161,9 @@ def sgd(
                 maximize=maximize,
                 is_first_step=mom != 0 and state.num_updates == 0,
             )
-            return params, SgdState(state.num_updates + 1, state.momentum_buffer, float(lr_t))
+            return params, SgdState(
+                state.num_updates + 1, state.momentum_buffer, float(lr_t), float(mom)
+            )
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -167,7 +183,9 @@ def sgd(
             else:
                 g = bufs
         torch._foreach_add_(p, g, alpha=-lr_t)
-        return params, SgdState(state.num_updates + 1, state.momentum_buffer, float(lr_t))
+        return params, SgdState(
+            state.num_updates + 1, state.momentum_buffer, float(lr_t), float(mom)
+        )
 
     return _optimizer(init_fn, apply_fn)
 
@@ -178,10 +196,16 @@ class AdamState(NamedTuple):
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
     max_exp_avg_sq: dict[str, torch.Tensor]
-    lr: float
+    lr: float  # the lr of the last update (of step 0 before any): what the logs report
+    momentum: float = (
+        0.9  # beta1 of the last update, reported as ``momentum`` (MMEngine's get_momentum)
+    )
 
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
+
+    def hyperparams(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum}
 
 
 def _adam(
@@ -202,6 +226,7 @@ def _adam(
             _zeros(params),
             _zeros(params) if amsgrad else {},
             float(resolve(lr, 0)),
+            float(resolve(b1, 0)),
         )
 
     def apply_fn(grads, state, params, *, step=None):
@@ -230,7 +255,9 @@ def _adam(
                 eps=eps,
                 maximize=maximize,
             )
-            return params, state._replace(num_updates=num_updates, lr=float(lr_t))
+            return params, state._replace(
+                num_updates=num_updates, lr=float(lr_t), momentum=float(beta1)
+            )
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -258,7 +285,9 @@ def _adam(
         torch._foreach_div_(denom, [bias_correction2_sqrt] * n)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, m, denom, [step_size] * n)
-        return params, state._replace(num_updates=num_updates, lr=float(lr_t))
+        return params, state._replace(
+            num_updates=num_updates, lr=float(lr_t), momentum=float(beta1)
+        )
 
     return _optimizer(init_fn, apply_fn)
 
@@ -304,10 +333,14 @@ class RMSpropState(NamedTuple):
     square_avg: dict[str, torch.Tensor]
     grad_avg: dict[str, torch.Tensor]
     momentum_buffer: dict[str, torch.Tensor]
-    lr: float
+    lr: float  # the lr of the last update (of step 0 before any): what the logs report
+    momentum: float = 0.0  # the momentum of the last update, likewise
 
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
+
+    def hyperparams(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum}
 
 
 def rmsprop(
@@ -338,6 +371,7 @@ def rmsprop(
             _zeros(params) if centered else {},
             _zeros(params) if uses_momentum else {},
             float(resolve(lr, 0)),
+            float(resolve(momentum, 0)),
         )
 
     def apply_fn(grads, state, params, *, step=None):
@@ -371,7 +405,9 @@ def rmsprop(
             torch._foreach_add_(p, buf, alpha=-lr_t)
         else:
             torch._foreach_addcdiv_(p, g, avg, value=-lr_t)
-        return params, state._replace(num_updates=state.num_updates + 1, lr=float(lr_t))
+        return params, state._replace(
+            num_updates=state.num_updates + 1, lr=float(lr_t), momentum=float(mom)
+        )
 
     return _optimizer(init_fn, apply_fn)
 
@@ -384,6 +420,9 @@ class AdagradState(NamedTuple):
 
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
+
+    def hyperparams(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": 0.0}  # MMEngine's get_momentum: 0 without one
 
 
 def adagrad(

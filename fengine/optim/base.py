@@ -34,6 +34,7 @@ __all__ = [
     "apply_updates",
     "chain",
     "collect_metrics",
+    "hyperparams",
     "identity",
     "partition",
     "resolve",
@@ -308,11 +309,37 @@ def collect_metrics(opt_state: Any) -> dict[str, torch.Tensor]:
     A state reports by defining ``metrics() -> dict``. Only chain tuples and
     partitions are walked, never the per-parameter tensors.
     """
-    out: dict[str, torch.Tensor] = {}
+    return _collect(opt_state, "metrics")
+
+
+def hyperparams(opt_state: Any) -> dict[str, float]:
+    """The hyper-parameters the optimizers of ``opt_state`` used in their last update, by name.
+
+    MMEngine's ``optim_wrapper.get_lr()`` / ``get_momentum()`` as a pure read: ``lr`` and
+    ``momentum`` (SGD / RMSprop momentum, Adam / AdamW ``b1``), one entry per
+    `partition` group as ``<label>/lr`` and per part of a `fengine.multi_step` as
+    ``<part>/lr`` (the names of the step metrics). Before the first
+    update they are the step-0 values. A state takes part by defining
+    ``hyperparams() -> dict``. The step metrics (and so the logs) carry only ``lr``, as
+    MMEngine's logs do; a handler that wants momentum reads it here from
+    ``snap.state.opt_state``.
+    """
+    if type(opt_state) is dict:  # a multi step's states by part name: "gen/lr", as its metrics
+        return {
+            f"{part}/{k}": v
+            for part, inner in opt_state.items()
+            for k, v in _collect(inner, "hyperparams").items()
+        }
+    return _collect(opt_state, "hyperparams")
+
+
+def _collect(opt_state: Any, method: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
 
     def walk(s: Any, prefix: str) -> None:
-        if hasattr(s, "metrics") and callable(s.metrics):
-            for k, v in s.metrics().items():
+        report = getattr(s, method, None)
+        if callable(report):
+            for k, v in report().items():
                 out[prefix + k] = v
         elif isinstance(s, PartitionState):
             for label, inner in s.inner.items():

@@ -4,7 +4,9 @@
 `layer_decay` (MMDet's ``LearningRateDecayOptimizerConstructor``) return a `ParamGroups`:
 one row per param with its lr, weight decay, their mults and the rule that set them. Print
 it to check before training; ``build`` makes a `fengine.optim.partition` with one optimizer
-per distinct ``(lr_mult, decay_mult)``, scaling a scheduled base value per group::
+per distinct ``(lr_mult, decay_mult)``. A scheduled base value is rebuilt per group on
+``mult * base``, as MMEngine's schedulers run on each group's initial value: absolute
+targets (``eta_min``, onecycle's ``eta_max``) are the same for every group (`Scaled`)::
 
     groups = paramwise(model, lr=0.01, weight_decay=1e-4, norm_decay_mult=0.0,
                        custom_keys={"backbone": dict(lr_mult=0.1)})
@@ -24,7 +26,9 @@ The `paramwise` rules (MMEngine 0.10.7 source; its docs differ in places):
   ``GroupNorm``, ``LayerNorm``) > ``bias`` > depthwise ``Conv2d`` > 1-D param.
 - params with ``requires_grad=False`` get no group (`ParamGroups.skipped`).
 
-Deliberate deviations: a decay mult with a base ``weight_decay`` of 0 raises (MMEngine
+Deliberate deviations: a group with ``lr_mult=0`` (or ``decay_mult=0``) keeps 0 under a
+schedule (MMEngine's schedulers move such a group towards an absolute ``eta_min`` or
+onecycle's values, so a "frozen" group trains); a decay mult with a base ``weight_decay`` of 0 raises (MMEngine
 raises only without any ``weight_decay``, and then ignores ``flat_decay_mult``); mults must
 be numbers >= 0; ``custom_keys`` may not set ``lr`` / ``weight_decay`` (use the mults); a
 param shared by two modules raises unless ``bypass_duplicate=True`` (MMEngine's optimizer
@@ -48,6 +52,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from fengine.optim.base import GradientTransformation, Hyper, check_hyper, partition
+from fengine.optim.scaling import ScaledSchedule
+from fengine.schedules import Join, Schedule
 
 
 __all__ = [
@@ -68,20 +74,56 @@ _DCN_NAMES = frozenset({"DeformConv2d", "ModulatedDeformConv2d"})
 # ---------------------------------------------------------------- values
 @dataclass(frozen=True)
 class Scaled:
-    """The schedule ``step -> mult * schedule(step)``: a group's share of a scheduled base value."""
+    """A group's share of a scheduled base value: the schedule MMEngine runs on that group.
+
+    MMEngine sets a group's initial value to ``mult * base`` and builds each parameter
+    scheduler on it, so what scales is the schedule's base, not its absolute targets:
+    ``eta_min`` of `~fengine.schedules.cosine` / `~fengine.schedules.cosine_restart` /
+    `~fengine.schedules.poly` stays as given (every group anneals to the same floor),
+    ``eta_min_ratio`` follows the group's base, and `~fengine.schedules.onecycle`
+    (absolute ``eta_max``) gives every group the same values. For a fengine schedule
+    (`~fengine.schedules.Schedule`, a `~fengine.schedules.join` of them or an
+    `fengine.optim.scale_lr` result) ``Scaled(mult, s)(step)`` is ``s`` rebuilt on
+    ``mult * s.base``; any other callable is multiplied: ``mult * schedule(step)``.
+    """
 
     mult: float
     schedule: Callable[[int], Any]
+    _rebased: Callable[[int], Any] | None = dataclasses.field(
+        init=False, repr=False, compare=False, default=None
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_rebased", _rebase(self.schedule, self.mult))
 
     def __call__(self, step: int) -> Any:
+        if self._rebased is not None:
+            return self._rebased(step)
         return self.mult * self.schedule(step)
 
     def __repr__(self) -> str:
         return f"{self.mult!r} * {self.schedule!r}"
 
 
+def _rebase(schedule: Any, mult: float) -> Schedule | None:
+    """``schedule`` built on ``base * mult`` (MMEngine's scheduler on that group), or None if opaque."""
+    if isinstance(schedule, ScaledSchedule):  # scale_lr: already rebuilt on the scaled base
+        return _rebase(schedule._rebased, mult)
+    if isinstance(schedule, Join):
+        parts = tuple(_rebase(p, mult) for p in schedule.parts)
+        if any(p is None for p in parts):
+            return None
+        return Join(schedule.base * mult, tuple(p for p in parts if p is not None))
+    if isinstance(schedule, Schedule) and dataclasses.is_dataclass(schedule):
+        return dataclasses.replace(schedule, base=schedule.base * mult)
+    return None
+
+
 def _scale(base: Hyper, mult: float) -> Hyper:
-    """``base * mult`` for a number (the product MMEngine computes); a `Scaled` schedule otherwise."""
+    """A group's value: ``base * mult`` for a number (MMEngine's product), a `Scaled` schedule otherwise.
+
+    ``mult == 0`` gives 0.0 even for a schedule (the group stays frozen; see the module doc).
+    """
     if callable(base):
         if mult == 1:
             return base

@@ -22,6 +22,6 @@ from fengine.wrappers.base import (
     post_update as post_update,
 )
 from fengine.wrappers.data_parallel import data_parallel as data_parallel
-from fengine.wrappers.ema import EmaState as EmaState, ema as ema
+from fengine.wrappers.ema import EmaState as EmaState, ema as ema, swa as swa
 from fengine.wrappers.fsdp import fsdp as fsdp
 from fengine.wrappers.remat import checkpoint_activations as checkpoint_activations

@@ -1,4 +1,18 @@
-"""`ema`: an exponential moving average of (some of) the params, MMEngine's ExponentialMovingAverage."""
+"""Averaged models as post-update wrappers: MMEngine's ``mmengine.model.averaged_model``.
+
+`ema` (``ExponentialMovingAverage``, and ``MomentumAnnealingEMA`` with ``gamma=``) and `swa`
+(``StochasticWeightAverage``) share one machinery: an `EmaState` in ``state.extra[name]``
+holding the averaged params (and buffers with ``update_buffers``) and the number of
+averaging updates done, the first of which copies the params. They differ only in the
+averaging rule. Evaluation, checkpoints' published weights and `load_params` use the
+averaged weights (`EmaState.eval_weights`, `TrainState.eval_weights`); the wrapper
+reads them: ``ema.params(state)``.
+
+When averaging starts is MMEngine's EMAHook rule: after ``begin`` updates
+(``begin_iter``: the update that makes ``state.step >= begin``) or, with ``begin_epoch``,
+from the first update of epoch ``begin_epoch - 1`` (0-based; ``runner.epoch + 1 >=
+begin_epoch``); until then the average just tracks the params and counts nothing.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +27,15 @@ from fengine.step import Metrics, Part, StepFn, selector
 from fengine.wrappers.base import Wrapper
 
 
-__all__ = ["EmaState", "ema"]
+__all__ = ["EmaState", "ema", "swa"]
 
 
 class EmaState(NamedTuple):
-    """Exponential moving average of (some of) the params, and buffers with ``update_buffers``."""
+    """Averaged (some of) the params, and buffers with ``update_buffers``: `ema` and `swa`'s state."""
 
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
-    steps: int  # EMA updates performed (MMEngine's ``BaseAveragedModel.steps``)
+    steps: int  # averaging updates performed (MMEngine's ``BaseAveragedModel.steps``)
 
     def eval_weights(
         self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
@@ -30,22 +44,20 @@ class EmaState(NamedTuple):
         return {**params, **self.params}, {**buffers, **self.buffers}
 
 
-class _Ema(Wrapper):
+class _Averaged(Wrapper):
+    """The shared machinery; subclasses define `_average` (MMEngine's ``avg_func``)."""
+
     def __init__(
         self,
-        momentum: float,
         interval: int,
         update_buffers: bool,
         begin: int,
+        begin_epoch: int,
         select: Any,
         name: str,
     ) -> None:
-        self.momentum, self.interval, self.update_buffers, self.begin = (
-            momentum,
-            interval,
-            update_buffers,
-            begin,
-        )
+        self.interval, self.update_buffers = interval, update_buffers
+        self.begin, self.begin_epoch = begin, begin_epoch
         self.select, self.name, self.key = select, name, name  # key: the name, typed str
 
     def init(self, state: TrainState, parts: tuple[Part, ...]) -> EmaState:
@@ -57,15 +69,29 @@ class _Ema(Wrapper):
         return EmaState(params, buffers, 0)
 
     def params(self, state: TrainState) -> dict[str, torch.Tensor]:
-        """All params, the averaged ones where this EMA keeps them."""
+        """All params, the averaged ones where this wrapper keeps them."""
         e: EmaState = state.extra[self.key]
         return {**state.params, **e.params}
 
+    def state(self, state: TrainState) -> EmaState:
+        """This wrapper's `EmaState` in ``state``."""
+        return state.extra[self.key]
+
+    def _started(self, state: TrainState) -> bool:
+        """MMEngine's ``EMAHook._ema_started`` after the update that produced ``state``."""
+        if self.begin_epoch > 0:
+            return state.epoch + 1 >= self.begin_epoch  # runner.epoch + 1 >= begin_epoch
+        return state.step >= self.begin  # runner.iter + 1 >= begin_iter
+
+    def _average(self, avg: list[torch.Tensor], src: list[torch.Tensor], steps: int) -> None:
+        """Average ``src`` into ``avg`` in place; ``steps`` averaging updates were done before."""
+        raise NotImplementedError
+
     def after(self, step_fn: StepFn) -> StepFn:
-        m, interval, begin, name = self.momentum, self.interval, self.begin, self.key
+        interval, name = self.interval, self.key
         cache: dict[str, Any] = {}
 
-        def with_ema(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        def with_average(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
             new, metrics = step_fn(state, batch)
             e: EmaState = new.extra[name]
             if cache.get("key") is not new.params:  # a donating step keeps the same dicts
@@ -76,48 +102,102 @@ class _Ema(Wrapper):
                 )
             src_b = list(new.buffers.values()) if self.update_buffers else []
             avg_b = list(e.buffers.values())
-            started = new.step >= begin  # MMEngine: runner.iter + 1 >= begin_iter
+            started = self._started(new)
             with torch.no_grad():
                 if not started or e.steps == 0:
                     foreach_copy_(cache["avg"], cache["src"])
                     if avg_b:
                         torch._foreach_copy_(avg_b, src_b)
                 elif e.steps % interval == 0:
-                    torch._foreach_lerp_(cache["avg"], cache["src"], m)
+                    self._average(cache["avg"], cache["src"], e.steps)
                     floats = [
                         (a, b) for a, b in zip(avg_b, src_b) if a.is_floating_point()
                     ]  # not step counters
                     if floats:
-                        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], m)
+                        self._average([a for a, _ in floats], [b for _, b in floats], e.steps)
             steps = e.steps + 1 if started else e.steps
             return new.replace(
                 extra={**new.extra, name: EmaState(e.params, e.buffers, steps)}
             ), metrics
 
-        return with_ema
+        return with_average
+
+    def _begin_repr(self) -> str:
+        if self.begin_epoch:
+            return f", begin_epoch={self.begin_epoch}"
+        return f", begin={self.begin}" if self.begin else ""
+
+
+class _Ema(_Averaged):
+    def __init__(self, momentum: float, gamma: float | None, *args: Any) -> None:
+        super().__init__(*args)
+        self.momentum, self.gamma = momentum, gamma
+
+    def _average(self, avg: list[torch.Tensor], src: list[torch.Tensor], steps: int) -> None:
+        m = self.momentum
+        if self.gamma is not None:  # MomentumAnnealingEMA: max(momentum, gamma / (gamma + steps))
+            m = max(m, self.gamma / (self.gamma + steps))
+        torch._foreach_lerp_(avg, src, m)
 
     def __repr__(self) -> str:
-        return f"ema(momentum={self.momentum}, interval={self.interval}, name={self.name!r})"
+        gamma = "" if self.gamma is None else f", gamma={self.gamma}"
+        return (
+            f"ema(momentum={self.momentum}{gamma}, interval={self.interval}"
+            f"{self._begin_repr()}, name={self.name!r})"
+        )
+
+
+class _Swa(_Averaged):
+    def _average(self, avg: list[torch.Tensor], src: list[torch.Tensor], steps: int) -> None:
+        # MMEngine: averaged.add_(source - averaged, alpha=1 / float(steps // interval + 1))
+        diff = torch._foreach_sub(src, avg)
+        torch._foreach_add_(avg, diff, alpha=1 / float(steps // self.interval + 1))
+
+    def __repr__(self) -> str:
+        return f"swa(interval={self.interval}{self._begin_repr()}, name={self.name!r})"
+
+
+def _common(
+    where: str, interval: int, begin: int, begin_epoch: int, params: Any, update_buffers: bool
+) -> Any:
+    """Validate the shared arguments (MMEngine's EMAHook asserts); returns the param selector."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"{where}: interval must be an int >= 1, got {interval!r}")
+    for arg, value in (("begin", begin), ("begin_epoch", begin_epoch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where}: {arg} must be an int >= 0, got {value!r}")
+    if begin and begin_epoch:
+        raise ValueError(
+            f"{where}: give begin (updates) or begin_epoch, not both (MMEngine's EMAHook asserts it)"
+        )
+    if not isinstance(update_buffers, bool):
+        raise TypeError(f"{where}: update_buffers must be a bool, got {update_buffers!r}")
+    return None if params is None else selector(params, where)
 
 
 def ema(
     decay: float | None = None,
     *,
     momentum: float | None = None,
+    gamma: float | None = None,
     interval: int = 1,
     update_buffers: bool = False,
     begin: int = 0,
+    begin_epoch: int = 0,
     params: str | Callable[[str], bool] | None = None,
     name: str = "ema",
 ) -> Any:
     """Keep an EMA of the params in ``state.extra[name]`` (MMEngine ExponentialMovingAverage).
 
     MMEngine's convention: ``ema = (1 - momentum) * ema + momentum * param``, so
-    ``momentum = 1 - decay``; default momentum 0.0002 (decay 0.9998). The first
-    update copies the params; later ones average every ``interval`` updates
-    (counted in updates, not micro-batches). Until ``begin`` updates are done the
-    EMA just tracks the params (MMEngine's ``begin_iter``). ``params`` limits it to a
-    submodule (``"gen"``) or a predicate on param names (a GAN's generator).
+    ``momentum = 1 - decay``; default momentum 0.0002 (decay 0.9998). With ``gamma``
+    it is MMEngine's ``MomentumAnnealingEMA``: the momentum of averaging update ``t``
+    is ``max(momentum, gamma / (gamma + t))``, large early and annealed to ``momentum``.
+    The first update copies the params; later ones average every ``interval`` updates
+    (counted in updates, not micro-batches). Until ``begin`` updates are done (MMEngine's
+    ``begin_iter``), or before epoch ``begin_epoch`` (1-based, MMEngine's ``begin_epoch``),
+    the EMA just tracks the params. ``params`` limits it to a submodule (``"gen"``) or a
+    predicate on param names (a GAN's generator).
     Without ``update_buffers`` buffers are not averaged and evaluation uses the
     live ones (as MMEngine's EMA model mirrors them). It runs after the update and
     the loss-scaler update, so a skipped fp16 step still counts. Evaluation,
@@ -129,9 +209,33 @@ def ema(
     m = momentum if momentum is not None else 0.0002 if decay is None else 1.0 - decay
     if not 0.0 < m <= 1.0:
         raise ValueError(f"ema: momentum must be in (0, 1] (decay in [0, 1)), got momentum={m}")
-    if not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"ema: interval must be an int >= 1, got {interval!r}")
-    if begin < 0:
-        raise ValueError(f"ema: begin must be >= 0, got {begin}")
-    select = None if params is None else selector(params, "ema")
-    return _Ema(m, interval, update_buffers, begin, select, name)
+    if gamma is not None and (
+        isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0
+    ):
+        raise ValueError(f"ema: gamma must be a number > 0 (MomentumAnnealingEMA), got {gamma!r}")
+    select = _common("ema", interval, begin, begin_epoch, params, update_buffers)
+    return _Ema(m, gamma, interval, update_buffers, begin, begin_epoch, select, name)
+
+
+def swa(
+    *,
+    interval: int = 1,
+    update_buffers: bool = False,
+    begin: int = 0,
+    begin_epoch: int = 0,
+    params: str | Callable[[str], bool] | None = None,
+    name: str = "swa",
+) -> Any:
+    """Stochastic weight averaging (MMEngine's ``StochasticWeightAverage``) in ``state.extra[name]``.
+
+    The equal-weight mean of the params after every ``interval``-th averaging update:
+    the first update copies the params, update ``t`` (counted from 0) with ``t % interval
+    == 0`` does ``avg += (param - avg) / (t // interval + 1)``. ``begin`` / ``begin_epoch``
+    (when the averaging starts), ``update_buffers`` and ``params`` are as in `ema`; so
+    ``swa(begin_epoch=76)`` averages the last epochs of a 100-epoch run. Evaluation,
+    checkpoints' published weights and `load_params` use the averaged weights. Recompute
+    BatchNorm statistics for the averaged weights yourself if you need them (as with
+    MMEngine, which does not either); ``update_buffers=True`` averages them instead.
+    """
+    select = _common("swa", interval, begin, begin_epoch, params, update_buffers)
+    return _Swa(interval, update_buffers, begin, begin_epoch, select, name)
