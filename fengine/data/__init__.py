@@ -15,9 +15,21 @@ from fengine.data.sampler import (
     samples_per_rank,
     stream_indices,
 )
+from fengine.data.wrappers import (
+    ClassBalancedDataset,
+    ConcatDataset,
+    RepeatDataset,
+    Subset,
+    repeat_factors,
+)
 
 
 __all__ = [
+    "ClassBalancedDataset",
+    "ConcatDataset",
+    "RepeatDataset",
+    "Subset",
+    "repeat_factors",
     "ImagePreprocessor",
     "InfiniteSampler",
     "Loader",
