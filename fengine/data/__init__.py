@@ -4,6 +4,7 @@ Everything here is a function of ``(seed, epoch, index)`` (or stream position):
 resuming a run needs its position, never an RNG snapshot.
 """
 
+from fengine.data.cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, cifar10
 from fengine.data.collate import default_collate, pseudo_collate
 from fengine.data.datasets import digits, synthetic_classification
 from fengine.data.loader import Loader
@@ -25,6 +26,10 @@ from fengine.data.wrappers import (
 
 
 __all__ = [
+    "CIFAR10",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "cifar10",
     "ClassBalancedDataset",
     "ConcatDataset",
     "RepeatDataset",
