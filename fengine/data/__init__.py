@@ -16,6 +16,7 @@ from fengine.data.sampler import (
     samples_per_rank,
     stream_indices,
 )
+from fengine.data.text import STDLIB_FILES, CharCorpus, char_corpus, stdlib_corpus
 from fengine.data.wrappers import (
     ClassBalancedDataset,
     ConcatDataset,
@@ -26,6 +27,10 @@ from fengine.data.wrappers import (
 
 
 __all__ = [
+    "STDLIB_FILES",
+    "CharCorpus",
+    "char_corpus",
+    "stdlib_corpus",
     "CIFAR10",
     "CIFAR10_MEAN",
     "CIFAR10_STD",

@@ -108,7 +108,7 @@ def load_batch(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     p = Path(path)
     with open(p, "rb") as f:
-        obj = _RestrictedUnpickler(f, p).load()  # type: ignore[arg-type]
+        obj = _RestrictedUnpickler(f, p).load()
     if not isinstance(obj, dict):
         raise ValueError(f"{p}: expected a dict (a CIFAR-10 batch), got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
