@@ -399,3 +399,38 @@ def test_bad_specs_raise_naming_the_argument():
         init.apply(_net(), init.Kaiming(layer="BatchNorm2d"))
     with pytest.raises(TypeError, match="expected an init spec"):
         init.apply(_net(), [3])
+
+
+def test_readme_block_runs(monkeypatch):
+    """README's "Initialisers and model complexity" block, on a small conv net with a head."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = next(
+        c for c in re.findall(r"```python\n(.+?)\n```", readme, flags=re.S) if "init.apply" in c
+    )
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    import fengine as fe
+    from fengine import optim
+
+    printed: list = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(a))
+    model = Model()
+    cfg = type("Cfg", (), {"seed": 3})
+    step = fe.train_step(lambda m, b: m(b).sum(), optim.sgd(0.1))
+    env = {"model": model, "nn": nn, "torch": torch, "cfg": cfg, "step": step}
+    exec(compile(code, "README.md", "exec"), env)
+    assert env["report"].last("head.weight").startswith("ConstantInit: val=0")
+    assert env["report"].last("conv.weight").startswith("KaimingInit")
+    assert torch.equal(env["state"].params["head.weight"], torch.zeros(2, 4))
+    assert "Model Parameters:" in printed[-1][0]
