@@ -55,6 +55,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from fengine.checkpoint import load_params
 from fengine.rng import fold_in
 
 
@@ -458,14 +459,15 @@ def _run_spec(spec: Spec, module: nn.Module, prefix: str, run: _Run, whole: bool
         _run_spec(sub, target, f"{prefix}{sub_name}.", run, whole=True)
 
 
-def _load(spec: Pretrained, module: nn.Module, prefix: str, run: _Run) -> None:
-    from fengine.checkpoint import load_params
-
-    prefix_map = {spec.prefix: ""} if spec.prefix else None
+def _load(spec: Pretrained, module: nn.Module, at: str, run: _Run) -> None:
+    prefix = spec.prefix
+    if prefix and not prefix.endswith("."):
+        prefix += "."  # MMEngine: "backbone" means "backbone."
+    prefix_map = {prefix: ""} if prefix else None
     state_dict, report = load_params(spec.checkpoint, module, prefix_map=prefix_map)
     module.load_state_dict(cast(dict, state_dict))
     for n in report.loaded:
-        run.record(prefix + n, spec.info())
+        run.record(at + n, spec.info())
 
 
 SpecLike = Spec | Mapping[str, Any]

@@ -352,9 +352,10 @@ def test_pretrained_with_prefix_per_scope_equals_mmengine_init_weights(tmp_path,
     assert rep.writes["backbone.conv1.weight"][0].startswith("ConstantInit")
     assert rep.last("head.weight") == labels["head.weight"]
     assert rep.last("backbone.linear.bias").startswith("PretrainedInit")
-    # the dict form reads the same
+    # the dict form reads the same (a prefix without its dot as MMEngine: "backbone.")
     again = copy.deepcopy(ours)
-    init.apply(again, {"backbone": [dict(type="Pretrained", checkpoint=path, prefix="backbone.")]})
+    init.apply(again, init.Constant(val=0, layer="Conv2d"))
+    init.apply(again, {"backbone": [dict(type="Pretrained", checkpoint=path, prefix="backbone")]})
     _assert_same(again.state_dict(), ours.state_dict())
 
 
