@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -129,81 +130,123 @@ def traced_grad_fn(part: Part) -> GradFn:
 
 
 class Layout:
-    """Where a state's Python numbers sit among its pytree leaves (ints and floats apart)."""
+    """A state's pytree layout: where its Python numbers sit among the leaves, and a fast rebuild.
 
-    __slots__ = ("floats", "ints", "spec")
+    ``torch.utils._pytree.tree_unflatten`` costs ~10x the compiled MLP step's own overhead;
+    `build` is the same rebuild as closures made once per layout.
+    """
+
+    __slots__ = ("build", "floats", "ints", "n", "spec")
 
     def __init__(self, leaves: list[Any], spec: pytree.TreeSpec) -> None:
-        self.spec = spec
+        self.spec, self.n = spec, len(leaves)
         self.ints = [i for i, x in enumerate(leaves) if type(x) is int]
         self.floats = [i for i, x in enumerate(leaves) if type(x) is float]
+        self.build = _builder(spec)
+
+
+def _builder(spec: pytree.TreeSpec) -> Any:
+    """A function ``iterator of leaves -> tree`` for trees of layout ``spec``."""
+    if spec.is_leaf():
+        return next
+    unflatten = pytree.SUPPORTED_NODES[spec.type].unflatten_fn
+    kids = [_builder(spec.child(i)) for i in range(spec.num_children)]
+    context = spec.context
+
+    def build(it: Any) -> Any:
+        return unflatten([kid(it) for kid in kids], context)
+
+    return build
+
+
+def _lift_leaves(leaves: list[Any], layout: Layout, device: torch.device | None) -> list[Any]:
+    """``leaves`` with the Python numbers at ``layout``'s places as 0-d int64 / float64 tensors."""
+    leaves = list(leaves)
+    for positions, dtype in ((layout.ints, torch.int64), (layout.floats, torch.float64)):
+        if positions:
+            values = torch.tensor([leaves[i] for i in positions], dtype=dtype, device=device)
+            for i, t in zip(positions, values.unbind()):
+                leaves[i] = t
+    return leaves
+
+
+def _lower_leaves(leaves: list[Any], layout: Layout) -> tuple[list[Any], bool]:
+    """The numbers back as Python ints and floats; whether every one of them was a tensor."""
+    out, reusable = list(leaves), True
+    for positions, kind in ((layout.ints, int), (layout.floats, float)):
+        for i in positions:
+            v = out[i]
+            if isinstance(v, torch.Tensor):
+                out[i] = kind(v.item())
+            else:
+                reusable = False
+                out[i] = kind(v)
+    return out, reusable
+
+
+def _device(state: TrainState) -> torch.device | None:
+    return next(iter(state.params.values())).device if state.params else None
 
 
 def lift(state: TrainState) -> tuple[TrainState, Layout]:
     """``state`` with each Python int / float replaced by a 0-d int64 / float64 tensor."""
     leaves, spec = pytree.tree_flatten(state)
     layout = Layout(leaves, spec)
-    device = next(iter(state.params.values())).device if state.params else None
-    for positions, dtype in ((layout.ints, torch.int64), (layout.floats, torch.float64)):
-        if positions:
-            values = torch.tensor([leaves[i] for i in positions], dtype=dtype, device=device)
-            for i, t in zip(positions, values.unbind()):
-                leaves[i] = t
-    return pytree.tree_unflatten(leaves, spec), layout
+    return layout.build(iter(_lift_leaves(leaves, layout, _device(state)))), layout
 
 
 def lower(state: TrainState, layout: Layout) -> tuple[TrainState, bool]:
-    """The inverse of `lift`: the numbers back as Python ints and floats (one host read per
-    kind), and whether ``state`` held a tensor at each place (then it is a valid lifted state)."""
-    reusable = True
+    """The inverse of `lift`: the numbers back as Python ints and floats, and whether ``state``
+    held a tensor at each place (then it is a valid lifted state)."""
     leaves, spec = pytree.tree_flatten(state)
     if spec != layout.spec:
         raise RuntimeError(
             "compiled step: the step changed the layout of the state it returns "
             f"(expected {layout.spec}, got {spec})"
         )
-    for positions, kind, dtype in (
-        (layout.ints, int, torch.int64),
-        (layout.floats, float, torch.float64),
-    ):
-        if positions:
-            vals = [leaves[i] for i in positions]
-            tensors = [(j, v) for j, v in enumerate(vals) if isinstance(v, torch.Tensor)]
-            reusable = reusable and len(tensors) == len(vals)
-            if tensors:
-                read = torch.stack([v.to(dtype) for _, v in tensors]).tolist()
-                for (j, _), x in zip(tensors, read):
-                    vals[j] = x
-            for i, v in zip(positions, vals):
-                leaves[i] = kind(v)
-    return pytree.tree_unflatten(leaves, spec), reusable
+    out, reusable = _lower_leaves(leaves, layout)
+    return layout.build(iter(out)), reusable
+
+
+_TOP = ("params", "buffers", "opt_state", "extra")  # the state's containers (not its counters)
 
 
 class CompiledStep:
-    """Runs a traced step function under ``torch.compile``; the eager one when that cannot work."""
+    """Runs a traced step function under ``torch.compile``; the eager one when that cannot work.
+
+    The graph takes and returns the state as a flat list of leaves (guards on a list of
+    tensors are cheap); the state it returned last is kept lifted, so the next call (or one
+    on that state with new counters, as `fit` makes) skips flattening it again.
+    """
 
     def __init__(self, traced: StepFn, eager: StepFn, options: dict[str, Any]) -> None:
         self.traced, self.eager, self.options = traced, eager, options
-        self.compiled = torch.compile(traced, fullgraph=True, **options)
+        self.compiled = torch.compile(_own_code(self._run), fullgraph=True, **options)
         self.fallback_reason: str | None = None
         self.compile_seconds: float | None = None
-        self._last: tuple[TrainState, TrainState, Layout] | None = None
+        self._layout: Layout | None = None
+        self._last: tuple[TrainState, list[Any]] | None = (
+            None  # (state returned, its lifted leaves)
+        )
+        self._cuda: tuple[Any, tuple[torch.device, ...]] = (None, ())
+
+    def _run(self, leaves: list[Any], batch: Any) -> tuple[list[Any], Metrics]:
+        """The traced function: leaves in, leaves out (the pytree work happens at trace time)."""
+        assert self._layout is not None
+        new, metrics = self.traced(pytree.tree_unflatten(leaves, self._layout.spec), batch)
+        return pytree.tree_leaves(new), metrics
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.fallback_reason is not None:
             return self.eager(state, batch)
-        last = self._last
-        if last is not None and last[0] is state:  # the state this step returned: already lifted
-            lifted, layout = last[1], last[2]
-        else:
-            lifted, layout = lift(state)
+        leaves = self._lifted(state)
+        assert self._layout is not None
         self.prepare(state)
         first = self.compile_seconds is None
-        cuda = tuple({p.device for p in state.params.values() if p.device.type == "cuda"})
         t0 = time.perf_counter()
         try:
-            with seeded_default_generators(fold_in(state.seed, state.step), cuda):
-                new, metrics = self.compiled(lifted, batch)
+            with seeded_default_generators(fold_in(state.seed, state.step), self._cuda_of(state)):
+                out, metrics = self.compiled(leaves, batch)
         except _UNTRACEABLE as e:
             self._fall_back(e)
             return self.eager(state, batch)
@@ -215,9 +258,48 @@ class CompiledStep:
                 self.compile_seconds,
                 _cache_dir(),
             )
-        out, reusable = lower(new, layout)
-        self._last = (out, new, layout) if reusable else None
-        return out, metrics
+        if len(out) != self._layout.n:
+            raise RuntimeError(
+                f"compiled step: the step returned a state of {len(out)} leaves, expected "
+                f"{self._layout.n}; a wrapper changed the state's layout"
+            )
+        lowered, reusable = _lower_leaves(out, self._layout)
+        new = self._layout.build(iter(lowered))
+        self._last = (new, out) if reusable else None
+        return new, metrics
+
+    def _lifted(self, state: TrainState) -> list[Any]:
+        """``state``'s leaves with its numbers as tensors, from the last call's when it can."""
+        last = self._last
+        if last is not None:
+            prev, leaves = last
+            if prev is state:
+                return leaves
+            if state.model is prev.model and all(
+                getattr(state, f) is getattr(prev, f) for f in _TOP
+            ):  # only the counters differ (fit moves epoch / batch_in_epoch): re-lift those
+                assert self._layout is not None
+                top = [0, len(leaves) - 3, len(leaves) - 2, len(leaves) - 1]
+                values = torch.tensor(
+                    [state.step, state.seed, state.epoch, state.batch_in_epoch],
+                    dtype=torch.int64,
+                    device=_device(state),
+                ).unbind()
+                leaves = list(leaves)
+                for i, t in zip(top, values):
+                    leaves[i] = t
+                return leaves
+        flat, spec = pytree.tree_flatten(state)
+        if self._layout is None or spec != self._layout.spec:
+            self._layout = Layout(flat, spec)
+        return _lift_leaves(flat, self._layout, _device(state))
+
+    def _cuda_of(self, state: TrainState) -> tuple[torch.device, ...]:
+        """The CUDA devices of the state's params (their generators are seeded too); cached."""
+        if self._cuda[0] is not state.params:
+            found = {p.device for p in state.params.values() if p.device.type == "cuda"}
+            self._cuda = (state.params, tuple(found))
+        return self._cuda[1]
 
     def prepare(self, state: TrainState) -> None:
         """Outside the graph: the module in training mode, its `Binding` kept on it."""
@@ -239,6 +321,15 @@ class CompiledStep:
             CompileFallbackWarning,
             stacklevel=4,
         )
+
+
+def _own_code(method: Any) -> Any:
+    """``method`` with a code object of its own: dynamo keeps its compiled graphs and guards per
+    code object, so each compiled step gets its own cache (and its own recompile limit)."""
+    fn = method.__func__
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(method.__self__):x}")
+    clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(clone, method.__self__)
 
 
 def _cache_dir() -> str:
