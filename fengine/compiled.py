@@ -170,17 +170,36 @@ def _lift_leaves(leaves: list[Any], layout: Layout, device: torch.device | None)
     return leaves
 
 
-def _lower_leaves(leaves: list[Any], layout: Layout) -> tuple[list[Any], bool]:
-    """The numbers back as Python ints and floats; whether every one of them was a tensor."""
+def _lower_leaves(
+    leaves: list[Any], layout: Layout, given: tuple[list[Any], list[Any]] | None = None
+) -> tuple[list[Any], bool]:
+    """The numbers back as Python ints and floats; whether every one of them was a tensor.
+
+    ``given``: the (lifted, plain) leaves the graph was called with; a number the graph
+    returned untouched (the seed, a constant) is taken from there without a device read.
+    The others are read at once per kind (one sync on CUDA).
+    """
     out, reusable = list(leaves), True
-    for positions, kind in ((layout.ints, int), (layout.floats, float)):
+    for positions, kind, dtype in (
+        (layout.ints, int, torch.int64),
+        (layout.floats, float, torch.float64),
+    ):
+        read = []
         for i in positions:
             v = out[i]
-            if isinstance(v, torch.Tensor):
-                out[i] = kind(v.item())
-            else:
+            if not isinstance(v, torch.Tensor):
                 reusable = False
                 out[i] = kind(v)
+            elif given is not None and v is given[0][i]:
+                out[i] = given[1][i]
+            else:
+                read.append(i)
+        if len(read) > 1 and out[read[0]].device.type != "cpu":
+            for i, x in zip(read, torch.stack([out[i].to(dtype) for i in read]).tolist()):
+                out[i] = kind(x)
+        else:
+            for i in read:
+                out[i] = kind(out[i].item())
     return out, reusable
 
 
@@ -225,9 +244,8 @@ class CompiledStep:
         self.fallback_reason: str | None = None
         self.compile_seconds: float | None = None
         self._layout: Layout | None = None
-        self._last: tuple[TrainState, list[Any]] | None = (
-            None  # (state returned, its lifted leaves)
-        )
+        # the state returned last, its leaves lifted and as they are
+        self._last: tuple[TrainState, list[Any], list[Any]] | None = None
         self._cuda: tuple[Any, tuple[torch.device, ...]] = (None, ())
 
     def _run(self, leaves: list[Any], batch: Any) -> tuple[list[Any], Metrics]:
@@ -239,7 +257,7 @@ class CompiledStep:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.fallback_reason is not None:
             return self.eager(state, batch)
-        leaves = self._lifted(state)
+        leaves, plain = self._lifted(state)
         assert self._layout is not None
         self.prepare(state)
         first = self.compile_seconds is None
@@ -263,36 +281,33 @@ class CompiledStep:
                 f"compiled step: the step returned a state of {len(out)} leaves, expected "
                 f"{self._layout.n}; a wrapper changed the state's layout"
             )
-        lowered, reusable = _lower_leaves(out, self._layout)
+        lowered, reusable = _lower_leaves(out, self._layout, (leaves, plain))
         new = self._layout.build(iter(lowered))
-        self._last = (new, out) if reusable else None
+        self._last = (new, out, lowered) if reusable else None
         return new, metrics
 
-    def _lifted(self, state: TrainState) -> list[Any]:
-        """``state``'s leaves with its numbers as tensors, from the last call's when it can."""
+    def _lifted(self, state: TrainState) -> tuple[list[Any], list[Any]]:
+        """``state``'s leaves with its numbers as tensors (from the last call's when it can), and
+        its leaves as they are."""
         last = self._last
         if last is not None:
-            prev, leaves = last
+            prev, leaves, plain = last
             if prev is state:
-                return leaves
+                return leaves, plain
             if state.model is prev.model and all(
                 getattr(state, f) is getattr(prev, f) for f in _TOP
             ):  # only the counters differ (fit moves epoch / batch_in_epoch): re-lift those
-                assert self._layout is not None
                 top = [0, len(leaves) - 3, len(leaves) - 2, len(leaves) - 1]
-                values = torch.tensor(
-                    [state.step, state.seed, state.epoch, state.batch_in_epoch],
-                    dtype=torch.int64,
-                    device=_device(state),
-                ).unbind()
-                leaves = list(leaves)
-                for i, t in zip(top, values):
-                    leaves[i] = t
-                return leaves
+                numbers = [state.step, state.seed, state.epoch, state.batch_in_epoch]
+                values = torch.tensor(numbers, dtype=torch.int64, device=_device(state)).unbind()
+                leaves, plain = list(leaves), list(plain)
+                for i, t, x in zip(top, values, numbers):
+                    leaves[i], plain[i] = t, x
+                return leaves, plain
         flat, spec = pytree.tree_flatten(state)
         if self._layout is None or spec != self._layout.spec:
             self._layout = Layout(flat, spec)
-        return _lift_leaves(flat, self._layout, _device(state))
+        return _lift_leaves(flat, self._layout, _device(state)), flat
 
     def _cuda_of(self, state: TrainState) -> tuple[torch.device, ...]:
         """The CUDA devices of the state's params (their generators are seeded too); cached."""

@@ -126,6 +126,26 @@ def test_multi_step_compiles_to_one_graph():
         torch.testing.assert_close(b.params[n], a.params[n], **TOL)
 
 
+def test_counters_moved_between_steps_reach_the_graph():
+    """`fit` moves epoch / batch_in_epoch between steps: the graph must see the new values
+    (here ema(begin_epoch=2) starts averaging from epoch 1) without recompiling."""
+    counter = Counter()
+    compiled = fe.train_step(
+        ce_loss, optim.sgd(0.1), fe.ema(0.5, begin_epoch=2), compile={"backend": counter}
+    )
+    eager = fe.train_step(ce_loss, optim.sgd(0.1), fe.ema(0.5, begin_epoch=2))
+    a, b = eager.init(mlp()), compiled.init(mlp())
+    for i, batch in enumerate(mlp_batches(6)):
+        a, _ = eager(a, batch)
+        b, _ = compiled(b, batch)
+        a = a.replace(epoch=i // 3, batch_in_epoch=i % 3 + 1)
+        b = b.replace(epoch=i // 3, batch_in_epoch=i % 3 + 1)
+    assert counter.graphs == 1
+    assert b.extra["ema"].steps == a.extra["ema"].steps == 2
+    for n, p in a.extra["ema"].params.items():
+        torch.testing.assert_close(b.extra["ema"].params[n], p, **TOL)
+
+
 class Branchy(nn.Module):
     """A model with data-dependent Python control flow: cannot be traced as one graph."""
 
