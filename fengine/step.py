@@ -192,7 +192,8 @@ class Step:
     Built by `train_step` / `fengine.multi_step`. With ``donate=True`` the input
     state is consumed (its tensors are updated in place and reused by the
     returned state); with ``donate=False`` it is deep-copied first and stays
-    valid. Both give bitwise-identical results.
+    valid. Both give bitwise-identical results. With ``compile=True`` the whole step
+    runs as one ``torch.compile`` graph (`fengine.compiled`).
     """
 
     def __init__(
