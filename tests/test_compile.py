@@ -94,6 +94,7 @@ def test_fifty_scheduled_steps_compile_once_and_match_eager(name):
             assert type(y) is type(x) and y == x
 
 
+@pytest.mark.slow  # ~3 s of tracing each; the fifty-step test already sees one graph per config
 @pytest.mark.parametrize("name", sorted(PIECES))
 def test_explain_finds_one_graph_and_no_break(name):
     make_tx, make_wrappers = PIECES[name]
@@ -327,3 +328,21 @@ def test_inductor_step_is_deterministic_resumes_exactly_and_matches_eager(induct
         torch.testing.assert_close(r["plain"].params[n], p, **TOL)
     for n, p in r["eager"].extra["ema"].params.items():
         torch.testing.assert_close(r["plain"].extra["ema"].params[n], p, **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_takes_the_same_code_path():
+    """On CUDA the same compiled step (inductor) runs, within the fp16/bf16 tolerance of eager."""
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(LR))
+    wrappers = (fe.amp("bfloat16"), fe.ema(momentum=0.1))
+    compiled = fe.train_step(ce_loss, tx, *wrappers, compile=True)
+    eager = fe.train_step(ce_loss, tx, *wrappers)
+    a, b = eager.init(mlp(), device="cuda"), compiled.init(mlp(), device="cuda")
+    for x, y in mlp_batches(8):
+        a, _ = eager(a, (x.cuda(), y.cuda()))
+        b, _ = compiled(b, (x.cuda(), y.cuda()))
+    assert compiled._compiled is not None and compiled._compiled.fallback_reason is None
+    assert b.step == a.step == 8 and type(b.opt_state[1].num_updates) is int
+    for n, p in a.params.items():
+        torch.testing.assert_close(b.params[n], p, **HALF_TOL)
