@@ -258,23 +258,23 @@ class CompiledStep:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.fallback_reason is not None:
             return self.eager(state, batch)
-        warm = self._last is not None
-        leaves, plain = self._lifted(state)
+        leaves, plain, cached = self._lifted(state)
         assert self._layout is not None
         self.prepare(state)
         first = self.compile_seconds is None
         # the guards dynamo would check (~30% of a small step) hold by construction when the
         # leaves are the ones the graph returned and the batch looks like the last one
         sig = _signature(batch)
-        same = warm and sig is not None and sig == self._sig
+        same = cached and sig is not None and sig == self._sig
         self._sig = sig
         t0 = time.perf_counter()
         try:
-            with (
-                seeded_default_generators(fold_in(state.seed, state.step), self._cuda_of(state)),
-                torch.compiler.set_stance(skip_guard_eval_unsafe=same),
-            ):
-                out, metrics = self.compiled(leaves, batch)
+            try:
+                out, metrics = self._call(state, leaves, batch, skip_guards=same)
+            except RuntimeError as e:  # a guard did matter after all: check them all
+                if not same or "skip_guard_eval_unsafe" not in str(e):
+                    raise
+                out, metrics = self._call(state, leaves, batch, skip_guards=False)
         except _UNTRACEABLE as e:
             self._fall_back(e)
             return self.eager(state, batch)
@@ -296,14 +296,23 @@ class CompiledStep:
         self._last = (new, out, lowered) if reusable else None
         return new, metrics
 
-    def _lifted(self, state: TrainState) -> tuple[list[Any], list[Any]]:
-        """``state``'s leaves with its numbers as tensors (from the last call's when it can), and
-        its leaves as they are."""
+    def _call(
+        self, state: TrainState, leaves: list[Any], batch: Any, *, skip_guards: bool
+    ) -> tuple[list[Any], Metrics]:
+        with (
+            seeded_default_generators(fold_in(state.seed, state.step), self._cuda_of(state)),
+            torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards),
+        ):
+            return self.compiled(leaves, batch)
+
+    def _lifted(self, state: TrainState) -> tuple[list[Any], list[Any], bool]:
+        """``state``'s leaves with its numbers as tensors, its leaves as they are, and whether
+        they came from the last call's output (else ``state`` was flattened and lifted)."""
         last = self._last
         if last is not None:
             prev, leaves, plain = last
             if prev is state:
-                return leaves, plain
+                return leaves, plain, True
             if state.model is prev.model and all(
                 getattr(state, f) is getattr(prev, f) for f in _TOP
             ):  # only the counters differ (fit moves epoch / batch_in_epoch): re-lift those
@@ -313,11 +322,11 @@ class CompiledStep:
                 leaves, plain = list(leaves), list(plain)
                 for i, t, x in zip(top, values, numbers):
                     leaves[i], plain[i] = t, x
-                return leaves, plain
+                return leaves, plain, True
         flat, spec = pytree.tree_flatten(state)
         if self._layout is None or spec != self._layout.spec:
             self._layout = Layout(flat, spec)
-        return _lift_leaves(flat, self._layout, _device(state)), flat
+        return _lift_leaves(flat, self._layout, _device(state)), flat, False
 
     def _cuda_of(self, state: TrainState) -> tuple[torch.device, ...]:
         """The CUDA devices of the state's params (their generators are seeded too); cached."""
