@@ -65,7 +65,12 @@ PIECES = {  # name -> (tx, wrappers): every supported piece, in one configuratio
 }
 
 
-@pytest.mark.parametrize("name", sorted(PIECES))
+MAIN = "adamw+clip_norm+clip_value+fp16+accumulate+ema"  # the others run with the slow tests
+
+
+@pytest.mark.parametrize(
+    "name", [n if n == MAIN else pytest.param(n, marks=pytest.mark.slow) for n in sorted(PIECES)]
+)
 def test_fifty_scheduled_steps_compile_once_and_match_eager(name):
     make_tx, make_wrappers = PIECES[name]
     tol = HALF_TOL if "fp16" in name else TOL
