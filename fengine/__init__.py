@@ -21,6 +21,7 @@ from fengine import (
     schedules as schedules,
     sharding as sharding,
 )
+from fengine.compiled import CompileFallbackWarning as CompileFallbackWarning
 from fengine.evaluation import default_predict as default_predict, evaluate as evaluate
 from fengine.events import (
     Handler as Handler,

@@ -28,6 +28,7 @@ schedule sees the same step. Dropout in part ``i`` draws from
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from fengine.optim.base import GradientTransformation
 from fengine.step import LossFn, Part, Step, selector
@@ -42,6 +43,7 @@ def multi_step(
     *wrappers: Wrapper,
     order: tuple[str, ...] | list[str] | None = None,
     donate: bool = True,
+    compile: bool | Mapping[str, Any] = False,
 ) -> Step:
     """A step that updates each named part with its own loss and optimizer, in ``order``.
 
@@ -53,7 +55,7 @@ def multi_step(
       wrappers: as for `fengine.train_step`.
       order: the update order (default: the order of ``parts``). For a GAN list
         the discriminator first, as MMEngine's GAN models do.
-      donate: as for `fengine.train_step`.
+      donate, compile: as for `fengine.train_step`.
     """
     if not isinstance(parts, Mapping) or not parts:
         raise TypeError("multi_step: parts must be a non-empty dict name -> (loss_fn, tx, params)")
@@ -79,4 +81,4 @@ def multi_step(
                 f"multi_step: part {name!r}: tx must be a GradientTransformation, got {type(tx).__name__}"
             )
         built.append(Part(name, loss_fn, tx, selector(select, f"multi_step: part {name!r}"), i))
-    return Step(built, wrappers, donate=donate)
+    return Step(built, wrappers, donate=donate, compile=compile)

@@ -24,9 +24,10 @@ computation (`fengine.sharding`), and the base one refuses such a model.
 
 The step counter and scheduled hyper-parameters stay host-side Python numbers in
 eager mode: torch.optim's foreach kernels take Python scalars, and that is what
-keeps the optimizers bitwise equal to torch.optim. A compiled step feeds them as
-0-d tensors derived from the step instead (DESIGN principle 11). Metrics are
-tensors: nothing here syncs with the device.
+keeps the optimizers bitwise equal to torch.optim. A compiled step
+(``compile=True``, `fengine.compiled`) feeds them as 0-d tensors derived from the
+step instead (DESIGN principle 11), and takes gradients with ``torch.func.grad``,
+which traces. Metrics are tensors: nothing here syncs with the device.
 """
 
 from __future__ import annotations
@@ -191,21 +192,48 @@ class Step:
     Built by `train_step` / `fengine.multi_step`. With ``donate=True`` the input
     state is consumed (its tensors are updated in place and reused by the
     returned state); with ``donate=False`` it is deep-copied first and stays
-    valid. Both give bitwise-identical results.
+    valid. Both give bitwise-identical results. With ``compile=True`` the whole step
+    runs as one ``torch.compile`` graph (`fengine.compiled`).
     """
 
     def __init__(
-        self, parts: Sequence[Part], wrappers: Sequence[Wrapper] = (), *, donate: bool = True
+        self,
+        parts: Sequence[Part],
+        wrappers: Sequence[Wrapper] = (),
+        *,
+        donate: bool = True,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
+        from fengine.compiled import (
+            CompiledStep,
+            compile_options,
+            refuse_untraceable,
+            traced_grad_fn,
+        )
         from fengine.wrappers import check_wrappers
 
         self.parts, self.wrappers, self.donate = tuple(parts), check_wrappers(wrappers), donate
         self.micro_batches = max((w.micro_batches for w in self.wrappers), default=1)
         """Batches per update: `fit` hands the step groups of this many (`fengine.MicroBatches`)."""
         multi = len(self.parts) > 1 or self.parts[0].name is not None
+        options = compile_options(compile)
+        self._fn = self._compose(lambda part: _grad_fn(part, multi), multi)
+        self._compiled: CompiledStep | None = None
+        if options is not None:
+            refuse_untraceable(self.wrappers)
+            self._compiled = CompiledStep(self._compose(traced_grad_fn, multi), self._fn, options)
+        self._fits: tuple[int, int] | None = None  # ids of (opt_state, extra) last checked or made
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """A compiled step's first-call time (trace, compile, run); None before it or when eager."""
+        return None if self._compiled is None else self._compiled.compile_seconds
+
+    def _compose(self, base: Callable[[Part], GradFn], multi: bool) -> StepFn:
+        """The step function: each part's ``base`` gradient computation and update, wrapped."""
         stages = []
         for part in self.parts:
-            grad_fn, apply = _grad_fn(part, multi), _apply_fn(part)
+            grad_fn, apply = base(part), _apply_fn(part)
             for w in reversed(self.wrappers):  # the first written ends up outermost
                 grad_fn, apply = w.forward(grad_fn, part), w.gradient(apply, part)
             stages.append((part, grad_fn, apply))
@@ -224,8 +252,7 @@ class Step:
         fn: StepFn = core
         for w in reversed(self.wrappers):
             fn = w.after(fn)
-        self._fn = fn
-        self._fits: tuple[int, int] | None = None  # ids of (opt_state, extra) last checked or made
+        return fn
 
     def init(
         self, model: nn.Module, *, seed: int = 0, device: str | torch.device | None = None
@@ -258,7 +285,7 @@ class Step:
         given = state
         if not self.donate:
             state = state.clone()
-        new, metrics = self._fn(state, batch)
+        new, metrics = (self._fn if self._compiled is None else self._compiled)(state, batch)
         self._fits = (id(new.opt_state), id(new.extra))
         if self.donate:
             given._mark_donated(f"step {given.step + 1}")
@@ -270,11 +297,18 @@ class Step:
 
     def __repr__(self) -> str:
         parts = ", ".join(p.name or "model" for p in self.parts)
-        return f"Step(parts=[{parts}], wrappers={list(self.wrappers)}, donate={self.donate})"
+        compiled = "" if self._compiled is None else f", compile={self._compiled.options or True}"
+        return (
+            f"Step(parts=[{parts}], wrappers={list(self.wrappers)}, donate={self.donate}{compiled})"
+        )
 
 
 def train_step(
-    loss_fn: LossFn, tx: GradientTransformation, *wrappers: Wrapper, donate: bool = True
+    loss_fn: LossFn,
+    tx: GradientTransformation,
+    *wrappers: Wrapper,
+    donate: bool = True,
+    compile: bool | Mapping[str, Any] = False,
 ) -> Step:
     """Build the step ``(state, batch) -> (state, metrics)``.
 
@@ -288,6 +322,9 @@ def train_step(
       wrappers: `fengine.amp`, `accumulate`, `ema`, `check_finite`, your own
         (`fengine.forward_wrapper`, `fengine.post_update`), in reading order.
       donate: update the state in place and consume the input (default), or copy.
+      compile: run the whole step (forward, backward, update, wrappers) as one
+        ``torch.compile`` graph (`fengine.compiled`); True, or a dict of
+        ``torch.compile`` options (``backend``, ``mode``, ``dynamic``, ``options``).
     """
     if not callable(loss_fn):
         raise TypeError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -295,4 +332,4 @@ def train_step(
         raise TypeError(
             f"train_step: tx must be a GradientTransformation (e.g. fengine.optim.adamw(...)), got {type(tx).__name__}"
         )
-    return Step([Part(None, loss_fn, tx)], wrappers, donate=donate)
+    return Step([Part(None, loss_fn, tx)], wrappers, donate=donate, compile=compile)

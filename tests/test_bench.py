@@ -16,6 +16,7 @@ SMOKE = {  # script -> arguments that make it finish in seconds
     "fit_overhead.py": ["--epochs", "1", "--batches", "20", "--rounds", "1"],
     "checkpoint_io.py": ["--gb", "0.002", "--repeats", "1"],
     "distributed.py": ["--steps", "5", "--rounds", "1"],
+    "compile.py": ["--smoke"],
 }
 
 

@@ -23,7 +23,7 @@ differ from the foreach results in the last bits).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._foreach_utils import (
@@ -147,6 +147,21 @@ def sgd(
     def apply_fn(grads, state, params, *, step=None):
         t = state.num_updates if step is None else step
         lr_t, mom, wd = resolve(lr, t), resolve(momentum, t), resolve(weight_decay, t)
+        if isinstance(state.num_updates, torch.Tensor):  # a compiled step: tensor counters
+            wd_on = callable(weight_decay) or weight_decay != 0
+            _sgd_traced(
+                grads,
+                state,
+                params,
+                lr_t,
+                mom,
+                wd if wd_on else None,
+                dampening,
+                nesterov,
+                maximize,
+            )
+            counted: Any = state.num_updates + 1  # tensors where the state holds numbers
+            return params, SgdState(counted, state.momentum_buffer, _t(lr_t), _t(mom))  # type: ignore[arg-type]
         p = _pick(params, grads)
         g: _Tensors = list(grads.values())
         if fused:
@@ -238,6 +253,11 @@ def _adam(
             resolve(weight_decay, t),
         )
         num_updates = state.num_updates + 1
+        if isinstance(num_updates, torch.Tensor):  # a compiled step: tensor counters
+            wd_on = callable(weight_decay) or weight_decay != 0
+            hyper = (lr_t, beta1, beta2, wd if wd_on else None, eps)
+            _adam_traced(grads, state, params, hyper, num_updates, amsgrad, maximize, decoupled)
+            return params, state._replace(num_updates=num_updates, lr=_t(lr_t), momentum=_t(beta1))
         p = _pick(params, grads)
         g: _Tensors = list(grads.values())
         m = _pick(state.exp_avg, grads)
@@ -325,6 +345,57 @@ def adamw(
     return _adam(
         lr, b1, b2, eps, weight_decay, amsgrad, maximize, decoupled=True, fused=fused, where="adamw"
     )
+
+
+def _t(x: float | torch.Tensor) -> torch.Tensor:
+    """A reported hyper-parameter as a 0-d float64 tensor (a compiled step's state holds tensors)."""
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+
+
+def _adam_traced(grads, state, params, hyper, num_updates, amsgrad, maximize, decoupled) -> None:
+    """Adam / AdamW for a compiled step: hyper-parameters and the count are 0-d tensors.
+
+    The formulas of torch.optim's capturable Adam, one param at a time (inductor fuses
+    them); within a stated tolerance of the foreach kernel, not bitwise.
+    """
+    lr_t, beta1, beta2, wd, eps = hyper
+    n = num_updates.to(torch.float64)
+    bias_correction1 = 1 - beta1**n
+    bias_correction2_sqrt = (1 - beta2**n) ** 0.5
+    step_size = lr_t / bias_correction1
+    for name, g in grads.items():
+        p, m, v = params[name], state.exp_avg[name], state.exp_avg_sq[name]
+        if maximize:
+            g = -g
+        if wd is not None:
+            if decoupled:
+                p.mul_(1 - lr_t * wd)
+            else:
+                g = g + p * wd
+        w = 1 - beta1
+        m.lerp_(g, w.to(m.dtype) if isinstance(w, torch.Tensor) else w)
+        v.mul_(beta2).add_(g * g * (1 - beta2))
+        if amsgrad:
+            vmax = state.max_exp_avg_sq[name]
+            vmax.copy_(torch.maximum(vmax, v))
+            v = vmax
+        denom = v.sqrt() / bias_correction2_sqrt + eps
+        p.sub_(m / denom * step_size)
+
+
+def _sgd_traced(grads, state, params, lr_t, mom, wd, dampening, nesterov, maximize) -> None:
+    """SGD for a compiled step (``wd`` None: no weight decay); torch.optim.SGD's formulas."""
+    first = state.num_updates == 0
+    for name, g in grads.items():
+        p = params[name]
+        d = -g if maximize else g
+        if wd is not None:
+            d = d + p * wd
+        if name in state.momentum_buffer:
+            buf = state.momentum_buffer[name]
+            buf.copy_(torch.where(first, d, buf * mom + d * (1 - dampening)))
+            d = d + buf * mom if nesterov else buf
+        p.sub_(d * lr_t)
 
 
 # ---------------------------------------------------------------- RMSprop

@@ -72,8 +72,16 @@ class EmptyState(NamedTuple):
     """State of a stateless transformation."""
 
 
-def resolve(value: Hyper, step: int | None) -> float:
-    """The value of a hyper-parameter at ``step`` (schedules are called, numbers returned)."""
+def resolve(value: Hyper, step: int | torch.Tensor | None) -> Any:
+    """The value of a hyper-parameter at ``step`` (schedules are called, numbers returned).
+
+    In a compiled step ``step`` is a 0-d tensor and a schedule's value is one too
+    (`fengine.schedule_ops`); eager steps get Python floats.
+    """
+    if isinstance(step, torch.Tensor):
+        from fengine.schedule_ops import value_at
+
+        return value_at(value, step)
     if callable(value):
         if step is None:
             raise ValueError(

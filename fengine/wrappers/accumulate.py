@@ -56,14 +56,16 @@ class _Accumulate(Wrapper):
             total: dict[str, torch.Tensor] = {}
             loss: Any = None
             metrics: Metrics = {}
+            traced = isinstance(state.step, torch.Tensor)  # a compiled step: no ContextVar (fsdp's)
             for i, (mb, w_i) in enumerate(zip(group, shares)):
-                token = _position.set((i, r))
+                token = None if traced else _position.set((i, r))
                 try:
                     res = grad_fn(
                         state, mb, weight=w_i if weight is None else weight * w_i, micro=i
                     )
                 finally:
-                    _position.reset(token)
+                    if token is not None:
+                        _position.reset(token)
                 if total and res.grads.keys() == total.keys():
                     torch._foreach_add_(list(total.values()), list(res.grads.values()))
                 else:  # first micro-batch, a param unused by some micro-batches, or none yet (fsdp's deferred reduce)

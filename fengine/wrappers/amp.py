@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 
 from fengine.state import TrainState
 from fengine.step import ApplyFn, GradFn, Grads, Metrics, Part
@@ -83,7 +84,11 @@ class _Amp(Wrapper):
         def unscaled(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
             scaler = part.get(state.extra[name])
             found_inf = _unscale_(g.grads, scaler.scale)
-            if bool(found_inf):  # the one host read: skip the update, as GradScaler.step does
+            if isinstance(
+                state.step, torch.Tensor
+            ):  # a compiled step: skip by selection, no host read
+                new_state, metrics = _unless(found_inf > 0, state, g, apply)
+            elif bool(found_inf):  # the one host read: skip the update, as GradScaler.step does
                 new_state, metrics = state, dict(g.metrics)
             else:
                 new_state, metrics = apply(state, g)
@@ -97,6 +102,29 @@ class _Amp(Wrapper):
 
     def __repr__(self) -> str:
         return f"amp({str(self.dtype).removeprefix('torch.')!r}, loss_scale={self.loss_scale!r})"
+
+
+def _unless(
+    skip: torch.Tensor, state: TrainState, g: Grads, apply: ApplyFn
+) -> tuple[TrainState, Metrics]:
+    """``apply``, with params and optimizer state kept as they were where ``skip`` (a compiled
+    step's form of GradScaler's skipped update: no data-dependent branch)."""
+    before = pytree.tree_leaves((state.params, state.opt_state))
+    saved = [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in before]
+    new, metrics = apply(state, g)
+    after, spec = pytree.tree_flatten((new.params, new.opt_state))
+    kept = []
+    with torch.no_grad():
+        for prev, old, cur in zip(before, saved, after):
+            if isinstance(cur, torch.Tensor):
+                chosen = torch.where(skip, old, cur)
+                if cur is prev:  # updated in place: restore in place
+                    cur.copy_(chosen)
+                    chosen = cur
+                cur = chosen
+            kept.append(cur)
+    params, opt_state = pytree.tree_unflatten(kept, spec)
+    return new.replace(params=params, opt_state=opt_state), metrics
 
 
 def _unscale_(grads: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:

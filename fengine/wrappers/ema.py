@@ -93,6 +93,8 @@ class _Averaged(Wrapper):
 
         def with_average(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
             new, metrics = step_fn(state, batch)
+            if isinstance(new.step, torch.Tensor):  # a compiled step: tensor counts, no branches
+                return self._traced(new), metrics
             e: EmaState = new.extra[name]
             if cache.get("key") is not new.params:  # a donating step keeps the same dicts
                 cache.update(
@@ -122,6 +124,29 @@ class _Averaged(Wrapper):
 
         return with_average
 
+    def _traced(self, new: TrainState) -> TrainState:
+        """The averaging update of a compiled step: the eager rule as selections on 0-d tensors."""
+        e: EmaState = new.extra[self.key]
+        started, steps = torch.as_tensor(self._started(new)), torch.as_tensor(e.steps)
+        copy = ~started | (steps == 0)
+        average = started & (steps > 0) & (steps % self.interval == 0)
+        pairs = [(e.params[n], new.params[n]) for n in e.params]
+        if self.update_buffers:
+            pairs += list(zip(e.buffers.values(), new.buffers.values()))
+        with torch.no_grad():
+            for avg, src in pairs:
+                if avg.is_floating_point():
+                    mixed = torch.where(average, self._mix(avg, src, steps), avg)
+                else:  # step counters are copied, not averaged
+                    mixed = avg
+                avg.copy_(torch.where(copy, src, mixed))
+        counted: Any = steps + started.to(steps.dtype)  # a tensor where the state holds an int
+        return new.replace(extra={**new.extra, self.key: EmaState(e.params, e.buffers, counted)})
+
+    def _mix(self, avg: torch.Tensor, src: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """`_average` out of place, with ``steps`` a 0-d tensor (compiled steps)."""
+        raise NotImplementedError
+
     def _begin_repr(self) -> str:
         if self.begin_epoch:
             return f", begin_epoch={self.begin_epoch}"
@@ -139,6 +164,12 @@ class _Ema(_Averaged):
             m = max(m, self.gamma / (self.gamma + steps))
         torch._foreach_lerp_(avg, src, m)
 
+    def _mix(self, avg: torch.Tensor, src: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        if self.gamma is None:
+            return torch.lerp(avg, src, self.momentum)
+        m = torch.clamp(self.gamma / (self.gamma + steps.to(torch.float64)), min=self.momentum)
+        return torch.lerp(avg, src, m.to(avg.dtype))
+
     def __repr__(self) -> str:
         gamma = "" if self.gamma is None else f", gamma={self.gamma}"
         return (
@@ -152,6 +183,10 @@ class _Swa(_Averaged):
         # MMEngine: averaged.add_(source - averaged, alpha=1 / float(steps // interval + 1))
         diff = torch._foreach_sub(src, avg)
         torch._foreach_add_(avg, diff, alpha=1 / float(steps // self.interval + 1))
+
+    def _mix(self, avg: torch.Tensor, src: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        count = torch.div(steps, self.interval, rounding_mode="floor") + 1
+        return avg + (src - avg) * (1 / count.to(torch.float64))
 
     def __repr__(self) -> str:
         return f"swa(interval={self.interval}{self._begin_repr()}, name={self.name!r})"

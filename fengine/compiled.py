@@ -1,0 +1,400 @@
+"""Whole-step compile: forward, backward and the update of a `fengine.Step` as one graph.
+
+``train_step(loss_fn, tx, *wrappers, compile=True)`` runs the same parts and wrappers
+through ``torch.compile(fullgraph=True)``, with two substitutions that make them trace
+(measured: `torch.autograd.grad` inside a compiled step graph-breaks, 0.16x eager):
+
+* the gradient is ``torch.func.grad`` of the loss over the state's params bound into
+  the module (`traced_grad_fn`), not ``torch.autograd.grad``;
+* every Python number of the state (``step``, optimizer counts, reported ``lr``, EMA
+  counts, ...) enters the graph as a 0-d tensor (`lift`) and leaves it as a Python
+  number again (`lower`). Schedules are evaluated from the step tensor in torch ops
+  (`fengine.schedule_ops`), so a moving schedule never recompiles, and the state a
+  compiled step returns has the layout of an eager one: checkpoints are the same.
+
+Random draws (dropout) come from torch's default generator seeded with
+``fold_in(seed, step)`` around the call (inductor draws its own streams from it):
+deterministic and exact on resume, but not the masks an eager step draws.
+
+A step that cannot be traced whole (data-dependent Python control flow in the model,
+``.item()``, a piece without a traced form) falls back to the eager step, with one
+`CompileFallbackWarning` saying why. The first call's time (tracing and compiling) is
+logged and kept as ``Step.compile_seconds``; inductor caches compiled kernels under
+``TORCHINDUCTOR_CACHE_DIR`` (default ``/tmp/torchinductor_<user>``), so a second run
+starts warm.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from fengine.bind import Binding
+from fengine.rng import fold_in, seeded_default_generators
+from fengine.sharding import refuse_autograd
+from fengine.state import TrainState
+
+
+if TYPE_CHECKING:
+    from fengine.step import GradFn, Metrics, Part, StepFn
+
+__all__ = [
+    "CompileFallbackWarning",
+    "CompiledStep",
+    "compile_options",
+    "lift",
+    "lower",
+    "refuse_untraceable",
+    "traced_grad_fn",
+]
+
+log = logging.getLogger("fengine")
+
+_BINDING = "_fengine_compiled_binding"  # a module's `Binding`, kept on the module for the graph
+
+_OPTIONS = ("backend", "mode", "dynamic", "options")
+_UNTRACEABLE = (
+    torch._dynamo.exc.Unsupported,
+    torch._dynamo.exc.UserError,
+    torch._dynamo.exc.BackendCompilerFailed,
+)
+
+
+class CompileFallbackWarning(UserWarning):
+    """A compiled step could not be traced whole and runs eagerly instead."""
+
+
+def compile_options(value: Any) -> dict[str, Any] | None:
+    """``compile=`` of a step: False -> None, True -> {}, a dict of ``torch.compile`` options -> itself."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"compile: unknown torch.compile options {unknown}; expected some of {list(_OPTIONS)}"
+            )
+        return dict(value)
+    raise TypeError(
+        f"compile must be a bool or a dict of torch.compile options ({', '.join(_OPTIONS)}), got {value!r}"
+    )
+
+
+def refuse_untraceable(wrappers: tuple[Any, ...]) -> None:
+    """Refuse, up front, wrappers that need what a compiled step does not have (hooks, host reads)."""
+    from fengine.wrappers.base import _CheckFinite
+    from fengine.wrappers.data_parallel import _DataParallel
+    from fengine.wrappers.fsdp import _Fsdp
+
+    for w in wrappers:
+        if isinstance(w, _DataParallel | _Fsdp | _CheckFinite):
+            raise ValueError(
+                f"compile=True does not support {w!r} yet (it needs backward hooks or a host read "
+                "each step); use compile=False with it"
+            )
+
+
+def traced_grad_fn(part: Part) -> GradFn:
+    """The gradient computation of ``part`` in traceable form: ``torch.func.grad`` over the
+    params bound into the module (zeros for params the loss does not use)."""
+    from fengine.step import Grads, parse_losses
+
+    def grad_fn(state: TrainState, batch: Any, *, weight: Any = None, micro: int = 0) -> Grads:
+        params, buffers, model = state.params, state.buffers, state.model
+        names = part.owned(params)
+        assert model is not None  # Step.check refused a state without one
+        binding = model.__dict__[_BINDING]  # set outside the graph: no global cache to guard on
+
+        def loss_of(train: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, Any]:
+            with binding({**params, **train}, buffers):
+                out = part.loss_fn(model, batch)
+            loss, metrics = parse_losses(out)
+            target = loss if weight is None else loss * weight
+            return target, (loss.detach(), metrics)
+
+        grads, (loss, metrics) = torch.func.grad(loss_of, has_aux=True)(
+            {n: params[n] for n in names}, batch
+        )
+        return Grads(loss, grads, metrics)
+
+    return grad_fn
+
+
+class Layout:
+    """A state's pytree layout: where its Python numbers sit among the leaves, and a fast rebuild.
+
+    ``torch.utils._pytree.tree_unflatten`` costs ~10x the compiled MLP step's own overhead;
+    `build` is the same rebuild as closures made once per layout.
+    """
+
+    __slots__ = ("build", "floats", "ints", "n", "spec")
+
+    def __init__(self, leaves: list[Any], spec: pytree.TreeSpec) -> None:
+        self.spec, self.n = spec, len(leaves)
+        self.ints = [i for i, x in enumerate(leaves) if type(x) is int]
+        self.floats = [i for i, x in enumerate(leaves) if type(x) is float]
+        self.build = _builder(spec)
+
+
+def _builder(spec: pytree.TreeSpec) -> Any:
+    """A function ``iterator of leaves -> tree`` for trees of layout ``spec``."""
+    if spec.is_leaf():
+        return next
+    unflatten = pytree.SUPPORTED_NODES[spec.type].unflatten_fn
+    kids = [_builder(spec.child(i)) for i in range(spec.num_children)]
+    context = spec.context
+
+    def build(it: Any) -> Any:
+        return unflatten([kid(it) for kid in kids], context)
+
+    return build
+
+
+def _lift_leaves(leaves: list[Any], layout: Layout, device: torch.device | None) -> list[Any]:
+    """``leaves`` with the Python numbers at ``layout``'s places as 0-d int64 / float64 tensors."""
+    leaves = list(leaves)
+    for positions, dtype in ((layout.ints, torch.int64), (layout.floats, torch.float64)):
+        if positions:
+            values = torch.tensor([leaves[i] for i in positions], dtype=dtype, device=device)
+            for i, t in zip(positions, values.unbind()):
+                leaves[i] = t
+    return leaves
+
+
+def _lower_leaves(
+    leaves: list[Any], layout: Layout, given: tuple[list[Any], list[Any]] | None = None
+) -> tuple[list[Any], bool]:
+    """The numbers back as Python ints and floats; whether every one of them was a tensor.
+
+    ``given``: the (lifted, plain) leaves the graph was called with; a number the graph
+    returned untouched (the seed, a constant) is taken from there without a device read.
+    The others are read at once per kind (one sync on CUDA).
+    """
+    out, reusable = list(leaves), True
+    for positions, kind, dtype in (
+        (layout.ints, int, torch.int64),
+        (layout.floats, float, torch.float64),
+    ):
+        read = []
+        for i in positions:
+            v = out[i]
+            if not isinstance(v, torch.Tensor):
+                reusable = False
+                out[i] = kind(v)
+            elif given is not None and v is given[0][i]:
+                out[i] = given[1][i]
+            else:
+                read.append(i)
+        if len(read) > 1 and out[read[0]].device.type != "cpu":
+            for i, x in zip(read, torch.stack([out[i].to(dtype) for i in read]).tolist()):
+                out[i] = kind(x)
+        else:
+            for i in read:
+                out[i] = kind(out[i].item())
+    return out, reusable
+
+
+def _device(state: TrainState) -> torch.device | None:
+    return next(iter(state.params.values())).device if state.params else None
+
+
+def lift(state: TrainState) -> tuple[TrainState, Layout]:
+    """``state`` with each Python int / float replaced by a 0-d int64 / float64 tensor."""
+    leaves, spec = pytree.tree_flatten(state)
+    layout = Layout(leaves, spec)
+    return layout.build(iter(_lift_leaves(leaves, layout, _device(state)))), layout
+
+
+def lower(state: TrainState, layout: Layout) -> tuple[TrainState, bool]:
+    """The inverse of `lift`: the numbers back as Python ints and floats, and whether ``state``
+    held a tensor at each place (then it is a valid lifted state)."""
+    leaves, spec = pytree.tree_flatten(state)
+    if spec != layout.spec:
+        raise RuntimeError(
+            "compiled step: the step changed the layout of the state it returns "
+            f"(expected {layout.spec}, got {spec})"
+        )
+    out, reusable = _lower_leaves(leaves, layout)
+    return layout.build(iter(out)), reusable
+
+
+_TOP = ("params", "buffers", "opt_state", "extra")  # the state's containers (not its counters)
+
+
+class CompiledStep:
+    """Runs a traced step function under ``torch.compile``; the eager one when that cannot work.
+
+    The graph takes and returns the state as a flat list of leaves (guards on a list of
+    tensors are cheap); the state it returned last is kept lifted, so the next call (or one
+    on that state with new counters, as `fit` makes) skips flattening it again.
+    """
+
+    def __init__(self, traced: StepFn, eager: StepFn, options: dict[str, Any]) -> None:
+        self.traced, self.eager, self.options = traced, eager, options
+        self.compiled = torch.compile(_own_code(self._run), fullgraph=True, **options)
+        self.fallback_reason: str | None = None
+        self.compile_seconds: float | None = None
+        self._layout: Layout | None = None
+        # the state returned last, its leaves lifted and as they are
+        self._last: tuple[TrainState, list[Any], list[Any]] | None = None
+        self._cuda: tuple[Any, tuple[torch.device, ...]] = (None, ())
+        self._sig: Any = None  # the last batch's `_signature`
+
+    def _run(self, leaves: list[Any], batch: Any) -> tuple[list[Any], Metrics]:
+        """The traced function: leaves in, leaves out (the pytree work happens at trace time)."""
+        assert self._layout is not None
+        new, metrics = self.traced(pytree.tree_unflatten(leaves, self._layout.spec), batch)
+        return pytree.tree_leaves(new), metrics
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if self.fallback_reason is not None:
+            return self.eager(state, batch)
+        leaves, plain, cached = self._lifted(state)
+        assert self._layout is not None
+        self.prepare(state)
+        first = self.compile_seconds is None
+        # the guards dynamo would check (~30% of a small step) hold by construction when the
+        # leaves are the ones the graph returned and the batch looks like the last one
+        sig = _signature(batch)
+        same = cached and sig is not None and sig == self._sig
+        self._sig = sig
+        t0 = time.perf_counter()
+        try:
+            try:
+                out, metrics = self._call(state, leaves, batch, skip_guards=same)
+            except RuntimeError as e:  # a guard did matter after all: check them all
+                if not same or "skip_guard_eval_unsafe" not in str(e):
+                    raise
+                out, metrics = self._call(state, leaves, batch, skip_guards=False)
+        except _UNTRACEABLE as e:
+            self._fall_back(e)
+            return self.eager(state, batch)
+        if first:
+            self.compile_seconds = time.perf_counter() - t0
+            log.info(
+                "compiled step: first call (trace + compile + run) took %.1f s; inductor cache: %s "
+                "(TORCHINDUCTOR_CACHE_DIR)",
+                self.compile_seconds,
+                _cache_dir(),
+            )
+        if len(out) != self._layout.n:
+            raise RuntimeError(
+                f"compiled step: the step returned a state of {len(out)} leaves, expected "
+                f"{self._layout.n}; a wrapper changed the state's layout"
+            )
+        lowered, reusable = _lower_leaves(out, self._layout, (leaves, plain))
+        new = self._layout.build(iter(lowered))
+        self._last = (new, out, lowered) if reusable else None
+        return new, metrics
+
+    def _call(
+        self, state: TrainState, leaves: list[Any], batch: Any, *, skip_guards: bool
+    ) -> tuple[list[Any], Metrics]:
+        with (
+            seeded_default_generators(fold_in(state.seed, state.step), self._cuda_of(state)),
+            torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards),
+        ):
+            return self.compiled(leaves, batch)
+
+    def _lifted(self, state: TrainState) -> tuple[list[Any], list[Any], bool]:
+        """``state``'s leaves with its numbers as tensors, its leaves as they are, and whether
+        they came from the last call's output (else ``state`` was flattened and lifted)."""
+        last = self._last
+        if last is not None:
+            prev, leaves, plain = last
+            if prev is state:
+                return leaves, plain, True
+            if state.model is prev.model and all(
+                getattr(state, f) is getattr(prev, f) for f in _TOP
+            ):  # only the counters differ (fit moves epoch / batch_in_epoch): re-lift those
+                top = [0, len(leaves) - 3, len(leaves) - 2, len(leaves) - 1]
+                numbers = [state.step, state.seed, state.epoch, state.batch_in_epoch]
+                values = torch.tensor(numbers, dtype=torch.int64, device=_device(state)).unbind()
+                leaves, plain = list(leaves), list(plain)
+                for i, t, x in zip(top, values, numbers):
+                    leaves[i], plain[i] = t, x
+                return leaves, plain, True
+        flat, spec = pytree.tree_flatten(state)
+        if self._layout is None or spec != self._layout.spec:
+            self._layout = Layout(flat, spec)
+        return _lift_leaves(flat, self._layout, _device(state)), flat, False
+
+    def _cuda_of(self, state: TrainState) -> tuple[torch.device, ...]:
+        """The CUDA devices of the state's params (their generators are seeded too); cached."""
+        if self._cuda[0] is not state.params:
+            found = {p.device for p in state.params.values() if p.device.type == "cuda"}
+            self._cuda = (state.params, tuple(found))
+        return self._cuda[1]
+
+    def prepare(self, state: TrainState) -> None:
+        """Outside the graph: the module in training mode, its `Binding` kept on it."""
+        model = state.model
+        assert model is not None  # Step.check refused a state without one
+        if not model.training:
+            model.train()
+        if _BINDING not in model.__dict__:
+            refuse_autograd(model)
+            model.__dict__[_BINDING] = Binding(model)
+
+    def _fall_back(self, e: Exception) -> None:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        reason = " | ".join(lines[:6])
+        self.fallback_reason = f"{type(e).__name__}: {reason}"
+        warnings.warn(
+            "compiled step: cannot trace the whole step, running it eagerly from now on "
+            f"(bitwise equal to compile=False). Reason: {self.fallback_reason}",
+            CompileFallbackWarning,
+            stacklevel=4,
+        )
+
+
+class _Opaque(Exception):
+    pass
+
+
+def _signature(batch: Any) -> Any:
+    """What dynamo's guards see of a batch (structure, tensor metadata, plain values, grad
+    mode); None for a batch with objects it cannot describe (then the guards run)."""
+    try:
+        return (torch.is_grad_enabled(), _sig(batch))
+    except _Opaque:
+        return None
+
+
+def _sig(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+    if isinstance(x, tuple | list):
+        return (type(x), *map(_sig, x))
+    if type(x) is dict:
+        return (dict, *((k, _sig(v)) for k, v in x.items()))
+    if x is None or type(x) in (int, float, str, bool):
+        return (type(x), x)
+    raise _Opaque
+
+
+def _own_code(method: Any) -> Any:
+    """``method`` with a code object of its own: dynamo keeps its compiled graphs and guards per
+    code object, so each compiled step gets its own cache (and its own recompile limit)."""
+    fn = method.__func__
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(method.__self__):x}")
+    clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(clone, method.__self__)
+
+
+def _cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        return str(cache_dir())
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "<unknown>"

@@ -1,0 +1,372 @@
+"""Whole-step compile (`fengine.compiled`): one graph, no recompiles, eager parity, fallback.
+
+Most tests compile with a counting backend (dynamo traces the whole step; the graph runs
+through torch's FX interpreter): that checks graphs, breaks and recompiles in seconds.
+One test runs inductor for the numbers: tolerance to eager, run-to-run bits, exact resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from helpers import ce_loss, mlp, mlp_batches
+from torch import nn
+
+import fengine as fe
+from fengine import checkpoint, optim, schedules
+from fengine.compiled import CompileFallbackWarning, lift, lower
+from fengine.schedule_ops import value_at
+
+
+STEPS = 50
+LR = schedules.warmup(schedules.cosine(0.05, T_max=STEPS), steps=5)  # moves every step
+TOL = {"rtol": 1e-4, "atol": 1e-5}  # compiled vs eager after 50 steps: float32 rounding drift
+HALF_TOL = {"rtol": 1e-2, "atol": 1e-4}  # under fp16 autocast the forward rounds at ~1e-3
+
+
+class Counter:
+    """A torch.compile backend that counts the graphs it is handed and runs them as traced."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs += 1
+        return gm.forward
+
+
+def _leaves(state: fe.TrainState) -> list:
+    return pytree.tree_flatten_with_path(state)[0]
+
+
+def _batch(step: fe.Step, b):
+    return fe.MicroBatches([b, (b[0] * 0.5, b[1])]) if step.micro_batches > 1 else b
+
+
+PIECES = {  # name -> (tx, wrappers): every supported piece, in one configuration or another
+    "adamw+clip_norm+clip_value+fp16+accumulate+ema": (
+        lambda: optim.chain(
+            optim.clip_by_global_norm(1.0), optim.clip_by_value(0.5), optim.adamw(LR)
+        ),
+        lambda: (fe.amp("float16"), fe.accumulate(2), fe.ema(momentum=0.1)),
+    ),
+    "sgd(nesterov, wd)+bf16+swa": (
+        lambda: optim.sgd(LR, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda: (fe.amp("bfloat16"), fe.swa(begin=3)),
+    ),
+    "adam(scheduled b1, amsgrad)+ema(gamma)": (
+        lambda: optim.adam(LR, b1=schedules.linear(0.9, 0.95, 1.0, end=20), amsgrad=True),
+        lambda: (fe.ema(momentum=0.01, gamma=10.0, interval=2),),
+    ),
+}
+
+
+MAIN = "adamw+clip_norm+clip_value+fp16+accumulate+ema"  # the others run with the slow tests
+
+
+@pytest.mark.parametrize(
+    "name", [n if n == MAIN else pytest.param(n, marks=pytest.mark.slow) for n in sorted(PIECES)]
+)
+def test_fifty_scheduled_steps_compile_once_and_match_eager(name):
+    make_tx, make_wrappers = PIECES[name]
+    tol = HALF_TOL if "fp16" in name else TOL
+    counter = Counter()
+    compiled = fe.train_step(ce_loss, make_tx(), *make_wrappers(), compile={"backend": counter})
+    eager = fe.train_step(ce_loss, make_tx(), *make_wrappers())
+    a, b = eager.init(mlp(), seed=1), compiled.init(mlp(), seed=1)
+    lrs = []
+    for batch in mlp_batches(STEPS):
+        a, _ = eager(a, _batch(eager, batch))
+        b, metrics = compiled(b, _batch(compiled, batch))
+        lrs.append(float(metrics["lr"]))
+    assert counter.graphs == 1  # fullgraph: a graph break would have raised (and warned)
+    assert compiled._compiled is not None and compiled._compiled.fallback_reason is None
+    assert lrs == pytest.approx([LR(t) for t in range(STEPS)], rel=1e-12)
+    assert len(set(lrs)) > 40  # the schedule did move
+    # the same state, leaf for leaf: Python numbers stay Python numbers of the same type
+    la, lb = _leaves(a), _leaves(b)
+    assert [k for k, _ in la] == [k for k, _ in lb]
+    for (_, x), (_, y) in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(y, x, **tol)
+        elif isinstance(x, float):
+            assert type(y) is float and y == pytest.approx(x, rel=1e-12)
+        else:
+            assert type(y) is type(x) and y == x
+
+
+@pytest.mark.slow  # ~3 s of tracing each; the fifty-step test already sees one graph per config
+@pytest.mark.parametrize("name", sorted(PIECES))
+def test_explain_finds_one_graph_and_no_break(name):
+    make_tx, make_wrappers = PIECES[name]
+    step = fe.train_step(ce_loss, make_tx(), *make_wrappers(), compile=True)
+    state = step.init(mlp())
+    lifted, _ = lift(state)
+    assert step._compiled is not None
+    step._compiled.prepare(state)
+    explained = torch._dynamo.explain(step._compiled.traced)(
+        lifted, _batch(step, mlp_batches(1)[0])
+    )
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_multi_step_compiles_to_one_graph():
+    counter = Counter()
+    parts = {
+        "head": (ce_loss, optim.adamw(LR), "2"),
+        "body": (ce_loss, optim.sgd(LR, momentum=0.9), "0"),
+    }
+    compiled = fe.multi_step(parts, compile={"backend": counter})
+    eager = fe.multi_step(parts)
+    a, b = eager.init(mlp()), compiled.init(mlp())
+    for batch in mlp_batches(4):
+        a, _ = eager(a, batch)
+        b, _ = compiled(b, batch)
+    assert counter.graphs == 1
+    for n in a.params:
+        torch.testing.assert_close(b.params[n], a.params[n], **TOL)
+
+
+def test_counters_moved_between_steps_reach_the_graph():
+    """`fit` moves epoch / batch_in_epoch between steps: the graph must see the new values
+    (here ema(begin_epoch=2) starts averaging from epoch 1) without recompiling."""
+    counter = Counter()
+    compiled = fe.train_step(
+        ce_loss, optim.sgd(0.1), fe.ema(0.5, begin_epoch=2), compile={"backend": counter}
+    )
+    eager = fe.train_step(ce_loss, optim.sgd(0.1), fe.ema(0.5, begin_epoch=2))
+    a, b = eager.init(mlp()), compiled.init(mlp())
+    for i, batch in enumerate(mlp_batches(6)):
+        a, _ = eager(a, batch)
+        b, _ = compiled(b, batch)
+        a = a.replace(epoch=i // 3, batch_in_epoch=i % 3 + 1)
+        b = b.replace(epoch=i // 3, batch_in_epoch=i % 3 + 1)
+    assert counter.graphs == 1
+    assert b.extra["ema"].steps == a.extra["ema"].steps == 2
+    for n, p in a.extra["ema"].params.items():
+        torch.testing.assert_close(b.extra["ema"].params[n], p, **TOL)
+
+
+def test_a_batch_of_another_shape_or_count_is_not_run_through_the_last_graph():
+    """Guards are skipped only for a batch that looks like the last one: a short last batch or
+    a short accumulation group gets (and reuses) its own graph, and the numbers stay eager's."""
+    counter = Counter()
+    compiled = fe.train_step(
+        ce_loss, optim.sgd(0.1), fe.accumulate(2), compile={"backend": counter}
+    )
+    eager = fe.train_step(ce_loss, optim.sgd(0.1), fe.accumulate(2))
+    a, b = eager.init(mlp()), compiled.init(mlp())
+    full, short = mlp_batches(2), mlp_batches(1, batch=5)
+    groups = [full, full, short, short + full[:1], full, full[:1], full]
+    for g in groups:
+        a, _ = eager(a, fe.MicroBatches(g))
+        b, _ = compiled(b, fe.MicroBatches(g))
+        for n, p in a.params.items():
+            torch.testing.assert_close(b.params[n], p, **TOL)
+    assert 2 <= counter.graphs <= 4  # (8, 8), (5,), (5, 8), (8,): dynamo may merge shapes
+
+
+def test_one_compiled_step_trains_two_states_in_turn():
+    """Guards are skipped only for the state the step returned: a state of another model (or
+    an older one) gets the guarded call, and its own graph."""
+    counter = Counter()
+    compiled = fe.train_step(ce_loss, optim.adamw(LR), compile={"backend": counter})
+    eager = fe.train_step(ce_loss, optim.adamw(LR))
+    runs = [
+        (eager.init(mlp(0)), compiled.init(mlp(0))),
+        (eager.init(mlp(1)), compiled.init(mlp(1))),
+    ]
+    for batch in mlp_batches(4):
+        for k, (a, b) in enumerate(runs):
+            runs[k] = (eager(a, batch)[0], compiled(b, batch)[0])
+    for a, b in runs:
+        for n, p in a.params.items():
+            torch.testing.assert_close(b.params[n], p, **TOL)
+    assert counter.graphs <= 2  # dynamo may or may not specialise on the module
+
+
+class Branchy(nn.Module):
+    """A model with data-dependent Python control flow: cannot be traced as one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if y.sum() > 0:
+            return y * 2
+        return y
+
+
+def test_untraceable_model_falls_back_to_eager_with_one_warning():
+    compiled = fe.train_step(ce_loss, optim.adamw(1e-2), compile={"backend": Counter()})
+    eager = fe.train_step(ce_loss, optim.adamw(1e-2))
+    a, b = eager.init(Branchy()), compiled.init(Branchy())
+    batches = mlp_batches(3)
+    with pytest.warns(CompileFallbackWarning, match="running it eagerly") as caught:
+        for batch in batches:
+            a, _ = eager(a, batch)
+            b, _ = compiled(b, batch)
+    assert len(caught) == 1
+    assert "Data-dependent" in str(caught[0].message) or "data-dependent" in str(caught[0].message)
+    for n in a.params:  # the fallback is the eager step itself
+        assert torch.equal(a.params[n], b.params[n])
+
+
+def test_first_call_time_is_logged(caplog):
+    step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": Counter()})
+    state = step.init(mlp())
+    assert step.compile_seconds is None
+    with caplog.at_level(logging.INFO, logger="fengine"):
+        state, _ = step(state, mlp_batches(1)[0])
+        state, _ = step(state, mlp_batches(1)[0])
+    lines = [
+        r.getMessage() for r in caplog.records if "compiled step: first call" in r.getMessage()
+    ]
+    assert len(lines) == 1 and "TORCHINDUCTOR_CACHE_DIR" in lines[0]
+    assert step.compile_seconds is not None and step.compile_seconds > 0
+
+
+def test_dropout_is_deterministic_and_a_function_of_seed_and_step():
+    step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": Counter()}, donate=False)
+    state = step.init(mlp(dropout=0.5), seed=3)
+    batch = mlp_batches(1)[0]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    one, _ = step(state, batch)
+    two, _ = step(state, batch)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is left alone
+    other, _ = step(step.init(mlp(dropout=0.5), seed=4), batch)
+    w = "2.weight" if "2.weight" in one.params else "3.weight"
+    assert torch.equal(one.params[w], two.params[w])
+    assert not torch.equal(one.params[w], other.params[w])
+
+
+def test_lift_lower_round_trip_keeps_types_and_big_ints():
+    step = fe.train_step(ce_loss, optim.adamw(LR), fe.ema(0.9))
+    state = step.init(mlp(), seed=2**62 + 1).replace(epoch=3, batch_in_epoch=7)
+    lifted, layout = lift(state)
+    assert isinstance(lifted.step, torch.Tensor) and isinstance(lifted.opt_state.lr, torch.Tensor)
+    back, reusable = lower(lifted, layout)
+    assert reusable
+    la, lb = _leaves(state), _leaves(back)
+    assert [k for k, _ in la] == [k for k, _ in lb] and back.seed == 2**62 + 1
+    for (_, x), (_, y) in zip(la, lb):
+        assert type(x) is type(y)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def test_wrappers_without_a_traced_form_are_refused_up_front():
+    with pytest.raises(ValueError, match=r"compile=True does not support check_finite\(\)"):
+        fe.train_step(ce_loss, optim.sgd(0.1), fe.check_finite(), compile=True)
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(TypeError, match="compile must be a bool or a dict"):
+        fe.train_step(ce_loss, optim.sgd(0.1), compile="yes")
+    with pytest.raises(ValueError, match=r"unknown torch.compile options \['fullgraph'\]"):
+        fe.train_step(ce_loss, optim.sgd(0.1), compile={"fullgraph": False})
+
+
+SCHEDULES = [
+    schedules.constant(0.1, 0.5, end=7),
+    schedules.linear(0.1, 0.25, 1.0, begin=3, end=13),
+    schedules.step(0.1, step_size=4, gamma=0.5),
+    schedules.multistep(0.1, milestones=[3, 3, 9], gamma=0.3),
+    schedules.exponential(0.1, gamma=0.9, begin=2, end=10),
+    schedules.cosine(0.1, T_max=10, eta_min_ratio=0.05),
+    schedules.cosine(0.1, begin=2, end=12, eta_min=0.01),
+    schedules.poly(0.1, eta_min=1e-3, power=2.0, end=15),
+    schedules.warmup(schedules.cosine(0.1, T_max=20), steps=4, kind="constant"),
+    schedules.cosine(0.1, T_max=3, by_epoch=True, steps_per_epoch=4),
+    schedules.join(schedules.linear(0.1, 0.1, end=5), schedules.step(0.1, step_size=2, begin=5)),
+    optim.scale_lr(schedules.cosine(0.1, T_max=10), base_batch_size=64, batch_size=32),
+]
+
+
+@pytest.mark.parametrize("s", SCHEDULES, ids=lambda s: type(s).__name__)
+def test_schedules_in_torch_ops_equal_their_host_values(s):
+    for t in range(25):
+        v = value_at(s, torch.tensor(t))
+        assert v.dtype == torch.float64 and v.dim() == 0
+        assert math.isclose(float(v), s(t), rel_tol=1e-12, abs_tol=1e-15), (t, float(v), s(t))
+
+
+def test_schedule_without_a_torch_form_is_named():
+    s = schedules.onecycle(0.1, eta_max=1.0, total_steps=10)
+    with pytest.raises(TypeError, match="OneCycle.*has no torch form"):
+        value_at(s, torch.tensor(0))
+
+
+# ------------------------------------------------------------------ inductor (the real thing)
+@pytest.fixture(scope="module")
+def inductor_run(tmp_path_factory):
+    """One inductor-compiled step, reused: 12 steps straight, and 6 + checkpoint + 6."""
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(LR))
+    step = fe.train_step(ce_loss, tx, fe.ema(momentum=0.1), compile=True)
+    eager = fe.train_step(ce_loss, tx, fe.ema(momentum=0.1))
+    batches = mlp_batches(12)
+
+    def run(state, bs):
+        for b in bs:
+            state, _ = step(state, b)
+        return state
+
+    straight = run(step.init(mlp(dropout=0.2), seed=5), batches)
+    again = run(step.init(mlp(dropout=0.2), seed=5), batches)
+    half = run(step.init(mlp(dropout=0.2), seed=5), batches[:6])
+    path = checkpoint.save(tmp_path_factory.mktemp("ck") / "half.safetensors", half)
+    resumed = run(checkpoint.load(path, like=step.init(mlp(dropout=0.2), seed=5)), batches[6:])
+    ref = eager.init(mlp(), seed=5)
+    plain = run(step.init(mlp(), seed=5), batches)
+    for b in batches:
+        ref, _ = eager(ref, b)
+    return {
+        "step": step,
+        "straight": straight,
+        "again": again,
+        "resumed": resumed,
+        "eager": ref,
+        "plain": plain,
+    }
+
+
+@pytest.mark.slow
+def test_inductor_step_is_deterministic_resumes_exactly_and_matches_eager(inductor_run):
+    r = inductor_run
+    assert r["step"]._compiled.fallback_reason is None
+    assert r["step"].compile_seconds is not None
+    for name in ("again", "resumed"):
+        la, lb = _leaves(r["straight"]), _leaves(r[name])
+        assert [k for k, _ in la] == [k for k, _ in lb]
+        for (_, x), (_, y) in zip(la, lb):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, name
+    for n, p in r["eager"].params.items():  # without dropout: same model, same data
+        torch.testing.assert_close(r["plain"].params[n], p, **TOL)
+    for n, p in r["eager"].extra["ema"].params.items():
+        torch.testing.assert_close(r["plain"].extra["ema"].params[n], p, **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_takes_the_same_code_path():
+    """On CUDA the same compiled step (inductor) runs, within the fp16/bf16 tolerance of eager."""
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(LR))
+    wrappers = (fe.amp("bfloat16"), fe.ema(momentum=0.1))
+    compiled = fe.train_step(ce_loss, tx, *wrappers, compile=True)
+    eager = fe.train_step(ce_loss, tx, *wrappers)
+    a, b = eager.init(mlp(), device="cuda"), compiled.init(mlp(), device="cuda")
+    for x, y in mlp_batches(8):
+        a, _ = eager(a, (x.cuda(), y.cuda()))
+        b, _ = compiled(b, (x.cuda(), y.cuda()))
+    assert compiled._compiled is not None and compiled._compiled.fallback_reason is None
+    assert b.step == a.step == 8 and type(b.opt_state[1].num_updates) is int
+    for n, p in a.params.items():
+        torch.testing.assert_close(b.params[n], p, **HALF_TOL)
