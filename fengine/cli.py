@@ -276,7 +276,7 @@ def _check_ranges(node: Any, prefix: str) -> None:
 def _description(description: str | None, presets: Mapping[str, Any]) -> str:
     text = (description or "").strip().split("\n\n")[0]
     if presets:
-        text += "\n\npresets (--preset NAME): " + ", ".join(presets)
+        text = (text + "\n\npresets (--preset NAME): " + ", ".join(presets)).strip()
     return text
 
 
