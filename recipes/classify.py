@@ -36,7 +36,7 @@ from torch.nn import functional as F
 import fengine as fe
 from fengine import checkpoint, cli, optim, schedules
 from fengine.cli import Range
-from fengine.data import Loader, digits
+from fengine.data import Loader, cifar10, digits
 from fengine.metrics import Accuracy
 from fengine.models import ResNet
 
@@ -146,12 +146,6 @@ def loss_fn(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 def datasets(cfg: Config):
     """(train, val, image channels, shift augmentation) of the chosen dataset."""
     if cfg.data.name == "cifar10":
-        try:
-            from fengine.data import cifar10  # type: ignore[attr-defined]
-        except ImportError:
-            raise RuntimeError(
-                "--data.name cifar10: this fengine has no CIFAR-10 loader (fengine.data.cifar10)"
-            ) from None
         assert cfg.data.root is not None
         return cifar10(cfg.data.root, "train"), cifar10(cfg.data.root, "test"), 3, shift4
     v = cfg.data.val_fraction
