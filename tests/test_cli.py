@@ -228,6 +228,22 @@ def test_a_work_dir_holding_a_run_is_refused_up_front(trained, capsys):
     assert sorted(p.name for p in trained.iterdir()) == before
 
 
+def test_a_resume_that_would_mix_two_runs_is_refused(trained, tmp_path, capsys):
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    for p in [*work.glob("*.safetensors"), work / "last_checkpoint"]:
+        p.unlink()  # a run that failed before its first checkpoint
+    assert run("--work-dir", str(work), "--resume") == 2
+    assert "already holds a run (" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert run(*FAST, "--max-steps", "1", "--work-dir", str(other)) == 0
+    assert run("--work-dir", str(work), "--resume-from", str(other / "iter_1.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert "is not one of its checkpoints: resume into another --work-dir" in err
+
+
 def test_overwrite_moves_the_old_run_aside(trained, tmp_path):
     work = tmp_path / "w"
     import shutil
