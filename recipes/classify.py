@@ -43,6 +43,8 @@ from fengine.models import ResNet
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The ResNet (fengine.models.ResNet)."""
+
     width: Annotated[int, Range(ge=1)] = 32
     """channels of the stem and of every residual block"""
     blocks: Annotated[int, Range(ge=0)] = 2
@@ -51,6 +53,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """The optimizer and its schedule: linear warmup, then cosine to 0 at the last update."""
+
     name: Literal["adamw", "sgd"] = "adamw"
     """optimizer: AdamW (decoupled weight decay) or SGD with Nesterov momentum"""
     lr: Annotated[float, Range(gt=0)] = 3e-3
@@ -74,6 +78,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The dataset and its loader."""
+
     name: Literal["digits", "cifar10"] = "digits"
     """dataset: sklearn's 8x8 digits (built in) or CIFAR-10's python batches under --data.root"""
     root: Path | None = None
