@@ -43,6 +43,7 @@ from fengine.loop import (
     train_steps as train_steps,
 )
 from fengine.multi import multi_step as multi_step
+from fengine.plateau import reduce_on_plateau as reduce_on_plateau
 from fengine.rng import seed_everything as seed_everything
 from fengine.state import DonatedStateError as DonatedStateError, TrainState as TrainState
 from fengine.step import (

@@ -7,6 +7,9 @@ in place and returns an `InitReport` of which initialiser wrote which parameter:
     print(report)                      # MMEngine's "name - shape: initialiser" listing
     state = step.init(model, seed=0)   # the state copies the initialised params
 
+Initialise once, when the run starts; a resumed run takes its weights from the
+checkpoint (MMEngine's runner also initialises before it loads).
+
 Specs are frozen dataclasses named as MMEngine's ``type`` strings: `Constant`,
 `Xavier`, `Normal`, `TruncNormal`, `Uniform`, `Kaiming`, `Caffe2Xavier`,
 `Pretrained`. MMEngine dicts (``dict(type="Kaiming", layer="Conv2d")``) are accepted
@@ -29,8 +32,8 @@ too (`from_cfg`). Semantics, as MMEngine 0.10.7's ``initialize``:
 
 Randomness: each weight is drawn on the CPU from its own generator, seeded with
 ``fold_in(seed, tag, crc32(parameter name))``, then copied to the param's device. A
-weight's values thus depend only on the seed and its name: not on the device, nor on
-other layers or the order of specs. ``generator=`` draws everything from one
+weight's draws thus depend only on the seed and its name: not on the device, nor on
+the other layers (adding a layer changes no other). ``generator=`` draws everything from one
 generator in MMEngine's order instead; with ``torch.Generator().manual_seed(k)`` the
 values equal MMEngine's ``initialize`` after ``torch.manual_seed(k)``, bit for bit.
 

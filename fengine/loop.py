@@ -4,7 +4,9 @@
 step (which donates the state), advances ``batch_in_epoch``/``epoch`` and yields a
 `Tick` at each of MMEngine's four train-loop points. It does nothing else, so a
 custom loop or a test can iterate it directly. `fit` is its consumer: handlers'
-events, validation cadence, checkpoint requests, resume and preemption.
+events, validation cadence, checkpoint requests, resume and preemption. A consumer
+may send a state back (``ticks.send(state)``) to continue from it: `fit` sends the
+state its validation results changed (`fengine.plateau.observe`).
 
 Epoch-based (``max_epochs``) and iteration-based (``max_steps``) training are the
 same fold with a different end (`plan` does the arithmetic, once). Validation
@@ -32,7 +34,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from fengine import checkpoint, distributed, sharding
+from fengine import checkpoint, distributed, plateau, sharding
 from fengine.devices import device_of, to_device
 from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
 from fengine.events import Dispatcher, RunInfo
@@ -191,36 +193,42 @@ def train_steps(
     plan: Plan,
     *,
     stop: Callable[[], bool] = lambda: False,
-) -> Iterator[Tick]:
+) -> Generator[Tick, TrainState | None, None]:
     """Run ``step`` over ``train_data`` from ``state``'s position until ``plan`` is done (or ``stop()``),
     yielding a `Tick` at MMEngine's train-loop points: before/after each update, and before/after
     each epoch (epoch-based), or once around the whole run (iteration-based, as MMEngine's
     IterBasedTrainLoop: passes over the data are silent there, ``state.epoch`` still counts them).
-    Batches are moved to the state's device for the step; ticks carry them as the data gave them."""
+    Batches are moved to the state's device for the step; ticks carry them as the data gave them.
+    A state sent at a tick (``ticks.send(state)``) replaces the tick's state from there on."""
     if not plan.by_epoch:
-        yield Tick("before_train_epoch", state)
+        state = _sent((yield Tick("before_train_epoch", state)), state)
         while not stop() and not plan.done(state):
             if state.batch_in_epoch >= plan.batches_per_epoch:
                 state = _next_epoch(state)
             state = yield from _updates(state, step, train_data, plan, stop)
         if state.batch_in_epoch >= plan.batches_per_epoch:
             state = _next_epoch(state)
-        yield Tick("after_train_epoch", state)
+        yield Tick("after_train_epoch", state)  # the end: nothing follows to use a sent state
         return
     while True:
         if (
             state.batch_in_epoch >= plan.batches_per_epoch
         ):  # every batch done (also when resumed there)
             state = _next_epoch(state)
-            yield Tick("after_train_epoch", state)
+            state = _sent((yield Tick("after_train_epoch", state)), state)
         if stop() or plan.done(state):
             return
-        yield Tick("before_train_epoch", state)
+        state = _sent((yield Tick("before_train_epoch", state)), state)
         if stop():
             return
         state = yield from _updates(state, step, train_data, plan, stop)
         if state.batch_in_epoch < plan.batches_per_epoch:
             return  # stopped inside the epoch: the position stays mid-epoch
+
+
+def _sent(sent: TrainState | None, state: TrainState) -> TrainState:
+    """The state a consumer sent at a tick, else the tick's own."""
+    return state if sent is None else sent
 
 
 def _next_epoch(state: TrainState) -> TrainState:
@@ -229,7 +237,7 @@ def _next_epoch(state: TrainState) -> TrainState:
 
 def _updates(
     state: TrainState, step: Step, train_data: Iterable, plan: Plan, stop: Callable[[], bool]
-) -> Generator[Tick, None, TrainState]:
+) -> Generator[Tick, TrainState | None, TrainState]:
     """The rest of the current pass over the data, one update per group of micro-batches."""
     k, device = plan.micro_batches, device_of(state.params)
     batches = batches_of(train_data, state.epoch, state.batch_in_epoch)
@@ -241,12 +249,16 @@ def _updates(
             state.batch_in_epoch // k if plan.by_epoch else state.step,
             time.perf_counter() - t,
         )
-        yield Tick("before_train_iter", state, idx, batch, data_time=data_time)
+        state = _sent(
+            (yield Tick("before_train_iter", state, idx, batch, data_time=data_time)), state
+        )
         if stop():
             return state
         state, metrics = _run(step, state, to_device(batch, device))
         state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
-        yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
+        state = _sent(
+            (yield Tick("after_train_iter", state, idx, batch, metrics, data_time)), state
+        )
         if stop() or plan.done(state):
             return state
         t = time.perf_counter()
@@ -344,15 +356,17 @@ def fit(
             and moment is not None
             and _validation_due(moment, state, p, val, interval)
         ):
-            _validate(
+            state = _validate(
                 state, val, dispatch, run
             )  # the checkpoint was saved before this position's validation
+        if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
+            log.warning("fit: no val, so reduce_on_plateau never reduces; pass val=fe.Val(...)")
         watch = FiniteWatch(enabled=check_nonfinite)
         with _signals(enabled=work_dir is not None) as received:
-            for tick in train_steps(
-                state, step, train_data, p, stop=lambda: dispatch.stop is not None
-            ):
-                state = tick.state
+            ticks = train_steps(state, step, train_data, p, stop=lambda: dispatch.stop is not None)
+            sent: TrainState | None = None  # the state validation changed, for the next tick
+            while (tick := _next(ticks, sent)) is not None:
+                state, sent = tick.state, None
                 if tick.event == "after_train_iter":
                     watch.record(state.step, tick.metrics)
                 elif tick.event == "after_train_epoch" and world > 1:
@@ -364,7 +378,7 @@ def fit(
                 if _signalled(received, tick, world, device):
                     _preempt(received, state, run, dispatch, tick.event)
                 if val is not None and _validation_due(tick.event, state, p, val, interval):
-                    _validate(state, val, dispatch, run)
+                    state = sent = _validate(state, val, dispatch, run)
                     if _signalled(received, tick, world, device):
                         _preempt(received, state, run, dispatch, "after_val")
             watch.check()
@@ -445,10 +459,22 @@ def _validation_due(event: str, state: TrainState, p: Plan, val: Val, interval: 
                            dynamic_intervals=val.dynamic_intervals)  # fmt: skip
 
 
-def _validate(state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo) -> None:
-    run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch, run=run,
-             phase="val", autocast=val.autocast)  # fmt: skip
+def _next(ticks: Generator[Tick, TrainState | None, None], sent: TrainState | None) -> Tick | None:
+    """The next tick (``sent``: the state to continue from), None at the end."""
+    try:
+        return ticks.send(sent)  # the first send is None, as a new generator needs
+    except StopIteration:
+        return None
+
+
+def _validate(state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo) -> TrainState:
+    """Validate; the state after its results (reduce_on_plateau observes them, as MMEngine's
+    ParamSchedulerHook after the logger, before the checkpoints of ``after_val``)."""
+    results = run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch,
+                       run=run, phase="val", autocast=val.autocast)  # fmt: skip
+    state = plateau.observe(state, results)
     _flush(state, run, dispatch, "after_val")
+    return state
 
 
 def _resume(

@@ -20,7 +20,35 @@ SMOKE = {  # script -> arguments that make it finish in seconds
 
 
 def test_every_bench_script_has_a_smoke_mode():
-    assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(SMOKE)
+    scripts = [p.name for p in BENCH.glob("*.py") if "__main__" in p.read_text()]
+    assert sorted(scripts) == sorted([*SMOKE, "run.py"])
+
+
+def test_suite_runs_every_engine_and_checks_the_bits(tmp_path):
+    """bench/run.py on 12 MLP updates: a row per engine, fengine's eager rows bitwise equal to
+    the hand-written loop's, RESULTS written, the last line the compiled ratio."""
+    out_file = tmp_path / "RESULTS.md"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--quick", "--workloads", "mlp", "--steps", "12",
+         "--checkpoint-gb", "0.002", "--out", str(out_file)],
+        capture_output=True, text=True, timeout=600, cwd=BENCH,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {
+        line.split("|")[3].strip(): line
+        for line in out_file.read_text().splitlines()
+        if line.startswith("| mlp")
+    }
+    assert {"hand", "hand_fused", "step", "fit", "compiled", "mmengine"} <= set(rows), rows
+    for engine in (
+        "step",
+        "fit",
+        "mmengine",
+    ):  # same ops in the same order as the hand-written loop
+        assert rows[engine].rstrip().endswith("| yes |"), rows[engine]
+    assert "## Checkpoints" in out_file.read_text()
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"mlp compiled ratio (\d+\.\d\d|n/a .*)", last), last
 
 
 @pytest.mark.parametrize("script", sorted(SMOKE))

@@ -236,3 +236,11 @@ def test_a_recipe_the_user_names_runs_and_must_match_the_recorded_hash(run12, tm
         replay(run12, recipe=copy, out=lambda s: None)
     ok, out = _replay(run12, recipe=copy, force=True)
     assert ok and f"warning: the recipe {copy} differs" in out
+
+
+def test_a_run_with_reduce_on_plateau_is_refused_with_the_reason(tmp_path):
+    """Its lr follows validation results, which replay does not re-run: refused, not a false alarm."""
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_steps=6, plateau=True)
+    with pytest.raises(ReplayError, match=r"reduce_on_plateau \(plateau\).*validation results"):
+        replay(work, out=lambda line: None)

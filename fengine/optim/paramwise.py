@@ -105,15 +105,23 @@ class Scaled:
         return f"{self.mult!r} * {self.schedule!r}"
 
 
-def _rebase(schedule: Any, mult: float) -> Schedule | None:
-    """``schedule`` built on ``base * mult`` (MMEngine's scheduler on that group), or None if opaque."""
+def _rebase(schedule: Any, mult: float) -> Callable[[int], Any] | None:
+    """``schedule`` built on ``base * mult`` (MMEngine's scheduler on that group), or None if opaque.
+
+    A hyper-parameter with a ``scaled_base(mult, rebase)`` method (`fengine.plateau`'s
+    values) makes its group's value itself.
+    """
+    scaled_base = getattr(schedule, "scaled_base", None)
+    if callable(scaled_base):
+        return scaled_base(mult, _rebase)
     if isinstance(schedule, ScaledSchedule):  # scale_lr: already rebuilt on the scaled base
         return _rebase(schedule._rebased, mult)
     if isinstance(schedule, Join):
         parts = tuple(_rebase(p, mult) for p in schedule.parts)
-        if any(p is None for p in parts):
+        schedules = tuple(p for p in parts if isinstance(p, Schedule))
+        if len(schedules) != len(parts):
             return None
-        return Join(schedule.base * mult, tuple(p for p in parts if p is not None))
+        return Join(schedule.base * mult, schedules)
     if isinstance(schedule, Schedule) and dataclasses.is_dataclass(schedule):
         return dataclasses.replace(schedule, base=schedule.base * mult)
     return None

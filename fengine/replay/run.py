@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 
 from fengine import checkpoint
 from fengine.loop import plan, train_steps
+from fengine.plateau import Plateau
 from fengine.replay import env
 from fengine.replay.log import (
     LOG_NAME,
@@ -199,6 +200,12 @@ def run_leg(
         raise ReplayError(
             f"{where} ran {h['total_steps']} steps, the recipe now plans {p.total_steps}: "
             "its data or code changed; pass --recipe PATH to the script that ran"
+        )
+    plateaus = [name for name, v in state.extra.items() if isinstance(v, Plateau)]
+    if plateaus:
+        raise ReplayError(
+            f"{where}: the step keeps a reduce_on_plateau ({', '.join(plateaus)}), whose values "
+            "follow validation results; replay re-runs training only, so it cannot check this run"
         )
     if key(position(state)) == stop:
         return state
