@@ -459,6 +459,10 @@ def _check_work_dir(cfg: RunConfig, ckpt: Path | None, out: Callable[[str], Any]
     found = existing_run(cfg.work_dir)
     if not found or (ckpt is not None and ckpt.resolve().is_relative_to(cfg.work_dir.resolve())):
         return
+    from fengine.workdir import lock_work_dir
+
+    with lock_work_dir(cfg.work_dir):  # a run going on there is reported as such (WorkDirLocked)
+        pass
     shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
     if cfg.resume:
         why = "but no checkpoint to resume: start afresh in another --work-dir or with --overwrite"
@@ -660,6 +664,9 @@ def main(
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {e} (see --help)", file=sys.stderr)
+        return 2
+    except fe.WorkDirLocked as busy:  # another process is running there
+        print(f"{prog}: error: {busy}", file=sys.stderr)
         return 2
     except fe.Preempted as stopped:  # a checkpoint was saved: resume with --resume
         print(stopped, file=sys.stderr)
