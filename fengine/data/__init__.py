@@ -4,6 +4,7 @@ Everything here is a function of ``(seed, epoch, index)`` (or stream position):
 resuming a run needs its position, never an RNG snapshot.
 """
 
+from fengine.data.cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, cifar10
 from fengine.data.collate import default_collate, pseudo_collate
 from fengine.data.datasets import digits, synthetic_classification
 from fengine.data.loader import Loader
@@ -15,9 +16,30 @@ from fengine.data.sampler import (
     samples_per_rank,
     stream_indices,
 )
+from fengine.data.text import STDLIB_FILES, CharCorpus, char_corpus, stdlib_corpus
+from fengine.data.wrappers import (
+    ClassBalancedDataset,
+    ConcatDataset,
+    RepeatDataset,
+    Subset,
+    repeat_factors,
+)
 
 
 __all__ = [
+    "STDLIB_FILES",
+    "CharCorpus",
+    "char_corpus",
+    "stdlib_corpus",
+    "CIFAR10",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "cifar10",
+    "ClassBalancedDataset",
+    "ConcatDataset",
+    "RepeatDataset",
+    "Subset",
+    "repeat_factors",
     "ImagePreprocessor",
     "InfiniteSampler",
     "Loader",
