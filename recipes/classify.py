@@ -1,139 +1,137 @@
 """Image classification: MMEngine's 15-minute example, rebuilt with fengine.
 
-A small ResNet-style net on sklearn's 8x8 digits (ships with scikit-learn: no
-download), per-sample random-shift augmentation drawn from (seed, epoch, index),
-SGD or AdamW with warmup + cosine, validation every epoch, console/JSON/
-TensorBoard logs and checkpoints in ``--work-dir``. About a minute on 2 CPU
-cores; validation accuracy >= 95%.
+A small ResNet (fengine.models.ResNet) on sklearn's 8x8 digits (ships with scikit-learn:
+no download) or on CIFAR-10 read from its python batches on disk (--data.name cifar10
+--data.root PATH), per-sample random-shift augmentation drawn from (seed, epoch, index),
+SGD or AdamW with warmup + cosine, validation every epoch, console/JSON/TensorBoard logs,
+checkpoints and config.json in --work-dir. About 10 s of training on 2 CPU cores by
+default (10 epochs); validation accuracy >= 95%.
 
-    python recipes/classify.py                          # 10 epochs
-    python recipes/classify.py --max-steps 30 --work-dir W
-    python recipes/classify.py --max-steps 60 --work-dir W --resume   # continues W exactly
+    python recipes/classify.py                                   # 10 epochs on digits
+    python recipes/classify.py --preset tiny --max-steps 30 --work-dir W
+    python recipes/classify.py --work-dir W --max-steps 60 --resume
     python recipes/classify.py --optim.name sgd --optim.lr 0.05 --amp bfloat16 --accumulate 2
+    python recipes/classify.py --config W/config.json --work-dir W2 --seed 1
+    python recipes/classify.py --preset wide --dry-run           # config, groups, FLOPs, lr plot
 
-Every field is a flag (``--help``); the resolved config is written to the work dir.
+--resume continues W's latest checkpoint with its recorded config and horizon, bit for bit
+as if never stopped. Giving a longer horizon (--max-steps 60 after a 30-step run) extends
+the run: the schedules are re-planned over the new horizon from the checkpoint's step on,
+which it says, with the lr before and after; that is not what a straight 60-step run
+computes, and `python -m fengine replay W` re-runs each part with its own horizon.
+Every field is a flag (--help); the resolved config is written to W/config.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
-import tyro
 from torch import nn
 from torch.nn import functional as F
 
 import fengine as fe
-from fengine import checkpoint, handlers, optim, schedules
-from fengine.config import from_dict, to_dict
+from fengine import checkpoint, cli, optim, schedules
+from fengine.cli import Range
 from fengine.data import Loader, digits
 from fengine.metrics import Accuracy
-from fengine.replay import RunRecorder
+from fengine.models import ResNet
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    width: int = 32
-    """channels of the residual blocks"""
-    blocks: int = 2
-    """number of residual blocks"""
+    width: Annotated[int, Range(ge=1)] = 32
+    """channels of the stem and of every residual block"""
+    blocks: Annotated[int, Range(ge=0)] = 2
+    """number of residual blocks (two 3x3 convs each)"""
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 3e-3
-    momentum: float = 0.9
+    """optimizer: AdamW (decoupled weight decay) or SGD with Nesterov momentum"""
+    lr: Annotated[float, Range(gt=0)] = 3e-3
+    """peak learning rate, reached after the warmup; cosine-annealed to 0 at the last update"""
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """SGD momentum (ignored by AdamW)"""
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    """linear warmup from 0.001 x lr over this many updates"""
-    clip_grad: float | None = None
-    """clip the global gradient norm to this value"""
-    base_batch_size: int | None = None
-    """MMEngine's auto_scale_lr: lr was tuned for this total batch size; scale it linearly to batch_size x processes"""
+    weight_decay: Annotated[float, Range(ge=0)] = 1e-4
+    """weight decay (AdamW: decoupled, per update; SGD: L2 added to the gradient)"""
+    warmup_steps: Annotated[int, Range(ge=0)] = 20
+    """linear warmup from 0.001 x lr over this many updates (0: none)"""
+    clip_grad: Annotated[float | None, Range(gt=0)] = None
+    """clip the global gradient norm to this value (None: no clipping)"""
+    norm_decay_mult: Annotated[float | None, Range(ge=0)] = None
+    """weight-decay multiplier of BatchNorm weights and biases (MMEngine's paramwise_cfg; None: 1)"""
+    bias_decay_mult: Annotated[float | None, Range(ge=0)] = None
+    """weight-decay multiplier of biases outside norm layers (None: 1)"""
+    base_batch_size: Annotated[int | None, Range(ge=1)] = None
+    """MMEngine's auto_scale_lr: lr was tuned for this total batch size; scale it linearly to
+    batch_size x processes (None: off)"""
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    batch_size: int = 32
-    num_workers: int = 0
-    val_fraction: float = 0.2
+    name: Literal["digits", "cifar10"] = "digits"
+    """dataset: sklearn's 8x8 digits (built in) or CIFAR-10's python batches under --data.root"""
+    root: Path | None = None
+    """CIFAR-10 directory holding data_batch_1..5 and test_batch (cifar-10-batches-py)"""
+    batch_size: Annotated[int, Range(ge=1)] = 32
+    """samples per micro-batch (per process)"""
+    num_workers: Annotated[int, Range(ge=0)] = 0
+    """loader worker processes (does not change a bit)"""
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.2
+    """digits only: share of the 1797 images held out for validation"""
     augment: bool = True
-    """random +-1 pixel shifts, drawn per sample from (seed, epoch, index)"""
+    """random +-1 pixel shifts (digits; +-4 for CIFAR), drawn per sample from (seed, epoch, index)"""
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(cli.RunConfig):
     work_dir: Path = Path("work_dirs/classify")
-    max_epochs: int | None = None
-    """train this many epochs (default 10 when --max-steps is not given)"""
-    max_steps: int | None = None
-    """train this many optimizer updates instead of epochs"""
-    seed: int = 0
-    device: str | None = None
-    """cpu, cuda or cuda:N (default: cuda when available, else cpu); under torchrun, cuda is cuda:LOCAL_RANK"""
-    resume: bool = False
-    """continue from the latest checkpoint in --work-dir"""
-    resume_from: Path | None = None
-    """continue from this checkpoint file"""
-    load_from: Path | None = None
-    """start from these weights (a checkpoint, published file, safetensors or .pth state dict); partial
-    loading, missing/unexpected names are reported"""
+    """where checkpoints, logs, config.json and run_log.jsonl go"""
+    max_epochs: Annotated[int | None, Range(ge=1)] = 10
+    """train this many epochs (passes over the training data); giving --max-steps clears it"""
     amp: Literal["none", "bfloat16", "float16"] = "none"
-    accumulate: int = 1
-    """micro-batches per update"""
-    ema: float | None = None
-    """keep an EMA of the weights with this decay and validate with it"""
-    log_interval: int = 10
-    checkpoint_interval: int = 1
-    """save a checkpoint every N epochs (N epochs' worth of steps with --max-steps); the last one is always saved"""
-    keep_checkpoints: int = 3
-    tensorboard: bool = True
+    """autocast dtype of the forward pass (float16 adds dynamic loss scaling)"""
+    accumulate: Annotated[int, Range(ge=1)] = 1
+    """micro-batches per optimizer update (gradient accumulation)"""
+    ema: Annotated[float | None, Range(gt=0, lt=1)] = None
+    """keep an EMA of the weights with this decay per update and validate with it (None: off)"""
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
 
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = cli.RunConfig.NOT_RECORDED
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(x + self.bn2(self.conv2(y)))
+    def check(self) -> None:
+        super().check()
+        if self.data.name == "cifar10" and self.data.root is None:
+            raise cli.UsageError("--data.name cifar10 needs --data.root PATH (cifar-10-batches-py)")
 
 
-class ResNet(nn.Module):
-    """A ResNet-style net for 1x8x8 inputs."""
-
-    def __init__(self, width: int = 32, blocks: int = 2, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.blocks = nn.Sequential(*[Block(width) for _ in range(blocks)])
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x))
-        return self.head(x.mean(dim=(2, 3)))
+BASE = Config()
+PRESETS = {
+    "tiny": dataclasses.replace(BASE, model=ModelConfig(width=8, blocks=1)),
+    "base": BASE,
+    "wide": dataclasses.replace(BASE, model=ModelConfig(width=64, blocks=3)),
+}
+"""Named configs derived from the base (MMEngine's ``_base_`` inheritance): ``--preset NAME``."""
 
 
-def random_shift(sample, generator: torch.Generator):
-    """Shift the image by up to one pixel (zero padding); randomness from the loader's per-sample generator."""
+def random_shift(sample, generator: torch.Generator, pixels: int = 1):
+    """Shift the image by up to ``pixels`` (zero padding); randomness from the loader's per-sample generator."""
     image, label = sample
-    dx, dy = torch.randint(-1, 2, (2,), generator=generator).tolist()
-    padded = F.pad(image, (1, 1, 1, 1))
-    return padded[:, 1 + dy : 9 + dy, 1 + dx : 9 + dx], label
+    dx, dy = torch.randint(-pixels, pixels + 1, (2,), generator=generator).tolist()
+    h, w = image.shape[-2:]
+    padded = F.pad(image, (pixels,) * 4)
+    return padded[:, pixels + dy : pixels + dy + h, pixels + dx : pixels + dx + w], label
+
+
+def shift4(sample, generator: torch.Generator):
+    return random_shift(sample, generator, 4)
 
 
 def loss_fn(model: nn.Module, batch) -> dict[str, torch.Tensor]:
@@ -145,64 +143,61 @@ def loss_fn(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    """Everything `fit` needs, built from a config alone (replay rebuilds runs with it)."""
+def datasets(cfg: Config):
+    """(train, val, image channels, shift augmentation) of the chosen dataset."""
+    if cfg.data.name == "cifar10":
+        try:
+            from fengine.data import cifar10  # type: ignore[attr-defined]
+        except ImportError:
+            raise RuntimeError(
+                "--data.name cifar10: this fengine has no CIFAR-10 loader (fengine.data.cifar10)"
+            ) from None
+        assert cfg.data.root is not None
+        return cifar10(cfg.data.root, "train"), cifar10(cfg.data.root, "test"), 3, shift4
+    v = cfg.data.val_fraction
+    return digits("train", val_fraction=v), digits("val", val_fraction=v), 1, random_shift
 
-    state: fe.TrainState
-    step: fe.Step
-    train_data: Loader
-    val: fe.Val
-    fit_kwargs: dict
-    loop: fe.Plan
 
-
-def build(cfg: Config) -> Experiment:
-    if cfg.max_epochs is not None and cfg.max_steps is not None:
-        raise SystemExit(
-            f"give --max-epochs or --max-steps, not both (got {cfg.max_epochs} and {cfg.max_steps})"
-        )
+def build(cfg: Config) -> cli.Experiment:
+    """Everything `fit` needs, from the config alone (replay rebuilds runs with it)."""
     dist = fe.distributed.setup(cfg.device)  # under torchrun: the process group, this rank's device
     shard = dict(rank=dist.rank, world_size=dist.world_size)
-    train = Loader(digits("train", val_fraction=cfg.data.val_fraction), cfg.data.batch_size, seed=cfg.seed,
-                   transform=random_shift if cfg.data.augment else None, num_workers=cfg.data.num_workers,
+    train_set, val_set, channels, shift = datasets(cfg)
+    train = Loader(train_set, cfg.data.batch_size, seed=cfg.seed,
+                   transform=shift if cfg.data.augment else None, num_workers=cfg.data.num_workers,
                    pin_memory=dist.device.type == "cuda", **shard)  # fmt: skip
-    val = Loader(
-        digits("val", val_fraction=cfg.data.val_fraction),
-        256,
-        seed=cfg.seed,
-        shuffle=False,
-        **shard,
-    )
-    max_epochs = cfg.max_epochs if cfg.max_steps is None else None
-    if max_epochs is None and cfg.max_steps is None:
-        max_epochs = 10
-    loop = fe.plan(
-        train, micro_batches=cfg.accumulate, max_epochs=max_epochs, max_steps=cfg.max_steps
-    )
-    total = loop.total_steps
-    o = cfg.optim
-    base_lr = o.lr
-    if (
-        o.base_batch_size is not None
-    ):  # the effective lr goes to the log and, via the config, the run log
+    val = Loader(val_set, 256, seed=cfg.seed, shuffle=False, **shard)
+    loop = fe.plan(train, micro_batches=cfg.accumulate, max_epochs=cfg.max_epochs, max_steps=cfg.max_steps)  # fmt: skip
+    total, o = loop.total_steps, cfg.optim
+    base_lr: optim.Hyper = o.lr
+    if o.base_batch_size is not None:  # the effective lr goes to the log and the run log
         base_lr = optim.scale_lr(o.lr, base_batch_size=o.base_batch_size, batch_size=cfg.data.batch_size,
                                  world_size=dist.world_size)  # fmt: skip
         if dist.rank == 0:
             print(f"auto_scale_lr: {base_lr!r}")
     warm = min(o.warmup_steps, max(total - 1, 1))
-    lr = (
-        schedules.warmup(
-            schedules.cosine(base_lr, T_max=max(total - warm, 1), begin=warm), steps=warm
+    cosine = schedules.cosine(base_lr, T_max=max(total - warm, 1), begin=warm)
+    lr = schedules.warmup(cosine, steps=warm) if warm else schedules.cosine(base_lr, T_max=total)
+    fe.seed_everything(cfg.seed)  # weight init: the only draw from the global generators
+    model = ResNet(cfg.model.width, cfg.model.blocks, in_channels=channels)
+    groups = optim.paramwise(model, lr=lr, weight_decay=o.weight_decay,
+                             norm_decay_mult=o.norm_decay_mult, bias_decay_mult=o.bias_decay_mult)  # fmt: skip
+    rules = o.norm_decay_mult is not None or o.bias_decay_mult is not None
+    if o.name == "adamw":
+        opt = groups.build(optim.adamw) if rules else optim.adamw(lr, weight_decay=o.weight_decay)
+        hyper = {
+            "lr": lr,
+            "momentum": 0.9,
+            "weight_decay": o.weight_decay,
+        }  # AdamW's b1 is momentum
+    else:
+        kw = dict(momentum=o.momentum, nesterov=True)
+        opt = (
+            groups.build(optim.sgd, **kw)
+            if rules
+            else optim.sgd(lr, weight_decay=o.weight_decay, **kw)
         )
-        if warm
-        else schedules.cosine(base_lr, T_max=total)
-    )
-    opt = (
-        optim.adamw(lr, weight_decay=o.weight_decay)
-        if o.name == "adamw"
-        else optim.sgd(lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
-    )
+        hyper = {"lr": lr, "momentum": o.momentum, "weight_decay": o.weight_decay}
     tx = optim.chain(optim.clip_by_global_norm(o.clip_grad), opt) if o.clip_grad else opt
     wrappers: list[fe.Wrapper] = [fe.data_parallel()] if dist.world_size > 1 else []  # before amp
     if cfg.amp != "none":
@@ -213,86 +208,28 @@ def build(cfg: Config) -> Experiment:
     if cfg.ema is not None:
         wrappers.append(fe.ema(cfg.ema))
     step = fe.train_step(loss_fn, tx, *wrappers)
-    fe.seed_everything(cfg.seed)  # weight init: the only draw from the global generators
-    state = step.init(ResNet(cfg.model.width, cfg.model.blocks), seed=cfg.seed, device=dist.device)
+    state = step.init(model, seed=cfg.seed, device=dist.device)
     if cfg.load_from is not None:
         state, report = checkpoint.load_params(cfg.load_from, state)
         print(report)
-    fit_kwargs = dict(max_epochs=max_epochs) if loop.by_epoch else dict(max_steps=cfg.max_steps)
-    return Experiment(state, step, train, fe.Val(val, [Accuracy()]), fit_kwargs, loop)
+    example = val_set[0][0].unsqueeze(0).to(dist.device)
+    return cli.Experiment(state=state, step=step, train_data=train, plan=loop,
+                          val=fe.Val(val, [Accuracy()]), hyperparams=hyper, param_groups=groups,
+                          example_input=example)  # fmt: skip
 
 
-def checkpoints(cfg: Config, exp: Experiment) -> handlers.Checkpointer:
-    """Every ``checkpoint_interval`` epochs (in steps for --max-steps runs), the last and the best."""
-    if exp.loop.by_epoch:
-        return handlers.Checkpointer(
-            cfg.checkpoint_interval, max_keep_ckpts=cfg.keep_checkpoints, save_best="auto"
-        )
-    return handlers.Checkpointer(
-        cfg.checkpoint_interval * exp.loop.steps_per_epoch,
-        by_epoch=False,
-        max_keep_ckpts=cfg.keep_checkpoints,
-        save_best="auto",
-    )
-
-
-# How to start (where, from which checkpoint) and how far: not what the run computes. The run log
-# records the config without them, and the horizon per segment (each start of fit), so a resumed
-# run is the same config; output-only fields (logging, checkpoint cadence) do not change a bit either.
-NOT_RECORDED = ("work_dir", "resume", "resume_from", "max_epochs", "max_steps", "log_interval",
-                "checkpoint_interval", "keep_checkpoints", "tensorboard", "device")  # fmt: skip
-
-
-def recorded_config(cfg: Config) -> dict:
-    """The config that determines the bits, as the run log records it (``load_from`` made absolute,
-    so a replay from another directory finds the same file)."""
-    config = {k: v for k, v in to_dict(cfg).items() if k not in NOT_RECORDED}
-    if cfg.load_from is not None:
-        config["load_from"] = str(cfg.load_from.resolve())
-    return config
-
-
-def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None) -> Experiment:
+def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None) -> cli.Experiment:
     """Rebuild one segment of a run from its recorded config and horizon (``python -m fengine replay``)."""
-    return build(from_dict(Config, {**config, "max_epochs": max_epochs, "max_steps": max_steps}))
+    return build(cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps))
 
 
-def main(cfg: Config) -> float:
-    exp = build(cfg)
-    main_rank = fe.distributed.is_main()
-    with fe.lock_work_dir(
-        cfg.work_dir if main_rank else None
-    ):  # one run per work dir, config.json included
-        config = to_dict(cfg)
-        if main_rank:
-            (cfg.work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        timer = handlers.Timer()
-        hs = [
-            timer,
-            handlers.Logger(interval=cfg.log_interval, timer=timer),
-            checkpoints(cfg, exp),
-            RunRecorder(every=100, config=recorded_config(cfg)),
-        ]
-        if cfg.tensorboard:
-            hs.append(handlers.TensorBoard(timer=timer))
-        resume = cfg.resume_from if cfg.resume_from is not None else cfg.resume
-        state = fe.fit(exp.state, exp.step, exp.train_data, val=exp.val, handlers=hs, work_dir=cfg.work_dir,
-                       resume=resume, config=config, **exp.fit_kwargs)  # fmt: skip
+def finish(cfg: Config, exp: cli.Experiment, state: fe.TrainState) -> float:
+    """The final validation accuracy (EMA weights when kept), printed by rank 0."""
     result = fe.evaluate(state, fe.default_predict, exp.val.data, exp.val.metrics)
-    if main_rank:
-        print(
-            f"final validation accuracy: {result['accuracy']:.2f}% after {state.step} steps ({state.epoch} epochs)"
-        )
+    if fe.distributed.is_main():
+        print(f"final validation accuracy: {result['accuracy']:.2f}% after {state.step} steps ({state.epoch} epochs)")  # fmt: skip
     return result["accuracy"]
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Config, description=__doc__.split("\n\n")[0]))
-    except fe.Preempted as stopped:  # SIGTERM/SIGINT: a checkpoint was saved; resume with --resume
-        print(stopped, file=sys.stderr)
-        sys.exit(stopped.exit_code)
-    except fe.WorkDirLocked as busy:
-        print(f"error: {busy}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(0)
+    sys.exit(cli.main(Config, build, presets=PRESETS, description=__doc__, finish=finish))

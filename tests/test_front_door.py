@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,3 +72,29 @@ def test_readme_user_wrappers_example_runs(monkeypatch):
     metrics = printed[-1][0]
     assert set(metrics) == {"loss", "grad_norm", "lr", "loss_scale", "update_skipped"}
     assert metrics["loss_scale"] == 65536.0 and metrics["update_skipped"] == 0.0
+
+
+@pytest.mark.slow
+def test_readme_resume_and_replay_sequence_runs_as_written(tmp_path):
+    """README's "Resume and replay" commands, in order, with W in a temp dir (the first run
+    with the tiny preset, which the resumes then take from its checkpoints): the extension says
+    how it changes the schedule, the branch continues, and replay agrees bit for bit."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(
+        c for c in re.findall(r"```bash\n(.+?)\n```", readme, flags=re.S) if "replay W" in c
+    )
+    outs = []
+    for line in block.splitlines():
+        argv = shlex.split(line.split("#")[0].replace("W", str(tmp_path / "W")))
+        assert argv[0] == "python"
+        if not outs:
+            argv += ["--preset", "tiny", "--no-tensorboard", "--log-interval", "50"]
+        done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+                              timeout=600, cwd=ROOT)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        outs.append(done.stdout)
+    assert "is at step 30 of a 30-step run" in outs[1] and "re-planned over 60 updates" in outs[1]
+    assert "is at step 30 of a 30-step run" in outs[2] and "re-planned over 40 updates" in outs[2]
+    assert "REPLAY OK" in outs[3]
+    saved = json.loads((tmp_path / "W" / "config.json").read_text())
+    assert saved["model"] == {"width": 8, "blocks": 1} and saved["max_steps"] == 40

@@ -1,0 +1,684 @@
+"""The command line every recipe shares: config layers, checks, the work dir, resume, errors.
+
+A recipe declares its config as a frozen dataclass tree whose root subclasses `RunConfig`
+(the shared top-level flags), writes ``build(cfg) -> Experiment`` and hands both to `main`::
+
+    @dataclasses.dataclass(frozen=True)
+    class OptimConfig:
+        lr: Annotated[float, cli.Range(gt=0)] = 3e-3
+        \"\"\"peak learning rate (per update)\"\"\"          # every field gets a docstring: --help
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(cli.RunConfig):
+        work_dir: Path = Path("work_dirs/classify")      # redeclare a shared field's default
+        max_epochs: Annotated[int | None, cli.Range(ge=1)] = 10
+        optim: OptimConfig = OptimConfig()               # nested: --optim.lr 1e-3
+        NOT_RECORDED: ClassVar[tuple[str, ...]] = cli.RunConfig.NOT_RECORDED  # + output-only fields
+
+    PRESETS = {"tiny": Config(...), "wide": Config(...)}  # named configs derived from the base
+
+    def build(cfg: Config) -> cli.Experiment: ...        # everything fit needs, from cfg alone
+    def from_config(config, *, max_epochs, max_steps):  # replay's hook (fengine.replay)
+        return build(cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps))
+
+    if __name__ == "__main__":
+        sys.exit(cli.main(Config, build, presets=PRESETS, description=__doc__, finish=report))
+
+`main` does, in order (`parse` is the first two steps):
+
+1. **Config layers**, each overriding the one before: the dataclass defaults, ``--preset NAME``
+   (or ``--config PATH``, a dumped ``config.json``/YAML), the checkpoint's recorded config when
+   resuming (``--resume`` / ``--resume-from``), then the flags on the command line. A horizon
+   flag replaces the other (``--max-steps 60`` on an epoch config clears ``max_epochs``); a
+   resume without one keeps the checkpoint's horizon.
+2. **Checks**: tyro's parse errors and every `Range` in ``Annotated[...]`` metadata, then
+   ``cfg.check()`` (cross-field rules): one line, exit status 2.
+3. **The work dir**: one that already holds a run is refused up front unless ``--resume``
+   (continue it) or ``--overwrite`` (the old run is moved to ``<work_dir>.old-<time>``).
+4. ``build(cfg)``; when resuming, the checkpoint is loaded once against the fresh state (a
+   damaged or mismatched file fails here), and a horizon or config that differs from the
+   checkpoint's recorded one is reported (``note: ...``) with what it does to the schedule.
+5. ``--dry-run``: `fengine.dryrun.report` (resolved config, parameter groups, model
+   complexity, a PNG of every scheduled hyper-parameter) and exit, before any step.
+6. Only then ``config.json`` (the resolved config, atomically) and `fit` with the shared
+   handlers (Timer, Logger, Checkpointer, RunRecorder, TensorBoard, ProgressBar on a
+   terminal) plus ``Experiment.handlers``; then ``finish(cfg, exp, state)``.
+
+Library errors reaching `main` print one ``error: ...`` line and exit 1 (a traceback with
+``--debug`` or ``FENGINE_DEBUG=1``); `fengine.Preempted` exits 128 + signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from fengine import checkpoint
+from fengine.config import from_dict, to_dict
+
+
+__all__ = [
+    "Experiment",
+    "Range",
+    "RunConfig",
+    "UsageError",
+    "existing_run",
+    "from_record",
+    "main",
+    "parse",
+    "recorded_config",
+]
+
+C = TypeVar("C", bound="RunConfig")
+
+
+class UsageError(ValueError):
+    """A bad command line or config value: reported in one line, exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """``Annotated[int, Range(ge=1)]``: the values a field accepts, checked after every parse
+    (``None`` always passes: it means "not set")."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is out of range, or None."""
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        for bound, ok, text in (
+            (self.ge, lambda b: value >= b, ">="),
+            (self.gt, lambda b: value > b, ">"),
+            (self.le, lambda b: value <= b, "<="),
+            (self.lt, lambda b: value < b, "<"),
+        ):
+            if bound is not None and not (ok(bound) and math.isfinite(value)):
+                return f"must be {text} {bound:g}, got {value!r}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The flags every recipe shares: where, how far, how to start. Subclass it."""
+
+    work_dir: Path = Path("work_dirs/run")
+    """where checkpoints, logs, config.json and run_log.jsonl go"""
+    max_epochs: Annotated[int | None, Range(ge=1)] = None
+    """train this many epochs (passes over the training data); giving it clears --max-steps"""
+    max_steps: Annotated[int | None, Range(ge=1)] = None
+    """train this many optimizer updates instead; giving it clears --max-epochs"""
+    seed: Annotated[int, Range(ge=0)] = 0
+    """seed of everything random: weight init, data order, augmentation, dropout"""
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: cuda when available, else cpu); under torchrun, cuda is cuda:LOCAL_RANK"""
+    resume: bool = False
+    """continue the run in --work-dir from its latest checkpoint, with the checkpoint's config and
+    horizon (flags given override them; a difference is reported)"""
+    resume_from: Path | None = None
+    """continue from this checkpoint file (as --resume, from that file)"""
+    load_from: Path | None = None
+    """start from these weights (a checkpoint, published file, safetensors or .pth state dict);
+    partial loading, missing/unexpected names are reported"""
+    config: Path | None = None
+    """start from this config file (a run's config.json, or YAML); flags given override it"""
+    preset: str | None = None
+    """start from this named preset (listed above); flags given override it"""
+    dry_run: bool = False
+    """print the resolved config, parameter groups and model complexity, plot the schedules to
+    work_dir/hyperparams.png, and exit before any step"""
+    overwrite: bool = False
+    """if --work-dir holds another run, move it aside to <work_dir>.old-<time> first"""
+    debug: bool = False
+    """show the full traceback of an error (also: environment variable FENGINE_DEBUG=1)"""
+    progress: bool = True
+    """draw a progress bar (only when stdout is a terminal)"""
+    log_interval: Annotated[int, Range(ge=1)] = 10
+    """log every N updates"""
+    checkpoint_interval: Annotated[int, Range(ge=1)] = 1
+    """save a checkpoint every N epochs (N epochs' worth of updates with --max-steps); the last is always saved"""
+    keep_checkpoints: Annotated[int, Range(ge=-1)] = 3
+    """keep the newest N interval checkpoints (-1: all); best and last are kept"""
+    tensorboard: bool = True
+    """also write TensorBoard event files to the work dir"""
+
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = (
+        "work_dir", "max_epochs", "max_steps", "device", "resume", "resume_from", "config", "preset",
+        "dry_run", "overwrite", "debug", "progress", "log_interval", "checkpoint_interval",
+        "keep_checkpoints", "tensorboard",
+    )  # fmt: skip
+    """Fields that do not change a bit of the run (the run log records the horizon per segment);
+    a recipe adds its own output-only fields."""
+
+    PER_INVOCATION: ClassVar[tuple[str, ...]] = (
+        "resume", "resume_from", "config", "dry_run", "overwrite", "debug",
+    )  # fmt: skip
+    """Fields a config file or checkpoint never supplies: they say how this command starts."""
+
+    def check(self) -> None:
+        """Cross-field rules (raise `UsageError`); a recipe extends it with ``super().check()``."""
+        if self.max_epochs is not None and self.max_steps is not None:
+            raise UsageError(
+                f"give --max-epochs or --max-steps, not both (got {self.max_epochs} and {self.max_steps})"
+            )
+        if self.max_epochs is None and self.max_steps is None:
+            raise UsageError("give --max-epochs N or --max-steps N (both are None)")
+        if self.resume and self.resume_from is not None:
+            raise UsageError(
+                "give --resume (the work dir's latest checkpoint) or --resume-from PATH, not both"
+            )
+        if self.keep_checkpoints == 0:
+            raise UsageError("--keep-checkpoints must be -1 (keep all) or >= 1, got 0")
+        if self.overwrite and self.resuming:
+            raise UsageError("--overwrite moves the old run aside; it cannot be resumed as well")
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume or self.resume_from is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything a run needs, built from a config alone (``build(cfg)``; replay rebuilds with it).
+
+    ``hyperparams`` maps a name (``lr``, ``momentum``, ``weight_decay``, ``gen/lr``) to its value
+    or schedule, for the dry run's plot; ``param_groups`` (`fengine.optim.ParamGroups`) is printed
+    and its per-group schedules plotted; ``example_input`` is what the model is called on for the
+    complexity table (None: parameters only); ``handlers`` join the shared ones in `fit`.
+    """
+
+    state: Any  # TrainState
+    step: Any  # Step
+    train_data: Any
+    plan: Any  # fengine.Plan
+    val: Any = None  # fengine.Val
+    hyperparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    param_groups: Any = None
+    example_input: Any = None
+    handlers: Sequence[Any] = ()
+
+
+# ----------------------------------------------------------------------- parsing
+def parse(
+    cls: type[C],
+    argv: Sequence[str],
+    *,
+    presets: Mapping[str, C] | None = None,
+    description: str | None = None,
+) -> tuple[C, Path | None]:
+    """The config from the layers (module doc) and the checkpoint to resume from (or None).
+
+    Raises `UsageError` (one line) for any bad flag, value, preset, config file or checkpoint
+    config; ``--help`` prints the help (with the chosen preset's or file's defaults) and exits 0.
+    """
+    argv = list(argv)
+    presets = dict(presets or {})
+    desc = _description(description, presets)
+    quiet = [a for a in argv if a not in ("-h", "--help")]
+    given = _tyro(cls, quiet, None, desc)  # only to read --preset/--config/--resume*/--work-dir
+    base = cls()
+    if given.preset is not None and given.config is not None:
+        raise UsageError("give --preset or --config, not both")
+    if given.preset is not None:
+        if given.preset not in presets:
+            raise UsageError(
+                f"--preset {given.preset!r} is unknown; presets are {', '.join(presets) or '(none)'}"
+            )
+        base = presets[given.preset]
+    if given.config is not None:
+        base = _fresh(cls, load_config(cls, given.config))
+    base = _horizon_from_argv(base, argv)
+    cfg = _tyro(cls, quiet, base, desc)
+    ckpt = None
+    if cfg.resuming:
+        ckpt = _resume_path(cfg)
+        if ckpt is not None and given.config is None:
+            base = _horizon_from_argv(_from_checkpoint(cls, ckpt, base), argv)
+    cfg = _tyro(cls, argv, base, desc)  # --help ends here, showing the layered defaults
+    check(cfg)
+    return cfg, ckpt
+
+
+def check(cfg: RunConfig) -> None:
+    """Every `Range` of the tree, then ``cfg.check()``; raises `UsageError` naming the flag."""
+    _check_ranges(cfg, "")
+    cfg.check()
+
+
+def _check_ranges(node: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(node), include_extras=True)
+    for f in dataclasses.fields(node):
+        value, flag = getattr(node, f.name), prefix + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_ranges(value, flag + ".")
+            continue
+        for meta in getattr(hints.get(f.name), "__metadata__", ()):
+            problem = meta.problem(value) if isinstance(meta, Range) else None
+            if problem:
+                raise UsageError(f"--{flag} {problem}")
+
+
+def _description(description: str | None, presets: Mapping[str, Any]) -> str:
+    text = (description or "").strip().split("\n\n")[0]
+    if presets:
+        text = (text + "\n\npresets (--preset NAME): " + ", ".join(presets)).strip()
+    return text
+
+
+def _tyro(cls: type[C], argv: list[str], default: C | None, description: str) -> C:
+    """tyro's parse, its error box turned into one line (`UsageError`)."""
+    import tyro
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(cls, args=argv, default=default, description=description)  # type: ignore[return-value]
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise UsageError(_one_line(err.getvalue()) or f"bad arguments {argv}") from None
+
+
+def _one_line(text: str) -> str:
+    """The first paragraph of tyro's error box, as one line."""
+    words: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("╭") or line.startswith("usage:"):
+            continue
+        line = line.strip("│╰╯ ").strip()
+        if not line:
+            if words:
+                break
+            continue
+        if set(line) <= set("─━"):
+            break
+        words.append(line)
+    return " ".join(words).removesuffix(".")
+
+
+def _given(argv: Sequence[str], name: str) -> bool:
+    flags = {"--" + name.replace("_", "-"), "--" + name}
+    return any(a in flags or a.split("=", 1)[0] in flags for a in argv)
+
+
+def _horizon_from_argv(base: C, argv: Sequence[str]) -> C:
+    """A horizon flag on the command line replaces the layers' horizon of the other kind."""
+    steps, epochs = _given(argv, "max_steps"), _given(argv, "max_epochs")
+    if steps and not epochs:
+        return dataclasses.replace(base, max_epochs=None)
+    if epochs and not steps:
+        return dataclasses.replace(base, max_steps=None)
+    return base
+
+
+def _fresh(cls: type[C], cfg: C) -> C:
+    """``cfg`` without the per-invocation fields (they come from this command line only)."""
+    defaults = cls()
+    return dataclasses.replace(
+        cfg, **{name: getattr(defaults, name) for name in cls.PER_INVOCATION}
+    )
+
+
+def load_config(cls: type[C], path: Path) -> C:
+    """A config file (JSON, or YAML with PyYAML installed) as ``cls``; missing fields take their
+    defaults. `UsageError` for an unreadable file, an unknown field or a wrong type."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        if Path(path).suffix in (".yaml", ".yml"):
+            import yaml  # type: ignore[import-untyped]
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError, ImportError) as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"--config {path}: expected a mapping of fields, got {type(data).__name__}"
+        )
+    try:
+        return from_dict(cls, data)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--config {path}: {e}") from None
+
+
+def _resume_path(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from: ``--resume-from``'s, or the work dir's latest (None: none)."""
+    if cfg.resume_from is not None:
+        if not cfg.resume_from.is_file():
+            raise UsageError(f"--resume-from {cfg.resume_from}: no such file")
+        return cfg.resume_from
+    if not cfg.work_dir.is_dir():
+        return None
+    return checkpoint.latest(cfg.work_dir)
+
+
+def _checkpoint_run(path: Path) -> tuple[dict | None, dict]:
+    """The config and the run facts (horizon, world size) a checkpoint recorded."""
+    meta = checkpoint.read_meta(path)["meta"]
+    meta = meta if isinstance(meta, Mapping) else {}
+    config, run = meta.get("config"), meta.get("run")
+    return (
+        dict(config) if isinstance(config, Mapping) else None,
+        dict(run) if isinstance(run, Mapping) else {},
+    )
+
+
+def _from_checkpoint(cls: type[C], path: Path, base: C) -> C:
+    """The checkpoint's recorded config and horizon as the base layer (how-to-start fields and
+    ``load_from`` stay this command's: the weights come from the checkpoint)."""
+    recorded, run = _checkpoint_run(path)
+    if recorded is None:
+        return base
+    drop = {"work_dir", "device", "load_from", "preset", *cls.PER_INVOCATION}
+    try:
+        cfg = from_dict(cls, {k: v for k, v in recorded.items() if k not in drop})
+    except (TypeError, ValueError) as e:
+        raise UsageError(
+            f"{path} records a config this recipe cannot read ({e}); give --config PATH with a "
+            "config that fits"
+        ) from None
+    keep = {name: getattr(base, name) for name in drop if name != "preset"}
+    by_epoch = run.get("by_epoch")
+    if by_epoch is True:
+        keep.update(max_epochs=run.get("max_epochs"), max_steps=None)
+    elif by_epoch is False:
+        keep.update(max_epochs=None, max_steps=run.get("max_steps"))
+    return dataclasses.replace(cfg, **keep)
+
+
+# ----------------------------------------------------------------------- records
+def recorded_config(cfg: RunConfig) -> dict[str, Any]:
+    """What determines the bits, as the run log records it: the config without ``NOT_RECORDED``
+    fields, ``load_from`` made absolute (a replay from another directory finds the same file)."""
+    config = {k: v for k, v in to_dict(cfg).items() if k not in type(cfg).NOT_RECORDED}
+    if cfg.load_from is not None:
+        config["load_from"] = str(cfg.load_from.resolve())
+    return config
+
+
+def from_record(
+    cls: type[C], config: Mapping[str, Any], *, max_epochs: int | None, max_steps: int | None
+) -> C:
+    """The config of one recorded segment (replay's ``from_config`` hook): the recorded fields,
+    this segment's horizon, defaults for the rest."""
+    return from_dict(cls, {**config, "max_epochs": max_epochs, "max_steps": max_steps})
+
+
+# ----------------------------------------------------------------------- the work dir
+RUN_FILES = ("config.json", "run_log.jsonl", "last_checkpoint", "scalars.jsonl")
+
+
+def existing_run(work_dir: Path) -> list[str]:
+    """Names of the files in ``work_dir`` that show it holds a run (empty: it holds none)."""
+    if not work_dir.is_dir():
+        return []
+    found = [
+        p.name
+        for p in sorted(work_dir.iterdir())
+        if p.name in RUN_FILES or p.suffix in (".safetensors", ".log")
+    ]
+    return found
+
+
+def _move_aside(work_dir: Path) -> Path:
+    """Rename the work dir to ``<work_dir>.old-<time>[-N]`` under its lock (not while a run holds it)."""
+    from fengine.workdir import lock_work_dir
+
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    target = work_dir.with_name(f"{work_dir.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = work_dir.with_name(f"{work_dir.name}.old-{stamp}-{n}")
+    with lock_work_dir(work_dir):
+        os.rename(work_dir, target)
+    return target
+
+
+def _check_work_dir(cfg: RunConfig, out: Callable[[str], Any]) -> None:
+    found = existing_run(cfg.work_dir)
+    if not found or cfg.resuming:
+        return
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if cfg.dry_run:
+        out(f"note: {cfg.work_dir} already holds a run ({shown}); a real run would need "
+            "--resume, another --work-dir, or --overwrite")  # fmt: skip
+        return
+    if not cfg.overwrite:
+        raise UsageError(
+            f"{cfg.work_dir} already holds a run ({shown}): continue it with --resume, "
+            "choose another --work-dir, or pass --overwrite to move it aside"
+        )
+    moved = _move_aside(cfg.work_dir)
+    out(f"--overwrite: moved the previous run in {cfg.work_dir} to {moved}")
+
+
+def write_config(cfg: RunConfig) -> Path:
+    """The resolved config to ``work_dir/config.json``, atomically (a crash leaves the old one)."""
+    path = cfg.work_dir / "config.json"
+    tmp = path.with_name(f".config.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------- resume
+def _same_or_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            d for k in sorted({*a, *b}) for d in _same_or_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        ]
+    return [] if a == b else [f"{prefix.rstrip('.')} {a!r} -> {b!r}"]
+
+
+def _horizon_text(max_epochs: Any, max_steps: Any) -> str:
+    return f"{max_epochs}-epoch" if max_epochs else f"{max_steps}-step"
+
+
+def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str], bool]:
+    """Check the checkpoint against the fresh state (loads it once: a damaged or mismatched file
+    fails here, before anything is written) and say how this run differs from the checkpoint's.
+
+    Returns the notes and whether anything is left to train.
+    """
+    from fengine import optim
+
+    loaded = _validated(path, exp.state)
+    recorded, run = _checkpoint_run(path)
+    notes: list[str] = []
+    plan = exp.plan
+    if recorded is not None:
+        now = {k: v for k, v in to_dict(cfg).items() if k not in type(cfg).NOT_RECORDED}
+        was = {k: v for k, v in recorded.items() if k in now}
+        now.pop("load_from", None), was.pop("load_from", None)
+        changed = _same_or_diff(was, now)
+        if changed:
+            notes.append(
+                f"note: the config differs from the one {path} recorded: {'; '.join(changed)}"
+            )
+    old_epochs, old_total = run.get("max_epochs"), run.get("max_steps")
+    new_epochs = plan.max_epochs
+    step = loaded.step
+    if old_total is not None and (old_total != plan.total_steps or old_epochs != new_epochs):
+        was_h = _horizon_text(old_epochs, old_total)
+        now_h = _horizon_text(new_epochs, plan.total_steps)
+        lr_was = optim.hyperparams(loaded.opt_state).get("lr")
+        lr = exp.hyperparams.get("lr")
+        lr_now = optim.resolve(lr, step) if lr is not None else None
+        lr_text = (
+            f" (lr of the last update {lr_was:.3g}, of the next {lr_now:.3g})"
+            if lr_was is not None and lr_now is not None
+            else ""
+        )
+        notes.append(
+            f"note: {path} is at step {step} of a {was_h} run ({old_total} updates); this run is "
+            f"a {now_h} run ({plan.total_steps} updates), so its schedules are re-planned over "
+            f"{plan.total_steps} updates from step {step} on{lr_text}: not what a straight {now_h} "
+            "run computes (replay re-runs each part with its own horizon)"
+        )
+    done = plan.done(loaded)
+    past = loaded.epoch > plan.max_epochs if plan.by_epoch else loaded.step > plan.total_steps
+    if past:
+        raise UsageError(
+            f"{path} is at step {step} (epoch {loaded.epoch}), past this run's horizon "
+            f"({_horizon_text(plan.max_epochs, plan.total_steps)} run): give a larger "
+            "--max-steps or --max-epochs"
+        )
+    if done:
+        notes.append(
+            f"{path} is the end of its {_horizon_text(plan.max_epochs, plan.total_steps)} run: "
+            "nothing to train (give a larger --max-steps or --max-epochs to train on)"
+        )
+    return notes, not done
+
+
+def _validated(path: Path, like: Any) -> Any:
+    """The checkpoint loaded into ``like``'s shape; a file lacking only wrapper state (an EMA
+    added on resume) is loaded without it, as `fit` does."""
+    try:
+        return checkpoint.load(path, like=like)
+    except checkpoint.CheckpointMismatchError as e:
+        names = {m.split("/")[1] for m in e.missing if m.startswith("extra/")}
+        if not names or any(not m.startswith("extra/") for m in e.missing) or e.unexpected:
+            raise
+        extra = {k: v for k, v in like.extra.items() if k not in names}
+        return checkpoint.load(path, like=like.replace(extra=extra))
+
+
+# ----------------------------------------------------------------------- running
+def run_handlers(cfg: RunConfig, exp: Experiment, recipe: Path | None) -> list[Any]:
+    """The shared handlers: Timer, Logger, Checkpointer, RunRecorder, TensorBoard, ProgressBar,
+    then the experiment's own."""
+    from fengine import handlers
+    from fengine.replay import RunRecorder
+
+    timer = handlers.Timer()
+    best = "auto" if exp.val is not None else None
+    if exp.plan.by_epoch:
+        saver = handlers.Checkpointer(
+            cfg.checkpoint_interval, max_keep_ckpts=cfg.keep_checkpoints, save_best=best
+        )
+    else:
+        saver = handlers.Checkpointer(cfg.checkpoint_interval * exp.plan.steps_per_epoch,
+                                      by_epoch=False, max_keep_ckpts=cfg.keep_checkpoints,
+                                      save_best=best)  # fmt: skip
+    hs: list[Any] = [
+        timer,
+        handlers.Logger(interval=cfg.log_interval, timer=timer),
+        saver,
+        RunRecorder(every=100, recipe=recipe, config=recorded_config(cfg)),
+    ]
+    if cfg.tensorboard:
+        hs.append(handlers.TensorBoard(timer=timer))
+    if cfg.progress:
+        hs.append(handlers.ProgressBar())
+    return [*hs, *exp.handlers]
+
+
+def train(cfg: RunConfig, exp: Experiment, resume: Path | None, recipe: Path | None = None) -> Any:
+    """``config.json`` (rank 0), then `fit` with the shared handlers; returns the final state."""
+    import fengine as fe
+
+    main_rank = fe.distributed.is_main()
+    with fe.lock_work_dir(cfg.work_dir if main_rank else None):
+        if main_rank:
+            write_config(cfg)
+        horizon = (
+            dict(max_epochs=exp.plan.max_epochs)
+            if exp.plan.by_epoch
+            else dict(max_steps=exp.plan.total_steps)
+        )
+        return fe.fit(exp.state, exp.step, exp.train_data, val=exp.val,
+                      handlers=run_handlers(cfg, exp, recipe), work_dir=cfg.work_dir,
+                      resume=resume if resume is not None else False, config=to_dict(cfg),
+                      **horizon)  # fmt: skip
+
+
+def main(
+    cls: type[C],
+    build: Callable[[C], Experiment],
+    *,
+    presets: Mapping[str, C] | None = None,
+    description: str | None = None,
+    finish: Callable[[C, Experiment, Any], Any] | None = None,
+    argv: Sequence[str] | None = None,
+    out: Callable[[str], Any] = print,
+) -> int:
+    """Run a recipe from the command line (module doc); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FENGINE_DEBUG", "") not in ("", "0")
+    prog = Path(sys.argv[0]).name or "recipe"
+    import fengine as fe
+
+    try:
+        cfg, ckpt = parse(cls, argv, presets=presets, description=description)
+        if os.environ.get("RANK", "0") == "0":
+            _check_work_dir(cfg, out)
+        if cfg.resuming and ckpt is None:
+            out(f"note: no checkpoint in {cfg.work_dir}: starting from scratch")
+        exp = build(cfg)
+        left = True
+        if ckpt is not None:
+            notes, left = resume_notes(cfg, exp, ckpt)
+            for note in notes:
+                out(note)
+        if cfg.dry_run:
+            from fengine import dryrun
+
+            dryrun.report(cfg, exp, out=out)
+            return 0
+        if not left:
+            return 0
+        recipe = _source_of(build)
+        state = train(cfg, exp, ckpt, recipe)
+        if finish is not None:
+            finish(cfg, exp, state)
+        return 0
+    except UsageError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {e} (see --help)", file=sys.stderr)
+        return 2
+    except fe.Preempted as stopped:  # a checkpoint was saved: resume with --resume
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a library error reaching the top: one line unless --debug
+        if debug:
+            raise
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return 1
+
+
+def _message(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.filename is not None:
+        text = f"{e.strerror or type(e).__name__}: {e.filename}"
+    return text if text else type(e).__name__
+
+
+def _source_of(fn: Callable) -> Path | None:
+    try:
+        source = inspect.getsourcefile(fn)
+    except TypeError:
+        return None
+    return Path(source).resolve() if source else None

@@ -1,0 +1,381 @@
+"""fengine.cli through recipes/classify.py, run in this process: config layers, checks, the work
+dir, resume notes, errors, the dry run."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fengine import checkpoint, cli
+from fengine.config import to_dict
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "classify.py"
+# 1437 training digits in batches of 512: 3 updates per epoch, so checkpoints at every 3 steps
+FAST = ["--preset", "tiny", "--data.batch-size", "512", "--no-tensorboard", "--no-progress",
+        "--log-interval", "50"]  # fmt: skip
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("classify_recipe_under_test", RECIPE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+classify = _load_recipe()
+
+
+def run(*argv: str, out: list | None = None) -> int:
+    """The recipe's command line in this process; notes go to ``out``."""
+    sink = out if out is not None else []
+    return cli.main(classify.Config, classify.build, presets=classify.PRESETS,
+                    description=classify.__doc__, finish=classify.finish, argv=list(argv),
+                    out=sink.append)  # fmt: skip
+
+
+def parse(*argv: str):
+    return cli.parse(classify.Config, list(argv), presets=classify.PRESETS)
+
+
+# ----------------------------------------------------------------------- help
+def _field_docs(cls: type) -> dict[str, str | None]:
+    """Each field's docstring (the string literal after it in the class body), read with ast."""
+    docs: dict[str, str | None] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass).strip()).body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, [*body[1:], None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else None  # fmt: skip
+                docs[node.target.id] = doc or docs.get(node.target.id)
+    return {f.name: docs.get(f.name) for f in dataclasses.fields(cls)}
+
+
+def test_every_field_of_the_config_tree_has_help_text():
+    def walk(cls: type, prefix: str) -> list[str]:
+        missing = []
+        for name, doc in _field_docs(cls).items():
+            sub = next(f for f in dataclasses.fields(cls) if f.name == name).default
+            if dataclasses.is_dataclass(sub):
+                missing += walk(type(sub), f"{prefix}{name}.")
+            elif not doc:
+                missing.append(prefix + name)
+        return missing
+
+    assert walk(classify.Config, "") == []
+
+
+def test_help_lists_shared_flags_presets_and_nested_fields(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--help")
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--work-dir", "--max-steps", "--max-epochs", "--seed", "--resume", "--resume-from",
+                 "--load-from", "--device", "--config", "--dry-run", "--overwrite", "--debug",
+                 "--no-progress", "--preset", "--optim.lr", "--data.name", "--data.root", "--accumulate",
+                 "--ema", "--amp", "--optim.clip-grad"):  # fmt: skip
+        assert flag in text, flag
+    assert "presets (--preset NAME): tiny, base, wide" in text
+
+
+def test_help_shows_the_presets_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse("--preset", "wide", "--help")
+    assert "(default: 64)" in capsys.readouterr().out  # --model.width of the wide preset
+
+
+def test_python_m_fengine_help_lists_its_commands(capsys):
+    from fengine.__main__ import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m fengine COMMAND") and "\n  replay   re-run" in out
+    assert main(["bogus"]) == 2
+    assert "unknown command 'bogus'; commands: replay" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- config layers
+def test_defaults_resolve_the_horizon_and_a_horizon_flag_replaces_the_other():
+    cfg, _ = parse()
+    assert (cfg.max_epochs, cfg.max_steps) == (10, None)  # the dump says 10, not null
+    cfg, _ = parse("--max-steps", "30")
+    assert (cfg.max_epochs, cfg.max_steps) == (None, 30)
+
+
+def test_presets_derive_from_the_base_and_flags_override_them():
+    cfg, _ = parse("--preset", "wide", "--model.blocks", "1", "--optim.lr", "0.01")
+    assert cfg.model == classify.ModelConfig(width=64, blocks=1)
+    assert cfg.optim.lr == 0.01 and cfg.optim.name == "adamw" and cfg.preset == "wide"
+
+
+def test_config_dump_reload_gives_the_same_resolved_config(tmp_path):
+    cfg, _ = parse("--preset", "tiny", "--max-steps", "7", "--optim.name", "sgd", "--ema", "0.9",
+                   "--data.no-augment", "--work-dir", str(tmp_path / "w"))  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(to_dict(cfg)))
+    again, _ = parse("--config", str(path))
+    assert again == dataclasses.replace(cfg, config=path)
+    assert to_dict(again) == {**to_dict(cfg), "config": str(path)}
+    # flags apply on top; a horizon flag replaces the file's horizon
+    over, _ = parse("--config", str(path), "--optim.lr", "0.5", "--max-epochs", "2")
+    assert over == dataclasses.replace(cfg, config=path, max_steps=None, max_epochs=2,
+                                       optim=dataclasses.replace(cfg.optim, lr=0.5))  # fmt: skip
+
+
+def test_yaml_config_and_partial_files_take_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\noptim:\n  lr: 0.02\n")
+    cfg, _ = parse("--config", str(path))
+    assert cfg.seed == 3 and cfg.optim.lr == 0.02 and cfg.optim.name == "adamw"
+    assert cfg.max_epochs == 10
+
+
+# ----------------------------------------------------------------------- usage errors
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+        (["--max-epochs", "-2"], "--max-epochs must be >= 1, got -2"),
+        (["--accumulate", "0"], "--accumulate must be >= 1, got 0"),
+        (["--optim.lr", "-1"], "--optim.lr must be > 0, got -1.0"),
+        (["--optim.lr", "nan"], "--optim.lr must be > 0, got nan"),
+        (["--data.batch-size", "0"], "--data.batch-size must be >= 1, got 0"),
+        (["--keep-checkpoints", "0"], "--keep-checkpoints must be -1 (keep all) or >= 1, got 0"),
+        (["--max-steps", "5", "--max-epochs", "2"], "give --max-epochs or --max-steps, not both"),
+        (["--bogus", "1"], "Unrecognized options: --bogus"),
+        (["--model.widht", "3"], "Unrecognized options: --model.widht"),
+        (["--max-steps", "x"], "Error parsing --max-steps"),
+        (["--optim.name", "lion"], "--optim.name"),
+        (["--preset", "huge"], "--preset 'huge' is unknown; presets are tiny, base, wide"),
+        (["--preset", "tiny", "--config", "x.json"], "give --preset or --config, not both"),
+        (["--config", "/nonexistent/c.json"], "--config /nonexistent/c.json: [Errno 2]"),
+        (["--data.name", "cifar10"], "--data.name cifar10 needs --data.root PATH"),
+        (["--resume-from", "/nonexistent.safetensors"], "--resume-from /nonexistent.safetensors: no such file"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_with_exit_status_2(argv, message, capsys, tmp_path):
+    assert run(*argv, "--work-dir", str(tmp_path / "w")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("classify.py: error: ") or "error: " in err
+    assert err.count("\n") == 1, err
+    assert message in err, err
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_unknown_field_in_a_config_file_is_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"optim": {"lr": 0.1, "betas": [0.9, 0.99]}}))
+    assert run("--config", str(path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "OptimConfig has no fields ['betas']" in err
+
+
+def test_usage_error_from_a_subprocess_exits_2_with_one_line():
+    out = subprocess.run([sys.executable, str(RECIPE), "--max-steps", "0"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == "classify.py: error: --max-steps must be >= 1, got 0 (see --help)\n"
+
+
+def test_range_checks_against_hand_values():
+    r = cli.Range(ge=1)
+    assert (
+        r.problem(1) is None and r.problem(None) is None and r.problem(0) == "must be >= 1, got 0"
+    )
+    assert cli.Range(gt=0, lt=1).problem(1.0) == "must be < 1, got 1.0"
+    assert cli.Range(gt=0).problem(float("inf")) == "must be > 0, got inf"
+
+
+# ----------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 6-step run (3 steps per epoch: checkpoints at 3 and 6), width 8."""
+    work = tmp_path_factory.mktemp("cli") / "w"
+    assert run(*FAST, "--max-steps", "6", "--work-dir", str(work)) == 0
+    return work
+
+
+def test_a_run_writes_the_resolved_config(trained):
+    saved = json.loads((trained / "config.json").read_text())
+    assert saved["max_steps"] == 6 and saved["max_epochs"] is None and saved["preset"] == "tiny"
+    assert saved["model"] == {"width": 8, "blocks": 1} and saved["data"]["batch_size"] == 512
+    assert {p.name for p in trained.glob("iter_*.safetensors")} == {
+        "iter_3.safetensors",
+        "iter_6.safetensors",
+    }
+
+
+def test_a_work_dir_holding_a_run_is_refused_up_front(trained, capsys):
+    before = sorted(p.name for p in trained.iterdir())
+    assert run(*FAST, "--max-steps", "2", "--work-dir", str(trained)) == 2
+    err = capsys.readouterr().err
+    assert f"{trained} already holds a run (" in err and "continue it with --resume" in err
+    assert "--overwrite" in err and err.count("\n") == 1
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_overwrite_moves_the_old_run_aside(trained, tmp_path):
+    work = tmp_path / "w"
+    import shutil
+
+    shutil.copytree(trained, work)
+    old = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    notes: list[str] = []
+    assert run(*FAST, "--max-steps", "2", "--work-dir", str(work), "--overwrite", out=notes) == 0
+    (moved,) = tmp_path.glob("w.old-*")
+    assert f"--overwrite: moved the previous run in {work} to {moved}" in notes
+    assert {p.name: p.read_bytes() for p in moved.iterdir() if p.is_file()} == old  # nothing lost
+    assert json.loads((work / "config.json").read_text())["max_steps"] == 2
+    assert len(list(work.glob("*.log"))) == 1
+
+
+def test_resume_without_flags_continues_the_checkpoints_run_bit_for_bit(trained, tmp_path):
+    """From iter_3 of the 6-step width-8 run, with no model or horizon flag: its config and
+    horizon are the checkpoint's, and the result is the straight run's iter_6, every bit."""
+    work = tmp_path / "w"
+    notes: list[str] = []
+    code = run("--no-tensorboard", "--no-progress", "--resume-from", str(trained / "iter_3.safetensors"),
+               "--work-dir", str(work), out=notes)  # fmt: skip
+    assert code == 0 and not [n for n in notes if n.startswith("note")], notes
+    assert json.loads((work / "config.json").read_text())["model"] == {"width": 8, "blocks": 1}
+    straight = checkpoint.load(trained / "iter_6.safetensors", like=classify.from_config(
+        cli.recorded_config(parse(*FAST, "--max-steps", "6")[0]), max_epochs=None, max_steps=6).state)  # fmt: skip
+    resumed = checkpoint.load(work / "iter_6.safetensors", like=straight)
+    for a, b in zip(straight.params.values(), resumed.params.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_with_a_longer_horizon_says_what_it_does(trained, tmp_path):
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    notes: list[str] = []
+    assert run("--work-dir", str(work), "--resume", "--max-steps", "9", "--optim.lr", "0.001",
+               "--no-progress", out=notes) == 0  # fmt: skip
+    config_note, note = [n for n in notes if n.startswith("note")]
+    assert config_note.startswith(
+        f"note: the config differs from the one {work / 'iter_6.safetensors'}"
+    )
+    assert config_note.endswith("recorded: optim.lr 0.003 -> 0.001")
+    assert note.startswith(
+        f"note: {work / 'iter_6.safetensors'} is at step 6 of a 6-step run (6 updates)"
+    )
+    assert "re-planned over 9 updates from step 6 on" in note
+    assert "not what a straight 9-step run computes" in note
+    # the lr it names: the last update's (the 6-step cosine at step 5) and the next (9-step at 6)
+    cfg6 = parse(*FAST, "--max-steps", "6")[0]
+    lr6 = classify.build(cfg6).hyperparams["lr"]
+    cfg9 = dataclasses.replace(cfg6, max_steps=9, optim=dataclasses.replace(cfg6.optim, lr=0.001))
+    lr9 = classify.build(cfg9).hyperparams["lr"]
+    assert f"lr of the last update {lr6(5):.3g}, of the next {lr9(6):.3g}" in note
+    assert (work / "iter_9.safetensors").is_file()
+
+
+def test_resume_from_a_finished_run_trains_nothing_and_writes_nothing(trained, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in trained.iterdir()}
+    notes: list[str] = []
+    path = trained / "iter_6.safetensors"
+    assert run("--work-dir", str(trained), "--resume-from", str(path), out=notes) == 0
+    assert notes == [f"{path} is the end of its 6-step run: nothing to train (give a larger "
+                     "--max-steps or --max-epochs to train on)"]  # fmt: skip
+    assert {p.name: p.stat().st_mtime_ns for p in trained.iterdir()} == before
+    assert run("--work-dir", str(trained), "--resume", "--max-steps", "4") == 2
+    assert "past this run's horizon (4-step run)" in capsys.readouterr().err
+
+
+def test_a_failed_run_leaves_config_and_logs_untouched(trained, tmp_path, capsys):
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    # a resume whose model does not fit the checkpoint fails before anything is written
+    assert run("--work-dir", str(work), "--resume", "--max-steps", "9", "--model.width", "16") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "iter_6.safetensors" in err
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+    # a bad --load-from on a fresh work dir: no config.json, no log
+    fresh = tmp_path / "fresh"
+    assert (
+        run(
+            *FAST,
+            "--max-steps",
+            "2",
+            "--work-dir",
+            str(fresh),
+            "--load-from",
+            str(tmp_path / "nope.pt"),
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "nope.pt" in err
+    assert not fresh.exists() or not list(fresh.iterdir())
+
+
+def test_a_corrupt_checkpoint_is_one_line_and_a_traceback_with_debug(
+    trained, tmp_path, capsys, monkeypatch
+):
+    bad = tmp_path / "bad.safetensors"
+    data = bytearray((trained / "iter_3.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    args = ("--work-dir", str(tmp_path / "w"), "--resume-from", str(bad))
+    assert run(*args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and "Traceback" not in err
+    with pytest.raises(checkpoint.CheckpointError):
+        run(*args, "--debug")
+    monkeypatch.setenv("FENGINE_DEBUG", "1")
+    with pytest.raises(checkpoint.CheckpointError):
+        run(*args)
+
+
+def test_dry_run_prints_the_plan_and_plots_every_schedule_before_any_step(tmp_path):
+    work = tmp_path / "w"
+    notes: list[str] = []
+    assert run("--preset", "tiny", "--optim.name", "sgd", "--optim.norm-decay-mult", "0",
+               "--work-dir", str(work), "--dry-run", out=notes) == 0  # fmt: skip
+    text = "\n".join(notes)
+    assert '"max_epochs": 10' in text and "plan: 450 updates (10 epochs x 45" in text
+    assert "paramwise: 11 trainable params in 2 groups" in text  # BatchNorm params: decay x0
+    assert "lr_mult=1.0,decay_mult=0.0/weight_decay: 0 at update 1, max 0," in text
+    assert "model complexity" in text and "dry run: no step was run" in text
+    png = work / "hyperparams.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in work.iterdir()) == [
+        "hyperparams.png"
+    ]  # no config, log, checkpoint
+    # the values it summarises are the schedule's own (warmup to 3e-3 over 20, cosine to 0)
+    lr_line = next(n for n in notes if n.startswith("lr:"))
+    assert lr_line.startswith("lr: 3e-06 at update 1, max 0.003")
+
+
+def test_dry_run_values_are_the_schedules_at_every_update():
+    from fengine import dryrun
+
+    cfg, _ = parse("--preset", "tiny", "--max-steps", "40", "--optim.warmup-steps", "5")
+    exp = classify.build(cfg)
+    values = dryrun.schedule_values(exp)
+    assert set(values) == {"lr", "momentum", "weight_decay"} and len(values["lr"]) == 40
+    # hand-computed: linear warmup from 0.001 x lr over 5 updates, then cosine over 35
+    import math
+
+    assert values["lr"][0] == pytest.approx(3e-3 * 0.001)
+    assert values["lr"][5] == pytest.approx(3e-3)
+    assert values["lr"][20] == pytest.approx(3e-3 * (1 + math.cos(math.pi * 15 / 35)) / 2)
