@@ -14,7 +14,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 __all__ = ["GPT"]
