@@ -9,11 +9,14 @@ of the generator. The data is a ring of 8 Gaussians in 2-D (the mode-collapse te
 modes the samples cover are counted) or sklearn's 8x8 digits (--data.name digits). At the
 end it samples the generator (the EMA one when kept), prints the ring's mode coverage and
 writes W/samples.png (needs matplotlib: pip install 'fengine[plot]'; without it the
-picture is skipped, with a note). MEASURED
+picture is skipped, with a note). Measured with the defaults (3000 steps, one thread): 25 s
+of CPU time for the whole command, so about 25 s on an idle core; the samples cover 8/8
+modes, 70% of them within 4 std of a mode. --data.name digits --ema 0.999 draws
+recognisable digits after 3000 steps.
 
-    python recipes/gan.py                                       # ring of Gaussians, 1500 steps
+    python recipes/gan.py                                       # ring of Gaussians, 3000 steps
     python recipes/gan.py --ema 0.999 --amp float16             # generator EMA, two loss scalers
-    python recipes/gan.py --data.name digits --max-steps 3000 --work-dir work_dirs/gan_digits
+    python recipes/gan.py --data.name digits --ema 0.999 --work-dir work_dirs/gan_digits
     python recipes/gan.py --max-steps 300 --work-dir W && python -m fengine replay W
 
 Every field is a flag (--help); the resolved config is written to W/config.json.
@@ -78,7 +81,7 @@ class DataConfig:
 class Config(cli.RunConfig):
     work_dir: Path = Path("work_dirs/gan")
     """where checkpoints, logs, config.json, run_log.jsonl and samples.png go"""
-    max_steps: Annotated[int | None, Range(ge=1)] = 1500
+    max_steps: Annotated[int | None, Range(ge=1)] = 3000
     """train this many steps, each updating the discriminator then the generator; giving --max-epochs clears it"""
     amp: Literal["none", "bfloat16", "float16"] = "none"
     """autocast dtype of the forward passes; float16 gives each optimizer its own loss scaler"""
@@ -206,7 +209,7 @@ def picture(points: torch.Tensor, real: torch.Tensor, name: str, path: Path) -> 
         ax.scatter(real[:, 0], real[:, 1], s=2, c="lightgray", label="real")
         ax.scatter(points[:, 0], points[:, 1], s=2, c="tab:red", label="generated")
         ax.set_aspect("equal")
-        ax.legend(loc="upper right")
+        ax.legend(loc="center")
     else:  # one image: up to 8x8 samples tiled with a 1-pixel border
         tiles = points[:64, 0]
         n, (h, w) = len(tiles), tiles.shape[1:]

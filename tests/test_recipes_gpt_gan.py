@@ -269,3 +269,33 @@ def test_mode_coverage_against_hand_counts():
     assert (covered, good) == (3, 0.75)
     off = torch.tensor([[2.0 + 0.21, 0.0]])  # 4.2 std from the nearest mode
     assert gan.mode_coverage(off, modes=8, radius=2.0, std=0.05) == (0, 0.0)
+
+
+def test_ring_is_a_function_of_its_seed_and_lies_on_its_modes():
+    from fengine.data.toy import ring
+
+    points = ring(2048, seed=3, **gan.RING).tensors[0]
+    assert points.shape == (2048, 2) and torch.equal(points, ring(2048, seed=3, **gan.RING).tensors[0])  # fmt: skip
+    assert not torch.equal(points, ring(2048, seed=4, **gan.RING).tensors[0])
+    covered, good = gan.mode_coverage(points, **gan.RING)
+    assert covered == 8 and good > 0.999  # 4 std of a 2-D Gaussian holds all but ~3e-4
+    radius = points.norm(dim=1)
+    assert abs(float(radius.mean()) - 2.0) < 0.01
+
+
+def test_gpt_is_causal_and_checks_its_arguments():
+    from fengine.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(11, 16, layers=2, heads=2, dim=8, dropout=0.0).eval()
+    x = torch.randint(0, 11, (2, 16))
+    y = x.clone()
+    y[:, 9:] = (y[:, 9:] + 1) % 11  # change only the future of position 8
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+    with pytest.raises(ValueError, match="sequence length 17 exceeds block_size 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="dim=8 must be divisible by heads=3"):
+        GPT(11, 16, dim=8, heads=3)
