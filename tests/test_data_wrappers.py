@@ -150,6 +150,10 @@ def test_wrapper_errors_name_the_argument():
         fd.Subset(Toy(), [20])
     with pytest.raises(TypeError, match="Subset: a tensor of `indices` must be 1-D"):
         fd.Subset(Toy(), torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="Subset: a tensor of `indices` must be 1-D"):
+        fd.Subset(Toy(), torch.tensor([True, False]))  # a mask is not a list of positions
+    with pytest.raises(TypeError, match="Subset: index must be an integer, got bool"):
+        fd.Subset(Toy(), [True, 3])
     with pytest.raises(TypeError, match="`indices` must be an int or a sequence"):
         fd.Subset(Toy(), 2.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Subset: `dataset` must be a map-style dataset"):

@@ -43,6 +43,8 @@ def _check_map_style(owner: str, dataset: Any, name: str = "dataset") -> None:
 def _position(owner: str, idx: Any, n: int) -> int:
     """``idx`` as a position in ``[0, n)``; negative indices count from the end, as for lists."""
     try:
+        if isinstance(idx, bool):
+            raise TypeError
         i = operator.index(idx)
     except TypeError:
         raise TypeError(f"{owner}: index must be an integer, got {type(idx).__name__}") from None
@@ -84,7 +86,7 @@ class Subset:
             self.indices = list(range(n))[:indices] if indices >= 0 else list(range(n))[indices:]
         elif isinstance(indices, torch.Tensor) or isinstance(indices, Sequence):
             if isinstance(indices, torch.Tensor):
-                if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex():
+                if indices.dim() != 1 or indices.dtype == torch.bool or indices.is_floating_point():
                     raise TypeError(
                         f"Subset: a tensor of `indices` must be 1-D with an integer dtype, got "
                         f"shape {tuple(indices.shape)} and {indices.dtype}"
