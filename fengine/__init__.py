@@ -8,10 +8,12 @@ reading order around it.
 
 from fengine import (
     checkpoint as checkpoint,
+    complexity as complexity,
     config as config,
     data as data,
     distributed as distributed,
     handlers as handlers,
+    init as init,
     metrics as metrics,
     optim as optim,
     replay as replay,

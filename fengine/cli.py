@@ -184,8 +184,10 @@ class RunConfig:
             )
         if self.keep_checkpoints == 0:
             raise UsageError("--keep-checkpoints must be -1 (keep all) or >= 1, got 0")
-        if self.overwrite and self.resuming:
-            raise UsageError("--overwrite moves the old run aside; it cannot be resumed as well")
+        if self.overwrite and self.resume_from is not None:
+            raise UsageError(
+                "--overwrite moves the old run aside; give it or --resume-from, not both"
+            )
 
     @property
     def resuming(self) -> bool:
@@ -452,20 +454,23 @@ def _move_aside(work_dir: Path) -> Path:
     return target
 
 
-def _check_work_dir(cfg: RunConfig, out: Callable[[str], Any]) -> None:
+def _check_work_dir(cfg: RunConfig, ckpt: Path | None, out: Callable[[str], Any]) -> None:
+    """Refuse a work dir holding another run, unless this continues it (a checkpoint inside it)."""
     found = existing_run(cfg.work_dir)
-    if not found or cfg.resuming:
+    if not found or (ckpt is not None and ckpt.resolve().is_relative_to(cfg.work_dir.resolve())):
         return
     shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if cfg.resume:
+        why = "but no checkpoint to resume: start afresh in another --work-dir or with --overwrite"
+    elif cfg.resume_from is not None:
+        why = f"and {cfg.resume_from} is not one of its checkpoints: resume into another --work-dir"
+    else:
+        why = "continue it with --resume, choose another --work-dir, or pass --overwrite to move it aside"
     if cfg.dry_run:
-        out(f"note: {cfg.work_dir} already holds a run ({shown}); a real run would need "
-            "--resume, another --work-dir, or --overwrite")  # fmt: skip
+        out(f"note: {cfg.work_dir} already holds a run ({shown}), {why}")
         return
     if not cfg.overwrite:
-        raise UsageError(
-            f"{cfg.work_dir} already holds a run ({shown}): continue it with --resume, "
-            "choose another --work-dir, or pass --overwrite to move it aside"
-        )
+        raise UsageError(f"{cfg.work_dir} already holds a run ({shown}): {why}")
     moved = _move_aside(cfg.work_dir)
     out(f"--overwrite: moved the previous run in {cfg.work_dir} to {moved}")
 
@@ -630,7 +635,7 @@ def main(
     try:
         cfg, ckpt = parse(cls, argv, presets=presets, description=description)
         if os.environ.get("RANK", "0") == "0":
-            _check_work_dir(cfg, out)
+            _check_work_dir(cfg, ckpt, out)
         if cfg.resuming and ckpt is None:
             out(f"note: no checkpoint in {cfg.work_dir}: starting from scratch")
         exp = build(cfg)

@@ -1,8 +1,10 @@
 """Recipe configs: frozen dataclasses, to and from plain JSON, with a stable hash.
 
 Recipes define their config as a (nested) frozen dataclass and parse it with
-tyro. The resolved config is written next to the checkpoints as JSON; replay
-rebuilds the same dataclass from that JSON with `from_dict`.
+tyro (`fengine.cli`). The resolved config is written next to the checkpoints as
+JSON; ``--config`` and replay rebuild the same dataclass from that JSON (or YAML)
+with `from_dict`, which fills missing fields with their defaults and refuses
+unknown ones. ``Annotated[...]`` metadata (`fengine.cli.Range`) is ignored here.
 """
 
 from __future__ import annotations

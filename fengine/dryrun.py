@@ -2,7 +2,7 @@
 
 `report` prints the resolved config, the plan (updates, epochs), the parameter-group table
 (each param's lr and weight decay with their multipliers: `fengine.optim.ParamGroups`), the
-model complexity (`fengine.complexity` when present, else parameter counts per module), and
+model complexity (`fengine.complexity`: params and FLOPs per module), and
 writes ``work_dir/hyperparams.png``: every scheduled hyper-parameter (lr, momentum, weight
 decay; each param group's own) at every update of the run. The plot needs matplotlib
 (``pip install fengine[plot]``); without it the values are still summarised in text.
@@ -10,7 +10,6 @@ decay; each param group's own) at every update of the run. The plot needs matplo
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from fengine import complexity
 from fengine.config import to_dict
 from fengine.optim.base import resolve
 
@@ -85,19 +85,14 @@ def plot(
 
 
 def complexity_text(model: nn.Module | None, example_input: Any) -> str:
-    """`fengine.complexity.summary(model, example_input)` when that module exists and an example
-    input is given; else the parameter count of the model and of each top-level module."""
+    """`fengine.complexity.summary` (MMEngine's table: params and FLOPs per module) on
+    ``example_input``; without one, the parameter count of the model and of each top-level module."""
     if model is None:
         return "model complexity: no model"
-    try:
-        complexity = importlib.import_module("fengine.complexity")
-    except ImportError:
-        complexity = None
-    summary = getattr(complexity, "summary", None)
-    if callable(summary) and example_input is not None:
-        return str(summary(model, example_input))
+    if example_input is not None:
+        return complexity.summary(model, example_input)
     total = sum(p.numel() for p in model.parameters())
-    lines = [f"model complexity: {total:,} parameters (FLOPs: fengine.complexity not available)"]
+    lines = [f"model complexity: {total:,} parameters (no example input: FLOPs not counted)"]
     for name, child in model.named_children():
         lines.append(f"  {name}: {sum(p.numel() for p in child.parameters()):,}")
     return "\n".join(lines)

@@ -36,13 +36,15 @@ from torch.nn import functional as F
 import fengine as fe
 from fengine import checkpoint, cli, optim, schedules
 from fengine.cli import Range
-from fengine.data import Loader, digits
+from fengine.data import Loader, cifar10, digits
 from fengine.metrics import Accuracy
 from fengine.models import ResNet
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The ResNet (fengine.models.ResNet)."""
+
     width: Annotated[int, Range(ge=1)] = 32
     """channels of the stem and of every residual block"""
     blocks: Annotated[int, Range(ge=0)] = 2
@@ -51,6 +53,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """The optimizer and its schedule: linear warmup, then cosine to 0 at the last update."""
+
     name: Literal["adamw", "sgd"] = "adamw"
     """optimizer: AdamW (decoupled weight decay) or SGD with Nesterov momentum"""
     lr: Annotated[float, Range(gt=0)] = 3e-3
@@ -74,6 +78,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The dataset and its loader."""
+
     name: Literal["digits", "cifar10"] = "digits"
     """dataset: sklearn's 8x8 digits (built in) or CIFAR-10's python batches under --data.root"""
     root: Path | None = None
@@ -146,12 +152,6 @@ def loss_fn(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 def datasets(cfg: Config):
     """(train, val, image channels, shift augmentation) of the chosen dataset."""
     if cfg.data.name == "cifar10":
-        try:
-            from fengine.data import cifar10  # type: ignore[attr-defined]
-        except ImportError:
-            raise RuntimeError(
-                "--data.name cifar10: this fengine has no CIFAR-10 loader (fengine.data.cifar10)"
-            ) from None
         assert cfg.data.root is not None
         return cifar10(cfg.data.root, "train"), cifar10(cfg.data.root, "test"), 3, shift4
     v = cfg.data.val_fraction

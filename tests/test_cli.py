@@ -228,6 +228,22 @@ def test_a_work_dir_holding_a_run_is_refused_up_front(trained, capsys):
     assert sorted(p.name for p in trained.iterdir()) == before
 
 
+def test_a_resume_that_would_mix_two_runs_is_refused(trained, tmp_path, capsys):
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    for p in [*work.glob("*.safetensors"), work / "last_checkpoint"]:
+        p.unlink()  # a run that failed before its first checkpoint
+    assert run("--work-dir", str(work), "--resume") == 2
+    assert "already holds a run (" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert run(*FAST, "--max-steps", "1", "--work-dir", str(other)) == 0
+    assert run("--work-dir", str(work), "--resume-from", str(other / "iter_1.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert "is not one of its checkpoints: resume into another --work-dir" in err
+
+
 def test_overwrite_moves_the_old_run_aside(trained, tmp_path):
     work = tmp_path / "w"
     import shutil
@@ -355,7 +371,11 @@ def test_dry_run_prints_the_plan_and_plots_every_schedule_before_any_step(tmp_pa
     assert '"max_epochs": 10' in text and "plan: 450 updates (10 epochs x 45" in text
     assert "paramwise: 11 trainable params in 2 groups" in text  # BatchNorm params: decay x0
     assert "lr_mult=1.0,decay_mult=0.0/weight_decay: 0 at update 1, max 0," in text
-    assert "model complexity" in text and "dry run: no step was run" in text
+    # MMEngine's units (a multiply-add is one FLOP), by hand for width 8 on 1x8x8: the stem conv
+    # 8*9*64, each block conv 8*8*9*64, BatchNorm (training mode) 5 per element, the head 8*10
+    flops = 8 * 9 * 64 + 2 * 8 * 8 * 9 * 64 + 3 * 5 * 8 * 64 + 8 * 10
+    assert flops == 86096 and "Model Flops:86.096K" in text and "Model Parameters:1.362K" in text
+    assert "dry run: no step was run" in text
     png = work / "hyperparams.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in work.iterdir()) == [
@@ -379,3 +399,19 @@ def test_dry_run_values_are_the_schedules_at_every_update():
     assert values["lr"][0] == pytest.approx(3e-3 * 0.001)
     assert values["lr"][5] == pytest.approx(3e-3)
     assert values["lr"][20] == pytest.approx(3e-3 * (1 + math.cos(math.pi * 15 / 35)) / 2)
+
+
+def test_cifar10_from_python_batches_on_disk(tmp_path):
+    """--data.name cifar10 reads the batches (here tiny generated ones, 4 images per file) and
+    trains the 3-channel model."""
+    from test_cifar import make_batches
+
+    make_batches(tmp_path / "data", per_batch=4)
+    work = tmp_path / "w"
+    code = run("--preset", "tiny", "--data.name", "cifar10", "--data.root", str(tmp_path / "data"),
+               "--data.batch-size", "8", "--max-epochs", "1", "--no-tensorboard", "--no-progress",
+               "--work-dir", str(work))  # fmt: skip
+    assert code == 0
+    meta = checkpoint.read_meta(next(work.glob("epoch_*.safetensors")))
+    assert meta["tensors"]["params/stem.0.weight"]["shape"] == [8, 3, 3, 3]
+    assert meta["step"] == 3  # 20 training images in batches of 8

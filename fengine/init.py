@@ -1,0 +1,537 @@
+"""Weight initialisers with MMEngine's ``init_cfg`` semantics, drawn from the run's seed.
+
+Call `apply` on the module before building the state; it fills the module's params
+in place and returns an `InitReport` of which initialiser wrote which parameter::
+
+    report = init.apply(model, [init.Kaiming(layer=nn.Conv2d), init.Normal(layer="Linear", std=0.01)], seed=0)
+    print(report)                      # MMEngine's "name - shape: initialiser" listing
+    state = step.init(model, seed=0)   # the state copies the initialised params
+
+Specs are frozen dataclasses named as MMEngine's ``type`` strings: `Constant`,
+`Xavier`, `Normal`, `TruncNormal`, `Uniform`, `Kaiming`, `Caffe2Xavier`,
+`Pretrained`. MMEngine dicts (``dict(type="Kaiming", layer="Conv2d")``) are accepted
+too (`from_cfg`). Semantics, as MMEngine 0.10.7's ``initialize``:
+
+* ``layer=`` (a class name, a class, or a list of them) selects every submodule whose
+  class, or one of its direct bases, matches; a spec without ``layer`` initialises
+  nothing by itself (only its ``override``s).
+* a selected module's ``weight`` gets the distribution and its ``bias`` the constant
+  ``bias`` (``bias_prob=p`` sets it to ``-log((1 - p) / p)``, `bias_init_with_prob`).
+* ``override={"name": spec}`` then re-initialises the whole submodule ``name`` (every
+  module in it with a weight / bias, ``layer`` ignored); ``{"name": None}`` reuses the
+  parent spec. Specs apply in order, each followed by its overrides.
+* `Pretrained` loads weights with `fengine.checkpoint.load_params` (safetensors,
+  fengine checkpoints, ``.pth`` read with ``weights_only=True``; non-strict, ``prefix``
+  selects and strips a submodule's keys) and runs after the other specs of its scope.
+* ``apply(model, {"": [...], "backbone": [...]})`` gives specs per submodule, like
+  ``init_cfg`` on nested BaseModules: a scope's specs, then its sub-scopes', then its
+  `Pretrained` specs (BaseModule.init_weights' order).
+
+Randomness: each weight is drawn on the CPU from its own generator, seeded with
+``fold_in(seed, tag, crc32(parameter name))``, then copied to the param's device. A
+weight's values thus depend only on the seed and its name: not on the device, nor on
+other layers or the order of specs. ``generator=`` draws everything from one
+generator in MMEngine's order instead; with ``torch.Generator().manual_seed(k)`` the
+values equal MMEngine's ``initialize`` after ``torch.manual_seed(k)``, bit for bit.
+
+`TruncNormal` uses MMEngine's inverse-CDF sampler (``mmengine...trunc_normal_``, one
+uniform draw per element), not torch 2.13's rejection sampler: same distribution,
+MMEngine's bits. The report is exact (it records every write), where MMEngine infers
+it from a change of the parameter's mean: a bias reset to the same 0 by an override is
+reported as MMEngine's earlier initialiser there, as the override here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from fengine.checkpoint import load_params
+from fengine.rng import fold_in
+
+
+__all__ = [
+    "Caffe2Xavier",
+    "Constant",
+    "InitReport",
+    "Kaiming",
+    "Normal",
+    "Pretrained",
+    "Spec",
+    "TruncNormal",
+    "Uniform",
+    "Xavier",
+    "apply",
+    "bias_init_with_prob",
+    "from_cfg",
+    "trunc_normal_",
+]
+
+_TAG = zlib.crc32(b"fengine.init")
+LayerSel = str | type | Sequence[str | type]
+
+
+def bias_init_with_prob(prior_prob: float) -> float:
+    """The bias whose sigmoid is ``prior_prob`` (MMEngine's ``bias_init_with_prob``)."""
+    if not 0 < prior_prob < 1:
+        raise ValueError(f"bias_prob must be in (0, 1), got {prior_prob!r}")
+    return float(-math.log((1 - prior_prob) / prior_prob))
+
+
+def trunc_normal_(
+    t: torch.Tensor,
+    mean: float = 0.0,
+    std: float = 1.0,
+    a: float = -2.0,
+    b: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MMEngine's truncated normal: uniform in CDF space, inverse CDF, clamp to ``[a, b]``."""
+
+    def cdf(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    lo, hi = cdf((a - mean) / std), cdf((b - mean) / std)
+    with torch.no_grad():
+        t.uniform_(2 * lo - 1, 2 * hi - 1, generator=generator)
+        t.erfinv_().mul_(std * math.sqrt(2.0)).add_(mean).clamp_(min=a, max=b)
+    return t
+
+
+# ---------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Init:
+    """Fields every weight initialiser takes (MMEngine's BaseInit)."""
+
+    bias: float = 0
+    bias_prob: float | None = None
+    layer: LayerSel = ()
+    override: Mapping[str, Spec | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.bias, bool) or not isinstance(self.bias, (int, float)):
+            raise TypeError(f"{name}: bias must be a number, got {self.bias!r}")
+        if self.bias_prob is not None:
+            bias_init_with_prob(self.bias_prob)  # validates
+        sel = self.layer
+        layers = (sel,) if isinstance(sel, (str, type)) else tuple(cast(Sequence, sel))
+        for x in layers:
+            if not isinstance(x, (str, type)):
+                raise TypeError(
+                    f"{name}: layer must be a class name, a module class or a list of them, got {x!r}"
+                )
+        object.__setattr__(self, "layer", layers)
+        if not isinstance(self.override, Mapping):
+            raise TypeError(
+                f"{name}: override must be a mapping submodule name -> spec (or None), got {self.override!r}"
+            )
+        for key, sub in self.override.items():
+            if sub is not None and not isinstance(sub, (_Init, Pretrained)):
+                raise TypeError(f"{name}: override[{key!r}] must be a spec or None, got {sub!r}")
+            if isinstance(sub, _Init) and sub.override:
+                raise ValueError(f"{name}: override[{key!r}] has its own override (not allowed)")
+
+    @property
+    def bias_value(self) -> float:
+        return self.bias if self.bias_prob is None else bias_init_with_prob(self.bias_prob)
+
+    def matches(self, m: nn.Module) -> bool:
+        """MMEngine's rule: the module's class or one of its direct bases is in ``layer``."""
+        cls = type(m)
+        for x in cast(tuple, self.layer):  # a tuple after __post_init__
+            if isinstance(x, str):
+                if x == cls.__name__ or any(x == b.__name__ for b in cls.__bases__):
+                    return True
+            elif x is cls or x in cls.__bases__:
+                return True
+        return False
+
+    def fill(self, w: torch.Tensor, g: torch.Generator | None) -> None:
+        raise NotImplementedError
+
+    def info(self) -> str:
+        """MMEngine's init-info string for this initialiser."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Constant(_Init):
+    """Weight = ``val``, bias = ``bias``."""
+
+    val: float
+
+    def fill(self, w: torch.Tensor, g: torch.Generator | None) -> None:
+        nn.init.constant_(w, self.val)
+
+    def info(self) -> str:
+        return f"ConstantInit: val={self.val}, bias={self.bias_value}"
+
+
+def _check_choice(spec: object, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{type(spec).__name__}: {name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Xavier(_Init):
+    """Glorot & Bengio (2010): ``xavier_normal_`` / ``xavier_uniform_`` with ``gain``."""
+
+    gain: float = 1
+    distribution: str = "normal"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice(self, "distribution", self.distribution, ("normal", "uniform"))
+
+    def fill(self, w: torch.Tensor, g: torch.Generator | None) -> None:
+        f = nn.init.xavier_uniform_ if self.distribution == "uniform" else nn.init.xavier_normal_
+        f(w, gain=self.gain, generator=g)
+
+    def info(self) -> str:
+        return (
+            f"XavierInit: gain={self.gain}, distribution={self.distribution}, "
+            f"bias={self.bias_value}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Normal(_Init):
+    """Weight ~ N(mean, std²)."""
+
+    mean: float = 0
+    std: float = 1
+
+    def fill(self, w: torch.Tensor, g: torch.Generator | None) -> None:
+        nn.init.normal_(w, self.mean, self.std, generator=g)
+
+    def info(self) -> str:
+        return f"NormalInit: mean={self.mean}, std={self.std}, bias={self.bias_value}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TruncNormal(_Init):
+    """Weight ~ N(mean, std²) truncated to ``[a, b]`` (MMEngine's sampler, `trunc_normal_`)."""
+
+    mean: float = 0
+    std: float = 1
+    a: float = -2
+    b: float = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.std > 0 and self.a < self.b):
+            raise ValueError(f"TruncNormal: need std > 0 and a < b, got {self}")
+        if self.mean < self.a - 2 * self.std or self.mean > self.b + 2 * self.std:
+            warnings.warn(  # MMEngine's warning
+                "TruncNormal: mean is more than 2 std from [a, b]; "
+                "the distribution of values may be incorrect.",
+                stacklevel=3,
+            )
+
+    def fill(self, w: torch.Tensor, g: torch.Generator | None) -> None:
+        trunc_normal_(w, self.mean, self.std, self.a, self.b, generator=g)
+
+    def info(self) -> str:
+        return (
+            f"TruncNormalInit: a={self.a}, b={self.b}, mean={self.mean}, std={self.std}, "
+            f"bias={self.bias_value}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Uniform(_Init):
+    """Weight ~ U(a, b)."""
+
+    a: float = 0
+    b: float = 1
+
+    def fill(self, w: torch.Tensor, g: torch.Generator | None) -> None:
+        nn.init.uniform_(w, self.a, self.b, generator=g)
+
+    def info(self) -> str:
+        return f"UniformInit: a={self.a}, b={self.b}, bias={self.bias_value}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kaiming(_Init):
+    """He et al. (2015): ``kaiming_normal_`` / ``kaiming_uniform_`` (MMEngine's defaults:
+    ``mode="fan_out"``, ``nonlinearity="relu"``, normal)."""
+
+    a: float = 0
+    mode: str = "fan_out"
+    nonlinearity: str = "relu"
+    distribution: str = "normal"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice(self, "mode", self.mode, ("fan_in", "fan_out"))
+        _check_choice(self, "distribution", self.distribution, ("normal", "uniform"))
+
+    def fill(self, w: torch.Tensor, g: torch.Generator | None) -> None:
+        f = nn.init.kaiming_uniform_ if self.distribution == "uniform" else nn.init.kaiming_normal_
+        f(w, a=self.a, mode=self.mode, nonlinearity=self.nonlinearity, generator=g)  # type: ignore[arg-type]
+
+    def info(self) -> str:
+        return (
+            f"{type(self).__name__}Init: a={self.a}, mode={self.mode}, "
+            f"nonlinearity={self.nonlinearity}, distribution ={self.distribution}, "
+            f"bias={self.bias_value}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Caffe2Xavier(Kaiming):
+    """Caffe2's XavierFill = ``kaiming_uniform_(a=1, mode="fan_in", nonlinearity="leaky_relu")``."""
+
+    a: float = 1
+    mode: str = "fan_in"
+    nonlinearity: str = "leaky_relu"
+    distribution: str = "uniform"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """Load weights from ``checkpoint`` (non-strict; ``prefix="backbone."`` loads the file's
+    ``backbone.*`` keys, stripped, into the module). Local files only (no URLs)."""
+
+    checkpoint: str | os.PathLike
+    prefix: str | None = None
+
+    def info(self) -> str:
+        return f"PretrainedInit: load from {self.checkpoint}"
+
+
+Spec = Constant | Xavier | Normal | TruncNormal | Uniform | Kaiming | Caffe2Xavier | Pretrained
+_TYPES: dict[str, type] = {
+    c.__name__: c
+    for c in (Constant, Xavier, Normal, TruncNormal, Uniform, Kaiming, Caffe2Xavier, Pretrained)
+}
+
+
+# ------------------------------------------------------------------ MMEngine dicts
+
+
+def from_cfg(cfg: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Spec]:
+    """Specs from an MMEngine ``init_cfg`` (a dict or a list of dicts), for porting configs."""
+    cfgs = [cfg] if isinstance(cfg, Mapping) else list(cfg)
+    return [_one_cfg(c, where="init_cfg") for c in cfgs]
+
+
+def _one_cfg(cfg: Mapping[str, Any], where: str) -> Spec:
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"{where}: expected a dict, got {cfg!r}")
+    args = dict(cfg)
+    kind = args.pop("type", None)
+    cls = _TYPES.get(kind.removesuffix("Init") if isinstance(kind, str) else "")
+    if cls is None:
+        raise ValueError(f"{where}: type must be one of {sorted(_TYPES)}, got {kind!r} in {cfg}")
+    if cls is Pretrained:
+        args.pop("map_location", None)  # values go to the module's device
+    override = args.pop("override", None)
+    if override is not None:
+        args["override"] = _override_cfg(override, cfg, where)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        raise TypeError(f"{where}: {kind} takes {sorted(names)}, got unknown keys {unknown}")
+    try:
+        return cls(**args)
+    except TypeError as e:
+        raise TypeError(f"{where}: {kind}{args}: {e}") from None
+
+
+def _override_cfg(override: Any, parent: Mapping[str, Any], where: str) -> dict[str, Spec | None]:
+    items = [override] if isinstance(override, Mapping) else override
+    if not isinstance(items, Sequence):
+        raise TypeError(f"{where}: override must be a dict or a list of dicts, got {override!r}")
+    out: dict[str, Spec | None] = {}
+    for o in items:
+        o = dict(o)
+        name = o.pop("name", None)
+        if name is None:
+            raise ValueError(f'{where}: override must contain the key "name", got {o}')
+        if not o:
+            out[name] = None  # MMEngine: only a name reuses the parent's args
+        elif "type" not in o:
+            raise ValueError(f'{where}: override {name!r} needs a "type" key, got {o}')
+        else:
+            out[name] = _one_cfg(o, where=f"{where}.override[{name!r}]")
+    return out
+
+
+# ----------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """Which initialiser wrote each parameter, in order (empty: left as it was)."""
+
+    writes: dict[str, tuple[str, ...]]
+    shapes: dict[str, tuple[int, ...]]
+
+    def last(self, name: str) -> str | None:
+        """The initialiser that wrote ``name`` last (None: untouched)."""
+        w = self.writes[name]
+        return w[-1] if w else None
+
+    def __str__(self) -> str:
+        lines = ["Name of parameter - Initialization information"]
+        for name, w in self.writes.items():
+            lines.append(f"\n{name} - {torch.Size(self.shapes[name])}: ")
+            lines.append(w[-1] if w else "The value is the same before and after init.apply")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- application
+
+
+class _Run:
+    """One `apply`: the root's parameter names, the generators and the write log."""
+
+    def __init__(self, model: nn.Module, seed: int, generator: torch.Generator | None):
+        self.seed, self.generator = seed, generator
+        self.writes: dict[str, list[str]] = {n: [] for n, _ in model.named_parameters()}
+
+    def gen(self, name: str) -> torch.Generator:
+        if self.generator is not None:
+            return self.generator
+        g = torch.Generator()
+        g.manual_seed(fold_in(self.seed, _TAG, zlib.crc32(name.encode())))
+        return g
+
+    def record(self, name: str, info: str) -> None:
+        if name in self.writes:
+            self.writes[name].append(info)
+
+
+def _post_order(m: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    """Modules in ``nn.Module.apply``'s order (children first), with their full names."""
+    for name, child in m.named_children():
+        yield from _post_order(child, f"{prefix}{name}.")
+    yield prefix, m
+
+
+def _fill_module(spec: _Init, m: nn.Module, prefix: str, run: _Run) -> None:
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    if isinstance(w, torch.Tensor):
+        name = prefix + "weight"
+        tmp = torch.empty(w.shape, dtype=w.dtype)  # drawn on the CPU: the same on every device
+        try:
+            spec.fill(tmp, run.gen(name))
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"init: {type(spec).__name__} on {name} {tuple(w.shape)}: {e}") from e
+        w.copy_(tmp)
+        run.record(name, spec.info())
+    if isinstance(b, torch.Tensor):
+        nn.init.constant_(b, spec.bias_value)
+        run.record(prefix + "bias", spec.info())
+
+
+def _run_spec(spec: Spec, module: nn.Module, prefix: str, run: _Run, whole: bool) -> None:
+    if isinstance(spec, Pretrained):
+        _load(spec, module, prefix, run)
+        return
+    for name, m in _post_order(module, prefix):
+        if whole or spec.matches(m):
+            _fill_module(spec, m, name, run)
+    for sub_name, sub in spec.override.items():
+        try:
+            target = module.get_submodule(sub_name)
+        except AttributeError:
+            raise ValueError(
+                f"init: override names {sub_name!r}, which {prefix or 'the model'} does not have "
+                f"(its children: {[n for n, _ in module.named_children()]})"
+            ) from None
+        if sub is None:  # the parent's args, on the whole submodule
+            sub = dataclasses.replace(spec, layer=(), override={})
+        _run_spec(sub, target, f"{prefix}{sub_name}.", run, whole=True)
+
+
+def _load(spec: Pretrained, module: nn.Module, at: str, run: _Run) -> None:
+    prefix = spec.prefix
+    if prefix and not prefix.endswith("."):
+        prefix += "."  # MMEngine: "backbone" means "backbone."
+    prefix_map = {prefix: ""} if prefix else None
+    state_dict, report = load_params(spec.checkpoint, module, prefix_map=prefix_map)
+    module.load_state_dict(cast(dict, state_dict))
+    for n in report.loaded:
+        run.record(at + n, spec.info())
+
+
+SpecLike = Spec | Mapping[str, Any]
+
+
+def _specs(x: SpecLike | Sequence[SpecLike], where: str) -> list[Spec]:
+    items = [x] if isinstance(x, (Mapping, _Init, Pretrained)) else list(x)
+    out: list[Spec] = []
+    for i, s in enumerate(items):
+        if isinstance(s, Mapping):
+            out.append(_one_cfg(s, where=f"{where}[{i}]"))
+        elif isinstance(s, (_Init, Pretrained)):
+            out.append(s)
+        else:
+            raise TypeError(f"{where}[{i}]: expected an init spec or an init_cfg dict, got {s!r}")
+    return out
+
+
+def apply(
+    model: nn.Module,
+    specs: SpecLike | Sequence[SpecLike] | Mapping[str, SpecLike | Sequence[SpecLike]],
+    *,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+) -> InitReport:
+    """Initialise ``model``'s params in place by ``specs``; return who wrote what.
+
+    Args:
+      model: the module (its params are filled in place, under ``no_grad``).
+      specs: a spec, an MMEngine ``init_cfg`` dict, a list of them, or a mapping
+        submodule name -> those (``""``: the model itself) for per-submodule specs.
+      seed: the run's seed; each weight's values derive from it and the weight's name.
+      generator: draw everything from this CPU generator, in MMEngine's order
+        (bitwise MMEngine after ``torch.manual_seed``) instead of per-name keys.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"init.apply: model must be an nn.Module, got {type(model).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"init.apply: generator must be a CPU generator, got {generator.device}")
+    if isinstance(specs, Mapping) and "type" not in specs:
+        scopes = {k: _specs(v, where=f"init.apply specs[{k!r}]") for k, v in specs.items()}
+    else:
+        scopes = {"": _specs(specs, where="init.apply specs")}
+    for name in scopes:
+        if name:
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"init.apply: the model has no submodule {name!r}") from None
+    run = _Run(model, seed, generator)
+
+    def visit(module: nn.Module, name: str) -> None:
+        own = scopes.get(name, [])
+        prefix = f"{name}." if name else ""
+        for s in own:
+            if not isinstance(s, Pretrained):
+                _run_spec(s, module, prefix, run, whole=False)
+        for child_name, child in module.named_children():
+            visit(child, f"{prefix}{child_name}")
+        for s in own:
+            if isinstance(s, Pretrained):
+                _run_spec(s, module, prefix, run, whole=False)
+
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        visit(model, "")
+    return InitReport({n: tuple(w) for n, w in run.writes.items()}, shapes)

@@ -1,0 +1,437 @@
+"""fengine.init: each initialiser bitwise vs torch.nn.init / MMEngine, init_cfg selection vs
+MMEngine 0.10.7's ``initialize`` and ``BaseModule.init_weights``, the report, determinism."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import pytest
+import safetensors.torch
+import torch
+from mmengine.model import BaseModule, initialize, weight_init as mm
+from torch import nn
+
+from fengine import init
+from fengine.rng import fold_in
+
+
+class MyConv(nn.Conv2d):  # matches "Conv2d" through its direct base
+    pass
+
+
+class DeepConv(MyConv):  # "Conv2d" is not a direct base: MMEngine does not match it
+    pass
+
+
+class Block(nn.Module):  # a module with its own weight and children: the order matters
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4, 4))
+        self.inner = nn.Conv2d(2, 2, 1)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.mine = MyConv(8, 8, 3)
+        self.deep = DeepConv(8, 4, 1)
+        self.reg = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Linear(4, 6))
+        self.cls = nn.Linear(6, 5)
+        self.conv1d = nn.Conv1d(2, 3, 2, bias=False)
+        self.block = Block()
+
+
+def _net() -> Net:
+    torch.manual_seed(123)
+    return Net()
+
+
+def _mm(cfg, seed: int = 7) -> dict[str, torch.Tensor]:
+    m = _net()
+    torch.manual_seed(seed)
+    initialize(m, copy.deepcopy(cfg))
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _ours(specs, seed: int = 7) -> tuple[dict[str, torch.Tensor], init.InitReport]:
+    m = _net()
+    rep = init.apply(m, specs, generator=torch.Generator().manual_seed(seed))
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}, rep
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"differ: {bad}"
+
+
+# ------------------------------------------------------------ each initialiser, bitwise
+
+TORCH_CASES = [
+    (init.Normal(mean=0.5, std=0.2), lambda t, g: nn.init.normal_(t, 0.5, 0.2, generator=g)),
+    (init.Uniform(a=-0.3, b=0.7), lambda t, g: nn.init.uniform_(t, -0.3, 0.7, generator=g)),
+    (init.Xavier(gain=2.0), lambda t, g: nn.init.xavier_normal_(t, gain=2.0, generator=g)),
+    (
+        init.Xavier(distribution="uniform"),
+        lambda t, g: nn.init.xavier_uniform_(t, gain=1, generator=g),
+    ),
+    (
+        init.Kaiming(),
+        lambda t, g: nn.init.kaiming_normal_(t, 0, "fan_out", "relu", generator=g),
+    ),
+    (
+        init.Kaiming(a=0.1, mode="fan_in", nonlinearity="leaky_relu", distribution="uniform"),
+        lambda t, g: nn.init.kaiming_uniform_(t, 0.1, "fan_in", "leaky_relu", generator=g),
+    ),
+    (
+        init.Caffe2Xavier(),
+        lambda t, g: nn.init.kaiming_uniform_(t, 1, "fan_in", "leaky_relu", generator=g),
+    ),
+    (init.Constant(val=0.25), lambda t, g: nn.init.constant_(t, 0.25)),
+]
+
+
+@pytest.mark.parametrize("spec,ref", TORCH_CASES, ids=lambda x: type(x).__name__)
+def test_each_initialiser_equals_torch_nn_init_with_the_same_generator(spec, ref):
+    for layer in (nn.Conv2d(4, 6, 3), nn.Linear(9, 5)):
+        m = nn.Sequential(layer)
+        spec = type(spec)(**{**spec.__dict__, "layer": type(layer), "bias": 0.5})
+        init.apply(m, spec, seed=11)
+        # the documented key: fold_in(seed, tag, crc32(parameter name))
+        g = torch.Generator().manual_seed(fold_in(11, init._TAG, zlib.crc32(b"0.weight")))
+        want = ref(torch.empty_like(layer.weight), g)
+        assert torch.equal(layer.weight, want)
+        assert torch.equal(layer.bias, torch.full_like(layer.bias, 0.5))
+        # one explicit generator: the same draws as torch.nn.init with it
+        init.apply(m, spec, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(
+            layer.weight, ref(torch.empty_like(layer.weight), torch.Generator().manual_seed(3))
+        )
+
+
+def test_trunc_normal_is_mmengines_sampler_bitwise():
+    t = torch.empty(64, 33)
+    for kw in ({}, dict(mean=0.1, std=0.02, a=-0.04, b=0.04)):
+        torch.manual_seed(5)
+        want = mm.trunc_normal_(torch.empty_like(t), **kw)
+        got = init.trunc_normal_(t, **kw, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(got, want)
+    lin = nn.Linear(300, 200)
+    init.apply(lin, init.TruncNormal(layer="Linear", std=0.02, a=-0.04, b=0.04), seed=0)
+    w = lin.weight
+    assert w.min() >= -0.04 and w.max() <= 0.04
+    # truncated at 2 std: the std of the truncated normal is 0.02 * 0.8796
+    assert abs(w.std().item() - 0.02 * 0.8796) < 0.0005
+
+
+def test_bias_prob_equals_mmengines_bias_init_with_prob():
+    for p in (0.01, 0.1, 0.5, 0.9):
+        assert init.bias_init_with_prob(p) == mm.bias_init_with_prob(p)
+        m = nn.Linear(3, 4)
+        init.apply(m, init.Constant(val=0, layer="Linear", bias_prob=p))
+        assert torch.equal(m.bias, torch.full((4,), mm.bias_init_with_prob(p)))
+
+
+# ------------------------------------------------------- selection, vs MMEngine initialize
+
+CFGS = [
+    dict(type="Kaiming", layer="Conv2d"),
+    [dict(type="Kaiming", layer="Conv2d"), dict(type="Xavier", layer="Linear", gain=3)],
+    dict(type="Normal", layer=["Conv2d", "Linear"], std=0.1, bias=0.3),
+    dict(type="Uniform", layer="_ConvNd", a=-1, b=2, bias_prob=0.2),  # a base class name
+    dict(type="Constant", layer="MyConv", val=4),
+    dict(type="TruncNormal", layer="Linear", std=0.5),
+    dict(type="Caffe2Xavier", layer="Conv2d"),
+    dict(type="Xavier", layer="Conv2d", distribution="uniform", override=dict(name="reg")),
+    dict(
+        type="Kaiming",
+        layer="Conv2d",
+        override=[
+            dict(name="reg", type="Normal", std=0.01),
+            dict(name="cls", type="Constant", val=2),
+        ],
+    ),
+    dict(
+        type="Constant",
+        val=1,
+        bias=2,
+        layer="Conv2d",
+        override=dict(type="Constant", name="reg", val=3, bias=4),
+    ),
+    dict(type="Normal", std=0.3, override=dict(name="bn")),  # no layer: only the override
+    dict(type="Normal", layer=["Block", "Conv2d"]),
+    dict(type="Xavier", layer="Linear", override=dict(name="block", type="Kaiming")),
+]
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=range(len(CFGS)))
+def test_init_cfg_selection_equals_mmengine_initialize_bitwise(cfg):
+    want = _mm(cfg)
+    got, rep = _ours(cfg)
+    _assert_same(got, want)
+    typed, _ = _ours(init.from_cfg(cfg))
+    _assert_same(typed, want)
+    assert any(rep.writes.values())
+
+
+def test_typed_specs_with_classes_select_like_names():
+    by_name, _ = _ours([init.Kaiming(layer="Conv2d"), init.Normal(layer="Linear")])
+    by_class, _ = _ours([init.Kaiming(layer=nn.Conv2d), init.Normal(layer=[nn.Linear])])
+    _assert_same(by_class, by_name)
+    before = _net()
+    _, rep = _ours(init.Constant(val=1, layer=nn.Conv2d))
+    assert rep.last("mine.weight") is not None  # MyConv: Conv2d is a direct base
+    assert rep.last("deep.weight") is None  # DeepConv: it is not (MMEngine's rule)
+    assert rep.last("conv1d.weight") is None
+    assert torch.equal(
+        _ours(init.Constant(val=1, layer=nn.Conv2d))[0]["deep.weight"], before.deep.weight
+    )
+
+
+def test_per_name_keys_make_a_weight_independent_of_other_layers():
+    a, b = _net(), _net()
+    init.apply(a, [init.Kaiming(layer="Conv2d")], seed=4)
+    init.apply(b, [init.Normal(layer="Linear"), init.Kaiming(layer="Conv2d")], seed=4)
+    assert torch.equal(a.feat.weight, b.feat.weight)
+    assert torch.equal(a.reg[0].weight, b.reg[0].weight)
+
+
+def test_same_seed_same_bits_other_seed_differs():
+    specs = [init.Kaiming(layer="Conv2d"), init.TruncNormal(layer="Linear", std=0.02)]
+    runs = []
+    for seed in (0, 0, 1):
+        m = _net()
+        init.apply(m, specs, seed=seed)
+        runs.append(m.state_dict())
+    _assert_same(runs[0], runs[1])
+    for k in ("feat.weight", "cls.weight", "reg.1.weight"):
+        assert not torch.equal(runs[0][k], runs[2][k])
+    # and the keys are not the ones any other seed-derived stream uses
+    m = _net()
+    init.apply(m, init.Normal(layer="Linear"), seed=0)
+    assert not torch.equal(
+        m.cls.weight, torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    )
+
+
+@pytest.mark.gpu
+def test_values_do_not_depend_on_the_device():
+    cpu, cuda = _net(), _net().cuda()
+    for m in (cpu, cuda):
+        init.apply(m, [init.Kaiming(layer="Conv2d"), init.TruncNormal(layer="Linear")], seed=2)
+    _assert_same(cpu.state_dict(), {k: v.cpu() for k, v in cuda.state_dict().items()})
+
+
+# ------------------------------------------------------------------ report, BaseModule
+
+
+class ToyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 1, 1)
+        self.conv2 = nn.Conv2d(1, 1, 1)
+        self.linear = nn.Linear(1, 1)
+
+
+def _mm_labels(module: BaseModule) -> dict[str, str]:
+    """MMEngine's init info per parameter (what init_weights logs)."""
+    seen: dict[str, str] = {}
+
+    def dump(self):
+        seen.update({n: self._params_init_info[p]["init_info"] for n, p in self.named_parameters()})
+
+    orig = BaseModule._dump_init_info
+    BaseModule._dump_init_info = dump
+    try:
+        module.init_weights()
+    finally:
+        BaseModule._dump_init_info = orig
+    return seen
+
+
+class MMToy(BaseModule):
+    def __init__(self, init_cfg) -> None:
+        super().__init__(init_cfg)
+        self.conv1 = nn.Conv2d(1, 1, 1)
+        self.conv2 = nn.Conv2d(1, 1, 1)
+        self.linear = nn.Linear(1, 1)
+
+
+def test_report_names_the_same_initialisers_as_mmengines_log():
+    # the docs' examples (T17-T19): Kaiming(Conv2d) + Xavier(Linear); override conv2 -> Xavier
+    cfgs = [
+        [dict(type="Kaiming", layer="Conv2d"), dict(type="Xavier", layer="Linear")],
+        dict(type="Kaiming", layer=["Conv2d", "Linear"]),
+        dict(type="Kaiming", layer="Conv2d", override=dict(name="conv2", type="Xavier")),
+    ]
+    for cfg in cfgs:
+        torch.manual_seed(0)
+        mmodel = MMToy(copy.deepcopy(cfg))
+        ours = copy.deepcopy(mmodel)
+        torch.manual_seed(9)
+        labels = _mm_labels(mmodel)
+        rep = init.apply(ours, cfg, generator=torch.Generator().manual_seed(9))
+        _assert_same(ours.state_dict(), mmodel.state_dict())
+        for name, label in labels.items():
+            if name == "conv2.bias" and "override" in cfg:
+                # MMEngine infers the label from a change of the mean: the override set the
+                # bias to the same 0, so it still says Kaiming; the report records the write
+                assert label.startswith("KaimingInit") and rep.last(name).startswith("XavierInit")
+            elif label.startswith("The value is the same"):
+                assert rep.last(name) is None
+            else:
+                assert rep.last(name) == label, name
+    text = str(rep)
+    assert "conv1.weight - torch.Size([1, 1, 1, 1]): \nKaimingInit: a=0, mode=fan_out" in text
+    assert "linear.weight - torch.Size([1, 1]): \nThe value is the same" in text
+
+
+def _checkpoint(tmp_path, kind: str) -> tuple[str, dict[str, torch.Tensor]]:
+    torch.manual_seed(42)
+    src = {f"backbone.{k}": v for k, v in ToyConv().state_dict().items()}
+    src["head.weight"] = torch.randn(3, 3)
+    path = tmp_path / f"pre.{kind}"
+    if kind == "pth":
+        torch.save({"state_dict": src}, path)
+    else:
+        safetensors.torch.save_file(src, path)
+    return str(path), src
+
+
+class MMNet(BaseModule):
+    def __init__(self, path: str) -> None:
+        super().__init__(init_cfg=dict(type="Normal", layer="Linear", std=0.5))
+        self.backbone = MMToyBackbone(path)
+        self.head = nn.Linear(1, 2)
+
+
+class MMToyBackbone(BaseModule):
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            init_cfg=[
+                dict(type="Pretrained", checkpoint=path, prefix="backbone."),
+                dict(type="Constant", layer=["Conv2d", "Linear"], val=7),
+            ]
+        )
+        self.conv1 = nn.Conv2d(1, 1, 1)
+        self.conv2 = nn.Conv2d(1, 1, 1)
+        self.linear = nn.Linear(1, 1)
+
+
+@pytest.mark.parametrize("kind", ["pth", "safetensors"])
+def test_pretrained_with_prefix_per_scope_equals_mmengine_init_weights(tmp_path, kind):
+    path, src = _checkpoint(tmp_path, kind)
+    torch.manual_seed(0)
+    mmodel = MMNet(path)
+    ours = copy.deepcopy(mmodel)
+    torch.manual_seed(3)
+    if kind == "pth":
+        labels = _mm_labels(mmodel)
+    else:  # MMEngine reads .pth only: its reference is the same file saved as .pth
+        path_pth, _ = _checkpoint(tmp_path, "pth")
+        mmodel = MMNet(path_pth)
+        mmodel.load_state_dict(ours.state_dict())
+        torch.manual_seed(3)
+        labels = _mm_labels(mmodel)
+    specs = {
+        "": init.Normal(layer="Linear", std=0.5),
+        # Pretrained listed first runs last in its scope (it wins over Constant)
+        "backbone": [
+            init.Pretrained(path, prefix="backbone."),
+            init.Constant(val=7, layer=[nn.Conv2d, nn.Linear]),
+        ],
+    }
+    rep = init.apply(ours, specs, generator=torch.Generator().manual_seed(3))
+    _assert_same(ours.state_dict(), mmodel.state_dict())
+    for k in ("conv1.weight", "conv2.bias", "linear.weight"):
+        assert torch.equal(ours.backbone.get_parameter(k), src[f"backbone.{k}"])
+    assert rep.last("backbone.conv1.weight") == f"PretrainedInit: load from {path}"
+    assert rep.writes["backbone.conv1.weight"][0].startswith("ConstantInit")
+    assert rep.last("head.weight") == labels["head.weight"]
+    assert rep.last("backbone.linear.bias").startswith("PretrainedInit")
+    # the dict form reads the same (a prefix without its dot as MMEngine: "backbone.")
+    again = copy.deepcopy(ours)
+    init.apply(again, init.Constant(val=0, layer="Conv2d"))
+    init.apply(again, {"backbone": [dict(type="Pretrained", checkpoint=path, prefix="backbone")]})
+    _assert_same(again.state_dict(), ours.state_dict())
+
+
+def test_pretrained_without_prefix_loads_matching_names(tmp_path):
+    path = tmp_path / "w.safetensors"
+    torch.manual_seed(1)
+    donor = ToyConv()
+    safetensors.torch.save_file(donor.state_dict(), path)
+    m = ToyConv()
+    rep = init.apply(m, init.Pretrained(path), seed=0)
+    _assert_same(m.state_dict(), donor.state_dict())
+    assert all(w == (f"PretrainedInit: load from {path}",) for w in rep.writes.values())
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_bad_specs_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        init.Xavier(distribution="gauss")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        init.Kaiming(mode="in")
+    with pytest.raises(ValueError, match=r"bias_prob must be in \(0, 1\), got 1.5"):
+        init.Normal(bias_prob=1.5)
+    with pytest.raises(TypeError, match="bias must be a number"):
+        init.Normal(bias="0")
+    with pytest.raises(TypeError, match="layer must be a class name"):
+        init.Normal(layer=[3])
+    with pytest.raises(ValueError, match="type must be one of"):
+        init.from_cfg(dict(type="Gaussian"))
+    with pytest.raises(TypeError, match=r"unknown keys \['sigma'\]"):
+        init.from_cfg(dict(type="Normal", sigma=1))
+    with pytest.raises(ValueError, match='must contain the key "name"'):
+        init.from_cfg(dict(type="Normal", override=dict(type="Constant", val=1)))
+    with pytest.raises(ValueError, match='needs a "type" key'):
+        init.from_cfg(dict(type="Normal", override=dict(name="cls", val=1)))
+    with pytest.raises(ValueError, match="override names 'nope'"):
+        init.apply(_net(), init.Normal(override={"nope": None}))
+    with pytest.raises(ValueError, match="no submodule 'nope'"):
+        init.apply(_net(), {"nope": init.Normal()})
+    with pytest.raises(ValueError, match=r"Kaiming on bn.weight \(8,\)"):
+        init.apply(_net(), init.Kaiming(layer="BatchNorm2d"))
+    with pytest.raises(TypeError, match="expected an init spec"):
+        init.apply(_net(), [3])
+
+
+def test_readme_block_runs(monkeypatch):
+    """README's "Initialisers and model complexity" block, on a small conv net with a head."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = next(
+        c for c in re.findall(r"```python\n(.+?)\n```", readme, flags=re.S) if "init.apply" in c
+    )
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    import fengine as fe
+    from fengine import optim
+
+    printed: list = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(a))
+    model = Model()
+    cfg = type("Cfg", (), {"seed": 3})
+    step = fe.train_step(lambda m, b: m(b).sum(), optim.sgd(0.1))
+    env = {"model": model, "nn": nn, "torch": torch, "cfg": cfg, "step": step}
+    exec(compile(code, "README.md", "exec"), env)
+    assert env["report"].last("head.weight").startswith("ConstantInit: val=0")
+    assert env["report"].last("conv.weight").startswith("KaimingInit")
+    assert torch.equal(env["state"].params["head.weight"], torch.zeros(2, 4))
+    assert "Model Parameters:" in printed[-1][0]
