@@ -45,6 +45,8 @@ from fengine.models.gan import GAN, disc_loss, gen_loss
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The generator and discriminator MLPs (fengine.models.gan)."""
+
     noise_size: Annotated[int, Range(ge=1)] = 16
     """length of the generator's noise vector z (the tutorial's: 100)"""
     gen_widths: tuple[int, ...] = (128, 128)
@@ -55,6 +57,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """One Adam per part, constant learning rates (as the tutorial)."""
+
     gen_lr: Annotated[float, Range(gt=0)] = 1e-3
     """generator Adam learning rate (the tutorial's 1e-4 suits its 220 MNIST epochs; 1e-3 is quick here)"""
     disc_lr: Annotated[float, Range(gt=0)] = 1e-3
@@ -67,6 +71,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The real samples and their loader."""
+
     name: Literal["ring", "digits"] = "ring"
     """ring: 8 Gaussians on a circle in 2-D; digits: sklearn's 8x8 training digits scaled to [-1, 1]"""
     size: Annotated[int, Range(ge=1)] = 4096
@@ -151,11 +157,9 @@ def build(cfg: Config) -> cli.Experiment:
         state, report = checkpoint.load_params(cfg.load_from, state)
         print(report)
     hyper = {"disc/lr": o.disc_lr, "gen/lr": o.gen_lr, "disc/momentum": o.b1, "gen/momentum": o.b1}
-    example = torch.zeros(
-        1, m.noise_size, device=dist.device
-    )  # the complexity of GAN(z): the generator
-    return cli.Experiment(state=state, step=step, train_data=train, plan=loop, hyperparams=hyper,
-                          example_input=example)  # fmt: skip
+    # no example input: --dry-run lists the parameters of gen and disc (GAN(z) runs only the
+    # generator, whose BatchNorm in training mode needs more than one sample)
+    return cli.Experiment(state=state, step=step, train_data=train, plan=loop, hyperparams=hyper)
 
 
 def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None) -> cli.Experiment:

@@ -6,8 +6,11 @@ other 1-D params: MMEngine's paramwise rules) with linear warmup then cosine dec
 gradient clipping, optional accumulation and bf16 autocast (--amp bfloat16), dropout drawn
 from the step's derived RNG (so resume and `python -m fengine replay` are exact),
 validation loss on held-out text, and at the end a text sample, the same for the same
---seed, printed and written to W/samples.txt.
-MEASURED
+--seed, printed and written to W/samples.txt. Measured with the defaults (1000 updates of
+32 x 64 characters, one thread): 75 s of CPU time for the whole command, so a little over a
+minute on an idle core; the loss falls from 4.6 (uniform over the 99 characters of 3.11's stdlib)
+to 2.77 after 50 updates and 2.29 after 200, and the validation loss reaches 1.83; the
+sample has Python's shape (indented `def`s, `self.`, `# comments`) without its sense.
 
     python recipes/gpt.py                                    # 1000 updates
     python recipes/gpt.py --max-steps 100 --work-dir W && python -m fengine replay W
@@ -40,6 +43,8 @@ from fengine.models.gpt import GPT
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The transformer (fengine.models.gpt.GPT)."""
+
     layers: Annotated[int, Range(ge=1)] = 2
     """transformer blocks"""
     heads: Annotated[int, Range(ge=1)] = 4
@@ -54,6 +59,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """AdamW and its schedule: linear warmup, then cosine to min_lr at the last update."""
+
     lr: Annotated[float, Range(gt=0)] = 3e-3
     """peak AdamW learning rate (per update), reached after the warmup"""
     min_lr: Annotated[float, Range(ge=0)] = 3e-4
@@ -72,6 +79,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The corpus (the stdlib's sources) and its loader."""
+
     chars: Annotated[int, Range(ge=1000)] = 1_000_000
     """characters of stdlib source to read (the corpus; the same for the same Python version)"""
     val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
@@ -86,6 +95,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
+    """The text sample drawn at the end (written to W/samples.txt)."""
+
     tokens: Annotated[int, Range(ge=0)] = 300
     """characters to generate at the end (0: no sample)"""
     prompt: str = "def "
