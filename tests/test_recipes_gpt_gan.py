@@ -299,3 +299,12 @@ def test_gpt_is_causal_and_checks_its_arguments():
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="dim=8 must be divisible by heads=3"):
         GPT(11, 16, dim=8, heads=3)
+
+
+def test_gan_model_checks_its_arguments():
+    from fengine.models.gan import GAN
+
+    with pytest.raises(ValueError, match=r"GAN: gen_widths must be ints >= 1, got \(8, 0\)"):
+        GAN(4, (2,), gen_widths=(8, 0))
+    with pytest.raises(ValueError, match="GAN: noise_size must be an int >= 1, got 0"):
+        GAN(0, (2,))

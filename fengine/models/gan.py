@@ -80,9 +80,11 @@ class GAN(nn.Module):
         tanh: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("noise_size", noise_size), *((f"width {w}", w) for w in (*gen_widths, *disc_widths))):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GAN: {name} must be an int >= 1, got {value!r}")
+        if isinstance(noise_size, bool) or not isinstance(noise_size, int) or noise_size < 1:
+            raise ValueError(f"GAN: noise_size must be an int >= 1, got {noise_size!r}")
+        for name, widths in (("gen_widths", gen_widths), ("disc_widths", disc_widths)):
+            if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+                raise ValueError(f"GAN: {name} must be ints >= 1, got {widths!r}")
         self.noise_size = noise_size
         self.gen = Generator(noise_size, data_shape, gen_widths, tanh)
         self.disc = Discriminator(data_shape, disc_widths)
