@@ -134,6 +134,10 @@ class Config(cli.RunConfig):
             raise cli.UsageError(
                 f"--model.heads {self.model.heads} must divide --model.dim {self.model.dim}"
             )
+        if self.optim.min_lr > self.optim.lr:
+            raise cli.UsageError(
+                f"--optim.min-lr {self.optim.min_lr:g} must be <= --optim.lr {self.optim.lr:g}"
+            )
         if self.sample.tokens:  # an unknown character fails before training, not after
             try:
                 corpus(self.data.chars).encode(self.sample.prompt)
