@@ -98,3 +98,18 @@ def test_readme_resume_and_replay_sequence_runs_as_written(tmp_path):
     assert "REPLAY OK" in outs[3]
     saved = json.loads((tmp_path / "W" / "config.json").read_text())
     assert saved["model"] == {"width": 8, "blocks": 1} and saved["max_steps"] == 40
+
+
+@pytest.mark.slow
+def test_main_job_reaches_95_percent_and_replays(tmp_path):
+    """README's main job as written (``python recipes/classify.py``, defaults: 10 epochs on digits)
+    reaches >= 95 % validation accuracy, and replay of its work dir agrees bit for bit."""
+    work = tmp_path / "classify"
+    done = subprocess.run([sys.executable, "recipes/classify.py", "--work-dir", str(work), "--no-tensorboard"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    accuracy = float(re.search(r"final validation accuracy: ([\d.]+)%", done.stdout).group(1))
+    assert accuracy >= 95.0, done.stdout[-2000:]
+    replayed = subprocess.run([sys.executable, "-m", "fengine", "replay", str(work)],
+                              capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
+    assert replayed.returncode == 0 and "REPLAY OK" in replayed.stdout, replayed.stdout[-2000:]
