@@ -42,12 +42,12 @@ from fengine.checkpoint._io import atomic_write, pread_into, run
 from fengine.sharding import is_dtensor
 
 
+# The CRC-32 of every block digest (read at call time, so tests can swap it).
+crc32: Callable[[Any, int], int] = zlib.crc32
 try:  # ISA-L's CRC-32: the same function as zlib.crc32, hardware-accelerated (PCLMULQDQ)
-    from isal.isal_zlib import crc32 as _fast_crc32
+    from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - isal is optional
-    _fast_crc32 = None
-crc32: Callable[[Any, int], int] = _fast_crc32 or zlib.crc32
-"""The CRC-32 every block digest uses (looked up at call time, so tests can swap it)."""
+    pass
 
 _CHUNK = 1 << 20  # bytes moved and checksummed together, small enough to stay in the CPU cache
 
