@@ -374,9 +374,8 @@ def fit(
                     received, None, world, device
                 ):  # e.g. in the final validation: still a preemption
                     _preempt(received, state, run, dispatch, "after_val", bg)
-                bg.finish(
-                    run, dispatch
-                )  # the last checkpoint is durable before after_train (publish)
+                # the last checkpoint is durable before after_train (which may publish it)
+                bg.finish(run, dispatch)
                 reason = {"stop": dispatch.stop.reason} if dispatch.stop else {}
                 dispatch("after_train", state, run, metrics=reason)
                 _flush(state, run, dispatch, "after_train", bg)
@@ -615,9 +614,8 @@ class _Background:
     def __init__(self) -> None:
         self.writer = Writer()
         self.snapshots = Snapshots()
-        self.owed: list[
-            tuple[Path, TrainState]
-        ] = []  # after_save_checkpoint events of the pending job
+        # the after_save_checkpoint events the pending job owes: (path, the state it saved)
+        self.owed: list[tuple[Path, TrainState]] = []
         self.used = False  # a background save was asked for (on every rank alike)
 
     def collect(self, run: RunInfo, dispatch: Dispatcher) -> None:
@@ -645,9 +643,8 @@ class _Background:
         dispatch.retires.clear()
         full = sharding.gather_state(state)  # a collective: every rank, as in `save`
         if run.rank == 0:
-            copy, ready = self.snapshots.take(
-                full
-            )  # before the next step updates the tensors in place
+            # copied now, before the next step updates the tensors in place
+            copy, ready = self.snapshots.take(full)
 
             def job() -> None:
                 ready()
