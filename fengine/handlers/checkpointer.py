@@ -27,6 +27,10 @@ with ``n`` the completed epoch / update count (MMEngine's ``epoch + 1`` / ``iter
   a work_dir), else to ``work_dir``.
 * **published**: at ``after_train``, params-only ``<stem>-<sha256[:8]>.safetensors``
   copies of the last and best checkpoints (`fengine.checkpoint.publish`).
+* **async_save**: every `Save` asks for the background (``Save(background=True)``): `fit`
+  copies the state and writes the copy on a background thread while training goes on;
+  the pointer moves and retired files go once the new file is durable (see
+  ``fengine.loop._Background``).
 
 Deviations from MMEngine, on purpose:
 
