@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import fengine
-from fengine import checkpoint
+from fengine import checkpoint, loop
 from fengine.checkpoint import _data
 from fengine.handlers import Checkpointer
 
@@ -102,6 +102,31 @@ def checksum_speed(state: fengine.TrainState) -> tuple[str, float]:
     dt, _ = timed(lambda: crc(data, 0))
     name = "zlib" if crc is zlib.crc32 else f"{crc.__module__}"
     return name, len(data) / dt / 1e9
+
+
+class Blocked:
+    """Seconds the training thread spends in the background saves' hand-off (snapshot copy) and
+    waiting for a pending one: `fengine.loop._Background.flush` / `collect`, timed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.real = {n: getattr(loop._Background, n) for n in ("flush", "collect")}
+        for name, fn in self.real.items():
+            setattr(loop._Background, name, self._timed(fn))
+
+    def _timed(self, fn):
+        def call(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return call
+
+    def restore(self) -> None:
+        for name, fn in self.real.items():
+            setattr(loop._Background, name, fn)
 
 
 def train(state, step, steps: int, work: str | None, every: int, async_save: bool) -> float:
@@ -194,15 +219,23 @@ def main() -> None:
         # a run that saves: time lost per save, synchronous vs asynchronous
         saves = (args.steps - 1) // args.every  # save_last=False: the last update is not saved
         work = os.path.join(d, "run")
-        lost: dict[str, list[float]] = {"sync": [], "async": []}
+        lost: dict[str, list[float]] = {"sync": [], "async": [], "blocked": []}
         train(state, step, 2, None, args.every, False)  # warm-up
         for _ in range(args.repeats):
             base = train(state, step, args.steps, None, args.every, False)
-            for mode in ("sync", "async"):
-                t = train(state, step, args.steps, work, args.every, mode == "async")
-                lost[mode].append((t - base) / max(saves, 1))
+            t = train(state, step, args.steps, work, args.every, False)
+            lost["sync"].append((t - base) / max(saves, 1))
+            blocked = Blocked()
+            try:
+                t = train(state, step, args.steps, work, args.every, True)
+            finally:
+                blocked.restore()
+            lost["async"].append((t - base) / max(saves, 1))
+            lost["blocked"].append(blocked.seconds / max(saves, 1))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    lost_sync, lost_async = (statistics.median(lost[k]) for k in ("sync", "async"))
+    lost_sync, lost_async, blocked = (
+        statistics.median(lost[k]) for k in ("sync", "async", "blocked")
+    )
 
     gbps = lambda t: size / t / 1e9  # noqa: E731
     rows = [
@@ -223,6 +256,11 @@ def main() -> None:
     print(
         f"async stall  {lost_async:6.3f} s lost per save in fit = "
         f"{lost_async / med['fe_save']:.2f} of a synchronous save's {med['fe_save']:.3f} s (target <= 0.10)"
+    )
+    print(
+        f"async block  {blocked:6.3f} s per save on the training thread (snapshot copy, waits) = "
+        f"{blocked / med['fe_save']:.2f} of a synchronous save; the rest of the stall is the "
+        "writer's CPU work (page-cache copy, CRC) competing with training for the cores"
     )
     print(f"ratio save / dd-like write  {med['dd'] / med['fe_save']:.2f}  (target >= 0.8)")
     print(f"ratio save / torch.save     {med['pt_save'] / med['fe_save']:.2f}")
