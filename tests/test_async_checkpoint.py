@@ -314,3 +314,28 @@ def test_block_digests_are_zlibs_crc32_of_each_16_mib_block_whichever_implementa
         monkeypatch.setattr(_data, "crc32", fn)
         loaded = checkpoint.load(files_by[impl], state)
         assert_dicts_equal(loaded.params, state.params)
+
+
+@pytest.mark.gpu
+def test_async_checkpoints_of_a_cuda_run_are_bitwise_those_of_a_synchronous_one(tmp_path):
+    """The snapshot is a non-blocking copy into pinned memory; the writer waits for its event."""
+
+    def cuda_run(work, async_save):
+        step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+        ck = Checkpointer(2, by_epoch=False, async_save=async_save)
+        return fe.fit(step.init(mlp(), seed=0, device="cuda"), step, mlp_batches(5), max_steps=8,
+                      handlers=[ck], work_dir=work)  # fmt: skip
+
+    done = cuda_run(tmp_path / "async", True)
+    sync = cuda_run(tmp_path / "sync", False)
+    assert_dicts_equal(done.params, sync.params)
+    for name in files(tmp_path / "sync"):
+        a = safetensors.torch.load_file(tmp_path / "async" / name)
+        assert_dicts_equal(a, safetensors.torch.load_file(tmp_path / "sync" / name), name)
+    snaps = _background.Snapshots()
+    copy, ready = snaps.take(done)
+    ready()
+    first = next(iter(done.params))
+    assert copy.params[first].is_pinned() and torch.equal(
+        copy.params[first].cuda(), done.params[first]
+    )

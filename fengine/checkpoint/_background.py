@@ -44,7 +44,7 @@ class Snapshots:
         leaves, spec = pytree.tree_flatten(state, is_leaf=is_empty_dict)
         copies: dict[int, torch.Tensor] = {}
         out: list[Any] = []
-        on_gpu = False
+        gpus: set[torch.device] = set()
         for i, x in enumerate(leaves):
             if not isinstance(x, torch.Tensor) or _unsupported(x):
                 out.append(x)  # the writer raises save's error for an unsupported tensor
@@ -55,23 +55,25 @@ class Snapshots:
                 if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
                     buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=gpu)
                     self._buffers[i] = buf
-                buf.copy_(x.detach(), non_blocking=gpu)
+                buf.copy_(x.detach(), non_blocking=gpu)  # on x's stream: before later updates of x
                 copies[id(x)] = buf
-                on_gpu |= gpu
+                if gpu:
+                    gpus.add(x.device)
             out.append(copies[id(x)])
-        kept = set(range(len(leaves)))
-        for i in [i for i in self._buffers if i not in kept]:
+        for i in [i for i in self._buffers if i >= len(leaves)]:
             del self._buffers[i]
         copy = pytree.tree_unflatten(out, spec)
-        if not on_gpu:
-            return copy, _nothing
-        event = torch.cuda.Event()
-        event.record()
-        return copy, event.synchronize
+        events = []
+        for device in gpus:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
 
+        def ready() -> None:
+            for event in events:
+                event.synchronize()
 
-def _nothing() -> None:
-    return None
+        return copy, ready
 
 
 def _unsupported(t: torch.Tensor) -> bool:
