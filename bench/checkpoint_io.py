@@ -19,7 +19,7 @@ exp_avg_sq, float32). Everything writes to and reads from the same directory.
 
 Runs alternate and the median of each is reported (this machine's I/O is noisy).
 
-Run: python bench/checkpoint_io.py [--gb 1.0]   (smoke test: --gb 0.002 --repeats 1)
+Run: python bench/checkpoint_io.py [--gb 1.0]   (smoke test: --gb 0.002 --repeats 1 --steps 5 --every 2)
 The last line is ``ratio save X.XX load Y.YY``: save throughput / the dd-like write's
 (target >= 0.8), load throughput / torch.load's (target >= 2).
 """
