@@ -151,9 +151,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each (median reported)")
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temp dir)")
     ap.add_argument(
-        "--steps", type=int, default=16, help="updates of each run of the async-stall rows"
+        "--steps", type=int, default=25, help="updates of each run of the async-stall rows"
     )
-    ap.add_argument("--every", type=int, default=4, help="a checkpoint every N updates there")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=8,
+        help="a checkpoint every N updates there (give the write time to finish)",
+    )
     args = ap.parse_args()
     logging.getLogger("fengine").setLevel(logging.WARNING)
 
