@@ -1,46 +1,62 @@
-"""Checkpoint I/O: fengine.checkpoint vs torch.save / torch.load on a ~1 GB training state.
+"""Checkpoint I/O on a ~1 GB training state: against the disk, torch.save / torch.load, and in a run.
 
 The state is a few big Linear layers with AdamW moments (params + exp_avg +
-exp_avg_sq, float32). Both sides write to and read from the same temp dir.
-Load is timed warm: each loader runs once untimed, then the timed runs.
-Runs of fengine and torch alternate and the median of each is reported (this
-machine's I/O is noisy).
-fengine's save includes what makes it safe (temp file, fsync, rename, directory
-fsync, CRC-32 of every 16 MiB block); its load includes the structure check
-against the template and the digest check. torch.save does not fsync; the
-line "torch.save + fsync" shows that cost for comparison.
+exp_avg_sq, float32). Everything writes to and reads from the same directory.
 
-Run: python bench/checkpoint_io.py [--gb 1.0]   (smoke test: --gb 0.002 --repeats 1)
-The last line is ``ratio save X.XX load Y.YY`` (fengine throughput / torch throughput).
+* **save** vs a dd-like write of the same number of bytes (16 MiB ``write``s from
+  memory, then ``fdatasync``, i.e. ``dd bs=16M conv=fdatasync``): the disk's durable
+  write speed, measured in the same run; and vs ``torch.save`` (which does not fsync).
+  fengine's save includes what makes it safe: preallocation, temp file, CRC-32 of every
+  16 MiB block, fsync, rename, directory fsync.
+* **load** vs ``torch.load``, warm page cache (each runs once untimed first); fengine's
+  load includes the structure check against the template and every block's CRC-32.
+* **checksum**: the CRC-32 alone, on one core (ISA-L's when ``isal`` is installed).
+* **async stall**: ``fit`` trains the state with AdamW on a tiny batch, saving every
+  ``--every`` steps with ``Checkpointer`` (``max_keep_ckpts=1``), synchronously or with
+  ``async_save=True``, and without checkpoints; training time lost per save =
+  (run time - run time without saves) / saves, and its ratio to a synchronous save's
+  time (target <= 0.10).
+
+Runs alternate and the median of each is reported (this machine's I/O is noisy).
+
+Run: python bench/checkpoint_io.py [--gb 1.0]   (smoke test: --gb 0.002 --repeats 1 --steps 5 --every 2)
+The last line is ``ratio save X.XX load Y.YY``: save throughput / the dd-like write's
+(target >= 0.8), load throughput / torch.load's (target >= 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
+import zlib
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
 import fengine
-from fengine import checkpoint
+from fengine import checkpoint, loop
+from fengine.checkpoint import _data
+from fengine.handlers import Checkpointer
 
 
-def build_state(gb: float) -> fengine.TrainState:
+def build_state(gb: float) -> tuple[fengine.TrainState, fengine.Step]:
     # 3 float32 copies (params, exp_avg, exp_avg_sq) of 4 Linear(d, d) layers
     d = int((gb * 1e9 / (3 * 4 * 4)) ** 0.5)
     model = nn.Sequential(*[nn.Linear(d, d) for _ in range(4)])
-    state = fengine.train_step(lambda m, b: m(b).sum(), fengine.optim.adamw(1e-3)).init(model)
+    step = fengine.train_step(lambda m, b: m(b).square().mean(), fengine.optim.adamw(1e-3))
+    state = step.init(model)
     g = torch.Generator().manual_seed(0)
     for group in (state.params, state.opt_state.exp_avg, state.opt_state.exp_avg_sq):
         for t in group.values():
             with torch.no_grad():
                 t.copy_(torch.rand(t.shape, generator=g))
-    return state.replace(step=1000)
+    return state.replace(step=1000), step
 
 
 def tensors(state: fengine.TrainState) -> list[torch.Tensor]:
@@ -63,6 +79,70 @@ def fsync_file(path: str) -> None:
     os.close(fd)
 
 
+def dd_like(path: str, data: memoryview) -> None:
+    """``dd bs=16M conv=fdatasync``: write ``data`` in 16 MiB pieces to a truncated file, then fdatasync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for i in range(0, len(data), 16 << 20):
+            piece = data[i : i + (16 << 20)]
+            done = 0
+            while done < len(piece):
+                done += os.write(fd, piece[done:])
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def checksum_speed(state: fengine.TrainState) -> tuple[str, float]:
+    """(which CRC-32, GB/s on one core) over the state's bytes, up to 256 MiB."""
+    t = max(tensors(state), key=lambda x: x.numel())
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy())[: 256 << 20]
+    crc = _data.crc32
+    crc(data, 0)  # warm
+    dt, _ = timed(lambda: crc(data, 0))
+    name = "zlib" if crc is zlib.crc32 else f"{crc.__module__}"
+    return name, len(data) / dt / 1e9
+
+
+class Blocked:
+    """Seconds the training thread spends in the background saves' hand-off (snapshot copy) and
+    waiting for a pending one: `fengine.loop._Background.flush` / `collect`, timed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.real = {n: getattr(loop._Background, n) for n in ("flush", "collect")}
+        for name, fn in self.real.items():
+            setattr(loop._Background, name, self._timed(fn))
+
+    def _timed(self, fn):
+        def call(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return call
+
+    def restore(self) -> None:
+        for name, fn in self.real.items():
+            setattr(loop._Background, name, fn)
+
+
+def train(state, step, steps: int, work: str | None, every: int, async_save: bool) -> float:
+    """Seconds to run ``fit`` for ``steps`` updates, saving every ``every`` (no saves without ``work``)."""
+    batch = torch.ones(1, state.params["0.weight"].shape[1])
+    handlers = []
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+        handlers = [Checkpointer(every, by_epoch=False, max_keep_ckpts=1, save_last=False,
+                                 async_save=async_save)]  # fmt: skip
+    fresh = state.replace(step=0).clone()  # fit consumes the state it is given
+    t, _ = timed(lambda: fengine.fit(fresh, step, [batch] * steps, max_steps=steps,
+                                     handlers=handlers, work_dir=work))  # fmt: skip
+    return t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -70,9 +150,19 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0, help="approximate state size in GB")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each (median reported)")
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temp dir)")
+    ap.add_argument(
+        "--steps", type=int, default=25, help="updates of each run of the async-stall rows"
+    )
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=8,
+        help="a checkpoint every N updates there (give the write time to finish)",
+    )
     args = ap.parse_args()
+    logging.getLogger("fengine").setLevel(logging.WARNING)
 
-    state = build_state(args.gb)
+    state, step = build_state(args.gb)
     size = nbytes(state)
     torch_obj = {
         "params": state.params,
@@ -80,6 +170,7 @@ def main() -> None:
         "opt_state": state.opt_state._asdict(),
         "step": state.step,
     }
+    crc_name, crc_gbps = checksum_speed(state)
     print(
         f"state: {size / 1e9:.3f} GB in {len(tensors(state))} tensors; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
@@ -88,18 +179,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         fe_path = os.path.join(d, "state.safetensors")
         pt_path = os.path.join(d, "state.pt")
+        dd_path = os.path.join(d, "dd.bin")
 
         # save: a warm-up write of each (allocates the files), then timed runs, interleaved so
-        # that drifting machine conditions (page cache, background writeback) hit both sides alike
+        # that drifting machine conditions (page cache, background writeback) hit all alike
         checkpoint.save(fe_path, state)
+        file_size = os.path.getsize(fe_path)
+        dd_data = memoryview(bytearray(os.urandom(1 << 20)) * ((file_size >> 20) + 1))[:file_size]
+        dd_like(dd_path, dd_data)
         torch.save(torch_obj, pt_path)
         fsync_file(pt_path)
-        runs: dict[str, list[float]] = {
-            k: []
-            for k in ("fe_save", "fe_save_nosync", "pt_save", "pt_save_sync", "fe_load", "pt_load")
-        }
+        names = ("fe_save", "dd", "fe_save_nosync", "pt_save", "pt_save_sync", "fe_load", "pt_load")
+        runs: dict[str, list[float]] = {k: [] for k in names}
         for _ in range(args.repeats):
             runs["fe_save"].append(timed(lambda: checkpoint.save(fe_path, state))[0])
+            runs["dd"].append(timed(lambda: dd_like(dd_path, dd_data))[0])
             runs["pt_save"].append(timed(lambda: torch.save(torch_obj, pt_path))[0])
             fsync_file(pt_path)  # untimed: flush it so the next run starts clean
             runs["fe_save_nosync"].append(
@@ -109,6 +203,7 @@ def main() -> None:
             runs["pt_save_sync"].append(
                 timed(lambda: (torch.save(torch_obj, pt_path), fsync_file(pt_path)))[0]
             )
+        os.unlink(dd_path)
 
         # load, warm cache: one untimed run of each, then timed runs, interleaved
         like = state
@@ -123,30 +218,59 @@ def main() -> None:
             t, out = timed(lambda: torch.load(pt_path))
             del out
             runs["pt_load"].append(t)
+        os.unlink(pt_path)
+        os.unlink(fe_path)
+
+        # a run that saves: time lost per save, synchronous vs asynchronous
+        saves = (args.steps - 1) // args.every  # save_last=False: the last update is not saved
+        work = os.path.join(d, "run")
+        lost: dict[str, list[float]] = {"sync": [], "async": [], "blocked": []}
+        train(state, step, 2, None, args.every, False)  # warm-up
+        for _ in range(args.repeats):
+            base = train(state, step, args.steps, None, args.every, False)
+            t = train(state, step, args.steps, work, args.every, False)
+            lost["sync"].append((t - base) / max(saves, 1))
+            blocked = Blocked()
+            try:
+                t = train(state, step, args.steps, work, args.every, True)
+            finally:
+                blocked.restore()
+            lost["async"].append((t - base) / max(saves, 1))
+            lost["blocked"].append(blocked.seconds / max(saves, 1))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    t_fe_save, t_fe_save_nosync, t_pt_save, t_pt_save_sync, t_fe_load, t_pt_load = (
-        med[k]
-        for k in ("fe_save", "fe_save_nosync", "pt_save", "pt_save_sync", "fe_load", "pt_load")
+    lost_sync, lost_async, blocked = (
+        statistics.median(lost[k]) for k in ("sync", "async", "blocked")
     )
 
     gbps = lambda t: size / t / 1e9  # noqa: E731
+    rows = [
+        ("fengine.checkpoint.save", med["fe_save"], "temp file, CRC-32 blocks, fsync, rename, dir fsync"),
+        ("dd-like write + fdatasync", med["dd"], f"{file_size / 1e9:.3f} GB, the disk's durable write speed"),
+        ("fengine.checkpoint.save no fsync", med["fe_save_nosync"], "fsync=False: atomic against process kills only"),
+        ("torch.save", med["pt_save"], "no fsync"),
+        ("torch.save + fsync", med["pt_save_sync"], ""),
+        ("fengine.checkpoint.load", med["fe_load"], f"structure and CRC-32 checked; bitwise equal: {ok}"),
+        ("torch.load", med["pt_load"], ""),
+    ]  # fmt: skip
+    for name, t, note in rows:
+        print(f"{name:34s} {t:6.3f} s  {gbps(t):6.2f} GB/s  {f'({note})' if note else ''}")
+    print(f"checksum CRC-32 ({crc_name}), one core   {crc_gbps:6.2f} GB/s")
     print(
-        f"fengine.checkpoint.save          {t_fe_save:6.3f} s  {gbps(t_fe_save):6.2f} GB/s  (temp file, fsync, rename, dir fsync; CRC-32 blocks)"
+        f"sync stall   {lost_sync:6.3f} s lost per save in fit ({saves} saves in {args.steps} updates)"
     )
     print(
-        f"fengine.checkpoint.save no fsync {t_fe_save_nosync:6.3f} s  {gbps(t_fe_save_nosync):6.2f} GB/s  (fsync=False: atomic against process kills only)"
+        f"async stall  {lost_async:6.3f} s lost per save in fit = "
+        f"{lost_async / med['fe_save']:.2f} of a synchronous save's {med['fe_save']:.3f} s (target <= 0.10)"
     )
     print(
-        f"torch.save                       {t_pt_save:6.3f} s  {gbps(t_pt_save):6.2f} GB/s  (no fsync)"
+        f"async block  {blocked:6.3f} s per save on the training thread (snapshot copy, waits) = "
+        f"{blocked / med['fe_save']:.2f} of a synchronous save; the rest of the stall is the "
+        "writer's CPU work (page-cache copy, CRC) competing with training for the cores"
     )
-    print(
-        f"torch.save + fsync               {t_pt_save_sync:6.3f} s  {gbps(t_pt_save_sync):6.2f} GB/s"
-    )
-    print(
-        f"fengine.checkpoint.load          {t_fe_load:6.3f} s  {gbps(t_fe_load):6.2f} GB/s  (structure and CRC-32 checked; bitwise equal: {ok})"
-    )
-    print(f"torch.load                       {t_pt_load:6.3f} s  {gbps(t_pt_load):6.2f} GB/s")
-    print(f"ratio save {t_pt_save / t_fe_save:.2f} load {t_pt_load / t_fe_load:.2f}")
+    print(f"ratio save / dd-like write  {med['dd'] / med['fe_save']:.2f}  (target >= 0.8)")
+    print(f"ratio save / torch.save     {med['pt_save'] / med['fe_save']:.2f}")
+    print(f"ratio load / torch.load     {med['pt_load'] / med['fe_load']:.2f}  (target >= 2)")
+    print(f"ratio save {med['dd'] / med['fe_save']:.2f} load {med['pt_load'] / med['fe_load']:.2f}")
 
 
 if __name__ == "__main__":

@@ -90,10 +90,14 @@ class Save:
     `fit` is the only writer of checkpoints: it adds the handlers' ``state_dict()``s
     and the run config to the file, fires ``before/after_save_checkpoint``, and with
     ``latest=True`` moves ``work_dir/last_checkpoint`` to the file once it is complete.
+    ``background=True``: `fit` copies the state's tensors and writes the copy on a
+    background thread while training goes on; the pointer moves and retired files go
+    once the file is durable (see ``fengine.loop._Background``).
     """
 
     path: Path
     latest: bool = True
+    background: bool = False  # `fit` writes a snapshot on a background thread and goes on
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from fengine import checkpoint, distributed, plateau, sharding
+from fengine.checkpoint._background import Snapshots, Writer
 from fengine.devices import device_of, to_device
 from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
 from fengine.events import Dispatcher, RunInfo
@@ -345,51 +346,60 @@ def fit(
         run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch,
                       p.batches_per_epoch, p.micro_batches, state.step, val_batches, config,
                       distributed.rank(), world, tuple(distributed.gather_objects(str(device))))  # fmt: skip
-        dispatch("before_run", state, run)
-        moment = None
-        if resume:
-            state, run, moment = _resume(state, step, resume, run, dispatch)
-        dispatch("before_train", state, run)
-        _flush(state, run, dispatch, "before_train")
-        if (
-            val is not None
-            and moment is not None
-            and _validation_due(moment, state, p, val, interval)
-        ):
-            state = _validate(
-                state, val, dispatch, run
-            )  # the checkpoint was saved before this position's validation
-        if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
-            log.warning("fit: no val, so reduce_on_plateau never reduces; pass val=fe.Val(...)")
-        watch = FiniteWatch(enabled=check_nonfinite)
-        with _signals(enabled=work_dir is not None) as received:
-            ticks = train_steps(state, step, train_data, p, stop=lambda: dispatch.stop is not None)
-            sent: TrainState | None = None  # the state validation changed, for the next tick
-            while (tick := _next(ticks, sent)) is not None:
-                state, sent = tick.state, None
-                if tick.event == "after_train_iter":
-                    watch.record(state.step, tick.metrics)
-                elif tick.event == "after_train_epoch" and world > 1:
-                    distributed.sync_buffers(state.buffers)  # MMEngine's SyncBuffersHook
-                if dispatch.wants(tick.event):
-                    dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch,
-                             metrics=tick.metrics, data_time=tick.data_time)  # fmt: skip
-                    _flush(state, run, dispatch, tick.event)
-                if _signalled(received, tick, world, device):
-                    _preempt(received, state, run, dispatch, tick.event)
-                if val is not None and _validation_due(tick.event, state, p, val, interval):
-                    state = sent = _validate(state, val, dispatch, run)
+        bg = _Background()
+        try:
+            dispatch("before_run", state, run)
+            moment = None
+            if resume:
+                state, run, moment = _resume(state, step, resume, run, dispatch)
+            dispatch("before_train", state, run)
+            _flush(state, run, dispatch, "before_train", bg)
+            if (
+                val is not None
+                and moment is not None
+                and _validation_due(moment, state, p, val, interval)
+            ):
+                state = _validate(state, val, dispatch, run, bg)  # the checkpoint preceded it
+            if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
+                log.warning("fit: no val, so reduce_on_plateau never reduces; pass val=fe.Val(...)")
+            watch = FiniteWatch(enabled=check_nonfinite)
+            with _signals(enabled=work_dir is not None) as received:
+                ticks = train_steps(
+                    state, step, train_data, p, stop=lambda: dispatch.stop is not None
+                )
+                sent: TrainState | None = None  # the state validation changed, for the next tick
+                while (tick := _next(ticks, sent)) is not None:
+                    state, sent = tick.state, None
+                    bg.poll(run, dispatch)  # a finished background save: its events, or its error
+                    if tick.event == "after_train_iter":
+                        watch.record(state.step, tick.metrics)
+                    elif tick.event == "after_train_epoch" and world > 1:
+                        distributed.sync_buffers(state.buffers)  # MMEngine's SyncBuffersHook
+                    if dispatch.wants(tick.event):
+                        dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch,
+                                 metrics=tick.metrics, data_time=tick.data_time)  # fmt: skip
+                        _flush(state, run, dispatch, tick.event, bg)
                     if _signalled(received, tick, world, device):
-                        _preempt(received, state, run, dispatch, "after_val")
-            watch.check()
-            if _signalled(
-                received, None, world, device
-            ):  # e.g. in the final validation: still a preemption
-                _preempt(received, state, run, dispatch, "after_val")
-            reason = {"stop": dispatch.stop.reason} if dispatch.stop else {}
-            dispatch("after_train", state, run, metrics=reason)
-            _flush(state, run, dispatch, "after_train")
-        dispatch("after_run", state, run)
+                        _preempt(received, state, run, dispatch, tick.event, bg)
+                    if val is not None and _validation_due(tick.event, state, p, val, interval):
+                        state = sent = _validate(state, val, dispatch, run, bg)
+                        if _signalled(received, tick, world, device):
+                            _preempt(received, state, run, dispatch, "after_val", bg)
+                watch.check()
+                if _signalled(
+                    received, None, world, device
+                ):  # e.g. in the final validation: still a preemption
+                    _preempt(received, state, run, dispatch, "after_val", bg)
+                # the last checkpoint is durable before after_train (which may publish it)
+                bg.finish(run, dispatch)
+                reason = {"stop": dispatch.stop.reason} if dispatch.stop else {}
+                dispatch("after_train", state, run, metrics=reason)
+                _flush(state, run, dispatch, "after_train", bg)
+                bg.finish(run, dispatch)  # a save asked for at after_train
+            dispatch("after_run", state, run)
+        except BaseException:
+            bg.abandon()
+            raise
     return state
 
 
@@ -467,13 +477,15 @@ def _next(ticks: Generator[Tick, TrainState | None, None], sent: TrainState | No
         return None
 
 
-def _validate(state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo) -> TrainState:
+def _validate(
+    state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo, bg: _Background | None = None
+) -> TrainState:
     """Validate; the state after its results (reduce_on_plateau observes them, as MMEngine's
     ParamSchedulerHook after the logger, before the checkpoints of ``after_val``)."""
     results = run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch,
                        run=run, phase="val", autocast=val.autocast)  # fmt: skip
     state = plateau.observe(state, results)
-    _flush(state, run, dispatch, "after_val")
+    _flush(state, run, dispatch, "after_val", bg)
     return state
 
 
@@ -583,7 +595,17 @@ def save(path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, l
     """Write ``state`` with the handlers' state, the run config and the loop ``moment``; fire the
     save events; move the pointer."""
     dispatch("before_save_checkpoint", state, run, checkpoint=path)
-    meta = {
+    meta = _meta(run, dispatch, moment)
+    full = sharding.gather_state(state)  # a sharded state is gathered by every rank, for rank 0
+    if run.rank == 0:  # the state is the same on every rank: rank 0 writes it
+        _write(path, full, meta, latest, run.work_dir)
+    distributed.barrier()  # on disk before any rank goes on
+    dispatch("after_save_checkpoint", state, run, checkpoint=path)
+
+
+def _meta(run: RunInfo, dispatch: Dispatcher, moment: str) -> dict[str, Any]:
+    """What a checkpoint stores beside the state: the config, every handler's state, the run, the moment."""
+    return {
         "config": dict(run.config) if run.config else None,
         "handlers": dispatch.state_dicts(),
         "run": {
@@ -594,18 +616,103 @@ def save(path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, l
         },  # fmt: skip
         "moment": moment,
     }
-    full = sharding.gather_state(state)  # a sharded state is gathered by every rank, for rank 0
-    if run.rank == 0:  # the state is the same on every rank: rank 0 writes it
-        checkpoint.save(path, full, meta)
-        if latest:
-            checkpoint.mark_latest(run.work_dir if run.work_dir is not None else path.parent, path)
-    distributed.barrier()  # on disk before any rank goes on
-    dispatch("after_save_checkpoint", state, run, checkpoint=path)
 
 
-def _flush(state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str) -> None:
+def _write(
+    path: Path, full: TrainState, meta: dict[str, Any], latest: bool, work_dir: Path | None
+) -> None:
+    """Rank 0's part of a save: the file, durable, then (``latest``) the pointer moved to it."""
+    checkpoint.save(path, full, meta)
+    if latest:
+        checkpoint.mark_latest(work_dir if work_dir is not None else path.parent, path)
+
+
+class _Background:
+    """`fit`'s asynchronous saves (``Save(background=True)``, e.g. ``Checkpointer(async_save=True)``).
+
+    A flush hands a snapshot of the state to the writer thread with the whole job: the files,
+    then the pointer, then the retired files' deletion, each only once what came before is
+    durable; a kill at any moment leaves the previous checkpoint as the latest. At most one job
+    is pending: the next save (async or not), a retirement, a preemption and the end of `fit`
+    wait for it first, and raise its error there. ``after_save_checkpoint`` fires on the main
+    thread once the files are durable (at the first tick after, or at that wait), with the
+    snapshot as its state.
+    """
+
+    def __init__(self) -> None:
+        self.writer = Writer()
+        self.snapshots = Snapshots()
+        # the after_save_checkpoint events the pending job owes: (path, the state it saved)
+        self.owed: list[tuple[Path, TrainState]] = []
+        self.used = False  # a background save was asked for (on every rank alike)
+
+    def collect(self, run: RunInfo, dispatch: Dispatcher) -> None:
+        """Wait for the pending job (raising its error), then fire the events it owes."""
+        owed, self.owed = self.owed, []
+        self.writer.wait()
+        for path, copy in owed:
+            dispatch("after_save_checkpoint", copy, run, checkpoint=path)
+
+    def poll(self, run: RunInfo, dispatch: Dispatcher) -> None:
+        if self.writer.done():
+            self.collect(run, dispatch)
+
+    def flush(self, state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str) -> None:
+        """Snapshot the state, hand the requested saves and retirements to the writer, and go on."""
+        self.collect(run, dispatch)  # at most one pending save: this one waits for the last
+        self.used = True
+        jobs: list[tuple[Path, dict[str, Any], bool]] = []
+        while dispatch.saves:
+            request = dispatch.saves.pop(0)
+            path = Path(request.path)
+            dispatch("before_save_checkpoint", state, run, checkpoint=path)
+            jobs.append((path, _meta(run, dispatch, moment), request.latest))
+        retired, work_dir = list(dispatch.retires), run.work_dir
+        dispatch.retires.clear()
+        full = sharding.gather_state(state)  # a collective: every rank, as in `save`
+        if run.rank == 0:
+            # copied now, before the next step updates the tensors in place
+            copy, ready = self.snapshots.take(full)
+
+            def job() -> None:
+                ready()
+                for path, meta, latest in jobs:
+                    _write(path, copy, meta, latest, work_dir)
+                if retired:
+                    retire(retired, work_dir)
+
+            self.writer.submit(job)
+            self.owed = [(path, copy) for path, _, _ in jobs]
+        distributed.barrier()  # the ranks stay in step as with a synchronous save
+        if run.rank != 0:  # nothing to wait for here: rank 0 writes
+            for path, _, _ in jobs:
+                dispatch("after_save_checkpoint", state, run, checkpoint=path)
+
+    def finish(self, run: RunInfo, dispatch: Dispatcher) -> None:
+        """The end of `fit`: the pending save is durable on rank 0 before any rank returns."""
+        self.collect(run, dispatch)
+        if self.used:
+            distributed.barrier()
+
+    def abandon(self) -> None:
+        """`fit` is failing: still let the pending write finish (it stays atomic), and log its error."""
+        self.owed = []
+        try:
+            self.writer.wait()
+        except BaseException as e:  # noqa: B036 - the run's own error is the one raised
+            log.error("a background checkpoint save failed too: %s: %s", type(e).__name__, e)
+
+
+def _flush(state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str,
+           bg: _Background | None = None) -> None:  # fmt: skip
     """Write the checkpoints handlers asked for, then delete what they retired (once the new
-    files are durable and the pointer has moved)."""
+    files are durable and the pointer has moved). Saves that all ask for the background go to
+    ``bg``; anything else first waits for its pending save (order on disk is order asked)."""
+    if bg is not None and dispatch.saves and all(r.background for r in dispatch.saves):
+        bg.flush(state, run, dispatch, moment)
+        return
+    if bg is not None and (dispatch.saves or dispatch.retires):
+        bg.collect(run, dispatch)
     while dispatch.saves:
         request = dispatch.saves.pop(0)
         save(Path(request.path), state, run, dispatch, latest=request.latest, moment=moment)
@@ -655,14 +762,21 @@ def _signalled(received: list[int], tick: Tick | None, world: int, device: Any) 
 
 
 def _preempt(
-    received: list[int], state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str
+    received: list[int],
+    state: TrainState,
+    run: RunInfo,
+    dispatch: Dispatcher,
+    moment: str,
+    bg: _Background | None = None,
 ) -> None:
     assert run.work_dir is not None
+    if bg is not None:
+        bg.finish(run, dispatch)  # a pending background save completes first
     signum = received[0] if received else signal.SIGTERM  # another rank received it
     path = run.work_dir / f"step_{state.step}.safetensors"
     log.warning("%s received: saving %s and stopping", signal.Signals(signum).name, path)
     save(path, state, run, dispatch, moment=moment)
-    _flush(state, run, dispatch, moment)  # what handlers retired because of it (rotation)
+    _flush(state, run, dispatch, moment, bg)  # what handlers retired because of it (rotation)
     dispatch("after_train", state, run, metrics={"stop": signal.Signals(signum).name})
     dispatch("after_run", state, run)
     raise Preempted(signum, path, state)

@@ -109,8 +109,9 @@ def fit_run(out, rank, world):
     straight = fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_epochs=3, val=val,
                       handlers=[Checkpointer(1, max_keep_ckpts=2), rec], work_dir=work)  # fmt: skip
     mid = out / "fit_resumed"
-    fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_steps=7, handlers=[Checkpointer(3, by_epoch=False)],
-           work_dir=mid)  # fmt: skip
+    # written by rank 0's background writer (async_save); the resume below reads what it left
+    fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_steps=7,
+           handlers=[Checkpointer(3, by_epoch=False, async_save=True)], work_dir=mid)  # fmt: skip
     resumed = fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_epochs=3, handlers=[], work_dir=mid,
                      resume=True)  # fmt: skip
     single = fe.evaluate(straight, predict, loader(images, shuffle=False), [Accuracy()])

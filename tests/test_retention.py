@@ -69,13 +69,16 @@ def kill_at(k: int | None, monkeypatch):
         yield state
 
 
-def experiment(work, max_keep, *, resume=True, max_epochs=4):
-    """4 epochs of 3 batches; a checkpoint every epoch, at most ``max_keep`` kept; the best val loss."""
+def experiment(work, max_keep, *, resume=True, max_epochs=4, async_save=False):
+    """4 epochs of 3 batches; a checkpoint every epoch, at most ``max_keep`` kept; the best val loss;
+    ``async_save``: written on the background thread (then the kill may hit that thread)."""
     step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
     val = fe.Val(
         mlp_batches(2, seed=9), [MeanLoss()], eval_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])
     )
-    ck = Checkpointer(1, max_keep_ckpts=max_keep, save_best="loss", rule="less")
+    ck = Checkpointer(
+        1, max_keep_ckpts=max_keep, save_best="loss", rule="less", async_save=async_save
+    )
     return fe.fit(step.init(mlp(), seed=0), step, mlp_batches(3), max_epochs=max_epochs, val=val,
                   handlers=[ck], work_dir=work, resume=resume)  # fmt: skip
 
@@ -89,28 +92,30 @@ def _best_ok(work):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_keep", [1, 3])
-def test_a_kill_at_every_filesystem_step_loses_nothing(tmp_path, monkeypatch, max_keep):
+@pytest.mark.parametrize("max_keep,async_save", [(1, False), (3, False), (1, True)])
+def test_a_kill_at_every_filesystem_step_loses_nothing(tmp_path, monkeypatch, max_keep, async_save):
+    """Async: the kill lands in the writer thread during a background save (every later write of
+    any thread fails too), and surfaces in fit at its next save or its end."""
     straight = experiment(tmp_path / "straight", max_keep)
     expected_files = _ckpts(tmp_path / "straight")
     with kill_at(None, monkeypatch) as counted:
-        experiment(tmp_path / "count", max_keep)
+        experiment(tmp_path / "count", max_keep, async_save=async_save)
     total = counted["n"]
     assert total > 40  # every save: temp file, data, fsync, rename, dir fsync, pointer, retire...
     saved: list = []
-    real_save = loop.save
+    real_write = loop._write
 
-    def recording_save(path, *a, **kw):
-        real_save(path, *a, **kw)
+    def recording_write(path, *a, **kw):  # a save's file is durable and the pointer moved
+        real_write(path, *a, **kw)
         saved.append(path.name)
 
-    monkeypatch.setattr(loop, "save", recording_save)
+    monkeypatch.setattr(loop, "_write", recording_write)
     unresumable = lost_best = stale = 0
     for k in range(1, total + 1):
         work = tmp_path / f"k{k}"
         saved.clear()
         with kill_at(k, monkeypatch), pytest.raises(Killed):
-            experiment(work, max_keep)
+            experiment(work, max_keep, async_save=async_save)
         # the disk as the kill left it: a completed save means a loadable checkpoint and, once a best
         # was saved, a best file
         if saved:
@@ -121,7 +126,7 @@ def test_a_kill_at_every_filesystem_step_loses_nothing(tmp_path, monkeypatch, ma
                 unresumable += checkpoint.latest(work) is None
         if any(n.startswith("best_") for n in saved):
             lost_best += not _best_ok(work)
-        done = experiment(work, max_keep)
+        done = experiment(work, max_keep, async_save=async_save)
         assert_dicts_equal(done.params, straight.params, f"resumed after a kill at step {k}")
         assert _ckpts(work) == expected_files, k
         stale += len([p for p in work.iterdir() if p.name.endswith(".tmp")])

@@ -20,8 +20,11 @@ Format (version 1). A checkpoint is a plain safetensors file, so
 CRC-32 was measured as the fastest stdlib digest here (zlib.crc32 3.7 GB/s;
 adler32 3.1, sha1/sha256 1.1, md5 0.7, blake2b 0.5 GB/s on one core); it catches
 every burst error up to 32 bits and any other damage with probability 1 - 2^-32
-per block. Blocks are hashed (and read/written) on a few threads, since zlib and
-``os.pread``/``os.pwrite`` release the GIL. The header is covered by SHA-256.
+per block. With the optional ``isal`` package (``fengine[fast]``) the same CRC-32
+is ISA-L's (7.7 vs 1.9 GB/s measured side by side here): the files are byte for
+byte the same. Blocks are hashed (and read/written) on a few threads, since the
+CRC and ``os.pread``/``os.pwrite`` release the GIL, in 1 MiB pieces checksummed
+right next to their I/O while still in the CPU cache. The header is covered by SHA-256.
 
 Writes are atomic: a hidden temp file in the target directory, ``fsync``,
 ``os.replace``, ``fsync`` of the directory. A checkpoint is never modified in
@@ -51,7 +54,8 @@ Modules: `_format` (header, metadata, digests, errors, field checks), `_data`
 (tensor bytes in CRC-32 blocks), `_io` (atomic files, opening regular files,
 removal, positional I/O, threads), `_tree` (leaf names), `_state` (save / load /
 read_meta / latest / mark_latest / clean_stale_temps), `_params` (load_params /
-publish).
+publish), `_background` (snapshots of a state and the one-job writer thread behind
+``Checkpointer(async_save=True)``; `fengine.loop` runs it).
 """
 
 from fengine.checkpoint import _io

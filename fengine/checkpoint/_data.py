@@ -1,4 +1,11 @@
-"""Tensor data: laid out after the header and checked in CRC-32 blocks, written and read on a few threads."""
+"""Tensor data: laid out after the header and checked in CRC-32 blocks, written and read on a few threads.
+
+Each 16 MiB block is moved and checksummed in 1 MiB pieces (`_CHUNK`), the CRC of a piece
+taken right next to its ``pwrite`` / ``pread``, while the bytes are still in the CPU cache:
+the data crosses memory once per direction instead of twice. The CRC-32 is zlib's, or, when
+the optional ``isal`` package is installed (``pip install fengine[fast]``), ISA-L's
+(same polynomial, same values, ~4x faster here): files are identical either way.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +40,20 @@ from fengine.checkpoint._format import (
 )
 from fengine.checkpoint._io import atomic_write, pread_into, run
 from fengine.sharding import is_dtensor
+
+
+# The CRC-32 of every block digest (read at call time, so tests can swap it).
+crc32: Callable[[Any, int], int] = zlib.crc32
+try:  # ISA-L's CRC-32: the same function as zlib.crc32, hardware-accelerated (PCLMULQDQ)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is optional
+    pass
+
+_CHUNK = 1 << 20  # bytes moved and checksummed together, small enough to stay in the CPU cache
+
+
+def _chunks(a: int, z: int) -> Iterator[tuple[int, int]]:
+    return ((i, min(i + _CHUNK, z)) for i in range(a, z, _CHUNK))
 
 
 def _pieces(
@@ -133,15 +154,18 @@ def write_file(
     metadata["fengine.header_digest"] = "0" * 64
     head_len = len(encode_header(table, metadata))
 
+    checksum = crc32  # read at call time: a test may swap it
+
     def write(fd: int) -> str | None:
         seams._preallocate(fd, head_len + total)
 
         def write_block(b: int) -> str:
             crc = 0
             for begin, a, z, data in _pieces(spans, starts, b * BLOCK, min((b + 1) * BLOCK, total)):
-                piece = data[a:z]
-                seams._pwrite_all(fd, piece, head_len + begin + a)
-                crc = zlib.crc32(piece, crc)
+                for i, j in _chunks(a, z):
+                    piece = data[i:j]
+                    crc = checksum(piece, crc)  # first: pwrite then copies it from the cache
+                    seams._pwrite_all(fd, piece, head_len + begin + i)
             return f"{crc:08x}"
 
         metadata["fengine.data_digest"] = _data_digest(
@@ -183,6 +207,7 @@ def read_tensors(
     starts = [s[0] for s in spans]
     nblocks = n_blocks(h.total, block)
     local = threading.local()  # each thread's scratch buffer for bytes read only to be checked
+    checksum = crc32  # read at call time: a test may swap it
 
     fd, st = open_checkpoint(h.path)
     if identity(st) != h.identity:
@@ -193,16 +218,17 @@ def read_tensors(
         """None, or what went wrong: "short" (the file shrank) or "crc"."""
         crc = 0
         for begin, a, z, name in pieces:
-            if name in views:
-                buf = views[name][a:z]
-            else:
-                if getattr(local, "buf", None) is None:
-                    local.buf = memoryview(bytearray(min(block, h.total)))
-                buf = local.buf[: z - a]
-            if pread_into(fd, buf, h.data_start + begin + a) != len(buf):
-                return "short"
-            if digest is not None:
-                crc = zlib.crc32(buf, crc)
+            for i, j in _chunks(a, z):
+                if name in views:
+                    buf = views[name][i:j]
+                else:
+                    if getattr(local, "buf", None) is None:
+                        local.buf = memoryview(bytearray(_CHUNK))
+                    buf = local.buf[: j - i]
+                if pread_into(fd, buf, h.data_start + begin + i) != len(buf):
+                    return "short"
+                if digest is not None:
+                    crc = checksum(buf, crc)  # right after the read: the bytes are still cached
         if digest is not None and f"{crc:08x}" != digest["blocks"][b]:
             return "crc"
         return None

@@ -27,6 +27,10 @@ with ``n`` the completed epoch / update count (MMEngine's ``epoch + 1`` / ``iter
   a work_dir), else to ``work_dir``.
 * **published**: at ``after_train``, params-only ``<stem>-<sha256[:8]>.safetensors``
   copies of the last and best checkpoints (`fengine.checkpoint.publish`).
+* **async_save**: every `Save` asks for the background (``Save(background=True)``): `fit`
+  copies the state and writes the copy on a background thread while training goes on;
+  the pointer moves and retired files go once the new file is durable (see
+  ``fengine.loop._Background``).
 
 Deviations from MMEngine, on purpose:
 
@@ -278,6 +282,11 @@ class Checkpointer(Handler):
       published_params: which weights to publish: ``"auto"`` (the checkpoint's eval weights,
         `TrainState.eval_weights`: the EMA ones when the run keeps an EMA, as MMEngine's
         EMAHook puts them in ``state_dict``), ``"live"`` or ``"ema"`` (eval weights, required).
+      async_save: write each checkpoint on a background thread from a copy of the state's
+        tensors and train on meanwhile (`fit` moves ``last_checkpoint`` and deletes retired
+        files once the copy is durable, waits for a pending save before the next one, at a
+        preemption and at the end, and raises its error there). Costs one CPU copy of the
+        state in memory; a synchronous save costs the whole write in training time.
       name: the key of this handler's state in checkpoints (default ``"checkpointer"``).
       priority: default VERY_LOW (after the schedulers and the logger, as MMEngine).
     """
@@ -301,6 +310,7 @@ class Checkpointer(Handler):
         filename_tmpl: str | None = None,
         published: bool = False,
         published_params: str = "auto",
+        async_save: bool = False,
         priority: int | str | None = None,
         name: str | None = None,
     ) -> None:
@@ -324,6 +334,7 @@ class Checkpointer(Handler):
         if save_begin < 0:
             raise ValueError(f"Checkpointer: save_begin must be >= 0, got {save_begin}")
         self.save_last = _check_bool("save_last", save_last)
+        self.async_save = _check_bool("async_save", async_save)
         default_tmpl = ("epoch_{}" if by_epoch else "iter_{}") + ".safetensors"
         self.filename_tmpl = _check_tmpl(default_tmpl if filename_tmpl is None else filename_tmpl)
         self.greater_keys = tuple(
@@ -523,7 +534,7 @@ class Checkpointer(Handler):
     def _periodic(self, directory: Path, n: int) -> Save | list[Save | Retire]:
         """Ask for ``filename_tmpl.format(n)`` and retire the oldest kept files beyond max_keep_ckpts."""
         self.last_ckpt, self.last_step = self.filename_tmpl.format(n), n
-        save = Save(directory / self.last_ckpt, latest=True)
+        save = Save(directory / self.last_ckpt, latest=True, background=self.async_save)
         retire = self._keep(directory, self.last_ckpt) if self.max_keep_ckpts > 0 else None
         return save if retire is None else [save, retire]
 
@@ -554,11 +565,12 @@ class Checkpointer(Handler):
         name = f"best_{key}_{self.filename_tmpl.format(n)}".replace("/", "_")
         old = self.best[key]["path"] if key in self.best else None
         self.best[key] = {"score": score, "path": name}
+        save = Save(directory / name, latest=False, background=self.async_save)
         if old is None or old == name:
-            return [Save(directory / name, latest=False)]
+            return [save]
         log.info("The previous best checkpoint %s is removed", directory / old)
         self.retiring.append(old)
-        return [Save(directory / name, latest=False), Retire((directory / old,))]
+        return [save, Retire((directory / old,))]
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

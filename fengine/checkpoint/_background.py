@@ -1,0 +1,134 @@
+"""Asynchronous saves: a snapshot of the state's tensors, written by one background thread.
+
+The step updates the state's tensors in place (it donates the state), so a background
+write must not read them: `Snapshots.take` copies every tensor into CPU buffers first
+(pinned, with a non-blocking copy and a CUDA event, when the tensor is on a GPU), and the
+training loop goes on while `Writer` runs the job that writes the copy. The buffers are
+reused by the next snapshot, which `Writer` allows only once the previous job is done: at
+most one save is pending, the next one waits for it.
+
+A job's exception (``BaseException`` included) is kept and raised on the caller's thread
+by the next `Writer.wait` (`fit` calls it at the next save, at a preemption and at the end),
+so a failed background save is never silently lost.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from fengine.checkpoint._format import DTYPE_NAMES
+from fengine.checkpoint._tree import is_empty_dict
+from fengine.sharding import is_dtensor
+from fengine.state import TrainState
+
+
+class Snapshots:
+    """Copies of a state's tensors in CPU buffers that are reused from one snapshot to the next."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, torch.Tensor] = {}  # leaf index -> its buffer
+
+    def take(self, state: TrainState) -> tuple[TrainState, Callable[[], None]]:
+        """``(copy, ready)``: a state like ``state`` whose tensors are CPU copies, and a function that
+        returns once the copies are complete (GPU copies run asynchronously until then).
+
+        Non-tensor leaves are shared (they are immutable); tensors that are one object in
+        ``state`` (EMA weights aliasing live ones) are one object in the copy. The copy is
+        valid until the next `take`.
+        """
+        leaves, spec = pytree.tree_flatten(state, is_leaf=is_empty_dict)
+        copies: dict[int, torch.Tensor] = {}
+        out: list[Any] = []
+        gpus: set[torch.device] = set()
+        for i, x in enumerate(leaves):
+            if not isinstance(x, torch.Tensor) or _unsupported(x):
+                out.append(x)  # the writer raises save's error for an unsupported tensor
+                continue
+            if id(x) not in copies:
+                gpu = x.device.type == "cuda"
+                buf = self._buffers.get(i)
+                if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+                    buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=gpu)
+                    self._buffers[i] = buf
+                buf.copy_(x.detach(), non_blocking=gpu)  # on x's stream: before later updates of x
+                copies[id(x)] = buf
+                if gpu:
+                    gpus.add(x.device)
+            out.append(copies[id(x)])
+        for i in [i for i in self._buffers if i >= len(leaves)]:
+            del self._buffers[i]
+        copy = pytree.tree_unflatten(out, spec)
+        events = []
+        for device in gpus:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+
+        def ready() -> None:
+            for event in events:
+                event.synchronize()
+
+        return copy, ready
+
+
+def _unsupported(t: torch.Tensor) -> bool:
+    """Tensors `checkpoint.save` refuses (it names them): left in place, not copied."""
+    return (
+        is_dtensor(t)
+        or t.layout != torch.strided
+        or t.is_quantized
+        or t.device.type == "meta"
+        or t.dtype not in DTYPE_NAMES
+    )
+
+
+class Writer:
+    """Runs one background job at a time; its result or error is collected by `wait`."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def pending(self) -> bool:
+        """A job was submitted and not yet collected by `wait`."""
+        return self._thread is not None
+
+    def done(self) -> bool:
+        """The pending job has finished (`wait` would not block); False when none is pending."""
+        return self._thread is not None and not self._thread.is_alive()
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        """Start ``job`` on a background thread; the previous job must have been collected (`wait`)."""
+        if self._thread is not None:
+            raise RuntimeError(
+                "Writer.submit: the previous job is still pending; call wait() first"
+            )
+
+        def run() -> None:
+            try:
+                self._result = job()
+            except BaseException as e:  # noqa: B036 - kept and raised on the caller's thread by wait()
+                self._error = e
+
+        self._result = self._error = None
+        self._thread = threading.Thread(target=run, name="fengine-checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> Any:
+        """Wait for the pending job and return its result (None when nothing is pending); raise its error."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        error, result = self._error, self._result
+        self._error = self._result = None
+        if error is not None:
+            raise error
+        return result

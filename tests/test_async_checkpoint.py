@@ -1,0 +1,341 @@
+"""Asynchronous checkpoints (``Checkpointer(async_save=True)``): the files are bitwise those of a
+synchronous run although training runs on while they are written; the pointer moves and old files
+go only once the new one is durable; a preemption and the end of `fit` wait for the pending save;
+a writer's error is raised on the main thread, never lost.
+
+The writer is slowed down (each ``pwrite`` sleeps first) so that steps really run while a file is
+being written: without the snapshot copy, the in-place updates of those steps would reach the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import threading
+import time
+import zlib
+
+import pytest
+import safetensors.torch
+import torch
+from helpers import assert_dicts_equal, ce_loss, mlp, mlp_batches
+
+import fengine as fe
+from fengine import checkpoint, optim
+from fengine.checkpoint import _background, _data
+from fengine.handlers import Checkpointer
+
+
+class Clock(fe.Handler):
+    """Counts updates and records the save events, to see what ran while a file was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates = 0
+        self.events: list[tuple[str, str, int]] = []
+
+    def on_after_train_iter(self, snap):
+        self.updates += 1
+
+    def on_before_save_checkpoint(self, snap):
+        self.events.append(("before", snap.checkpoint.name, snap.step))
+
+    def on_after_save_checkpoint(self, snap):
+        self.events.append(("after", snap.checkpoint.name, snap.step))
+
+
+@pytest.fixture
+def slow_writer(monkeypatch):
+    """Every write sleeps first; records (updates before, updates after) per write of the writer thread."""
+    real = checkpoint._pwrite_all
+    seen: list[tuple[int, int]] = []
+    clock = Clock()
+
+    def slow(fd, data, offset):
+        before = clock.updates
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.05)
+        seen.append((before, clock.updates))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", slow)
+    return clock, seen
+
+
+def run(work, *, async_save, max_steps=12, handlers=(), resume=False):
+    step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+    ck = Checkpointer(3, by_epoch=False, max_keep_ckpts=2, async_save=async_save)
+    return fe.fit(step.init(mlp(), seed=0), step, mlp_batches(5), max_steps=max_steps,
+                  handlers=[ck, *handlers], work_dir=work, resume=resume)  # fmt: skip
+
+
+def tensors_of(path):
+    """Every tensor of the file (read by safetensors, an independent reader) and its step (read
+    and verified by checkpoint.load)."""
+    like = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9)).init(mlp(), seed=0)
+    return safetensors.torch.load_file(path), checkpoint.load(path, like).step
+
+
+def files(work):
+    return sorted(p.name for p in work.glob("*.safetensors"))
+
+
+def writer_threads():
+    return [t for t in threading.enumerate() if t.name == "fengine-checkpoint-writer"]
+
+
+def test_async_checkpoints_are_bitwise_those_of_a_synchronous_run(tmp_path, slow_writer):
+    clock, seen = slow_writer
+    sync = run(tmp_path / "sync", async_save=False)
+    seen.clear()
+    done = run(tmp_path / "async", async_save=True, handlers=[clock])
+    assert any(after > before for before, after in seen), "no step ran during a background write"
+    assert not writer_threads()  # fit waited for the last one
+    assert_dicts_equal(done.params, sync.params)
+    assert files(tmp_path / "async") == files(tmp_path / "sync") == ["iter_12.safetensors", "iter_9.safetensors"]  # fmt: skip
+    for name in files(tmp_path / "sync"):
+        a, a_step = tensors_of(tmp_path / "async" / name)
+        s, s_step = tensors_of(tmp_path / "sync" / name)
+        assert a_step == s_step
+        assert sorted(a) == sorted(s) and len(a) > 4
+        assert_dicts_equal(a, s, name)
+    assert checkpoint.latest(tmp_path / "async") == tmp_path / "async" / "iter_12.safetensors"
+    # after_save_checkpoint fires once the file is durable, with the state saved; before_save at the save
+    assert [e for e in clock.events if e[0] == "after"] == [
+        ("after", f"iter_{n}.safetensors", n) for n in (3, 6, 9, 12)
+    ]
+
+
+def test_at_most_one_save_is_pending(tmp_path, slow_writer, monkeypatch):
+    """Saves every update with a slow writer: each waits for the one before; never two writers."""
+    active, most = [0], [0]
+    real = checkpoint.save
+
+    def counting(*a, **kw):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        try:
+            return real(*a, **kw)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(checkpoint, "save", counting)
+    step = fe.train_step(ce_loss, optim.sgd(0.2))
+    fe.fit(step.init(mlp(), seed=0), step, mlp_batches(5), max_steps=6, work_dir=tmp_path,
+           handlers=[Checkpointer(1, by_epoch=False, async_save=True)])  # fmt: skip
+    assert most[0] == 1
+    assert files(tmp_path) == [f"iter_{n}.safetensors" for n in range(1, 7)]
+
+
+def test_preempted_async_run_resumes_bitwise_like_a_straight_synchronous_one(tmp_path, slow_writer):
+    straight = run(tmp_path / "straight", async_save=False)
+
+    @fe.on("after_train_iter", once=7)
+    def sigterm(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(fe.Preempted) as info:
+        run(tmp_path / "w", async_save=True, handlers=[sigterm])
+    assert info.value.state.step == 7
+    done = run(tmp_path / "w", async_save=True, resume=True)
+    assert_dicts_equal(done.params, straight.params)
+    assert (done.step, done.epoch, done.batch_in_epoch) == (
+        straight.step,
+        straight.epoch,
+        straight.batch_in_epoch,
+    )
+    assert files(tmp_path / "w") == files(tmp_path / "straight")
+
+
+def test_sigterm_waits_for_the_pending_save(tmp_path, slow_writer):
+    """SIGTERM right after a background save was handed off: the preemption waits for it (its file
+    complete, its after_save_checkpoint fired), then writes step_6, which the pointer names."""
+    clock, _ = slow_writer
+
+    @fe.on("after_train_iter", once=6)
+    def sigterm(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(fe.Preempted) as info:
+        run(tmp_path, async_save=True, handlers=[clock, sigterm])
+    assert not writer_threads()
+    assert info.value.checkpoint == tmp_path / "step_6.safetensors"
+    assert checkpoint.latest(tmp_path) == tmp_path / "step_6.safetensors"
+    assert tensors_of(tmp_path / "iter_6.safetensors")[1] == 6  # complete and verified
+    assert clock.events[-4:] == [
+        ("before", "iter_6.safetensors", 6),
+        ("after", "iter_6.safetensors", 6),  # waited for before the preemption's save
+        ("before", "step_6.safetensors", 6),
+        ("after", "step_6.safetensors", 6),
+    ]
+
+
+def failing_at(monkeypatch, name, error):
+    """``checkpoint._pwrite_all`` raises ``error()`` while ``name`` is being saved; returns the
+    threads it raised on."""
+    real_save, real_write = checkpoint.save, checkpoint._pwrite_all
+    saving, threads = [None], []
+
+    def save(path, *a, **kw):
+        saving[0] = os.path.basename(path)
+        return real_save(path, *a, **kw)
+
+    def write(fd, data, offset):
+        if saving[0] == name:
+            threads.append(threading.current_thread())
+            raise error()
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.setattr(checkpoint, "_pwrite_all", write)
+    return threads
+
+
+@pytest.mark.parametrize("failing", [6, 12])
+def test_a_failed_background_save_is_raised_on_the_main_thread(tmp_path, monkeypatch, failing):
+    """A full disk in the writer while saving iter_6 (or the last, iter_12): fit raises that OSError
+    by the next save (or at its end), never returns normally, and the previous checkpoint stays
+    the latest, with no temp file left."""
+    clock = Clock()
+    threads = failing_at(
+        monkeypatch, f"iter_{failing}.safetensors", lambda: OSError(errno.ENOSPC, "No space left")
+    )
+    with pytest.raises(OSError, match="untouched") as e:
+        run(tmp_path, async_save=True, handlers=[clock])
+    assert e.value.errno == errno.ENOSPC
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert not writer_threads()
+    assert checkpoint.latest(tmp_path) == tmp_path / f"iter_{failing - 3}.safetensors"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # raised by the next save: no later save was handed off
+    assert clock.updates <= min(failing + 3, 12)
+    assert files(tmp_path) == [f"iter_{n}.safetensors" for n in range(3, failing, 3)][-2:]
+
+
+def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_latest(
+    tmp_path, monkeypatch
+):
+    """kill -9 while iter_9 is being written (simulated: the process dies at that write): the pointer
+    still names iter_6, which loads; a resume reaches the straight run's parameters bitwise."""
+    straight = run(tmp_path / "straight", async_save=False)
+
+    class Killed(BaseException):
+        pass
+
+    with monkeypatch.context() as m:
+        failing_at(m, "iter_9.safetensors", Killed)
+        with pytest.raises(Killed):
+            run(tmp_path / "w", async_save=True)
+    assert checkpoint.latest(tmp_path / "w") == tmp_path / "w" / "iter_6.safetensors"
+    assert files(tmp_path / "w") == ["iter_3.safetensors", "iter_6.safetensors"]  # nothing retired
+    done = run(tmp_path / "w", async_save=True, resume=True)
+    assert_dicts_equal(done.params, straight.params)
+
+
+def test_snapshots_copy_keep_aliasing_and_reuse_their_buffers():
+    state = fe.train_step(ce_loss, optim.sgd(0.1), fe.ema(0.5)).init(mlp(), seed=0)
+    snaps = _background.Snapshots()
+    copy, ready = snaps.take(state)
+    ready()
+    name = next(iter(state.params))
+    assert torch.equal(copy.params[name], state.params[name])
+    assert copy.params[name] is not state.params[name]
+    with torch.no_grad():
+        state.params[name].add_(1.0)  # an in-place update after the snapshot
+    assert not torch.equal(copy.params[name], state.params[name])
+    again, _ = snaps.take(state)
+    assert again.params[name].data_ptr() == copy.params[name].data_ptr()  # the buffer is reused
+    assert torch.equal(again.params[name], state.params[name])
+    ema_w, _ = state.eval_weights()
+    ema_c, _ = again.eval_weights()
+    shared = [n for n in ema_w if ema_w[n] is state.params.get(n)]
+    assert all(ema_c[n] is again.params[n] for n in shared)  # aliasing survives the copy
+
+
+def test_writer_raises_the_jobs_error_once_and_refuses_a_second_pending_job():
+    w = _background.Writer()
+    w.submit(lambda: 1 / 0)
+    with pytest.raises(RuntimeError, match="still pending"):
+        w.submit(lambda: None)
+    with pytest.raises(ZeroDivisionError):
+        w.wait()
+    assert w.wait() is None and not w.pending
+    w.submit(lambda: 42)
+    assert w.wait() == 42
+
+
+def test_checkpointer_async_save_must_be_a_bool():
+    with pytest.raises(TypeError, match="async_save must be a bool"):
+        Checkpointer(1, async_save="yes")
+
+
+# ----------------------------------------------------------------- the block digests, zlib or ISA-L
+CRC32 = {"zlib": zlib.crc32}
+try:
+    from isal.isal_zlib import crc32 as _isal_crc32
+
+    CRC32["isal"] = _isal_crc32
+except ImportError:  # pragma: no cover - the optional fast path
+    pass
+
+
+@pytest.mark.parametrize("impl", ["zlib", "isal"])
+def test_block_digests_are_zlibs_crc32_of_each_16_mib_block_whichever_implementation(
+    tmp_path, monkeypatch, impl
+):
+    """Pieces of 1 MiB checksummed next to their write/read give the CRC-32 of each whole 16 MiB
+    block, recomputed here with zlib from the file's bytes; a file written with one implementation
+    is byte-identical to the other's and loads under either."""
+    if impl not in CRC32:
+        pytest.skip("isal is not installed (pip install fengine[fast])")
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2300, 2301), torch.nn.Linear(2301, 3))  # ~21 MB
+    state = fe.train_step(lambda m, b: m(b).sum(), optim.sgd(0.1, momentum=0.9)).init(model)
+    for t in state.params.values():
+        with torch.no_grad():
+            t.copy_(torch.rand(t.shape, generator=g))
+    files_by = {}
+    for name, fn in CRC32.items():
+        monkeypatch.setattr(_data, "crc32", fn)
+        files_by[name] = checkpoint.save(tmp_path / f"{name}.safetensors", state)
+    raw = files_by[impl].read_bytes()
+    assert all(p.read_bytes() == raw for p in files_by.values())
+    n = int.from_bytes(raw[:8], "little")
+    data = raw[8 + n :]
+    digest = json.loads(json.loads(raw[8 : 8 + n])["__metadata__"]["fengine.data_digest"])
+    block = digest["block_size"]
+    assert len(data) > block  # several blocks, tensors straddling them
+    assert digest["blocks"] == [
+        f"{zlib.crc32(data[i : i + block]):08x}" for i in range(0, len(data), block)
+    ]
+    for fn in CRC32.values():
+        monkeypatch.setattr(_data, "crc32", fn)
+        loaded = checkpoint.load(files_by[impl], state)
+        assert_dicts_equal(loaded.params, state.params)
+
+
+@pytest.mark.gpu
+def test_async_checkpoints_of_a_cuda_run_are_bitwise_those_of_a_synchronous_one(tmp_path):
+    """The snapshot is a non-blocking copy into pinned memory; the writer waits for its event."""
+
+    def cuda_run(work, async_save):
+        step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+        ck = Checkpointer(2, by_epoch=False, async_save=async_save)
+        return fe.fit(step.init(mlp(), seed=0, device="cuda"), step, mlp_batches(5), max_steps=8,
+                      handlers=[ck], work_dir=work)  # fmt: skip
+
+    done = cuda_run(tmp_path / "async", True)
+    sync = cuda_run(tmp_path / "sync", False)
+    assert_dicts_equal(done.params, sync.params)
+    for name in files(tmp_path / "sync"):
+        a = safetensors.torch.load_file(tmp_path / "async" / name)
+        assert_dicts_equal(a, safetensors.torch.load_file(tmp_path / "sync" / name), name)
+    snaps = _background.Snapshots()
+    copy, ready = snaps.take(done)
+    ready()
+    first = next(iter(done.params))
+    assert copy.params[first].is_pinned() and torch.equal(
+        copy.params[first].cuda(), done.params[first]
+    )
