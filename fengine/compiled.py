@@ -64,6 +64,7 @@ _UNTRACEABLE = (
     torch._dynamo.exc.Unsupported,
     torch._dynamo.exc.UserError,
     torch._dynamo.exc.BackendCompilerFailed,
+    torch._dynamo.exc.TorchRuntimeError,  # an op that fails under tracing (eager then says why)
 )
 
 
@@ -115,15 +116,20 @@ def traced_grad_fn(part: Part) -> GradFn:
         binding = model.__dict__[_BINDING]  # set outside the graph: no global cache to guard on
 
         def loss_of(train: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, Any]:
-            with binding({**params, **train}, buffers):
+            # torch.func.grad refuses in-place updates of tensors from outside the transform
+            # (BatchNorm's running stats): the forward updates copies, returned and copied back
+            local = {k: v.clone() for k, v in buffers.items()}
+            with binding({**params, **train}, local):
                 out = part.loss_fn(model, batch)
             loss, metrics = parse_losses(out)
             target = loss if weight is None else loss * weight
-            return target, (loss.detach(), metrics)
+            return target, (loss.detach(), metrics, {k: v.detach() for k, v in local.items()})
 
-        grads, (loss, metrics) = torch.func.grad(loss_of, has_aux=True)(
+        grads, (loss, metrics, updated) = torch.func.grad(loss_of, has_aux=True)(
             {n: params[n] for n in names}, batch
         )
+        for k, v in updated.items():
+            buffers[k].copy_(v)
         return Grads(loss, grads, metrics)
 
     return grad_fn

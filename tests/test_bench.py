@@ -31,7 +31,7 @@ def test_suite_runs_every_engine_and_checks_the_bits(tmp_path):
     out_file = tmp_path / "RESULTS.md"
     out = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--quick", "--workloads", "mlp", "--steps", "12",
-         "--checkpoint-gb", "0.002", "--out", str(out_file)],
+         "--checkpoint-gb", "0.002", "--feeds", "loader", "--out", str(out_file)],
         capture_output=True, text=True, timeout=600, cwd=BENCH,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr

@@ -190,6 +190,29 @@ def test_one_compiled_step_trains_two_states_in_turn():
     assert counter.graphs <= 2  # dynamo may or may not specialise on the module
 
 
+def test_batchnorm_running_stats_update_in_the_compiled_step():
+    """BatchNorm updates its buffers in place during the forward (torch.func.grad refuses that
+    for tensors from outside the transform): the compiled step trains them as eager does."""
+    counter = Counter()
+    compiled = fe.train_step(ce_loss, optim.sgd(0.1, momentum=0.9), compile={"backend": counter})
+    eager = fe.train_step(ce_loss, optim.sgd(0.1, momentum=0.9))
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+    a, b = eager.init(net()), compiled.init(net())
+    for batch in mlp_batches(4):
+        a, _ = eager(a, batch)
+        b, _ = compiled(b, batch)
+    assert counter.graphs == 1
+    assert int(b.buffers["1.num_batches_tracked"]) == 4
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        torch.testing.assert_close(b.buffers[name], a.buffers[name], **TOL)
+    for n, p in a.params.items():
+        torch.testing.assert_close(b.params[n], p, **TOL)
+
+
 class Branchy(nn.Module):
     """A model with data-dependent Python control flow: cannot be traced as one graph."""
 
