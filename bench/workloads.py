@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from fengine.models.resnet import ResNet
+
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -76,30 +78,9 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(x + self.bn2(self.conv2(y)))
-
-
-def cnn(width: int = 32, blocks: int = 2) -> nn.Module:
+def cnn() -> nn.Module:
     """The classify recipe's default ResNet-style net for 1x8x8 digits."""
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        *[Block(width) for _ in range(blocks)],
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, 10),
-    )
+    return ResNet(width=32, blocks=2)
 
 
 class GPT(nn.Module):
