@@ -157,9 +157,11 @@ def build(cfg: Config) -> cli.Experiment:
         state, report = checkpoint.load_params(cfg.load_from, state)
         print(report)
     hyper = {"disc/lr": o.disc_lr, "gen/lr": o.gen_lr, "disc/momentum": o.b1, "gen/momentum": o.b1}
-    # no example input: --dry-run lists the parameters of gen and disc (GAN(z) runs only the
-    # generator, whose BatchNorm in training mode needs more than one sample)
-    return cli.Experiment(state=state, step=step, train_data=train, plan=loop, hyperparams=hyper)
+    # --dry-run's complexity: GAN(z) runs the generator (two noise vectors: its BatchNorm in
+    # training mode needs more than one sample); the discriminator's parameters are listed too
+    example = torch.zeros(2, m.noise_size)
+    return cli.Experiment(state=state, step=step, train_data=train, plan=loop, hyperparams=hyper,
+                          example_input=example)  # fmt: skip
 
 
 def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None) -> cli.Experiment:

@@ -132,6 +132,7 @@ def test_dry_run_plots_the_schedules_before_any_step(recipe, argv, tmp_path):
     assert run(recipe, *argv, "--dry-run", "--work-dir", str(tmp_path), out=out) == 0
     assert (tmp_path / "hyperparams.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "config.json").exists()
+    assert any("Model Flops" in line for line in out), out  # complexity with FLOPs, every recipe
 
 
 # ----------------------------------------------------------------------- GPT
