@@ -27,8 +27,11 @@ def feed(w: Workload, kind: str, steps: int) -> Iterable[Batch]:
     return w.batches(steps) if kind == "list" else w.loader()
 
 
-def _stream(data: Iterable[Batch], steps: int) -> Iterable[Batch]:
-    return data if isinstance(data, list) else itertools.islice(epochs(data), steps)
+def _stream(w: Workload, data: Iterable[Batch], steps: int) -> Iterable[Batch]:
+    """The batches on the workload's device (a list feed is already there)."""
+    if isinstance(data, list):
+        return data
+    return map(w.to_device, itertools.islice(epochs(data), steps))
 
 
 def hand(
@@ -37,14 +40,13 @@ def hand(
     model = w.model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=not fused, fused=fused or None)
     t0 = time.perf_counter()
-    for i, batch in enumerate(_stream(data, steps)):
+    for i, batch in enumerate(_stream(w, data, steps)):
         if i == warmup:
-            t0 = time.perf_counter()
+            t0 = w.now()
         opt.zero_grad(set_to_none=True)
         w.loss(model, batch).backward()
         opt.step()
-    seconds = time.perf_counter() - t0
-    return seconds, {k: v.detach() for k, v in model.named_parameters()}
+    return w.now() - t0, {k: v.detach() for k, v in model.named_parameters()}
 
 
 def hand_fused(w: Workload, data: Iterable[Batch], steps: int, warmup: int) -> Result:
@@ -64,11 +66,11 @@ def step_loop(w: Workload, data: Iterable[Batch], steps: int, warmup: int, **opt
     """The step called in a plain loop (what a researcher composing transforms writes)."""
     step, state = _fengine_step(w, **options)
     t0 = time.perf_counter()
-    for i, batch in enumerate(_stream(data, steps)):
+    for i, batch in enumerate(_stream(w, data, steps)):
         if i == warmup:
-            t0 = time.perf_counter()
+            t0 = w.now()
         state, _ = step(state, batch)
-    return time.perf_counter() - t0, _params(state)
+    return w.now() - t0, _params(state)
 
 
 def compiled(w: Workload, data: Iterable[Batch], steps: int, warmup: int) -> Result:
@@ -83,11 +85,11 @@ def fit(w: Workload, data: Iterable[Batch], steps: int, warmup: int) -> Result:
 
     @fe.on("after_train_iter", once=warmup)
     def start(snap) -> None:
-        marks.append(time.perf_counter())
+        marks.append(w.now())
 
     @fe.on("after_train_iter", once=steps)
     def end(snap) -> None:
-        marks.append(time.perf_counter())
+        marks.append(w.now())
 
     handlers = [*fe.handlers.default_handlers(), start, end]
     state = fe.fit(state, step, data, max_steps=steps, handlers=handlers)  # type: ignore[arg-type]
@@ -113,7 +115,7 @@ def mmengine(w: Workload, data: Iterable[Batch], steps: int, warmup: int) -> Res
     class Mark(Hook):
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
             if runner.iter + 1 in (warmup, steps):
-                marks.append(time.perf_counter())
+                marks.append(w.now())
 
     if isinstance(data, list):
         return float("nan"), {}  # the Runner takes a DataLoader only
@@ -154,10 +156,10 @@ def lightning(w: Workload, data: Iterable[Batch], steps: int, warmup: int) -> Re
     class Mark(L.Callback):
         def on_train_batch_end(self, trainer, *args) -> None:
             if trainer.global_step in (warmup, steps):
-                marks.append(time.perf_counter())
+                marks.append(w.now())
 
     module = Module()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, callbacks=[Mark()],
+    trainer = L.Trainer(max_steps=steps, accelerator=w.device.type, logger=False, callbacks=[Mark()],
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)  # fmt: skip
     trainer.fit(module, data)  # type: ignore[arg-type]

@@ -13,7 +13,8 @@ Checkpoint rows come from bench/checkpoint_io.py. The table goes to bench/RESULT
 with the command, versions, machine and thread count.
 
     python bench/run.py            # the whole suite
-    python bench/run.py --quick    # under 5 minutes on 2 cores; last line: mlp compiled ratio X.XX
+    python bench/run.py --quick    # ~2.5 minutes on 2 cores; last line: mlp compiled ratio X.XX
+    python bench/run.py --quick --device cuda   # the same on a GPU, added to RESULTS.md
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
     from engines import ENGINES, feed
     from workloads import workload
 
-    w = workload(args.workload)
+    w = workload(args.workload, args.device)
     data = feed(w, args.feed, args.steps)
     try:
         seconds, params = ENGINES[args.engine](w, data, args.steps, args.warmup)
@@ -68,8 +69,10 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def measure(workload: str, engine: str, feed: str, steps: int, warmup: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--workload", workload, "--engine", engine,
+def measure(
+    workload: str, engine: str, feed: str, steps: int, warmup: int, threads: int, device: str
+) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--device", device, "--workload", workload, "--engine", engine,
            "--feed", feed, "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -116,7 +119,7 @@ def run_suite(args: argparse.Namespace) -> list[Row]:
                 for engine in order:
                     if engine == "mmengine" and feed == "list":
                         continue  # its Runner takes a DataLoader
-                    out = measure(workload, engine, feed, n, warmup, args.threads)
+                    out = measure(workload, engine, feed, n, warmup, args.threads, args.device)
                     row = rows.setdefault(
                         (workload, engine, feed), Row(workload, engine, feed, [], [], set())
                     )
@@ -183,8 +186,14 @@ def write_results(
         "column: final parameters bitwise equal to the hand-written loop's.",
         "",
     ]
-    text = "\n".join([*header, *lines, "", "## Checkpoints", "", *ckpt, ""])
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if args.device != "cpu":  # a device's table goes beside the CPU one, in the same file
+        gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else ""
+        section = [f"## On {args.device} ({gpu})", "", header[2], "", *lines, ""]
+        before = out.read_text() if out.exists() else "\n".join(header[:1] + [""])
+        out.write_text(before.rstrip("\n") + "\n\n" + "\n".join(section))
+        return
+    out.write_text("\n".join([*header, *lines, "", "## Checkpoints", "", *ckpt, ""]))
 
 
 def _version(module: str) -> str:
@@ -211,7 +220,14 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=2, help="torch intra-op threads (bits depend on it)"
     )
-    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument(
+        "--out",
+        default=str(HERE / "RESULTS.md"),
+        help="the results file (another --device than cpu adds its section to it)",
+    )
+    ap.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (models and batches there)"
+    )
     ap.add_argument(
         "--steps", type=int, default=None, help="updates per run for every workload (smoke tests)"
     )

@@ -9,8 +9,10 @@ epoch: the loader most users have).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -35,10 +37,21 @@ class Workload:
     targets: torch.Tensor
     batch_size: int
     loss: Callable[[nn.Module, Batch], torch.Tensor]
+    device: torch.device = torch.device("cpu")
 
     def model(self) -> nn.Module:
-        torch.manual_seed(0)
-        return self.make_model()
+        torch.manual_seed(0)  # built on the CPU (same bits on any device), then moved
+        return self.make_model().to(self.device)
+
+    def to_device(self, batch: Batch) -> Batch:
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def now(self) -> float:
+        """The clock, after the device's queued work (CUDA kernels run asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def loader(self) -> DataLoader:
         """A fresh shuffling DataLoader: every engine's copy yields the same order."""
@@ -48,11 +61,12 @@ class Workload:
             shuffle=True,
             drop_last=True,
             generator=torch.Generator().manual_seed(2),
+            pin_memory=self.device.type == "cuda",
         )
 
     def batches(self, steps: int) -> list[Batch]:
-        """The first ``steps`` batches of `loader`, precomputed (the ``list`` feed)."""
-        return list(itertools.islice(epochs(self.loader()), steps))
+        """The first ``steps`` batches of `loader`, precomputed on the device (the ``list`` feed)."""
+        return [self.to_device(b) for b in itertools.islice(epochs(self.loader()), steps)]
 
     def steps_per_epoch(self) -> int:
         return len(self.inputs) // self.batch_size
@@ -134,7 +148,12 @@ def _text(block: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 GPT_BLOCK = 64
 
 
-def workload(name: str) -> Workload:
+def workload(name: str, device: str = "cpu") -> Workload:
+    """The workload ``name`` (mlp, cnn, gpt) with its model and batches on ``device``."""
+    return dataclasses.replace(_workload(name), device=torch.device(device))
+
+
+def _workload(name: str) -> Workload:
     if name == "mlp":
         x, y = _synthetic(64 * 500)
         return Workload("mlp", mlp, x, y, 64, cross_entropy)
