@@ -62,7 +62,7 @@ import time
 import traceback
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from fengine import checkpoint
@@ -388,7 +388,7 @@ def _from_checkpoint(cls: type[C], path: Path, base: C) -> C:
     recorded, run = _checkpoint_run(path)
     if recorded is None:
         return base
-    drop = {"work_dir", "device", "load_from", "preset", *cls.PER_INVOCATION}
+    drop = {"device", "preset", *cls.PER_INVOCATION}
     try:
         cfg = from_dict(cls, {k: v for k, v in recorded.items() if k not in drop})
     except (TypeError, ValueError) as e:
@@ -402,7 +402,28 @@ def _from_checkpoint(cls: type[C], path: Path, base: C) -> C:
         keep.update(max_epochs=run.get("max_epochs"), max_steps=None)
     elif by_epoch is False:
         keep.update(max_epochs=None, max_steps=run.get("max_steps"))
-    return dataclasses.replace(cfg, **keep)
+    return _paths_from(base, dataclasses.replace(cfg, **keep))
+
+
+def _paths_from(base: Any, cfg: Any) -> Any:
+    """``cfg`` with every path field (``work_dir``, ``load_from``, a data root, nested too) taken
+    from ``base``: a checkpoint is an untrusted file and never chooses a path to read or write."""
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        theirs = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(theirs) and not isinstance(theirs, type):
+            changes[f.name] = _paths_from(getattr(base, f.name), theirs)
+        elif _is_path_type(hints.get(f.name)):
+            changes[f.name] = getattr(base, f.name)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _is_path_type(tp: Any) -> bool:
+    return tp is not None and (
+        (isinstance(tp, type) and issubclass(tp, PurePath))
+        or any(_is_path_type(arg) for arg in typing.get_args(tp))
+    )
 
 
 # ----------------------------------------------------------------------- records

@@ -415,3 +415,19 @@ def test_cifar10_from_python_batches_on_disk(tmp_path):
     meta = checkpoint.read_meta(next(work.glob("epoch_*.safetensors")))
     assert meta["tensors"]["params/stem.0.weight"]["shape"] == [8, 3, 3, 3]
     assert meta["step"] == 3  # 20 training images in batches of 8
+
+
+def test_a_checkpoints_recorded_config_never_chooses_a_path(monkeypatch, tmp_path):
+    """Resuming takes the checkpoint's config as a layer, but not its paths (an untrusted file):
+    work_dir, load_from and the data root stay this command's; the other fields come from it."""
+    Config = classify.Config
+    recorded = to_dict(Config())
+    recorded.update(seed=7, work_dir="/elsewhere", load_from="/etc/passwd")
+    recorded["data"] = {**recorded["data"], "name": "cifar10", "root": "/root/secret"}
+    monkeypatch.setattr(
+        cli, "_checkpoint_run", lambda path: (recorded, {"by_epoch": True, "max_epochs": 3})
+    )
+    base = Config(work_dir=tmp_path / "w")
+    cfg = cli._from_checkpoint(Config, tmp_path / "w" / "epoch_1.safetensors", base)
+    assert (cfg.work_dir, cfg.load_from, cfg.data.root) == (tmp_path / "w", None, None)
+    assert (cfg.seed, cfg.data.name, cfg.max_epochs) == (7, "cifar10", 3)
