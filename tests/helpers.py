@@ -112,3 +112,59 @@ def gan_batches(n, seed=3):
         real = torch.randn(16, 2, generator=g) * 0.5 + torch.tensor([2.0, -1.0])
         out.append((real, torch.randn(16, 4, generator=g)))
     return out
+
+
+def mmengine_hook_calls(work_dir, train_cfg: dict, record, *, validate: bool = True) -> list:
+    """Run a real MMEngine Runner (no default hooks; 3 training batches of 2 toy samples, 2 validation
+    batches when ``validate``) and return ``record(stage, runner, kwargs)`` of every hook call, in order."""
+    import pytest
+
+    runner_mod = pytest.importorskip("mmengine.runner")
+    from mmengine.evaluator import BaseMetric
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Model(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x, y, mode="tensor"):
+            out = self.lin(x)
+            return {"loss": ((out - y) ** 2).mean()} if mode == "loss" else [out]
+
+    class Metric(BaseMetric):
+        default_prefix = "m"
+
+        def process(self, data_batch, data_samples):
+            self.results.append(1)
+
+        def compute_metrics(self, results):
+            return {"acc": 1.0}
+
+    calls: list = []
+
+    class Rec(Hook):
+        pass
+
+    for stage in Hook.stages:
+        setattr(
+            Rec, stage, lambda self, runner, *a, _s=stage, **k: calls.append(record(_s, runner, k))
+        )
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(
+        TensorDataset(torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)), batch_size=2
+    )
+    val = DataLoader(
+        TensorDataset(torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g)), batch_size=2
+    )
+    no_defaults = dict(runtime_info=None, timer=None, sampler_seed=None, logger=None,
+                       param_scheduler=None, checkpoint=None)  # fmt: skip
+    with_val = (
+        dict(val_dataloader=val, val_evaluator=[Metric()], val_cfg=dict()) if validate else {}
+    )
+    runner_mod.Runner(model=Model(), work_dir=str(work_dir), train_dataloader=train, train_cfg=train_cfg,
+                      optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), default_hooks=no_defaults,
+                      custom_hooks=[Rec()], log_level="ERROR", **with_val).train()  # fmt: skip
+    return calls

@@ -22,8 +22,8 @@ from helpers import (
     gen_loss,
     mlp,
     mlp_batches,
+    mmengine_hook_calls,
 )
-from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
@@ -178,70 +178,11 @@ def test_event_sequence_of_a_two_epoch_run_with_validation():
 
 
 def test_event_sequence_matches_a_real_mmengine_runner(tmp_path):
-    runner_mod = pytest.importorskip("mmengine.runner")
-    from mmengine.evaluator import BaseMetric
-    from mmengine.hooks import Hook
-    from mmengine.model import BaseModel
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Model(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(2, 1)
-
-        def forward(self, x, y, mode="tensor"):
-            out = self.lin(x)
-            return {"loss": ((out - y) ** 2).mean()} if mode == "loss" else [out]
-
-    class Metric(BaseMetric):
-        default_prefix = "m"
-
-        def process(self, data_batch, data_samples):
-            self.results.append(1)
-
-        def compute_metrics(self, results):
-            return {"acc": 1.0}
-
-    calls = []
-
-    class Rec(Hook):
-        pass
-
-    for stage in Hook.stages:
-        setattr(
-            Rec,
-            stage,
-            lambda self, runner, *a, _s=stage, **k: calls.append((_s, k.get("batch_idx"))),
-        )
-    g = torch.Generator().manual_seed(0)
-    train = DataLoader(
-        TensorDataset(torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)), batch_size=2
+    calls = mmengine_hook_calls(
+        tmp_path,
+        dict(by_epoch=True, max_epochs=2, val_interval=1),
+        lambda s, runner, k: (s, k.get("batch_idx")),
     )
-    val = DataLoader(
-        TensorDataset(torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g)), batch_size=2
-    )
-    no_defaults = dict(
-        runtime_info=None,
-        timer=None,
-        sampler_seed=None,
-        logger=None,
-        param_scheduler=None,
-        checkpoint=None,
-    )
-    runner = runner_mod.Runner(
-        model=Model(),
-        work_dir=str(tmp_path),
-        train_dataloader=train,
-        val_dataloader=val,
-        val_evaluator=[Metric()],
-        val_cfg=dict(),
-        train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1),
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
-        default_hooks=no_defaults,
-        custom_hooks=[Rec()],
-        log_level="ERROR",
-    )
-    runner.train()
 
     state, step, batches = _setup(3)
     rec = Recorder()
@@ -259,70 +200,11 @@ def test_event_sequence_matches_a_real_mmengine_runner(tmp_path):
 
 def test_iteration_based_event_sequence_matches_a_real_mmengine_runner(tmp_path):
     """IterBasedTrainLoop: one before/after_train_epoch around the run, batch_idx the global iteration."""
-    runner_mod = pytest.importorskip("mmengine.runner")
-    from mmengine.evaluator import BaseMetric
-    from mmengine.hooks import Hook
-    from mmengine.model import BaseModel
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Model(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(2, 1)
-
-        def forward(self, x, y, mode="tensor"):
-            out = self.lin(x)
-            return {"loss": ((out - y) ** 2).mean()} if mode == "loss" else [out]
-
-    class Metric(BaseMetric):
-        default_prefix = "m"
-
-        def process(self, data_batch, data_samples):
-            self.results.append(1)
-
-        def compute_metrics(self, results):
-            return {"acc": 1.0}
-
-    calls = []
-
-    class Rec(Hook):
-        pass
-
-    for stage in Hook.stages:
-        setattr(
-            Rec,
-            stage,
-            lambda self, runner, *a, _s=stage, **k: calls.append((_s, k.get("batch_idx"))),
-        )
-    g = torch.Generator().manual_seed(0)
-    train = DataLoader(
-        TensorDataset(torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)), batch_size=2
+    calls = mmengine_hook_calls(
+        tmp_path,
+        dict(by_epoch=False, max_iters=7, val_interval=3),
+        lambda s, runner, k: (s, k.get("batch_idx")),
     )
-    val = DataLoader(
-        TensorDataset(torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g)), batch_size=2
-    )
-    no_defaults = dict(
-        runtime_info=None,
-        timer=None,
-        sampler_seed=None,
-        logger=None,
-        param_scheduler=None,
-        checkpoint=None,
-    )
-    runner = runner_mod.Runner(
-        model=Model(),
-        work_dir=str(tmp_path),
-        train_dataloader=train,
-        val_dataloader=val,
-        val_evaluator=[Metric()],
-        val_cfg=dict(),
-        train_cfg=dict(by_epoch=False, max_iters=7, val_interval=3),
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
-        default_hooks=no_defaults,
-        custom_hooks=[Rec()],
-        log_level="ERROR",
-    )
-    runner.train()
 
     state, step, batches = _setup(3)
     rec = Recorder()

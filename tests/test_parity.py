@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from helpers import ce_loss, mlp, mlp_batches
+from helpers import ce_loss, mlp, mlp_batches, mmengine_hook_calls
 
 import fengine as fe
 from fengine import checkpoint, optim
@@ -61,41 +61,17 @@ def test_adding_ema_on_resume_starts_it_from_the_loaded_weights(tmp_path, caplog
 
 # ----------------------------------------------------------------- MMEngine-numbered counters
 def test_runner_epoch_and_iter_match_a_real_mmengine_runner(tmp_path):
-    runner_mod = pytest.importorskip("mmengine.runner")
-    from mmengine.hooks import Hook
-    from mmengine.model import BaseModel
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Model(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(2, 1)
-
-        def forward(self, x, y, mode="tensor"):
-            return {"loss": ((self.lin(x) - y) ** 2).mean()}
-
-    calls = []
     stages = ("before_train_epoch", "before_train_iter", "after_train_iter", "after_train_epoch")
-
-    class Rec(Hook):
-        pass
-
-    for stage in stages:
-        setattr(
-            Rec,
-            stage,
-            lambda self, runner, *a, _s=stage, **k: calls.append((_s, runner.epoch, runner.iter)),
+    calls = [
+        c
+        for c in mmengine_hook_calls(
+            tmp_path,
+            dict(by_epoch=True, max_epochs=2),
+            lambda s, runner, k: (s, runner.epoch, runner.iter),
+            validate=False,
         )
-    g = torch.Generator().manual_seed(0)
-    train = DataLoader(
-        TensorDataset(torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)), batch_size=2
-    )
-    no_defaults = dict(runtime_info=None, timer=None, sampler_seed=None, logger=None, param_scheduler=None,
-                       checkpoint=None)  # fmt: skip
-    runner_mod.Runner(model=Model(), work_dir=str(tmp_path), train_dataloader=train,
-                      train_cfg=dict(by_epoch=True, max_epochs=2), optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
-                      default_hooks=no_defaults, custom_hooks=[Rec()], log_level="ERROR").train()  # fmt: skip
+        if c[0] in stages
+    ]
     ours = []
     handlers = [
         fe.on(s)(lambda snap: ours.append((snap.event, snap.runner_epoch, snap.runner_iter)))
