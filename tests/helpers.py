@@ -168,3 +168,22 @@ def mmengine_hook_calls(work_dir, train_cfg: dict, record, *, validate: bool = T
                       optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), default_hooks=no_defaults,
                       custom_hooks=[Rec()], log_level="ERROR", **with_val).train()  # fmt: skip
     return calls
+
+
+def field_docs(cls: type) -> dict[str, str | None]:
+    """Each dataclass field's docstring (the string literal after it in the class body, a redeclared
+    field keeping its base class's), read from the source with ast, independently of tyro."""
+    import ast
+    import dataclasses
+    import inspect
+
+    docs: dict[str, str | None] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass).strip()).body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, [*body[1:], None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else None  # fmt: skip
+                docs[node.target.id] = doc or docs.get(node.target.id)
+    return {f.name: docs.get(f.name) for f in dataclasses.fields(cls)}

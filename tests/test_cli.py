@@ -3,10 +3,8 @@ dir, resume notes, errors, the dry run."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib.util
-import inspect
 import json
 import subprocess
 import sys
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import field_docs
 
 from fengine import checkpoint, cli
 from fengine.config import to_dict
@@ -51,24 +50,10 @@ def parse(*argv: str):
 
 
 # ----------------------------------------------------------------------- help
-def _field_docs(cls: type) -> dict[str, str | None]:
-    """Each field's docstring (the string literal after it in the class body), read with ast."""
-    docs: dict[str, str | None] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        body = ast.parse(inspect.getsource(klass).strip()).body[0].body  # type: ignore[attr-defined]
-        for node, after in zip(body, [*body[1:], None]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else None  # fmt: skip
-                docs[node.target.id] = doc or docs.get(node.target.id)
-    return {f.name: docs.get(f.name) for f in dataclasses.fields(cls)}
-
-
 def test_every_field_of_the_config_tree_has_help_text():
     def walk(cls: type, prefix: str) -> list[str]:
         missing = []
-        for name, doc in _field_docs(cls).items():
+        for name, doc in field_docs(cls).items():
             sub = next(f for f in dataclasses.fields(cls) if f.name == name).default
             if dataclasses.is_dataclass(sub):
                 missing += walk(type(sub), f"{prefix}{name}.")

@@ -4,10 +4,8 @@ checked against torch GradScalers in tests/test_multi.py; these tests are about 
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import sys
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import field_docs
 
 import fengine as fe
 from fengine import checkpoint, cli
@@ -73,15 +72,7 @@ def run(recipe, *argv: str, out: list | None = None) -> int:
 def _undocumented(cls: type, prefix: str = "") -> list[str]:
     """Flags of the config tree without a docstring (the string literal after the field; a
     redeclared field keeps its base class's), as tests/test_cli.py reads them."""
-    docs: dict[str, str | None] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        body = ast.parse(inspect.getsource(klass).strip()).body[0].body  # type: ignore[attr-defined]
-        for node, after in zip(body, [*body[1:], None]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else None  # fmt: skip
-                docs[node.target.id] = doc or docs.get(node.target.id)
+    docs = field_docs(cls)
     missing = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(f.default):
