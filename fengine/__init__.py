@@ -20,6 +20,7 @@ from fengine import (
     rng as rng,
     schedules as schedules,
     sharding as sharding,
+    vector_math as vector_math,  # initialises MKL's vector math on import (bitwise runs)
 )
 from fengine.compiled import CompileFallbackWarning as CompileFallbackWarning
 from fengine.evaluation import default_predict as default_predict, evaluate as evaluate
