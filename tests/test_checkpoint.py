@@ -131,6 +131,26 @@ def test_round_trip_is_bitwise_and_training_continues_identically(tmp_path, name
     assert_same(continued_loaded, continued_original)
 
 
+def test_large_tensors_load_into_their_own_memory_and_train_on(tmp_path):
+    """Tensors of >= 2 MiB are read into huge-page-advised mappings (fengine.checkpoint._data.host_empty):
+    bitwise equal, writable, freed with the tensor, shareable, and training continues identically."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.Linear(1024, 3))
+    step = fengine.train_step(loss_fn, fengine.optim.adamw(1e-3))
+    state = train(step, step.init(model), batches(2))
+    path = ckpt.save(tmp_path / "big.safetensors", state)
+    loaded = ckpt.load(path, step.init(model))
+    assert_same(loaded, state)
+    big = loaded.opt_state.exp_avg["2.weight"]
+    assert big.nbytes >= 2 << 20 and big.is_contiguous()
+    assert torch.equal(big, state.opt_state.exp_avg["2.weight"])
+    more = batches(3, seed=2)
+    assert_same(train(step, loaded, more), train(step, state, more))
+    copy = big.clone()
+    big.share_memory_()  # e.g. handed to worker processes: the data moves with it
+    assert big.is_shared() and torch.equal(big, copy)
+
+
 def test_lazy_torch_optimizer_state_before_the_first_step(tmp_path):
     step, template = build("from_torch_adam")
     fresh = template()
