@@ -253,6 +253,8 @@ class CompiledStep:
         # the state returned last, its leaves lifted and as they are
         self._last: tuple[TrainState, list[Any], list[Any]] | None = None
         self._cuda: tuple[Any, tuple[torch.device, ...]] = (None, ())
+        # whether the graph draws random numbers (seeded per step when it does); None: not yet seen
+        self._draws: bool | None = None
         self._sig: Any = None  # the last batch's `_signature`
 
     def _run(self, leaves: list[Any], batch: Any) -> tuple[list[Any], Metrics]:
@@ -305,11 +307,17 @@ class CompiledStep:
     def _call(
         self, state: TrainState, leaves: list[Any], batch: Any, *, skip_guards: bool
     ) -> tuple[list[Any], Metrics]:
-        with (
-            seeded_default_generators(fold_in(state.seed, state.step), self._cuda_of(state)),
-            torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards),
-        ):
-            return self.compiled(leaves, batch)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards):
+            if self._draws is False:  # the graph draws no random numbers: nothing to seed
+                return self.compiled(leaves, batch)
+            cuda = self._cuda_of(state)
+            with seeded_default_generators(fold_in(state.seed, state.step), cuda):
+                seeded = torch.default_generator.get_state() if self._draws is None else None
+                out = self.compiled(leaves, batch)
+                if seeded is not None and not cuda:
+                    # a graph is static: one that left the generator untouched never draws
+                    self._draws = not torch.equal(seeded, torch.default_generator.get_state())
+            return out
 
     def _lifted(self, state: TrainState) -> tuple[list[Any], list[Any], bool]:
         """``state``'s leaves with its numbers as tensors, its leaves as they are, and whether
@@ -335,10 +343,12 @@ class CompiledStep:
         return _lift_leaves(flat, self._layout, _device(state)), flat, False
 
     def _cuda_of(self, state: TrainState) -> tuple[torch.device, ...]:
-        """The CUDA devices of the state's params (their generators are seeded too); cached."""
-        if self._cuda[0] is not state.params:
+        """The CUDA devices of the state's params (their generators are seeded too); cached
+        per model and device of its first param."""
+        key = (state.model, _device(state))
+        if self._cuda[0] != key:
             found = {p.device for p in state.params.values() if p.device.type == "cuda"}
-            self._cuda = (state.params, tuple(found))
+            self._cuda = (key, tuple(found))
         return self._cuda[1]
 
     def prepare(self, state: TrainState) -> None:
