@@ -18,8 +18,9 @@ A recipe declares its config as a frozen dataclass tree whose root subclasses `R
     PRESETS = {"tiny": Config(...), "wide": Config(...)}  # named configs derived from the base
 
     def build(cfg: Config) -> cli.Experiment: ...        # everything fit needs, from cfg alone
-    def from_config(config, *, max_epochs, max_steps):  # replay's hook (fengine.replay)
-        return build(cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps))
+    def from_config(config, *, max_epochs, max_steps, paths=None):  # replay's hook (fengine.replay)
+        return build(cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps,
+                                     paths=paths))
 
     if __name__ == "__main__":
         sys.exit(cli.main(Config, build, presets=PRESETS, description=__doc__, finish=report))
@@ -437,11 +438,68 @@ def recorded_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def from_record(
-    cls: type[C], config: Mapping[str, Any], *, max_epochs: int | None, max_steps: int | None
+    cls: type[C],
+    config: Mapping[str, Any],
+    *,
+    max_epochs: int | None,
+    max_steps: int | None,
+    paths: Mapping[str, str | PurePath] | None = None,
 ) -> C:
     """The config of one recorded segment (replay's ``from_config`` hook): the recorded fields,
-    this segment's horizon, defaults for the rest."""
-    return from_dict(cls, {**config, "max_epochs": max_epochs, "max_steps": max_steps})
+    this segment's horizon, defaults for the rest.
+
+    A run log is an untrusted file: it chooses no path to read. Every path field (``load_from``,
+    a data root; nested ones by dotted name, ``data.root``) takes its value from ``paths`` (the
+    user's ``python -m fengine replay W --path load_from=FILE``) or else its default; a recorded
+    path that differs from the default and was not given raises `ReplayError` naming the flag
+    to pass. ``work_dir`` takes its default (a build reads nothing there).
+    """
+    from fengine.replay import ReplayError
+
+    cfg = from_dict(cls, {**config, "max_epochs": max_epochs, "max_steps": max_steps})
+    given = {k: Path(v) for k, v in (paths or {}).items()}
+    unconfirmed: list[str] = []
+    cfg, known = _confirmed_paths(cfg, cls(), given, "", unconfirmed)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ReplayError(
+            f"--path {unknown[0]}: {cls.__name__} has no path field of that name; its path fields "
+            f"are {sorted(known)}"
+        )
+    if unconfirmed:
+        flags = " ".join(f"--path {u}" for u in unconfirmed)
+        raise ReplayError(
+            f"the run log records {', '.join(unconfirmed)}; a run log does not choose the files a "
+            f"replay reads: check them and pass {flags}"
+        )
+    return cfg
+
+
+def _confirmed_paths(
+    cfg: Any, default: Any, given: Mapping[str, Path], prefix: str, unconfirmed: list[str]
+) -> tuple[Any, set[str]]:
+    """``cfg`` with each path field from ``given`` or ``default``; the dotted names of its path
+    fields. Recorded paths that differ from the default and are not given go to ``unconfirmed``."""
+    hints = typing.get_type_hints(type(cfg))
+    changes: dict[str, Any] = {}
+    names: set[str] = set()
+    for f in dataclasses.fields(cfg):
+        name, recorded = prefix + f.name, getattr(cfg, f.name)
+        if dataclasses.is_dataclass(recorded) and not isinstance(recorded, type):
+            changes[f.name], inner = _confirmed_paths(
+                recorded, getattr(default, f.name), given, name + ".", unconfirmed
+            )
+            names |= inner
+        elif _is_path_type(hints.get(f.name)):
+            names.add(name)
+            fallback = getattr(default, f.name)
+            if name in given:
+                changes[f.name] = given[name]
+            else:
+                if name != "work_dir" and recorded is not None and recorded != fallback:
+                    unconfirmed.append(f"{name}={recorded}")
+                changes[f.name] = fallback
+    return dataclasses.replace(cfg, **changes), names
 
 
 # ----------------------------------------------------------------------- the work dir

@@ -232,9 +232,13 @@ def build(cfg: Config) -> cli.Experiment:
                           param_groups=groups, example_input=example)  # fmt: skip
 
 
-def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None) -> cli.Experiment:
-    """Rebuild one segment of a run from its recorded config and horizon (``python -m fengine replay``)."""
-    return build(cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps))
+def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None,
+                paths: dict[str, str] | None = None) -> cli.Experiment:  # fmt: skip
+    """Rebuild one segment of a run from its recorded config and horizon (``python -m fengine
+    replay``); the files it reads (``load_from``, the data root) come from ``paths`` only."""
+    return build(
+        cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps, paths=paths)
+    )
 
 
 def generate(state: fe.TrainState, text: CharCorpus, cfg: SampleConfig) -> str:

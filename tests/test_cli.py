@@ -16,6 +16,7 @@ from helpers import field_docs
 
 from fengine import checkpoint, cli
 from fengine.config import to_dict
+from fengine.replay import ReplayError
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -416,3 +417,31 @@ def test_a_checkpoints_recorded_config_never_chooses_a_path(monkeypatch, tmp_pat
     cfg = cli._from_checkpoint(Config, tmp_path / "w" / "epoch_1.safetensors", base)
     assert (cfg.work_dir, cfg.load_from, cfg.data.root) == (tmp_path / "w", None, None)
     assert (cfg.seed, cfg.data.name, cfg.max_epochs) == (7, "cifar10", 3)
+
+
+def test_replays_rebuild_reads_only_the_paths_the_user_confirms(tmp_path):
+    """`cli.from_record` (replay's hook): a run log is an untrusted file; a recorded load_from or
+    data root is refused unless given as ``paths`` (replay's ``--path``); work_dir takes its default."""
+    Config = classify.Config
+    recorded = to_dict(Config())
+    recorded.update(seed=7, work_dir="/elsewhere", load_from="/etc/passwd")
+    recorded["data"] = {**recorded["data"], "name": "cifar10", "root": "/root/secret"}
+    horizon = {"max_epochs": None, "max_steps": 30}
+    with pytest.raises(ReplayError) as e:
+        cli.from_record(Config, recorded, **horizon)
+    msg = str(e.value)
+    assert "load_from=/etc/passwd" in msg and "data.root=/root/secret" in msg
+    assert "--path load_from=/etc/passwd --path data.root=/root/secret" in msg
+    assert "work_dir" not in msg
+    weights, root = tmp_path / "w.safetensors", tmp_path / "cifar"
+    cfg = cli.from_record(
+        Config, recorded, **horizon, paths={"load_from": str(weights), "data.root": str(root)}
+    )
+    assert (cfg.load_from, cfg.data.root, cfg.work_dir) == (weights, root, Config().work_dir)
+    assert (cfg.seed, cfg.data.name, cfg.max_steps) == (7, "cifar10", 30)
+    with pytest.raises(
+        ReplayError, match=r"--path data\.rot: Config has no path field.*data\.root"
+    ):
+        cli.from_record(Config, to_dict(Config()), **horizon, paths={"data.rot": "x"})
+    # a record at the defaults needs nothing confirmed
+    assert cli.from_record(Config, to_dict(Config()), **horizon).load_from is None

@@ -143,3 +143,30 @@ def test_the_readme_sequence_replays_ok(tmp_path):
     progress = [line for line in out.stdout.splitlines() if line.startswith("  step ")]
     assert len(progress) == 10 and progress[-1].startswith("  step 60/60 (100%")
     assert "every tensor bitwise equal" in out.stdout and out.stdout.rstrip().endswith("REPLAY OK")
+
+
+def test_a_run_logs_load_from_is_read_only_when_the_user_passes_it(recorded, tmp_path):
+    """A run started from weights (--load-from): replay refuses to read the file the run log names
+    until the user passes it (--path load_from=FILE), and then reads that one, not the log's."""
+    weights = tmp_path / "weights.safetensors"
+    shutil.copy(recorded / "iter_23.safetensors", weights)
+    work = tmp_path / "from_weights"
+    out = _run(str(RECIPE), "--work-dir", str(work), "--max-steps", "8",
+               "--load-from", str(weights), *FAST)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+
+    refused = _replay(str(work))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"--path load_from={weights}" in refused.stderr
+    assert "REPLAY" not in refused.stdout
+
+    ok = _replay(str(work), "--path", f"load_from={weights}")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.rstrip().endswith("REPLAY OK")
+
+    # the log names another file (edited): never read; the user's file is
+    log = work / "run_log.jsonl"
+    log.write_text(log.read_text().replace(str(weights), "/nonexistent/other.safetensors"))
+    ok = _replay(str(work), "--path", f"load_from={weights}")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.rstrip().endswith("REPLAY OK")

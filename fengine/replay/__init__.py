@@ -17,7 +17,9 @@ Replay runs a recipe's code, so it runs only a recipe the user names
 (``--recipe PATH``) or one the run log names that lies under the current directory
 or under the source checkout fengine is imported from (a directory with a
 ``pyproject.toml``), and not inside the work dir; anything else is refused. The
-recipe's hash must match the one recorded (``--force`` to replay anyway).
+recipe's hash must match the one recorded (``--force`` to replay anyway). Nor does the run
+log choose a file to read: a recorded ``load_from`` or data root is used only when the
+user passes it (``--path load_from=FILE``); otherwise replay refuses, naming it.
 
 The guarantee is *exact*: same machine, build and world size give the same bits.
 """
@@ -93,7 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         help="keep this process's thread count and deterministic-algorithms setting "
         "(default: use the recorded ones)",
     )
+    ap.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a file or directory the run read (load_from=FILE, data.root=DIR): the run log records "
+        "them, but does not choose what a replay reads; repeat for several",
+    )
     args = ap.parse_args(argv)
+    paths = {}
+    for item in args.path:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            ap.error(
+                f"--path {item!r}: expected NAME=VALUE, e.g. --path load_from=weights.safetensors"
+            )
+        paths[name] = value
     try:
         ok = replay(
             args.work_dir,
@@ -102,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             recipe=args.recipe,
             keep_settings=args.keep_settings,
+            paths=paths,
         )
     except (ReplayError, checkpoint.CheckpointError) as e:
         print(f"replay: {e}", file=sys.stderr)

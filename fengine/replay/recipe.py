@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -112,12 +112,25 @@ def load_recipe(path: Path, out: Callable[[str], Any]) -> ModuleType:
     return module
 
 
-def build(module: ModuleType, seg: Segment, recipe: Path) -> Any:
-    """The segment's experiment: ``from_config(config, max_epochs=, max_steps=)``."""
+def build(
+    module: ModuleType, seg: Segment, recipe: Path, paths: Mapping[str, str] | None = None
+) -> Any:
+    """The segment's experiment: ``from_config(config, max_epochs=, max_steps=, paths=)``.
+
+    ``paths``: the files the user confirmed (``--path NAME=VALUE``); passed to a hook that takes
+    ``paths`` (`fengine.cli.from_record` takes every path from there, never from the run log).
+    """
     h = seg.horizon
-    exp = module.from_config(
-        seg.record["config"], max_epochs=h["max_epochs"], max_steps=h["max_steps"]
-    )
+    kwargs: dict[str, Any] = {"max_epochs": h["max_epochs"], "max_steps": h["max_steps"]}
+    params = inspect.signature(module.from_config).parameters
+    if "paths" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs["paths"] = dict(paths or {})
+    elif paths:
+        raise ReplayError(
+            f"recipe {recipe}: its from_config takes no paths=, so --path cannot reach it; add "
+            "paths=None to it and pass it on to fengine.cli.from_record"
+        )
+    exp = module.from_config(seg.record["config"], **kwargs)
     if not (
         isinstance(getattr(exp, "state", None), TrainState)
         and isinstance(getattr(exp, "step", None), Step)

@@ -8,7 +8,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -234,10 +234,14 @@ def replay(
     force: bool = False,
     recipe: str | Path | None = None,
     keep_settings: bool = False,
+    paths: Mapping[str, str] | None = None,
     out: Out = print,
 ) -> bool:
     """Re-run a recorded run from checkpoint ``start`` (default: the initial state) to checkpoint
-    ``to`` (default: the last), segment by segment; True when every bit agrees. See `fengine.replay`."""
+    ``to`` (default: the last), segment by segment; True when every bit agrees. See `fengine.replay`.
+
+    ``paths``: the files the rebuilt config reads (``{"load_from": FILE, "data.root": DIR}``), which
+    the user confirms: the run log records them but, being an untrusted file, chooses none."""
     work_dir = Path(work_dir)
     notes: list[str] = []
     segments = read_log(work_dir, notes)
@@ -260,7 +264,7 @@ def replay(
         for leg in sel.legs:
             if not keep_settings:
                 env.apply(leg.seg.record["env"])
-            exp = build(module, leg.seg, path)
+            exp = build(module, leg.seg, path, paths)
             device = env.device_note(who.format(leg.seg.number), leg.seg.record["env"], exp.state)
             if device:
                 differences.append(device)
