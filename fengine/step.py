@@ -135,28 +135,40 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
             cuda = {p.device for p in params.values() if p.device.type == "cuda"}
             cache.update(params=params, names=part.owned(params), devices=tuple(cuda))
         names = cache["names"]
-        key = (
-            fold_in(state.seed, state.step, part.position, micro)
-            if multi
-            else fold_in(state.seed, state.step, micro)
-        )
         model = state.model
         assert model is not None  # Step.check refused a state without one
         if not model.training:
             model.train()
+        key = rng_key(state, part, micro, multi)
         with seeded_default_generators(key, cache["devices"]), bind(model, params, state.buffers):
-            try:
-                out = part.loss_fn(model, batch)
-            except RuntimeError as e:
-                _name_devices(e, params, batch)
-                raise
-        loss, metrics = parse_losses(out)
+            loss, metrics = run_loss(part, model, batch, params)
         target = loss if weight is None else loss * weight
         grads = torch.autograd.grad(target, [params[n] for n in names], allow_unused=True)
         return Grads(loss.detach(), {n: g for n, g in zip(names, grads) if g is not None}, metrics)
 
     _base_grad_fns.add(grad_fn)
     return grad_fn
+
+
+def rng_key(state: TrainState, part: Part, micro: int, multi: bool) -> int:
+    """The key a (micro-)batch's random draws (dropout) are seeded with: a function of the run's
+    seed, the step, the part (in a multi step) and the micro-batch, so every replay draws alike."""
+    if multi:
+        return fold_in(state.seed, state.step, part.position, micro)
+    return fold_in(state.seed, state.step, micro)
+
+
+def run_loss(
+    part: Part, model: torch.nn.Module, batch: Any, params: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, Metrics]:
+    """``part.loss_fn(model, batch)`` as (loss, metrics) (MMEngine's parse_losses); a device
+    mismatch between batch and params is named in the error."""
+    try:
+        out = part.loss_fn(model, batch)
+    except RuntimeError as e:
+        _name_devices(e, params, batch)
+        raise
+    return parse_losses(out)
 
 
 def _name_devices(e: RuntimeError, params: Mapping[str, torch.Tensor], batch: Any) -> None:

@@ -18,11 +18,10 @@ from typing import Any
 import torch
 
 from fengine.distributed import rank
-from fengine.losses import parse_losses
-from fengine.rng import fold_in, seeded_default_generators
+from fengine.rng import seeded_default_generators
 from fengine.sharding import check_owned, check_root
 from fengine.state import TrainState
-from fengine.step import GradFn, Grads, Part, _name_devices, is_base_grad_fn
+from fengine.step import GradFn, Grads, Part, is_base_grad_fn, rng_key, run_loss
 from fengine.wrappers.accumulate import micro_batch_position
 from fengine.wrappers.base import Wrapper, once
 from fengine.wrappers.data_parallel import _DataParallel
@@ -63,21 +62,12 @@ class _Fsdp(Wrapper):
                 model.train()
             if diff:  # MMEngine's diff_rank_seed, as data_parallel(diff_rank_seed=True)
                 micro = micro + ((rank() + 1) << 32)
-            key = (
-                fold_in(state.seed, state.step, part.position, micro)
-                if multi
-                else fold_in(state.seed, state.step, micro)
-            )
+            key = rng_key(state, part, micro, multi)
             if defer:  # reduce-scatter once per update: after the last micro-batch's backward
                 pos = micro_batch_position()
                 model.set_requires_gradient_sync(pos is None or pos[0] == pos[1] - 1)
             with seeded_default_generators(key, cache["devices"]):
-                try:
-                    out = part.loss_fn(model, batch)
-                except RuntimeError as e:
-                    _name_devices(e, params, batch)
-                    raise
-                loss, metrics = parse_losses(out)
+                loss, metrics = run_loss(part, model, batch, params)
                 (loss if weight is None else loss * weight).backward()
             # amp's autocast may span several micro-batches: its cache of cast weights must not
             # outlive this backward (FSDP re-gathers the weights; a cached cast taken from the
