@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from fengine.checkpoint._data import host_empty
 from fengine.checkpoint._format import DTYPE_NAMES
 from fengine.checkpoint._tree import is_empty_dict
 from fengine.sharding import is_dtensor
@@ -54,11 +53,7 @@ class Snapshots:
                 gpu = x.device.type == "cuda"
                 buf = self._buffers.get(i)
                 if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-                    buf = (
-                        torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-                        if gpu
-                        else host_empty(list(x.shape), x.dtype)  # huge pages: fewer faults
-                    )
+                    buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=gpu)
                     self._buffers[i] = buf
                 buf.copy_(x.detach(), non_blocking=gpu)  # on x's stream: before later updates of x
                 copies[id(x)] = buf
