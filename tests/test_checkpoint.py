@@ -131,9 +131,9 @@ def test_round_trip_is_bitwise_and_training_continues_identically(tmp_path, name
     assert_same(continued_loaded, continued_original)
 
 
-def test_large_tensors_load_into_their_own_memory_and_train_on(tmp_path):
-    """Tensors of >= 2 MiB are read into huge-page-advised mappings (fengine.checkpoint._data.host_empty):
-    bitwise equal, writable, freed with the tensor, shareable, and training continues identically."""
+def test_large_tensors_round_trip_and_train_on(tmp_path):
+    """MiB-sized tensors (read in 1 MiB pieces on several threads): bitwise equal,
+    writable, shareable, and training continues identically."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.Linear(1024, 3))
     step = fengine.train_step(loss_fn, fengine.optim.adamw(1e-3))

@@ -14,8 +14,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
-import mmap
 import os
 import threading
 import zlib
@@ -189,31 +187,6 @@ def write_file(
 
 
 # ======================================================================= reading
-_HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
-
-
-def host_empty(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor to read a checkpoint tensor into.
-
-    One of at least 2 MiB gets an anonymous mapping of its own, advised to use transparent
-    huge pages (Linux): the first write into fresh memory then faults in 2 MiB pages, not
-    4 KiB ones. Those faults, not the copy, dominated loading (measured: filling 256 MiB of
-    fresh memory 0.10 s with 4 KiB pages, 0.05 s advised; reading it from the page cache
-    0.05 s). The mapping is freed with the tensor; small tensors and other systems use
-    `torch.empty`.
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    if _MADV_HUGEPAGE is None or nbytes < _HUGE_PAGE:
-        return torch.empty(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(_MADV_HUGEPAGE)
-    except OSError:  # THP disabled in this kernel: 4 KiB pages, as torch.empty
-        pass
-    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).reshape(shape)
-
-
 def read_tensors(
     h: Header, names: set[str], digest: dict | None, *, verify_all: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -226,7 +199,7 @@ def read_tensors(
     views: dict[str, memoryview] = {}
     for name in names:
         info = h.table[name]
-        t = dests[name] = host_empty(info["shape"], DTYPES[info["dtype"]])
+        t = dests[name] = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
         if t.numel():
             views[name] = _bytes_of(t)
     spans = [(*h.table[n]["data_offsets"], n) for n in h.order]
