@@ -1234,3 +1234,22 @@ def test_exp_name_rule_matches_logger_hook():
                 "after_train_iter", state_at(step, (step - 1) // n), run, batch_idx=(step - 1) % n
             )
             assert fe.handlers.log.exp_name_due(snap, 7) == expected, (by_epoch, step)
+
+
+def test_to_host_reads_every_kind_of_value_in_place():
+    """`to_host`: numbers as floats; 0-d, one-element and larger tensors (their mean) of any dtype,
+    each the value a per-element float64 cast gives, at its own position."""
+    from fengine.handlers.log import to_host
+
+    values = [
+        torch.tensor(1.5),
+        2,
+        torch.tensor([1.0, 3.0]),
+        torch.tensor(2.25, dtype=torch.bfloat16),
+        torch.tensor([[4.0]]),
+        torch.tensor(7),
+        torch.tensor(0.1, dtype=torch.float32),
+        torch.tensor(1.0, requires_grad=True) * 3,
+    ]
+    expected = [1.5, 2.0, 2.0, 2.25, 4.0, 7.0, torch.tensor(0.1).double().item(), 3.0]
+    assert to_host(values) == expected

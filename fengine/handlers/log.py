@@ -125,16 +125,22 @@ def to_host(values: Sequence[Any]) -> list[float]:
             groups.setdefault(v.device, []).append(i)
         else:
             out[i] = float(v)
-    for device, idx in groups.items():
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        parts = []
-        for i in idx:
-            t = values[i].detach()
-            if t.numel() != 1:
-                t = t.float().mean()
-            parts.append(t.reshape(()).to(dtype))
-        for i, x in zip(idx, torch.stack(parts).tolist()):  # the one device -> host copy
-            out[i] = x
+    with torch.no_grad():
+        for device, idx in groups.items():
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            by_dtype: dict[torch.dtype, tuple[list[int], list[torch.Tensor]]] = {}
+            for i in idx:
+                t = values[i]
+                if t.dim():  # a one-element tensor, or the mean of a larger one
+                    t = t.reshape(()) if t.numel() == 1 else t.float().mean()
+                order, parts = by_dtype.setdefault(t.dtype, ([], []))
+                order.append(i)
+                parts.append(t)
+            # one stack and cast per dtype (the values of per-element casts), one device -> host copy
+            stacked = torch.cat([torch.stack(parts).to(dtype) for _, parts in by_dtype.values()])
+            order = [i for o, _ in by_dtype.values() for i in o]
+            for i, x in zip(order, stacked.tolist()):
+                out[i] = x
     return out
 
 
