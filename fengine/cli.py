@@ -18,9 +18,7 @@ A recipe declares its config as a frozen dataclass tree whose root subclasses `R
     PRESETS = {"tiny": Config(...), "wide": Config(...)}  # named configs derived from the base
 
     def build(cfg: Config) -> cli.Experiment: ...        # everything fit needs, from cfg alone
-    def from_config(config, *, max_epochs, max_steps, paths=None):  # replay's hook (fengine.replay)
-        return build(cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps,
-                                     paths=paths))
+    from_config = cli.replay_hook(Config, build)          # replay's hook (fengine.replay)
 
     if __name__ == "__main__":
         sys.exit(cli.main(Config, build, presets=PRESETS, description=__doc__, finish=report))
@@ -77,9 +75,11 @@ __all__ = [
     "UsageError",
     "existing_run",
     "from_record",
+    "initial_state",
     "main",
     "parse",
     "recorded_config",
+    "replay_hook",
 ]
 
 C = TypeVar("C", bound="RunConfig")
@@ -473,6 +473,37 @@ def from_record(
             f"replay reads: check them and pass {flags}"
         )
     return cfg
+
+
+def replay_hook(cls: type[C], build: Callable[[C], Experiment]) -> Callable[..., Experiment]:
+    """A recipe's ``from_config`` (replay's hook): ``from_config = cli.replay_hook(Config, build)``
+    rebuilds one segment with `from_record` (its recorded config and horizon; the files it reads
+    only from ``paths``, the user's ``--path``)."""
+
+    def from_config(
+        config: Mapping[str, Any],
+        *,
+        max_epochs: int | None,
+        max_steps: int | None,
+        paths: Mapping[str, str] | None = None,
+    ) -> Experiment:
+        cfg = from_record(cls, config, max_epochs=max_epochs, max_steps=max_steps, paths=paths)
+        return build(cfg)
+
+    from_config.__doc__ = (
+        f"Rebuild one segment of a {cls.__name__} run (`fengine.cli.replay_hook`)."
+    )
+    return from_config
+
+
+def initial_state(step: Any, model: Any, cfg: RunConfig, device: Any = None) -> Any:
+    """``step.init(model, seed=cfg.seed, device=device)``, then the weights of ``cfg.load_from``
+    when given (MMEngine's ``load_from``; `fengine.checkpoint.load_params`), its report printed."""
+    state = step.init(model, seed=cfg.seed, device=device)
+    if cfg.load_from is not None:
+        state, report = checkpoint.load_params(cfg.load_from, state)
+        print(report)
+    return state
 
 
 def _confirmed_paths(

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fengine as fe
-from fengine import checkpoint, cli, optim, schedules
+from fengine import cli, optim, schedules
 from fengine.cli import Range
 from fengine.data import Loader, cifar10, digits
 from fengine.metrics import Accuracy
@@ -208,23 +208,14 @@ def build(cfg: Config) -> cli.Experiment:
     if cfg.ema is not None:
         wrappers.append(fe.ema(cfg.ema))
     step = fe.train_step(loss_fn, tx, *wrappers)
-    state = step.init(model, seed=cfg.seed, device=dist.device)
-    if cfg.load_from is not None:
-        state, report = checkpoint.load_params(cfg.load_from, state)
-        print(report)
+    state = cli.initial_state(step, model, cfg, dist.device)
     example = val_set[0][0].unsqueeze(0).to(dist.device)
     return cli.Experiment(state=state, step=step, train_data=train, plan=loop,
                           val=fe.Val(val, [Accuracy()]), hyperparams=hyper, param_groups=groups,
                           example_input=example)  # fmt: skip
 
 
-def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None,
-                paths: dict[str, str] | None = None) -> cli.Experiment:  # fmt: skip
-    """Rebuild one segment of a run from its recorded config and horizon (``python -m fengine
-    replay``); the files it reads (``load_from``, the data root) come from ``paths`` only."""
-    return build(
-        cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps, paths=paths)
-    )
+from_config = cli.replay_hook(Config, build)  # replay rebuilds each segment with it
 
 
 def finish(cfg: Config, exp: cli.Experiment, state: fe.TrainState) -> float:

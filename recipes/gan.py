@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import fengine as fe
-from fengine import checkpoint, cli, optim
+from fengine import cli, optim
 from fengine.bind import bind
 from fengine.cli import Range
 from fengine.data import Loader, digits
@@ -152,10 +152,7 @@ def build(cfg: Config) -> cli.Experiment:
     m = cfg.model
     model = GAN(m.noise_size, shape, gen_widths=m.gen_widths, disc_widths=m.disc_widths,
                 tanh=cfg.data.name == "digits")  # fmt: skip
-    state = step.init(model, seed=cfg.seed, device=dist.device)
-    if cfg.load_from is not None:
-        state, report = checkpoint.load_params(cfg.load_from, state)
-        print(report)
+    state = cli.initial_state(step, model, cfg, dist.device)
     hyper = {"disc/lr": o.disc_lr, "gen/lr": o.gen_lr, "disc/momentum": o.b1, "gen/momentum": o.b1}
     # --dry-run's complexity: GAN(z) runs the generator (two noise vectors: its BatchNorm in
     # training mode needs more than one sample); the discriminator's parameters are listed too
@@ -164,13 +161,7 @@ def build(cfg: Config) -> cli.Experiment:
                           example_input=example)  # fmt: skip
 
 
-def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None,
-                paths: dict[str, str] | None = None) -> cli.Experiment:  # fmt: skip
-    """Rebuild one segment of a run from its recorded config and horizon (``python -m fengine
-    replay``); the files it reads (``load_from``, the data root) come from ``paths`` only."""
-    return build(
-        cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps, paths=paths)
-    )
+from_config = cli.replay_hook(Config, build)  # replay rebuilds each segment with it
 
 
 def sample(state: fe.TrainState, n: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 import fengine as fe
-from fengine import checkpoint, cli, optim, schedules
+from fengine import cli, optim, schedules
 from fengine.bind import bind
 from fengine.cli import Range
 from fengine.data import CharCorpus, Loader, stdlib_corpus
@@ -219,10 +219,7 @@ def build(cfg: Config) -> cli.Experiment:
     if cfg.accumulate > 1:
         wrappers.append(fe.accumulate(cfg.accumulate))
     step = fe.train_step(loss_fn, tx, *wrappers)
-    state = step.init(model, seed=cfg.seed, device=dist.device)
-    if cfg.load_from is not None:
-        state, report = checkpoint.load_params(cfg.load_from, state)
-        print(report)
+    state = cli.initial_state(step, model, cfg, dist.device)
     validation = fe.Val(val, [MeanLoss()], eval_fn=val_fn,
                         interval=1 if loop.by_epoch else cfg.val_interval,
                         autocast=None if cfg.amp == "none" else cfg.amp)  # fmt: skip
@@ -232,13 +229,7 @@ def build(cfg: Config) -> cli.Experiment:
                           param_groups=groups, example_input=example)  # fmt: skip
 
 
-def from_config(config: dict, *, max_epochs: int | None, max_steps: int | None,
-                paths: dict[str, str] | None = None) -> cli.Experiment:  # fmt: skip
-    """Rebuild one segment of a run from its recorded config and horizon (``python -m fengine
-    replay``); the files it reads (``load_from``, the data root) come from ``paths`` only."""
-    return build(
-        cli.from_record(Config, config, max_epochs=max_epochs, max_steps=max_steps, paths=paths)
-    )
+from_config = cli.replay_hook(Config, build)  # replay rebuilds each segment with it
 
 
 def generate(state: fe.TrainState, text: CharCorpus, cfg: SampleConfig) -> str:
