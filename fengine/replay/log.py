@@ -114,8 +114,9 @@ class RunRecorder(Handler):
     digests at the start, every ``every`` steps and at each checkpoint.
 
     ``recipe`` is the script that built the run (default: the ``__main__`` file); it must
-    define ``from_config(config: dict, *, max_epochs, max_steps)`` returning an object with
-    ``state``, ``step`` and ``train_data``. ``config`` is what determines the bits (default:
+    define ``from_config(config: dict, *, max_epochs, max_steps, paths=None)`` returning an
+    object with ``state``, ``step`` and ``train_data`` (``paths``: the files the user confirms
+    with replay's ``--path``; `fengine.cli.replay_hook` builds such a hook). ``config`` is what determines the bits (default:
     `fit`'s ``config``): leave out how-to-start flags (``resume``, ``resume_from``, the work
     dir) and the horizon (``max_epochs``/``max_steps``, recorded per segment), or every
     resumed run would look like another configuration.
