@@ -26,6 +26,7 @@ starts warm.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import types
@@ -39,7 +40,7 @@ import torch.utils._pytree as pytree
 from fengine.bind import Binding
 from fengine.rng import fold_in, seeded_default_generators
 from fengine.sharding import refuse_autograd
-from fengine.state import TrainState
+from fengine.state import STATE_FIELDS, TrainState
 
 
 if TYPE_CHECKING:
@@ -142,13 +143,19 @@ class Layout:
     `build` is the same rebuild as closures made once per layout.
     """
 
-    __slots__ = ("build", "floats", "ints", "n", "spec")
+    __slots__ = ("build", "counters", "floats", "ints", "n", "spec")
 
     def __init__(self, leaves: list[Any], spec: pytree.TreeSpec) -> None:
         self.spec, self.n = spec, len(leaves)
         self.ints = [i for i, x in enumerate(leaves) if type(x) is int]
         self.floats = [i for i, x in enumerate(leaves) if type(x) is float]
         self.build = _builder(spec)
+        # the leaf index of each top-level counter (a TrainState's fields are its children)
+        starts = itertools.accumulate(
+            (spec.child(i).num_leaves for i in range(spec.num_children)), initial=0
+        )
+        where = dict(zip(STATE_FIELDS, starts))
+        self.counters = [where[f] for f in _COUNTERS]
 
 
 def _builder(spec: pytree.TreeSpec) -> Any:
@@ -233,7 +240,8 @@ def lower(state: TrainState, layout: Layout) -> tuple[TrainState, bool]:
     return layout.build(iter(out)), reusable
 
 
-_TOP = ("params", "buffers", "opt_state", "extra")  # the state's containers (not its counters)
+_COUNTERS = ("step", "seed", "epoch", "batch_in_epoch")  # the state's own numbers
+_TOP = tuple(f for f in STATE_FIELDS if f not in _COUNTERS)  # its containers
 
 
 class CompiledStep:
@@ -330,8 +338,9 @@ class CompiledStep:
             if state.model is prev.model and all(
                 getattr(state, f) is getattr(prev, f) for f in _TOP
             ):  # only the counters differ (fit moves epoch / batch_in_epoch): re-lift those
-                top = [0, len(leaves) - 3, len(leaves) - 2, len(leaves) - 1]
-                numbers = [state.step, state.seed, state.epoch, state.batch_in_epoch]
+                assert self._layout is not None  # set with the last call's leaves
+                top = self._layout.counters
+                numbers = [getattr(state, f) for f in _COUNTERS]
                 values = torch.tensor(numbers, dtype=torch.int64, device=_device(state)).unbind()
                 leaves, plain = list(leaves), list(plain)
                 for i, t, x in zip(top, values, numbers):

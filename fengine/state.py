@@ -26,7 +26,18 @@ class DonatedStateError(RuntimeError):
     """Raised when a state that was donated to a step is used again."""
 
 
-_FIELDS = ("step", "params", "buffers", "opt_state", "extra", "seed", "epoch", "batch_in_epoch")
+STATE_FIELDS = (
+    "step",
+    "params",
+    "buffers",
+    "opt_state",
+    "extra",
+    "seed",
+    "epoch",
+    "batch_in_epoch",
+)
+"""A TrainState's pytree children, in order (the model rides along as context)."""
+_FIELDS = STATE_FIELDS
 _ALL = (*_FIELDS, "model")
 _ALL_SET = frozenset(_ALL)
 _GUARDED = _ALL_SET | {"replace", "clone", "eval_weights"}
