@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fengine.host import to_host
+
 
 __all__ = ["FiniteWatch"]
 
@@ -46,10 +48,7 @@ class FiniteWatch:
         ]
         if not picked:
             return
-        device = picked[0][2].device
-        values = torch.stack(
-            [v.detach().reshape(()).to(device, torch.float64) for _, _, v in picked]
-        ).tolist()
+        values = to_host([v for _, _, v in picked])  # one transfer, not one per value
         by_step: dict[int, dict[str, float]] = {}
         for (step, key, _), value in zip(picked, values):
             by_step.setdefault(step, {})[key] = value

@@ -1238,8 +1238,9 @@ def test_exp_name_rule_matches_logger_hook():
 
 def test_to_host_reads_every_kind_of_value_in_place():
     """`to_host`: numbers as floats; 0-d, one-element and larger tensors (their mean) of any dtype,
-    each the value a per-element float64 cast gives, at its own position."""
-    from fengine.handlers.log import to_host
+    each the value a per-element float64 cast gives, at its own position; with one dtype
+    (no cast there) as with several."""
+    from fengine.host import to_host
 
     values = [
         torch.tensor(1.5),
@@ -1253,3 +1254,8 @@ def test_to_host_reads_every_kind_of_value_in_place():
     ]
     expected = [1.5, 2.0, 2.0, 2.25, 4.0, 7.0, torch.tensor(0.1).double().item(), 3.0]
     assert to_host(values) == expected
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool):
+        one = [torch.tensor(v).to(dtype) for v in (0.1, 3.0, 1.0)] + [1]
+        host = to_host(one)
+        assert host == [float(t.double().item()) for t in one[:3]] + [1.0], dtype
+        assert all(type(x) is float for x in host), dtype

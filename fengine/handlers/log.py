@@ -17,7 +17,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,6 +28,7 @@ from fengine.events import Handler, Priority, Snapshot
 from fengine.handlers.banner import environment, format_banner, format_config
 from fengine.handlers.history import History, known_statistics, statistic
 from fengine.handlers.timing import Timer
+from fengine.host import to_host
 
 
 __all__ = [
@@ -112,36 +113,6 @@ def _batch_number(snap: Snapshot) -> int:
     if snap.batch_idx is None:
         raise ValueError(f"{snap.event}: a {snap.phase} iteration event needs batch_idx")
     return snap.batch_idx + 1
-
-
-# ------------------------------------------------------------------ host transfer
-def to_host(values: Sequence[Any]) -> list[float]:
-    """Python floats of ``values`` (tensors, numbers; tensors averaged on their device),
-    with one stacked transfer per device."""
-    out: list[float] = [0.0] * len(values)
-    groups: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        if isinstance(v, torch.Tensor):
-            groups.setdefault(v.device, []).append(i)
-        else:
-            out[i] = float(v)
-    with torch.no_grad():
-        for device, idx in groups.items():
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            by_dtype: dict[torch.dtype, tuple[list[int], list[torch.Tensor]]] = {}
-            for i in idx:
-                t = values[i]
-                if t.dim():  # a one-element tensor, or the mean of a larger one
-                    t = t.reshape(()) if t.numel() == 1 else t.float().mean()
-                order, parts = by_dtype.setdefault(t.dtype, ([], []))
-                order.append(i)
-                parts.append(t)
-            # one stack and cast per dtype (the values of per-element casts), one device -> host copy
-            stacked = torch.cat([torch.stack(parts).to(dtype) for _, parts in by_dtype.values()])
-            order = [i for o, _ in by_dtype.values() for i in o]
-            for i, x in zip(order, stacked.tolist()):
-                out[i] = x
-    return out
 
 
 # ------------------------------------------------------------------ statistics
