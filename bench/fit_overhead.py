@@ -12,7 +12,12 @@ MMEngine's Runner measured 0.64-0.69x and Lightning 0.26-0.53x of the hand-writt
 loop on this work. The last line is ``ratio X.XX`` (fengine / hand-written over the
 DataLoader); the line before gives the list ratio.
 
-    python bench/fit_overhead.py [--epochs 4] [--batches 500] [--rounds 5]   (smoke: --epochs 1 --batches 20 --rounds 1)
+``--breakdown`` adds where fit's time over the bare step goes: the eager step in a plain
+loop, then `fit` with no handlers, with a Timer, with a Logger that never prints a line, and
+with the default Timer + Logger (lines every 10 updates, not shown), in microseconds per
+update over the list (one process, interleaved rounds, median).
+
+    python bench/fit_overhead.py [--epochs 4] [--batches 500] [--rounds 5] [--breakdown]   (smoke: --epochs 1 --batches 20 --rounds 1)
 """
 
 from __future__ import annotations
@@ -58,12 +63,46 @@ def with_fit(data: Callable[[], Iterable], epochs: int) -> tuple[float, fe.Train
     return time.perf_counter() - t0, state
 
 
+def breakdown(batches: list, rounds: int) -> None:
+    """Per-update microseconds of the step alone and inside `fit` with more and more handlers."""
+    step = fe.train_step(
+        lambda model, b: F.cross_entropy(model(b[0]), b[1]), fe.optim.adamw(lr=1e-3)
+    )
+    configs: dict[str, Callable[[], list] | None] = {
+        "step in a plain loop": None,
+        "fit, no handlers": list,
+        "fit + Timer": lambda: [fe.handlers.Timer()],
+        "fit + Logger, no lines": lambda: [fe.handlers.Logger(timer=False, interval=10**9)],
+        "fit + Timer + Logger": fe.handlers.default_handlers,
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, handlers in configs.items():
+            state = step.init(make_model())
+            t0 = time.perf_counter()
+            if handlers is None:
+                for batch in batches:
+                    state, _ = step(state, batch)
+            else:
+                fe.fit(state, step, batches, max_steps=len(batches), handlers=handlers())
+            times[name].append((time.perf_counter() - t0) / len(batches) * 1e6)
+    base = statistics.median(times["step in a plain loop"])
+    for name, ts in times.items():
+        us = statistics.median(ts)
+        print(f"{name:>24}: {us:7.1f} us/update  (+{us - base:5.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batches", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also: fit's cost over the step, handler by handler",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("fengine").setLevel(logging.WARNING)  # measure the work, not the terminal
@@ -100,6 +139,8 @@ def main() -> None:
         ratios[name] = our_rate / ref_rate
         print(f"{name:>10}: hand-written {ref_rate:8.1f} steps/s, fengine.fit + Timer + Logger {our_rate:8.1f} steps/s, "
               f"final params bitwise equal: {same}")  # fmt: skip
+    if args.breakdown:
+        breakdown(batches, args.rounds)
     print(f"ratio over a list {ratios['list']:.2f}")
     print(f"ratio {ratios['DataLoader']:.2f}")
 

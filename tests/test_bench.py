@@ -13,7 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SMOKE = {  # script -> arguments that make it finish in seconds
     "step_overhead.py": ["--steps", "20", "--rounds", "1"],
-    "fit_overhead.py": ["--epochs", "1", "--batches", "20", "--rounds", "1"],
+    "fit_overhead.py": ["--epochs", "1", "--batches", "20", "--rounds", "1", "--breakdown"],
     "checkpoint_io.py": ["--gb", "0.002", "--repeats", "1", "--steps", "5", "--every", "2"],
     "distributed.py": ["--steps", "5", "--rounds", "1"],
     "compile.py": ["--smoke"],
