@@ -510,10 +510,14 @@ def _resume(
     if path is None:
         log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
         return state, run, None
+    # a donating step consumes the state it is given: the file is read into its tensors
+    given = state
     try:
-        state = checkpoint.load(path, like=state)
+        state = checkpoint.load(path, like=state, into=step.donate)
     except checkpoint.CheckpointMismatchError as e:
         state = _load_adding_wrappers(path, state, step, e)
+    if step.donate and not given.is_donated:
+        given._mark_donated("fit(resume=...)")
     meta = checkpoint.read_meta(path)["meta"]
     meta = meta if isinstance(meta, Mapping) else {}
     handler_states = meta.get("handlers") or {}
@@ -558,7 +562,9 @@ def _load_adding_wrappers(
     ):
         raise error
     state = checkpoint.load(
-        path, like=like.replace(extra={k: v for k, v in like.extra.items() if k not in names})
+        path,
+        like=like.replace(extra={k: v for k, v in like.extra.items() if k not in names}),
+        into=step.donate,
     )
     added = {str(w.name): w.init(state, step.parts) for w in step.wrappers if w.name in names}
     log.warning(

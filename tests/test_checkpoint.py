@@ -131,6 +131,58 @@ def test_round_trip_is_bitwise_and_training_continues_identically(tmp_path, name
     assert_same(continued_loaded, continued_original)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_load_into_reads_the_file_into_the_templates_own_tensors(tmp_path, name):
+    """``into=True``: the same values as a fresh load, held by the template's own tensor objects
+    (no second copy of the state), and the template is consumed; training continues identically."""
+    step, template = build(name)
+    state = train(step, template(), batches(1 if name == "from_torch_adam" else 3))
+    path = ckpt.save(tmp_path / "ck.safetensors", state)
+    like = template()
+    own = {k: v for k, v in leaves(like).items() if isinstance(v, torch.Tensor) and v.numel()}
+    loaded = ckpt.load(path, like, into=True)
+    assert_same(loaded, ckpt.load(path, template()))
+    got = leaves(loaded)
+    assert own and all(got[k] is v for k, v in own.items())
+    with pytest.raises(fengine.DonatedStateError, match="into=True"):
+        _ = like.params
+    more = batches(3, seed=2)
+    assert_same(train(step, loaded, more), train(step, state, more))
+
+
+def test_load_into_leaves_tied_and_shared_tensors_to_fresh_copies(tmp_path):
+    """Tied leaves and views of one storage are never read into: each gets the file's own value."""
+    w, base = torch.randn(4, 5), torch.randn(2, 6)
+    state = fengine.TrainState(
+        params={"a": w, "b": w.clone() + 1}, buffers={"lo": base[0], "hi": base[1]}
+    )
+    path = ckpt.save(tmp_path / "s.safetensors", state)
+    z, flat = torch.zeros(4, 5), torch.zeros(2, 6)
+    like = fengine.TrainState(params={"a": z, "b": z}, buffers={"lo": flat[0], "hi": flat[1]})
+    loaded = ckpt.load(path, like, into=True)
+    assert torch.equal(loaded.params["a"], w) and torch.equal(loaded.params["b"], w + 1)
+    assert torch.equal(loaded.buffers["lo"], base[0]) and torch.equal(loaded.buffers["hi"], base[1])
+    assert loaded.params["a"] is not z and loaded.buffers["lo"] is not flat[0]
+    assert not z.any() and not flat.any()  # nothing was written into the shared storages
+
+
+def test_load_into_a_damaged_file_raises_and_consumes_the_template(saved, tmp_path):
+    path, template = saved
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x80  # the last tensor's data: read (into the template) before the check fails
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    like = template()
+    with pytest.raises(CheckpointError, match="CRC-32 mismatch"):
+        ckpt.load(bad, like, into=True)
+    assert like.is_donated
+    fresh = template()
+    mismatched = fresh.replace(params={**fresh.params, "0.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointMismatchError):  # found before any read: the template stays
+        ckpt.load(path, mismatched, into=True)
+    assert not mismatched.is_donated
+
+
 def test_large_tensors_round_trip_and_train_on(tmp_path):
     """MiB-sized tensors (read in 1 MiB pieces on several threads): bitwise equal,
     writable, shareable, and training continues identically."""

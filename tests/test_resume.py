@@ -61,6 +61,27 @@ def test_interrupted_and_resumed_equals_straight(tmp_path, variant, k):
     _assert_states_equal(resumed, straight)
 
 
+@pytest.mark.parametrize("donate", [True, False])
+def test_resume_reads_into_a_donating_steps_state_and_leaves_a_copying_ones(tmp_path, donate):
+    """A donating step's initial state is consumed by the resume (the file is read into its
+    tensors: one copy of the state in memory); with donate=False it stays as it was. Both runs
+    equal the straight one."""
+    straight = _straight("plain")
+    state, step, data = experiment("plain")
+    fe.fit(state, step, data, max_steps=7, work_dir=tmp_path, handlers=[SaveAtEnd()])
+    state, step, data = experiment("plain")
+    step.donate = donate
+    before = state.params["0.weight"]
+    kept = before.clone()
+    resumed = fe.fit(state, step, data, max_steps=N, work_dir=tmp_path, resume=True, handlers=[])
+    _assert_states_equal(resumed, straight)
+    assert state.is_donated == donate
+    if donate:
+        assert resumed.params["0.weight"] is before  # trained on in the memory it was read into
+    else:
+        assert torch.equal(state.params["0.weight"], kept)
+
+
 def test_workers_do_not_change_the_batches():
     a = _straight("plain")
     b = _straight("workers2")

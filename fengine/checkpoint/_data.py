@@ -17,7 +17,7 @@ import json
 import os
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,20 +188,30 @@ def write_file(
 
 # ======================================================================= reading
 def read_tensors(
-    h: Header, names: set[str], digest: dict | None, *, verify_all: bool = False
+    h: Header,
+    names: set[str],
+    digest: dict | None,
+    *,
+    verify_all: bool = False,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read the named tensors into fresh CPU tensors, checking every block they touch (every block with ``verify_all``).
 
-    ``digest`` is None for a plain safetensors file: nothing to check.
+    ``digest`` is None for a plain safetensors file: nothing to check. ``into``: existing
+    tensors to read some names into instead (CPU, contiguous, owning their memory, of the
+    file's shape and dtype: `load(..., into=True)`); returned as they are.
     """
     block = digest["block_size"] if digest else BLOCK
     dests: dict[str, torch.Tensor] = {}
     views: dict[str, memoryview] = {}
     for name in names:
         info = h.table[name]
-        t = dests[name] = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        given = None if into is None else into.get(name)
+        t = dests[name] = (
+            given if given is not None else torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        )
         if t.numel():
-            views[name] = _bytes_of(t)
+            views[name] = _bytes_of(t.detach())
     spans = [(*h.table[n]["data_offsets"], n) for n in h.order]
     spans = [s for s in spans if s[1] > s[0]]
     starts = [s[0] for s in spans]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import stat
@@ -143,7 +144,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def load(path: str | os.PathLike, like: TrainState) -> TrainState:
+def load(path: str | os.PathLike, like: TrainState, *, into: bool = False) -> TrainState:
     """Read a checkpoint into a new state shaped like ``like`` (its treespec, devices and model).
 
     Every missing or unexpected name and every shape or dtype mismatch is
@@ -160,6 +161,13 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
     tensors and keeps its shard of each sharded leaf (no communication), and the model's
     own params and buffers, which the state shares, receive the loaded values in place
     (there is one set of weights: the module's); the state returned holds them.
+
+    ``into=True`` (what `fit`'s resume does with a donating step) reads the file straight into
+    ``like``'s own CPU tensors where it can (contiguous, owning their memory, not tied to another
+    leaf), and the state returned holds them: no second copy of the state in memory and no
+    fresh pages to fault in, so a resume reads at the speed of the page cache. ``like`` is
+    consumed (donated: reading it afterwards raises `fengine.DonatedStateError`), also when the
+    file turns out damaged midway, since its tensors may then hold part of the file.
     """
     if not isinstance(like, TrainState):
         raise TypeError(
@@ -169,12 +177,44 @@ def load(path: str | os.PathLike, like: TrainState) -> TrainState:
     info = require_fengine(h, want="train_state")
     tmpl, spec = flatten(like)
     adopt = _match(h, info, tmpl, like)
-    tensors = read_tensors(h, set(h.table), info.digest, verify_all=True)
-    owned = owned_ids(like.model)  # a sharded model's own tensors are written in place
+    model = like.model
+    owned = owned_ids(model)  # a sharded model's own tensors are written in place
+    targets = _in_place_targets(tmpl, adopt, owned) if into else {}
+    try:
+        tensors = read_tensors(h, set(h.table), info.digest, verify_all=True, into=targets)
+    finally:
+        if into:
+            like._mark_donated("checkpoint.load(..., into=True)")
     state = pytree.tree_unflatten(_values(tmpl, adopt, tensors, info, owned), spec)
-    if owned and like.model is not None:
-        reshard(like.model)  # no all-gathered copy of the old values survives
+    if owned and model is not None:
+        reshard(model)  # no all-gathered copy of the old values survives
     return state
+
+
+def _in_place_targets(
+    tmpl: list[Leaf], adopt: dict[str, list], owned: set[int]
+) -> dict[str, torch.Tensor]:
+    """The template's tensors a file can be read straight into: plain CPU tensors, contiguous, each
+    the only user of its whole storage and one leaf only. Tied leaves, views, and the tensors of
+    a sharded model (FSDP frees and regrows storages) take the usual path. Shapes and dtypes were
+    matched already."""
+    if owned:
+        return {}
+    candidates = [
+        (leaf.name, v)
+        for leaf in tmpl
+        if leaf.name not in adopt
+        and type(v := leaf.value) in (torch.Tensor, torch.nn.Parameter)
+        and v.device.type == "cpu"
+        and v.layout == torch.strided
+        and v.numel()
+        and v.is_contiguous()
+        and not (v.is_conj() or v.is_neg())
+        and v.storage_offset() == 0
+        and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+    ]
+    users = collections.Counter(v.untyped_storage().data_ptr() for _, v in candidates)
+    return {name: v for name, v in candidates if users[v.untyped_storage().data_ptr()] == 1}
 
 
 def _describe(v: Any) -> str:
