@@ -321,7 +321,9 @@ def fit(
     `Checkpointer` every epoch (iteration-based: at the end), as MMEngine's defaults. ``resume=True`` continues from
     ``work_dir``'s latest checkpoint (from scratch if there is none),
     ``resume=PATH`` from that file, handlers' own state included, and finishes
-    what the uninterrupted run did at that position (its validation). SIGTERM/SIGINT
+    what the uninterrupted run did at that position (its validation); with a donating step the
+    file is read into ``state``'s own tensors (`checkpoint.load` ``into=True``), consuming it
+    as the first update would. SIGTERM/SIGINT
     (with a ``work_dir``) save a checkpoint at the next step boundary and raise
     `Preempted`. The ``work_dir`` is locked for the run (`fengine.lock_work_dir`).
     ``check_nonfinite`` raises `FloatingPointError` on the first non-finite loss
