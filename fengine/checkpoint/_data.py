@@ -38,7 +38,7 @@ from fengine.checkpoint._format import (
     n_blocks,
     open_checkpoint,
 )
-from fengine.checkpoint._io import atomic_write, pread_into, run
+from fengine.checkpoint._io import atomic_write, pread_into, run, start_writeback
 from fengine.sharding import is_dtensor
 
 
@@ -166,6 +166,8 @@ def write_file(
                     piece = data[i:j]
                     crc = checksum(piece, crc)  # first: pwrite then copies it from the cache
                     seams._pwrite_all(fd, piece, head_len + begin + i)
+                    if fsync:  # to the disk while the rest is written: the fsync waits less
+                        start_writeback(fd, head_len + begin + i, j - i)
             return f"{crc:08x}"
 
         metadata["fengine.data_digest"] = _data_digest(
