@@ -151,6 +151,37 @@ def test_load_into_reads_the_file_into_the_templates_own_tensors(tmp_path, name)
     assert_same(train(step, loaded, more), train(step, state, more))
 
 
+@pytest.mark.gpu
+def test_load_into_a_cuda_state_fills_its_own_device_memory(tmp_path):
+    """On CUDA, ``into=True`` copies the values into the template's device tensors: the same
+    objects, the same values as a fresh load, and no second copy of the ~50 MB state on the
+    device (a fresh load allocates one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.Linear(2048, 3))
+    step = fengine.train_step(loss_fn, fengine.optim.adamw(1e-3))
+    model = model.cuda()
+    state = train(step, step.init(model), [(x.cuda(), y.cuda()) for x, y in batches(2)])
+    path = ckpt.save(tmp_path / "ck.safetensors", state)
+    del state
+
+    def peak_growth(like, into):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loaded = ckpt.load(path, like, into=into)
+        torch.cuda.synchronize()
+        return loaded, torch.cuda.max_memory_allocated() - before
+
+    fresh, grew_fresh = peak_growth(step.init(model), into=False)
+    like = step.init(model)
+    own = {k: v for k, v in leaves(like).items() if isinstance(v, torch.Tensor) and v.is_cuda}
+    loaded, grew = peak_growth(like, into=True)
+    assert grew_fresh > 40 << 20 and grew < 1 << 20, (grew_fresh, grew)
+    assert_same(loaded, fresh)
+    got = leaves(loaded)
+    assert own and all(got[k] is v for k, v in own.items())
+
+
 def test_load_into_leaves_tied_and_shared_tensors_to_fresh_copies(tmp_path):
     """Tied leaves and views of one storage are never read into: each gets the file's own value."""
     w, base = torch.randn(4, 5), torch.randn(2, 6)

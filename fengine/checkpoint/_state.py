@@ -162,10 +162,11 @@ def load(path: str | os.PathLike, like: TrainState, *, into: bool = False) -> Tr
     own params and buffers, which the state shares, receive the loaded values in place
     (there is one set of weights: the module's); the state returned holds them.
 
-    ``into=True`` (what `fit`'s resume does with a donating step) reads the file straight into
-    ``like``'s own CPU tensors where it can (contiguous, owning their memory, not tied to another
-    leaf), and the state returned holds them: no second copy of the state in memory and no
-    fresh pages to fault in, so a resume reads at the speed of the page cache. ``like`` is
+    ``into=True`` (what `fit`'s resume does with a donating step) puts the values into ``like``'s
+    own tensors where it can (contiguous, owning their memory, not tied to another leaf): the
+    file is read straight into CPU ones, and copied into accelerator ones from the CPU; the
+    state returned holds them. No second copy of the state in (device) memory and no fresh
+    pages to fault in, so a resume reads at the speed of the page cache. ``like`` is
     consumed (donated: reading it afterwards raises `fengine.DonatedStateError`), also when the
     file turns out damaged midway, since its tensors may then hold part of the file.
     """
@@ -181,11 +182,12 @@ def load(path: str | os.PathLike, like: TrainState, *, into: bool = False) -> Tr
     owned = owned_ids(model)  # a sharded model's own tensors are written in place
     targets = _in_place_targets(tmpl, adopt, owned) if into else {}
     try:
-        tensors = read_tensors(h, set(h.table), info.digest, verify_all=True, into=targets)
+        on_cpu = {n: v for n, v in targets.items() if v.device.type == "cpu"}
+        tensors = read_tensors(h, set(h.table), info.digest, verify_all=True, into=on_cpu)
     finally:
         if into:
             like._mark_donated("checkpoint.load(..., into=True)")
-    state = pytree.tree_unflatten(_values(tmpl, adopt, tensors, info, owned), spec)
+    state = pytree.tree_unflatten(_values(tmpl, adopt, tensors, info, owned, targets), spec)
     if owned and model is not None:
         reshard(model)  # no all-gathered copy of the old values survives
     return state
@@ -194,10 +196,11 @@ def load(path: str | os.PathLike, like: TrainState, *, into: bool = False) -> Tr
 def _in_place_targets(
     tmpl: list[Leaf], adopt: dict[str, list], owned: set[int]
 ) -> dict[str, torch.Tensor]:
-    """The template's tensors a file can be read straight into: plain CPU tensors, contiguous, each
-    the only user of its whole storage and one leaf only. Tied leaves, views, and the tensors of
-    a sharded model (FSDP frees and regrows storages) take the usual path. Shapes and dtypes were
-    matched already."""
+    """The template's tensors the file's values can go straight into: plain tensors, contiguous,
+    each the only user of its whole storage and one leaf only. CPU ones are read into; on an
+    accelerator the values are copied in from the CPU (no second copy of the state in device
+    memory). Tied leaves, views, and the tensors of a sharded model (FSDP frees and regrows
+    storages) take the usual path. Shapes and dtypes were matched already."""
     if owned:
         return {}
     candidates = [
@@ -205,7 +208,7 @@ def _in_place_targets(
         for leaf in tmpl
         if leaf.name not in adopt
         and type(v := leaf.value) in (torch.Tensor, torch.nn.Parameter)
-        and v.device.type == "cpu"
+        and v.device.type != "meta"
         and v.layout == torch.strided
         and v.numel()
         and v.is_contiguous()
@@ -338,8 +341,10 @@ def _values(
     tensors: dict[str, torch.Tensor],
     info: Info,
     owned: set[int],
+    targets: Mapping[str, torch.Tensor],
 ) -> list[Any]:
-    """The loaded leaves, in the template's order, on the template's devices."""
+    """The loaded leaves, in the template's order, on the template's devices (in ``targets``'
+    own memory for those: `_in_place_targets`)."""
     # adopted tensors: CPU if saved from CPU (torch keeps Adam's `step` there), else the template's accelerator
     accel = next(
         (
@@ -374,6 +379,10 @@ def _values(
             if shared is not None and torch.equal(shared.detach().cpu(), t):
                 out.append(shared)  # one object in the template: keep it one object
                 continue
+            if leaf.name in targets and t is not v:  # an accelerator's tensor: filled in place
+                with torch.no_grad():
+                    v.copy_(t)
+                t = v
             t = _place(t, v.device)
             if v.requires_grad:
                 t.requires_grad_(True)
