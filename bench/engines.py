@@ -138,6 +138,8 @@ def mmengine(w: Workload, data: Iterable[Batch], steps: int, warmup: int) -> Res
 
 def lightning(w: Workload, data: Iterable[Batch], steps: int, warmup: int) -> Result:
     """Lightning's Trainer (defaults minus checkpoints/progress bar), when installed."""
+    if isinstance(data, list):
+        return float("nan"), {}  # the Trainer takes a list as several dataloaders: DataLoader only
     import lightning as L  # noqa: N812  (its documented alias)
 
     class Module(L.LightningModule):

@@ -41,6 +41,7 @@ QUICK_STEPS = {"mlp": 1000, "cnn": 60, "gpt": 30}
 QUICK_LOADER_ENGINES = ("hand", "fit", "mmengine", "lightning")  # --quick: the loader feed's rows
 ENGINE_ORDER = ("hand", "hand_fused", "step", "fit", "compiled", "mmengine", "lightning")
 OPTIONAL = {"mmengine": "mmengine", "lightning": "lightning"}
+LOADER_ONLY = ("mmengine", "lightning")
 
 
 def digest(params: dict[str, torch.Tensor]) -> str:
@@ -118,8 +119,8 @@ def run_suite(args: argparse.Namespace) -> list[Row]:
             for feed in feeds:
                 order = engines if r % 2 == 0 else engines[::-1]  # interleaved, both directions
                 for engine in order:
-                    if engine == "mmengine" and feed == "list":
-                        continue  # its Runner takes a DataLoader
+                    if engine in LOADER_ONLY and feed == "list":
+                        continue  # MMEngine's Runner and Lightning's Trainer take a DataLoader
                     if args.quick and feed == "loader" and engine not in QUICK_LOADER_ENGINES:
                         continue
                     out = measure(workload, engine, feed, n, warmup, args.threads, args.device)
