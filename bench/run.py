@@ -9,6 +9,9 @@ installed. Same initial weights, data and order, fed by a plain list and by one
 rounds interleave the engines so they share the machine's noise, and the table gives
 the median steps/s of the rounds, the ratio to the hand-written loop on the same feed,
 the peak RSS and whether the final parameters equal the hand-written loop's bit for bit.
+Every process first fixes glibc's malloc thresholds (`fengine.allocator`, as the recipes do on
+CPU; ``--malloc default`` leaves them dynamic): otherwise a compiled step's speed can differ
+by a third from one process to the next.
 Checkpoint rows come from bench/checkpoint_io.py. The table goes to bench/RESULTS.md
 with the command, versions, machine and thread count.
 
@@ -55,6 +58,10 @@ def digest(params: dict[str, torch.Tensor]) -> str:
 def worker(args: argparse.Namespace) -> None:
     """One measurement in this process; prints one JSON line."""
     torch.set_num_threads(args.threads)
+    if args.malloc == "steady":
+        from fengine.allocator import steady_cpu_allocations
+
+        steady_cpu_allocations()  # for every engine alike
     sys.path.insert(0, str(HERE))
     from engines import ENGINES, feed
     from workloads import workload
@@ -72,10 +79,12 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def measure(
-    workload: str, engine: str, feed: str, steps: int, warmup: int, threads: int, device: str
-) -> dict:
+    workload: str, engine: str, feed: str, steps: int, warmup: int, threads: int, device: str,
+    malloc: str,
+) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--worker", "--device", device, "--workload", workload, "--engine", engine,
-           "--feed", feed, "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
+           "--feed", feed, "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
+           "--malloc", malloc]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -123,7 +132,9 @@ def run_suite(args: argparse.Namespace) -> list[Row]:
                         continue  # MMEngine's Runner and Lightning's Trainer take a DataLoader
                     if args.quick and feed == "loader" and engine not in QUICK_LOADER_ENGINES:
                         continue
-                    out = measure(workload, engine, feed, n, warmup, args.threads, args.device)
+                    out = measure(
+                        workload, engine, feed, n, warmup, args.threads, args.device, args.malloc
+                    )
                     row = rows.setdefault(
                         (workload, engine, feed), Row(workload, engine, feed, [], [], set())
                     )
@@ -181,7 +192,7 @@ def write_results(
         "# Benchmark results",
         "",
         f"Command: `{command.strip()}` ({seconds / 60:.1f} min, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; torch intra-op threads {args.threads}",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; torch intra-op threads {args.threads}; malloc thresholds {args.malloc}",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}"
         + "".join(f", {m} {_version(m)}" for m in ("mmengine", "lightning") if installed(m)),
         "",
@@ -242,6 +253,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--checkpoint-gb", type=float, default=None, help="state size of the checkpoint rows"
+    )
+    ap.add_argument(
+        "--malloc",
+        choices=["steady", "default"],
+        default="steady",
+        help="fix glibc's malloc thresholds in every process (fengine.allocator), or leave them",
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)

@@ -7,6 +7,7 @@ reading order around it.
 """
 
 from fengine import (
+    allocator as allocator,
     checkpoint as checkpoint,
     complexity as complexity,
     config as config,

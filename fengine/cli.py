@@ -64,7 +64,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Annotated, Any, ClassVar, TypeVar
 
+import torch
+
 from fengine import checkpoint
+from fengine.allocator import steady_cpu_allocations
 from fengine.config import from_dict, to_dict
 
 
@@ -498,7 +501,10 @@ def replay_hook(cls: type[C], build: Callable[[C], Experiment]) -> Callable[...,
 
 def initial_state(step: Any, model: Any, cfg: RunConfig, device: Any = None) -> Any:
     """``step.init(model, seed=cfg.seed, device=device)``, then the weights of ``cfg.load_from``
-    when given (MMEngine's ``load_from``; `fengine.checkpoint.load_params`), its report printed."""
+    when given (MMEngine's ``load_from``; `fengine.checkpoint.load_params`), its report printed.
+    A CPU run first fixes malloc's thresholds (`fengine.allocator.steady_cpu_allocations`)."""
+    if device is None or torch.device(device).type == "cpu":
+        steady_cpu_allocations()
     state = step.init(model, seed=cfg.seed, device=device)
     if cfg.load_from is not None:
         state, report = checkpoint.load_params(cfg.load_from, state)

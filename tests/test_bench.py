@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -43,6 +44,8 @@ def test_suite_runs_every_engine_and_checks_the_bits(tmp_path):
     }
     expected = {("list", e) for e in ("hand", "hand_fused", "step", "fit", "compiled")}
     expected |= {("loader", e) for e in ("hand", "fit", "mmengine")}
+    if importlib.util.find_spec("lightning") is not None:  # optional: a row when installed
+        expected.add(("loader", "lightning"))
     assert set(rows) == expected, sorted(rows)
     # same ops in the same order as the hand-written loop on the same feed
     for key in [("list", "step"), ("list", "fit"), ("loader", "fit"), ("loader", "mmengine")]:
