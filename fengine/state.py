@@ -37,8 +37,7 @@ STATE_FIELDS = (
     "batch_in_epoch",
 )
 """A TrainState's pytree children, in order (the model rides along as context)."""
-_FIELDS = STATE_FIELDS
-_ALL = (*_FIELDS, "model")
+_ALL = (*STATE_FIELDS, "model")
 _ALL_SET = frozenset(_ALL)
 _GUARDED = _ALL_SET | {"replace", "clone", "eval_weights"}
 
@@ -139,7 +138,7 @@ class TrainState:
         if not changes.keys() <= _ALL_SET:
             unknown = sorted(set(changes) - _ALL_SET)
             raise TypeError(
-                f"TrainState.replace: unknown fields {unknown}; fields are {list(_FIELDS)}"
+                f"TrainState.replace: unknown fields {unknown}; fields are {list(STATE_FIELDS)}"
             )
         fields = dict(self.__dict__)
         fields.update(changes)
@@ -163,7 +162,9 @@ class TrainState:
 
     def clone(self) -> TrainState:
         """A deep copy: every tensor cloned, so the copy shares no storage."""
-        return TrainState(**{f: clone_tree(getattr(self, f)) for f in _FIELDS}, model=self.model)
+        return TrainState(
+            **{f: clone_tree(getattr(self, f)) for f in STATE_FIELDS}, model=self.model
+        )
 
     def __repr__(self) -> str:
         n = sum(t.numel() for t in self.params.values())
@@ -211,16 +212,16 @@ def clone_tree(tree: Any) -> Any:
 
 
 def _flatten(state: TrainState):
-    return [getattr(state, f) for f in _FIELDS], state.model
+    return [getattr(state, f) for f in STATE_FIELDS], state.model
 
 
 def _unflatten(children, model) -> TrainState:
-    return TrainState(**dict(zip(_FIELDS, children)), model=model)
+    return TrainState(**dict(zip(STATE_FIELDS, children)), model=model)
 
 
 def _flatten_with_keys(state: TrainState):
     children, ctx = _flatten(state)
-    return [(pytree.GetAttrKey(f), c) for f, c in zip(_FIELDS, children)], ctx
+    return [(pytree.GetAttrKey(f), c) for f, c in zip(STATE_FIELDS, children)], ctx
 
 
 def _refuse(state: _DonatedTrainState):

@@ -165,9 +165,10 @@ def write_file(
                 for i, j in _chunks(a, z):
                     piece = data[i:j]
                     crc = checksum(piece, crc)  # first: pwrite then copies it from the cache
-                    seams._pwrite_all(fd, piece, head_len + begin + i)
+                    offset = head_len + begin + i
+                    seams._pwrite_all(fd, piece, offset)
                     if fsync:  # to the disk while the rest is written: the fsync waits less
-                        start_writeback(fd, head_len + begin + i, j - i)
+                        start_writeback(fd, offset, j - i)
             return f"{crc:08x}"
 
         metadata["fengine.data_digest"] = _data_digest(
