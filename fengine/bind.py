@@ -9,9 +9,8 @@ bound everywhere they appear.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -41,27 +40,46 @@ class Binding:
         ):  # FSDP sets its parameters into their slots itself: only buffers are swapped
             self.slots = [s for s in self.slots if not s[2]]
 
-    @contextlib.contextmanager
     def __call__(
         self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
-    ) -> Iterator[None]:
-        saved = []
+    ) -> _Bound:
+        return _Bound(self.slots, params, buffers)
+
+
+class _Bound:
+    """The context a `Binding` returns: the state's tensors in the slots inside, the module's own after.
+
+    A class rather than a ``contextlib`` generator: it is entered on every step."""
+
+    __slots__ = ("slots", "params", "buffers", "saved")
+
+    def __init__(
+        self,
+        slots: list[tuple[dict, str, bool, str]],
+        params: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor],
+    ) -> None:
+        self.slots, self.params, self.buffers = slots, params, buffers
+
+    def __enter__(self) -> None:
+        params, buffers = self.params, self.buffers
+        self.saved = [store[key] for store, key, _, _ in self.slots]
         try:
             for store, key, is_param, name in self.slots:
-                source = params if is_param else buffers
-                if name not in source:
-                    kind = "params" if is_param else "buffers"
-                    raise KeyError(
-                        f"the state has no {kind}[{name!r}], which the model uses; was the state built from this model?"
-                    )
-                saved.append(store[key])
-                store[key] = source[name]
-            yield
-        finally:
-            for (store, key, _, _), original in zip(
-                reversed(self.slots[: len(saved)]), reversed(saved)
-            ):
-                store[key] = original
+                store[key] = params[name] if is_param else buffers[name]
+        except KeyError:
+            self.__exit__()
+            missing = next(
+                (p, n) for _, _, p, n in self.slots if n not in (params if p else buffers)
+            )
+            kind = "params" if missing[0] else "buffers"
+            raise KeyError(
+                f"the state has no {kind}[{missing[1]!r}], which the model uses; was the state built from this model?"
+            ) from None
+
+    def __exit__(self, *exc: object) -> None:
+        for (store, key, _, _), original in zip(self.slots, self.saved):
+            store[key] = original
 
 
 _cache: weakref.WeakKeyDictionary[nn.Module, Binding] = weakref.WeakKeyDictionary()

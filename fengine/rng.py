@@ -8,6 +8,7 @@ cannot change what a sample sees.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -29,15 +30,21 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+@functools.lru_cache(maxsize=64)
+def _mixed(value: int) -> int:
+    """``_mix64`` of a value that recurs call after call (a run's seed, a micro-batch index)."""
+    return _mix64(value & _MASK64)
+
+
 def fold_in(seed: int, *data: int) -> int:
     """A 63-bit key derived from ``seed`` and ``data`` (like ``jax.random.fold_in``).
 
     Distinct inputs give unrelated keys; the same inputs always give the same key,
     on every machine and Python version.
     """
-    key = _mix64(seed & _MASK64)
+    key = _mixed(int(seed))
     for d in data:
-        key = _mix64(key ^ _mix64(int(d) & _MASK64))
+        key = _mix64(key ^ _mixed(int(d)))
     return key >> 1  # torch seeds must fit in a signed 64-bit int
 
 

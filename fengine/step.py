@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from fengine.autograd import scalar_grads
 from fengine.bind import bind
 from fengine.devices import device_of, devices_in
 from fengine.losses import Metrics, parse_losses
@@ -133,8 +134,9 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
         if cache.get("params") is not params:  # a donating step keeps the same dict
             refuse_autograd(state.model)
             cuda = {p.device for p in params.values() if p.device.type == "cuda"}
-            cache.update(params=params, names=part.owned(params), devices=tuple(cuda))
-        names = cache["names"]
+            names = part.owned(params)
+            inputs = tuple(params[n] for n in names)
+            cache.update(params=params, names=names, inputs=inputs, devices=tuple(cuda))
         model = state.model
         assert model is not None  # Step.check refused a state without one
         if not model.training:
@@ -143,8 +145,10 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
         with seeded_default_generators(key, cache["devices"]), bind(model, params, state.buffers):
             loss, metrics = run_loss(part, model, batch, params)
         target = loss if weight is None else loss * weight
-        grads = torch.autograd.grad(target, [params[n] for n in names], allow_unused=True)
-        return Grads(loss.detach(), {n: g for n, g in zip(names, grads) if g is not None}, metrics)
+        grads = scalar_grads(target, cache["inputs"])
+        return Grads(
+            loss.detach(), {n: g for n, g in zip(cache["names"], grads) if g is not None}, metrics
+        )
 
     _base_grad_fns.add(grad_fn)
     return grad_fn

@@ -226,3 +226,100 @@ def test_a_donated_state_cannot_be_replaced_or_cloned():
     for use in (lambda: s0.replace(epoch=1), lambda: s0.clone(), lambda: s0.model):
         with pytest.raises(fe.DonatedStateError):
             use()
+
+
+def test_scalar_grads_are_autograd_grads_and_defer_to_it_off_the_common_case():
+    """The step's direct engine call gives torch.autograd.grad's tensors bit for bit, None for
+    an unused input, and the same errors (it hands every unusual case to autograd.grad)."""
+    from fengine.autograd import scalar_grads
+
+    torch.manual_seed(0)
+    w, b, unused = (
+        torch.randn(5, 3, requires_grad=True),
+        torch.randn(3, requires_grad=True),
+        torch.randn(2, requires_grad=True),
+    )
+    x = torch.randn(7, 5)
+
+    def loss() -> torch.Tensor:
+        return torch.tanh(x @ w + b).square().mean()
+
+    ours = scalar_grads(loss(), (w, b, unused))
+    ref = torch.autograd.grad(loss(), (w, b, unused), allow_unused=True)
+    assert ours[2] is None and ref[2] is None
+    assert all(torch.equal(o, r) for o, r in zip(ours[:2], ref[:2]))
+    assert w.grad is None and b.grad is None  # nothing accumulated
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        scalar_grads(torch.tanh(x @ w), (w,))  # a vector loss: autograd.grad's own error
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        scalar_grads(x.sum(), (w,))
+
+    class Tagged(
+        torch.Tensor
+    ):  # a __torch_function__ subclass goes through autograd.grad's override path
+        pass
+
+    wt = torch.randn(5, 3).as_subclass(Tagged).requires_grad_()
+    (g,) = scalar_grads((x @ wt).sum(), (wt,))
+    assert torch.equal(g.as_subclass(torch.Tensor), x.sum(0, keepdim=True).T.expand(5, 3))
+
+
+def test_picker_lists_values_in_name_order():
+    from fengine.optim.alias import picker
+
+    d = {"a": 1, "b": 2, "c": 3}
+    assert picker(("c", "a"))(d) == [3, 1]
+    assert picker(("b",))(d) == [2]
+    assert picker(())(d) == []
+    with pytest.raises(KeyError):
+        picker(("z",))(d)
+
+
+def test_fold_in_is_splitmix64_of_its_inputs_in_order():
+    """Keys are part of every saved run's bits (dropout draws, sample order): they must not
+    change with how fold_in is computed. Checked against the SplitMix64 definition."""
+    mask = (1 << 64) - 1
+
+    def mix(z: int) -> int:
+        z = (z + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    def reference(seed: int, *data: int) -> int:
+        key = mix(seed & mask)
+        for d in data:
+            key = mix(key ^ mix(d & mask))
+        return key >> 1
+
+    cases = [(0,), (0, 0, 0), (1, 2, 3), (-1, 5), (2**63 + 7, 2**40, 0), (42, *range(6))]
+    cases += [(seed, step, micro) for seed in (0, 3) for step in range(200) for micro in (0, 1)]
+    for args in cases:
+        assert fe.rng.fold_in(*args) == reference(*args), args
+    assert (
+        fe.rng.fold_in(0, 1, 2) == 5997377655079452530
+    )  # pinned (the value before fold_in was cached): a run's keys never move
+
+
+def test_bind_names_a_missing_tensor_and_leaves_the_module_as_it_was():
+    from fengine.bind import bind
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    own = {n: p for n, p in model.named_parameters()}
+    own_buffers = dict(model.named_buffers())
+    params = {n: torch.zeros_like(p) for n, p in own.items()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with bind(model, params, buffers):
+        assert (
+            model[0].weight is params["0.weight"]
+            and model[1].running_mean is buffers["1.running_mean"]
+        )
+    assert all(dict(model.named_parameters())[n] is p for n, p in own.items())
+    del buffers["1.running_var"]
+    with pytest.raises(KeyError, match=r"no buffers\['1.running_var'\]"):
+        with bind(model, params, buffers):
+            pass
+    assert all(dict(model.named_parameters())[n] is p for n, p in own.items())
+    assert model[1].running_mean is not None and model[1].running_mean is not params.get(
+        "1.running_mean"
+    )

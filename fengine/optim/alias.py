@@ -23,6 +23,9 @@ differ from the foreach results in the last bits).
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -31,7 +34,14 @@ from torch.utils._foreach_utils import (
     _group_tensors_by_device_and_dtype,
 )
 
-from fengine.optim.base import GradientTransformation, Hyper, check_hyper, resolve, update_via_apply
+from fengine.optim.base import (
+    GradientTransformation,
+    Hyper,
+    check_hyper,
+    resolve,
+    resolver,
+    update_via_apply,
+)
 from fengine.sharding import foreach_copy_
 
 
@@ -57,7 +67,19 @@ def _zeros(params, names=None):
 
 
 def _pick(d, grads):
-    return [d[n] for n in grads]
+    return picker(tuple(grads))(d)
+
+
+@functools.lru_cache(maxsize=64)
+def picker(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], list]:
+    """``d -> [d[n] for n in names]`` in C (``operator.itemgetter``): optimizers pick their
+    per-param lists from several dicts on every update."""
+    if not names:
+        return lambda d: []
+    get = operator.itemgetter(*names)
+    if len(names) == 1:
+        return lambda d: [get(d)]
+    return lambda d: list(get(d))
 
 
 def _optimizer(init_fn, apply_fn) -> GradientTransformation:
@@ -144,9 +166,10 @@ def sgd(
             float(resolve(momentum, 0)),
         )
 
+    hypers = resolver(lr, momentum, weight_decay)
+
     def apply_fn(grads, state, params, *, step=None):
-        t = state.num_updates if step is None else step
-        lr_t, mom, wd = resolve(lr, t), resolve(momentum, t), resolve(weight_decay, t)
+        lr_t, mom, wd = hypers(state.num_updates if step is None else step)
         if isinstance(state.num_updates, torch.Tensor):  # a compiled step: tensor counters
             wd_on = callable(weight_decay) or weight_decay != 0
             _sgd_traced(
@@ -244,24 +267,21 @@ def _adam(
             float(resolve(b1, 0)),
         )
 
+    hypers = resolver(lr, b1, b2, weight_decay)
+
     def apply_fn(grads, state, params, *, step=None):
-        t = state.num_updates if step is None else step
-        lr_t, beta1, beta2, wd = (
-            resolve(lr, t),
-            resolve(b1, t),
-            resolve(b2, t),
-            resolve(weight_decay, t),
-        )
+        lr_t, beta1, beta2, wd = hypers(state.num_updates if step is None else step)
         num_updates = state.num_updates + 1
         if isinstance(num_updates, torch.Tensor):  # a compiled step: tensor counters
             wd_on = callable(weight_decay) or weight_decay != 0
             hyper = (lr_t, beta1, beta2, wd if wd_on else None, eps)
             _adam_traced(grads, state, params, hyper, num_updates, amsgrad, maximize, decoupled)
             return params, state._replace(num_updates=num_updates, lr=_t(lr_t), momentum=_t(beta1))
-        p = _pick(params, grads)
+        pick = picker(tuple(grads))
+        p = pick(params)
         g: _Tensors = list(grads.values())
-        m = _pick(state.exp_avg, grads)
-        v = _pick(state.exp_avg_sq, grads)
+        m = pick(state.exp_avg)
+        v = pick(state.exp_avg_sq)
         if fused:
             _fused_call(
                 torch._fused_adamw_ if decoupled else torch._fused_adam_,
@@ -296,7 +316,7 @@ def _adam(
         step_size = (lr_t / bias_correction1) * -1
         bias_correction2_sqrt = bias_correction2**0.5
         if amsgrad:
-            vmax = _pick(state.max_exp_avg_sq, grads)
+            vmax = pick(state.max_exp_avg_sq)
             torch._foreach_maximum_(vmax, v)
             denom = torch._foreach_sqrt(vmax)
         else:

@@ -91,6 +91,21 @@ def resolve(value: Hyper, step: int | torch.Tensor | None) -> Any:
     return value
 
 
+def resolver(*values: Hyper) -> Callable[[int | torch.Tensor | None], tuple[Any, ...]]:
+    """``step -> tuple(resolve(v, step) for v in values)``, cheaper when none is a schedule (an
+    eager step then gets the numbers themselves; they are resolved on every update)."""
+    if any(callable(v) for v in values):
+        return lambda step: tuple([resolve(v, step) for v in values])
+    constants = tuple(values)
+
+    def at(step: int | torch.Tensor | None) -> tuple[Any, ...]:
+        if isinstance(step, torch.Tensor):
+            return tuple([resolve(v, step) for v in values])
+        return constants
+
+    return at
+
+
 def check_hyper(
     name: str, value: Hyper, *, low: float = 0.0, high: float | None = None, where: str
 ) -> None:
@@ -121,12 +136,19 @@ def step_params(
     *,
     step: int | None = None,
 ) -> tuple[Params, Any]:
-    """Update ``params`` with ``tx``: the fused ``apply`` when it has one, else update + add."""
-    with torch.no_grad():
+    """Update ``params`` with ``tx``: the fused ``apply`` when it has one, else update + add.
+
+    Grad mode is switched off by the flag itself, not a ``torch.no_grad()`` object: this
+    runs on every step, and the object costs ~70 bytecodes to build, enter and leave."""
+    was_enabled = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
         if tx.apply is not None:
             return tx.apply(grads, state, params, step=step)
         updates, state = tx.update(grads, state, params, step=step)
         return apply_updates(params, updates), state
+    finally:
+        torch._C._set_grad_enabled(was_enabled)
 
 
 def update_via_apply(apply: ApplyFn) -> UpdateFn:
@@ -317,6 +339,9 @@ def collect_metrics(opt_state: Any) -> dict[str, torch.Tensor]:
     A state reports by defining ``metrics() -> dict``. Only chain tuples and
     partitions are walked, never the per-parameter tensors.
     """
+    report = getattr(opt_state, "metrics", None)
+    if report is not None and callable(report):  # one optimizer's state: nothing to walk
+        return dict(report())
     return _collect(opt_state, "metrics")
 
 
