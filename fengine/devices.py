@@ -38,6 +38,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch if batch.device == device else batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, (tuple, list)):
+        if all([type(b) is torch.Tensor and b.device == device for b in batch]):
+            return batch  # the usual (inputs, targets) already there: no call per element
         moved = [to_device(b, device) for b in batch]
         if all(m is b for m, b in zip(moved, batch)):
             return batch

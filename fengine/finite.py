@@ -11,6 +11,7 @@ before the update (one host read per step).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -41,14 +42,14 @@ class FiniteWatch:
         picked = [
             (step, key, v)
             for step, metrics in rows
-            for key, v in metrics.items()
-            if isinstance(v, torch.Tensor)
-            and v.numel() == 1
-            and ("loss" in key or key.endswith("update_skipped"))
+            for key in _watched(tuple(metrics))
+            if isinstance(v := metrics[key], torch.Tensor) and v.numel() == 1
         ]
         if not picked:
             return
         values = to_host([v for _, _, v in picked])  # one transfer, not one per value
+        if all(map(math.isfinite, values)):
+            return
         by_step: dict[int, dict[str, float]] = {}
         for (step, key, _), value in zip(picked, values):
             by_step.setdefault(step, {})[key] = value
@@ -68,8 +69,10 @@ class FiniteWatch:
                 )
 
 
-def _is_loss(key: str) -> bool:
-    return "loss" in key and not key.endswith("loss_scale")
+@functools.lru_cache(maxsize=256)
+def _watched(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """Of an update's metric names, the loss terms and fp16 skip flags (the same few every update)."""
+    return tuple(k for k in keys if "loss" in k or k.endswith("update_skipped"))
 
 
 def _skipped(key: str, terms: Mapping[str, float]) -> bool:

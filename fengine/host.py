@@ -19,13 +19,25 @@ __all__ = ["to_host"]
 def to_host(values: Sequence[Any]) -> list[float]:
     """Python floats of ``values`` (tensors, numbers; tensors averaged on their device),
     with one stacked transfer per device."""
-    out: list[float] = [0.0] * len(values)
+    where = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    if not where:
+        return list(map(float, values))
+    if len(where) == len(values):
+        fast = _one_element_tensors(values)
+        if fast is not None:
+            return fast
+    out = list(values)
+    for i in where:
+        out[i] = 0.0  # a placeholder until the tensors are read
+    out = list(map(float, out))
+    fast = _one_element_tensors([values[i] for i in where])
+    if fast is not None:
+        for i, x in zip(where, fast):
+            out[i] = x
+        return out
     groups: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        if isinstance(v, torch.Tensor):
-            groups.setdefault(v.device, []).append(i)
-        else:
-            out[i] = float(v)
+    for i in where:
+        groups.setdefault(values[i].device, []).append(i)
     with torch.no_grad():
         for device, idx in groups.items():
             dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -37,7 +49,7 @@ def to_host(values: Sequence[Any]) -> list[float]:
                 order, parts = by_dtype.setdefault(t.dtype, ([], []))
                 order.append(i)
                 parts.append(t)
-            if len(by_dtype) == 1:  # the usual case: no cast, no concatenation (float() is exact)
+            if len(by_dtype) == 1:  # no cast, no concatenation (float() is exact)
                 ((order, parts),) = by_dtype.values()
                 host = torch.stack(parts).tolist()
             else:  # one stack and cast per dtype (the values of per-element casts), one copy
@@ -46,3 +58,18 @@ def to_host(values: Sequence[Any]) -> list[float]:
             for i, x in zip(order, host):
                 out[i] = float(x)
     return out
+
+
+def _one_element_tensors(tensors: Sequence[torch.Tensor]) -> list[float] | None:
+    """The usual case in one stack and one copy: one-element tensors of one dtype on one device
+    (a step's loss terms); None for anything else (the general path sorts it out)."""
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        return None
+    try:
+        with torch.no_grad():
+            stacked = torch.stack(list(tensors))
+    except RuntimeError:  # shapes differ
+        return None
+    if stacked.numel() != len(tensors):
+        return None
+    return [float(x) for x in stacked.reshape(-1).tolist()]

@@ -370,9 +370,11 @@ def fit(
                     state, step, train_data, p, stop=lambda: dispatch.stop is not None
                 )
                 sent: TrainState | None = None  # the state validation changed, for the next tick
+                # runs between every two updates: each check costs nothing when there is nothing to do
                 while (tick := _next(ticks, sent)) is not None:
                     state, sent = tick.state, None
-                    bg.poll(run, dispatch)  # a finished background save: its events, or its error
+                    if bg.used:
+                        bg.poll(run, dispatch)  # a finished background save: its events, or error
                     if tick.event == "after_train_iter":
                         watch.record(state.step, tick.metrics)
                     elif tick.event == "after_train_epoch" and world > 1:
@@ -380,8 +382,9 @@ def fit(
                     if dispatch.wants(tick.event):
                         dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch,
                                  metrics=tick.metrics, data_time=tick.data_time)  # fmt: skip
-                        _flush(state, run, dispatch, tick.event, bg)
-                    if _signalled(received, tick, world, device):
+                        if dispatch.saves or dispatch.retires:
+                            _flush(state, run, dispatch, tick.event, bg)
+                    if (received or world > 1) and _signalled(received, tick, world, device):
                         _preempt(received, state, run, dispatch, tick.event, bg)
                     if val is not None and _validation_due(tick.event, state, p, val, interval):
                         state = sent = _validate(state, val, dispatch, run, bg)

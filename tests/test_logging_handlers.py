@@ -1259,3 +1259,11 @@ def test_to_host_reads_every_kind_of_value_in_place():
         host = to_host(one)
         assert host == [float(t.double().item()) for t in one[:3]] + [1.0], dtype
         assert all(type(x) is float for x in host), dtype
+        assert to_host(one[:3]) == host[:3], dtype  # tensors only: one stack, no numbers
+    # one-element tensors of several shapes, and of several dtypes, each at its place
+    mixed = [torch.tensor([0.1]), torch.tensor(0.2), torch.tensor([[0.3]])]
+    assert to_host(mixed) == [torch.tensor(x).double().item() for x in (0.1, 0.2, 0.3)]
+    assert to_host([torch.tensor(0.5, dtype=torch.float16), torch.tensor(0.1)]) == [
+        0.5,
+        torch.tensor(0.1).double().item(),
+    ]

@@ -84,6 +84,9 @@ def _check_positive(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be an int >= 1, got {value!r}")
 
 
+_SCALARS = (torch.Tensor, float, int)  # the metric values the train history keeps
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -196,11 +199,22 @@ class _Series:
     are running ``[sum of values, sum of counts, min, max]`` since this process started
     and since the epoch began (kept when ``running``)."""
 
-    __slots__ = ("pending", "pending_counts", "values", "counts", "running", "epoch_cut", "g", "e")
+    __slots__ = (
+        "pending",
+        "pending_counts",
+        "weighted",
+        "values",
+        "counts",
+        "running",
+        "epoch_cut",
+        "g",
+        "e",
+    )
 
     def __init__(self, cap: int | None, running: bool) -> None:
         self.pending: collections.deque = collections.deque(maxlen=None if running else cap)
         self.pending_counts: collections.deque = collections.deque(maxlen=self.pending.maxlen)
+        self.weighted = False  # a pending count is not the int 1 (else counts skip the transfer)
         self.values: collections.deque = collections.deque(maxlen=cap)
         self.counts: collections.deque = collections.deque(maxlen=cap)
         self.running = running
@@ -221,6 +235,7 @@ class _Series:
                     acc[3] = max(acc[3], x)
         self.pending.clear()
         self.pending_counts.clear()
+        self.weighted = False
         self.epoch_cut = 0
 
     def stat(self, method: str, window: int | str | None, options: Mapping[str, Any]) -> Any:
@@ -307,6 +322,17 @@ class ScalarHistory:
             s = self._new(key)
         s.pending.append(value)
         s.pending_counts.append(count)
+        if type(count) is not int or count != 1:  # the type first: a tensor's != would sync
+            s.weighted = True
+
+    def extend(self, key: str, values: list[Any]) -> None:
+        """`append` each of ``values`` (count 1) in order; nothing when empty."""
+        if values:
+            s = self._series.get(key)
+            if s is None:
+                s = self._new(key)
+            s.pending.extend(values)
+            s.pending_counts.extend(itertools.repeat(1, len(values)))
 
     def new_epoch(self) -> None:
         for s in self._series.values():
@@ -320,14 +346,16 @@ class ScalarHistory:
         for s in self._series.values():
             if s.pending:
                 n = len(s.pending)
-                spans.append((s, len(flat), n))
+                spans.append((s, len(flat), n, s.weighted))
                 flat.extend(s.pending)
-                flat.extend(s.pending_counts)
+                if s.weighted:
+                    flat.extend(s.pending_counts)
         if not flat:
             return
         host = to_host(flat)
-        for s, start, n in spans:
-            s.absorb(host[start : start + n], host[start + n : start + 2 * n])
+        for s, start, n, weighted in spans:
+            counts = host[start + n : start + 2 * n] if weighted else [1.0] * n
+            s.absorb(host[start : start + n], counts)
 
     def stat(
         self, key: str, method: str = "mean", window: int | str | None = None, **options: Any
@@ -450,6 +478,7 @@ class _TrainScalars(Handler):
         self.stats = stats
         self.mean_pattern = mean_pattern
         self._train = ScalarHistory(window_size, stats, mean_pattern)
+        self._rows: list[tuple[Mapping[str, Any], tuple[float, float] | None]] = []
         self._rename: dict[str, str | None] = {}
         self._active: bool | None = None
 
@@ -461,22 +490,25 @@ class _TrainScalars(Handler):
     def on_before_run(self, snap: Snapshot) -> None:
         self._active = _rank() == 0
         self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
+        self._rows = []
         self._rename = {}
 
-    def _key(self, key: str, snap: Snapshot) -> str | None:
-        """The name a metric is logged under (None drops it): the lr of param group 0 of each
-        optimizer, named as MMEngine's RuntimeInfoHook names ``optim_wrapper.get_lr()``.
+    def _key(self, key: str, metrics: Mapping[str, Any], opt_state: Any) -> str | None:
+        """The name a metric of an update's ``metrics`` is logged under (None drops it): the lr of
+        param group 0 of each optimizer, named as MMEngine's RuntimeInfoHook names
+        ``optim_wrapper.get_lr()``.
 
         One optimizer: ``lr``, or with `fengine.optim.partition` the first ``<group>/lr``.
         A `fengine.multi_step` (MMEngine's OptimWrapperDict): ``<part>.lr`` for each part, from
         its ``<part>/lr`` (or its first ``<part>/<group>/lr``). The other groups' lrs are dropped.
         """
         if key not in self._rename:
-            self._rename[key] = self._lr_name(key, snap) if key.endswith("/lr") else key
+            self._rename[key] = (
+                self._lr_name(key, metrics, opt_state) if key.endswith("/lr") else key
+            )
         return self._rename[key]
 
-    def _lr_name(self, key: str, snap: Snapshot) -> str | None:
-        opt_state = getattr(snap.state, "opt_state", None)
+    def _lr_name(self, key: str, metrics: Mapping[str, Any], opt_state: Any) -> str | None:
         part = key.split("/", 1)[0]
         if isinstance(opt_state, dict) and part in opt_state:  # a multi_step part
             plain, name = f"{part}/lr", f"{part}.lr"
@@ -484,7 +516,7 @@ class _TrainScalars(Handler):
             plain, name = "lr", "lr"
         if key == plain:
             return name
-        if plain in snap.metrics or name in self._rename.values():
+        if plain in metrics or name in self._rename.values():
             return None  # the optimizer's own lr, or an earlier group's, is the one logged
         return name
 
@@ -496,17 +528,45 @@ class _TrainScalars(Handler):
             hist.append("data_time", last[1])
         return last is not None
 
+    def _untimed(self) -> None:
+        """Called when the timer had measured nothing for a train update (`Logger` warns)."""
+
     def _train_scalars(self, snap: Snapshot) -> dict[str, float] | None:
-        """Record this iteration; the smoothed scalars when it is one to log, else None."""
+        """Record this iteration; the smoothed scalars when it is one to log, else None.
+
+        An update is kept as its metrics and timing (one append) and moved into the history
+        when the history is read (`_absorb`): this runs after every update."""
         if not self._is_active():
             return None
-        for key, value in snap.metrics.items():
-            if isinstance(value, (torch.Tensor, float, int)):
-                name = self._key(key, snap)
+        timing = self.timer.last("train") if self.timer is not None else None
+        self._rows.append((snap.metrics, timing))
+        if not should_log(snap, self.interval, self.ignore_last):
+            return None
+        self._absorb(snap)
+        return self._train.collect()
+
+    def _absorb(self, snap: Snapshot) -> None:
+        """Move the kept updates into the history, in order: each run of updates with the same
+        metric names key by key (the numbers and tensors of each), then their timing."""
+        rows, self._rows = self._rows, []
+        hist, opt_state = self._train, getattr(snap.state, "opt_state", None)
+        start = 0
+        while start < len(rows):
+            metrics = rows[start][0]
+            end = start + 1
+            while end < len(rows) and rows[end][0].keys() == metrics.keys():
+                end += 1
+            group = rows[start:end]
+            for key in metrics:
+                name = self._key(key, metrics, opt_state)
                 if name is not None:
-                    self._train.append(name, value)
-        self._timing("train", self._train)
-        return self._train.collect() if should_log(snap, self.interval, self.ignore_last) else None
+                    hist.extend(name, [v for m, _ in group if isinstance(v := m[key], _SCALARS)])
+            timed = [t for _, t in group if t is not None]
+            hist.extend("time", [t for t, _ in timed])
+            hist.extend("data_time", [d for _, d in timed])
+            if len(timed) < len(group) and self.timer is not None:
+                self._untimed()
+            start = end
 
 
 class Logger(_TrainScalars):
@@ -674,19 +734,24 @@ class Logger(_TrainScalars):
 
     def _timing(self, phase: str, hist: ScalarHistory) -> bool:
         measured = super()._timing(phase, hist)
-        if not measured and self.timer is not None and not self._warned_timer:
+        if not measured and self.timer is not None:
+            self._untimed()
+        return measured
+
+    def _untimed(self) -> None:
+        if not self._warned_timer:
             self._warned_timer = True
             self.logger.warning(
                 "Logger: its Timer has measured nothing; pass the same Timer in handlers=[...] "
                 "(or build the Logger with timer=None to let it time by itself)"
             )
-        return measured
 
     def on_before_train(self, snap: Snapshot) -> None:
         self._tick("before_train", snap)
 
     def on_before_train_epoch(self, snap: Snapshot) -> None:
         self._tick("before_train_epoch", snap)
+        self._absorb(snap)  # the kept updates belong to the epoch that ended
         self._train.new_epoch()
 
     def on_before_train_iter(self, snap: Snapshot) -> None:

@@ -33,8 +33,10 @@ class _Phase:
     total_data_time: float = 0.0
     total_n: int = 0
     pending_data_time: float | None = None
+    latest: tuple[float, float] | None = None  # (time, data_time) of the last iteration
 
     def add(self, t: float, d: float) -> None:
+        self.latest = (t, d)
         self.times.append(t)
         self.data_times.append(d)
         self.epoch_time += t
@@ -140,10 +142,8 @@ class Timer(Handler):
 
     def last(self, phase: str = "train") -> tuple[float, float] | None:
         """``(time, data_time)`` of the latest iteration of ``phase``, or None before the first."""
-        ph = self._phases[_check_phase(phase)]
-        if not ph.times:
-            return None
-        return ph.times[-1], ph.data_times[-1]
+        ph = self._phases.get(phase)  # read after every iteration: the check only on a miss
+        return (ph if ph is not None else self._phases[_check_phase(phase)]).latest
 
     def mean(
         self, key: str = "time", phase: str = "train", window: int | str | None = None
