@@ -83,15 +83,14 @@ def fit(w: Workload, data: Iterable[Batch], steps: int, warmup: int) -> Result:
     step, state = _fengine_step(w)
     marks: list[float] = []
 
-    @fe.on("after_train_iter", once=warmup)
-    def start(snap) -> None:
-        marks.append(w.now())
+    class Clock(fe.handlers.Handler):
+        """The two clock readings, checked after every update (as the hand loop's ``i == warmup``)."""
 
-    @fe.on("after_train_iter", once=steps)
-    def end(snap) -> None:
-        marks.append(w.now())
+        def on_after_train_iter(self, snap) -> None:
+            if snap.state.step in (warmup, steps):
+                marks.append(w.now())
 
-    handlers = [*fe.handlers.default_handlers(), start, end]
+    handlers = [*fe.handlers.default_handlers(), Clock()]
     state = fe.fit(state, step, data, max_steps=steps, handlers=handlers)  # type: ignore[arg-type]
     return marks[1] - marks[0], _params(state)
 

@@ -7,6 +7,8 @@ host sync (and several small ops) each.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,16 +21,17 @@ __all__ = ["to_host"]
 def to_host(values: Sequence[Any]) -> list[float]:
     """Python floats of ``values`` (tensors, numbers; tensors averaged on their device),
     with one stacked transfer per device."""
-    where = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
-    if not where:
+    # map/compress rather than comprehensions: no bytecode per value (this reads every
+    # logged value, and the finite check's 50 losses)
+    is_tensor = list(map(isinstance, values, itertools.repeat(torch.Tensor)))
+    if not any(is_tensor):
         return list(map(float, values))
-    if len(where) == len(values):
+    if all(is_tensor):
         fast = _one_element_tensors(values)
         if fast is not None:
             return fast
-    out = list(values)
-    for i in where:
-        out[i] = 0.0  # a placeholder until the tensors are read
+    where = list(itertools.compress(range(len(values)), is_tensor))
+    out = [0.0 if t else v for v, t in zip(values, is_tensor)]  # 0.0: a tensor's place
     out = list(map(float, out))
     fast = _one_element_tensors([values[i] for i in where])
     if fast is not None:
@@ -63,13 +66,16 @@ def to_host(values: Sequence[Any]) -> list[float]:
 def _one_element_tensors(tensors: Sequence[torch.Tensor]) -> list[float] | None:
     """The usual case in one stack and one copy: one-element tensors of one dtype on one device
     (a step's loss terms); None for anything else (the general path sorts it out)."""
-    if len({(t.dtype, t.device) for t in tensors}) != 1:
+    if len(set(map(_dtype, tensors))) != 1:
         return None
     try:
         with torch.no_grad():
             stacked = torch.stack(list(tensors))
-    except RuntimeError:  # shapes differ
+    except RuntimeError:  # shapes or devices differ
         return None
     if stacked.numel() != len(tensors):
         return None
-    return [float(x) for x in stacked.reshape(-1).tolist()]
+    return list(map(float, stacked.reshape(-1).tolist()))
+
+
+_dtype = operator.attrgetter("dtype")

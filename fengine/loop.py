@@ -250,16 +250,16 @@ def _updates(
             state.batch_in_epoch // k if plan.by_epoch else state.step,
             time.perf_counter() - t,
         )
-        state = _sent(
-            (yield Tick("before_train_iter", state, idx, batch, data_time=data_time)), state
-        )
+        sent = yield Tick("before_train_iter", state, idx, batch, _NO_METRICS, data_time)
+        if sent is not None:
+            state = sent
         if stop():
             return state
         state, metrics = _run(step, state, to_device(batch, device))
         state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
-        state = _sent(
-            (yield Tick("after_train_iter", state, idx, batch, metrics, data_time)), state
-        )
+        sent = yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
+        if sent is not None:
+            state = sent
         if stop() or plan.done(state):
             return state
         t = time.perf_counter()
@@ -372,21 +372,22 @@ def fit(
                 sent: TrainState | None = None  # the state validation changed, for the next tick
                 # runs between every two updates: each check costs nothing when there is nothing to do
                 while (tick := _next(ticks, sent)) is not None:
-                    state, sent = tick.state, None
+                    event, state, batch_idx, batch, metrics, data_time = tick
+                    sent = None
                     if bg.used:
                         bg.poll(run, dispatch)  # a finished background save: its events, or error
-                    if tick.event == "after_train_iter":
-                        watch.record(state.step, tick.metrics)
-                    elif tick.event == "after_train_epoch" and world > 1:
+                    if event == "after_train_iter":
+                        watch.record(state.step, metrics)
+                    elif event == "after_train_epoch" and world > 1:
                         distributed.sync_buffers(state.buffers)  # MMEngine's SyncBuffersHook
-                    if dispatch.wants(tick.event):
-                        dispatch(tick.event, state, run, batch_idx=tick.batch_idx, batch=tick.batch,
-                                 metrics=tick.metrics, data_time=tick.data_time)  # fmt: skip
+                    if dispatch.wants(event):
+                        dispatch(event, state, run, batch_idx=batch_idx, batch=batch,
+                                 metrics=metrics, data_time=data_time)  # fmt: skip
                         if dispatch.saves or dispatch.retires:
-                            _flush(state, run, dispatch, tick.event, bg)
+                            _flush(state, run, dispatch, event, bg)
                     if (received or world > 1) and _signalled(received, tick, world, device):
-                        _preempt(received, state, run, dispatch, tick.event, bg)
-                    if val is not None and _validation_due(tick.event, state, p, val, interval):
+                        _preempt(received, state, run, dispatch, event, bg)
+                    if val is not None and _validation_due(event, state, p, val, interval):
                         state = sent = _validate(state, val, dispatch, run, bg)
                         if _signalled(received, tick, world, device):
                             _preempt(received, state, run, dispatch, "after_val", bg)

@@ -140,10 +140,10 @@ class TrainState:
             raise TypeError(
                 f"TrainState.replace: unknown fields {unknown}; fields are {list(STATE_FIELDS)}"
             )
-        fields = dict(self.__dict__)
-        fields.update(changes)
         new = object.__new__(TrainState)
-        new.__dict__.update(fields)
+        fields = new.__dict__
+        fields.update(self.__dict__)
+        fields.update(changes)
         return new
 
     # -- donation -------------------------------------------------------

@@ -1267,3 +1267,35 @@ def test_to_host_reads_every_kind_of_value_in_place():
         0.5,
         torch.tensor(0.1).double().item(),
     ]
+
+
+def test_window_sums_are_numpys_bit_for_bit():
+    """The log line's means add numbers as numpy's pairwise sum does (MMEngine's HistoryBuffer
+    uses np.sum): random lists of every length the fast path takes, signed zeros, inf and NaN."""
+    import random
+
+    import numpy as np
+
+    from fengine.handlers.log import _PAIRWISE_MAX, _numpy_sum
+
+    rng = random.Random(0)
+    cases = [
+        [-0.0],
+        [-0.0] * 8,
+        [-0.0] * 9,
+        [0.0, -0.0],
+        [math.inf, 1.0],
+        [math.inf, -math.inf],
+        [math.nan] * 9,
+    ]
+    for n in [*range(1, 140), *rng.sample(range(140, _PAIRWISE_MAX + 1), 60), _PAIRWISE_MAX]:
+        for scale in (1.0, 1e-8, 1e12):
+            cases.append([rng.gauss(0, 1) * scale * 10 ** rng.randint(-6, 6) for _ in range(n)])
+    with np.errstate(invalid="ignore"):
+        for values in cases:
+            ref, ours = float(np.sum(values)), _numpy_sum(values)
+            assert (math.isnan(ref) and math.isnan(ours)) or (
+                ours == ref and math.copysign(1, ours) == math.copysign(1, ref)
+            ), (len(values), values[:3])
+    # a plain left-to-right sum differs from numpy's on such lists (the test can tell them apart)
+    assert any(sum(v) != float(np.sum(v)) for v in cases[7:])

@@ -20,7 +20,7 @@ __all__ = ["Timer"]
 PHASES = ("train", "val", "test")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # slots: its fields are updated after every iteration
 class _Phase:
     """Measurements of one phase: a window of recent iterations plus running sums."""
 
@@ -102,21 +102,22 @@ class Timer(Handler):
         self._t = self.clock()
 
     def _before_iter(self, snap: Snapshot) -> None:
-        own = self.clock() - self._t if self._t is not None else 0.0
+        last = self._t
+        own = self.clock() - last if last is not None else 0.0
         # The loop's measurement when it gives one, bounded by the time since the last
         # iteration ended (after a validation pass the loop's clock also counts the pass).
-        d = own if snap.data_time is None else min(float(snap.data_time), own)
-        self._phases[snap.phase].pending_data_time = d
+        loop = snap.data_time
+        self._phases[snap.phase].pending_data_time = own if loop is None else min(float(loop), own)
 
     def _after_iter(self, snap: Snapshot) -> None:
-        now = self.clock()
+        now, last = self.clock(), self._t
         ph = self._phases[snap.phase]
-        t = now - self._t if self._t is not None else 0.0
+        t = now - last if last is not None else 0.0
         d = ph.pending_data_time
         if d is None:  # no before_*_iter seen
             d = float(snap.data_time) if snap.data_time is not None else 0.0
         ph.pending_data_time = None
-        ph.add(t, min(d, t))
+        ph.add(t, t if t < d else d)  # min(d, t) without the call
         self._t = now
 
     def on_before_train_epoch(self, snap: Snapshot) -> None:
