@@ -1299,3 +1299,31 @@ def test_window_sums_are_numpys_bit_for_bit():
             ), (len(values), values[:3])
     # a plain left-to-right sum differs from numpy's on such lists (the test can tell them apart)
     assert any(sum(v) != float(np.sum(v)) for v in cases[7:])
+
+
+def test_rare_log_lines_keep_few_rows_and_the_same_statistics(tmp_path):
+    """A logger that prints rarely moves its kept updates into its history every 100 updates
+    (memory stays bounded) and still logs the values a per-update history gives."""
+    from mmengine.logging import HistoryBuffer
+
+    from fengine.handlers.log import _ROWS_KEPT
+
+    g = torch.Generator().manual_seed(5)
+    losses = (torch.rand(250, generator=g, dtype=torch.float64) * 3).tolist()
+    run = run_info(max_epochs=1, steps_per_epoch=250, work_dir=tmp_path)
+    logger = Logger(250, window_size=10, timer=False, custom=[Stat("loss", "max", 37, "loss_max")])
+    drv = Driver([logger], run, Clock())
+    drv.emit("before_run")
+    drv.emit("before_train_epoch")
+    buf = HistoryBuffer()
+    most = 0
+    for i in range(250):
+        drv.train_iter(i, 0, 0, {"loss": torch.tensor(losses[i], dtype=torch.float64)})
+        buf.update(losses[i])
+        most = max(most, len(logger._rows))
+    assert most == _ROWS_KEPT - 1 < 250
+    logger.on_after_run(None)
+    (record,) = read_jsonl(tmp_path / "scalars.jsonl")
+    assert record["step"] == 250
+    assert record["loss"] == buf.mean(10)  # numpy's sum of the last 10, as MMEngine's buffer
+    assert record["loss_max"] == buf.max(37)

@@ -85,6 +85,7 @@ def _check_positive(value: Any, what: str) -> None:
 
 
 _SCALARS = (torch.Tensor, float, int)  # the metric values the train history keeps
+_ROWS_KEPT = 100  # updates a train logger keeps as rows before moving them into its history
 
 
 def _is_number(value: Any) -> bool:
@@ -576,6 +577,8 @@ class _TrainScalars(Handler):
         timing = self.timer.last("train") if self.timer is not None else None
         self._rows.append((snap.metrics, timing))
         if not should_log(snap, self.interval, self.ignore_last):
+            if len(self._rows) >= _ROWS_KEPT:  # rare lines: the rows are not kept for all of them
+                self._absorb(snap)
             return None
         self._absorb(snap)
         return self._train.collect()
