@@ -596,9 +596,10 @@ class _TrainScalars(Handler):
                 end += 1
             group = rows[start:end]
             for key in metrics:
-                name = self._key(key, metrics, opt_state)
+                values = [v for m, _ in group if isinstance(v := m[key], _SCALARS)]
+                name = self._key(key, metrics, opt_state) if values else None
                 if name is not None:
-                    hist.extend(name, [v for m, _ in group if isinstance(v := m[key], _SCALARS)])
+                    hist.extend(name, values)
             timed = [t for _, t in group if t is not None]
             hist.extend("time", [t for t, _ in timed])
             hist.extend("data_time", [d for _, d in timed])
