@@ -250,6 +250,7 @@ def _updates(
             state.batch_in_epoch // k if plan.by_epoch else state.step,
             time.perf_counter() - t,
         )
+        # `_sent` written out: these two run on every update
         sent = yield Tick("before_train_iter", state, idx, batch, _NO_METRICS, data_time)
         if sent is not None:
             state = sent

@@ -94,16 +94,14 @@ def resolve(value: Hyper, step: int | torch.Tensor | None) -> Any:
 def resolver(*values: Hyper) -> Callable[[int | torch.Tensor | None], tuple[Any, ...]]:
     """``step -> tuple(resolve(v, step) for v in values)``, cheaper when none is a schedule (an
     eager step then gets the numbers themselves; they are resolved on every update)."""
+
+    def every(step: int | torch.Tensor | None) -> tuple[Any, ...]:
+        return tuple([resolve(v, step) for v in values])
+
     if any(callable(v) for v in values):
-        return lambda step: tuple([resolve(v, step) for v in values])
+        return every
     constants = tuple(values)
-
-    def at(step: int | torch.Tensor | None) -> tuple[Any, ...]:
-        if isinstance(step, torch.Tensor):
-            return tuple([resolve(v, step) for v in values])
-        return constants
-
-    return at
+    return lambda step: every(step) if isinstance(step, torch.Tensor) else constants
 
 
 def check_hyper(
