@@ -12,6 +12,7 @@ from torch import nn
 
 from fengine import distributed
 from fengine.bind import bind
+from fengine.data.gather import gathered
 from fengine.devices import device_of, to_device
 from fengine.events import Dispatcher, RunInfo
 from fengine.metrics import Evaluator, Metric
@@ -49,13 +50,16 @@ def weights_for(
 
 
 def batches_of(data: Iterable, epoch: int, start: int) -> Iterator:
-    """The batches of ``epoch`` from index ``start``: by arithmetic for fengine Loaders, by skipping otherwise."""
+    """The batches of ``epoch`` from index ``start``: by arithmetic for fengine Loaders, by skipping
+    otherwise (a DataLoader of a ``TensorDataset`` draws the skipped indices and gathers its
+    batches: `fengine.data.gather`)."""
     if hasattr(data, "epoch") and callable(data.epoch):
         return iter(data.epoch(epoch, start_batch=start))
     sampler: Any = getattr(data, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-    return itertools.islice(iter(data), start, None)
+    fast = gathered(data, start)
+    return fast if fast is not None else itertools.islice(iter(data), start, None)
 
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
