@@ -18,9 +18,9 @@ exp_avg_sq, float32). Everything writes to and reads from the same directory.
 * **checksum**: the CRC-32 alone, on one core (ISA-L's when ``isal`` is installed).
 * **async stall**: ``fit`` trains the state with AdamW on a tiny batch, saving every
   ``--every`` steps with ``Checkpointer`` (``max_keep_ckpts=1``), synchronously or with
-  ``async_save=True``, and without checkpoints; training time lost per save =
-  (run time - run time without saves) / saves, and its ratio to a synchronous save's
-  time (target <= 0.10).
+  ``async_save=True``; training time lost per save = the time of the few updates after
+  each save minus as many times the median update just before it (`lost_per_save`), and
+  its ratio to a synchronous save's time (target <= 0.10).
 
 Runs alternate and the median of each is reported (this machine's I/O is noisy).
 
@@ -136,18 +136,40 @@ class Blocked:
             setattr(loop._Background, name, fn)
 
 
-def train(state, step, steps: int, work: str | None, every: int, async_save: bool) -> float:
-    """Seconds to run ``fit`` for ``steps`` updates, saving every ``every`` (no saves without ``work``)."""
+def train(state, step, steps: int, work: str | None, every: int, async_save: bool) -> list[float]:
+    """Seconds of each of ``steps`` updates of ``fit`` (from one update's end to the next's, so a
+    save's hand-off and the writer's competition land in the updates they delay), saving every
+    ``every`` updates (no saves without ``work``)."""
     batch = torch.ones(1, state.params["0.weight"].shape[1])
-    handlers = []
+    marks: list[float] = []
+
+    class Clock(fengine.handlers.Handler):
+        def on_after_train_iter(self, snap) -> None:
+            marks.append(time.perf_counter())
+
+    handlers: list = [Clock()]
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
-        handlers = [Checkpointer(every, by_epoch=False, max_keep_ckpts=1, save_last=False,
-                                 async_save=async_save)]  # fmt: skip
+        handlers.append(Checkpointer(every, by_epoch=False, max_keep_ckpts=1, save_last=False,
+                                     async_save=async_save))  # fmt: skip
     fresh = state.replace(step=0).clone()  # fit consumes the state it is given
-    t, _ = timed(lambda: fengine.fit(fresh, step, [batch] * steps, max_steps=steps,
-                                     handlers=handlers, work_dir=work))  # fmt: skip
-    return t
+    t0 = time.perf_counter()
+    fengine.fit(fresh, step, [batch] * steps, max_steps=steps, handlers=handlers, work_dir=work)
+    return [b - a for a, b in zip([t0, *marks], marks)]
+
+
+def lost_per_save(durations: list[float], every: int) -> list[float]:
+    """Seconds each save cost the run: the n = min(4, every // 2) updates from the one a save's
+    hand-off delays (a save at update ``s`` is flushed at its end, inside update ``s + 1``'s time)
+    minus n times the median of the n updates before. A local baseline: this VM's update time
+    drifts by up to 2x within a run, more than a save costs, so runs with and without saves
+    cannot be compared. Saves too close to the end for a full window are not counted."""
+    n = max(1, min(4, every // 2))
+    out = []
+    for s in range(every, len(durations) - n + 1, every):  # update s (1-based) saved
+        window, before = durations[s : s + n], durations[s - n : s]
+        out.append(sum(window) - n * statistics.median(before))
+    return out
 
 
 def fresh_load(kind: str, path: str, gb: float) -> float:
@@ -180,7 +202,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each (median reported)")
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temp dir)")
     ap.add_argument(
-        "--steps", type=int, default=25, help="updates of each run of the async-stall rows"
+        "--steps", type=int, default=29, help="updates of each run of the async-stall rows"
     )
     ap.add_argument(
         "--every",
@@ -260,21 +282,20 @@ def main() -> None:
         os.unlink(fe_path)
 
         # a run that saves: time lost per save, synchronous vs asynchronous
-        saves = (args.steps - 1) // args.every  # save_last=False: the last update is not saved
         work = os.path.join(d, "run")
         lost: dict[str, list[float]] = {"sync": [], "async": [], "blocked": []}
         train(state, step, 2, None, args.every, False)  # warm-up
         for _ in range(args.repeats):
-            base = train(state, step, args.steps, None, args.every, False)
-            t = train(state, step, args.steps, work, args.every, False)
-            lost["sync"].append((t - base) / max(saves, 1))
+            lost["sync"] += lost_per_save(
+                train(state, step, args.steps, work, args.every, False), args.every
+            )
             blocked = Blocked()
             try:
-                t = train(state, step, args.steps, work, args.every, True)
+                durations = train(state, step, args.steps, work, args.every, True)
             finally:
                 blocked.restore()
-            lost["async"].append((t - base) / max(saves, 1))
-            lost["blocked"].append(blocked.seconds / max(saves, 1))
+            lost["async"] += lost_per_save(durations, args.every)
+            lost["blocked"].append(blocked.seconds / max((args.steps - 1) // args.every, 1))
     med = {k: statistics.median(v) for k, v in runs.items()}
     lost_sync, lost_async, blocked = (
         statistics.median(lost[k]) for k in ("sync", "async", "blocked")
@@ -297,7 +318,8 @@ def main() -> None:
         print(f"{name:34s} {t:6.3f} s  {gbps(t):6.2f} GB/s  {f'({note})' if note else ''}")
     print(f"checksum CRC-32 ({crc_name}), one core   {crc_gbps:6.2f} GB/s")
     print(
-        f"sync stall   {lost_sync:6.3f} s lost per save in fit ({saves} saves in {args.steps} updates)"
+        f"sync stall   {lost_sync:6.3f} s lost per save in fit (median of {len(lost['sync'])} saves, "
+        f"every {args.every} updates; each: the updates it delays minus as many of those before)"
     )
     print(
         f"async stall  {lost_async:6.3f} s lost per save in fit = "

@@ -340,3 +340,109 @@ def test_async_checkpoints_of_a_cuda_run_are_bitwise_those_of_a_synchronous_one(
     assert copy.params[first].is_pinned() and torch.equal(
         copy.params[first].cuda(), done.params[first]
     )
+
+
+class _Mixed(torch.nn.Module):
+    """Params and buffers of five dtypes, a 0-d and an empty one: the data is not a page multiple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(33, 17)
+        self.register_buffer("counts", torch.arange(5, dtype=torch.int64))
+        self.register_buffer("h16", torch.randn(7, 3).half())
+        self.register_buffer("flags", torch.tensor([True, False, True]))
+        self.register_buffer("scale", torch.tensor(2.5, dtype=torch.float64))
+        self.register_buffer("empty", torch.zeros(0, 4))
+
+
+def _mixed_state():
+    return fe.train_step(ce_loss, optim.adamw(1e-3)).init(_Mixed(), seed=0)
+
+
+def _data_section(path):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return 8 + n, raw[8 + n :]
+
+
+def test_snapshots_lie_back_to_back_from_a_page_in_the_files_order():
+    state = _mixed_state()
+    snaps = _background.Snapshots()
+    copy, ready = snaps.take(state)
+    ready()
+    leaves = [t for t in torch.utils._pytree.tree_leaves(copy) if isinstance(t, torch.Tensor)]
+    order = sorted(leaves, key=lambda t: -t.element_size())  # checkpoint.save's file order
+    order = [t for t in order if t.numel()]  # an empty tensor has no bytes (nor an address)
+    assert order[0].data_ptr() % 4096 == 0
+    for a, b in zip(order, order[1:]):
+        assert b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+    live = [t for t in torch.utils._pytree.tree_leaves(state) if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(leaves, live))
+    # the same layout reuses the buffer; a state of other shapes gets its own
+    again, _ = snaps.take(state)
+    assert again.params["lin.weight"].data_ptr() == copy.params["lin.weight"].data_ptr()
+    other = fe.train_step(ce_loss, optim.adamw(1e-3)).init(mlp(), seed=0)
+    theirs, _ = snaps.take(other)
+    assert theirs.params["0.weight"].shape == (32, 16)
+    assert torch.equal(theirs.params["0.weight"], other.params["0.weight"])
+
+
+def test_a_snapshot_is_written_by_direct_io_and_its_data_bytes_are_a_normal_saves(
+    tmp_path, monkeypatch
+):
+    """The snapshot's file: data from a page boundary, sent with O_DIRECT (when the file system has
+    it), the last partial page through the page cache; the same data bytes as a synchronous save
+    of the live state, read alike by safetensors and checkpoint.load."""
+    state = _mixed_state()
+    calls = []
+    real = _data.set_direct
+    monkeypatch.setattr(_data, "set_direct", lambda fd, on: calls.append(on) or real(fd, on))
+    copy, ready = _background.Snapshots().take(state)
+    ready()
+    checkpoint.save(tmp_path / "snap.safetensors", copy)
+    assert calls[:1] == [True]  # direct I/O asked for
+    direct_ok = len(calls) == 2  # switched back after the direct writes
+    checkpoint.save(tmp_path / "live.safetensors", state)
+    assert calls[2:] == []  # the live state's tensors are scattered: the page-cache path
+    start, data = _data_section(tmp_path / "snap.safetensors")
+    assert start % 4096 == 0 and len(data) % 4096 != 0
+    live_start, live_data = _data_section(tmp_path / "live.safetensors")
+    assert live_start % 4096 != 0 and data == live_data
+    a = safetensors.torch.load_file(tmp_path / "snap.safetensors")
+    assert_dicts_equal(a, safetensors.torch.load_file(tmp_path / "live.safetensors"))
+    back = checkpoint.load(tmp_path / "snap.safetensors", _mixed_state())
+    assert_dicts_equal(back.params, state.params)
+    assert_dicts_equal(back.buffers, state.buffers)
+    assert direct_ok or os.uname().sysname != "Linux"
+
+
+def test_without_direct_io_a_snapshot_goes_through_the_page_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(_data, "set_direct", lambda fd, on: False)  # e.g. tmpfs
+    state = _mixed_state()
+    copy, ready = _background.Snapshots().take(state)
+    ready()
+    checkpoint.save(tmp_path / "snap.safetensors", copy)
+    checkpoint.save(tmp_path / "live.safetensors", state)
+    assert (
+        _data_section(tmp_path / "snap.safetensors")[1]
+        == (_data_section(tmp_path / "live.safetensors")[1])
+    )
+    back = checkpoint.load(tmp_path / "snap.safetensors", _mixed_state())
+    assert_dicts_equal(back.params, state.params)
+
+
+def test_a_full_disk_during_a_direct_write_leaves_nothing(tmp_path, monkeypatch):
+    state = _mixed_state()
+    copy, ready = _background.Snapshots().take(state)
+    ready()
+    checkpoint.save(tmp_path / "old.safetensors", state)
+
+    def no_space(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", no_space)
+    with pytest.raises(OSError) as e:
+        checkpoint.save(tmp_path / "new.safetensors", copy)
+    assert e.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.safetensors"]

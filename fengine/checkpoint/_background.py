@@ -1,9 +1,10 @@
 """Asynchronous saves: a snapshot of the state's tensors, written by one background thread.
 
 The step updates the state's tensors in place (it donates the state), so a background
-write must not read them: `Snapshots.take` copies every tensor into CPU buffers first
-(pinned, with a non-blocking copy and a CUDA event, when the tensor is on a GPU), and the
-training loop goes on while `Writer` runs the job that writes the copy. The buffers are
+write must not read them: `Snapshots.take` copies every tensor into one CPU buffer first
+(pinned, with a non-blocking copy and a CUDA event, when the tensor is on a GPU), laid out
+as the file's data, which the writer sends to the disk by direct I/O; the training loop goes
+on while `Writer` runs the job that writes the copy. The buffers are
 reused by the next snapshot, which `Writer` allows only once the previous job is done: at
 most one save is pending, the next one waits for it.
 
@@ -14,6 +15,7 @@ so a failed background save is never silently lost.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -22,16 +24,24 @@ import torch
 import torch.utils._pytree as pytree
 
 from fengine.checkpoint._format import DTYPE_NAMES
+from fengine.checkpoint._io import PAGE
 from fengine.checkpoint._tree import is_empty_dict
 from fengine.sharding import is_dtensor
 from fengine.state import TrainState
 
 
 class Snapshots:
-    """Copies of a state's tensors in CPU buffers that are reused from one snapshot to the next."""
+    """Copies of a state's tensors in one CPU buffer that is reused from one snapshot to the next.
+
+    The copies lie back to back from a page boundary in the order `checkpoint.save` writes
+    them (by element size, largest first; then in the state's order), so the writer sends the
+    buffer to the disk by direct I/O, without another copy (`fengine.checkpoint._data`).
+    """
 
     def __init__(self) -> None:
-        self._buffers: dict[int, torch.Tensor] = {}  # leaf index -> its buffer
+        self._layout: tuple = ()
+        self._pinned = False
+        self._views: list[torch.Tensor] = []  # one per distinct tensor, in layout order
 
     def take(self, state: TrainState) -> tuple[TrainState, Callable[[], None]]:
         """``(copy, ready)``: a state like ``state`` whose tensors are CPU copies, and a function that
@@ -42,27 +52,25 @@ class Snapshots:
         valid until the next `take`.
         """
         leaves, spec = pytree.tree_flatten(state, is_leaf=is_empty_dict)
+        distinct: dict[int, torch.Tensor] = {}
+        for x in leaves:
+            if isinstance(x, torch.Tensor) and not _unsupported(x):
+                distinct.setdefault(id(x), x)
+        order = sorted(distinct.values(), key=lambda t: -t.element_size())  # stable: save's order
+        layout = tuple((t.shape, t.dtype) for t in order)
+        pinned = any(t.device.type == "cuda" for t in order)
+        if layout != self._layout or pinned != self._pinned:
+            self._views, self._layout, self._pinned = _allocate(layout, pinned), layout, pinned
         copies: dict[int, torch.Tensor] = {}
-        out: list[Any] = []
         gpus: set[torch.device] = set()
-        for i, x in enumerate(leaves):
-            if not isinstance(x, torch.Tensor) or _unsupported(x):
-                out.append(x)  # the writer raises save's error for an unsupported tensor
-                continue
-            if id(x) not in copies:
-                gpu = x.device.type == "cuda"
-                buf = self._buffers.get(i)
-                if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-                    buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=gpu)
-                    self._buffers[i] = buf
-                buf.copy_(x.detach(), non_blocking=gpu)  # on x's stream: before later updates of x
-                copies[id(x)] = buf
-                if gpu:
-                    gpus.add(x.device)
-            out.append(copies[id(x)])
-        for i in [i for i in self._buffers if i >= len(leaves)]:
-            del self._buffers[i]
-        copy = pytree.tree_unflatten(out, spec)
+        for x, buf in zip(order, self._views):
+            gpu = x.device.type == "cuda"
+            buf.copy_(x.detach(), non_blocking=gpu)  # on x's stream: before later updates of x
+            copies[id(x)] = buf
+            if gpu:
+                gpus.add(x.device)
+        # unsupported tensors stay: the writer raises save's error naming them
+        copy = pytree.tree_unflatten([copies.get(id(x), x) for x in leaves], spec)
         events = []
         for device in gpus:
             event = torch.cuda.Event()
@@ -74,6 +82,18 @@ class Snapshots:
                 event.synchronize()
 
         return copy, ready
+
+
+def _allocate(layout: tuple, pinned: bool) -> list[torch.Tensor]:
+    """Views of one page-aligned buffer, back to back, one per ``(shape, dtype)`` of ``layout``."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in layout]
+    raw = torch.empty(sum(sizes) + PAGE, dtype=torch.uint8, pin_memory=pinned)
+    at = -raw.data_ptr() % PAGE
+    views = []
+    for (shape, dtype), n in zip(layout, sizes):
+        views.append(raw[at : at + n].view(dtype).view(shape))
+        at += n
+    return views
 
 
 def _unsupported(t: torch.Tensor) -> bool:

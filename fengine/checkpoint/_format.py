@@ -97,12 +97,13 @@ def n_blocks(total: int, block: int) -> int:
     return math.ceil(total / block) if total else 0
 
 
-def encode_header(table: dict, metadata: dict[str, str]) -> bytes:
-    """The safetensors header: 8-byte little-endian length, then JSON padded so the data starts 8-byte aligned."""
+def encode_header(table: dict, metadata: dict[str, str], align: int = 8) -> bytes:
+    """The safetensors header: 8-byte little-endian length, then JSON padded with spaces so the data
+    starts ``align``-byte aligned (8; a page for direct I/O)."""
     raw = json.dumps(
         {"__metadata__": metadata, **table}, separators=(",", ":"), ensure_ascii=True
     ).encode("ascii")
-    raw += b" " * (-(8 + len(raw)) % 8)
+    raw += b" " * (-(8 + len(raw)) % align)
     return len(raw).to_bytes(8, "little") + raw
 
 

@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
 _POSITIONAL = hasattr(os, "pwrite") and hasattr(os, "preadv")
 BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
@@ -103,6 +109,25 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+PAGE = 4096
+"""Alignment of direct I/O: file offsets, lengths and memory addresses (a multiple of any disk's
+logical block size)."""
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def set_direct(fd: int, on: bool) -> bool:
+    """Switch ``fd`` to direct I/O (``O_DIRECT``: writes go from the caller's memory to the disk,
+    no page-cache copy) or back; False when the platform or file system has none (tmpfs, macOS)."""
+    if not _O_DIRECT or fcntl is None:
+        return False
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+    except OSError:
+        return False
+    return True
 
 
 def preallocate(fd: int, size: int) -> None:
