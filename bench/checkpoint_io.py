@@ -323,12 +323,13 @@ def main() -> None:
     )
     print(
         f"async stall  {lost_async:6.3f} s lost per save in fit = "
-        f"{lost_async / med['fe_save']:.2f} of a synchronous save's {med['fe_save']:.3f} s (target <= 0.10)"
+        f"{lost_async / med['fe_save']:.2f} of a synchronous save's {med['fe_save']:.3f} s (target <= 0.10), "
+        f"{lost_async / lost_sync:.2f} of a synchronous save's loss in fit"
     )
     print(
         f"async block  {blocked:6.3f} s per save on the training thread (snapshot copy, waits) = "
         f"{blocked / med['fe_save']:.2f} of a synchronous save; the rest of the stall is the "
-        "writer's CPU work (page-cache copy, CRC) competing with training for the cores"
+        "writer's work (CRC, direct I/O) competing with training for the cores and memory"
     )
     print(f"ratio save / dd-like write  {med['dd'] / med['fe_save']:.2f}  (target >= 0.8)")
     print(f"ratio save / torch.save     {med['pt_save'] / med['fe_save']:.2f}")
