@@ -324,7 +324,7 @@ def main() -> None:
     print(
         f"async stall  {lost_async:6.3f} s lost per save in fit = "
         f"{lost_async / med['fe_save']:.2f} of a synchronous save's {med['fe_save']:.3f} s (target <= 0.10), "
-        f"{lost_async / lost_sync:.2f} of a synchronous save's loss in fit"
+        f"{lost_async / lost_sync if lost_sync > 0 else float('nan'):.2f} of a synchronous save's loss in fit"
     )
     print(
         f"async block  {blocked:6.3f} s per save on the training thread (snapshot copy, waits) = "
