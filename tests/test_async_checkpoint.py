@@ -10,6 +10,7 @@ being written: without the snapshot copy, the in-place updates of those steps wo
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -446,3 +447,28 @@ def test_a_full_disk_during_a_direct_write_leaves_nothing(tmp_path, monkeypatch)
         checkpoint.save(tmp_path / "new.safetensors", copy)
     assert e.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.safetensors"]
+
+
+def test_a_file_system_refusing_direct_writes_gets_the_page_cache_path(tmp_path, monkeypatch):
+    """O_DIRECT accepted by fcntl but a write refused (EINVAL): the save goes on through the page
+    cache, the same bytes, instead of failing the run."""
+    real = checkpoint._pwrite_all
+
+    def refuse_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint, "_pwrite_all", refuse_direct)
+    state = _mixed_state()
+    copy, ready = _background.Snapshots().take(state)
+    ready()
+    checkpoint.save(tmp_path / "snap.safetensors", copy)
+    checkpoint.save(tmp_path / "live.safetensors", state)
+    assert (
+        _data_section(tmp_path / "snap.safetensors")[1]
+        == (_data_section(tmp_path / "live.safetensors")[1])
+    )
+    back = checkpoint.load(tmp_path / "snap.safetensors", _mixed_state())
+    assert_dicts_equal(back.params, state.params)
+    assert_dicts_equal(back.buffers, state.buffers)

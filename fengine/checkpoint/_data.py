@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -188,14 +189,18 @@ def write_file(
 
     def write(fd: int) -> str | None:
         seams._preallocate(fd, head_len + total)
+        blocks = None
         if region is not None and set_direct(fd, True):
             try:
                 blocks = _write_direct(fd, region, head_len, nblocks, checksum)
+            except OSError as e:  # a file system that takes the flag but not the writes
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
             finally:
                 set_direct(fd, False)
             tail = total - total % PAGE  # the last partial page: through the page cache
             seams._pwrite_all(fd, region[tail:], head_len + tail)
-        else:
+        if blocks is None:
             blocks = run([functools.partial(write_block, fd, b) for b in range(nblocks)])
         metadata["fengine.data_digest"] = _data_digest(blocks)
         metadata["fengine.header_digest"] = header_digest(table, metadata)
