@@ -418,19 +418,23 @@ def test_a_snapshot_is_written_by_direct_io_and_its_data_bytes_are_a_normal_save
     assert direct_ok or os.uname().sysname != "Linux"
 
 
-def test_without_direct_io_a_snapshot_goes_through_the_page_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(_data, "set_direct", lambda fd, on: False)  # e.g. tmpfs
+def _snapshot_saved_as_the_live_state(tmp_path):
+    """A snapshot's file has a synchronous save's data bytes and loads back as the state."""
     state = _mixed_state()
     copy, ready = _background.Snapshots().take(state)
     ready()
     checkpoint.save(tmp_path / "snap.safetensors", copy)
     checkpoint.save(tmp_path / "live.safetensors", state)
-    assert (
-        _data_section(tmp_path / "snap.safetensors")[1]
-        == (_data_section(tmp_path / "live.safetensors")[1])
-    )
+    snap, live = (_data_section(tmp_path / f"{n}.safetensors")[1] for n in ("snap", "live"))
+    assert snap == live
     back = checkpoint.load(tmp_path / "snap.safetensors", _mixed_state())
     assert_dicts_equal(back.params, state.params)
+    assert_dicts_equal(back.buffers, state.buffers)
+
+
+def test_without_direct_io_a_snapshot_goes_through_the_page_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(_data, "set_direct", lambda fd, on: False)  # e.g. tmpfs
+    _snapshot_saved_as_the_live_state(tmp_path)
 
 
 def test_a_full_disk_during_a_direct_write_leaves_nothing(tmp_path, monkeypatch):
@@ -460,15 +464,4 @@ def test_a_file_system_refusing_direct_writes_gets_the_page_cache_path(tmp_path,
         return real(fd, data, offset)
 
     monkeypatch.setattr(checkpoint, "_pwrite_all", refuse_direct)
-    state = _mixed_state()
-    copy, ready = _background.Snapshots().take(state)
-    ready()
-    checkpoint.save(tmp_path / "snap.safetensors", copy)
-    checkpoint.save(tmp_path / "live.safetensors", state)
-    assert (
-        _data_section(tmp_path / "snap.safetensors")[1]
-        == (_data_section(tmp_path / "live.safetensors")[1])
-    )
-    back = checkpoint.load(tmp_path / "snap.safetensors", _mixed_state())
-    assert_dicts_equal(back.params, state.params)
-    assert_dicts_equal(back.buffers, state.buffers)
+    _snapshot_saved_as_the_live_state(tmp_path)
