@@ -52,10 +52,10 @@ from fengine.checkpoint import _data
 from fengine.handlers import Checkpointer
 
 
-def build_state(gb: float) -> tuple[fengine.TrainState, fengine.Step]:
+def build_state(gb: float, device: str = "cpu") -> tuple[fengine.TrainState, fengine.Step]:
     # 3 float32 copies (params, exp_avg, exp_avg_sq) of 4 Linear(d, d) layers
     d = int((gb * 1e9 / (3 * 4 * 4)) ** 0.5)
-    model = nn.Sequential(*[nn.Linear(d, d) for _ in range(4)])
+    model = nn.Sequential(*[nn.Linear(d, d) for _ in range(4)]).to(device)
     step = fengine.train_step(lambda m, b: m(b).square().mean(), fengine.optim.adamw(1e-3))
     state = step.init(model)
     g = torch.Generator().manual_seed(0)
@@ -140,11 +140,15 @@ def train(state, step, steps: int, work: str | None, every: int, async_save: boo
     """Seconds of each of ``steps`` updates of ``fit`` (from one update's end to the next's, so a
     save's hand-off and the writer's competition land in the updates they delay), saving every
     ``every`` updates (no saves without ``work``)."""
-    batch = torch.ones(1, state.params["0.weight"].shape[1])
+    weight = state.params["0.weight"]
+    batch = torch.ones(1, weight.shape[1], device=weight.device)
+    cuda = weight.device.type == "cuda"
     marks: list[float] = []
 
     class Clock(fengine.handlers.Handler):
         def on_after_train_iter(self, snap) -> None:
+            if cuda:  # the update's kernels are done: durations are the updates'
+                torch.cuda.synchronize()
             marks.append(time.perf_counter())
 
     handlers: list = [Clock()]
@@ -209,6 +213,9 @@ def main() -> None:
         type=int,
         default=8,
         help="a checkpoint every N updates there (give the write time to finish)",
+    )
+    ap.add_argument(
+        "--device", default="cpu", help="where the async-stall rows train (cpu, cuda, cuda:N)"
     )
     ap.add_argument("--fresh-load", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -283,6 +290,10 @@ def main() -> None:
 
         # a run that saves: time lost per save, synchronous vs asynchronous
         work = os.path.join(d, "run")
+        if (
+            args.device != "cpu"
+        ):  # these rows train on the device (the rows above read the CPU state)
+            state, step = build_state(args.gb, args.device)
         lost: dict[str, list[float]] = {"sync": [], "async": [], "blocked": []}
         train(state, step, 2, None, args.every, False)  # warm-up
         for _ in range(args.repeats):
