@@ -136,3 +136,35 @@ def test_fit_over_a_dataloader_matches_the_hand_written_loop_bitwise():
     state = fengine.fit(step.init(model()), step, data, max_steps=13, handlers=[])
     for name, p in hand.named_parameters():
         assert torch.equal(state.params[name], p.detach()), name
+
+
+def test_a_resume_mid_epoch_skips_the_gathered_batches_it_already_trained_on(tmp_path):
+    """Stopped after 3 of 5 batches and resumed with a fresh, identically seeded DataLoader: the
+    resumed run draws the 3 batches' indices without loading them and ends bitwise where the
+    uninterrupted run ends (the same DataLoader read the DataLoader's own way: a custom collate)."""
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g))
+
+    def loader(**kw):
+        return DataLoader(
+            ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1), **kw
+        )
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    step = fengine.train_step(
+        lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), fengine.optim.adamw(1e-2)
+    )
+    straight = fengine.fit(
+        step.init(model()), step, loader(collate_fn=lambda b: torch.utils.data.default_collate(b)),
+        max_steps=5, handlers=[],
+    )  # fmt: skip
+    fengine.fit(step.init(model()), step, loader(), max_steps=3, work_dir=tmp_path)
+    resumed = fengine.fit(
+        step.init(model()), step, loader(), max_steps=5, work_dir=tmp_path, resume=True
+    )
+    assert resumed.step == 5
+    for name, p in straight.params.items():
+        assert torch.equal(resumed.params[name], p), name
