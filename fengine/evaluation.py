@@ -62,6 +62,15 @@ def batches_of(data: Iterable, epoch: int, start: int) -> Iterator:
     return fast if fast is not None else itertools.islice(iter(data), start, None)
 
 
+def _eval_batches(data: Iterable) -> Iterator:
+    """One pass of evaluation data: a fengine Loader's epoch 0, a `TensorDataset` DataLoader's
+    batches gathered, anything else iterated (no ``set_epoch``: MMEngine's val loop sets none)."""
+    if hasattr(data, "epoch") and callable(data.epoch):
+        return iter(data.epoch(0, start_batch=0))
+    fast = gathered(data)
+    return fast if fast is not None else iter(data)
+
+
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -111,7 +120,7 @@ def run_eval(
     device = device_of(eval_params)
     acc = evaluator.init()
     try:
-        for i, raw in enumerate(batches_of(data, 0, 0) if hasattr(data, "epoch") else iter(data)):
+        for i, raw in enumerate(_eval_batches(data)):
             batch = to_device(raw, device)  # the same object when it is there already
             emit("before", "_iter", batch_idx=i, batch=batch)
             with (

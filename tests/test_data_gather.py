@@ -168,3 +168,36 @@ def test_a_resume_mid_epoch_skips_the_gathered_batches_it_already_trained_on(tmp
     assert resumed.step == 5
     for name, p in straight.params.items():
         assert torch.equal(resumed.params[name], p), name
+
+
+def test_evaluation_over_a_dataloader_reads_the_same_batches_gathered(monkeypatch):
+    """fe.evaluate over a TensorDataset DataLoader: the batches gathered (no __getitem__), the
+    metric what the DataLoader's own batches give, the order of a shuffled one its own."""
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(30, 6, generator=g), torch.randint(0, 3, (30,), generator=g))
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    state = fengine.train_step(lambda m, b: m(b[0]).sum(), fengine.optim.sgd(0.1)).init(model)
+    seen: list[torch.Tensor] = []
+
+    def predict(m, batch):
+        seen.append(batch[1])
+        return m(batch[0])
+
+    def loader(**kw):
+        return DataLoader(
+            ds, batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(4), **kw
+        )
+
+    slow = loader(collate_fn=lambda b: torch.utils.data.default_collate(b))
+    want = fengine.evaluate(state, predict, slow, [fengine.metrics.Accuracy()])
+    want_seen, seen[:] = list(seen), []
+    real = TensorDataset.__getitem__
+    gets: list[int] = []
+    monkeypatch.setattr(
+        TensorDataset, "__getitem__", lambda self, i: gets.append(i) or real(self, i)
+    )
+    got = fengine.evaluate(state, predict, loader(), [fengine.metrics.Accuracy()])
+    assert got == want and gets == []
+    assert len(seen) == len(want_seen) == 5
+    assert all(torch.equal(a, b) for a, b in zip(seen, want_seen))
