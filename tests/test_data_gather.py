@@ -201,3 +201,13 @@ def test_evaluation_over_a_dataloader_reads_the_same_batches_gathered(monkeypatc
     assert got == want and gets == []
     assert len(seen) == len(want_seen) == 5
     assert all(torch.equal(a, b) for a, b in zip(seen, want_seen))
+
+
+@pytest.mark.gpu
+def test_a_pinning_dataloaders_batches_are_gathered_pinned():
+    ds = _dataset()
+    make = lambda: DataLoader(ds, batch_size=4, shuffle=True, pin_memory=True,  # noqa: E731
+                              generator=torch.Generator().manual_seed(3))  # fmt: skip
+    want, got = list(make()), list(gathered(make()))
+    _same(got, want)
+    assert all(t.is_pinned() for batch in got for t in batch)
