@@ -465,3 +465,16 @@ def test_a_file_system_refusing_direct_writes_gets_the_page_cache_path(tmp_path,
 
     monkeypatch.setattr(checkpoint, "_pwrite_all", refuse_direct)
     _snapshot_saved_as_the_live_state(tmp_path)
+
+
+@pytest.mark.gpu
+def test_a_cuda_states_snapshot_is_pinned_page_aligned_and_back_to_back():
+    state = fe.train_step(ce_loss, optim.adamw(1e-3)).init(mlp().cuda(), seed=0)
+    copy, ready = _background.Snapshots().take(state)
+    ready()
+    leaves = [t for t in torch.utils._pytree.tree_leaves(copy) if isinstance(t, torch.Tensor)]
+    order = [t for t in sorted(leaves, key=lambda t: -t.element_size()) if t.numel()]
+    assert all(t.is_pinned() for t in order) and order[0].data_ptr() % 4096 == 0
+    for a, b in zip(order, order[1:]):
+        assert b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+    assert torch.equal(copy.params["0.weight"], state.params["0.weight"].cpu())

@@ -87,8 +87,11 @@ class Snapshots:
 def _allocate(layout: tuple, pinned: bool) -> list[torch.Tensor]:
     """Views of one page-aligned buffer, back to back, one per ``(shape, dtype)`` of ``layout``."""
     sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in layout]
-    raw = torch.empty(sum(sizes) + PAGE, dtype=torch.uint8, pin_memory=pinned)
-    at = -raw.data_ptr() % PAGE
+    # pinned blocks start on a page already and are rounded up to a power of two: no slack that
+    # would double a 2**k-byte state; CPU memory is 64-byte aligned: a page of slack
+    slack = 0 if pinned else PAGE
+    raw = torch.empty(sum(sizes) + slack, dtype=torch.uint8, pin_memory=pinned)
+    at = -raw.data_ptr() % PAGE if slack else 0  # a misaligned pinned block: written buffered
     views = []
     for (shape, dtype), n in zip(layout, sizes):
         views.append(raw[at : at + n].view(dtype).view(shape))
