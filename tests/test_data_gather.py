@@ -33,6 +33,15 @@ def _same(got: list, want: list) -> None:
             assert torch.equal(x, y)
 
 
+def _count_getitem(monkeypatch) -> list[int]:
+    """The indices every ``TensorDataset.__getitem__`` call from now on receives (still answered)."""
+    real, gets = TensorDataset.__getitem__, []
+    monkeypatch.setattr(
+        TensorDataset, "__getitem__", lambda self, i: gets.append(i) or real(self, i)
+    )
+    return gets
+
+
 LOADERS = {
     "shuffled, seeded": lambda ds: DataLoader(
         ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3)
@@ -68,11 +77,7 @@ def test_gathered_from_a_batch_index_skips_without_loading(start, monkeypatch):
     make = LOADERS["shuffled, seeded"]
     want = list(make(ds))[start:]
     loader = make(ds)
-    gets: list[int] = []
-    real = TensorDataset.__getitem__
-    monkeypatch.setattr(
-        TensorDataset, "__getitem__", lambda self, i: gets.append(i) or real(self, i)
-    )
+    gets = _count_getitem(monkeypatch)
     _same(list(gathered(loader, start)), want)
     assert gets == []  # neither the skipped batches nor the others went through __getitem__
 
@@ -107,9 +112,9 @@ def test_anything_else_goes_the_dataloaders_way(loader):
     assert gathered(loader) is None
 
 
-def test_fit_over_a_dataloader_matches_the_hand_written_loop_bitwise():
-    """fit (which gathers) = torch.optim over the DataLoader's own batches, through an epoch
-    boundary and a mid-epoch resume; batches/RNG as the DataLoader's."""
+def test_fit_over_a_dataloader_matches_the_hand_written_loop_bitwise(monkeypatch):
+    """fit (which gathers: no __getitem__ call) = torch.optim over the DataLoader's own batches,
+    through two epoch boundaries."""
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g))
 
@@ -133,7 +138,9 @@ def test_fit_over_a_dataloader_matches_the_hand_written_loop_bitwise():
 
     step = fengine.train_step(lambda m, b: loss(m(b[0]), b[1]), fengine.optim.adamw(1e-2))
     data = loader()
+    gets = _count_getitem(monkeypatch)
     state = fengine.fit(step.init(model()), step, data, max_steps=13, handlers=[])
+    assert gets == []
     for name, p in hand.named_parameters():
         assert torch.equal(state.params[name], p.detach()), name
 
@@ -192,11 +199,7 @@ def test_evaluation_over_a_dataloader_reads_the_same_batches_gathered(monkeypatc
     slow = loader(collate_fn=lambda b: torch.utils.data.default_collate(b))
     want = fengine.evaluate(state, predict, slow, [fengine.metrics.Accuracy()])
     want_seen, seen[:] = list(seen), []
-    real = TensorDataset.__getitem__
-    gets: list[int] = []
-    monkeypatch.setattr(
-        TensorDataset, "__getitem__", lambda self, i: gets.append(i) or real(self, i)
-    )
+    gets = _count_getitem(monkeypatch)
     got = fengine.evaluate(state, predict, loader(), [fengine.metrics.Accuracy()])
     assert got == want and gets == []
     assert len(seen) == len(want_seen) == 5
