@@ -49,26 +49,18 @@ def weights_for(
     return params, buffers
 
 
-def batches_of(data: Iterable, epoch: int, start: int) -> Iterator:
+def batches_of(data: Iterable, epoch: int, start: int, *, set_epoch: bool = True) -> Iterator:
     """The batches of ``epoch`` from index ``start``: by arithmetic for fengine Loaders, by skipping
     otherwise (a DataLoader of a ``TensorDataset`` draws the skipped indices and gathers its
-    batches: `fengine.data.gather`)."""
+    batches: `fengine.data.gather`). ``set_epoch=False`` leaves a plain loader's sampler as it
+    is (evaluation: MMEngine's val loop sets no epoch)."""
     if hasattr(data, "epoch") and callable(data.epoch):
         return iter(data.epoch(epoch, start_batch=start))
     sampler: Any = getattr(data, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
+    if set_epoch and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     fast = gathered(data, start)
     return fast if fast is not None else itertools.islice(iter(data), start, None)
-
-
-def _eval_batches(data: Iterable) -> Iterator:
-    """One pass of evaluation data: a fengine Loader's epoch 0, a `TensorDataset` DataLoader's
-    batches gathered, anything else iterated (no ``set_epoch``: MMEngine's val loop sets none)."""
-    if hasattr(data, "epoch") and callable(data.epoch):
-        return iter(data.epoch(0, start_batch=0))
-    fast = gathered(data)
-    return fast if fast is not None else iter(data)
 
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -120,7 +112,7 @@ def run_eval(
     device = device_of(eval_params)
     acc = evaluator.init()
     try:
-        for i, raw in enumerate(_eval_batches(data)):
+        for i, raw in enumerate(batches_of(data, 0, 0, set_epoch=False)):
             batch = to_device(raw, device)  # the same object when it is there already
             emit("before", "_iter", batch_idx=i, batch=batch)
             with (

@@ -189,18 +189,8 @@ def write_file(
 
     def write(fd: int) -> str | None:
         seams._preallocate(fd, head_len + total)
-        blocks = None
-        if region is not None and set_direct(fd, True):
-            try:
-                blocks = _write_direct(fd, region, head_len, nblocks, checksum)
-            except OSError as e:  # a file system that takes the flag but not the writes
-                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-            finally:
-                set_direct(fd, False)
-            tail = total - total % PAGE  # the last partial page: through the page cache
-            seams._pwrite_all(fd, region[tail:], head_len + tail)
-        if blocks is None:
+        blocks = None if region is None else _write_direct(fd, region, head_len, nblocks, checksum)
+        if blocks is None:  # scattered tensors, or no direct I/O here: through the page cache
             blocks = run([functools.partial(write_block, fd, b) for b in range(nblocks)])
         metadata["fengine.data_digest"] = _data_digest(blocks)
         metadata["fengine.header_digest"] = header_digest(table, metadata)
@@ -220,10 +210,14 @@ def write_file(
 
 def _write_direct(
     fd: int, region: memoryview, head_len: int, nblocks: int, checksum: Callable[[Any, int], int]
-) -> list[str]:
-    """CRC each block of ``region`` and write its whole pages at ``head_len`` (a page multiple) with
-    direct I/O, no page-cache copy: a background save's writer then takes little CPU from the
-    training threads. Returns the block CRCs; the caller writes the last partial page."""
+) -> list[str] | None:
+    """Write ``region`` at ``head_len`` (a page multiple): each block CRC'd and its whole pages sent
+    with direct I/O, no page-cache copy (a background save's writer then takes little CPU from
+    the training threads), the last partial page through the page cache. Returns the block CRCs,
+    or None when the file system has no direct I/O or refuses its writes (the caller then
+    writes everything through the page cache)."""
+    if not set_direct(fd, True):
+        return None
     whole = len(region) - len(region) % PAGE
 
     def block(b: int) -> str:
@@ -233,7 +227,16 @@ def _write_direct(
             seams._pwrite_all(fd, region[lo : min(hi, whole)], head_len + lo)
         return f"{crc:08x}"
 
-    return run([functools.partial(block, b) for b in range(nblocks)])
+    try:
+        blocks = run([functools.partial(block, b) for b in range(nblocks)])
+    except OSError as e:  # a file system that takes the flag but not the writes
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        return None
+    finally:
+        set_direct(fd, False)
+    seams._pwrite_all(fd, region[whole:], head_len + whole)
+    return blocks
 
 
 # ======================================================================= reading
