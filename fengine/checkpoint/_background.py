@@ -39,8 +39,7 @@ class Snapshots:
     """
 
     def __init__(self) -> None:
-        self._layout: tuple = ()
-        self._pinned = False
+        self._layout: tuple = ()  # ((shape, dtype) per view, pinned)
         self._views: list[torch.Tensor] = []  # one per distinct tensor, in layout order
 
     def take(self, state: TrainState) -> tuple[TrainState, Callable[[], None]]:
@@ -57,10 +56,9 @@ class Snapshots:
             if isinstance(x, torch.Tensor) and not _unsupported(x):
                 distinct.setdefault(id(x), x)
         order = sorted(distinct.values(), key=lambda t: -t.element_size())  # stable: save's order
-        layout = tuple((t.shape, t.dtype) for t in order)
-        pinned = any(t.device.type == "cuda" for t in order)
-        if layout != self._layout or pinned != self._pinned:
-            self._views, self._layout, self._pinned = _allocate(layout, pinned), layout, pinned
+        layout = (tuple((t.shape, t.dtype) for t in order), any(t.is_cuda for t in order))
+        if layout != self._layout:
+            self._views, self._layout = _allocate(*layout), layout
         copies: dict[int, torch.Tensor] = {}
         gpus: set[torch.device] = set()
         for x, buf in zip(order, self._views):
@@ -84,16 +82,17 @@ class Snapshots:
         return copy, ready
 
 
-def _allocate(layout: tuple, pinned: bool) -> list[torch.Tensor]:
-    """Views of one page-aligned buffer, back to back, one per ``(shape, dtype)`` of ``layout``."""
-    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in layout]
+def _allocate(shapes: tuple, pinned: bool) -> list[torch.Tensor]:
+    """Views of one page-aligned buffer (pinned for GPU copies), back to back, one per
+    ``(shape, dtype)`` of ``shapes``."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in shapes]
     # pinned blocks start on a page already and are rounded up to a power of two: no slack that
     # would double a 2**k-byte state; CPU memory is 64-byte aligned: a page of slack
     slack = 0 if pinned else PAGE
     raw = torch.empty(sum(sizes) + slack, dtype=torch.uint8, pin_memory=pinned)
     at = -raw.data_ptr() % PAGE if slack else 0  # a misaligned pinned block: written buffered
     views = []
-    for (shape, dtype), n in zip(layout, sizes):
+    for (shape, dtype), n in zip(shapes, sizes):
         views.append(raw[at : at + n].view(dtype).view(shape))
         at += n
     return views
