@@ -290,9 +290,8 @@ def main() -> None:
 
         # a run that saves: time lost per save, synchronous vs asynchronous
         work = os.path.join(d, "run")
-        if (
-            args.device != "cpu"
-        ):  # these rows train on the device (the rows above read the CPU state)
+        # these rows train on the device (the rows above read and write the CPU state)
+        if args.device != "cpu":
             state, step = build_state(args.gb, args.device)
         lost: dict[str, list[float]] = {"sync": [], "async": [], "blocked": []}
         train(state, step, 2, None, args.every, False)  # warm-up
