@@ -351,9 +351,13 @@ class ScalarHistory:
         self._series[key] = s
         return s
 
+    def _series_of(self, key: str) -> _Series:
+        s = self._series.get(key)
+        return self._new(key) if s is None else s
+
     def append(self, key: str, value: Any, count: Any = 1) -> None:
         """Record ``value`` (a tensor stays on its device until `sync`) logged ``count`` times."""
-        s = self._series.get(key) or self._new(key)
+        s = self._series_of(key)
         s.pending.append(value)
         s.pending_counts.append(count)
         if type(count) is not int or count != 1:  # the type first: a tensor's != would sync
@@ -362,7 +366,7 @@ class ScalarHistory:
     def extend(self, key: str, values: list[Any]) -> None:
         """`append` each of ``values`` (count 1) in order; nothing when empty."""
         if values:
-            s = self._series.get(key) or self._new(key)
+            s = self._series_of(key)
             s.pending.extend(values)
             s.pending_counts.extend(itertools.repeat(1, len(values)))
 
