@@ -280,6 +280,7 @@ def _mmengine_lines(
     max_iters,
     custom_cfg=None,
     val_every=None,
+    ignore_last=True,
 ):
     from mmengine.hooks import IterTimerHook, LoggerHook, iter_timer_hook
     from mmengine.logging import MessageHub
@@ -308,7 +309,7 @@ def _mmengine_lines(
         log_processor=LogProcessor(by_epoch=by_epoch, custom_cfg=custom_cfg),
     )
     hub = runner.message_hub
-    timer, logger = IterTimerHook(), LoggerHook(interval=interval)
+    timer, logger = IterTimerHook(), LoggerHook(interval=interval, ignore_last=ignore_last)
     logger.before_run(runner)
     timer.before_train(runner)
 
@@ -352,14 +353,32 @@ def _mmengine_lines(
 
 
 def _fengine_lines(
-    lines, train, val, *, by_epoch, interval, loader_len, max_iters, custom=(), val_every=None
+    lines,
+    train,
+    val,
+    *,
+    by_epoch,
+    interval,
+    loader_len,
+    max_iters,
+    custom=(),
+    val_every=None,
+    ignore_last=True,
 ):
     clock = Clock()
     timer = Timer(clock=clock)
     run = run_info(
         by_epoch=by_epoch, max_epochs=len(train), steps_per_epoch=loader_len, max_steps=max_iters
     )
-    logger = Logger(interval, timer=timer, json_file=None, custom=custom, exp_name="exp", env=False)
+    logger = Logger(
+        interval,
+        timer=timer,
+        json_file=None,
+        custom=custom,
+        exp_name="exp",
+        env=False,
+        ignore_last=ignore_last,
+    )
     drv = Driver([timer, logger], run, clock)
     drv.emit("before_run")
     drv.emit("before_train")
@@ -432,17 +451,30 @@ def test_lines_match_mmengine_epoch_based(monkeypatch, lines):
     assert got == expected
 
 
-def test_lines_match_mmengine_iteration_based(monkeypatch, lines):
-    train, val = _scenario(1, epochs=1, per_epoch=30, n_val=4)
-    kw = dict(by_epoch=False, interval=10, loader_len=100, max_iters=30, val_every=20)
+@pytest.mark.parametrize(
+    ("loader_len", "ignore_last", "max_iters", "heads"),
+    [
+        (100, True, 30, ["[10/30]", "[20/30]", "val", "[30/30]"]),
+        # the end of the first pass over a loader shorter than the interval is logged, and
+        # with ignore_last=False the end of any first pass: MMEngine's iteration-based loop
+        # passes the global step as batch_idx; the run's last partial interval never is
+        (7, True, 25, ["Exp", "[ 7/25]", "[10/25]", "val", "[20/25]", "val"]),
+        (13, False, 25, ["[10/25]", "val", "Exp", "[13/25]", "[20/25]", "val"]),
+        (13, True, 25, ["[10/25]", "val", "Exp", "[20/25]", "val"]),
+    ],
+)
+def test_lines_match_mmengine_iteration_based(
+    monkeypatch, lines, loader_len, ignore_last, max_iters, heads
+):
+    val_every = 20 if max_iters == 30 else 10
+    train, val = _scenario(1, epochs=1, per_epoch=max_iters, n_val=4)
+    val = val * (max_iters // val_every)
+    kw = dict(by_epoch=False, interval=10, loader_len=loader_len, max_iters=max_iters)
+    kw.update(val_every=val_every, ignore_last=ignore_last)
     expected = _mmengine_lines(monkeypatch, train, val, **kw)
     got = _fengine_lines(lines, train, val, **kw)
-    assert [line.split("  ")[0] for line in got] == [
-        "Iter(train) [10/30]",
-        "Iter(train) [20/30]",
-        "Iter(val) [4/4]",
-        "Iter(train) [30/30]",
-    ]
+    names = {"Iter(val) [4/4]": "val", "Exp name: exp": "Exp"}
+    assert [names.get(h, h[12:]) for h in (line.split("  ")[0] for line in got)] == heads
     assert got == expected
 
 
@@ -471,16 +503,30 @@ def test_should_log_within_epoch(n, interval, ignore_last, expected):
         assert got == expected
 
 
-def test_should_log_iteration_based():
-    run = run_info(by_epoch=False, steps_per_epoch=7, max_steps=25)
+@pytest.mark.parametrize(
+    ("steps_per_epoch", "ignore_last", "expected"),
+    [
+        (7, True, [7, 10, 20]),
+        (7, False, [7, 10, 20]),
+        (13, True, [10, 20]),
+        (13, False, [10, 13, 20]),
+    ],
+)
+def test_should_log_iteration_based(steps_per_epoch, ignore_last, expected):
+    """MMEngine's LoggerHook in an IterBasedTrainLoop (batch_idx = the global step - 1):
+    every interval, plus the end of the first pass over the loader when it is shorter than
+    the interval (or ignore_last is off); never the run's last partial interval (25)."""
+    run = run_info(by_epoch=False, steps_per_epoch=steps_per_epoch, max_steps=25)
     got = [
         s
         for s in range(1, 26)
         if should_log(
-            Snapshot("after_train_iter", state_at(s), run, batch_idx=(s - 1) % 7), 10, True
+            Snapshot("after_train_iter", state_at(s), run, batch_idx=(s - 1) % steps_per_epoch),
+            10,
+            ignore_last,
         )
     ]
-    assert got == [10, 20]
+    assert got == expected
 
 
 def test_fit_toy_example_logs_10_and_20_of_25(tmp_path, capsys):

@@ -439,15 +439,16 @@ class ScalarHistory:
 def should_log(snap: Snapshot, interval: int, ignore_last: bool = True) -> bool:
     """MMEngine's LoggerHook rule for a train iteration.
 
-    Epoch-based runs count ``batch_idx + 1`` within the epoch; iteration-based runs
-    count the global step. With ``ignore_last`` the last, partial interval of the
-    epoch (run) is skipped unless the whole epoch (run) is shorter than ``interval``.
+    Every ``interval`` updates, counted within the epoch (epoch-based runs: ``batch_idx +
+    1``) or on the global step (iteration-based runs); and at the end of an epoch's last,
+    partial interval, unless ``ignore_last`` (then only when the whole epoch is shorter
+    than ``interval``). MMEngine's iteration-based loop passes the global step as
+    ``batch_idx``, so there "the end of an epoch" is the end of the first pass over the
+    loader only, and the run's own last, partial interval is never logged.
     """
     run = snap.run
-    if run.by_epoch:
-        i, n = _batch_number(snap), run.steps_per_epoch
-    else:
-        i, n = snap.step, run.max_steps
+    i = _batch_number(snap) if run.by_epoch else snap.step
+    n = run.steps_per_epoch
     if i % interval == 0:
         return True
     return i == n and (not ignore_last or n <= interval)
