@@ -301,6 +301,36 @@ def _keeps_state(h: Any) -> bool:
     return callable(method) and method is not Handler.state_dict
 
 
+def _check_handler(h: Any, events: tuple[str, ...]) -> None:
+    """Refuse a handler that would never be called, or be called wrongly: a class instead of an
+    instance, a bare function, MMEngine's hook method names, ``on_`` methods that are not events."""
+    what = type(h).__name__
+    if isinstance(h, type):
+        raise TypeError(f"handlers: {h.__name__} is a class; pass an instance, {h.__name__}(...)")
+    methods = [m for m in dir(h) if m.startswith("on_") and callable(getattr(h, m))]
+    unknown = [m for m in methods if m[3:] not in events]
+    if unknown:
+        raise ValueError(
+            f"{what} defines {unknown}, which are not events; events are {list(events)}"
+        )
+    if any(getattr(h, "on_" + e, None) is not None for e in events):
+        return
+    mmengine = [e for e in events if callable(getattr(h, e, None))]
+    if mmengine:
+        raise ValueError(
+            f"{what} defines {mmengine}, MMEngine's hook method names; fengine calls on_<event>(snap) "
+            f"methods: rename them ({', '.join('on_' + e for e in mmengine)})"
+        )
+    if isinstance(h, Handler):  # every event switched off (EmptyCache(False, False, False))
+        return
+    if callable(h):
+        raise TypeError(
+            f"handlers: {getattr(h, '__name__', what)} is a plain function, which no event calls; "
+            "register it for an event with fe.on('after_train_iter')(fn) (or @fe.on(...))"
+        )
+    raise TypeError(f"handlers: a {what} has no on_<event> method; events are {list(events)}")
+
+
 class Dispatcher:
     """Calls handlers' ``on_<event>`` methods in priority order; collects `Stop` and `Save` signals."""
 
@@ -308,17 +338,13 @@ class Dispatcher:
         """``extra_events``: names a custom loop fires besides MMEngine's (as MMEngine lets a custom loop
         call new hook names); handlers may define ``on_<name>`` for them."""
         self.events = (*EVENTS, *extra_events)
+        if isinstance(handlers, (str, bytes)):
+            raise TypeError(
+                f"handlers must be handler objects (e.g. [fe.handlers.Logger()]), got the string {handlers!r}"
+            )
         self.handlers = list(handlers)
         for h in self.handlers:
-            unknown = [
-                m
-                for m in dir(h)
-                if m.startswith("on_") and m[3:] not in self.events and callable(getattr(h, m))
-            ]
-            if unknown:
-                raise ValueError(
-                    f"{type(h).__name__} defines {unknown}, which are not events; events are {list(self.events)}"
-                )
+            _check_handler(h, self.events)
         names = [getattr(h, "name", None) for h in self.handlers if _keeps_state(h)]
         if None in names:
             h = next(

@@ -508,3 +508,37 @@ def test_schedule_recorder_torch_reference_and_groups():
     assert rec.values("b/lr") == [0.01] * 5
     with pytest.raises(TypeError, match="schedule"):
         ScheduleRecorder(lr=0.1)
+
+
+# ----------------------------------------------------------------- handlers that would never run
+class _MMEngineStyle:
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        raise AssertionError("never called")
+
+
+def _plain(snap):
+    raise AssertionError("never called")
+
+
+@pytest.mark.parametrize(
+    ("handlers", "error", "match"),
+    [
+        ([_MMEngineStyle()], ValueError, r"MMEngine's hook method names.*on_after_train_iter"),
+        ([_plain], TypeError, r"_plain is a plain function.*fe\.on"),
+        ("logger", TypeError, r"got the string 'logger'"),
+        ([fe.handlers.Logger], TypeError, r"Logger is a class; pass an instance"),
+        ([object()], TypeError, r"a object has no on_<event> method"),
+    ],
+)
+def test_fit_refuses_handlers_no_event_would_call(handlers, error, match):
+    """Before this check each of these ran a whole fit without one call (a silent no-op)."""
+    state, step, batches = _fit_setup()
+    with pytest.raises(error, match=match):
+        fe.fit(state, step, batches, max_epochs=1, handlers=handlers)
+    assert not state.is_donated  # refused before the first step
+
+
+def test_handler_with_every_event_switched_off_is_accepted():
+    assert Dispatcher(
+        [EmptyCache(False, False, False)]
+    ).handlers  # a Handler: no events is a choice
