@@ -408,6 +408,13 @@ class Dispatcher:
         return out
 
     def load_state_dicts(self, states: Mapping[str, Any]) -> None:
+        """Each handler's saved state, by name. The states come from a file: a handler that cannot
+        load its own raises ``ValueError`` naming the handler (the caller adds the file)."""
         for h in self.handlers:
             if _keeps_state(h) and h.name in states:
-                h.load_state_dict(states[h.name])
+                try:
+                    h.load_state_dict(states[h.name])
+                except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                    raise ValueError(
+                        f"handler {h.name!r} cannot load its saved state: {type(e).__name__}: {e}"
+                    ) from e

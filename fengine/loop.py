@@ -517,6 +517,19 @@ def _resume(
     if path is None:
         log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
         return state, run, None
+    # the metadata first: a file refused for it leaves the given state as it was
+    meta = checkpoint.read_meta(path)["meta"]
+    meta = meta if isinstance(meta, Mapping) else {}
+    handler_states, saved_run = meta.get("handlers") or {}, meta.get("run") or {}
+    for what, value in (("handler state", handler_states), ("run record", saved_run)):
+        if not isinstance(value, Mapping):
+            raise checkpoint.CheckpointError(
+                f"{path}: its {what} is a {type(value).__name__}, expected a dict"
+            )
+    try:
+        dispatch.load_state_dicts(handler_states)
+    except ValueError as e:  # CheckpointError included
+        raise checkpoint.CheckpointError(f"{path}: {e}") from e
     # a donating step consumes the state it is given: the file is read into its tensors
     given = state
     try:
@@ -525,18 +538,7 @@ def _resume(
         state = _load_adding_wrappers(path, state, step, e)
     if step.donate and not given.is_donated:
         given._mark_donated("fit(resume=...)")
-    meta = checkpoint.read_meta(path)["meta"]
-    meta = meta if isinstance(meta, Mapping) else {}
-    handler_states = meta.get("handlers") or {}
-    if not isinstance(handler_states, Mapping):
-        raise checkpoint.CheckpointError(
-            f"{path}: its handler state is a {type(handler_states).__name__}, expected a dict"
-        )
-    dispatch.load_state_dicts(handler_states)
-    saved_world = (
-        (meta.get("run") or {}).get("world_size", 1) if isinstance(meta.get("run"), Mapping) else 1
-    )
-    state = _repartition(state, saved_world, run.world_size, path)
+    state = _repartition(state, saved_run.get("world_size", 1), run.world_size, path)
     run = dataclasses.replace(run, start_step=state.step)
     log.info(
         "resumed from %s at step %d (epoch %d, batch %d)",

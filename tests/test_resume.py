@@ -140,3 +140,57 @@ def test_signal_checkpoints_at_step_boundary_then_exits_and_resume_is_exact(tmp_
     assert done.returncode == 0, done.stderr
     digest = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("digest")][0]
     assert digest == state_digest(_straight("plain"))
+
+
+def _recraft_meta(src: Path, dst: Path, edit) -> None:
+    """Copy a checkpoint with its run metadata edited and the header digest recomputed: a crafted
+    file that passes every digest check."""
+    import json
+
+    from fengine.checkpoint._format import encode_header, header_digest, read_header
+
+    h = read_header(src)
+    md, table = dict(h.metadata), json.loads(json.dumps(h.table))
+    meta = json.loads(md["fengine.meta"])
+    edit(meta)
+    md["fengine.meta"] = json.dumps(meta)
+    md["fengine.header_digest"] = header_digest(table, md)
+    dst.write_bytes(encode_header(table, md) + src.read_bytes()[h.data_start :])
+
+
+def _set_handler_field(handler, key, value):
+    return lambda meta: meta["handlers"][handler].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["handlers"].__setitem__("early_stopping", [1]), "state is a list"),
+        (_set_handler_field("early_stopping", "wait_count", "x"), "wait_count must be an int"),
+        (lambda m: m["handlers"]["early_stopping"].pop("wait_count"), "wait_count must be an int"),
+        (_set_handler_field("early_stopping", "best_score", None), "best_score must be a number"),
+        (_set_handler_field("checkpointer", "save_best", "acc"), "checkpointer"),
+        (lambda m: m.__setitem__("run", [1]), "its run record is a list"),
+    ],
+)
+def test_crafted_handler_state_is_one_checkpoint_error_naming_the_file(tmp_path, edit, match):
+    """Before: raw AttributeError/KeyError/TypeError naming neither file nor field, and a run
+    record that was not a dict read as world size 1."""
+
+    def handlers():
+        return [
+            fe.handlers.Checkpointer(2, by_epoch=False),
+            fe.handlers.EarlyStopping("accuracy", patience=5),
+        ]
+
+    state, step, data = experiment("plain")
+    val = fe.Val([b for _, b in zip(range(2), data.epoch(0))], [fe.metrics.Accuracy()], interval=2)
+    fe.fit(state, step, data, max_steps=4, val=val, handlers=handlers(), work_dir=tmp_path / "a")
+    crafted = tmp_path / "crafted.safetensors"
+    _recraft_meta(tmp_path / "a" / "iter_4.safetensors", crafted, edit)
+    state, step, data = experiment("plain")
+    with pytest.raises(checkpoint.CheckpointError, match=match) as e:
+        fe.fit(state, step, data, max_steps=6, val=val, handlers=handlers(),
+               work_dir=tmp_path / "b", resume=crafted)  # fmt: skip
+    assert str(e.value).startswith(f"{crafted}: ")
+    assert not state.is_donated  # refused before the file was read into the given state

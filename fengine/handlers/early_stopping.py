@@ -59,6 +59,13 @@ def _to_json(x: float) -> float | str:
     return x if math.isfinite(x) else repr(x)  # 'inf', '-inf', 'nan': strict-JSON safe
 
 
+def _is_score(x: Any) -> bool:
+    """What `_to_json` writes: a number, or the repr of a non-finite one."""
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, (int, float)) or x in ("inf", "-inf", "nan")
+
+
 class EarlyStopping(Handler):
     """Stop training when ``monitor`` has not improved for ``patience`` validations.
 
@@ -177,6 +184,16 @@ class EarlyStopping(Handler):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the count and the best score from a checkpoint's metadata (untrusted: checked)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"EarlyStopping state is a {type(state).__name__}, expected a dict")
+        wait, best = state.get("wait_count"), state.get("best_score")
+        if not isinstance(wait, int) or isinstance(wait, bool) or wait < 0:
+            raise ValueError(f"EarlyStopping wait_count must be an int >= 0, got {wait!r}")
+        if not _is_score(best):
+            raise ValueError(
+                f"EarlyStopping best_score must be a number or 'inf'/'-inf'/'nan', got {best!r}"
+            )
         if (
             state.get("monitor", self.monitor) != self.monitor
             or state.get("rule", self.rule) != self.rule
@@ -189,5 +206,5 @@ class EarlyStopping(Handler):
                 stacklevel=2,
             )
             return
-        self.wait_count = int(state["wait_count"])
-        self.best_score = float(state["best_score"])
+        self.wait_count = wait
+        self.best_score = float(best)
