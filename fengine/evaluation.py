@@ -91,8 +91,14 @@ def run_eval(
     run: RunInfo,
     phase: str,
     autocast: str | None = None,
+    after_epoch: Callable[[dict[str, Any]], TrainState] | None = None,
 ) -> dict[str, Any]:
-    """One val/test pass with its events (MMEngine's ValLoop/TestLoop), under ``autocast`` if given."""
+    """One val/test pass with its events (MMEngine's ValLoop/TestLoop), under ``autocast`` if given.
+
+    ``after_epoch(results)``, called between the ``after_<phase>_epoch`` handlers and
+    ``after_<phase>``, returns the state from there on: `fit` observes the results for
+    reduce_on_plateau and writes the checkpoints asked for, where MMEngine's ParamSchedulerHook
+    and CheckpointHook act (inside ``after_val_epoch``)."""
     evaluator = metrics if isinstance(metrics, Evaluator) else Evaluator(list(metrics))
     model = state.model
     if model is None:
@@ -127,6 +133,8 @@ def run_eval(
         model.train(was_training)
     results = evaluator.compute(acc, _dataset_size(data))  # padding of a sharded sampler dropped
     emit("after", "_epoch", metrics=results)
+    if after_epoch is not None:
+        state = after_epoch(results)
     emit("after", metrics=results)
     return results
 

@@ -385,13 +385,13 @@ def fit(
                         dispatch(event, state, run, batch_idx=batch_idx, batch=batch,
                                  metrics=metrics, data_time=data_time)  # fmt: skip
                         if dispatch.saves or dispatch.retires:
-                            _flush(state, run, dispatch, event, bg)
+                            _flush(state, run, dispatch, event, bg, watch)
                     if (received or world > 1) and _signalled(received, tick, world, device):
-                        _preempt(received, state, run, dispatch, event, bg)
+                        _preempt(received, state, run, dispatch, event, bg, watch)
                     if val is not None and _validation_due(event, state, p, val, interval):
-                        state = sent = _validate(state, val, dispatch, run, bg)
+                        state = sent = _validate(state, val, dispatch, run, bg, watch)
                         if _signalled(received, tick, world, device):
-                            _preempt(received, state, run, dispatch, "after_val", bg)
+                            _preempt(received, state, run, dispatch, "after_val", bg, watch)
                 watch.check()
                 if _signalled(
                     received, None, world, device
@@ -484,16 +484,22 @@ def _next(ticks: Generator[Tick, TrainState | None, None], sent: TrainState | No
         return None
 
 
-def _validate(
-    state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo, bg: _Background | None = None
-) -> TrainState:
-    """Validate; the state after its results (reduce_on_plateau observes them, as MMEngine's
-    ParamSchedulerHook after the logger, before the checkpoints of ``after_val``)."""
-    results = run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch,
-                       run=run, phase="val", autocast=val.autocast)  # fmt: skip
-    state = plateau.observe(state, results)
-    _flush(state, run, dispatch, "after_val", bg)
-    return state
+def _validate(state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo,
+              bg: _Background | None = None, watch: FiniteWatch | None = None) -> TrainState:  # fmt: skip
+    """Validate; the state after its results. Once the ``after_val_epoch`` handlers have run,
+    reduce_on_plateau observes the results and the checkpoints asked for are written, before
+    ``after_val`` (MMEngine's ParamSchedulerHook, then CheckpointHook, in ``after_val_epoch``)."""
+    observed = state
+
+    def checkpoints(results: dict[str, Any]) -> TrainState:
+        nonlocal observed
+        observed = plateau.observe(state, results)
+        _flush(observed, run, dispatch, "after_val", bg, watch)
+        return observed
+
+    run_eval(state, val.data, val.metrics, val.eval_fn, params=val.params, dispatch=dispatch,
+             run=run, phase="val", autocast=val.autocast, after_epoch=checkpoints)  # fmt: skip
+    return observed
 
 
 def _resume(
@@ -719,10 +725,14 @@ class _Background:
 
 
 def _flush(state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str,
-           bg: _Background | None = None) -> None:  # fmt: skip
+           bg: _Background | None = None, watch: FiniteWatch | None = None) -> None:  # fmt: skip
     """Write the checkpoints handlers asked for, then delete what they retired (once the new
     files are durable and the pointer has moved). Saves that all ask for the background go to
-    ``bg``; anything else first waits for its pending save (order on disk is order asked)."""
+    ``bg``; anything else first waits for its pending save (order on disk is order asked).
+    ``watch``'s losses are checked first: a non-finite one raises before its weights are saved
+    (and before a rotation retires the last good checkpoint)."""
+    if watch is not None and dispatch.saves:
+        watch.check()
     if bg is not None and dispatch.saves and all(r.background for r in dispatch.saves):
         bg.flush(state, run, dispatch, moment)
         return
@@ -783,8 +793,11 @@ def _preempt(
     dispatch: Dispatcher,
     moment: str,
     bg: _Background | None = None,
+    watch: FiniteWatch | None = None,
 ) -> None:
     assert run.work_dir is not None
+    if watch is not None:
+        watch.check()  # a non-finite loss is raised, not saved as the run's latest
     if bg is not None:
         bg.finish(run, dispatch)  # a pending background save completes first
     signum = received[0] if received else signal.SIGTERM  # another rank received it

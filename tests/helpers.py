@@ -114,9 +114,12 @@ def gan_batches(n, seed=3):
     return out
 
 
-def mmengine_hook_calls(work_dir, train_cfg: dict, record, *, validate: bool = True) -> list:
-    """Run a real MMEngine Runner (no default hooks; 3 training batches of 2 toy samples, 2 validation
-    batches when ``validate``) and return ``record(stage, runner, kwargs)`` of every hook call, in order."""
+def mmengine_hook_calls(
+    work_dir, train_cfg: dict, record, *, validate: bool = True, default_hooks: dict | None = None
+) -> list:
+    """Run a real MMEngine Runner (no default hooks but ``default_hooks``; 3 training batches of 2 toy
+    samples, 2 validation batches when ``validate``, metric ``m/acc`` = 1.0) and return
+    ``record(stage, runner, kwargs)`` of every hook call, in order."""
     import pytest
 
     runner_mod = pytest.importorskip("mmengine.runner")
@@ -161,6 +164,7 @@ def mmengine_hook_calls(work_dir, train_cfg: dict, record, *, validate: bool = T
     )
     no_defaults = dict(runtime_info=None, timer=None, sampler_seed=None, logger=None,
                        param_scheduler=None, checkpoint=None)  # fmt: skip
+    no_defaults.update(default_hooks or {})
     with_val = (
         dict(val_dataloader=val, val_evaluator=[Metric()], val_cfg=dict()) if validate else {}
     )

@@ -222,6 +222,42 @@ def test_iteration_based_event_sequence_matches_a_real_mmengine_runner(tmp_path)
     assert [c[1] for c in calls] == [e[3] for e in rec.log]  # batch_idx at every iter event
 
 
+def test_best_checkpoint_events_inside_after_val_epoch_as_mmengines_checkpoint_hook(tmp_path):
+    """CheckpointHook(save_best) saves in after_val_epoch: its save events come before after_val
+    (fengine wrote them after after_val before)."""
+    hook = dict(type="CheckpointHook", interval=1, save_best="m/acc")
+    calls = mmengine_hook_calls(
+        tmp_path / "mm",
+        dict(by_epoch=True, max_epochs=2, val_interval=1),
+        lambda s, runner, k: s,
+        default_hooks=dict(checkpoint=hook),
+    )
+    state, step, batches = _setup(3)
+    rec = Recorder()
+    fe.fit(state, step, batches, max_epochs=2, val=fe.Val(mlp_batches(2, seed=7), [Const("m/acc", 1.0)]),
+           handlers=[rec, fe.handlers.Checkpointer(1, save_best="m/acc")], work_dir=tmp_path / "fe")  # fmt: skip
+    got = [e for e in rec.events if e != "after_save_checkpoint"]  # not a hook point in 0.10.7
+    assert got == calls
+    first_val = got.index("after_val_epoch")
+    assert got[first_val + 1] == "before_save_checkpoint"
+    assert got.index("after_val") > first_val + 1
+
+
+def test_a_non_finite_loss_is_raised_before_its_weights_are_saved(tmp_path):
+    """The default check reads losses every 50 updates; a save reads them first, so a rotation
+    (max_keep_ckpts) never replaces the last good checkpoints with non-finite ones."""
+    state, step, batches = _setup(9)
+    x, y = batches[4]
+    batches[4] = (x * float("nan"), y)  # update 5
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):
+        fe.fit(state, step, batches, max_steps=9, work_dir=tmp_path,
+               handlers=[fe.handlers.Checkpointer(1, by_epoch=False, max_keep_ckpts=1)])  # fmt: skip
+    kept = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert kept == ["iter_4.safetensors"]  # the last finite one, not rotated out
+    saved = fe.checkpoint.load(tmp_path / "iter_4.safetensors", like=step.init(mlp()))
+    assert all(torch.isfinite(p).all() for p in saved.params.values())
+
+
 # ----------------------------------------------------------------- priorities
 def test_priority_then_registration_order_like_mmengine_register_hook():
     from mmengine.hooks import Hook

@@ -59,11 +59,13 @@ def _to_json(x: float) -> float | str:
     return x if math.isfinite(x) else repr(x)  # 'inf', '-inf', 'nan': strict-JSON safe
 
 
-def _is_score(x: Any) -> bool:
-    """What `_to_json` writes: a number, or the repr of a non-finite one."""
+def _score(x: Any) -> float | None:
+    """What `_to_json` wrote, as a float: a number or the repr of a non-finite one; else None."""
     if isinstance(x, bool):
-        return False
-    return isinstance(x, (int, float)) or x in ("inf", "-inf", "nan")
+        return None
+    if isinstance(x, (int, float)) or x in ("inf", "-inf", "nan"):
+        return float(x)
+    return None
 
 
 class EarlyStopping(Handler):
@@ -187,12 +189,13 @@ class EarlyStopping(Handler):
         """Restore the count and the best score from a checkpoint's metadata (untrusted: checked)."""
         if not isinstance(state, Mapping):
             raise ValueError(f"EarlyStopping state is a {type(state).__name__}, expected a dict")
-        wait, best = state.get("wait_count"), state.get("best_score")
+        wait, best = state.get("wait_count"), _score(state.get("best_score"))
         if not isinstance(wait, int) or isinstance(wait, bool) or wait < 0:
             raise ValueError(f"EarlyStopping wait_count must be an int >= 0, got {wait!r}")
-        if not _is_score(best):
+        if best is None:
             raise ValueError(
-                f"EarlyStopping best_score must be a number or 'inf'/'-inf'/'nan', got {best!r}"
+                "EarlyStopping best_score must be a number or 'inf'/'-inf'/'nan', "
+                f"got {state.get('best_score')!r}"
             )
         if (
             state.get("monitor", self.monitor) != self.monitor
@@ -207,4 +210,4 @@ class EarlyStopping(Handler):
             )
             return
         self.wait_count = wait
-        self.best_score = float(best)
+        self.best_score = best
