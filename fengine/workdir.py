@@ -4,14 +4,18 @@ Two runs writing one work dir interleave checkpoints, logs and ``config.json``
 silently. `lock_work_dir` takes ``work_dir/.fengine.lock`` with ``flock``: the OS
 releases it when the process ends however it ends (kill -9 included), so a stale
 lock never blocks the next run. The holder's pid is written into the file for the
-error message. Re-entrant within a process: a recipe can hold the lock around its
-own writes (``config.json``) and call `fengine.fit`, which takes it again.
+error message; a lock file that is a symlink, a hard link or not a regular file is
+refused (the pid would overwrite a file elsewhere: a work dir may come from someone
+else). Re-entrant within a process: a recipe can hold the lock around its own writes
+(``config.json``) and call `fengine.fit`, which takes it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +42,8 @@ class WorkDirLocked(RuntimeError):
 def lock_work_dir(work_dir: str | os.PathLike | None) -> Iterator[None]:
     """Hold the exclusive lock of ``work_dir`` (created if missing) inside the ``with`` block.
 
-    Raises `WorkDirLocked` naming the holder's pid when another process holds it.
+    Raises `WorkDirLocked` naming the holder's pid when another process holds it, and
+    ``OSError`` when the lock file is a link or not a regular file.
     ``None`` (no work dir) locks nothing.
     """
     if work_dir is None or fcntl is None:
@@ -65,7 +70,7 @@ def lock_work_dir(work_dir: str | os.PathLike | None) -> Iterator[None]:
 
 
 def _acquire(d: Path) -> int:
-    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(d / LOCK_NAME)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -82,3 +87,45 @@ def _acquire(d: Path) -> int:
         os.close(fd)  # releases the lock
         raise
     return fd
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (or create) the lock file: a regular file with one name, never followed through a
+    link, since the pid written into it must not overwrite a file elsewhere (a work dir may come
+    from someone else). Checked before opening (opening a device can have effects) and after."""
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and (why := _not_lock_file(path, st)):
+        raise _refused(path, why)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise _refused(path, "a symbolic link") from None  # swapped in since the check
+    why = _not_lock_file(path, os.fstat(fd))
+    if why:
+        os.close(fd)
+        raise _refused(path, why)
+    return fd
+
+
+def _not_lock_file(path: Path, st: os.stat_result) -> str | None:
+    """None for a regular file with one name, else what ``path`` is."""
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symbolic link (to {os.readlink(path)!r})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file (mode {stat.filemode(st.st_mode)})"
+    if st.st_nlink > 1:
+        return f"a hard link (one file with {st.st_nlink} names)"
+    return None
+
+
+def _refused(path: Path, why: str) -> OSError:
+    return OSError(
+        f"lock_work_dir: {path} is {why}; expected a regular file: fengine writes its pid into "
+        "this lock file and never through a link, so remove it and run again"
+    )

@@ -642,6 +642,9 @@ READ_META_TYPES = {
 }
 
 
+NOT_A_TRAINING_CHECKPOINT = ("without fengine metadata", "params-only fengine file")
+
+
 def test_crafted_and_damaged_files_raise_checkpoint_errors_or_load_exactly(base, tmp_path):
     state, template, data = base
     like = template()
@@ -669,7 +672,7 @@ def test_crafted_and_damaged_files_raise_checkpoint_errors_or_load_exactly(base,
         (work / "last_checkpoint").write_text("ck.safetensors\n")
         results["latest"] = _attempt(partial(ckpt.latest, work))
         (work / "last_checkpoint").unlink()
-        # no pointer: a readable checkpoint is taken with a warning; otherwise None, silently
+        # no pointer: a readable checkpoint is taken with a warning; a damaged one is an error
         with pytest.warns(UserWarning) if case.expect == "valid" else contextlib.nullcontext():
             results["latest-no-pointer"] = _attempt(partial(ckpt.latest, work))
         for what, (tag, got) in results.items():
@@ -691,9 +694,11 @@ def test_crafted_and_damaged_files_raise_checkpoint_errors_or_load_exactly(base,
                 continue  # it reads (and checks) only the blocks it needs: checked below
             bad(what, "SILENTLY LOADED", results[what][1])
         if case.expect in ("bad", "bad_data"):
+            # None (a fresh start) only for a file that is no fengine training checkpoint at all
             tag, got = results["latest-no-pointer"]
-            if tag != "ok" or got is not None:
-                bad("latest-no-pointer", "expected None", got)
+            foreign = any(w in str(results["load"][1]) for w in NOT_A_TRAINING_CHECKPOINT)
+            if tag != "CheckpointError" and not (foreign and tag == "ok" and got is None):
+                bad("latest-no-pointer", "expected a CheckpointError naming the file", got)
             for what in ("load", "read_meta"):
                 tag, got = results[what]
                 if what in must_fail and tag == "CheckpointError" and case.words not in str(got):
@@ -895,3 +900,31 @@ def test_remove_deletes_and_fsyncs_the_directory(tmp_path, monkeypatch):
     with pytest.raises(IsADirectoryError):
         ckpt.remove(tmp_path)
     assert tmp_path.is_dir()
+
+
+# ----------------------------------------------------------------- latest without a pointer
+def test_latest_without_a_pointer_names_every_damaged_checkpoint(base, tmp_path):
+    """No ``last_checkpoint`` and only damaged checkpoints: an error naming each and why, not None
+    (which `fit` reads as "start from scratch", on top of the damaged run)."""
+    state, _, data = base
+    (tmp_path / "iter_4.safetensors").write_bytes(data[:-100])  # torn
+    flipped = bytearray(data)
+    flipped[-10] ^= 0x55
+    (tmp_path / "iter_2.safetensors").write_bytes(bytes(flipped))
+    ckpt.publish(state, tmp_path / "model")  # a params-only file: not a training checkpoint
+    st.save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")  # not fengine's
+    with pytest.raises(CheckpointError) as info:
+        ckpt.latest(tmp_path)
+    msg = str(info.value)
+    assert "last_checkpoint does not exist" in msg and "damaged checkpoints (2)" in msg
+    assert f"{tmp_path / 'iter_4.safetensors'}: truncated" in msg
+    assert f"{tmp_path / 'iter_2.safetensors'}: " in msg
+    assert "model-" not in msg and "foreign" not in msg
+    # a readable one beside them is still taken, with a warning (as before)
+    (tmp_path / "iter_1.safetensors").write_bytes(data)
+    with pytest.warns(UserWarning, match="does not exist; falling back to .*iter_1"):
+        assert ckpt.latest(tmp_path) == tmp_path / "iter_1.safetensors"
+    # files that are no training checkpoint at all: a fresh run
+    for name in ("iter_1", "iter_2", "iter_4"):
+        (tmp_path / f"{name}.safetensors").unlink()
+    assert ckpt.latest(tmp_path) is None

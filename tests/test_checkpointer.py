@@ -610,6 +610,55 @@ def test_filename_template(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "tmpl",
+    ["ckpts/iter_{}.safetensors", "../iter_{}.safetensors", "..{}", ".iter_{}.safetensors"],
+)
+def test_filename_tmpl_must_be_a_plain_name(tmpl):
+    """Resume reads back only plain names: a template with a directory part (or '..') would save
+    files (even outside the work dir) that can never be resumed, so it is refused at once."""
+    with pytest.raises(ValueError, match=r"filename_tmpl=.*plain file name.*pass out_dir="):
+        Checkpointer(filename_tmpl=tmpl)
+
+
+class OwnSave(fe.Handler):
+    """A user's handler saving its own checkpoint into the work dir at step 2."""
+
+    def on_after_train_iter(self, snap):
+        if snap.step == 2:
+            return Save(snap.run.work_dir / "mine_2.safetensors", latest=False)
+        return None
+
+
+def test_a_checkpointer_retires_only_its_own_files_and_preemption_ones(tmp_path):
+    """max_keep_ckpts counts this handler's periodic files and `fit`'s ``step_N``, never another
+    Checkpointer's best file or a user handler's own save into the same directory."""
+    periodic = Checkpointer(1, by_epoch=False, max_keep_ckpts=2)
+    keeper = Checkpointer(
+        -1, by_epoch=False, save_last=False, save_best="acc", max_keep_ckpts=1, name="best_keeper"
+    )
+    st, step, batches = _setup(4)
+    val = fe.Val(batches[:1], [Scripted([0.9] + [0.1] * 20)], interval=1)
+    fe.fit(st, step, batches, max_steps=8, val=val, handlers=[periodic, keeper, OwnSave()],
+           work_dir=tmp_path)  # fmt: skip
+    assert _files(tmp_path) == [
+        "best_acc_iter_1.safetensors",
+        "iter_7.safetensors",
+        "iter_8.safetensors",
+        "mine_2.safetensors",
+    ]
+    assert periodic.kept == ["iter_7.safetensors", "iter_8.safetensors"] and keeper.kept == []
+    # the preemption checkpoint of this step counts; another step_N name does not
+    ck = Checkpointer(1, by_epoch=False, max_keep_ckpts=1)
+    snap = _snap("before_save_checkpoint", step=5, by_epoch=False, work_dir=tmp_path)
+    assert (
+        ck.on_before_save_checkpoint(snap._replace(checkpoint=tmp_path / "step_4.safetensors"))
+        is None
+    )
+    ck.on_before_save_checkpoint(snap._replace(checkpoint=tmp_path / "step_5.safetensors"))
+    assert ck.kept == ["step_5.safetensors"]
+
+
 def test_interval_minus_one_saves_only_the_last(tmp_path):
     _, names = _run(tmp_path, Checkpointer(-1), max_epochs=3)
     assert names == ["epoch_3.safetensors"]

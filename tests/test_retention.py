@@ -318,6 +318,21 @@ def test_retire_never_deletes_the_pointer_target_or_a_non_checkpoint(tmp_path):
     assert pointed.exists() and other.exists()
 
 
+def test_resume_over_a_damaged_run_without_pointer_is_an_error_not_a_fresh_start(tmp_path):
+    """The only checkpoint torn and ``last_checkpoint`` gone: `fit(resume=True)` names the file and
+    writes nothing, instead of training from scratch over the damaged run."""
+    experiment(tmp_path, 3, max_epochs=1)
+    torn = tmp_path / "epoch_1.safetensors"
+    os.truncate(torn, os.path.getsize(torn) - 100)
+    for p in [tmp_path / "last_checkpoint", *tmp_path.glob("best_*")]:
+        p.unlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(checkpoint.CheckpointError, match="damaged checkpoints") as info:
+        experiment(tmp_path, 3, max_epochs=2)
+    assert f"{torn}: truncated" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 # ----------------------------------------------------------------- one run per work dir
 def test_a_second_run_in_a_locked_work_dir_is_refused_naming_the_holder(tmp_path):
     r, w = os.pipe()

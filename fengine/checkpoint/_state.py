@@ -489,12 +489,28 @@ def _training_checkpoint(path: Path) -> tuple[Header, Info] | str:
         return str(e)
 
 
-def _newest_readable(dirs: list[Path], skip: Path | None, verify: bool) -> tuple[Path, int] | None:
-    """The readable training checkpoint in ``dirs`` with the highest step, then the latest mtime: (path, step)."""
-    found = []
+def _scanned(path: Path) -> tuple[Header, Info] | str | None:
+    """A training checkpoint; a reason when ``path`` looks like one but is damaged; None for
+    another kind of file (a safetensors file without fengine metadata, a published params file)."""
+    try:
+        h = read_header(path)
+        if not any(k.startswith("fengine.") for k in h.metadata):
+            return None
+        info = require_fengine(h)
+    except CheckpointError as e:
+        return str(e)
+    return (h, info) if info.kind == "train_state" else None
+
+
+def _newest_readable(
+    dirs: list[Path], skip: Path | None, verify: bool
+) -> tuple[tuple[Path, int] | None, list[str]]:
+    """The readable training checkpoint in ``dirs`` with the highest step, then the latest mtime:
+    ((path, step) or None, why each damaged one seen on the way was rejected)."""
+    found, rejected = [], []
     for d in dirs:
         try:
-            names = os.listdir(d)
+            names = sorted(os.listdir(d))
         except OSError:
             continue
         for name in names:
@@ -503,14 +519,18 @@ def _newest_readable(dirs: list[Path], skip: Path | None, verify: bool) -> tuple
                 continue
             if not _inside(p, dirs):  # a symlink out of the directory
                 continue
-            got = _training_checkpoint(p)
-            if not isinstance(got, str):
+            got = _scanned(p)
+            if isinstance(got, str):
+                rejected.append(got)
+            elif got is not None:
                 h, info = got
                 found.append((info.position["step"], h.identity[3], name, p, h, info))
     for step, _, _, p, h, info in sorted(found, key=lambda c: c[:3], reverse=True):
-        if _usable(h, info, verify) is None:
-            return p, step
-    return None
+        problem = _usable(h, info, verify)
+        if problem is None:
+            return (p, step), rejected
+        rejected.append(problem)
+    return None, rejected
 
 
 def latest(
@@ -529,10 +549,15 @@ def latest(
     to the readable training checkpoint (``*.safetensors``) in those directories
     with the highest step recorded in the file, then the newest modification time;
     and raises `CheckpointError` if there is none. With no pointer at all, it warns
-    and returns that same checkpoint if there is one, else None.
+    and returns that same checkpoint if there is one; else None when no file there
+    looks like a training checkpoint (a fresh run), and `CheckpointError` naming each
+    damaged one and why when some do: starting over on top of a damaged run is not
+    silent.
     """
     work_dir = Path(work_dir)
-    dirs = [work_dir] + ([Path(save_dir)] if save_dir is not None else [])
+    dirs = [work_dir]
+    if save_dir is not None and os.path.realpath(save_dir) != os.path.realpath(work_dir):
+        dirs.append(Path(save_dir))
     pointer = work_dir / POINTER
     text, problem = _read_pointer(pointer)
     target = None
@@ -544,11 +569,20 @@ def latest(
             if problem is None:
                 return target
             problem = f"{pointer} names an unusable checkpoint ({problem})"
-    found = _newest_readable(dirs, target, verify)
-    if problem is None and found is None:  # no pointer, no checkpoint: a fresh run
+    found, rejected = _newest_readable(dirs, target, verify)
+    if problem is None and found is None and not rejected:  # no pointer, no checkpoint: a fresh run
         return None
     if found is None:
-        raise CheckpointError(f"{problem}; and no other readable checkpoint is in {work_dir}")
+        where = " and ".join(map(str, dirs))
+        why = problem or f"{pointer} does not exist"
+        other = "other " if target is not None else ""
+        damaged = (
+            ":\n" + listing("damaged checkpoints", rejected) + "\n  resume from a checkpoint "
+            "file you name, or move these away to start from scratch"
+            if rejected
+            else ""
+        )
+        raise CheckpointError(f"{why}; and no {other}readable checkpoint is in {where}{damaged}")
     why = problem or f"{pointer} does not exist"
     warnings.warn(
         f"{why}; falling back to {found[0]}, the readable checkpoint with the highest step "

@@ -166,6 +166,7 @@ def _str_list(name: str, value: Any) -> list[str]:
 
 
 def _check_tmpl(tmpl: Any) -> str:
+    """``tmpl`` if it formats an int into a plain file name (resume reads back only those)."""
     if not isinstance(tmpl, str):
         raise TypeError(f"Checkpointer: filename_tmpl must be a str with one '{{}}', got {tmpl!r}")
     try:
@@ -187,10 +188,12 @@ def _check_tmpl(tmpl: Any) -> str:
         raise ValueError(
             f"Checkpointer: filename_tmpl={tmpl!r} cannot format an int: {e}"
         ) from None
-    if not name or Path(name).is_absolute():
+    seps = "/" + os.sep + (os.altsep or "") + "\0"
+    if not name or any(c in tmpl for c in seps) or name[0] == "." or name != Path(name).name:
         raise ValueError(
-            f"Checkpointer: filename_tmpl={tmpl!r} must be a relative file name (the directory is "
-            "work_dir or out_dir)"
+            f"Checkpointer: filename_tmpl={tmpl!r} must give a plain file name, without a directory "
+            "part, '..' or a leading '.' (resume reads back only such names); to save in another "
+            "directory pass out_dir=..."
         )
     return tmpl
 
@@ -275,7 +278,8 @@ class Checkpointer(Handler):
       greater_keys, less_keys: the names `infer_rule` matches (MMEngine's defaults).
       out_dir: save to ``out_dir / basename(work_dir)`` instead of ``work_dir``.
       save_begin: the first epoch / update count that may be saved periodically.
-      filename_tmpl: file name with one ``{}`` (the epoch / update count); default
+      filename_tmpl: a plain file name (no directory: use ``out_dir``) with one ``{}``
+        (the epoch / update count); default
         ``"epoch_{}.safetensors"`` / ``"iter_{}.safetensors"``.
       published: after training, also write params-only ``<stem>-<sha256[:8]>.safetensors``
         copies of the last and best checkpoints (needs ``save_last`` or ``save_best``).
@@ -411,16 +415,13 @@ class Checkpointer(Handler):
         return None if self.by_epoch else self._maybe_periodic(snap)
 
     def on_before_save_checkpoint(self, snap: Snapshot) -> Retire | None:
-        """A checkpoint this handler did not ask for (`fit`'s preemption ``step_N``) counts as kept."""
+        """`fit`'s preemption checkpoint (``step_N`` of this step) in this handler's directory counts
+        as kept; any other save (another handler's, a best file) is not this handler's to retire."""
         path, directory = snap.checkpoint, self.directory(snap.run)
         if path is None or self.max_keep_ckpts < 1 or Path(path).parent != directory:
             return None
         name = Path(path).name
-        if (
-            name in self.kept
-            or name == self.last_ckpt
-            or any(b["path"] == name for b in self.best.values())
-        ):
+        if name != f"step_{snap.state.step}.safetensors" or name in self.kept:
             return None
         return self._keep(directory, name)
 
