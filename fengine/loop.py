@@ -36,6 +36,7 @@ from torch import nn
 
 from fengine import checkpoint, distributed, plateau, sharding
 from fengine.checkpoint._background import Snapshots, Writer
+from fengine.data.loader_rng import LoaderRng
 from fengine.devices import device_of, to_device
 from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
 from fengine.events import Dispatcher, RunInfo
@@ -194,19 +195,22 @@ def train_steps(
     plan: Plan,
     *,
     stop: Callable[[], bool] = lambda: False,
+    data_rng: LoaderRng | None = None,
 ) -> Generator[Tick, TrainState | None, None]:
     """Run ``step`` over ``train_data`` from ``state``'s position until ``plan`` is done (or ``stop()``),
     yielding a `Tick` at MMEngine's train-loop points: before/after each update, and before/after
     each epoch (epoch-based), or once around the whole run (iteration-based, as MMEngine's
     IterBasedTrainLoop: passes over the data are silent there, ``state.epoch`` still counts them).
     Batches are moved to the state's device for the step; ticks carry them as the data gave them.
-    A state sent at a tick (``ticks.send(state)``) replaces the tick's state from there on."""
+    A state sent at a tick (``ticks.send(state)``) replaces the tick's state from there on.
+    ``data_rng`` (`fengine.data.loader_rng.LoaderRng`) records and restores a DataLoader's
+    generators around each pass."""
     if not plan.by_epoch:
         state = _sent((yield Tick("before_train_epoch", state)), state)
         while not stop() and not plan.done(state):
             if state.batch_in_epoch >= plan.batches_per_epoch:
                 state = _next_epoch(state)
-            state = yield from _updates(state, step, train_data, plan, stop)
+            state = yield from _updates(state, step, train_data, plan, stop, data_rng)
         if state.batch_in_epoch >= plan.batches_per_epoch:
             state = _next_epoch(state)
         yield Tick("after_train_epoch", state)  # the end: nothing follows to use a sent state
@@ -222,7 +226,7 @@ def train_steps(
         state = _sent((yield Tick("before_train_epoch", state)), state)
         if stop():
             return
-        state = yield from _updates(state, step, train_data, plan, stop)
+        state = yield from _updates(state, step, train_data, plan, stop, data_rng)
         if state.batch_in_epoch < plan.batches_per_epoch:
             return  # stopped inside the epoch: the position stays mid-epoch
 
@@ -237,13 +241,23 @@ def _next_epoch(state: TrainState) -> TrainState:
 
 
 def _updates(
-    state: TrainState, step: Step, train_data: Iterable, plan: Plan, stop: Callable[[], bool]
+    state: TrainState,
+    step: Step,
+    train_data: Iterable,
+    plan: Plan,
+    stop: Callable[[], bool],
+    data_rng: LoaderRng | None = None,
 ) -> Generator[Tick, TrainState | None, TrainState]:
     """The rest of the current pass over the data, one update per group of micro-batches."""
     k, device = plan.micro_batches, device_of(state.params)
+    if data_rng is not None:
+        data_rng.before_pass(mid_pass=state.batch_in_epoch > 0)
     batches = batches_of(train_data, state.epoch, state.batch_in_epoch)
     t = time.perf_counter()
-    while group := list(itertools.islice(batches, k)):
+    group = list(itertools.islice(batches, k))
+    if data_rng is not None:
+        data_rng.after_first_batch()
+    while group:
         batch = MicroBatches(group) if k > 1 else group[0]
         # batch_idx as MMEngine gives it: in the epoch, or the global iteration
         idx, data_time = (
@@ -258,12 +272,20 @@ def _updates(
             return state
         state, metrics = _run(step, state, to_device(batch, device))
         state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
+        ended = state.batch_in_epoch >= plan.batches_per_epoch
+        if ended:
+            # the pass's end is read before the tick: a RandomSampler draws one more permutation
+            # there, which a checkpoint written at this tick must already hold
+            t = time.perf_counter()
+            group = [] if plan.done(state) else list(itertools.islice(batches, k))
         sent = yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
         if sent is not None:
             state = sent
         if stop() or plan.done(state):
             return state
-        t = time.perf_counter()
+        if not ended:
+            t = time.perf_counter()
+            group = list(itertools.islice(batches, k))
     return state
 
 
@@ -340,8 +362,15 @@ def fit(
     )
     interval = _val_interval(val, p)
     work_dir = Path(work_dir) if work_dir is not None else None
-    dispatch = Dispatcher(_default_handlers(work_dir, p.by_epoch) if handlers is None else handlers)
     world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
+    handlers = _default_handlers(work_dir, p.by_epoch) if handlers is None else handlers
+    if isinstance(handlers, (str, bytes)):
+        raise TypeError(
+            f"fit: handlers must be handler objects (e.g. [fe.handlers.Logger()]), got {handlers!r}"
+        )
+    # a DataLoader's order comes from torch generators: carried in checkpoints (one process)
+    data_rng = LoaderRng(train_data) if world == 1 else None
+    dispatch = Dispatcher([*handlers, *([data_rng] if data_rng and data_rng.generators else [])])
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
     with lock_work_dir(work_dir if main else None):  # rank 0 writes the work dir
         if main and work_dir is not None:
@@ -367,9 +396,8 @@ def fit(
                 log.warning("fit: no val, so reduce_on_plateau never reduces; pass val=fe.Val(...)")
             watch = FiniteWatch(enabled=check_nonfinite)
             with _signals(enabled=work_dir is not None) as received:
-                ticks = train_steps(
-                    state, step, train_data, p, stop=lambda: dispatch.stop is not None
-                )
+                ticks = train_steps(state, step, train_data, p,
+                                    stop=lambda: dispatch.stop is not None, data_rng=data_rng)  # fmt: skip
                 sent: TrainState | None = None  # the state validation changed, for the next tick
                 # runs between every two updates: each check costs nothing when there is nothing to do
                 while (tick := _next(ticks, sent)) is not None:

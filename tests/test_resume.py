@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from resume_experiment import SaveAtEnd, experiment
 
 import fengine as fe
-from fengine import checkpoint
+from fengine import checkpoint, optim
 from fengine.replay import state_digest
 
 
@@ -194,3 +194,63 @@ def test_crafted_handler_state_is_one_checkpoint_error_naming_the_file(tmp_path,
                work_dir=tmp_path / "b", resume=crafted)  # fmt: skip
     assert str(e.value).startswith(f"{crafted}: ")
     assert not state.is_donated  # refused before the file was read into the given state
+
+
+# ----------------------------------------------------------------- a plain DataLoader's generators
+def _dataloader_run(work_dir, *, resume=False, generator=False, workers=0, max_steps=13):
+    """fit over a shuffling DataLoader, as a fresh process would run it (the global generator
+    seeded, then the model built), validating over another DataLoader every 3 updates (each
+    validation pass draws a base seed from the global generator)."""
+    from helpers import ce_loss, mlp
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fe.seed_everything(0)
+    model = mlp()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(40, 16, generator=g), torch.randint(0, 4, (40,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, num_workers=workers,
+                       generator=torch.Generator().manual_seed(1) if generator else None)  # fmt: skip
+    val = fe.Val(DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8), [fe.metrics.Accuracy()],
+                 interval=3)  # fmt: skip
+    step = fe.train_step(ce_loss, optim.adamw(1e-2))
+    handlers = [fe.handlers.Checkpointer(2, by_epoch=False)]
+    out = fe.fit(step.init(model), step, train, max_steps=max_steps, val=val, handlers=handlers,
+                 work_dir=work_dir, resume=resume)  # fmt: skip
+    return state_digest(out)
+
+
+@pytest.mark.parametrize("generator", [False, True])
+def test_a_shuffling_dataloader_resumes_bit_for_bit_from_every_checkpoint(tmp_path, generator):
+    """Its order comes from torch generators (the global one, or its own): their states where each
+    pass began and at the save travel in the checkpoint. Before, a resume past the first epoch
+    drew another order, silently."""
+    straight = _dataloader_run(tmp_path / "straight", generator=generator)
+    for k in range(2, 13, 2):  # mid-pass (5 batches a pass), at pass ends, around validations
+        ckpt = tmp_path / "straight" / f"iter_{k}.safetensors"
+        got = _dataloader_run(tmp_path / f"from_{k}", resume=ckpt, generator=generator)
+        assert got == straight, f"resumed from iter_{k}"
+
+
+@pytest.mark.slow
+def test_a_shuffling_dataloader_with_workers_resumes_bit_for_bit(tmp_path):
+    straight = _dataloader_run(tmp_path / "straight", workers=2, max_steps=8)
+    got = _dataloader_run(tmp_path / "r", resume=tmp_path / "straight" / "iter_6.safetensors",
+                          workers=2, max_steps=8)  # fmt: skip
+    assert got == straight
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda r: r.__setitem__("pass_start", {"x": "AA=="}), r"records generators \['x'\]"),
+        (lambda r: r["at_save"].__setitem__("torch", "not base64!"), r"at_save\['torch'\] must be"),
+        (lambda r: r["at_save"].__setitem__("torch", "AAAA"), r"a 5056-byte generator state"),
+    ],
+)
+def test_a_crafted_dataloader_rng_record_is_a_checkpoint_error(tmp_path, edit, match):
+    _dataloader_run(tmp_path / "a", max_steps=4)
+    crafted = tmp_path / "crafted.safetensors"
+    _recraft_meta(tmp_path / "a" / "iter_4.safetensors", crafted,
+                  lambda meta: edit(meta["handlers"]["data_rng"]))  # fmt: skip
+    with pytest.raises(checkpoint.CheckpointError, match=match):
+        _dataloader_run(tmp_path / "b", resume=crafted, max_steps=6)

@@ -1,0 +1,131 @@
+"""The random state a plain ``torch.utils.data.DataLoader`` draws its order from, carried across a resume.
+
+fengine's own `Loader` derives its order from (seed, epoch), so a resume needs no RNG state.
+A DataLoader draws each pass's base seed and its ``RandomSampler``'s permutation from torch
+generators: its ``generator`` (and its sampler's), or torch's global CPU generator when it has
+none; the global one is also drawn by every validation pass over a DataLoader. `LoaderRng`
+records those generators' states where each pass over the training data begins and when a
+checkpoint is written (it is a handler, so the record travels in the checkpoint's handler
+state), and on resume puts them back: the pass the checkpoint is in draws its order again from
+the state it began with, and once it has skipped to the checkpoint's batch the generators
+continue from the state they had at the save. The uninterrupted run's draws, bit for bit.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from fengine.events import Handler
+
+
+__all__ = ["LoaderRng"]
+
+
+def _generators(data: Any) -> dict[str, torch.Generator]:
+    """The distinct CPU generators a DataLoader's passes draw from, by where they are found."""
+    found = {"torch": torch.default_generator}
+    places = {
+        "loader": getattr(data, "generator", None),
+        "sampler": getattr(getattr(data, "sampler", None), "generator", None),
+        "batch_sampler.sampler": getattr(
+            getattr(getattr(data, "batch_sampler", None), "sampler", None), "generator", None
+        ),
+    }
+    for name, g in places.items():
+        if isinstance(g, torch.Generator) and all(g is not h for h in found.values()):
+            found[name] = g
+    return found
+
+
+def _encode(states: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    return {k: base64.b64encode(v.numpy().tobytes()).decode("ascii") for k, v in states.items()}
+
+
+class LoaderRng(Handler):
+    """Records and restores a DataLoader's generator states (see the module). ``fit`` adds one for
+    a ``torch.utils.data.DataLoader`` in a single-process run; it does nothing for other data."""
+
+    name = "data_rng"
+
+    def __init__(self, data: Any) -> None:
+        super().__init__()
+        self.generators = _generators(data) if isinstance(data, DataLoader) else {}
+        self.pass_start: dict[str, torch.Tensor] | None = None
+        self._resumed_start: dict[str, torch.Tensor] | None = None  # the resumed pass's
+        self._continue: dict[str, torch.Tensor] | None = None  # where to go on after its skip
+
+    def _states(self) -> dict[str, torch.Tensor]:
+        return {k: g.get_state() for k, g in self.generators.items()}
+
+    def _set(self, states: Mapping[str, torch.Tensor]) -> None:
+        for k, state in states.items():
+            self.generators[k].set_state(state)
+
+    def before_pass(self, mid_pass: bool) -> None:
+        """A pass over the training data begins (``mid_pass``: a resumed one, at the checkpoint's
+        batch): the pass a checkpoint was in draws its order from the state it began with."""
+        if not self.generators:
+            return
+        if self._resumed_start is not None and mid_pass:
+            self._continue = self._states()  # the save's (and any validation's draws since)
+            self._set(self._resumed_start)
+        self._resumed_start = None
+        self.pass_start = self._states()
+
+    def after_first_batch(self) -> None:
+        """The resumed pass has drawn its order and skipped to the checkpoint's batch: the
+        generators go on from where the checkpointed run had them."""
+        if self._continue is not None:
+            self._set(self._continue)
+            self._continue = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.generators or self.pass_start is None:
+            return {}
+        return {"pass_start": _encode(self.pass_start), "at_save": _encode(self._states())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check the record (an untrusted file's) against this run's generators and put the
+        save's states back; the pass's start is used when that pass is resumed (`before_pass`)."""
+        if not self.generators:
+            return
+        if not isinstance(state, Mapping):
+            raise ValueError(f"data_rng state is a {type(state).__name__}, expected a dict")
+        decoded = []
+        for when in ("pass_start", "at_save"):
+            record = state.get(when)
+            if not isinstance(record, Mapping) or set(record) != set(self.generators):
+                raise ValueError(
+                    f"data_rng {when} records generators {_keys(record)}; this DataLoader draws "
+                    f"from {sorted(self.generators)} (resume with the same DataLoader setup)"
+                )
+            decoded.append({k: self._decode(k, v, when) for k, v in record.items()})
+        self._resumed_start = decoded[0]
+        self._set(decoded[1])  # now: a validation the resume runs first draws as the run did
+
+    def _decode(self, name: str, text: Any, when: str) -> torch.Tensor:
+        size = self.generators[name].get_state().numel()
+        try:
+            raw = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != size:
+            raise ValueError(
+                f"data_rng {when}[{name!r}] must be the base64 of a {size}-byte generator state"
+            )
+        state = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        probe = torch.Generator()
+        try:
+            probe.set_state(state)  # torch's own check of the state's fields
+        except RuntimeError as e:
+            raise ValueError(f"data_rng {when}[{name!r}] is not a generator state: {e}") from None
+        return state
+
+
+def _keys(record: Any) -> list[str] | str:
+    return sorted(map(str, record)) if isinstance(record, Mapping) else type(record).__name__
