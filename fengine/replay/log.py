@@ -26,8 +26,10 @@ import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -163,9 +165,7 @@ class RunRecorder(Handler):
         if run.rank != 0:
             return  # rank 0 writes the run log
         self._work_dir = Path(run.work_dir)
-        path = self._work_dir / LOG_NAME
-        _repair_tail(path)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file = _open_for_append(self._work_dir / LOG_NAME)
         config = self.config if self.config is not None else run.config
         config = dict(config) if config is not None else None
         self._write(
@@ -216,22 +216,49 @@ class RunRecorder(Handler):
             self._file = None
 
 
-def _repair_tail(path: Path) -> None:
-    """Drop a torn last record (a process killed mid-write) before appending after it."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
+def _open_regular(path: Path, flags: int) -> int:
+    """A descriptor on ``path`` itself, never on what a symlink there points to (an untrusted
+    work dir must not redirect the run log); anything but a regular file is refused (opened
+    non-blocking, so a FIFO there cannot hang us; a regular file ignores that flag)."""
+    safe = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | safe, 0o644)
+    except OSError as e:
+        if path.is_symlink():
+            raise ReplayError(
+                f"{path} is a symlink (to {os.readlink(path)}); expected the run log itself, "
+                "a regular file: fengine never follows it (replace the link by the file)"
+            ) from None
+        raise ReplayError(f"{path}: cannot open the run log ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ReplayError(f"{path} is not a regular file; expected the run log, a regular file")
+    return fd
+
+
+def _open_for_append(path: Path) -> TextIO:
+    """The run log opened to append to (its only name), a torn last record (a process killed
+    mid-write) dropped first."""
+    fd = _open_regular(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    links = os.fstat(fd).st_nlink
+    if links > 1:
+        os.close(fd)
+        raise ReplayError(
+            f"{path} has {links} hard links; expected a file of its own: appending would change "
+            "the file under its other names too (replace it by a copy)"
+        )
+    with open(fd, "rb+", closefd=False) as f:
         data = f.read()
-        if data.endswith(b"\n"):
-            return
-        cut = data.rfind(b"\n") + 1
-        try:
-            json.loads(data[cut:])
-        except ValueError:
-            log.warning("%s: dropping a torn last record (%d bytes)", path, len(data) - cut)
-            f.truncate(cut)
-        else:
-            f.write(b"\n")  # a complete record without its newline
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            try:
+                json.loads(data[cut:])
+            except (ValueError, RecursionError):
+                log.warning("%s: dropping a torn last record (%d bytes)", path, len(data) - cut)
+                f.truncate(cut)
+            else:
+                f.write(b"\n")  # a complete record without its newline (O_APPEND: at the end)
+    return open(fd, "a", encoding="utf-8")  # noqa: SIM115
 
 
 @dataclasses.dataclass
@@ -252,47 +279,109 @@ class Segment:
         return self.record["horizon"]
 
 
-_FIELDS = {
+_Check = tuple[Callable[[Any], bool], str]  # (does a value fit, what fits, in words)
+_Schema = dict[str, "_Schema | _Check"]
+
+
+def _or_null(check: _Check) -> _Check:
+    fits, what = check
+    return lambda v: v is None or fits(v), f"{what} or null"
+
+
+_COUNT: _Check = lambda v: type(v) is int and v >= 0, "an int >= 0"  # noqa: E731
+_POSITIVE: _Check = lambda v: type(v) is int and v >= 1, "an int >= 1"  # noqa: E731
+_THREADS: _Check = lambda v: type(v) is int and 1 <= v <= 4096, "an int from 1 to 4096"  # noqa: E731
+_BOOL: _Check = lambda v: type(v) is bool, "true or false"  # noqa: E731
+_TEXT: _Check = (
+    lambda v: isinstance(v, str) and v != "" and "\0" not in v,
+    "a non-empty string",
+)
+_HEX: _Check = (
+    lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None,
+    "a SHA-256 hex digest (64 hex digits)",
+)
+_OBJECT: _Check = lambda v: v is None or isinstance(v, dict), "an object or null"  # noqa: E731
+_POSITION: _Schema = {"step": _COUNT, "epoch": _COUNT, "batch_in_epoch": _COUNT}
+_SCHEMAS: dict[str, _Schema] = {
     "segment": {
-        "start",
-        "resumed_from",
-        "horizon",
-        "config",
-        "config_hash",
-        "recipe",
-        "code",
-        "env",
+        "start": _POSITION,
+        "resumed_from": _or_null(_TEXT),
+        "horizon": {
+            "max_epochs": _or_null(_POSITIVE),
+            "max_steps": _or_null(_POSITIVE),
+            "total_steps": _COUNT,
+        },
+        "config": _OBJECT,
+        "config_hash": _or_null(_TEXT),
+        "recipe": _or_null(_TEXT),
+        "code": {"fengine": _HEX, "recipe": _or_null(_HEX)},
+        "env": {
+            "fengine": _TEXT,
+            "torch": _TEXT,
+            "python": _TEXT,
+            "device": _TEXT,
+            "threads": _THREADS,
+            "deterministic": _BOOL,
+            "world_size": _POSITIVE,
+        },
     },
-    "digest": {"step", "epoch", "batch_in_epoch", "digest"},
+    "digest": {**_POSITION, "digest": _HEX, "checkpoint": _TEXT},
 }
+_MAY_LACK = {"checkpoint", "env.world_size"}  # a digest without a file; logs before world_size
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _mismatch(value: Any, schema: _Schema | _Check, field: str) -> str:
+    """What is wrong with the first field of ``value`` that does not fit ``schema`` ("" if none)."""
+    if isinstance(schema, tuple):
+        fits, what = schema
+        return "" if fits(value) else f"{field} is {_shown(value)}, expected {what}"
+    if not isinstance(value, dict):
+        return f"{field} is {_shown(value)}, expected an object with {', '.join(schema)}"
+    names = {name: f"{field}.{name}" if field else name for name in schema}
+    missing = sorted(f for name, f in names.items() if name not in value and f not in _MAY_LACK)
+    if missing:
+        return f"no {', '.join(missing)}"
+    problems = (_mismatch(value[n], schema[n], f) for n, f in names.items() if n in value)
+    return next((p for p in problems if p), "")
 
 
 def _problem(r: Any, kind: Any, after_segment: bool) -> str:
-    if kind not in _FIELDS:
+    """Why ``r`` is not a valid record of the run log ("" when it is): every field's type."""
+    if not isinstance(r, dict):
+        return f"found {_shown(r)}, expected a JSON object"
+    if kind not in _SCHEMAS:
         return f"kind {kind!r}"
-    missing = _FIELDS[kind] - set(r)
-    if missing:
-        return f"no {', '.join(sorted(missing))}"
-    return "" if kind == "segment" or after_segment else "a digest before any segment record"
+    problem = _mismatch(r, _SCHEMAS[kind], "")
+    if problem or kind == "digest":
+        return problem or ("" if after_segment else "a digest before any segment record")
+    h = r["horizon"]
+    if (h["max_epochs"] is None) == (h["max_steps"] is None):
+        return f"horizon is {_shown(h)}, expected exactly one of max_epochs and max_steps"
+    return ""
 
 
 def read_log(work_dir: str | Path, notes: list[str] | None = None) -> list[Segment]:
     """The segments of a recorded run. A torn last line (a process killed mid-write) is
     skipped with a note appended to ``notes``; any other unreadable line is an error."""
     path = Path(work_dir) / LOG_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ReplayError(
             f"{path} not found: record the run with fengine.replay.RunRecorder (recipes do)"
         )
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    with open(_open_regular(path, os.O_RDONLY), "rb") as f:
+        lines = f.read().split(b"\n")
     segments: list[Segment] = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             if n == len(lines):  # no newline after it: the write never finished
                 if notes is not None:
                     notes.append(f"warning: {path}:{n}: skipping a torn last line ({e})")

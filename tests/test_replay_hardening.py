@@ -1,0 +1,220 @@
+"""The run log is an untrusted file: a damaged record is refused naming its line, field, value
+and the expected type (exit status 2, never a traceback), and a symlink or non-regular file at
+``run_log.jsonl`` is neither written through nor read (tests/replay_recipe.py records the runs)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import replay_recipe
+import torch
+
+from fengine.__main__ import main as cli
+from fengine.replay import ReplayError, read_log, replay
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """12 steps, checkpoints at 5, 10 and 12; tests damage copies of its run log."""
+    work = tmp_path_factory.mktemp("hardening") / "w"
+    replay_recipe.run(work, max_steps=12)
+    return work
+
+
+def _copy(recorded: Path, tmp_path: Path) -> Path:
+    work = tmp_path / "w"
+    shutil.copytree(recorded, work)
+    return work
+
+
+def _set(record: dict, field: str, value: object) -> None:
+    *parents, name = field.split(".")
+    for p in parents:
+        record = record[p]
+    record[name] = value
+
+
+SEGMENT = [
+    ("start", None, "start is null, expected an object with step, epoch, batch_in_epoch"),
+    ("start", [0, 0, 0], "start is [0, 0, 0], expected an object with step"),
+    ("start.step", "0", 'start.step is "0", expected an int >= 0'),
+    ("start.epoch", -1, "start.epoch is -1, expected an int >= 0"),
+    ("start.batch_in_epoch", 0.0, "start.batch_in_epoch is 0.0, expected an int >= 0"),
+    ("resumed_from", 3, "resumed_from is 3, expected a non-empty string or null"),
+    ("horizon", [30], "horizon is [30], expected an object with max_epochs, max_steps"),
+    ("horizon.max_steps", "12", 'horizon.max_steps is "12", expected an int >= 1 or null'),
+    ("horizon.max_steps", 0, "horizon.max_steps is 0, expected an int >= 1 or null"),
+    ("horizon.max_steps", None, "expected exactly one of max_epochs and max_steps"),
+    ("horizon.max_epochs", 2, "expected exactly one of max_epochs and max_steps"),
+    ("horizon.total_steps", None, "horizon.total_steps is null, expected an int >= 0"),
+    ("config", [1], "config is [1], expected an object or null"),
+    ("config_hash", 5, "config_hash is 5, expected a non-empty string or null"),
+    ("recipe", 7, "recipe is 7, expected a non-empty string or null"),
+    ("recipe", "", 'recipe is "", expected a non-empty string or null'),
+    ("code", None, "code is null, expected an object with fengine, recipe"),
+    ("code.fengine", 1, "code.fengine is 1, expected a SHA-256 hex digest"),
+    ("code.recipe", "xyz", 'code.recipe is "xyz", expected a SHA-256 hex digest (64 hex digits) or null'),
+    ("env", "x", 'env is "x", expected an object with fengine, torch'),
+    ("env.threads", 0, "env.threads is 0, expected an int from 1 to 4096"),
+    ("env.threads", True, "env.threads is true, expected an int from 1 to 4096"),
+    ("env.threads", 10**12, "env.threads is 1000000000000, expected an int from 1 to 4096"),
+    ("env.deterministic", "no", 'env.deterministic is "no", expected true or false'),
+    ("env.device", None, "env.device is null, expected a non-empty string"),
+    ("env.world_size", 0, "env.world_size is 0, expected an int >= 1"),
+]  # fmt: skip
+DIGEST = [
+    ("step", "0", 'step is "0", expected an int >= 0'),
+    ("step", True, "step is true, expected an int >= 0"),
+    ("epoch", None, "epoch is null, expected an int >= 0"),
+    ("batch_in_epoch", -2, "batch_in_epoch is -2, expected an int >= 0"),
+    ("digest", 5, "digest is 5, expected a SHA-256 hex digest (64 hex digits)"),
+    ("digest", "abc", 'digest is "abc", expected a SHA-256 hex digest (64 hex digits)'),
+    ("checkpoint", 5, "checkpoint is 5, expected a non-empty string"),
+    ("checkpoint", "", 'checkpoint is "", expected a non-empty string'),
+    ("checkpoint", ["iter_5.safetensors"], 'checkpoint is ["iter_5.safetensors"], expected a'),
+]
+CASES = [("segment", *c) for c in SEGMENT] + [("digest", *c) for c in DIGEST]
+
+
+def _damage(work: Path, kind: str, field: str, value: object) -> int:
+    """Set ``field`` of the first record of ``kind`` (with a checkpoint, for a digest); its line."""
+    log = work / "run_log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    n = next(i for i, r in enumerate(records)
+             if r["kind"] == kind and (kind == "segment" or "checkpoint" in r))  # fmt: skip
+    _set(records[n], field, value)
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return n + 1
+
+
+@pytest.mark.parametrize(("kind", "field", "value", "expected"), CASES)
+def test_a_record_with_a_field_of_the_wrong_type_is_named_by_the_library(
+    recorded, tmp_path, kind, field, value, expected
+):
+    work = _copy(recorded, tmp_path)
+    line = _damage(work, kind, field, value)
+    with pytest.raises(ReplayError) as e:
+        replay(work, out=lambda s: None)
+    assert str(e.value).startswith(f"{work / 'run_log.jsonl'}:{line} is not a valid run log record")
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize(("kind", "field", "value", "expected"), CASES)
+def test_a_record_with_a_field_of_the_wrong_type_exits_2_with_one_line(
+    recorded, tmp_path, capsys, kind, field, value, expected
+):
+    work = _copy(recorded, tmp_path)
+    line = _damage(work, kind, field, value)
+    assert cli(["replay", str(work)]) == 2  # 1 would mean DIFFERS
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"replay: {work / 'run_log.jsonl'}:{line} is not a valid run log record ("
+    )
+    assert expected in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("5", "found 5, expected a JSON object"),
+        ('["kind", "digest"]', 'found ["kind", "digest"], expected a JSON object'),
+        ('{"kind": "digest", "epoch": 0, "digest": "x"}', "no batch_in_epoch, step"),
+        ('{"kind": "segment", "format": 2}', "no code, config, config_hash, env, horizon"),
+    ],
+)
+def test_a_line_that_is_no_record_object_is_named(recorded, tmp_path, line, expected):
+    work = _copy(recorded, tmp_path)
+    log = work / "run_log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], line, *lines[1:]]) + "\n")
+    with pytest.raises(ReplayError, match=rf"{log}:2 is not a valid run log record") as e:
+        read_log(work)
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000])
+def test_undecodable_or_too_deep_json_is_named_with_its_line(recorded, tmp_path, bad):
+    work = _copy(recorded, tmp_path)
+    log = work / "run_log.jsonl"
+    lines = log.read_bytes().splitlines()
+    log.write_bytes(b"\n".join([lines[0], bad, *lines[1:]]) + b"\n")
+    with pytest.raises(ReplayError, match=rf"{log}:2 is not a JSON record"):
+        read_log(work)
+
+
+def test_the_recorder_never_writes_through_a_symlinked_run_log(recorded, tmp_path):
+    work = _copy(recorded, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"important\nno newline at end")  # a torn tail the recorder would cut
+    (work / "run_log.jsonl").unlink()
+    (work / "run_log.jsonl").symlink_to(victim)
+    with pytest.raises(
+        ReplayError, match=rf"{work / 'run_log.jsonl'} is a symlink \(to {victim}\)"
+    ):
+        replay_recipe.run(work, max_steps=15, resume=True)
+    assert victim.read_bytes() == b"important\nno newline at end"
+
+
+@pytest.mark.parametrize("make", ["symlink", "fifo", "directory"])
+def test_replay_reads_only_a_regular_run_log(recorded, tmp_path, capsys, make):
+    work = _copy(recorded, tmp_path)
+    log = work / "run_log.jsonl"
+    real = tmp_path / "elsewhere.jsonl"
+    log.rename(real)
+    {"symlink": lambda: log.symlink_to(real), "fifo": lambda: os.mkfifo(log),
+     "directory": log.mkdir}[make]()  # fmt: skip
+    expected = "is a symlink" if make == "symlink" else "is not a regular file"
+    with pytest.raises(ReplayError, match=rf"{log} {expected}"):
+        read_log(work)
+    assert cli(["replay", str(work)]) == 2
+    assert capsys.readouterr().err.startswith(f"replay: {log} {expected}")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int = 30):
+    """Fail instead of hanging: opening a FIFO to write blocks until a reader comes (never)."""
+
+    def fail(*_):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("make", ["fifo", "directory"])
+def test_the_recorder_refuses_a_run_log_that_is_no_regular_file(recorded, tmp_path, make):
+    work = _copy(recorded, tmp_path)
+    log = work / "run_log.jsonl"
+    log.unlink()
+    os.mkfifo(log) if make == "fifo" else log.mkdir()
+    with _deadline(), pytest.raises(ReplayError, match=rf"{log}(: cannot open| is not a regular)"):
+        replay_recipe.run(work, max_steps=15, resume=True)
+
+
+def test_the_recorder_never_appends_to_a_hard_linked_run_log(recorded, tmp_path):
+    work = _copy(recorded, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"important\n")
+    (work / "run_log.jsonl").unlink()
+    os.link(victim, work / "run_log.jsonl")
+    with pytest.raises(ReplayError, match=rf"{work / 'run_log.jsonl'} has 2 hard links"):
+        replay_recipe.run(work, max_steps=15, resume=True)
+    assert victim.read_bytes() == b"important\n"
