@@ -14,7 +14,7 @@ import hashlib
 import json
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 
@@ -39,56 +39,79 @@ def config_hash(config: Any) -> str:
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild the dataclass ``cls`` from `to_dict` output; unknown keys are an error."""
+    """Rebuild the dataclass ``cls`` from `to_dict` output. Unknown keys, a null for a field
+    that is not Optional and a value of the wrong type or length are errors naming the field."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"from_dict: {cls!r} is not a dataclass")
+    return _build(cls, data, cls.__name__)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"from_dict: {where}: expected a dict for {cls.__name__}, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(data) - fields
     if unknown:
+        at = "" if where == cls.__name__ else f"{where}: "
         raise ValueError(
-            f"from_dict: {cls.__name__} has no fields {sorted(unknown)}; fields are {sorted(fields)}"
+            f"from_dict: {at}{cls.__name__} has no fields {sorted(unknown)}; fields are {sorted(fields)}"
         )
     return cls(
-        **{
-            name: _convert(hints[name], value, f"{cls.__name__}.{name}")
-            for name, value in data.items()
-        }
+        **{name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     )
+
+
+def _name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    if value is None:
-        return None
+    if tp is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) == 1:  # Optional[X]: X's own error names what is wrong
+            return _convert(options[0], value, where)
         for option in options:
             try:
                 return _convert(option, value, where)
             except (TypeError, ValueError):
                 continue
-        raise ValueError(f"{where}: {value!r} fits none of {options}")
+        raise ValueError(f"from_dict: {where}: {value!r} fits none of {_name(tp)}")
+    if value is None:
+        raise TypeError(
+            f"from_dict: {where}: got null, expected {_name(tp)} (the field is not Optional)"
+        )
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a dict for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value)
+        return _build(tp, value, where)
     if tp is Path:
+        if not isinstance(value, (str, PurePath)):
+            raise TypeError(f"from_dict: {where}: expected a path (str), got {value!r}")
         return Path(value)
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
-            raise ValueError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+            raise ValueError(f"from_dict: {where}: {value!r} is not one of {typing.get_args(tp)}")
         return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, where) for v in value)
-        return tuple(_convert(a, v, where) for a, v in zip(args, value))
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        return [_convert(arg, v, where) for v in value]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise TypeError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"from_dict: {where}: expected a list for {_name(tp)}, got {value!r}")
+        args = typing.get_args(tp) or (Any, ...)
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            items = [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return items if origin is list else tuple(items)
+        if len(value) != len(args):
+            raise ValueError(
+                f"from_dict: {where}: expected {len(args)} items for {_name(tp)}, got {value!r}"
+            )
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp in (int, float, str, bool):
+        number = isinstance(value, int) and not isinstance(value, bool)
+        if tp is float and number:
+            return float(value)
+        if not isinstance(value, tp) or (tp is int and not number):
+            raise TypeError(f"from_dict: {where}: expected {tp.__name__}, got {value!r}")
     return value

@@ -14,7 +14,24 @@ from typing import Any
 import torch
 
 
-__all__ = ["default_device", "device_of", "devices_in", "to_device"]
+__all__ = ["default_device", "device_of", "devices_in", "parse_device", "to_device"]
+
+
+def parse_device(device: str | torch.device, where: str) -> torch.device:
+    """``device`` as a `torch.device` that is present here; a ValueError naming ``where`` if not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{where}: device must be 'cpu', 'cuda' or 'cuda:N' (a torch device), got {device!r}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where}: device {device!r} but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"{where}: device {device!r} but this machine has {torch.cuda.device_count()} CUDA devices"
+        )
+    return dev
 
 
 def default_device() -> torch.device:

@@ -79,7 +79,12 @@ def setup(device: str | torch.device | None = None, *, timeout_s: float = 1800.0
     nccl; on CPU it is gloo. Without torchrun (``WORLD_SIZE`` unset or 1) nothing is
     initialised. Safe to call twice.
     """
-    want = torch.device(device) if device is not None else None
+    try:
+        want = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"--device must be 'cpu', 'cuda' or 'cuda:N' (a torch device), got {device!r}"
+        ) from None
     if want is None:
         want = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if want.type == "cuda" and not torch.cuda.is_available():

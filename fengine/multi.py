@@ -59,6 +59,14 @@ def multi_step(
     """
     if not isinstance(parts, Mapping) or not parts:
         raise TypeError("multi_step: parts must be a non-empty dict name -> (loss_fn, tx, params)")
+    bad = [name for name in parts if not isinstance(name, str) or not name]
+    if bad:
+        raise TypeError(
+            f"multi_step: part names must be non-empty strings (they key the state and prefix the "
+            f"metrics), got {bad!r}"
+        )
+    if isinstance(order, str):
+        raise TypeError(f"multi_step: order must be a list of part names, got the string {order!r}")
     order = list(parts) if order is None else list(order)
     if sorted(order) != sorted(parts):
         raise ValueError(

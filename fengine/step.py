@@ -3,7 +3,7 @@
 A `Step` is made of *parts* (one for `train_step`; several for `fengine.multi_step`,
 e.g. a GAN's discriminator and generator), each a loss function, a gradient
 transformation and the params it owns, and of *wrappers* (`fengine.wrappers`) in
-the order they are written. Each wrapper acts at its stage, outermost first:
+the order they are written. Each wrapper acts at its stage, in that order:
 
 * **forward** wrappers wrap the gradient computation ``grad_fn(state, batch, *,
   weight, micro) -> Grads`` (autocast, micro-batching, a user's context);
@@ -11,7 +11,11 @@ the order they are written. Each wrapper acts at its stage, outermost first:
   ``apply(state, grads) -> (state, metrics)`` (fp16 unscale + skip-on-inf + scale
   update, finite checks), so every transformation inside ``tx`` sees true,
   unscaled gradients by construction;
-* **post-update** wrappers wrap the whole step (EMA).
+* **post-update** wrappers wrap the whole step (a weight constraint, EMA).
+
+At the forward and gradient stages the first written is outermost; at the post-update
+stage the first written is innermost, so its work after the update runs first
+(``post_update(constraint), ema(...)`` averages the constrained weights).
 
 The base ``grad_fn`` binds the state's tensors into the module, runs
 ``loss_fn(model, batch)`` with torch's default generators seeded from
@@ -42,7 +46,7 @@ from torch import nn
 
 from fengine.autograd import scalar_grads
 from fengine.bind import bind
-from fengine.devices import device_of, devices_in
+from fengine.devices import device_of, devices_in, parse_device
 from fengine.losses import Metrics, parse_losses
 from fengine.optim.base import GradientTransformation, collect_metrics, step_params
 from fengine.rng import fold_in, seeded_default_generators
@@ -136,6 +140,8 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
             refuse_autograd(state.model)
             cuda = {p.device for p in params.values() if p.device.type == "cuda"}
             names = part.owned(params)
+            if not names:
+                raise ValueError(f"{_who(part)}: {_NO_TRAINABLE}")
             inputs = tuple(params[n] for n in names)
             cache.update(params=params, names=names, inputs=inputs, devices=tuple(cuda))
         model = state.model
@@ -146,13 +152,32 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
         with seeded_default_generators(key, cache["devices"]), bind(model, params, state.buffers):
             loss, metrics = run_loss(part, model, batch, params)
         target = loss if weight is None else loss * weight
-        grads = scalar_grads(target, cache["inputs"])
+        try:
+            grads = scalar_grads(target, cache["inputs"])
+        except RuntimeError as e:
+            if not target.requires_grad:
+                raise ValueError(f"{_who(part)}: {_DETACHED}") from e
+            raise
         return Grads(
             loss.detach(), {n: g for n, g in zip(cache["names"], grads) if g is not None}, metrics
         )
 
     _base_grad_fns.add(grad_fn)
     return grad_fn
+
+
+_NO_TRAINABLE = (
+    "no trainable params (every param it owns has requires_grad=False); "
+    "unfreeze some (param.requires_grad_(True)) before step.init"
+)
+_DETACHED = (
+    "the loss does not require grad: loss_fn returned a loss cut from the graph "
+    "(.detach(), .item(), torch.no_grad()) or computed from no trainable param"
+)
+
+
+def _who(part: Part) -> str:
+    return "train_step" if part.name is None else f"multi_step: part {part.name!r}"
 
 
 def rng_key(state: TrainState, part: Part, micro: int, multi: bool) -> int:
@@ -267,7 +292,7 @@ class Step:
             return state.replace(step=state.step + 1), metrics
 
         fn: StepFn = core
-        for w in reversed(self.wrappers):
+        for w in self.wrappers:  # the first written innermost: its post-update work runs first
             fn = w.after(fn)
         return fn
 
@@ -278,6 +303,8 @@ class Step:
         where they are), the optimizer state of every part and the state of every wrapper that
         keeps one, on the same device. The module itself stays where it is: the step binds the
         state's tensors into it."""
+        if device is not None:
+            device = parse_device(device, "step.init")
         state = TrainState.create(model, seed=seed, device=device)
         state = state.replace(opt_state=self._init_opt(state.params))
         state = state.replace(

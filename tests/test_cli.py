@@ -170,6 +170,25 @@ def test_unknown_field_in_a_config_file_is_a_usage_error(tmp_path, capsys):
     assert err.count("\n") == 1 and "OptimConfig has no fields ['betas']" in err
 
 
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": None}, "Config.model: got null, expected ModelConfig"),
+        ({"optim": {"lr": None}}, "Config.optim.lr: got null, expected float"),
+        ({"seed": True}, "Config.seed: expected int, got True"),
+    ],
+)
+def test_a_null_or_mistyped_field_in_a_config_file_is_a_usage_error(
+    tmp_path, capsys, data, message
+):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    assert run("--config", str(path), "--work-dir", str(tmp_path / "w")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "w").exists()
+
+
 def test_usage_error_from_a_subprocess_exits_2_with_one_line():
     out = subprocess.run([sys.executable, str(RECIPE), "--max-steps", "0"], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)  # fmt: skip

@@ -141,3 +141,9 @@ def test_evaluate_on_cuda_gathers_the_right_accuracy():
     with torch.no_grad():
         ref = sum(int((model(x).argmax(1) == y).sum()) for x, y in mlp_batches(3)) / 24 * 100
     assert out["accuracy"] == pytest.approx(ref)
+
+
+def test_setup_names_the_device_flag_for_an_unknown_device():
+    """Before: torch's long list of device types, naming neither --device nor the value."""
+    with pytest.raises(ValueError, match=r"--device must be 'cpu', 'cuda' or 'cuda:N'.*got 'tpu'"):
+        fe.distributed.setup("tpu")

@@ -6,6 +6,8 @@ Clipping reproduces ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -22,6 +24,11 @@ __all__ = [
     "scale",
     "scale_by_schedule",
 ]
+
+
+def _real(value: object) -> bool:
+    """A real number that is not a bool (True is no threshold); NaN fails the range checks."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def global_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
@@ -54,9 +61,14 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
     The pre-clip norm is reported in the step metrics as ``grad_norm``, as
     MMEngine logs it. Under fp16 AMP the step unscales gradients before this runs.
     """
-    if not isinstance(max_norm, (int, float)) or max_norm <= 0:
+    if not _real(max_norm) or not max_norm > 0:
         raise ValueError(
-            f"clip_by_global_norm: max_norm must be a positive number, got {max_norm!r}"
+            "clip_by_global_norm: max_norm must be a positive number (inf: report grad_norm without "
+            f"clipping), got {max_norm!r}"
+        )
+    if not _real(norm_type) or not norm_type > 0:
+        raise ValueError(
+            f"clip_by_global_norm: norm_type must be a number > 0 (inf: max norm), got {norm_type!r}"
         )
     norm_type = float(norm_type)
     max_norm = float(max_norm)
@@ -78,8 +90,10 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
 
 def clip_by_value(clip_value: float) -> GradientTransformation:
     """Clamp every gradient element to ``[-clip_value, clip_value]`` (``clip_grad_value_``)."""
-    if not isinstance(clip_value, (int, float)) or clip_value <= 0:
-        raise ValueError(f"clip_by_value: clip_value must be a positive number, got {clip_value!r}")
+    if not _real(clip_value) or not 0 < clip_value < math.inf:
+        raise ValueError(
+            f"clip_by_value: clip_value must be a positive number below inf, got {clip_value!r}"
+        )
     clip_value = float(clip_value)
 
     def init_fn(params):
@@ -118,7 +132,16 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
 
 
 def scale(factor: float) -> GradientTransformation:
-    """Multiply updates by a constant (e.g. ``scale(-lr)`` ends a hand-made SGD chain)."""
+    """Multiply updates by a constant (e.g. ``scale(-lr)`` ends a hand-made SGD chain): a finite
+    number or a 0-d tensor; a schedule goes to `scale_by_schedule`."""
+    if callable(factor):
+        raise TypeError(
+            f"scale: factor must be a number; for a schedule use scale_by_schedule, got {factor!r}"
+        )
+    if not (_real(factor) or isinstance(factor, torch.Tensor) and factor.dim() == 0):
+        raise TypeError(f"scale: factor must be a finite number or a 0-d tensor, got {factor!r}")
+    if not math.isfinite(factor):
+        raise ValueError(f"scale: factor must be a finite number or a 0-d tensor, got {factor!r}")
     return scale_by_schedule(lambda _: factor)
 
 

@@ -2,7 +2,8 @@
 
 A wrapper overrides the hooks of the stages it acts at (see `fengine.step`):
 ``forward(grad_fn, part)``, ``gradient(apply, part)``, ``after(step_fn)``.
-Within a stage the first written is the outermost, so
+Within a stage the first written is the outermost (post-update wrappers: the innermost, so they
+act in the order written), so
 ``train_step(loss, tx, amp("float16"), accumulate(4), ema(0.999))`` runs:
 autocast forward -> loss x scale -> backward (x 4 micro-batches) -> unscale once
 -> skip on inf -> ``tx`` (clip, optimizer: true gradients) -> scale update -> EMA.

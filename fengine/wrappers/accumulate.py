@@ -6,6 +6,7 @@ exactly, and schedules count *updates* (one per call).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -76,7 +77,7 @@ class _Accumulate(Wrapper):
                             total[n] = g
                 loss = res.loss * w_i if loss is None else loss + res.loss * w_i
                 for name, v in res.metrics.items():
-                    if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    if _averaged(v):  # counts too: MMEngine logs the mean over micro-iterations
                         metrics[name] = v * w_i if name not in metrics else metrics[name] + v * w_i
                     else:
                         metrics[name] = v
@@ -86,6 +87,13 @@ class _Accumulate(Wrapper):
 
     def __repr__(self) -> str:
         return f"accumulate({self.micro_batches})"
+
+
+def _averaged(v: Any) -> bool:
+    """Whether a metric is a number averaged over the micro-batches (as a float); others keep the last."""
+    if isinstance(v, torch.Tensor):
+        return not v.is_complex()
+    return isinstance(v, numbers.Real)
 
 
 def _shares(
@@ -114,8 +122,9 @@ def accumulate(k: int, weight: Callable[[Any], float] | None = None) -> Wrapper:
     ``weight(micro_batch) -> number`` (e.g. the sample or valid-token count)
     replaces the count: micro-batch i is then weighted ``w_i / sum(w)``, which
     gives the exact mean over samples/tokens when micro-batches differ in size.
-    Schedules count updates, not micro-batches. Dropout in micro-batch i draws
-    from ``fold_in(seed, step, i)``. With `fengine.data_parallel`, the total weight of
+    Metrics are averaged with the same shares, integer counts too (as floats: MMEngine
+    logs the mean over micro-iterations). Schedules count updates, not micro-batches.
+    Dropout in micro-batch i draws from ``fold_in(seed, step, i)``. With `fengine.data_parallel`, the total weight of
     each rank's group weights its share of the global mean (ranks may hold different
     sample or token counts).
     """

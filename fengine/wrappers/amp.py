@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -144,6 +146,13 @@ def _unscale_(grads: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tens
     return found_inf
 
 
+def _number(value: Any, low: float, high: float) -> bool:
+    """Whether ``value`` is a real number (not a bool) strictly between ``low`` and ``high``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return low < float(value) < high
+
+
 def amp(
     dtype: str = "float16",
     loss_scale: str | float | None = "dynamic",
@@ -164,20 +173,27 @@ def amp(
     steps. A number is a static scale (overflowing steps are still skipped).
     ``None`` disables scaling; bfloat16 never scales. In a multi step each part
     has its own scaler, as each of MMEngine's AmpOptimWrappers does. Skipping
-    needs one host read of the overflow flag per step, as GradScaler does.
+    needs one host read of the overflow flag per step, as GradScaler does. Scales must be
+    finite and > 0, ``growth_factor > 1`` and ``0 < backoff_factor < 1`` (GradScaler's rule).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"amp: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if not (
-        loss_scale is None
-        or loss_scale == "dynamic"
-        or (
-            isinstance(loss_scale, (int, float))
-            and not isinstance(loss_scale, bool)
-            and loss_scale > 0
-        )
-    ):
+    if not (loss_scale is None or loss_scale == "dynamic" or _number(loss_scale, 0.0, math.inf)):
         raise ValueError(
-            f"amp: loss_scale must be 'dynamic', a positive number or None, got {loss_scale!r}"
+            f"amp: loss_scale must be 'dynamic', a finite number > 0 or None, got {loss_scale!r}"
         )
+    # GradScaler asserts growth_factor > 1 and backoff_factor < 1; the rest would train silently wrong
+    for arg, value, low, high, expected in (
+        ("init_scale", init_scale, 0.0, math.inf, "a finite number > 0"),
+        ("growth_factor", growth_factor, 1.0, math.inf, "a finite number > 1 (as GradScaler)"),
+        ("backoff_factor", backoff_factor, 0.0, 1.0, "a number in (0, 1) (as GradScaler)"),
+    ):
+        if not _number(value, low, high):
+            raise ValueError(f"amp: {arg} must be {expected}, got {value!r}")
+    if (
+        isinstance(growth_interval, bool)
+        or not isinstance(growth_interval, int)
+        or growth_interval < 1
+    ):
+        raise ValueError(f"amp: growth_interval must be an int >= 1, got {growth_interval!r}")
     return _Amp(dtype, loss_scale, (init_scale, growth_factor, backoff_factor, growth_interval))

@@ -16,6 +16,7 @@ begin_epoch``); until then the average just tracks the params and counts nothing
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -193,7 +194,13 @@ class _Swa(_Averaged):
 
 
 def _common(
-    where: str, interval: int, begin: int, begin_epoch: int, params: Any, update_buffers: bool
+    where: str,
+    interval: int,
+    begin: int,
+    begin_epoch: int,
+    params: Any,
+    update_buffers: bool,
+    name: str,
 ) -> Any:
     """Validate the shared arguments (MMEngine's EMAHook asserts); returns the param selector."""
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
@@ -207,6 +214,10 @@ def _common(
         )
     if not isinstance(update_buffers, bool):
         raise TypeError(f"{where}: update_buffers must be a bool, got {update_buffers!r}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"{where}: name must be a non-empty string (the key of its state), got {name!r}"
+        )
     return None if params is None else selector(params, where)
 
 
@@ -241,6 +252,9 @@ def ema(
     """
     if decay is not None and momentum is not None:
         raise ValueError("ema: give decay or momentum, not both (momentum = 1 - decay)")
+    for arg, value in (("decay", decay), ("momentum", momentum)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"ema: {arg} must be a number, got {value!r}")
     m = momentum if momentum is not None else 0.0002 if decay is None else 1.0 - decay
     if not 0.0 < m <= 1.0:
         raise ValueError(f"ema: momentum must be in (0, 1] (decay in [0, 1)), got momentum={m}")
@@ -248,7 +262,7 @@ def ema(
         isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0
     ):
         raise ValueError(f"ema: gamma must be a number > 0 (MomentumAnnealingEMA), got {gamma!r}")
-    select = _common("ema", interval, begin, begin_epoch, params, update_buffers)
+    select = _common("ema", interval, begin, begin_epoch, params, update_buffers, name)
     return _Ema(m, gamma, interval, update_buffers, begin, begin_epoch, select, name)
 
 
@@ -272,5 +286,5 @@ def swa(
     BatchNorm statistics for the averaged weights yourself if you need them (as with
     MMEngine, which does not either); ``update_buffers=True`` averages them instead.
     """
-    select = _common("swa", interval, begin, begin_epoch, params, update_buffers)
+    select = _common("swa", interval, begin, begin_epoch, params, update_buffers, name)
     return _Swa(interval, update_buffers, begin, begin_epoch, select, name)
