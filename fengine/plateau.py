@@ -1,8 +1,8 @@
 """Reduce on plateau: MMEngine's ``ReduceOnPlateauLR`` / ``ReduceOnPlateauMomentum``, as state.
 
 A schedule driven by validation results, not by the step. Its state, a `Plateau` (the
-best monitored value, the count of bad validations, the cooldown left and the number of
-reductions made), lives in ``state.extra[name]``, so a resumed run continues exactly. It
+best monitored value, the count of bad validations, the cooldown left and the step of each
+reduction made), lives in ``state.extra[name]``, so a resumed run continues exactly. It
 is kept by a step wrapper and changed only by the pure function `observe`, which the
 loop calls with each validation's results::
 
@@ -16,15 +16,16 @@ loop calls with each validation's results::
 
 ``rop(base)`` is a hyper-parameter for any optimizer argument (lr, SGD momentum, Adam's
 ``b1``: MMEngine's momentum variant is the same rule applied to the momentum). Inside a
-step that has the wrapper it reads the state's `Plateau`: after ``k`` reductions the value
-is ``base`` reduced ``k`` times by MMEngine's rule ``v = max(v * factor, min_value)``,
-a reduction skipped when it would change ``v`` by ``eps`` or less. Elsewhere (printing,
-the checks at construction) it is the value before any reduction. ``base`` may be a
-schedule; the reductions then apply to its value at each step (MMEngine's chained value
-when the schedule is constant, or multiplicative like a warm-up, while reductions happen
-and no ``min_value`` is reached). With `fengine.optim.paramwise` groups each group's value
-is reduced from its own ``mult * base`` and floored at the same absolute ``min_value``, as
-MMEngine reduces each param group.
+step that has the wrapper it reads the state's `Plateau`: the value is ``base`` reduced
+once per reduction by MMEngine's rule ``v = max(v * factor, min_value)``, a reduction
+skipped when it changed the value at the step it was made by ``eps`` or less (MMEngine's
+check, made once, when it reduces). Elsewhere (printing, the checks at construction) it
+is the value before any reduction. ``base`` may be a schedule; the reductions then apply
+to its value at each step (MMEngine's chained value when the schedule is constant, or
+multiplicative like a warm-up or a cosine to 0, while no ``min_value`` is reached). With
+`fengine.optim.paramwise` groups each group's value is reduced from its own ``mult *
+base`` and floored at the same absolute ``min_value``, as MMEngine reduces each param
+group.
 
 `observe` follows ``ReduceOnPlateauParamScheduler.step(metrics)`` (MMEngine 0.10.7): a
 validation counts only while ``begin <= state.epoch < end`` (MMEngine's ``_global_step``,
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -98,14 +100,27 @@ class PlateauConfig:
             return value > best * (self.threshold + 1.0)
         return value > best + self.threshold
 
-    def reduce(self, value: float, reductions: int, min_value: float | None = None) -> float:
-        """``value`` after ``reductions`` reductions (MMEngine's ``_get_value`` and eps check)."""
-        floor = self.min_value if min_value is None else min_value
-        for _ in range(reductions):
-            new = max(float(value) * self.factor, floor)
-            if value - new > self.eps:
-                value = new
+    def reduce(self, value: float, times: int, floor: float) -> float:
+        """``value`` reduced ``times`` times (MMEngine's ``_get_value``)."""
+        for _ in range(times):
+            value = max(value * self.factor, floor)
         return value
+
+    def taken(self, base: Any, reduced_at: tuple[int | None, ...], step: Any, floor: float) -> int:
+        """How many of the reductions made at the steps ``reduced_at`` apply to ``base``: those
+        that changed its value then by more than ``eps`` (MMEngine's check, made once, when it
+        reduces; ``None``, a step not recorded, is checked at ``step``). O(reductions²)."""
+        taken = 0
+        for at in reduced_at:
+            value = self.reduce(_at(base, step if at is None else at), taken, floor)
+            if value - max(value * self.factor, floor) > self.eps:
+                taken += 1
+        return taken
+
+
+def _at(base: Any, step: Any) -> float:
+    """A number, or a schedule's value at ``step``."""
+    return float(base(step)) if callable(base) else float(base)
 
 
 @dataclass(frozen=True)
@@ -114,20 +129,27 @@ class Plateau:
 
     ``best`` is the best monitored value so far (``inf`` / ``-inf`` before any),
     ``num_bad`` the bad validations since then, ``cooldown_left`` the validations of the
-    cooldown still to go, ``reductions`` the reductions made and ``observed`` the
-    validations counted. ``config`` is the rule: static (a checkpoint stores the
-    counters; the rule comes from the step that loads it).
+    cooldown still to go, ``reduced_at`` the step (``state.step``) of each reduction made,
+    for its eps check (``None``: a checkpoint from before steps were recorded) and
+    ``observed`` the validations counted. ``config`` is the rule: static (a checkpoint
+    stores the counters; the rule comes from the step that loads it).
     """
 
     best: float
     num_bad: int
     cooldown_left: int
-    reductions: int
+    reduced_at: tuple[int | None, ...]
     observed: int
     config: PlateauConfig = dataclasses.field(repr=False)
 
-    def observe(self, metrics: Mapping[str, Any], epoch: int) -> Plateau:
-        """This state after one validation whose results are ``metrics``, at ``epoch`` completed epochs."""
+    @property
+    def reductions(self) -> int:
+        """The number of reductions made."""
+        return len(self.reduced_at)
+
+    def observe(self, metrics: Mapping[str, Any], epoch: int, step: int) -> Plateau:
+        """This state after one validation whose results are ``metrics``, at ``epoch`` completed
+        epochs and ``step`` updates (the step a reduction made now is recorded at)."""
         c = self.config
         if not (c.begin <= epoch and (c.end is None or epoch < c.end)):
             return self
@@ -142,34 +164,60 @@ class Plateau:
             best, num_bad = value, 0
         else:
             num_bad += 1
-        cooldown_left, reductions = self.cooldown_left, self.reductions
+        cooldown_left, reduced_at = self.cooldown_left, self.reduced_at
         if cooldown_left > 0:
             cooldown_left -= 1
             num_bad = 0  # bad validations in the cooldown do not count
         if num_bad > c.patience:
-            reductions += 1
+            reduced_at += (int(step),)
             cooldown_left, num_bad = c.cooldown, 0
-        return Plateau(best, num_bad, cooldown_left, reductions, self.observed + 1, c)
+        return Plateau(best, num_bad, cooldown_left, reduced_at, self.observed + 1, c)
 
-    def value(self, base: float, min_value: float | None = None) -> float:
-        """``base`` after this state's reductions (``min_value`` default: the config's)."""
-        return self.config.reduce(base, self.reductions, min_value)
+    def value(
+        self,
+        base: float | Callable[[int], Any],
+        step: Any,
+        min_value: float | None = None,
+        memo: dict[Any, int] | None = None,
+    ) -> float:
+        """``base`` (a number or a schedule) at ``step`` after this state's reductions
+        (``min_value`` default: the config's). ``memo`` keeps how many apply to ``base``, so
+        that a step finds it in one look-up."""
+        c, key = self.config, (self.config, self.reduced_at)
+        floor = c.min_value if min_value is None else min_value
+        taken = None if memo is None else memo.get(key)
+        if taken is None:
+            taken = c.taken(base, self.reduced_at, step, floor)
+            if memo is not None and None not in self.reduced_at:
+                memo[key] = taken
+        return c.reduce(_at(base, step), taken, floor)
 
 
+# The pytree children: one leaf each, so a checkpoint's layout never changes. ``reductions``
+# holds the steps as a JSON list; a checkpoint written before they were recorded holds their
+# number, read as that many reductions at unknown steps (eps checked at each step, as then).
 _CHILDREN = ("best", "num_bad", "cooldown_left", "reductions", "observed")
 
 
+def _children(p: Plateau) -> list[Any]:
+    return [p.best, p.num_bad, p.cooldown_left, json.dumps(list(p.reduced_at)), p.observed]
+
+
 def _flatten(p: Plateau) -> tuple[list[Any], PlateauConfig]:
-    return [getattr(p, f) for f in _CHILDREN], p.config
+    return _children(p), p.config
 
 
 def _unflatten(children: Any, config: PlateauConfig) -> Plateau:
     best, num_bad, cooldown_left, reductions, observed = children
-    return Plateau(best, num_bad, cooldown_left, reductions, observed, config)
+    if isinstance(reductions, str):
+        reduced_at = tuple(json.loads(reductions))
+    else:  # the number of reductions (an older checkpoint)
+        reduced_at = (None,) * int(reductions)
+    return Plateau(best, num_bad, cooldown_left, reduced_at, observed, config)
 
 
 def _flatten_with_keys(p: Plateau) -> tuple[list[tuple[Any, Any]], PlateauConfig]:
-    return [(pytree.GetAttrKey(f), getattr(p, f)) for f in _CHILDREN], p.config
+    return [(pytree.GetAttrKey(f), v) for f, v in zip(_CHILDREN, _children(p))], p.config
 
 
 pytree.register_pytree_node(
@@ -195,7 +243,7 @@ def observe(state: TrainState, metrics: Mapping[str, Any]) -> TrainState:
             f"plateau.observe: metrics must be the validation results (a dict), got {type(metrics).__name__}"
         )
     changed = {
-        name: sub.observe(metrics, state.epoch)
+        name: sub.observe(metrics, state.epoch, state.step)
         for name, sub in state.extra.items()
         if isinstance(sub, Plateau)
     }
@@ -222,19 +270,21 @@ class PlateauValue:
     base: float | Callable[[int], float]
     config: PlateauConfig = dataclasses.field(repr=False)
     min_value: float | None = None
+    _taken: dict[Any, int] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )  # Plateau.value's memo: the reductions that apply to this value
 
     def __call__(self, step: int) -> float:
-        base = self.base(step) if callable(self.base) else self.base
         active = _ACTIVE.get()
         if active is None:  # outside a step: the value before any reduction
-            return float(base)
+            return _at(self.base, step)
         plateau = active.get(self.name)
         if plateau is None:
             raise ValueError(
                 f"a hyper-parameter reduced on plateau {self.name!r} is used by a step without "
                 f"that reduce_on_plateau wrapper (it has {sorted(active)}); add it to the step's wrappers"
             )
-        return plateau.value(float(base), self.min_value)
+        return plateau.value(self.base, step, self.min_value, self._taken)
 
     def scaled_base(self, mult: float, rebase: Callable[[Any, float], Any]) -> PlateauValue:
         """The value of a param group whose base is ``mult`` times this one's (`fengine.optim.paramwise`).
@@ -287,7 +337,7 @@ class ReduceOnPlateau(Wrapper):
 
     def init(self, state: TrainState, parts: tuple[Part, ...]) -> Plateau:
         worst = math.inf if self.config.rule == "less" else -math.inf
-        return Plateau(worst, 0, 0, 0, 0, self.config)
+        return Plateau(worst, 0, 0, (), 0, self.config)
 
     def state(self, state: TrainState) -> Plateau:
         """This wrapper's `Plateau` in ``state``."""

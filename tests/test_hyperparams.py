@@ -161,3 +161,8 @@ def test_mmengine_logs_lr_but_not_momentum():
     step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=0.9))
     _, metrics = step(step.init(mlp()), mlp_batches(1)[0])
     assert sorted(metrics) == ["loss", "lr"]
+    groups = optim.paramwise(mlp(), lr=0.1, custom_keys={"2.": dict(lr_mult=2.0)})  # 4 groups
+    step = fe.train_step(ce_loss, groups.build(optim.sgd, momentum=0.9))
+    _, metrics = step(step.init(mlp()), mlp_batches(1)[0])
+    assert [k for k in metrics if k.endswith("lr")][0] == "base_lr" and metrics["base_lr"] == 0.1
+    assert not any("momentum" in k for k in metrics)

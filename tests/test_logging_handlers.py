@@ -17,6 +17,7 @@ import math
 import re
 import struct
 import uuid
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -140,13 +141,15 @@ def tiny_fit(
     tx=None,
     val=None,
     aux=None,
+    model=None,
 ):
-    """A real `fengine.fit` of an MLP on ``n`` synthetic samples (``n / batch`` iterations per epoch)."""
+    """A real `fengine.fit` of an MLP (``model``) on ``n`` synthetic samples (``n / batch``
+    iterations per epoch)."""
     loader = data.Loader(data.synthetic_classification(n, 16, 10), batch, seed=0)
     tx = tx or optim.sgd(0.01)
     loss_fn = ce_loss if aux is None else (lambda model, b: (ce_loss(model, b), aux()))
     step = fe.train_step(loss_fn, tx)
-    state = step.init(mlp(), seed=0)
+    state = step.init(mlp() if model is None else model, seed=0)
     return fe.fit(
         state,
         step,
@@ -740,6 +743,146 @@ def test_multi_optimizer_lrs_match_mmengine_optim_wrapper_dict(monkeypatch, line
     assert expected[0].startswith(
         f"Epoch(train) [1][ 4/12]  disc.lr: {lr_d[3]:.4e} gen.lr: {lr_g[3]:.4e}  disc/loss: "
     )
+
+
+def _mmengine_lr_logs(monkeypatch, wrapper, schedulers, n, *, by_epoch):
+    """MMEngine's RuntimeInfoHook, LoggerHook (interval 1) and ParamSchedulerHook over ``n``
+    iterations of ``wrapper``: each line's head and lr fields, and each scalars tag's lrs."""
+    from mmengine.hooks import LoggerHook, RuntimeInfoHook
+    from mmengine.logging import MessageHub
+    from mmengine.runner import LogProcessor, log_processor
+
+    monkeypatch.setattr(log_processor, "is_cuda_available", lambda: False)
+    out, tags = [], []
+    runner = SimpleNamespace(
+        message_hub=MessageHub.get_instance(f"fengine-oracle-{uuid.uuid4()}"),
+        logger=SimpleNamespace(info=out.append),
+        visualizer=SimpleNamespace(add_scalars=lambda tag, **k: tags.append(dict(tag))),
+        optim_wrapper=wrapper,
+        train_dataloader=range(n),
+        train_loop=SimpleNamespace(dataloader=range(n)),
+        _train_loop=object(),
+        max_epochs=1,
+        max_iters=n,
+        iter=0,
+        epoch=0,
+        experiment_name="exp",
+        timestamp="t",
+        log_processor=LogProcessor(by_epoch=by_epoch),
+    )
+    info, logger = RuntimeInfoHook(), LoggerHook(interval=1)
+    logger.before_run(runner)
+    for i in range(n):
+        info.before_train_iter(runner, i)
+        info.after_train_iter(runner, i, outputs={"loss": 1.0})
+        logger.after_train_iter(runner, i)
+        for s in schedulers:
+            s.step()
+        runner.iter += 1
+    lrs = [[(k, v) for k, v in tag.items() if k.endswith("lr")] for tag in tags]
+    return [line.split("  ")[:2] for line in out if "(train)" in line], lrs
+
+
+def _fengine_lr_logs(tmp_path, lines):
+    """What `_mmengine_lr_logs` returns, from fengine's console lines and scalars.jsonl."""
+    records = read_jsonl(tmp_path / "scalars.jsonl")
+    lrs = [[(k, v) for k, v in r.items() if k.endswith("lr")] for r in records]
+    return [line.split("  ")[:2] for line in lines if "(train)" in line], lrs
+
+
+@pytest.mark.parametrize("paramwise_cfg", ["custom_keys", "layer_decay", "one group", "no option"])
+def test_paramwise_optimizer_logs_base_lr_as_mmengine(tmp_path, monkeypatch, lines, paramwise_cfg):
+    """With several param groups MMEngine's OptimWrapper keeps ``base_param_settings`` (the
+    optimizer's lr, scheduled like the groups): RuntimeInfoHook logs ``base_lr`` before ``lr``,
+    LogProcessor prints it first. `ParamGroups.build` does the same: console lines and
+    scalars.jsonl, under a warm-up, where group 0's lr is not the base lr. One param group
+    (one trainable param, or an empty paramwise_cfg): no base_lr."""
+    from mmengine.optim import DefaultOptimWrapperConstructor, LinearLR, OptimWrapper
+    from mmengine.optim.optimizer import default_constructor as dc
+
+    monkeypatch.setattr(dc, "print_log", lambda *a, **k: None)
+    n, model = 6, mlp()
+    if paramwise_cfg == "one group":
+        for p in list(model.parameters())[1:]:
+            p.requires_grad_(False)
+    if paramwise_cfg == "layer_decay":  # layers 0, 1 for the two Linears: lr 0.9**3, 0.9**2
+        kw = dict(
+            weight_decay=0.05, decay_rate=0.9, num_layers=1, layer_id=lambda n: int(n[0]) // 2
+        )
+        groups = optim.layer_decay(model, lr=0.1, **kw)
+        by_name: dict = {}  # MMDet's param groups: one per group name, lr = scale * base
+        for s, p in zip(groups, model.parameters()):
+            by_name.setdefault(s.group, dict(params=[], lr=s.lr_mult * 0.1))["params"].append(p)
+        mm = OptimWrapper(torch.optim.SGD(list(by_name.values()), lr=0.1))
+    else:
+        cfg = {} if paramwise_cfg == "no option" else dict(custom_keys={"0.": dict(lr_mult=0.5)})
+        groups = optim.paramwise(model, lr=0.1, **cfg)
+        mm = DefaultOptimWrapperConstructor(dict(optimizer=dict(type="SGD", lr=0.1)), cfg)(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warmup = [LinearLR(mm, start_factor=0.25, by_epoch=False, begin=0, end=4)]
+    want = _mmengine_lr_logs(monkeypatch, mm, warmup, n, by_epoch=True)
+
+    lr = schedules.linear(0.1, start_factor=0.25, end=4)
+    tx = groups.build(optim.sgd, lr=lr)
+    tiny_fit(tmp_path, n=2 * n, handlers=[Logger(1, timer=False)], max_epochs=1, tx=tx, model=model)
+    got = _fengine_lr_logs(tmp_path, lines)
+    assert got[0] == want[0]
+    assert [[k for k, _ in r] for r in got[1]] == [[k for k, _ in r] for r in want[1]]
+    assert [[v for _, v in r] for r in got[1]] == [
+        pytest.approx([v for _, v in r], rel=1e-12) for r in want[1]
+    ]
+    several = paramwise_cfg in ("custom_keys", "layer_decay")
+    assert [k for k, _ in want[1][0]] == (["base_lr", "lr"] if several else ["lr"])
+    if several:  # group 0 has an lr_mult: the two differ
+        assert want[0][0][1] != f"base_lr: {lr(0):.4e} lr: {lr(0):.4e}"
+
+
+def test_multi_step_part_logs_its_base_lr_as_mmengine_optim_wrapper_dict(
+    tmp_path, monkeypatch, lines
+):
+    """A multi_step part whose optimizer is a `ParamGroups.build` with several groups: MMEngine's
+    OptimWrapperDict.get_lr() gives ``gen.base_lr`` before ``gen.lr`` (and ``disc.lr`` alone):
+    the same keys, order and values in fengine's lines and scalars.jsonl."""
+    from helpers import GAN, disc_loss, gan_batches, gen_loss
+    from mmengine.optim import (
+        DefaultOptimWrapperConstructor,
+        LinearLR,
+        OptimWrapper,
+        OptimWrapperDict,
+    )
+    from mmengine.optim.optimizer import default_constructor as dc
+
+    monkeypatch.setattr(dc, "print_log", lambda *a, **k: None)
+    n, model = 8, GAN()
+    gen_cfg = dict(custom_keys={"0.": dict(lr_mult=0.5)})  # the first Linear of the generator
+    gen = DefaultOptimWrapperConstructor(dict(optimizer=dict(type="Adam", lr=1e-3)), gen_cfg)
+    mm = OptimWrapperDict(
+        disc=OptimWrapper(torch.optim.Adam(model.disc.parameters(), lr=2e-4)),
+        gen=gen(model.gen),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warmup = [LinearLR(mm["gen"], start_factor=0.5, by_epoch=False, begin=0, end=4)]
+    want = _mmengine_lr_logs(monkeypatch, mm, warmup, n, by_epoch=False)
+
+    lr = schedules.linear(1e-3, start_factor=0.5, end=4)
+    groups = optim.paramwise(model, lr=1e-3, custom_keys={"gen.0.": dict(lr_mult=0.5)})
+    step = fe.multi_step(
+        {
+            "disc": (disc_loss, optim.adam(2e-4), "disc"),
+            "gen": (gen_loss, groups.build(optim.adam, lr=lr), "gen"),
+        }
+    )
+    fe.fit(step.init(model, seed=0), step, gan_batches(n), max_steps=n,
+           handlers=[Logger(1, timer=False)], work_dir=tmp_path)  # fmt: skip
+    got = _fengine_lr_logs(tmp_path, lines)
+    assert got[0] == want[0]
+    assert [[k for k, _ in r] for r in got[1]] == [[k for k, _ in r] for r in want[1]]
+    assert [[v for _, v in r] for r in got[1]] == [
+        pytest.approx([v for _, v in r], rel=1e-12) for r in want[1]
+    ]
+    assert [k for k, _ in want[1][0]] == ["disc.lr", "gen.base_lr", "gen.lr"]
 
 
 def test_multi_step_fit_logs_each_parts_lr(tmp_path, lines):

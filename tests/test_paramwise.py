@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fengine import schedules as S
-from fengine.optim import adamw, collect_metrics, sgd, step_params
+from fengine.optim import adamw, collect_metrics, hyperparams, sgd, step_params
 from fengine.optim.paramwise import ParamGroups, Scaled, layer_decay, paramwise
 
 
@@ -795,6 +795,55 @@ def test_build_with_scheduled_lr_scales_each_group():
     metrics = collect_metrics(state)
     assert metrics["default/lr"] == sched(3)
     assert metrics[f"{g.labels()['head.0.weight']}/lr"] == 0.1 * sched(3)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, dict(bias_lr_mult=1.0), dict(bypass_duplicate=True), dict(custom_keys={}), BUILD_CFG],
+    ids=["no option", "a mult of 1", "bypass_duplicate", "empty custom_keys", "every rule"],
+)
+def test_build_reports_base_lr_as_mmengine_optim_wrapper(cfg, monkeypatch):
+    """MMEngine's constructor makes one param group per param given any paramwise_cfg (one for
+    the model without); with several, its OptimWrapper's get_lr() has ``base_lr``: the
+    optimizer's lr, scheduled like the groups (a warm-up here), without any mult. The state of
+    `ParamGroups.build` reports the same value each update, in its metrics (before the groups'
+    lrs) and `optim.hyperparams`; with one group, neither has it."""
+    from mmengine.optim import LinearLR, OptimWrapper
+
+    model = make_net()
+    mm_opt, _, _ = mmengine_build(model, cfg, monkeypatch)
+    wrapper = OptimWrapper(mm_opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warmup = LinearLR(wrapper, start_factor=0.25, by_epoch=False, begin=0, end=4)
+    g = paramwise(model, lr=LR, weight_decay=WD, **cfg)
+    assert g.mmengine_groups == len(mm_opt.param_groups)
+    tx = g.build(sgd, lr=S.linear(LR, start_factor=0.25, end=4))
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if n in g}
+    state = tx.init(params)
+    grads = {n: torch.ones_like(p) for n, p in params.items()}
+    for t in range(6):
+        want = wrapper.get_lr()  # what RuntimeInfoHook logs for update t
+        params, state = step_params(tx, grads, state, params, step=t)
+        metrics, hyper = collect_metrics(state), hyperparams(state)
+        if len(mm_opt.param_groups) == 1:
+            assert "base_lr" not in want and "base_lr" not in metrics and "base_lr" not in hyper
+        else:
+            assert metrics["base_lr"] == hyper["base_lr"] == pytest.approx(want["base_lr"][0])
+            assert list(metrics)[0] == "base_lr"
+        warmup.step()
+    assert want["lr"][0] == pytest.approx(LR)  # the warm-up is over
+
+
+def test_layer_decay_counts_mmdets_param_groups():
+    """MMDet's layer decay makes one param group per group name: several, so base_lr is logged."""
+    torch.manual_seed(0)
+    model = Detector()
+    cfg = dict(decay_rate=0.9, num_layers=6)
+    g = layer_decay(model, lr=1e-3, weight_decay=0.05, **cfg)
+    assert g.mmengine_groups == len(mmdet_param_groups(model, 1e-3, 0.05, cfg)) > 1
+    state = g.build(adamw).init({n: p.detach() for n, p in model.named_parameters() if n in g})
+    assert collect_metrics(state)["base_lr"] == 1e-3
 
 
 def test_schedule_as_constructor_base():

@@ -194,6 +194,58 @@ def test_groups_are_reduced_each_from_its_own_lr_to_one_floor(monkeypatch):
     assert set(want[-1]) == {0.01}  # every group ends on the one floor
 
 
+def test_reductions_on_a_cosine_match_mmengine_chained_step_by_step():
+    """Iteration CosineAnnealingLR (eta_min 0) chained with ReduceOnPlateauLR: MMEngine checks
+    eps once, when it reduces, against the lr then, and the cosine keeps multiplying the
+    reduced lr. Of five reductions a 1e-6 group takes two and a 1e-2 group four: each skips
+    those made when its lr was too small to change by more than eps. Every step, both groups."""
+    T, at = 100, {5: 1.0, 10: 2.0, 40: 3.0, 70: 4.0, 90: 5.0, 96: 6.0}  # step -> val loss
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([dict(params=params[:1], lr=1e-6), dict(params=params[1:], lr=1e-2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cos = mmo.CosineAnnealingLR(opt, T_max=T, by_epoch=False, begin=0, end=T)
+        mm_rop = mmo.ReduceOnPlateauLR(opt, monitor="loss", factor=0.1, patience=0)
+    rop = fe.reduce_on_plateau("loss", factor=0.1, patience=0)
+    hypers = [rop(S.cosine(lr, T_max=T, end=T)) for lr in (1e-6, 1e-2)]
+    state = fe.train_step(ce_loss, optim.sgd(hypers[0]), rop).init(mlp())
+    want, got = [], []
+    for t in range(T):
+        if t in at:  # a validation after update t: ParamSchedulerHook's two calls, then observe
+            mm_rop.step()
+            mm_rop.step({"loss": at[t]})
+            state = observe(state.replace(step=t, epoch=state.epoch + 1), {"loss": at[t]})
+        want.append([g["lr"] for g in opt.param_groups])
+        got.append([value_in(state, h, step=t) for h in hypers])
+        opt.step()
+        cos.step()
+    assert rop.state(state).reduced_at == (10, 40, 70, 90, 96)
+    assert got == [pytest.approx(w, rel=1e-9, abs=0) for w in want]
+    cos97 = (1 + math.cos(math.pi * 0.97)) / 2
+    assert want[97] == pytest.approx([1e-6 * cos97 * 1e-2, 1e-2 * cos97 * 1e-4], rel=1e-9)
+
+
+def test_a_checkpoint_with_only_the_number_of_reductions_loads(tmp_path):
+    """A checkpoint written before the steps of the reductions were recorded holds their number:
+    it loads as reductions at unknown steps, eps checked at each step (as that run did)."""
+    rop = fe.reduce_on_plateau(patience=0, factor=0.5)
+    step = fe.train_step(ce_loss, optim.sgd(rop(0.1)), rop)
+    counters = dict(best=0.5, num_bad=0, cooldown_left=0, reductions=2, observed=3)
+    checkpoint.save(
+        tmp_path / "old.safetensors", step.init(mlp()).replace(extra={"plateau": counters})
+    )
+    loaded = checkpoint.load(tmp_path / "old.safetensors", step.init(mlp()))
+    assert loaded.extra["plateau"].reduced_at == (None, None)
+    assert (loaded.extra["plateau"].observed, value_in(loaded, rop(0.1))) == (3, 0.025)
+    checkpoint.save(tmp_path / "again.safetensors", loaded)
+    again = checkpoint.load(tmp_path / "again.safetensors", step.init(mlp()))
+    assert again.extra["plateau"] == loaded.extra["plateau"]
+    assert (
+        checkpoint.read_meta(tmp_path / "again.safetensors")["scalars"]["extra/plateau/reductions"]
+        == "[null, null]"
+    )
+
+
 # ---------------------------------------------------------------- around fe.evaluate
 def test_training_around_evaluate_matches_mmengine_runner_bitwise():
     """Train with lr and momentum reduced on the validation loss: fe.evaluate -> observe each epoch.
@@ -346,6 +398,7 @@ def test_plateau_in_a_multi_step_and_with_paramwise_build():
     state, metrics = step(state, mlp_batches(1)[0])
     hp = optim.hyperparams(state.opt_state)
     assert sorted(v for k, v in hp.items() if k.endswith("/lr")) == [0.05, 0.5]
+    assert hp["base_lr"] == 0.05  # MMEngine reduces the OptimWrapper's base_param_settings too
     multi = fe.multi_step(
         {"a": (ce_loss, optim.sgd(rop(0.2)), "0"), "b": (ce_loss, optim.sgd(0.1), "2")}, rop
     )

@@ -532,27 +532,34 @@ class _TrainScalars(Handler):
 
     def _key(self, key: str, metrics: Mapping[str, Any], opt_state: Any) -> str | None:
         """The name a metric of an update's ``metrics`` is logged under (None drops it): the lr of
-        param group 0 of each optimizer, named as MMEngine's RuntimeInfoHook names
-        ``optim_wrapper.get_lr()``.
+        param group 0 of each optimizer (and its ``base_lr``), named as MMEngine's
+        RuntimeInfoHook names ``optim_wrapper.get_lr()``.
 
         One optimizer: ``lr``, or with `fengine.optim.partition` the first ``<group>/lr``.
         A `fengine.multi_step` (MMEngine's OptimWrapperDict): ``<part>.lr`` for each part, from
         its ``<part>/lr`` (or its first ``<part>/<group>/lr``). The other groups' lrs are dropped.
+        ``base_lr`` (a `fengine.optim.ParamGroups.build` optimizer's) likewise: ``base_lr`` or
+        ``<part>.base_lr``.
         """
         if key not in self._rename:
+            leaf = key.rsplit("/", 1)[-1]
             self._rename[key] = (
-                self._lr_name(key, metrics, opt_state) if key.endswith("/lr") else key
+                self._lr_name(key, leaf, metrics, opt_state) if leaf in ("lr", "base_lr") else key
             )
         return self._rename[key]
 
-    def _lr_name(self, key: str, metrics: Mapping[str, Any], opt_state: Any) -> str | None:
+    def _lr_name(
+        self, key: str, leaf: str, metrics: Mapping[str, Any], opt_state: Any
+    ) -> str | None:
         part = key.split("/", 1)[0]
         if isinstance(opt_state, dict) and part in opt_state:  # a multi_step part
-            plain, name = f"{part}/lr", f"{part}.lr"
+            plain, name = f"{part}/{leaf}", f"{part}.{leaf}"
         else:
-            plain, name = "lr", "lr"
+            plain, name = leaf, leaf
         if key == plain:
             return name
+        if leaf == "base_lr":
+            return None  # only an optimizer reports its base lr, not a group
         if plain in metrics or name in self._rename.values():
             return None  # the optimizer's own lr, or an earlier group's, is the one logged
         return name
@@ -641,7 +648,9 @@ class Logger(_TrainScalars):
     The lr printed is the step metric ``lr`` (with `fengine.optim.partition`, the
     first group's ``<group>/lr``, as MMEngine logs param group 0); a `fengine.multi_step`
     prints each part's as ``<part>.lr`` (MMEngine's OptimWrapperDict: ``gen.lr``,
-    ``disc.lr``). Only rank 0 logs.
+    ``disc.lr``). Before it comes ``base_lr`` (``<part>.base_lr``) where the optimizer
+    reports one (`fengine.optim.ParamGroups.build` where MMEngine has several param
+    groups). Only rank 0 logs.
     """
 
     def __init__(

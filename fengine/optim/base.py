@@ -349,10 +349,11 @@ def hyperparams(opt_state: Any) -> dict[str, float]:
     MMEngine's ``optim_wrapper.get_lr()`` / ``get_momentum()`` as a pure read: ``lr`` and
     ``momentum`` (SGD / RMSprop momentum, Adam / AdamW ``b1``), one entry per
     `partition` group as ``<label>/lr`` and per part of a `fengine.multi_step` as
-    ``<part>/lr`` (the names of the step metrics). Before the first
+    ``<part>/lr`` (the names of the step metrics), and ``base_lr`` where MMEngine's has it
+    (a `fengine.optim.ParamGroups.build` optimizer, several param groups). Before the first
     update they are the step-0 values. A state takes part by defining
-    ``hyperparams() -> dict``. The step metrics (and so the logs) carry only ``lr``, as
-    MMEngine's logs do; a handler that wants momentum reads it here from
+    ``hyperparams() -> dict``. The step metrics (and so the logs) carry only ``lr`` (and
+    ``base_lr``), as MMEngine's logs do; a handler that wants momentum reads it here from
     ``snap.state.opt_state``.
     """
     if type(opt_state) is dict:  # a multi step's states by part name: "gen/lr", as its metrics

@@ -4,7 +4,9 @@
 `layer_decay` (MMDet's ``LearningRateDecayOptimizerConstructor``) return a `ParamGroups`:
 one row per param with its lr, weight decay, their mults and the rule that set them. Print
 it to check before training; ``build`` makes a `fengine.optim.partition` with one optimizer
-per distinct ``(lr_mult, decay_mult)``. A scheduled base value is rebuilt per group on
+per distinct ``(lr_mult, decay_mult)``, which also reports the base lr of each update as
+``base_lr`` where MMEngine's optimizer has several param groups (its OptimWrapper then
+logs ``base_lr``). A scheduled base value is rebuilt per group on
 ``mult * base``, as MMEngine's schedulers run on each group's initial value: absolute
 targets (``eta_min``, onecycle's ``eta_max``) are the same for every group (`Scaled`)::
 
@@ -45,13 +47,23 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from fengine.optim.base import GradientTransformation, Hyper, check_hyper, partition
+from fengine.optim import base as optim_base
+from fengine.optim.base import (
+    GradientTransformation,
+    Hyper,
+    PartitionState,
+    check_hyper,
+    collect_metrics,
+    partition,
+    resolve,
+)
 from fengine.optim.scaling import ScaledSchedule
 from fengine.schedules import Join, Schedule
 
@@ -59,6 +71,7 @@ from fengine.schedules import Join, Schedule
 __all__ = [
     "Group",
     "ParamGroups",
+    "ParamGroupsState",
     "ParamSetting",
     "Scaled",
     "convnext_layer_id",
@@ -187,7 +200,9 @@ class ParamGroups:
 
     Iterate for `ParamSetting` rows (``named_parameters`` order), index by name,
     print for a table, `build` for an optimizer. ``skipped`` holds ``(name, reason)``
-    of params without a group; ``lr`` / ``weight_decay`` are the constructor's base values.
+    of params without a group; ``lr`` / ``weight_decay`` are the constructor's base values;
+    ``mmengine_groups`` the param groups MMEngine's constructor makes (more than one: its
+    logs carry ``base_lr``, and so do those of `build`'s optimizer).
     """
 
     settings: tuple[ParamSetting, ...]
@@ -195,6 +210,7 @@ class ParamGroups:
     lr: Hyper
     weight_decay: Hyper
     source: str = "paramwise"
+    mmengine_groups: int = 1
     _index: dict[str, ParamSetting] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -284,7 +300,9 @@ class ParamGroups:
 
         ``optimizer`` is e.g. `fengine.optim.sgd`; ``lr`` / ``weight_decay`` replace the
         base values; ``kwargs`` are shared by every group, overridden by a ``custom_keys``
-        entry's options. A group with no gradient in a step is skipped that step.
+        entry's options. A group with no gradient in a step is skipped that step. With
+        ``mmengine_groups > 1`` its state is a `ParamGroupsState`, which also reports the
+        base lr (MMEngine's ``base_lr``).
         """
         if not callable(optimizer):
             raise TypeError(
@@ -314,7 +332,10 @@ class ParamGroups:
                 )
             transforms[g.label] = tx
             labels.update(dict.fromkeys(g.names, g.label))
-        return partition(transforms, labels)
+        tx = partition(transforms, labels)
+        if self.mmengine_groups > 1:
+            return _reporting_base_lr(tx, self.lr if lr is None else lr)
+        return tx
 
     # ------------------------------------------------------------ display
     def table(self) -> str:
@@ -358,6 +379,50 @@ class ParamGroups:
         return [
             f"paramwise_options -- {s.name}:{k}={v}" for s in self.settings for k, v in s.logged
         ]
+
+
+class ParamGroupsState(NamedTuple):
+    """The state of a `ParamGroups.build` optimizer where MMEngine has several param groups:
+    the groups' states (as `fengine.optim.PartitionState`'s) and the base lr of the last
+    update (of step 0 before any), reported as ``base_lr`` before the groups' lrs, as
+    MMEngine's ``OptimWrapper.get_lr()`` reports its ``base_param_settings``."""
+
+    inner: dict[str, Any]
+    base_lr: float
+
+    def metrics(self) -> dict[str, Any]:
+        return {"base_lr": self.base_lr, **collect_metrics(PartitionState(self.inner))}
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {"base_lr": self.base_lr, **optim_base.hyperparams(PartitionState(self.inner))}
+
+
+def _reporting_base_lr(tx: GradientTransformation, base_lr: Hyper) -> GradientTransformation:
+    """``tx`` (a `partition`) with a `ParamGroupsState`: its state also keeps ``base_lr``'s value
+    at each update (one number; in a compiled step a 0-d tensor, as the optimizers' lrs)."""
+
+    def value(step: Any) -> Any:
+        v = resolve(base_lr, step)
+        if not isinstance(step, torch.Tensor):
+            return float(v)
+        return v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)
+
+    def init_fn(params):
+        return ParamGroupsState(tx.init(params).inner, float(resolve(base_lr, 0)))
+
+    def update_fn(grads, state, params=None, *, step=None):
+        updates, new = tx.update(grads, PartitionState(state.inner), params, step=step)
+        return updates, ParamGroupsState(new.inner, value(step))
+
+    apply_fn = None
+    if tx.apply is not None:
+        apply = tx.apply
+
+        def apply_fn(grads, state, params, *, step=None):
+            params, new = apply(grads, PartitionState(state.inner), params, step=step)
+            return params, ParamGroupsState(new.inner, value(step))
+
+    return GradientTransformation(init_fn, update_fn, apply_fn)
 
 
 def _check_mult(
@@ -544,7 +609,12 @@ def paramwise(
         return ParamSetting(full, shape, float(lm), float(dm), p_lr, p_wd, rule, None, (), logged)
 
     visit(model, "", False)
-    return ParamGroups(tuple(settings), tuple(skipped), lr, weight_decay, "paramwise")
+    # MMEngine: one param group per param given any paramwise_cfg, else one for the model
+    configured = (
+        custom_keys is not None or bypass_duplicate or any(v is not None for v in mults.values())
+    )
+    groups = len(settings) if configured else 1
+    return ParamGroups(tuple(settings), tuple(skipped), lr, weight_decay, "paramwise", groups)
 
 
 # ---------------------------------------------------------------- layer decay
@@ -712,4 +782,5 @@ def layer_decay(
         lr,
         weight_decay,
         f"layer_decay({id_name}, decay_rate={decay_rate}, num_layers={num_layers})",
+        len({s.group for s in settings}),  # MMDet: one param group per group name
     )
