@@ -42,6 +42,7 @@ from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
 from fengine.events import Dispatcher, RunInfo
 from fengine.finite import FiniteWatch
 from fengine.metrics import Evaluator, Metric
+from fengine.optim.paramwise import with_base_lr, without_base_lr
 from fengine.state import DonatedStateError, TrainState
 from fengine.step import Step
 from fengine.workdir import lock_work_dir
@@ -569,7 +570,9 @@ def _resume(
     try:
         state = checkpoint.load(path, like=state, into=step.donate)
     except checkpoint.CheckpointMismatchError as e:
-        state = _load_adding_wrappers(path, state, step, e)
+        state = _load_without_base_lr(path, state, step, e) or _load_adding_wrappers(
+            path, state, step, e
+        )
     if step.donate and not given.is_donated:
         given._mark_donated("fit(resume=...)")
     state = _repartition(state, saved_run.get("world_size", 1), run.world_size, path)
@@ -590,6 +593,25 @@ _MOMENTS = ("before_train", "before_train_epoch", "before_train_iter", "after_tr
             "after_val", "after_train")  # fmt: skip
 """Where in the loop a checkpoint was written (its ``moment``): resuming from one written before a
 position's validation runs that validation first, as the uninterrupted run did."""
+
+
+def _load_without_base_lr(
+    path: Path, like: TrainState, step: Step, error: checkpoint.CheckpointMismatchError
+) -> TrainState | None:
+    """A checkpoint saved before `ParamGroups.build` kept ``base_lr`` (which every update
+    recomputes): read with the old layout and given this run's; None for any other mismatch."""
+    names = [m.split(" ")[0] for m in error.missing]  # "opt_state/base_lr (non-tensor)"
+    if not names or not all(n.startswith("opt_state/") and n.endswith("/base_lr") for n in names):
+        return None
+    if error.unexpected or error.shape or error.dtype or error.kind:
+        return None
+    old = like.replace(opt_state=without_base_lr(like.opt_state))
+    try:
+        loaded = checkpoint.load(path, like=old, into=step.donate)
+    except checkpoint.CheckpointMismatchError:
+        return None
+    log.info("resume: %s predates base_lr in the optimizer state; it is recomputed", path)
+    return loaded.replace(opt_state=with_base_lr(loaded.opt_state, like.opt_state))
 
 
 def _load_adding_wrappers(

@@ -254,3 +254,37 @@ def test_a_crafted_dataloader_rng_record_is_a_checkpoint_error(tmp_path, edit, m
                   lambda meta: edit(meta["handlers"]["data_rng"]))  # fmt: skip
     with pytest.raises(checkpoint.CheckpointError, match=match):
         _dataloader_run(tmp_path / "b", resume=crafted, max_steps=6)
+
+
+def test_a_checkpoint_from_before_base_lr_resumes_exactly(tmp_path):
+    """ParamGroups.build's state now keeps base_lr (MMEngine logs it); a checkpoint saved in the
+    layout before it (a plain PartitionState) still resumes, to the same bits as a new one."""
+    from helpers import ce_loss, mlp, mlp_batches
+
+    from fengine.optim.paramwise import without_base_lr
+
+    def run(work_dir, resume=False):
+        model = mlp()
+        groups = optim.paramwise(
+            model, lr=schedules_cosine(), custom_keys={"2.": dict(lr_mult=0.1)}
+        )
+        step = fe.train_step(ce_loss, groups.build(optim.sgd, momentum=0.9))
+        return fe.fit(step.init(model), step, mlp_batches(4), max_steps=6, work_dir=work_dir,
+                      handlers=[fe.handlers.Checkpointer(3, by_epoch=False)], resume=resume)  # fmt: skip
+
+    def schedules_cosine():
+        return fe.schedules.cosine(0.1, T_max=6)
+
+    straight = run(tmp_path / "a")
+    new = tmp_path / "a" / "iter_3.safetensors"
+    model = mlp()
+    groups = optim.paramwise(model, lr=schedules_cosine(), custom_keys={"2.": dict(lr_mult=0.1)})
+    like = fe.train_step(ce_loss, groups.build(optim.sgd, momentum=0.9)).init(model)
+    saved = checkpoint.load(new, like=like)
+    assert "base_lr" in saved.opt_state._fields
+    old = tmp_path / "old.safetensors"
+    checkpoint.save(old, saved.replace(opt_state=without_base_lr(saved.opt_state)),
+                    checkpoint.read_meta(new)["meta"])  # fmt: skip
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="base_lr"):
+        checkpoint.load(old, like=like)  # the layout differs: what fit's resume handles
+    assert state_digest(run(tmp_path / "b", resume=old)) == state_digest(straight)

@@ -397,6 +397,37 @@ class ParamGroupsState(NamedTuple):
         return {"base_lr": self.base_lr, **optim_base.hyperparams(PartitionState(self.inner))}
 
 
+def without_base_lr(opt_state: Any) -> Any:
+    """``opt_state`` as it was laid out before `ParamGroupsState` kept ``base_lr`` (a plain
+    `PartitionState`): the template that reads a checkpoint saved then. ``base_lr`` is
+    recomputed at every update, so such a checkpoint resumes exactly (`with_base_lr`)."""
+    if isinstance(opt_state, ParamGroupsState):
+        return PartitionState(opt_state.inner)
+    return _map_nodes(without_base_lr, opt_state)
+
+
+def with_base_lr(loaded: Any, like: Any) -> Any:
+    """``loaded`` (read with `without_base_lr`'s template) in ``like``'s layout, ``base_lr`` from ``like``."""
+    if isinstance(like, ParamGroupsState):
+        return ParamGroupsState(loaded.inner, like.base_lr)
+    if isinstance(like, dict):
+        return {k: with_base_lr(loaded[k], v) for k, v in like.items()}
+    if isinstance(like, (tuple, list)) and not isinstance(like, str):
+        items = [with_base_lr(a, b) for a, b in zip(loaded, like)]
+        return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
+    return loaded
+
+
+def _map_nodes(fn: Callable[[Any], Any], node: Any) -> Any:
+    """``fn`` on each child of a dict / tuple / NamedTuple / list node; leaves as they are."""
+    if isinstance(node, dict):
+        return {k: fn(v) for k, v in node.items()}
+    if isinstance(node, (tuple, list)):
+        items = [fn(v) for v in node]
+        return type(node)(*items) if hasattr(node, "_fields") else type(node)(items)
+    return node
+
+
 def _reporting_base_lr(tx: GradientTransformation, base_lr: Hyper) -> GradientTransformation:
     """``tx`` (a `partition`) with a `ParamGroupsState`: its state also keeps ``base_lr``'s value
     at each update (one number; in a compiled step a 0-d tensor, as the optimizers' lrs)."""
