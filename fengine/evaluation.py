@@ -99,7 +99,7 @@ def run_eval(
     ``after_<phase>``, returns the state from there on: `fit` observes the results for
     reduce_on_plateau and writes the checkpoints asked for, where MMEngine's ParamSchedulerHook
     and CheckpointHook act (inside ``after_val_epoch``)."""
-    evaluator = metrics if isinstance(metrics, Evaluator) else Evaluator(list(metrics))
+    evaluator = metrics if isinstance(metrics, Evaluator) else Evaluator(metrics)
     model = state.model
     if model is None:
         raise ValueError("the state has no model; build it with step.init(model, seed=...)")

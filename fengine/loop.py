@@ -89,6 +89,35 @@ class Val:
     autocast: str | None = None
     dynamic_intervals: Sequence[tuple[int, int]] = ()
 
+    def __post_init__(self) -> None:
+        """Refuse what would otherwise fail only at the first validation, after training."""
+        loader = callable(getattr(self.data, "epoch", None))  # a fengine Loader
+        if isinstance(self.data, Iterator) or not (loader or isinstance(self.data, Iterable)):
+            raise TypeError(
+                f"Val: data must be re-iterable (a list, DataLoader or fengine Loader): validation "
+                f"runs several times; got a {type(self.data).__name__}"
+            )
+        if not isinstance(self.metrics, Evaluator):
+            object.__setattr__(self, "metrics", Evaluator(self.metrics))  # checks each metric
+        if not callable(self.eval_fn):
+            raise TypeError(
+                f"Val: eval_fn must be a function (model, batch) -> outputs, got {self.eval_fn!r}"
+            )
+        for what, value, low in (("interval", self.interval, 1), ("begin", self.begin, 1)):
+            if value is not None and not _is_int(value, low):
+                raise ValueError(f"Val: {what} must be >= {low}, got {value!r}; expected an int")
+        for pair in self.dynamic_intervals:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_int(pair[0], 0)
+                    and _is_int(pair[1], 1)):  # fmt: skip
+                raise ValueError(
+                    "Val: dynamic_intervals must be [(milestone, interval), ...] with ints "
+                    f"milestone >= 0 and interval >= 1, got {pair!r} in {self.dynamic_intervals!r}"
+                )
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
 
 def should_validate(
     done: int,
@@ -367,7 +396,7 @@ def fit(
     handlers = _default_handlers(work_dir, p.by_epoch) if handlers is None else handlers
     if isinstance(handlers, (str, bytes)):
         raise TypeError(
-            f"fit: handlers must be handler objects (e.g. [fe.handlers.Logger()]), got {handlers!r}"
+            f"fit: handlers must be handler objects (e.g. [fe.handlers.Logger()]), got the string {handlers!r}"
         )
     # a DataLoader's order comes from torch generators: carried in checkpoints (one process)
     data_rng = LoaderRng(train_data) if world == 1 else None

@@ -898,3 +898,31 @@ def test_evaluate_emits_test_events_and_validation_in_fit_uses_ema():
         )
     assert torch.equal(outputs, ref)
     assert final.model.training  # evaluation restored train mode
+
+
+# ----------------------------------------------------------------- Val refused at construction
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(eval_fn=None), TypeError, r"eval_fn must be a function"),
+        (dict(metrics=[object()]), TypeError, r"is not a metric: it lacks init, update, compute"),
+        (dict(data=(b for b in mlp_batches(2))), TypeError, r"data must be re-iterable"),
+        (dict(interval="3"), ValueError, r"interval must be >= 1, got '3'; expected an int"),
+        (dict(interval=0), ValueError, r"interval must be >= 1, got 0"),
+        (dict(dynamic_intervals=[2]), ValueError, r"dynamic_intervals must be \[\(milestone"),
+        (dict(dynamic_intervals=[(2, 0)]), ValueError, r"got \(2, 0\)"),
+    ],
+)
+def test_val_refuses_what_would_fail_only_after_training(kwargs, error, match):
+    """Before, each failed at the first validation (after the first epoch's training), with a raw
+    error: "'NoneType' object is not callable", ZeroDivisionError, ..."""
+    args = {"data": mlp_batches(2), "metrics": [Const()], **kwargs}
+    with pytest.raises(error, match=match):
+        fe.Val(**args)
+
+
+def test_val_and_evaluate_take_a_single_metric():
+    state, _, batches = _setup(2)
+    val = fe.Val(batches, Const("acc", 0.25))
+    assert fe.evaluate(state, fe.default_predict, batches, Const("acc", 0.25)) == {"acc": 0.25}
+    assert fe.evaluate(state, fe.default_predict, val.data, val.metrics) == {"acc": 0.25}
