@@ -154,7 +154,8 @@ def load(path: str | os.PathLike, like: TrainState, *, into: bool = False) -> Tr
     devices of ``like``'s tensors and keep their ``requires_grad``. An empty
     dict in ``like`` where the file has entries (the per-parameter state of a
     `fengine.optim.from_torch` optimizer, which torch fills lazily at the first
-    step) takes the file's entries. Leaves that are one tensor object in
+    step) takes the file's entries; one the file lacks (a field added since it was saved, as
+    the optimizers' ``missed`` counts) stays empty. Leaves that are one tensor object in
     ``like`` (tied) stay one object if their saved values are equal.
 
     For a state of a sharded model (FSDP, `fengine.sharding`), every rank reads the full
@@ -252,6 +253,8 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
         if e is None:
             if is_empty_dict(v) and leaf.name in below:
                 continue  # the file has other structure here: its entries are reported as unexpected
+            if is_empty_dict(v):
+                continue  # nothing to read: a file from before this (empty) field existed loads
             missing.append(
                 leaf.name
                 + (

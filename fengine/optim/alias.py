@@ -7,7 +7,14 @@ Hyper-parameters may be numbers or schedules ``step -> value``; the step count
 used for bias correction is the optimizer's own ``num_updates`` (updates applied), the
 schedule step is the global step (see `fengine.optim.base`).
 
-Params with no gradient (unused in the forward) are skipped, as torch does.
+Params with no gradient (unused in the forward) are skipped, as torch does: their
+moments stay as they are, and they do not count the update. Torch keeps a step count
+per param; here one count serves all, and a state's ``missed`` holds, for the params
+that sat out any update, how many (empty in the usual case, every param with a gradient
+every step, which costs nothing more). A param's own count, ``num_updates - missed[name]``,
+drives its bias corrections (Adam / AdamW), its lr decay (Adagrad) and whether its
+momentum buffer starts as its first gradient (SGD); RMSprop reads no count. (A compiled
+step's gradients are zeros for unused params: there, no param misses one.)
 
 Each state reports, by `fengine.optim.collect_metrics`, the ``lr`` of its last update
 (the step metrics, logged as MMEngine logs ``lr``), and by `fengine.optim.hyperparams`
@@ -102,24 +109,58 @@ def _check_fused(params, where):
             )
 
 
-def _fused_call(kernel, tensors, num_updates=None, **kwargs):
+def _fused_call(kernel, tensors, num_updates=None, counts=None, **kwargs):
     """Run torch's fused ``kernel`` once per (device, dtype) group, as ``torch.optim``'s ``_fused_*``.
 
     ``tensors`` are the per-param lists (params first; an empty list stays empty).
     With ``num_updates`` (the count after this update), one shared float32 0-d step tensor
-    per device is appended as ``state_steps``.
+    per device is appended as ``state_steps``; with ``counts`` (`_counts`), one per param.
     """
     if not tensors[0]:
         return
+    if counts is not None:
+        steps = [_step_tensor(c, p.device) for c, p in zip(counts, tensors[0])]
+        tensors, num_updates = [*tensors, steps], None
     for (device, _), (lists, _) in _group_tensors_by_device_and_dtype(
         tensors, with_indices=False
     ).items():
         if num_updates is not None:
-            step = torch.full(
-                (), float(min(num_updates, _FUSED_MAX_STEP)), dtype=torch.float32, device=device
-            )
-            lists = [*lists, [step] * len(lists[0])]
+            lists = [*lists, [_step_tensor(num_updates, device)] * len(lists[0])]
         kernel(*lists, **kwargs)
+
+
+def _step_tensor(count, device):
+    return torch.full((), float(min(count, _FUSED_MAX_STEP)), dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------- params without a gradient
+def _counts(missed: dict[str, int], grads, num_updates: int) -> list[float] | None:
+    """Each param's own step count after this update (torch's ``state[p]['step']``), in the
+    order of ``grads``; None when all are at ``num_updates`` (none has missed an update)."""
+    if not missed:
+        return None
+    return [float(num_updates - missed.get(n, 0)) for n in grads]
+
+
+def _per_param(fn, num_updates, counts, n: int) -> list:
+    """``fn`` of each param's count: ``[fn(count) for count in counts]``, computed once when
+    they are all ``num_updates``."""
+    if counts is None:
+        return [fn(float(num_updates))] * n
+    return [fn(c) for c in counts]
+
+
+def _missed(missed: dict[str, int], grads, every: Mapping[str, Any]) -> dict[str, int]:
+    """``missed`` after an update of the params in ``grads``: one more for each param of
+    ``every`` (all the optimizer holds) that got no gradient. Kept in the order params first
+    miss one, so a state's layout is a function of its history."""
+    if len(grads) == len(every):
+        return missed
+    missed = dict(missed)
+    for n in every:
+        if n not in grads:
+            missed[n] = missed.get(n, 0) + 1
+    return missed
 
 
 # ---------------------------------------------------------------- SGD
@@ -128,12 +169,24 @@ class SgdState(NamedTuple):
     momentum_buffer: dict[str, torch.Tensor]
     lr: float  # the lr of the last update (of step 0 before any): what the logs report
     momentum: float = 0.0  # the momentum of the last update, likewise
+    missed: dict[str, int] = {}  # updates a param sat out (module doc); kept with momentum only
 
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
 
     def hyperparams(self) -> dict[str, float]:
         return {"lr": self.lr, "momentum": self.momentum}
+
+
+def _starting(state: SgdState, grads) -> bool | set[str]:
+    """Whether this update is the first with a gradient (torch starts the momentum buffer as
+    a copy of it) for every param of ``grads``, for none, or else for which of them."""
+    if state.num_updates == 0:
+        return True
+    if not state.missed:
+        return False
+    new = {n for n, k in state.missed.items() if k == state.num_updates and n in grads}
+    return True if len(new) == len(grads) else new or False
 
 
 def sgd(
@@ -164,6 +217,7 @@ def sgd(
             _zeros(params) if uses_momentum else {},
             float(resolve(lr, 0)),
             float(resolve(momentum, 0)),
+            {},
         )
 
     hypers = resolver(lr, momentum, weight_decay)
@@ -183,24 +237,34 @@ def sgd(
                 nesterov,
                 maximize,
             )
-            counted: Any = state.num_updates + 1  # tensors where the state holds numbers
-            return params, SgdState(counted, state.momentum_buffer, _t(lr_t), _t(mom))  # type: ignore[arg-type]
+            counted = state.num_updates + 1  # tensors where the state holds numbers
+            return params, state._replace(num_updates=counted, lr=_t(lr_t), momentum=_t(mom))
+        missed = state.missed
+        if uses_momentum:
+            missed = _missed(missed, grads, state.momentum_buffer)
         p = _pick(params, grads)
         g: _Tensors = list(grads.values())
         if fused:
-            _fused_call(
+            bufs = _pick(state.momentum_buffer, grads) if mom != 0 else []
+            first = mom != 0 and _starting(state, grads)
+            kernel = functools.partial(
                 torch._fused_sgd_,
-                [p, g, _pick(state.momentum_buffer, grads) if mom != 0 else []],
                 weight_decay=wd,
                 momentum=mom,
                 lr=lr_t,
                 dampening=dampening,
                 nesterov=nesterov,
                 maximize=maximize,
-                is_first_step=mom != 0 and state.num_updates == 0,
             )
+            if isinstance(first, set):  # torch's fused SGD raises here: one call for each kind
+                starts = [n in first for n in grads]
+                for flag in (True, False):
+                    part = [[x for x, s in zip(xs, starts) if s is flag] for xs in (p, g, bufs)]
+                    _fused_call(kernel, part, is_first_step=flag)
+            else:
+                _fused_call(kernel, [p, g, bufs], is_first_step=first)
             return params, SgdState(
-                state.num_updates + 1, state.momentum_buffer, float(lr_t), float(mom)
+                state.num_updates + 1, state.momentum_buffer, float(lr_t), float(mom), missed
             )
         if maximize:
             g = torch._foreach_neg(g)
@@ -211,7 +275,14 @@ def sgd(
                 g = torch._foreach_add(g, p, alpha=wd)
         if mom != 0:
             bufs = _pick(state.momentum_buffer, grads)
-            if state.num_updates == 0:  # torch starts the buffer as a clone of the first gradient
+            first = _starting(state, grads)
+            if isinstance(first, set):  # torch's loop for this case, one param at a time
+                for n, buf, d in zip(grads, bufs, g):
+                    if n in first:
+                        buf.copy_(d)
+                    else:
+                        buf.mul_(mom).add_(d, alpha=1 - dampening)
+            elif first:  # torch starts the buffer as a clone of the first gradient
                 foreach_copy_(bufs, g)
             else:
                 torch._foreach_mul_(bufs, mom)
@@ -222,7 +293,7 @@ def sgd(
                 g = bufs
         torch._foreach_add_(p, g, alpha=-lr_t)
         return params, SgdState(
-            state.num_updates + 1, state.momentum_buffer, float(lr_t), float(mom)
+            state.num_updates + 1, state.momentum_buffer, float(lr_t), float(mom), missed
         )
 
     return _optimizer(init_fn, apply_fn)
@@ -238,6 +309,7 @@ class AdamState(NamedTuple):
     momentum: float = (
         0.9  # beta1 of the last update, reported as ``momentum`` (MMEngine's get_momentum)
     )
+    missed: dict[str, int] = {}  # updates a param sat out without a gradient (module doc)
 
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
@@ -265,6 +337,7 @@ def _adam(
             _zeros(params) if amsgrad else {},
             float(resolve(lr, 0)),
             float(resolve(b1, 0)),
+            {},
         )
 
     hypers = resolver(lr, b1, b2, weight_decay)
@@ -277,6 +350,8 @@ def _adam(
             hyper = (lr_t, beta1, beta2, wd if wd_on else None, eps)
             _adam_traced(grads, state, params, hyper, num_updates, amsgrad, maximize, decoupled)
             return params, state._replace(num_updates=num_updates, lr=_t(lr_t), momentum=_t(beta1))
+        counts = _counts(state.missed, grads, num_updates)
+        missed = _missed(state.missed, grads, state.exp_avg)
         pick = picker(tuple(grads))
         p = pick(params)
         g: _Tensors = list(grads.values())
@@ -287,6 +362,7 @@ def _adam(
                 torch._fused_adamw_ if decoupled else torch._fused_adam_,
                 [p, g, m, v, _pick(state.max_exp_avg_sq, grads) if amsgrad else []],
                 num_updates,
+                counts,
                 amsgrad=amsgrad,
                 lr=lr_t,
                 beta1=beta1,
@@ -296,7 +372,7 @@ def _adam(
                 maximize=maximize,
             )
             return params, state._replace(
-                num_updates=num_updates, lr=float(lr_t), momentum=float(beta1)
+                num_updates=num_updates, lr=float(lr_t), momentum=float(beta1), missed=missed
             )
         if maximize:
             g = torch._foreach_neg(g)
@@ -311,22 +387,21 @@ def _adam(
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
         del g
-        bias_correction1 = 1 - beta1 ** float(num_updates)
-        bias_correction2 = 1 - beta2 ** float(num_updates)
-        step_size = (lr_t / bias_correction1) * -1
-        bias_correction2_sqrt = bias_correction2**0.5
+        n = len(p)
+        # torch's per-param lists: [(lr / (1 - beta1**step)) * -1], [(1 - beta2**step) ** 0.5]
+        step_size = _per_param(lambda c: (lr_t / (1 - beta1**c)) * -1, num_updates, counts, n)
+        bias_correction2_sqrt = _per_param(lambda c: (1 - beta2**c) ** 0.5, num_updates, counts, n)
         if amsgrad:
             vmax = pick(state.max_exp_avg_sq)
             torch._foreach_maximum_(vmax, v)
             denom = torch._foreach_sqrt(vmax)
         else:
             denom = torch._foreach_sqrt(v)
-        n = len(p)
-        torch._foreach_div_(denom, [bias_correction2_sqrt] * n)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(p, m, denom, [step_size] * n)
+        torch._foreach_addcdiv_(p, m, denom, step_size)
         return params, state._replace(
-            num_updates=num_updates, lr=float(lr_t), momentum=float(beta1)
+            num_updates=num_updates, lr=float(lr_t), momentum=float(beta1), missed=missed
         )
 
     return _optimizer(init_fn, apply_fn)
@@ -379,12 +454,18 @@ def _adam_traced(grads, state, params, hyper, num_updates, amsgrad, maximize, de
     them); within a stated tolerance of the foreach kernel, not bitwise.
     """
     lr_t, beta1, beta2, wd, eps = hyper
-    n = num_updates.to(torch.float64)
-    bias_correction1 = 1 - beta1**n
-    bias_correction2_sqrt = (1 - beta2**n) ** 0.5
-    step_size = lr_t / bias_correction1
+
+    def corrections(count):
+        n = count.to(torch.float64)
+        return lr_t / (1 - beta1**n), (1 - beta2**n) ** 0.5
+
+    shared = corrections(num_updates)
     for name, g in grads.items():
         p, m, v = params[name], state.exp_avg[name], state.exp_avg_sq[name]
+        missed = state.missed.get(name)
+        step_size, bias_correction2_sqrt = (
+            shared if missed is None else corrections(num_updates - missed)
+        )
         if maximize:
             g = -g
         if wd is not None:
@@ -413,7 +494,8 @@ def _sgd_traced(grads, state, params, lr_t, mom, wd, dampening, nesterov, maximi
             d = d + p * wd
         if name in state.momentum_buffer:
             buf = state.momentum_buffer[name]
-            buf.copy_(torch.where(first, d, buf * mom + d * (1 - dampening)))
+            starts = state.num_updates == state.missed[name] if name in state.missed else first
+            buf.copy_(torch.where(starts, d, buf * mom + d * (1 - dampening)))
             d = d + buf * mom if nesterov else buf
         p.sub_(d * lr_t)
 
@@ -508,6 +590,7 @@ class AdagradState(NamedTuple):
     num_updates: int
     sum: dict[str, torch.Tensor]
     lr: float
+    missed: dict[str, int] = {}  # updates a param sat out without a gradient (module doc)
 
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
@@ -543,12 +626,14 @@ def adagrad(
             n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format)
             for n, p in params.items()
         }
-        return AdagradState(0, sums, float(resolve(lr, 0)))
+        return AdagradState(0, sums, float(resolve(lr, 0)), {})
 
     def apply_fn(grads, state, params, *, step=None):
         t = state.num_updates if step is None else step
         lr_t, wd = resolve(lr, t), resolve(weight_decay, t)
         num_updates = state.num_updates + 1
+        counts = _counts(state.missed, grads, num_updates)
+        missed = _missed(state.missed, grads, state.sum)
         p = _pick(params, grads)
         g: _Tensors = list(grads.values())
         sums = _pick(state.sum, grads)
@@ -557,13 +642,14 @@ def adagrad(
                 torch._fused_adagrad_,
                 [p, g, sums],
                 num_updates,
+                counts,
                 lr=lr_t,
                 lr_decay=lr_decay,
                 weight_decay=wd,
                 eps=eps,
                 maximize=maximize,
             )
-            return params, AdagradState(num_updates, state.sum, float(lr_t))
+            return params, AdagradState(num_updates, state.sum, float(lr_t), missed)
         if maximize:
             g = torch._foreach_neg(g)
         if wd != 0:
@@ -571,7 +657,9 @@ def adagrad(
                 torch._foreach_add_(g, p, alpha=wd)
             else:
                 g = torch._foreach_add(g, p, alpha=wd)
-        minus_clr = [-lr_t / (1 + (float(num_updates) - 1) * lr_decay)] * len(p)
+        minus_clr = _per_param(
+            lambda c: -lr_t / (1 + (c - 1) * lr_decay), num_updates, counts, len(p)
+        )
         torch._foreach_addcmul_(sums, g, g, value=1)
         std = torch._foreach_sqrt(sums)
         torch._foreach_add_(std, eps)
@@ -582,6 +670,6 @@ def adagrad(
         else:
             numerator = torch._foreach_mul(g, minus_clr)
         torch._foreach_addcdiv_(p, numerator, std)
-        return params, AdagradState(num_updates, state.sum, float(lr_t))
+        return params, AdagradState(num_updates, state.sum, float(lr_t), missed)
 
     return _optimizer(init_fn, apply_fn)
