@@ -678,7 +678,6 @@ def test_multi_optimizer_lrs_match_mmengine_optim_wrapper_dict(monkeypatch, line
     """A multi_step's ``disc/lr``, ``gen/lr`` (and a partition inside a part) print as MMEngine
     prints an OptimWrapperDict's ``get_lr()`` (RuntimeInfoHook -> ``train/disc.lr``, ...)."""
     from mmengine.hooks import LoggerHook, RuntimeInfoHook
-    from mmengine.logging import MessageHub
     from mmengine.optim import OptimWrapper, OptimWrapperDict
     from mmengine.runner import LogProcessor, log_processor
 
@@ -694,22 +693,7 @@ def test_multi_optimizer_lrs_match_mmengine_optim_wrapper_dict(monkeypatch, line
         disc=OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)),
         gen=OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)),
     )
-    runner = SimpleNamespace(
-        message_hub=MessageHub.get_instance(f"fengine-oracle-{uuid.uuid4()}"),
-        logger=SimpleNamespace(info=out.append),
-        visualizer=SimpleNamespace(add_scalars=lambda *a, **k: None),
-        optim_wrapper=wrappers,
-        train_dataloader=range(n),
-        train_loop=SimpleNamespace(dataloader=range(n)),
-        _train_loop=object(),
-        max_epochs=1,
-        max_iters=n,
-        iter=0,
-        epoch=0,
-        experiment_name="exp",
-        timestamp="t",
-        log_processor=LogProcessor(),
-    )
+    runner = _train_runner(out, wrappers, n, LogProcessor())
     info, logger = RuntimeInfoHook(), LoggerHook(interval=4)
     logger.before_run(runner)
     for i in range(n):
@@ -745,20 +729,18 @@ def test_multi_optimizer_lrs_match_mmengine_optim_wrapper_dict(monkeypatch, line
     )
 
 
-def _mmengine_lr_logs(monkeypatch, wrapper, schedulers, n, *, by_epoch):
-    """MMEngine's RuntimeInfoHook, LoggerHook (interval 1) and ParamSchedulerHook over ``n``
-    iterations of ``wrapper``: each line's head and lr fields, and each scalars tag's lrs."""
-    from mmengine.hooks import LoggerHook, RuntimeInfoHook
+def _train_runner(out, optim_wrapper, n, log_processor, tags=None):
+    """The parts of MMEngine's Runner its RuntimeInfoHook and LoggerHook read in a one-epoch,
+    ``n``-iteration training: lines to ``out``, each scalars tag (a dict) to ``tags``."""
     from mmengine.logging import MessageHub
-    from mmengine.runner import LogProcessor, log_processor
 
-    monkeypatch.setattr(log_processor, "is_cuda_available", lambda: False)
-    out, tags = [], []
-    runner = SimpleNamespace(
+    return SimpleNamespace(
         message_hub=MessageHub.get_instance(f"fengine-oracle-{uuid.uuid4()}"),
         logger=SimpleNamespace(info=out.append),
-        visualizer=SimpleNamespace(add_scalars=lambda tag, **k: tags.append(dict(tag))),
-        optim_wrapper=wrapper,
+        visualizer=SimpleNamespace(
+            add_scalars=lambda tag, **k: tags(dict(tag)) if tags is not None else None
+        ),
+        optim_wrapper=optim_wrapper,
         train_dataloader=range(n),
         train_loop=SimpleNamespace(dataloader=range(n)),
         _train_loop=object(),
@@ -768,8 +750,19 @@ def _mmengine_lr_logs(monkeypatch, wrapper, schedulers, n, *, by_epoch):
         epoch=0,
         experiment_name="exp",
         timestamp="t",
-        log_processor=LogProcessor(by_epoch=by_epoch),
+        log_processor=log_processor,
     )
+
+
+def _mmengine_lr_logs(monkeypatch, wrapper, schedulers, n, *, by_epoch):
+    """MMEngine's RuntimeInfoHook, LoggerHook (interval 1) and ParamSchedulerHook over ``n``
+    iterations of ``wrapper``: each line's head and lr fields, and each scalars tag's lrs."""
+    from mmengine.hooks import LoggerHook, RuntimeInfoHook
+    from mmengine.runner import LogProcessor, log_processor
+
+    monkeypatch.setattr(log_processor, "is_cuda_available", lambda: False)
+    out, tags = [], []
+    runner = _train_runner(out, wrapper, n, LogProcessor(by_epoch=by_epoch), tags.append)
     info, logger = RuntimeInfoHook(), LoggerHook(interval=1)
     logger.before_run(runner)
     for i in range(n):
