@@ -421,6 +421,8 @@ def fit(
                 and moment is not None
                 and _validation_due(moment, state, p, val, interval)
             ):
+                if world > 1 and moment != "after_train_epoch":  # (synced before that save)
+                    distributed.sync_buffers(state.buffers)  # MMEngine's SyncBuffersHook
                 state = _validate(state, val, dispatch, run, bg)  # the checkpoint preceded it
             if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
                 log.warning("fit: no val, so reduce_on_plateau never reduces; pass val=fe.Val(...)")
@@ -447,6 +449,10 @@ def fit(
                     if (received or world > 1) and _signalled(received, tick, world, device):
                         _preempt(received, state, run, dispatch, event, bg, watch)
                     if val is not None and _validation_due(event, state, p, val, interval):
+                        if world > 1 and event != "after_train_epoch":  # no epoch end synced them
+                            distributed.sync_buffers(
+                                state.buffers
+                            )  # SyncBuffersHook.before_val_epoch
                         state = sent = _validate(state, val, dispatch, run, bg, watch)
                         if _signalled(received, tick, world, device):
                             _preempt(received, state, run, dispatch, "after_val", bg, watch)
@@ -604,7 +610,8 @@ def _resume(
         )
     if step.donate and not given.is_donated:
         given._mark_donated("fit(resume=...)")
-    state = _repartition(state, saved_run.get("world_size", 1), run.world_size, path)
+    state = _repartition(state, saved_run.get("world_size", 1), run.world_size, path,
+                         saved_run.get("batches_per_epoch"))  # fmt: skip
     run = dataclasses.replace(run, start_step=state.step)
     log.info(
         "resumed from %s at step %d (epoch %d, batch %d)",
@@ -669,15 +676,21 @@ def _load_adding_wrappers(
     )
 
 
-def _repartition(state: TrainState, saved: Any, world: int, path: Path) -> TrainState:
+def _repartition(
+    state: TrainState, saved: Any, world: int, path: Path, saved_batches: Any = None
+) -> TrainState:
     """The position in the epoch, in this world size's batches: a run saved by N processes (each at
-    batch b of its shard) is at sample b * N * batch_size of the epoch, i.e. batch b * N / M for M."""
+    batch b of its shard) is at sample b * N * batch_size of the epoch, i.e. batch b * N / M for M.
+    At the end of an epoch (b = the saving run's ``saved_batches`` per epoch) it is the next
+    epoch's start, whatever M."""
     if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
         raise checkpoint.CheckpointError(
             f"{path}: its run world_size is {saved!r}, expected an int >= 1"
         )
     if saved == world or state.batch_in_epoch == 0:
         return state
+    if isinstance(saved_batches, int) and state.batch_in_epoch >= saved_batches > 0:
+        return _next_epoch(state)
     if (state.batch_in_epoch * saved) % world:
         raise ValueError(
             f"{path} was saved by {saved} processes at batch {state.batch_in_epoch} of the epoch "
@@ -713,6 +726,7 @@ def _meta(run: RunInfo, dispatch: Dispatcher, moment: str) -> dict[str, Any]:
             "max_epochs": run.max_epochs,
             "max_steps": run.max_steps,
             "world_size": run.world_size,
+            "batches_per_epoch": run.batches_per_epoch,
         },  # fmt: skip
         "moment": moment,
     }

@@ -115,9 +115,17 @@ def fit_run(out, rank, world):
     resumed = fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_epochs=3, handlers=[], work_dir=mid,
                      resume=True)  # fmt: skip
     single = fe.evaluate(straight, predict, loader(images, shuffle=False), [Accuracy()])
+    # iteration-based: a validation at update 4, not an epoch end (6 updates per epoch)
+    at_val = []
+    keep = fe.on("before_val_epoch")(
+        lambda snap: at_val.append({k: v.clone() for k, v in snap.state.buffers.items()})
+    )
+    fe.fit(step.init(small_cnn(), seed=0), step, loader(ds), max_steps=4, handlers=[keep],
+           val=fe.Val(loader(images, shuffle=False), [Accuracy()], eval_fn=predict, interval=4))  # fmt: skip
     torch.save(
         {"params": straight.params, "buffers": straight.buffers, "resumed": resumed.params, "val": seen,
-         "evaluate": single["accuracy"], "position": (straight.step, straight.epoch, straight.batch_in_epoch)},
+         "evaluate": single["accuracy"], "position": (straight.step, straight.epoch, straight.batch_in_epoch),
+         "buffers_at_val": at_val},
         out / f"fit_rank{rank}.pt",
     )  # fmt: skip
 
@@ -180,13 +188,13 @@ class Seen(fe.Handler):
         self.rows += snap.batch[0][:, 0].tolist()
 
 
-def position_data():
-    return fe.data.synthetic_classification(48, num_features=16, num_classes=10, seed=5)
+def position_data(n=48):
+    return fe.data.synthetic_classification(n, num_features=16, num_classes=10, seed=5)
 
 
-def position_run(work, rank, world, **fit_kw):
+def position_run(work, rank, world, n=48, **fit_kw):
     """The run whose sample position the 2 <-> 1 process resumes check (batch 4 per rank)."""
-    loader = fe.data.Loader(position_data(), 4, seed=0, rank=rank, world_size=world)
+    loader = fe.data.Loader(position_data(n), 4, seed=0, rank=rank, world_size=world)
     wrappers = [fe.data_parallel()] if world > 1 else []
     step = fe.train_step(ce_loss, optim.sgd(0.05), *wrappers)
     seen = Seen()
@@ -207,8 +215,25 @@ def one_to_two(out, rank, world):
     torch.save(rows, out / f"one_to_two_rank{rank}.pt")
 
 
+def one_to_two_at_epoch_end(out, rank, world):
+    """The parent trained the whole first epoch of 52 samples (13 batches) in 1 process; 2
+    processes resume from its last checkpoint (batch 13, not divisible by 2) into epoch 2."""
+    rows = position_run(out / "one_end", rank, world, n=52, max_epochs=2, resume=True)
+    torch.save(rows, out / f"one_to_two_at_epoch_end_rank{rank}.pt")
+
+
 SCENARIOS = {
-    f.__name__: f for f in (fengine_dp, fit_run, dropout, refuse, preempt, two_to_one, one_to_two)
+    f.__name__: f
+    for f in (
+        fengine_dp,
+        fit_run,
+        dropout,
+        refuse,
+        preempt,
+        two_to_one,
+        one_to_two,
+        one_to_two_at_epoch_end,
+    )  # fmt: skip
 }
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ def test_fit_writes_from_rank_0_syncs_buffers_gathers_metrics_and_resumes_exactl
     assert_dicts_equal(r0["params"], r1["params"], "params agree")
     assert_dicts_equal(r0["buffers"], r1["buffers"], "BatchNorm statistics synced after each epoch")
     assert_dicts_equal(r0["resumed"], r0["params"], "resumed at the same world size == straight")
+    (b0,), (b1,) = r0["buffers_at_val"], r1["buffers_at_val"]  # iteration-based, update 4
+    assert_dicts_equal(b0, b1, "BatchNorm statistics synced before a validation mid-epoch")
     assert r0["position"] == (18, 3, 0)  # 48 samples / 2 ranks / batch 4 = 6 updates per epoch
     assert r0["val"] == r1["val"] and len(r0["val"]) == 3
     assert (
@@ -133,6 +135,19 @@ def test_one_process_resumes_in_two_at_the_same_sample(tmp_path):
     rest = load(tmp_path, "one_to_two", 0) + load(tmp_path, "one_to_two", 1)
     everything = [float(x[0]) for x, _ in position_data()]
     assert sorted(first + rest) == sorted(everything)
+
+
+def test_one_process_at_an_epoch_end_resumes_in_two_at_the_next_epoch(tmp_path):
+    """The saving run's 13 batches per epoch are not divisible by 2: before, refused as a
+    mid-epoch position although the epoch was complete."""
+    position_run(tmp_path / "one_end", 0, 1, n=52, max_epochs=1)
+    done = torchrun(tmp_path, "one_to_two_at_epoch_end")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rest = load(tmp_path, "one_to_two_at_epoch_end", 0) + load(
+        tmp_path, "one_to_two_at_epoch_end", 1
+    )
+    everything = sorted(float(x[0]) for x, _ in position_data(52))
+    assert sorted(rest) == everything  # epoch 2: each of the 52 samples once
 
 
 def test_launched_by_torchrun_without_a_process_group_is_refused(monkeypatch):
