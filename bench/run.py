@@ -16,7 +16,7 @@ Checkpoint rows come from bench/checkpoint_io.py. The table goes to bench/RESULT
 with the command, versions, machine and thread count.
 
     python bench/run.py            # the whole suite
-    python bench/run.py --quick    # ~4 minutes on 2 cores; last line: mlp compiled ratio X.XX
+    python bench/run.py --quick    # ~3-4 minutes on 2 cores; last line: mlp compiled ratio X.XX
     python bench/run.py --quick --device cuda   # the same on a GPU, added to RESULTS.md
 """
 

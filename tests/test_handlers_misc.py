@@ -542,3 +542,18 @@ def test_handler_with_every_event_switched_off_is_accepted():
     assert Dispatcher(
         [EmptyCache(False, False, False)]
     ).handlers  # a Handler: no events is a choice
+
+
+def test_two_early_stoppings_persist_under_their_names(tmp_path):
+    """The error for two state-keeping handlers of one name says pass name=...: EarlyStopping takes it."""
+    state, step, batches = _fit_setup()
+    val = fe.Val(batches[:2], [Scripted([0.1, 0.2, 0.3], key="score")])
+    handlers = [
+        fe.handlers.Checkpointer(1),
+        EarlyStopping("score", rule="greater", patience=2),
+        EarlyStopping("score", rule="less", patience=5, name="early_stopping_low"),
+    ]
+    fe.fit(state, step, batches, max_epochs=2, val=val, handlers=handlers, work_dir=tmp_path)
+    saved = fe.checkpoint.read_meta(tmp_path / "epoch_2.safetensors")["meta"]["handlers"]
+    assert saved["early_stopping"]["rule"] == "greater"
+    assert saved["early_stopping_low"]["rule"] == "less"

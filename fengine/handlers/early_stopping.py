@@ -82,6 +82,8 @@ class EarlyStopping(Handler):
       strict: raise `MissingMetricError` when ``monitor`` is not in the results
         (default); ``False`` warns and skips, as MMEngine's default does.
       priority: default LOWEST (runs after checkpointing/logging of the same validation).
+      name: the key its state is checkpointed under (default ``"early_stopping"``): give two
+        EarlyStoppings in one run distinct names.
     """
 
     priority = Priority.LOWEST
@@ -98,8 +100,9 @@ class EarlyStopping(Handler):
         check_finite: bool = True,
         strict: bool = True,
         priority: int | str | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(priority=priority)
+        super().__init__(priority=priority, name=name)
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(
                 f"EarlyStopping: monitor must be a metric name (non-empty str), got {monitor!r}"
