@@ -393,6 +393,8 @@ def fit(
     interval = _val_interval(val, p)
     work_dir = Path(work_dir) if work_dir is not None else None
     world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
+    if world > 1:
+        _check_same_length(p.batches_per_epoch)
     handlers = _default_handlers(work_dir, p.by_epoch) if handlers is None else handlers
     if isinstance(handlers, (str, bytes)):
         raise TypeError(
@@ -485,6 +487,19 @@ def _check_distributed(step: Step) -> int:
             "fengine.fsdp() for a model sharded with fengine.distributed.shard"
         )
     return world
+
+
+def _check_same_length(batches: int) -> None:
+    """Every rank must take the same number of batches per epoch: each update is a collective, so
+    a rank with one batch more would wait forever (NCCL) or meet another collective (gloo)."""
+    counts = distributed.gather_objects(batches)
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"fit: the ranks' train_data have different numbers of batches per epoch ({counts}, "
+            "by rank); every update averages gradients across ranks, so each must take as many: "
+            "shard with fengine.data.Loader(..., rank=, world_size=) and round_up=True (the "
+            "default), or torch's DistributedSampler (which pads every rank to the same count)"
+        )
 
 
 def _remove_stale_temps(work_dir: Path) -> None:

@@ -215,6 +215,20 @@ def one_to_two(out, rank, world):
     torch.save(rows, out / f"one_to_two_rank{rank}.pt")
 
 
+def uneven(out, rank, world):
+    """9 samples, batch 2, not rounded up: rank 0 has 3 batches, rank 1 two. Refused up front
+    (before: rank 0's third update met rank 1's next collective)."""
+    ds = fe.data.synthetic_classification(9, num_features=16, num_classes=10, seed=5)
+    loader = fe.data.Loader(ds, 2, seed=0, rank=rank, world_size=world, round_up=False)
+    step = fe.train_step(ce_loss, optim.sgd(0.05), fe.data_parallel())
+    try:
+        fe.fit(step.init(mlp(), seed=0), step, loader, max_epochs=2, handlers=[])
+        message = None
+    except ValueError as e:
+        message = str(e)
+    torch.save(message, out / f"uneven_rank{rank}.pt")
+
+
 def one_to_two_at_epoch_end(out, rank, world):
     """The parent trained the whole first epoch of 52 samples (13 batches) in 1 process; 2
     processes resume from its last checkpoint (batch 13, not divisible by 2) into epoch 2."""
@@ -233,7 +247,8 @@ SCENARIOS = {
         two_to_one,
         one_to_two,
         one_to_two_at_epoch_end,
-    )  # fmt: skip
+        uneven,
+    )
 }
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def torchrun(out: Path, *scenarios: str, script: Path | None = None, args: tuple
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    done = torchrun(out, "fengine_dp", "fit_run", "dropout", "refuse", "preempt", "two_to_one")
+    done = torchrun(out, "fengine_dp", "fit_run", "dropout", "refuse", "preempt", "two_to_one",
+                    "uneven")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
@@ -135,6 +136,12 @@ def test_one_process_resumes_in_two_at_the_same_sample(tmp_path):
     rest = load(tmp_path, "one_to_two", 0) + load(tmp_path, "one_to_two", 1)
     everything = [float(x[0]) for x, _ in position_data()]
     assert sorted(first + rest) == sorted(everything)
+
+
+def test_ranks_with_different_batch_counts_are_refused_up_front(ran):
+    for rank in (0, 1):
+        message = load(ran, "uneven", rank)
+        assert message is not None and "different numbers of batches per epoch ([3, 2]" in message
 
 
 def test_one_process_at_an_epoch_end_resumes_in_two_at_the_next_epoch(tmp_path):
