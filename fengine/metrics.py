@@ -322,14 +322,46 @@ class Accuracy(SumMetric):
 
 
 def _infer_batch_size(batch: Any) -> int | None:
-    """Dim 0 of the first tensor found in ``batch`` (nested tuples, lists, dicts)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else None
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if not isinstance(batch, (tuple, list)):
+    """The number of samples in ``batch``: the one size all its fields agree on (None when no field
+    has one; a ValueError when they disagree). A field's possible sizes are a tensor's dim 0, or
+    for a list, its length (per-sample items, as `pseudo_collate` gives them) or its items'
+    common size (fields of a nested sample, as ``default_collate`` gives them)."""
+    fields = list(batch.values()) if isinstance(batch, Mapping) else batch
+    if not isinstance(fields, (tuple, list)):
+        fields = [fields]
+    common = _agreed([_sizes(f) for f in fields])
+    if common is None:
         return None
-    return next((n for n in map(_infer_batch_size, batch) if n is not None), None)
+    if len(common) != 1:
+        raise ValueError(
+            f"MeanLoss: cannot tell a batch-mean loss's batch size: the batch's fields have sizes "
+            f"{sorted(_sizes_by_field(fields))}; pass batch_size=lambda batch, outputs: ... "
+            "or per-sample losses"
+        )
+    return next(iter(common))
+
+
+def _sizes(field: Any) -> set[int]:
+    if isinstance(field, torch.Tensor):
+        return {field.shape[0]} if field.ndim else set()
+    if isinstance(field, Mapping):
+        return _agreed([_sizes(v) for v in field.values()]) or set()
+    if isinstance(field, (tuple, list)) and field:
+        return {len(field)} | (_agreed([_sizes(v) for v in field]) or set())
+    return set()
+
+
+def _agreed(candidates: list[set[int]]) -> set[int] | None:
+    """The sizes every field that has any allows (None when none has any)."""
+    common: set[int] | None = None
+    for c in candidates:
+        if c:
+            common = set(c) if common is None else common & c
+    return common
+
+
+def _sizes_by_field(fields: Any) -> list[tuple[int, ...]]:
+    return [tuple(sorted(s)) for s in map(_sizes, fields) if s]
 
 
 class MeanLoss(SumMetric):

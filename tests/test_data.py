@@ -443,3 +443,13 @@ def test_synthetic_classification_is_seeded_balanced_and_leaves_global_rng_alone
     assert torch.bincount(y).tolist() == [25, 25, 25, 25]
     assert_tree_equal(list(fd.synthetic_classification(100, 6, 4, seed=3).tensors), [x, y])
     assert not torch.equal(fd.synthetic_classification(100, 6, 4, seed=4).tensors[0], x)
+
+
+def test_a_rank_without_samples_is_named_not_blamed_on_drop_last():
+    """round_up=False over fewer samples than ranks: before, the message said to set
+    drop_last=False, which it already was."""
+    ds = torch.utils.data.TensorDataset(torch.arange(2))
+    with pytest.raises(
+        ValueError, match=r"rank 3 of 4 gets no sample of the 2 with round_up=False"
+    ):
+        fd.Loader(ds, 4, seed=0, round_up=False, drop_last=False, rank=3, world_size=4)

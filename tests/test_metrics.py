@@ -640,3 +640,41 @@ def test_distributed_reduce_drops_round_up_padding(tmp_path):
     assert ours["loss"] == pytest.approx(single["loss"], rel=1e-12)
     # Without size the two duplicates are counted; the check above has teeth.
     assert results[0]["ours_no_size"]["loss"] != pytest.approx(single["loss"], rel=1e-9)
+
+
+# ----------------------------------------------------------------- MeanLoss: a batch's size
+def test_mean_loss_weights_pseudo_collated_batches_by_their_samples():
+    """pseudo_collate (MMEngine's default) gives per-sample lists: before, dim 0 of the first image
+    (its 3 channels) weighted every batch-mean loss: 2.75 instead of the mean 2.0."""
+    from fengine.data import pseudo_collate
+
+    g = torch.Generator().manual_seed(0)
+    losses = torch.arange(5, dtype=torch.float64)  # sample i's loss is i
+    for sample in (
+        lambda i: (torch.rand(3, 4, 4, generator=g), i),
+        lambda i: {"inputs": torch.rand(3, 4, 4, generator=g), "label": i},
+    ):
+        samples, m = [sample(i) for i in range(5)], MeanLoss()
+        acc = m.init()
+        for part in (slice(0, 4), slice(4, 5)):
+            acc = m.update(acc, pseudo_collate(samples[part]), losses[part].mean())
+        assert m.compute(acc) == {"loss": 2.0}  # (0+1+2+3+4) / 5, exact in float64
+
+
+def test_mean_loss_refuses_a_batch_whose_fields_disagree_on_its_size():
+    """Before: dim 0 of whichever tensor came first (here 10 class weights) weighted the batch."""
+    m = MeanLoss()
+    batch = {"class_weights": torch.ones(10), "inputs": torch.ones(2, 3)}
+    with pytest.raises(ValueError, match=r"fields have sizes \[\(2,\), \(10,\)\].*batch_size="):
+        m.update(m.init(), batch, torch.tensor(1.0))
+    m = MeanLoss(batch_size=lambda batch, outputs: batch["inputs"].shape[0])
+    assert m.compute(m.update(m.init(), batch, torch.tensor(1.0))) == {"loss": 1.0}
+
+
+def test_mean_loss_default_collated_batches_still_weigh_by_dim_0():
+    m = MeanLoss()
+    acc = m.init()
+    for n, loss in ((4, 1.0), (1, 3.0)):  # [x, y] and a nested [x, [y, z]] (default_collate)
+        x, y = torch.zeros(n, 3), torch.zeros(n, dtype=torch.long)
+        acc = m.update(acc, [x, [y, y.clone()]] if n == 1 else [x, y], torch.tensor(loss))
+    assert m.compute(acc) == {"loss": (4 * 1.0 + 3.0) / 5}

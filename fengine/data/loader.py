@@ -161,11 +161,17 @@ class Loader:
         )
         per_rank = len(self.sampler)
         self._num_batches = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
-        if self._num_batches == 0:
+        if self._num_batches == 0 and drop_last:
             raise ValueError(
                 f"Loader: drop_last=True with batch_size={batch_size} leaves zero batches: rank "
                 f"{rank} of {world_size} gets {per_rank} samples per epoch; lower `batch_size` or "
                 "set `drop_last=False`"
+            )
+        if self._num_batches == 0:
+            raise ValueError(
+                f"Loader: rank {rank} of {world_size} gets no sample of the {len(dataset)} with "
+                "round_up=False; set round_up=True (the default: every rank gets as many, padded "
+                "by repeating samples, which evaluation drops) or use fewer ranks"
             )
         self._plan = _Plan()
         self._worker_seed = torch.Generator()
