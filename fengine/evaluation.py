@@ -168,14 +168,12 @@ def evaluate(
         rank=distributed.rank(),
         world_size=distributed.world_size(),
     )
-    return run_eval(
-        state,
-        data,
-        metrics,
-        eval_fn,
-        params=params,
-        dispatch=Dispatcher(handlers),
-        run=run,
-        phase=phase,
-        autocast=autocast,
-    )
+    dispatch = Dispatcher(handlers)
+    try:
+        return run_eval(state, data, metrics, eval_fn, params=params, dispatch=dispatch, run=run,
+                        phase=phase, autocast=autocast)  # fmt: skip
+    finally:
+        for h in dispatch.handlers:  # a tracker opened by the pass: flushed and its run ended
+            close = getattr(h, "close", None)
+            if callable(close):
+                close()

@@ -472,8 +472,21 @@ def fit(
             dispatch("after_run", state, run)
         except BaseException:
             bg.abandon()
+            close_handlers(dispatch.handlers)  # files and tracker runs closed, their data flushed
             raise
     return state
+
+
+def close_handlers(handlers: Iterable[Any]) -> None:
+    """Call ``close()`` on the handlers that have one (a run ending without ``after_run``); a
+    handler's own failure to close is logged, not raised over the run's error."""
+    for h in handlers:
+        close = getattr(h, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - the run's error is the one to raise
+                log.error("closing %s failed too: %s: %s", type(h).__name__, type(e).__name__, e)
 
 
 def _check_distributed(step: Step) -> int:

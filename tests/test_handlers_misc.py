@@ -557,3 +557,35 @@ def test_two_early_stoppings_persist_under_their_names(tmp_path):
     saved = fe.checkpoint.read_meta(tmp_path / "epoch_2.safetensors")["meta"]["handlers"]
     assert saved["early_stopping"]["rule"] == "greater"
     assert saved["early_stopping_low"]["rule"] == "less"
+
+
+class _Closing(fe.Handler):
+    def __init__(self):
+        super().__init__()
+        self.closed = 0
+
+    def on_before_run(self, snap):
+        pass
+
+    def close(self):
+        self.closed += 1
+
+
+def test_fit_closes_handlers_when_it_fails_and_evaluate_when_it_ends():
+    """Before: a failing fit never reached after_run, leaving an MLflow run RUNNING forever and a
+    TensorBoard file unflushed; evaluate never closed the trackers it opened."""
+    state, step, batches = _fit_setup()
+
+    def broken(model, batch):
+        raise RuntimeError("eval_fn failed")
+
+    closing = _Closing()
+    with pytest.raises(RuntimeError, match="eval_fn failed"):
+        fe.fit(state, step, batches, max_epochs=1, val=fe.Val(batches[:1], [Scripted([0.1])], eval_fn=broken),
+               handlers=[closing])  # fmt: skip
+    assert closing.closed == 1
+    closing = _Closing()
+    fe.evaluate(
+        step.init(mlp()), fe.default_predict, batches[:1], [Scripted([0.1])], handlers=[closing]
+    )
+    assert closing.closed == 1

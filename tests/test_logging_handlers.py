@@ -1509,3 +1509,55 @@ def test_rare_log_lines_keep_few_rows_and_the_same_statistics(tmp_path):
     assert record["step"] == 250
     assert record["loss"] == buf.mean(10)  # numpy's sum of the last 10, as MMEngine's buffer
     assert record["loss_max"] == buf.max(37)
+
+
+def _session_starts(path):
+    """Steps of the SessionLog START events in a tensorboardX event file (``purge_step``)."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    raw, pos, out = Path(path).read_bytes(), 0, []
+    while pos < len(raw):
+        (n,) = struct.unpack("<Q", raw[pos : pos + 8])
+        event = Event.FromString(raw[pos + 12 : pos + 12 + n])
+        pos += 12 + n + 4
+        if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+            out.append(event.step)
+    return out
+
+
+def test_tensorboard_resumed_runs_keep_every_file_and_purge_the_rewritten_steps(tmp_path):
+    """A resume in the same second used to reopen the first run's event file with 'wb' (tensorboardX
+    names files by the second), erasing it; and the steps the resume rewrites showed two values."""
+    tiny_fit(tmp_path, handlers=[TensorBoard(), fe.handlers.Checkpointer(15, by_epoch=False)],
+             max_steps=20)  # fmt: skip
+    state = tiny_fit(tmp_path, handlers=[TensorBoard(), fe.handlers.Checkpointer(15, by_epoch=False)],
+                     max_steps=20)  # fmt: skip
+    assert state.step == 20
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) >= 2
+    steps = sorted(step for f in files for tag, step, _ in _read_events(f) if tag == "train/loss")
+    assert steps == [10, 20, 10, 20] or steps == [10, 10, 20, 20]  # both runs' points kept
+
+
+def test_tensorboard_purges_after_the_resumed_checkpoint(tmp_path):
+    tiny_fit(tmp_path, handlers=[TensorBoard(), fe.handlers.Checkpointer(15, by_epoch=False)],
+             max_steps=20)  # fmt: skip
+    loader = data.Loader(data.synthetic_classification(50, 16, 10), 2, seed=0)
+    step = fe.train_step(ce_loss, optim.sgd(0.01))
+    fe.fit(step.init(mlp(), seed=0), step, loader, max_steps=30, work_dir=tmp_path,
+           handlers=[TensorBoard(), fe.handlers.Checkpointer(15, by_epoch=False)],
+           resume=tmp_path / "iter_15.safetensors")  # fmt: skip
+    starts = [s for f in (tmp_path / "tensorboard").glob("*") for s in _session_starts(f)]
+    assert 16 in starts  # TensorBoard drops earlier files' points from step 16 on
+
+
+def test_handler_arguments_that_failed_late_are_refused():
+    with pytest.raises(ValueError, match=r"TensorBoard: flush_secs must be a number > 0, got 'x'"):
+        TensorBoard(flush_secs="x")
+    with pytest.raises(ValueError, match=r"Logger: num_digits must be an int >= 0, got -1"):
+        Logger(num_digits=-1)
+    with pytest.raises(TypeError, match=r"Logger: json_file must be a file name"):
+        Logger(json_file=5)
+    with pytest.raises(TypeError, match=r"ProgressBar: transient must be a bool"):
+        fe.handlers.ProgressBar(transient="no")
+    assert fe.handlers.MLflow(artifact_suffix=".log").artifact_suffix == (".log",)

@@ -693,6 +693,12 @@ class Logger(_TrainScalars):
             )
         own = Timer() if timer is None else (timer or None)
         super().__init__(interval, window_size, ignore_last, own, stats, mean_pattern, priority)
+        if isinstance(num_digits, bool) or not isinstance(num_digits, int) or num_digits < 0:
+            raise ValueError(f"Logger: num_digits must be an int >= 0, got {num_digits!r}")
+        if json_file is not None and (not isinstance(json_file, str) or not json_file):
+            raise TypeError(
+                f"Logger: json_file must be a file name (str) or None, got {json_file!r}"
+            )
         self.json_file = json_file
         self.log_file = log_file
         self.num_digits = num_digits

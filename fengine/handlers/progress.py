@@ -32,6 +32,8 @@ class ProgressBar(Handler):
     ) -> None:
         super().__init__(priority=priority)
         self.console = console
+        if not isinstance(transient, bool):
+            raise TypeError(f"ProgressBar: transient must be a bool, got {transient!r}")
         self.transient = transient
         self._progress: Any = None
         self._enabled: bool | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,9 @@ from fengine.handlers.log import (
 )
 from fengine.handlers.timing import Timer
 from fengine.handlers.trackers import Tracker
+
+
+_OPENED = itertools.count(1)  # writers this process opened: part of each event file's name
 
 
 __all__ = ["TensorBoard"]
@@ -61,6 +66,12 @@ class TensorBoard(Tracker):
             mean_pattern=mean_pattern,
             priority=priority,
         )
+        if (
+            isinstance(flush_secs, bool)
+            or not isinstance(flush_secs, (int, float))
+            or flush_secs <= 0
+        ):
+            raise ValueError(f"TensorBoard: flush_secs must be a number > 0, got {flush_secs!r}")
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.flush_secs = flush_secs
         self._writer: Any = None
@@ -75,7 +86,22 @@ class TensorBoard(Tracker):
         from tensorboardX import SummaryWriter  # here: only the rank that writes pays for it
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(logdir=str(self.log_dir), flush_secs=self.flush_secs)
+        self._open(SummaryWriter)
+
+    def _open(self, writer_class: Any, purge_step: int | None = None) -> None:
+        """A writer with its own event file: tensorboardX names files by the second and opens
+        them with 'wb', so a second run in the same second would erase the first's."""
+        self._writer = writer_class(logdir=str(self.log_dir), flush_secs=self.flush_secs,
+                                    filename_suffix=f".{os.getpid()}.{next(_OPENED)}",
+                                    purge_step=purge_step)  # fmt: skip
+
+    def on_after_load_checkpoint(self, snap: Snapshot) -> None:
+        """A resumed run rewrites the steps after its checkpoint: TensorBoard hides the earlier
+        files' points from there on (``purge_step``), so no step shows two values."""
+        if self._writer is not None:
+            writer_class = type(self._writer)
+            self._writer.close()
+            self._open(writer_class, purge_step=snap.step + 1)
 
     def _log_config(self, config: Mapping[str, Any], snap: Snapshot) -> None:
         self._writer.add_text("config", format_config(config))

@@ -270,7 +270,15 @@ class MLflow(Tracker):
         self.experiment, self.run_name = experiment, run_name
         self.tags = dict(tags or {})
         self.tracking_uri = tracking_uri
-        self.artifact_suffix = tuple(artifact_suffix)
+        # a single suffix is one suffix (MMEngine's str.endswith), not its characters
+        suffixes = (
+            (artifact_suffix,) if isinstance(artifact_suffix, str) else tuple(artifact_suffix)
+        )
+        if not all(isinstance(x, str) for x in suffixes):
+            raise TypeError(
+                f"MLflow: artifact_suffix must be a str or strs, got {artifact_suffix!r}"
+            )
+        self.artifact_suffix = suffixes
         self.client: Any = None
         self.run_id: str | None = None
         self._work_dir: Path | None = None
