@@ -92,6 +92,18 @@ class UsageError(ValueError):
     """A bad command line or config value: reported in one line, exit status 2."""
 
 
+def _check_device(device: str) -> None:
+    """``--device`` names a device type the recipes train on, present here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available here")
+
+
 @dataclasses.dataclass(frozen=True)
 class Range:
     """``Annotated[int, Range(ge=1)]``: the values a field accepts, checked after every parse
@@ -188,10 +200,11 @@ class RunConfig:
             )
         if self.keep_checkpoints == 0:
             raise UsageError("--keep-checkpoints must be -1 (keep all) or >= 1, got 0")
-        if self.overwrite and self.resume_from is not None:
-            raise UsageError(
-                "--overwrite moves the old run aside; give it or --resume-from, not both"
-            )
+        if self.overwrite and self.resuming:
+            flag = "--resume" if self.resume else "--resume-from"
+            raise UsageError(f"--overwrite moves the old run aside; give it or {flag}, not both")
+        if self.device is not None:
+            _check_device(self.device)
 
     @property
     def resuming(self) -> bool:
@@ -560,6 +573,7 @@ def _move_aside(work_dir: Path) -> Path:
     from fengine.workdir import lock_work_dir
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
+    work_dir = work_dir.resolve()  # "." has no name to suffix
     target = work_dir.with_name(f"{work_dir.name}.old-{stamp}")
     n = 1
     while target.exists():
@@ -591,6 +605,11 @@ def _check_work_dir(cfg: RunConfig, ckpt: Path | None, out: Callable[[str], Any]
         return
     if not cfg.overwrite:
         raise UsageError(f"{cfg.work_dir} already holds a run ({shown}): {why}")
+    if Path.cwd().is_relative_to(cfg.work_dir.resolve()):
+        raise UsageError(
+            f"--overwrite would move aside {cfg.work_dir.resolve()}, the directory this command "
+            "runs in (the new run would land in the moved one); run it from outside that directory"
+        )
     moved = _move_aside(cfg.work_dir)
     out(f"--overwrite: moved the previous run in {cfg.work_dir} to {moved}")
 

@@ -464,3 +464,33 @@ def test_replays_rebuild_reads_only_the_paths_the_user_confirms(tmp_path):
         cli.from_record(Config, to_dict(Config()), **horizon, paths={"data.rot": "x"})
     # a record at the defaults needs nothing confirmed
     assert cli.from_record(Config, to_dict(Config()), **horizon).load_from is None
+
+
+def test_overwrite_refuses_to_move_the_directory_it_runs_in(trained, tmp_path, monkeypatch, capsys):
+    """`--work-dir . --overwrite` failed with "PosixPath('.') has an empty name"; resolved, it would
+    have moved the current directory and trained into the moved one."""
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    monkeypatch.chdir(work)
+    assert run(*FAST, "--max-steps", "1", "--work-dir", ".", "--overwrite") == 2
+    assert "the directory this command runs in" in capsys.readouterr().err
+    assert not list(tmp_path.glob("w.old-*"))  # nothing moved
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--resume", "--overwrite"), "give it or --resume, not both"),
+        (("--device", "bogus"), "--device must be cpu, cuda or cuda:N, got 'bogus'"),
+        (("--device", "meta"), "--device must be cpu, cuda or cuda:N, got 'meta'"),
+    ],
+)
+def test_flags_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    """Before: --resume silently ignored --overwrite; --device bogus exited 1 (not a usage
+    error), --device meta failed mid-run after writing config.json and the logs."""
+    work = tmp_path / "w"
+    assert run(*FAST, "--max-steps", "1", "--work-dir", str(work), *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not work.exists()
