@@ -173,7 +173,4 @@ def evaluate(
         return run_eval(state, data, metrics, eval_fn, params=params, dispatch=dispatch, run=run,
                         phase=phase, autocast=autocast)  # fmt: skip
     finally:
-        for h in dispatch.handlers:  # a tracker opened by the pass: flushed and its run ended
-            close = getattr(h, "close", None)
-            if callable(close):
-                close()
+        dispatch.close()  # a tracker opened by the pass: flushed and its run ended

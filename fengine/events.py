@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -334,15 +335,18 @@ def _check_handler(h: Any, events: tuple[str, ...]) -> None:
 class Dispatcher:
     """Calls handlers' ``on_<event>`` methods in priority order; collects `Stop` and `Save` signals."""
 
-    def __init__(self, handlers: Iterable[Any], *, extra_events: Iterable[str] = ()) -> None:
+    def __init__(
+        self, handlers: Iterable[Any], *, extra_events: Iterable[str] = (), also: Iterable[Any] = ()
+    ) -> None:
         """``extra_events``: names a custom loop fires besides MMEngine's (as MMEngine lets a custom loop
-        call new hook names); handlers may define ``on_<name>`` for them."""
+        call new hook names); handlers may define ``on_<name>`` for them. ``also``: handlers the
+        caller adds to the user's (`fit`'s DataLoader generator record)."""
         self.events = (*EVENTS, *extra_events)
         if isinstance(handlers, (str, bytes)):
             raise TypeError(
                 f"handlers must be handler objects (e.g. [fe.handlers.Logger()]), got the string {handlers!r}"
             )
-        self.handlers = list(handlers)
+        self.handlers = [*handlers, *also]
         for h in self.handlers:
             _check_handler(h, self.events)
         names = [getattr(h, "name", None) for h in self.handlers if _keeps_state(h)]
@@ -406,6 +410,20 @@ class Dispatcher:
                 if sd:
                     out[h.name] = sd
         return out
+
+    def close(self) -> None:
+        """Call ``close()`` on the handlers that have one (a run or pass ending without
+        ``after_run``: files and tracker runs closed, their data flushed); a handler's failure to
+        close is logged, not raised over the error that may be ending the run."""
+        for h in self.handlers:
+            close = getattr(h, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+                    logging.getLogger("fengine").error(
+                        "closing %s failed: %s: %s", type(h).__name__, type(e).__name__, e
+                    )
 
     def load_state_dicts(self, states: Mapping[str, Any]) -> None:
         """Each handler's saved state, by name. The states come from a file: a handler that cannot

@@ -395,14 +395,10 @@ def fit(
     world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
     if world > 1:
         _check_same_length(p.batches_per_epoch)
-    handlers = _default_handlers(work_dir, p.by_epoch) if handlers is None else handlers
-    if isinstance(handlers, (str, bytes)):
-        raise TypeError(
-            f"fit: handlers must be handler objects (e.g. [fe.handlers.Logger()]), got the string {handlers!r}"
-        )
     # a DataLoader's order comes from torch generators: carried in checkpoints (one process)
     data_rng = LoaderRng(train_data) if world == 1 else None
-    dispatch = Dispatcher([*handlers, *([data_rng] if data_rng and data_rng.generators else [])])
+    dispatch = Dispatcher(_default_handlers(work_dir, p.by_epoch) if handlers is None else handlers,
+                          also=[data_rng] if data_rng and data_rng.generators else [])  # fmt: skip
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
     with lock_work_dir(work_dir if main else None):  # rank 0 writes the work dir
         if main and work_dir is not None:
@@ -423,9 +419,9 @@ def fit(
                 and moment is not None
                 and _validation_due(moment, state, p, val, interval)
             ):
-                if world > 1 and moment != "after_train_epoch":  # (synced before that save)
-                    distributed.sync_buffers(state.buffers)  # MMEngine's SyncBuffersHook
-                state = _validate(state, val, dispatch, run, bg)  # the checkpoint preceded it
+                # the checkpoint preceded it (at an epoch end, after that epoch's buffer sync)
+                state = _validate(state, val, dispatch, run, bg,
+                                  sync=world > 1 and moment != "after_train_epoch")  # fmt: skip
             if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
                 log.warning("fit: no val, so reduce_on_plateau never reduces; pass val=fe.Val(...)")
             watch = FiniteWatch(enabled=check_nonfinite)
@@ -451,11 +447,8 @@ def fit(
                     if (received or world > 1) and _signalled(received, tick, world, device):
                         _preempt(received, state, run, dispatch, event, bg, watch)
                     if val is not None and _validation_due(event, state, p, val, interval):
-                        if world > 1 and event != "after_train_epoch":  # no epoch end synced them
-                            distributed.sync_buffers(
-                                state.buffers
-                            )  # SyncBuffersHook.before_val_epoch
-                        state = sent = _validate(state, val, dispatch, run, bg, watch)
+                        state = sent = _validate(state, val, dispatch, run, bg, watch,
+                                                 sync=world > 1 and event != "after_train_epoch")  # fmt: skip
                         if _signalled(received, tick, world, device):
                             _preempt(received, state, run, dispatch, "after_val", bg, watch)
                 watch.check()
@@ -472,21 +465,9 @@ def fit(
             dispatch("after_run", state, run)
         except BaseException:
             bg.abandon()
-            close_handlers(dispatch.handlers)  # files and tracker runs closed, their data flushed
+            dispatch.close()  # files and tracker runs closed, their data flushed
             raise
     return state
-
-
-def close_handlers(handlers: Iterable[Any]) -> None:
-    """Call ``close()`` on the handlers that have one (a run ending without ``after_run``); a
-    handler's own failure to close is logged, not raised over the run's error."""
-    for h in handlers:
-        close = getattr(h, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception as e:  # noqa: BLE001 - the run's error is the one to raise
-                log.error("closing %s failed too: %s: %s", type(h).__name__, type(e).__name__, e)
 
 
 def _check_distributed(step: Step) -> int:
@@ -577,10 +558,14 @@ def _next(ticks: Generator[Tick, TrainState | None, None], sent: TrainState | No
 
 
 def _validate(state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo,
-              bg: _Background | None = None, watch: FiniteWatch | None = None) -> TrainState:  # fmt: skip
-    """Validate; the state after its results. Once the ``after_val_epoch`` handlers have run,
-    reduce_on_plateau observes the results and the checkpoints asked for are written, before
-    ``after_val`` (MMEngine's ParamSchedulerHook, then CheckpointHook, in ``after_val_epoch``)."""
+              bg: _Background | None = None, watch: FiniteWatch | None = None, *,
+              sync: bool = False) -> TrainState:  # fmt: skip
+    """Validate; the state after its results. ``sync``: average the ranks' buffers first, where no
+    epoch end just did (MMEngine's SyncBuffersHook.before_val_epoch). Once the ``after_val_epoch``
+    handlers have run, reduce_on_plateau observes the results and the checkpoints asked for are
+    written, before ``after_val`` (MMEngine's ParamSchedulerHook, then CheckpointHook)."""
+    if sync:
+        distributed.sync_buffers(state.buffers)
     observed = state
 
     def checkpoints(results: dict[str, Any]) -> TrainState:
