@@ -13,12 +13,12 @@ else). Re-entrant within a process: a recipe can hold the lock around its own wr
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from fengine.checkpoint._io import NotOwnFile, open_own
 
 
 try:
@@ -90,38 +90,17 @@ def _acquire(d: Path) -> int:
 
 
 def _open_lock_file(path: Path) -> int:
-    """Open (or create) the lock file: a regular file with one name, never followed through a
-    link, since the pid written into it must not overwrite a file elsewhere (a work dir may come
-    from someone else). Checked before opening (opening a device can have effects) and after."""
+    """Open (or create) the lock file with `open_own`: the pid written into it must not
+    overwrite a file elsewhere (a work dir may come from someone else)."""
     try:
-        st: os.stat_result | None = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and (why := _not_lock_file(path, st)):
-        raise _refused(path, why)
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        raise _refused(path, "a symbolic link") from None  # swapped in since the check
-    why = _not_lock_file(path, os.fstat(fd))
-    if why:
-        os.close(fd)
-        raise _refused(path, why)
-    return fd
-
-
-def _not_lock_file(path: Path, st: os.stat_result) -> str | None:
-    """None for a regular file with one name, else what ``path`` is."""
-    if stat.S_ISLNK(st.st_mode):
-        return f"a symbolic link (to {os.readlink(path)!r})"
-    if not stat.S_ISREG(st.st_mode):
-        return f"not a regular file (mode {stat.filemode(st.st_mode)})"
-    if st.st_nlink > 1:
-        return f"a hard link (one file with {st.st_nlink} names)"
-    return None
+        return open_own(path, os.O_RDWR | os.O_CREAT)
+    except NotOwnFile as e:
+        why = {
+            "symlink": f"a symbolic link (to {e.detail!r})",
+            "special": f"not a regular file ({e.detail})",
+            "hard links": f"a hard link (one file with {e.detail} names)",
+        }[e.why]
+        raise _refused(path, why) from None
 
 
 def _refused(path: Path, why: str) -> OSError:

@@ -188,6 +188,51 @@ def open_regular(path: Path) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+class NotOwnFile(Exception):
+    """`open_own` refused ``path``: ``why`` is ``"symlink"`` (``detail``: its target),
+    ``"special"`` (``detail``: what it is) or ``"hard links"`` (``detail``: how many names)."""
+
+    def __init__(self, why: str, detail: str):
+        super().__init__(f"{why}: {detail}")
+        self.why, self.detail = why, detail
+
+
+def open_own(path: Path, flags: int, *, one_name: bool = True) -> int:
+    """A descriptor on the regular file at ``path`` itself (created with ``os.O_CREAT`` in
+    ``flags``), for a file fengine writes in a directory it may have been given: never opened
+    through a symlink (a link there must not redirect the write), never a FIFO or device (checked
+    before opening, since opening one can have effects, and opened non-blocking), and with
+    ``one_name`` not a file with other hard links (the write would change it under those too).
+    Raises `NotOwnFile`; other ``OSError`` pass through."""
+
+    def refuse(st: os.stat_result) -> None:
+        if stat.S_ISLNK(st.st_mode):
+            raise NotOwnFile("symlink", os.readlink(path))
+        kind = _kind(st.st_mode)
+        if kind:
+            raise NotOwnFile("special", kind)
+        if one_name and st.st_nlink > 1:
+            raise NotOwnFile("hard links", str(st.st_nlink))
+
+    try:
+        refuse(os.lstat(path))
+    except FileNotFoundError:
+        pass
+    safe = getattr(os, "O_NOFOLLOW", 0) | _NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | safe, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a link swapped in since the check
+            raise NotOwnFile("symlink", os.readlink(path)) from None
+        raise
+    try:
+        refuse(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 # ======================================================================= writing and removing
 def _fsync_dir(directory: Path) -> None:
     try:

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import stat
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fengine
+from fengine.checkpoint._io import NotOwnFile, open_own
 from fengine.config import config_hash
 from fengine.events import Handler, Priority, Snapshot
 from fengine.replay.env import environment
@@ -216,37 +216,33 @@ class RunRecorder(Handler):
             self._file = None
 
 
-def _open_regular(path: Path, flags: int) -> int:
-    """A descriptor on ``path`` itself, never on what a symlink there points to (an untrusted
-    work dir must not redirect the run log); anything but a regular file is refused (opened
-    non-blocking, so a FIFO there cannot hang us; a regular file ignores that flag)."""
-    safe = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
+def _open_regular(path: Path, flags: int, *, one_name: bool = False) -> int:
+    """A descriptor on the run log itself (`open_own`: never through a symlink, an untrusted work
+    dir must not redirect it; a regular file; with ``one_name`` no other hard links)."""
     try:
-        fd = os.open(path, flags | safe, 0o644)
-    except OSError as e:
-        if path.is_symlink():
+        return open_own(path, flags, one_name=one_name)
+    except NotOwnFile as e:
+        if e.why == "symlink":
             raise ReplayError(
-                f"{path} is a symlink (to {os.readlink(path)}); expected the run log itself, "
+                f"{path} is a symlink (to {e.detail}); expected the run log itself, "
                 "a regular file: fengine never follows it (replace the link by the file)"
             ) from None
+        if e.why == "special":
+            raise ReplayError(
+                f"{path} is not a regular file ({e.detail}); expected the run log, a regular file"
+            ) from None
+        raise ReplayError(
+            f"{path} has {e.detail} hard links; expected a file of its own: appending would "
+            "change the file under its other names too (replace it by a copy)"
+        ) from None
+    except OSError as e:
         raise ReplayError(f"{path}: cannot open the run log ({e.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ReplayError(f"{path} is not a regular file; expected the run log, a regular file")
-    return fd
 
 
 def _open_for_append(path: Path) -> TextIO:
     """The run log opened to append to (its only name), a torn last record (a process killed
     mid-write) dropped first."""
-    fd = _open_regular(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-    links = os.fstat(fd).st_nlink
-    if links > 1:
-        os.close(fd)
-        raise ReplayError(
-            f"{path} has {links} hard links; expected a file of its own: appending would change "
-            "the file under its other names too (replace it by a copy)"
-        )
+    fd = _open_regular(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, one_name=True)
     with open(fd, "rb+", closefd=False) as f:
         data = f.read()
         if data and not data.endswith(b"\n"):
