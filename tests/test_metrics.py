@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -301,7 +302,9 @@ def test_update_does_not_sync_with_the_device():
     on_device = [(x.cuda(), y) for x, y in batches]  # labels stay on the CPU (raw batch)
     acc = ev.init()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any blocking copy or .item() now raises
+    with warnings.catch_warnings():  # torch warns that the debug mode is a prototype
+        warnings.filterwarnings("ignore", "Synchronization debug mode", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")  # any blocking copy or .item() now raises
     try:
         for xd, y in on_device:
             acc = ev.update(acc, (None, y), {"logits": xd, "loss": xd.mean(1)})

@@ -86,11 +86,13 @@ def _allocate(shapes: tuple, pinned: bool) -> list[torch.Tensor]:
     """Views of one page-aligned buffer (pinned for GPU copies), back to back, one per
     ``(shape, dtype)`` of ``shapes``."""
     sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in shapes]
-    # pinned blocks start on a page already and are rounded up to a power of two: no slack that
-    # would double a 2**k-byte state; CPU memory is 64-byte aligned: a page of slack
-    slack = 0 if pinned else PAGE
-    raw = torch.empty(sum(sizes) + slack, dtype=torch.uint8, pin_memory=pinned)
-    at = -raw.data_ptr() % PAGE if slack else 0  # a misaligned pinned block: written buffered
+    # pinned blocks usually start on a page and are rounded up to a power of two: no slack that
+    # would double a 2**k-byte state, unless the block is not page-aligned (seen: 512 bytes off,
+    # torch 2.11 on an H200); CPU memory is 64-byte aligned: a page of slack
+    raw = torch.empty(sum(sizes) + (0 if pinned else PAGE), dtype=torch.uint8, pin_memory=pinned)
+    if pinned and raw.data_ptr() % PAGE:
+        raw = torch.empty(sum(sizes) + PAGE, dtype=torch.uint8, pin_memory=True)
+    at = -raw.data_ptr() % PAGE
     views = []
     for (shape, dtype), n in zip(shapes, sizes):
         views.append(raw[at : at + n].view(dtype).view(shape))
