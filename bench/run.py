@@ -17,7 +17,7 @@ with the command, versions, machine and thread count.
 
     python bench/run.py            # the whole suite
     python bench/run.py --quick    # ~3-4 minutes on 2 cores; last line: mlp compiled ratio X.XX
-    python bench/run.py --quick --device cuda   # the same on a GPU, added to RESULTS.md
+    python bench/run.py --quick --device cuda   # on a GPU (quick engines, full step counts): a section of RESULTS.md
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,13 +115,14 @@ def installed(module: str) -> bool:
     return find_spec(module) is not None
 
 
-def run_suite(args: argparse.Namespace) -> list[Row]:
-    steps = QUICK_STEPS if args.quick else STEPS
+def run_suite(args: argparse.Namespace, rows: dict[tuple[str, str, str], Row]) -> None:
+    """Measures every (workload, engine, feed) into ``rows`` as it goes (a stopped run keeps them)."""
+    # a device runs the full counts in seconds; quick's few CPU updates would time launch noise there
+    steps = QUICK_STEPS if args.quick and args.device == "cpu" else STEPS
     if args.steps:
         steps = dict.fromkeys(steps, args.steps)
     engines = [e for e in ENGINE_ORDER if e not in OPTIONAL or installed(OPTIONAL[e])]
     feeds = args.feeds
-    rows: dict[tuple[str, str, str], Row] = {}
     for workload in args.workloads:
         n = steps[workload]
         warmup = max(2, n // 10)
@@ -148,7 +150,6 @@ def run_suite(args: argparse.Namespace) -> list[Row]:
                         f"  {workload:4} {feed:6} {engine:10} {out['steps_per_s']:9.1f} steps/s",
                         flush=True,
                     )
-    return list(rows.values())
 
 
 def table(rows: list[Row]) -> list[str]:
@@ -176,6 +177,8 @@ def checkpoint_rows(args: argparse.Namespace) -> list[str]:
         str(gb),
         "--repeats",
         "1" if args.quick else "3",
+        "--device",
+        args.device,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     out = done.stdout.strip().splitlines() or [
@@ -204,7 +207,8 @@ def write_results(
     out = Path(args.out)
     if args.device != "cpu":  # a device's table goes beside the CPU one, in the same file
         gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else ""
-        section = [f"## On {args.device} ({gpu})", "", header[2], "", *lines, ""]
+        section = [f"## On {args.device} ({gpu})", "", *header[2:5], "", *lines, "",
+                   "Checkpoints, the async-stall rows training on the device:", "", *ckpt, ""]  # fmt: skip
         before = out.read_text() if out.exists() else "\n".join(header[:1] + [""])
         out.write_text(before.rstrip("\n") + "\n\n" + "\n".join(section))
         return
@@ -271,9 +275,19 @@ def main() -> None:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.feeds = args.feeds or ["list", "loader"]
     t0 = time.perf_counter()
-    rows = run_suite(args)
+    measured: dict[tuple[str, str, str], Row] = {}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout`: keep what was measured
+    try:
+        run_suite(args, measured)
+        stopped = None
+    except KeyboardInterrupt:
+        stopped = (
+            f"stopped after {len(measured)} rows (SIGTERM or Ctrl-C): the rows measured so far"
+        )
+        print(stopped, flush=True)
+    rows = list(measured.values())
     lines = table(rows)
-    ckpt = checkpoint_rows(args)
+    ckpt = checkpoint_rows(args) if stopped is None else [stopped]
     write_results(args, lines, ckpt, time.perf_counter() - t0)
     print("\n".join(lines + [""] + ckpt))
     print(f"results: {args.out}")
