@@ -137,15 +137,11 @@ def test_a_kill_at_every_filesystem_step_loses_nothing(tmp_path, monkeypatch, ma
 def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     """50 real kill -9 of a forked run at random moments, each followed by a resume to the end."""
     straight = experiment(tmp_path / "straight", 1)
-    t0 = time.perf_counter()
-    experiment(tmp_path / "timing", 1)
-    duration = time.perf_counter() - t0
-    rng = random.Random(0)
-    outcomes = {"unresumable": 0, "lost_best": 0, "stale": 0, "killed": 0}
-    for i in range(50):
-        work = tmp_path / f"run{i}"
+
+    def forked_run(work):
+        """A child that trains until it ends or is killed (fork to exit, as each killed run)."""
         pid = os.fork()
-        if pid == 0:  # the child trains until it is killed
+        if pid == 0:
             code = 1
             try:
                 torch.set_num_threads(1)
@@ -153,6 +149,21 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
                 code = 0
             finally:
                 os._exit(code)
+        return pid
+
+    # the kills' range from children run to their end the same way (the shortest: a parent-side
+    # timing with other threads, or under load, overestimated it and most kills came too late)
+    durations = []
+    for k in range(2):
+        t0 = time.perf_counter()
+        os.waitpid(forked_run(tmp_path / f"timing{k}"), 0)
+        durations.append(time.perf_counter() - t0)
+    duration = min(durations)
+    rng = random.Random(0)
+    outcomes = {"unresumable": 0, "lost_best": 0, "stale": 0, "killed": 0}
+    for i in range(50):
+        work = tmp_path / f"run{i}"
+        pid = forked_run(work)
         time.sleep(rng.uniform(0, duration * 1.2))
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
