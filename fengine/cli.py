@@ -25,11 +25,12 @@ A recipe declares its config as a frozen dataclass tree whose root subclasses `R
 
 `main` does, in order (`parse` is the first two steps):
 
-1. **Config layers**, each overriding the one before: the dataclass defaults, ``--preset NAME``
-   (or ``--config PATH``, a dumped ``config.json``/YAML), the checkpoint's recorded config when
-   resuming (``--resume`` / ``--resume-from``), then the flags on the command line. A horizon
-   flag replaces the other (``--max-steps 60`` on an epoch config clears ``max_epochs``); a
-   resume without one keeps the checkpoint's horizon.
+1. **Config layers**, each overriding the one before: the dataclass defaults, the base, then
+   the flags on the command line. The base is ``--preset NAME`` or ``--config PATH`` (a dumped
+   ``config.json``/YAML) when given, else, when resuming (``--resume`` / ``--resume-from``),
+   the checkpoint's recorded config and horizon. A horizon flag replaces the other
+   (``--max-steps 60`` on an epoch config clears ``max_epochs``; so does a config file that
+   gives only one of them).
 2. **Checks**: tyro's parse errors and every `Range` in ``Annotated[...]`` metadata, then
    ``cfg.check()`` (cross-field rules): one line, exit status 2.
 3. **The work dir**: one that already holds a run is refused up front unless ``--resume``
@@ -145,7 +146,8 @@ class RunConfig:
     """cpu, cuda or cuda:N (default: cuda when available, else cpu); under torchrun, cuda is cuda:LOCAL_RANK"""
     resume: bool = False
     """continue the run in --work-dir from its latest checkpoint, with the checkpoint's config and
-    horizon (flags given override them; a difference is reported)"""
+    horizon (flags given override them, --preset or --config replaces them; a difference is
+    reported)"""
     resume_from: Path | None = None
     """continue from this checkpoint file (as --resume, from that file)"""
     load_from: Path | None = None
@@ -266,7 +268,7 @@ def parse(
     ckpt = None
     if cfg.resuming:
         ckpt = _resume_path(cfg)
-        if ckpt is not None and given.config is None:
+        if ckpt is not None and given.config is None and given.preset is None:
             base = _horizon_from_argv(_from_checkpoint(cls, ckpt, base), argv)
     cfg = _tyro(cls, argv, base, desc)  # --help ends here, showing the layered defaults
     check(cfg)
@@ -371,6 +373,10 @@ def load_config(cls: type[C], path: Path) -> C:
         raise UsageError(
             f"--config {path}: expected a mapping of fields, got {type(data).__name__}"
         )
+    horizons = ("max_epochs", "max_steps")
+    given = [k for k in horizons if data.get(k) is not None]
+    if len(given) == 1 and all(k in given or k not in data for k in horizons):
+        data = {**data, **{k: None for k in horizons if k not in given}}  # as the flags do
     try:
         return from_dict(cls, data)
     except (TypeError, ValueError) as e:
@@ -433,6 +439,19 @@ def _paths_from(base: Any, cfg: Any) -> Any:
             changes[f.name] = _paths_from(getattr(base, f.name), theirs)
         elif _is_path_type(hints.get(f.name)):
             changes[f.name] = getattr(base, f.name)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _absolute_paths(cfg: Any) -> Any:
+    """``cfg`` with every path field (nested too) made absolute."""
+    hints = typing.get_type_hints(type(cfg))
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = _absolute_paths(value)
+        elif isinstance(value, PurePath) and _is_path_type(hints.get(f.name)):
+            changes[f.name] = Path(value).absolute()
     return dataclasses.replace(cfg, **changes)
 
 
@@ -598,6 +617,8 @@ def _check_work_dir(cfg: RunConfig, ckpt: Path | None, out: Callable[[str], Any]
         why = "but no checkpoint to resume: start afresh in another --work-dir or with --overwrite"
     elif cfg.resume_from is not None:
         why = f"and {cfg.resume_from} is not one of its checkpoints: resume into another --work-dir"
+    elif not any(cfg.work_dir.glob("*.safetensors")):  # no checkpoint: --resume would start over
+        why = "it has no checkpoint to continue from: choose another --work-dir, or pass --overwrite to move it aside"
     else:
         why = "continue it with --resume, choose another --work-dir, or pass --overwrite to move it aside"
     if cfg.dry_run:
@@ -618,7 +639,8 @@ def write_config(cfg: RunConfig) -> Path:
     """The resolved config to ``work_dir/config.json``, atomically (a crash leaves the old one)."""
     path = cfg.work_dir / "config.json"
     tmp = path.with_name(f".config.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    resolved = to_dict(_absolute_paths(cfg))  # --config works from any directory
+    tmp.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -644,10 +666,10 @@ def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str]
     """
     from fengine import optim
 
-    loaded = _validated(path, exp.state)
     recorded, run = _checkpoint_run(path)
     notes: list[str] = []
     plan = exp.plan
+    changed: list[str] = []
     if recorded is not None:
         now = {k: v for k, v in to_dict(cfg).items() if k not in type(cfg).NOT_RECORDED}
         was = {k: v for k, v in recorded.items() if k in now}
@@ -657,6 +679,22 @@ def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str]
             notes.append(
                 f"note: the config differs from the one {path} recorded: {'; '.join(changed)}"
             )
+    try:
+        loaded = _validated(path, exp.state)
+    except checkpoint.CheckpointMismatchError as e:
+        if not changed:
+            raise
+        entries = [f"{m} missing from the file" for m in e.missing]
+        entries += [f"{u} not in this run's state" for u in e.unexpected]
+        entries += [f"{n}: {a} in the file, {b} here" for n, a, b in (*e.shape, *e.dtype)]
+        entries += [str(k) for k in e.kind]
+        raise UsageError(
+            f"{path} cannot continue with this config: it changes the state's layout "
+            f"({len(entries)} entries differ, e.g. {'; '.join(entries[:3])}); "
+            "the config differs from the one it recorded: "
+            f"{'; '.join(changed)}. Resume without those changes, or start a new run in another "
+            f"--work-dir with --load-from {path} (its weights)"
+        ) from None
     old_epochs, old_total = run.get("max_epochs"), run.get("max_steps")
     new_epochs = plan.max_epochs
     step = loaded.step

@@ -325,10 +325,11 @@ def test_a_failed_run_leaves_config_and_logs_untouched(trained, tmp_path, capsys
     work = tmp_path / "w"
     shutil.copytree(trained, work)
     before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
-    # a resume whose model does not fit the checkpoint fails before anything is written
-    assert run("--work-dir", str(work), "--resume", "--max-steps", "9", "--model.width", "16") == 1
+    # a resume whose model does not fit the checkpoint fails before anything is written (exit 2:
+    # the flag that changed the model is named)
+    assert run("--work-dir", str(work), "--resume", "--max-steps", "9", "--model.width", "16") == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "iter_6.safetensors" in err
+    assert " error: " in err and "iter_6.safetensors" in err and "model.width 8 -> 16" in err
     assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
     # a bad --load-from on a fresh work dir: no config.json, no log
     fresh = tmp_path / "fresh"
@@ -494,3 +495,90 @@ def test_flags_refused_before_anything_is_written(tmp_path, capsys, flags, messa
     assert run(*FAST, "--max-steps", "1", "--work-dir", str(work), *flags) == 2
     assert message in capsys.readouterr().err
     assert not work.exists()
+
+
+# ----------------------------------------------------------------------- layering edge cases
+def test_a_used_work_dir_without_checkpoints_is_refused_without_suggesting_resume(
+    trained, tmp_path, capsys
+):
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    for p in [*work.glob("*.safetensors"), work / "last_checkpoint"]:
+        p.unlink()  # a run that failed before its first checkpoint
+    assert run(*FAST, "--max-steps", "2", "--work-dir", str(work)) == 2
+    err = capsys.readouterr().err
+    assert "it has no checkpoint to continue from: choose another --work-dir" in err
+    assert "--resume" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "changed"),
+    [
+        (["--optim.clip-grad", "1.0"], "optim.clip_grad None -> 1.0"),
+        (["--model.width", "16"], "model.width 8 -> 16"),
+    ],
+)
+def test_a_resume_whose_flags_change_the_states_layout_names_them(
+    trained, tmp_path, capsys, flags, changed
+):
+    """The structure mismatch is said in terms of the flags that caused it, in one line, before
+    anything is written (it used to be the checkpoint's mismatch dump, without the config's notes)."""
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    assert run("--work-dir", str(work), "--resume", "--no-progress", *flags) == 2
+    err = capsys.readouterr().err
+    assert f"{work / 'iter_6.safetensors'} cannot continue with this config" in err
+    assert changed in err and f"--load-from {work / 'iter_6.safetensors'}" in err
+    assert err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+
+
+def test_a_preset_or_config_file_given_with_resume_is_the_base(trained, tmp_path):
+    """--preset or --config with --resume replaces the checkpoint's recorded config (it was
+    ignored silently for --preset); the differences are reported."""
+    cfg, ckpt = parse("--work-dir", str(trained), "--resume")
+    assert ckpt == trained / "iter_6.safetensors" and cfg.data.batch_size == 512  # the checkpoint's
+    cfg, _ = parse("--work-dir", str(trained), "--resume", "--preset", "tiny")
+    assert cfg.data.batch_size == classify.PRESETS["tiny"].data.batch_size != 512
+    assert (cfg.max_epochs, cfg.max_steps) == (10, None)  # the preset's horizon
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)  # --dry-run writes its plot there
+    notes: list[str] = []
+    assert run("--work-dir", str(work), "--resume", "--preset", "tiny", "--dry-run",
+               "--no-progress", out=notes) == 0  # fmt: skip
+    assert any("data.batch_size 512 -> " in n for n in notes), notes
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**json.loads((trained / "config.json").read_text()), "seed": 5}))
+    cfg, _ = parse("--work-dir", str(trained), "--resume", "--config", str(path))
+    assert cfg.seed == 5 and cfg.data.batch_size == 512
+
+
+def test_a_config_file_giving_one_horizon_clears_the_other(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"max_steps": 5}))
+    cfg, _ = parse("--config", str(path))
+    assert (cfg.max_epochs, cfg.max_steps) == (None, 5)  # not a clash with the default 10 epochs
+    path.write_text(json.dumps({"max_epochs": 2}))
+    assert parse("--config", str(path))[0].max_epochs == 2
+    path.write_text(json.dumps({"max_steps": 5, "max_epochs": 2}))  # both given: the usual refusal
+    with pytest.raises(cli.UsageError, match="not both"):
+        parse("--config", str(path))
+
+
+def test_config_json_holds_absolute_paths(tmp_path, monkeypatch):
+    """A relative --load-from or data root is written absolute: --config W/config.json works
+    from any directory."""
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = parse("--work-dir", "w", "--load-from", "weights.safetensors", "--data.root", "data")
+    (tmp_path / "w").mkdir()
+    saved = json.loads(cli.write_config(cfg).read_text())
+    assert saved["load_from"] == str(tmp_path / "weights.safetensors")
+    assert saved["data"]["root"] == str(tmp_path / "data")
+    assert saved["work_dir"] == str(tmp_path / "w")
