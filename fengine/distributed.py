@@ -147,6 +147,13 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def unequal_counts(count: int | None) -> list[int] | None:
+    """Every rank's ``count`` in rank order if they differ (a collective), else None; a rank
+    that cannot count (None) makes it None: nothing to compare."""
+    counts = gather_objects(count)
+    return counts if None not in counts and len(set(counts)) > 1 else None
+
+
 def agree(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any (e.g. a preemption signal seen by one rank)."""
     if not _active() or world_size() == 1:

@@ -16,6 +16,7 @@ from fengine.data.gather import gathered
 from fengine.devices import device_of, to_device
 from fengine.events import Dispatcher, RunInfo
 from fengine.metrics import Evaluator, Metric
+from fengine.sharding import is_sharded
 from fengine.state import TrainState
 
 
@@ -80,6 +81,18 @@ def _dataset_size(data: Iterable) -> int | None:
     return len(dataset) if isinstance(dataset, Sized) else None
 
 
+def _check_same_length(batches: int | None) -> None:
+    """A sharded model's forward is a collective (FSDP all-gathers its units): a rank with more
+    batches than another would wait forever. Refused before the first batch, on every rank."""
+    counts = distributed.unequal_counts(batches)
+    if counts is not None:
+        raise ValueError(
+            f"evaluate: the ranks' data have different numbers of batches ({counts}, by rank) and "
+            "the model is sharded (each forward all-gathers across ranks): give each rank as many, "
+            "e.g. fengine.data.Loader(..., rank=, world_size=) with round_up=True (the default)"
+        )
+
+
 def run_eval(
     state: TrainState,
     data: Iterable,
@@ -104,6 +117,8 @@ def run_eval(
     if model is None:
         raise ValueError("the state has no model; build it with step.init(model, seed=...)")
     n = len(data) if isinstance(data, Sized) else None
+    if is_sharded(model) and distributed.world_size() > 1:
+        _check_same_length(n)
 
     def emit(
         when: str, unit: str = "", **fields: Any

@@ -486,8 +486,8 @@ def _check_distributed(step: Step) -> int:
 def _check_same_length(batches: int) -> None:
     """Every rank must take the same number of batches per epoch: each update is a collective, so
     a rank with one batch more would wait forever (NCCL) or meet another collective (gloo)."""
-    counts = distributed.gather_objects(batches)
-    if len(set(counts)) > 1:
+    counts = distributed.unequal_counts(batches)
+    if counts is not None:
         raise ValueError(
             f"fit: the ranks' train_data have different numbers of batches per epoch ({counts}, "
             "by rank); every update averages gradients across ranks, so each must take as many: "

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 import fengine as fe
 from fengine import optim
 from fengine.handlers import Checkpointer
+from fengine.metrics import MeanLoss
 from fengine.sharding import gather_state
 
 
@@ -473,6 +474,14 @@ def errors(out, rank, world):
     for key, fn in (("no_fsdp", no_fsdp), ("not_sharded", not_sharded), ("no_donate", no_donate),
                     ("save_sharded", save_sharded), ("fit_without", fit_without)):  # fmt: skip
         catch(key, fn)
+
+    def uneven_eval():  # rank 1 has one batch more: refused on both ranks before any forward
+        step = fe.train_step(ce_loss, optim.sgd(0.1), fe.fsdp())
+        data = [b] * (1 + rank)
+        fe.evaluate(step.init(sharded(deep_mlp()), seed=0), lambda m, bt: {"loss": ce_loss(m, bt)},
+                    data, [MeanLoss()])  # fmt: skip
+
+    catch("uneven_eval", uneven_eval)
     catch("units", lambda: fe.distributed.shard(deep_mlp(), units=["nope"]))
     catch("twice_sharded", lambda: fe.distributed.shard(sharded(deep_mlp())))
     save(out, "errors", rank, msgs)

@@ -256,6 +256,7 @@ def test_unsupported_combinations_are_refused_with_a_reason(ran):
         assert "or fengine.fsdp()" in msgs["fit_without"]
         assert "no submodule(s) ['nope']" in msgs["units"]
         assert "sharded already" in msgs["twice_sharded"]
+        assert "different numbers of batches ([1, 2], by rank)" in msgs["uneven_eval"]
 
 
 # ---------------------------------------------------------------- one process, no torchrun
