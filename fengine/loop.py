@@ -381,6 +381,9 @@ def fit(
     `Preempted`. The ``work_dir`` is locked for the run (`fengine.lock_work_dir`).
     ``check_nonfinite`` raises `FloatingPointError` on the first non-finite loss
     (`fengine.finite.FiniteWatch`: read every 50 updates, no per-step host sync).
+    An error (or Ctrl-C) that stops the run carries its last whole state as
+    ``error.fengine_state``: the given state is donated, and without checkpoints nothing else
+    holds the training.
     """
     _check_fit_args(state, step, resume, work_dir)
     p = plan(
@@ -463,11 +466,22 @@ def fit(
                 _flush(state, run, dispatch, "after_train", bg)
                 bg.finish(run, dispatch)  # a save asked for at after_train
             dispatch("after_run", state, run)
-        except BaseException:
+        except BaseException as e:
             bg.abandon()
             dispatch.close()  # files and tracker runs closed, their data flushed
+            _keep_state(e, state)
             raise
     return state
+
+
+def _keep_state(error: BaseException, state: TrainState) -> None:
+    """The last whole state on the error as ``error.fengine_state``: the state given to `fit` is
+    donated, so a failure (a validation's error, Ctrl-C) would otherwise lose the training where
+    no checkpoint holds it. A state consumed by a step that failed midway is not whole: none then."""
+    if not state.is_donated:
+        error.fengine_state = state  # type: ignore[attr-defined]
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(f"fit: the state at step {state.step} is kept as .fengine_state")
 
 
 def _check_distributed(step: Step) -> int:

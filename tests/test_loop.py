@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from helpers import (
     GAN,
     assert_dicts_equal,
@@ -926,3 +927,33 @@ def test_val_and_evaluate_take_a_single_metric():
     val = fe.Val(batches, Const("acc", 0.25))
     assert fe.evaluate(state, fe.default_predict, batches, Const("acc", 0.25)) == {"acc": 0.25}
     assert fe.evaluate(state, fe.default_predict, val.data, val.metrics) == {"acc": 0.25}
+
+
+def test_a_failure_after_training_began_keeps_the_last_state_on_the_error():
+    """Without a work dir nothing else holds the training (the given state is donated): an
+    eval_fn that fails at the first validation, after an epoch of updates, leaves the state of
+    that epoch's end on the error, equal to a run of one epoch."""
+    state, step, batches = _setup(3)
+    done = fe.fit(state, step, batches, max_epochs=1, handlers=[])
+
+    def broken(model, batch):
+        raise RuntimeError("eval_fn broke")
+
+    state, step, batches = _setup(3)
+    with pytest.raises(RuntimeError, match="eval_fn broke") as e:
+        fe.fit(state, step, batches, max_epochs=2, handlers=[],
+               val=fe.Val(mlp_batches(2, seed=7), [Const()], eval_fn=broken))  # fmt: skip
+    kept = e.value.fengine_state
+    assert kept.step == 3 and kept.epoch == 1
+    assert_dicts_equal(kept.params, done.params)
+    leaves = zip(
+        pytree.tree_leaves(kept.opt_state), pytree.tree_leaves(done.opt_state), strict=True
+    )
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in leaves)
+    # a batch the model cannot take: the step fails before it consumes its input state
+    state, step, batches = _setup(3)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as e:
+        fe.fit(state, step, [*batches, (torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))],
+               max_epochs=1, handlers=[])  # fmt: skip
+    assert e.value.fengine_state.step == 3
+    assert_dicts_equal(e.value.fengine_state.params, done.params)
