@@ -1563,3 +1563,102 @@ def test_handler_arguments_that_failed_late_are_refused():
     with pytest.raises(TypeError, match=r"ProgressBar: transient must be a bool"):
         fe.handlers.ProgressBar(transient="no")
     assert fe.handlers.MLflow(artifact_suffix=".log").artifact_suffix == (".log",)
+
+
+# ------------------------------------------------------------------ scalars.jsonl across a resume
+def _fit_until(work, *, crash_at=None, by_epoch, resume=False):
+    """6 samples, batches of 2 (3 updates per epoch); Logger every update; a checkpoint every
+    2 updates (iteration-based) or every epoch with validation; optionally a failure once the
+    Logger wrote ``crash_at``'s record (an update's, or a validation's when by_epoch)."""
+
+    class Boom(fe.Handler):
+        priority = Priority.LOWEST  # after the Logger has written the record
+
+        def on_after_train_iter(self, snap):
+            if not by_epoch and snap.step == crash_at:
+                raise RuntimeError("boom")
+
+        def on_after_val_epoch(self, snap):
+            if by_epoch and snap.step == crash_at:
+                raise RuntimeError("boom")
+
+    loader = data.Loader(data.synthetic_classification(6, 16, 10), 2, seed=0)
+    step = fe.train_step(ce_loss, optim.sgd(0.05, momentum=0.9))
+    saver = fe.handlers.Checkpointer(1) if by_epoch else fe.handlers.Checkpointer(2, by_epoch=False)
+    horizon = dict(max_epochs=3) if by_epoch else dict(max_steps=8)
+    return fe.fit(step.init(mlp(), seed=0), step, loader, handlers=[Logger(1, timer=False), saver, Boom()],
+                  val=val_spec(2) if by_epoch else None, work_dir=work, resume=resume, **horizon)  # fmt: skip
+
+
+def _records(path):
+    return [(r["step"], "val" if any(k.startswith("val/") for k in r) else "train",
+             r.get("loss", r.get("val/accuracy"))) for r in read_jsonl(path)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("by_epoch", "crash_at", "moved"), [(False, 5, [5]), (True, 6, [6])])
+def test_a_resumed_runs_scalars_hold_each_step_once(tmp_path, by_epoch, crash_at, moved):
+    """A failure after a record past the last checkpoint (step 5 after iter_4; the validation at
+    step 6 after epoch_2, which the resume runs again): the resumed run's scalars.jsonl is the
+    straight run's, record for record and value for value (the Logger's smoothing windows are
+    in the checkpoint, as MMEngine's MessageHub scalars are); the old records are kept aside."""
+    _fit_until(tmp_path / "straight", by_epoch=by_epoch)
+    work = tmp_path / "w"
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit_until(work, crash_at=crash_at, by_epoch=by_epoch)
+    _fit_until(work, by_epoch=by_epoch, resume=True)
+    assert _records(work / "scalars.jsonl") == _records(tmp_path / "straight" / "scalars.jsonl")
+    aside = read_jsonl(work / "scalars.superseded.jsonl")
+    assert [r["step"] for r in aside] == moved
+
+
+def test_superseding_keeps_what_is_not_a_record(tmp_path):
+    from fengine.handlers.jsonl import supersede
+
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"step": 1}\nnot json\n{"step": 3}\n{"step": 2, "val/acc": 1}\n{"step": "x"}\n'
+    )
+    assert supersede(path, 2, eval_at_step=True) == 2
+    assert path.read_text() == '{"step": 1}\nnot json\n{"step": "x"}\n'
+    assert (
+        tmp_path / "s.superseded.jsonl"
+    ).read_text() == '{"step": 3}\n{"step": 2, "val/acc": 1}\n'
+    assert supersede(tmp_path / "missing.jsonl", 0, eval_at_step=False) == 0
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        [],
+        {"train": []},
+        {
+            "train": {
+                "loss": {"values": [1.5], "counts": [1], "g": ["0x0p+0"] * 4, "e": ["0x0p+0"] * 4}
+            }
+        },
+        {
+            "train": {
+                "loss": {
+                    "values": ["0x1p+0"],
+                    "counts": [],
+                    "g": ["0x0p+0"] * 4,
+                    "e": ["0x0p+0"] * 4,
+                }
+            }
+        },
+        {
+            "train": {
+                "loss": {
+                    "values": ["nope"],
+                    "counts": [1],
+                    "g": ["0x0p+0"] * 4,
+                    "e": ["0x0p+0"] * 4,
+                }
+            }
+        },
+    ],
+)
+def test_a_malformed_logger_state_is_refused(state):
+    """From a checkpoint (untrusted): only ints and floats' hex strings, lengths that agree."""
+    with pytest.raises(ValueError):
+        Logger().load_state_dict(state)

@@ -27,6 +27,7 @@ import torch
 from fengine.events import Handler, Priority, Snapshot
 from fengine.handlers.banner import environment, format_banner, format_config
 from fengine.handlers.history import History, known_statistics, statistic
+from fengine.handlers.jsonl import is_eval_record, supersede
 from fengine.handlers.timing import Timer
 from fengine.host import to_host
 
@@ -266,6 +267,26 @@ class _Series:
         return min(vals) if method == "min" else max(vals)
 
 
+def _exact(x: Any) -> Any:
+    """A logged number for JSON: an int as it is, a float as its hex string (exact, inf, nan)."""
+    return x if type(x) is int else float(x).hex()
+
+
+def _numbers(saved: Mapping[str, Any], field: str, key: str) -> list[Any]:
+    items = saved.get(field)
+    if not isinstance(items, list):
+        raise ValueError(f"series {key!r}: {field} must be a list, got {type(items).__name__}")
+    out: list[Any] = []
+    for x in items:
+        if type(x) is int:
+            out.append(x)
+        elif isinstance(x, str):
+            out.append(float.fromhex(x))  # ValueError for anything but a float's hex
+        else:
+            raise ValueError(f"series {key!r}: {field} holds a {type(x).__name__}")
+    return out
+
+
 _PAIRWISE_MAX = 1024  # the lengths `_numpy_sum` is checked against numpy for (tests)
 
 
@@ -393,6 +414,34 @@ class ScalarHistory:
             counts = host[start + n : start + 2 * n] if weighted else [1.0] * n
             s.absorb(host[start : start + n], counts)
 
+    def state(self) -> dict[str, Any]:
+        """Every key's kept values and counts and its running sums, JSON-ready and exact (floats
+        as hex strings); syncs first."""
+        self.sync()
+        return {
+            key: {
+                "values": [_exact(x) for x in s.values],
+                "counts": [_exact(c) for c in s.counts],
+                "g": [_exact(x) for x in s.g],
+                "e": [_exact(x) for x in s.e],
+            }  # fmt: skip
+            for key, s in self._series.items()
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore `state` (from a checkpoint: untrusted, so every entry is checked)."""
+        for key, saved in state.items():
+            if not isinstance(key, str) or not isinstance(saved, Mapping):
+                raise ValueError(f"a series must be a str key and a dict, got {key!r}")
+            values, counts = _numbers(saved, "values", key), _numbers(saved, "counts", key)
+            g, e = _numbers(saved, "g", key), _numbers(saved, "e", key)
+            if len(values) != len(counts) or len(g) != 4 or len(e) != 4:
+                raise ValueError(f"series {key!r}: values/counts of unequal lengths or bad sums")
+            series = self._series_of(key)
+            series.values.extend(values)
+            series.counts.extend(counts)
+            series.g, series.e = g, e
+
     def stat(
         self, key: str, method: str = "mean", window: int | str | None = None, **options: Any
     ) -> Any:
@@ -502,8 +551,9 @@ class _TrainScalars(Handler):
         stats: tuple[Stat, ...],
         mean_pattern: str,
         priority: int | str | None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(priority=priority)
+        super().__init__(priority=priority, name=name)
         name = type(self).__name__
         _check_positive(interval, f"{name}: interval")
         if not isinstance(ignore_last, bool):
@@ -517,6 +567,7 @@ class _TrainScalars(Handler):
         self._train = ScalarHistory(window_size, stats, mean_pattern)
         self._rows: list[tuple[Mapping[str, Any], tuple[float, float] | None]] = []
         self._rename: dict[str, str | None] = {}
+        self._parts: frozenset[str] = frozenset()  # a multi_step's part names (its lrs' names)
         self._active: bool | None = None
 
     def _is_active(self) -> bool:
@@ -529,8 +580,22 @@ class _TrainScalars(Handler):
         self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
         self._rows = []
         self._rename = {}
+        self._parts = frozenset()
 
-    def _key(self, key: str, metrics: Mapping[str, Any], opt_state: Any) -> str | None:
+    def state_dict(self) -> dict[str, Any]:
+        """The train history's smoothing windows and running sums (MMEngine checkpoints its
+        MessageHub's scalars): a resumed run logs the values the straight run logs."""
+        if not self._is_active():
+            return {}
+        self._absorb(None)
+        return {"train": self._train.state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or not isinstance(state.get("train"), Mapping):
+            raise ValueError(f"expected {{'train': {{key: series}}}}, got {type(state).__name__}")
+        self._train.load_state(state["train"])
+
+    def _key(self, key: str, metrics: Mapping[str, Any]) -> str | None:
         """The name a metric of an update's ``metrics`` is logged under (None drops it): the lr of
         param group 0 of each optimizer (and its ``base_lr``), named as MMEngine's
         RuntimeInfoHook names ``optim_wrapper.get_lr()``.
@@ -544,15 +609,13 @@ class _TrainScalars(Handler):
         if key not in self._rename:
             leaf = key.rsplit("/", 1)[-1]
             self._rename[key] = (
-                self._lr_name(key, leaf, metrics, opt_state) if leaf in ("lr", "base_lr") else key
+                self._lr_name(key, leaf, metrics) if leaf in ("lr", "base_lr") else key
             )
         return self._rename[key]
 
-    def _lr_name(
-        self, key: str, leaf: str, metrics: Mapping[str, Any], opt_state: Any
-    ) -> str | None:
+    def _lr_name(self, key: str, leaf: str, metrics: Mapping[str, Any]) -> str | None:
         part = key.split("/", 1)[0]
-        if isinstance(opt_state, dict) and part in opt_state:  # a multi_step part
+        if part in self._parts:  # a multi_step part
             plain, name = f"{part}/{leaf}", f"{part}.{leaf}"
         else:
             plain, name = leaf, leaf
@@ -591,11 +654,15 @@ class _TrainScalars(Handler):
         self._absorb(snap)
         return self._train.collect()
 
-    def _absorb(self, snap: Snapshot) -> None:
+    def _absorb(self, snap: Snapshot | None) -> None:
         """Move the kept updates into the history, in order: each run of updates with the same
-        metric names key by key (the numbers and tensors of each), then their timing."""
+        metric names key by key (the numbers and tensors of each), then their timing. ``snap``
+        tells a `fengine.multi_step`'s parts (None: as last seen, for a checkpoint's state)."""
+        if snap is not None:
+            opt_state = getattr(snap.state, "opt_state", None)
+            self._parts = frozenset(opt_state) if isinstance(opt_state, dict) else frozenset()
         rows, self._rows = self._rows, []
-        hist, opt_state = self._train, getattr(snap.state, "opt_state", None)
+        hist = self._train
         start = 0
         while start < len(rows):
             metrics = rows[start][0]
@@ -605,7 +672,7 @@ class _TrainScalars(Handler):
             group = rows[start:end]
             for key in metrics:
                 values = [v for m, _ in group if isinstance(v := m[key], _SCALARS)]
-                name = self._key(key, metrics, opt_state) if values else None
+                name = self._key(key, metrics) if values else None
                 if name is not None:
                     hist.extend(name, values)
             timed = [t for _, t in group if t is not None]
@@ -653,6 +720,8 @@ class Logger(_TrainScalars):
     groups). Only rank 0 logs.
     """
 
+    name = "logger"  # its smoothing windows are checkpointed (state_dict); two Loggers: name=
+
     def __init__(
         self,
         interval: int = 10,
@@ -670,6 +739,7 @@ class Logger(_TrainScalars):
         env: bool = True,
         log_config: bool = True,
         priority: int | str | None = None,
+        name: str | None = None,
     ) -> None:
         if isinstance(interval_exp_name, bool) or not isinstance(interval_exp_name, int):
             raise TypeError(f"Logger: interval_exp_name must be an int, got {interval_exp_name!r}")
@@ -692,7 +762,9 @@ class Logger(_TrainScalars):
                 "(a Stat without a name replaces its src, which can happen once)"
             )
         own = Timer() if timer is None else (timer or None)
-        super().__init__(interval, window_size, ignore_last, own, stats, mean_pattern, priority)
+        super().__init__(
+            interval, window_size, ignore_last, own, stats, mean_pattern, priority, name
+        )
         if isinstance(num_digits, bool) or not isinstance(num_digits, int) or num_digits < 0:
             raise ValueError(f"Logger: num_digits must be an int >= 0, got {num_digits!r}")
         if json_file is not None and (not isinstance(json_file, str) or not json_file):
@@ -711,6 +783,7 @@ class Logger(_TrainScalars):
         self._own_timer = timer is None
         self._eval: dict[str, ScalarHistory] = {}
         self._json_path: Path | None = None
+        self._resumed_at: int | None = None  # until the first record after a resume is written
         self._file_handler: logging.FileHandler | None = None
         self._warned_timer = False
         self.logger = get_logger()
@@ -775,9 +848,23 @@ class Logger(_TrainScalars):
             self._file_handler.close()
             self._file_handler = None
 
+    def on_after_load_checkpoint(self, snap: Snapshot) -> None:
+        """A resume writes the steps after its checkpoint again: their old records move aside
+        when the first new one is written (a validation at the checkpoint's step, if the resume
+        runs it again, replaces the old one)."""
+        if self._active:
+            self._resumed_at = snap.step
+
     def _write_json(self, record: Mapping[str, Any]) -> None:
         # opened per record (as MMEngine's LocalVisBackend does): a run that raises, and so
         # never reaches after_run, leaves no open file behind
+        if self._json_path is not None and self._resumed_at is not None:
+            at, self._resumed_at = self._resumed_at, None
+            again = record["step"] == at and is_eval_record(dict(record))
+            moved = supersede(self._json_path, at, eval_at_step=again)
+            if moved:
+                self.logger.info("Logger: %d record(s) of %s after step %d, written again by this "
+                                 "resume, moved to its .superseded file", moved, self._json_path.name, at)  # fmt: skip
         if self._json_path is not None:
             with open(self._json_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")

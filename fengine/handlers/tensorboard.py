@@ -42,6 +42,8 @@ class TensorBoard(Tracker):
         flush_secs: how often tensorboardX flushes to disk.
     """
 
+    name = "tensorboard"  # its smoothing windows are checkpointed (state_dict)
+
     def __init__(
         self,
         log_dir: str | Path | None = None,
@@ -55,6 +57,7 @@ class TensorBoard(Tracker):
         flush_secs: int = 10,
         mean_pattern: str = MEAN_PATTERN,
         priority: int | str | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             interval=interval,
@@ -65,6 +68,7 @@ class TensorBoard(Tracker):
             log_config=log_config,
             mean_pattern=mean_pattern,
             priority=priority,
+            name=name,
         )
         if (
             isinstance(flush_secs, bool)

@@ -80,7 +80,9 @@ class Tracker(_TrainScalars):
         log_config: bool = True,
         mean_pattern: str = MEAN_PATTERN,
         priority: int | str | None = None,
+        name: str | None = None,
     ) -> None:
+        handler = name
         name = type(self).__name__
         if timer is not None and not isinstance(timer, Timer):
             raise TypeError(
@@ -92,7 +94,9 @@ class Tracker(_TrainScalars):
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"{name}: {flag} must be a bool, got {value!r}")
-        super().__init__(interval, window_size, ignore_last, timer, (), mean_pattern, priority)
+        super().__init__(
+            interval, window_size, ignore_last, timer, (), mean_pattern, priority, handler
+        )
         self.log_metric_by_epoch = log_metric_by_epoch
         self.log_config = log_config
         self._started = False
@@ -184,6 +188,8 @@ class WandB(Tracker):
         Others: as for `Tracker`.
     """
 
+    name = "wandb"  # its smoothing windows are checkpointed (state_dict)
+
     def __init__(
         self,
         project: str | None = None,
@@ -255,6 +261,8 @@ class MLflow(Tracker):
             (MMEngine's: ``.json``, ``.log``, ``.py``, ``yaml``); ``()``: none.
         Others: as for `Tracker`.
     """
+
+    name = "mlflow"  # its smoothing windows are checkpointed (state_dict)
 
     def __init__(
         self,

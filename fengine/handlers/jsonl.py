@@ -1,0 +1,55 @@
+"""A JSON-lines log that a resumed run writes again from its checkpoint on: the records it will
+rewrite move to ``<stem>.superseded.jsonl`` first (durably), so no step appears twice and
+nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fengine.checkpoint._io import atomic_write, pwrite_all
+
+
+EVAL_PREFIXES = ("val/", "test/")
+
+
+def is_eval_record(record: dict) -> bool:
+    """A validation's or test's record (its metrics are ``val/...`` or ``test/...``)."""
+    return any(isinstance(k, str) and k.startswith(EVAL_PREFIXES) for k in record)
+
+
+def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
+    """Move the records of ``path`` a resume from ``step`` writes again (those after it, and an
+    evaluation's at ``step`` when ``eval_at_step``) to ``<stem>.superseded.jsonl``; returns
+    how many moved. The moved lines are appended and fsynced before ``path`` is replaced
+    (atomically), so a crash between leaves them in both files, never in neither."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    keep: list[str] = []
+    moved: list[str] = []
+    for line in lines:
+        (moved if _rewritten(line, step, eval_at_step) else keep).append(line)
+    if not moved:
+        return 0
+    aside = path.with_name(f"{path.stem}.superseded{path.suffix}")
+    with open(aside, "a", encoding="utf-8") as f:
+        f.writelines(moved)
+        f.flush()
+        os.fsync(f.fileno())
+    data = "".join(keep).encode("utf-8")
+    atomic_write(path, lambda fd: pwrite_all(fd, memoryview(data), 0), what="log")
+    return len(moved)
+
+
+def _rewritten(line: str, step: int, eval_at_step: bool) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False  # not a record: stays where it is
+    at = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(at, int) or isinstance(at, bool):
+        return False
+    return at > step or (eval_at_step and at == step and is_eval_record(record))
