@@ -31,7 +31,7 @@ import logging
 import time
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -252,8 +252,15 @@ class CompiledStep:
     on that state with new counters, as `fit` makes) skips flattening it again.
     """
 
-    def __init__(self, traced: StepFn, eager: StepFn, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        traced: StepFn,
+        eager: StepFn,
+        options: dict[str, Any],
+        probe: Callable[[TrainState, Any], list[str]] | None = None,
+    ) -> None:
         self.traced, self.eager, self.options = traced, eager, options
+        self.probe = probe  # the params the loss does not reach (`fengine.step.unreached_params`)
         self.compiled = torch.compile(_own_code(self._run), fullgraph=True, **options)
         self.fallback_reason: str | None = None
         self.compile_seconds: float | None = None
@@ -274,6 +281,17 @@ class CompiledStep:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.fallback_reason is not None:
             return self.eager(state, batch)
+        if self.probe is not None:  # once, before the first trace
+            unreached, self.probe = self.probe(state, batch), None
+            if unreached:
+                shown = ", ".join(unreached[:5]) + (
+                    f" and {len(unreached) - 5} more" if len(unreached) > 5 else ""
+                )
+                self._fall_back(ValueError(
+                    f"params the loss does not reach ({shown}): torch.func.grad would give them zero "
+                    "gradients, which move them (momentum, weight decay) where the eager step leaves "
+                    "them; freeze them (requires_grad_(False)) before step.init to compile"))  # fmt: skip
+                return self.eager(state, batch)
         leaves, plain, cached = self._lifted(state)
         assert self._layout is not None
         self.prepare(state)

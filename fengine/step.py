@@ -166,6 +166,26 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
     return grad_fn
 
 
+def unreached_params(
+    parts: Sequence[Part], multi: bool, state: TrainState, batch: Any
+) -> list[str]:
+    """The trainable params no part's loss reaches on ``batch`` (its first micro-batch), found by
+    one eager gradient computation of each part: buffers on copies, the step's own seeded
+    generators (restored after), nothing of ``state`` changed; its errors are the eager step's
+    (a frozen model, a detached loss). A compiled step asks before it traces: ``torch.func.grad``
+    gives such params zero gradients, which move them (momentum, weight decay) where the eager
+    step, as torch.optim, leaves them."""
+    from fengine.wrappers.accumulate import MicroBatches
+
+    first = batch[0] if isinstance(batch, MicroBatches) and batch else batch
+    probe = state.replace(buffers={k: v.clone() for k, v in state.buffers.items()})
+    unreached: list[str] = []
+    for part in parts:
+        grads = _grad_fn(part, multi)(probe, first).grads
+        unreached += [n for n in part.owned(state.params) if n not in grads]
+    return unreached
+
+
 _NO_TRAINABLE = (
     "no trainable params (every param it owns has requires_grad=False); "
     "unfreeze some (param.requires_grad_(True)) before step.init"
@@ -263,7 +283,12 @@ class Step:
         self._compiled: CompiledStep | None = None
         if options is not None:
             refuse_untraceable(self.wrappers)
-            self._compiled = CompiledStep(self._compose(traced_grad_fn, multi), self._fn, options)
+            self._compiled = CompiledStep(
+                self._compose(traced_grad_fn, multi),
+                self._fn,
+                options,
+                probe=lambda state, batch: unreached_params(self.parts, multi, state, batch),
+            )
         self._fits: tuple[int, int] | None = None  # ids of (opt_state, extra) last checked or made
 
     @property

@@ -243,6 +243,55 @@ def test_untraceable_model_falls_back_to_eager_with_one_warning():
         assert torch.equal(a.params[n], b.params[n])
 
 
+class WithUnused(nn.Module):
+    """An MLP with a head its forward never calls (a param the loss does not reach)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.unused = mlp(), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_params_the_loss_does_not_reach_are_left_alone_as_eager_leaves_them():
+    """torch.func.grad gives an unreached param zeros, which AdamW's weight decay would move; the
+    eager step (as torch.optim) leaves it. The compiled step finds such params before it traces
+    and runs eagerly, saying which and how to compile (freeze them); frozen, it compiles."""
+    tx = lambda: optim.adamw(1e-2, weight_decay=0.1)  # noqa: E731
+    compiled = fe.train_step(ce_loss, tx(), compile={"backend": Counter()})
+    eager = fe.train_step(ce_loss, tx())
+    a, b = eager.init(WithUnused()), compiled.init(WithUnused())
+    before = b.params["unused.weight"].clone()
+    with pytest.warns(CompileFallbackWarning, match=r"does not reach \(unused.weight, unused.bias\)"):
+        for batch in mlp_batches(3):
+            a, _ = eager(a, batch)
+            b, _ = compiled(b, batch)
+    assert torch.equal(b.params["unused.weight"], before)
+    for n in a.params:
+        assert torch.equal(a.params[n], b.params[n])
+    frozen = WithUnused()
+    frozen.unused.requires_grad_(False)
+    counter = Counter()
+    step = fe.train_step(ce_loss, tx(), compile={"backend": counter})
+    state = step.init(frozen)
+    for batch in mlp_batches(3):
+        state, _ = step(state, batch)
+    assert step._compiled is not None and step._compiled.fallback_reason is None
+    assert counter.graphs == 1
+
+
+def test_a_frozen_model_or_a_detached_loss_is_the_eager_steps_error():
+    frozen = mlp().requires_grad_(False)
+    step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": Counter()})
+    with pytest.raises(ValueError, match="no trainable params"):
+        step(step.init(frozen), mlp_batches(1)[0])
+    detached = fe.train_step(lambda m, b: ce_loss(m, b).detach(), optim.sgd(0.1),
+                             compile={"backend": Counter()})  # fmt: skip
+    with pytest.raises(ValueError, match="the loss does not require grad"):
+        detached(detached.init(mlp()), mlp_batches(1)[0])
+
+
 def test_first_call_time_is_logged(caplog):
     step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": Counter()})
     state = step.init(mlp())
