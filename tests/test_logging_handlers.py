@@ -1662,3 +1662,81 @@ def test_a_malformed_logger_state_is_refused(state):
     """From a checkpoint (untrusted): only ints and floats' hex strings, lengths that agree."""
     with pytest.raises(ValueError):
         Logger().load_state_dict(state)
+
+
+@pytest.mark.parametrize("mode", ["iteration", "mid_epoch"])
+def test_epoch_and_global_statistics_continue_across_a_resume(tmp_path, mode):
+    """Stat windows 'epoch' and 'global' from a checkpoint that is not at an epoch's start (an
+    iteration-based run; iteration checkpoints of an epoch-based one): the resume restores the
+    epoch's running sums instead of starting them again, so every record is the straight run's."""
+
+    def fit(work, crash_at=None, resume=False):
+        class Boom(fe.Handler):
+            priority = Priority.LOWEST
+
+            def on_after_train_iter(self, snap):
+                if snap.step == crash_at:
+                    raise RuntimeError("boom")
+
+        stats = [Stat("loss", window="epoch", name="loss_epoch"),
+                 Stat("loss", window="global", name="loss_global"),
+                 Stat("loss", "max", window="epoch", name="loss_emax")]  # fmt: skip
+        loader = data.Loader(data.synthetic_classification(12, 16, 10), 2, seed=0)  # 6 per epoch
+        step = fe.train_step(ce_loss, optim.sgd(0.05, momentum=0.9))
+        handlers = [
+            Logger(1, timer=False, custom=stats),
+            fe.handlers.Checkpointer(2, by_epoch=False),
+            Boom(),
+        ]
+        horizon = dict(max_steps=10) if mode == "iteration" else dict(max_epochs=2)
+        fe.fit(step.init(mlp(), seed=0), step, loader, handlers=handlers, work_dir=work,
+               resume=resume, **horizon)  # fmt: skip
+
+    def records(path):
+        return [{k: v for k, v in r.items() if k.startswith("loss") or k == "step"}
+                for r in read_jsonl(path)]  # fmt: skip
+
+    fit(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path / "w", crash_at=5)
+    fit(tmp_path / "w", resume=True)
+    assert records(tmp_path / "w" / "scalars.jsonl") == records(
+        tmp_path / "straight" / "scalars.jsonl"
+    )
+
+
+def test_a_trackers_multi_step_lr_names_do_not_depend_on_an_early_checkpoint(tmp_path):
+    """A checkpoint before a tracker's first log line reads its state first: the part names of a
+    multi_step (``gen.lr``, ``disc.lr``) are known by then (they were cached as ``lr`` / dropped)."""
+    from helpers import GAN, disc_loss, gan_batches, gen_loss
+
+    class Seen(TensorBoard):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.logged = []
+
+        def _log(self, scalars, step, snap):
+            self.logged.append((step, sorted(scalars)))
+            super()._log(scalars, step, snap)
+
+    def run(work, with_checkpoints):
+        step = fe.multi_step({"disc": (disc_loss, optim.adam(2e-4), "disc"),
+                              "gen": (gen_loss, optim.adam(1e-4), "gen")})  # fmt: skip
+        seen = Seen(interval=4)
+        more = [fe.handlers.Checkpointer(2, by_epoch=False)] if with_checkpoints else []
+        fe.fit(step.init(GAN(), seed=0), step, gan_batches(8), max_steps=8, handlers=[seen, *more],
+               work_dir=work)  # fmt: skip
+        return seen.logged
+
+    plain = run(tmp_path / "a", False)
+    assert "train/gen.lr" in plain[0][1] and "train/disc.lr" in plain[0][1]
+    assert run(tmp_path / "b", True) == plain
+
+
+def test_a_tracker_of_your_own_keeps_its_state_under_its_class_name():
+    class Mem(fe.handlers.Tracker):
+        def _log(self, scalars, step, snap):
+            pass
+
+    assert Mem().name == "mem" and Logger().name == "logger" and TensorBoard().name == "tensorboard"
+    assert Logger(name="second").name == "second"

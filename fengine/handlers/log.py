@@ -421,7 +421,7 @@ class ScalarHistory:
         return {
             key: {
                 "values": [_exact(x) for x in s.values],
-                "counts": [_exact(c) for c in s.counts],
+                "counts": None if all(c == 1 for c in s.counts) else [_exact(c) for c in s.counts],
                 "g": [_exact(x) for x in s.g],
                 "e": [_exact(x) for x in s.e],
             }  # fmt: skip
@@ -433,7 +433,9 @@ class ScalarHistory:
         for key, saved in state.items():
             if not isinstance(key, str) or not isinstance(saved, Mapping):
                 raise ValueError(f"a series must be a str key and a dict, got {key!r}")
-            values, counts = _numbers(saved, "values", key), _numbers(saved, "counts", key)
+            values = _numbers(saved, "values", key)
+            logged_once = saved.get("counts") is None  # every count 1: not written
+            counts = [1.0] * len(values) if logged_once else _numbers(saved, "counts", key)
             g, e = _numbers(saved, "g", key), _numbers(saved, "e", key)
             if len(values) != len(counts) or len(g) != 4 or len(e) != 4:
                 raise ValueError(f"series {key!r}: values/counts of unequal lengths or bad sums")
@@ -553,7 +555,10 @@ class _TrainScalars(Handler):
         priority: int | str | None,
         name: str | None = None,
     ) -> None:
-        super().__init__(priority=priority, name=name)
+        # its smoothing windows are checkpointed (state_dict), under a name: the class's
+        # (logger, tensorboard, ...) or, for a Tracker of your own, its class name in lower case
+        default = getattr(type(self), "name", None) or type(self).__name__.lower()
+        super().__init__(priority=priority, name=default if name is None else name)
         name = type(self).__name__
         _check_positive(interval, f"{name}: interval")
         if not isinstance(ignore_last, bool):
@@ -567,7 +572,8 @@ class _TrainScalars(Handler):
         self._train = ScalarHistory(window_size, stats, mean_pattern)
         self._rows: list[tuple[Mapping[str, Any], tuple[float, float] | None]] = []
         self._rename: dict[str, str | None] = {}
-        self._parts: frozenset[str] = frozenset()  # a multi_step's part names (its lrs' names)
+        self._parts: frozenset[str] | None = None  # a multi_step's part names (its lrs' names)
+        self._continues = False  # resumed: the next before_train_epoch may continue an epoch
         self._active: bool | None = None
 
     def _is_active(self) -> bool:
@@ -580,14 +586,26 @@ class _TrainScalars(Handler):
         self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
         self._rows = []
         self._rename = {}
-        self._parts = frozenset()
+        self._parts = None
+        self._continues = False
+
+    def on_after_load_checkpoint(self, snap: Snapshot) -> None:
+        self._continues = True
+
+    def _new_epoch(self, snap: Snapshot) -> None:
+        """Start the epoch's statistics, unless this resumes in the middle of one (or of an
+        iteration-based run) whose statistics the checkpoint restored."""
+        continuing = self._continues and (snap.state.batch_in_epoch > 0 or not snap.run.by_epoch)
+        self._continues = False
+        if not continuing:
+            self._train.new_epoch()
 
     def state_dict(self) -> dict[str, Any]:
         """The train history's smoothing windows and running sums (MMEngine checkpoints its
         MessageHub's scalars): a resumed run logs the values the straight run logs."""
         if not self._is_active():
             return {}
-        self._absorb(None)
+        self._absorb()
         return {"train": self._train.state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -615,7 +633,7 @@ class _TrainScalars(Handler):
 
     def _lr_name(self, key: str, leaf: str, metrics: Mapping[str, Any]) -> str | None:
         part = key.split("/", 1)[0]
-        if part in self._parts:  # a multi_step part
+        if part in (self._parts or ()):  # a multi_step part
             plain, name = f"{part}/{leaf}", f"{part}.{leaf}"
         else:
             plain, name = leaf, leaf
@@ -645,22 +663,23 @@ class _TrainScalars(Handler):
         when the history is read (`_absorb`): this runs after every update."""
         if not self._is_active():
             return None
+        if (
+            self._parts is None
+        ):  # before any row is absorbed (a checkpoint's state_dict may be first)
+            opt_state = getattr(snap.state, "opt_state", None)
+            self._parts = frozenset(opt_state) if isinstance(opt_state, dict) else frozenset()
         timing = self.timer.last("train") if self.timer is not None else None
         self._rows.append((snap.metrics, timing))
         if not should_log(snap, self.interval, self.ignore_last):
             if len(self._rows) >= _ROWS_KEPT:  # rare lines: the rows are not kept for all of them
-                self._absorb(snap)
+                self._absorb()
             return None
-        self._absorb(snap)
+        self._absorb()
         return self._train.collect()
 
-    def _absorb(self, snap: Snapshot | None) -> None:
+    def _absorb(self) -> None:
         """Move the kept updates into the history, in order: each run of updates with the same
-        metric names key by key (the numbers and tensors of each), then their timing. ``snap``
-        tells a `fengine.multi_step`'s parts (None: as last seen, for a checkpoint's state)."""
-        if snap is not None:
-            opt_state = getattr(snap.state, "opt_state", None)
-            self._parts = frozenset(opt_state) if isinstance(opt_state, dict) else frozenset()
+        metric names key by key (the numbers and tensors of each), then their timing."""
         rows, self._rows = self._rows, []
         hist = self._train
         start = 0
@@ -852,6 +871,7 @@ class Logger(_TrainScalars):
         """A resume writes the steps after its checkpoint again: their old records move aside
         when the first new one is written (a validation at the checkpoint's step, if the resume
         runs it again, replaces the old one)."""
+        super().on_after_load_checkpoint(snap)
         if self._active:
             self._resumed_at = snap.step
 
@@ -893,8 +913,8 @@ class Logger(_TrainScalars):
 
     def on_before_train_epoch(self, snap: Snapshot) -> None:
         self._tick("before_train_epoch", snap)
-        self._absorb(snap)  # the kept updates belong to the epoch that ended
-        self._train.new_epoch()
+        self._absorb()  # the kept updates belong to the epoch that ended
+        self._new_epoch(snap)
 
     def on_before_train_iter(self, snap: Snapshot) -> None:
         self._tick("before_train_iter", snap)

@@ -102,6 +102,7 @@ class TensorBoard(Tracker):
     def on_after_load_checkpoint(self, snap: Snapshot) -> None:
         """A resumed run rewrites the steps after its checkpoint: TensorBoard hides the earlier
         files' points from there on (``purge_step``), so no step shows two values."""
+        super().on_after_load_checkpoint(snap)
         if self._writer is not None:
             writer_class = type(self._writer)
             self._writer.close()
