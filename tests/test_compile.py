@@ -263,7 +263,9 @@ def test_params_the_loss_does_not_reach_are_left_alone_as_eager_leaves_them():
     eager = fe.train_step(ce_loss, tx())
     a, b = eager.init(WithUnused()), compiled.init(WithUnused())
     before = b.params["unused.weight"].clone()
-    with pytest.warns(CompileFallbackWarning, match=r"does not reach \(unused.weight, unused.bias\)"):
+    with pytest.warns(
+        CompileFallbackWarning, match=r"does not reach \(unused.weight, unused.bias\)"
+    ):
         for batch in mlp_batches(3):
             a, _ = eager(a, batch)
             b, _ = compiled(b, batch)
