@@ -632,7 +632,7 @@ def _resume(
     try:
         state = checkpoint.load(path, like=state, into=step.donate)
     except checkpoint.CheckpointMismatchError as e:
-        state = _load_without_base_lr(path, state, step, e) or _load_adding_wrappers(
+        state = _load_without_base_lr(path, state, step, e) or load_adding_wrappers(
             path, state, step, e
         )
     if step.donate and not given.is_donated:
@@ -677,7 +677,7 @@ def _load_without_base_lr(
     return loaded.replace(opt_state=with_base_lr(loaded.opt_state, like.opt_state))
 
 
-def _load_adding_wrappers(
+def load_adding_wrappers(
     path: Path, like: TrainState, step: Step, error: checkpoint.CheckpointMismatchError
 ) -> TrainState:
     """A checkpoint lacking only some wrappers' state (an EMA added to a resumed run): load the rest

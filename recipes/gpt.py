@@ -139,6 +139,11 @@ class Config(cli.RunConfig):
                 f"--optim.min-lr {self.optim.min_lr:g} must be <= --optim.lr {self.optim.lr:g}"
             )
         if self.sample.tokens:  # an unknown character fails before training, not after
+            if not self.sample.prompt:
+                raise cli.UsageError(
+                    "--sample.prompt is empty: sampling continues a prompt of at least one "
+                    "character (or give --sample.tokens 0)"
+                )
             try:
                 corpus(self.data.chars).encode(self.sample.prompt)
             except ValueError as e:

@@ -104,6 +104,7 @@ def test_every_field_of_the_config_tree_has_help_text(recipe):
     [
         (gpt, ["--model.heads", "3"], "--model.heads 3 must divide --model.dim 64"),
         (gpt, ["--sample.prompt", "\u00e9t\u00e9"], "--sample.prompt 'été': CharCorpus.encode"),
+        (gpt, ["--sample.prompt", ""], "--sample.prompt is empty"),
         (gpt, ["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
         (gpt, ["--optim.min-lr", "0.1"], "--optim.min-lr 0.1 must be <= --optim.lr 0.003"),
         (gan, ["--model.gen-widths", "8", "0"], "--model.gen-widths must all be >= 1"),

@@ -145,6 +145,19 @@ def test_the_readme_sequence_replays_ok(tmp_path):
     assert "every tensor bitwise equal" in out.stdout and out.stdout.rstrip().endswith("REPLAY OK")
 
 
+def test_a_resume_that_adds_an_ema_replays_ok(tmp_path):
+    """The resume starts the EMA from the loaded weights (as fit does); replay carries the state
+    into that segment the same way, and the step's two digests (before and after) both match."""
+    first = _run(str(RECIPE), "--work-dir", "W", "--max-steps", "8", *FAST, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = _run(str(RECIPE), "--work-dir", "W", "--max-steps", "12", "--resume", "--ema", "0.9",
+                 *FAST, cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    out = _replay(str(tmp_path / "W"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " NO" not in out.stdout and out.stdout.rstrip().endswith("REPLAY OK")
+
+
 def test_a_run_logs_load_from_is_read_only_when_the_user_passes_it(recorded, tmp_path):
     """A run started from weights (--load-from): replay refuses to read the file the run log names
     until the user passes it (--path load_from=FILE), and then reads that one, not the log's."""

@@ -218,3 +218,44 @@ def test_the_recorder_never_appends_to_a_hard_linked_run_log(recorded, tmp_path)
     with pytest.raises(ReplayError, match=rf"{work / 'run_log.jsonl'} has 2 hard links"):
         replay_recipe.run(work, max_steps=15, resume=True)
     assert victim.read_bytes() == b"important\n"
+
+
+def test_a_recorded_config_the_recipe_cannot_rebuild_exits_2_with_one_line(
+    recorded, tmp_path, capsys
+):
+    """A config of the right shape whose values the recipe refuses (a type, a range)."""
+    work = _copy(recorded, tmp_path)
+    _damage(work, "segment", "config.lr", "fast")
+    assert cli(["replay", str(work)]) == 2  # 1 would mean DIFFERS
+    err = capsys.readouterr().err
+    assert err.startswith("replay: segment 1's recorded config cannot be rebuilt by recipe ")
+    assert "lr" in err and err.count("\n") == 1
+
+
+def _rename_checkpoint(work: Path, step: int, name: str) -> None:
+    log = work / "run_log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for r in records:
+        if r["kind"] == "digest" and r["step"] == step and "checkpoint" in r:
+            r["checkpoint"] = name
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_recorded_checkpoint_names_outside_the_work_dir_are_never_opened(
+    recorded, tmp_path, capsys
+):
+    """The run log chooses no file: a checkpoint named by an absolute path or ``..`` (real
+    checkpoints lie there) is neither a start (``--from``) nor read for the final comparison;
+    the recorded digests are still compared."""
+    work = _copy(recorded, tmp_path)
+    shutil.move(work / "iter_5.safetensors", tmp_path / "iter_5.safetensors")
+    _rename_checkpoint(work, 5, "../iter_5.safetensors")
+    with pytest.raises(ReplayError, match="no checkpoint file of step 5 before step 12"):
+        replay(work, start=5)
+    shutil.move(work / "iter_12.safetensors", tmp_path / "iter_12.safetensors")
+    _rename_checkpoint(work, 12, str(tmp_path / "iter_12.safetensors"))
+    assert cli(["replay", str(work), "--from", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "or not in the work dir: compared with its recorded digest only" in out
+    assert "REPLAY OK" in out
+    assert f"checkpoint {tmp_path / 'iter_12.safetensors'}: every tensor" not in out  # never read

@@ -19,7 +19,9 @@ or under the source checkout fengine is imported from (a directory with a
 ``pyproject.toml``), and not inside the work dir; anything else is refused. The
 recipe's hash must match the one recorded (``--force`` to replay anyway). Nor does the run
 log choose a file to read: a recorded ``load_from`` or data root is used only when the
-user passes it (``--path load_from=FILE``); otherwise replay refuses, naming it.
+user passes it (``--path load_from=FILE``); otherwise replay refuses, naming it. A recorded
+checkpoint is opened only inside the work dir (an absolute or ``..`` name is compared by its
+digest alone), and a recorded config the recipe cannot rebuild is one ``replay:`` line.
 
 The guarantee is *exact*: same machine, build and world size give the same bits.
 """

@@ -130,7 +130,13 @@ def build(
             f"recipe {recipe}: its from_config takes no paths=, so --path cannot reach it; add "
             "paths=None to it and pass it on to fengine.cli.from_record"
         )
-    exp = module.from_config(seg.record["config"], **kwargs)
+    try:
+        exp = module.from_config(seg.record["config"], **kwargs)
+    except (TypeError, ValueError) as e:  # the run log is untrusted: its config may not fit
+        raise ReplayError(
+            f"segment {seg.number}'s recorded config cannot be rebuilt by recipe {recipe} "
+            f"(a damaged or edited run log, or a changed recipe): {type(e).__name__}: {e}"
+        ) from e
     if not (
         isinstance(getattr(exp, "state", None), TrainState)
         and isinstance(getattr(exp, "step", None), Step)

@@ -9,14 +9,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
 from fengine import checkpoint
-from fengine.loop import plan, train_steps
+from fengine.loop import load_adding_wrappers, plan, train_steps
 from fengine.plateau import Plateau
 from fengine.replay import env
 from fengine.replay.log import (
@@ -65,9 +65,21 @@ def lineage(segments: list[Segment]) -> list[Leg]:
     return [Leg(s, chain[i + 1].start if i + 1 < len(chain) else None) for i, s in enumerate(chain)]
 
 
-def _path(work_dir: Path, name: str) -> Path:
-    p = Path(name)
-    return p if p.is_absolute() else work_dir / p
+def _path(work_dir: Path, name: str) -> Path | None:
+    """A recorded checkpoint's file, inside the work dir only: the run log is untrusted, so a
+    name that is absolute, climbs out with ``..`` or resolves outside (a resume from another
+    directory records an absolute path) is not opened; its digest is still compared."""
+    p = PurePosixPath(name)
+    if not p.parts or p.is_absolute() or ".." in p.parts:
+        return None
+    path = work_dir / p
+    return path if path.resolve().is_relative_to(work_dir.resolve()) else None
+
+
+def _file(work_dir: Path, name: str) -> Path | None:
+    """`_path` if that file exists."""
+    path = _path(work_dir, name)
+    return path if path is not None and path.is_file() else None
 
 
 @dataclasses.dataclass
@@ -112,7 +124,7 @@ def select(work_dir: Path, legs: list[Leg], start: int | None, to: int | None) -
             )
     else:
         present = sorted(
-            {(key(r), r["checkpoint"]) for r in ckpts if _path(work_dir, r["checkpoint"]).is_file()}
+            {(key(r), r["checkpoint"]) for r in ckpts if _file(work_dir, r["checkpoint"])}
         )
         at = [(pos, name) for pos, name in present if pos[0] == start and pos < end]
         if not at:
@@ -121,7 +133,7 @@ def select(work_dir: Path, legs: list[Leg], start: int | None, to: int | None) -
                 f"{work_dir} has no checkpoint file of step {start} before step {end[0]}: "
                 f"pass --from one of {offer} (the files that still exist)"
             )
-        begin, start_file = at[-1][0], _path(work_dir, at[-1][1])
+        begin, start_file = at[-1][0], _file(work_dir, at[-1][1])
     if begin >= end:
         raise ReplayError(
             f"start (step {begin[0]}) is not before the target checkpoint (step {end[0]}) "
@@ -182,11 +194,15 @@ class Progress:
             sys.stdout.write("\n")
 
 
-def _carry(state: TrainState, like: TrainState) -> TrainState:
-    """Into the next segment as its resume did: through a checkpoint, loaded like its fresh state."""
+def _carry(state: TrainState, exp: Any) -> TrainState:
+    """Into the next segment as its resume did: through a checkpoint, loaded like its fresh state
+    (a wrapper the resume added, e.g. an EMA, starts from the loaded weights, as in `fit`)."""
     with tempfile.TemporaryDirectory() as d:
         path = checkpoint.save(Path(d) / "carry.safetensors", state, fsync=False)
-        return checkpoint.load(path, like=like)
+        try:
+            return checkpoint.load(path, like=exp.state)
+        except checkpoint.CheckpointMismatchError as e:
+            return load_adding_wrappers(path, exp.state, exp.step, e)
 
 
 def run_leg(
@@ -258,6 +274,7 @@ def replay(
         out(note)
     module = load_recipe(path, out)
     seen: dict[Pos, str] = {key(r): "" for r in sel.records}
+    carried: dict[Pos, str] = {}  # the state a segment starts from, where its resume changed it
     progress = Progress(out, sel.begin[0], sel.end[0], tty=out is print and sys.stdout.isatty())
     saved, state = env.environment(), None
     try:
@@ -273,14 +290,15 @@ def replay(
                 f = sel.start_file
                 state = exp.state if f is None else checkpoint.load(f, like=exp.state)
                 seen[sel.begin] = state_digest(state)
-            else:
-                state = _carry(state, exp.state)
+            else:  # a wrapper the resume added changes the state (and digest) at the same position
+                state = _carry(state, exp)
+                carried[key(position(state))] = state_digest(state)
             state = run_leg(state, exp, leg, sel.stop(leg), seen, progress)
     finally:
         progress.close()
         env.apply(saved)
     assert state is not None
-    return report(work_dir, sel, seen, state, out, env_differs=bool(differences))
+    return report(work_dir, sel, seen, state, out, env_differs=bool(differences), carried=carried)
 
 
 def report(
@@ -291,22 +309,26 @@ def report(
     out: Out,
     *,
     env_differs: bool = False,
+    carried: Mapping[Pos, str] | None = None,
 ) -> bool:
-    """The digest table, the target checkpoint's tensors, and the verdict."""
+    """The digest table, the target checkpoint's tensors, and the verdict. ``carried``: the
+    state a segment started from where its resume added wrapper state (recorded there too)."""
     ok, first_bad = True, None
     out(f"{'step':>8} {'epoch':>5} {'batch':>5}  {'recorded':<16} {'replayed':<16} ok")
     for pos, digest in sorted(dict.fromkeys((key(r), r["digest"]) for r in sel.records)):
         got = seen.get(pos) or "-"
+        if carried and carried.get(pos) == digest:
+            got = digest
         ok &= got == digest
         if got != digest and first_bad is None:
             first_bad = pos
         mark = "yes" if got == digest else "NO"
         out(f"{pos[0]:>8} {pos[1]:>5} {pos[2]:>5}  {digest[:16]:<16} {got[:16]:<16} {mark}")
     names = [r["checkpoint"] for r in sel.records if key(r) == sel.end and "checkpoint" in r]
-    files = [p for p in dict.fromkeys(_path(work_dir, n) for n in names) if p.is_file()]
+    files = [p for p in dict.fromkeys(_file(work_dir, n) for n in names) if p is not None]
     if not files:
         out(f"checkpoint {sel.target['checkpoint']} is gone (removed after the run, e.g. by "
-            "max_keep_ckpts): compared with its recorded digest only")  # fmt: skip
+            "max_keep_ckpts) or not in the work dir: compared with its recorded digest only")  # fmt: skip
     for path in files:
         reference = checkpoint.load(path, like=final)  # a damaged file raises, naming itself
         pairs = zip(*(pytree.tree_flatten_with_path(s)[0] for s in (reference, final)))
