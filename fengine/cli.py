@@ -431,27 +431,33 @@ def _from_checkpoint(cls: type[C], path: Path, base: C) -> C:
 def _paths_from(base: Any, cfg: Any) -> Any:
     """``cfg`` with every path field (``work_dir``, ``load_from``, a data root, nested too) taken
     from ``base``: a checkpoint is an untrusted file and never chooses a path to read or write."""
-    hints = typing.get_type_hints(type(cfg))
-    changes = {}
-    for f in dataclasses.fields(cfg):
-        theirs = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(theirs) and not isinstance(theirs, type):
-            changes[f.name] = _paths_from(getattr(base, f.name), theirs)
-        elif _is_path_type(hints.get(f.name)):
-            changes[f.name] = getattr(base, f.name)
-    return dataclasses.replace(cfg, **changes)
+
+    def of_base(names: tuple[str, ...], _: Any) -> Any:
+        node = base
+        for name in names:
+            node = getattr(node, name)
+        return node
+
+    return _replace_paths(cfg, of_base)
 
 
 def _absolute_paths(cfg: Any) -> Any:
     """``cfg`` with every path field (nested too) made absolute."""
+    return _replace_paths(cfg, lambda _, v: Path(v).absolute() if isinstance(v, PurePath) else v)
+
+
+def _replace_paths(
+    cfg: Any, new: Callable[[tuple[str, ...], Any], Any], at: tuple[str, ...] = ()
+) -> Any:
+    """``cfg`` with each path field replaced by ``new(its field names from the root, its value)``."""
     hints = typing.get_type_hints(type(cfg))
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            changes[f.name] = _absolute_paths(value)
-        elif isinstance(value, PurePath) and _is_path_type(hints.get(f.name)):
-            changes[f.name] = Path(value).absolute()
+            changes[f.name] = _replace_paths(value, new, (*at, f.name))
+        elif _is_path_type(hints.get(f.name)):
+            changes[f.name] = new((*at, f.name), value)
     return dataclasses.replace(cfg, **changes)
 
 

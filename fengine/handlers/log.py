@@ -663,9 +663,7 @@ class _TrainScalars(Handler):
         when the history is read (`_absorb`): this runs after every update."""
         if not self._is_active():
             return None
-        if (
-            self._parts is None
-        ):  # before any row is absorbed (a checkpoint's state_dict may be first)
+        if self._parts is None:  # before a row is absorbed (a checkpoint may absorb first)
             opt_state = getattr(snap.state, "opt_state", None)
             self._parts = frozenset(opt_state) if isinstance(opt_state, dict) else frozenset()
         timing = self.timer.last("train") if self.timer is not None else None

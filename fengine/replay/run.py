@@ -65,21 +65,16 @@ def lineage(segments: list[Segment]) -> list[Leg]:
     return [Leg(s, chain[i + 1].start if i + 1 < len(chain) else None) for i, s in enumerate(chain)]
 
 
-def _path(work_dir: Path, name: str) -> Path | None:
-    """A recorded checkpoint's file, inside the work dir only: the run log is untrusted, so a
-    name that is absolute, climbs out with ``..`` or resolves outside (a resume from another
+def _file(work_dir: Path, name: str) -> Path | None:
+    """A recorded checkpoint's file if it exists inside the work dir: the run log is untrusted,
+    so a name that is absolute, climbs out with ``..`` or resolves outside (a resume from another
     directory records an absolute path) is not opened; its digest is still compared."""
     p = PurePosixPath(name)
     if not p.parts or p.is_absolute() or ".." in p.parts:
         return None
     path = work_dir / p
-    return path if path.resolve().is_relative_to(work_dir.resolve()) else None
-
-
-def _file(work_dir: Path, name: str) -> Path | None:
-    """`_path` if that file exists."""
-    path = _path(work_dir, name)
-    return path if path is not None and path.is_file() else None
+    inside = path.resolve().is_relative_to(work_dir.resolve())
+    return path if inside and path.is_file() else None
 
 
 @dataclasses.dataclass
