@@ -39,6 +39,8 @@ STATE_FIELDS = (
 """A TrainState's pytree children, in order (the model rides along as context)."""
 _ALL = (*STATE_FIELDS, "model")
 _ALL_SET = frozenset(_ALL)
+# torch before 2.13 (2.11 seen): dynamo cannot trace `replace`'s dict copy; 2.13 needs no check
+_OLD_DYNAMO = torch.__version__ < torch.torch_version.TorchVersion("2.13")
 _GUARDED = _ALL_SET | {"replace", "clone", "eval_weights"}
 
 
@@ -141,7 +143,7 @@ class TrainState:
             raise TypeError(
                 f"TrainState.replace: unknown fields {unknown}; fields are {list(STATE_FIELDS)}"
             )
-        if torch.compiler.is_compiling():  # dynamo before torch 2.13 cannot trace __dict__.update
+        if _OLD_DYNAMO and torch.compiler.is_compiling():  # it cannot trace __dict__.update
             return TrainState(**{f: changes[f] if f in changes else getattr(self, f) for f in _ALL})
         new = object.__new__(TrainState)
         fields = new.__dict__
