@@ -498,6 +498,10 @@ def from_record(
     from fengine.replay import ReplayError
 
     cfg = from_dict(cls, {**config, "max_epochs": max_epochs, "max_steps": max_steps})
+    try:
+        check(cfg)  # a run log's values pass the ranges a command line's must
+    except UsageError as e:
+        raise ReplayError(f"the run log records a config the recipe refuses: {e}") from None
     given = {k: Path(v) for k, v in (paths or {}).items()}
     unconfirmed: list[str] = []
     cfg, known = _confirmed_paths(cfg, cls(), given, "", unconfirmed)

@@ -86,7 +86,7 @@ class DataConfig:
     """CIFAR-10 directory holding data_batch_1..5 and test_batch (cifar-10-batches-py)"""
     batch_size: Annotated[int, Range(ge=1)] = 32
     """samples per micro-batch (per process)"""
-    num_workers: Annotated[int, Range(ge=0)] = 0
+    num_workers: Annotated[int, Range(ge=0, le=64)] = 0
     """loader worker processes (does not change a bit)"""
     val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.2
     """digits only: share of the 1797 images held out for validation"""

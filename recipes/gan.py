@@ -79,7 +79,7 @@ class DataConfig:
     """points in the ring data set, drawn from --seed (digits: always its 1438 training images)"""
     batch_size: Annotated[int, Range(ge=1)] = 256
     """real samples per step (per process); each part draws as many noise vectors"""
-    num_workers: Annotated[int, Range(ge=0)] = 0
+    num_workers: Annotated[int, Range(ge=0, le=64)] = 0
     """loader worker processes (does not change a bit)"""
 
 

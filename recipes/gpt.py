@@ -89,7 +89,7 @@ class DataConfig:
     """validation sequences, evenly spaced over the held-out text"""
     batch_size: Annotated[int, Range(ge=1)] = 32
     """sequences of block_size characters per micro-batch (per process)"""
-    num_workers: Annotated[int, Range(ge=0)] = 0
+    num_workers: Annotated[int, Range(ge=0, le=64)] = 0
     """loader worker processes (does not change a bit)"""
 
 

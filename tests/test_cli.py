@@ -140,6 +140,7 @@ def test_yaml_config_and_partial_files_take_defaults(tmp_path):
         (["--optim.lr", "-1"], "--optim.lr must be > 0, got -1.0"),
         (["--optim.lr", "nan"], "--optim.lr must be > 0, got nan"),
         (["--data.batch-size", "0"], "--data.batch-size must be >= 1, got 0"),
+        (["--data.num-workers", "65"], "--data.num-workers must be <= 64, got 65"),
         (["--keep-checkpoints", "0"], "--keep-checkpoints must be -1 (keep all) or >= 1, got 0"),
         (["--max-steps", "5", "--max-epochs", "2"], "give --max-epochs or --max-steps, not both"),
         (["--bogus", "1"], "Unrecognized options: --bogus"),
@@ -465,6 +466,25 @@ def test_replays_rebuild_reads_only_the_paths_the_user_confirms(tmp_path):
         cli.from_record(Config, to_dict(Config()), **horizon, paths={"data.rot": "x"})
     # a record at the defaults needs nothing confirmed
     assert cli.from_record(Config, to_dict(Config()), **horizon).load_from is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("data.num_workers", 100000, "--data.num-workers must be <= 64, got 100000"),
+        ("optim.lr", -1.0, "--optim.lr must be > 0, got -1.0"),
+        ("model.width", 0, "--model.width must be >= 1, got 0"),
+    ],
+)
+def test_a_recorded_config_passes_the_ranges_a_command_line_must(field, value, message):
+    """A run log is untrusted: its values meet every `Range` before anything is built (a recorded
+    ``num_workers`` of 100000 forked workers until the machine ran out)."""
+    recorded = to_dict(classify.Config())
+    section, name = field.split(".")
+    recorded[section] = {**recorded[section], name: value}
+    with pytest.raises(ReplayError, match="the run log records a config the recipe refuses: ") as e:
+        cli.from_record(classify.Config, recorded, max_epochs=None, max_steps=30)
+    assert str(e.value).endswith(message)
 
 
 def test_overwrite_refuses_to_move_the_directory_it_runs_in(trained, tmp_path, monkeypatch, capsys):
