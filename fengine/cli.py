@@ -34,7 +34,9 @@ A recipe declares its config as a frozen dataclass tree whose root subclasses `R
 2. **Checks**: tyro's parse errors and every `Range` in ``Annotated[...]`` metadata, then
    ``cfg.check()`` (cross-field rules): one line, exit status 2.
 3. **The work dir**: one that already holds a run is refused up front unless ``--resume``
-   (continue it) or ``--overwrite`` (the old run is moved to ``<work_dir>.old-<time>``).
+   (continue it) or ``--overwrite`` (the old run is moved to ``<work_dir>.old-<time>``). A run
+   that saved no checkpoint (killed before its first save) is moved aside by ``--resume`` too,
+   which then starts afresh: a retry loop of the same command goes on.
 4. ``build(cfg)``; when resuming, the checkpoint is loaded once against the fresh state (a
    damaged or mismatched file fails here), and a horizon or config that differs from the
    checkpoint's recorded one is reported (``note: ...``) with what it does to the schedule.
@@ -623,26 +625,36 @@ def _check_work_dir(cfg: RunConfig, ckpt: Path | None, out: Callable[[str], Any]
     with lock_work_dir(cfg.work_dir):  # a run going on there is reported as such (WorkDirLocked)
         pass
     shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-    if cfg.resume:
+    saved_nothing = not any(cfg.work_dir.glob("*.safetensors"))
+    if cfg.resume and saved_nothing:  # killed before its first save (MMEngine starts afresh)
+        why = "that saved no checkpoint: --resume moves it aside and starts afresh"
+    elif cfg.resume:
         why = "but no checkpoint to resume: start afresh in another --work-dir or with --overwrite"
     elif cfg.resume_from is not None:
         why = f"and {cfg.resume_from} is not one of its checkpoints: resume into another --work-dir"
-    elif not any(cfg.work_dir.glob("*.safetensors")):  # no checkpoint: --resume would start over
+    elif saved_nothing:  # --resume would start over
         why = "it has no checkpoint to continue from: choose another --work-dir, or pass --overwrite to move it aside"
     else:
         why = "continue it with --resume, choose another --work-dir, or pass --overwrite to move it aside"
     if cfg.dry_run:
         out(f"note: {cfg.work_dir} already holds a run ({shown}), {why}")
         return
-    if not cfg.overwrite:
+    if not (cfg.overwrite or cfg.resume and saved_nothing):
         raise UsageError(f"{cfg.work_dir} already holds a run ({shown}): {why}")
+    flag = "--overwrite" if cfg.overwrite else "--resume"
     if Path.cwd().is_relative_to(cfg.work_dir.resolve()):
         raise UsageError(
-            f"--overwrite would move aside {cfg.work_dir.resolve()}, the directory this command "
+            f"{flag} would move aside {cfg.work_dir.resolve()}, the directory this command "
             "runs in (the new run would land in the moved one); run it from outside that directory"
         )
     moved = _move_aside(cfg.work_dir)
-    out(f"--overwrite: moved the previous run in {cfg.work_dir} to {moved}")
+    if cfg.overwrite:
+        out(f"--overwrite: moved the previous run in {cfg.work_dir} to {moved}")
+    else:
+        out(
+            f"--resume: the run in {cfg.work_dir} saved no checkpoint (stopped before its first "
+            f"save); moved it to {moved} and starting from scratch"
+        )
 
 
 def write_config(cfg: RunConfig) -> Path:

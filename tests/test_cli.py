@@ -240,9 +240,13 @@ def test_a_resume_that_would_mix_two_runs_is_refused(trained, tmp_path, capsys):
     work = tmp_path / "w"
     shutil.copytree(trained, work)
     for p in [*work.glob("*.safetensors"), work / "last_checkpoint"]:
-        p.unlink()  # a run that failed before its first checkpoint
+        p.unlink()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, work / "exported.safetensors")  # a file, but no checkpoint
     assert run("--work-dir", str(work), "--resume") == 2
     assert "already holds a run (" in capsys.readouterr().err
+    assert not list(tmp_path.glob("w.old-*"))  # moved aside only when nothing was saved
     other = tmp_path / "other"
     assert run(*FAST, "--max-steps", "1", "--work-dir", str(other)) == 0
     assert run("--work-dir", str(work), "--resume-from", str(other / "iter_1.safetensors")) == 2
@@ -531,6 +535,31 @@ def test_a_used_work_dir_without_checkpoints_is_refused_without_suggesting_resum
     err = capsys.readouterr().err
     assert "it has no checkpoint to continue from: choose another --work-dir" in err
     assert "--resume" not in err and err.count("\n") == 1
+
+
+def test_resume_of_a_run_that_saved_no_checkpoint_moves_it_aside_and_starts_afresh(
+    trained, tmp_path
+):
+    """A run killed before its first save leaves config.json and logs; a retry loop of the same
+    command with --resume must go on (it was refused, asking for --overwrite)."""
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    for p in [*work.glob("*.safetensors"), work / "last_checkpoint"]:
+        p.unlink()
+    old_log = (work / "run_log.jsonl").read_bytes()
+    notes: list[str] = []
+    assert run(*FAST, "--max-steps", "6", "--work-dir", str(work), "--resume", out=notes) == 0
+    (moved,) = tmp_path.glob("w.old-*")
+    assert (moved / "run_log.jsonl").read_bytes() == old_log  # nothing lost
+    assert any(n.startswith(f"--resume: the run in {work} saved no checkpoint") for n in notes)
+    # started afresh: the straight run, bit for bit
+    straight = checkpoint.load(trained / "iter_6.safetensors", like=classify.from_config(
+        cli.recorded_config(parse(*FAST, "--max-steps", "6")[0]), max_epochs=None, max_steps=6).state)  # fmt: skip
+    fresh = checkpoint.load(work / "iter_6.safetensors", like=straight)
+    for a, b in zip(straight.params.values(), fresh.params.values(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(
