@@ -557,7 +557,8 @@ class OneCycle(_Windowed):
         return self.total_steps if self.total_steps is not None else self._bounded_window
 
     def _span(self) -> int | None:
-        return self._total
+        """Past ``end`` (a window shorter than ``total_steps``) the last in-window value is held."""
+        return self._total if self._window is None else min(self._total, self._window)
 
     def _phases(self) -> list[tuple[float, float, float]]:
         """(end_step, start_value, end_value) of each phase, with torch's float boundaries."""

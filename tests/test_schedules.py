@@ -238,6 +238,20 @@ MM_SINGLE = [
         200,
     ),
     (
+        "OneCycleLR end before total_steps holds",  # it annealed on past end
+        _mm("OneCycleLR", by_epoch=False, eta_max=0.5, total_steps=15, end=10),
+        S.onecycle(BASE, 0.5, total_steps=15, end=10),
+        None,
+        15,
+    ),
+    (
+        "OneCycleLR by_epoch end before total_steps holds",
+        _mm("OneCycleLR", by_epoch=True, eta_max=0.5, total_steps=6, begin=1, end=6),
+        S.onecycle(BASE, 0.5, total_steps=6, begin=1, end=6, by_epoch=True, steps_per_epoch=2),
+        2,
+        16,
+    ),
+    (
         "OneCycleLR three_phase linear begin",
         _mm(
             "OneCycleLR",
@@ -489,6 +503,11 @@ CONVERT_CASES = [
         "OneCycleLR",
         dict(eta_max=0.5, total_steps=13),
         S.onecycle(BASE, 0.5, 13, by_epoch=True, steps_per_epoch=10),
+    ),
+    (
+        "OneCycleLR",  # end before total_steps: the value at end - 1 is held
+        dict(eta_max=0.5, total_steps=13, begin=1, end=8),
+        S.onecycle(BASE, 0.5, 13, begin=1, end=8, by_epoch=True, steps_per_epoch=10),
     ),
     (
         "CosineRestartLR",
