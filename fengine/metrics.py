@@ -22,8 +22,9 @@ exact}``, R = 1 before ``reduce``. In a multi-rank ``torch.distributed`` run, ``
 sums ``total`` and gathers the rest in rank order, so every rank gets the same result.
 ``compute(acc, size)`` then drops the padding of ``round_up=True`` samplers
 (``DefaultSampler``, ``DistributedSampler``): one duplicate at the end of each of the last
-``n - size`` ranks, i.e. their ``last``. Missing samples (``drop_last``) or more padding
-than that raise instead of giving a wrong number.
+``n - size`` ranks, i.e. their ``last``. More padding than that raises instead of giving a
+wrong number. Fewer samples than ``size`` (a sampler over a subset, a ``drop_last`` loader)
+are all kept, as MMEngine's ``collect_results`` keeps them (it only truncates to ``size``).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class SumMetric(Metric):
     def compute(self, acc: Mapping[str, torch.Tensor], size: int | None = None) -> dict:
         n_ranks, totals = acc["n"].tolist(), acc["total"].tolist()  # the host transfers
         n = sum(n_ranks)
-        if size is not None:
+        if size is not None and size < n:
             totals = self._drop_padding(acc, n_ranks, totals, size)
             n = size
         if n == 0:
@@ -169,11 +170,8 @@ class SumMetric(Metric):
     def _drop_padding(self, acc, n_ranks: list[int], totals: list, size: int) -> list:
         name, n, ranks = type(self).__name__, sum(n_ranks), len(n_ranks)
         pad = n - size
-        if size < 0 or pad < 0:
-            raise ValueError(
-                f"{name}: size={size} but {n} samples were seen; samples are missing "
-                "(a drop_last loader?). Pass size=None to skip this check."
-            )
+        if size < 0:
+            raise ValueError(f"{name}: size must be >= 0 (the dataset's length), got {size}")
         if pad > ranks:
             raise ValueError(
                 f"{name}: {n} samples were seen for size={size}, i.e. {pad} padded "

@@ -569,14 +569,41 @@ def test_size_drops_a_padded_duplicate_in_one_process():
 
     m = Accuracy()
     acc = fold(m, [(b, o) for b, o in padded])
-    with pytest.raises(ValueError, match="size=12 but 11 samples were seen"):
-        m.compute(acc, size=12)
+    assert m.compute(acc, size=12) == m.compute(acc)  # fewer than size: all kept (MMEngine)
     with pytest.raises(ValueError, match="2 padded duplicates.*at most one per rank"):
         m.compute(acc, size=9)
     batch_mean = MeanLoss()
     acc = fold(batch_mean, [(b, o["loss"].mean()) for b, o in padded])
     with pytest.raises(ValueError, match="MeanLoss: cannot drop.*per-sample losses"):
         batch_mean.compute(acc, size=10)
+
+
+@pytest.mark.parametrize("loader_kind", ["subset sampler", "drop_last"])
+def test_evaluate_over_a_loader_that_skips_samples_matches_mmengine(loader_kind):
+    """`evaluate` passes the dataset's length as ``size``; a loader that visits fewer samples
+    (a sampler over a subset, ``drop_last``) is valid: MMEngine's ``collect_results`` keeps
+    every sample seen (it raised "samples are missing")."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    import fengine as fe
+    from fengine import optim
+
+    g = torch.Generator().manual_seed(3)
+    ds = TensorDataset(torch.randn(100, 4, generator=g), torch.randint(0, 3, (100,), generator=g))
+    if loader_kind == "subset sampler":
+        sampler = SubsetRandomSampler(range(40), generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(ds, batch_size=16, sampler=sampler)
+    else:
+        loader = DataLoader(ds, batch_size=16, drop_last=True)
+    model = torch.nn.Linear(4, 3)
+    state = fe.train_step(lambda m, b: m(b[0]).sum(), optim.sgd(0.1)).init(model, seed=0)
+    ours = fe.evaluate(state, fe.default_predict, loader, [Accuracy()])
+    mm = MMEvaluator(QuickStartAccuracy())
+    with torch.no_grad():
+        for x, y in loader:
+            mm.process(data_samples=(model(x), y))
+    expected = mm.evaluate(size=len(ds))["accuracy"]
+    assert ours["accuracy"] == pytest.approx(float(expected), rel=1e-6)
 
 
 def _dist_data(size):
