@@ -48,7 +48,7 @@ from fengine.autograd import scalar_grads
 from fengine.bind import bind
 from fengine.devices import device_of, devices_in, parse_device
 from fengine.losses import Metrics, parse_losses
-from fengine.optim.base import GradientTransformation, collect_metrics, step_params
+from fengine.optim.base import GradientTransformation, collect_metrics, report_at, step_params
 from fengine.rng import fold_in, seeded_default_generators
 from fengine.sharding import refuse_autograd
 from fengine.state import TrainState
@@ -246,6 +246,19 @@ def _apply_fn(part: Part) -> ApplyFn:
         ), metrics
 
     return apply
+
+
+def skipped_update(state: TrainState, g: Grads, part: Part) -> tuple[TrainState, Metrics]:
+    """What an update that is skipped (fp16 overflow) leaves: params and optimizer state as they
+    were, but the reported hyper-parameters (``lr``...) at this step, in the state and the
+    metrics, as MMEngine logs the scheduled lr of every iteration."""
+    opt_state = state.opt_state
+    own = opt_state if part.name is None else opt_state[part.name]
+    own = report_at(part.tx, own, state.step)
+    metrics = {**g.metrics, **collect_metrics(own)}
+    return state.replace(
+        opt_state=own if part.name is None else {**opt_state, part.name: own}
+    ), metrics
 
 
 class Step:

@@ -1045,6 +1045,41 @@ def test_scale_lr_then_paramwise_matches_mmengine(monkeypatch):
             assert math.isclose(a, b, rel_tol=1e-12), (name, t, a, b)
 
 
+def test_a_group_without_gradients_reports_its_scheduled_lr_as_mmengine(monkeypatch):
+    """The first group (the logged ``lr``) gets no gradient (an unused head): MMEngine's scheduler
+    moves its lr anyway and ``get_lr()['lr'][0]`` reports it; it stayed at the step-0 value."""
+    import fengine as fe
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(4, 4)  # first param group, unused by the loss
+            self.body = nn.Linear(4, 3)
+
+    torch.manual_seed(0)
+    model = Net()
+    cfg = dict(custom_keys={"aux": dict(lr_mult=0.5)})
+    optimizer, _, _ = mmengine_build(model, cfg, monkeypatch, lr=0.1, wd=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = ms.LinearLR(optimizer, start_factor=0.1, end=6, by_epoch=False)
+    want = []
+    for _ in range(8):
+        want.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        sched.step()
+
+    tx = paramwise(model, lr=0.1, **cfg).build(sgd, lr=S.linear(0.1, 0.1, 1.0, end=6))
+    step = fe.train_step(lambda m, b: nn.functional.cross_entropy(m.body(b[0]), b[1]), tx)
+    state = step.init(model, seed=0)
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    got = []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        got.append(float(metrics["lr_mult=0.5,decay_mult=1.0/lr"]))
+    assert got == pytest.approx(want, rel=1e-12) and got[0] != got[-1]
+
+
 def test_lr_mult_zero_stays_frozen_under_a_floor_deviation(monkeypatch):
     """Deliberate deviation: MMEngine's PolyLR lifts a lr_mult=0 group to eta_min; fengine keeps 0."""
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))

@@ -180,6 +180,46 @@ def test_fp16_scaler_sequence_matches_torch_gradscaler():
     assert_dicts_equal(state.params, {n: p.detach() for n, p in ref.named_parameters()}, "params")
 
 
+@pytest.mark.parametrize("kind", ["sgd", "chain", "from_torch"])
+def test_a_skipped_fp16_update_reports_the_scheduled_lr_as_torch_schedulers_set_it(kind):
+    """GradScaler skips ``optimizer.step`` but the scheduler still moves the group's lr (MMEngine
+    logs it every iteration); the skipped steps reported the lr of the last update."""
+    data = [(x, y, torch.tensor(float("inf") if t in (2, 3) else 1.0))
+            for t, (x, y) in enumerate(mlp_batches(8))]  # fmt: skip
+    ref = mlp()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
+    scaler = torch.amp.GradScaler("cpu")
+    ref_lrs = []
+    for batch in data:
+        ref_lrs.append(opt.param_groups[0]["lr"])
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = _scaled_loss_fn(ref, batch)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+
+    lr = fe.schedules.linear(0.1, 0.1, end=6)
+    tx = {
+        "sgd": lambda: optim.sgd(lr, momentum=0.9),
+        "chain": lambda: optim.chain(optim.clip_by_value(1e9), optim.sgd(lr, momentum=0.9)),
+        "from_torch": lambda: optim.from_torch(torch.optim.SGD, lr=lr, momentum=0.9, foreach=True),
+    }[kind]()
+    step = fe.train_step(_scaled_loss_fn, tx, fe.amp("float16"))
+    state = step.init(mlp())
+    lrs, reported, skipped = [], [], []
+    for batch in data:
+        state, m = step(state, batch)
+        lrs.append(float(m["lr"]))
+        reported.append(optim.hyperparams(state.opt_state)["lr"])
+        skipped.append(bool(m["update_skipped"]))
+    assert [t for t, s in enumerate(skipped) if s] == [2, 3]
+    assert lrs == pytest.approx(ref_lrs, rel=1e-12) and reported == lrs
+    assert_dicts_equal(state.params, {n: p.detach() for n, p in ref.named_parameters()}, "params")
+
+
 def test_bf16_autocasts_without_scaler():
     seen = []
 

@@ -19,7 +19,9 @@ step's gradients are zeros for unused params: there, no param misses one.)
 Each state reports, by `fengine.optim.collect_metrics`, the ``lr`` of its last update
 (the step metrics, logged as MMEngine logs ``lr``), and by `fengine.optim.hyperparams`
 also its ``momentum`` (SGD / RMSprop momentum, Adam / AdamW ``b1``, 0 for Adagrad):
-MMEngine's ``get_lr()`` / ``get_momentum()``.
+MMEngine's ``get_lr()`` / ``get_momentum()``. An update that is skipped (a `partition` group
+without gradients, an fp16 overflow) still moves them to its step (``report``), as MMEngine's
+schedulers set a group's lr whether or not it steps.
 
 ``fused=True`` (sgd, adam, adamw, adagrad) instead calls torch's fused kernel
 (``torch._fused_adam_`` and friends) the way ``torch.optim.X(fused=True)`` does:
@@ -89,8 +91,20 @@ def picker(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], list]:
     return lambda d: list(get(d))
 
 
-def _optimizer(init_fn, apply_fn) -> GradientTransformation:
-    return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn)
+def _optimizer(init_fn, apply_fn, **reported: Hyper) -> GradientTransformation:
+    """The transformation of an optimizer whose state reports ``reported`` (state field ->
+    hyper-parameter, e.g. ``lr=lr``): its ``report`` moves the scheduled ones to a step."""
+    scheduled = {field: h for field, h in reported.items() if callable(h)}
+    report = None
+    if scheduled:
+
+        def report(state, step):
+            values = {field: resolve(h, step) for field, h in scheduled.items()}
+            if isinstance(step, torch.Tensor):  # a compiled step's state holds tensors
+                return state._replace(**{f: _t(v) for f, v in values.items()})
+            return state._replace(**{f: float(v) for f, v in values.items()})
+
+    return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn, report)
 
 
 # torch keeps a fused optimizer's step as a float32 tensor bumped by 1 each update,
@@ -296,7 +310,7 @@ def sgd(
             state.num_updates + 1, state.momentum_buffer, float(lr_t), float(mom), missed
         )
 
-    return _optimizer(init_fn, apply_fn)
+    return _optimizer(init_fn, apply_fn, lr=lr, momentum=momentum)
 
 
 # ---------------------------------------------------------------- Adam / AdamW
@@ -404,7 +418,7 @@ def _adam(
             num_updates=num_updates, lr=float(lr_t), momentum=float(beta1), missed=missed
         )
 
-    return _optimizer(init_fn, apply_fn)
+    return _optimizer(init_fn, apply_fn, lr=lr, momentum=b1)
 
 
 def adam(
@@ -582,7 +596,7 @@ def rmsprop(
             num_updates=state.num_updates + 1, lr=float(lr_t), momentum=float(mom)
         )
 
-    return _optimizer(init_fn, apply_fn)
+    return _optimizer(init_fn, apply_fn, lr=lr, momentum=momentum)
 
 
 # ---------------------------------------------------------------- Adagrad
@@ -672,4 +686,4 @@ def adagrad(
         torch._foreach_addcdiv_(p, numerator, std)
         return params, AdagradState(num_updates, state.sum, float(lr_t), missed)
 
-    return _optimizer(init_fn, apply_fn)
+    return _optimizer(init_fn, apply_fn, lr=lr)

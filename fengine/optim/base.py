@@ -37,6 +37,7 @@ __all__ = [
     "hyperparams",
     "identity",
     "partition",
+    "report_at",
     "resolve",
     "set_to_zero",
     "step_params",
@@ -61,11 +62,23 @@ class ApplyFn(Protocol):
 
 
 class GradientTransformation(NamedTuple):
-    """``init`` and ``update`` (and, for optimizers, a fused in-place ``apply``)."""
+    """``init`` and ``update`` (and, for optimizers, a fused in-place ``apply``).
+
+    ``report(state, step)``: the state with the hyper-parameters it reports (``lr``,
+    ``momentum``) at ``step`` and nothing else changed (None: it reports none that move). An
+    update that is skipped (a param group without gradients, an fp16 overflow) still reports
+    the scheduled values, as MMEngine's schedulers set a group's lr whether or not it steps.
+    """
 
     init: Callable[[Params], Any]
     update: UpdateFn
     apply: ApplyFn | None = None
+    report: Callable[[Any, Any], Any] | None = None
+
+
+def report_at(tx: GradientTransformation, state: Any, step: Any) -> Any:
+    """``tx``'s state with its reported hyper-parameters at ``step`` (`GradientTransformation`)."""
+    return state if tx.report is None else tx.report(state, step)
 
 
 class EmptyState(NamedTuple):
@@ -245,7 +258,13 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
             return params, tuple(new_state)
 
-    return GradientTransformation(init_fn, update_fn, apply_fn)
+    report = None
+    if any(t.report is not None for t in transforms):
+
+        def report(state, step):
+            return tuple(report_at(t, s, step) for t, s in zip(transforms, state))
+
+    return GradientTransformation(init_fn, update_fn, apply_fn, report)
 
 
 class PartitionState(NamedTuple):
@@ -300,8 +319,8 @@ def partition(
         updates: dict[str, torch.Tensor] = {}
         inner = {}
         for label, names in groups.items():
-            if not names:  # no param of this group got a gradient this step: leave its state alone
-                inner[label] = state.inner[label]
+            if not names:  # no param of this group got a gradient: its state as it was, but
+                inner[label] = report_at(transforms[label], state.inner[label], step)  # its lr
                 continue
             sub = {n: grads[n] for n in names}
             sub_params = None if params is None else {n: params[n] for n in names}
@@ -320,7 +339,7 @@ def partition(
             inner = {}
             for label, names in groups.items():
                 if not names:
-                    inner[label] = state.inner[label]
+                    inner[label] = report_at(transforms[label], state.inner[label], step)
                     continue
                 sub = {n: grads[n] for n in names}
                 _, inner[label] = applies[label](
@@ -328,7 +347,15 @@ def partition(
                 )
             return params, PartitionState(inner)
 
-    return GradientTransformation(init_fn, update_fn, apply_fn)
+    report = None
+    if any(t.report is not None for t in transforms.values()):
+
+        def report(state, step):
+            return PartitionState(
+                {label: report_at(transforms[label], s, step) for label, s in state.inner.items()}
+            )
+
+    return GradientTransformation(init_fn, update_fn, apply_fn, report)
 
 
 def collect_metrics(opt_state: Any) -> dict[str, torch.Tensor]:

@@ -62,6 +62,7 @@ from fengine.optim.base import (
     check_hyper,
     collect_metrics,
     partition,
+    report_at,
     resolve,
 )
 from fengine.optim.scaling import ScaledSchedule
@@ -453,7 +454,10 @@ def _reporting_base_lr(tx: GradientTransformation, base_lr: Hyper) -> GradientTr
             params, new = apply(grads, PartitionState(state.inner), params, step=step)
             return params, ParamGroupsState(new.inner, value(step))
 
-    return GradientTransformation(init_fn, update_fn, apply_fn)
+    def report(state, step):
+        return ParamGroupsState(report_at(tx, PartitionState(state.inner), step).inner, value(step))
+
+    return GradientTransformation(init_fn, update_fn, apply_fn, report)
 
 
 def _check_mult(

@@ -28,6 +28,9 @@ class TorchOptimizerState(NamedTuple):
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
 
+    def hyperparams(self) -> dict[str, float]:
+        return {"lr": self.lr}  # momentum is the wrapped optimizer's own (not kept here)
+
 
 def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> GradientTransformation:
     """Wrap ``optimizer_cls(params, **hyper)``; any hyper-parameter may be a schedule.
@@ -83,4 +86,10 @@ def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> Grad
             state.num_updates + 1, state.per_param, float(group.get("lr", 0.0))
         )
 
-    return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn)
+    report = None
+    if "lr" in scheduled:
+
+        def report(state, step):
+            return state._replace(lr=float(resolve(scheduled["lr"], step)))
+
+    return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn, report)

@@ -11,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from fengine.state import TrainState
-from fengine.step import ApplyFn, GradFn, Grads, Metrics, Part
+from fengine.step import ApplyFn, GradFn, Grads, Metrics, Part, skipped_update
 from fengine.wrappers.base import Wrapper, _CheckFinite, once
 
 
@@ -91,7 +91,7 @@ class _Amp(Wrapper):
             ):  # a compiled step: skip by selection, no host read
                 new_state, metrics = _unless(found_inf > 0, state, g, apply)
             elif bool(found_inf):  # the one host read: skip the update, as GradScaler.step does
-                new_state, metrics = state, dict(g.metrics)
+                new_state, metrics = skipped_update(state, g, part)
             else:
                 new_state, metrics = apply(state, g)
             if dynamic:
