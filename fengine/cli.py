@@ -659,12 +659,14 @@ def _check_work_dir(cfg: RunConfig, ckpt: Path | None, out: Callable[[str], Any]
 
 def write_config(cfg: RunConfig) -> Path:
     """The resolved config to ``work_dir/config.json``, atomically (a crash leaves the old one)."""
-    path = cfg.work_dir / "config.json"
-    tmp = path.with_name(f".config.json.{os.getpid()}.tmp")
+    from fengine.checkpoint._io import atomic_write, pwrite_all
+
     resolved = to_dict(_absolute_paths(cfg))  # --config works from any directory
-    tmp.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    data = (json.dumps(resolved, indent=2) + "\n").encode("utf-8")
+    # a fresh O_EXCL temp name: a link planted in the work dir is never written through
+    return atomic_write(
+        cfg.work_dir / "config.json", lambda fd: pwrite_all(fd, memoryview(data), 0), what="config"
+    )
 
 
 # ----------------------------------------------------------------------- resume

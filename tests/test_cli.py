@@ -225,6 +225,23 @@ def test_a_run_writes_the_resolved_config(trained):
     }
 
 
+def test_config_json_is_never_written_through_a_planted_link(tmp_path):
+    """A work dir may come from someone else: links at config.json or at a temp name beside it
+    (the old one was predictable: ``.config.json.<pid>.tmp``) never redirect the write."""
+    import os
+
+    work = tmp_path / "w"
+    work.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (work / f".config.json.{os.getpid()}.tmp").symlink_to(victim)
+    (work / "config.json").symlink_to(victim)
+    cfg = parse(*FAST, "--max-steps", "2", "--work-dir", str(work))[0]
+    path = cli.write_config(cfg)
+    assert victim.read_text() == "precious\n"
+    assert not path.is_symlink() and json.loads(path.read_text())["max_steps"] == 2
+
+
 def test_a_work_dir_holding_a_run_is_refused_up_front(trained, capsys):
     before = sorted(p.name for p in trained.iterdir())
     assert run(*FAST, "--max-steps", "2", "--work-dir", str(trained)) == 2

@@ -659,6 +659,23 @@ def test_logged_lr_is_the_lr_used(tmp_path):
     assert records[0]["lr"] == 0.1 and records[3]["lr"] == 0.05
 
 
+@pytest.mark.parametrize("name", ["scalars.jsonl", "20260101_000000.log"])
+def test_logs_are_never_appended_through_a_planted_link(tmp_path, monkeypatch, name):
+    """A work dir may come from someone else: a link at the scalars file or at the text log's
+    (predictable, timestamped) name is refused before a step, and its target is untouched."""
+    import fengine.handlers.log as log_module
+
+    monkeypatch.setattr(log_module.time, "strftime", lambda *a: "20260101_000000")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / name).symlink_to(victim)
+    with pytest.raises(OSError, match=f"refusing to append through .*{name}: a symlink"):
+        tiny_fit(work, n=8, handlers=[Logger(1, timer=False)], max_epochs=1)
+    assert victim.read_text() == "precious\n"
+
+
 def test_partitioned_optimizer_logs_first_group_lr(tmp_path, lines):
     head = schedules.linear(0.2, start_factor=0.5, end=4)
     tx = optim.partition(

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 try:
@@ -231,6 +231,19 @@ def open_own(path: Path, flags: int, *, one_name: bool = True) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_to_append(path: Path) -> TextIO:
+    """``path`` opened as text to append to, with `open_own` (a log in a work dir that may come
+    from someone else: a link planted there never redirects the write); refused as ``OSError``."""
+    try:
+        fd = open_own(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except NotOwnFile as e:
+        raise OSError(
+            errno.EPERM, f"refusing to append through {path}: a {e.why} ({e.detail}); "
+            "fengine writes only files of its own there: remove it and run again", str(path)
+        ) from None  # fmt: skip
+    return open(fd, "a", encoding="utf-8")  # noqa: SIM115
 
 
 # ======================================================================= writing and removing

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from fengine.checkpoint._io import atomic_write, pwrite_all
+from fengine.checkpoint._io import atomic_write, open_to_append, pwrite_all
 
 
 EVAL_PREFIXES = ("val/", "test/")
@@ -35,7 +35,7 @@ def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
     if not moved:
         return 0
     aside = path.with_name(f"{path.stem}.superseded{path.suffix}")
-    with open(aside, "a", encoding="utf-8") as f:
+    with open_to_append(aside) as f:
         f.writelines(moved)
         f.flush()
         os.fsync(f.fileno())

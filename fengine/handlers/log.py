@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from fengine.checkpoint._io import open_to_append
 from fengine.events import Handler, Priority, Snapshot
 from fengine.handlers.banner import environment, format_banner, format_config
 from fengine.handlers.history import History, known_statistics, statistic
@@ -63,6 +64,13 @@ class _StdoutHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value: Any) -> None:
         del value
+
+
+class _OwnFileHandler(logging.FileHandler):
+    """The run's text log, never opened through a link planted in the work dir (`open_to_append`)."""
+
+    def _open(self) -> Any:  # typeshed: TextIOWrapper
+        return open_to_append(Path(self.baseFilename))
 
 
 def get_logger() -> logging.Logger:
@@ -847,7 +855,7 @@ class Logger(_TrainScalars):
         self._file_handler = None
         if self.log_file:
             path = work_dir / f"{self.timestamp or time.strftime('%Y%m%d_%H%M%S')}.log"
-            self._file_handler = logging.FileHandler(path, encoding="utf-8")
+            self._file_handler = _OwnFileHandler(path, encoding="utf-8")
             self._file_handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
             self._file_handler._fengine_run_log = True  # type: ignore[attr-defined]
             self.logger.addHandler(self._file_handler)
@@ -884,7 +892,7 @@ class Logger(_TrainScalars):
                 self.logger.info("Logger: %d record(s) of %s after step %d, written again by this "
                                  "resume, moved to its .superseded file", moved, self._json_path.name, at)  # fmt: skip
         if self._json_path is not None:
-            with open(self._json_path, "a", encoding="utf-8") as f:
+            with open_to_append(self._json_path) as f:
                 f.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
 
     # ------------------------------------------------------------------ timing
