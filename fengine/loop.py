@@ -597,11 +597,11 @@ def _resume(
     state: TrainState, step: Step, resume: bool | str | Path, run: RunInfo, dispatch: Dispatcher
 ) -> tuple[TrainState, RunInfo, str | None]:
     """Load the checkpoint and the handlers' state; also the loop moment it was saved at."""
+    save_dirs = [
+        h.directory(run) for h in dispatch.handlers if callable(getattr(h, "directory", None))
+    ]
     if resume is True:
         assert run.work_dir is not None
-        save_dirs = [
-            h.directory(run) for h in dispatch.handlers if callable(getattr(h, "directory", None))
-        ]
         with warnings.catch_warnings(
             record=True
         ) as said:  # a fallback is news for the log, not an error
@@ -611,6 +611,7 @@ def _resume(
             log.warning("resume: %s", w.message)
     else:
         path = Path(resume)  # type: ignore[arg-type]  # fit only resumes when resume is truthy
+        _set_aside_later_checkpoints(path, save_dirs)
     if path is None:
         log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
         return state, run, None
@@ -650,6 +651,21 @@ def _resume(
     dispatch("after_load_checkpoint", state, run, checkpoint=path)
     moment = meta.get("moment")
     return state, run, moment if moment in _MOMENTS else None
+
+
+def _set_aside_later_checkpoints(path: Path, save_dirs: list[Path]) -> None:
+    """A run continued from an earlier checkpoint of its directory (a rewind; the run log records
+    the path taken) would replace the abandoned path's checkpoints of the same names: they move
+    aside first (`checkpoint.set_aside_later`). ``resume=True`` never rewinds (a newer file whose
+    pointer move a crash prevented is written again, bit for bit)."""
+    if not distributed.is_main():
+        return  # rank 0 writes the checkpoints
+    for d in save_dirs:
+        moved = checkpoint.set_aside_later(path, d)
+        if moved is not None:
+            aside, names = moved
+            log.warning("resume: %s rewinds the run in %s; the %d checkpoint(s) of later steps "
+                        "(%s) moved to %s", path.name, d, len(names), ", ".join(names), aside)  # fmt: skip
 
 
 _MOMENTS = ("before_train", "before_train_epoch", "before_train_iter", "after_train_iter", "after_train_epoch",

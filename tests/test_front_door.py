@@ -96,6 +96,8 @@ def test_readme_resume_and_replay_sequence_runs_as_written(tmp_path):
     assert "is at step 30 of a 30-step run" in outs[1] and "re-planned over 60 updates" in outs[1]
     assert "is at step 30 of a 30-step run" in outs[2] and "re-planned over 40 updates" in outs[2]
     assert "REPLAY OK" in outs[3]
+    (aside,) = (tmp_path / "W").glob("abandoned_after_step_30.*")  # the rewind replaced nothing
+    assert "iter_60.safetensors" in {p.name for p in aside.iterdir()}
     saved = json.loads((tmp_path / "W" / "config.json").read_text())
     assert saved["model"] == {"width": 8, "blocks": 1} and saved["max_steps"] == 40
 

@@ -70,7 +70,14 @@ def test_a_resume_with_a_longer_horizon_is_a_second_segment_and_replays_ok(run12
 
 
 def test_a_resume_from_an_earlier_checkpoint_with_another_lr_replays_the_path_taken(run12):
+    abandoned = {
+        n: (run12 / n).read_bytes() for n in ("iter_10.safetensors", "iter_12.safetensors")
+    }
     replay_recipe.run(run12, max_steps=18, resume_from=str(run12 / "iter_5.safetensors"), lr=0.01)
+    # the abandoned path's checkpoints were moved aside, not replaced (iter_10 was overwritten)
+    (aside,) = run12.glob("abandoned_after_step_5.*")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == abandoned
+    assert (run12 / "iter_10.safetensors").read_bytes() != abandoned["iter_10.safetensors"]
     ok, out = _replay(run12)
     assert ok, out
     assert "segment 1: steps 0-5" in out and "segment 2: steps 5-18" in out

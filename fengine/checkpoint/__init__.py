@@ -78,6 +78,7 @@ from fengine.checkpoint._state import (
     mark_latest as mark_latest,
     read_meta as read_meta,
     save as save,
+    set_aside_later as set_aside_later,
 )
 
 
@@ -95,6 +96,7 @@ __all__ = [
     "read_meta",
     "remove",
     "save",
+    "set_aside_later",
 ]
 
 # Every byte that save, publish and mark_latest write goes through these two, looked up here at call time,

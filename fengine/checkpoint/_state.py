@@ -6,6 +6,7 @@ import collections
 import json
 import os
 import stat
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +31,14 @@ from fengine.checkpoint._format import (
     read_header,
     require_fengine,
 )
-from fengine.checkpoint._io import TEMP, NotRegularFile, atomic_write, open_regular, pid_alive
+from fengine.checkpoint._io import (
+    TEMP,
+    NotRegularFile,
+    _fsync_dir,
+    atomic_write,
+    open_regular,
+    pid_alive,
+)
 from fengine.checkpoint._tree import Leaf, adoptable, flatten, is_empty_dict, prefixes, rebuild
 from fengine.sharding import load_leaf, owned_ids, reshard
 from fengine.state import TrainState
@@ -534,6 +542,45 @@ def _newest_readable(
             return (p, step), rejected
         rejected.append(problem)
     return None, rejected
+
+
+def set_aside_later(
+    path: str | os.PathLike, directory: str | os.PathLike
+) -> tuple[Path, list[str]] | None:
+    """Move the training checkpoints of ``directory`` saved at later steps than ``path``'s into
+    ``directory/abandoned_after_step_<N>.<time>/`` (then fsync the directory); that folder and
+    the names moved, or None when there are none. Before a run rewinds to ``path`` there: its
+    saves would replace those of the same names and strand the rest, which `latest`'s fallback
+    (the highest step) could pick. Nothing is deleted. Other files are left where they are."""
+    got = _training_checkpoint(Path(path))
+    if isinstance(got, str):
+        raise CheckpointError(got)
+    start = got[1].position["step"]
+    d = Path(directory)
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return None
+    later = []
+    for name in names:
+        p = d / name
+        if name.startswith(".") or not name.endswith(SUFFIX) or not _inside(p, [d]):
+            continue
+        scanned = _scanned(p)
+        if isinstance(scanned, tuple) and scanned[1].position["step"] > start:
+            later.append(p)
+    if not later:
+        return None
+    base = f"abandoned_after_step_{start}.{time.strftime('%Y%m%d_%H%M%S')}"
+    aside, n = d / base, 1
+    while aside.exists():
+        n += 1
+        aside = d / f"{base}-{n}"
+    aside.mkdir()
+    for p in later:
+        os.rename(p, aside / p.name)
+    _fsync_dir(d)
+    return aside, [p.name for p in later]
 
 
 def latest(
