@@ -417,18 +417,20 @@ def fit(
                 state, run, moment = _resume(state, step, resume, run, dispatch)
             dispatch("before_train", state, run)
             _flush(state, run, dispatch, "before_train", bg)
-            if (
-                val is not None
-                and moment is not None
-                and _validation_due(moment, state, p, val, interval)
-            ):
-                # the checkpoint preceded it (at an epoch end, after that epoch's buffer sync)
-                state = _validate(state, val, dispatch, run, bg,
-                                  sync=world > 1 and moment != "after_train_epoch")  # fmt: skip
             if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
                 log.warning("fit: no val, so reduce_on_plateau never reduces; pass val=fe.Val(...)")
             watch = FiniteWatch(enabled=check_nonfinite)
             with _signals(enabled=work_dir is not None) as received:
+                if (
+                    val is not None
+                    and moment is not None
+                    and _validation_due(moment, state, p, val, interval)
+                ):
+                    # the checkpoint preceded it (at an epoch end, after that epoch's buffer sync)
+                    state = _validate(state, val, dispatch, run, bg,
+                                      sync=world > 1 and moment != "after_train_epoch")  # fmt: skip
+                    if _signalled(received, None, world, device):  # preempted in that validation
+                        _preempt(received, state, run, dispatch, "after_val", bg)
                 ticks = train_steps(state, step, train_data, p,
                                     stop=lambda: dispatch.stop is not None, data_rng=data_rng)  # fmt: skip
                 sent: TrainState | None = None  # the state validation changed, for the next tick

@@ -289,6 +289,45 @@ def test_iteration_run_killed_before_its_last_validation_validates_on_resume(tmp
     assert best(tmp_path / "w") == best(tmp_path / "straight")
 
 
+def test_sigterm_in_the_validation_a_resume_runs_first_is_a_preemption(tmp_path):
+    """A checkpoint written before its step's validation: the resumed run validates first. A
+    SIGTERM there was left to the default action (the process died without a checkpoint)."""
+
+    class Unhandled(Exception):
+        pass
+
+    def default_action(signum, frame):  # stands for the process-killing default, catchably
+        raise Unhandled(signum)
+
+    previous = signal.signal(signal.SIGTERM, default_action)
+
+    class KillInValidation(fe.Handler):
+        def on_before_val(self, snap):
+            raise Killed()
+
+    @fe.on("before_val_iter", once=1)
+    def sigterm(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(handler):
+        step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+        val = fe.Val(mlp_batches(2, seed=9), [MeanLoss()], eval_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                     interval=3)  # fmt: skip
+        return fe.fit(step.init(mlp(), seed=0), step, mlp_batches(3), max_steps=6, val=val,
+                      work_dir=tmp_path, resume=True,
+                      handlers=[Checkpointer(3, by_epoch=False), handler])  # fmt: skip
+
+    try:
+        with pytest.raises(Killed):
+            run(KillInValidation())  # iter_3 saved, then killed in step 3's validation
+        with pytest.raises(fe.Preempted) as info:
+            run(sigterm)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.exit_code == 128 + signal.SIGTERM and info.value.state.step == 3
+    assert checkpoint.read_meta(info.value.checkpoint)["meta"]["moment"] == "after_val"
+
+
 # ----------------------------------------------------------------- untrusted handler state
 @pytest.mark.parametrize("field,value", [
     ("kept", ["../outside.safetensors"]),
