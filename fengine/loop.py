@@ -403,18 +403,25 @@ def fit(
     dispatch = Dispatcher(_default_handlers(work_dir, p.by_epoch) if handlers is None else handlers,
                           also=[data_rng] if data_rng and data_rng.generators else [])  # fmt: skip
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
-    with lock_work_dir(work_dir if main else None):  # rank 0 writes the work dir
-        if main and work_dir is not None:
-            _remove_stale_temps(work_dir)
+    held = contextlib.ExitStack()  # the checkpoint directories' locks, once they are known
+    with lock_work_dir(work_dir if main else None), held:  # rank 0 writes the work dir
         run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch,
                       p.batches_per_epoch, p.micro_batches, state.step, val_batches, config,
                       distributed.rank(), world, tuple(distributed.gather_objects(str(device))))  # fmt: skip
+        if main:
+            for d in dict.fromkeys(
+                [*([work_dir] if work_dir is not None else []), *_save_dirs(dispatch, run)]
+            ):
+                held.enter_context(lock_work_dir(d))  # another run saving there is refused
+                _remove_stale_temps(d)
         bg = _Background()
         try:
             dispatch("before_run", state, run)
             moment = None
             if resume:
                 state, run, moment = _resume(state, step, resume, run, dispatch)
+            elif main:
+                _warn_if_saving_over(_save_dirs(dispatch, run))
             dispatch("before_train", state, run)
             _flush(state, run, dispatch, "before_train", bg)
             if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
@@ -512,11 +519,36 @@ def _check_same_length(batches: int) -> None:
         )
 
 
-def _remove_stale_temps(work_dir: Path) -> None:
-    """Temp files of killed saves: safe to remove, since this run holds the work dir's lock."""
-    removed = checkpoint.clean_stale_temps(work_dir, locked=True)
+def _remove_stale_temps(directory: Path) -> None:
+    """Temp files of killed saves: safe to remove, since this run holds the directory's lock."""
+    removed = checkpoint.clean_stale_temps(directory, locked=True)
     if removed:
-        log.info("removed %d temp file(s) left by interrupted saves in %s", len(removed), work_dir)
+        log.info("removed %d temp file(s) left by interrupted saves in %s", len(removed), directory)
+
+
+def _warn_if_saving_over(save_dirs: list[Path]) -> None:
+    """A fresh run saving where checkpoints already are replaces those of the same names (as
+    MMEngine's; Lightning warns too): say so before the first save, naming them."""
+    for d in save_dirs:
+        found = checkpoint.list_checkpoints(d)
+        if found:
+            names = ", ".join(p.name for p, _ in found[-3:])
+            log.warning("fit: %s already holds %d checkpoint(s) (%s); this run "
+                        "(resume=False) replaces those of the same names: resume=True continues "
+                        "that run, another work_dir keeps both", d, len(found), names)  # fmt: skip
+
+
+def _save_dirs(dispatch: Dispatcher, run: RunInfo) -> list[Path]:
+    """Where the handlers save checkpoints (a `Checkpointer`'s ``directory``); one that has
+    nowhere to save is left to say so at ``before_train``."""
+    dirs = []
+    for h in dispatch.handlers:
+        if callable(getattr(h, "directory", None)):
+            try:
+                dirs.append(Path(h.directory(run)))
+            except ValueError:
+                continue
+    return dirs
 
 
 def _check_fit_args(state: Any, step: Any, resume: Any, work_dir: Any) -> None:
@@ -599,9 +631,7 @@ def _resume(
     state: TrainState, step: Step, resume: bool | str | Path, run: RunInfo, dispatch: Dispatcher
 ) -> tuple[TrainState, RunInfo, str | None]:
     """Load the checkpoint and the handlers' state; also the loop moment it was saved at."""
-    save_dirs = [
-        h.directory(run) for h in dispatch.handlers if callable(getattr(h, "directory", None))
-    ]
+    save_dirs = _save_dirs(dispatch, run)
     if resume is True:
         assert run.work_dir is not None
         with warnings.catch_warnings(

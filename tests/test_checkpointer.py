@@ -575,6 +575,43 @@ def test_out_dir_gets_the_work_dir_name(tmp_path):
     assert Checkpointer(out_dir=work).directory(RunInfo(work, True, 1, 1, 1, 1, 1, 0)) == work
 
 
+def test_an_out_dir_is_locked_cleaned_and_a_fresh_run_over_checkpoints_is_named(tmp_path, caplog):
+    """``out_dir / basename(work_dir)`` (MMEngine's rule) is shared by two work dirs of one name:
+    a run saving there holds its lock (another run is refused, not interleaved), removes the temp
+    files of killed saves there, and a fresh run over checkpoints says it replaces them."""
+    import subprocess
+    import sys
+    import textwrap
+
+    store = tmp_path / "store"
+    _run(tmp_path / "a" / "exp", Checkpointer(1, out_dir=store), max_epochs=1)
+    saves = store / "exp"
+    stale = saves / ".epoch_2.safetensors.999999.0123abcd.tmp"  # a save killed midway
+    stale.write_bytes(b"torn")
+    with caplog.at_level(logging.WARNING, logger="fengine"):
+        _run(tmp_path / "b" / "exp", Checkpointer(1, out_dir=store), max_epochs=1)
+    assert not stale.exists()
+    said = [r.getMessage() for r in caplog.records if "already holds" in r.getMessage()]
+    assert (
+        len(said) == 1 and f"{saves} already holds 1 checkpoint(s) (epoch_1.safetensors)" in said[0]
+    )
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from fengine.workdir import lock_work_dir
+        with lock_work_dir({str(saves)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(fe.WorkDirLocked, match=f"work dir {saves} is in use by another run"):
+            _run(tmp_path / "c" / "exp", Checkpointer(1, out_dir=store), max_epochs=1)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
 def test_needs_a_directory():
     st, step, batches = _setup()
     with pytest.raises(ValueError, match="work_dir=.*out_dir="):

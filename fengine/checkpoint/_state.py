@@ -544,6 +544,26 @@ def _newest_readable(
     return None, rejected
 
 
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[Path, int]]:
+    """The training checkpoints in ``directory`` (its own files, not links out of it), as
+    (path, step) by step then name. Reads headers only; damaged files and other kinds of
+    safetensors files (published params) are not listed."""
+    d = Path(directory)
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        p = d / name
+        if name.startswith(".") or not name.endswith(SUFFIX) or not _inside(p, [d]):
+            continue
+        scanned = _scanned(p)
+        if isinstance(scanned, tuple):
+            found.append((p, scanned[1].position["step"]))
+    return sorted(found, key=lambda c: (c[1], c[0].name))
+
+
 def set_aside_later(
     path: str | os.PathLike, directory: str | os.PathLike
 ) -> tuple[Path, list[str]] | None:
@@ -557,18 +577,7 @@ def set_aside_later(
         raise CheckpointError(got)
     start = got[1].position["step"]
     d = Path(directory)
-    try:
-        names = sorted(os.listdir(d))
-    except OSError:
-        return None
-    later = []
-    for name in names:
-        p = d / name
-        if name.startswith(".") or not name.endswith(SUFFIX) or not _inside(p, [d]):
-            continue
-        scanned = _scanned(p)
-        if isinstance(scanned, tuple) and scanned[1].position["step"] > start:
-            later.append(p)
+    later = [p for p, step in list_checkpoints(d) if step > start]
     if not later:
         return None
     base = f"abandoned_after_step_{start}.{time.strftime('%Y%m%d_%H%M%S')}"
