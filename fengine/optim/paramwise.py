@@ -65,7 +65,7 @@ from fengine.optim.base import (
     report_at,
     resolve,
 )
-from fengine.optim.scaling import ScaledSchedule
+from fengine.optim.scaling import ScaledLR, ScaledSchedule
 from fengine.schedules import Join, Schedule
 
 
@@ -152,6 +152,10 @@ def _scale(base: Hyper, mult: float) -> Hyper:
         if mult == 0:
             return 0.0
         return Scaled(float(mult), base)
+    if (
+        isinstance(base, ScaledLR) and mult != 1
+    ):  # MMEngine scales each group's lr * mult after building it
+        return base.lr * mult * base.factor
     return base * mult
 
 
