@@ -339,6 +339,14 @@ def _infer_batch_size(batch: Any) -> int | None:
     return next(iter(common))
 
 
+def _batch_size_or_none(batch: Any) -> int | None:
+    """`_infer_batch_size`, None where the fields disagree (a check that cannot be made)."""
+    try:
+        return _infer_batch_size(batch)
+    except ValueError:
+        return None
+
+
 def _sizes(field: Any) -> set[int]:
     if isinstance(field, torch.Tensor):
         return {field.shape[0]} if field.ndim else set()
@@ -426,6 +434,12 @@ class MeanLoss(SumMetric):
                 raise ValueError(
                     f"MeanLoss: batch_size says {bs} samples "
                     f"but the per-sample loss has shape {tuple(value.shape)}"
+                )
+            if self._batch_size is None and (bs := _batch_size_or_none(batch)) not in (None, n):
+                raise ValueError(  # e.g. a batch mean as shape (1,), or per-token losses
+                    f"MeanLoss: a 1-d loss is one value per sample, but it has {n} values for a "
+                    f"batch of {bs} samples; pass a scalar batch-mean loss, or "
+                    "batch_size=lambda batch, outputs: ... to say what it counts"
                 )
             return BatchStats(n, value.sum().reshape(1), value[-1:])
         if value.ndim != 0:

@@ -386,6 +386,13 @@ def test_mean_loss_per_sample_and_options():
             ValueError,
             r"MeanLoss: batch_size says 3.*\(2,\)",
         ),
+        (  # a batch mean kept as shape (1,): it was counted as one sample of every batch
+            MeanLoss(),
+            (torch.zeros(4, 3), torch.zeros(4)),
+            torch.ones(1),
+            ValueError,
+            r"MeanLoss: a 1-d loss is one value per sample, but it has 1 values for a batch of 4",
+        ),
     ],
 )
 def test_mean_loss_bad_input(m, batch, outputs, exc, pattern):
