@@ -435,10 +435,10 @@ class MeanLoss(SumMetric):
                     f"MeanLoss: batch_size says {bs} samples "
                     f"but the per-sample loss has shape {tuple(value.shape)}"
                 )
-            if self._batch_size is None and (bs := _batch_size_or_none(batch)) not in (None, n):
+            if self._batch_size is None and (seen := _batch_size_or_none(batch)) not in (None, n):
                 raise ValueError(  # e.g. a batch mean as shape (1,), or per-token losses
                     f"MeanLoss: a 1-d loss is one value per sample, but it has {n} values for a "
-                    f"batch of {bs} samples; pass a scalar batch-mean loss, or "
+                    f"batch of {seen} samples; pass a scalar batch-mean loss, or "
                     "batch_size=lambda batch, outputs: ... to say what it counts"
                 )
             return BatchStats(n, value.sum().reshape(1), value[-1:])
