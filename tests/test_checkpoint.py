@@ -781,6 +781,14 @@ def test_load_params_ema_weights_and_corruption(tmp_path):
     for k, v in state.params.items():
         assert torch.equal(live.params[k], v)
     assert not torch.equal(live.params["0.weight"], new.params["0.weight"])
+    # the target's EMA starts from the loaded weights (MMEngine's EMAHook loads load_from into
+    # its averaged model): it kept the fresh init's, which evaluation and publish then used
+    ema = new.extra["ema"]
+    assert ema.params.keys() and all(torch.equal(ema.params[k], new.params[k]) for k in ema.params)
+    assert all(ema.params[k].data_ptr() != new.params[k].data_ptr() for k in ema.params)
+    assert all(
+        torch.equal(a, b) for a, b in zip(new.eval_weights()[0].values(), new.params.values())
+    )
     data = bytearray(path.read_bytes())
     data[-3] ^= 1
     path.write_bytes(bytes(data))

@@ -259,8 +259,21 @@ def load_params(
     if isinstance(into, TrainState):
         params = {n: new.get(n, v) for n, v in into.params.items()}
         buffers = {n: new.get(n, v) for n, v in into.buffers.items()}
-        return into.replace(params=params, buffers=buffers), report
+        extra = {k: _averaging_from(v, new) for k, v in into.extra.items()}
+        return into.replace(params=params, buffers=buffers, extra=extra), report
     return {n: new.get(n, v) for n, v in targets.items()}, report
+
+
+def _averaging_from(value: Any, new: dict[str, torch.Tensor]) -> Any:
+    """An EMA/SWA state (`fengine.wrappers.ema.EmaState`) starting from the loaded weights, as
+    MMEngine's EMAHook loads ``load_from`` into its averaged model (it kept the init's weights,
+    so evaluating or publishing before the first update used them); other values as they are."""
+    from fengine.wrappers.ema import EmaState
+
+    if not isinstance(value, EmaState):
+        return value
+    copy = lambda d: {n: new[n].detach().clone() if n in new else t for n, t in d.items()}  # noqa: E731
+    return value._replace(params=copy(value.params), buffers=copy(value.buffers))
 
 
 def _nothing_matched(
