@@ -291,6 +291,53 @@ def test_ema_of_a_submodule_only():
     assert not torch.equal(params["2.weight"], state.params["2.weight"])
 
 
+def test_ema_of_a_submodule_averages_its_buffers_only_as_mmengine():
+    """``ema(params="gen", update_buffers=True)`` is MMEngine's ExponentialMovingAverage of
+    ``model.gen``: that submodule's params and buffers (it averaged the others' BatchNorm
+    statistics too, which evaluation then used beside their live weights)."""
+    from mmengine.model import ExponentialMovingAverage
+
+    def net():
+        torch.manual_seed(0)
+        return nn.ModuleDict(
+            {
+                "gen": nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+                "disc": nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+            }
+        )
+
+    def loss_fn(model, batch):
+        return model["disc"](model["gen"](batch)).square().mean()
+
+    ema = fe.ema(momentum=0.3, update_buffers=True, params="gen")
+    step = fe.train_step(loss_fn, optim.sgd(0.1), ema)
+    state = step.init(net())
+    live = net()
+    oracle = ExponentialMovingAverage(live["gen"], momentum=0.3, update_buffers=True)
+    for t in range(4):
+        batch = torch.randn(8, 4, generator=torch.Generator().manual_seed(t))
+        state, _ = step(state, batch)
+        live.load_state_dict({**state.params, **state.buffers})
+        oracle.update_parameters(live["gen"])
+    kept = ema.state(state)
+    assert sorted(kept.buffers) == [
+        "gen.1.num_batches_tracked",
+        "gen.1.running_mean",
+        "gen.1.running_var",
+    ]
+    for n, t in oracle.module.state_dict().items():
+        assert torch.equal({**kept.params, **kept.buffers}[f"gen.{n}"], t), n
+    _, buffers = state.eval_weights()
+    assert buffers["disc.1.running_mean"] is state.buffers["disc.1.running_mean"]
+
+
+def test_ema_of_a_name_the_model_lacks_is_refused_at_init():
+    step = fe.train_step(ce_loss, optim.sgd(0.1), fe.ema(params="generator"))
+    with pytest.raises(ValueError, match=r"ema: params= selects none of the model's params; its "
+                                         r"top-level submodules are \['0', '2'\]"):  # fmt: skip
+        step.init(mlp())
+
+
 # ---------------------------------------------------------------- check_finite
 def test_check_finite_names_step_and_terms():
     def loss_fn(model, batch):

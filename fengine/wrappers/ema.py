@@ -64,8 +64,16 @@ class _Averaged(Wrapper):
     def init(self, state: TrainState, parts: tuple[Part, ...]) -> EmaState:
         sel = self.select
         params = {n: p.detach().clone() for n, p in state.params.items() if sel is None or sel(n)}
-        buffers = (
-            {n: b.detach().clone() for n, b in state.buffers.items()} if self.update_buffers else {}
+        if not params:
+            modules = sorted({n.split(".")[0] for n in state.params})
+            raise ValueError(
+                f"{self.name}: params= selects none of the model's params; its top-level "
+                f"submodules are {modules}"
+            )
+        buffers = (  # a submodule's EMA averages that submodule's buffers only
+            {n: b.detach().clone() for n, b in state.buffers.items() if sel is None or sel(n)}
+            if self.update_buffers
+            else {}
         )
         return EmaState(params, buffers, 0)
 
@@ -103,8 +111,14 @@ class _Averaged(Wrapper):
                     src=[new.params[n] for n in e.params],
                     avg=list(e.params.values()),
                 )
-            src_b = list(new.buffers.values()) if self.update_buffers else []
-            avg_b = list(e.buffers.values())
+            if cache.get("buffers") is not new.buffers or cache.get("avg_buffers") is not e.buffers:
+                cache.update(
+                    buffers=new.buffers,
+                    avg_buffers=e.buffers,
+                    src_b=[new.buffers[n] for n in e.buffers],
+                    avg_b=list(e.buffers.values()),
+                )
+            src_b, avg_b = cache["src_b"], cache["avg_b"]
             started = self._started(new)
             with torch.no_grad():
                 if not started or e.steps == 0:
@@ -132,8 +146,7 @@ class _Averaged(Wrapper):
         copy = ~started | (steps == 0)
         average = started & (steps > 0) & (steps % self.interval == 0)
         pairs = [(e.params[n], new.params[n]) for n in e.params]
-        if self.update_buffers:
-            pairs += list(zip(e.buffers.values(), new.buffers.values()))
+        pairs += [(e.buffers[n], new.buffers[n]) for n in e.buffers]
         with torch.no_grad():
             for avg, src in pairs:
                 if avg.is_floating_point():
