@@ -50,18 +50,35 @@ def weights_for(
     return params, buffers
 
 
-def batches_of(data: Iterable, epoch: int, start: int, *, set_epoch: bool = True) -> Iterator:
+def batches_of(
+    data: Iterable,
+    epoch: int,
+    start: int,
+    *,
+    set_epoch: bool = True,
+    on_skipped: Callable[[], None] | None = None,
+) -> Iterator:
     """The batches of ``epoch`` from index ``start``: by arithmetic for fengine Loaders, by skipping
     otherwise (a DataLoader of a ``TensorDataset`` draws the skipped indices and gathers its
     batches: `fengine.data.gather`). ``set_epoch=False`` leaves a plain loader's sampler as it
-    is (evaluation: MMEngine's val loop sets no epoch)."""
+    is (evaluation: MMEngine's val loop sets no epoch). ``on_skipped`` runs once the skipped
+    batches are drawn and before batch ``start`` loads (a resume puts the generators back there:
+    `fengine.data.loader_rng`)."""
     if hasattr(data, "epoch") and callable(data.epoch):
         return iter(data.epoch(epoch, start_batch=start))
     sampler: Any = getattr(data, "sampler", None)
     if set_epoch and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-    fast = gathered(data, start)
-    return fast if fast is not None else itertools.islice(iter(data), start, None)
+    fast = gathered(data, start, on_skipped)
+    return fast if fast is not None else _skipping(iter(data), start, on_skipped)
+
+
+def _skipping(it: Iterator, start: int, on_skipped: Callable[[], None] | None) -> Iterator:
+    for _ in itertools.islice(it, start):
+        pass
+    if on_skipped is not None:
+        on_skipped()
+    yield from it
 
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

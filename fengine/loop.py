@@ -36,7 +36,7 @@ from torch import nn
 
 from fengine import checkpoint, distributed, plateau, sharding
 from fengine.checkpoint._background import Snapshots, Writer
-from fengine.data.loader_rng import LoaderRng
+from fengine.data.loader_rng import LoaderRng, persistent_workers_note
 from fengine.devices import device_of, to_device
 from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
 from fengine.events import Dispatcher, RunInfo
@@ -282,11 +282,10 @@ def _updates(
     k, device = plan.micro_batches, device_of(state.params)
     if data_rng is not None:
         data_rng.before_pass(mid_pass=state.batch_in_epoch > 0)
-    batches = batches_of(train_data, state.epoch, state.batch_in_epoch)
+    on_skipped = data_rng.after_skip if data_rng is not None else None
+    batches = batches_of(train_data, state.epoch, state.batch_in_epoch, on_skipped=on_skipped)
     t = time.perf_counter()
     group = list(itertools.islice(batches, k))
-    if data_rng is not None:
-        data_rng.after_first_batch()
     while group:
         batch = MicroBatches(group) if k > 1 else group[0]
         # batch_idx as MMEngine gives it: in the epoch, or the global iteration
@@ -400,6 +399,8 @@ def fit(
         _check_same_length(p.batches_per_epoch)
     # a DataLoader's order comes from torch generators: carried in checkpoints (one process)
     data_rng = LoaderRng(train_data) if world == 1 else None
+    if work_dir is not None and (note := persistent_workers_note(train_data)):
+        log.warning("fit: %s", note)
     dispatch = Dispatcher(_default_handlers(work_dir, p.by_epoch) if handlers is None else handlers,
                           also=[data_rng] if data_rng and data_rng.generators else [])  # fmt: skip
     val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -197,19 +198,40 @@ def test_crafted_handler_state_is_one_checkpoint_error_naming_the_file(tmp_path,
 
 
 # ----------------------------------------------------------------- a plain DataLoader's generators
-def _dataloader_run(work_dir, *, resume=False, generator=False, workers=0, max_steps=13):
+class _Noisy(torch.utils.data.Dataset):
+    """Per-sample randomness from torch's global generator, as torchvision's random transforms."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+def _dataloader_run(
+    work_dir, *, resume=False, generator=False, workers=0, max_steps=13, kind="shuffle"
+):
     """fit over a shuffling DataLoader, as a fresh process would run it (the global generator
     seeded, then the model built), validating over another DataLoader every 3 updates (each
-    validation pass draws a base seed from the global generator)."""
+    validation pass draws a base seed from the global generator). ``kind``: ``"noisy"`` draws in
+    ``__getitem__``, ``"replacement"`` samples with replacement (lazy chunks of draws)."""
     from helpers import ce_loss, mlp
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
     fe.seed_everything(0)
     model = mlp()
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(40, 16, generator=g), torch.randint(0, 4, (40,), generator=g)
-    train = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, num_workers=workers,
-                       generator=torch.Generator().manual_seed(1) if generator else None)  # fmt: skip
+    own = torch.Generator().manual_seed(1) if generator else None
+    if kind == "replacement":
+        sampler = RandomSampler(range(40), replacement=True, generator=own)
+        train = DataLoader(TensorDataset(x, y), batch_size=8, sampler=sampler)
+    else:
+        data = _Noisy(x, y) if kind == "noisy" else TensorDataset(x, y)
+        train = DataLoader(data, batch_size=8, shuffle=True, num_workers=workers, generator=own)
     val = fe.Val(DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8), [fe.metrics.Accuracy()],
                  interval=3)  # fmt: skip
     step = fe.train_step(ce_loss, optim.adamw(1e-2))
@@ -219,16 +241,40 @@ def _dataloader_run(work_dir, *, resume=False, generator=False, workers=0, max_s
     return state_digest(out)
 
 
-@pytest.mark.parametrize("generator", [False, True])
-def test_a_shuffling_dataloader_resumes_bit_for_bit_from_every_checkpoint(tmp_path, generator):
+@pytest.mark.parametrize(
+    ("generator", "kind"),
+    [(False, "shuffle"), (True, "shuffle"), (False, "noisy"), (True, "replacement")],
+)
+def test_a_shuffling_dataloader_resumes_bit_for_bit_from_every_checkpoint(
+    tmp_path, generator, kind
+):
     """Its order comes from torch generators (the global one, or its own): their states where each
     pass began and at the save travel in the checkpoint. Before, a resume past the first epoch
-    drew another order, silently."""
-    straight = _dataloader_run(tmp_path / "straight", generator=generator)
+    drew another order, silently; and the generators were put back only after the checkpoint's
+    batch had loaded, so its ``__getitem__`` and sampler draws were made twice."""
+    straight = _dataloader_run(tmp_path / "straight", generator=generator, kind=kind)
     for k in range(2, 13, 2):  # mid-pass (5 batches a pass), at pass ends, around validations
         ckpt = tmp_path / "straight" / f"iter_{k}.safetensors"
-        got = _dataloader_run(tmp_path / f"from_{k}", resume=ckpt, generator=generator)
+        got = _dataloader_run(tmp_path / f"from_{k}", resume=ckpt, generator=generator, kind=kind)
         assert got == straight, f"resumed from iter_{k}"
+
+
+def test_persistent_workers_are_named_as_what_a_resume_cannot_restore(tmp_path, caplog):
+    """Persistent workers keep their RNG in their processes (seeded at the first pass): a resume
+    past that pass re-seeds them, so augmentation there differs. It is said, not silent."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fengine.data.loader_rng import persistent_workers_note
+
+    data = TensorDataset(torch.randn(8, 16), torch.randint(0, 4, (8,)))
+    assert persistent_workers_note(DataLoader(data, batch_size=4, num_workers=1)) is None
+    loader = DataLoader(data, batch_size=4, num_workers=1, persistent_workers=True)
+    step = fe.train_step(lambda m, b: m(b[0]).sum(), optim.sgd(0.1))
+    with caplog.at_level(logging.WARNING, logger="fengine"):
+        fe.fit(step.init(torch.nn.Linear(16, 2)), step, loader, max_steps=1, work_dir=tmp_path,
+               handlers=[])  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if "persistent_workers" in r.getMessage()]
+    assert said == ["fit: " + persistent_workers_note(loader)]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ list of in-range ints) goes the DataLoader's way, so errors are its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -26,16 +26,19 @@ from torch.utils.data._utils.pin_memory import pin_memory
 __all__ = ["gathered"]
 
 
-def gathered(data: Any, start: int = 0) -> Iterator | None:
+def gathered(
+    data: Any, start: int = 0, on_skipped: Callable[[], None] | None = None
+) -> Iterator | None:
     """The batches of one pass of ``data`` from batch ``start``, gathered (see the module), or None
     when ``data`` is not a single-process DataLoader of an unmodified CPU ``TensorDataset``
-    collated by ``default_collate``. Skipped batches are not loaded (their indices are drawn)."""
+    collated by ``default_collate``. Skipped batches are not loaded (their indices are drawn);
+    ``on_skipped`` runs after those draws, before batch ``start``'s."""
     if not _gatherable(data):
         return None
     it = iter(data)
     if type(it) is not _dataloader._SingleProcessDataLoaderIter:
         return None
-    return _batches(it, data.dataset.tensors, start)
+    return _batches(it, data.dataset.tensors, start, on_skipped)
 
 
 def _gatherable(data: Any) -> bool:
@@ -52,17 +55,23 @@ def _gatherable(data: Any) -> bool:
     )
 
 
-def _batches(it: Any, tensors: tuple[torch.Tensor, ...], start: int) -> Iterator[Any]:
-    skip = start
+def _batches(
+    it: Any, tensors: tuple[torch.Tensor, ...], start: int, on_skipped: Callable[[], None] | None
+) -> Iterator[Any]:
+    for _ in range(start):  # drawn, not loaded
+        try:
+            it._next_index()
+        except StopIteration:
+            break
+        it._num_yielded += 1
+    if on_skipped is not None:
+        on_skipped()
     while True:
         try:
             index = it._next_index()
         except StopIteration:
             return
         it._num_yielded += 1
-        if skip:  # drawn, not loaded
-            skip -= 1
-            continue
         batch = _gather(tensors, index)
         if batch is None:  # not a list of in-range ints: the DataLoader's own fetch
             batch = it._dataset_fetcher.fetch(index)

@@ -42,6 +42,20 @@ def _generators(data: Any) -> dict[str, torch.Generator]:
     return found
 
 
+def persistent_workers_note(data: Any) -> str | None:
+    """Why a resume over ``data`` may not be exact, or None: a DataLoader's persistent workers
+    keep their random state (seeded once, at the first pass) in the worker processes, which no
+    checkpoint holds; a resume past the first pass re-seeds them."""
+    if isinstance(data, DataLoader) and data.persistent_workers and data.num_workers > 0:
+        return (
+            "the training DataLoader has persistent_workers=True: its workers' random state lives "
+            "in their processes, so a resume after the first pass is exact only if the dataset "
+            "draws no random numbers (augmentation); persistent_workers=False or "
+            "fengine.data.Loader resume exactly"
+        )
+    return None
+
+
 def _encode(states: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return {k: base64.b64encode(v.numpy().tobytes()).decode("ascii") for k, v in states.items()}
 
@@ -77,9 +91,10 @@ class LoaderRng(Handler):
         self._resumed_start = None
         self.pass_start = self._states()
 
-    def after_first_batch(self) -> None:
-        """The resumed pass has drawn its order and skipped to the checkpoint's batch: the
-        generators go on from where the checkpointed run had them."""
+    def after_skip(self) -> None:
+        """The resumed pass has drawn its order and skipped to the checkpoint's batch, which is
+        not loaded yet: the generators go on from where the checkpointed run had them (the
+        draws of that batch's loading, a sampler's, ``__getitem__``'s, are made again)."""
         if self._continue is not None:
             self._set(self._continue)
             self._continue = None
