@@ -38,7 +38,7 @@ from fengine import checkpoint, distributed, plateau, sharding
 from fengine.checkpoint._background import Snapshots, Writer
 from fengine.data.loader_rng import LoaderRng, persistent_workers_note
 from fengine.devices import device_of, to_device
-from fengine.evaluation import batches_of, default_predict, evaluate, run_eval
+from fengine.evaluation import batches_of, default_predict, evaluate, run_eval, weights_for
 from fengine.events import Dispatcher, RunInfo
 from fengine.finite import FiniteWatch
 from fengine.metrics import Evaluator, Metric
@@ -113,6 +113,12 @@ class Val:
                     "Val: dynamic_intervals must be [(milestone, interval), ...] with ints "
                     f"milestone >= 0 and interval >= 1, got {pair!r} in {self.dynamic_intervals!r}"
                 )
+        if self.params not in ("auto", "live", "ema"):
+            raise ValueError(f"Val: params must be 'auto', 'live' or 'ema', got {self.params!r}")
+        if self.autocast not in (None, "float16", "bfloat16"):
+            raise ValueError(
+                f"Val: autocast must be None, 'float16' or 'bfloat16', got {self.autocast!r}"
+            )
 
 
 def _is_int(value: Any, low: int) -> bool:
@@ -393,6 +399,11 @@ def fit(
         where="fit",
     )
     interval = _val_interval(val, p)
+    if val is not None and val.params == "ema":
+        try:  # the state has an EMA to validate with (it failed at the first validation)
+            weights_for(state, "ema")
+        except ValueError as e:
+            raise ValueError(f"fit: Val(params='ema'): {e}") from None
     work_dir = Path(work_dir) if work_dir is not None else None
     world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
     if world > 1:

@@ -1193,6 +1193,35 @@ def test_progress_bar_draws_on_a_terminal():
     assert bar._progress is None  # stopped at the end of the run
 
 
+def test_progress_bar_stops_after_a_failed_fit_and_a_standalone_validation_pass():
+    """rich's live display kept its refresh thread, hidden cursor and stdout redirect after a
+    `fit` that raised (no after_run; `fit` closes its handlers) and after ``evaluate(...,
+    phase="val")`` (only a test pass stopped it)."""
+    from rich.console import Console
+
+    from fengine.metrics import Accuracy
+
+    def bar():
+        return ProgressBar(console=Console(file=io.StringIO(), force_terminal=True))
+
+    class Boom(Exception):
+        pass
+
+    @fe.on("after_train_iter", once=2)
+    def boom(snap):
+        raise Boom
+
+    failing = bar()
+    with pytest.raises(Boom):
+        tiny_fit(handlers=[failing, boom], max_epochs=2)
+    assert failing._progress is None
+    state = fe.train_step(ce_loss, optim.sgd(0.1)).init(mlp(), seed=0)
+    loader = data.Loader(data.synthetic_classification(8, 16, 10), 2, seed=0)
+    standalone = bar()
+    fe.evaluate(state, fe.default_predict, loader, [Accuracy()], handlers=[standalone], phase="val")
+    assert standalone._progress is None
+
+
 def test_handlers_do_not_change_the_state(tmp_path):
     """Same final params with and without every logging handler."""
     a = tiny_fit(None, handlers=[], max_epochs=1)

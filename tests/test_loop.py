@@ -912,6 +912,8 @@ def test_evaluate_emits_test_events_and_validation_in_fit_uses_ema():
         (dict(interval=0), ValueError, r"interval must be >= 1, got 0"),
         (dict(dynamic_intervals=[2]), ValueError, r"dynamic_intervals must be \[\(milestone"),
         (dict(dynamic_intervals=[(2, 0)]), ValueError, r"got \(2, 0\)"),
+        (dict(params="EMA"), ValueError, r"params must be 'auto', 'live' or 'ema', got 'EMA'"),
+        (dict(autocast="fp16"), ValueError, r"autocast must be None, 'float16' or 'bfloat16'"),
     ],
 )
 def test_val_refuses_what_would_fail_only_after_training(kwargs, error, match):
@@ -920,6 +922,14 @@ def test_val_refuses_what_would_fail_only_after_training(kwargs, error, match):
     args = {"data": mlp_batches(2), "metrics": [Const()], **kwargs}
     with pytest.raises(error, match=match):
         fe.Val(**args)
+
+
+def test_val_of_the_ema_without_an_ema_is_refused_before_training():
+    state, step, batches = _setup(2)
+    with pytest.raises(ValueError, match=r"fit: Val\(params='ema'\): .*the state has no EMA"):
+        fe.fit(state, step, batches, max_epochs=1, val=fe.Val(batches, Const(), params="ema"),
+               handlers=[])  # fmt: skip
+    assert state.step == 0 and not state.is_donated  # refused before the first update
 
 
 def test_val_and_evaluate_take_a_single_metric():

@@ -39,6 +39,7 @@ class ProgressBar(Handler):
         self._enabled: bool | None = None
         self._train_task: Any = None
         self._eval_task: Any = None
+        self._training = False  # inside fit's training: an evaluation pass does not end the bar
 
     def _start(self) -> Any:
         if self._enabled is None:
@@ -77,8 +78,15 @@ class ProgressBar(Handler):
             self._progress = None
             self._train_task = self._eval_task = None
 
+    def close(self) -> None:
+        """Stop drawing (`fit` or an evaluation that failed: rich's live display kept its
+        refresh thread, the hidden cursor and the redirected output)."""
+        self._training = False
+        self._stop()
+
     # ------------------------------------------------------------------ train
     def on_before_train(self, snap: Snapshot) -> None:
+        self._training = True
         progress = self._start()
         if progress is not None and not snap.run.by_epoch:
             self._train_task = progress.add_task(
@@ -106,10 +114,10 @@ class ProgressBar(Handler):
             self._train_task = None
 
     def on_after_train(self, snap: Snapshot) -> None:
-        self._stop()
+        self.close()
 
     def on_after_run(self, snap: Snapshot) -> None:
-        self._stop()
+        self.close()
 
     # ------------------------------------------------------------------ evaluation
     def _before_eval_epoch(self, snap: Snapshot) -> None:
@@ -126,9 +134,12 @@ class ProgressBar(Handler):
             self._progress.remove_task(self._eval_task)
             self._eval_task = None
 
-    def on_after_test(self, snap: Snapshot) -> None:
-        if self._train_task is None:  # a standalone evaluate(): nothing else is drawing
+    def _after_eval(self, snap: Snapshot) -> None:
+        if not self._training:  # a standalone evaluate(): nothing else is drawing
             self._stop()
+
+    on_after_val = _after_eval
+    on_after_test = _after_eval
 
     on_before_val_epoch = _before_eval_epoch
     on_before_test_epoch = _before_eval_epoch
