@@ -399,6 +399,10 @@ def fit(
         where="fit",
     )
     interval = _val_interval(val, p)
+    for w in step.wrappers:  # e.g. an EMA that would begin after the run's end
+        check = getattr(w, "check_horizon", None)
+        if callable(check):
+            check(max_epochs=p.max_epochs, total_steps=p.total_steps)
     if val is not None and val.params == "ema":
         try:  # the state has an EMA to validate with (it failed at the first validation)
             weights_for(state, "ema")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from helpers import assert_dicts_equal, ce_loss, mlp, mlp_batches
@@ -329,6 +331,45 @@ def test_ema_of_a_submodule_averages_its_buffers_only_as_mmengine():
         assert torch.equal({**kept.params, **kept.buffers}[f"gen.{n}"], t), n
     _, buffers = state.eval_weights()
     assert buffers["disc.1.running_mean"] is state.buffers["disc.1.running_mean"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "horizon", "refused"),
+    [
+        (dict(begin=13), dict(max_steps=12), "the run ends at update 12"),
+        (dict(begin=12), dict(max_steps=12), None),
+        (dict(begin_epoch=4), dict(max_epochs=3), "the run has 3 epochs"),
+        (dict(begin_epoch=3), dict(max_epochs=3), None),
+        (dict(begin_epoch=2), dict(max_steps=12), "an iteration-based run is one epoch"),
+        (dict(begin_epoch=1), dict(max_steps=12), None),
+    ],
+)
+def test_an_average_that_never_begins_is_refused_as_mmengines_emahook(kwargs, horizon, refused):
+    """MMEngine's EMAHook asserts ``begin_epoch <= max_epochs`` / ``begin_iter <= max_iters`` at
+    before_train (an IterBasedTrainLoop is one epoch); fengine evaluated the live weights as the
+    "average" silently."""
+    from mmengine.hooks import EMAHook
+
+    hook = EMAHook(begin_iter=kwargs.get("begin", 0), begin_epoch=kwargs.get("begin_epoch", 0))
+    batches = mlp_batches(4)
+    runner = types.SimpleNamespace(
+        max_epochs=horizon.get("max_epochs", 1),
+        max_iters=horizon.get("max_steps", horizon.get("max_epochs", 1) * len(batches)),
+    )
+    try:
+        hook.before_train(runner)
+        mmengine_refuses = False
+    except AssertionError:
+        mmengine_refuses = True
+    assert mmengine_refuses == (refused is not None)
+    step = fe.train_step(ce_loss, optim.sgd(0.1), fe.ema(**kwargs))
+    state = step.init(mlp())
+    if refused is None:
+        fe.fit(state, step, batches, handlers=[], **horizon)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            fe.fit(state, step, batches, handlers=[], **horizon)
+        assert state.step == 0 and not state.is_donated
 
 
 def test_ema_of_a_name_the_model_lacks_is_refused_at_init():

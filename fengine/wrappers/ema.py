@@ -86,6 +86,22 @@ class _Averaged(Wrapper):
         """This wrapper's `EmaState` in ``state``."""
         return state.extra[self.key]
 
+    def check_horizon(self, *, max_epochs: int | None, total_steps: int) -> None:
+        """Refuse a ``begin``/``begin_epoch`` the run never reaches, as MMEngine's EMAHook does
+        at ``before_train`` (the average would silently be the live weights); an iteration-based
+        run is one epoch to it (``begin_epoch`` 1 at most)."""
+        where = f"{self.name}(begin_epoch={self.begin_epoch}, begin={self.begin})"
+        if self.begin_epoch > 0:
+            if max_epochs is None and self.begin_epoch > 1:
+                raise ValueError(
+                    f"{where}: an iteration-based run is one epoch to MMEngine's EMAHook, which "
+                    "refuses begin_epoch > 1 there; give begin= (updates) instead"
+                )
+            if max_epochs is not None and self.begin_epoch > max_epochs:
+                raise ValueError(f"{where}: the run has {max_epochs} epochs; it never begins")
+        elif self.begin > total_steps:
+            raise ValueError(f"{where}: the run ends at update {total_steps}; it never begins")
+
     def _started(self, state: TrainState) -> bool:
         """MMEngine's ``EMAHook._ema_started`` after the update that produced ``state``."""
         if self.begin_epoch > 0:
