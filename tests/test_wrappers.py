@@ -391,9 +391,13 @@ def test_check_finite_names_step_and_terms():
     before = state.params["0.weight"].clone()
     with pytest.raises(
         FloatingPointError, match=r"non-finite loss at step 1: loss=nan, loss_bad=nan"
-    ):
+    ) as e:
         step(state, mlp_batches(1)[0])
     assert torch.equal(state.params["0.weight"], before)  # nothing applied, state still usable
+    # it says what it does not restore (it claimed "the state before this step is intact")
+    assert "buffers the forward updates in place (BatchNorm statistics) already took" in str(
+        e.value
+    )
 
 
 def test_check_finite_after_fp16_amp_leaves_overflows_to_the_scaler():

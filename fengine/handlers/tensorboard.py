@@ -101,7 +101,10 @@ class TensorBoard(Tracker):
 
     def on_after_load_checkpoint(self, snap: Snapshot) -> None:
         """A resumed run rewrites the steps after its checkpoint: TensorBoard hides the earlier
-        files' points from there on (``purge_step``), so no step shows two values."""
+        files' points from there on (``purge_step``), so no training step shows two values.
+        The purge counts steps: validation points logged by epoch after the checkpoint, or a
+        validation the resume runs again at the checkpoint's own step, show twice (equal
+        values: the resume is bitwise; MMEngine purges nothing)."""
         super().on_after_load_checkpoint(snap)
         if self._writer is not None:
             writer_class = type(self._writer)

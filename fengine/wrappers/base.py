@@ -116,7 +116,9 @@ class _CheckFinite(Wrapper):
                 raise FloatingPointError(
                     f"non-finite loss at step {state.step + 1}: "
                     + ", ".join(f"{k}={v}" for k, v in bad.items())
-                    + ". The state before this step is intact (params not updated)."
+                    + ". Params and optimizer state are as before this step; buffers the "
+                    "forward updates in place (BatchNorm statistics) already took this batch: "
+                    "resume from a checkpoint to go on."
                 )
             return apply(state, g)
 
@@ -129,6 +131,8 @@ class _CheckFinite(Wrapper):
 def check_finite() -> Wrapper:
     """Raise `FloatingPointError` on a NaN/Inf loss before the update, naming the step and the loss terms.
 
+    Params and optimizer state are left as they were; buffers the forward updates in place
+    (BatchNorm running statistics) are not restored (that would copy them every step).
     Costs one host sync per step (reading the loss). Write it after an fp16
     `amp`: there a non-finite value means the loss scale is too high, the scaler
     skips the update and backs off, and this check never sees it.
