@@ -4,6 +4,7 @@ ImgDataPreprocessor, torch's DataLoader, scikit-learn's digits and hand computat
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter, OrderedDict, namedtuple
 
 import mmengine.dataset as mmd
@@ -280,6 +281,20 @@ def test_loader_errors_name_the_argument():
         fd.Loader(tensor_dataset(5), 2, seed=0, persistent_workers=True)
     with pytest.raises(TypeError, match="map-style"):
         fd.Loader(iter([1, 2]), 2, seed=0)
+    # each was a TypeError from deep inside at the first epoch ("NoneType + int", ...)
+    for seed in (None, "0", 1.5, True):
+        with pytest.raises(
+            TypeError, match=rf"Loader: `seed` must be an int, got {re.escape(repr(seed))}"
+        ):
+            fd.Loader(tensor_dataset(5), 2, seed=seed)
+    with pytest.raises(TypeError, match=r"Loader.epoch: `epoch` must be an int, got 1.0"):
+        loader.epoch(1.0)
+    with pytest.raises(ValueError, match=r"Loader.epoch: `epoch` must be >= 0, got -1"):
+        loader.epoch(-1)
+    with pytest.raises(TypeError, match=r"Loader.epoch: `start_batch` must be an int, got 1.5"):
+        loader.epoch(0, start_batch=1.5)
+    with pytest.raises(TypeError, match=r"Sampler: `seed` must be an int"):
+        fd.Sampler(5, seed=None)
 
 
 # ---------------------------------------------------------------- collate
@@ -349,6 +364,18 @@ def test_image_preprocessor_tuple_batch_vs_hand_computation_and_channels_last():
         fd.ImagePreprocessor([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])(torch.zeros(2, 1, 4, 4), False)
     with pytest.raises(ValueError, match="both"):
         fd.ImagePreprocessor(mean=[0.5])
+
+
+def test_image_preprocessor_refuses_what_it_would_mangle():
+    """Shared statistics broadcast as (C, 1, 1): a (8, 16) batch came back (1, 8, 16), a (8,) one
+    (1, 1, 8) (MMEngine asserts a 4-D batch). A dict without the image key was a bare KeyError."""
+    pre = fd.ImagePreprocessor([0.5], [2.0])
+    for shape in [(8, 16), (8,)]:
+        with pytest.raises(ValueError, match=rf"has shape {re.escape(str(shape))} \(expected"):
+            pre(torch.zeros(shape), False)
+    assert pre(torch.zeros(2, 1, 4, 4), False).shape == (2, 1, 4, 4)
+    with pytest.raises(KeyError, match=r"no key 'inputs' \(its keys: \['img'\]\); pass inputs="):
+        pre({"img": torch.zeros(2, 1, 4, 4)}, False)
 
 
 def test_image_preprocessor_augment_only_in_training_with_callers_generator():

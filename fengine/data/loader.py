@@ -19,7 +19,7 @@ import torch.utils.data
 
 from fengine import rng
 from fengine.data.collate import default_collate
-from fengine.data.sampler import InfiniteSampler, Sampler, stream_positions
+from fengine.data.sampler import InfiniteSampler, Sampler, check_int, stream_positions
 
 
 __all__ = ["Loader"]
@@ -142,6 +142,7 @@ class Loader:
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Loader: `batch_size` must be an int >= 1, got {batch_size!r}")
+        check_int("Loader", "seed", seed)
         if persistent_workers and num_workers == 0:
             raise ValueError("Loader: `persistent_workers=True` needs `num_workers` > 0")
         self.dataset = dataset
@@ -205,6 +206,8 @@ class Loader:
         With ``persistent_workers`` only one epoch iterator may be live at a time
         (a new one resets the DataLoader's, as in PyTorch).
         """
+        check_int("Loader.epoch", "epoch", epoch, 0)
+        check_int("Loader.epoch", "start_batch", start_batch)
         if not 0 <= start_batch <= len(self):
             raise ValueError(
                 f"Loader.epoch: `start_batch` must be in [0, {len(self)}] (batches per epoch), "
@@ -221,8 +224,7 @@ class Loader:
         Batches run across permutation boundaries (nothing is dropped or padded);
         a sample's augmentation key uses the permutation number as its epoch.
         """
-        if start_batch < 0:
-            raise ValueError(f"Loader.stream: `start_batch` must be >= 0, got {start_batch}")
+        check_int("Loader.stream", "start_batch", start_batch, 0)
         s, bs = self.infinite_sampler, self.batch_size
         per_call = max(len(self), 1)  # batches computed per pass over the index arithmetic
 

@@ -139,7 +139,7 @@ class ImagePreprocessor:
         if self._mean is not None:
             mean, std = self._stats_on(x)
             channels = mean.shape[0]
-            if channels > 1 and (x.dim() < 3 or x.shape[-3] != channels):
+            if x.dim() < 3 or (channels > 1 and x.shape[-3] != channels):
                 raise ValueError(
                     f"ImagePreprocessor: mean/std have {channels} channels but the image has "
                     f"shape {tuple(x.shape)} (expected (..., {channels}, H, W))"
@@ -167,6 +167,11 @@ class ImagePreprocessor:
         if slot is None:
             batch = self.process_image(batch)
         elif isinstance(batch, Mapping):
+            if slot not in batch:
+                raise KeyError(
+                    f"ImagePreprocessor: the batch has no key {slot!r} (its keys: "
+                    f"{sorted(map(str, batch))}); pass inputs=<the image's key>"
+                )
             batch = _rebuild_mapping(batch, {**batch, slot: self.process_image(batch[slot])})
         else:
             if not isinstance(slot, int):

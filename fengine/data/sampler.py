@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import KW_ONLY, dataclass
+from typing import Any
 
 import torch
 
@@ -25,7 +26,18 @@ __all__ = [
 ]
 
 
+def check_int(where: str, name: str, value: Any, low: int | None = None) -> None:
+    """``value`` is an int (not a bool) ``>= low``: else a TypeError/ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        extra = " (MMEngine's seed=None, a random seed, is not supported)" if name == "seed" else ""
+        raise TypeError(f"{where}: `{name}` must be an int, got {value!r}{extra}")
+    if low is not None and value < low:
+        raise ValueError(f"{where}: `{name}` must be >= {low}, got {value}")
+
+
 def _check_shard(rank: int, world_size: int) -> None:
+    check_int("sampler", "rank", rank)
+    check_int("sampler", "world_size", world_size)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
@@ -33,6 +45,7 @@ def _check_shard(rank: int, world_size: int) -> None:
 
 
 def _check_n(n: int) -> None:
+    check_int("sampler", "n", n)
     if n < 0:
         raise ValueError(f"n (the dataset size) must be >= 0, got {n}")
 
@@ -70,6 +83,8 @@ def epoch_index_tensor(
     round_up: bool = True,
 ) -> torch.Tensor:
     """:func:`epoch_indices` as an int64 tensor (no Python list is built)."""
+    check_int("sampler", "seed", seed)
+    check_int("sampler", "epoch", epoch, 0)
     per_rank = samples_per_rank(n, rank=rank, world_size=world_size, round_up=round_up)
     indices = _permutation(n, seed + epoch, shuffle)
     total = per_rank * world_size if round_up else n
@@ -128,6 +143,7 @@ class Sampler:
     def __post_init__(self) -> None:
         _check_n(self.n)
         _check_shard(self.rank, self.world_size)
+        check_int("Sampler", "seed", self.seed)
 
     def index_tensor(self, epoch: int) -> torch.Tensor:
         """This rank's indices for ``epoch`` as an int64 tensor."""
@@ -225,9 +241,11 @@ class InfiniteSampler:
     world_size: int = 1
 
     def __post_init__(self) -> None:
+        check_int("InfiniteSampler", "n", self.n)
         if self.n < 1:
             raise ValueError(f"InfiniteSampler needs n >= 1, got n={self.n}")
         _check_shard(self.rank, self.world_size)
+        check_int("InfiniteSampler", "seed", self.seed)
 
     def indices(self, start: int, count: int) -> list[int]:
         """The ``count`` indices from position ``start`` on (a pure function)."""
