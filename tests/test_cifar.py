@@ -196,6 +196,25 @@ def test_codecs_encode_only_as_latin1(tmp_path):
         cifar.load_batch(path)
 
 
+def test_a_file_cannot_change_the_functions_it_is_allowed_to_name(tmp_path):
+    """pickle's BUILD opcode sets attributes on the object a GLOBAL pushed: a crafted batch set
+    fengine's ``_codecs.encode`` stand-in's ``__defaults__`` for the rest of the process."""
+
+    def text(s):  # BINUNICODE
+        return b"X" + struct.pack("<I", len(s)) + s.encode()
+
+    state = b"N}" + text("__defaults__") + b"(" + text("utf-8") + b"ts\x86"  # (None, {...})
+    blob = b"\x80\x02c_codecs\nencode\n" + state + b"b0}" + text("data") + b"Ns."
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(blob)
+    before = cifar._latin1_encode.__defaults__
+    cifar.load_batch(path)
+    assert cifar._latin1_encode.__defaults__ == before == ("latin1",)
+    good = tmp_path / "test_batch"
+    good.write_bytes(pickle.dumps({"data": b"\xff\x00", "labels": []}, protocol=2))
+    assert cifar.load_batch(good)["data"] == b"\xff\x00"
+
+
 def test_missing_and_malformed_files_are_named(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"missing .*data_batch_1; expected the CIFAR-10"

@@ -170,6 +170,10 @@ def test_wrapper_errors_name_the_argument():
         fd.Subset(TensorDataset(torch.zeros(3)), 2).get_cat_ids(0)
     with pytest.raises(ValueError, match="ConcatDataset: `datasets` is empty"):
         fd.ConcatDataset([])
+    with pytest.raises(
+        TypeError, match=r"ClassBalancedDataset: get_cat_ids gave the tensor tensor\(1\.\)"
+    ):
+        fd.ClassBalancedDataset(Toy(), 0.1, get_cat_ids=lambda i: [torch.tensor(1.0)])
     with pytest.raises(TypeError, match=r"ConcatDataset: `datasets\[1\]` must be a map-style"):
         fd.ConcatDataset([Toy(), 3])
     with pytest.raises(IndexError, match="ConcatDataset: index -41"):

@@ -53,6 +53,8 @@ def test_vocab_encode_decode_by_hand(corpus):
     assert corpus.ids.dtype == torch.int64 and corpus.ids.numel() == len(corpus.text)
     assert corpus.decode(corpus.ids) == corpus.text
     assert corpus.decode([corpus.vocab.index("d"), corpus.vocab.index("e")]) == "de"
+    with pytest.raises(TypeError, match=r"CharCorpus.decode: ids must be ints, got 1.0"):
+        corpus.decode([1.0])  # was "string indices must be integers"
     assert torch.equal(
         corpus.encode("def "), corpus.ids.new_tensor([corpus.vocab.index(c) for c in "def "])
     )

@@ -20,6 +20,7 @@ import importlib
 import io
 import os
 import pickle
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self.allowed[(module, name)]
+            found = self.allowed[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
                 f"{self.path}: refusing to load global {module}.{name}: a CIFAR-10 batch holds only "
                 "dicts, lists, numbers, bytes and numpy uint8 arrays, so this file is not one "
                 "(or was built to run code)"
             ) from None
+        if isinstance(found, types.FunctionType):
+            # a fresh stand-in per use: pickle's BUILD opcode sets attributes on what it gets
+            # (a function's __defaults__), which would change this process's own function
+            return lambda *args: found(*args)
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError(f"{self.path}: refusing a persistent id ({pid!r})")

@@ -131,6 +131,8 @@ class CharCorpus:
             raise ValueError(f"CharCorpus.decode: expected 1-D ids, got shape {tuple(ids.shape)}")
         n = self.vocab_size
         for i in values:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"CharCorpus.decode: ids must be ints, got {i!r}")
             if not 0 <= i < n:
                 raise ValueError(f"CharCorpus.decode: id {i} is outside the vocabulary [0, {n})")
         return "".join(self.vocab[i] for i in values)

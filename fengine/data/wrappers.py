@@ -144,6 +144,11 @@ class RepeatDataset:
 
 def _category(c: Any) -> Hashable:
     """An integer-like category id (numpy integer, 0-d integer tensor) as an ``int``; others as they are."""
+    if isinstance(c, torch.Tensor) and not (c.dim() == 0 and not c.is_floating_point()):
+        raise TypeError(
+            f"ClassBalancedDataset: get_cat_ids gave the tensor {c!r}; a category is an int (a "
+            "0-d integer tensor is read as one)"
+        )
     return operator.index(c) if hasattr(c, "__index__") else c
 
 
