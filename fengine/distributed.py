@@ -163,6 +163,18 @@ def agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def broadcast_from_main(tensors: Iterable[torch.Tensor]) -> None:
+    """Copy rank 0's values into every rank's ``tensors`` in place (DDP's start: the replicas
+    begin from rank 0's weights), one broadcast per device and dtype."""
+    if not _active() or world_size() == 1:
+        return
+    for group in _by_device_dtype(tensors):
+        with torch.no_grad():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            dist.broadcast(flat, src=0)
+            torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(_split(flat, group), group)])
+
+
 def sync_buffers(buffers: Mapping[str, torch.Tensor]) -> None:
     """Average floating-point buffers (BatchNorm statistics) across ranks in place: MMEngine's
     SyncBuffersHook, run by `fit` after each training epoch."""

@@ -412,6 +412,10 @@ def fit(
     world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
     if world > 1:
         _check_same_length(p.batches_per_epoch)
+        _check_ranks_agree(state, step, p, train_data, world)
+        if any(type(w).__name__ == "_DataParallel" for w in step.wrappers):
+            # DDP's start: every rank from rank 0's weights (seeded per rank, they differed)
+            distributed.broadcast_from_main([*state.params.values(), *state.buffers.values()])
     # a DataLoader's order comes from torch generators: carried in checkpoints (one process)
     data_rng = LoaderRng(train_data) if world == 1 else None
     if work_dir is not None and (note := persistent_workers_note(train_data)):
@@ -442,7 +446,7 @@ def fit(
             _flush(state, run, dispatch, "before_train", bg)
             if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
                 log.warning("fit: no val, so reduce_on_plateau never reduces; pass val=fe.Val(...)")
-            watch = FiniteWatch(enabled=check_nonfinite)
+            watch = FiniteWatch(enabled=check_nonfinite, device=device)
             with _signals(enabled=work_dir is not None) as received:
                 if (
                     val is not None
@@ -533,6 +537,43 @@ def _check_same_length(batches: int) -> None:
             "shard with fengine.data.Loader(..., rank=, world_size=) and round_up=True (the "
             "default), or torch's DistributedSampler (which pads every rank to the same count)"
         )
+
+
+def _check_ranks_agree(
+    state: TrainState, step: Step, p: Plan, train_data: Iterable, world: int
+) -> None:
+    """The ranks run one training: the same plan, wrappers and param layout, and data sharded
+    for this world size. A difference was a hang, a gloo abort ("data size doesn't match") or
+    replicas drifting apart; it is one error naming the field, on every rank."""
+    sampler = getattr(train_data, "sampler", None)
+    shards = getattr(sampler, "world_size", getattr(sampler, "num_replicas", None))
+    if isinstance(shards, int) and shards != world:
+        raise ValueError(
+            f"fit: {world} processes but train_data's sampler shards the data {shards} way(s), so "
+            "ranks read the same samples; build it with rank= and world_size= (fengine.data."
+            "Loader) or DistributedSampler(num_replicas=) for this run"
+        )
+    mine = {
+        "plan": tuple(p),
+        "wrappers": [_described(w) for w in step.wrappers],
+        "params": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.params.items()],
+        "buffers": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.buffers.items()],
+    }
+    everyone = distributed.gather_objects(mine)
+    for field, value in mine.items():
+        for r, theirs in enumerate(everyone):
+            if theirs[field] != value:
+                raise ValueError(
+                    f"fit: the ranks differ in {field}: rank {distributed.rank()} has {value!r}, "
+                    f"rank {r} has {theirs[field]!r}; every rank must run the same training "
+                    "(config, model, step) on its own shard of the data"
+                )
+
+
+def _described(wrapper: Any) -> str:
+    """A wrapper as the ranks can compare it: its repr, or its class without one (an address)."""
+    own = type(wrapper).__repr__ is not object.__repr__
+    return repr(wrapper) if own else type(wrapper).__qualname__
 
 
 def _remove_stale_temps(directory: Path) -> None:

@@ -131,19 +131,89 @@ def fit_run(out, rank, world):
 
 
 def dropout(out, rank, world):
-    """Dropout masks: the same on every rank by default, per rank with diff_rank_seed."""
+    """Dropout masks: the same on every rank by default, per rank with diff_rank_seed (also
+    under accumulate, which passed each micro-batch's index without the rank's offset)."""
     masks = {}
-    for diff in (False, True):
-        seen: list = []
+    for acc in (False, True):
+        for diff in (False, True):
+            seen: list = []
 
-        def loss_fn(model, batch, seen=seen):
-            seen.append(F.dropout(torch.ones(64), 0.5, training=True))
-            return ce_loss(model, batch)
+            def loss_fn(model, batch, seen=seen):
+                seen.append(F.dropout(torch.ones(64), 0.5, training=True))
+                return ce_loss(model, batch)
 
-        step = fe.train_step(loss_fn, optim.sgd(0.1), fe.data_parallel(diff_rank_seed=diff))
-        step(step.init(mlp(), seed=3), mlp_batches(1)[0])
-        masks[diff] = seen[0]
+            more = [fe.accumulate(2)] if acc else []
+            step = fe.train_step(
+                loss_fn, optim.sgd(0.1), fe.data_parallel(diff_rank_seed=diff), *more
+            )
+            batch = mlp_batches(1)[0]
+            step(step.init(mlp(), seed=3), fe.MicroBatches([batch, batch]) if acc else batch)
+            masks[(acc, diff)] = seen[0]
     torch.save(masks, out / f"dropout_rank{rank}.pt")
+
+
+def replicas(out, rank, world):
+    """Each rank builds its model from its own seed (MMEngine's diff_rank_seed): fit starts every
+    rank from rank 0's weights, as DDP does (the replicas trained apart, silently)."""
+    ds = fe.data.synthetic_classification(32, num_features=16, num_classes=10, seed=0)
+    finals = {}
+    for label, init_seed in (("per_rank", rank), ("rank_0", 0)):
+        step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=0.9), fe.data_parallel())
+        data = fe.data.Loader(ds, 4, seed=0, rank=rank, world_size=world)
+        final = fe.fit(step.init(mlp(seed=init_seed)), step, data, max_steps=3, handlers=[])
+        finals[label] = {n: p.detach().clone() for n, p in final.params.items()}
+    torch.save(finals, out / f"replicas_rank{rank}.pt")
+
+
+def nan_one_rank(out, rank, world):
+    """Rank 1's loss is NaN at update 3, when a checkpoint is due: every rank raises and no file
+    holds the NaN weights (rank 0, its own losses finite, saved them as the latest). The same
+    with check_finite(): both stop before the update."""
+    ds = fe.data.synthetic_classification(32, num_features=16, num_classes=10, seed=0)
+    result = {}
+    for checked in (False, True):
+        calls = [0]
+
+        def loss_fn(model, batch, calls=calls):
+            calls[0] += 1
+            loss = ce_loss(model, batch)
+            return loss * float("nan") if rank == 1 and calls[0] == 3 else loss
+
+        more = [fe.check_finite()] if checked else []
+        step = fe.train_step(loss_fn, optim.sgd(0.1), fe.data_parallel(), *more)
+        data = fe.data.Loader(ds, 4, seed=0, rank=rank, world_size=world)
+        work = out / f"nan_{checked}"
+        state = step.init(mlp())
+        error, kept = None, None
+        try:
+            fe.fit(state, step, data, max_steps=6, work_dir=work,
+                   handlers=[Checkpointer(3, by_epoch=False)])  # fmt: skip
+        except FloatingPointError as e:
+            error, kept = str(e), getattr(e, "fengine_state", None)
+        finite = (
+            None if kept is None else all(bool(p.isfinite().all()) for p in kept.params.values())
+        )
+        dist.barrier()
+        result[checked] = (error, sorted(p.name for p in work.glob("*.safetensors")), finite)
+    torch.save(result, out / f"nan_one_rank_rank{rank}.pt")
+
+
+def mismatch(out, rank, world):
+    """Ranks that would not run one training are refused with one error naming what differs
+    (a different max_steps met another collective; an unsharded Loader read the same samples)."""
+    ds = fe.data.synthetic_classification(32, num_features=16, num_classes=10, seed=0)
+    step = fe.train_step(ce_loss, optim.sgd(0.1), fe.data_parallel())
+    messages = []
+    for data, steps in (
+        (fe.data.Loader(ds, 4, seed=0, rank=rank, world_size=world), 3 + rank),
+        (fe.data.Loader(ds, 4, seed=0), 3),
+    ):
+        try:
+            fe.fit(step.init(mlp()), step, data, max_steps=steps, handlers=[])
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    torch.save(messages, out / f"mismatch_rank{rank}.pt")
 
 
 def refuse(out, rank, world):
@@ -248,6 +318,9 @@ SCENARIOS = {
         one_to_two,
         one_to_two_at_epoch_end,
         uneven,
+        replicas,
+        nan_one_rank,
+        mismatch,
     )
 }
 

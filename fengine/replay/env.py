@@ -58,12 +58,6 @@ def notes(recorded: list[tuple[str, dict[str, Any]]], keep: bool) -> list[str]:
                 f"note: {who} recorded with deterministic algorithms {on[env['deterministic']]}, "
                 f"replaying with them {on[now['deterministic']]}; {act}"
             )
-        if env.get("world_size", 1) != now["world_size"]:
-            out.append(
-                f"note: {who} recorded with {env.get('world_size', 1)} processes, replaying with "
-                f"{now['world_size']}: bits depend on the world size (launch replay with torchrun "
-                f"--nproc_per_node={env.get('world_size', 1)} to reproduce them)"
-            )
         for what in ("torch", "python", "fengine"):
             if env[what] != now[what]:
                 out.append(

@@ -263,6 +263,15 @@ def replay(
     describe(work_dir, sel, out)
     check_code(path, [leg.seg for leg in sel.legs], force, out)
     who = "the run was" if len(sel.legs) == 1 else "segment {} was"
+    for leg in sel.legs:
+        world = leg.seg.record["env"].get("world_size", 1)
+        if world > 1:
+            raise ReplayError(
+                f"{who.format(leg.seg.number)} recorded with {world} processes (torchrun): replay "
+                "re-runs one process and does not cover data-parallel runs yet (each rank's "
+                "BatchNorm statistics between epoch-end averages are in no checkpoint); "
+                "replay a run trained in one process"
+            )
     recorded = [(who.format(leg.seg.number), leg.seg.record["env"]) for leg in sel.legs]
     differences = env.notes(recorded, keep_settings)
     for note in differences:

@@ -61,8 +61,8 @@ class _Accumulate(Wrapper):
             for i, (mb, w_i) in enumerate(zip(group, shares)):
                 token = None if traced else _position.set((i, r))
                 try:
-                    res = grad_fn(
-                        state, mb, weight=w_i if weight is None else weight * w_i, micro=i
+                    res = grad_fn(  # micro: after data_parallel(diff_rank_seed)'s rank offset
+                        state, mb, weight=w_i if weight is None else weight * w_i, micro=micro + i
                     )
                 finally:
                     if token is not None:

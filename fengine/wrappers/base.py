@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fengine import distributed
 from fengine.state import TrainState
 from fengine.step import ApplyFn, GradFn, Grads, Metrics, Part, StepFn
 
@@ -107,7 +108,15 @@ def post_update(fn: Callable[[StepFn], StepFn]) -> Wrapper:
 class _CheckFinite(Wrapper):
     def gradient(self, apply: ApplyFn, part: Part) -> ApplyFn:
         def checked(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
-            if not bool(torch.isfinite(g.loss)):
+            finite = bool(torch.isfinite(g.loss))
+            if distributed.world_size() > 1 and distributed.agree(not finite, g.loss.device):
+                if finite:  # the averaged gradients hold another rank's NaN: all raise together
+                    raise FloatingPointError(
+                        f"non-finite loss on another rank at step {state.step + 1} (this rank's "
+                        "is finite); see that rank's error. Params and optimizer state are as "
+                        "before this step."
+                    )
+            if not finite:
                 bad = {
                     k: float(v)
                     for k, v in g.metrics.items()

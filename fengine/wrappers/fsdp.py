@@ -22,7 +22,7 @@ from fengine.rng import seeded_default_generators
 from fengine.sharding import check_owned, check_root
 from fengine.state import TrainState
 from fengine.step import GradFn, Grads, Part, is_base_grad_fn, rng_key, run_loss
-from fengine.wrappers.accumulate import micro_batch_position
+from fengine.wrappers.accumulate import _Accumulate, micro_batch_position
 from fengine.wrappers.base import Wrapper, once
 from fengine.wrappers.data_parallel import _DataParallel
 
@@ -38,6 +38,12 @@ class _Fsdp(Wrapper):
         once(_Fsdp, "fsdp", before)
         if any(isinstance(w, _DataParallel) for w in before):
             raise ValueError(fsdp_with_data_parallel)
+        if any(isinstance(w, _Accumulate) and w.weight is not None for w in before):
+            raise ValueError(
+                "fsdp() with accumulate(weight=...): FSDP averages the ranks' gradients equally, "
+                "so micro-batch weights would not count across ranks (data_parallel() weighs them); "
+                "give each rank equal batches and drop weight="
+            )
 
     def forward(self, grad_fn: GradFn, part: Part) -> GradFn:
         if not is_base_grad_fn(grad_fn):
