@@ -298,9 +298,8 @@ def _check_ranges(node: Any, prefix: str) -> None:
 
 def _description(description: str | None, presets: Mapping[str, Any]) -> str:
     text = (description or "").strip().split("\n\n")[0]
-    if presets:
-        text = (text + "\n\npresets (--preset NAME): " + ", ".join(presets)).strip()
-    return text
+    listed = ", ".join(presets) if presets else "none (this recipe defines no presets)"
+    return (text + "\n\npresets (--preset NAME): " + listed).strip()
 
 
 def _tyro(cls: type[C], argv: list[str], default: C | None, description: str) -> C:
@@ -364,8 +363,13 @@ def load_config(cls: type[C], path: Path) -> C:
     try:
         text = Path(path).read_text(encoding="utf-8")
         if Path(path).suffix in (".yaml", ".yml"):
-            import yaml  # type: ignore[import-untyped]
-
+            try:
+                import yaml  # type: ignore[import-untyped]
+            except ImportError:
+                raise UsageError(
+                    f"--config {path}: a YAML config needs PyYAML: pip install fengine[yaml] "
+                    "(or give the config as JSON)"
+                ) from None
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)

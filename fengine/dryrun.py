@@ -116,13 +116,11 @@ def report(cfg: Any, exp: Any, *, out: Out = print) -> Path | None:
     p = exp.plan
     out("Config:\n" + json.dumps(to_dict(cfg), indent=2))
     horizon = (
-        f"{p.max_epochs} epochs x {p.steps_per_epoch}"
+        f"{p.max_epochs} epochs x {p.steps_per_epoch} updates per epoch"
         if p.by_epoch
-        else f"max_steps {p.total_steps}, {p.steps_per_epoch}/epoch"
+        else f"max_steps {p.total_steps}, {p.steps_per_epoch} updates per epoch"
     )
-    out(
-        f"plan: {p.total_steps} updates ({horizon} updates per epoch; {p.micro_batches} micro-batch(es) each)"
-    )
+    out(f"plan: {p.total_steps} updates ({horizon}; {p.micro_batches} micro-batch(es) each)")
     out(_groups_text(exp))
     example = exp.example_input
     out(complexity_text(getattr(exp.state, "model", None), example))

@@ -130,6 +130,15 @@ def test_yaml_config_and_partial_files_take_defaults(tmp_path):
     assert cfg.max_epochs == 10
 
 
+def test_a_yaml_config_without_pyyaml_names_the_extra(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # not installed: the import fails
+    assert run("--config", str(path), "--work-dir", str(tmp_path / "w")) == 2
+    err = capsys.readouterr().err
+    assert "a YAML config needs PyYAML: pip install fengine[yaml]" in err and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------- usage errors
 @pytest.mark.parametrize(
     ("argv", "message"),

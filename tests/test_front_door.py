@@ -95,6 +95,7 @@ def test_readme_resume_and_replay_sequence_runs_as_written(tmp_path):
         outs.append(done.stdout)
     assert "is at step 30 of a 30-step run" in outs[1] and "re-planned over 60 updates" in outs[1]
     assert "is at step 30 of a 30-step run" in outs[2] and "re-planned over 40 updates" in outs[2]
+    assert "best_accuracy_iter_30.safetensors is removed" not in outs[2]  # step 2 removed it
     assert "REPLAY OK" in outs[3]
     (aside,) = (tmp_path / "W").glob("abandoned_after_step_30.*")  # the rewind replaced nothing
     assert "iter_60.safetensors" in {p.name for p in aside.iterdir()}

@@ -92,6 +92,8 @@ def test_help_lists_the_shared_flags_and_the_recipes_own(recipe, own, capsys):
     text = capsys.readouterr().out
     for flag in (*SHARED, *own):
         assert flag in text, flag
+    # --preset's help says "(listed above)": the list is there, also when it is empty
+    assert "presets (--preset NAME): " in text
 
 
 @pytest.mark.parametrize("recipe", [gpt, gan])

@@ -569,7 +569,8 @@ class Checkpointer(Handler):
         save = Save(directory / name, latest=False, background=self.async_save)
         if old is None or old == name:
             return [save]
-        log.info("The previous best checkpoint %s is removed", directory / old)
+        if (directory / old).exists():  # a rewind's record may name a file its path removed
+            log.info("The previous best checkpoint %s is removed", directory / old)
         self.retiring.append(old)
         return [save, Retire((directory / old,))]
 
