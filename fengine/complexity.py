@@ -11,9 +11,11 @@ this adds the operators MMEngine (fvcore) counts: batch norm (per element: 2 in 
 mode, 5 in training mode; 1 / 4 without affine), layer / group norm (5, or 4),
 adaptive average pooling (1 per input element), nearest / bilinear upsampling (1 / 4
 per output element; global pooling reaches torch as ``mean((-1, -2), keepdim=True)``
-of a 4-D tensor, counted alike) and grid sampling (4). Elementwise ops (ReLU,
-additions) are not counted, as in MMEngine; attention
-(``scaled_dot_product_attention``) is, where MMEngine skips it.
+of a 4-D or 3-D tensor, counted alike), grid sampling (4) and a matrix times a vector
+(``matmul`` with a 1-D operand). Elementwise ops (ReLU, additions) are not counted, as in
+MMEngine; attention (``scaled_dot_product_attention``), an LSTM's matmuls and ``baddbmm`` are,
+where MMEngine skips them. A module's FLOPs are those of the operators run inside it, credited
+to its first name, so an iterated ``ModuleList`` sums its children, as in MMEngine.
 The model's mode matters as in MMEngine: a freshly built ResNet-50 (training mode)
 gives 4.145G, in eval mode 4.112G.
 
@@ -26,15 +28,17 @@ generators are restored.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
+
+from fengine.bind import Binding
 
 
 __all__ = ["Complexity", "ModuleCost", "analyze", "format_size", "summary"]
@@ -98,11 +102,22 @@ def _per_output(k: int) -> Callable[..., int]:
 
 def _global_avg_pool(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     """``adaptive_avg_pool2d(x, 1)`` reaches torch as ``x.mean((-1, -2), keepdim=True)``: count
-    that form (1 per input element, as MMEngine counts the pooling), no other mean."""
+    that form (1 per input element, as MMEngine counts the pooling), batched or not (4-D or
+    3-D), no other mean."""
     dims = args[1] if len(args) > 1 else kwargs.get("dim")
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    pooled = dims is not None and sorted(d % 4 for d in dims) == [2, 3]
-    return 2 * _numel(args[0]) if len(args[0]) == 4 and keepdim and pooled else 0
+    nd = len(args[0])
+    pooled = nd in (3, 4) and dims is not None and sorted(d % nd for d in dims) == [nd - 2, nd - 1]
+    return 2 * _numel(args[0]) if keepdim and pooled else 0
+
+
+def _mv(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """A matrix times a vector (``matmul`` with a 1-D operand): m x n multiply-adds."""
+    return 2 * _numel(args[0])
+
+
+def _dot(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * _numel(args[0])
 
 
 def _extra_ops() -> dict[Any, Callable[..., int]]:
@@ -120,6 +135,8 @@ def _extra_ops() -> dict[Any, Callable[..., int]]:
         "upsample_nearest2d": _per_output(1),
         "upsample_bilinear2d": _per_output(4),
         "grid_sampler_2d": _per_output(4),
+        "mv": _mv,
+        "dot": _dot,
     }
     out: dict[Any, Callable[..., int]] = {}
     for name, f in table.items():
@@ -201,14 +218,16 @@ def _run_meta(model: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
     def to_meta(t: Any) -> Any:
         return t.to("meta") if isinstance(t, torch.Tensor) else t
 
-    tensors = {
-        **dict(model.named_parameters()),
-        **dict(model.named_buffers()),
-    }
-    meta = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in tensors.items()}
+    def meta(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in tensors.items()}
+
     args, kw = pytree.tree_map(to_meta, (_args(inputs), kwargs))
+    # a Binding saves every slot before swapping and restores them all: functional_call put a
+    # submodule shared by two parents back with the meta tensors (the model lost its weights)
+    bound = Binding(model)(meta(dict(model.named_parameters())), meta(dict(model.named_buffers())))
     try:
-        functional_call(model, meta, args, kw)
+        with bound:
+            model(*args, **kw)
     except (NotImplementedError, RuntimeError) as e:
         raise RuntimeError(
             f"complexity: the forward pass failed on the meta device ({e}); "
@@ -229,6 +248,52 @@ def _run_real(model: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
             b.copy_(saved[n])
 
 
+class _ByModule(FlopCounterMode):
+    """FlopCounterMode that also credits each operator to the innermost module running it, under
+    that module's canonical name (its first in ``named_modules``), then sums by name prefix: as
+    fvcore's ``by_module`` (MMEngine's table). A container that is never called itself (an
+    iterated ``nn.ModuleList``) gets its children's FLOPs, and a module shared by two parents
+    counts under its first name (torch's own per-module counts miss both)."""
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.stack: list[str] = []
+        self.own: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def scopes(self) -> Iterator[None]:
+        handles = []
+        for name, module in self.model.named_modules():
+
+            def enter(m: nn.Module, args: Any, name: str = name) -> None:
+                self.stack.append(name)
+
+            def leave(m: nn.Module, args: Any, out: Any) -> None:
+                self.stack.pop()
+
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        if func_packet in self.flop_registry:
+            n = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+            where = self.stack[-1] if self.stack else ""
+            self.own[where] = self.own.get(where, 0) + n
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+    def inclusive(self, name: str) -> int:
+        """Torch-unit FLOPs of the module ``name`` and everything under it."""
+        if not name:
+            return sum(self.own.values())
+        return sum(v for k, v in self.own.items() if k == name or k.startswith(name + "."))
+
+
 def analyze(
     model: nn.Module,
     inputs: Any,
@@ -244,18 +309,11 @@ def analyze(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"complexity: model must be an nn.Module, got {type(model).__name__}")
-    counter = FlopCounterMode(display=False, custom_mapping=_extra_ops())
-    with torch.no_grad(), counter:
+    counter = _ByModule(model, display=False, custom_mapping=_extra_ops())
+    with torch.no_grad(), counter, counter.scopes():
         (_run_meta if meta else _run_real)(model, inputs, kwargs or {})
-    root = type(model).__name__
-    flops: dict[str, int] = {}
-    for key, ops in counter.get_flop_counts().items():
-        if key == "Global":
-            continue
-        name = "" if key == root else key.removeprefix(root + ".")
-        flops[name] = sum(ops.values()) // 2  # torch: 2 per multiply-add; MMEngine: 1
     params = _param_counts(model)
-    modules = {n: ModuleCost(params[n], flops.get(n, 0)) for n in params}
+    modules = {n: ModuleCost(params[n], counter.inclusive(n) // 2) for n in params}
     whole = counter.get_flop_counts().get("Global", {})
     total = sum(whole.values()) // 2
     by_op = {str(op): v // 2 for op, v in whole.items()}

@@ -232,6 +232,45 @@ def test_per_module_counts_equal_mmengines_flop_analyzer(training):
     assert "tied" not in c.modules  # an alias of head: one module (named_modules), counted once
 
 
+class Stacked(nn.Module):
+    """What torch's per-module counts missed: an iterated ModuleList (its own forward never
+    runs), a module shared by two parents, a matrix times a vector, unbatched global pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        shared = nn.Linear(8, 8)
+        self.enc, self.dec = nn.Sequential(shared), nn.Sequential(shared)
+        self.w = nn.Parameter(torch.randn(8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        x = self.dec(self.enc(x))
+        return (x @ self.w).sum() + self.pool(x.view(4, 2, 4)).sum()
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_containers_shared_modules_vectors_and_unbatched_pools_as_mmengine(meta):
+    torch.manual_seed(0)
+    model = Stacked()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    x = torch.randn(4, 8)
+    want = FlopAnalyzer(model, (x,))
+    want.unsupported_ops_warnings(False)
+    want.uncalled_modules_warnings(False)
+    ref = want.by_module()
+    c = complexity.analyze(model, x, meta=meta)
+    assert c.flops == want.total() == 3 * 256 + 2 * 256 + 32 + 32
+    for name in ("", "layers", "layers.0", "enc", "enc.0", "dec", "pool"):
+        assert c.modules[name].flops == ref[name], (name, c.modules[name].flops, ref[name])
+    # the model is as it was: the shared Linear's weights went back as meta tensors
+    for n, p in model.named_parameters():
+        assert p.device.type == "cpu" and torch.equal(p, before[n]), n
+    model(x)
+
+
 def test_real_forward_counts_the_same_and_restores_buffers_and_rng():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 2))
