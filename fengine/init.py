@@ -47,6 +47,7 @@ reported as MMEngine's earlier initialiser there, as the override here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import warnings
@@ -61,6 +62,8 @@ from torch import nn
 from fengine.checkpoint import load_params
 from fengine.rng import fold_in
 
+
+log = logging.getLogger("fengine")
 
 __all__ = [
     "Caffe2Xavier",
@@ -406,6 +409,8 @@ class _Run:
     def __init__(self, model: nn.Module, seed: int, generator: torch.Generator | None):
         self.seed, self.generator = seed, generator
         self.writes: dict[str, list[str]] = {n: [] for n, _ in model.named_parameters()}
+        # a param reached through another path (a shared submodule) is reported under its name
+        self.names = {id(p): n for n, p in model.named_parameters()}
 
     def gen(self, name: str) -> torch.Generator:
         if self.generator is not None:
@@ -414,8 +419,9 @@ class _Run:
         g.manual_seed(fold_in(self.seed, _TAG, zlib.crc32(name.encode())))
         return g
 
-    def record(self, name: str, info: str) -> None:
-        if name in self.writes:
+    def record(self, tensor: torch.Tensor, info: str) -> None:
+        name = self.names.get(id(tensor))
+        if name is not None:
             self.writes[name].append(info)
 
 
@@ -436,10 +442,10 @@ def _fill_module(spec: _Init, m: nn.Module, prefix: str, run: _Run) -> None:
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"init: {type(spec).__name__} on {name} {tuple(w.shape)}: {e}") from e
         w.copy_(tmp)
-        run.record(name, spec.info())
+        run.record(w, spec.info())
     if isinstance(b, torch.Tensor):
         nn.init.constant_(b, spec.bias_value)
-        run.record(prefix + "bias", spec.info())
+        run.record(b, spec.info())
 
 
 def _run_spec(spec: Spec, module: nn.Module, prefix: str, run: _Run, whole: bool) -> None:
@@ -469,8 +475,14 @@ def _load(spec: Pretrained, module: nn.Module, at: str, run: _Run) -> None:
     prefix_map = {prefix: ""} if prefix else None
     state_dict, report = load_params(spec.checkpoint, module, prefix_map=prefix_map)
     module.load_state_dict(cast(dict, state_dict))
+    if not report.ok:  # MMEngine logs the size mismatches and missing keys of a Pretrained
+        log.warning(
+            "init: Pretrained(%r) into %s: %s", str(spec.checkpoint), at or "the model", report
+        )
+    params = dict(module.named_parameters(remove_duplicate=False))
     for n in report.loaded:
-        run.record(at + n, spec.info())
+        if n in params:
+            run.record(params[n], spec.info())
 
 
 SpecLike = Spec | Mapping[str, Any]
@@ -511,6 +523,13 @@ def apply(
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"init.apply: generator must be a CPU generator, got {generator.device}")
     if isinstance(specs, Mapping) and "type" not in specs:
+        odd = [k for k, v in specs.items() if isinstance(v, (str, bytes, int, float))]
+        if odd:  # e.g. dict(layer="Linear", val=1): an init_cfg dict that lost its "type"
+            raise ValueError(
+                f"init.apply: specs {dict(specs)} has no 'type', so it reads as submodule name -> "
+                f"specs, but specs[{odd[0]!r}] is {specs[odd[0]]!r}; an init_cfg dict needs "
+                f"'type' (one of {sorted(_TYPES)})"
+            )
         scopes = {k: _specs(v, where=f"init.apply specs[{k!r}]") for k, v in specs.items()}
     else:
         scopes = {"": _specs(specs, where="init.apply specs")}

@@ -400,6 +400,42 @@ def test_bad_specs_raise_naming_the_argument():
         init.apply(_net(), init.Kaiming(layer="BatchNorm2d"))
     with pytest.raises(TypeError, match="expected an init spec"):
         init.apply(_net(), [3])
+    # an init_cfg dict without "type" read as submodule -> specs, 'Linear' iterated by letter
+    with pytest.raises(ValueError, match=r"has no 'type'.*specs\['layer'\] is 'Linear'"):
+        init.apply(_net(), dict(layer="Linear", val=1))
+
+
+def test_a_shared_module_is_reported_under_its_name_and_a_partial_pretrained_warns(
+    tmp_path, caplog
+):
+    """Writes through another path to the same module (an alias) were dropped from the report
+    (it said the first rule wrote the weight); a Pretrained that left params missing or
+    mismatched said nothing (MMEngine logs them)."""
+    import logging
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = self.a
+            self.c = nn.Linear(3, 2)
+
+    cfg = dict(type="Normal", layer="Linear", std=1.0,
+               override=dict(name="b", type="Constant", val=5.0, bias=1.0))  # fmt: skip
+    torch.manual_seed(0)
+    m = Shared()
+    ref = copy.deepcopy(m)
+    torch.manual_seed(7)
+    initialize(ref, cfg)
+    rep = init.apply(m, cfg, generator=torch.Generator().manual_seed(7))
+    _assert_same(m.state_dict(), ref.state_dict())
+    assert rep.last("a.weight") == rep.last("a.bias") == "ConstantInit: val=5.0, bias=1.0"
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file({"a.weight": torch.ones(3, 3), "c.weight": torch.ones(4, 3)}, path)
+    with caplog.at_level(logging.WARNING, logger="fengine"):
+        init.apply(Shared(), init.Pretrained(path))
+    (said,) = [r.getMessage() for r in caplog.records if "Pretrained" in r.getMessage()]
+    assert "c.weight: [4, 3] vs [2, 3]" in said and "a.bias" in said
 
 
 def test_readme_block_runs(monkeypatch):
