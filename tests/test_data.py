@@ -378,17 +378,6 @@ def test_image_preprocessor_refuses_what_it_would_mangle():
         pre({"img": torch.zeros(2, 1, 4, 4)}, False)
 
 
-def test_image_preprocessor_takes_a_pseudo_collated_list_of_bare_images_as_the_image():
-    """``pseudo_collate`` over a dataset of bare (C, H, W) images gives a list of them; the list
-    was read as an (image, label) pair: only the first image was converted (dtypes float, uint8,
-    uint8...)."""
-    images = [torch.full((1, 2, 2), v, dtype=torch.uint8) for v in (0, 127, 255)]
-    out = fd.ImagePreprocessor([127.5], [127.5])(fd.pseudo_collate(images), False)
-    assert torch.equal(out, (torch.stack(images).float() - 127.5) / 127.5)
-    pair = fd.ImagePreprocessor([127.5], [127.5], inputs=0)(fd.pseudo_collate(images), False)
-    assert pair[0].dtype == torch.float32 and pair[1].dtype == torch.uint8  # inputs=0: the first
-
-
 def test_image_preprocessor_augment_only_in_training_with_callers_generator():
     calls = []
 

@@ -60,16 +60,6 @@ def to_device(tree: Any, device: torch.device | str | None, *, non_blocking: boo
     return tree
 
 
-def _image_list(batch: Any) -> bool:
-    """A list of equally shaped (C, H, W) tensors: the images of a batch, not an (image, label)."""
-    return (
-        type(batch) is list
-        and len(batch) > 0
-        and all(isinstance(x, torch.Tensor) and x.dim() == 3 for x in batch)
-        and len({x.shape for x in batch}) == 1
-    )
-
-
 class ImagePreprocessor:
     """``pre(batch, training, generator=None) -> batch``: to device, to float, normalise, augment.
 
@@ -82,9 +72,7 @@ class ImagePreprocessor:
     The image is ``batch`` itself when it is a tensor, ``batch[inputs]`` otherwise;
     ``inputs`` defaults to ``"inputs"`` for mappings (MMEngine's key) and ``0``
     for sequences (``(image, label)`` batches). A list of equally shaped images
-    (from ``pseudo_collate``) is stacked; other entries are only moved. A batch that is such a
-    list itself (``pseudo_collate`` over a dataset of bare ``(C, H, W)`` images) is the image
-    (``inputs=0`` says otherwise).
+    (from ``pseudo_collate``) is stacked; other entries are only moved.
 
     Args:
         mean, std: per-channel (or one shared) statistics in the input's units,
@@ -164,8 +152,6 @@ class ImagePreprocessor:
             return None
         if self.inputs is not None:
             return self.inputs
-        if _image_list(batch):  # pseudo_collate over a dataset of bare images
-            return None
         if isinstance(batch, Mapping):
             return "inputs"
         if isinstance(batch, (list, tuple)):
