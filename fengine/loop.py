@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -547,13 +548,8 @@ def _check_ranks_agree(
     replicas drifting apart; it is one error naming the field, on every rank."""
     sampler = getattr(train_data, "sampler", None)
     shards = getattr(sampler, "world_size", getattr(sampler, "num_replicas", None))
-    if isinstance(shards, int) and shards != world:
-        raise ValueError(
-            f"fit: {world} processes but train_data's sampler shards the data {shards} way(s), so "
-            "ranks read the same samples; build it with rank= and world_size= (fengine.data."
-            "Loader) or DistributedSampler(num_replicas=) for this run"
-        )
     mine = {
+        "data shards": shards if isinstance(shards, int) else None,
         "plan": tuple(p),
         "wrappers": [_described(w) for w in step.wrappers],
         "params": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.params.items()],
@@ -568,12 +564,21 @@ def _check_ranks_agree(
                     f"rank {r} has {theirs[field]!r}; every rank must run the same training "
                     "(config, model, step) on its own shard of the data"
                 )
+    if isinstance(shards, int) and shards != world:  # the same on every rank by now
+        raise ValueError(
+            f"fit: {world} processes but train_data's sampler shards the data {shards} way(s), so "
+            "ranks read the same samples; build it with rank= and world_size= (fengine.data."
+            "Loader) or DistributedSampler(num_replicas=) for this run"
+        )
 
 
 def _described(wrapper: Any) -> str:
-    """A wrapper as the ranks can compare it: its repr, or its class without one (an address)."""
-    own = type(wrapper).__repr__ is not object.__repr__
-    return repr(wrapper) if own else type(wrapper).__qualname__
+    """A wrapper as the ranks can compare it: its repr without memory addresses (a partial's or
+    a callable object's repr has one, which differs between processes)."""
+    return _ADDRESS.sub("", repr(wrapper))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _remove_stale_temps(directory: Path) -> None:

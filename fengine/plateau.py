@@ -46,12 +46,13 @@ per param group).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import json
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -308,6 +309,18 @@ class _Times:
 
     def __call__(self, step: int) -> float:
         return self.mult * self.schedule(step)
+
+
+@contextlib.contextmanager
+def lent(state: TrainState) -> Iterator[None]:
+    """Inside: hyper-parameters reduced on plateaus take ``state``'s reductions (as inside the
+    step's update; `fengine.step.skipped_update` reports them outside it)."""
+    plateaus = {n: s for n, s in state.extra.items() if isinstance(s, Plateau)}
+    token = _ACTIVE.set({**(_ACTIVE.get() or {}), **plateaus})
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def value_in(state: TrainState, hyper: Any, step: int | None = None) -> float:

@@ -6,6 +6,7 @@ writes the fengine work dirs). Usage: ``torchrun ... dist_worker.py OUT SCENARIO
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -204,12 +205,14 @@ def mismatch(out, rank, world):
     ds = fe.data.synthetic_classification(32, num_features=16, num_classes=10, seed=0)
     step = fe.train_step(ce_loss, optim.sgd(0.1), fe.data_parallel())
     messages = []
-    for data, steps in (
-        (fe.data.Loader(ds, 4, seed=0, rank=rank, world_size=world), 3 + rank),
-        (fe.data.Loader(ds, 4, seed=0), 3),
-    ):
+    # a wrapper whose repr holds an address (a partial) is the same wrapper on every rank
+    same = fe.train_step(ce_loss, optim.sgd(0.1), fe.data_parallel(),
+                         fe.forward_wrapper(functools.partial(lambda f, scale: f, scale=1.0)))  # fmt: skip
+    sharded = fe.data.Loader(ds, 4, seed=0, rank=rank, world_size=world)
+    for data, steps, run in ((sharded, 3 + rank, step), (fe.data.Loader(ds, 4, seed=0), 3, step),
+                             (sharded, 3, same)):  # fmt: skip
         try:
-            fe.fit(step.init(mlp()), step, data, max_steps=steps, handlers=[])
+            fe.fit(run.init(mlp()), run, data, max_steps=steps, handlers=[])
             messages.append(None)
         except ValueError as e:
             messages.append(str(e))

@@ -257,3 +257,15 @@ def test_compiled_step_continues_a_state_with_missed_counts(make_tx):
     assert b.opt_state.missed == a.opt_state.missed
     for n, p in a.params.items():
         torch.testing.assert_close(b.params[n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_without_gradients_reports_without_a_global_step():
+    """``update`` without ``step`` falls back to the optimizer's own count; a scheduled group
+    that got no gradient then reported by resolving the schedule at None (an error)."""
+    params = {"a": torch.zeros(3), "b": torch.zeros(3)}
+    lr = fe.schedules.linear(0.1, 0.1, end=6)
+    tx = optim.partition({"A": optim.sgd(0.1), "B": optim.sgd(lr)}, {"a": "A", "b": "B"})
+    _, state = tx.update({"a": torch.ones(3)}, tx.init(params), params)
+    assert optim.hyperparams(state)["B/lr"] == lr(0)
+    _, state = tx.update({"a": torch.ones(3)}, state, params, step=3)
+    assert optim.hyperparams(state)["B/lr"] == lr(3)

@@ -354,6 +354,27 @@ def test_values_outside_a_step_and_misuse():
     assert observe(plain, {"accuracy": 1.0}) is plain  # no plateau: unchanged
 
 
+@pytest.mark.parametrize("amp_first", [True, False])
+def test_a_skipped_fp16_update_reports_the_reduced_lr_whatever_the_order(amp_first):
+    """A skipped update reports the scheduled lr; with ``amp`` written before the plateau's
+    wrapper that report ran outside the plateau (it said the unreduced 0.1)."""
+
+    def loss_fn(model, batch):
+        x, y, blow = batch
+        return ce_loss(model, (x, y)) * blow
+
+    rop = fe.reduce_on_plateau(monitor="loss", factor=0.5, patience=0)
+    wrappers = (fe.amp("float16"), rop) if amp_first else (rop, fe.amp("float16"))
+    step = fe.train_step(loss_fn, optim.sgd(rop(0.1), momentum=0.9), *wrappers)
+    state = observe(observe(step.init(mlp()), {"loss": 1.0}), {"loss": 2.0})  # one reduction
+    data = [(x, y, torch.tensor(float("inf") if t == 2 else 1.0))
+            for t, (x, y) in enumerate(mlp_batches(4))]  # fmt: skip
+    for t, batch in enumerate(data):
+        state, m = step(state, batch)
+        assert bool(m["update_skipped"]) == (t == 2)
+        assert float(m["lr"]) == optim.hyperparams(state.opt_state)["lr"] == 0.05, t
+
+
 def test_momentum_via_hyperparams_after_a_step():
     rop = fe.reduce_on_plateau(patience=0, factor=0.5)
     step = fe.train_step(ce_loss, optim.adam(rop(1e-2), b1=rop(0.9, min_value=0.6)), rop)

@@ -99,7 +99,8 @@ def _optimizer(init_fn, apply_fn, **reported: Hyper) -> GradientTransformation:
     if scheduled:
 
         def report(state, step):
-            values = {field: resolve(h, step) for field, h in scheduled.items()}
+            at = state.num_updates if step is None else step  # as the update's own fallback
+            values = {field: resolve(h, at) for field, h in scheduled.items()}
             if isinstance(step, torch.Tensor):  # a compiled step's state holds tensors
                 return state._replace(**{f: _t(v) for f, v in values.items()})
             return state._replace(**{f: float(v) for f, v in values.items()})

@@ -459,7 +459,8 @@ def _reporting_base_lr(tx: GradientTransformation, base_lr: Hyper) -> GradientTr
             return params, ParamGroupsState(new.inner, value(step))
 
     def report(state, step):
-        return ParamGroupsState(report_at(tx, PartitionState(state.inner), step).inner, value(step))
+        inner = report_at(tx, PartitionState(state.inner), step).inner
+        return ParamGroupsState(inner, state.base_lr if step is None else value(step))
 
     return GradientTransformation(init_fn, update_fn, apply_fn, report)
 

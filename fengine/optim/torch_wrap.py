@@ -90,6 +90,7 @@ def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> Grad
     if "lr" in scheduled:
 
         def report(state, step):
-            return state._replace(lr=float(resolve(scheduled["lr"], step)))
+            at = state.num_updates if step is None else step  # as apply_fn's own fallback
+            return state._replace(lr=float(resolve(scheduled["lr"], at)))
 
     return GradientTransformation(init_fn, update_via_apply(apply_fn), apply_fn, report)

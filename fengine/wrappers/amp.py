@@ -11,7 +11,15 @@ import torch
 import torch.utils._pytree as pytree
 
 from fengine.state import TrainState
-from fengine.step import ApplyFn, GradFn, Grads, Metrics, Part, skipped_update
+from fengine.step import (
+    ApplyFn,
+    GradFn,
+    Grads,
+    Metrics,
+    Part,
+    reported_opt_state,
+    skipped_update,
+)
 from fengine.wrappers.base import Wrapper, _CheckFinite, once
 
 
@@ -90,6 +98,10 @@ class _Amp(Wrapper):
                 state.step, torch.Tensor
             ):  # a compiled step: skip by selection, no host read
                 new_state, metrics = _unless(found_inf > 0, state, g, apply)
+                # the selection restored the old lr too: report the scheduled one, as eager does
+                new_state = new_state.replace(
+                    opt_state=reported_opt_state(new_state.opt_state, part, state)
+                )
             elif bool(found_inf):  # the one host read: skip the update, as GradScaler.step does
                 new_state, metrics = skipped_update(state, g, part)
             else:

@@ -70,11 +70,16 @@ class _Averaged(Wrapper):
                 f"{self.name}: params= selects none of the model's params; its top-level "
                 f"submodules are {modules}"
             )
-        buffers = (  # a submodule's EMA averages that submodule's buffers only
-            {n: b.detach().clone() for n, b in state.buffers.items() if sel is None or sel(n)}
-            if self.update_buffers
-            else {}
-        )
+        # a submodule's EMA averages that submodule's buffers only: those ``params=`` selects by
+        # name, and those of the modules whose params it selects (a predicate on param names)
+        owners = {n.rpartition(".")[0] for n in params}
+        buffers = {
+            n: b.detach().clone()
+            for n, b in state.buffers.items()
+            if sel is None or sel(n) or n.rpartition(".")[0] in owners
+        }
+        if not self.update_buffers:
+            buffers = {}
         return EmaState(params, buffers, 0)
 
     def params(self, state: TrainState) -> dict[str, torch.Tensor]:
@@ -272,7 +277,8 @@ def ema(
     (counted in updates, not micro-batches). Until ``begin`` updates are done (MMEngine's
     ``begin_iter``), or before epoch ``begin_epoch`` (1-based, MMEngine's ``begin_epoch``),
     the EMA just tracks the params. ``params`` limits it to a submodule (``"gen"``) or a
-    predicate on param names (a GAN's generator).
+    predicate on param names (a GAN's generator); with ``update_buffers`` the buffers averaged
+    are that submodule's, or those of the modules whose params the predicate selects.
     Without ``update_buffers`` buffers are not averaged and evaluation uses the
     live ones (as MMEngine's EMA model mirrors them). It runs after the update and
     the loss-scaler update, so a skipped fp16 step still counts. Evaluation,
