@@ -378,6 +378,24 @@ def test_image_preprocessor_refuses_what_it_would_mangle():
         pre({"img": torch.zeros(2, 1, 4, 4)}, False)
 
 
+def test_image_preprocessor_refuses_a_list_of_bare_images_and_keeps_image_mask_pairs():
+    """pseudo_collate over bare (C, H, W) images gives a list of them: the first was taken as
+    the image and the rest passed through unconverted. It is refused (a guess would also take
+    a default_collated (grayscale image, same-shape mask) pair for images)."""
+    from torch.utils.data import default_collate
+
+    pre = fd.ImagePreprocessor([127.5], [127.5])
+    images = [torch.full((1, 2, 2), v, dtype=torch.uint8) for v in (0, 127, 255)]
+    with pytest.raises(ValueError, match=r"a sequence of 3 equally shaped \(1, 2, 2\) tensors"):
+        pre(fd.pseudo_collate(images), False)
+    x, y = torch.zeros(4, 8, 8, dtype=torch.uint8), torch.ones(4, 8, 8, dtype=torch.uint8)
+    out = pre(default_collate(list(zip(x, y))), False)
+    assert torch.equal(out[0], (x.float() - 127.5) / 127.5) and torch.equal(out[1], y)
+    # inputs=0 says the first is the image
+    first = fd.ImagePreprocessor([127.5], [127.5], inputs=0)(fd.pseudo_collate(images), False)
+    assert first[0].dtype == torch.float32 and first[1].dtype == torch.uint8
+
+
 def test_image_preprocessor_augment_only_in_training_with_callers_generator():
     calls = []
 

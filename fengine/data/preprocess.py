@@ -60,6 +60,15 @@ def to_device(tree: Any, device: torch.device | str | None, *, non_blocking: boo
     return tree
 
 
+def _many_alike(batch: Sequence[Any]) -> bool:
+    """More than two tensors of one shape (C, H, W): images, not (image, target) fields."""
+    return (
+        len(batch) > 2
+        and all(isinstance(x, torch.Tensor) and x.dim() == 3 for x in batch)
+        and len({x.shape for x in batch}) == 1
+    )
+
+
 class ImagePreprocessor:
     """``pre(batch, training, generator=None) -> batch``: to device, to float, normalise, augment.
 
@@ -72,7 +81,9 @@ class ImagePreprocessor:
     The image is ``batch`` itself when it is a tensor, ``batch[inputs]`` otherwise;
     ``inputs`` defaults to ``"inputs"`` for mappings (MMEngine's key) and ``0``
     for sequences (``(image, label)`` batches). A list of equally shaped images
-    (from ``pseudo_collate``) is stacked; other entries are only moved.
+    (from ``pseudo_collate``) is stacked; other entries are only moved. A batch that is itself
+    a sequence of more than two equally shaped ``(C, H, W)`` tensors (``pseudo_collate`` over
+    bare images) is refused unless ``inputs`` is given: it is no ``(image, label)`` pair.
 
     Args:
         mean, std: per-channel (or one shared) statistics in the input's units,
@@ -155,6 +166,13 @@ class ImagePreprocessor:
         if isinstance(batch, Mapping):
             return "inputs"
         if isinstance(batch, (list, tuple)):
+            if _many_alike(batch):  # not an (image, label, ...) sequence: refused, not guessed
+                raise ValueError(
+                    f"ImagePreprocessor: the batch is a sequence of {len(batch)} equally shaped "
+                    f"{tuple(batch[0].shape)} tensors, e.g. pseudo_collate over bare images; only "
+                    "its first would be taken as the image: collate with default_collate (one "
+                    "stacked tensor), or pass inputs=0 if the first is the image"
+                )
             return 0
         raise TypeError(
             f"ImagePreprocessor: cannot find the image in a batch of type {type(batch).__name__}; "
