@@ -111,15 +111,6 @@ def _global_avg_pool(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     return 2 * _numel(args[0]) if keepdim and pooled else 0
 
 
-def _mv(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    """A matrix times a vector (``matmul`` with a 1-D operand): m x n multiply-adds."""
-    return 2 * _numel(args[0])
-
-
-def _dot(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    return 2 * _numel(args[0])
-
-
 def _extra_ops() -> dict[Any, Callable[..., int]]:
     table: dict[str, Callable[..., int]] = {
         "native_batch_norm": _batch_norm,
@@ -135,8 +126,8 @@ def _extra_ops() -> dict[Any, Callable[..., int]]:
         "upsample_nearest2d": _per_output(1),
         "upsample_bilinear2d": _per_output(4),
         "grid_sampler_2d": _per_output(4),
-        "mv": _mv,
-        "dot": _dot,
+        "mv": _per_input(1),  # a matrix times a vector (matmul with a 1-D operand): m x n
+        "dot": _per_input(1),
     }
     out: dict[Any, Callable[..., int]] = {}
     for name, f in table.items():

@@ -35,6 +35,10 @@ def default_predict(model: nn.Module, batch: Any) -> Any:
     )
 
 
+EVAL_PARAMS = ("auto", "ema", "live")
+"""``params=`` of an evaluation: which weights it evaluates (`weights_for`)."""
+
+
 def weights_for(
     state: TrainState, which: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -42,7 +46,7 @@ def weights_for(
     the step keeps an EMA), ``"live"`` = the trained ones, ``"ema"`` = the eval weights, which must differ."""
     if which == "live":
         return state.params, state.buffers
-    if which not in ("auto", "ema"):
+    if which not in EVAL_PARAMS:
         raise ValueError(f"params must be 'auto', 'ema' or 'live', got {which!r}")
     params, buffers = state.eval_weights()
     if which == "ema" and params is state.params:
@@ -81,15 +85,16 @@ def _skipping(it: Iterator, start: int, on_skipped: Callable[[], None] | None) -
     yield from it
 
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+"""``autocast=`` of an evaluation: the dtype names it takes."""
 
 
 def _autocast(dtype: str | None, device: torch.device) -> Any:
     if dtype is None:
         return contextlib.nullcontext()
-    if dtype not in _DTYPES:
+    if dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {dtype!r}")
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[dtype])
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 def _dataset_size(data: Iterable) -> int | None:

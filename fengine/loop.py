@@ -39,7 +39,15 @@ from fengine import checkpoint, distributed, plateau, sharding
 from fengine.checkpoint._background import Snapshots, Writer
 from fengine.data.loader_rng import LoaderRng, persistent_workers_note
 from fengine.devices import device_of, to_device
-from fengine.evaluation import batches_of, default_predict, evaluate, run_eval, weights_for
+from fengine.evaluation import (
+    AUTOCAST_DTYPES,
+    EVAL_PARAMS,
+    batches_of,
+    default_predict,
+    evaluate,
+    run_eval,
+    weights_for,
+)
 from fengine.events import Dispatcher, RunInfo
 from fengine.finite import FiniteWatch
 from fengine.metrics import Evaluator, Metric
@@ -114,9 +122,9 @@ class Val:
                     "Val: dynamic_intervals must be [(milestone, interval), ...] with ints "
                     f"milestone >= 0 and interval >= 1, got {pair!r} in {self.dynamic_intervals!r}"
                 )
-        if self.params not in ("auto", "live", "ema"):
+        if self.params not in EVAL_PARAMS:
             raise ValueError(f"Val: params must be 'auto', 'live' or 'ema', got {self.params!r}")
-        if self.autocast not in (None, "float16", "bfloat16"):
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(
                 f"Val: autocast must be None, 'float16' or 'bfloat16', got {self.autocast!r}"
             )
@@ -429,10 +437,9 @@ def fit(
         run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch,
                       p.batches_per_epoch, p.micro_batches, state.step, val_batches, config,
                       distributed.rank(), world, tuple(distributed.gather_objects(str(device))))  # fmt: skip
+        save_dirs = _save_dirs(dispatch, run)
         if main:
-            for d in dict.fromkeys(
-                [*([work_dir] if work_dir is not None else []), *_save_dirs(dispatch, run)]
-            ):
+            for d in dict.fromkeys([*([work_dir] if work_dir is not None else []), *save_dirs]):
                 held.enter_context(lock_work_dir(d))  # another run saving there is refused
                 _remove_stale_temps(d)
         bg = _Background()
@@ -440,9 +447,9 @@ def fit(
             dispatch("before_run", state, run)
             moment = None
             if resume:
-                state, run, moment = _resume(state, step, resume, run, dispatch)
+                state, run, moment = _resume(state, step, resume, run, dispatch, save_dirs)
             elif main:
-                _warn_if_saving_over(_save_dirs(dispatch, run))
+                _warn_if_saving_over(save_dirs)
             dispatch("before_train", state, run)
             _flush(state, run, dispatch, "before_train", bg)
             if val is None and any(isinstance(x, plateau.Plateau) for x in state.extra.values()):
@@ -690,10 +697,15 @@ def _validate(state: TrainState, val: Val, dispatch: Dispatcher, run: RunInfo,
 
 
 def _resume(
-    state: TrainState, step: Step, resume: bool | str | Path, run: RunInfo, dispatch: Dispatcher
+    state: TrainState,
+    step: Step,
+    resume: bool | str | Path,
+    run: RunInfo,
+    dispatch: Dispatcher,
+    save_dirs: list[Path],
 ) -> tuple[TrainState, RunInfo, str | None]:
-    """Load the checkpoint and the handlers' state; also the loop moment it was saved at."""
-    save_dirs = _save_dirs(dispatch, run)
+    """Load the checkpoint and the handlers' state; also the loop moment it was saved at
+    (``save_dirs``: where the handlers save checkpoints)."""
     if resume is True:
         assert run.work_dir is not None
         with warnings.catch_warnings(

@@ -325,12 +325,8 @@ def lent(state: TrainState) -> Iterator[None]:
 
 def value_in(state: TrainState, hyper: Any, step: int | None = None) -> float:
     """The value ``hyper`` takes in ``state`` (at ``state.step`` by default): what the next update uses."""
-    plateaus = {n: s for n, s in state.extra.items() if isinstance(s, Plateau)}
-    token = _ACTIVE.set(plateaus)
-    try:
+    with lent(state):
         return float(hyper(state.step if step is None else step)) if callable(hyper) else hyper
-    finally:
-        _ACTIVE.reset(token)
 
 
 # ---------------------------------------------------------------- the wrapper

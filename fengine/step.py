@@ -252,28 +252,18 @@ def skipped_update(state: TrainState, g: Grads, part: Part) -> tuple[TrainState,
     """What an update that is skipped (fp16 overflow) leaves: params and optimizer state as they
     were, but the reported hyper-parameters (``lr``...) at this step, in the state and the
     metrics, as MMEngine logs the scheduled lr of every iteration."""
-    own = _reported(state.opt_state, part, state)
-    metrics = {**g.metrics, **collect_metrics(own)}
-    return state.replace(opt_state=_with_own(state.opt_state, part, own)), metrics
+    from fengine.plateau import lent  # the plateau module builds on this one
+
+    with lent(state):  # a value reduced on plateau, also outside its wrapper's update
+        opt_state = reported_opt_state(state.opt_state, part, state)
+    metrics = {**g.metrics, **collect_metrics(part.get(opt_state))}
+    return state.replace(opt_state=opt_state), metrics
 
 
 def reported_opt_state(opt_state: Any, part: Part, state: TrainState) -> Any:
-    """``opt_state`` with ``part``'s reported hyper-parameters at ``state.step``: a compiled
-    step's skipped update, after its selection restored the old values (no plateaus there)."""
-    own = opt_state if part.name is None else opt_state[part.name]
-    return _with_own(opt_state, part, report_at(part.tx, own, state.step))
-
-
-def _reported(opt_state: Any, part: Part, state: TrainState) -> Any:
-    from fengine.plateau import lent  # the plateau module builds on this one
-
-    own = opt_state if part.name is None else opt_state[part.name]
-    with lent(state):  # a value reduced on plateau, also outside its wrapper's update
-        return report_at(part.tx, own, state.step)
-
-
-def _with_own(opt_state: Any, part: Part, own: Any) -> Any:
-    return own if part.name is None else {**opt_state, part.name: own}
+    """``opt_state`` with ``part``'s reported hyper-parameters at ``state.step`` (a skipped
+    update's; a compiled step's after its selection restored the old values)."""
+    return part.put(opt_state, report_at(part.tx, part.get(opt_state), state.step))
 
 
 class Step:

@@ -76,10 +76,8 @@ class _Averaged(Wrapper):
         buffers = {
             n: b.detach().clone()
             for n, b in state.buffers.items()
-            if sel is None or sel(n) or n.rpartition(".")[0] in owners
+            if self.update_buffers and (sel is None or sel(n) or n.rpartition(".")[0] in owners)
         }
-        if not self.update_buffers:
-            buffers = {}
         return EmaState(params, buffers, 0)
 
     def params(self, state: TrainState) -> dict[str, torch.Tensor]:
