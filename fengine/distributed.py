@@ -30,6 +30,7 @@ __all__ = [
     "check_launch",
     "gather_objects",
     "is_main",
+    "launched_rank",
     "launched_world_size",
     "rank",
     "setup",
@@ -69,6 +70,14 @@ def launched_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def launched_rank() -> int:
+    """``RANK`` as torchrun set it (0 when not launched by torchrun): known before `setup`."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise RuntimeError(f"RANK={os.environ['RANK']!r} is not a number") from None
 
 
 def setup(device: str | torch.device | None = None, *, timeout_s: float = 1800.0) -> DistInfo:

@@ -422,9 +422,7 @@ def fit(
     if world > 1:
         _check_same_length(p.batches_per_epoch)
         _check_ranks_agree(state, step, p, train_data, world)
-        if any(type(w).__name__ == "_DataParallel" for w in step.wrappers):
-            # DDP's start: every rank from rank 0's weights (seeded per rank, they differed)
-            distributed.broadcast_from_main([*state.params.values(), *state.buffers.values()])
+        start_replicas(state, step)
     # a DataLoader's order comes from torch generators: carried in checkpoints (one process)
     data_rng = LoaderRng(train_data) if world == 1 else None
     if work_dir is not None and (note := persistent_workers_note(train_data)):
@@ -509,6 +507,13 @@ def fit(
             _keep_state(e, state)
             raise
     return state
+
+
+def start_replicas(state: TrainState, step: Step) -> None:
+    """DDP's start, under `data_parallel`: every rank from rank 0's weights and buffers (models
+    seeded per rank would otherwise train apart). A collective; nothing in one process."""
+    if any(type(w).__name__ == "_DataParallel" for w in step.wrappers):
+        distributed.broadcast_from_main([*state.params.values(), *state.buffers.values()])
 
 
 def _keep_state(error: BaseException, state: TrainState) -> None:

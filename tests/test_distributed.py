@@ -195,21 +195,57 @@ def test_launched_by_torchrun_without_a_process_group_is_refused(monkeypatch):
         fe.fit(step.init(mlp()), step, mlp_batches(2), max_epochs=1, handlers=[])
 
 
+RECIPE_ARGS = ("--no-tensorboard", "--model.width", "8", "--model.blocks", "1", "--device", "cpu")
+
+
+def replay_under_torchrun(work_dir: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fengine", "replay", str(work_dir)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
 def test_recipe_under_torchrun(tmp_path):
-    """README's command: one work dir written by rank 0, one log with world_size and devices."""
-    args = ("--work-dir", str(tmp_path / "w"), "--max-steps", "12", "--no-tensorboard", "--model.width", "8",
-            "--model.blocks", "1", "--device", "cpu")  # fmt: skip
-    done = torchrun(tmp_path, script=ROOT / "recipes" / "classify.py", args=args)
+    """README's command: one work dir written by rank 0, one log with world_size and devices; the
+    run resumed at a validation (iteration-based: the ranks average their BatchNorm statistics
+    before it) replays bit for bit under torchrun, reported once."""
+    w = tmp_path / "w"
+    args = ("--work-dir", str(w), *RECIPE_ARGS)
+    done = torchrun(
+        tmp_path, script=ROOT / "recipes" / "classify.py", args=(*args, "--max-steps", "6")
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("final validation accuracy") == 1
-    logs = list((tmp_path / "w").glob("*.log"))
+    logs = list(w.glob("*.log"))
     assert len(logs) == 1
     text = logs[0].read_text()
     assert "world_size: 2" in text and "rank 0: cpu, rank 1: cpu" in text
-    assert (tmp_path / "w" / "iter_12.safetensors").is_file()
-    # replay does not cover data-parallel runs yet: one line, exit 2 (it said "launch replay with
-    # torchrun", which then reported DIFFERS on both ranks, or blamed the recipe)
-    replayed = subprocess.run([sys.executable, "-m", "fengine", "replay", str(tmp_path / "w")],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
-    assert replayed.returncode == 2, replayed.stdout[-2000:] + replayed.stderr[-2000:]
-    assert "recorded with 2 processes (torchrun): replay re-runs one process" in replayed.stderr
+    resumed = torchrun(tmp_path, script=ROOT / "recipes" / "classify.py",
+                       args=(*args, "--max-steps", "12", "--resume"))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("final validation accuracy") == 1
+    assert (w / "iter_12.safetensors").is_file()
+    replayed = replay_under_torchrun(w)
+    assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
+    assert replayed.stdout.count("REPLAY OK") == 1, replayed.stdout  # rank 0 reports
+    assert "resumed from iter_6.safetensors" in replayed.stdout
+    # step 6 has two recorded states (before and after the averaging for its validation)
+    table = replayed.stdout.split(" ok\n", 1)[1].split("checkpoint ", 1)[0]
+    assert sum(line.split()[0] == "6" for line in table.splitlines()) == 2, table
+    assert " NO" not in table
+    # in one process it is refused, naming the launch that replays it
+    plain = subprocess.run([sys.executable, "-m", "fengine", "replay", str(w)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert plain.returncode == 2, plain.stdout[-2000:] + plain.stderr[-2000:]
+    assert f"torchrun --nproc_per_node=2 -m fengine replay {w}" in plain.stderr
+
+
+def test_epoch_based_recipe_replays_under_torchrun(tmp_path):
+    """Epoch ends average the ranks' BatchNorm statistics (MMEngine's SyncBuffersHook): replay
+    does too, so the epoch checkpoints replay bit for bit."""
+    w = tmp_path / "w"
+    args = ("--work-dir", str(w), "--max-epochs", "2", "--data.batch-size", "256", *RECIPE_ARGS)
+    done = torchrun(tmp_path, script=ROOT / "recipes" / "classify.py", args=args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    replayed = replay_under_torchrun(w)
+    assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
+    assert "epoch_2.safetensors: every tensor bitwise equal" in replayed.stdout
+    assert replayed.stdout.count("REPLAY OK") == 1

@@ -251,3 +251,47 @@ def test_a_run_with_reduce_on_plateau_is_refused_with_the_reason(tmp_path):
     replay_recipe.run(work, max_steps=6, plateau=True)
     with pytest.raises(ReplayError, match=r"reduce_on_plateau \(plateau\).*validation results"):
         replay(work, out=lambda line: None)
+
+
+def _legs(*worlds: int):
+    from fengine.replay.log import Segment
+    from fengine.replay.run import Leg
+
+    start = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    return [Leg(Segment(n, n, {"start": start, "env": {"world_size": w}}, []), None)
+            for n, w in enumerate(worlds, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("worlds", "launched", "said"),
+    [
+        (
+            (2,),
+            1,
+            "recorded with 2 processes (torchrun), and this replay runs 1: launch it as the run "
+            "was, torchrun --nproc_per_node=2 -m fengine replay W",
+        ),  # fmt: skip
+        ((4,), 2, "torchrun --nproc_per_node=4 -m fengine replay W"),
+        (
+            (1,),
+            2,
+            "recorded in one process, and this replay was launched as 2 (torchrun): run "
+            "python -m fengine replay W in one process",
+        ),  # fmt: skip
+        (
+            (2, 1),
+            1,
+            "different numbers of processes (segment 1: 2, segment 2: 1); one replay runs "
+            "one world size: pass --from a checkpoint written after the change",
+        ),  # fmt: skip
+    ],
+)
+def test_replay_runs_as_many_processes_as_the_run(worlds, launched, said, monkeypatch):
+    from fengine.replay.run import _check_world
+
+    monkeypatch.setenv("WORLD_SIZE", str(launched))
+    with pytest.raises(ReplayError) as e:
+        _check_world(_legs(*worlds), "the run was", Path("W"))
+    assert said in str(e.value)
+    for ok in ((1,), (1, 1)) if launched == 1 else ((launched,),):
+        _check_world(_legs(*ok), "the run was", Path("W"))  # the same world size: no error

@@ -23,6 +23,10 @@ user passes it (``--path load_from=FILE``); otherwise replay refuses, naming it.
 checkpoint is opened only inside the work dir (an absolute or ``..`` name is compared by its
 digest alone), and a recorded config the recipe cannot rebuild is one ``replay:`` line.
 
+A run trained under ``torchrun --nproc_per_node=N`` replays under the same launcher
+(``torchrun --nproc_per_node=N -m fengine replay WORK_DIR``): each rank re-runs its shard,
+rank 0 compares and reports. FSDP runs are not covered yet.
+
 The guarantee is *exact*: same machine, build and world size give the same bits.
 """
 
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from fengine import checkpoint
+    from fengine import checkpoint, distributed
 
     ap = argparse.ArgumentParser(
         prog="python -m fengine replay",
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             paths=paths,
         )
     except (ReplayError, checkpoint.CheckpointError) as e:
-        print(f"replay: {e}", file=sys.stderr)
+        rank = distributed.launched_rank()  # under torchrun every rank says what stopped it
+        print(f"replay{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     return 0 if ok else 1

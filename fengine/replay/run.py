@@ -15,8 +15,16 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from fengine import checkpoint
-from fengine.loop import load_adding_wrappers, plan, train_steps
+from fengine import checkpoint, distributed
+from fengine.loop import (
+    Val,
+    _val_interval,
+    _validation_due,
+    load_adding_wrappers,
+    plan,
+    start_replicas,
+    train_steps,
+)
 from fengine.plateau import Plateau
 from fengine.replay import env
 from fengine.replay.log import (
@@ -191,19 +199,83 @@ class Progress:
 
 def _carry(state: TrainState, exp: Any) -> TrainState:
     """Into the next segment as its resume did: through a checkpoint, loaded like its fresh state
-    (a wrapper the resume added, e.g. an EMA, starts from the loaded weights, as in `fit`)."""
+    (a wrapper the resume added, e.g. an EMA, starts from the loaded weights, as in `fit`). Under
+    torchrun every rank resumed from rank 0's file, so every rank takes rank 0's state."""
     with tempfile.TemporaryDirectory() as d:
         path = checkpoint.save(Path(d) / "carry.safetensors", state, fsync=False)
         try:
-            return checkpoint.load(path, like=exp.state)
+            carried = checkpoint.load(path, like=exp.state)
         except checkpoint.CheckpointMismatchError as e:
-            return load_adding_wrappers(path, exp.state, exp.step, e)
+            carried = load_adding_wrappers(path, exp.state, exp.step, e)
+    distributed.broadcast_from_main(
+        [x for x in pytree.tree_leaves(carried) if isinstance(x, torch.Tensor)]
+    )
+    return carried
+
+
+def _check_world(legs: list[Leg], who: str, work_dir: Path) -> None:
+    """The replay runs as many processes as each replayed segment did (`torchrun`'s ``WORLD_SIZE``)."""
+    launched = distributed.launched_world_size()
+    worlds = {leg.seg.number: leg.seg.record["env"].get("world_size", 1) for leg in legs}
+    if len(set(worlds.values())) > 1:
+        seen = ", ".join(f"segment {n}: {w}" for n, w in worlds.items())
+        raise ReplayError(
+            f"the replayed segments ran with different numbers of processes ({seen}); one replay "
+            "runs one world size: pass --from a checkpoint written after the change"
+        )
+    ((number, world),) = list(worlds.items())[-1:]
+    name = who.format(number)
+    if world > 1 and launched != world:
+        raise ReplayError(
+            f"{name} recorded with {world} processes (torchrun), and this replay runs {launched}: "
+            f"launch it as the run was, torchrun --nproc_per_node={world} -m fengine replay {work_dir}"
+        )
+    if world == 1 and launched > 1:
+        raise ReplayError(
+            f"{name} recorded in one process, and this replay was launched as {launched} "
+            f"(torchrun): run python -m fengine replay {work_dir} in one process"
+        )
+
+
+def _check_ranks(exp: Any, recipe: Path) -> None:
+    """Under torchrun, the rebuilt run has the process group and data parallelism replay covers."""
+    launched = distributed.launched_world_size()
+    if launched == 1:
+        return
+    if distributed.world_size() != launched:
+        raise ReplayError(
+            f"recipe {recipe} set up no process group under torchrun (WORLD_SIZE={launched}): its "
+            "build must call fengine.distributed.setup(), as the run that was recorded did"
+        )
+    if any(type(w).__name__ == "_Fsdp" for w in exp.step.wrappers):
+        raise ReplayError(
+            "the run shards its state with fsdp(): replay covers data_parallel() runs under "
+            "torchrun, not FSDP ones yet"
+        )
+
+
+def _unsynced_start_note(sel: Selection, state: TrainState) -> str | None:
+    """A mid-epoch checkpoint of a multi-process run holds rank 0's BatchNorm statistics only
+    (the ranks average them at epoch ends); where the run went on from it without a resume, the
+    other ranks had their own, which replay from it cannot restore."""
+    starts_segment = sel.legs[0].seg.start == sel.begin
+    floats = any(b.is_floating_point() for b in state.buffers.values())
+    if distributed.world_size() == 1 or sel.begin[2] == 0 or starts_segment or not floats:
+        return None
+    return (
+        f"note: the checkpoint of step {sel.begin[0]} was saved mid-epoch by rank 0 of "
+        f"{distributed.world_size()}: the other ranks' floating-point buffers (BatchNorm "
+        "statistics) are not in it, so the steps after it may differ from the recorded ones; "
+        "replay from the start or from an epoch-end checkpoint for an exact comparison"
+    )
 
 
 def run_leg(
-    state: TrainState, exp: Any, leg: Leg, stop: Pos, seen: dict[Pos, str], progress: Progress
-) -> TrainState:
-    """Re-run ``leg`` from ``state`` to position ``stop``, digesting every position in ``seen``."""
+    state: TrainState, exp: Any, leg: Leg, stop: Pos, seen: dict[Pos, list[str]], progress: Progress
+) -> list[TrainState]:
+    """Re-run ``leg`` from ``state`` to position ``stop``, digesting every position in ``seen``
+    (rank 0). Returns the states at ``stop``: under torchrun, where `fit` validated there, the
+    one before and the one after the ranks averaged their buffers for it."""
     h, where = leg.seg.horizon, f"segment {leg.seg.number} (line {leg.seg.line})"
     p = plan(exp.train_data, micro_batches=exp.step.micro_batches,
              max_epochs=h["max_epochs"], max_steps=h["max_steps"])  # fmt: skip
@@ -219,22 +291,57 @@ def run_leg(
             "follow validation results; replay re-runs training only, so it cannot check this run"
         )
     if key(position(state)) == stop:
-        return state
+        return [state]
+    main = distributed.is_main()  # rank 0's state is the recorded one
+    val = getattr(exp, "val", None) if distributed.world_size() > 1 else None
+    interval = _val_interval(val, p) if isinstance(val, Val) else 0
+
+    def digest(pos: Pos, state: TrainState) -> None:
+        if pos in seen and main:
+            seen[pos].append(state_digest(state))
+
     for tick in train_steps(state, exp.step, exp.train_data, p):
-        if tick.event in ("after_train_iter", "after_train_epoch"):
-            pos = key(position(tick.state))
-            if pos in seen:
-                seen[pos] = state_digest(tick.state)
-            if tick.event == "after_train_iter":
-                progress(tick.state.step)
-            if pos == stop:
-                return tick.state
-            if pos > stop:
-                break
+        if tick.event not in ("after_train_iter", "after_train_epoch"):
+            continue
+        pos, states = key(position(tick.state)), [tick.state]
+        if tick.event == "after_train_epoch":
+            distributed.sync_buffers(tick.state.buffers)  # as `fit` (MMEngine's SyncBuffersHook)
+        digest(pos, tick.state)
+        if interval and _validation_due(tick.event, tick.state, p, val, interval):  # type: ignore[arg-type]
+            # `fit` validates here, averaging the ranks' buffers first (before_val_epoch)
+            if pos == stop:  # a checkpoint from before it may be the one a resume read
+                own = {k: b.clone() for k, b in tick.state.buffers.items()}
+                states.insert(0, tick.state.replace(buffers=own))
+            distributed.sync_buffers(tick.state.buffers)
+            digest(pos, tick.state)
+        if tick.event == "after_train_iter":
+            progress(tick.state.step)
+        if pos == stop:
+            return states
+        if pos > stop:
+            break
     raise ReplayError(
         f"{where} re-run never reached step {stop[0]} (epoch {stop[1]}, batch {stop[2]}): the "
         "recipe builds another run than the recorded one; pass --recipe PATH to the script that ran"
     )
+
+
+def _resumed(states: list[TrainState], before: Leg, leg: Leg, at: Pos) -> tuple[TrainState, bool]:
+    """Of the states at the position ``leg`` resumed from (under torchrun: before and after a
+    validation's buffer averaging), the one its file held; and whether `fit`'s resume then ran that
+    validation, averaging the buffers again. Rank 0 has the digests and decides for every rank."""
+    choice = (len(states) - 1, False)
+    if distributed.is_main() and len(states) > 1:
+        name = leg.seg.record["resumed_from"]
+        held = [
+            r["digest"] for r in before.records() if key(r) == at and r.get("checkpoint") == name
+        ]
+        digests = [state_digest(s) for s in states]
+        if held and held[-1] in digests:
+            i = digests.index(held[-1])
+            choice = (i, i < len(states) - 1)
+    i, validated = distributed.gather_objects(choice)[0]
+    return states[i], validated
 
 
 def replay(
@@ -252,8 +359,14 @@ def replay(
     ``to`` (default: the last), segment by segment; True when every bit agrees. See `fengine.replay`.
 
     ``paths``: the files the rebuilt config reads (``{"load_from": FILE, "data.root": DIR}``), which
-    the user confirms: the run log records them but, being an untrusted file, chooses none."""
+    the user confirms: the run log records them but, being an untrusted file, chooses none.
+
+    A run trained by N processes replays under ``torchrun --nproc_per_node=N``: every rank
+    re-runs its shard (with the epoch-end buffer averaging and rank 0's state at each resume, as
+    `fit`), rank 0 compares and reports, and every rank returns its verdict."""
     work_dir = Path(work_dir)
+    if distributed.launched_rank() != 0:
+        out = _quiet  # one report: rank 0's
     notes: list[str] = []
     segments = read_log(work_dir, notes)
     for note in notes:
@@ -263,29 +376,22 @@ def replay(
     describe(work_dir, sel, out)
     check_code(path, [leg.seg for leg in sel.legs], force, out)
     who = "the run was" if len(sel.legs) == 1 else "segment {} was"
-    for leg in sel.legs:
-        world = leg.seg.record["env"].get("world_size", 1)
-        if world > 1:
-            raise ReplayError(
-                f"{who.format(leg.seg.number)} recorded with {world} processes (torchrun): replay "
-                "re-runs one process and does not cover data-parallel runs yet (each rank's "
-                "BatchNorm statistics between epoch-end averages are in no checkpoint); "
-                "replay a run trained in one process"
-            )
+    _check_world(sel.legs, who, work_dir)
     recorded = [(who.format(leg.seg.number), leg.seg.record["env"]) for leg in sel.legs]
     differences = env.notes(recorded, keep_settings)
     for note in differences:
         out(note)
     module = load_recipe(path, out)
-    seen: dict[Pos, str] = {key(r): "" for r in sel.records}
+    seen: dict[Pos, list[str]] = {key(r): [] for r in sel.records}
     carried: dict[Pos, str] = {}  # the state a segment starts from, where its resume changed it
     progress = Progress(out, sel.begin[0], sel.end[0], tty=out is print and sys.stdout.isatty())
-    saved, state = env.environment(), None
+    saved, state, states = env.environment(), None, []
     try:
-        for leg in sel.legs:
+        for before, leg in zip([None, *sel.legs], sel.legs):
             if not keep_settings:
                 env.apply(leg.seg.record["env"])
             exp = build(module, leg.seg, path, paths)
+            _check_ranks(exp, path)
             device = env.device_note(who.format(leg.seg.number), leg.seg.record["env"], exp.state)
             if device:
                 differences.append(device)
@@ -293,22 +399,62 @@ def replay(
             if state is None:
                 f = sel.start_file
                 state = exp.state if f is None else checkpoint.load(f, like=exp.state)
-                seen[sel.begin] = state_digest(state)
+                if f is None:
+                    start_replicas(state, exp.step)  # as `fit` starts
+                elif unsynced := _unsynced_start_note(sel, state):
+                    differences.append(unsynced)
+                    out(unsynced)
+                seen[sel.begin] = [state_digest(state)]
             else:  # a wrapper the resume added changes the state (and digest) at the same position
+                assert before is not None
+                state, validated = _resumed(states, before, leg, sel.stop(before))
                 state = _carry(state, exp)
                 carried[key(position(state))] = state_digest(state)
-            state = run_leg(state, exp, leg, sel.stop(leg), seen, progress)
+                if validated:  # `fit`'s resume validated first, averaging the ranks' buffers
+                    distributed.sync_buffers(state.buffers)
+            states = run_leg(state, exp, leg, sel.stop(leg), seen, progress)
+            state = states[-1]
     finally:
         progress.close()
         env.apply(saved)
     assert state is not None
-    return report(work_dir, sel, seen, state, out, env_differs=bool(differences), carried=carried)
+    if distributed.world_size() == 1:
+        return report(
+            work_dir, sel, seen, state, out, env_differs=bool(differences), carried=carried
+        )
+    return _reported_by_main(
+        lambda: report(
+            work_dir, sel, seen, state, out, env_differs=bool(differences), carried=carried
+        )
+    )
+
+
+def _quiet(line: str) -> None:
+    """The output of a rank other than 0."""
+
+
+def _reported_by_main(report_: Callable[[], bool]) -> bool:
+    """Rank 0 reports; every rank returns its verdict, or raises its error (no rank is left waiting
+    in the collective when rank 0's report fails)."""
+    outcome: bool | str = True
+    error: Exception | None = None
+    if distributed.is_main():
+        try:
+            outcome = report_()
+        except (ReplayError, checkpoint.CheckpointError) as e:
+            outcome, error = str(e), e
+    shared = distributed.gather_objects(outcome)[0]
+    if error is not None:
+        raise error
+    if isinstance(shared, str):
+        raise ReplayError(f"rank 0 failed: {shared}")
+    return bool(shared)
 
 
 def report(
     work_dir: Path,
     sel: Selection,
-    seen: dict[Pos, str],
+    seen: dict[Pos, list[str]],
     final: TrainState,
     out: Out,
     *,
@@ -320,29 +466,33 @@ def report(
     ok, first_bad = True, None
     out(f"{'step':>8} {'epoch':>5} {'batch':>5}  {'recorded':<16} {'replayed':<16} ok")
     for pos, digest in sorted(dict.fromkeys((key(r), r["digest"]) for r in sel.records)):
-        got = seen.get(pos) or "-"
-        if carried and carried.get(pos) == digest:
-            got = digest
+        replayed = [*seen.get(pos, ()), *([carried[pos]] if carried and pos in carried else [])]
+        got = digest if digest in replayed else (replayed[-1] if replayed else "-")
         ok &= got == digest
         if got != digest and first_bad is None:
             first_bad = pos
         mark = "yes" if got == digest else "NO"
         out(f"{pos[0]:>8} {pos[1]:>5} {pos[2]:>5}  {digest[:16]:<16} {got[:16]:<16} {mark}")
-    names = [r["checkpoint"] for r in sel.records if key(r) == sel.end and "checkpoint" in r]
-    files = [p for p in dict.fromkeys(_file(work_dir, n) for n in names) if p is not None]
+    # each file's last recorded digest (a file saved twice at one position, e.g. again after the
+    # validation there, holds the later state)
+    at_end = {r["checkpoint"]: r["digest"] for r in sel.records if key(r) == sel.end and "checkpoint" in r}  # fmt: skip
+    files = {p: d for n, d in at_end.items() if (p := _file(work_dir, n)) is not None}
     if not files:
         out(f"checkpoint {sel.target['checkpoint']} is gone (removed after the run, e.g. by "
             "max_keep_ckpts) or not in the work dir: compared with its recorded digest only")  # fmt: skip
-    for path in files:
+    for path, recorded in files.items():
         reference = checkpoint.load(path, like=final)  # a damaged file raises, naming itself
-        pairs = zip(*(pytree.tree_flatten_with_path(s)[0] for s in (reference, final)))
-        bad = next((pytree.keystr(p) for (p, a), (_, b) in pairs if not _equal(a, b)), None)
+        held = state_digest(reference)
+        bad = None
+        if held not in seen.get(sel.end, ()):  # equal to no replayed state: name the tensor
+            pairs = zip(*(pytree.tree_flatten_with_path(s)[0] for s in (reference, final)))
+            bad = next((pytree.keystr(p) for (p, a), (_, b) in pairs if not _equal(a, b)), "-")
         ok &= bad is None
         out(
             f"checkpoint {path}: "
             + (f"first differing tensor {bad}" if bad else "every tensor bitwise equal")
         )
-        if state_digest(reference) != sel.target["digest"]:
+        if held != recorded:
             ok = False
             out(
                 f"checkpoint {path} does not hold the state the run log recorded for it (replaced?)"
