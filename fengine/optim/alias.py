@@ -33,9 +33,10 @@ differ from the foreach results in the last bits).
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.utils._foreach_utils import (
@@ -76,6 +77,8 @@ def _zeros(params, names=None):
 
 
 def _pick(d, grads):
+    if torch.compiler.is_compiling():  # dynamo warns on an lru_cache'd call; tracing costs nothing
+        return [d[n] for n in grads]
     return picker(tuple(grads))(d)
 
 
@@ -121,6 +124,17 @@ def _check_fused(params, where):
             raise ValueError(
                 f"{where}: fused=True needs floating-point params on one of {devices}, "
                 f"but param {n!r} is {p.dtype} on {p.device.type}; use fused=False"
+            )
+
+
+def _check_real(params, where):
+    """Refuse complex params (``torch.optim`` updates them as real pairs, ``view_as_real``; this
+    optimizer does not): a ValueError at init naming the first."""
+    for n, p in params.items():
+        if p.is_complex():
+            raise ValueError(
+                f"{where}: param {n!r} is {p.dtype}, but complex params are not supported; "
+                "use sgd, from_torch(torch.optim.X, ...), or real params (torch.view_as_real)"
             )
 
 
@@ -184,7 +198,9 @@ class SgdState(NamedTuple):
     momentum_buffer: dict[str, torch.Tensor]
     lr: float  # the lr of the last update (of step 0 before any): what the logs report
     momentum: float = 0.0  # the momentum of the last update, likewise
-    missed: dict[str, int] = {}  # updates a param sat out (module doc); kept with momentum only
+    # updates a param sat out (module doc), kept with momentum only; an update with momentum 0
+    # (a schedule's) counts as one for all, as torch keeps no buffer then
+    missed: dict[str, int] = {}
 
     def metrics(self) -> dict[str, float]:
         return {"lr": self.lr}
@@ -198,7 +214,7 @@ def _starting(state: SgdState, grads) -> bool | set[str]:
     a copy of it) for every param of ``grads``, for none, or else for which of them."""
     if state.num_updates == 0:
         return True
-    if not state.missed:
+    if state.num_updates not in state.missed.values():  # (C-level scan, no param starts)
         return False
     new = {n for n, k in state.missed.items() if k == state.num_updates and n in grads}
     return True if len(new) == len(grads) else new or False
@@ -218,6 +234,7 @@ def sgd(
     check_hyper("lr", lr, where=where)
     check_hyper("momentum", momentum, where=where)
     check_hyper("weight_decay", weight_decay, where=where)
+    check_hyper("dampening", dampening, low=-math.inf, where=where, schedule=False)
     if nesterov and not callable(momentum) and (momentum <= 0 or dampening != 0):
         raise ValueError(
             f"sgd: nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum}, dampening={dampening}"
@@ -255,8 +272,8 @@ def sgd(
             counted = state.num_updates + 1  # tensors where the state holds numbers
             return params, state._replace(num_updates=counted, lr=_t(lr_t), momentum=_t(mom))
         missed = state.missed
-        if uses_momentum:
-            missed = _missed(missed, grads, state.momentum_buffer)
+        if uses_momentum:  # an update with momentum 0 keeps no buffer, as torch: all miss it
+            missed = _missed(missed, grads if mom != 0 else {}, state.momentum_buffer)
         p = _pick(params, grads)
         g: _Tensors = list(grads.values())
         if fused:
@@ -291,12 +308,8 @@ def sgd(
         if mom != 0:
             bufs = _pick(state.momentum_buffer, grads)
             first = _starting(state, grads)
-            if isinstance(first, set):  # torch's loop for this case, one param at a time
-                for n, buf, d in zip(grads, bufs, g):
-                    if n in first:
-                        buf.copy_(d)
-                    else:
-                        buf.mul_(mom).add_(d, alpha=1 - dampening)
+            if isinstance(first, set):
+                _sgd_momentum_starting(list(grads), bufs, g, first, mom, dampening)
             elif first:  # torch starts the buffer as a clone of the first gradient
                 foreach_copy_(bufs, g)
             else:
@@ -312,6 +325,24 @@ def sgd(
         )
 
     return _optimizer(init_fn, apply_fn, lr=lr, momentum=momentum)
+
+
+def _sgd_momentum_starting(names, bufs, g, first: set[str], mom, dampening) -> None:
+    """The momentum buffers of an update where the params ``first`` start theirs (a copy of the
+    gradient) and the others do not: as torch, per (device, dtype) group, its foreach kernels
+    for a group where none starts and its loop, one param at a time, for the others."""
+    groups = _group_tensors_by_device_and_dtype([bufs, list(g)], with_indices=True)
+    for lists, indices in groups.values():
+        group_bufs, group_g = cast(list[list[torch.Tensor]], lists)
+        if not any(names[i] in first for i in indices):
+            torch._foreach_mul_(group_bufs, mom)
+            torch._foreach_add_(group_bufs, group_g, alpha=1 - dampening)
+            continue
+        for i, buf, d in zip(indices, group_bufs, group_g):
+            if names[i] in first:
+                buf.copy_(d)
+            else:
+                buf.mul_(mom).add_(d, alpha=1 - dampening)
 
 
 # ---------------------------------------------------------------- Adam / AdamW
@@ -339,12 +370,13 @@ def _adam(
     check_hyper("lr", lr, where=where)
     check_hyper("b1", b1, high=1.0, where=where)
     check_hyper("b2", b2, high=1.0, where=where)
-    check_hyper("eps", eps, where=where)
+    check_hyper("eps", eps, where=where, schedule=False)
     check_hyper("weight_decay", weight_decay, where=where)
 
     def init_fn(params):
         if fused:
             _check_fused(params, where)
+        _check_real(params, where)
         return AdamState(
             0,
             _zeros(params),
@@ -542,17 +574,14 @@ def rmsprop(
 ) -> GradientTransformation:
     """RMSprop, as ``torch.optim.RMSprop``."""
     where = "rmsprop"
-    for name, value in (
-        ("lr", lr),
-        ("alpha", alpha),
-        ("eps", eps),
-        ("weight_decay", weight_decay),
-        ("momentum", momentum),
-    ):
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
         check_hyper(name, value, where=where)
+    for name, value in (("alpha", alpha), ("eps", eps)):
+        check_hyper(name, value, where=where, schedule=False)
     uses_momentum = callable(momentum) or momentum > 0
 
     def init_fn(params):
+        _check_real(params, where)
         return RMSpropState(
             0,
             _zeros(params),
@@ -625,18 +654,19 @@ def adagrad(
 ) -> GradientTransformation:
     """Adagrad, as ``torch.optim.Adagrad`` (``fused``: its fused kernel)."""
     where = "adagrad"
+    check_hyper("lr", lr, where=where)
+    check_hyper("weight_decay", weight_decay, where=where)
     for name, value in (
-        ("lr", lr),
         ("lr_decay", lr_decay),
-        ("weight_decay", weight_decay),
         ("initial_accumulator_value", initial_accumulator_value),
         ("eps", eps),
     ):
-        check_hyper(name, value, where=where)
+        check_hyper(name, value, where=where, schedule=False)
 
     def init_fn(params):
         if fused:
             _check_fused(params, where)
+        _check_real(params, where)
         sums = {
             n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format)
             for n, p in params.items()

@@ -118,14 +118,26 @@ def resolver(*values: Hyper) -> Callable[[int | torch.Tensor | None], tuple[Any,
 
 
 def check_hyper(
-    name: str, value: Hyper, *, low: float = 0.0, high: float | None = None, where: str
+    name: str,
+    value: Hyper,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+    where: str,
+    schedule: bool = True,
 ) -> None:
-    """Validate a number-or-schedule hyper-parameter up front (schedules are checked at step 0)."""
+    """Validate a number-or-schedule hyper-parameter up front (schedules are checked at step 0).
+
+    ``schedule=False``: one the optimizer cannot schedule, which must be a plain number.
+    """
+    if callable(value) and not schedule:
+        raise TypeError(
+            f"{where}: {name} cannot be scheduled; expected a number, got the callable {value!r}"
+        )
     probe = value(0) if callable(value) else value
     if not isinstance(probe, (int, float)) or isinstance(probe, bool):
-        raise TypeError(
-            f"{where}: {name} must be a number or a schedule step -> number, got {value!r}"
-        )
+        expected = "a number or a schedule step -> number" if schedule else "a number"
+        raise TypeError(f"{where}: {name} must be {expected}, got {value!r}")
     if probe < low or (high is not None and probe >= high):
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{where}: invalid {name} {probe!r}; expected a value {bound}")
@@ -331,20 +343,24 @@ def partition(
         return {n: updates[n] for n in grads}, PartitionState(inner)
 
     apply_fn = None
-    applies = {label: t.apply for label, t in transforms.items() if t.apply is not None}
-    if len(applies) == len(transforms):
+    if any(t.apply is not None for t in transforms.values()):
 
         def apply_fn(grads, state, params, *, step=None):
+            """Each group's fused ``apply``; a group without one: its update, added."""
             groups = groups_of(grads)
             inner = {}
             for label, names in groups.items():
+                tx = transforms[label]
                 if not names:
-                    inner[label] = report_at(transforms[label], state.inner[label], step)
+                    inner[label] = report_at(tx, state.inner[label], step)
                     continue
                 sub = {n: grads[n] for n in names}
-                _, inner[label] = applies[label](
-                    sub, state.inner[label], {n: params[n] for n in names}, step=step
-                )
+                sub_params = {n: params[n] for n in names}
+                if tx.apply is not None:
+                    _, inner[label] = tx.apply(sub, state.inner[label], sub_params, step=step)
+                else:
+                    u, inner[label] = tx.update(sub, state.inner[label], sub_params, step=step)
+                    apply_updates(sub_params, u)
             return params, PartitionState(inner)
 
     report = None

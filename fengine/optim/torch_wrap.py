@@ -54,11 +54,11 @@ def from_torch(optimizer_cls: type[torch.optim.Optimizer], **hyper: Any) -> Grad
         return cache["opt"]
 
     def init_fn(params):
-        try:  # validate the hyper-parameters now, not at the first step
-            optimizer_cls(
-                [torch.zeros(1, requires_grad=True)],
-                **dict(static, **{k: resolve(v, 0) for k, v in scheduled.items()}),
-            )
+        # validate the hyper-parameters now, not at the first step, on the params themselves
+        # (detached: no copy), as optimizers may check their shapes (Muon), devices or dtypes
+        probe = [p.detach() for p in params.values()] or [torch.zeros(1, requires_grad=True)]
+        try:
+            optimizer_cls(probe, **dict(static, **{k: resolve(v, 0) for k, v in scheduled.items()}))
         except (TypeError, ValueError) as e:
             raise type(e)(f"from_torch({optimizer_cls.__name__}, ...): {e}") from None
         lr = resolve(hyper.get("lr", 0.0), 0)

@@ -6,11 +6,13 @@ Clipping reproduces ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import NamedTuple
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from fengine.optim.base import EmptyState, GradientTransformation, Hyper, check_hyper, resolve
 
@@ -40,9 +42,24 @@ def global_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Te
     """
     if not tensors:
         return torch.tensor(0.0)
-    first = tensors[0].device
-    norms = torch._foreach_norm(tensors, norm_type)
-    total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+    return _total_norm(_by_device_and_dtype(tensors), tensors[0].device, norm_type)
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[tuple[torch.device, list]]:
+    """``tensors`` grouped by (device, dtype) as ``clip_grad_norm_`` groups them (in the order
+    the groups first appear): it stacks the per-tensor norms in that order."""
+    groups = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
+    return [(device, ts) for (device, _), ([ts], _) in groups.items()]
+
+
+def _total_norm(groups, first: torch.device, norm_type: float) -> torch.Tensor:
+    """``clip_grad_norm_``'s total norm of the (device, dtype) ``groups``, on device ``first``."""
+    norms: list[torch.Tensor] = []
+    for _, ts in groups:
+        norms.extend(torch._foreach_norm(ts, norm_type))
+    if any(device != first for device, _ in groups):
+        norms = [n.to(first) for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     full = getattr(total, "full_tensor", None)  # a DTensor: replicated here, so no communication
     return full() if full is not None else total
 
@@ -74,15 +91,24 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
     max_norm = float(max_norm)
 
     def init_fn(params):
-        device = next(iter(params.values())).device if params else "cpu"
-        return ClipByGlobalNormState(torch.zeros((), device=device))
+        if not params:
+            return ClipByGlobalNormState(torch.zeros(()))
+        # the dtype the norm of gradients like ``params`` has (torch.stack promotes the norms),
+        # so that a checkpoint of an updated state loads into a fresh one
+        dtypes = {p.dtype.to_real() for p in params.values()}
+        dtype = functools.reduce(torch.promote_types, dtypes)
+        device = next(iter(params.values())).device
+        return ClipByGlobalNormState(torch.zeros((), dtype=dtype, device=device))
 
     def update_fn(grads, state, params=None, *, step=None):
         del params, step
-        g = list(grads.values())
-        total = global_norm(g, norm_type)
-        clip_coef = max_norm / (total + 1e-6)
-        torch._foreach_mul_(g, torch.clamp(clip_coef, max=1.0))
+        if not grads:  # a norm of 0, in the state's own dtype and device (a checkpoint loads)
+            return grads, ClipByGlobalNormState(torch.zeros_like(state.grad_norm))
+        groups = _by_device_and_dtype(list(grads.values()))
+        total = _total_norm(groups, next(iter(grads.values())).device, norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for device, g in groups:  # per group, as clip_grad_norm_ (one kernel per dtype)
+            torch._foreach_mul_(g, coef.to(device))
         return grads, ClipByGlobalNormState(total)
 
     return GradientTransformation(init_fn, update_fn)
@@ -122,10 +148,14 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
         if params is None:
             raise ValueError("add_decayed_weights needs params")
         wd = resolve(weight_decay, step if step is not None else 0)
-        if wd == 0:
-            return grads, state
         names = list(grads)
-        out = torch._foreach_add(list(grads.values()), [params[n] for n in names], alpha=wd)
+        ps = [params[n] for n in names]
+        if isinstance(wd, torch.Tensor):  # a schedule under the compiled step: a 0-d tensor
+            out = torch._foreach_add(list(grads.values()), torch._foreach_mul(ps, wd))
+        elif wd == 0:
+            return grads, state
+        else:
+            out = torch._foreach_add(list(grads.values()), ps, alpha=wd)
         return dict(zip(names, out)), state
 
     return GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,207 @@
+"""Optimizer edge cases vs torch.optim / torch.nn.utils (bitwise): mixed dtypes, complex params,
+late gradients, momentum schedules, partitions, from_torch, checkpoint round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fengine as fe
+from fengine import checkpoint, optim
+from fengine.optim.base import step_params
+
+
+def _interleaved(seed: int) -> dict[str, torch.Tensor]:
+    """Tensors whose dtypes alternate, so param order and (device, dtype) order differ."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, shape in enumerate([(37,), (37,), (5, 7), (5, 7), (100,), (100,)]):
+        dtype = torch.bfloat16 if i % 2 else torch.float32
+        out[f"g{i}"] = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return out
+
+
+def _torch_params(init: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    return {n: nn.Parameter(p.clone()) for n, p in init.items()}
+
+
+# ---------------------------------------------------------------- clip_by_global_norm
+@pytest.mark.parametrize("seed", [0, 5, 7])
+def test_clip_mixed_dtypes_bitwise_clip_grad_norm(seed):
+    """torch stacks the per-tensor norms grouped by (device, dtype), not in param order."""
+    grads = _interleaved(seed)
+    ps = _torch_params({n: torch.zeros_like(g) for n, g in grads.items()})
+    for p, g in zip(ps.values(), grads.values()):
+        p.grad = g.clone()
+    ref = torch.nn.utils.clip_grad_norm_(ps.values(), 0.5, foreach=True)
+    tx = optim.clip_by_global_norm(0.5)
+    out, state = tx.update({n: g.clone() for n, g in grads.items()}, tx.init(grads))
+    assert state.grad_norm.dtype == ref.dtype
+    assert torch.equal(state.grad_norm, ref)
+    for n, p in ps.items():
+        assert torch.equal(out[n], p.grad), n
+
+
+def _linear(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).to(dtype)
+
+
+def _loss(model, batch):
+    return model(batch).float().pow(2).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_clip_state_checkpoint_round_trip(dtype, tmp_path):
+    """The norm's state has the norm's dtype from init on, so a mid-run checkpoint loads."""
+    step = fe.train_step(_loss, optim.chain(optim.clip_by_global_norm(0.1), optim.sgd(0.1)))
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 4, generator=g).to(dtype) for _ in range(4)]
+    state = step.init(_linear(dtype), seed=0)
+    for b in batches[:2]:
+        state, _ = step(state, b)
+    path = checkpoint.save(str(tmp_path / "c.safetensors"), state)
+    resumed = checkpoint.load(path, like=step.init(_linear(dtype), seed=0))
+    for b in batches[2:]:
+        state, _ = step(state, b)
+        resumed, _ = step(resumed, b)
+    for n in state.params:
+        assert torch.equal(state.params[n], resumed.params[n]), n
+    assert torch.equal(state.opt_state[0].grad_norm, resumed.opt_state[0].grad_norm)
+    assert step.init(_linear(dtype), seed=0).opt_state[0].grad_norm.dtype == dtype
+
+
+# ---------------------------------------------------------------- complex params
+@pytest.mark.parametrize("make", [optim.adam, optim.adamw, optim.rmsprop, optim.adagrad])
+def test_complex_params_refused_at_init(make):
+    """torch.optim updates complex params as real pairs; these optimizers refuse them."""
+    tx = make(lr=0.1)
+    params = {"real": torch.zeros(3), "w": torch.zeros(4, dtype=torch.complex64)}
+    with pytest.raises(ValueError, match=r"param 'w' is torch\.complex64.*not supported"):
+        tx.init(params)
+
+
+# ---------------------------------------------------------------- SGD momentum
+def _run_both(tx, opt, tp, fp, grads_per_step, moms=None):
+    """Step torch ``opt`` on ``tp`` and ``tx`` on ``fp`` with the same gradients."""
+    state = tx.init(fp)
+    for t, grads in enumerate(grads_per_step):
+        if moms is not None:
+            opt.param_groups[0]["momentum"] = moms(t)
+        for n, p in tp.items():
+            p.grad = grads[n].clone() if n in grads else None
+        opt.step()
+        fp, state = step_params(tx, {n: g.clone() for n, g in grads.items()}, state, fp, step=t)
+    return fp, state
+
+
+def _assert_sgd_matches(tp, opt, fp, state):
+    for n, p in tp.items():
+        assert torch.equal(fp[n], p.detach()), n
+        buf = opt.state[p].get("momentum_buffer")
+        if buf is not None:
+            assert torch.equal(state.momentum_buffer[n], buf), n
+
+
+def test_sgd_momentum_late_param_mixed_dtypes():
+    """torch starts a late param's buffer per (device, dtype) group: the other groups keep
+    their foreach kernels."""
+    torch.manual_seed(0)
+    init = {"a": torch.randn(8), "b": torch.randn(64).bfloat16(), "c": torch.randn(9)}
+    steps = [
+        {"b": torch.randn(64).bfloat16(), "c": torch.randn(9)},  # a unused
+        {"a": torch.randn(8), "b": torch.randn(64).bfloat16(), "c": torch.randn(9)},
+        {"a": torch.randn(8), "b": torch.randn(64).bfloat16(), "c": torch.randn(9)},
+    ]
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.2)
+    tp = _torch_params(init)
+    opt = torch.optim.SGD(tp.values(), foreach=True, **kw)
+    fp, state = _run_both(optim.sgd(**kw), opt, tp, dict(init), steps)
+    _assert_sgd_matches(tp, opt, fp, state)
+
+
+def _momentum_from_zero(t):
+    return 0.0 if t < 2 else (0.0 if t == 4 else 0.9)  # a warm-up from 0, and 0 again at 4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sgd_scheduled_momentum_from_zero(fused):
+    """torch starts the buffer as a copy of the gradient at the first update with momentum
+    != 0 (not at the first update), and leaves it alone while momentum is 0."""
+    torch.manual_seed(0)
+    init = {"w": torch.randn(5), "v": torch.randn(3, 2)}
+    steps = [{n: torch.randn_like(p) for n, p in init.items()} for _ in range(7)]
+    del steps[3]["v"]  # and a param without a gradient once
+    tp = _torch_params(init)
+    opt = torch.optim.SGD(tp.values(), lr=0.1, momentum=0.9, dampening=0.5, fused=fused)
+    tx = optim.sgd(0.1, momentum=_momentum_from_zero, dampening=0.5, fused=fused)
+    fp, state = _run_both(tx, opt, tp, dict(init), steps, moms=_momentum_from_zero)
+    _assert_sgd_matches(tp, opt, fp, state)
+
+
+# ---------------------------------------------------------------- partition
+def test_partition_keeps_fused_apply_of_groups_that_have_one():
+    """A group without ``apply`` (a hand-made chain) does not cost the others their kernels."""
+    torch.manual_seed(0)
+    init = {"body": torch.randn(1000), "head": torch.randn(10)}
+    steps = [{n: torch.randn_like(p) for n, p in init.items()} for _ in range(5)]
+    body = nn.Parameter(init["body"].clone())
+    opt = torch.optim.AdamW([body], lr=1e-2, foreach=True)
+    head = init["head"].clone()
+    for g in steps:
+        body.grad = g["body"].clone()
+        opt.step()
+        head = head + g["head"] * -0.1
+    hand_made = optim.chain(optim.add_decayed_weights(0.0), optim.scale(-0.1))
+    tx = optim.partition({"body": optim.adamw(1e-2), "head": hand_made}, lambda n, t: n)
+    assert tx.apply is not None
+    fp = dict(init)
+    state = tx.init(fp)
+    for t, g in enumerate(steps):
+        fp, state = step_params(tx, {n: v.clone() for n, v in g.items()}, state, fp, step=t)
+    assert torch.equal(fp["body"], body.detach())
+    assert torch.equal(fp["head"], head)
+
+
+# ---------------------------------------------------------------- from_torch
+def test_from_torch_muon_checks_the_real_params():
+    """Hyper-parameters are checked on the params themselves (Muon wants 2-D params)."""
+    torch.manual_seed(0)
+    init = {"w1": torch.randn(8, 4), "w2": torch.randn(3, 8)}
+    steps = [{n: torch.randn_like(p) for n, p in init.items()} for _ in range(3)]
+    tp = _torch_params(init)
+    opt = torch.optim.Muon(tp.values(), lr=0.02)
+    fp, _ = _run_both(optim.from_torch(torch.optim.Muon, lr=0.02), opt, tp, dict(init), steps)
+    for n, p in tp.items():
+        assert torch.equal(fp[n], p.detach()), n
+    with pytest.raises(ValueError, match=r"from_torch\(Muon, \.\.\.\): .*2D"):
+        optim.from_torch(torch.optim.Muon, lr=0.02).init({"b": torch.zeros(3)})
+
+
+# ---------------------------------------------------------------- unschedulable hyper-parameters
+def _schedule(t):
+    return 0.1
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: optim.adam(eps=_schedule), "eps"),
+        (lambda: optim.adamw(eps=_schedule), "eps"),
+        (lambda: optim.rmsprop(alpha=_schedule), "alpha"),
+        (lambda: optim.rmsprop(eps=_schedule), "eps"),
+        (lambda: optim.adagrad(lr_decay=_schedule), "lr_decay"),
+        (lambda: optim.adagrad(eps=_schedule), "eps"),
+        (lambda: optim.adagrad(initial_accumulator_value=_schedule), "initial_accumulator_value"),
+        (lambda: optim.sgd(0.1, momentum=0.9, dampening=_schedule), "dampening"),
+    ],
+)
+def test_unschedulable_hyper_refused_with_its_name(make, name):
+    with pytest.raises(TypeError, match=rf": {name} cannot be scheduled; expected a number"):
+        make()
+
+
+def test_sgd_dampening_must_be_a_number():
+    with pytest.raises(TypeError, match=r"sgd: dampening must be a number, got '0\.1'"):
+        optim.sgd(0.1, momentum=0.9, dampening="0.1")
