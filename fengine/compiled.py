@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 import types
 import warnings
@@ -60,7 +61,7 @@ log = logging.getLogger("fengine")
 
 _BINDING = "_fengine_compiled_binding"  # a module's `Binding`, kept on the module for the graph
 
-_OPTIONS = ("backend", "mode", "dynamic", "options")
+_OPTIONS = ("backend", "mode", "dynamic", "options", "guards")  # guards: fengine's, not torch's
 _UNTRACEABLE = (
     torch._dynamo.exc.Unsupported,
     torch._dynamo.exc.UserError,
@@ -74,7 +75,8 @@ class CompileFallbackWarning(UserWarning):
 
 
 def compile_options(value: Any) -> dict[str, Any] | None:
-    """``compile=`` of a step: False -> None, True -> {}, a dict of ``torch.compile`` options -> itself."""
+    """``compile=`` of a step: False -> None, True -> {}, a dict of ``torch.compile`` options -> itself
+    (besides those, ``guards=True`` checks dynamo's guards on every call: see `CompiledStep`)."""
     if value is False or value is None:
         return None
     if value is True:
@@ -261,7 +263,11 @@ class CompiledStep:
     ) -> None:
         self.traced, self.eager, self.options = traced, eager, options
         self.probe = probe  # the params the loss does not reach (`fengine.step.unreached_params`)
-        self.compiled = torch.compile(_own_code(self._run), fullgraph=True, **options)
+        # guards=True: check dynamo's guards on every call, so a global or closure value the loss
+        # reads that changes between steps recompiles rather than staying as first traced
+        self.guards = bool(options.get("guards", False))
+        compile_kw = {k: v for k, v in options.items() if k != "guards"}
+        self.compiled = torch.compile(_own_code(self._run), fullgraph=True, **compile_kw)
         self.fallback_reason: str | None = None
         self.compile_seconds: float | None = None
         self._layout: Layout | None = None
@@ -299,7 +305,7 @@ class CompiledStep:
         # the guards dynamo would check (~30% of a small step) hold by construction when the
         # leaves are the ones the graph returned and the batch looks like the last one
         sig = _signature(batch)
-        same = cached and sig is not None and sig == self._sig
+        same = not self.guards and cached and sig is not None and sig == self._sig
         self._sig = sig
         t0 = time.perf_counter()
         try:
@@ -389,15 +395,24 @@ class CompiledStep:
             model.__dict__[_BINDING] = Binding(model)
 
     def _fall_back(self, e: Exception) -> None:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        reason = " | ".join(lines[:6])
-        self.fallback_reason = f"{type(e).__name__}: {reason}"
+        raised = _RAISED.search(
+            str(e)
+        )  # an error raised while tracing (e.g. fengine's own): its text
+        if raised:
+            self.fallback_reason = f"{raised['type']}: {raised['text']}"
+        else:
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            self.fallback_reason = f"{type(e).__name__}: {' | '.join(lines[:6])}"
         warnings.warn(
             "compiled step: cannot trace the whole step, running it eagerly from now on "
             f"(bitwise equal to compile=False). Reason: {self.fallback_reason}",
             CompileFallbackWarning,
             stacklevel=4,
         )
+
+
+# dynamo's "Observed exception" report names the error the traced code raised in its debug context
+_RAISED = re.compile(r"raised exception (?P<type>\w+)\((?P<q>['\"])(?P<text>.*?)(?P=q)\)")
 
 
 class _Opaque(Exception):

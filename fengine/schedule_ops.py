@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fengine.optim.paramwise import Scaled
 from fengine.optim.scaling import ScaledSchedule
 from fengine.schedules import (
     Constant,
@@ -43,6 +44,10 @@ def value_at(value: Any, step: torch.Tensor) -> Any:
         return value
     if isinstance(value, Schedule):
         return _value(value, step)
+    if isinstance(value, Scaled):  # a paramwise group's share of a schedule (lr_mult, decay_mult)
+        if value._rebased is not None:
+            return value_at(value._rebased, step)
+        return value.mult * value_at(value.schedule, step)
     return value(step)
 
 
@@ -135,6 +140,6 @@ def _absolute(s: Cosine | Poly, k: torch.Tensor) -> torch.Tensor:
 
 def _no_torch_form(s: Schedule) -> TypeError:
     return TypeError(
-        f"compiled step: the schedule {s!r} has no torch form yet (supported: constant, linear, step, "
+        f"compiled step: the schedule {type(s).__name__} has no torch form yet (supported: constant, linear, step, "
         "multistep, exponential, cosine, poly, join/warmup, scale_lr); use compile=False for it"
     )

@@ -102,8 +102,11 @@ class TrainState:
             raise TypeError(
                 f"TrainState.create: model must be an nn.Module, got {type(model).__name__}"
             )
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(
+                f"TrainState.create: seed must be a non-negative int below 2**63 (the compiled "
+                f"step carries it in an int64 tensor), got {seed!r}"
+            )
         if is_sharded(model):  # FSDP all-gathers from the module's own params: share, never copy
             params, buffers = shared_tensors(model, device)
             return cls(params=params, buffers=buffers, seed=seed, model=model)

@@ -467,3 +467,93 @@ def test_cuda_takes_the_same_code_path():
     assert b.step == a.step == 8 and type(b.opt_state[1].num_updates) is int
     for n, p in a.params.items():
         torch.testing.assert_close(b.params[n], p, **HALF_TOL)
+
+
+def _one_graph_near_eager(make_tx) -> None:
+    """Six updates of ``make_tx()``'s step, compiled and eager: one graph, no fallback, every leaf
+    of the state within TOL of eager (params, moments, each group's reported lr)."""
+    counter = Counter()
+    compiled = fe.train_step(ce_loss, make_tx(), compile={"backend": counter})
+    eager = fe.train_step(ce_loss, make_tx())
+    a, b = eager.init(mlp()), compiled.init(mlp())
+    for batch in mlp_batches(6):
+        a, _ = eager(a, batch)
+        b, _ = compiled(b, batch)
+    assert compiled._compiled is not None and compiled._compiled.fallback_reason is None
+    assert counter.graphs == 1
+    for (path, x), (_, y) in zip(_leaves(a), _leaves(b)):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(y, x, **TOL, msg=lambda m, p=path: f"{p}: {m}")
+        else:
+            assert y == x, path
+
+
+def test_paramwise_multipliers_on_a_schedule_compile_to_one_graph():
+    """A param group's share of a scheduled lr (paramwise's bias_lr_mult, MMEngine's standard
+    setup) has a torch form: one graph, the same values as eager (it fell back, naming a genexpr)."""
+    groups = optim.paramwise(
+        mlp(), lr=0.05, weight_decay=1e-2, bias_lr_mult=2.0, bias_decay_mult=0.0
+    )
+    _one_graph_near_eager(lambda: groups.build(optim.adamw, lr=LR))
+
+
+def test_a_schedule_without_a_torch_form_falls_back_naming_it():
+    """The warning gives fengine's reason, not dynamo's report of the exception it hit."""
+    lr = schedules.onecycle(0.1, eta_max=1.0, total_steps=10)
+    step = fe.train_step(ce_loss, optim.sgd(lr), compile={"backend": Counter()})
+    state = step.init(mlp())
+    with pytest.warns(CompileFallbackWarning) as caught:
+        step(state, mlp_batches(1)[0])
+    assert len(caught) == 1
+    assert "Reason: TypeError: compiled step: the schedule OneCycle has no torch form yet" in str(
+        caught[0].message
+    )
+
+
+def test_a_seed_the_compiled_step_cannot_carry_is_refused_up_front():
+    with pytest.raises(
+        ValueError, match=r"seed must be a non-negative int below 2\*\*63 .*got 9223372036854775808"
+    ):
+        fe.train_step(ce_loss, optim.sgd(0.1)).init(mlp(), seed=2**63)
+    fe.train_step(ce_loss, optim.sgd(0.1)).init(mlp(), seed=2**63 - 1)  # the largest one is fine
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: optim.rmsprop(LR, momentum=0.9, centered=True),
+        lambda: optim.adagrad(LR, lr_decay=0.1),
+    ],
+    ids=["rmsprop", "adagrad"],
+)
+def test_rmsprop_and_adagrad_compile_to_one_graph(make_tx):
+    _one_graph_near_eager(make_tx)
+
+
+def test_guards_true_follows_a_global_the_loss_reads():
+    """By default a value the loss reads from a closure is frozen as first traced (guards are
+    skipped on the step's own state, documented); ``guards=True`` recompiles when it changes."""
+    weight = {"aux": 1.0}
+
+    def loss(model, batch):
+        return ce_loss(model, batch) * weight["aux"]
+
+    counter = Counter()
+    compiled = fe.train_step(loss, optim.sgd(0.1), compile={"backend": counter, "guards": True})
+    eager = fe.train_step(loss, optim.sgd(0.1))
+    a, b = eager.init(mlp()), compiled.init(mlp())
+    for i, batch in enumerate(mlp_batches(5)):
+        weight["aux"] = 1.0 if i < 2 else 0.0
+        a, ma = eager(a, batch)
+        b, mb = compiled(b, batch)
+        torch.testing.assert_close(mb["loss"], ma["loss"], **TOL)
+    assert float(mb["loss"]) == 0.0 and counter.graphs == 2  # one recompile, for the new value
+    with pytest.raises(ValueError, match="unknown torch.compile options"):
+        fe.train_step(loss, optim.sgd(0.1), compile={"guard": True})
+
+
+def test_a_scheduled_decay_term_compiles_to_one_graph():
+    """``add_decayed_weights(schedule)`` in a hand-made chain (it fell back: ``if wd == 0`` on the
+    schedule's tensor was data-dependent control flow)."""
+    wd = schedules.linear(1e-2, start_factor=1.0, end_factor=0.0, end=5)  # 0 from step 4 on
+    _one_graph_near_eager(lambda: optim.chain(optim.add_decayed_weights(wd), optim.sgd(LR)))
