@@ -14,6 +14,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import Scripted, ce_loss, mlp, mlp_batches
@@ -460,6 +461,20 @@ def test_auto_with_a_key_that_needs_a_rule(tmp_path):
     assert [f for f in _files(tmp_path / "b") if f.startswith("best")] == [
         "best_FID_epoch_2.safetensors"
     ]
+
+
+def test_numpy_scores_compare_as_numbers(tmp_path):
+    """A metric computed with numpy gives np.float32 / np.int64 / 1-element arrays: MMEngine's
+    CheckpointHook compares them with ``>``; so does the Checkpointer (it refused them)."""
+    values = [{"acc": np.float32(0.2)}, {"acc": np.array([0.5])}, {"acc": np.int64(0)}]
+    ck = Checkpointer(1, save_best="acc")
+    _run(tmp_path, ck, max_epochs=3, values=values)
+    assert [f for f in _files(tmp_path) if f.startswith("best")] == ["best_acc_epoch_2.safetensors"]
+    with pytest.raises(
+        TypeError, match=r"'acc' is a ndarray of shape \(2,\); save_best needs a scalar"
+    ):
+        _run(tmp_path / "b", Checkpointer(1, save_best="acc"), max_epochs=1,
+             values=[{"acc": np.zeros(2)}])  # fmt: skip
 
 
 def test_best_key_with_slash_and_accuracy_metric(tmp_path):

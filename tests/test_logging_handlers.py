@@ -250,6 +250,18 @@ def test_standalone_evaluate_lines(lines):
     assert lines[-1].startswith("Epoch(test) [20/20]    accuracy: ")
 
 
+def test_a_logger_with_its_own_timer_logs_validation_and_test_passes(lines):
+    """``Logger()`` alone (its private Timer, ``timer=None``) through a validation and a test pass:
+    the same lines as with a shared Timer (it raised AttributeError at the pass's end)."""
+    tiny_fit(handlers=[Logger(env=False, json_file=None)], max_epochs=1, val=val_spec())
+    assert lines[-1].startswith("Epoch(val) [1][10/10]    accuracy: ")
+    lines.clear()
+    state = fe.train_step(ce_loss, optim.sgd(0.1)).init(mlp())
+    fe.evaluate(state, lambda m, b: m(b[0]), val_spec().data, [fe.metrics.Accuracy()],
+                handlers=[Logger(env=False, json_file=None)])  # fmt: skip
+    assert lines[-1].startswith("Epoch(test) [10/10]    accuracy: ")
+
+
 # ------------------------------------------------------------------ MMEngine as the oracle
 def _scenario(seed, epochs, per_epoch, n_val):
     g = torch.Generator().manual_seed(seed)

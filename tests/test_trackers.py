@@ -194,7 +194,20 @@ def test_mlflow_file_store_scalars_params_and_artifacts(tmp_path, mlflow_client)
                                for k, v in flatten_config(CONFIG).items()}  # fmt: skip
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     log_file = next((tmp_path / "w").glob("*.log")).name
-    assert {"config.py", "config.json", log_file} <= names
+    assert {"config.py", "config.json", log_file, "scalars.jsonl"} <= names
+
+
+def test_mlflow_uploads_no_file_a_link_in_the_work_dir_points_to(tmp_path, mlflow_client):
+    """The work dir is untrusted: a planted link (named like an artifact) chooses no file to upload."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "x"}')
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "planted.json").symlink_to(secret)
+    fit(tmp_path / "w", MLflow("fengine-test"), max_steps=2)
+    client = mlflow_client(tracking_uri=(tmp_path / "w" / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("fengine-test").experiment_id])
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "planted.json" not in names and "scalars.jsonl" in names
 
 
 def test_mlflow_iteration_based_validation_at_the_step(tmp_path, mlflow_client):

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import operator
 import os
 import string
@@ -56,6 +57,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fengine import checkpoint
@@ -247,14 +249,15 @@ def _given_rules(rule: Any, keys: list[str]) -> list[str | None]:
 def _score(key: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
+    if isinstance(value, torch.Tensor | np.ndarray):
+        if value.size != 1 if isinstance(value, np.ndarray) else value.numel() != 1:
             raise TypeError(
-                f"Checkpointer: the validation result {key!r} is a tensor of shape "
+                f"Checkpointer: the validation result {key!r} is a {type(value).__name__} of shape "
                 f"{tuple(value.shape)}; save_best needs a scalar"
             )
-        return float(value.item())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = value.item()
+    # a Python or numpy number (np.float32 from a metric), as MMEngine's CheckpointHook compares it
+    if isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_):
         return float(value)
     raise TypeError(
         f"Checkpointer: the validation result {key!r} is a {type(value).__name__} ({value!r}); "

@@ -898,7 +898,9 @@ class Logger(_TrainScalars):
     # ------------------------------------------------------------------ timing
     def _tick(self, event: str, snap: Snapshot) -> None:
         if self._own_timer and self.timer is not None:
-            getattr(self.timer, "on_" + event)(snap)
+            handle = getattr(self.timer, "on_" + event, None)  # a Timer listens to some events only
+            if handle is not None:
+                handle(snap)
 
     def _timing(self, phase: str, hist: ScalarHistory) -> bool:
         measured = super()._timing(phase, hist)

@@ -258,7 +258,8 @@ class MLflow(Tracker):
             handler allows it (for the store it opens only); pass a ``sqlite:///...`` URI
             (needs the full ``mlflow`` package) to use a database.
         artifact_suffix: files at the top of the work dir uploaded when the run ends
-            (MMEngine's: ``.json``, ``.log``, ``.py``, ``yaml``); ``()``: none.
+            (MMEngine's: ``.json``, ``.log``, ``.py``, ``yaml``; and ``.jsonl``, the scalars and run
+            logs); links are not followed; ``()``: none.
         Others: as for `Tracker`.
     """
 
@@ -271,7 +272,7 @@ class MLflow(Tracker):
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         tracking_uri: str | None = None,
-        artifact_suffix: tuple[str, ...] = (".json", ".log", ".py", "yaml"),
+        artifact_suffix: tuple[str, ...] = (".json", ".jsonl", ".log", ".py", "yaml"),
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
@@ -353,8 +354,9 @@ class MLflow(Tracker):
         if self.client is None or self.run_id is None:
             return
         if self._work_dir is not None and self.artifact_suffix:
-            for path in sorted(self._work_dir.iterdir()):
-                if path.is_file() and path.name.endswith(self.artifact_suffix):
+            for path in sorted(self._work_dir.iterdir()):  # a link planted there is not followed
+                if (not path.is_symlink() and path.is_file()
+                        and path.name.endswith(self.artifact_suffix)):  # fmt: skip
                     self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED")
         self.client, self.run_id = None, None
