@@ -394,6 +394,14 @@ def test_image_preprocessor_refuses_a_list_of_bare_images_and_keeps_image_mask_p
     # inputs=0 says the first is the image
     first = fd.ImagePreprocessor([127.5], [127.5], inputs=0)(fd.pseudo_collate(images), False)
     assert first[0].dtype == torch.float32 and first[1].dtype == torch.uint8
+    # inputs="all" says they are all images: stacked and normalised as MMEngine's preprocessor does
+    from mmengine.model import ImgDataPreprocessor
+
+    every = fd.ImagePreprocessor([127.5], [127.5], inputs="all")(fd.pseudo_collate(images), False)
+    ref = ImgDataPreprocessor(mean=[127.5], std=[127.5])({"inputs": list(images)})["inputs"]
+    assert torch.equal(every, ref) and every.shape == (3, 1, 2, 2)
+    with pytest.raises(TypeError, match="inputs='all' takes a batch that is a sequence of image"):
+        fd.ImagePreprocessor(inputs="all")({"inputs": images[0]}, False)
 
 
 def test_image_preprocessor_augment_only_in_training_with_callers_generator():

@@ -69,6 +69,9 @@ def _many_alike(batch: Sequence[Any]) -> bool:
     )
 
 
+ALL = "all"  # ImagePreprocessor(inputs=ALL): the batch is a sequence of images
+
+
 class ImagePreprocessor:
     """``pre(batch, training, generator=None) -> batch``: to device, to float, normalise, augment.
 
@@ -83,7 +86,8 @@ class ImagePreprocessor:
     for sequences (``(image, label)`` batches). A list of equally shaped images
     (from ``pseudo_collate``) is stacked; other entries are only moved. A batch that is itself
     a sequence of more than two equally shaped ``(C, H, W)`` tensors (``pseudo_collate`` over
-    bare images) is refused unless ``inputs`` is given: it is no ``(image, label)`` pair.
+    bare images) is refused unless ``inputs`` is given: it is no ``(image, label)`` pair;
+    ``inputs="all"`` takes such a batch as the images (stacked).
 
     Args:
         mean, std: per-channel (or one shared) statistics in the input's units,
@@ -92,7 +96,8 @@ class ImagePreprocessor:
         channels_last: return 4-D images in ``torch.channels_last`` memory format.
         non_blocking: asynchronous host-to-device copies.
         augment: ``augment(batch, generator) -> batch``, batch augmentation for training.
-        inputs: key or position of the image in the batch (see above).
+        inputs: key or position of the image in the batch, or ``"all"``: the batch is a
+            sequence of images (see above).
         dtype: floating dtype of the image after conversion.
     """
 
@@ -161,6 +166,15 @@ class ImagePreprocessor:
     def _image_slot(self, batch: Any) -> str | int | None:
         if isinstance(batch, torch.Tensor):
             return None
+        if self.inputs == ALL:
+            if not isinstance(batch, (list, tuple)) or not all(
+                isinstance(x, torch.Tensor) for x in batch
+            ):
+                raise TypeError(
+                    f"ImagePreprocessor: inputs='all' takes a batch that is a sequence of image "
+                    f"tensors (pseudo_collate over bare images), got a {type(batch).__name__}"
+                )
+            return None  # the whole batch: stacked by process_image
         if self.inputs is not None:
             return self.inputs
         if isinstance(batch, Mapping):
@@ -170,8 +184,8 @@ class ImagePreprocessor:
                 raise ValueError(
                     f"ImagePreprocessor: the batch is a sequence of {len(batch)} equally shaped "
                     f"{tuple(batch[0].shape)} tensors, e.g. pseudo_collate over bare images; only "
-                    "its first would be taken as the image: collate with default_collate (one "
-                    "stacked tensor), or pass inputs=0 if the first is the image"
+                    "its first would be taken as the image: pass inputs='all' if they are all "
+                    "images, inputs=0 if the first is the image, or collate with default_collate"
                 )
             return 0
         raise TypeError(
