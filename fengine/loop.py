@@ -858,16 +858,18 @@ def _repartition(
 
 
 def save(path: Path, state: TrainState, run: RunInfo, dispatch: Dispatcher, *, latest: bool = True,
-         moment: str = "after_train") -> None:  # fmt: skip
+         moment: str = "after_train", stop: str | None = None) -> None:  # fmt: skip
     """Write ``state`` with the handlers' state, the run config and the loop ``moment``; fire the
-    save events; move the pointer."""
-    dispatch("before_save_checkpoint", state, run, checkpoint=path)
+    save events (``stop``: the signal a preemption save is for, their ``metrics["stop"]``, as
+    at ``after_train``); move the pointer."""
+    why = {"stop": stop} if stop is not None else _NO_METRICS
+    dispatch("before_save_checkpoint", state, run, checkpoint=path, metrics=why)
     meta = _meta(run, dispatch, moment)
     full = sharding.gather_state(state)  # a sharded state is gathered by every rank, for rank 0
     if run.rank == 0:  # the state is the same on every rank: rank 0 writes it
         _write(path, full, meta, latest, run.work_dir)
     distributed.barrier()  # on disk before any rank goes on
-    dispatch("after_save_checkpoint", state, run, checkpoint=path)
+    dispatch("after_save_checkpoint", state, run, checkpoint=path, metrics=why)
 
 
 def _meta(run: RunInfo, dispatch: Dispatcher, moment: str) -> dict[str, Any]:
@@ -1048,11 +1050,11 @@ def _preempt(
     if bg is not None:
         bg.finish(run, dispatch)  # a pending background save completes first
     signum = received[0] if received else signal.SIGTERM  # another rank received it
-    path = run.work_dir / f"step_{state.step}.safetensors"
-    log.warning("%s received: saving %s and stopping", signal.Signals(signum).name, path)
-    save(path, state, run, dispatch, moment=moment)
+    path, name = run.work_dir / f"step_{state.step}.safetensors", signal.Signals(signum).name
+    log.warning("%s received: saving %s and stopping", name, path)
+    save(path, state, run, dispatch, moment=moment, stop=name)
     _flush(state, run, dispatch, moment, bg)  # what handlers retired because of it (rotation)
-    dispatch("after_train", state, run, metrics={"stop": signal.Signals(signum).name})
+    dispatch("after_train", state, run, metrics={"stop": name})
     dispatch("after_run", state, run)
     raise Preempted(signum, path, state)
 

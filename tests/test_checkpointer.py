@@ -700,14 +700,13 @@ def test_a_checkpointer_retires_only_its_own_files_and_preemption_ones(tmp_path)
         "mine_2.safetensors",
     ]
     assert periodic.kept == ["iter_7.safetensors", "iter_8.safetensors"] and keeper.kept == []
-    # the preemption checkpoint of this step counts; another step_N name does not
+    # fit's preemption checkpoint counts (its save events say the signal); a handler's own save
+    # under the same name does not (it was taken for one, and retired later)
     ck = Checkpointer(1, by_epoch=False, max_keep_ckpts=1)
     snap = _snap("before_save_checkpoint", step=5, by_epoch=False, work_dir=tmp_path)
-    assert (
-        ck.on_before_save_checkpoint(snap._replace(checkpoint=tmp_path / "step_4.safetensors"))
-        is None
-    )
-    ck.on_before_save_checkpoint(snap._replace(checkpoint=tmp_path / "step_5.safetensors"))
+    own = snap._replace(checkpoint=tmp_path / "step_5.safetensors")
+    assert ck.on_before_save_checkpoint(own) is None and ck.kept == []
+    ck.on_before_save_checkpoint(own._replace(metrics={"stop": "SIGTERM"}))
     assert ck.kept == ["step_5.safetensors"]
 
 

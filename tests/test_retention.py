@@ -135,7 +135,18 @@ def test_a_kill_at_every_filesystem_step_loses_nothing(tmp_path, monkeypatch, ma
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing(tmp_path):
-    """50 real kill -9 of a forked run at random moments, each followed by a resume to the end."""
+    """50 real kill -9 of a forked run at random moments, each followed by a resume to the end.
+    Every run, killed child or resuming parent, uses one intra-op thread: bits depend on the
+    thread count (a child killed after a save, resumed with the parent's two threads, differed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _sigkill_at_random_moments(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sigkill_at_random_moments(tmp_path):
     straight = experiment(tmp_path / "straight", 1)
 
     def forked_run(work):
@@ -144,8 +155,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
         if pid == 0:
             code = 1
             try:
-                torch.set_num_threads(1)
-                experiment(work, 1)
+                experiment(work, 1)  # one thread, as the parent
                 code = 0
             finally:
                 os._exit(code)

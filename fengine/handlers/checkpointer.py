@@ -418,13 +418,14 @@ class Checkpointer(Handler):
         return None if self.by_epoch else self._maybe_periodic(snap)
 
     def on_before_save_checkpoint(self, snap: Snapshot) -> Retire | None:
-        """`fit`'s preemption checkpoint (``step_N`` of this step) in this handler's directory counts
-        as kept; any other save (another handler's, a best file) is not this handler's to retire."""
+        """`fit`'s preemption checkpoint (its save events carry ``metrics["stop"]``) in this
+        handler's directory counts as kept; any other save (another handler's, a best file, a
+        user's file of any name) is not this handler's to retire."""
         path, directory = snap.checkpoint, self.directory(snap.run)
         if path is None or self.max_keep_ckpts < 1 or Path(path).parent != directory:
             return None
         name = Path(path).name
-        if name != f"step_{snap.state.step}.safetensors" or name in self.kept:
+        if not snap.metrics.get("stop") or name in self.kept:
             return None
         return self._keep(directory, name)
 
