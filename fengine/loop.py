@@ -805,10 +805,16 @@ def _load_without_base_lr(
 
 
 def load_adding_wrappers(
-    path: Path, like: TrainState, step: Step, error: checkpoint.CheckpointMismatchError
+    path: Path,
+    like: TrainState,
+    step: Step,
+    error: checkpoint.CheckpointMismatchError,
+    *,
+    shown: str | None = None,
 ) -> TrainState:
     """A checkpoint lacking only some wrappers' state (an EMA added to a resumed run): load the rest
-    and start those wrappers from the loaded weights, with a warning (MMEngine's EMAHook does so)."""
+    and start those wrappers from the loaded weights, with a warning (MMEngine's EMAHook does so)
+    naming the file (``shown``: the name to give a temporary copy)."""
     names = {m.split("/")[1] for m in error.missing if m.startswith("extra/")}
     if (
         not names
@@ -822,9 +828,9 @@ def load_adding_wrappers(
         into=step.donate,
     )
     added = {str(w.name): w.init(state, step.parts) for w in step.wrappers if w.name in names}
-    log.warning(
-        "resume: %s has no state for %s; starting it from the loaded weights", path, sorted(added)
-    )
+    if distributed.is_main():  # one line, not one per rank
+        log.warning("resume: %s has no state for %s; starting it from the loaded weights",
+                    shown or path, sorted(added))  # fmt: skip
     return state.replace(
         extra={k: state.extra[k] if k in state.extra else added[k] for k in like.extra}
     )
@@ -1051,7 +1057,8 @@ def _preempt(
         bg.finish(run, dispatch)  # a pending background save completes first
     signum = received[0] if received else signal.SIGTERM  # another rank received it
     path, name = run.work_dir / f"step_{state.step}.safetensors", signal.Signals(signum).name
-    log.warning("%s received: saving %s and stopping", name, path)
+    if run.rank == 0:  # one line, not one per rank
+        log.warning("%s received: saving %s and stopping", name, path)
     save(path, state, run, dispatch, moment=moment, stop=name)
     _flush(state, run, dispatch, moment, bg)  # what handlers retired because of it (rotation)
     dispatch("after_train", state, run, metrics={"stop": name})

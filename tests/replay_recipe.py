@@ -39,6 +39,10 @@ class Config:
     """max_keep_ckpts"""
     plateau: bool = False
     """the lr reduced on plateaus of a validation metric (replay refuses such runs)"""
+    ema: float | None = None
+    """an EMA of the weights with this momentum"""
+    accumulate: int = 1
+    """micro-batches per update"""
 
 
 NOT_RECORDED = ("work_dir", "max_steps", "max_epochs", "resume", "resume_from", "every", "keep")
@@ -58,11 +62,14 @@ def build(cfg: Config) -> Experiment:
     data = Loader(
         synthetic_classification(80, num_features=8, num_classes=3, seed=1), 8, seed=cfg.seed
     )
-    loop = fe.plan(data, max_epochs=cfg.max_epochs, max_steps=cfg.max_steps)
+    loop = fe.plan(data, micro_batches=cfg.accumulate, max_epochs=cfg.max_epochs,
+                   max_steps=cfg.max_steps)  # fmt: skip
     lr = schedules.cosine(cfg.lr, T_max=loop.total_steps)
     rop = fe.reduce_on_plateau(monitor="loss") if cfg.plateau else None
     tx = optim.adamw(rop(lr) if rop else lr)
-    step = fe.train_step(lambda m, b: F.cross_entropy(m(b[0]), b[1]), tx, *([rop] if rop else []))
+    wrappers = [*([rop] if rop else []), *([fe.ema(cfg.ema)] if cfg.ema else []),
+                *([fe.accumulate(cfg.accumulate)] if cfg.accumulate > 1 else [])]  # fmt: skip
+    step = fe.train_step(lambda m, b: F.cross_entropy(m(b[0]), b[1]), tx, *wrappers)
     torch.manual_seed(cfg.seed)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
     return Experiment(step.init(model, seed=cfg.seed), step, data, loop)

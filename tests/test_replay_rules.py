@@ -295,3 +295,62 @@ def test_replay_runs_as_many_processes_as_the_run(worlds, launched, said, monkey
     assert said in str(e.value)
     for ok in ((1,), (1, 1)) if launched == 1 else ((launched,),):
         _check_world(_legs(*ok), "the run was", Path("W"))  # the same world size: no error
+
+
+def test_a_resume_from_an_abandoned_branch_replays_along_that_branch(run12):
+    """Rewind to step 5 with another lr, then resume from the abandoned run's step 12 (moved aside):
+    the third segment continues the first, whose step-12 state it loaded (by its digest), not the
+    second, which also reached step 12 (it reported DIFFERS along the second's path)."""
+    replay_recipe.run(run12, max_steps=12, resume_from=str(run12 / "iter_5.safetensors"), lr=0.01)
+    (aside,) = run12.glob("abandoned_after_step_5.*")
+    replay_recipe.run(run12, max_steps=18, resume_from=str(aside / "iter_12.safetensors"))
+    ok, out = _replay(run12)
+    assert ok, out
+    assert "segment 1: steps 0-12" in out and "segment 3: steps 12-18" in out
+    assert "segment 2" not in out
+
+
+def test_replay_to_and_from_a_resume_that_added_an_ema(tmp_path):
+    """The resume's digest includes the EMA it added: ``to`` that checkpoint compares the file the
+    first segment wrote (it compared the resumed state's digest, DIFFERS), and ``from`` it loads the
+    file as the resume did, starting the EMA from its weights (it failed: missing state)."""
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_steps=10)
+    replay_recipe.run(work, max_steps=15, ema=0.9, resume=True)
+    for kw, shown in (({}, "from step 0 to step 15"), ({"to": 10}, "from step 0 to step 10"),
+                      ({"start": 10}, "from step 10 to step 15")):  # fmt: skip
+        ok, out = _replay(work, **kw)
+        assert ok, out
+        assert shown in out
+
+
+def test_replay_from_a_file_saved_by_another_number_of_processes_converts_its_position(tmp_path):
+    """As `fit` resumes a 2-process checkpoint in one process: batch b of the epoch becomes 2b."""
+    from types import SimpleNamespace
+
+    from fengine.replay.run import _load_start
+
+    exp = replay_recipe.build(replay_recipe.Config(max_steps=10))
+    saved = exp.state.replace(step=3, batch_in_epoch=3)
+    path = checkpoint.save(tmp_path / "step_3.safetensors", saved,
+                           {"run": {"world_size": 2, "batches_per_epoch": 5}})  # fmt: skip
+    at = SimpleNamespace(state=exp.state, step=exp.step)
+    assert _load_start(path, at, (3, 0, 6)).batch_in_epoch == 6
+    with pytest.raises(ReplayError, match=r"batch 6 of epoch 0, but the run log records the resume "
+                                          r"there at batch 3"):  # fmt: skip
+        _load_start(path, at, (3, 0, 3))
+
+
+def test_a_resume_that_changed_accumulate_is_on_the_path(tmp_path):
+    """An epoch run resumed with accumulate=2 plans fewer updates than it has done (its recorded
+    total_steps is below its position): the next resume still continues it (it was refused as
+    "a state no segment of the log produced")."""
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_epochs=1)
+    replay_recipe.run(work, max_epochs=2, accumulate=2, resume=True)
+    replay_recipe.run(work, max_epochs=3, accumulate=2, resume=True)
+    _, second, third = read_log(work)
+    assert second.horizon["total_steps"] == 10 and third.start[0] == 15  # planned 10, ran to 15
+    ok, out = _replay(work)
+    assert ok, out
+    assert "segment 3: steps 15-20" in out

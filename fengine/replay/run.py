@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 from fengine import checkpoint, distributed
 from fengine.loop import (
     Val,
+    _repartition,
     _val_interval,
     _validation_due,
     load_adding_wrappers,
@@ -61,16 +62,29 @@ class Leg:
 
 def lineage(segments: list[Segment]) -> list[Leg]:
     """The segments whose states lead to the last one: walking back from a segment's start,
-    the latest earlier segment that started before that position and could reach it."""
+    the earlier segment it resumed from (`_resumed_from`)."""
     chain = [segments[-1]]
     while chain[0].start != SCRATCH:
-        p = chain[0].start
-        before = segments[: chain[0].number - 1]
-        earlier = [s for s in before if s.start < p and s.horizon["total_steps"] >= p[0]]
-        if not earlier:
+        earlier = _resumed_from(chain[0], segments[: chain[0].number - 1])
+        if earlier is None:
             break  # resumed from a checkpoint this log did not produce
-        chain.insert(0, earlier[-1])
+        chain.insert(0, earlier)
     return [Leg(s, chain[i + 1].start if i + 1 < len(chain) else None) for i, s in enumerate(chain)]
+
+
+def _resumed_from(seg: Segment, before: list[Segment]) -> Segment | None:
+    """The latest earlier segment that recorded the very state ``seg`` started from (its digest at
+    that position), else one that recorded the file it resumed from there, else the latest that
+    started before that position and planned to reach it (a file from another directory)."""
+    p, name = seg.start, seg.record["resumed_from"]
+    started = next((r["digest"] for r in seg.digests if key(r) == p), None)
+    earlier = [s for s in before if s.start < p]
+    for same in (lambda r: r["digest"] == started, lambda r: r.get("checkpoint") == name):
+        found = [s for s in earlier if any(key(r) == p and same(r) for r in s.digests)]
+        if found:
+            return found[-1]
+    reach = [s for s in earlier if s.horizon["total_steps"] >= p[0]]
+    return reach[-1] if reach else None
 
 
 def _file(work_dir: Path, name: str) -> Path | None:
@@ -108,33 +122,45 @@ def select(work_dir: Path, legs: list[Leg], start: int | None, to: int | None) -
     """``start``: a step with a checkpoint file on the path (None or 0: the initial state);
     ``to``: a step with a recorded checkpoint (None: the last), its file present or not."""
     log = work_dir / LOG_NAME
-    records = [r for leg in legs for r in leg.records()]
-    ckpts = [r for r in records if "checkpoint" in r]
-    if not ckpts:
+    ckpts = [r for leg in legs for r in leg.records() if "checkpoint" in r]
+    # the checkpoints a segment wrote (not the file a resumed one started from, whose digest may
+    # include a wrapper the resume added)
+    written = [r for leg in legs for r in leg.records()[leg.seg.start != SCRATCH :]
+               if "checkpoint" in r]  # fmt: skip
+    if not written:
         raise ReplayError(f"{log} records no checkpoint to verify against: save one (Checkpointer)")
-    target = ckpts[-1] if to is None else next((r for r in ckpts[::-1] if r["step"] == to), None)
+    target = (
+        written[-1] if to is None else next((r for r in written[::-1] if r["step"] == to), None)
+    )
     if target is None:
-        steps = sorted({r["step"] for r in ckpts})
+        steps = sorted({r["step"] for r in written})
         raise ReplayError(f"{log} records no checkpoint at step {to}: pass --to one of {steps}")
     end, start_file = key(target), None
+    present = sorted({(key(r), r["checkpoint"]) for r in ckpts if _file(work_dir, r["checkpoint"])})
+    offer = sorted({pos[0] for pos, _ in present if pos < end})
     if not start:
         begin = SCRATCH
         if legs[0].seg.start != SCRATCH:
+            where = (
+                f"replay from a later checkpoint with --from one of {offer}"
+                if offer
+                else "no checkpoint file of this work dir lies on its path to start from, so it "
+                "cannot be replayed here (replay the run whose file it resumed from)"
+            )
             raise ReplayError(
                 f"{log}: segment {legs[0].seg.number} resumed from "
-                f"{legs[0].seg.record['resumed_from']}, a state no segment of the log produced: "
-                "replay from a later checkpoint with --from"
+                f"{legs[0].seg.record['resumed_from']}, a state no segment of the log produced: {where}"
             )
     else:
-        present = sorted(
-            {(key(r), r["checkpoint"]) for r in ckpts if _file(work_dir, r["checkpoint"])}
-        )
         at = [(pos, name) for pos, name in present if pos[0] == start and pos < end]
         if not at:
-            offer = sorted({pos[0] for pos, _ in present if pos < end})
-            raise ReplayError(
-                f"{work_dir} has no checkpoint file of step {start} before step {end[0]}: "
+            where = (
                 f"pass --from one of {offer} (the files that still exist)"
+                if offer
+                else "none before it still exists: replay without --from, from the initial state"
+            )
+            raise ReplayError(
+                f"{work_dir} has no checkpoint file of step {start} before step {end[0]}: {where}"
             )
         begin, start_file = at[-1][0], _file(work_dir, at[-1][1])
     if begin >= end:
@@ -143,7 +169,7 @@ def select(work_dir: Path, legs: list[Leg], start: int | None, to: int | None) -
             f"of {log}: pass --to a later step"
         )
     run = [leg for leg in legs if (leg.end is None or leg.end > begin) and leg.seg.start < end]
-    on_path = [r for r in records if begin <= key(r) <= end]
+    on_path = [r for leg in run for r in leg.records() if begin <= key(r) <= end]
     return Selection(run, on_path, target, begin, start_file)
 
 
@@ -197,7 +223,7 @@ class Progress:
             sys.stdout.write("\n")
 
 
-def _carry(state: TrainState, exp: Any) -> TrainState:
+def _carry(state: TrainState, exp: Any, resumed_from: str | None) -> TrainState:
     """Into the next segment as its resume did: through a checkpoint, loaded like its fresh state
     (a wrapper the resume added, e.g. an EMA, starts from the loaded weights, as in `fit`). Under
     torchrun every rank resumed from rank 0's file, so every rank takes rank 0's state."""
@@ -206,11 +232,37 @@ def _carry(state: TrainState, exp: Any) -> TrainState:
         try:
             carried = checkpoint.load(path, like=exp.state)
         except checkpoint.CheckpointMismatchError as e:
-            carried = load_adding_wrappers(path, exp.state, exp.step, e)
+            carried = load_adding_wrappers(path, exp.state, exp.step, e, shown=resumed_from)
     distributed.broadcast_from_main(
         [x for x in pytree.tree_leaves(carried) if isinstance(x, torch.Tensor)]
     )
     return carried
+
+
+def _load_start(path: Path, exp: Any, begin: Pos) -> TrainState:
+    """``--from``'s file as `fit` resumes from it: a wrapper whose state it lacks (an EMA the
+    resume added) starts from its weights, and a position saved by another number of processes
+    is converted to this one's batches."""
+    try:
+        state = checkpoint.load(path, like=exp.state)
+    except checkpoint.CheckpointMismatchError as e:
+        state = load_adding_wrappers(path, exp.state, exp.step, e)
+    meta = checkpoint.read_meta(path)["meta"]
+    saved = meta.get("run") if isinstance(meta, Mapping) else None
+    saved = saved if isinstance(saved, Mapping) else {}
+    try:
+        state = _repartition(state, saved.get("world_size", 1), distributed.world_size(), path,
+                             saved.get("batches_per_epoch"))  # fmt: skip
+    except ValueError as e:
+        raise ReplayError(str(e)) from None
+    if key(position(state)) != begin:
+        step, epoch, batch = begin
+        raise ReplayError(
+            f"{path} holds the state of step {state.step} at batch {state.batch_in_epoch} of epoch "
+            f"{state.epoch}, but the run log records the resume there at batch {batch} of epoch "
+            f"{epoch}: a file replaced since, or another number of processes"
+        )
+    return state
 
 
 def _check_world(legs: list[Leg], who: str, work_dir: Path) -> None:
@@ -398,7 +450,7 @@ def replay(
                 out(device)
             if state is None:
                 f = sel.start_file
-                state = exp.state if f is None else checkpoint.load(f, like=exp.state)
+                state = exp.state if f is None else _load_start(f, exp, sel.begin)
                 if f is None:
                     start_replicas(state, exp.step)  # as `fit` starts
                 elif unsynced := _unsynced_start_note(sel, state):
@@ -408,7 +460,7 @@ def replay(
             else:  # a wrapper the resume added changes the state (and digest) at the same position
                 assert before is not None
                 state, validated = _resumed(states, before, leg, sel.stop(before))
-                state = _carry(state, exp)
+                state = _carry(state, exp, leg.seg.record["resumed_from"])
                 carried[key(position(state))] = state_digest(state)
                 if validated:  # `fit`'s resume validated first, averaging the ranks' buffers
                     distributed.sync_buffers(state.buffers)
