@@ -1609,6 +1609,10 @@ def test_tensorboard_purges_after_the_resumed_checkpoint(tmp_path):
            resume=tmp_path / "iter_15.safetensors")  # fmt: skip
     starts = [s for f in (tmp_path / "tensorboard").glob("*") for s in _session_starts(f)]
     assert 16 in starts  # TensorBoard drops earlier files' points from step 16 on
+    # one file per run, each with its points (the resume left a file it opened before the load)
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    assert all(any(tag == "train/loss" for tag, _, _ in _read_events(f)) for f in files)
 
 
 def test_handler_arguments_that_failed_late_are_refused():

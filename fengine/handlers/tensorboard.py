@@ -79,6 +79,10 @@ class TensorBoard(Tracker):
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.flush_secs = flush_secs
         self._writer: Any = None
+        # the writer opens at the first point, so that a resume first sets its purge step (one
+        # event file per run); the config waits for it
+        self._purge_step: int | None = None
+        self._config: Mapping[str, Any] | None = None
 
     def _start(self, snap: Snapshot) -> None:
         if self.log_dir is None:
@@ -87,17 +91,21 @@ class TensorBoard(Tracker):
                     "TensorBoard: no log_dir and no work_dir; pass TensorBoard(log_dir=...) or fit(..., work_dir=...)"
                 )
             self.log_dir = Path(snap.run.work_dir) / "tensorboard"
-        from tensorboardX import SummaryWriter  # here: only the rank that writes pays for it
-
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._open(SummaryWriter)
+        self._purge_step, self._config = None, None
 
-    def _open(self, writer_class: Any, purge_step: int | None = None) -> None:
-        """A writer with its own event file: tensorboardX names files by the second and opens
-        them with 'wb', so a second run in the same second would erase the first's."""
-        self._writer = writer_class(logdir=str(self.log_dir), flush_secs=self.flush_secs,
-                                    filename_suffix=f".{os.getpid()}.{next(_OPENED)}",
-                                    purge_step=purge_step)  # fmt: skip
+    def _opened(self) -> Any:
+        """The writer, opened with its own event file: tensorboardX names files by the second and
+        opens them with 'wb', so a second run in the same second would erase the first's."""
+        if self._writer is None:
+            from tensorboardX import SummaryWriter  # here: only the rank that writes pays for it
+
+            self._writer = SummaryWriter(logdir=str(self.log_dir), flush_secs=self.flush_secs,
+                                         filename_suffix=f".{os.getpid()}.{next(_OPENED)}",
+                                         purge_step=self._purge_step)  # fmt: skip
+            if self._config is not None:
+                self._writer.add_text("config", format_config(self._config))
+        return self._writer
 
     def on_after_load_checkpoint(self, snap: Snapshot) -> None:
         """A resumed run rewrites the steps after its checkpoint: TensorBoard hides the earlier
@@ -106,17 +114,18 @@ class TensorBoard(Tracker):
         validation the resume runs again at the checkpoint's own step, show twice (equal
         values: the resume is bitwise; MMEngine purges nothing)."""
         super().on_after_load_checkpoint(snap)
-        if self._writer is not None:
-            writer_class = type(self._writer)
+        self._purge_step = snap.step + 1
+        if self._writer is not None:  # already writing (a load after points): a new file purges
             self._writer.close()
-            self._open(writer_class, purge_step=snap.step + 1)
+            self._writer = None
 
     def _log_config(self, config: Mapping[str, Any], snap: Snapshot) -> None:
-        self._writer.add_text("config", format_config(config))
+        self._config = config  # written when the writer opens
 
     def _log(self, scalars: Mapping[str, float], step: int, snap: Snapshot) -> None:
+        writer = self._opened()
         for key, value in scalars.items():
-            self._writer.add_scalar(key, value, global_step=step)
+            writer.add_scalar(key, value, global_step=step)
 
     def _finish(self) -> None:
         if self._writer is not None:
