@@ -190,6 +190,10 @@ def test_mlflow_file_store_scalars_params_and_artifacts(tmp_path, mlflow_client)
         (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/accuracy")
     )
     assert val == list(enumerate((r["val/accuracy"] for r in records if "val/accuracy" in r), 1))
+    for key in ("val/time", "val/data_time"):  # the pass's mean times, as the Logger's records
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert [s for s, _ in got] == [1, 2]
+        assert [v for _, v in got] == pytest.approx([r[key] for r in records if key in r], rel=1e-9)
     assert run.data.params == {k: json.dumps(v) if not isinstance(v, str) else v
                                for k, v in flatten_config(CONFIG).items()}  # fmt: skip
     names = {a.path for a in client.list_artifacts(run.info.run_id)}

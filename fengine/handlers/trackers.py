@@ -154,6 +154,11 @@ class Tracker(_TrainScalars):
         if self._is_active():
             results = _host_items(snap.metrics)
             scalars = {f"{snap.phase}/{k}": float(v) for k, v in results.items() if _is_number(v)}
+            if self.timer is not None:  # the pass's mean times, as MMEngine's val tag has them
+                for key in ("data_time", "time"):
+                    value = self.timer.mean(key, snap.phase, "epoch")
+                    if value is not None:
+                        scalars[f"{snap.phase}/{key}"] = value
             self._write(snap, scalars, self.eval_step(snap))
 
     on_after_val_epoch = _after_eval_epoch
