@@ -988,6 +988,8 @@ def test_tensorboard_event_file(tmp_path, by_epoch):
         "train/time",
         "train/data_time",
         "val/accuracy",
+        "val/time",  # the pass's means, as MMEngine's val tag
+        "val/data_time",
     }
     records = read_jsonl(tmp_path / "scalars.jsonl")
     train = [r for r in records if "loss" in r]
