@@ -32,19 +32,23 @@ A recipe declares its config as a frozen dataclass tree whose root subclasses `R
    (``--max-steps 60`` on an epoch config clears ``max_epochs``; so does a config file that
    gives only one of them).
 2. **Checks**: tyro's parse errors and every `Range` in ``Annotated[...]`` metadata, then
-   ``cfg.check()`` (cross-field rules): one line, exit status 2.
+   ``cfg.check()`` (cross-field rules: ``--load-from`` with a resume is refused, the
+   checkpoint has the weights): one line, exit status 2.
 3. **The work dir**: one that already holds a run is refused up front unless ``--resume``
    (continue it) or ``--overwrite`` (the old run is moved to ``<work_dir>.old-<time>``). A run
    that saved no checkpoint (killed before its first save) is moved aside by ``--resume`` too,
    which then starts afresh: a retry loop of the same command goes on.
 4. ``build(cfg)``; when resuming, the checkpoint is loaded once against the fresh state (a
    damaged or mismatched file fails here), and a horizon or config that differs from the
-   checkpoint's recorded one is reported (``note: ...``) with what it does to the schedule.
+   checkpoint's recorded one is reported (``note: ...``) with what it does to the schedule;
+   an epoch-based resume whose schedules would end before it does (another ``--accumulate``)
+   is refused.
 5. ``--dry-run``: `fengine.dryrun.report` (resolved config, parameter groups, model
    complexity, a PNG of every scheduled hyper-parameter) and exit, before any step.
 6. Only then ``config.json`` (the resolved config, atomically) and `fit` with the shared
    handlers (Timer, Logger, Checkpointer, RunRecorder, TensorBoard, ProgressBar on a
-   terminal) plus ``Experiment.handlers``; then ``finish(cfg, exp, state)``.
+   terminal) plus ``Experiment.handlers``; then ``finish(cfg, exp, state)`` (a resume with
+   nothing left to train runs only ``finish``, on the checkpoint's state).
 
 Library errors reaching `main` print one ``error: ...`` line and exit 1 (a traceback with
 ``--debug`` or ``FENGINE_DEBUG=1``); `fengine.Preempted` exits 128 + signal.
@@ -63,6 +67,7 @@ import sys
 import time
 import traceback
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -95,6 +100,14 @@ class UsageError(ValueError):
     """A bad command line or config value: reported in one line, exit status 2."""
 
 
+class _OutOfRange(UsageError):
+    """A value outside its `Range`; ``name`` is the field's dotted name (``optim.lr``)."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"--{name.replace('_', '-')} {problem}")
+        self.name, self.problem = name, problem
+
+
 def _check_device(device: str) -> None:
     """``--device`` names a device type the recipes train on, present here."""
     try:
@@ -110,12 +123,13 @@ def _check_device(device: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class Range:
     """``Annotated[int, Range(ge=1)]``: the values a field accepts, checked after every parse
-    (``None`` always passes: it means "not set")."""
+    (``None`` always passes: it means "not set"); ``why``, when given, ends the message."""
 
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
+    why: str | None = None
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is out of range, or None."""
@@ -128,7 +142,8 @@ class Range:
             (self.lt, lambda b: value < b, "<"),
         ):
             if bound is not None and not (ok(bound) and math.isfinite(value)):
-                return f"must be {text} {bound:g}, got {value!r}"
+                why = f" ({self.why})" if self.why else ""
+                return f"must be {text} {bound:g}, got {value!r}{why}"
         return None
 
 
@@ -204,9 +219,14 @@ class RunConfig:
             )
         if self.keep_checkpoints == 0:
             raise UsageError("--keep-checkpoints must be -1 (keep all) or >= 1, got 0")
+        flag = "--resume" if self.resume else "--resume-from"
         if self.overwrite and self.resuming:
-            flag = "--resume" if self.resume else "--resume-from"
             raise UsageError(f"--overwrite moves the old run aside; give it or {flag}, not both")
+        if self.load_from is not None and self.resuming:
+            raise UsageError(
+                f"--load-from {self.load_from} starts a new run from those weights; {flag} "
+                "continues a run from its checkpoint's: give one, not both"
+            )
         if self.device is not None:
             _check_device(self.device)
 
@@ -265,6 +285,8 @@ def parse(
         base = presets[given.preset]
     if given.config is not None:
         base = _fresh(cls, load_config(cls, given.config))
+        if given.resuming:  # the file's load_from started its run; the checkpoint has the weights
+            base = dataclasses.replace(base, load_from=None)
     base = _horizon_from_argv(base, argv)
     cfg = _tyro(cls, quiet, base, desc)
     ckpt = None
@@ -273,7 +295,12 @@ def parse(
         if ckpt is not None and given.config is None and given.preset is None:
             base = _horizon_from_argv(_from_checkpoint(cls, ckpt, base), argv)
     cfg = _tyro(cls, argv, base, desc)  # --help ends here, showing the layered defaults
-    check(cfg)
+    try:
+        check(cfg)
+    except _OutOfRange as e:
+        if given.config is None or _given(argv, e.name):
+            raise
+        raise UsageError(f"--config {given.config}: {e.name} {e.problem}") from None
     return cfg, ckpt
 
 
@@ -286,14 +313,14 @@ def check(cfg: RunConfig) -> None:
 def _check_ranges(node: Any, prefix: str) -> None:
     hints = typing.get_type_hints(type(node), include_extras=True)
     for f in dataclasses.fields(node):
-        value, flag = getattr(node, f.name), prefix + f.name.replace("_", "-")
+        value, name = getattr(node, f.name), prefix + f.name
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            _check_ranges(value, flag + ".")
+            _check_ranges(value, name + ".")
             continue
         for meta in getattr(hints.get(f.name), "__metadata__", ()):
             problem = meta.problem(value) if isinstance(meta, Range) else None
             if problem:
-                raise UsageError(f"--{flag} {problem}")
+                raise _OutOfRange(name, problem)
 
 
 def _description(description: str | None, presets: Mapping[str, Any]) -> str:
@@ -366,11 +393,13 @@ def load_config(cls: type[C], path: Path) -> C:
             try:
                 import yaml  # type: ignore[import-untyped]
             except ImportError:
-                raise UsageError(
-                    f"--config {path}: a YAML config needs PyYAML: pip install fengine[yaml] "
-                    "(or give the config as JSON)"
+                raise ValueError(
+                    "a YAML config needs PyYAML: pip install fengine[yaml] (or give the config as JSON)"
                 ) from None
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(_yaml_problem(e)) from None
         else:
             data = json.loads(text)
     except (OSError, ValueError, ImportError) as e:
@@ -389,15 +418,32 @@ def load_config(cls: type[C], path: Path) -> C:
         raise UsageError(f"--config {path}: {e}") from None
 
 
+def _yaml_problem(e: Exception) -> str:
+    """PyYAML's multi-line error as one line: the problem and where it is."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML: {problem}{where}"
+
+
 def _resume_path(cfg: RunConfig) -> Path | None:
     """The checkpoint to resume from: ``--resume-from``'s, or the work dir's latest (None: none)."""
     if cfg.resume_from is not None:
-        if not cfg.resume_from.is_file():
+        if not cfg.resume_from.exists():
             raise UsageError(f"--resume-from {cfg.resume_from}: no such file")
+        if not cfg.resume_from.is_file():
+            raise UsageError(
+                f"--resume-from {cfg.resume_from}: not a regular file (expected a checkpoint file)"
+            )
         return cfg.resume_from
     if not cfg.work_dir.is_dir():
         return None
-    return checkpoint.latest(cfg.work_dir)
+    with warnings.catch_warnings(record=True) as said:  # a fallback: one line, not a warning's two
+        warnings.simplefilter("always")
+        path = checkpoint.latest(cfg.work_dir)
+    for w in said:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return path
 
 
 def _checkpoint_run(path: Path) -> tuple[dict | None, dict]:
@@ -563,8 +609,9 @@ def initial_state(step: Any, model: Any, cfg: RunConfig, device: Any = None) -> 
 def _confirmed_paths(
     cfg: Any, default: Any, given: Mapping[str, Path], prefix: str, unconfirmed: list[str]
 ) -> tuple[Any, set[str]]:
-    """``cfg`` with each path field from ``given`` or ``default``; the dotted names of its path
-    fields. Recorded paths that differ from the default and are not given go to ``unconfirmed``."""
+    """``cfg`` with each path field it recorded (not None) from ``given`` or ``default``; the
+    dotted names of its path fields. Recorded paths that differ from the default and are not
+    given go to ``unconfirmed``."""
     hints = typing.get_type_hints(type(cfg))
     changes: dict[str, Any] = {}
     names: set[str] = set()
@@ -578,10 +625,12 @@ def _confirmed_paths(
         elif _is_path_type(hints.get(f.name)):
             names.add(name)
             fallback = getattr(default, f.name)
+            if recorded is None:  # nothing read: a --path for it is not this segment's
+                continue
             if name in given:
                 changes[f.name] = given[name]
             else:
-                if name != "work_dir" and recorded is not None and recorded != fallback:
+                if name != "work_dir" and recorded != fallback:
                     unconfirmed.append(f"{name}={recorded}")
                 changes[f.name] = fallback
     return dataclasses.replace(cfg, **changes), names
@@ -621,6 +670,10 @@ def _move_aside(work_dir: Path) -> Path:
 
 def _check_work_dir(cfg: RunConfig, ckpt: Path | None, out: Callable[[str], Any]) -> None:
     """Refuse a work dir holding another run, unless this continues it (a checkpoint inside it)."""
+    for p in (cfg.work_dir, *cfg.work_dir.parents):
+        if p.exists() and not p.is_dir():
+            what = "is" if p == cfg.work_dir else f"is inside {p}, which is"
+            raise UsageError(f"--work-dir {cfg.work_dir} {what} a file, not a directory")
     found = existing_run(cfg.work_dir)
     if not found or (ckpt is not None and ckpt.resolve().is_relative_to(cfg.work_dir.resolve())):
         return
@@ -686,11 +739,14 @@ def _horizon_text(max_epochs: Any, max_steps: Any) -> str:
     return f"{max_epochs}-epoch" if max_epochs else f"{max_steps}-step"
 
 
-def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str], bool]:
+def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str], Any]:
     """Check the checkpoint against the fresh state (loads it once: a damaged or mismatched file
     fails here, before anything is written) and say how this run differs from the checkpoint's.
+    A horizon it is past, or an epoch-based run whose schedules would end before it does, is a
+    `UsageError`.
 
-    Returns the notes and whether anything is left to train.
+    Returns the notes and, when nothing is left to train, the loaded state (else None: `fit`
+    loads it again, and one copy of the state is kept).
     """
     from fengine import optim
 
@@ -744,6 +800,7 @@ def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str]
             "run computes (replay re-runs each part with its own horizon)"
         )
     done = plan.done(loaded)
+    end = _end_step(loaded, plan, run) if plan.by_epoch and not done else 0
     past = loaded.epoch > plan.max_epochs if plan.by_epoch else loaded.step > plan.total_steps
     if past:
         raise UsageError(
@@ -756,7 +813,30 @@ def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str]
             f"{path} is the end of its {_horizon_text(plan.max_epochs, plan.total_steps)} run: "
             "nothing to train (give a larger --max-steps or --max-epochs to train on)"
         )
-    return notes, not done
+    elif end > plan.total_steps:
+        why = "; ".join(changed) or "the updates per epoch differ from its run's"
+        raise UsageError(
+            f"{path} is at step {step} (epoch {loaded.epoch}); this {plan.max_epochs}-epoch run "
+            f"plans its schedules over {plan.total_steps} updates ({plan.steps_per_epoch} per "
+            f"epoch) but would train to step {end}, past their end ({why}): resume without that "
+            f"change, or give the horizon in updates (--max-steps {end})"
+        )
+    return notes, loaded if done else None
+
+
+def _end_step(state: Any, plan: Any, run: Mapping[str, Any]) -> int:
+    """The update an epoch-based run resumed at ``state`` ends at: the rest of its epoch (in this
+    world size's batches, as `fit` repartitions it), then the epochs left."""
+    from fengine import distributed
+
+    epoch, batch = state.epoch, state.batch_in_epoch
+    saved_batches, saved_world = run.get("batches_per_epoch"), run.get("world_size")
+    if batch >= (saved_batches if isinstance(saved_batches, int) else plan.batches_per_epoch):
+        epoch, batch = epoch + 1, 0
+    if isinstance(saved_world, int) and saved_world > 0:
+        batch = batch * saved_world // distributed.world_size()
+    rest = max(0, math.ceil((plan.batches_per_epoch - batch) / plan.micro_batches))
+    return state.step + rest + (plan.max_epochs - epoch - 1) * plan.steps_per_epoch
 
 
 def _validated(path: Path, like: Any) -> Any:
@@ -844,9 +924,9 @@ def main(
         if cfg.resuming and ckpt is None:
             out(f"note: no checkpoint in {cfg.work_dir}: starting from scratch")
         exp = build(cfg)
-        left = True
+        ended = None
         if ckpt is not None:
-            notes, left = resume_notes(cfg, exp, ckpt)
+            notes, ended = resume_notes(cfg, exp, ckpt)
             for note in notes:
                 out(note)
         if cfg.dry_run:
@@ -854,10 +934,8 @@ def main(
 
             dryrun.report(cfg, exp, out=out)
             return 0
-        if not left:
-            return 0
-        recipe = _source_of(build)
-        state = train(cfg, exp, ckpt, recipe)
+        # at its end: only finish runs (again, when it was cut short after the last save)
+        state = ended if ended is not None else train(cfg, exp, ckpt, _source_of(build))
         if finish is not None:
             finish(cfg, exp, state)
         return 0

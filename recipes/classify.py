@@ -155,7 +155,11 @@ def datasets(cfg: Config):
         assert cfg.data.root is not None
         return cifar10(cfg.data.root, "train"), cifar10(cfg.data.root, "test"), 3, shift4
     v = cfg.data.val_fraction
-    return digits("train", val_fraction=v), digits("val", val_fraction=v), 1, random_shift
+    train, val = digits("train", val_fraction=v), digits("val", val_fraction=v)
+    for split, part in (("training", train), ("validation", val)):
+        if len(part) == 0:
+            raise cli.UsageError(f"--data.val-fraction {v} leaves no {split} samples")
+    return train, val, 1, random_shift
 
 
 def build(cfg: Config) -> cli.Experiment:

@@ -77,7 +77,9 @@ class DataConfig:
     """ring: 8 Gaussians on a circle in 2-D; digits: sklearn's 8x8 training digits scaled to [-1, 1]"""
     size: Annotated[int, Range(ge=1)] = 4096
     """points in the ring data set, drawn from --seed (digits: always its 1438 training images)"""
-    batch_size: Annotated[int, Range(ge=1)] = 256
+    batch_size: Annotated[
+        int, Range(ge=2, why="the generator's BatchNorm needs 2 samples a batch")
+    ] = 256
     """real samples per step (per process); each part draws as many noise vectors"""
     num_workers: Annotated[int, Range(ge=0, le=64)] = 0
     """loader worker processes (does not change a bit)"""

@@ -1,0 +1,235 @@
+"""fengine.cli defects found by a hunt, each pinned: --load-from with a resume, an epoch resume
+whose schedules end before it does, malformed YAML, finish after a cut-short end, the GAN's
+batch size, and one-line messages naming the argument."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import FAST, classify, parse, run
+
+from fengine import cli
+from fengine.config import to_dict
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_recipe_under_hunt", ROOT / "recipes" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _files(work: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def ended(tmp_path_factory):
+    """A finished 6-step run (3 steps per epoch: checkpoints at 3 and 6)."""
+    work = tmp_path_factory.mktemp("hunt") / "w"
+    assert run(*FAST, "--max-steps", "6", "--work-dir", str(work)) == 0
+    return work
+
+
+@pytest.fixture
+def copy(ended, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(ended, work)
+    return work
+
+
+# ----------------------------------------------------------------------- --load-from with a resume
+@pytest.mark.parametrize("how", ["--resume", "--resume-from"])
+def test_load_from_with_a_resume_is_refused(copy, tmp_path, capsys, how):
+    """The weights were loaded, then replaced by the checkpoint's, yet the run log recorded
+    load_from for the resumed segment (its replay then read that file)."""
+    flags = [how] if how == "--resume" else [how, str(copy / "iter_3.safetensors")]
+    before = _files(copy)
+    weights = copy / "iter_3.safetensors"
+    assert run("--work-dir", str(copy), *flags, "--load-from", str(weights)) == 2
+    err = _one_error(capsys)
+    assert f"--load-from {weights} starts a new run from those weights; {how} continues" in err
+    assert _files(copy) == before and not list(tmp_path.glob("w.old-*"))
+
+
+def test_a_config_files_load_from_is_not_taken_on_resume(copy, tmp_path):
+    """The run's own config.json (it started from --load-from) is a natural --config for its
+    resume: the checkpoint has the weights, so the file's load_from is dropped, not refused."""
+    path = tmp_path / "c.json"
+    saved = json.loads((copy / "config.json").read_text())
+    path.write_text(json.dumps({**saved, "load_from": str(copy / "iter_3.safetensors")}))
+    cfg, _ = parse("--work-dir", str(copy), "--resume", "--config", str(path))
+    assert cfg.load_from is None
+    assert parse("--config", str(path))[0].load_from == copy / "iter_3.safetensors"  # fresh: kept
+
+
+def test_replay_path_applies_only_to_segments_that_recorded_it(tmp_path):
+    """``--path load_from=X`` confirms segment 1's file; a resumed segment that recorded none
+    was rebuilt loading X too."""
+    weights = tmp_path / "w.safetensors"
+    horizon = {"max_epochs": None, "max_steps": 30}
+    none = cli.from_record(classify.Config, to_dict(classify.Config()), **horizon,
+                           paths={"load_from": str(weights)})  # fmt: skip
+    assert none.load_from is None
+    recorded = {**to_dict(classify.Config()), "load_from": "/elsewhere/w.safetensors"}
+    given = cli.from_record(classify.Config, recorded, **horizon, paths={"load_from": str(weights)})
+    assert given.load_from == weights
+
+
+# ----------------------------------------------------------------------- epoch resume, other plan
+def test_an_epoch_resume_whose_schedules_end_before_it_does_is_refused(tmp_path, capsys):
+    """Epoch 1 of 3 updates, resumed for 2 epochs with --accumulate 3 (1 update an epoch): the
+    schedules were planned over 2 updates from step 3 on (the cosine ran past its end) and the
+    note said "re-planned over 2 updates from step 3 on"."""
+    work = tmp_path / "w"
+    assert run(*FAST, "--max-epochs", "1", "--work-dir", str(work)) == 0
+    before = _files(work)
+    assert run("--work-dir", str(work), "--resume", "--max-epochs", "2", "--accumulate", "3") == 2
+    err = _one_error(capsys)
+    assert (
+        f"{work / 'epoch_1.safetensors'} is at step 3 (epoch 1); this 2-epoch run plans its "
+        "schedules over 2 updates (1 per epoch) but would train to step 4, past their end "
+        "(accumulate 1 -> 3): resume without that change, or give the horizon in updates "
+        "(--max-steps 4)"
+    ) in err
+    assert _files(work) == before
+    # the way out it names
+    assert run("--work-dir", str(work), "--resume", "--max-steps", "4", "--accumulate", "3") == 0
+    assert (work / "iter_4.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------- YAML
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "max_steps: 3\nmodel: {width: 4\n",
+            "expected ',' or '}', but got '<stream end>' at line 3",
+        ),
+        ("max_steps: !!python/name:os.system\n", "could not determine a constructor for the tag"),
+    ],
+)
+def test_a_malformed_yaml_config_is_one_line_naming_the_file(tmp_path, capsys, text, problem):
+    """It was exit 1 with PyYAML's multi-line message, not naming the file."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert run("--config", str(path), "--work-dir", str(tmp_path / "w")) == 2
+    err = _one_error(capsys)
+    assert f"error: --config {path}: not valid YAML: {problem}" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_yaml_config_without_pyyaml_names_the_file_once(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    assert run("--config", str(path), "--work-dir", str(tmp_path / "w")) == 2
+    assert _one_error(capsys).count(f"--config {path}") == 1
+
+
+# ----------------------------------------------------------------------- finish after the end
+def test_a_resume_with_nothing_left_to_train_still_finishes(copy):
+    """finish (final evaluation, samples) cut short after the last checkpoint never ran again:
+    the resume said "nothing to train" and exited 0."""
+    before, finished = _files(copy), []
+    notes: list[str] = []
+    code = cli.main(classify.Config, classify.build, presets=classify.PRESETS,
+                    finish=lambda cfg, exp, state: finished.append(state.step),
+                    argv=["--work-dir", str(copy), "--resume"], out=notes.append)  # fmt: skip
+    assert code == 0 and finished == [6]
+    assert any("nothing to train" in n for n in notes) and _files(copy) == before
+
+
+def test_gpt_writes_its_sample_on_a_resume_after_the_end(tmp_path):
+    gpt = _load("gpt")
+    work = tmp_path / "w"
+    argv = ["--preset", "tiny", "--max-steps", "2", "--sample.tokens", "20", "--work-dir",
+            str(work), "--no-tensorboard", "--no-progress"]  # fmt: skip
+
+    def main(*argv: str) -> int:
+        return cli.main(gpt.Config, gpt.build, presets=gpt.PRESETS, finish=gpt.finish,
+                        argv=list(argv), out=lambda _: None)  # fmt: skip
+
+    assert main(*argv) == 0
+    sample = (work / "samples.txt").read_text()
+    (work / "samples.txt").unlink()  # as if interrupted while sampling
+    assert main("--work-dir", str(work), "--resume", "--no-progress") == 0
+    assert (work / "samples.txt").read_text() == sample
+
+
+# ----------------------------------------------------------------------- GAN batch size
+def test_gan_refuses_a_batch_of_one_naming_batchnorm(tmp_path):
+    """A batch of 1 passed the checks, wrote config.json and the logs, then failed at step 1
+    with torch's BatchNorm error naming no flag."""
+    gan = _load("gan")
+    with pytest.raises(cli.UsageError) as e:
+        cli.parse(gan.Config, ["--data.batch-size", "1", "--work-dir", str(tmp_path / "w")])
+    assert str(e.value) == (
+        "--data.batch-size must be >= 2, got 1 (the generator's BatchNorm needs 2 samples a batch)"
+    )
+    assert cli.Range(ge=2, why="because").problem(1) == "must be >= 2, got 1 (because)"
+
+
+# ----------------------------------------------------------------------- messages
+def test_an_out_of_range_config_value_names_the_file(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"max_steps": 3, "optim": {"lr": -1}}))
+    work = str(tmp_path / "w")
+    assert run("--config", str(path), "--work-dir", work) == 2
+    assert f"error: --config {path}: optim.lr must be > 0, got -1.0" in _one_error(capsys)
+    assert run("--config", str(path), "--work-dir", work, "--optim.lr", "-2") == 2
+    assert "error: --optim.lr must be > 0, got -2.0" in _one_error(capsys)  # the flag's own
+    cfg, _ = parse("--config", str(path), "--work-dir", work, "--optim.lr", "0.1")
+    assert cfg.optim.lr == 0.1  # a flag overriding the file's value is no error
+
+
+def test_a_work_dir_that_is_a_file_says_so(tmp_path, capsys):
+    path = tmp_path / "F"
+    path.write_text("mine\n")
+    assert run(*FAST, "--max-steps", "1", "--work-dir", str(path)) == 2
+    assert f"--work-dir {path} is a file, not a directory" in _one_error(capsys)
+    assert run(*FAST, "--max-steps", "1", "--work-dir", str(path / "sub")) == 2
+    assert f"--work-dir {path / 'sub'} is inside {path}, which is a file" in _one_error(capsys)
+    assert path.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("where", ["dir", "/dev/null"])
+def test_resume_from_something_not_a_file_says_so(tmp_path, capsys, where):
+    target = tmp_path if where == "dir" else Path(where)
+    assert run("--work-dir", str(tmp_path / "w"), "--resume-from", str(target)) == 2
+    err = _one_error(capsys)
+    assert f"--resume-from {target}: not a regular file (expected a checkpoint file)" in err
+
+
+def test_a_checkpoint_fallback_is_one_warning_line(copy, capsys):
+    (copy / "last_checkpoint").unlink()
+    assert run("--work-dir", str(copy), "--resume") == 0  # at its end: nothing to train
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {copy / 'last_checkpoint'} does not exist; falling back to ")
+    assert err.count("\n") == 1 and "UserWarning" not in err
+
+
+@pytest.mark.parametrize(("value", "split"), [("0.9999", "training"), ("0.0001", "validation")])
+def test_a_val_fraction_leaving_a_split_empty_names_the_flag(tmp_path, capsys, value, split):
+    assert run(*FAST, "--max-steps", "1", "--work-dir", str(tmp_path / "w"),
+               "--data.val-fraction", value) == 2  # fmt: skip
+    assert f"--data.val-fraction {value} leaves no {split} samples" in _one_error(capsys)
+    assert not (tmp_path / "w").exists()
