@@ -87,6 +87,9 @@ def compile_options(value: Any) -> dict[str, Any] | None:
             raise ValueError(
                 f"compile: unknown torch.compile options {unknown}; expected some of {list(_OPTIONS)}"
             )
+        guards = value.get("guards", False)
+        if not isinstance(guards, bool):
+            raise TypeError(f"compile: guards must be True or False, got {guards!r}")
         return dict(value)
     raise TypeError(
         f"compile must be a bool or a dict of torch.compile options ({', '.join(_OPTIONS)}), got {value!r}"

@@ -550,6 +550,8 @@ def test_guards_true_follows_a_global_the_loss_reads():
     assert float(mb["loss"]) == 0.0 and counter.graphs == 2  # one recompile, for the new value
     with pytest.raises(ValueError, match="unknown torch.compile options"):
         fe.train_step(loss, optim.sgd(0.1), compile={"guard": True})
+    with pytest.raises(TypeError, match="compile: guards must be True or False, got 'no'"):
+        fe.train_step(loss, optim.sgd(0.1), compile={"guards": "no"})
 
 
 def test_a_scheduled_decay_term_compiles_to_one_graph():
@@ -557,3 +559,32 @@ def test_a_scheduled_decay_term_compiles_to_one_graph():
     schedule's tensor was data-dependent control flow)."""
     wd = schedules.linear(1e-2, start_factor=1.0, end_factor=0.0, end=5)  # 0 from step 4 on
     _one_graph_near_eager(lambda: optim.chain(optim.add_decayed_weights(wd), optim.sgd(LR)))
+
+
+def test_sgd_momentum_that_drops_to_zero_keeps_its_buffer_as_torch():
+    """An update with momentum 0 steps by the gradient and leaves the buffer as it is (torch keeps
+    it and continues from it); the compiled step blended in the gradient, differing by ~0.1."""
+    mom = lambda t: 0.9 * (t != 2)  # noqa: E731  (torch ops on a step tensor: traceable)
+    counter = Counter()
+    step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=mom, dampening=0.3),
+                         compile={"backend": counter})  # fmt: skip
+    state = step.init(mlp())
+    model = mlp()
+    ref = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.3)
+    for t, batch in enumerate(mlp_batches(5)):
+        state, _ = step(state, batch)
+        ref.param_groups[0]["momentum"] = mom(t)
+        ref.zero_grad()
+        ce_loss(model, batch).backward()
+        ref.step()
+    assert step._compiled is not None and step._compiled.fallback_reason is None
+    assert counter.graphs == 1
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(state.params[n], p.detach(), **TOL)
+
+
+def test_sgd_momentum_schedule_from_zero_runs_eagerly_saying_why():
+    mom = schedules.linear(0.9, start_factor=0.0, end_factor=1.0, end=3)
+    step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=mom), compile={"backend": Counter()})
+    with pytest.warns(CompileFallbackWarning, match="sgd's momentum schedule starts at 0"):
+        step(step.init(mlp()), mlp_batches(1)[0])

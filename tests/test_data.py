@@ -401,7 +401,9 @@ def test_image_preprocessor_refuses_a_list_of_bare_images_and_keeps_image_mask_p
     ref = ImgDataPreprocessor(mean=[127.5], std=[127.5])({"inputs": list(images)})["inputs"]
     assert torch.equal(every, ref) and every.shape == (3, 1, 2, 2)
     with pytest.raises(TypeError, match="inputs='all' takes a batch that is a sequence of image"):
-        fd.ImagePreprocessor(inputs="all")({"inputs": images[0]}, False)
+        fd.ImagePreprocessor(inputs="all")(images[0][0].tolist(), False)
+    keyed = fd.ImagePreprocessor([127.5], [127.5], inputs="all")({"all": every}, False)
+    assert torch.equal(keyed["all"], (every - 127.5) / 127.5)  # a mapping's key "all" stays a key
 
 
 def test_image_preprocessor_augment_only_in_training_with_callers_generator():

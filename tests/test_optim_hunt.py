@@ -72,6 +72,26 @@ def test_clip_state_checkpoint_round_trip(dtype, tmp_path):
     assert step.init(_linear(dtype), seed=0).opt_state[0].grad_norm.dtype == dtype
 
 
+def test_clip_state_keeps_its_dtype_when_a_wider_param_has_no_gradient(tmp_path):
+    """A bf16 body with a float32 head the loss does not reach: the step's norm is bf16, the state's
+    float32 (promoted over the params); the state keeps its dtype, so a checkpoint loads."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 2).bfloat16(), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1))
+    step = fe.train_step(lambda m, b: m(b).float().pow(2).mean(), tx)
+    state, _ = step(step.init(Model(), seed=0), torch.randn(3, 4).bfloat16())
+    assert state.opt_state[0].grad_norm.dtype == torch.float32
+    path = checkpoint.save(str(tmp_path / "c.safetensors"), state)
+    checkpoint.load(path, like=step.init(Model(), seed=0))
+
+
 # ---------------------------------------------------------------- complex params
 @pytest.mark.parametrize("make", [optim.adam, optim.adamw, optim.rmsprop, optim.adagrad])
 def test_complex_params_refused_at_init(make):

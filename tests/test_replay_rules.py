@@ -13,6 +13,7 @@ import pytest
 import replay_recipe
 import torch
 
+import fengine as fe
 from fengine import checkpoint
 from fengine.replay import ReplayError, read_log, replay, state_digest
 
@@ -354,3 +355,31 @@ def test_a_resume_that_changed_accumulate_is_on_the_path(tmp_path):
     ok, out = _replay(work)
     assert ok, out
     assert "segment 3: steps 15-20" in out
+
+
+@pytest.mark.parametrize(("horizon", "averages"), [({"max_epochs": 2}, 2), ({"max_steps": 7}, 3)])
+def test_replay_averages_buffers_where_fit_does(horizon, averages, monkeypatch):
+    """Under torchrun, `fit` averages the ranks' buffers at each epoch end and before an
+    iteration-based validation (not again before an epoch-end one); replay does the same, once
+    each (it averaged twice at an epoch end with a validation: over 3 ranks that changes bits)."""
+    from types import SimpleNamespace
+
+    from fengine import distributed
+    from fengine.replay.log import Segment
+    from fengine.replay.run import Leg, Progress, run_leg
+
+    calls: list[int] = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "sync_buffers", lambda buffers: calls.append(1))
+    exp = replay_recipe.build(replay_recipe.Config(**horizon))
+    val = fe.Val(
+        exp.train_data, [fe.metrics.Accuracy()], interval=3 if "max_steps" in horizon else 1
+    )
+    exp = SimpleNamespace(state=exp.state, step=exp.step, train_data=exp.train_data, val=val)
+    p = fe.plan(exp.train_data, **horizon)
+    total = {"max_epochs": None, "max_steps": None, **horizon, "total_steps": p.total_steps}
+    leg = Leg(Segment(1, 1, {"start": {"step": 0, "epoch": 0, "batch_in_epoch": 0},
+                             "horizon": total}, []), None)  # fmt: skip
+    stop = (p.total_steps, 2, 0) if "max_epochs" in horizon else (7, 0, 7)
+    run_leg(exp.state, exp, leg, stop, {}, Progress(lambda s: None, 0, p.total_steps, tty=False))
+    assert len(calls) == averages

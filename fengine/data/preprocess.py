@@ -166,7 +166,7 @@ class ImagePreprocessor:
     def _image_slot(self, batch: Any) -> str | int | None:
         if isinstance(batch, torch.Tensor):
             return None
-        if self.inputs == ALL:
+        if self.inputs == ALL and not isinstance(batch, Mapping):  # a mapping's key "all" is one
             if not isinstance(batch, (list, tuple)) or not all(
                 isinstance(x, torch.Tensor) for x in batch
             ):

@@ -77,7 +77,7 @@ def _zeros(params, names=None):
 
 
 def _pick(d, grads):
-    if torch.compiler.is_compiling():  # dynamo warns on an lru_cache'd call; tracing costs nothing
+    if torch.compiler.is_compiling():  # dynamo calls no itemgetter (nor, quietly, an lru_cache)
         return [d[n] for n in grads]
     return picker(tuple(grads))(d)
 
@@ -240,6 +240,9 @@ def sgd(
             f"sgd: nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum}, dampening={dampening}"
         )
     uses_momentum = callable(momentum) or momentum != 0
+    # torch starts the buffers at the first update with momentum != 0: the compiled step starts
+    # them at update 0, so a schedule from 0 runs eagerly (the traced branch raises)
+    momentum_from_zero = callable(momentum) and float(resolve(momentum, 0)) == 0
 
     def init_fn(params):
         if fused:
@@ -257,6 +260,12 @@ def sgd(
     def apply_fn(grads, state, params, *, step=None):
         lr_t, mom, wd = hypers(state.num_updates if step is None else step)
         if isinstance(state.num_updates, torch.Tensor):  # a compiled step: tensor counters
+            if momentum_from_zero:
+                raise TypeError(
+                    "compiled step: sgd's momentum schedule starts at 0 (torch starts the "
+                    "buffers at its first non-zero value, which the compiled step does not track "
+                    "yet); use compile=False for it"
+                )
             wd_on = callable(weight_decay) or weight_decay != 0
             _sgd_traced(
                 grads,
@@ -542,8 +551,14 @@ def _sgd_traced(grads, state, params, lr_t, mom, wd, dampening, nesterov, maximi
         if name in state.momentum_buffer:
             buf = state.momentum_buffer[name]
             starts = state.num_updates == state.missed[name] if name in state.missed else first
-            buf.copy_(torch.where(starts, d, buf * mom + d * (1 - dampening)))
-            d = d + buf * mom if nesterov else buf
+            moving = torch.where(starts, d, buf * mom + d * (1 - dampening))
+            if isinstance(mom, torch.Tensor):  # scheduled: an update with momentum 0 leaves the
+                on = mom != 0  # buffer as it is and steps by d (as torch)
+                buf.copy_(torch.where(on, moving, buf))
+                d = torch.where(on, d + buf * mom if nesterov else buf, d)
+            else:  # a constant momentum (a buffer exists: it is not 0)
+                buf.copy_(moving)
+                d = d + buf * mom if nesterov else buf
         p.sub_(d * lr_t)
 
 

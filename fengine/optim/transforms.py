@@ -48,7 +48,10 @@ def global_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Te
 def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[tuple[torch.device, list]]:
     """``tensors`` grouped by (device, dtype) as ``clip_grad_norm_`` groups them (in the order
     the groups first appear): it stacks the per-tensor norms in that order."""
-    groups = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
+    if torch.compiler.is_compiling():  # dynamo knows torch's wrapper
+        groups = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
+    else:  # its C function: the wrapper's no_grad decorator costs more than the grouping
+        groups = torch._C._group_tensors_by_device_and_dtype([tensors], False)  # type: ignore[list-item]
     return [(device, ts) for (device, _), ([ts], _) in groups.items()]
 
 
@@ -109,6 +112,11 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for device, g in groups:  # per group, as clip_grad_norm_ (one kernel per dtype)
             torch._foreach_mul_(g, coef.to(device))
+        # kept in the state's dtype: the grads present this step (a wider param without one)
+        # may give the norm another, and a checkpoint of the state must load into a fresh one
+        kept = state.grad_norm
+        if total.dtype != kept.dtype or total.device != kept.device:
+            total = total.to(kept.device, kept.dtype)
         return grads, ClipByGlobalNormState(total)
 
     return GradientTransformation(init_fn, update_fn)

@@ -359,7 +359,11 @@ def run_leg(
         if tick.event == "after_train_epoch":
             distributed.sync_buffers(tick.state.buffers)  # as `fit` (MMEngine's SyncBuffersHook)
         digest(pos, tick.state)
-        if interval and _validation_due(tick.event, tick.state, p, val, interval):  # type: ignore[arg-type]
+        if (
+            interval
+            and tick.event == "after_train_iter"  # at an epoch end the average above did it
+            and _validation_due(tick.event, tick.state, p, val, interval)  # type: ignore[arg-type]
+        ):
             # `fit` validates here, averaging the ranks' buffers first (before_val_epoch)
             if pos == stop:  # a checkpoint from before it may be the one a resume read
                 own = {k: b.clone() for k, b in tick.state.buffers.items()}
@@ -379,9 +383,10 @@ def run_leg(
 
 
 def _resumed(states: list[TrainState], before: Leg, leg: Leg, at: Pos) -> tuple[TrainState, bool]:
-    """Of the states at the position ``leg`` resumed from (under torchrun: before and after a
-    validation's buffer averaging), the one its file held; and whether `fit`'s resume then ran that
-    validation, averaging the buffers again. Rank 0 has the digests and decides for every rank."""
+    """Of the states at the position ``leg`` resumed from (under torchrun, where an iteration-based
+    validation followed: before and after its buffer average), the one its file held; and whether
+    `fit`'s resume then ran that validation, averaging the buffers again (it did when the file was
+    written before it). Rank 0 has the digests and decides for every rank."""
     choice = (len(states) - 1, False)
     if distributed.is_main() and len(states) > 1:
         name = leg.seg.record["resumed_from"]
@@ -390,8 +395,11 @@ def _resumed(states: list[TrainState], before: Leg, leg: Leg, at: Pos) -> tuple[
         ]
         digests = [state_digest(s) for s in states]
         if held and held[-1] in digests:
-            i = digests.index(held[-1])
-            choice = (i, i < len(states) - 1)
+            if digests[0] != digests[-1]:
+                i = digests.index(held[-1])
+                choice = (i, i == 0)
+            else:  # the average changed nothing: a file written once there was written before it
+                choice = (0, len(held) == 1)
     i, validated = distributed.gather_objects(choice)[0]
     return states[i], validated
 
@@ -493,8 +501,8 @@ def _reported_by_main(report_: Callable[[], bool]) -> bool:
     if distributed.is_main():
         try:
             outcome = report_()
-        except (ReplayError, checkpoint.CheckpointError) as e:
-            outcome, error = str(e), e
+        except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
+            outcome, error = f"{type(e).__name__}: {e}", e
     shared = distributed.gather_objects(outcome)[0]
     if error is not None:
         raise error
