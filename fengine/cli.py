@@ -917,18 +917,20 @@ def main(
     prog = Path(sys.argv[0]).name or "recipe"
     import fengine as fe
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 says the notes once
+    say = out if main_rank else (lambda line: None)
     try:
         cfg, ckpt = parse(cls, argv, presets=presets, description=description)
-        if os.environ.get("RANK", "0") == "0":
+        if main_rank:
             _check_work_dir(cfg, ckpt, out)
         if cfg.resuming and ckpt is None:
-            out(f"note: no checkpoint in {cfg.work_dir}: starting from scratch")
+            say(f"note: no checkpoint in {cfg.work_dir}: starting from scratch")
         exp = build(cfg)
         ended = None
         if ckpt is not None:
             notes, ended = resume_notes(cfg, exp, ckpt)
             for note in notes:
-                out(note)
+                say(note)
         if cfg.dry_run:
             from fengine import dryrun
 
@@ -948,7 +950,8 @@ def main(
         print(f"{prog}: error: {busy}", file=sys.stderr)
         return 2
     except fe.Preempted as stopped:  # a checkpoint was saved: resume with --resume
-        print(stopped, file=sys.stderr)
+        if main_rank:
+            print(stopped, file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -329,6 +329,15 @@ def test_resume_with_a_longer_horizon_says_what_it_does(trained, tmp_path):
     )
     assert "re-planned over 9 updates from step 6 on" in note
     assert "not what a straight 9-step run computes" in note
+    # under torchrun only rank 0 says them (each rank said them)
+    other = tmp_path / "rank1"
+    shutil.copytree(trained, other)
+    quiet: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANK", "1")
+        assert run("--work-dir", str(other), "--resume", "--max-steps", "9", "--optim.lr", "0.001",
+                   "--no-progress", out=quiet) == 0  # fmt: skip
+    assert not [n for n in quiet if n.startswith("note")]
     # the lr it names: the last update's (the 6-step cosine at step 5) and the next (9-step at 6)
     cfg6 = parse(*FAST, "--max-steps", "6")[0]
     lr6 = classify.build(cfg6).hyperparams["lr"]
