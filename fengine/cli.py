@@ -441,8 +441,9 @@ def _resume_path(cfg: RunConfig) -> Path | None:
     with warnings.catch_warnings(record=True) as said:  # a fallback: one line, not a warning's two
         warnings.simplefilter("always")
         path = checkpoint.latest(cfg.work_dir)
-    for w in said:
-        print(f"warning: {w.message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank looks: rank 0 says it
+        for w in said:
+            print(f"warning: {w.message}", file=sys.stderr)
     return path
 
 

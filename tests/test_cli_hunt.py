@@ -225,6 +225,10 @@ def test_a_checkpoint_fallback_is_one_warning_line(copy, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {copy / 'last_checkpoint'} does not exist; falling back to ")
     assert err.count("\n") == 1 and "UserWarning" not in err
+    with pytest.MonkeyPatch.context() as mp:  # under torchrun, the other ranks stay quiet
+        mp.setenv("RANK", "1")
+        assert run("--work-dir", str(copy), "--resume") == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(("value", "split"), [("0.9999", "training"), ("0.0001", "validation")])
