@@ -340,6 +340,7 @@ def _mmengine_lines(
             timer.after_val_iter(runner, i)
             logger.after_val_iter(runner, i)
         hub.update_scalar("val/accuracy", 12.5 * len(done))  # RuntimeInfoHook
+        hub.update_scalar("val/loss", 1.0 / len(done))  # a loss: averaged over validations
         logger.after_val_epoch(runner, {})
         timer.after_val_epoch(runner)
 
@@ -401,7 +402,7 @@ def _fengine_lines(
 
     def acc():
         done.append(1)
-        return {"accuracy": 12.5 * len(done)}
+        return {"accuracy": 12.5 * len(done), "loss": 1.0 / len(done)}
 
     if not by_epoch:
         drv.emit("before_train_epoch")
@@ -1804,3 +1805,18 @@ def test_a_tracker_of_your_own_keeps_its_state_under_its_class_name():
 
     assert Mem().name == "mem" and Logger().name == "logger" and TensorBoard().name == "tensorboard"
     assert Logger(name="second").name == "second"
+
+
+def test_validation_results_history_is_checkpointed_and_checked():
+    """MMEngine checkpoints its MessageHub's val scalars: a resumed run averages a validation
+    ``loss`` over the passes before the checkpoint too."""
+    before = Logger(json_file=None, env=False)
+    for loss in (1.0, 0.5):
+        before._eval_scalars("val", {"loss": loss, "n": 3})
+    state = json.loads(json.dumps(before.state_dict()))  # as a checkpoint's metadata holds it
+    after = Logger(json_file=None, env=False)
+    after.load_state_dict(state)
+    tag = after._eval_scalars("val", {"loss": 0.3, "n": 4})
+    assert tag["loss"] == pytest.approx((1.0 + 0.5 + 0.3) / 3) and tag["n"] == 4
+    with pytest.raises(ValueError, match="expected {'val': {key: series}}, got 3"):
+        after.load_state_dict({"train": {}, "val": 3})

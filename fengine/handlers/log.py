@@ -578,6 +578,7 @@ class _TrainScalars(Handler):
         self.stats = stats
         self.mean_pattern = mean_pattern
         self._train = ScalarHistory(window_size, stats, mean_pattern)
+        self._results: dict[str, ScalarHistory] = {}  # per eval phase: one value per pass
         self._rows: list[tuple[Mapping[str, Any], tuple[float, float] | None]] = []
         self._rename: dict[str, str | None] = {}
         self._parts: frozenset[str] | None = None  # a multi_step's part names (its lrs' names)
@@ -592,6 +593,7 @@ class _TrainScalars(Handler):
     def on_before_run(self, snap: Snapshot) -> None:
         self._active = _rank() == 0
         self._train = ScalarHistory(self.window_size, self.stats, self.mean_pattern)
+        self._results = {}
         self._rows = []
         self._rename = {}
         self._parts = None
@@ -614,12 +616,41 @@ class _TrainScalars(Handler):
         if not self._is_active():
             return {}
         self._absorb()
-        return {"train": self._train.state()}
+        return {"train": self._train.state(),
+                **{phase: hist.state() for phase, hist in self._results.items()}}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or not isinstance(state.get("train"), Mapping):
             raise ValueError(f"expected {{'train': {{key: series}}}}, got {type(state).__name__}")
         self._train.load_state(state["train"])
+        for phase in ("val", "test"):  # checkpoints before these were kept have none
+            saved = state.get(phase)
+            if saved is not None:
+                if not isinstance(saved, Mapping):
+                    raise ValueError(f"expected {{'{phase}': {{key: series}}}}, got {saved!r}")
+                self._results_of(phase).load_state(saved)
+
+    def _results_of(self, phase: str) -> ScalarHistory:
+        hist = self._results.get(phase)
+        if hist is None:
+            hist = self._results[phase] = ScalarHistory(
+                self.window_size, self.stats, self.mean_pattern
+            )
+        return hist
+
+    def _eval_scalars(self, phase: str, results: Mapping[str, Any]) -> dict[str, Any]:
+        """A pass's scalar results as MMEngine's LogProcessor gives them (its ``_collect_scalars``
+        in val/test mode): each pass adds one value per key; keys matching ``mean_pattern`` (a
+        ``loss``) are averaged over the last ``window_size`` passes, the others are this pass's,
+        and the custom `Stat`s apply to the keys they name."""
+        hist = self._results_of(phase)
+        for key, value in results.items():
+            hist.append(key, value)
+        tag = hist.collect()
+        for key, value in results.items():  # this pass's own value, as given (an int stays one)
+            if not hist.pattern.search(key):
+                tag[key] = value
+        return tag
 
     def _key(self, key: str, metrics: Mapping[str, Any]) -> str | None:
         """The name a metric of an update's ``metrics`` is logged under (None drops it): the lr of
@@ -1049,7 +1080,7 @@ class Logger(_TrainScalars):
         results = _host_items(snap.metrics)
         # MMEngine's order: scalar results, then the others (a confusion matrix on its own
         # lines), then the pass's mean data_time and time
-        items = {k: v for k, v in results.items() if _is_number(v)}
+        items = self._eval_scalars(snap.phase, {k: v for k, v in results.items() if _is_number(v)})
         items.update((k, v) for k, v in results.items() if not _is_number(v))
         hist = self._eval.get(snap.phase)
         if hist is not None:

@@ -153,7 +153,9 @@ class Tracker(_TrainScalars):
     def _after_eval_epoch(self, snap: Snapshot) -> None:
         if self._is_active():
             results = _host_items(snap.metrics)
-            scalars = {f"{snap.phase}/{k}": float(v) for k, v in results.items() if _is_number(v)}
+            numbers = {k: v for k, v in results.items() if _is_number(v)}
+            tag = self._eval_scalars(snap.phase, numbers)  # as the Logger's (MMEngine's val tag)
+            scalars = {f"{snap.phase}/{k}": float(v) for k, v in tag.items()}
             if self.timer is not None:  # the pass's mean times, as MMEngine's val tag has them
                 for key in ("data_time", "time"):
                     value = self.timer.mean(key, snap.phase, "epoch")
