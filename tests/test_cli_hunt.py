@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from test_cli import FAST, classify, parse, run
 
+import fengine as fe
 from fengine import cli
 from fengine.config import to_dict
 
@@ -237,3 +238,18 @@ def test_a_val_fraction_leaving_a_split_empty_names_the_flag(tmp_path, capsys, v
                "--data.val-fraction", value) == 2  # fmt: skip
     assert f"--data.val-fraction {value} leaves no {split} samples" in _one_error(capsys)
     assert not (tmp_path / "w").exists()
+
+
+def test_end_step_counts_the_rest_of_the_epoch_in_this_world_sizes_batches():
+    """`fit` repartitions a 2-process position (batch b of 45 per rank) to batch 2b of 90 in one
+    process; the resumed run ends after the rest of that epoch and the epochs left."""
+    from types import SimpleNamespace
+
+    plan = fe.plan(list(range(90)), max_epochs=3)  # one process: 90 updates an epoch
+    saved = {"batches_per_epoch": 45, "world_size": 2}
+    mid = SimpleNamespace(step=80, epoch=1, batch_in_epoch=35)  # 45 + 35 updates at 2 ranks
+    assert cli._end_step(mid, plan, saved) == 80 + (90 - 70) + 90
+    end = SimpleNamespace(step=90, epoch=1, batch_in_epoch=45)  # the epoch's last batch
+    assert cli._end_step(end, plan, saved) == 90 + 90
+    same = SimpleNamespace(step=100, epoch=1, batch_in_epoch=10)  # saved by one process
+    assert cli._end_step(same, plan, {"batches_per_epoch": 90, "world_size": 1}) == 100 + 80 + 90
