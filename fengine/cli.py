@@ -74,7 +74,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import torch
 
-from fengine import checkpoint
+from fengine import checkpoint, distributed
 from fengine.allocator import steady_cpu_allocations
 from fengine.config import from_dict, to_dict
 
@@ -441,7 +441,7 @@ def _resume_path(cfg: RunConfig) -> Path | None:
     with warnings.catch_warnings(record=True) as said:  # a fallback: one line, not a warning's two
         warnings.simplefilter("always")
         path = checkpoint.latest(cfg.work_dir)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank looks: rank 0 says it
+    if distributed.launched_rank() == 0:  # under torchrun every rank looks: rank 0 says it
         for w in said:
             print(f"warning: {w.message}", file=sys.stderr)
     return path
@@ -801,7 +801,7 @@ def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str]
             "run computes (replay re-runs each part with its own horizon)"
         )
     done = plan.done(loaded)
-    end = _end_step(loaded, plan, run) if plan.by_epoch and not done else 0
+    end = _end_step(loaded, plan, run, path) if plan.by_epoch and not done else 0
     past = loaded.epoch > plan.max_epochs if plan.by_epoch else loaded.step > plan.total_steps
     if past:
         raise UsageError(
@@ -825,19 +825,15 @@ def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str]
     return notes, loaded if done else None
 
 
-def _end_step(state: Any, plan: Any, run: Mapping[str, Any]) -> int:
+def _end_step(state: Any, plan: Any, run: Mapping[str, Any], path: Path) -> int:
     """The update an epoch-based run resumed at ``state`` ends at: the rest of its epoch (in this
-    world size's batches, as `fit` repartitions it), then the epochs left."""
-    from fengine import distributed
+    world size's batches: `fit`'s `fengine.loop.repartition`), then the epochs left."""
+    from fengine.loop import repartition
 
-    epoch, batch = state.epoch, state.batch_in_epoch
-    saved_batches, saved_world = run.get("batches_per_epoch"), run.get("world_size")
-    if batch >= (saved_batches if isinstance(saved_batches, int) else plan.batches_per_epoch):
-        epoch, batch = epoch + 1, 0
-    if isinstance(saved_world, int) and saved_world > 0:
-        batch = batch * saved_world // distributed.world_size()
-    rest = max(0, math.ceil((plan.batches_per_epoch - batch) / plan.micro_batches))
-    return state.step + rest + (plan.max_epochs - epoch - 1) * plan.steps_per_epoch
+    at = repartition(state, run.get("world_size", 1), distributed.world_size(), path,
+                     run.get("batches_per_epoch"))  # fmt: skip
+    rest = max(0, math.ceil((plan.batches_per_epoch - at.batch_in_epoch) / plan.micro_batches))
+    return at.step + rest + (plan.max_epochs - at.epoch - 1) * plan.steps_per_epoch
 
 
 def _validated(path: Path, like: Any) -> Any:
@@ -918,7 +914,7 @@ def main(
     prog = Path(sys.argv[0]).name or "recipe"
     import fengine as fe
 
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 says the notes once
+    main_rank = distributed.launched_rank() == 0  # under torchrun, rank 0 says the notes once
     say = out if main_rank else (lambda line: None)
     try:
         cfg, ckpt = parse(cls, argv, presets=presets, description=description)

@@ -741,15 +741,10 @@ def _resume(
         raise checkpoint.CheckpointError(f"{path}: {e}") from e
     # a donating step consumes the state it is given: the file is read into its tensors
     given = state
-    try:
-        state = checkpoint.load(path, like=state, into=step.donate)
-    except checkpoint.CheckpointMismatchError as e:
-        state = _load_without_base_lr(path, state, step, e) or load_adding_wrappers(
-            path, state, step, e
-        )
+    state = load_as_resumed(path, state, step)
     if step.donate and not given.is_donated:
         given._mark_donated("fit(resume=...)")
-    state = _repartition(state, saved_run.get("world_size", 1), run.world_size, path,
+    state = repartition(state, saved_run.get("world_size", 1), run.world_size, path,
                          saved_run.get("batches_per_epoch"))  # fmt: skip
     run = dataclasses.replace(run, start_step=state.step)
     log.info(
@@ -783,6 +778,21 @@ _MOMENTS = ("before_train", "before_train_epoch", "before_train_iter", "after_tr
             "after_val", "after_train")  # fmt: skip
 """Where in the loop a checkpoint was written (its ``moment``): resuming from one written before a
 position's validation runs that validation first, as the uninterrupted run did."""
+
+
+def load_as_resumed(
+    path: Path, like: TrainState, step: Step, *, shown: str | None = None
+) -> TrainState:
+    """``path`` read like ``like`` as `fit` resumes from it (into its tensors with a donating
+    step): a checkpoint that predates ``base_lr`` or lacks a wrapper's state (an EMA added) is
+    completed (``shown``: the name `load_adding_wrappers` gives a temporary copy); any other
+    difference is a `CheckpointMismatchError`."""
+    try:
+        return checkpoint.load(path, like=like, into=step.donate)
+    except checkpoint.CheckpointMismatchError as e:
+        return _load_without_base_lr(path, like, step, e) or load_adding_wrappers(
+            path, like, step, e, shown=shown
+        )
 
 
 def _load_without_base_lr(
@@ -836,7 +846,7 @@ def load_adding_wrappers(
     )
 
 
-def _repartition(
+def repartition(
     state: TrainState, saved: Any, world: int, path: Path, saved_batches: Any = None
 ) -> TrainState:
     """The position in the epoch, in this world size's batches: a run saved by N processes (each at

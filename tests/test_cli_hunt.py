@@ -240,16 +240,24 @@ def test_a_val_fraction_leaving_a_split_empty_names_the_flag(tmp_path, capsys, v
     assert not (tmp_path / "w").exists()
 
 
-def test_end_step_counts_the_rest_of_the_epoch_in_this_world_sizes_batches():
+def test_end_step_counts_the_rest_of_the_epoch_in_this_world_sizes_batches(tmp_path):
     """`fit` repartitions a 2-process position (batch b of 45 per rank) to batch 2b of 90 in one
     process; the resumed run ends after the rest of that epoch and the epochs left."""
-    from types import SimpleNamespace
+    from helpers import mlp
 
     plan = fe.plan(list(range(90)), max_epochs=3)  # one process: 90 updates an epoch
     saved = {"batches_per_epoch": 45, "world_size": 2}
-    mid = SimpleNamespace(step=80, epoch=1, batch_in_epoch=35)  # 45 + 35 updates at 2 ranks
-    assert cli._end_step(mid, plan, saved) == 80 + (90 - 70) + 90
-    end = SimpleNamespace(step=90, epoch=1, batch_in_epoch=45)  # the epoch's last batch
-    assert cli._end_step(end, plan, saved) == 90 + 90
-    same = SimpleNamespace(step=100, epoch=1, batch_in_epoch=10)  # saved by one process
-    assert cli._end_step(same, plan, {"batches_per_epoch": 90, "world_size": 1}) == 100 + 80 + 90
+    state = fe.train_step(lambda m, b: m(b).sum(), fe.optim.sgd(0.1)).init(mlp())
+    path = tmp_path / "step_80.safetensors"  # named in errors only
+
+    def at(step, epoch, batch):
+        return state.replace(step=step, epoch=epoch, batch_in_epoch=batch)
+
+    mid = at(80, 1, 35)  # 45 + 35 updates at 2 ranks
+    assert cli._end_step(mid, plan, saved, path) == 80 + (90 - 70) + 90
+    end = at(90, 1, 45)  # the epoch's last batch
+    assert cli._end_step(end, plan, saved, path) == 90 + 90
+    same = at(100, 1, 10)  # saved by one process
+    assert (
+        cli._end_step(same, plan, {"batches_per_epoch": 90, "world_size": 1}, path) == 100 + 80 + 90
+    )

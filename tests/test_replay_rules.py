@@ -335,11 +335,15 @@ def test_replay_from_a_file_saved_by_another_number_of_processes_converts_its_po
     saved = exp.state.replace(step=3, batch_in_epoch=3)
     path = checkpoint.save(tmp_path / "step_3.safetensors", saved,
                            {"run": {"world_size": 2, "batches_per_epoch": 5}})  # fmt: skip
-    at = SimpleNamespace(state=exp.state, step=exp.step)
-    assert _load_start(path, at, (3, 0, 6)).batch_in_epoch == 6
+
+    def at():  # a fresh state each load: it is read into the state's tensors, as fit resumes
+        fresh = replay_recipe.build(replay_recipe.Config(max_steps=10))
+        return SimpleNamespace(state=fresh.state, step=fresh.step)
+
+    assert _load_start(path, at(), (3, 0, 6)).batch_in_epoch == 6
     with pytest.raises(ReplayError, match=r"batch 6 of epoch 0, but the run log records the resume "
                                           r"there at batch 3"):  # fmt: skip
-        _load_start(path, at, (3, 0, 3))
+        _load_start(path, at(), (3, 0, 3))
 
 
 def test_a_resume_that_changed_accumulate_is_on_the_path(tmp_path):

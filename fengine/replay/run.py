@@ -18,11 +18,11 @@ import torch.utils._pytree as pytree
 from fengine import checkpoint, distributed
 from fengine.loop import (
     Val,
-    _repartition,
     _val_interval,
     _validation_due,
-    load_adding_wrappers,
+    load_as_resumed,
     plan,
+    repartition,
     start_replicas,
     train_steps,
 )
@@ -229,10 +229,7 @@ def _carry(state: TrainState, exp: Any, resumed_from: str | None) -> TrainState:
     torchrun every rank resumed from rank 0's file, so every rank takes rank 0's state."""
     with tempfile.TemporaryDirectory() as d:
         path = checkpoint.save(Path(d) / "carry.safetensors", state, fsync=False)
-        try:
-            carried = checkpoint.load(path, like=exp.state)
-        except checkpoint.CheckpointMismatchError as e:
-            carried = load_adding_wrappers(path, exp.state, exp.step, e, shown=resumed_from)
+        carried = load_as_resumed(path, exp.state, exp.step, shown=resumed_from)
     distributed.broadcast_from_main(
         [x for x in pytree.tree_leaves(carried) if isinstance(x, torch.Tensor)]
     )
@@ -243,15 +240,12 @@ def _load_start(path: Path, exp: Any, begin: Pos) -> TrainState:
     """``--from``'s file as `fit` resumes from it: a wrapper whose state it lacks (an EMA the
     resume added) starts from its weights, and a position saved by another number of processes
     is converted to this one's batches."""
-    try:
-        state = checkpoint.load(path, like=exp.state)
-    except checkpoint.CheckpointMismatchError as e:
-        state = load_adding_wrappers(path, exp.state, exp.step, e)
+    state = load_as_resumed(path, exp.state, exp.step)
     meta = checkpoint.read_meta(path)["meta"]
     saved = meta.get("run") if isinstance(meta, Mapping) else None
     saved = saved if isinstance(saved, Mapping) else {}
     try:
-        state = _repartition(state, saved.get("world_size", 1), distributed.world_size(), path,
+        state = repartition(state, saved.get("world_size", 1), distributed.world_size(), path,
                              saved.get("batches_per_epoch"))  # fmt: skip
     except ValueError as e:
         raise ReplayError(str(e)) from None
@@ -478,10 +472,6 @@ def replay(
         progress.close()
         env.apply(saved)
     assert state is not None
-    if distributed.world_size() == 1:
-        return report(
-            work_dir, sel, seen, state, out, env_differs=bool(differences), carried=carried
-        )
     return _reported_by_main(
         lambda: report(
             work_dir, sel, seen, state, out, env_differs=bool(differences), carried=carried
@@ -495,7 +485,7 @@ def _quiet(line: str) -> None:
 
 def _reported_by_main(report_: Callable[[], bool]) -> bool:
     """Rank 0 reports; every rank returns its verdict, or raises its error (no rank is left waiting
-    in the collective when rank 0's report fails)."""
+    in the collective when rank 0's report fails). In one process: the report, or its error."""
     outcome: bool | str = True
     error: Exception | None = None
     if distributed.is_main():
