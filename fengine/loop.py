@@ -931,6 +931,14 @@ class _Background:
         # the after_save_checkpoint events the pending job owes: (path, the state it saved)
         self.owed: list[tuple[Path, TrainState]] = []
         self.used = False  # a background save was asked for (on every rank alike)
+        # (step, moment) and path of the last checkpoint marked latest, async or not
+        self.latest: tuple[int, str] | None = None
+        self.latest_path = Path()
+
+    def saved(self, path: Path, step: int, moment: str, latest: bool) -> None:
+        """Remember a save marked latest (a preemption at that step and moment stops on it)."""
+        if latest:
+            self.latest, self.latest_path = (step, moment), path
 
     def collect(self, run: RunInfo, dispatch: Dispatcher) -> None:
         """Wait for the pending job (raising its error), then fire the events it owes."""
@@ -953,6 +961,7 @@ class _Background:
             path = Path(request.path)
             dispatch("before_save_checkpoint", state, run, checkpoint=path)
             jobs.append((path, _meta(run, dispatch, moment), request.latest))
+            self.saved(path, state.step, moment, request.latest)
         retired, work_dir = list(dispatch.retires), run.work_dir
         dispatch.retires.clear()
         full = sharding.gather_state(state)  # a collective: every rank, as in `save`
@@ -1006,6 +1015,8 @@ def _flush(state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str,
     while dispatch.saves:
         request = dispatch.saves.pop(0)
         save(Path(request.path), state, run, dispatch, latest=request.latest, moment=moment)
+        if bg is not None:
+            bg.saved(Path(request.path), state.step, moment, request.latest)
     if dispatch.retires:
         if run.rank == 0:
             retire(dispatch.retires, run.work_dir)
@@ -1066,11 +1077,19 @@ def _preempt(
     if bg is not None:
         bg.finish(run, dispatch)  # a pending background save completes first
     signum = received[0] if received else signal.SIGTERM  # another rank received it
-    path, name = run.work_dir / f"step_{state.step}.safetensors", signal.Signals(signum).name
-    if run.rank == 0:  # one line, not one per rank
-        log.warning("%s received: saving %s and stopping", name, path)
-    save(path, state, run, dispatch, moment=moment, stop=name)
-    _flush(state, run, dispatch, moment, bg)  # what handlers retired because of it (rotation)
+    name = signal.Signals(signum).name
+    if bg is not None and bg.latest == (state.step, moment):
+        # a handler's checkpoint of this very state is the latest: stop on it (a second copy
+        # would take the grace period's time and, under max_keep_ckpts, an older file's slot)
+        path = bg.latest_path
+        if run.rank == 0:
+            log.warning("%s received: stopping on %s, saved at this step", name, path)
+    else:
+        path = run.work_dir / f"step_{state.step}.safetensors"
+        if run.rank == 0:  # one line, not one per rank
+            log.warning("%s received: saving %s and stopping", name, path)
+        save(path, state, run, dispatch, moment=moment, stop=name)
+        _flush(state, run, dispatch, moment, bg)  # what handlers retired because of it (rotation)
     dispatch("after_train", state, run, metrics={"stop": name})
     dispatch("after_run", state, run)
     raise Preempted(signum, path, state)

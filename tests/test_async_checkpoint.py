@@ -153,25 +153,53 @@ def test_preempted_async_run_resumes_bitwise_like_a_straight_synchronous_one(tmp
 
 def test_sigterm_waits_for_the_pending_save(tmp_path, slow_writer):
     """SIGTERM right after a background save was handed off: the preemption waits for it (its file
-    complete, its after_save_checkpoint fired), then writes step_6, which the pointer names."""
+    complete, its after_save_checkpoint fired), then writes step_7, which the pointer names."""
     clock, _ = slow_writer
 
-    @fe.on("after_train_iter", once=6)
+    @fe.on("after_train_iter", once=7)
     def sigterm(snap):
         os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(fe.Preempted) as info:
         run(tmp_path, async_save=True, handlers=[clock, sigterm])
     assert not writer_threads()
-    assert info.value.checkpoint == tmp_path / "step_6.safetensors"
-    assert checkpoint.latest(tmp_path) == tmp_path / "step_6.safetensors"
+    assert info.value.checkpoint == tmp_path / "step_7.safetensors"
+    assert checkpoint.latest(tmp_path) == tmp_path / "step_7.safetensors"
     assert tensors_of(tmp_path / "iter_6.safetensors")[1] == 6  # complete and verified
     assert clock.events[-4:] == [
         ("before", "iter_6.safetensors", 6),
         ("after", "iter_6.safetensors", 6),  # waited for before the preemption's save
-        ("before", "step_6.safetensors", 6),
-        ("after", "step_6.safetensors", 6),
+        ("before", "step_7.safetensors", 7),
+        ("after", "step_7.safetensors", 7),
     ]
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_sigterm_at_a_saved_step_stops_on_that_checkpoint(tmp_path, slow_writer, async_save):
+    """SIGTERM at step 6, which the Checkpointer has just saved (its write still pending when
+    async): no second copy of the same state (it would cost the grace period a save and, with
+    max_keep_ckpts=2, retire iter_3); the run stops on iter_6, and resumes from it bit for bit."""
+    clock, _ = slow_writer
+    straight = run(tmp_path / "straight", async_save=async_save)
+
+    @fe.on("after_train_iter", once=6)
+    def sigterm(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(fe.Preempted) as info:
+        run(tmp_path / "w", async_save=async_save, handlers=[clock, sigterm])
+    assert not writer_threads()
+    assert info.value.checkpoint == tmp_path / "w" / "iter_6.safetensors"
+    assert checkpoint.latest(tmp_path / "w") == tmp_path / "w" / "iter_6.safetensors"
+    assert files(tmp_path / "w") == ["iter_3.safetensors", "iter_6.safetensors"]
+    assert tensors_of(tmp_path / "w" / "iter_6.safetensors")[1] == 6
+    assert clock.events[-2:] == [
+        ("before", "iter_6.safetensors", 6),
+        ("after", "iter_6.safetensors", 6),
+    ]
+    done = run(tmp_path / "w", async_save=async_save, resume=True)
+    assert_dicts_equal(done.params, straight.params)
+    assert files(tmp_path / "w") == files(tmp_path / "straight")
 
 
 def failing_at(monkeypatch, name, error):
