@@ -15,8 +15,8 @@ import atexit
 import datetime
 import logging
 import os
-from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,9 @@ from fengine.sharding import shard as shard  # FSDP2: see fengine.sharding
 
 __all__ = [
     "DistInfo",
+    "MainRankError",
     "barrier",
+    "computed_by_main",
     "check_launch",
     "gather_objects",
     "is_main",
@@ -38,6 +40,13 @@ __all__ = [
     "sync_buffers",
     "world_size",
 ]
+
+
+_T = TypeVar("_T")
+
+
+class MainRankError(RuntimeError):
+    """Raised on the other ranks when rank 0's part of `computed_by_main` failed."""
 
 
 class DistInfo(NamedTuple):
@@ -154,6 +163,28 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def computed_by_main(compute: Callable[[], _T]) -> _T:
+    """``compute()`` run on rank 0 and its value on every rank (one broadcast; in one process,
+    the call). Rank 0's error is raised there and, as a `MainRankError` naming it, on the other
+    ranks: none is left waiting for a value that never comes."""
+    if not _active() or world_size() == 1:
+        return compute()
+    box: list[Any] = [None]
+    error: Exception | None = None
+    if rank() == 0:
+        try:
+            box[0] = ("value", compute())
+        except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
+            box[0], error = ("error", f"{type(e).__name__}: {e}"), e
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise MainRankError(f"rank 0 failed: {value}")
+    return value
 
 
 def unequal_counts(count: int | None) -> list[int] | None:

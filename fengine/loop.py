@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from fengine import checkpoint, distributed, plateau, sharding
+from fengine import checkpoint, distributed, plateau, schedules, sharding
 from fengine.checkpoint._background import Snapshots, Writer
 from fengine.data.loader_rng import LoaderRng, persistent_workers_note
 from fengine.devices import device_of, to_device
@@ -121,6 +121,13 @@ class Val:
                 raise ValueError(
                     "Val: dynamic_intervals must be [(milestone, interval), ...] with ints "
                     f"milestone >= 0 and interval >= 1, got {pair!r} in {self.dynamic_intervals!r}"
+                )
+        milestones = [pair[0] for pair in self.dynamic_intervals]
+        for before, after in zip(milestones, milestones[1:]):
+            if after <= before:  # bisect over them would pick intervals nobody meant
+                raise ValueError(
+                    "Val: dynamic_intervals' milestones must increase, got milestone "
+                    f"{after} after {before} in {self.dynamic_intervals!r}"
                 )
         if self.params not in EVAL_PARAMS:
             raise ValueError(f"Val: params must be 'auto', 'live' or 'ema', got {self.params!r}")
@@ -407,6 +414,7 @@ def fit(
         max_steps=max_steps,
         where="fit",
     )
+    _check_epoch_schedules(step, p)
     interval = _val_interval(val, p)
     for w in step.wrappers:  # e.g. an EMA that would begin after the run's end
         check = getattr(w, "check_horizon", None)
@@ -507,6 +515,22 @@ def fit(
             _keep_state(e, state)
             raise
     return state
+
+
+def _check_epoch_schedules(step: Step, p: Plan) -> None:
+    """A ``by_epoch`` schedule counts epochs of its own ``steps_per_epoch`` updates: one that is
+    not this run's would move its milestones to other epochs, silently (MMEngine reads the
+    epoch's length from the loader)."""
+    for s in schedules.epoch_schedules(step):
+        if s.steps_per_epoch != p.steps_per_epoch:
+            per = f"{p.batches_per_epoch} batches"
+            per += f", {p.micro_batches} per update" if p.micro_batches > 1 else ""
+            raise ValueError(
+                f"fit: the schedule {s!r} has steps_per_epoch="
+                f"{s.steps_per_epoch}, but this run's epoch is {p.steps_per_epoch} updates "
+                f"({per}), so its epochs would not be the loop's; build it with "
+                "steps_per_epoch=fe.plan(train_data, ...).steps_per_epoch"
+            )
 
 
 def start_replicas(state: TrainState, step: Step) -> None:

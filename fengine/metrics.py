@@ -37,8 +37,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
+from fengine import distributed
 
-__all__ = ["Accuracy", "BatchStats", "Evaluator", "MeanLoss", "Metric", "SumMetric", "add_prefix"]
+
+__all__ = [
+    "Accuracy",
+    "BatchStats",
+    "Evaluator",
+    "MeanLoss",
+    "Metric",
+    "SumMetric",
+    "add_prefix",
+    "collect_results",
+]
 
 _V = TypeVar("_V")  # a result value (float), or None where only the keys matter
 
@@ -54,7 +65,8 @@ class Metric(Protocol):
 
     ``init()`` the empty accumulator; ``update(acc, batch, outputs)`` folds in one raw
     batch and what the eval function returned for it; ``reduce(acc)`` combines ranks
-    (identity by default); ``compute(acc, size=None)`` the prefixed results (``size`` is
+    (by default `collect_results`: a list of per-sample results gathered in the sampler's
+    order); ``compute(acc, size=None)`` the prefixed results (``size`` is
     passed only when given, so ``compute(acc)`` suffices for metrics that ignore padding).
     """
 
@@ -68,7 +80,38 @@ class Metric(Protocol):
     def compute(self, acc: Any, size: int | None = None) -> dict[str, float]: ...
 
     def reduce(self, acc: Any) -> Any:
+        return collect_results(acc, self)
+
+
+def collect_results(acc: Any, metric: Any) -> Any:
+    """The default ``reduce``: MMEngine's ``collect_results`` for a list of per-sample results.
+
+    In one process, ``acc`` as it is. In a multi-rank run every rank's list, interleaved in the
+    sampler's order (rank r holds samples r, r + world, ...; `Evaluator.compute` then cuts the
+    ``round_up`` padding at the end to ``size``); ``None`` entries are dropped as MMEngine drops
+    them. Any other accumulator needs the metric's own ``reduce``: refused, not computed on one
+    rank's share of the data.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
         return acc
+    if not isinstance(acc, list):
+        raise TypeError(
+            f"{type(metric).__name__}: a {world}-process evaluation must combine the ranks' "
+            f"accumulators, and a {type(acc).__name__} accumulator has no default way: define "
+            "reduce(acc) (e.g. all_reduce its sums), or keep a list of per-sample results "
+            "(gathered in the sampler's order, as MMEngine's collect_results)"
+        )
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, acc)
+    return [
+        x for x in itertools.chain.from_iterable(itertools.zip_longest(*parts)) if x is not None
+    ]
+
+
+def _reduces_by_default(metric: Any) -> bool:
+    """True when ``metric`` has no ``reduce`` of its own (it gets `collect_results`)."""
+    return getattr(type(metric), "reduce", Metric.reduce) is Metric.reduce
 
 
 class BatchStats(NamedTuple):
@@ -301,7 +344,10 @@ class Accuracy(SumMetric):
             )
         if n == 0:
             return BatchStats(0, scores.new_zeros(0), None)  # ignored by update
-        scores, labels = scores.detach(), labels.to(scores.device, non_blocking=True)
+        # non_blocking only towards an accelerator: a device-to-host copy would return before
+        # the labels arrived, and the comparison below reads them on the host
+        to_host = scores.device.type == "cpu"
+        scores, labels = scores.detach(), labels.to(scores.device, non_blocking=not to_host)
         top1 = scores.argmax(dim=1) == labels
         # (N, maxk) hits of the top-maxk; with maxk == 1 every k is 1 and top1 alone answers
         hit = scores.topk(maxk, dim=1).indices == labels[:, None] if maxk > 1 else top1[:, None]
@@ -527,12 +573,21 @@ class Evaluator:
         return tuple(m.update(a, batch, outputs) for m, a in zip(self.metrics, acc))
 
     def reduce(self, acc: Sequence[Any]) -> tuple:
-        """Each metric's ``reduce`` (identity for metrics without one)."""
-        return tuple(getattr(m, "reduce", lambda a: a)(a) for m, a in zip(self.metrics, acc))
+        """Each metric's ``reduce`` (`collect_results` for metrics without one)."""
+        return tuple(
+            collect_results(a, m) if _reduces_by_default(m) else m.reduce(a)
+            for m, a in zip(self.metrics, acc)
+        )
 
     def compute(self, acc: Sequence[Any], size: int | None = None) -> dict[str, float]:
-        """Reduce across ranks, compute every metric, merge (MMEngine ``evaluate(size)``)."""
-        return self._merge(self.reduce(acc), size)
+        """Reduce across ranks, compute every metric on rank 0 and send its results to every
+        rank, so all act alike on them (MMEngine ``evaluate(size)``); the per-sample lists of
+        metrics without their own ``reduce`` are cut to ``size`` (the sampler's padding)."""
+        reduced = [
+            a[:size] if size is not None and isinstance(a, list) and _reduces_by_default(m) else a
+            for m, a in zip(self.metrics, self.reduce(acc))
+        ]
+        return distributed.computed_by_main(lambda: self._merge(reduced, size))
 
     def _merge(self, acc: Sequence[Any], size: int | None) -> dict[str, float]:
         return _merge_unique(

@@ -54,9 +54,11 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import numbers
 import operator
+import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, Literal, NoReturn
@@ -615,6 +617,46 @@ class Join(Schedule):
 
     def factor(self, step: int) -> float:
         return math.prod((part.factor(step) for part in self.parts), start=1.0)
+
+
+def epoch_schedules(root: Any) -> list[_Windowed]:
+    """The ``by_epoch=True`` schedules reachable from ``root`` (a step: its transformations,
+    wrappers and the closures and partials they were built from), for `fengine.fit`'s check
+    that each counts the loop's epochs. Tensors, modules and other libraries' objects are not
+    entered."""
+    found: list[_Windowed] = []
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, _Windowed):
+            found.extend([x] if x.by_epoch else [])
+        elif isinstance(x, Join):
+            todo.extend(x.parts)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            todo.extend(x)
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, types.FunctionType):
+            todo.extend(c.cell_contents for c in x.__closure__ or () if _filled(c))
+        elif isinstance(x, types.MethodType):
+            todo.extend((x.__func__, x.__self__))
+        elif isinstance(x, functools.partial):
+            todo.extend((x.func, *x.args, *x.keywords.values()))
+        elif type(x).__module__.split(".")[0] == "fengine" and hasattr(x, "__dict__"):
+            todo.extend(vars(x).values())
+    return found
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ factories

@@ -350,6 +350,42 @@ def test_image_preprocessor_matches_mmengine_img_data_preprocessor():
     assert_tree_equal(pre({"inputs": as_list}, training=False)["inputs"], ref_list)
 
 
+@pytest.mark.parametrize(("divisor", "value"), [(1, 0.0), (4, 2.5)])
+def test_image_preprocessor_pads_as_mmengine(divisor, value):
+    """Images of different sizes (pseudo_collate) are normalised, then padded at the bottom and
+    right to the largest (rounded up to pad_size_divisor) with pad_value, as MMEngine's
+    ImgDataPreprocessor + stack_batch (bitwise); a stacked batch is padded to the divisor. Before,
+    a list of unequal images failed in torch.stack with a message naming neither."""
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (3, h, w), generator=g).to(torch.uint8) for h, w in
+              ((8, 8), (6, 7), (5, 9))]  # fmt: skip
+    kw = dict(pad_size_divisor=divisor, pad_value=value)
+    mm = ImgDataPreprocessor(mean=mean, std=std, **kw)
+    pre = fd.ImagePreprocessor(mean, std, **kw)
+    ours = pre({"inputs": images}, training=False)["inputs"]
+    assert ours.shape == (3, 3, 8, 12 if divisor == 4 else 9)
+    assert_tree_equal(ours, mm({"inputs": [i.clone() for i in images]}, False)["inputs"])
+    stacked = uint8_images(h=5, w=6)
+    assert_tree_equal(
+        pre({"inputs": stacked}, training=False)["inputs"],
+        mm({"inputs": stacked.clone()}, False)["inputs"],
+    )
+    channels_last = fd.ImagePreprocessor(mean, std, channels_last=True, **kw)
+    out = channels_last({"inputs": images}, training=False)["inputs"]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_tree_equal(out.contiguous(), ours)
+
+
+def test_image_preprocessor_refuses_images_that_padding_cannot_join():
+    pre = fd.ImagePreprocessor()
+    with pytest.raises(ValueError, match=r"agree on every dimension but height and width.*"
+                       r"\(3, 4, 4\), \(1, 4, 4\)"):  # fmt: skip
+        pre({"inputs": [torch.zeros(3, 4, 4), torch.zeros(1, 4, 4)]}, training=False)
+    with pytest.raises(ValueError, match="pad_size_divisor` must be an int >= 1, got 0"):
+        fd.ImagePreprocessor(pad_size_divisor=0)
+
+
 def test_image_preprocessor_tuple_batch_vs_hand_computation_and_channels_last():
     imgs, labels = uint8_images(), torch.arange(4)
     out_x, out_y = fd.ImagePreprocessor([127.5], [127.5], channels_last=True)((imgs, labels), False)

@@ -912,6 +912,12 @@ def test_evaluate_emits_test_events_and_validation_in_fit_uses_ema():
         (dict(interval=0), ValueError, r"interval must be >= 1, got 0"),
         (dict(dynamic_intervals=[2]), ValueError, r"dynamic_intervals must be \[\(milestone"),
         (dict(dynamic_intervals=[(2, 0)]), ValueError, r"got \(2, 0\)"),
+        (  # bisect over unsorted milestones never used interval 5
+            dict(dynamic_intervals=[(10, 5), (3, 2)]),
+            ValueError,
+            r"milestones must increase, got milestone 3 after 10",
+        ),
+        (dict(dynamic_intervals=[(3, 5), (3, 2)]), ValueError, r"got milestone 3 after 3"),
         (dict(params="EMA"), ValueError, r"params must be 'auto', 'live' or 'ema', got 'EMA'"),
         (dict(autocast="fp16"), ValueError, r"autocast must be None, 'float16' or 'bfloat16'"),
     ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import warnings
 
 import pytest
@@ -320,6 +321,21 @@ def test_update_does_not_sync_with_the_device():
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
 
 
+@pytest.mark.gpu
+def test_labels_on_the_device_with_logits_on_the_host_are_read_after_they_arrive():
+    """eval_fn returning CPU logits while the batch is on CUDA: the labels' device-to-host copy
+    must complete before the comparison reads them (a non_blocking one returned at once)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1 << 20, 4, generator=g)
+    labels = torch.randint(0, 4, (1 << 20,), generator=g)
+    want = Accuracy().compute(Accuracy().update(Accuracy().init(), (None, labels), logits))
+    for _ in range(3):
+        busy = torch.randn(4096, 4096, device="cuda")
+        on_device = (labels.cuda() + (busy @ busy).sum() * 0).long()  # queued behind the matmul
+        acc = Accuracy().update(Accuracy().init(), (None, on_device), logits)
+        assert Accuracy().compute(acc) == want
+
+
 # -- MeanLoss ---------------------------------------------------------------------------
 
 
@@ -621,6 +637,62 @@ def _dist_data(size):
     return logits, labels, losses
 
 
+class MedianLoss:
+    """A metric of fengine's protocol without its own ``reduce``: its accumulator is a list of
+    per-sample (index, loss), which `collect_results` gathers in the sampler's order."""
+
+    prefix = None
+
+    def init(self):
+        return []
+
+    def update(self, acc, batch, outputs):
+        return [*acc, *zip(batch[0].tolist(), outputs["loss"].tolist())]
+
+    def compute(self, acc, size=None):
+        return {"median_loss": statistics.median(x for _, x in acc), "order": [i for i, _ in acc]}
+
+
+class MMMedianLoss(BaseMetric):
+    """MMEngine's oracle for `MedianLoss`: one result per sample, collect_results(size)."""
+
+    def process(self, data_batch, data_samples):
+        self.results.extend((s["index"], s["loss"]) for s in data_samples)
+
+    def compute_metrics(self, results):
+        return {
+            "median_loss": statistics.median(x for _, x in results),
+            "order": [i for i, _ in results],
+        }
+
+
+class RankOfCompute(Metric):
+    """Reports the rank that computed it: every rank must see rank 0's results."""
+
+    def init(self):
+        return []
+
+    def update(self, acc, batch, outputs):
+        return acc
+
+    def compute(self, acc, size=None):
+        return {"computed_on": dist.get_rank()}
+
+
+class SumWithoutReduce(Metric):
+    """A tensor accumulator and no ``reduce``: refused in a multi-rank run (it would be computed
+    on one rank's share of the data)."""
+
+    def init(self):
+        return torch.zeros(())
+
+    def update(self, acc, batch, outputs):
+        return acc + outputs["loss"].sum()
+
+    def compute(self, acc, size=None):
+        return {"total": float(acc)}
+
+
 def _dist_worker(rank, world, store, out_dir, size):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -640,10 +712,24 @@ def _dist_worker(rank, world, store, out_dir, size):
                 None,
                 [{"pred": logits[i], "gt": labels[i], "loss": losses[i]} for i in t.tolist()],
             )
+        custom, mm_custom = Evaluator([MedianLoss(), RankOfCompute()]), MMMedianLoss()
+        cacc = custom.init()
+        for t in chunks:
+            cacc = custom.update(cacc, (t, labels[t]), {"loss": losses[t]})
+            mm_custom.process(None, [{"index": i, "loss": float(losses[i])} for i in t.tolist()])
+        refused = Evaluator([SumWithoutReduce()])
+        try:
+            refused.compute(refused.update(refused.init(), None, {"loss": losses[:2]}), size)
+            refusal = None
+        except TypeError as e:
+            refusal = str(e)
         result = {
             "ours": ev.compute(acc, size=size),
             "ours_no_size": ev.compute(acc),
             "mmengine": oracle.evaluate(size),
+            "custom": custom.compute(cacc, size=size),
+            "mm_custom": mm_custom.evaluate(size),
+            "refusal": refusal,
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -651,10 +737,13 @@ def _dist_worker(rank, world, store, out_dir, size):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_distributed_reduce_drops_round_up_padding(tmp_path):
-    # 7 samples on 3 ranks: 9 slots, the last sample of ranks 1 and 2 is padding.
-    world, size = 3, 7
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    """Every rank's results of `_dist_worker`: 7 samples on 3 ranks (9 slots, the last sample of
+    ranks 1 and 2 is padding)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    world, size, tmp_path = 3, 7, tmp_path_factory.mktemp("dist_metrics")
     # fork: the workers reuse the imported torch/mmengine (spawn costs seconds).
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(
@@ -664,7 +753,11 @@ def test_distributed_reduce_drops_round_up_padding(tmp_path):
         join=True,
         start_method=method,
     )
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_distributed_reduce_drops_round_up_padding(dist_results):
+    results, size = dist_results, 7
     for r in results:
         assert r == results[0]  # every rank computes the same numbers
     logits, labels, losses = _dist_data(size)
@@ -677,6 +770,28 @@ def test_distributed_reduce_drops_round_up_padding(tmp_path):
     assert ours["loss"] == pytest.approx(single["loss"], rel=1e-12)
     # Without size the two duplicates are counted; the check above has teeth.
     assert results[0]["ours_no_size"]["loss"] != pytest.approx(single["loss"], rel=1e-9)
+
+
+def test_distributed_metrics_without_reduce_gather_as_mmengine_and_share_rank_0s_results(
+    dist_results,
+):
+    """A metric with no ``reduce`` of its own and a list of per-sample results is gathered as
+    MMEngine's collect_results (the ranks' lists interleaved in the sampler's order, cut to size):
+    the same median and sample order as MMEngine's BaseMetric.evaluate. Before, each rank computed
+    on its own share (rank 0 logged one number, the others acted on theirs). Every rank gets rank
+    0's results; another accumulator without ``reduce`` is refused, naming the metric."""
+    results, world, size = dist_results, 3, 7
+    custom = results[0]["custom"]
+    assert custom["order"] == list(range(size))  # every sample once, in the dataset's order
+    assert custom["median_loss"] == results[0]["mm_custom"]["median_loss"]
+    assert custom["order"] == results[0]["mm_custom"]["order"]
+    _, _, losses = _dist_data(size)
+    assert custom["median_loss"] == float(losses.median())  # 7 samples: the middle one, exactly
+    assert [r["custom"] for r in results] == [custom] * world
+    assert custom["computed_on"] == 0
+    for r in results:
+        assert "SumWithoutReduce: a 3-process evaluation must combine" in r["refusal"]
+        assert "define reduce(acc)" in r["refusal"]
 
 
 # ----------------------------------------------------------------- MeanLoss: a batch's size

@@ -15,9 +15,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import ce_loss, mlp, mlp_batches
 from torch.optim import lr_scheduler as tls
 
-from fengine import schedules as S
+import fengine as fe
+from fengine import optim, schedules as S
 
 
 mm = pytest.importorskip("mmengine.optim.scheduler")
@@ -648,3 +650,52 @@ def test_bad_input_raises_value_error_naming_the_argument(build, arg):
 def test_non_integer_step_is_a_type_error():
     with pytest.raises(TypeError, match="step"):
         S.step(0.1, 5)(1.5)
+
+
+# ------------------------------------------------------- by_epoch schedules and fit's epochs
+def _epoch_run(schedule_of, accumulate=2, batches=10, epochs=4):
+    """fit with lr = schedule_of(steps_per_epoch) over 10 batches per epoch, `accumulate(2)`:
+    the lr each update used."""
+    seen = []
+    lr = schedule_of
+    step = fe.train_step(ce_loss, optim.sgd(lr), fe.accumulate(accumulate))
+    fe.fit(step.init(mlp(), seed=0), step, mlp_batches(batches), max_epochs=epochs,
+           handlers=[fe.on("after_train_iter")(lambda s: seen.append(float(s.metrics["lr"])))])  # fmt: skip
+    return seen
+
+
+def test_fit_refuses_an_epoch_schedule_whose_epoch_is_not_the_loops():
+    """10 batches per epoch, accumulate(2): 5 updates an epoch. A MultiStep(by_epoch, [2]) built
+    with steps_per_epoch=len(loader)=10 (MMEngine's epoch_length) dropped the lr at epoch 4, not
+    2, silently; it is refused naming both counts. Found through chain, join, a paramwise group
+    and a user's lambda around it."""
+    bad = S.multistep(0.1, [2], by_epoch=True, steps_per_epoch=10)
+    for lr in (
+        bad,
+        S.warmup(bad, steps=3),
+        lambda t: 2 * bad(t),
+        S.join(S.constant(0.1, 0.5, end=1), bad),
+    ):
+        with pytest.raises(ValueError, match=r"steps_per_epoch=10, but this run's epoch is 5 "
+                           r"updates \(10 batches, 2 per update\).*fe\.plan"):  # fmt: skip
+            _epoch_run(lr)
+    model = mlp()
+    groups = optim.paramwise(model, lr=bad, weight_decay=0.1, bias_decay_mult=0.0)
+    step = fe.train_step(
+        ce_loss, optim.chain(optim.clip_by_global_norm(1.0), groups.build(optim.adamw))
+    )
+    with pytest.raises(
+        ValueError, match=r"steps_per_epoch=10, but this run's epoch is 8 updates \(8 batches\)"
+    ):
+        fe.fit(step.init(model, seed=0), step, mlp_batches(8), max_epochs=1)
+    assert S.epoch_schedules(step) and all(s.steps_per_epoch == 10 for s in S.epoch_schedules(step))
+
+
+def test_an_epoch_schedule_built_from_the_plan_drops_at_mmengines_epoch():
+    """The same schedule with fe.plan's steps_per_epoch: MMEngine's MultiStepLR(by_epoch=True,
+    milestones=[2]) steps at each epoch end, so epochs 0-1 train at 0.1 and 2-3 at 0.1 * 0.1
+    (hand-computed from MMEngine's rule)."""
+    per = fe.plan(mlp_batches(10), micro_batches=2, max_epochs=4).steps_per_epoch
+    assert per == 5
+    seen = _epoch_run(S.multistep(0.1, [2], by_epoch=True, steps_per_epoch=per))
+    assert seen == [0.1] * 10 + [0.1 * 0.1] * 10

@@ -8,10 +8,12 @@ replayable from the run's seed like everything else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 
 __all__ = ["ImagePreprocessor", "to_device"]
@@ -69,6 +71,26 @@ def _many_alike(batch: Sequence[Any]) -> bool:
     )
 
 
+def _padded_size(images: list[torch.Tensor], divisor: int) -> tuple[int, int] | None:
+    """The (H, W) a list of (C, H, W) images is padded to (the largest, rounded up to
+    ``divisor``), or None when they are all that size already (stacked as they are)."""
+    if not images:
+        raise ValueError("ImagePreprocessor: the batch holds no images (an empty list)")
+    shapes = [tuple(i.shape) for i in images]
+    if len({len(s) for s in shapes}) > 1 or len(shapes[0]) < 2 or len({s[:-2] for s in shapes}) > 1:
+        raise ValueError(
+            "ImagePreprocessor: a list of images must agree on every dimension but height and "
+            f"width (they are padded to the largest), got shapes {shapes}"
+        )
+    target = tuple(math.ceil(max(s[d] for s in shapes) / divisor) * divisor for d in (-2, -1))
+    return None if all(s[-2:] == target for s in shapes) else (target[0], target[1])
+
+
+def _pad_to(x: torch.Tensor, size: tuple[int, ...], value: float) -> torch.Tensor:
+    """``x`` padded at the bottom and right to height and width ``size``."""
+    return F.pad(x, (0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2]), value=value)
+
+
 ALL = "all"  # ImagePreprocessor(inputs=ALL): the batch is a sequence of images
 
 
@@ -83,8 +105,11 @@ class ImagePreprocessor:
 
     The image is ``batch`` itself when it is a tensor, ``batch[inputs]`` otherwise;
     ``inputs`` defaults to ``"inputs"`` for mappings (MMEngine's key) and ``0``
-    for sequences (``(image, label)`` batches). A list of equally shaped images
-    (from ``pseudo_collate``) is stacked; other entries are only moved. A batch that is itself
+    for sequences (``(image, label)`` batches). A list of images (from ``pseudo_collate``)
+    is stacked, each padded at the bottom and right to the largest height and width
+    (rounded up to ``pad_size_divisor``) with ``pad_value`` after normalising, as MMEngine's
+    ``stack_batch``; a stacked 4-D batch is padded to ``pad_size_divisor`` the same way.
+    Other entries are only moved. A batch that is itself
     a sequence of more than two equally shaped ``(C, H, W)`` tensors (``pseudo_collate`` over
     bare images) is refused unless ``inputs`` is given: it is no ``(image, label)`` pair;
     ``inputs="all"`` takes such a batch as the images (stacked).
@@ -99,6 +124,9 @@ class ImagePreprocessor:
         inputs: key or position of the image in the batch, or ``"all"``: the batch is a
             sequence of images (see above).
         dtype: floating dtype of the image after conversion.
+        pad_size_divisor: pad height and width to a multiple of it (MMEngine's default 1:
+            only to the largest image of a list).
+        pad_value: the value of the padding, in normalised units (MMEngine's default 0).
     """
 
     def __init__(
@@ -112,7 +140,17 @@ class ImagePreprocessor:
         augment: BatchAugment | None = None,
         inputs: str | int | None = None,
         dtype: torch.dtype = torch.float32,
+        pad_size_divisor: int = 1,
+        pad_value: float = 0.0,
     ) -> None:
+        if (
+            isinstance(pad_size_divisor, bool)
+            or not isinstance(pad_size_divisor, int)
+            or pad_size_divisor < 1
+        ):
+            raise ValueError(
+                f"ImagePreprocessor: `pad_size_divisor` must be an int >= 1, got {pad_size_divisor!r}"
+            )
         if (mean is None) != (std is None):
             raise ValueError("ImagePreprocessor: give both `mean` and `std`, or neither")
         if mean is not None and std is not None:
@@ -135,6 +173,7 @@ class ImagePreprocessor:
         self.augment = augment
         self.inputs = inputs
         self.dtype = dtype
+        self.pad_size_divisor, self.pad_value = pad_size_divisor, float(pad_value)
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _stats_on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,11 +185,30 @@ class ImagePreprocessor:
         return self._stats[key]
 
     def process_image(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """Convert and normalise one (already moved) image batch."""
+        """Convert, normalise and pad one (already moved) image batch."""
         if not isinstance(x, torch.Tensor):
-            x = torch.stack(list(x))
+            images = list(x)
+            target = _padded_size(images, self.pad_size_divisor)
+            if target is not None:  # unequal sizes: normalised one by one, then padded
+                x = torch.stack(
+                    [_pad_to(self._normalise(i), target, self.pad_value) for i in images]
+                )
+                return self._memory_format(x)
+            x = torch.stack(images)
+        x = self._normalise(self._memory_format(x))  # channels_last before .to(float): fewer bytes
+        if self.pad_size_divisor > 1 and x.dim() == 4:
+            div = self.pad_size_divisor
+            size = tuple(math.ceil(n / div) * div for n in x.shape[-2:])
+            if size != tuple(x.shape[-2:]):
+                x = self._memory_format(_pad_to(x, size, self.pad_value))
+        return x
+
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)  # before .to(float): fewer bytes
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         if self._mean is not None:
             mean, std = self._stats_on(x)

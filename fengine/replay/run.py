@@ -486,19 +486,10 @@ def _quiet(line: str) -> None:
 def _reported_by_main(report_: Callable[[], bool]) -> bool:
     """Rank 0 reports; every rank returns its verdict, or raises its error (no rank is left waiting
     in the collective when rank 0's report fails). In one process: the report, or its error."""
-    outcome: bool | str = True
-    error: Exception | None = None
-    if distributed.is_main():
-        try:
-            outcome = report_()
-        except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
-            outcome, error = f"{type(e).__name__}: {e}", e
-    shared = distributed.gather_objects(outcome)[0]
-    if error is not None:
-        raise error
-    if isinstance(shared, str):
-        raise ReplayError(f"rank 0 failed: {shared}")
-    return bool(shared)
+    try:
+        return bool(distributed.computed_by_main(report_))
+    except distributed.MainRankError as e:
+        raise ReplayError(str(e)) from None
 
 
 def report(
