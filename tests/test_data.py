@@ -4,6 +4,7 @@ ImgDataPreprocessor, torch's DataLoader, scikit-learn's digits and hand computat
 from __future__ import annotations
 
 import itertools
+import random
 import re
 from collections import Counter, OrderedDict, namedtuple
 
@@ -244,6 +245,36 @@ def test_augmented_batches_same_for_0_and_2_workers_and_mid_epoch(monkeypatch):
                 assert_tree_equal(a, b)
     # Neither the loader nor its worker seeding consumed the caller's global RNG.
     assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+class GlobalDraws(torch.utils.data.Dataset):
+    """``__getitem__`` draws from torch's, numpy's and Python's global generators, as torchvision,
+    mmcv and albumentations transforms do."""
+
+    def __len__(self):
+        return 21
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), torch.rand(()).item(), np.random.rand(), random.random()])
+
+
+def test_a_dataset_drawing_from_global_generators_gets_the_same_batches_anywhere():
+    """The global generators are seeded from the batch's key while it loads: 0 or 2 workers, and a
+    pass started at batch k (a resume), give the same numbers; the caller's generators are put
+    back. Before, the draws depended on the worker and on where the run started."""
+    ds = GlobalDraws()
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    serial = list(fd.Loader(ds, 4, seed=5).epoch(1))
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
+    workers = list(fd.Loader(ds, 4, seed=5, num_workers=2).epoch(1))
+    resumed = list(fd.Loader(ds, 4, seed=5).epoch(1, start_batch=3))
+    for a, b in zip(serial, workers, strict=True):
+        assert_tree_equal(a, b)
+    for a, b in zip(serial[3:], resumed, strict=True):
+        assert_tree_equal(a, b)
+    draws = torch.cat(serial)[:, 1:]
+    assert len(set(draws.flatten().tolist())) == draws.numel()  # no batch repeats another's
 
 
 def test_loader_stream_matches_concatenated_epochs_and_resumes(monkeypatch):

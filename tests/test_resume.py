@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import random
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -199,16 +203,24 @@ def test_crafted_handler_state_is_one_checkpoint_error_naming_the_file(tmp_path,
 
 # ----------------------------------------------------------------- a plain DataLoader's generators
 class _Noisy(torch.utils.data.Dataset):
-    """Per-sample randomness from torch's global generator, as torchvision's random transforms."""
+    """Per-sample randomness from a global generator: torch's (torchvision's random transforms),
+    numpy's (mmcv's) or Python's ``random`` (albumentations')."""
 
-    def __init__(self, x, y):
-        self.x, self.y = x, y
+    def __init__(self, x, y, source="torch"):
+        self.x, self.y, self.source = x, y, source
 
     def __len__(self):
         return len(self.x)
 
     def __getitem__(self, i):
-        return self.x[i] + 0.1 * torch.randn(self.x.shape[1]), self.y[i]
+        d = self.x.shape[1]
+        if self.source == "numpy":
+            noise = torch.from_numpy(np.random.randn(d).astype(np.float32))
+        elif self.source == "random":
+            noise = torch.tensor([random.gauss(0.0, 1.0) for _ in range(d)])
+        else:
+            noise = torch.randn(d)
+        return self.x[i] + 0.1 * noise, self.y[i]
 
 
 def _dataloader_run(
@@ -230,7 +242,8 @@ def _dataloader_run(
         sampler = RandomSampler(range(40), replacement=True, generator=own)
         train = DataLoader(TensorDataset(x, y), batch_size=8, sampler=sampler)
     else:
-        data = _Noisy(x, y) if kind == "noisy" else TensorDataset(x, y)
+        source = kind.partition("noisy_")[2] or "torch"
+        data = _Noisy(x, y, source) if kind.startswith("noisy") else TensorDataset(x, y)
         train = DataLoader(data, batch_size=8, shuffle=True, num_workers=workers, generator=own)
     val = fe.Val(DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8), [fe.metrics.Accuracy()],
                  interval=3)  # fmt: skip
@@ -243,7 +256,14 @@ def _dataloader_run(
 
 @pytest.mark.parametrize(
     ("generator", "kind"),
-    [(False, "shuffle"), (True, "shuffle"), (False, "noisy"), (True, "replacement")],
+    [
+        (False, "shuffle"),
+        (True, "shuffle"),
+        (False, "noisy"),
+        (False, "noisy_numpy"),
+        (False, "noisy_random"),
+        (True, "replacement"),
+    ],
 )
 def test_a_shuffling_dataloader_resumes_bit_for_bit_from_every_checkpoint(
     tmp_path, generator, kind
@@ -251,7 +271,9 @@ def test_a_shuffling_dataloader_resumes_bit_for_bit_from_every_checkpoint(
     """Its order comes from torch generators (the global one, or its own): their states where each
     pass began and at the save travel in the checkpoint. Before, a resume past the first epoch
     drew another order, silently; and the generators were put back only after the checkpoint's
-    batch had loaded, so its ``__getitem__`` and sampler draws were made twice."""
+    batch had loaded, so its ``__getitem__`` and sampler draws were made twice. A dataset drawing
+    from numpy's or Python's global generator (the main process loads: num_workers=0) resumed
+    with other noise: their states travel too."""
     straight = _dataloader_run(tmp_path / "straight", generator=generator, kind=kind)
     for k in range(2, 13, 2):  # mid-pass (5 batches a pass), at pass ends, around validations
         ckpt = tmp_path / "straight" / f"iter_{k}.safetensors"
@@ -291,6 +313,16 @@ def test_a_shuffling_dataloader_with_workers_resumes_bit_for_bit(tmp_path):
         (lambda r: r.__setitem__("pass_start", {"x": "AA=="}), r"records generators \['x'\]"),
         (lambda r: r["at_save"].__setitem__("torch", "not base64!"), r"at_save\['torch'\] must be"),
         (lambda r: r["at_save"].__setitem__("torch", "AAAA"), r"a 5056-byte generator state"),
+        (  # the right size, but position 9999 of numpy's 624-word state
+            lambda r: r["at_save"].__setitem__(
+                "numpy", base64.b64encode(bytes(2496) + struct.pack("<iid", 9999, 0, 0.0)).decode()
+            ),
+            r"at_save\['numpy'\] is not a generator state",
+        ),
+        (
+            lambda r: r["at_save"].__setitem__("random", "AAAA"),
+            r"at_save\['random'\] must be the base64 of a 2509-byte generator state",
+        ),
     ],
 )
 def test_a_crafted_dataloader_rng_record_is_a_checkpoint_error(tmp_path, edit, match):
@@ -300,6 +332,23 @@ def test_a_crafted_dataloader_rng_record_is_a_checkpoint_error(tmp_path, edit, m
                   lambda meta: edit(meta["handlers"]["data_rng"]))  # fmt: skip
     with pytest.raises(checkpoint.CheckpointError, match=match):
         _dataloader_run(tmp_path / "b", resume=crafted, max_steps=6)
+
+
+def test_a_dataloader_rng_record_from_before_numpy_and_random_resumes(tmp_path):
+    """Checkpoints written before numpy's and Python's global states were carried hold torch's
+    alone: they resume (those two go on from where they are), the same bits for a dataset that
+    draws from torch only."""
+    straight = _dataloader_run(tmp_path / "a", max_steps=6)
+    old = tmp_path / "old.safetensors"
+
+    def torch_only(meta):
+        for when in ("pass_start", "at_save"):
+            record = meta["handlers"]["data_rng"][when]
+            assert set(record) == {"torch", "numpy", "random"}
+            del record["numpy"], record["random"]
+
+    _recraft_meta(tmp_path / "a" / "iter_4.safetensors", old, torch_only)
+    assert _dataloader_run(tmp_path / "b", resume=old, max_steps=6) == straight
 
 
 def test_a_checkpoint_from_before_base_lr_resumes_exactly(tmp_path):

@@ -3,7 +3,10 @@
 fengine's own `Loader` derives its order from (seed, epoch), so a resume needs no RNG state.
 A DataLoader draws each pass's base seed and its ``RandomSampler``'s permutation from torch
 generators: its ``generator`` (and its sampler's), or torch's global CPU generator when it has
-none; the global one is also drawn by every validation pass over a DataLoader. `LoaderRng`
+none; the global one is also drawn by every validation pass over a DataLoader. A dataset whose
+``__getitem__`` draws random numbers itself draws, when the main process loads
+(``num_workers=0``), from torch's, numpy's and Python's global generators (workers are seeded
+from the pass's base seed). `LoaderRng`
 records those generators' states where each pass over the training data begins and when a
 checkpoint is written (it is a handler, so the record travels in the checkpoint's handler
 state), and on resume puts them back: the pass the checkpoint is in draws its order again from
@@ -14,9 +17,12 @@ continue from the state they had at the save. The uninterrupted run's draws, bit
 from __future__ import annotations
 
 import base64
+import random
+import struct
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -26,9 +32,69 @@ from fengine.events import Handler
 __all__ = ["LoaderRng"]
 
 
-def _generators(data: Any) -> dict[str, torch.Generator]:
-    """The distinct CPU generators a DataLoader's passes draw from, by where they are found."""
-    found = {"torch": torch.default_generator}
+class _NumpyGlobal:
+    """numpy's global generator (``np.random.seed``'s), its state as bytes like a torch one's."""
+
+    _MT = struct.Struct("<624Iiid")  # key, pos, has_gauss, cached_gaussian
+
+    def get_state(self) -> torch.Tensor:
+        _, key, pos, has_gauss, cached = np.random.get_state()
+        return _as_bytes(self._MT.pack(*key.tolist(), pos, has_gauss, cached))
+
+    @classmethod
+    def _tuple(cls, state: torch.Tensor) -> tuple:
+        *key, pos, has_gauss, cached = cls._MT.unpack(state.numpy().tobytes())
+        return ("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, cached)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        np.random.set_state(self._tuple(state))
+
+    @classmethod
+    def check(cls, state: torch.Tensor) -> None:
+        _, _, pos, has_gauss, _ = cls._tuple(state)
+        if not 0 <= pos <= 624 or has_gauss not in (0, 1):  # numpy reads key[pos] unchecked
+            raise ValueError(f"position {pos} (0..624), has_gauss {has_gauss} (0 or 1)")
+        np.random.RandomState().set_state(cls._tuple(state))  # numpy's own check
+
+
+class _PythonGlobal:
+    """Python's global ``random`` generator, its state as bytes like a torch one's."""
+
+    _MT = struct.Struct("<625I?d")  # key and position, has a cached gauss, the cached gauss
+
+    def get_state(self) -> torch.Tensor:
+        version, internal, gauss = random.getstate()
+        assert version == 3, f"random.getstate() version {version}"
+        return _as_bytes(self._MT.pack(*internal, gauss is not None, gauss or 0.0))
+
+    @classmethod
+    def _tuple(cls, state: torch.Tensor) -> tuple:
+        *internal, has_gauss, gauss = cls._MT.unpack(state.numpy().tobytes())
+        return (3, tuple(internal), gauss if has_gauss else None)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        random.setstate(self._tuple(state))
+
+    @classmethod
+    def check(cls, state: torch.Tensor) -> None:
+        random.Random().setstate(cls._tuple(state))  # Python's own check
+
+
+def _as_bytes(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+# a dataset's __getitem__ in the main process (num_workers=0) draws from these too; records
+# written before they were carried lack them, and resume with the torch generators alone
+_GLOBALS = {"numpy": _NumpyGlobal, "random": _PythonGlobal}
+
+
+def _generators(data: Any) -> dict[str, Any]:
+    """The distinct CPU generators a DataLoader's passes draw from, by where they are found
+    (torch's; numpy's and Python's global ones, which a dataset's own draws use when the main
+    process loads)."""
+    found: dict[str, Any] = {"torch": torch.default_generator}
+    found.update({name: kind() for name, kind in _GLOBALS.items()})
     places = {
         "loader": getattr(data, "generator", None),
         "sampler": getattr(getattr(data, "sampler", None), "generator", None),
@@ -114,7 +180,9 @@ class LoaderRng(Handler):
         decoded = []
         for when in ("pass_start", "at_save"):
             record = state.get(when)
-            if not isinstance(record, Mapping) or set(record) != set(self.generators):
+            if not isinstance(record, Mapping) or not (
+                set(self.generators) - set(_GLOBALS) <= set(record) <= set(self.generators)
+            ):
                 raise ValueError(
                     f"data_rng {when} records generators {_keys(record)}; this DataLoader draws "
                     f"from {sorted(self.generators)} (resume with the same DataLoader setup)"
@@ -134,10 +202,13 @@ class LoaderRng(Handler):
                 f"data_rng {when}[{name!r}] must be the base64 of a {size}-byte generator state"
             )
         state = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        probe = torch.Generator()
+        kind = _GLOBALS.get(name)
         try:
-            probe.set_state(state)  # torch's own check of the state's fields
-        except RuntimeError as e:
+            if kind is not None:
+                kind.check(state)
+            else:
+                torch.Generator().set_state(state)  # torch's own check of the state's fields
+        except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"data_rng {when}[{name!r}] is not a generator state: {e}") from None
         return state
 
