@@ -38,7 +38,8 @@ class _NumpyGlobal:
     _MT = struct.Struct("<624Iiid")  # key, pos, has_gauss, cached_gaussian
 
     def get_state(self) -> torch.Tensor:
-        _, key, pos, has_gauss, cached = np.random.get_state()
+        state: Any = np.random.get_state()  # the legacy tuple (typed as a union with a dict)
+        _, key, pos, has_gauss, cached = state
         return _as_bytes(self._MT.pack(*key.tolist(), pos, has_gauss, cached))
 
     @classmethod
@@ -86,7 +87,10 @@ def _as_bytes(raw: bytes) -> torch.Tensor:
 
 # a dataset's __getitem__ in the main process (num_workers=0) draws from these too; records
 # written before they were carried lack them, and resume with the torch generators alone
-_GLOBALS = {"numpy": _NumpyGlobal, "random": _PythonGlobal}
+_GLOBALS: dict[str, type[_NumpyGlobal] | type[_PythonGlobal]] = {
+    "numpy": _NumpyGlobal,
+    "random": _PythonGlobal,
+}
 
 
 def _generators(data: Any) -> dict[str, Any]:
