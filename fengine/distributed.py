@@ -15,6 +15,7 @@ import atexit
 import datetime
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -46,7 +47,8 @@ _T = TypeVar("_T")
 
 
 class MainRankError(RuntimeError):
-    """Raised on the other ranks when rank 0's part of `computed_by_main` failed."""
+    """Raised on the other ranks when rank 0's part of `computed_by_main` failed with an error
+    that cannot travel (it does not pickle)."""
 
 
 class DistInfo(NamedTuple):
@@ -167,8 +169,8 @@ def gather_objects(obj: Any) -> list[Any]:
 
 def computed_by_main(compute: Callable[[], _T]) -> _T:
     """``compute()`` run on rank 0 and its value on every rank (one broadcast; in one process,
-    the call). Rank 0's error is raised there and, as a `MainRankError` naming it, on the other
-    ranks: none is left waiting for a value that never comes."""
+    the call). Rank 0's error is raised there and on every other rank (the same exception, or a
+    `MainRankError` naming it if it does not pickle): none is left waiting for a value."""
     if not _active() or world_size() == 1:
         return compute()
     box: list[Any] = [None]
@@ -177,13 +179,19 @@ def computed_by_main(compute: Callable[[], _T]) -> _T:
         try:
             box[0] = ("value", compute())
         except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
-            box[0], error = ("error", f"{type(e).__name__}: {e}"), e
+            error = e
+            try:
+                pickle.loads(pickle.dumps(e))
+                box[0] = ("error", e)
+            except Exception:  # noqa: BLE001 - an exception that does not travel: its text does
+                box[0] = ("error", MainRankError(f"rank 0 failed: {type(e).__name__}: {e}"))
     dist.broadcast_object_list(box, src=0)
     if error is not None:
         raise error
     kind, value = box[0]
     if kind == "error":
-        raise MainRankError(f"rank 0 failed: {value}")
+        value.add_note("(raised on rank 0, which computes this for every rank)")
+        raise value
     return value
 
 

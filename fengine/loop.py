@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from torch import nn
+from torch.utils.data import DataLoader
 
 from fengine import checkpoint, distributed, plateau, schedules, sharding
 from fengine.checkpoint._background import Snapshots, Writer
@@ -429,7 +430,7 @@ def fit(
     world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
     if world > 1:
         _check_same_length(p.batches_per_epoch)
-        _check_ranks_agree(state, step, p, train_data, world)
+        _check_ranks_agree(state, step, p, train_data, world, None if val is None else val.data)
         start_replicas(state, step)
     # a DataLoader's order comes from torch generators: carried in checkpoints (one process)
     data_rng = LoaderRng(train_data) if world == 1 else None
@@ -577,35 +578,65 @@ def _check_same_length(batches: int) -> None:
 
 
 def _check_ranks_agree(
-    state: TrainState, step: Step, p: Plan, train_data: Iterable, world: int
+    state: TrainState, step: Step, p: Plan, train_data: Iterable, world: int, val_data: Any = None
 ) -> None:
     """The ranks run one training: the same plan, wrappers and param layout, and data sharded
-    for this world size. A difference was a hang, a gloo abort ("data size doesn't match") or
-    replicas drifting apart; it is one error naming the field, on every rank."""
-    sampler = getattr(train_data, "sampler", None)
-    shards = getattr(sampler, "world_size", getattr(sampler, "num_replicas", None))
+    for this world size (each rank its own shard, in one order; validation data too). A
+    difference was a hang, a gloo abort ("data size doesn't match"), replicas drifting apart or
+    samples read twice and others never; it is one error naming the field, on every rank."""
+    # a train loader without a sharding sampler may read a per-rank dataset: not told apart;
+    # a validation one is the whole set on every rank, which the metrics would count N times
+    train, held_out = _sharding(train_data), _sharding(val_data, whole=True)
     mine = {
-        "data shards": shards if isinstance(shards, int) else None,
+        "data shards": None if train is None else train["world_size"],
+        "data order (seed, shuffle, padding)": None if train is None else train["order"],
+        "validation data shards": None if held_out is None else held_out["world_size"],
         "plan": tuple(p),
         "wrappers": [_described(w) for w in step.wrappers],
         "params": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.params.items()],
         "buffers": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.buffers.items()],
     }
-    everyone = distributed.gather_objects(mine)
+    everyone = distributed.gather_objects({**mine, "shard": train and train["rank"]})
     for field, value in mine.items():
         for r, theirs in enumerate(everyone):
             if theirs[field] != value:
                 raise ValueError(
                     f"fit: the ranks differ in {field}: rank {distributed.rank()} has {value!r}, "
                     f"rank {r} has {theirs[field]!r}; every rank must run the same training "
-                    "(config, model, step) on its own shard of the data"
+                    "(config, model, step) on its own shard of the data (a per-rank seed from "
+                    "seed_everything(diff_rank_seed=True) is for dropout, not the data's order)"
                 )
-    if isinstance(shards, int) and shards != world:  # the same on every rank by now
+    # the same on every rank by now
+    for what, found in (("train_data", train), ("val data", held_out)):
+        if found is not None and found["world_size"] != world:
+            raise ValueError(
+                f"fit: {world} processes but the {what}'s sampler shards the data "
+                f"{found['world_size']} way(s), so ranks read the same samples; build it with "
+                "rank= and world_size= (fengine.data.Loader) or DistributedSampler(num_replicas=) "
+                "for this run"
+            )
+    shards = [theirs["shard"] for theirs in everyone]
+    if all(isinstance(r, int) for r in shards) and sorted(shards) != list(range(world)):
         raise ValueError(
-            f"fit: {world} processes but train_data's sampler shards the data {shards} way(s), so "
-            "ranks read the same samples; build it with rank= and world_size= (fengine.data."
-            "Loader) or DistributedSampler(num_replicas=) for this run"
+            f"fit: the ranks read shards {shards} of train_data (rank r must read shard r, each "
+            "once); build each rank's loader with rank=fe.distributed.rank()"
         )
+
+
+def _sharding(data: Any, whole: bool = False) -> dict[str, Any] | None:
+    """How ``data``'s sampler shards it: ``world_size``, this ``rank``'s shard, and the ``order``
+    every rank must share; None when it cannot be told (a list of batches; a DataLoader without
+    a sharding sampler, unless ``whole``: then it is one shard)."""
+    sampler = getattr(data, "sampler", None)
+    world = getattr(sampler, "world_size", getattr(sampler, "num_replicas", None))
+    if isinstance(world, int):
+        padding = getattr(sampler, "round_up", None)
+        padding = padding if padding is not None else not getattr(sampler, "drop_last", False)
+        order = (getattr(sampler, "seed", None), getattr(sampler, "shuffle", None), padding)
+        return {"world_size": world, "rank": getattr(sampler, "rank", None), "order": order}
+    if whole and isinstance(data, DataLoader):
+        return {"world_size": 1, "rank": 0, "order": None}
+    return None
 
 
 def _described(wrapper: Any) -> str:

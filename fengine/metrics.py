@@ -215,6 +215,12 @@ class SumMetric(Metric):
         pad = n - size
         if size < 0:
             raise ValueError(f"{name}: size must be >= 0 (the dataset's length), got {size}")
+        if pad > ranks and ranks > 1 and n == size * ranks:
+            raise ValueError(
+                f"{name}: each of the {ranks} ranks saw all {size} samples: the evaluation data "
+                "is not sharded; build it with rank= and world_size= (fengine.data.Loader) or a "
+                "DistributedSampler"
+            )
         if pad > ranks:
             raise ValueError(
                 f"{name}: {n} samples were seen for size={size}, i.e. {pad} padded "

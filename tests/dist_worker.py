@@ -209,10 +209,19 @@ def mismatch(out, rank, world):
     same = fe.train_step(ce_loss, optim.sgd(0.1), fe.data_parallel(),
                          fe.forward_wrapper(functools.partial(lambda f, scale: f, scale=1.0)))  # fmt: skip
     sharded = fe.data.Loader(ds, 4, seed=0, rank=rank, world_size=world)
-    for data, steps, run in ((sharded, 3 + rank, step), (fe.data.Loader(ds, 4, seed=0), 3, step),
-                             (sharded, 3, same)):  # fmt: skip
+    per_rank_seed = fe.data.Loader(ds, 4, seed=rank, rank=rank, world_size=world)
+    same_shard = fe.data.Loader(ds, 4, seed=0, rank=0, world_size=world)
+    unsharded_val = fe.Val(fe.data.Loader(ds, 8, seed=0, shuffle=False), [Accuracy()])
+    for data, steps, run, val in (
+        (sharded, 3 + rank, step, None),
+        (fe.data.Loader(ds, 4, seed=0), 3, step, None),
+        (sharded, 3, same, None),
+        (per_rank_seed, 3, step, None),  # seed_everything(diff_rank_seed=True)'s seed
+        (same_shard, 3, step, None),
+        (sharded, 3, step, unsharded_val),
+    ):
         try:
-            fe.fit(run.init(mlp()), run, data, max_steps=steps, handlers=[])
+            fe.fit(run.init(mlp()), run, data, max_steps=steps, val=val, handlers=[])
             messages.append(None)
         except ValueError as e:
             messages.append(str(e))

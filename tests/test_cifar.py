@@ -246,3 +246,12 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         fd.cifar10(tmp_path, "test")
     with pytest.raises(ValueError, match="`split` must be 'train' or 'test', got 'val'"):
         fd.cifar10(tmp_path, "val")
+    # truncated, empty, random bytes: each names the file (before: "Ran out of input")
+    good = py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]})
+    for content, kind in ((good[:-40], "UnpicklingError"), (b"", "ValueError"),
+                          (b"\xd7\x01\x02junk", "UnpicklingError")):  # fmt: skip
+        (folder / "test_batch").write_bytes(content)
+        with pytest.raises((ValueError, pickle.UnpicklingError)) as e:
+            fd.cifar10(tmp_path, "test")
+        assert type(e.value).__name__ == kind
+        assert str(e.value).startswith(f"{folder / 'test_batch'}: not a readable CIFAR-10 batch")

@@ -168,6 +168,9 @@ def test_wrapper_errors_name_the_argument():
         fd.ClassBalancedDataset(TensorDataset(torch.zeros(3)), 0.1)
     with pytest.raises(TypeError, match=r"Subset.get_cat_ids: the wrapped TensorDataset"):
         fd.Subset(TensorDataset(torch.zeros(3)), 2).get_cat_ids(0)
+    for bare in (3, "cat"):  # an int failed in iteration; a str's characters were the ids
+        with pytest.raises(TypeError, match=r"get_cat_ids\(0\) must return the sample's category"):
+            fd.ClassBalancedDataset(Toy(), 0.1, get_cat_ids=lambda i, bare=bare: bare)
     with pytest.raises(ValueError, match="ConcatDataset: `datasets` is empty"):
         fd.ConcatDataset([])
     with pytest.raises(

@@ -131,10 +131,20 @@ def test_a_nan_on_one_rank_raises_on_every_rank_and_saves_nothing(ran):
 
 def test_ranks_that_would_not_run_one_training_are_refused_naming_the_difference(ran):
     for rank in (0, 1):
-        steps, unsharded, partial = load(ran, "mismatch", rank)
+        steps, unsharded, partial, seeds, same, val = load(ran, "mismatch", rank)
         assert steps.startswith("fit: the ranks differ in plan: rank ") and "every rank" in steps
         assert "train_data's sampler shards the data 1 way(s)" in unsharded
         assert partial is None  # its repr's address differs between the ranks, the wrapper not
+        # each rank its own seed: shards of two different permutations overlap (a sample read
+        # twice, another never); the same shard on both ranks: half the data, twice
+        other = 1 - rank
+        assert seeds.startswith(
+            f"fit: the ranks differ in data order (seed, shuffle, padding): rank {rank} has "
+            f"({rank}, True, True), rank {other} has ({other}, True, True)"
+        )
+        assert "diff_rank_seed=True) is for dropout" in seeds
+        assert same.startswith("fit: the ranks read shards [0, 0] of train_data")
+        assert "2 processes but the val data's sampler shards the data 1 way(s)" in val
 
 
 def test_a_step_without_data_parallel_is_refused(ran):

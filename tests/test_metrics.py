@@ -723,7 +723,14 @@ def _dist_worker(rank, world, store, out_dir, size):
             refusal = None
         except TypeError as e:
             refusal = str(e)
+        whole = Evaluator([Accuracy()])  # every rank folds every sample: not sharded
+        try:
+            whole.compute(whole.update(whole.init(), (None, labels), logits), size=size)
+            unsharded = None
+        except ValueError as e:
+            unsharded = str(e)
         result = {
+            "unsharded": unsharded,
             "ours": ev.compute(acc, size=size),
             "ours_no_size": ev.compute(acc),
             "mmengine": oracle.evaluate(size),
@@ -790,6 +797,9 @@ def test_distributed_metrics_without_reduce_gather_as_mmengine_and_share_rank_0s
     assert [r["custom"] for r in results] == [custom] * world
     assert custom["computed_on"] == 0
     for r in results:
+        assert r["unsharded"].startswith(
+            "Accuracy: each of the 3 ranks saw all 7 samples: the evaluation data is not sharded"
+        )
         assert "SumWithoutReduce: a 3-process evaluation must combine" in r["refusal"]
         assert "define reduce(acc)" in r["refusal"]
 

@@ -123,6 +123,15 @@ def test_text_errors_name_the_argument():
         fd.stdlib_corpus(0)
     with pytest.raises(FileNotFoundError, match="none of the 1 listed files"):
         fd.stdlib_corpus(files=["no_such_module.py"])
+    with pytest.raises(TypeError, match="`files` must be a sequence of names, got 'argparse.py'"):
+        fd.stdlib_corpus(files="argparse.py")  # its characters were taken as 11 file names
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.py"
+    latin1.write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"stdlib_corpus: {latin1} is not UTF-8 text"):
+        fd.stdlib_corpus(files=[str(latin1)])  # an absolute name: read where it is
 
 
 def test_default_corpus_builds_quickly():

@@ -114,7 +114,17 @@ def load_batch(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     p = Path(path)
     with open(p, "rb") as f:
-        obj = _RestrictedUnpickler(f, p).load()
+        try:
+            obj = _RestrictedUnpickler(f, p).load()
+        except pickle.UnpicklingError as e:
+            if str(p) in str(e):  # the unpickler's own refusal names the file
+                raise
+            raise pickle.UnpicklingError(f"{p}: not a readable CIFAR-10 batch: {e}") from None
+        except Exception as e:  # noqa: BLE001 - truncated (EOFError), empty, corrupt: any error
+            raise ValueError(
+                f"{p}: not a readable CIFAR-10 batch (truncated or corrupt?): "
+                f"{type(e).__name__}: {e}"
+            ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{p}: expected a dict (a CIFAR-10 batch), got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}

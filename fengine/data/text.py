@@ -199,6 +199,8 @@ def stdlib_corpus(max_chars: int = 1_000_000, files: Sequence[str] = STDLIB_FILE
     """
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
         raise ValueError(f"stdlib_corpus: `max_chars` must be an int >= 1, got {max_chars!r}")
+    if isinstance(files, (str, bytes)):  # its characters would be taken as file names
+        raise TypeError(f"stdlib_corpus: `files` must be a sequence of names, got {files!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
     pieces: list[str] = []
     used: list[str] = []
@@ -207,7 +209,10 @@ def stdlib_corpus(max_chars: int = 1_000_000, files: Sequence[str] = STDLIB_FILE
         path = root / name
         if not path.is_file():
             continue
-        text = path.read_bytes().decode("utf-8") + "\n"
+        try:
+            text = path.read_bytes().decode("utf-8") + "\n"
+        except UnicodeDecodeError as e:
+            raise ValueError(f"stdlib_corpus: {path} is not UTF-8 text: {e}") from None
         pieces.append(text)
         used.append(name)
         total += len(text)

@@ -152,6 +152,17 @@ def _category(c: Any) -> Hashable:
     return operator.index(c) if hasattr(c, "__index__") else c
 
 
+def _categories(cats: Any, index: int) -> Iterable[Any]:
+    """``get_cat_ids(index)``'s categories: an iterable of ids, not a bare id or a string (whose
+    characters would be taken as ids)."""
+    if isinstance(cats, (str, bytes)) or not isinstance(cats, Iterable):
+        raise TypeError(
+            f"ClassBalancedDataset: get_cat_ids({index}) must return the sample's category ids "
+            f"(a list, e.g. [{cats!r}]), got {type(cats).__name__} {cats!r}"
+        )
+    return cats
+
+
 def repeat_factors(num_samples: int, cat_ids: CatIds, oversample_thr: float) -> list[float]:
     """MMEngine's per-sample repeat factors (LVIS repeat-factor sampling, arXiv:1908.03195).
 
@@ -160,7 +171,7 @@ def repeat_factors(num_samples: int, cat_ids: CatIds, oversample_thr: float) -> 
     largest ``r(c)`` over its categories, ``1.0`` when it has none. The
     arithmetic is MMEngine's, operation for operation, so the floats are equal.
     """
-    sets = [{_category(c) for c in cat_ids(i)} for i in range(num_samples)]
+    sets = [{_category(c) for c in _categories(cat_ids(i), i)} for i in range(num_samples)]
     category_freq: defaultdict[Hashable, float] = defaultdict(float)
     for cats in sets:
         for c in cats:

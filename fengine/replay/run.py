@@ -488,8 +488,10 @@ def _reported_by_main(report_: Callable[[], bool]) -> bool:
     in the collective when rank 0's report fails). In one process: the report, or its error."""
     try:
         return bool(distributed.computed_by_main(report_))
-    except distributed.MainRankError as e:
-        raise ReplayError(str(e)) from None
+    except Exception as e:
+        if distributed.is_main():
+            raise
+        raise ReplayError(f"rank 0 failed: {type(e).__name__}: {e}") from None
 
 
 def report(
