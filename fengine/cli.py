@@ -63,6 +63,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -143,7 +144,8 @@ class Range:
         ):
             if bound is not None and not (ok(bound) and math.isfinite(value)):
                 why = f" ({self.why})" if self.why else ""
-                return f"must be {text} {bound:g}, got {value!r}{why}"
+                shown = f"{bound:g}" if isinstance(bound, float) else str(bound)
+                return f"must be {text} {shown}, got {value!r}{why}"
         return None
 
 
@@ -157,7 +159,7 @@ class RunConfig:
     """train this many epochs (passes over the training data); giving it clears --max-steps"""
     max_steps: Annotated[int | None, Range(ge=1)] = None
     """train this many optimizer updates instead; giving it clears --max-epochs"""
-    seed: Annotated[int, Range(ge=0)] = 0
+    seed: Annotated[int, Range(ge=0, lt=2**63, why="a torch seed is a signed 64-bit int")] = 0
     """seed of everything random: weight init, data order, augmentation, dropout"""
     device: str | None = None
     """cpu, cuda or cuda:N (default: cuda when available, else cpu); under torchrun, cuda is cuda:LOCAL_RANK"""
@@ -301,6 +303,11 @@ def parse(
         if given.config is None or _given(argv, e.name):
             raise
         raise UsageError(f"--config {given.config}: {e.name} {e.problem}") from None
+    except UsageError as e:
+        if given.config is None:
+            raise
+        # its flags may stand for the file's values (a GPU run's config.json, say: --device cuda)
+        raise UsageError(f"{e} (with the values of --config {given.config})") from None
     return cfg, ckpt
 
 
@@ -377,7 +384,8 @@ def _horizon_from_argv(base: C, argv: Sequence[str]) -> C:
 
 
 def _fresh(cls: type[C], cfg: C) -> C:
-    """``cfg`` without the per-invocation fields (they come from this command line only)."""
+    """``cfg`` without the per-invocation fields (they come from this command line only). A
+    file's ``preset`` is kept as the record of where its values started; it is not applied."""
     defaults = cls()
     return dataclasses.replace(
         cfg, **{name: getattr(defaults, name) for name in cls.PER_INVOCATION}
@@ -388,7 +396,7 @@ def load_config(cls: type[C], path: Path) -> C:
     """A config file (JSON, or YAML with PyYAML installed) as ``cls``; missing fields take their
     defaults. `UsageError` for an unreadable file, an unknown field or a wrong type."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _read_small_file(Path(path))
         if Path(path).suffix in (".yaml", ".yml"):
             try:
                 import yaml  # type: ignore[import-untyped]
@@ -397,7 +405,7 @@ def load_config(cls: type[C], path: Path) -> C:
                     "a YAML config needs PyYAML: pip install fengine[yaml] (or give the config as JSON)"
                 ) from None
             try:
-                data = yaml.safe_load(text)
+                data = yaml.load(text, Loader=_yaml_loader(yaml))  # noqa: S506 - a SafeLoader
             except yaml.YAMLError as e:
                 raise ValueError(_yaml_problem(e)) from None
         else:
@@ -416,6 +424,40 @@ def load_config(cls: type[C], path: Path) -> C:
         return from_dict(cls, data)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--config {path}: {e}") from None
+
+
+_CONFIG_MAX_BYTES = 16 << 20
+
+
+def _read_small_file(path: Path) -> str:
+    """A config file's text: a regular file (a FIFO would block, /dev/zero would fill memory) of
+    at most 16 MiB."""
+    if not path.is_file():
+        raise ValueError("not a regular file" if path.exists() else "no such file")
+    with open(path, "rb") as f:
+        data = f.read(_CONFIG_MAX_BYTES + 1)
+    if len(data) > _CONFIG_MAX_BYTES:
+        raise ValueError(f"larger than {_CONFIG_MAX_BYTES >> 20} MiB: not a config")
+    return data.decode("utf-8")
+
+
+def _yaml_loader(yaml: Any) -> type:
+    """PyYAML's SafeLoader that also reads ``1e-3`` as a float (YAML 1.2 does; PyYAML's 1.1 rules
+    want ``1.0e-3`` and gave the string '1e-3', which the float field then refused)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # copied, not shared: add_implicit_resolver would append to SafeLoader's own lists
+    Loader.yaml_implicit_resolvers = {
+        k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
 
 
 def _yaml_problem(e: Exception) -> str:

@@ -455,6 +455,7 @@ def fit(
             moment = None
             if resume:
                 state, run, moment = _resume(state, step, resume, run, dispatch, save_dirs)
+                _check_not_past(state, p)
             elif main:
                 _warn_if_saving_over(save_dirs)
             dispatch("before_train", state, run)
@@ -534,6 +535,24 @@ def _check_epoch_schedules(step: Step, p: Plan) -> None:
             )
 
 
+def _check_not_past(state: TrainState, p: Plan) -> None:
+    """A resume from beyond the run's horizon would return that later state as this run's end,
+    silently (the recipes' CLI refuses it too)."""
+    if p.max_epochs is not None:
+        past = state.epoch > p.max_epochs or (
+            state.epoch == p.max_epochs and state.batch_in_epoch > 0
+        )
+        horizon = f"max_epochs={p.max_epochs}"
+    else:
+        past, horizon = state.step > p.total_steps, f"max_steps={p.total_steps}"
+    if past:
+        raise ValueError(
+            f"fit: the resumed checkpoint is at step {state.step} (epoch {state.epoch}, batch "
+            f"{state.batch_in_epoch}), past this run's horizon ({horizon}); give a larger one to "
+            "go on from it, or resume from an earlier checkpoint"
+        )
+
+
 def start_replicas(state: TrainState, step: Step) -> None:
     """DDP's start, under `data_parallel`: every rank from rank 0's weights and buffers (models
     seeded per rank would otherwise train apart). A collective; nothing in one process."""
@@ -548,7 +567,9 @@ def _keep_state(error: BaseException, state: TrainState) -> None:
     if not state.is_donated:
         error.fengine_state = state  # type: ignore[attr-defined]
         if hasattr(error, "add_note"):  # Python 3.11+
-            error.add_note(f"fit: the state at step {state.step} is kept as .fengine_state")
+            error.add_note(
+                f"fit: the state at step {state.step} is kept as the error's .fengine_state (except ... as e: e.fengine_state)"
+            )
 
 
 def _check_distributed(step: Step) -> int:

@@ -41,7 +41,7 @@ _ALL = (*STATE_FIELDS, "model")
 _ALL_SET = frozenset(_ALL)
 # torch before 2.13 (2.11 seen): dynamo cannot trace `replace`'s dict copy; 2.13 needs no check
 _OLD_DYNAMO = torch.__version__ < torch.torch_version.TorchVersion("2.13")
-_GUARDED = _ALL_SET | {"replace", "clone", "eval_weights"}
+_GUARDED = _ALL_SET | {"replace", "clone", "eval_weights", "load_into"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -133,6 +133,39 @@ class TrainState:
             if callable(swap):
                 params, buffers = swap(params, buffers)
         return params, buffers
+
+    def load_into(self, model: nn.Module | None = None, *, weights: str = "eval") -> nn.Module:
+        """Copy the trained weights into ``model`` (default: the module this state was built
+        from) and return it, for inference or ``torch.save(model.state_dict())``: `fit` trains
+        the state's own tensors, so the module keeps its initial weights until this is called.
+        ``weights``: ``"eval"`` (those evaluation uses: the EMA ones when the step keeps an EMA)
+        or ``"live"``."""
+        if weights not in ("eval", "live"):
+            raise ValueError(
+                f"TrainState.load_into: weights must be 'eval' or 'live', got {weights!r}"
+            )
+        target = model if model is not None else self.model
+        if target is None:
+            raise ValueError("TrainState.load_into: this state has no module; pass model=")
+        params, buffers = self.eval_weights() if weights == "eval" else (self.params, self.buffers)
+        mine = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+        theirs = {**params, **buffers}
+        if set(mine) != set(theirs):
+            raise ValueError(
+                "TrainState.load_into: the module's parameters and buffers are not the state's: "
+                f"missing from the module {sorted(set(theirs) - set(mine))[:5]}, not in the state "
+                f"{sorted(set(mine) - set(theirs))[:5]}"
+            )
+        wrong = [(n, tuple(mine[n].shape), tuple(t.shape)) for n, t in theirs.items()
+                 if mine[n].shape != t.shape]  # fmt: skip
+        if wrong:
+            raise ValueError(
+                f"TrainState.load_into: shapes differ (name, module, state): {wrong[:5]}"
+            )
+        with torch.no_grad():
+            for name, t in theirs.items():
+                mine[name].copy_(t)
+        return target
 
     def replace(self, **changes: Any) -> TrainState:
         """A new state with ``changes``; this one stays valid.

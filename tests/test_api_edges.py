@@ -285,3 +285,37 @@ def test_from_dict_keeps_optional_nulls_and_round_trips():
     cfg = _Cfg(lr=1.0, limit=None, extra=_Inner(2, (1, 2)))
     assert from_dict(_Cfg, to_dict(cfg)) == cfg
     assert from_dict(_Cfg, {"limit": None, "extra": None, "lr": 1}) == _Cfg(lr=1.0)
+
+
+def test_load_into_puts_the_trained_weights_in_the_module():
+    """fit trains the state's tensors: the module keeps its initial weights (a user's
+    torch.save(model.state_dict()) after fit saved untrained ones). load_into copies the EMA
+    weights evaluation uses, or the live ones, and the module then predicts as evaluate does."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 10)
+    )
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    step = fe.train_step(ce_loss, optim.adamw(1e-2), fe.ema(0.9))
+    state = fe.fit(step.init(model, seed=0), step, mlp_batches(4), max_steps=6, handlers=[])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in initial.items())  # untouched
+    assert state.load_into() is model
+    params, buffers = state.eval_weights()
+    for name, t in {**params, **buffers}.items():
+        assert torch.equal(
+            model.get_parameter(name) if name in params else model.get_buffer(name), t
+        )
+    assert not torch.equal(params["0.weight"], state.params["0.weight"])  # the EMA, not the live
+    x, y = mlp_batches(1, seed=5)[0]
+    with torch.no_grad():
+        ours = torch.nn.functional.cross_entropy(model.eval()(x), y)
+    assert fe.evaluate(state, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
+                       [(x, y)], [fe.metrics.MeanLoss()])["loss"] == pytest.approx(float(ours), rel=1e-6)  # fmt: skip
+    fresh = torch.nn.Sequential(
+        torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 10)
+    )
+    other = state.load_into(fresh, weights="live")
+    assert torch.equal(other.get_parameter("0.weight"), state.params["0.weight"])
+    with pytest.raises(ValueError, match=r"not the state's: missing from the module \['1.bias'"):
+        state.load_into(mlp())
+    with pytest.raises(ValueError, match="weights must be 'eval' or 'live', got 'ema'"):
+        state.load_into(weights="ema")

@@ -158,7 +158,7 @@ def test_a_yaml_config_without_pyyaml_names_the_extra(tmp_path, monkeypatch, cap
         (["--optim.name", "lion"], "--optim.name"),
         (["--preset", "huge"], "--preset 'huge' is unknown; presets are tiny, base, wide"),
         (["--preset", "tiny", "--config", "x.json"], "give --preset or --config, not both"),
-        (["--config", "/nonexistent/c.json"], "--config /nonexistent/c.json: [Errno 2]"),
+        (["--config", "/nonexistent/c.json"], "--config /nonexistent/c.json: no such file"),
         (["--data.name", "cifar10"], "--data.name cifar10 needs --data.root PATH"),
         (["--resume-from", "/nonexistent.safetensors"], "--resume-from /nonexistent.safetensors: no such file"),
     ],

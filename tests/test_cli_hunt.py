@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -261,3 +262,40 @@ def test_end_step_counts_the_rest_of_the_epoch_in_this_world_sizes_batches(tmp_p
     assert (
         cli._end_step(same, plan, {"batches_per_epoch": 90, "world_size": 1}, path) == 100 + 80 + 90
     )
+
+
+# ----------------------------------------------------------------------- config files (hunt)
+def test_yaml_reads_1e_3_as_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string, which the float field refused; without
+    touching PyYAML's own SafeLoader."""
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 3\noptim: {lr: 1e-3, weight_decay: 5E+0}\n")
+    cfg, _ = parse("--config", str(path), "--work-dir", str(tmp_path / "w"))
+    assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 5.0
+    assert yaml.safe_load("x: 1e-3") == {"x": "1e-3"}  # the global loader is as it was
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_reading(tmp_path, capsys):
+    """A FIFO blocked forever; /dev/zero filled memory until the kernel killed the process."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        assert run("--config", str(path), "--work-dir", str(tmp_path / "w")) == 2
+        assert f"error: --config {path}: not a regular file" in _one_error(capsys)
+
+
+def test_a_config_files_cross_field_error_names_the_file(tmp_path, capsys):
+    """Its values stand for flags the user never typed: the error says where they came from."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"max_epochs": 2, "max_steps": 3}))
+    assert run("--config", str(path), "--work-dir", str(tmp_path / "w")) == 2
+    err = _one_error(capsys)
+    assert "give --max-epochs or --max-steps, not both" in err
+    assert f"(with the values of --config {path})" in err
+
+
+def test_a_seed_beyond_63_bits_is_a_usage_error(tmp_path, capsys):
+    assert run(*FAST, "--seed", str(2**64), "--work-dir", str(tmp_path / "w")) == 2
+    assert f"--seed must be < {2**63}, got {2**64}" in _one_error(capsys)

@@ -575,3 +575,11 @@ def test_a_rank_without_samples_is_named_not_blamed_on_drop_last():
         ValueError, match=r"rank 3 of 4 gets no sample of the 2 with round_up=False"
     ):
         fd.Loader(ds, 4, seed=0, round_up=False, drop_last=False, rank=3, world_size=4)
+
+
+def test_iterating_a_loader_says_how():
+    """``for batch in loader`` would repeat one epoch's order every epoch: refused with the way."""
+    loader = fd.Loader(tensor_dataset(8), 4, seed=0)
+    with pytest.raises(TypeError, match=r"loader.epoch\(e\) gives epoch e's batches.*next\(iter"):
+        next(iter(loader))
+    assert len(next(iter(loader.epoch(0)))[0]) == 4

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +55,12 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     )
     printed = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(a))
-    exec(compile(code, "README.md", "exec"), {})
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
     assert printed and "accuracy" in printed[-1][0]
     assert (tmp_path / "last_checkpoint").is_file()
+    ema = ns["state"].eval_weights()[0]  # load_into gave the module the EMA weights
+    assert all(torch.equal(p, ema[n]) for n, p in ns["model"].named_parameters())
 
 
 def test_readme_user_wrappers_example_runs(monkeypatch):

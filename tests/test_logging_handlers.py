@@ -1676,6 +1676,24 @@ def test_a_resumed_runs_scalars_hold_each_step_once(tmp_path, by_epoch, crash_at
     assert [r["step"] for r in aside] == moved
 
 
+def test_a_fresh_run_into_a_used_work_dir_moves_the_earlier_records_aside(tmp_path):
+    """Two runs without resume into one work dir: the second's scalars.jsonl holds its own steps
+    only (they were appended: every step twice, with two runs' values); the first's records
+    are renamed, not deleted, and each run has its own text log even within one second."""
+    work = tmp_path / "w"
+    _fit_until(tmp_path / "straight", by_epoch=False)
+    _fit_until(work, by_epoch=False)
+    first = (work / "scalars.jsonl").read_bytes()
+    _fit_until(work, by_epoch=False)
+    assert _records(work / "scalars.jsonl") == _records(tmp_path / "straight" / "scalars.jsonl")
+    assert [r[0] for r in _records(work / "scalars.jsonl")] == list(range(1, 9))
+    (aside,) = work.glob("scalars.before_*.jsonl")
+    assert aside.read_bytes() == first
+    assert len(list(work.glob("*.log"))) == 2
+    _fit_until(work, by_epoch=False, resume=True)  # nothing left; a resume moves nothing aside
+    assert len(list(work.glob("scalars.before_*.jsonl"))) == 1
+
+
 def test_superseding_keeps_what_is_not_a_record(tmp_path):
     from fengine.handlers.jsonl import supersede
 

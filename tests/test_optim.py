@@ -392,6 +392,17 @@ def test_frozen_param_and_unused_param_are_not_updated():
         (optim.adam, dict(b1=1.0), "invalid b1"),
         (optim.adamw, dict(lr="fast"), "lr must be a number or a schedule"),
         (optim.sgd, dict(lr=0.1, nesterov=True), "nesterov=True requires momentum"),
+        # NaN: torch.optim refuses it ("Invalid learning rate: nan"); it was accepted and the run
+        # failed later with a non-finite loss, blaming the loss
+        (optim.adamw, dict(lr=float("nan")), "invalid lr nan"),
+        (optim.adamw, dict(lr=1e-3, weight_decay=float("nan")), "invalid weight_decay nan"),
+        (optim.adam, dict(lr=1e-3, b1=float("nan")), r"invalid b1 nan; expected a value in \[0"),
+        (optim.sgd, dict(lr=lambda t: float("nan")), "invalid lr nan"),
+        (
+            optim.sgd,
+            dict(lr=lambda t: torch.tensor(0.1)),
+            r"the lr schedule .* returned Tensor tensor\(0.1000\) at step 0",
+        ),  # fmt: skip
     ],
 )
 def test_bad_hyperparameters_are_named(factory, kw, match):

@@ -383,3 +383,22 @@ def test_a_checkpoint_from_before_base_lr_resumes_exactly(tmp_path):
     with pytest.raises(checkpoint.CheckpointMismatchError, match="base_lr"):
         checkpoint.load(old, like=like)  # the layout differs: what fit's resume handles
     assert state_digest(run(tmp_path / "b", resume=old)) == state_digest(straight)
+
+
+def test_a_resume_past_the_horizon_is_refused_in_the_library_too(tmp_path):
+    """fit(resume=...) from step 6 with max_steps=3 returned the step-6 state as this run's end,
+    silently (README: "one past the given horizon is an error"; the CLI refused it already)."""
+    from helpers import ce_loss, mlp, mlp_batches
+
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+    run = lambda **kw: fe.fit(step.init(mlp(), seed=0), step, mlp_batches(3), work_dir=tmp_path,  # noqa: E731
+                              handlers=[fe.handlers.Checkpointer(3, by_epoch=False)], **kw)  # fmt: skip
+    run(max_steps=6)
+    with pytest.raises(ValueError, match=r"at step 6 \(epoch 1, batch 3\), past this run's "
+                       r"horizon \(max_steps=3\)") as e:  # fmt: skip
+        run(max_steps=3, resume=True)
+    assert e.value.fengine_state.step == 6
+    with pytest.raises(ValueError, match=r"past this run's horizon \(max_epochs=1\)"):
+        run(max_epochs=1, resume=True)
+    assert run(max_steps=6, resume=True).step == 6  # at the horizon: nothing left, no error
+    assert run(max_epochs=2, resume=True).step == 6

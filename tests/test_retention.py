@@ -239,6 +239,37 @@ def test_resume_from_the_last_step_of_an_epoch_finishes_the_epoch_and_validates(
     ]
 
 
+def test_a_preemption_in_the_validation_after_a_save_replaces_that_steps_file(tmp_path):
+    """SIGTERM in the validation at step 6, which the Checkpointer saved just before it (interval
+    3, max_keep_ckpts=2): the preemption's step_6 (after the validation) takes iter_6's place in
+    the rotation, so iter_3 stays; before, iter_6 and step_6 (one update, twice) were kept and
+    iter_3 deleted. The run resumes from step_6 to the straight run's bits and files."""
+
+    def run(work, handlers=(), resume=False):
+        step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+        val = fe.Val(mlp_batches(2, seed=9), [MeanLoss()], interval=3,
+                     eval_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))  # fmt: skip
+        ck = Checkpointer(3, by_epoch=False, max_keep_ckpts=2)
+        return fe.fit(step.init(mlp(), seed=0), step, mlp_batches(5), max_steps=12, val=val,
+                      work_dir=work, handlers=[ck, *handlers], resume=resume)  # fmt: skip
+
+    straight = run(tmp_path / "straight")
+
+    @fe.on("before_val_iter", once=3)  # the validation at step 6 (the third batch seen)
+    def sigterm(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(fe.Preempted) as info:
+        run(tmp_path / "w", [sigterm])
+    assert info.value.state.step == 6
+    assert info.value.checkpoint == tmp_path / "w" / "step_6.safetensors"
+    assert _ckpts(tmp_path / "w") == ["iter_3.safetensors", "step_6.safetensors"]
+    assert checkpoint.read_meta(info.value.checkpoint)["meta"]["moment"] == "after_val"
+    done = run(tmp_path / "w", resume=True)
+    assert_dicts_equal(done.params, straight.params)
+    assert _ckpts(tmp_path / "w") == _ckpts(tmp_path / "straight")
+
+
 def test_sigterm_during_the_final_validation_is_a_preemption(tmp_path):
     step = fe.train_step(ce_loss, optim.sgd(0.1))
 

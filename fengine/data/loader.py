@@ -234,6 +234,15 @@ class Loader:
         """Batches per epoch on this rank."""
         return self._num_batches
 
+    def __iter__(self) -> Iterator[Any]:
+        """Refused with the way to do it: each epoch has its own order, so a Loader is iterated
+        one epoch at a time (``for batch in loader`` would repeat one epoch's order)."""
+        raise TypeError(
+            "a Loader is iterated one epoch at a time: loader.epoch(e) gives epoch e's batches "
+            "(fit and evaluate call it for you); e.g. next(iter(loader.epoch(0))) for a look at "
+            "one batch"
+        )
+
     def _start(self, batches: Callable[[], Iterator[_Keys]], *key: int) -> Iterator[Any]:
         self._plan.batches = batches
         self._worker_seed.manual_seed(rng.fold_in(self.seed, _WORKER_SEED_TAG, *key))

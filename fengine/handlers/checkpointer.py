@@ -380,6 +380,9 @@ class Checkpointer(Handler):
         self.retiring: list[
             str
         ] = []  # files retired by the latest saves (deleted by fit once they are durable)
+        self._saved_at: int | None = (
+            None  # the update the latest periodic file holds (this process)
+        )
 
     def directory(self, run: RunInfo | None) -> Path:
         """Where the checkpoints go: ``out_dir / basename(work_dir)``, ``work_dir``, or ``out_dir``."""
@@ -427,6 +430,14 @@ class Checkpointer(Handler):
         name = Path(path).name
         if not snap.metrics.get("stop") or name in self.kept:
             return None
+        if self._saved_at == snap.state.step and self.kept[-1:] == [self.last_ckpt]:
+            # this update's periodic file, written before what ran since (a validation): the
+            # preemption's file takes its place, not an older, distinct checkpoint's
+            stale = self.kept.pop()
+            self.kept.append(name)
+            self.last_ckpt = name
+            self.retiring += [stale]
+            return Retire((directory / stale,))
         return self._keep(directory, name)
 
     def on_after_val_epoch(self, snap: Snapshot) -> list[Save | Retire] | None:
@@ -533,7 +544,7 @@ class Checkpointer(Handler):
         ):
             return None
         log.info("Saving checkpoint at %d %s", n, "epochs" if self.by_epoch else "iterations")
-        self.retiring = []
+        self.retiring, self._saved_at = [], snap.state.step
         return self._periodic(self.directory(snap.run), n)
 
     def _periodic(self, directory: Path, n: int) -> Save | list[Save | Retire]:

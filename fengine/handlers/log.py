@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -840,6 +841,7 @@ class Logger(_TrainScalars):
         self._eval: dict[str, ScalarHistory] = {}
         self._json_path: Path | None = None
         self._resumed_at: int | None = None  # until the first record after a resume is written
+        self._first_record = True  # the run's first record is not written yet (see _write_json)
         self._file_handler: logging.FileHandler | None = None
         self._warned_timer = False
         self.logger = get_logger()
@@ -856,6 +858,7 @@ class Logger(_TrainScalars):
             return
         self.logger = get_logger()
         self.timestamp = time.strftime("%Y%m%d_%H%M%S")
+        self._first_record, self._resumed_at = True, None
         work_dir = snap.run.work_dir
         if self.exp_name is not None:
             self.experiment_name = self.exp_name
@@ -885,7 +888,11 @@ class Logger(_TrainScalars):
             stale.close()
         self._file_handler = None
         if self.log_file:
-            path = work_dir / f"{self.timestamp or time.strftime('%Y%m%d_%H%M%S')}.log"
+            stamp = self.timestamp or time.strftime("%Y%m%d_%H%M%S")
+            path, n = work_dir / f"{stamp}.log", 1
+            while path.exists():  # another run started in this second: its own file
+                n += 1
+                path = work_dir / f"{stamp}_{n}.log"
             self._file_handler = _OwnFileHandler(path, encoding="utf-8")
             self._file_handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
             self._file_handler._fengine_run_log = True  # type: ignore[attr-defined]
@@ -915,6 +922,10 @@ class Logger(_TrainScalars):
     def _write_json(self, record: Mapping[str, Any]) -> None:
         # opened per record (as MMEngine's LocalVisBackend does): a run that raises, and so
         # never reaches after_run, leaves no open file behind
+        if self._json_path is not None and self._first_record:
+            self._first_record = False
+            if self._resumed_at is None:
+                self._move_aside_an_earlier_run(self._json_path)
         if self._json_path is not None and self._resumed_at is not None:
             at, self._resumed_at = self._resumed_at, None
             again = record["step"] == at and is_eval_record(dict(record))
@@ -925,6 +936,23 @@ class Logger(_TrainScalars):
         if self._json_path is not None:
             with open_to_append(self._json_path) as f:
                 f.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
+
+    def _move_aside_an_earlier_run(self, path: Path) -> None:
+        """A fresh run (no resume) into a work dir with another run's records: theirs move to
+        ``<name>.before_<timestamp>`` (renamed, not deleted), so no step appears twice."""
+        try:
+            if path.stat().st_size == 0:
+                return
+        except FileNotFoundError:
+            return
+        aside = path.with_name(f"{path.stem}.before_{self.timestamp}{path.suffix}")
+        n = 1
+        while aside.exists():  # two runs started in one second: never over an earlier one
+            n += 1
+            aside = path.with_name(f"{path.stem}.before_{self.timestamp}_{n}{path.suffix}")
+        os.replace(path, aside)
+        self.logger.info("Logger: %s holds an earlier run's records (this run did not resume): "
+                         "moved to %s", path.name, aside.name)  # fmt: skip
 
     # ------------------------------------------------------------------ timing
     def _tick(self, event: str, snap: Snapshot) -> None:

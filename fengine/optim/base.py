@@ -136,9 +136,15 @@ def check_hyper(
         )
     probe = value(0) if callable(value) else value
     if not isinstance(probe, (int, float)) or isinstance(probe, bool):
+        if callable(value):
+            raise TypeError(
+                f"{where}: the {name} schedule {value!r} returned {type(probe).__name__} "
+                f"{probe!r} at step 0; a schedule returns a Python number (float(...) of a tensor)"
+            )
         expected = "a number or a schedule step -> number" if schedule else "a number"
         raise TypeError(f"{where}: {name} must be {expected}, got {value!r}")
-    if probe < low or (high is not None and probe >= high):
+    # written so that NaN fails too (every comparison with it is False), as torch.optim refuses it
+    if not probe >= low or (high is not None and not probe < high):
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{where}: invalid {name} {probe!r}; expected a value {bound}")
 
