@@ -220,9 +220,13 @@ def _run_meta(model: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
         with bound:
             model(*args, **kw)
     except (NotImplementedError, RuntimeError) as e:
+        needs_values = any(
+            s in str(e) for s in ("meta", "data-dependent", "Cannot access data", "item()")
+        )
+        hint = ("a forward that needs values runs with meta=False" if needs_values
+                else "is the input right for this model?")  # fmt: skip
         raise RuntimeError(
-            f"complexity: the forward pass failed on the meta device ({e}); "
-            "a forward that needs values runs with meta=False"
+            f"complexity: the forward pass failed on the meta device ({e}); {hint}"
         ) from e
 
 
@@ -231,10 +235,19 @@ def _run_real(model: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
     devices = [t.device for t in saved.values() if t.device.type == "cuda"]
     devices += [p.device for p in model.parameters() if p.device.type == "cuda"]
     cuda = sorted({d.index or 0 for d in devices})
+    # without the fused RNN kernels (mkldnn's on CPU, cuDNN's), whose one op hides an LSTM's
+    # matmuls from the count (0 FLOPs); other ops dispatch the same either way. The switches
+    # themselves, not their `flags()` contexts, which also reset TF32 settings (and warn)
+    backends: tuple[Any, ...] = (torch.backends.mkldnn, torch.backends.cudnn)
+    enabled = [backend.enabled for backend in backends]
     try:
+        for backend in backends:
+            backend.enabled = False
         with torch.random.fork_rng(devices=cuda):
             model(*_args(inputs), **kwargs)
     finally:
+        for backend, was in zip(backends, enabled):
+            backend.enabled = was
         for n, b in model.named_buffers():
             b.copy_(saved[n])
 

@@ -101,12 +101,22 @@ def complexity_text(model: nn.Module | None, example_input: Any) -> str:
 def _groups_text(exp: Any) -> str:
     if exp.param_groups is not None:
         return str(exp.param_groups)
-    rows = [
-        f"{name}  {'x'.join(map(str, t.shape)) or 'scalar'}" for name, t in exp.state.params.items()
-    ]
-    return (
-        "parameters (one group: the optimizer's lr and weight decay, x1 each):\n  "
-        + "\n  ".join(rows)
+    params = exp.state.params
+
+    def rows(names: Any) -> str:
+        return "\n  ".join(f"{n}  {'x'.join(map(str, params[n].shape)) or 'scalar'}" for n in names)
+
+    parts = [p for p in getattr(exp.step, "parts", ()) if p.name is not None]
+    if not parts:  # one optimizer over every param
+        return "parameters (one group: the optimizer's lr and weight decay, x1 each):\n  " + rows(
+            params
+        )
+    # a multi_step: each part's optimizer over its params (its hyper-parameters are named
+    # "<part>/lr" etc. in the lines below)
+    return "\n".join(
+        f"parameters of part {p.name!r} (its optimizer's <{p.name}/...> hyper-parameters, x1 each):"
+        f"\n  {rows(p.owned(params))}"
+        for p in parts
     )
 
 

@@ -59,7 +59,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from fengine.checkpoint import load_params
+from fengine.checkpoint import CheckpointError, load_params
 from fengine.rng import fold_in
 
 
@@ -127,11 +127,17 @@ class _Init:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if isinstance(self.bias, bool) or not isinstance(self.bias, (int, float)):
-            raise TypeError(f"{name}: bias must be a number, got {self.bias!r}")
+        for f in dataclasses.fields(self):  # the numbers: checked here, not at the first apply
+            value = getattr(self, f.name)
+            if f.type != "float":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name}: {f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: {f.name} must be finite, got {value!r}")
         if self.bias_prob is not None:
             bias_init_with_prob(self.bias_prob)  # validates
-        sel = self.layer
+        sel = () if self.layer is None else self.layer  # MMEngine: layer=None selects no class
         layers = (sel,) if isinstance(sel, (str, type)) else tuple(cast(Sequence, sel))
         for x in layers:
             if not isinstance(x, (str, type)):
@@ -284,6 +290,10 @@ class Kaiming(_Init):
         super().__post_init__()
         _check_choice(self, "mode", self.mode, ("fan_in", "fan_out"))
         _check_choice(self, "distribution", self.distribution, ("normal", "uniform"))
+        try:  # torch's own list of nonlinearities (it raised only at the first apply)
+            nn.init.calculate_gain(self.nonlinearity, self.a)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: nonlinearity: {e}") from None
 
     def fill(self, w: torch.Tensor, g: torch.Generator | None) -> None:
         f = nn.init.kaiming_uniform_ if self.distribution == "uniform" else nn.init.kaiming_normal_
@@ -314,6 +324,13 @@ class Pretrained:
 
     checkpoint: str | os.PathLike
     prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if "://" in str(self.checkpoint):
+            raise ValueError(
+                f"Pretrained: {self.checkpoint!r} is a URL; fengine downloads nothing: download "
+                "the file and give its path"
+            )
 
     def info(self) -> str:
         return f"PretrainedInit: load from {self.checkpoint}"
@@ -364,6 +381,10 @@ def _override_cfg(override: Any, parent: Mapping[str, Any], where: str) -> dict[
         raise TypeError(f"{where}: override must be a dict or a list of dicts, got {override!r}")
     out: dict[str, Spec | None] = {}
     for o in items:
+        if not isinstance(o, Mapping):
+            raise TypeError(
+                f"{where}: override must be a dict or a list of dicts, got {override!r}"
+            )
         o = dict(o)
         name = o.pop("name", None)
         if name is None:
@@ -436,7 +457,13 @@ def _fill_module(spec: _Init, m: nn.Module, prefix: str, run: _Run) -> None:
     w, b = getattr(m, "weight", None), getattr(m, "bias", None)
     if isinstance(w, torch.Tensor):
         name = prefix + "weight"
-        tmp = torch.empty(w.shape, dtype=w.dtype)  # drawn on the CPU: the same on every device
+        # drawn on the CPU: the same on every device. With one generator (MMEngine's order) in
+        # the weight's own layout, as MMEngine draws in place (a channels_last conv differs);
+        # per-name keys draw contiguously, so their values do not depend on the layout
+        if run.generator is not None:
+            tmp = torch.empty_like(w, device="cpu")
+        else:
+            tmp = torch.empty(w.shape, dtype=w.dtype)
         try:
             spec.fill(tmp, run.gen(name))
         except (ValueError, RuntimeError) as e:
@@ -473,7 +500,16 @@ def _load(spec: Pretrained, module: nn.Module, at: str, run: _Run) -> None:
     if prefix and not prefix.endswith("."):
         prefix += "."  # MMEngine: "backbone" means "backbone."
     prefix_map = {prefix: ""} if prefix else None
-    state_dict, report = load_params(spec.checkpoint, module, prefix_map=prefix_map)
+    state_dict, report = load_params(
+        spec.checkpoint, module, prefix_map=prefix_map, allow_empty=True
+    )
+    if not report.loaded:
+        raise CheckpointError(
+            f"init: Pretrained({str(spec.checkpoint)!r}, prefix={spec.prefix!r}) into "
+            f"{at or 'the model'} loads nothing: no weight of the file"
+            f"{' under ' + repr(prefix) if prefix else ''} is named as one of the module's; "
+            f"{report}"
+        )
     module.load_state_dict(cast(dict, state_dict))
     if not report.ok:  # MMEngine logs the size mismatches and missing keys of a Pretrained
         log.warning(
@@ -520,6 +556,10 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"init.apply: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(  # 1.5, "7", True, 2**64 were folded into the same keys as 1, 7, 1, 0
+            f"init.apply: seed must be a non-negative int below 2**63, got {seed!r}"
+        )
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"init.apply: generator must be a CPU generator, got {generator.device}")
     if isinstance(specs, Mapping) and "type" not in specs:

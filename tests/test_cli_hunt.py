@@ -299,3 +299,16 @@ def test_a_config_files_cross_field_error_names_the_file(tmp_path, capsys):
 def test_a_seed_beyond_63_bits_is_a_usage_error(tmp_path, capsys):
     assert run(*FAST, "--seed", str(2**64), "--work-dir", str(tmp_path / "w")) == 2
     assert f"--seed must be < {2**63}, got {2**64}" in _one_error(capsys)
+
+
+def test_a_work_dir_from_a_config_file_is_said(tmp_path):
+    """The file, not the command line, chose where checkpoints and logs go: a note says so."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"max_steps": 1, "work_dir": str(tmp_path / "from_file"),
+                                "model": {"width": 4, "blocks": 1}}))  # fmt: skip
+    out: list = []
+    assert run("--config", str(path), "--dry-run", out=out) == 0
+    assert f"note: --work-dir {tmp_path / 'from_file'} comes from --config {path}" in out
+    out.clear()
+    assert run("--config", str(path), "--dry-run", "--work-dir", str(tmp_path / "w"), out=out) == 0
+    assert not any("comes from --config" in line for line in out)

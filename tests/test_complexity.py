@@ -285,6 +285,25 @@ def test_real_forward_counts_the_same_and_restores_buffers_and_rng():
         assert torch.equal(v, buffers[k]), k
 
 
+def test_a_real_forward_counts_an_lstms_matmuls_as_the_meta_one():
+    """On CPU the LSTM ran as one mkldnn op, which no counter knows: 0 FLOPs with meta=False.
+    4 gates x (input 4 + hidden 6) x 6 units x 2 multiply-adds... counted per addmm, as meta."""
+    torch.manual_seed(0)
+    for model, x in ((nn.LSTM(4, 6), torch.randn(3, 2, 4)),
+                     (nn.GRU(4, 6, batch_first=True), torch.randn(2, 3, 4))):  # fmt: skip
+        real, meta = complexity.analyze(model, x, meta=False), complexity.analyze(model, x)
+        assert real.flops == meta.flops > 0, type(model).__name__
+    assert complexity.analyze(nn.LSTM(4, 6), torch.randn(3, 2, 4)).flops == 3 * 2 * 4 * 6 * (4 + 6)
+
+
+def test_a_wrong_input_on_the_meta_device_is_not_blamed_on_meta():
+    """It advised meta=False, which fails the same way: the input does not fit the model."""
+    with pytest.raises(
+        RuntimeError, match=r"same reduction dim.*is the input right for this model"
+    ):
+        complexity.analyze(nn.Linear(5, 3), torch.randn(2, 4))
+
+
 def test_format_size_is_mmengines():
     for x in (
         0,

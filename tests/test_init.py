@@ -177,6 +177,42 @@ def test_init_cfg_selection_equals_mmengine_initialize_bitwise(cfg):
     assert any(rep.writes.values())
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(type="Normal", layer="Conv2d", std=0.1),
+        dict(type="Kaiming", layer="Conv2d"),
+        dict(type="Uniform", layer="Conv2d"),
+        dict(type="TruncNormal", layer="Conv2d", std=0.1),
+        dict(type="Xavier", layer="Conv2d", distribution="uniform"),
+    ],  # fmt: skip
+)
+def test_a_channels_last_model_is_drawn_as_mmengine_draws_it(cfg):
+    """MMEngine draws in place, in the weight's memory layout; the generator mode drew into a
+    contiguous tensor, so a channels_last conv got other values (not even the same multiset)."""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    ours = ours.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(ours)
+    torch.manual_seed(5)
+    initialize(ref, copy.deepcopy(cfg))
+    init.apply(ours, cfg, generator=torch.Generator().manual_seed(5))
+    _assert_same(ours.state_dict(), ref.state_dict())
+    assert ours[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # per-name keys: the values do not depend on the layout
+    flat = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    init.apply(flat, cfg, seed=3)
+    init.apply(ours, cfg, seed=3)
+    _assert_same(flat.state_dict(), ours.state_dict())
+
+
+@pytest.mark.parametrize("seed", [1.5, "7", True, 2**64, -1])
+def test_a_seed_that_is_not_a_63_bit_int_is_refused(seed):
+    """It was folded into the keys of another seed (1.5 and True as 1, 2**64 as 0)."""
+    with pytest.raises(ValueError, match=r"seed must be a non-negative int below 2\*\*63"):
+        init.apply(nn.Linear(2, 2), init.Normal(), seed=seed)
+
+
 def test_typed_specs_with_classes_select_like_names():
     by_name, _ = _ours([init.Kaiming(layer="Conv2d"), init.Normal(layer="Linear")])
     by_class, _ = _ours([init.Kaiming(layer=nn.Conv2d), init.Normal(layer=[nn.Linear])])
@@ -471,3 +507,36 @@ def test_readme_block_runs(monkeypatch):
     assert env["report"].last("conv.weight").startswith("KaimingInit")
     assert torch.equal(env["state"].params["head.weight"], torch.zeros(2, 4))
     assert "Model Parameters:" in printed[-1][0]
+
+
+def test_specs_check_their_arguments_up_front():
+    """Each was accepted and failed at the first apply (or never: a NaN gain, a NaN bias)."""
+    with pytest.raises(TypeError, match="Normal: std must be a number, got '1'"):
+        init.Normal(std="1")
+    with pytest.raises(ValueError, match="Xavier: gain must be finite, got nan"):
+        init.Xavier(gain=float("nan"))
+    with pytest.raises(ValueError, match="Normal: bias must be finite, got nan"):
+        init.Normal(bias=float("nan"))
+    with pytest.raises(ValueError, match="Kaiming: nonlinearity: Unsupported nonlinearity foo"):
+        init.Kaiming(nonlinearity="foo")
+    for override in ("head", ["head"]):  # was "dictionary update sequence element #0 ..."
+        with pytest.raises(TypeError, match="override must be a dict or a list of dicts"):
+            init.from_cfg(dict(type="Normal", override=override))
+    with pytest.raises(ValueError, match="is a URL; fengine downloads nothing"):
+        init.Pretrained("https://example.com/x.pth")
+
+
+def test_layer_none_selects_no_class_as_in_mmengine():
+    cfg = dict(type="Constant", val=2.0, layer=None, override=dict(name="cls"))
+    want = _mm(cfg)
+    got, _ = _ours(cfg)
+    _assert_same(got, want)
+
+
+def test_a_pretrained_prefix_matching_nothing_names_the_prefix(tmp_path):
+    """It suggested prefix_map= and allow_empty=True, which Pretrained does not take."""
+    path = tmp_path / "a.pth"
+    torch.save(nn.Linear(3, 2).state_dict(), path)
+    with pytest.raises(Exception, match=r"Pretrained\(.*prefix='backbone'\) into the model loads "
+                       r"nothing: no weight of the file under 'backbone\.'"):  # fmt: skip
+        init.apply(nn.Linear(3, 2), init.Pretrained(path, prefix="backbone"))

@@ -127,6 +127,11 @@ def test_dry_run_plots_the_schedules_before_any_step(recipe, argv, tmp_path):
     assert (tmp_path / "hyperparams.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "config.json").exists()
     assert any("Model Flops" in line for line in out), out  # complexity with FLOPs, every recipe
+    if recipe is gan:  # two optimizers, each over its part's params (it said "one group")
+        text = "\n".join(out)
+        assert "one group" not in text
+        assert "parameters of part 'disc'" in text and "parameters of part 'gen'" in text
+        assert "disc.model.0.weight" in text.split("part 'gen'")[0]
 
 
 # ----------------------------------------------------------------------- GPT
