@@ -528,12 +528,29 @@ def _paths_from(base: Any, cfg: Any) -> Any:
     from ``base``: a checkpoint is an untrusted file and never chooses a path to read or write."""
 
     def of_base(names: tuple[str, ...], _: Any) -> Any:
-        node = base
-        for name in names:
-            node = getattr(node, name)
-        return node
+        node, mine, same = base, cfg, True
+        for name in names[:-1]:
+            node, mine = getattr(node, name, None), getattr(mine, name)
+            same = same and type(node) is type(mine)
+        if not same:  # a union field holding another class than the base's: its own default
+            return _field_default(type(mine), names[-1])
+        return getattr(node, names[-1])
 
     return _replace_paths(cfg, of_base)
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name``; a `UsageError` when it has none (the
+    untrusted file would have to choose the path)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise UsageError(
+        f"the recorded config holds a {cls.__name__}, whose path field {name!r} has no default: "
+        "a recorded config never chooses a path; give the config on the command line"
+    )
 
 
 def _absolute_paths(cfg: Any) -> Any:
@@ -661,13 +678,14 @@ def _confirmed_paths(
     for f in dataclasses.fields(cfg):
         name, recorded = prefix + f.name, getattr(cfg, f.name)
         if dataclasses.is_dataclass(recorded) and not isinstance(recorded, type):
-            changes[f.name], inner = _confirmed_paths(
-                recorded, getattr(default, f.name), given, name + ".", unconfirmed
-            )
+            sub = getattr(default, f.name, None)
+            if type(sub) is not type(recorded):  # a union field holding another class
+                sub = _class_defaults(type(recorded))
+            changes[f.name], inner = _confirmed_paths(recorded, sub, given, name + ".", unconfirmed)
             names |= inner
         elif _is_path_type(hints.get(f.name)):
             names.add(name)
-            fallback = getattr(default, f.name)
+            fallback = getattr(default, f.name, None)
             if recorded is None:  # nothing read: a --path for it is not this segment's
                 continue
             if name in given:
@@ -677,6 +695,15 @@ def _confirmed_paths(
                     unconfirmed.append(f"{name}={recorded}")
                 changes[f.name] = fallback
     return dataclasses.replace(cfg, **changes), names
+
+
+def _class_defaults(cls: type) -> Any:
+    """``cls()`` (its defaults), or None when it has required fields (its paths then have no
+    default to fall back on: they must be confirmed)."""
+    try:
+        return cls()
+    except TypeError:
+        return None
 
 
 # ----------------------------------------------------------------------- the work dir

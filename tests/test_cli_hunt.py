@@ -4,6 +4,7 @@ batch size, and one-line messages naming the argument."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -312,3 +313,35 @@ def test_a_work_dir_from_a_config_file_is_said(tmp_path):
     out.clear()
     assert run("--config", str(path), "--dry-run", "--work-dir", str(tmp_path / "w"), out=out) == 0
     assert not any("comes from --config" in line for line in out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Adam:
+    lr: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class _SGD:
+    lr: float = 0.1
+    log: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnionConfig(cli.RunConfig):
+    max_steps: int | None = 10
+    opt: _Adam | _SGD = _Adam()
+
+
+def test_a_recorded_union_field_of_another_class_keeps_paths_out_of_the_file(tmp_path):
+    """A config whose union field holds another class than the recipe's default (with a path
+    field the default's class lacks) failed with AttributeError on resume and replay; its path
+    still never comes from the recorded (untrusted) config."""
+    recorded = _UnionConfig(opt=_SGD(lr=0.5, log=Path("/elsewhere/log")))
+    safe = cli._paths_from(_UnionConfig(), recorded)
+    assert safe.opt == _SGD(lr=0.5, log=None)
+    record = cli.recorded_config(recorded)
+    with pytest.raises(Exception, match=r"records opt.log=/elsewhere/log; .*--path opt.log="):
+        cli.from_record(_UnionConfig, record, max_epochs=None, max_steps=5)
+    rebuilt = cli.from_record(_UnionConfig, record, max_epochs=None, max_steps=5,
+                              paths={"opt.log": "/elsewhere/log"})  # fmt: skip
+    assert rebuilt.opt == _SGD(lr=0.5, log=Path("/elsewhere/log"))

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -890,7 +891,9 @@ class Logger(_TrainScalars):
         if self.log_file:
             stamp = self.timestamp or time.strftime("%Y%m%d_%H%M%S")
             path, n = work_dir / f"{stamp}.log", 1
-            while path.exists():  # another run started in this second: its own file
+            # another run started in this second: its own file (a planted link is not stepped
+            # around: opening it is refused, naming it)
+            while path.exists() and not path.is_symlink():
                 n += 1
                 path = work_dir / f"{stamp}_{n}.log"
             self._file_handler = _OwnFileHandler(path, encoding="utf-8")
@@ -941,10 +944,11 @@ class Logger(_TrainScalars):
         """A fresh run (no resume) into a work dir with another run's records: theirs move to
         ``<name>.before_<timestamp>`` (renamed, not deleted), so no step appears twice."""
         try:
-            if path.stat().st_size == 0:
-                return
+            st = path.lstat()
         except FileNotFoundError:
             return
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return  # a planted link or other non-file: the append refuses it, naming it
         aside = path.with_name(f"{path.stem}.before_{self.timestamp}{path.suffix}")
         n = 1
         while aside.exists():  # two runs started in one second: never over an earlier one

@@ -20,6 +20,32 @@ from torch.nn import functional as F
 __all__ = ["GAN", "Discriminator", "Generator", "disc_loss", "gen_loss"]
 
 
+def _check_shape(owner: str, data_shape: object) -> tuple[int, ...]:
+    """``data_shape`` as a tuple, refused unless it is a non-empty tuple or list of ints >= 1
+    (torch would build a layer of no or negative outputs, or fail with an unrelated message)."""
+    expected = "a non-empty tuple of ints >= 1, e.g. (1, 8, 8)"
+    if not isinstance(data_shape, (tuple, list)) or any(
+        isinstance(d, bool) or not isinstance(d, int) for d in data_shape
+    ):
+        raise TypeError(f"{owner}: data_shape must be {expected}, got {data_shape!r}")
+    if not data_shape or any(d < 1 for d in data_shape):
+        raise ValueError(f"{owner}: data_shape must be {expected}, got {data_shape!r}")
+    return tuple(data_shape)
+
+
+def _check_sizes(owner: str, noise_size: int | None, widths: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a ``noise_size`` (when given) or layer widths that are not ints >= 1."""
+    if noise_size is not None and (
+        isinstance(noise_size, bool) or not isinstance(noise_size, int) or noise_size < 1
+    ):
+        raise ValueError(f"{owner}: noise_size must be an int >= 1, got {noise_size!r}")
+    for name, sizes in widths.items():
+        if not isinstance(sizes, (tuple, list)) or any(
+            isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in sizes
+        ):
+            raise ValueError(f"{owner}: {name} must be ints >= 1, got {sizes!r}")
+
+
 class Generator(nn.Module):
     """Noise ``(batch, noise_size)`` -> samples ``(batch, *data_shape)``; ``tanh=True`` bounds
     them to [-1, 1] (images normalised as the tutorial's ``ImgDataPreprocessor(127.5, 127.5)``)."""
@@ -32,7 +58,9 @@ class Generator(nn.Module):
         tanh: bool = False,
     ) -> None:
         super().__init__()
-        self.noise_size, self.data_shape = noise_size, tuple(data_shape)
+        self.data_shape = _check_shape("Generator", data_shape)
+        _check_sizes("Generator", noise_size, {"widths": widths})
+        self.noise_size = noise_size
         layers: list[nn.Module] = []
         prev = noise_size
         for i, width in enumerate(widths):
@@ -47,6 +75,10 @@ class Generator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.noise_size:
+            raise ValueError(
+                f"Generator: expected noise (batch, {self.noise_size}), got shape {tuple(z.shape)}"
+            )
         return self.model(z).view(z.shape[0], *self.data_shape)
 
 
@@ -55,8 +87,11 @@ class Discriminator(nn.Module):
 
     def __init__(self, data_shape: tuple[int, ...], widths: tuple[int, ...] = (256, 128)) -> None:
         super().__init__()
+        self.data_shape = _check_shape("Discriminator", data_shape)
+        _check_sizes("Discriminator", None, {"widths": widths})
+        self.features = math.prod(self.data_shape)
         layers: list[nn.Module] = []
-        prev = math.prod(data_shape)
+        prev = self.features
         for width in widths:
             layers += [nn.Linear(prev, width), nn.LeakyReLU(0.2)]
             prev = width
@@ -64,7 +99,13 @@ class Discriminator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.flatten(1))
+        flat = x.flatten(1) if x.ndim >= 2 else None
+        if flat is None or flat.shape[1] != self.features:
+            raise ValueError(
+                f"Discriminator: expected samples (batch, *{self.data_shape}), got shape "
+                f"{tuple(x.shape)}"
+            )
+        return self.model(flat)
 
 
 class GAN(nn.Module):
@@ -80,11 +121,8 @@ class GAN(nn.Module):
         tanh: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(noise_size, bool) or not isinstance(noise_size, int) or noise_size < 1:
-            raise ValueError(f"GAN: noise_size must be an int >= 1, got {noise_size!r}")
-        for name, widths in (("gen_widths", gen_widths), ("disc_widths", disc_widths)):
-            if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-                raise ValueError(f"GAN: {name} must be ints >= 1, got {widths!r}")
+        _check_shape("GAN", data_shape)
+        _check_sizes("GAN", noise_size, {"gen_widths": gen_widths, "disc_widths": disc_widths})
         self.noise_size = noise_size
         self.gen = Generator(noise_size, data_shape, gen_widths, tanh)
         self.disc = Discriminator(data_shape, disc_widths)
@@ -95,6 +133,11 @@ class GAN(nn.Module):
     def noise(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """``torch.randn(batch, noise_size)`` from torch's default generator, which fengine's step
         seeds per step and part (the tutorial draws ``z`` the same way in each part)."""
+        if not like.is_floating_point():
+            raise TypeError(
+                f"GAN.noise: like must be a floating-point tensor (noise takes its dtype), got "
+                f"{like.dtype}"
+            )
         return torch.randn(batch, self.noise_size, device=like.device, dtype=like.dtype)
 
 

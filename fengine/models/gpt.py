@@ -60,6 +60,37 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def _check_ids(owner: str, name: str, idx: torch.Tensor) -> None:
+    """Refuse token ids that are not an integer ``(batch, t)`` tensor (a 1-D sequence would
+    fail deep inside with an IndexError; float ids inside the embedding)."""
+    if not isinstance(idx, torch.Tensor) or idx.ndim != 2:
+        got = f"shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else repr(idx)
+        raise ValueError(
+            f"{owner}: {name} must be token ids of shape (batch, t) (a single sequence: "
+            f"{name}[None]), got {got}"
+        )
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"{owner}: {name} must be integer token ids, got dtype {idx.dtype}")
+
+
+def _check_generate(
+    idx: torch.Tensor, new_tokens: int, temperature: float, top_k: int | None
+) -> None:
+    """`GPT.generate`'s arguments, refused up front with what was expected (torch's own errors
+    for these name neither the argument nor the value)."""
+    _check_ids("GPT.generate", "idx", idx)
+    if idx.shape[1] < 1:
+        raise ValueError(
+            "GPT.generate: idx must hold at least one token per row (a prompt), got t=0"
+        )
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
+        raise ValueError(f"GPT.generate: new_tokens must be an int >= 0, got {new_tokens!r}")
+    if not temperature > 0:  # also refuses NaN
+        raise ValueError(f"GPT.generate: temperature must be > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"GPT.generate: top_k must be None or an int >= 1, got {top_k!r}")
+
+
 class GPT(nn.Module):
     """``GPT(vocab_size, block_size)(idx) -> logits``: ``idx`` is ``(batch, t)`` token ids with
     ``t <= block_size``, the logits ``(batch, t, vocab_size)`` predict each next token.
@@ -101,6 +132,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        _check_ids("GPT", "idx", idx)
         t = idx.shape[1]
         if t > self.block_size:
             raise ValueError(f"GPT: sequence length {t} exceeds block_size {self.block_size}")
@@ -122,8 +154,7 @@ class GPT(nn.Module):
         from the softmax of the last logits / ``temperature`` (only the ``top_k`` largest when
         given), drawn from ``generator``: the same generator state gives the same text.
         Call it in eval mode (no dropout)."""
-        if temperature <= 0:
-            raise ValueError(f"GPT.generate: temperature must be > 0, got {temperature!r}")
+        _check_generate(idx, new_tokens, temperature, top_k)
         for _ in range(new_tokens):
             logits = self(idx[:, -self.block_size :])[:, -1, :].float() / temperature
             if top_k is not None:
