@@ -109,6 +109,12 @@ def _watched(keys: tuple[str, ...]) -> tuple[str, ...]:
 
 def _skipped(key: str, terms: Mapping[str, float]) -> bool:
     """Was this loss's update skipped by an fp16 loss scaler (then a non-finite loss is routine)?"""
-    part = key.rpartition("/")[0]
-    flag = terms.get(f"{part}/update_skipped" if part else "update_skipped")
-    return bool(flag)
+    # the flag of the longest prefix that has one: a multi_step part's ("gen/update_skipped"
+    # for "gen/loss/cls"), else the step's; a "/" inside a loss's own name is no part
+    prefix = key
+    while prefix:
+        prefix = prefix.rpartition("/")[0]
+        flag = terms.get(f"{prefix}/update_skipped" if prefix else "update_skipped")
+        if flag is not None:
+            return bool(flag)
+    return False

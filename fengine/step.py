@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
@@ -130,6 +131,13 @@ def is_base_grad_fn(fn: Any) -> bool:
     return fn in _base_grad_fns
 
 
+# the device type `fengine.amp` autocasts in an eager step: the base gradient function runs its
+# backward with autocast off there, as torch's recipe does (forward and loss under autocast, the
+# backward outside: under it, the backward of a region the model keeps in float32 ran in the
+# low precision). Wrappers inside amp still run under autocast.
+autocast_device: ContextVar[str | None] = ContextVar("fengine_autocast_device", default=None)
+
+
 def _grad_fn(part: Part, multi: bool) -> GradFn:
     """The innermost gradient computation of ``part`` (see the module docstring)."""
     cache: dict[str, Any] = {}
@@ -153,7 +161,12 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
             loss, metrics = run_loss(part, model, batch, params)
         target = loss if weight is None else loss * weight
         try:
-            grads = scalar_grads(target, cache["inputs"])
+            autocast = autocast_device.get()
+            if autocast is None:
+                grads = scalar_grads(target, cache["inputs"])
+            else:
+                with torch.autocast(device_type=autocast, enabled=False):
+                    grads = scalar_grads(target, cache["inputs"])
         except RuntimeError as e:
             if not target.requires_grad:
                 raise ValueError(f"{_who(part)}: {_DETACHED}") from e
@@ -328,9 +341,14 @@ class Step:
                 _, grad_fn, apply = stages[0]
                 state, metrics = apply(state, grad_fn(state, batch))
             else:  # parts in turn, each seeing the params the parts before it updated
-                metrics = {}
+                metrics, given = {}, state
                 for part, grad_fn, apply in stages:
-                    state, m = apply(state, grad_fn(state, batch))
+                    try:
+                        state, m = apply(state, grad_fn(state, batch))
+                    except Exception:
+                        if state is not given:  # earlier parts updated the params in place
+                            given._mark_donated(f"step {given.step + 1}, which failed midway")
+                        raise
                     metrics.update({f"{part.name}/{k}": v for k, v in m.items()})
             return state.replace(step=state.step + 1), metrics
 

@@ -127,3 +127,32 @@ def test_multi_step_state_errors_name_the_part():
         match=r"state.opt_state\['gen'\] is SgdState, this step makes AdamState",
     ):
         other(step.init(GAN()), gan_batches(1)[0])
+
+
+def test_check_finite_in_a_later_part_says_which_part_and_that_earlier_parts_updated():
+    """The generator's loss is NaN: the discriminator, updated first in this step, had moved in
+    place while the message said "Params and optimizer state are as before this step", and fit
+    kept that half-updated state as the error's fengine_state. Now the part is named, the earlier
+    update said, and no partial state is kept (the donated state refuses use)."""
+    nan_gen = lambda m, b: gen_loss(m, b) * float("nan")  # noqa: E731
+    step = fe.multi_step({"disc": (disc_loss, optim.sgd(0.1), "disc"),
+                          "gen": (nan_gen, optim.sgd(0.1), "gen")}, fe.check_finite())  # fmt: skip
+    state = step.init(GAN())
+    with pytest.raises(FloatingPointError) as e:
+        fe.fit(state, step, gan_batches(2), max_steps=2, handlers=[])
+    message = str(e.value)
+    assert message.startswith("non-finite loss in part 'gen' at step 1: loss=nan.")
+    assert (
+        "The params and optimizer state of part 'gen' are as before this step; the parts "
+        in message
+    )
+    assert not hasattr(e.value, "fengine_state")
+    with pytest.raises(fe.DonatedStateError, match="failed midway"):
+        state.params  # noqa: B018
+    # a NaN in the first part: nothing updated yet, the state is whole and kept
+    nan_disc = lambda m, b: {k: v * float("nan") for k, v in disc_loss(m, b).items()}  # noqa: E731
+    first = fe.multi_step({"disc": (nan_disc, optim.sgd(0.1), "disc"),
+                           "gen": (gen_loss, optim.sgd(0.1), "gen")}, fe.check_finite())  # fmt: skip
+    with pytest.raises(FloatingPointError, match="in part 'disc' at step 1: .*Params and") as e:
+        fe.fit(first.init(GAN()), first, gan_batches(2), max_steps=2, handlers=[])
+    assert e.value.fengine_state.step == 0

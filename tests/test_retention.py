@@ -471,10 +471,15 @@ def test_a_non_finite_loss_is_caught_by_default_without_per_step_reads():
     assert ok.step == 20
 
 
-def test_fp16_skipped_steps_are_not_non_finite_losses():
+@pytest.mark.parametrize("key", [None, "loss/cls", "loss_cls"])
+def test_fp16_skipped_steps_are_not_non_finite_losses(key):
+    """A loss named with a "/" (MMEngine's "loss/cls" style) looked for "loss/update_skipped",
+    missed the step's flag, and raised on a routine fp16 overflow the scaler had skipped."""
+
     def loss_fn(model, batch):
         x, y, blowup = batch
-        return ce_loss(model, (x, y)) * blowup
+        loss = ce_loss(model, (x, y)) * blowup
+        return loss if key is None else {key: loss}
 
     step = fe.train_step(loss_fn, optim.sgd(0.1), fe.amp("float16"))
     data = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -111,6 +112,99 @@ def test_accumulate_rejects_bad_groups():
         step(_create(mlp(), tx), fe.MicroBatches(mlp_batches(3)))
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         fe.accumulate(0)
+
+
+class _Float32Head(torch.nn.Module):
+    """A head the model keeps in float32 under autocast (a numerically sensitive part)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = torch.nn.Linear(32, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.autocast("cpu", enabled=False):
+            return self.head(h.float())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_amp_runs_the_backward_outside_autocast_as_torchs_recipe(dtype):
+    """torch's recipe autocasts the forward and loss only; the step ran its backward inside
+    autocast too, so the float32 head's backward matmuls ran in the low precision (off by up to
+    1.2e-5 after one SGD step). Bitwise torch's: autocast forward, then GradScaler backward."""
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return (model(x) - y).pow(2).mean()
+
+    torch.manual_seed(0)
+    model = _Float32Head()
+    batch = (torch.randn(16, 32), torch.randn(16, 64))
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, foreach=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == "float16")
+    with torch.autocast("cpu", dtype=getattr(torch, dtype)):
+        loss = loss_fn(ref, batch)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    step = fe.train_step(loss_fn, optim.sgd(0.1), fe.amp(dtype))
+    state, _ = step(step.init(model), batch)
+    for n, p in ref.named_parameters():
+        assert torch.equal(state.params[n], p.detach()), n
+
+
+class _TwoExperts(torch.nn.Module):
+    """Two experts of one shape; a micro-batch's route says which run (an MoE, an aux head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.e0 = torch.nn.Linear(4, 4, bias=False)
+        self.e1 = torch.nn.Linear(4, 4, bias=False)
+
+    def forward(self, x, route):
+        out = 0
+        if 0 in route:
+            out = out + self.e0(x)
+        if 1 in route:
+            out = out + self.e1(torch.tanh(x))
+        return out
+
+
+def test_accumulate_adds_each_gradient_to_its_own_param_when_a_micro_batch_skips_one():
+    """Micro-batch 0 leaves e0 unused: e0 joined the sum after e1, and the next micro-batches'
+    gradients were added by position (e1's to e0's sum, and back): both off by 0.015, silently.
+    Against torch: (loss / 3).backward() per micro-batch, SGD and clip_grad_norm_ (bitwise)."""
+
+    def loss_fn(model, b):
+        x, y, route = b
+        return (model(x, route) - y).pow(2).mean()
+
+    g = torch.Generator().manual_seed(1)
+    group = [(torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g), r)
+             for r in ((1,), (0, 1), (0, 1))]  # fmt: skip
+    ref = _TwoExperts()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for b in group:
+        (loss_fn(ref, b) / 3).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    opt.step()
+    tx = optim.chain(optim.clip_by_global_norm(0.5), optim.sgd(0.1))
+    step = fe.train_step(loss_fn, tx, fe.accumulate(3))
+    state, _ = step(step.init(_TwoExperts()), fe.MicroBatches(group))
+    for n, p in ref.named_parameters():
+        assert torch.equal(state.params[n], p.detach()), n
+
+
+def test_accumulate_refuses_a_weight_that_is_not_finite_and_non_negative():
+    """NaN or inf made every param NaN in one update; a negative weight gave a share of -0.5."""
+    tx = optim.sgd(0.1)
+    for bad, at in (([float("nan"), 8.0], 0), ([12.0, -4.0], 1), ([float("inf"), 8.0], 0)):
+        weights = iter(bad)
+        step = fe.train_step(ce_loss, tx, fe.accumulate(2, weight=lambda mb, w=weights: next(w)))
+        with pytest.raises(ValueError, match=f"micro-batch {at}'s weight is"):
+            step(_create(mlp(), tx), fe.MicroBatches(mlp_batches(2)))
 
 
 def test_accumulate_micro_batches_draw_distinct_dropout():
@@ -563,3 +657,18 @@ def test_user_wrappers_of_each_kind_under_fp16_scaling_with_accumulation():
         # the post-update wrapper sees the updated params
         assert torch.equal(seen_after[t], after_update)
     assert_dicts_equal(state.params, {n: p.detach() for n, p in ref.named_parameters()}, "params")
+
+
+def test_fp16_loss_scaling_refuses_a_float16_model_as_gradscaler_does():
+    """GradScaler raises "Attempting to unscale FP16 gradients"; amp trained it without a word."""
+    model = mlp().half()
+    step = fe.train_step(ce_loss, optim.sgd(0.1), fe.amp("float16"))
+    with pytest.raises(ValueError, match=r"params are float16 already \(0.weight"):
+        step.init(model)
+    fe.train_step(ce_loss, optim.sgd(0.1), fe.amp("float16", loss_scale=None)).init(mlp().half())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), "25", True, 1e-9, 0, -1])
+def test_data_parallel_bucket_mb_is_a_positive_finite_number(bad):
+    with pytest.raises(ValueError, match=f"bucket_mb must be a finite number .* got {bad!r}"):
+        fe.data_parallel(bad)

@@ -6,6 +6,7 @@ exactly, and schedules count *updates* (one per call).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -55,6 +56,7 @@ class _Accumulate(Wrapper):
                 raise ValueError(f"accumulate({k}): got {r} micro-batches, expected 1..{k}")
             shares, group_weight = _shares(group, share_of)
             total: dict[str, torch.Tensor] = {}
+            reorder = False  # a param first seen after the first micro-batch: back in param order
             loss: Any = None
             metrics: Metrics = {}
             traced = isinstance(state.step, torch.Tensor)  # a compiled step: no ContextVar (fsdp's)
@@ -67,20 +69,24 @@ class _Accumulate(Wrapper):
                 finally:
                     if token is not None:
                         _position.reset(token)
-                if total and res.grads.keys() == total.keys():
-                    torch._foreach_add_(list(total.values()), list(res.grads.values()))
+                if total and res.grads.keys() == total.keys():  # paired by name, not position:
+                    # a param first used by a later micro-batch was appended to total's end
+                    torch._foreach_add_([total[n] for n in res.grads], list(res.grads.values()))
                 else:  # first micro-batch, a param unused by some micro-batches, or none yet (fsdp's deferred reduce)
+                    late = bool(total)
                     for n, g in res.grads.items():
                         if n in total:
                             total[n].add_(g)
                         else:
-                            total[n] = g
+                            total[n], reorder = g, late
                 loss = res.loss * w_i if loss is None else loss + res.loss * w_i
                 for name, v in res.metrics.items():
                     if _averaged(v):  # counts too: MMEngine logs the mean over micro-iterations
                         metrics[name] = v * w_i if name not in metrics else metrics[name] + v * w_i
                     else:
                         metrics[name] = v
+            if reorder:  # in the params' order, as the gradients of one pass (clip sums in it)
+                total = {n: total[n] for n in state.params if n in total}
             return Grads(loss, total, metrics, group_weight)
 
         return grad_sum
@@ -103,6 +109,11 @@ def _shares(
     if weight is None:
         return [1.0 / len(group)] * len(group), None
     w = [float(weight(mb)) for mb in group]
+    for i, x in enumerate(w):
+        if not (math.isfinite(x) and x >= 0):  # NaN turned every param NaN in one update
+            raise ValueError(
+                f"accumulate: micro-batch {i}'s weight is {x}; expected a finite number >= 0"
+            )
     total = sum(w)
     if total <= 0:
         raise ValueError(f"accumulate: micro-batch weights sum to {total}; expected > 0")

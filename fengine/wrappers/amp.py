@@ -17,6 +17,7 @@ from fengine.step import (
     Grads,
     Metrics,
     Part,
+    autocast_device,
     reported_opt_state,
     skipped_update,
 )
@@ -54,6 +55,17 @@ class _Amp(Wrapper):
             )
 
     def init(self, state: TrainState, parts: tuple[Part, ...]) -> Any:
+        if self.scaling:
+            half = [
+                n for n, p in state.params.items() if p.requires_grad and p.dtype == torch.float16
+            ]
+            if half:  # GradScaler refuses them too ("Attempting to unscale FP16 gradients")
+                raise ValueError(
+                    f"amp('float16') scales the loss of a float32 model that autocast runs in "
+                    f"float16, but params are float16 already ({', '.join(half[:3])}...): their "
+                    "gradients cannot be unscaled exactly; keep the model float32 (or use "
+                    "amp('float16', loss_scale=None) for no scaling)"
+                )
         dev = next(iter(state.params.values())).device
         first = self.init_scale if self.loss_scale == "dynamic" else float(self.loss_scale or 1.0)
 
@@ -81,7 +93,13 @@ class _Amp(Wrapper):
                 weight = scale if weight is None else weight * scale
             device = next(iter(state.params.values())).device.type
             with torch.autocast(device_type=device, dtype=dtype):
-                return grad_fn(state, batch, weight=weight, micro=micro)
+                if isinstance(state.step, torch.Tensor):  # compiled: dynamo traces no ContextVar
+                    return grad_fn(state, batch, weight=weight, micro=micro)
+                token = autocast_device.set(device)  # the backward without it: see the step's
+                try:
+                    return grad_fn(state, batch, weight=weight, micro=micro)
+                finally:
+                    autocast_device.reset(token)
 
         return autocast
 

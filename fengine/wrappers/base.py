@@ -122,12 +122,19 @@ class _CheckFinite(Wrapper):
                     for k, v in g.metrics.items()
                     if isinstance(v, torch.Tensor) and v.numel() == 1 and not torch.isfinite(v)
                 }
+                where, before = "", "Params and optimizer state are as before this step"
+                if part.name is not None:
+                    where = f" in part {part.name!r}"
+                    if part.position > 0:  # the parts before it in a multi_step have updated
+                        before = (
+                            f"The params and optimizer state of part {part.name!r} are as before "
+                            "this step; the parts updated before it in this step changed theirs"
+                        )
                 raise FloatingPointError(
-                    f"non-finite loss at step {state.step + 1}: "
+                    f"non-finite loss{where} at step {state.step + 1}: "
                     + ", ".join(f"{k}={v}" for k, v in bad.items())
-                    + ". Params and optimizer state are as before this step; buffers the "
-                    "forward updates in place (BatchNorm statistics) already took this batch: "
-                    "resume from a checkpoint to go on."
+                    + f". {before}; buffers the forward updates in place (BatchNorm statistics) "
+                    "already took this batch: resume from a checkpoint to go on."
                 )
             return apply(state, g)
 

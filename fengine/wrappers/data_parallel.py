@@ -13,6 +13,7 @@ of the global count. A param unused on every rank gets no gradient (as DDP with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,6 +145,14 @@ def data_parallel(bucket_mb: float = 25.0, *, diff_rank_seed: bool = False) -> W
     ``randomness=dict(diff_rank_seed=True)``); by default all ranks share the derived keys,
     as MMEngine's default. In one process it does nothing.
     """
-    if not bucket_mb > 0:
-        raise ValueError(f"data_parallel: bucket_mb must be > 0, got {bucket_mb!r}")
+    if (
+        isinstance(bucket_mb, bool)
+        or not isinstance(bucket_mb, (int, float))
+        or not math.isfinite(bucket_mb)
+        or int(bucket_mb * 2**20) < 1
+    ):
+        raise ValueError(
+            f"data_parallel: bucket_mb must be a finite number of megabytes > 0 (at least one "
+            f"byte), got {bucket_mb!r}"
+        )
     return _DataParallel(bucket_mb, diff_rank_seed)
