@@ -1116,13 +1116,8 @@ def retire(paths: Iterable[Path], work_dir: Path | None) -> None:
 
 
 def _pointed(work_dir: Path | None) -> Path | None:
-    if work_dir is None:
-        return None
-    try:
-        text = (work_dir / checkpoint.POINTER).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return (work_dir / text).resolve() if text else None
+    """The file the pointer names (read safely: it is untrusted; a FIFO hung here)."""
+    return None if work_dir is None else checkpoint.pointed(work_dir)
 
 
 def _signalled(received: list[int], tick: Tick | None, world: int, device: Any) -> bool:
@@ -1166,7 +1161,8 @@ def _preempt(
             log.warning("%s received: saving %s and stopping", name, path)
         save(path, state, run, dispatch, moment=moment, stop=name)
         _flush(state, run, dispatch, moment, bg)  # what handlers retired because of it (rotation)
-    dispatch("after_train", state, run, metrics={"stop": name})
+    # "preempted": the run is not over (a Checkpointer publishes nothing now)
+    dispatch("after_train", state, run, metrics={"stop": name, "preempted": True})
     dispatch("after_run", state, run)
     raise Preempted(signum, path, state)
 

@@ -810,6 +810,12 @@ def test_validation_returns_all_its_saves_in_order(tmp_path):
         (dict(filename_tmpl="epoch_{}_{}.safetensors"), ValueError, "filename_tmpl"),
         (dict(filename_tmpl="epoch_{x}.safetensors"), ValueError, "filename_tmpl"),
         (dict(filename_tmpl="epoch_{"), ValueError, "filename_tmpl"),
+        # MMEngine's habit: resume without a pointer and a rewind's setting aside missed them
+        (
+            dict(filename_tmpl="epoch_{}.pth"),
+            ValueError,
+            "a checkpoint's name ends in '.safetensors'",
+        ),
         (dict(save_best="acc", rule="bigger"), ValueError, "rule"),
         (dict(save_best=["acc", "top"], rule=["greater", "less", "less"]), ValueError, "rule"),
         (dict(save_best=["acc", "acc"]), ValueError, "save_best.*more than once"),
@@ -834,3 +840,38 @@ def test_handler_contract():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fe.events.Dispatcher([ck])  # only real event names
+
+
+def test_a_preempted_run_publishes_nothing_until_its_real_end(tmp_path):
+    """SIGTERM fired after_train, and the Checkpointer published its stale last (epoch_1, not the
+    step_4 state just saved) and best in the grace period; those copies stayed beside the real
+    ones after the resumed run ended. A straight run's files are the reference."""
+    import os
+    import signal
+
+    from torch.nn import functional as F
+
+    from fengine.metrics import MeanLoss
+
+    @fe.on("after_train_iter", once=4)
+    def sigterm(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(work, extra=(), resume=False):
+        step = fe.train_step(ce_loss, optim.sgd(0.2, momentum=0.9))
+        val = fe.Val(mlp_batches(2, seed=9), [MeanLoss()],
+                     eval_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))  # fmt: skip
+        ck = Checkpointer(1, max_keep_ckpts=2, save_best="loss", rule="less", published=True)
+        return fe.fit(step.init(mlp(), seed=0), step, mlp_batches(3), max_epochs=4, val=val,
+                      handlers=[ck, *extra], work_dir=work, resume=resume)  # fmt: skip
+
+    def published(work):
+        return sorted(p.name.split("-")[0] for p in work.glob("*-*.safetensors"))
+
+    run(tmp_path / "straight")
+    with pytest.raises(fe.Preempted):
+        run(tmp_path / "w", [sigterm])
+    assert published(tmp_path / "w") == []
+    run(tmp_path / "w", resume=True)
+    assert published(tmp_path / "w") == published(tmp_path / "straight")
+    assert len(published(tmp_path / "w")) == 2  # the last and the best, once each

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import struct
 import uuid
@@ -1838,3 +1839,35 @@ def test_validation_results_history_is_checkpointed_and_checked():
     assert tag["loss"] == pytest.approx((1.0 + 0.5 + 0.3) / 3) and tag["n"] == 4
     with pytest.raises(ValueError, match="expected {'val': {key: series}}, got 3"):
         after.load_state_dict({"train": {}, "val": 3})
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link"])
+def test_superseding_reads_only_the_logs_own_file(tmp_path, planted):
+    """A resume rewrites scalars.jsonl from its checkpoint on: it read the file with read_text,
+    so a FIFO planted there hung the run (a link to /dev/zero filled memory, a link elsewhere was
+    read and its lines copied into the work dir)."""
+    import threading
+
+    from fengine.handlers.jsonl import supersede
+
+    path = tmp_path / "scalars.jsonl"
+    if planted == "fifo":
+        os.mkfifo(path)
+    else:
+        outside = tmp_path / "outside.jsonl"
+        outside.write_text('{"step": 9}\n')
+        path.symlink_to(outside)
+    raised: list = []
+
+    def run():
+        try:
+            supersede(path, 3, eval_at_step=False)
+        except OSError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "supersede hung"
+    assert raised and f"refusing to read {path}" in str(raised[0])
+    assert not (tmp_path / "scalars.superseded.jsonl").exists()

@@ -409,6 +409,30 @@ def test_retire_never_deletes_the_pointer_target_or_a_non_checkpoint(tmp_path):
     assert pointed.exists() and other.exists()
 
 
+@pytest.mark.parametrize("pointer", ["fifo", "nul", "dir"])
+def test_retire_reads_an_untrusted_pointer_safely(tmp_path, pointer):
+    """retire read last_checkpoint with read_text: a FIFO hung the run, a NUL raised a raw
+    ValueError (and a link to /dev/zero filled memory). An unusable pointer protects nothing
+    and stops nothing; a good one still protects its file."""
+    import threading
+
+    experiment(tmp_path, 3, max_epochs=2)
+    kept = checkpoint.latest(tmp_path)
+    old = sorted(p for p in tmp_path.glob("*.safetensors") if p != kept)[0]
+    (tmp_path / "last_checkpoint").unlink()
+    if pointer == "fifo":
+        os.mkfifo(tmp_path / "last_checkpoint")
+    elif pointer == "nul":
+        (tmp_path / "last_checkpoint").write_bytes(b"epoch_1\0.safetensors")
+    else:
+        (tmp_path / "last_checkpoint").mkdir()
+    done = threading.Thread(target=loop.retire, args=([old], tmp_path), daemon=True)
+    done.start()
+    done.join(timeout=20)
+    assert not done.is_alive(), "retire hung on the pointer"
+    assert not old.exists() and kept.exists()
+
+
 def test_resume_over_a_damaged_run_without_pointer_is_an_error_not_a_fresh_start(tmp_path):
     """The only checkpoint torn and ``last_checkpoint`` gone: `fit(resume=True)` names the file and
     writes nothing, instead of training from scratch over the damaged run."""

@@ -476,6 +476,19 @@ def _pointed(pointer: Path, text: str, dirs: list[Path]) -> tuple[Path | None, s
     return target, None
 
 
+def pointed(work_dir: Path) -> Path | None:
+    """The file ``work_dir/last_checkpoint`` names, read as `latest` reads it (a regular file of
+    a few bytes, UTF-8, no NUL, no ``..``, inside ``work_dir``), symlinks resolved; None when
+    there is no usable pointer. Not verified: for `fengine.fit`'s retirement, which never
+    deletes that file."""
+    pointer = work_dir / POINTER
+    text, _ = _read_pointer(pointer)
+    if text is None:
+        return None
+    target, _ = _pointed(pointer, text, [work_dir])
+    return None if target is None else Path(os.path.realpath(target))
+
+
 def _inside(path: Path, dirs: list[Path]) -> bool:
     """Whether ``path``, symlinks resolved, lies in one of ``dirs`` (or below)."""
     real = Path(os.path.realpath(path))

@@ -197,6 +197,12 @@ def _check_tmpl(tmpl: Any) -> str:
             "part, '..' or a leading '.' (resume reads back only such names); to save in another "
             "directory pass out_dir=..."
         )
+    if not name.endswith(".safetensors"):  # what resume, rewinds and retention look for
+        raise ValueError(
+            f"Checkpointer: filename_tmpl={tmpl!r} gives {name!r}; a checkpoint's name ends in "
+            "'.safetensors' (resume without a pointer, a rewind's setting aside and the "
+            "rotation find checkpoints by it), e.g. 'epoch_{}.safetensors'"
+        )
     return tmpl
 
 
@@ -493,8 +499,8 @@ class Checkpointer(Handler):
                 )
 
     def on_after_train(self, snap: Snapshot) -> None:
-        if not self.published:
-            return
+        if not self.published or snap.metrics.get("preempted"):
+            return  # a preempted run is not over: its resume publishes at the real end
         directory = self.directory(snap.run)
         sources = (
             [directory / self.last_ckpt] if self.save_last and self.last_ckpt is not None else []

@@ -4,11 +4,12 @@ nothing is lost."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 
-from fengine.checkpoint._io import atomic_write, open_to_append, pwrite_all
+from fengine.checkpoint._io import NotOwnFile, atomic_write, open_own, open_to_append, pwrite_all
 
 
 EVAL_PREFIXES = ("val/", "test/")
@@ -24,10 +25,17 @@ def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
     evaluation's at ``step`` when ``eval_at_step``) to ``<stem>.superseded.jsonl``; returns
     how many moved. The moved lines are appended and fsynced before ``path`` is replaced
     (atomically), so a crash between leaves them in both files, never in neither."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    try:  # the log's own file only: a planted link, FIFO or device is refused (a FIFO hung)
+        fd = open_own(path, os.O_RDONLY, one_name=False)
     except FileNotFoundError:
         return 0
+    except NotOwnFile as e:
+        raise OSError(
+            errno.EPERM, f"refusing to read {path}: a {e.why} ({e.detail}); fengine reads only "
+            "files of its own there: remove it and run again", str(path)
+        ) from None  # fmt: skip
+    with open(fd, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
     keep: list[str] = []
     moved: list[str] = []
     for line in lines:
