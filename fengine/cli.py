@@ -987,7 +987,11 @@ def main(
     say = out if main_rank else (lambda line: None)
     try:
         cfg, ckpt = parse(cls, argv, presets=presets, description=description)
-        if cfg.config is not None and not _given(argv, "work_dir"):
+        if (
+            cfg.config is not None
+            and not _given(argv, "work_dir")
+            and cfg.work_dir != dataclasses.replace(cfg, work_dir=cls().work_dir).work_dir
+        ):
             # a config file chose where this run writes: said, not silent
             say(f"note: --work-dir {cfg.work_dir} comes from --config {cfg.config}")
         if main_rank:

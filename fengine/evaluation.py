@@ -98,9 +98,23 @@ def _autocast(dtype: str | None, device: torch.device) -> Any:
 
 
 def _dataset_size(data: Iterable) -> int | None:
-    """The number of real samples, so gathered metrics drop the sampler's padding (collect_results)."""
-    dataset = getattr(data, "dataset", None)
-    return len(dataset) if isinstance(dataset, Sized) else None
+    """The number of real samples, so gathered metrics drop a sharded sampler's padding
+    (collect_results); None in one process, where nothing is padded (a sampler drawing more
+    than the dataset, or a dataset of ready-made batches, would be cut or refused)."""
+    if distributed.world_size() == 1:
+        return None
+    return data_length(getattr(data, "dataset", None))
+
+
+def data_length(data: Any) -> int | None:
+    """``len(data)``, or None when it has none (a DataLoader over an IterableDataset is Sized
+    but raises)."""
+    if not isinstance(data, Sized):
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def _check_same_length(batches: int | None) -> None:
@@ -138,7 +152,7 @@ def run_eval(
     model = state.model
     if model is None:
         raise ValueError("the state has no model; build it with step.init(model, seed=...)")
-    n = len(data) if isinstance(data, Sized) else None
+    n = data_length(data)
     if is_sharded(model) and distributed.world_size() > 1:
         _check_same_length(n)
 
@@ -149,7 +163,9 @@ def run_eval(
 
     emit("before")
     emit("before", "_epoch")
-    was_training = model.training
+    # each module's own mode, restored after: a submodule the user keeps in eval mode (a frozen
+    # BatchNorm) stays so (model.train(was) turned every submodule back to training)
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     eval_params, eval_buffers = weights_for(state, params)
     device = device_of(eval_params)
@@ -167,7 +183,8 @@ def run_eval(
             acc = evaluator.update(acc, batch, outputs)
             emit("after", "_iter", batch_idx=i, batch=batch, outputs=outputs)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     results = evaluator.compute(acc, _dataset_size(data))  # padding of a sharded sampler dropped
     emit("after", "_epoch", metrics=results)
     if after_epoch is not None:
@@ -193,6 +210,16 @@ def evaluate(
     events (MMEngine's TestLoop)."""
     if phase not in ("val", "test"):
         raise ValueError(f"evaluate: phase must be 'val' or 'test', got {phase!r}")
+    if not callable(eval_fn) or isinstance(eval_fn, nn.Module):  # before any handler runs
+        raise TypeError(
+            f"evaluate: eval_fn must be a function (model, batch) -> outputs, got "
+            f"{type(eval_fn).__name__}; the order is evaluate(state, eval_fn, data, metrics)"
+        )
+    if callable(data) and not isinstance(data, Iterable):
+        raise TypeError(
+            f"evaluate: data must be batches (a list, DataLoader or Loader), got the callable "
+            f"{data!r}; the order is evaluate(state, eval_fn, data, metrics)"
+        )
     run = RunInfo(
         work_dir=None,
         by_epoch=False,

@@ -34,7 +34,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from fengine import checkpoint, distributed, plateau, schedules, sharding
 from fengine.checkpoint._background import Snapshots, Writer
@@ -44,6 +44,7 @@ from fengine.evaluation import (
     AUTOCAST_DTYPES,
     EVAL_PARAMS,
     batches_of,
+    data_length,
     default_predict,
     evaluate,
     run_eval,
@@ -107,8 +108,14 @@ class Val:
                 f"Val: data must be re-iterable (a list, DataLoader or fengine Loader): validation "
                 f"runs several times; got a {type(self.data).__name__}"
             )
-        if not isinstance(self.metrics, Evaluator):
-            object.__setattr__(self, "metrics", Evaluator(self.metrics))  # checks each metric
+        if data_length(self.data) == 0:  # it failed after the first epoch of training
+            raise ValueError(
+                "Val: data is empty (no batch to validate on); give it the validation set"
+            )
+        evaluator = self.metrics if isinstance(self.metrics, Evaluator) else Evaluator(self.metrics)
+        object.__setattr__(self, "metrics", evaluator)  # Evaluator checks each metric
+        if not evaluator.metrics:
+            raise ValueError("Val: metrics is empty: every validation would report nothing")
         if not callable(self.eval_fn):
             raise TypeError(
                 f"Val: eval_fn must be a function (model, batch) -> outputs, got {self.eval_fn!r}"
@@ -438,7 +445,7 @@ def fit(
         log.warning("fit: %s", note)
     dispatch = Dispatcher(_default_handlers(work_dir, p.by_epoch) if handlers is None else handlers,
                           also=[data_rng] if data_rng and data_rng.generators else [])  # fmt: skip
-    val_batches = len(val.data) if val is not None and hasattr(val.data, "__len__") else None  # type: ignore[arg-type]
+    val_batches = None if val is None else data_length(val.data)
     held = contextlib.ExitStack()  # the checkpoint directories' locks, once they are known
     with lock_work_dir(work_dir if main else None), held:  # rank 0 writes the work dir
         run = RunInfo(work_dir, p.by_epoch, p.max_epochs, p.total_steps, p.steps_per_epoch,
@@ -617,7 +624,9 @@ def _check_ranks_agree(
         "params": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.params.items()],
         "buffers": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.buffers.items()],
     }
-    everyone = distributed.gather_objects({**mine, "shard": train and train["rank"]})
+    everyone = distributed.gather_objects(
+        {**mine, "shard": None if train is None else train["rank"]}
+    )
     for field, value in mine.items():
         for r, theirs in enumerate(everyone):
             if theirs[field] != value:
@@ -636,7 +645,7 @@ def _check_ranks_agree(
                 "rank= and world_size= (fengine.data.Loader) or DistributedSampler(num_replicas=) "
                 "for this run"
             )
-    shards = [theirs["shard"] for theirs in everyone]
+    shards = [theirs["shard"] for theirs in everyone]  # each rank's sampler rank
     if all(isinstance(r, int) for r in shards) and sorted(shards) != list(range(world)):
         raise ValueError(
             f"fit: the ranks read shards {shards} of train_data (rank r must read shard r, each "
@@ -653,9 +662,15 @@ def _sharding(data: Any, whole: bool = False) -> dict[str, Any] | None:
     if isinstance(world, int):
         padding = getattr(sampler, "round_up", None)
         padding = padding if padding is not None else not getattr(sampler, "drop_last", False)
-        order = (getattr(sampler, "seed", None), getattr(sampler, "shuffle", None), padding)
-        return {"world_size": world, "rank": getattr(sampler, "rank", None), "order": order}
-    if whole and isinstance(data, DataLoader):
+        shuffle = getattr(sampler, "shuffle", None)
+        seed = getattr(sampler, "seed", None) if shuffle is not False else None  # unused then
+        return {"world_size": world, "rank": getattr(sampler, "rank", None),
+                "order": (seed, shuffle, padding)}  # fmt: skip
+    if (
+        whole
+        and isinstance(data, DataLoader)
+        and not isinstance(data.dataset, IterableDataset)  # it may shard itself
+    ):
         return {"world_size": 1, "rank": 0, "order": None}
     return None
 
@@ -1102,10 +1117,10 @@ def _flush(state: TrainState, run: RunInfo, dispatch: Dispatcher, moment: str,
 def retire(paths: Iterable[Path], work_dir: Path | None) -> None:
     """Delete retired checkpoints: never the file ``last_checkpoint`` names, never a file that is
     not a fengine checkpoint; the directory is fsynced after each, so a deletion is durable."""
-    pointed = _pointed(work_dir)
+    paths = [Path(p) for p in paths]
+    pointed = _pointed(work_dir, paths)
     for path in paths:
-        path = Path(path)
-        if not path.exists() or (pointed is not None and path.resolve() == pointed):
+        if not path.exists() or path.resolve() in pointed:
             continue
         try:
             checkpoint.read_meta(path)
@@ -1115,9 +1130,13 @@ def retire(paths: Iterable[Path], work_dir: Path | None) -> None:
         checkpoint.remove(path)
 
 
-def _pointed(work_dir: Path | None) -> Path | None:
-    """The file the pointer names (read safely: it is untrusted; a FIFO hung here)."""
-    return None if work_dir is None else checkpoint.pointed(work_dir)
+def _pointed(work_dir: Path | None, paths: list[Path]) -> set[Path]:
+    """The files the pointers name (read safely: they are untrusted; a FIFO hung here): the work
+    dir's (naming a file there or where the retired files are: a Checkpointer's out_dir), or
+    without a work dir the one beside the retired files (`save` writes it there)."""
+    dirs = list(dict.fromkeys(p.parent for p in paths))
+    homes = [work_dir] if work_dir is not None else dirs
+    return {t for home in homes if (t := checkpoint.pointed(home, dirs)) is not None}
 
 
 def _signalled(received: list[int], tick: Tick | None, world: int, device: Any) -> bool:

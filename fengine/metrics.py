@@ -66,7 +66,9 @@ class Metric(Protocol):
     ``init()`` the empty accumulator; ``update(acc, batch, outputs)`` folds in one raw
     batch and what the eval function returned for it; ``reduce(acc)`` combines ranks
     (by default `collect_results`: a list of per-sample results gathered in the sampler's
-    order); ``compute(acc, size=None)`` the prefixed results (``size`` is
+    order); ``compute(acc, size=None)`` the prefixed results. In a multi-rank run ``reduce`` is
+    a collective (every rank evaluates, not rank 0 alone) and ``compute`` runs on rank 0 only
+    (no collectives in it): its results are sent to every rank (``size`` is
     passed only when given, so ``compute(acc)`` suffices for metrics that ignore padding).
     """
 
@@ -107,6 +109,20 @@ def collect_results(acc: Any, metric: Any) -> Any:
     return [
         x for x in itertools.chain.from_iterable(itertools.zip_longest(*parts)) if x is not None
     ]
+
+
+def _cut(results: list, size: int, metric: Any) -> list:
+    """The gathered per-sample ``results`` without a sharded sampler's padding (at most one
+    duplicate per rank but one, at the end), as MMEngine's ``collect_results``; more than that
+    is no per-sample list (a per-token one, say), which the cut would silently shorten."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if len(results) > size + world - 1:
+        raise ValueError(
+            f"{type(metric).__name__}: its list accumulator holds {len(results)} entries for "
+            f"{size} samples on {world} ranks: a list holds one entry per sample (MMEngine's "
+            "results, cut to the dataset's size); keep one per sample, or define reduce(acc)"
+        )
+    return results[:size]
 
 
 def _reduces_by_default(metric: Any) -> bool:
@@ -205,8 +221,8 @@ class SumMetric(Metric):
             n = size
         if n == 0:
             raise ValueError(
-                f"{type(self).__name__}: no samples were seen (empty accumulator); run at "
-                "least one update with a non-empty batch before compute."
+                f"{type(self).__name__}: no samples were seen (empty accumulator): the "
+                "evaluation data yielded none, or no metric update was run before compute."
             )
         return add_prefix(self.prefix, self.finalize(n, totals))
 
@@ -590,9 +606,10 @@ class Evaluator:
         rank, so all act alike on them (MMEngine ``evaluate(size)``); the per-sample lists of
         metrics without their own ``reduce`` are cut to ``size`` (the sampler's padding)."""
         reduced = [
-            a[:size] if size is not None and isinstance(a, list) and _reduces_by_default(m) else a
+            _cut(a, size, m) if size is not None and isinstance(a, list) and _reduces_by_default(m)
+            else a
             for m, a in zip(self.metrics, self.reduce(acc))
-        ]
+        ]  # fmt: skip
         return distributed.computed_by_main(lambda: self._merge(reduced, size))
 
     def _merge(self, acc: Sequence[Any], size: int | None) -> dict[str, float]:

@@ -620,11 +620,16 @@ class Join(Schedule):
 
 
 def epoch_schedules(root: Any) -> list[_Windowed]:
-    """The ``by_epoch=True`` schedules reachable from ``root`` (a step: its transformations,
-    wrappers and the closures and partials they were built from), for `fengine.fit`'s check
-    that each counts the loop's epochs. Tensors, modules and other libraries' objects are not
-    entered."""
-    found: list[_Windowed] = []
+    """The ``by_epoch=True`` schedules reachable from ``root``, for `fengine.fit`'s check that
+    each counts the loop's epochs."""
+    return [s for s in reachable(root, _Windowed) if s.by_epoch]
+
+
+def reachable(root: Any, kinds: type | tuple[type, ...]) -> list[Any]:
+    """The objects of ``kinds`` reachable from ``root`` (a step: its transformations, wrappers
+    and the closures and partials they were built from), for checks made once when a run is
+    set up. Tensors, modules and other libraries' objects are not entered."""
+    found: list[Any] = []
     seen: set[int] = set()
     todo = [root]
     while todo:
@@ -632,14 +637,12 @@ def epoch_schedules(root: Any) -> list[_Windowed]:
         if id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, _Windowed):
-            found.extend([x] if x.by_epoch else [])
-        elif isinstance(x, Join):
-            todo.extend(x.parts)
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            todo.extend(x)
+        if isinstance(x, kinds):
+            found.append(x)
+        if isinstance(x, (list, tuple, set, frozenset)):
+            todo.extend(x if len(x) <= _BIG else ())  # a closure's data, not a step's parts
         elif isinstance(x, dict):
-            todo.extend(x.values())
+            todo.extend(x.values() if len(x) <= _BIG else ())
         elif isinstance(x, types.FunctionType):
             todo.extend(c.cell_contents for c in x.__closure__ or () if _filled(c))
         elif isinstance(x, types.MethodType):
@@ -649,6 +652,9 @@ def epoch_schedules(root: Any) -> list[_Windowed]:
         elif type(x).__module__.split(".")[0] == "fengine" and hasattr(x, "__dict__"):
             todo.extend(vars(x).values())
     return found
+
+
+_BIG = 10_000  # containers this large hold data (a loss closure's table), not schedules
 
 
 def _filled(cell: types.CellType) -> bool:

@@ -138,6 +138,23 @@ def is_base_grad_fn(fn: Any) -> bool:
 autocast_device: ContextVar[str | None] = ContextVar("fengine_autocast_device", default=None)
 
 
+def _check_plateaus(parts: Sequence[Part], wrappers: Sequence[Any]) -> None:
+    """Each ``rop(...)`` hyper-parameter needs its `fengine.reduce_on_plateau` wrapper in the
+    step: without it the value was never reduced, silently."""
+    from fengine.plateau import PlateauValue, ReduceOnPlateau
+    from fengine.schedules import reachable
+
+    wrapped = {str(w.name) for w in wrappers if isinstance(w, ReduceOnPlateau)}
+    for value in reachable([p.tx for p in parts], PlateauValue):
+        if value.name not in wrapped:
+            raise ValueError(
+                f"a hyper-parameter is reduced on plateau {value.name!r} (rop(...) of that "
+                f"reduce_on_plateau), but the step has no such wrapper (it has "
+                f"{sorted(wrapped) or 'none'}): add the reduce_on_plateau to the step's wrappers, "
+                "or its lr would never be reduced"
+            )
+
+
 def _grad_fn(part: Part, multi: bool) -> GradFn:
     """The innermost gradient computation of ``part`` (see the module docstring)."""
     cache: dict[str, Any] = {}
@@ -306,6 +323,7 @@ class Step:
         from fengine.wrappers import check_wrappers
 
         self.parts, self.wrappers, self.donate = tuple(parts), check_wrappers(wrappers), donate
+        _check_plateaus(self.parts, self.wrappers)
         self.micro_batches = max((w.micro_batches for w in self.wrappers), default=1)
         """Batches per update: `fit` hands the step groups of this many (`fengine.MicroBatches`)."""
         multi = len(self.parts) > 1 or self.parts[0].name is not None

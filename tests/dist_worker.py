@@ -199,6 +199,18 @@ def nan_one_rank(out, rank, world):
     torch.save(result, out / f"nan_one_rank_rank{rank}.pt")
 
 
+class _OwnShards(torch.utils.data.IterableDataset):
+    """Validation batches that shard themselves by rank (fit cannot tell: it does not refuse)."""
+
+    def __init__(self, ds, rank, world):
+        self.ds, self.rank, self.world = ds, rank, world
+
+    def __iter__(self):
+        idx = list(range(self.rank, len(self.ds), self.world))
+        for i in range(0, len(idx), 4):
+            yield torch.utils.data.default_collate([self.ds[j] for j in idx[i : i + 4]])
+
+
 def mismatch(out, rank, world):
     """Ranks that would not run one training are refused with one error naming what differs
     (a different max_steps met another collective; an unsharded Loader read the same samples)."""
@@ -212,6 +224,11 @@ def mismatch(out, rank, world):
     per_rank_seed = fe.data.Loader(ds, 4, seed=rank, rank=rank, world_size=world)
     same_shard = fe.data.Loader(ds, 4, seed=0, rank=0, world_size=world)
     unsharded_val = fe.Val(fe.data.Loader(ds, 8, seed=0, shuffle=False), [Accuracy()])
+    # accepted: a seed that shuffle=False never uses; validation data that shards itself
+    unshuffled = torch.utils.data.DataLoader(ds, batch_size=4, sampler=torch.utils.data.DistributedSampler(
+        ds, num_replicas=world, rank=rank, shuffle=False, seed=rank))  # fmt: skip
+    own_shards = fe.Val(torch.utils.data.DataLoader(_OwnShards(ds, rank, world), batch_size=None),
+                        [Accuracy()])  # fmt: skip
     for data, steps, run, val in (
         (sharded, 3 + rank, step, None),
         (fe.data.Loader(ds, 4, seed=0), 3, step, None),
@@ -219,6 +236,8 @@ def mismatch(out, rank, world):
         (per_rank_seed, 3, step, None),  # seed_everything(diff_rank_seed=True)'s seed
         (same_shard, 3, step, None),
         (sharded, 3, step, unsharded_val),
+        (unshuffled, 3, step, None),
+        (sharded, 3, step, own_shards),
     ):
         try:
             fe.fit(run.init(mlp()), run, data, max_steps=steps, val=val, handlers=[])

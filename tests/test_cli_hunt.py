@@ -313,6 +313,16 @@ def test_a_work_dir_from_a_config_file_is_said(tmp_path):
     out.clear()
     assert run("--config", str(path), "--dry-run", "--work-dir", str(tmp_path / "w"), out=out) == 0
     assert not any("comes from --config" in line for line in out)
+    # a file that sets no work_dir: the recipe's default, nothing to say
+    path.write_text(json.dumps({"max_steps": 1, "model": {"width": 4, "blocks": 1}}))
+    out.clear()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the default work dir is relative: keep it under tmp_path
+    try:
+        assert run("--config", str(path), "--dry-run", out=out) == 0
+    finally:
+        os.chdir(cwd)
+    assert not any("comes from --config" in line for line in out)
 
 
 @dataclasses.dataclass(frozen=True)

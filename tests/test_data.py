@@ -275,6 +275,9 @@ def test_a_dataset_drawing_from_global_generators_gets_the_same_batches_anywhere
         assert_tree_equal(a, b)
     draws = torch.cat(serial)[:, 1:]
     assert len(set(draws.flatten().tolist())) == draws.numel()  # no batch repeats another's
+    # seed_globals=False (a dataset that draws nothing): the globals are the caller's, as torch's
+    list(fd.Loader(ds, 4, seed=5, seed_globals=False).epoch(1))
+    assert not torch.equal(torch.get_rng_state(), before[0])
 
 
 def test_loader_stream_matches_concatenated_epochs_and_resumes(monkeypatch):

@@ -131,7 +131,8 @@ def test_a_nan_on_one_rank_raises_on_every_rank_and_saves_nothing(ran):
 
 def test_ranks_that_would_not_run_one_training_are_refused_naming_the_difference(ran):
     for rank in (0, 1):
-        steps, unsharded, partial, seeds, same, val = load(ran, "mismatch", rank)
+        steps, unsharded, partial, seeds, same, val, unshuffled, own = load(ran, "mismatch", rank)
+        assert unshuffled is None and own is None  # no false refusal
         assert steps.startswith("fit: the ranks differ in plan: rank ") and "every rank" in steps
         assert "train_data's sampler shards the data 1 way(s)" in unsharded
         assert partial is None  # its repr's address differs between the ranks, the wrapper not

@@ -168,6 +168,14 @@ def test_early_stopping_rejects_bad_arguments():
         EarlyStopping("acc", patience=-1)
     with pytest.raises(ValueError, match="monitor"):
         EarlyStopping("")
+    # each was accepted: "False" and "no" are true strings; a NaN threshold is never reached
+    with pytest.raises(TypeError, match="strict must be True or False, got 'False'"):
+        EarlyStopping("acc", strict="False")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="check_finite must be True or False, got 'no'"):
+        EarlyStopping("acc", check_finite="no")  # type: ignore[arg-type]
+    for bad in (float("nan"), True):
+        with pytest.raises(ValueError, match="stopping_threshold must be a finite number or None"):
+            EarlyStopping("acc", stopping_threshold=bad)
 
 
 def test_missing_monitor_warns_like_mmengine_or_raises_when_strict():

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ce_loss, mlp
+from helpers import ce_loss, mlp, mlp_batches
 
 import fengine as fe
 from fengine import data, optim, schedules
@@ -1871,3 +1871,15 @@ def test_superseding_reads_only_the_logs_own_file(tmp_path, planted):
     assert not t.is_alive(), "supersede hung"
     assert raised and f"refusing to read {path}" in str(raised[0])
     assert not (tmp_path / "scalars.superseded.jsonl").exists()
+
+
+def test_fit_called_again_with_its_state_continues_the_same_scalars(tmp_path):
+    """A second fit from the state the first returned writes the steps after it: nothing of the
+    first run is moved aside (only records of steps it writes again are)."""
+    step = fe.train_step(ce_loss, optim.sgd(0.05))
+    data = mlp_batches(4)
+    state = fe.fit(step.init(mlp(), seed=0), step, data, max_steps=4, work_dir=tmp_path,
+                   handlers=[Logger(2, timer=False)])  # fmt: skip
+    fe.fit(state, step, data, max_steps=8, work_dir=tmp_path, handlers=[Logger(2, timer=False)])
+    assert [r[0] for r in _records(tmp_path / "scalars.jsonl")] == [2, 4, 6, 8]
+    assert not list(tmp_path.glob("scalars.before_*"))

@@ -919,6 +919,8 @@ def test_evaluate_emits_test_events_and_validation_in_fit_uses_ema():
         ),
         (dict(dynamic_intervals=[(3, 5), (3, 2)]), ValueError, r"got milestone 3 after 3"),
         (dict(params="EMA"), ValueError, r"params must be 'auto', 'live' or 'ema', got 'EMA'"),
+        (dict(data=[]), ValueError, r"Val: data is empty \(no batch to validate on\)"),
+        (dict(metrics=[]), ValueError, r"Val: metrics is empty"),
         (dict(autocast="fp16"), ValueError, r"autocast must be None, 'float16' or 'bfloat16'"),
     ],
 )
@@ -973,3 +975,60 @@ def test_a_failure_after_training_began_keeps_the_last_state_on_the_error():
                max_epochs=1, handlers=[])  # fmt: skip
     assert e.value.fengine_state.step == 3
     assert_dicts_equal(e.value.fengine_state.params, done.params)
+
+
+def test_validation_keeps_each_submodules_own_mode():
+    """A BatchNorm the user froze (bn.eval() before fit) was turned back to training by the
+    first validation (model.train(was) sets every submodule): its statistics moved from then on,
+    and a resume (which froze it again) was no longer bitwise. Each module's mode is restored."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 10)
+    )
+    model[1].eval()  # frozen statistics, fine-tuning style
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+    val = fe.Val(mlp_batches(1, seed=9), [Const()])
+    state = fe.fit(step.init(model, seed=0), step, mlp_batches(2), max_epochs=3, val=val,
+                   handlers=[])  # fmt: skip
+    assert model.training and not model[1].training
+    assert torch.equal(state.buffers["1.running_mean"], torch.zeros(8))  # never updated
+
+
+def test_evaluation_in_one_process_counts_every_sample_it_is_given():
+    """In one process nothing is padded, but len(dataset) was used as a padding bound: a
+    DataLoader over ready-made batches (batch_size=None) failed as "25 padded duplicates", and a
+    sampler drawing 31 of 30 samples silently dropped one. Against the same batches as a list."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 16, generator=g), torch.randint(0, 10, (30,), generator=g)
+    batches = [(x[i : i + 6], y[i : i + 6]) for i in range(0, 30, 6)]
+    state = fe.train_step(ce_loss, optim.sgd(0.1)).init(mlp(), seed=0)
+
+    def acc(data):
+        return fe.evaluate(state, fe.default_predict, data, [fe.metrics.Accuracy()])["accuracy"]
+
+    assert acc(DataLoader(batches, batch_size=None)) == acc(batches)
+    pairs = list(zip(x, y))
+    draws = torch.randint(0, 30, (31,), generator=g).tolist()  # 31 draws with replacement
+    loader = DataLoader(pairs, batch_size=8, sampler=draws)
+    assert acc(loader) == acc(list(loader))  # the same 31 draws, listed
+
+
+def test_a_validation_dataloader_over_an_iterable_dataset_runs():
+    """It is Sized but len() raises: evaluation crashed with a raw TypeError after training."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from mlp_batches(2, seed=9)
+
+    val = fe.Val(torch.utils.data.DataLoader(Stream(), batch_size=None), [Const()])
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+    state = fe.fit(step.init(mlp(), seed=0), step, mlp_batches(2), max_epochs=1, val=val,
+                   handlers=[])  # fmt: skip
+    assert state.step == 2
+
+
+def test_evaluate_with_its_arguments_swapped_says_the_order():
+    state = fe.train_step(ce_loss, optim.sgd(0.1)).init(mlp(), seed=0)
+    with pytest.raises(TypeError, match=r"the order is evaluate\(state, eval_fn, data, metrics\)"):
+        fe.evaluate(state, mlp_batches(1), fe.default_predict, [fe.metrics.Accuracy()])

@@ -679,6 +679,19 @@ class RankOfCompute(Metric):
         return {"computed_on": dist.get_rank()}
 
 
+class TwoPerSample(Metric):
+    """A list of two entries per sample (per token, say): not MMEngine's per-sample results."""
+
+    def init(self):
+        return []
+
+    def update(self, acc, batch, outputs):
+        return [*acc, *(batch[0].tolist() * 2), 0, 0, 0]
+
+    def compute(self, acc, size=None):
+        return {"n": len(acc)}
+
+
 class SumWithoutReduce(Metric):
     """A tensor accumulator and no ``reduce``: refused in a multi-rank run (it would be computed
     on one rank's share of the data)."""
@@ -717,6 +730,12 @@ def _dist_worker(rank, world, store, out_dir, size):
         for t in chunks:
             cacc = custom.update(cacc, (t, labels[t]), {"loss": losses[t]})
             mm_custom.process(None, [{"index": i, "loss": float(losses[i])} for i in t.tolist()])
+        per_token = Evaluator([TwoPerSample()])
+        try:
+            per_token.compute(per_token.update(per_token.init(), (chunks[0], None), None), size)
+            too_long = None
+        except ValueError as e:
+            too_long = str(e)
         refused = Evaluator([SumWithoutReduce()])
         try:
             refused.compute(refused.update(refused.init(), None, {"loss": losses[:2]}), size)
@@ -730,6 +749,7 @@ def _dist_worker(rank, world, store, out_dir, size):
         except ValueError as e:
             unsharded = str(e)
         result = {
+            "too_long": too_long,
             "unsharded": unsharded,
             "ours": ev.compute(acc, size=size),
             "ours_no_size": ev.compute(acc),
@@ -796,7 +816,8 @@ def test_distributed_metrics_without_reduce_gather_as_mmengine_and_share_rank_0s
     assert custom["median_loss"] == float(losses.median())  # 7 samples: the middle one, exactly
     assert [r["custom"] for r in results] == [custom] * world
     assert custom["computed_on"] == 0
-    for r in results:
+    for r in results:  # 3 ranks x (2 x 2 + 3) entries for 7 samples: cut would shorten it
+        assert r["too_long"].startswith("TwoPerSample: its list accumulator holds 21 entries for 7")
         assert r["unsharded"].startswith(
             "Accuracy: each of the 3 ranks saw all 7 samples: the evaluation data is not sharded"
         )

@@ -589,3 +589,16 @@ def test_a_full_disk_at_a_save_keeps_every_older_checkpoint(tmp_path, monkeypatc
         n.startswith("best_") for n in _ckpts(tmp_path)
     )
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_retire_keeps_the_pointed_file_in_a_checkpointers_out_dir(tmp_path):
+    """The pointer in the work dir names a file in out_dir: reading it safely must still accept
+    that directory, or the file it names is not protected."""
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+    ck = Checkpointer(2, by_epoch=False, out_dir=tmp_path / "out")
+    fe.fit(step.init(mlp(), seed=0), step, mlp_batches(4), max_steps=4, work_dir=tmp_path / "w",
+           handlers=[ck])  # fmt: skip
+    last = checkpoint.latest(tmp_path / "w", save_dir=tmp_path / "out" / "w")
+    assert last is not None and last.parent == tmp_path / "out" / "w"
+    loop.retire([last], tmp_path / "w")
+    assert last.exists()

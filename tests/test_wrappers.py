@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import re
 import types
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_dicts_equal, ce_loss, mlp, mlp_batches
@@ -668,7 +670,10 @@ def test_fp16_loss_scaling_refuses_a_float16_model_as_gradscaler_does():
     fe.train_step(ce_loss, optim.sgd(0.1), fe.amp("float16", loss_scale=None)).init(mlp().half())
 
 
-@pytest.mark.parametrize("bad", [float("inf"), "25", True, 1e-9, 0, -1])
+@pytest.mark.parametrize("bad", [float("inf"), "25", True, 1e-9, 0, -1, 1e308])
 def test_data_parallel_bucket_mb_is_a_positive_finite_number(bad):
-    with pytest.raises(ValueError, match=f"bucket_mb must be a finite number .* got {bad!r}"):
+    with pytest.raises(
+        ValueError, match=f"bucket_mb must be a finite number .* got {re.escape(repr(bad))}"
+    ):
         fe.data_parallel(bad)
+    assert "bucket_mb=25" in repr(fe.data_parallel(np.float32(25)))  # any real number

@@ -8,7 +8,7 @@ import os
 import stat
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -476,16 +476,16 @@ def _pointed(pointer: Path, text: str, dirs: list[Path]) -> tuple[Path | None, s
     return target, None
 
 
-def pointed(work_dir: Path) -> Path | None:
+def pointed(work_dir: Path, also: Sequence[Path] = ()) -> Path | None:
     """The file ``work_dir/last_checkpoint`` names, read as `latest` reads it (a regular file of
-    a few bytes, UTF-8, no NUL, no ``..``, inside ``work_dir``), symlinks resolved; None when
-    there is no usable pointer. Not verified: for `fengine.fit`'s retirement, which never
-    deletes that file."""
+    a few bytes, UTF-8, no NUL, no ``..``, inside ``work_dir`` or one of ``also``: where a
+    Checkpointer's ``out_dir`` puts them), symlinks resolved; None when there is no usable
+    pointer. Not verified: for `fengine.fit`'s retirement, which never deletes that file."""
     pointer = work_dir / POINTER
     text, _ = _read_pointer(pointer)
     if text is None:
         return None
-    target, _ = _pointed(pointer, text, [work_dir])
+    target, _ = _pointed(pointer, text, [work_dir, *also])
     return None if target is None else Path(os.path.realpath(target))
 
 

@@ -119,10 +119,18 @@ class EarlyStopping(Handler):
             or not math.isfinite(min_delta)
         ):
             raise ValueError(f"EarlyStopping: min_delta must be a finite number, got {min_delta!r}")
-        if stopping_threshold is not None and not isinstance(stopping_threshold, (int, float)):
+        if stopping_threshold is not None and (
+            isinstance(stopping_threshold, bool)
+            or not isinstance(stopping_threshold, (int, float))
+            or not math.isfinite(stopping_threshold)  # NaN could never be reached
+        ):
             raise ValueError(
-                f"EarlyStopping: stopping_threshold must be a number or None, got {stopping_threshold!r}"
+                "EarlyStopping: stopping_threshold must be a finite number or None, got "
+                f"{stopping_threshold!r}"
             )
+        for flag, value in (("check_finite", check_finite), ("strict", strict)):
+            if not isinstance(value, bool):  # "False" is a true string
+                raise TypeError(f"EarlyStopping: {flag} must be True or False, got {value!r}")
         self.monitor = monitor
         self.rule = rule
         # MMEngine stores the delta signed by the rule and compares best + delta with the value.

@@ -20,22 +20,35 @@ def is_eval_record(record: dict) -> bool:
     return any(isinstance(k, str) and k.startswith(EVAL_PREFIXES) for k in record)
 
 
-def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
-    """Move the records of ``path`` a resume from ``step`` writes again (those after it, and an
-    evaluation's at ``step`` when ``eval_at_step``) to ``<stem>.superseded.jsonl``; returns
-    how many moved. The moved lines are appended and fsynced before ``path`` is replaced
-    (atomically), so a crash between leaves them in both files, never in neither."""
-    try:  # the log's own file only: a planted link, FIFO or device is refused (a FIFO hung)
+def record_steps(path: Path) -> list[int]:
+    """The steps of the records in ``path`` (read as `supersede` reads it: its own file only)."""
+    return [at for line in _read_lines(path) if (at := _step_of(line)) is not None]
+
+
+def _read_lines(path: Path) -> list[str]:
+    """``path``'s lines, the log's own file only: a planted link, FIFO or device is refused (a
+    FIFO hung the resume); none when it does not exist."""
+    try:
         fd = open_own(path, os.O_RDONLY, one_name=False)
     except FileNotFoundError:
-        return 0
+        return []
     except NotOwnFile as e:
         raise OSError(
             errno.EPERM, f"refusing to read {path}: a {e.why} ({e.detail}); fengine reads only "
             "files of its own there: remove it and run again", str(path)
         ) from None  # fmt: skip
     with open(fd, encoding="utf-8") as f:
-        lines = f.read().splitlines(keepends=True)
+        return f.read().splitlines(keepends=True)
+
+
+def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
+    """Move the records of ``path`` a resume from ``step`` writes again (those after it, and an
+    evaluation's at ``step`` when ``eval_at_step``) to ``<stem>.superseded.jsonl``; returns
+    how many moved. The moved lines are appended and fsynced before ``path`` is replaced
+    (atomically), so a crash between leaves them in both files, never in neither."""
+    lines = _read_lines(path)
+    if not lines:
+        return 0
     keep: list[str] = []
     moved: list[str] = []
     for line in lines:
@@ -53,11 +66,17 @@ def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
 
 
 def _rewritten(line: str, step: int, eval_at_step: bool) -> bool:
+    at = _step_of(line)
+    if at is None:
+        return False  # not a record: stays where it is
+    return at > step or (eval_at_step and at == step and is_eval_record(json.loads(line)))
+
+
+def _step_of(line: str) -> int | None:
+    """A record's step, or None for a line that is not a record."""
     try:
         record = json.loads(line)
     except ValueError:
-        return False  # not a record: stays where it is
+        return None
     at = record.get("step") if isinstance(record, dict) else None
-    if not isinstance(at, int) or isinstance(at, bool):
-        return False
-    return at > step or (eval_at_step and at == step and is_eval_record(record))
+    return at if isinstance(at, int) and not isinstance(at, bool) else None

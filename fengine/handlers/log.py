@@ -30,7 +30,7 @@ from fengine.checkpoint._io import open_to_append
 from fengine.events import Handler, Priority, Snapshot
 from fengine.handlers.banner import environment, format_banner, format_config
 from fengine.handlers.history import History, known_statistics, statistic
-from fengine.handlers.jsonl import is_eval_record, supersede
+from fengine.handlers.jsonl import is_eval_record, record_steps, supersede
 from fengine.handlers.timing import Timer
 from fengine.host import to_host
 
@@ -860,6 +860,7 @@ class Logger(_TrainScalars):
         self.logger = get_logger()
         self.timestamp = time.strftime("%Y%m%d_%H%M%S")
         self._first_record, self._resumed_at = True, None
+        self._start_step = snap.state.step  # a fresh run's records are of the steps after it
         work_dir = snap.run.work_dir
         if self.exp_name is not None:
             self.experiment_name = self.exp_name
@@ -941,14 +942,18 @@ class Logger(_TrainScalars):
                 f.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
 
     def _move_aside_an_earlier_run(self, path: Path) -> None:
-        """A fresh run (no resume) into a work dir with another run's records: theirs move to
-        ``<name>.before_<timestamp>`` (renamed, not deleted), so no step appears twice."""
+        """A fresh run (no resume) into a work dir with another run's records of the steps it
+        writes: theirs move to ``<name>.before_<timestamp>`` (renamed, not deleted), so no step
+        appears twice. Records up to its first step (the run it continues, ``fit`` called
+        again with the state it returned) stay."""
         try:
             st = path.lstat()
         except FileNotFoundError:
             return
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return  # a planted link or other non-file: the append refuses it, naming it
+        if not any(at > self._start_step for at in record_steps(path)):
+            return
         aside = path.with_name(f"{path.stem}.before_{self.timestamp}{path.suffix}")
         n = 1
         while aside.exists():  # two runs started in one second: never over an earlier one

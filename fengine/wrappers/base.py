@@ -147,8 +147,10 @@ class _CheckFinite(Wrapper):
 def check_finite() -> Wrapper:
     """Raise `FloatingPointError` on a NaN/Inf loss before the update, naming the step and the loss terms.
 
-    Params and optimizer state are left as they were; buffers the forward updates in place
-    (BatchNorm running statistics) are not restored (that would copy them every step).
+    Params and optimizer state are left as they were (in a `fengine.multi_step`, those of the
+    failing part: the parts updated before it in that step have changed theirs, and the message
+    says so); buffers the forward updates in place (BatchNorm running statistics) are not
+    restored (that would copy them every step).
     Costs one host sync per step (reading the loss). Write it after an fp16
     `amp`: there a non-finite value means the loss scale is too high, the scaler
     skips the update and backs off, and this check never sees it.

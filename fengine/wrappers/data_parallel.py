@@ -14,6 +14,7 @@ of the global count. A param unused on every rank gets no gradient (as DDP with
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ __all__ = ["data_parallel"]
 
 class _DataParallel(Wrapper):
     def __init__(self, bucket_mb: float, diff_rank_seed: bool) -> None:
-        self.bucket_bytes, self.diff_rank_seed = int(bucket_mb * 2**20), diff_rank_seed
+        self.bucket_bytes, self.diff_rank_seed = int(float(bucket_mb) * 2**20), diff_rank_seed
 
     def validate(self, before: Sequence[Wrapper]) -> None:
         once(_DataParallel, "data_parallel", before)
@@ -147,8 +148,8 @@ def data_parallel(bucket_mb: float = 25.0, *, diff_rank_seed: bool = False) -> W
     """
     if (
         isinstance(bucket_mb, bool)
-        or not isinstance(bucket_mb, (int, float))
-        or not math.isfinite(bucket_mb)
+        or not isinstance(bucket_mb, numbers.Real)
+        or not math.isfinite(bucket_mb * 2**20)
         or int(bucket_mb * 2**20) < 1
     ):
         raise ValueError(
