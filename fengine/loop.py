@@ -112,10 +112,8 @@ class Val:
             raise ValueError(
                 "Val: data is empty (no batch to validate on); give it the validation set"
             )
-        evaluator = self.metrics if isinstance(self.metrics, Evaluator) else Evaluator(self.metrics)
-        object.__setattr__(self, "metrics", evaluator)  # Evaluator checks each metric
-        if not evaluator.metrics:
-            raise ValueError("Val: metrics is empty: every validation would report nothing")
+        if not isinstance(self.metrics, Evaluator):  # no metrics is fine: a pass for handlers
+            object.__setattr__(self, "metrics", Evaluator(self.metrics))  # checks each metric
         if not callable(self.eval_fn):
             raise TypeError(
                 f"Val: eval_fn must be a function (model, batch) -> outputs, got {self.eval_fn!r}"

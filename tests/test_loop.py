@@ -920,7 +920,6 @@ def test_evaluate_emits_test_events_and_validation_in_fit_uses_ema():
         (dict(dynamic_intervals=[(3, 5), (3, 2)]), ValueError, r"got milestone 3 after 3"),
         (dict(params="EMA"), ValueError, r"params must be 'auto', 'live' or 'ema', got 'EMA'"),
         (dict(data=[]), ValueError, r"Val: data is empty \(no batch to validate on\)"),
-        (dict(metrics=[]), ValueError, r"Val: metrics is empty"),
         (dict(autocast="fp16"), ValueError, r"autocast must be None, 'float16' or 'bfloat16'"),
     ],
 )
