@@ -130,14 +130,14 @@ def _strip_optional(tp: Any) -> Any:
 
 
 def _union_classes(tp: Any, where: str) -> dict[str, type] | None:
-    """The dataclasses of a union annotation by class name, when it has two or more (their
-    values need a recorded ``"__type__"`` to be told apart); else None."""
+    """The dataclasses of a union annotation by class name, when its values need a recorded
+    ``"__type__"`` to be told apart: two or more dataclasses, or one beside a dict (whose
+    value a dataclass's fields would also read); else None."""
     if typing.get_origin(tp) not in (typing.Union, types.UnionType):
         return None
-    classes = [
-        a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)
-    ]
-    if len(classes) < 2:
+    args = typing.get_args(tp)
+    classes = [a for a in args if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    if len(classes) < 2 and not (classes and any(map(_takes_a_dict, args))):
         return None
     by_name = {c.__name__: c for c in classes}
     if len(by_name) < len(classes):
@@ -146,6 +146,12 @@ def _union_classes(tp: Any, where: str) -> dict[str, type] | None:
             f"a config records the class by name, so give them distinct names"
         )
     return by_name
+
+
+def _takes_a_dict(tp: Any) -> bool:
+    """A union option that a JSON object converts to: a dict or mapping type, or Any."""
+    origin = typing.get_origin(tp) or tp
+    return tp is Any or (isinstance(origin, type) and issubclass(origin, collections.abc.Mapping))
 
 
 def _item_types(tp: Any, value: list | tuple) -> list[tuple[Any, Any]]:

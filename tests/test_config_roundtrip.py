@@ -205,3 +205,16 @@ def test_paths_and_tuples_keep_their_json_form():
 
     assert to_dict(Files()) == {"root": "/data", "sizes": [3, 4]}
     assert from_dict(Files, to_dict(Files())) == Files()
+
+
+@dataclasses.dataclass(frozen=True)
+class _DataclassOrDict:
+    opt: SGD | dict[str, float] = dataclasses.field(default_factory=lambda: {"lr": 0.3})
+
+
+def test_a_union_of_one_dataclass_and_a_dict_keeps_which_it_held():
+    """Without a tag the dict {"lr": 0.3} came back as SGD(lr=0.3): the dataclass read it."""
+    for cfg in (_DataclassOrDict(), _DataclassOrDict(opt=SGD(lr=0.5))):
+        back = from_dict(_DataclassOrDict, json.loads(json.dumps(to_dict(cfg))))
+        assert back == cfg and type(back.opt) is type(cfg.opt)
+    assert to_dict(_DataclassOrDict()) == {"opt": {"lr": 0.3}}  # a dict needs no tag
