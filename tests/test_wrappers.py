@@ -677,3 +677,29 @@ def test_data_parallel_bucket_mb_is_a_positive_finite_number(bad):
     ):
         fe.data_parallel(bad)
     assert "bucket_mb=25" in repr(fe.data_parallel(np.float32(25)))  # any real number
+
+
+def test_accumulate_takes_tensor_weights_without_a_host_read(monkeypatch):
+    """A valid-token count is naturally a device tensor (mask.sum()): float() of it read the host
+    once per micro-batch. Kept on the device: the same params as the same weights as numbers."""
+    groups = [mlp_batches(3, seed=s) for s in (1, 2)]
+    sizes = iter([3.0, 1.0, 2.0, 4.0, 2.0, 2.0] * 2)
+
+    def run(as_tensor):
+        tx = optim.sgd(0.1, momentum=0.9)
+        w = (lambda mb: torch.tensor(next(sizes))) if as_tensor else (lambda mb: next(sizes))
+        step = fe.train_step(ce_loss, tx, fe.accumulate(3, weight=w))
+        state = _create(mlp(), tx)
+        for g in groups:
+            state, _ = step(state, fe.MicroBatches(g))
+        return state
+
+    numbers = run(False)
+    reads = []
+    for name in ("__float__", "item"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, _r=real: (reads.append(1), _r(t))[1])
+    tensors = run(True)
+    monkeypatch.undo()
+    assert not reads
+    assert_dicts_equal(tensors.params, numbers.params)

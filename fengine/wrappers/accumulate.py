@@ -35,7 +35,7 @@ class MicroBatches(tuple):
 
 
 class _Accumulate(Wrapper):
-    def __init__(self, k: int, weight: Callable[[Any], float] | None) -> None:
+    def __init__(self, k: int, weight: Callable[[Any], Any] | None) -> None:
         self.micro_batches, self.weight = k, weight
 
     def validate(self, before: Sequence[Wrapper]) -> None:
@@ -102,13 +102,20 @@ def _averaged(v: Any) -> bool:
     return isinstance(v, numbers.Real)
 
 
-def _shares(
-    group: Sequence[Any], weight: Callable[[Any], float] | None
-) -> tuple[list[float], float | None]:
-    """Each micro-batch's share of the mean, and the group's total weight (None: counted by micro-batch)."""
+def _shares(group: Sequence[Any], weight: Callable[[Any], Any] | None) -> tuple[list[Any], Any]:
+    """Each micro-batch's share of the mean, and the group's total weight (None: counted by
+    micro-batch). Tensor weights (a valid-token count, ``mask.sum()``) stay on their device: no
+    host read per micro-batch, and no check of their values (a NaN shows as a non-finite loss)."""
     if weight is None:
         return [1.0 / len(group)] * len(group), None
-    w = [float(weight(mb)) for mb in group]
+    given = [weight(mb) for mb in group]
+    if any(isinstance(x, torch.Tensor) for x in given):
+        device = next(x.device for x in given if isinstance(x, torch.Tensor))
+        t = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
+                         for x in given])  # fmt: skip
+        summed = t.sum()
+        return list(t / summed), summed
+    w = [float(x) for x in given]
     for i, x in enumerate(w):
         if not (math.isfinite(x) and x >= 0):  # NaN turned every param NaN in one update
             raise ValueError(
@@ -120,7 +127,7 @@ def _shares(
     return [x / total for x in w], total
 
 
-def accumulate(k: int, weight: Callable[[Any], float] | None = None) -> Wrapper:
+def accumulate(k: int, weight: Callable[[Any], Any] | None = None) -> Wrapper:
     """``k`` micro-batches per update, inside one step call.
 
     The step takes ``MicroBatches([b1, ..., br])`` with ``1 <= r <= k``. Each
@@ -130,8 +137,8 @@ def accumulate(k: int, weight: Callable[[Any], float] | None = None) -> Wrapper:
     Unlike MMEngine, a window never straddles an epoch boundary: `fit` groups the
     batches of each epoch, and its last group may be short.
 
-    ``weight(micro_batch) -> number`` (e.g. the sample or valid-token count)
-    replaces the count: micro-batch i is then weighted ``w_i / sum(w)``, which
+    ``weight(micro_batch) -> number`` (e.g. the sample or valid-token count; a 0-d tensor
+    stays on its device, without a host read) replaces the count: micro-batch i is then weighted ``w_i / sum(w)``, which
     gives the exact mean over samples/tokens when micro-batches differ in size.
     Metrics are averaged with the same shares, integer counts too (as floats: MMEngine
     logs the mean over micro-iterations). Schedules count updates, not micro-batches.

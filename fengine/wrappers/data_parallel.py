@@ -88,9 +88,13 @@ class _DataParallel(Wrapper):
         return f"data_parallel(bucket_mb={self.bucket_bytes / 2**20:g}, diff_rank_seed={self.diff_rank_seed})"
 
 
-def _share(weight: float, device: torch.device) -> torch.Tensor:
-    """This rank's weight over the global total (one scalar all-reduce)."""
-    w = torch.tensor([float(weight)], dtype=torch.float64, device=device)
+def _share(weight: Any, device: torch.device) -> torch.Tensor:
+    """This rank's weight over the global total (one scalar all-reduce; a tensor weight is not
+    read on the host)."""
+    if isinstance(weight, torch.Tensor):
+        w = weight.detach().to(device, torch.float64).reshape(1)
+    else:
+        w = torch.tensor([float(weight)], dtype=torch.float64, device=device)
     total = w.clone()
     dist.all_reduce(total)
     return w / total
