@@ -269,6 +269,28 @@ def test_a_preemption_in_the_validation_after_a_save_replaces_that_steps_file(tm
     assert_dicts_equal(done.params, straight.params)
     assert _ckpts(tmp_path / "w") == _ckpts(tmp_path / "straight")
 
+    # the same across a resume: stopped on iter_6 right after its save, then SIGTERM in the
+    # validation the resumed run runs again at step 6 (the marker was this process's only:
+    # step_6 joined iter_6 in the rotation and iter_3 was later retired for a copy of step 6)
+    @fe.on("after_train_iter", once=6)
+    def at_the_save(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(fe.Preempted) as info:
+        run(tmp_path / "r", [at_the_save])
+    assert info.value.checkpoint == tmp_path / "r" / "iter_6.safetensors"
+
+    @fe.on("before_val_iter", once=1)
+    def in_the_validation(snap):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(fe.Preempted):
+        run(tmp_path / "r", [in_the_validation], resume=True)
+    assert _ckpts(tmp_path / "r") == ["iter_3.safetensors", "step_6.safetensors"]
+    done = run(tmp_path / "r", resume=True)
+    assert_dicts_equal(done.params, straight.params)
+    assert _ckpts(tmp_path / "r") == _ckpts(tmp_path / "straight")
+
 
 def test_sigterm_during_the_final_validation_is_a_preemption(tmp_path):
     step = fe.train_step(ce_loss, optim.sgd(0.1))

@@ -386,9 +386,8 @@ class Checkpointer(Handler):
         self.retiring: list[
             str
         ] = []  # files retired by the latest saves (deleted by fit once they are durable)
-        self._saved_at: int | None = (
-            None  # the update the latest periodic file holds (this process)
-        )
+        # the update the latest periodic file holds (a preemption's file replaces it there)
+        self.last_update: int | None = None
 
     def directory(self, run: RunInfo | None) -> Path:
         """Where the checkpoints go: ``out_dir / basename(work_dir)``, ``work_dir``, or ``out_dir``."""
@@ -436,7 +435,7 @@ class Checkpointer(Handler):
         name = Path(path).name
         if not snap.metrics.get("stop") or name in self.kept:
             return None
-        if self._saved_at == snap.state.step and self.kept[-1:] == [self.last_ckpt]:
+        if self.last_update == snap.state.step and self.kept[-1:] == [self.last_ckpt]:
             # this update's periodic file, written before what ran since (a validation): the
             # preemption's file takes its place, not an older, distinct checkpoint's
             stale = self.kept.pop()
@@ -550,7 +549,7 @@ class Checkpointer(Handler):
         ):
             return None
         log.info("Saving checkpoint at %d %s", n, "epochs" if self.by_epoch else "iterations")
-        self.retiring, self._saved_at = [], snap.state.step
+        self.retiring, self.last_update = [], snap.state.step
         return self._periodic(self.directory(snap.run), n)
 
     def _periodic(self, directory: Path, n: int) -> Save | list[Save | Retire]:
@@ -602,6 +601,7 @@ class Checkpointer(Handler):
             "retiring": list(self.retiring),
             "last_ckpt": self.last_ckpt,
             "last_step": self.last_step,
+            "last_update": self.last_update,
             "best": {k: dict(v) for k, v in self.best.items()},
             "save_best": list(self.save_best),
         }
@@ -625,6 +625,14 @@ class Checkpointer(Handler):
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
             raise CheckpointError(f"{where}: last_step must be a non-negative int, got {step!r}")
         self.last_step = step
+        update = state.get("last_update")  # absent in checkpoints written before it was kept
+        if update is not None and (
+            not isinstance(update, int) or isinstance(update, bool) or update < 0
+        ):
+            raise CheckpointError(
+                f"{where}: last_update must be a non-negative int, got {update!r}"
+            )
+        self.last_update = update
         saved_keys = [str(k) for k in _list(state.get("save_best"), f"{where}: save_best")]
         if self.save_best == ["auto"] and len(saved_keys) == 1 and saved_keys[0] != "auto":
             self._resolve_auto(saved_keys[0])  # the key 'auto' followed before the resume
