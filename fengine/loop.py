@@ -1020,14 +1020,13 @@ class _Background:
         # the after_save_checkpoint events the pending job owes: (path, the state it saved)
         self.owed: list[tuple[Path, TrainState]] = []
         self.used = False  # a background save was asked for (on every rank alike)
-        # (step, moment) and path of the last checkpoint marked latest, async or not
-        self.latest: tuple[int, str] | None = None
-        self.latest_path = Path()
+        # (step, moment, path) of the last checkpoint marked latest, async or not
+        self.latest: tuple[int, str, Path] | None = None
 
     def saved(self, path: Path, step: int, moment: str, latest: bool) -> None:
         """Remember a save marked latest (a preemption at that step and moment stops on it)."""
         if latest:
-            self.latest, self.latest_path = (step, moment), path
+            self.latest = (step, moment, path)
 
     def collect(self, run: RunInfo, dispatch: Dispatcher) -> None:
         """Wait for the pending job (raising its error), then fire the events it owes."""
@@ -1166,10 +1165,11 @@ def _preempt(
         bg.finish(run, dispatch)  # a pending background save completes first
     signum = received[0] if received else signal.SIGTERM  # another rank received it
     name = signal.Signals(signum).name
-    if bg is not None and bg.latest == (state.step, moment):
+    latest = None if bg is None else bg.latest
+    if latest is not None and latest[:2] == (state.step, moment):
         # a handler's checkpoint of this very state is the latest: stop on it (a second copy
         # would take the grace period's time and, under max_keep_ckpts, an older file's slot)
-        path = bg.latest_path
+        path = latest[2]
         if run.rank == 0:
             log.warning("%s received: stopping on %s, saved at this step", name, path)
     else:

@@ -94,7 +94,7 @@ def collect_results(acc: Any, metric: Any) -> Any:
     them. Any other accumulator needs the metric's own ``reduce``: refused, not computed on one
     rank's share of the data.
     """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = distributed.world_size()
     if world == 1:
         return acc
     if not isinstance(acc, list):
@@ -115,7 +115,7 @@ def _cut(results: list, size: int, metric: Any) -> list:
     """The gathered per-sample ``results`` without a sharded sampler's padding (at most one
     duplicate per rank but one, at the end), as MMEngine's ``collect_results``; more than that
     is no per-sample list (a per-token one, say), which the cut would silently shorten."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = distributed.world_size()
     if len(results) > size + world - 1:
         raise ValueError(
             f"{type(metric).__name__}: its list accumulator holds {len(results)} entries for "
@@ -196,7 +196,7 @@ class SumMetric(Metric):
 
     def reduce(self, acc: Mapping[str, torch.Tensor]) -> dict:
         """Sum ``total``, gather the rest across ranks (a collective on the default group)."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = distributed.world_size()
         if world == 1:
             return dict(acc)
         if acc["n"].numel() != 1:

@@ -22,7 +22,7 @@ def is_eval_record(record: dict) -> bool:
 
 def record_steps(path: Path) -> list[int]:
     """The steps of the records in ``path`` (read as `supersede` reads it: its own file only)."""
-    return [at for line in _read_lines(path) if (at := _step_of(line)) is not None]
+    return [r[0] for line in _read_lines(path) if (r := _record(line)) is not None]
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -66,17 +66,18 @@ def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
 
 
 def _rewritten(line: str, step: int, eval_at_step: bool) -> bool:
-    at = _step_of(line)
-    if at is None:
+    record = _record(line)
+    if record is None:
         return False  # not a record: stays where it is
-    return at > step or (eval_at_step and at == step and is_eval_record(json.loads(line)))
+    at, fields = record
+    return at > step or (eval_at_step and at == step and is_eval_record(fields))
 
 
-def _step_of(line: str) -> int | None:
-    """A record's step, or None for a line that is not a record."""
+def _record(line: str) -> tuple[int, dict] | None:
+    """A record's step and fields, or None for a line that is not a record."""
     try:
         record = json.loads(line)
     except ValueError:
         return None
     at = record.get("step") if isinstance(record, dict) else None
-    return at if isinstance(at, int) and not isinstance(at, bool) else None
+    return (at, record) if isinstance(at, int) and not isinstance(at, bool) else None
