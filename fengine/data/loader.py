@@ -103,32 +103,30 @@ class _Fetch(torch.utils.data.Dataset):
 class _GlobalRngsSeeded:
     """torch's default CPU, numpy's and Python's global generators seeded from ``key`` while one
     batch loads, so a dataset's own draws are the batch's whatever worker loads it and wherever
-    the run (re)started. In the main process (``num_workers=0``) they are put back afterwards
-    (~0.15 ms a batch, mostly numpy's state); a worker's are its own."""
+    the run (re)started. torch's is `fengine.rng.seeded_default_generators` (put back after); in
+    the main process (``num_workers=0``) numpy's and Python's are put back too (~0.15 ms a batch,
+    mostly numpy's state); a worker's are its own."""
 
-    __slots__ = ("key", "saved")
+    __slots__ = ("key", "torch", "saved")
 
     def __init__(self, key: int) -> None:
         self.key = key
+        self.torch = rng.seeded_default_generators(key)
 
     def __enter__(self) -> None:
         main = torch.utils.data.get_worker_info() is None
-        self.saved = (
-            (torch.default_generator.get_state(), np.random.get_state(), random.getstate())
-            if main
-            else None
-        )
+        self.saved = (np.random.get_state(), random.getstate()) if main else None
         # a key of its own for each (numpy's and Python's Mersenne Twisters seeded alike give
         # one stream), each whole (numpy's int seed keeps only 32 bits)
         np_key, py_key = rng.fold_in(self.key, 1), rng.fold_in(self.key, 2)
-        torch.default_generator.manual_seed(self.key)
+        self.torch.__enter__()
         np.random.seed([np_key & 0xFFFF_FFFF, np_key >> 32])
         random.seed(py_key)
 
     def __exit__(self, *exc: object) -> None:
+        self.torch.__exit__()
         if self.saved is not None:
-            torch_state, np_state, py_state = self.saved
-            torch.default_generator.set_state(torch_state)
+            np_state, py_state = self.saved
             np.random.set_state(np_state)
             random.setstate(py_state)
 
