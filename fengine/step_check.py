@@ -13,7 +13,15 @@ from fengine.state import TrainState
 if TYPE_CHECKING:
     from fengine.step import Step
 
-__all__ = ["StepMismatchError", "check_fits", "check_ownership"]
+__all__ = [
+    "StepMismatchError",
+    "check_fits",
+    "check_ownership",
+    "counter",
+    "counts_within",
+    "loaded_problems",
+    "shaped_like",
+]
 
 _FIX = "Build the state with this step: state = step.init(model, seed=...)"
 
@@ -99,3 +107,65 @@ def check_ownership(
             f"multi_step: {'; '.join(problems[:5])} (parts: {list(owned)}); every trainable param "
             "must belong to exactly one part (or set requires_grad=False)"
         )
+
+
+# ----------------------------------------------------------------- a state read from a file
+# A checkpoint's per-param dicts are taken as the file has them where the template's are still
+# empty (momentum buffers start at the first update, ``missed`` counts when a param first sits
+# one out); the state classes that keep such dicts say what their entries must be, through
+# ``loaded_problems(params, buffers)``, so an edited file is refused at load, not mid-training.
+
+
+def loaded_problems(
+    tree: Any, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """What is wrong with a loaded state tree: every node's ``loaded_problems``, if it has one."""
+    out: list[str] = []
+    check = getattr(tree, "loaded_problems", None)
+    if callable(check) and not isinstance(tree, type):
+        out += check(params, buffers)
+    if isinstance(tree, (tuple, list)):
+        for x in tree:
+            out += loaded_problems(x, params, buffers)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            out += loaded_problems(x, params, buffers)
+    return out
+
+
+def shaped_like(
+    field: str, entries: Mapping[str, Any], like: Mapping[str, torch.Tensor], what: str = "param"
+) -> list[str]:
+    """Per-name tensors: each names an entry of ``like`` and has its shape and dtype."""
+    out = []
+    for name, t in entries.items():
+        ref = like.get(name)
+        if ref is None:
+            out.append(f"{field}[{name!r}] names no {what} of the model")
+        elif not isinstance(t, torch.Tensor):
+            out.append(f"{field}[{name!r}] is a {type(t).__name__}, not a tensor")
+        elif t.shape != ref.shape or t.dtype != ref.dtype:
+            out.append(
+                f"{field}[{name!r}] is {t.dtype} {list(t.shape)}, the {what} {ref.dtype} {list(ref.shape)}"
+            )
+    return out
+
+
+def counts_within(
+    field: str, counts: Mapping[str, Any], high: Any, like: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Per-param counts: each names a param and is an int in ``[0, high]``."""
+    out = []
+    for name, k in counts.items():
+        if name not in like:
+            out.append(f"{field}[{name!r}] names no param of the model")
+        elif type(k) is not int or type(high) is not int or not 0 <= k <= high:
+            out.append(f"{field}[{name!r}] is {k!r}, expected an int in [0, {high!r}]")
+    return out
+
+
+def counter(field: str, value: Any) -> list[str]:
+    """A count of updates: an int >= 0."""
+    if type(value) is int and value >= 0:
+        return []
+    return [f"{field} is {value!r}, expected an int >= 0"]

@@ -42,6 +42,7 @@ from fengine.checkpoint._io import (
 from fengine.checkpoint._tree import Leaf, adoptable, flatten, is_empty_dict, prefixes, rebuild
 from fengine.sharding import load_leaf, owned_ids, reshard
 from fengine.state import TrainState
+from fengine.step_check import loaded_problems
 
 
 POINTER = "last_checkpoint"
@@ -197,6 +198,7 @@ def load(path: str | os.PathLike, like: TrainState, *, into: bool = False) -> Tr
         if into:
             like._mark_donated("checkpoint.load(..., into=True)")
     state = pytree.tree_unflatten(_values(tmpl, adopt, tensors, info, owned, targets), spec)
+    _check_loaded(h.path, state)
     if owned and model is not None:
         reshard(model)  # no all-gathered copy of the old values survives
     return state
@@ -234,7 +236,8 @@ def _describe(v: Any) -> str:
         return "a tensor"
     if is_empty_dict(v):
         return "an empty dict"
-    return f"a {type(v).__name__} ({v!r:.40})"
+    kind = type(v).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({v!r:.40})"
 
 
 def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[str, list]:
@@ -293,6 +296,10 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
                 shape_bad.append((leaf.name, fshape, list(v.shape)))
             if fdtype != v.dtype:
                 dtype_bad.append((leaf.name, str(fdtype), str(v.dtype)))
+        elif file_kind == "scalar" and not _scalar_fits(info.scalars.get(leaf.name), v):
+            kind_bad.append(
+                f"{leaf.name}: {_describe(info.scalars.get(leaf.name))} in the file, {_describe(v)} in the template"
+            )
     for name, e in file_entries.items():
         if name in used or (e[1] == "empty" and name in tmpl_prefixes):
             continue  # (an empty dict in the file where the template has entries: those are reported missing)
@@ -338,6 +345,36 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
             kind=kind_bad,
         )
     return adopt
+
+
+def _check_loaded(path: Path, state: TrainState) -> None:
+    """Refuse what the file put into the state's per-param dicts and counts that no run makes
+    (a key naming no param, another shape, a count out of range: an edited file whose digests
+    were recomputed), naming the file, before a step fails on it or trains on it."""
+    parts = [("opt_state", state.opt_state)] + [
+        (f"extra[{k!r}]", v) for k, v in state.extra.items()
+    ]
+    problems = [
+        f"{where}.{p}"
+        for where, tree in parts
+        for p in loaded_problems(tree, state.params, state.buffers)
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path}: corrupt state (step {state.step}): "
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        )
+
+
+def _scalar_fits(file_value: Any, tmpl_value: Any) -> bool:
+    """A saved scalar can stand for the template's: the same type (bool, int, float and str
+    apart; an int where a float is), or any where the template holds None (set later in a run)."""
+    if tmpl_value is None:
+        return True
+    if type(tmpl_value) is float:
+        return type(file_value) in (float, int)
+    return type(file_value) is type(tmpl_value)
 
 
 def _place(t: torch.Tensor, device: torch.device) -> torch.Tensor:

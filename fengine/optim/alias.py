@@ -47,12 +47,14 @@ from torch.utils._foreach_utils import (
 from fengine.optim.base import (
     GradientTransformation,
     Hyper,
+    Params,
     check_hyper,
     resolve,
     resolver,
     update_via_apply,
 )
 from fengine.sharding import foreach_copy_
+from fengine.step_check import counter, counts_within, shaped_like
 
 
 __all__ = [
@@ -207,6 +209,14 @@ class SgdState(NamedTuple):
 
     def hyperparams(self) -> dict[str, float]:
         return {"lr": self.lr, "momentum": self.momentum}
+
+    def loaded_problems(self, params: Params, buffers: Params) -> list[str]:
+        """What a state read from a file must hold (see `fengine.step_check.loaded_problems`)."""
+        return (
+            counter("num_updates", self.num_updates)
+            + shaped_like("momentum_buffer", self.momentum_buffer, params)
+            + counts_within("missed", self.missed, self.num_updates, params)
+        )
 
 
 def _starting(state: SgdState, grads) -> bool | set[str]:
@@ -371,6 +381,16 @@ class AdamState(NamedTuple):
 
     def hyperparams(self) -> dict[str, float]:
         return {"lr": self.lr, "momentum": self.momentum}
+
+    def loaded_problems(self, params: Params, buffers: Params) -> list[str]:
+        """What a state read from a file must hold (see `fengine.step_check.loaded_problems`)."""
+        return (
+            counter("num_updates", self.num_updates)
+            + shaped_like("exp_avg", self.exp_avg, params)
+            + shaped_like("exp_avg_sq", self.exp_avg_sq, params)
+            + shaped_like("max_exp_avg_sq", self.max_exp_avg_sq, params)
+            + counts_within("missed", self.missed, self.num_updates, params)
+        )
 
 
 def _adam(
@@ -577,6 +597,15 @@ class RMSpropState(NamedTuple):
     def hyperparams(self) -> dict[str, float]:
         return {"lr": self.lr, "momentum": self.momentum}
 
+    def loaded_problems(self, params: Params, buffers: Params) -> list[str]:
+        """What a state read from a file must hold (see `fengine.step_check.loaded_problems`)."""
+        return (
+            counter("num_updates", self.num_updates)
+            + shaped_like("square_avg", self.square_avg, params)
+            + shaped_like("grad_avg", self.grad_avg, params)
+            + shaped_like("momentum_buffer", self.momentum_buffer, params)
+        )
+
 
 def rmsprop(
     lr: Hyper = 1e-2,
@@ -656,6 +685,14 @@ class AdagradState(NamedTuple):
 
     def hyperparams(self) -> dict[str, float]:
         return {"lr": self.lr, "momentum": 0.0}  # MMEngine's get_momentum: 0 without one
+
+    def loaded_problems(self, params: Params, buffers: Params) -> list[str]:
+        """What a state read from a file must hold (see `fengine.step_check.loaded_problems`)."""
+        return (
+            counter("num_updates", self.num_updates)
+            + shaped_like("sum", self.sum, params)
+            + counts_within("missed", self.missed, self.num_updates, params)
+        )
 
 
 def adagrad(

@@ -25,6 +25,7 @@ import torch
 from fengine.sharding import foreach_copy_
 from fengine.state import TrainState
 from fengine.step import Metrics, Part, StepFn, selector
+from fengine.step_check import counter, shaped_like
 from fengine.wrappers.base import Wrapper
 
 
@@ -43,6 +44,16 @@ class EmaState(NamedTuple):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The weights to evaluate and publish: the averaged ones in place of the live ones."""
         return {**params, **self.params}, {**buffers, **self.buffers}
+
+    def loaded_problems(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+    ) -> list[str]:
+        """What a state read from a file must hold (see `fengine.step_check.loaded_problems`)."""
+        return (
+            counter("steps", self.steps)
+            + shaped_like("params", self.params, params)
+            + shaped_like("buffers", self.buffers, buffers, what="buffer")
+        )
 
 
 class _Averaged(Wrapper):
