@@ -409,9 +409,11 @@ def load_config(cls: type[C], path: Path) -> C:
             except yaml.YAMLError as e:
                 raise ValueError(_yaml_problem(e)) from None
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicates)
     except (OSError, ValueError, ImportError) as e:
         raise UsageError(f"--config {path}: {e}") from None
+    except RecursionError:
+        raise UsageError(f"--config {path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise UsageError(
             f"--config {path}: expected a mapping of fields, got {type(data).__name__}"
@@ -424,6 +426,18 @@ def load_config(cls: type[C], path: Path) -> C:
         return from_dict(cls, data)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--config {path}: {e}") from None
+    except RecursionError:
+        raise UsageError(f"--config {path}: nested too deeply to be a config") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict; a key given twice is an error (`json` kept the last silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {repr(key)[:80]}")
+        seen.add(key)
+    return dict(pairs)
 
 
 _CONFIG_MAX_BYTES = 16 << 20
@@ -441,22 +455,52 @@ def _read_small_file(path: Path) -> str:
     return data.decode("utf-8")
 
 
+_YAML_12 = {  # YAML 1.2's core schema, as JSON reads: a plain scalar matching none is a string
+    "null": r"~|null|Null|NULL|",
+    "bool": r"true|True|TRUE|false|False|FALSE",
+    "int": r"[-+]?(?:0|[1-9][0-9]*)",  # decimal: PyYAML reads a leading 0 as octal
+    "float": r"[-+]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+}
+
+
 def _yaml_loader(yaml: Any) -> type:
-    """PyYAML's SafeLoader that also reads ``1e-3`` as a float (YAML 1.2 does; PyYAML's 1.1 rules
-    want ``1.0e-3`` and gave the string '1e-3', which the float field then refused)."""
+    """PyYAML's SafeLoader reading plain data by YAML 1.2's rules (`_YAML_12`), as JSON does:
+    PyYAML's YAML 1.1 read ``017`` as 15, ``1:30`` as 90, ``yes``/``on`` as true and ``1e-3`` as
+    a string; here ``017`` and ``yes`` stay strings, which a typed field refuses. Aliases and
+    anchors are refused (nine nested aliases make a list of 387M items), and so is a key given
+    twice in one mapping."""
 
     class Loader(yaml.SafeLoader):
-        pass
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            anchor = getattr(event, "anchor", None)
+            if anchor is not None:
+                mark, sign = event.start_mark, "*" if isinstance(event, yaml.AliasEvent) else "&"
+                raise ValueError(
+                    f"YAML aliases are not supported in a config: {sign}{anchor[:40]} at line "
+                    f"{mark.line + 1}, column {mark.column + 1}"
+                )
+            return super().compose_node(parent, index)
 
-    # copied, not shared: add_implicit_resolver would append to SafeLoader's own lists
-    Loader.yaml_implicit_resolvers = {
-        k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"),
-    )
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            data = super().construct_mapping(node, deep=deep)
+            if len(data) < len(node.value):
+                seen: set = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {repr(key)[:80]}", key_node.start_mark
+                        )
+                    seen.add(key)
+            return data
+
+    Loader.yaml_implicit_resolvers = {}  # its own: SafeLoader's (YAML 1.1) stay as they are
+    for kind, pattern in _YAML_12.items():
+        Loader.add_implicit_resolver(
+            f"tag:yaml.org,2002:{kind}", re.compile(f"^(?:{pattern})$"), None
+        )
     return Loader
 
 

@@ -20,6 +20,7 @@ import enum
 import hashlib
 import json
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path, PurePath
@@ -30,6 +31,16 @@ __all__ = ["TYPE_KEY", "config_hash", "from_dict", "to_dict"]
 
 TYPE_KEY = "__type__"
 """The key under which `to_dict` records the class a union-of-dataclasses field holds."""
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 80, 80, 6, 4
+_repr.maxtuple = _repr.maxset = _repr.maxfrozenset = 6
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut short for an error message: a config file is untrusted, and its value
+    may be megabytes of text or (through YAML aliases) a list of millions of items."""
+    return _repr.repr(value)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -88,14 +99,17 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 def _build(cls: type, data: Any, where: str) -> Any:
     """An instance of the dataclass ``cls`` from the dict ``data``, each field converted."""
     if not isinstance(data, dict):
-        raise TypeError(f"from_dict: {where}: expected a dict for {cls.__name__}, got {data!r}")
+        raise TypeError(
+            f"from_dict: {where}: expected a dict for {cls.__name__}, got {_show(data)}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(data) - fields
     if unknown:
         at = "" if where == cls.__name__ else f"{where}: "
         raise ValueError(
-            f"from_dict: {at}{cls.__name__} has no fields {sorted(unknown)}; fields are {sorted(fields)}"
+            f"from_dict: {at}{cls.__name__} has no fields {_show(sorted(unknown, key=repr))}; "
+            f"fields are {sorted(fields)}"
         )
     return cls(
         **{name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
@@ -191,7 +205,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return _convert_enum(tp, value, where)
     if tp is Path:
         if not isinstance(value, (str, PurePath)):
-            raise TypeError(f"from_dict: {where}: expected a path (str), got {value!r}")
+            raise TypeError(f"from_dict: {where}: expected a path (str), got {_show(value)}")
         return Path(value)
     if origin is typing.Literal:
         return _convert_literal(tp, value, where)
@@ -205,7 +219,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if tp is float and number:
             return float(value)
         if not isinstance(value, tp) or (tp is int and not number):
-            raise TypeError(f"from_dict: {where}: expected {tp.__name__}, got {value!r}")
+            raise TypeError(f"from_dict: {where}: expected {tp.__name__}, got {_show(value)}")
     return value
 
 
@@ -230,7 +244,7 @@ def _convert_union(tp: Any, value: Any, where: str) -> Any:
             return _convert(option, value, where)
         except (TypeError, ValueError):
             continue
-    raise ValueError(f"from_dict: {where}: {value!r} fits none of {_name(tp)}")
+    raise ValueError(f"from_dict: {where}: {_show(value)} fits none of {_name(tp)}")
 
 
 def _build_tagged(tp: Any, classes: dict[str, type], data: dict, where: str) -> Any:
@@ -244,7 +258,9 @@ def _build_tagged(tp: Any, classes: dict[str, type], data: dict, where: str) -> 
         )
     name = data[TYPE_KEY]
     if not isinstance(name, str) or name not in classes:
-        raise ValueError(f'from_dict: {where}: "{TYPE_KEY}" is {name!r}, expected one of {allowed}')
+        raise ValueError(
+            f'from_dict: {where}: "{TYPE_KEY}" is {_show(name)}, expected one of {allowed}'
+        )
     return _build(classes[name], {k: v for k, v in data.items() if k != TYPE_KEY}, where)
 
 
@@ -262,11 +278,11 @@ def _convert_enum(tp: type[enum.Enum], value: Any, where: str) -> enum.Enum:
     names = [m.name for m in tp]
     if isinstance(value, str):
         raise ValueError(
-            f"from_dict: {where}: {value!r} is not a member of {tp.__name__}; members are {names}"
+            f"from_dict: {where}: {_show(value)} is not a member of {tp.__name__}; members are {names}"
         )
     raise TypeError(
         f"from_dict: {where}: expected the name of a {tp.__name__} member, one of {names}; "
-        f"got {value!r}"
+        f"got {_show(value)}"
     )
 
 
@@ -280,20 +296,20 @@ def _convert_literal(tp: Any, value: Any, where: str) -> Any:
                 return choice
         elif type(value) is type(choice) and value == choice:
             return choice
-    raise ValueError(f"from_dict: {where}: {value!r} is not one of {choices}")
+    raise ValueError(f"from_dict: {where}: {_show(value)} is not one of {choices}")
 
 
 def _convert_sequence(tp: Any, container: type, value: Any, where: str) -> Any:
     """A list, or a tuple of fixed or any length, each item converted to its type."""
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"from_dict: {where}: expected a list for {_name(tp)}, got {value!r}")
+        raise TypeError(f"from_dict: {where}: expected a list for {_name(tp)}, got {_show(value)}")
     args = typing.get_args(tp) or (Any, ...)
     if container is list or (len(args) == 2 and args[1] is Ellipsis):
         items = [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if container is list else tuple(items)
     if len(value) != len(args):
         raise ValueError(
-            f"from_dict: {where}: expected {len(args)} items for {_name(tp)}, got {value!r}"
+            f"from_dict: {where}: expected {len(args)} items for {_name(tp)}, got {_show(value)}"
         )
     return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
 
@@ -302,11 +318,13 @@ def _convert_dict(tp: Any, value: Any, where: str) -> dict:
     """A dict, its keys and values converted to the annotated types (a bare ``dict``: any)."""
     if not isinstance(value, dict):
         raise TypeError(
-            f"from_dict: {where}: expected a dict (a mapping) for {_name(tp)}, got {value!r}"
+            f"from_dict: {where}: expected a dict (a mapping) for {_name(tp)}, got {_show(value)}"
         )
     key_tp, value_tp = _dict_types(tp)
     return {
-        _convert_key(key_tp, k, f"{where}: key {k!r}"): _convert(value_tp, v, f"{where}[{k!r}]")
+        _convert_key(key_tp, k, f"{where}: key {_show(k)}"): _convert(
+            value_tp, v, f"{where}[{_show(k)}]"
+        )
         for k, v in value.items()
     }
 

@@ -355,3 +355,102 @@ def test_a_recorded_union_field_of_another_class_keeps_paths_out_of_the_file(tmp
     rebuilt = cli.from_record(_UnionConfig, record, max_epochs=None, max_steps=5,
                               paths={"opt.log": "/elsewhere/log"})  # fmt: skip
     assert rebuilt.opt == _SGD(lr=0.5, log=Path("/elsewhere/log"))
+
+
+# ----------------------------------------------------------------------- config files (hunt 25)
+def _config_error(tmp_path, capsys, name: str, text: str) -> str:
+    """The one-line error of ``--config`` given ``text`` as the file ``name`` (exit status 2)."""
+    path = tmp_path / name
+    path.write_text(text)
+    assert run("--config", str(path), "--work-dir", str(tmp_path / "w")) == 2
+    err = _one_error(capsys)
+    assert f"error: --config {path}: " in err
+    assert not (tmp_path / "w").exists()
+    return err
+
+
+def test_a_huge_config_value_is_shown_short_in_the_error():
+    """A list of shared lists (what nine YAML aliases build) was put whole into the message: 387M
+    items, gigabytes for over a minute. Here 9**6 items, shown in 299 characters."""
+    from fengine.config import from_dict
+
+    bomb: list = ["x"] * 9
+    for _ in range(5):
+        bomb = [bomb] * 9
+    with pytest.raises(TypeError) as e:
+        from_dict(classify.Config, {"seed": bomb})
+    six = "[" + "[...], " * 6 + "...]"  # repr(bomb) is 3.7M characters
+    assert str(e.value) == f"from_dict: Config.seed: expected int, got [{(six + ', ') * 6}...]"
+    with pytest.raises(TypeError, match=r"got 'aaaa.*\.\.\..*aaaa'$") as e:
+        from_dict(classify.Config, {"seed": "a" * 10_000_000})
+    assert len(str(e.value)) < 150
+
+
+def test_yaml_aliases_are_refused(tmp_path, capsys):
+    """Nine levels of aliases in 700 bytes ("billion laughs"); a config is plain data."""
+    levels = ["&a0 [x, x, x]"] + [f"&a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    err = _config_error(tmp_path, capsys, "c.yaml", f"seed: [{', '.join(levels)}]\n")
+    assert "YAML aliases are not supported in a config: &a0 at line 1, column 8" in err
+    err = _config_error(tmp_path, capsys, "c.yaml", "seed: 1\noptim: {lr: *x}\n")
+    assert "YAML aliases are not supported in a config: *x at line 2, column 13" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("c.json", '{"seed": ' + "[" * 3000 + "]" * 3000 + "}"), ("c.yaml", "seed: " + "[" * 3000)],
+)
+def test_a_config_nested_too_deeply_is_a_usage_error(tmp_path, capsys, name, text):
+    """It was a raw RecursionError (exit 1, not naming the file)."""
+    err = _config_error(tmp_path, capsys, name, text)
+    assert err.endswith(f"{tmp_path / name}: nested too deeply to be a config (see --help)\n")
+
+
+def test_unknown_keys_of_mixed_types_are_listed(tmp_path, capsys):
+    """sorted() of an int and a str key raised "'<' not supported" instead."""
+    err = _config_error(tmp_path, capsys, "c.yaml", "1: 2\nfoo: 3\n")
+    assert "from_dict: Config has no fields ['foo', 1]; fields are [" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "got"),
+    [
+        ("seed: 017\n", "Config.seed: expected int, got '017'"),  # YAML 1.1: octal 15
+        ("seed: 1:30\n", "Config.seed: expected int, got '1:30'"),  # YAML 1.1: 90
+        ("seed: 0x10\n", "Config.seed: expected int, got '0x10'"),
+        ("seed: 1_000\n", "Config.seed: expected int, got '1_000'"),
+        ("data: {augment: no}\n", "Config.data.augment: expected bool, got 'no'"),
+        ("data: {augment: on}\n", "Config.data.augment: expected bool, got 'on'"),
+        ("optim: {lr: 1:30.5}\n", "Config.optim.lr: expected float, got '1:30.5'"),
+    ],
+)
+def test_yaml_reads_plain_scalars_as_yaml_1_2_does(tmp_path, capsys, text, got):
+    """PyYAML's YAML 1.1 rules read these as other numbers or booleans, silently."""
+    assert f"from_dict: {got} (see --help)" in _config_error(tmp_path, capsys, "c.yaml", text)
+
+
+def test_yaml_1_2_scalars_still_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "max_steps: 3\nseed: -0\nload_from: ~\n"
+        "optim: {lr: .5, weight_decay: 2.}\ndata: {augment: false}\n"
+    )
+    cfg, _ = parse("--config", str(path), "--work-dir", str(tmp_path / "w"))
+    assert (cfg.max_steps, cfg.seed, cfg.load_from) == (3, 0, None)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.data.augment) == (0.5, 2.0, False)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("c.json", '{"seed": 1, "seed": 2}', "duplicate key 'seed' (see --help)"),
+        ("c.json", '{"model": {"width": 4, "width": 8}}', "duplicate key 'width' (see --help)"),
+        (
+            "c.yaml",
+            "seed: 1\nseed: 2\n",
+            "not valid YAML: duplicate key 'seed' at line 2, column 1",
+        ),
+    ],
+)
+def test_a_key_given_twice_in_a_config_is_refused(tmp_path, capsys, name, text, problem):
+    """The last one won silently."""
+    assert problem in _config_error(tmp_path, capsys, name, text)
