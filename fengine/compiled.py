@@ -265,7 +265,8 @@ class CompiledStep:
         probe: Callable[[TrainState, Any], list[str]] | None = None,
     ) -> None:
         self.traced, self.eager, self.options = traced, eager, options
-        self.probe = probe  # the params the loss does not reach (`fengine.step.unreached_params`)
+        # the params the loss does not reach (`fengine.step.unreached_params`): asked before each trace
+        self.probe = probe
         # guards=True: check dynamo's guards on every call, so a global or closure value the loss
         # reads that changes between steps recompiles rather than staying as first traced
         self.guards = bool(options.get("guards", False))
@@ -288,23 +289,24 @@ class CompiledStep:
         return pytree.tree_leaves(new), metrics
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.fallback_reason is not None:
-            return self.eager(state, batch)
-        if self.probe is not None:  # once, before the first trace
-            unreached, self.probe = self.probe(state, batch), None
-            if unreached:
-                shown = ", ".join(unreached[:5]) + (
-                    f" and {len(unreached) - 5} more" if len(unreached) > 5 else ""
-                )
-                self._fall_back(ValueError(
-                    f"params the loss does not reach ({shown}): torch.func.grad would give them zero "
-                    "gradients, which move them (momentum, weight decay) where the eager step leaves "
-                    "them; freeze them (requires_grad_(False)) before step.init to compile"))  # fmt: skip
-                return self.eager(state, batch)
+        if self.fallback_reason is None:
+            done = self._compiled_call(state, batch)
+            if not isinstance(done, Exception):
+                return done
+            self._fall_back(done)
+        return self.eager(state, batch)
+
+    def _compiled_call(
+        self, state: TrainState, batch: Any
+    ) -> tuple[TrainState, Metrics] | Exception:
+        """The compiled step, or why it cannot run (unreached params, an untraceable step)."""
+        first = self.compile_seconds is None
+        unreached = self._unreached(state, batch) if first else None  # before the first trace
+        if unreached is not None:
+            return unreached
         leaves, plain, cached = self._lifted(state)
         assert self._layout is not None
         self.prepare(state)
-        first = self.compile_seconds is None
         # the guards dynamo would check (~30% of a small step) hold by construction when the
         # leaves are the ones the graph returned and the batch looks like the last one
         sig = _signature(batch)
@@ -312,15 +314,12 @@ class CompiledStep:
         self._sig = sig
         t0 = time.perf_counter()
         try:
-            try:
-                out, metrics = self._call(state, leaves, batch, skip_guards=same)
-            except RuntimeError as e:  # a guard did matter after all: check them all
-                if not same or "skip_guard_eval_unsafe" not in str(e):
-                    raise
-                out, metrics = self._call(state, leaves, batch, skip_guards=False)
+            done = self._guarded(state, leaves, batch, skip_guards=same, trace=first)
         except _UNTRACEABLE as e:
-            self._fall_back(e)
-            return self.eager(state, batch)
+            return e
+        if isinstance(done, Exception):
+            return done
+        out, metrics = done
         if first:
             self.compile_seconds = time.perf_counter() - t0
             log.info(
@@ -339,10 +338,50 @@ class CompiledStep:
         self._last = (new, out, lowered) if reusable else None
         return new, metrics
 
+    def _guarded(
+        self, state: TrainState, leaves: list[Any], batch: Any, *, skip_guards: bool, trace: bool
+    ) -> tuple[list[Any], Metrics] | Exception:
+        """`_call`, tracing again only once `_unreached` passed on this batch (else its error).
+
+        A batch that takes another Python branch of the loss (an auxiliary head used on some
+        batches only) makes dynamo trace again, and the new graph may leave params unreached
+        that the first one reached: each later call runs under the ``fail_on_recompile``
+        stance, so such a trace stops before it starts and the probe runs first (no extra
+        work while a graph is reused)."""
+        while True:
+            try:
+                return self._call(state, leaves, batch, skip_guards=skip_guards, trace=trace)
+            except RuntimeError as e:  # dynamo's own errors (TorchRuntimeError, ...) too
+                if skip_guards and "skip_guard_eval_unsafe" in str(e):
+                    skip_guards = False  # a guard did matter after all: check them all
+                elif not trace and _RECOMPILE in str(e):
+                    unreached = self._unreached(state, batch)
+                    if unreached is not None:
+                        return unreached
+                    trace = True
+                else:
+                    raise
+
+    def _unreached(self, state: TrainState, batch: Any) -> ValueError | None:
+        """Why the step cannot compile when the loss leaves trainable params unreached on
+        ``batch`` (`self.probe`): ``torch.func.grad`` would give them zero gradients."""
+        unreached = [] if self.probe is None else self.probe(state, batch)
+        if not unreached:
+            return None
+        shown = ", ".join(unreached[:5]) + (
+            f" and {len(unreached) - 5} more" if len(unreached) > 5 else ""
+        )
+        return ValueError(
+            f"params the loss does not reach ({shown}): torch.func.grad would give them zero "
+            "gradients, which move them (momentum, weight decay) where the eager step leaves "
+            "them; freeze them (requires_grad_(False)) before step.init to compile")  # fmt: skip
+
     def _call(
-        self, state: TrainState, leaves: list[Any], batch: Any, *, skip_guards: bool
+        self, state: TrainState, leaves: list[Any], batch: Any, *, skip_guards: bool, trace: bool
     ) -> tuple[list[Any], Metrics]:
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards):
+        """One call of the graph; ``trace=False``: dynamo raises rather than tracing again."""
+        stance = "default" if trace else "fail_on_recompile"
+        with torch.compiler.set_stance(stance, skip_guard_eval_unsafe=skip_guards):
             if self._draws is False:  # the graph draws no random numbers: nothing to seed
                 return self.compiled(leaves, batch)
             cuda = self._cuda_of(state)
@@ -416,6 +455,8 @@ class CompiledStep:
 
 # dynamo's "Observed exception" report names the error the traced code raised in its debug context
 _RAISED = re.compile(r"raised exception (?P<type>\w+)\((?P<q>['\"])(?P<text>.*?)(?P=q)\)")
+# the error of a call under the "fail_on_recompile" stance that would trace again
+_RECOMPILE = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
 
 class _Opaque(Exception):

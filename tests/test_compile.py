@@ -588,3 +588,70 @@ def test_sgd_momentum_schedule_from_zero_runs_eagerly_saying_why():
     step = fe.train_step(ce_loss, optim.sgd(0.1, momentum=mom), compile={"backend": Counter()})
     with pytest.warns(CompileFallbackWarning, match="sgd's momentum schedule starts at 0"):
         step(step.init(mlp()), mlp_batches(1)[0])
+
+
+class AuxHead(nn.Module):
+    """An MLP with an auxiliary head that the loss uses only on batches that say so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.aux = mlp(), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor, use_aux: bool) -> torch.Tensor:
+        return self.body(x) + self.aux(x) if use_aux else self.body(x)
+
+
+def aux_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y, use_aux = batch
+    return nn.functional.cross_entropy(model(x, use_aux), y)
+
+
+def _aux_run(flags: list[bool], **compile) -> tuple[fe.TrainState, fe.TrainState, fe.Step]:
+    """(eager, compiled) states after AdamW with weight decay on batches using the head per flags."""
+    tx = lambda: optim.adamw(1e-2, weight_decay=0.1)  # noqa: E731
+    eager, step = fe.train_step(aux_loss, tx()), fe.train_step(aux_loss, tx(), compile=compile)
+    a, b = eager.init(AuxHead()), step.init(AuxHead())
+    for (x, y), flag in zip(mlp_batches(len(flags)), flags):
+        a, _ = eager(a, (x, y, flag))
+        b, _ = step(b, (x, y, flag))
+    return a, b, step
+
+
+def test_a_param_unreached_only_on_a_later_batch_falls_back_naming_it():
+    """The probe ran on the first batch only: a later batch that skips the aux head recompiled,
+    torch.func.grad gave the head zeros and AdamW moved it (3.7e-2 off eager, no warning).
+    Each new trace is probed first: the step falls back there, saying which params, from the
+    call that hit it."""
+    with pytest.warns(
+        CompileFallbackWarning, match=r"does not reach \(aux.weight, aux.bias\)"
+    ) as w:
+        a, b, step = _aux_run([True, True, False, True, False], backend=Counter())
+    assert [x.filename for x in w if x.category is CompileFallbackWarning] == [__file__]
+    assert step._compiled is not None and step._compiled.compile_seconds is not None
+    for n in a.params:
+        torch.testing.assert_close(b.params[n], a.params[n], **TOL)
+
+
+def test_a_later_trace_that_reaches_every_param_compiles_probing_once_per_trace(recwarn):
+    """A later branch that reaches every trainable param (the aux head frozen, as the warning
+    says) traces a second graph after the probe passes; steps that reuse a graph probe nothing."""
+    counter = Counter()
+    tx = optim.adamw(1e-2, weight_decay=0.1)
+    step = fe.train_step(aux_loss, tx, compile={"backend": counter})
+    assert step._compiled is not None and step._compiled.probe is not None
+    probe, probed = step._compiled.probe, []
+    step._compiled.probe = lambda s, b: probed.append(b[2]) or probe(s, b)
+    eager = fe.train_step(aux_loss, optim.adamw(1e-2, weight_decay=0.1))
+    a, b = AuxHead(), AuxHead()
+    a.aux.requires_grad_(False)
+    b.aux.requires_grad_(False)
+    a, b = eager.init(a), step.init(b)
+    flags = [False, False, True, False, True, True]
+    for (x, y), flag in zip(mlp_batches(len(flags)), flags):
+        a, _ = eager(a, (x, y, flag))
+        b, _ = step(b, (x, y, flag))
+    assert not [x for x in recwarn if x.category is CompileFallbackWarning]
+    assert step._compiled.fallback_reason is None and counter.graphs == 2
+    assert probed == [False, True]
+    for n in a.params:
+        torch.testing.assert_close(b.params[n], a.params[n], **TOL)
