@@ -412,7 +412,7 @@ def fit(
     ``error.fengine_state``: the given state is donated, and without checkpoints nothing else
     holds the training.
     """
-    _check_fit_args(state, step, resume, work_dir)
+    _check_fit_args(state, step, resume, work_dir, handlers)
     p = plan(
         train_data,
         micro_batches=step.micro_batches,
@@ -714,7 +714,7 @@ def _save_dirs(dispatch: Dispatcher, run: RunInfo) -> list[Path]:
     return dirs
 
 
-def _check_fit_args(state: Any, step: Any, resume: Any, work_dir: Any) -> None:
+def _check_fit_args(state: Any, step: Any, resume: Any, work_dir: Any, handlers: Any) -> None:
     if not isinstance(state, TrainState):
         raise TypeError(f"fit: state must be a TrainState, got {type(state).__name__}")
     if not isinstance(step, Step):
@@ -725,6 +725,27 @@ def _check_fit_args(state: Any, step: Any, resume: Any, work_dir: Any) -> None:
         raise ValueError(
             "fit: resume=True continues from work_dir's latest checkpoint; pass work_dir=..."
         )
+    if handlers is not None and not isinstance(handlers, Iterable):
+        raise TypeError(
+            f"fit: handlers must be a list of handlers (e.g. [fe.handlers.Timer()]) or None, "
+            f"got a single {type(handlers).__name__}; wrap it in a list"
+        )
+    if work_dir is not None:
+        _check_work_dir(Path(work_dir))
+
+
+def _check_work_dir(work_dir: Path) -> None:
+    """``work_dir`` (or the nearest of its parents that exists) is a directory: the run creates
+    it, and a file there would fail later with a bare ``FileExistsError``."""
+    for d in (work_dir, *work_dir.parents):
+        if d.exists():
+            if not d.is_dir():
+                where = "" if d == work_dir else f" (its parent {d} is not a directory)"
+                raise NotADirectoryError(
+                    f"fit: work_dir={str(work_dir)!r} names a file{where}; expected a directory "
+                    "(existing, or one to create)"
+                )
+            return
 
 
 def _default_handlers(work_dir: Path | None, by_epoch: bool) -> list[Any]:
@@ -816,14 +837,15 @@ def _resume(
         log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
         return state, run, None
     # the metadata first: a file refused for it leaves the given state as it was
-    meta = checkpoint.read_meta(path)["meta"]
-    meta = meta if isinstance(meta, Mapping) else {}
+    info = checkpoint.read_meta(path)
+    meta = info["meta"] if isinstance(info["meta"], Mapping) else {}
     handler_states, saved_run = meta.get("handlers") or {}, meta.get("run") or {}
     for what, value in (("handler state", handler_states), ("run record", saved_run)):
         if not isinstance(value, Mapping):
             raise checkpoint.CheckpointError(
                 f"{path}: its {what} is a {type(value).__name__}, expected a dict"
             )
+    _check_batch_in_epoch(path, info["batch_in_epoch"], saved_run, run)
     try:
         dispatch.load_state_dicts(handler_states)
     except ValueError as e:  # CheckpointError included
@@ -846,6 +868,27 @@ def _resume(
     dispatch("after_load_checkpoint", state, run, checkpoint=path)
     moment = meta.get("moment")
     return state, run, moment if moment in _MOMENTS else None
+
+
+def _check_batch_in_epoch(
+    path: Path, batch: int, saved_run: Mapping[str, Any], run: RunInfo
+) -> None:
+    """A checkpoint's ``batch_in_epoch`` (loader batches, micro-batches included) is at most its
+    run's batches per epoch (equal after the epoch's last update): a larger one, from an edited
+    file, would resume silently as the epoch's end. The bound is the one the file records, else
+    (a file saved outside `fit`) this run's, when the world size is the same."""
+    recorded = saved_run.get("batches_per_epoch")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+        bound, whose = recorded, "as its run record says"
+    elif saved_run.get("world_size", 1) == run.world_size:
+        bound, whose = run.batches_per_epoch, "as this run's data has"
+    else:
+        return
+    if batch > bound:
+        raise checkpoint.CheckpointError(
+            f"{path}: its position batch_in_epoch={batch} is past the end of an epoch of {bound} "
+            f"batches ({whose}); a checkpoint fit wrote is never past it (an edited position?)"
+        )
 
 
 def _set_aside_later_checkpoints(path: Path, save_dirs: list[Path]) -> None:

@@ -281,7 +281,8 @@ class Checkpointer(Handler):
       max_keep_ckpts: keep only the newest N periodic checkpoints; ``-1`` keeps all.
       save_last: always save after the last epoch / update, whatever the interval.
       save_best: a validation result key, a list of keys (one best file each), or ``"auto"``
-        (the first key of the first validation's results).
+        (the first key of the first validation's results; a resume follows the key the
+        checkpoint says, unless the results lack it: then, with a warning, their first key).
       rule: ``"greater"`` or ``"less"``, or a list (one rule for all keys, or one per key);
         ``None`` infers it from the key (`infer_rule`).
       greater_keys, less_keys: the names `infer_rule` matches (MMEngine's defaults).
@@ -292,7 +293,8 @@ class Checkpointer(Handler):
         ``"epoch_{}.safetensors"`` / ``"iter_{}.safetensors"``.
       published: after training, also write params-only ``<stem>-<sha256[:8]>.safetensors``
         copies of the last and best checkpoints (needs ``save_last`` or ``save_best``).
-      published_params: which weights to publish: ``"auto"`` (the checkpoint's eval weights,
+      published_params: which weights ``published=True`` publishes (another value without it
+        is refused): ``"auto"`` (the checkpoint's eval weights,
         `TrainState.eval_weights`: the EMA ones when the run keeps an EMA, as MMEngine's
         EMAHook puts them in ``state_dict``), ``"live"`` or ``"ema"`` (eval weights, required).
       async_save: write each checkpoint on a background thread from a copy of the state's
@@ -364,6 +366,11 @@ class Checkpointer(Handler):
             r or (None if k == "auto" else self._infer(k))
             for k, r in zip(self.save_best, _given_rules(rule, self.save_best))
         ]
+        self._auto_rule = self.rules[0] if self.save_best == ["auto"] else None  # as given
+        # the key "auto" followed before a resume, as the checkpoint says (untrusted: checked
+        # against the first validation's results), and that checkpoint
+        self._adopted: str | None = None
+        self._resumed_from: Path | None = None
         self.published = _check_bool("published", published)
         if published and not save_last and not self.save_best:
             raise ValueError(
@@ -373,6 +380,12 @@ class Checkpointer(Handler):
         if published_params not in ("auto", "live", "ema"):
             raise ValueError(
                 f"Checkpointer: published_params must be 'auto', 'live' or 'ema', got {published_params!r}"
+            )
+        if published_params != "auto" and not published:
+            raise ValueError(
+                f"Checkpointer: published_params={published_params!r} picks the weights "
+                "published=True writes, but published is False (nothing is published); "
+                "set published=True"
             )
         self.published_params = published_params
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -458,6 +471,7 @@ class Checkpointer(Handler):
                 stacklevel=2,
             )
             return None
+        self._check_adopted(metrics)
         if self.save_best == ["auto"]:
             self._resolve_auto(next(iter(metrics)))
             log.info(
@@ -574,7 +588,26 @@ class Checkpointer(Handler):
 
     def _resolve_auto(self, key: str) -> None:
         """``save_best="auto"`` follows ``key`` from now on."""
-        self.save_best, self.rules = [key], [self.rules[0] or self._infer(key)]
+        self.save_best, self.rules = [key], [self._auto_rule or self._infer(key)]
+
+    def _check_adopted(self, metrics: Mapping[str, Any]) -> None:
+        """The first validation after a resume: a key ``"auto"`` adopted from the checkpoint that
+        the results do not have (an edited file, or another evaluator) is dropped with a warning,
+        and ``"auto"`` takes the first key of these results, as in a fresh run."""
+        adopted, self._adopted = self._adopted, None
+        if adopted is None or adopted in metrics:
+            return
+        first = next(iter(metrics))
+        source = "the checkpoint" if self._resumed_from is None else str(self._resumed_from)
+        warnings.warn(
+            f"Checkpointer: {source} says save_best='auto' followed {adopted!r}, but the "
+            f"validation results have no {adopted!r} (keys: {list(metrics)[:10]}); its best "
+            f"record is ignored and 'auto' follows {first!r}, the first key, from now on",
+            UserWarning,
+            stacklevel=3,
+        )
+        self.best.pop(adopted, None)
+        self.save_best = ["auto"]
 
     def _is_new_best(self, key: str, rule: str, score: float | None) -> bool:
         """Strictly better than every earlier validation of ``key``."""
@@ -595,6 +628,9 @@ class Checkpointer(Handler):
         return [save, Retire((directory / old,))]
 
     # ------------------------------------------------------------------ resume
+    def on_after_load_checkpoint(self, snap: Snapshot) -> None:
+        self._resumed_from = snap.checkpoint  # named if its adopted best key proves unknown
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "kept": list(self.kept),
@@ -636,6 +672,7 @@ class Checkpointer(Handler):
         saved_keys = [str(k) for k in _list(state.get("save_best"), f"{where}: save_best")]
         if self.save_best == ["auto"] and len(saved_keys) == 1 and saved_keys[0] != "auto":
             self._resolve_auto(saved_keys[0])  # the key 'auto' followed before the resume
+            self._adopted = saved_keys[0]
         best = state.get("best") or {}
         if not isinstance(best, Mapping):
             raise CheckpointError(f"{where}: best must be a dict, got {type(best).__name__}")

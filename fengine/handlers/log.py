@@ -805,6 +805,9 @@ class Logger(_TrainScalars):
             raise ValueError(f"Logger: interval_exp_name must be >= 0, got {interval_exp_name}")
         if exp_name is not None and (not isinstance(exp_name, str) or not exp_name):
             raise ValueError(f"Logger: exp_name must be a non-empty str, got {exp_name!r}")
+        for flag, value in (("log_file", log_file), ("env", env), ("log_config", log_config)):
+            if not isinstance(value, bool):  # a config's "false" would be truthy
+                raise TypeError(f"Logger: {flag} must be a bool, got {value!r}")
         if timer is True:
             timer = None
         if not (timer is None or timer is False or isinstance(timer, Timer)):

@@ -15,6 +15,13 @@ from fengine.events import Handler, Priority, Snapshot
 __all__ = ["EmptyCache", "Profiler", "ScheduleRecorder"]
 
 
+def _flag(where: str, name: str, value: object) -> bool:
+    """``value`` if it is a bool: a string such as ``"false"`` (from a config) would be truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a bool, got {value!r}")
+    return value
+
+
 def _empty_cache(snap: Snapshot | None = None) -> None:
     del snap
     if torch.cuda.is_available():
@@ -41,11 +48,9 @@ class EmptyCache(Handler):
         priority: int | str | None = None,
     ) -> None:
         super().__init__(priority=priority)
-        self.before_epoch, self.after_epoch, self.after_iter = (
-            bool(before_epoch),
-            bool(after_epoch),
-            bool(after_iter),
-        )
+        self.before_epoch = _flag("EmptyCache", "before_epoch", before_epoch)
+        self.after_epoch = _flag("EmptyCache", "after_epoch", after_epoch)
+        self.after_iter = _flag("EmptyCache", "after_iter", after_iter)
         for phase in ("train", "val", "test"):
             if self.before_epoch:
                 setattr(self, f"on_before_{phase}_epoch", _empty_cache)
@@ -139,8 +144,10 @@ class Profiler(Handler):
             if not acts:
                 raise ValueError("Profiler: activities is empty")
         self.activities = acts
-        self.record_shapes, self.profile_memory = record_shapes, profile_memory
-        self.with_stack, self.with_flops = with_stack, with_flops
+        self.record_shapes = _flag("Profiler", "record_shapes", record_shapes)
+        self.profile_memory = _flag("Profiler", "profile_memory", profile_memory)
+        self.with_stack = _flag("Profiler", "with_stack", with_stack)
+        self.with_flops = _flag("Profiler", "with_flops", with_flops)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.traces: list[Path] = []
         self._prof: torch.profiler.profile | None = None

@@ -16,6 +16,7 @@ begin_epoch``); until then the average just tracks the params and counts nothing
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -303,9 +304,13 @@ def ema(
     if not 0.0 < m <= 1.0:
         raise ValueError(f"ema: momentum must be in (0, 1] (decay in [0, 1)), got momentum={m}")
     if gamma is not None and (
-        isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0
+        isinstance(gamma, bool)
+        or not isinstance(gamma, (int, float))
+        or not 0 < gamma < math.inf  # inf: gamma / (gamma + t) is NaN, the annealing vanishes
     ):
-        raise ValueError(f"ema: gamma must be a number > 0 (MomentumAnnealingEMA), got {gamma!r}")
+        raise ValueError(
+            f"ema: gamma must be a number > 0 and finite (MomentumAnnealingEMA), got {gamma!r}"
+        )
     select = _common("ema", interval, begin, begin_epoch, params, update_buffers, name)
     return _Ema(m, gamma, interval, update_buffers, begin, begin_epoch, select, name)
 
