@@ -427,12 +427,17 @@ class Dispatcher:
 
     def load_state_dicts(self, states: Mapping[str, Any]) -> None:
         """Each handler's saved state, by name. The states come from a file: a handler that cannot
-        load its own raises ``ValueError`` naming the handler (the caller adds the file)."""
+        load its own raises ``ValueError`` naming the handler (the caller adds the file); that
+        includes a number out of range (``OverflowError``: a hex float ``'0x1p+99999'``) and
+        data nested too deep to walk (``RecursionError``)."""
         for h in self.handlers:
             if _keeps_state(h) and h.name in states:
                 try:
                     h.load_state_dict(states[h.name])
-                except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                except (
+                    TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError,
+                    RecursionError,
+                ) as e:  # fmt: skip
                     raise ValueError(
                         f"handler {h.name!r} cannot load its saved state: {type(e).__name__}: {e}"
                     ) from e

@@ -928,3 +928,46 @@ def test_latest_without_a_pointer_names_every_damaged_checkpoint(base, tmp_path)
     for name in ("iter_1", "iter_2", "iter_4"):
         (tmp_path / f"{name}.safetensors").unlink()
     assert ckpt.latest(tmp_path) is None
+
+
+# ----------------------------------------------------------------- torch .pth files
+def test_load_params_checks_a_pth_zip_records_crc(tmp_path):
+    """``torch.load`` does not check a zip-format ``.pth``'s CRC-32s: a flipped bit in a weight
+    loaded as a wrong value (1.541 saved, 1.041 loaded). The damaged record is named."""
+    import re
+    import zipfile
+
+    torch.manual_seed(0)
+    sd = {"weight": torch.randn(3, 4), "bias": torch.randn(3)}
+    path = tmp_path / "lin.pth"
+    torch.save(sd, path)
+    assert torch.equal(ckpt.load_params(path, nn.Linear(4, 3))[0]["weight"], sd["weight"])
+    data = bytearray(path.read_bytes())
+    info = zipfile.ZipFile(path).getinfo("lin/data/0")  # weight's bytes
+    h = info.header_offset
+    start = h + 30 + int.from_bytes(data[h + 26 : h + 28], "little")
+    start += int.from_bytes(data[h + 28 : h + 30], "little")
+    data[start + 2] ^= 0x40  # an exponent bit of weight[0, 0]
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=f"^{re.escape(str(path))}: record 'lin/data/0' fails"
+    ):
+        ckpt.load_params(path, nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "what"),
+    [
+        (torch.zeros(3, 4, device="meta"), "a meta tensor"),
+        (torch.zeros(3, 4).to_sparse(), "a torch.sparse_coo tensor"),
+    ],
+)
+def test_load_params_refuses_a_pth_tensor_without_dense_data(tmp_path, tensor, what):
+    """A meta tensor in a ``.pth`` raised a raw ``NotImplementedError: Cannot copy out of meta
+    tensor`` naming no file; a sparse one was handed back as it was."""
+    import re
+
+    path = tmp_path / "lin.pth"
+    torch.save({"weight": tensor, "bias": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: 'weight' is {what}"):
+        ckpt.load_params(path, nn.Linear(4, 3))

@@ -1883,3 +1883,33 @@ def test_fit_called_again_with_its_state_continues_the_same_scalars(tmp_path):
     fe.fit(state, step, data, max_steps=8, work_dir=tmp_path, handlers=[Logger(2, timer=False)])
     assert [r[0] for r in _records(tmp_path / "scalars.jsonl")] == [2, 4, 6, 8]
     assert not list(tmp_path.glob("scalars.before_*"))
+
+
+def test_superseding_keeps_undecodable_and_too_deep_lines(tmp_path):
+    """A scalars.jsonl line that is not UTF-8 or nests 3000 levels deep killed every resume with a
+    raw ``UnicodeDecodeError`` / ``RecursionError`` naming no file: such lines are not records,
+    they stay in place byte for byte, and the records around them are read and moved as before."""
+    from fengine.handlers.jsonl import record_steps, supersede
+
+    path = tmp_path / "scalars.jsonl"
+    deep = b"[" * 3000 + b"]" * 3000 + b"\n"
+    bad = b'{"step": 3, "note": "\xff"}\n'
+    path.write_bytes(b'{"step": 1}\n' + bad + deep + b'{"step": 4, "note": "\xc3\xa9"}\n')
+    assert record_steps(path) == [1, 4]
+    assert supersede(path, 2, eval_at_step=False) == 1
+    assert path.read_bytes() == b'{"step": 1}\n' + bad + deep
+    aside = tmp_path / "scalars.superseded.jsonl"
+    assert aside.read_bytes() == b'{"step": 4, "note": "\xc3\xa9"}\n'
+
+
+def test_a_handler_state_out_of_range_is_a_value_error_naming_the_handler():
+    """A Logger state value ``'0x1p+99999'`` (a hex float too large for a float) escaped
+    ``fit(resume=)`` as a raw ``OverflowError`` naming neither the handler nor the file: it is a
+    ``ValueError`` naming the handler, which ``fit`` turns into a ``CheckpointError`` naming the
+    file."""
+    logger = Logger(json_file=None, env=False)
+    logger._train.append("loss", 1.0)
+    state = json.loads(json.dumps(logger.state_dict()))
+    state["train"]["loss"]["values"] = ["0x1p+99999"]
+    with pytest.raises(ValueError, match="^handler 'logger' cannot load its saved state: Overflow"):
+        Dispatcher([Logger(json_file=None, env=False)]).load_state_dicts({"logger": state})

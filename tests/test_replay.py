@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fengine.config import config_hash
+
 
 pytestmark = pytest.mark.slow  # every test here runs recipe subprocesses (seconds each)
 
@@ -177,9 +179,15 @@ def test_a_run_logs_load_from_is_read_only_when_the_user_passes_it(recorded, tmp
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.rstrip().endswith("REPLAY OK")
 
-    # the log names another file (edited): never read; the user's file is
+    # the log names another file (edited; a plain edit is refused as a damaged log, so its
+    # config_hash made to match): never read; the user's file is
     log = work / "run_log.jsonl"
-    log.write_text(log.read_text().replace(str(weights), "/nonexistent/other.safetensors"))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for r in records:
+        if r["kind"] == "segment":
+            r["config"]["load_from"] = "/nonexistent/other.safetensors"
+            r["config_hash"] = config_hash(r["config"])
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
     ok = _replay(str(work), "--path", f"load_from={weights}")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.rstrip().endswith("REPLAY OK")

@@ -16,6 +16,7 @@ import replay_recipe
 import torch
 
 from fengine.__main__ import main as cli
+from fengine.config import config_hash
 from fengine.replay import ReplayError, read_log, replay
 
 
@@ -96,6 +97,8 @@ def _damage(work: Path, kind: str, field: str, value: object) -> int:
     n = next(i for i, r in enumerate(records)
              if r["kind"] == kind and (kind == "segment" or "checkpoint" in r))  # fmt: skip
     _set(records[n], field, value)
+    if field.startswith("config."):  # a crafted config: its hash made to match
+        records[n]["config_hash"] = config_hash(records[n]["config"])
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     return n + 1
 
@@ -259,3 +262,85 @@ def test_recorded_checkpoint_names_outside_the_work_dir_are_never_opened(
     assert "or not in the work dir: compared with its recorded digest only" in out
     assert "REPLAY OK" in out
     assert f"checkpoint {tmp_path / 'iter_12.safetensors'}: every tensor" not in out  # never read
+
+
+def test_a_key_twice_in_one_object_is_a_damaged_log(recorded, tmp_path, capsys):
+    """``{"seed": 0, "seed": 1}``: json keeps the last value, so the edited config replayed and
+    the run was blamed (REPLAY DIFFERS) instead of the log."""
+    work = _copy(recorded, tmp_path)
+    log = work / "run_log.jsonl"
+    text = log.read_text()
+    assert text.count('"seed": 0') == 1
+    log.write_text(text.replace('"seed": 0', '"seed": 0, "seed": 1'))
+    with pytest.raises(ReplayError) as e:
+        read_log(work)
+    assert str(e.value).startswith(f"{log}:1 (segment 1) holds the key 'seed' twice in one object")
+    lines = text.splitlines()
+    digest = lines[1].replace('"step": 0', '"step": 0, "step": 1')
+    log.write_text("\n".join([lines[0], digest, *lines[2:]]) + "\n")
+    assert cli(["replay", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"replay: {log}:2 (a record of segment 1) holds the key 'step' twice in one " \
+        "object: the run log is damaged or was edited; restore the file\n"  # fmt: skip
+
+
+def test_a_config_that_does_not_match_its_recorded_hash_is_a_damaged_log(recorded, tmp_path):
+    """The recorded ``config_hash`` was never checked: an edited seed replayed the edit and
+    reported REPLAY DIFFERS, blaming the run."""
+    work = _copy(recorded, tmp_path)
+    log = work / "run_log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[0]["config_hash"] == config_hash(records[0]["config"])  # as recorded
+    records[0]["config"]["seed"] = 1
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ReplayError) as e:
+        read_log(work)
+    assert str(e.value) == (
+        f"{log}:1 (segment 1): its config does not match its config_hash (recorded "
+        f"{records[0]['config_hash'][:16]!r}..., the config's "
+        f"{config_hash(records[0]['config'])[:16]!r}...); the run log is damaged or was edited: "
+        "restore the file"
+    )
+
+
+def test_the_recorded_hash_is_of_the_config_as_the_log_holds_it(tmp_path):
+    """A config with int keys (made strings by JSON, sorted differently) is recorded with the
+    hash of what the log holds, so it reads back as undamaged."""
+    import fengine as fe
+    from fengine.replay import RunRecorder
+
+    recorder = RunRecorder(recipe=replay_recipe.__file__, config={"weights": {10: 1.0, 9: 2.0}})
+    exp = replay_recipe.build(replay_recipe.Config(max_steps=2))
+    fe.fit(exp.state, exp.step, exp.train_data, max_steps=2, work_dir=tmp_path, handlers=[recorder])
+    (segment,) = read_log(tmp_path)
+    assert segment.record["config"] == {"weights": {"10": 1.0, "9": 2.0}}
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        ('RuntimeError("you tried to allocate 36000000000000 bytes")',
+         "RuntimeError: you tried to allocate 36000000000000 bytes"),
+        ("MemoryError()", "MemoryError"),
+        ('OverflowError("int too large")', "OverflowError: int too large"),
+    ],
+)  # fmt: skip
+def test_a_recipe_that_cannot_build_the_recorded_config_is_one_line_naming_the_log(
+    recorded, tmp_path, capsys, raised, expected
+):
+    """A recorded ``model.width`` of 10**6 (RuntimeError: tried to allocate 36 TB) or
+    ``env.threads`` of 4096 (MemoryError) gave a traceback: one ``replay:`` line, exit 2."""
+    work = _copy(recorded, tmp_path)
+    log = work / "run_log.jsonl"
+    threads = (os.cpu_count() or 1) + 1  # more than this machine's CPUs: replay sets them
+    _damage(work, "segment", "env.threads", threads)
+    recipe = tmp_path / "failing.py"
+    recipe.write_text(f"def from_config(config, *, max_epochs, max_steps):\n    raise {raised}\n")
+    assert cli(["replay", str(work), "--recipe", str(recipe), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"replay: segment 1's recorded config cannot be rebuilt by recipe {recipe} (a damaged or "
+        f"edited run log, {log}:1, or a changed recipe): {expected}; note: the segment recorded "
+        f"env.threads={threads}, which replay sets (this machine has {threads - 1} CPUs): "
+        "--keep-settings keeps this process's\n"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,24 @@ def _strip_module(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
 
 
+def _check_zip_records(path: Path) -> None:
+    """Check a zip-format ``.pth``'s records against their CRC-32s: ``torch.load`` does not, so a
+    flipped bit in a weight loaded as a wrong value without a word. Legacy (pickle) files carry
+    no checksums; `torch.load` reads them as they are."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # reads every record once
+    except Exception as e:  # noqa: BLE001 - any failure to read the archive means it is damaged
+        raise err(path, f"damaged zip archive (torch .pth): {type(e).__name__}: {e}") from None
+    if bad is not None:
+        raise err(path, f"record {bad!r} fails its CRC-32 check: the file is damaged")
+
+
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    _check_zip_records(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the caller
@@ -91,7 +109,12 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, Mapping):
         raise err(path, f"holds a {type(obj).__name__}, not a state dict")
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for k, v in sd.items():
+        if v.is_meta or v.layout != torch.strided:
+            what = "a meta tensor (no data)" if v.is_meta else f"a {v.layout} tensor"
+            raise err(path, f"{k[:200]!r} is {what}: only dense tensors with data can be loaded")
+    return sd
 
 
 @dataclasses.dataclass

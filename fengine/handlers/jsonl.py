@@ -25,9 +25,10 @@ def record_steps(path: Path) -> list[int]:
     return [r[0] for line in _read_lines(path) if (r := _record(line)) is not None]
 
 
-def _read_lines(path: Path) -> list[str]:
-    """``path``'s lines, the log's own file only: a planted link, FIFO or device is refused (a
-    FIFO hung the resume); none when it does not exist."""
+def _read_lines(path: Path) -> list[bytes]:
+    """``path``'s lines as bytes (decoded one by one in `_record`: a damaged line must not stop
+    the others being read), the log's own file only: a planted link, FIFO or device is refused
+    (a FIFO hung the resume); none when it does not exist."""
     try:
         fd = open_own(path, os.O_RDONLY, one_name=False)
     except FileNotFoundError:
@@ -37,8 +38,11 @@ def _read_lines(path: Path) -> list[str]:
             errno.EPERM, f"refusing to read {path}: a {e.why} ({e.detail}); fengine reads only "
             "files of its own there: remove it and run again", str(path)
         ) from None  # fmt: skip
-    with open(fd, encoding="utf-8") as f:
-        return f.read().splitlines(keepends=True)
+    with open(fd, "rb") as f:
+        try:
+            return f.read().splitlines(keepends=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot read {path}: {e.strerror}", str(path)) from e
 
 
 def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
@@ -49,23 +53,24 @@ def supersede(path: Path, step: int, *, eval_at_step: bool) -> int:
     lines = _read_lines(path)
     if not lines:
         return 0
-    keep: list[str] = []
-    moved: list[str] = []
+    keep: list[bytes] = []
+    moved: list[bytes] = []
     for line in lines:
         (moved if _rewritten(line, step, eval_at_step) else keep).append(line)
     if not moved:
         return 0
     aside = path.with_name(f"{path.stem}.superseded{path.suffix}")
     with open_to_append(aside) as f:
-        f.writelines(moved)
         f.flush()
+        f.buffer.writelines(moved)  # as read: a line that is not UTF-8 moves unchanged
+        f.buffer.flush()
         os.fsync(f.fileno())
-    data = "".join(keep).encode("utf-8")
+    data = b"".join(keep)
     atomic_write(path, lambda fd: pwrite_all(fd, memoryview(data), 0), what="log")
     return len(moved)
 
 
-def _rewritten(line: str, step: int, eval_at_step: bool) -> bool:
+def _rewritten(line: bytes, step: int, eval_at_step: bool) -> bool:
     record = _record(line)
     if record is None:
         return False  # not a record: stays where it is
@@ -73,11 +78,12 @@ def _rewritten(line: str, step: int, eval_at_step: bool) -> bool:
     return at > step or (eval_at_step and at == step and is_eval_record(fields))
 
 
-def _record(line: str) -> tuple[int, dict] | None:
-    """A record's step and fields, or None for a line that is not a record."""
+def _record(line: bytes) -> tuple[int, dict] | None:
+    """A record's step and fields, or None for a line that is not a record: not JSON, not UTF-8
+    (``UnicodeDecodeError`` is a ``ValueError``), or nested too deep to parse."""
     try:
-        record = json.loads(line)
-    except ValueError:
+        record = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
         return None
     at = record.get("step") if isinstance(record, dict) else None
     return (at, record) if isinstance(at, int) and not isinstance(at, bool) else None

@@ -14,7 +14,10 @@ checkpoint:
   "checkpoint": NAME}`` (``checkpoint`` only where a file holds that state).
 
 ``config`` is what determines the bits (the recipe leaves out how-to-start flags
-such as ``resume``, and the horizon, recorded per segment in ``horizon``). A
+such as ``resume``, and the horizon, recorded per segment in ``horizon``);
+``config_hash`` is its `fengine.config.config_hash`, which `read_log` checks (as it
+refuses a key twice in one object: an edited config is a damaged log, not a run that
+replays differently). A
 checkpoint NAME is relative to the work dir when the file lies inside it (so a
 copied work dir names its own files), absolute otherwise.
 """
@@ -28,6 +31,7 @@ import logging
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -167,7 +171,9 @@ class RunRecorder(Handler):
         self._work_dir = Path(run.work_dir)
         self._file = _open_for_append(self._work_dir / LOG_NAME)
         config = self.config if self.config is not None else run.config
-        config = dict(config) if config is not None else None
+        # as the log will hold it (int keys made strings, tuples lists), so that the hash of the
+        # config read back is the recorded one
+        config = json.loads(json.dumps(dict(config))) if config is not None else None
         self._write(
             {
                 "kind": "segment",
@@ -265,6 +271,7 @@ class Segment:
     line: int
     record: dict[str, Any]
     digests: list[dict[str, Any]]
+    path: Path = Path(LOG_NAME)  # the run log it was read from
 
     @property
     def start(self) -> Pos:
@@ -361,6 +368,45 @@ def _problem(r: Any, kind: Any, after_segment: bool) -> str:
     return ""
 
 
+def _which(kind: Any, segments: int) -> str:
+    """The record a line holds, for a message: ``segment 2`` or ``a record of segment 1``."""
+    if kind == "segment":
+        return f"segment {segments + 1}"
+    return f"a record of segment {segments}" if segments else "a record before any segment"
+
+
+def _loads(line: bytes) -> tuple[Any, list[str]]:
+    """A line's JSON and the keys some object of it holds twice (``json`` keeps the last one
+    silently: an edited ``{"seed": 0, "seed": 1}`` would replay the edit)."""
+    twice: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) < len(items):
+            counts = Counter(k for k, _ in items)
+            twice.extend(k for k in obj if counts[k] > 1)
+        return obj
+
+    return json.loads(line, object_pairs_hook=pairs), twice
+
+
+def _config_problem(r: dict[str, Any]) -> str:
+    """Why a segment record's ``config`` does not match its ``config_hash`` ("" when it does)."""
+    config, recorded = r["config"], r["config_hash"]
+    if config is None or recorded is None:
+        return "" if config is recorded else "one of config and config_hash is null, not both"
+    try:
+        actual = config_hash(config)
+    except RecursionError:
+        return "config is nested too deep to hash"
+    if actual == recorded:
+        return ""
+    return (
+        f"its config does not match its config_hash (recorded {recorded[:16]!r}..., the config's "
+        f"{actual[:16]!r}...)"
+    )
+
+
 def read_log(work_dir: str | Path, notes: list[str] | None = None) -> list[Segment]:
     """The segments of a recorded run. A torn last line (a process killed mid-write) is
     skipped with a note appended to ``notes``; any other unreadable line is an error."""
@@ -376,7 +422,7 @@ def read_log(work_dir: str | Path, notes: list[str] | None = None) -> list[Segme
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r, twice = _loads(line)
         except (ValueError, RecursionError) as e:
             if n == len(lines):  # no newline after it: the write never finished
                 if notes is not None:
@@ -387,6 +433,11 @@ def read_log(work_dir: str | Path, notes: list[str] | None = None) -> list[Segme
                 "restore it or delete that line to replay what remains"
             ) from None
         kind = r.get("kind") if isinstance(r, dict) else None
+        if twice:
+            raise ReplayError(
+                f"{path}:{n} ({_which(kind, len(segments))}) holds the key {twice[0][:60]!r} twice "
+                "in one object: the run log is damaged or was edited; restore the file"
+            )
         if kind == "header":
             raise ReplayError(
                 f"{path}:{n} was written by an older fengine (run log format 1, no segments); "
@@ -403,7 +454,13 @@ def read_log(work_dir: str | Path, notes: list[str] | None = None) -> list[Segme
                 f"{path}:{n} is not a valid run log record ({problem}); restore the file"
             )
         if kind == "segment":
-            segments.append(Segment(len(segments) + 1, n, r, []))
+            problem = _config_problem(r)
+            if problem:
+                raise ReplayError(
+                    f"{path}:{n} ({_which(kind, len(segments))}): {problem}; the run log is "
+                    "damaged or was edited: restore the file"
+                )
+            segments.append(Segment(len(segments) + 1, n, r, [], path))
         else:
             segments[-1].digests.append(r)
     if not segments:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import torch
 
 import fengine
 from fengine.replay.log import LOG_NAME, ReplayError, Segment, code_hash, file_hash
@@ -112,6 +115,25 @@ def load_recipe(path: Path, out: Callable[[str], Any]) -> ModuleType:
     return module
 
 
+def _described(e: BaseException) -> str:
+    """``Type: message`` of an error, the message shortened (an allocator's runs long)."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _threads_note(seg: Segment) -> str:
+    """A hint when the segment recorded more threads than this machine has CPUs: replay sets the
+    recorded count (4096 threads' stacks alone exhaust a 4 GB address space)."""
+    threads, cpus = seg.record["env"]["threads"], os.cpu_count() or 1
+    if threads <= cpus or torch.get_num_threads() != threads:  # few, or not set (--keep-settings)
+        return ""
+    return (
+        f"; note: the segment recorded env.threads={threads}, which replay sets (this machine has "
+        f"{cpus} CPUs): --keep-settings keeps this process's"
+    )
+
+
 def build(
     module: ModuleType, seg: Segment, recipe: Path, paths: Mapping[str, str] | None = None
 ) -> Any:
@@ -132,10 +154,15 @@ def build(
         )
     try:
         exp = module.from_config(seg.record["config"], **kwargs)
-    except (TypeError, ValueError) as e:  # the run log is untrusted: its config may not fit
+    except ReplayError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the run log is untrusted: whatever its config makes
+        # the recipe raise (a type or range it refuses, a size it cannot allocate: RuntimeError,
+        # MemoryError, OverflowError; a SystemError from an import out of memory) is one line
         raise ReplayError(
-            f"segment {seg.number}'s recorded config cannot be rebuilt by recipe {recipe} "
-            f"(a damaged or edited run log, or a changed recipe): {type(e).__name__}: {e}"
+            f"segment {seg.number}'s recorded config cannot be rebuilt by recipe {recipe} (a "
+            f"damaged or edited run log, {seg.path}:{seg.line}, or a changed recipe): "
+            f"{_described(e)}{_threads_note(seg)}"
         ) from e
     if not (
         isinstance(getattr(exp, "state", None), TrainState)
