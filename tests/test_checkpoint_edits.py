@@ -143,27 +143,13 @@ def test_an_ema_buffer_the_model_does_not_have_is_refused(tmp_path):
         ckpt.load(_edit(path, _scalar("extra/ema/steps", -1)), step.init(_model(), seed=0))
 
 
-@pytest.mark.parametrize(
-    "name, value, words",
-    [
-        ("opt_state/num_updates", "x", r"a str \('x'\) in the file, an int \(0\) in the template"),
-        ("opt_state/num_updates", 1.5, r"a float \(1\.5\) in the file, an int"),
-        ("opt_state/num_updates", True, r"a bool \(True\) in the file, an int"),
-        ("opt_state/lr", "0.1", r"a str \('0\.1'\) in the file, a float"),
-    ],
-)
-def test_a_scalar_of_another_type_is_refused(tmp_path, name, value, words):
-    path, step = _saved(tmp_path, fe.optim.adamw(0.1))
-    with pytest.raises(CheckpointMismatchError, match=words):
-        ckpt.load(_edit(path, _scalar(name, value)), step.init(_model(), seed=0))
-
-
-def test_a_negative_update_count_is_refused(tmp_path):
+@pytest.mark.parametrize("value", ["x", 1.5, True, -5])
+def test_an_update_count_no_run_makes_is_refused(tmp_path, value):
     path, step = _saved(tmp_path, fe.optim.adamw(0.1))
     with pytest.raises(
-        CheckpointError, match=r"opt_state\.num_updates is -5, expected an int >= 0"
+        CheckpointError, match=rf"opt_state\.num_updates is {value!r}, expected an int >= 0"
     ):
-        ckpt.load(_edit(path, _scalar("opt_state/num_updates", -5)), step.init(_model(), seed=0))
+        ckpt.load(_edit(path, _scalar("opt_state/num_updates", value)), step.init(_model(), seed=0))
 
 
 def test_an_int_lr_in_the_file_still_loads(tmp_path):

@@ -296,10 +296,6 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
                 shape_bad.append((leaf.name, fshape, list(v.shape)))
             if fdtype != v.dtype:
                 dtype_bad.append((leaf.name, str(fdtype), str(v.dtype)))
-        elif file_kind == "scalar" and not _scalar_fits(info.scalars.get(leaf.name), v):
-            kind_bad.append(
-                f"{leaf.name}: {_describe(info.scalars.get(leaf.name))} in the file, {_describe(v)} in the template"
-            )
     for name, e in file_entries.items():
         if name in used or (e[1] == "empty" and name in tmpl_prefixes):
             continue  # (an empty dict in the file where the template has entries: those are reported missing)
@@ -365,16 +361,6 @@ def _check_loaded(path: Path, state: TrainState) -> None:
             + "; ".join(problems[:5])
             + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         )
-
-
-def _scalar_fits(file_value: Any, tmpl_value: Any) -> bool:
-    """A saved scalar can stand for the template's: the same type (bool, int, float and str
-    apart; an int where a float is), or any where the template holds None (set later in a run)."""
-    if tmpl_value is None:
-        return True
-    if type(tmpl_value) is float:
-        return type(file_value) in (float, int)
-    return type(file_value) is type(tmpl_value)
 
 
 def _place(t: torch.Tensor, device: torch.device) -> torch.Tensor:
