@@ -218,7 +218,7 @@ def _priority(p: int | str) -> int:
             raise ValueError(
                 f"unknown priority {p!r}; expected one of {[x.name for x in Priority]} or 0..100"
             ) from None
-    if not isinstance(p, int) or not 0 <= p <= 100:
+    if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= 100:
         raise ValueError(f"priority must be an int in 0..100 or a Priority name, got {p!r}")
     return int(p)
 
@@ -388,6 +388,9 @@ class Dispatcher:
         methods = self._table[event]
         if not methods:
             return
+        metrics = fields.get("metrics")
+        if type(metrics) is dict:  # read-only: one handler's edit would reach the next ones
+            fields["metrics"] = MappingProxyType(metrics)
         snap = Snapshot(event, state, run, **fields)
         for method in methods:
             returned = method(snap)

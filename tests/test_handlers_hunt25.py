@@ -212,3 +212,34 @@ def test_resume_counts_batch_in_epoch_in_batches_under_accumulation(tmp_path):
                    resume=tmp_path / "iter_2.safetensors")  # fmt: skip
     assert (final.step, final.epoch) == (3, 1)
     assert torch.isfinite(next(iter(final.params.values()))).all()
+
+
+# ----------------------------------------------------------------- snapshots (contract hunt)
+def test_a_handler_cannot_change_the_metrics_the_next_handlers_see():
+    from torch import nn
+
+    seen = []
+
+    class Edits(fe.handlers.Handler):
+        priority = 0
+
+        def on_after_train_iter(self, snap):
+            snap.metrics["loss"] = torch.tensor(123.0)
+
+    class Reads(fe.handlers.Handler):
+        priority = 100
+
+        def on_after_train_iter(self, snap):
+            seen.append(float(snap.metrics["loss"]))
+
+    step = fe.train_step(lambda model, b: model(b).square().mean(), fe.optim.sgd(0.1))
+    torch.manual_seed(0)
+    state = step.init(nn.Linear(3, 1), seed=0)
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        fe.fit(state, step, [torch.ones(2, 3)], max_steps=1, handlers=[Edits(), Reads()])
+    assert seen == []
+
+
+def test_a_handler_priority_must_not_be_a_bool():
+    with pytest.raises(ValueError, match="priority must be an int in 0..100 .*got True"):
+        fe.handlers.Handler(priority=True)
