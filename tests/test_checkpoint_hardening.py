@@ -971,3 +971,17 @@ def test_load_params_refuses_a_pth_tensor_without_dense_data(tmp_path, tensor, w
     torch.save({"weight": tensor, "bias": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: 'weight' is {what}"):
         ckpt.load_params(path, nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_load_params_refuses_complex_weights_for_real_ones(tmp_path, suffix):
+    """torch's cast only warned and dropped the imaginary part."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"lin{suffix}"
+    weights = {"weight": torch.ones(3, 4, dtype=torch.complex64), "bias": torch.zeros(3)}
+    torch.save(weights, path) if suffix == ".pth" else save_file(weights, str(path))
+    with pytest.raises(
+        CheckpointError, match=r"'weight' is torch\.complex64 and 'weight' is torch\.float32"
+    ):
+        ckpt.load_params(path, nn.Linear(4, 3))

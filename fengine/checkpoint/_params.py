@@ -278,6 +278,12 @@ def load_params(
     new: dict[str, torch.Tensor] = {}
     for name in loaded:
         src, tgt = data[mapped[name]], targets[name]
+        if src.is_complex() and not tgt.is_complex():
+            raise err(
+                path,
+                f"{mapped[name]!r} is {src.dtype} and {name!r} is {tgt.dtype}: the cast would drop "
+                "the imaginary part",
+            )
         t = src.to(
             device=tgt.device if tgt.device.type != "meta" else "cpu",
             dtype=tgt.dtype,
