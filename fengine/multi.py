@@ -48,14 +48,14 @@ def multi_step(
     """A step that updates each named part with its own loss and optimizer, in ``order``.
 
     Args:
-      parts: name -> ``(loss_fn, tx, params)``. ``loss_fn(model, batch)`` as for
-        `fengine.train_step` (it sees the whole model); ``params`` is a submodule
-        name (``"gen"`` owns ``gen.*``) or a function ``param_name -> bool``. Every
-        trainable param must belong to exactly one part.
+      parts: name -> ``(loss_fn, tx, params)``. ``loss_fn(model, batch)`` and ``tx`` (ending
+        in an optimizer) as for `fengine.train_step` (``loss_fn`` sees the whole model);
+        ``params`` is a submodule name (``"gen"`` owns ``gen.*``) or a function
+        ``param_name -> bool``. Every trainable param must belong to exactly one part.
       wrappers: as for `fengine.train_step`.
       order: the update order (default: the order of ``parts``). For a GAN list
         the discriminator first, as MMEngine's GAN models do.
-      donate, compile: as for `fengine.train_step`.
+      donate, compile: as for `fengine.train_step` (``donate`` True or False).
     """
     if not isinstance(parts, Mapping) or not parts:
         raise TypeError("multi_step: parts must be a non-empty dict name -> (loss_fn, tx, params)")

@@ -37,6 +37,7 @@ which traces. Metrics are tensors: nothing here syncs with the device.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -49,7 +50,14 @@ from fengine.autograd import scalar_grads
 from fengine.bind import bind
 from fengine.devices import device_of, devices_in, parse_device
 from fengine.losses import Metrics, parse_losses
-from fengine.optim.base import GradientTransformation, collect_metrics, report_at, step_params
+from fengine.optim.base import (
+    GradientTransformation,
+    collect_metrics,
+    hyperparams,
+    missing_optimizer,
+    report_at,
+    step_params,
+)
 from fengine.rng import fold_in, seeded_default_generators
 from fengine.sharding import refuse_autograd
 from fengine.state import TrainState
@@ -155,9 +163,13 @@ def _check_plateaus(parts: Sequence[Part], wrappers: Sequence[Any]) -> None:
             )
 
 
+_requires_grad = operator.attrgetter("requires_grad")
+
+
 def _grad_fn(part: Part, multi: bool) -> GradFn:
     """The innermost gradient computation of ``part`` (see the module docstring)."""
     cache: dict[str, Any] = {}
+    frozen: dict[str, torch.Tensor] = {}  # a cell of its own: checked at every step
 
     def grad_fn(state: TrainState, batch: Any, *, weight: Any = None, micro: int = 0) -> Grads:
         params = state.params
@@ -169,6 +181,10 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
                 raise ValueError(f"{_who(part)}: {_NO_TRAINABLE}")
             inputs = tuple(params[n] for n in names)
             cache.update(params=params, names=names, inputs=inputs, devices=tuple(cuda))
+            frozen.clear()
+            frozen.update(_frozen(part, params, state.model))
+        if frozen and any(map(_requires_grad, frozen.values())):  # unfrozen in place since
+            raise _unfrozen(part, frozen)
         model = state.model
         assert model is not None  # Step.check refused a state without one
         if not model.training:
@@ -185,6 +201,13 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
                 with torch.autocast(device_type=autocast, enabled=False):
                     grads = scalar_grads(target, cache["inputs"])
         except RuntimeError as e:
+            now_frozen = [n for n, p in zip(cache["names"], cache["inputs"]) if not p.requires_grad]
+            if now_frozen:
+                more = f" (and {len(now_frozen) - 1} more)" if len(now_frozen) > 1 else ""
+                raise StepMismatchError(
+                    f"{_who(part)}: param {now_frozen[0]!r}{more} was trainable when this state "
+                    f"was built and is frozen now (requires_grad=False): {_RETRAIN}"
+                ) from e
             if not target.requires_grad:
                 raise ValueError(f"{_who(part)}: {_DETACHED}") from e
             raise
@@ -194,6 +217,31 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
 
     _base_grad_fns.add(grad_fn)
     return grad_fn
+
+
+def _frozen(part: Part, params: Mapping[str, torch.Tensor], model: Any) -> dict[str, Any]:
+    """The frozen (``requires_grad=False``) params ``part`` would own, the state's tensors and the
+    module's own: each step checks that none was unfrozen in place (usually there are none)."""
+    sel = part.select
+    names = [n for n, p in params.items() if not p.requires_grad and (sel is None or sel(n))]
+    if not names:
+        return {}
+    own = dict(model.named_parameters()) if model is not None else {}
+    return {
+        f"param {n!r} (in {where})": t
+        for n in names
+        for where, t in (("state.params", params[n]), ("the model", own.get(n)))
+        if t is not None
+    }
+
+
+def _unfrozen(part: Part, frozen: Mapping[str, torch.Tensor]) -> StepMismatchError:
+    """The error for a param frozen when the state was built and unfrozen in place since."""
+    now = [n for n, t in frozen.items() if t.requires_grad]
+    return StepMismatchError(
+        f"{_who(part)}: {now[0]} was frozen (requires_grad=False) when this state was built "
+        f"and requires grad now; the step would not train it: {_RETRAIN}"
+    )
 
 
 def unreached_params(
@@ -220,6 +268,13 @@ _NO_TRAINABLE = (
     "no trainable params (every param it owns has requires_grad=False); "
     "unfreeze some (param.requires_grad_(True)) before step.init"
 )
+_RETRAIN = (
+    "which params train is fixed when the state is built (the optimizer keeps state for those "
+    "only). To change it mid-run: state.load_into(model), set requires_grad on the model's "
+    "params, state = step.init(model) (a fresh optimizer state); or build the state with them "
+    "trainable and hold a group still with optim.partition({..., 'frozen': optim.set_to_zero()}, "
+    "labels)"
+)
 _DETACHED = (
     "the loss does not require grad: loss_fn returned a loss cut from the graph "
     "(.detach(), .item(), torch.no_grad()) or computed from no trainable param"
@@ -245,10 +300,25 @@ def run_loss(
     mismatch between batch and params is named in the error."""
     try:
         out = part.loss_fn(model, batch)
-    except RuntimeError as e:
-        _name_devices(e, params, batch)
+    except Exception as e:
+        _refuse_micro_batches(e, part, batch)
+        if isinstance(e, RuntimeError):
+            _name_devices(e, params, batch)
         raise
     return parse_losses(out)
+
+
+def _refuse_micro_batches(e: Exception, part: Part, batch: Any) -> None:
+    """A loss that failed on a `fengine.MicroBatches` group: this step has no ``accumulate(k)``
+    to split it (checked only after a failure: nothing per step)."""
+    from fengine.wrappers.accumulate import MicroBatches
+
+    if isinstance(batch, MicroBatches):
+        raise TypeError(
+            f"{_who(part)}: the batch is a fengine.MicroBatches of {len(batch)} micro-batches, but "
+            f"this step has no accumulate(k) to split it: add fe.accumulate({len(batch)}) to the "
+            "step's wrappers, or pass one batch"
+        ) from e
 
 
 def _name_devices(e: RuntimeError, params: Mapping[str, torch.Tensor], batch: Any) -> None:
@@ -267,7 +337,15 @@ def _apply_fn(part: Part) -> ApplyFn:
     def apply(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
         params, opt_state = state.params, state.opt_state
         own = opt_state if part.name is None else opt_state[part.name]
-        new, own = step_params(part.tx, g.grads, own, params, step=state.step)
+        try:
+            new, own = step_params(part.tx, g.grads, own, params, step=state.step)
+        except KeyError as e:
+            if e.args and isinstance(e.args[0], str) and e.args[0] in g.grads:
+                raise StepMismatchError(
+                    f"{_who(part)}: param {e.args[0]!r} has a gradient but no optimizer state: was "
+                    f"it frozen (requires_grad=False) when the state was built? {_RETRAIN}"
+                ) from e
+            raise
         if new is not params:  # a transformation that returned new tensors, not updated in place
             new = {**params, **new}
         metrics = {**g.metrics, **collect_metrics(own)}
@@ -281,12 +359,15 @@ def _apply_fn(part: Part) -> ApplyFn:
 def skipped_update(state: TrainState, g: Grads, part: Part) -> tuple[TrainState, Metrics]:
     """What an update that is skipped (fp16 overflow) leaves: params and optimizer state as they
     were, but the reported hyper-parameters (``lr``...) at this step, in the state and the
-    metrics, as MMEngine logs the scheduled lr of every iteration."""
+    metrics, as MMEngine logs the scheduled lr of every iteration. The other metrics a state
+    reports (``grad_norm``) describe the last update applied, so the skipped one has none."""
     from fengine.plateau import lent  # the plateau module builds on this one
 
     with lent(state):  # a value reduced on plateau, also outside its wrapper's update
         opt_state = reported_opt_state(state.opt_state, part, state)
-    metrics = {**g.metrics, **collect_metrics(part.get(opt_state))}
+    own = part.get(opt_state)
+    moved = hyperparams(own)  # not grad_norm & co: those are of the last update applied
+    metrics = {**g.metrics, **{k: v for k, v in collect_metrics(own).items() if k in moved}}
     return state.replace(opt_state=opt_state), metrics
 
 
@@ -294,6 +375,21 @@ def reported_opt_state(opt_state: Any, part: Part, state: TrainState) -> Any:
     """``opt_state`` with ``part``'s reported hyper-parameters at ``state.step`` (a skipped
     update's; a compiled step's after its selection restored the old values)."""
     return part.put(opt_state, report_at(part.tx, part.get(opt_state), state.step))
+
+
+def _check_ends_in_optimizer(part: Part) -> None:
+    """Refuse a ``tx`` that does not end in an optimizer: the step would add its output, a
+    gradient (clipped, say), to the params as it is, which trains uphill."""
+    missing = missing_optimizer(part.tx)
+    if missing is not None:
+        raise ValueError(
+            f"{_who(part)}: tx does not end in an optimizer ({missing} is last), so the step "
+            "would add its output, a gradient, to the params: that trains uphill. End it with "
+            "one, e.g. optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1)) (a partition "
+            "group to freeze: optim.set_to_zero()). A hand-made optimizer whose update already "
+            "returns what to add (optax's convention) ends in optim.scale(-lr) or is marked "
+            "tx.as_optimizer()"
+        )
 
 
 class Step:
@@ -322,6 +418,11 @@ class Step:
         )
         from fengine.wrappers import check_wrappers
 
+        who = "train_step" if parts[0].name is None else "multi_step"
+        if not isinstance(donate, bool):
+            raise TypeError(f"{who}: donate must be True or False, got {donate!r}")
+        for part in parts:
+            _check_ends_in_optimizer(part)
         self.parts, self.wrappers, self.donate = tuple(parts), check_wrappers(wrappers), donate
         _check_plateaus(self.parts, self.wrappers)
         self.micro_batches = max((w.micro_batches for w in self.wrappers), default=1)
@@ -403,6 +504,9 @@ class Step:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if not isinstance(state, TrainState):
             raise TypeError(f"step: expected a TrainState, got {type(state).__name__}")
+        aliases = state.__dict__.get("_aliases")  # shared with the states `replace` made
+        if aliases is not None and aliases[0] is not None:
+            state.check_live()  # one of them was consumed: these tensors are another step's
         if (id(state.opt_state), id(state.extra)) != self._fits:
             self.check(state)
         given = state
@@ -411,7 +515,7 @@ class Step:
         new, metrics = (self._fn if self._compiled is None else self._compiled)(state, batch)
         self._fits = (id(new.opt_state), id(new.extra))
         if self.donate:
-            given._mark_donated(f"step {given.step + 1}")
+            given._mark_donated(f"step {given.step + 1}", keep=new)
         return new, metrics
 
     def check(self, state: TrainState) -> None:
@@ -441,10 +545,13 @@ def train_step(
         losses (summed over keys containing "loss"; MMEngine's parse_losses) or
         ``(loss, aux)``.
       tx: the gradient transformation, given once (e.g. ``optim.chain(gradient_noise(...),
-        optim.clip_by_global_norm(1.0), optim.adamw(1e-3))``).
+        optim.clip_by_global_norm(1.0), optim.adamw(1e-3))``). It must end in an optimizer
+        (`fengine.optim.base.missing_optimizer`): one with ``apply``, a `partition` of such, a
+        chain ending in ``scale(-lr)``, or ``tx.as_optimizer()`` (optax-style updates).
       wrappers: `fengine.amp`, `accumulate`, `ema`, `check_finite`, your own
         (`fengine.forward_wrapper`, `fengine.post_update`), in reading order.
-      donate: update the state in place and consume the input (default), or copy.
+      donate: update the state in place and consume the input (True, the default), or copy
+        (False); anything else is refused.
       compile: run the whole step (forward, backward, update, wrappers) as one
         ``torch.compile`` graph (`fengine.compiled`); True, or a dict of
         ``torch.compile`` options (``backend``, ``mode``, ``dynamic``, ``options``).

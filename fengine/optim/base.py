@@ -20,6 +20,8 @@ update is skipped), so schedules follow it the way torch/MMEngine schedulers do.
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -36,6 +38,7 @@ __all__ = [
     "collect_metrics",
     "hyperparams",
     "identity",
+    "missing_optimizer",
     "partition",
     "report_at",
     "resolve",
@@ -74,6 +77,25 @@ class GradientTransformation(NamedTuple):
     update: UpdateFn
     apply: ApplyFn | None = None
     report: Callable[[Any, Any], Any] | None = None
+
+    def as_optimizer(self) -> GradientTransformation:
+        """This transformation as an optimizer: its ``update`` already returns what to add to the
+        params (optax's convention: the negated, lr-scaled step), so a step may end with it.
+
+        A step refuses a ``tx`` that does not end in an optimizer (its output would be added to
+        the params as is: a gradient trains uphill); a chain ending in ``scale(-lr)`` needs no
+        mark. The result has an ``apply`` (``update``, then ``params += updates``), so nothing
+        may follow it in a `chain`.
+        """
+        if self.apply is not None:
+            return self
+        update = with_step(self.update)
+
+        def apply_fn(grads, state, params, *, step=None):
+            updates, state = update(grads, state, params, step=step)
+            return apply_updates(params, updates), state
+
+        return self._replace(apply=apply_fn)
 
 
 def report_at(tx: GradientTransformation, state: Any, step: Any) -> Any:
@@ -197,6 +219,66 @@ def update_via_apply(apply: ApplyFn) -> UpdateFn:
     return update_fn
 
 
+def with_step(update: Callable[..., Any]) -> UpdateFn:
+    """``update`` as this module calls it, ``update(grads, state, params, step=step)``: itself
+    when it takes ``step``, else a call without it (DESIGN's and optax's ``update(grads, state,
+    params)``). Inspected once, when a transformation is composed, not at each update."""
+    try:
+        accepted = inspect.signature(update).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): assume it takes step
+        return update
+    step = accepted.get("step")
+    if any(p.kind is p.VAR_KEYWORD for p in accepted.values()) or (
+        step is not None and step.kind in (step.KEYWORD_ONLY, step.POSITIONAL_OR_KEYWORD)
+    ):
+        return update
+
+    def without_step(grads, state, params=None, *, step=None):
+        del step
+        return update(grads, state, params)
+
+    return without_step
+
+
+# the parts of each `chain` / `partition`, by its update function (a NamedTuple holds no
+# attributes): `missing_optimizer` follows them to what ends each path through a tx
+_composed: weakref.WeakKeyDictionary[Callable[..., Any], tuple[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _describe(tx: GradientTransformation) -> str:
+    """``tx`` for an error message: the function that built it (``sgd(...)``), as far as known."""
+    fn = tx.apply or tx.update
+    name = getattr(fn, "__qualname__", type(fn).__name__).split(".<locals>")[0].lstrip("_")
+    return f"{name}(...)" if name.isidentifier() else repr(fn)
+
+
+def _ends_hand_made(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` is `fengine.optim.scale` / ``scale_by_schedule``: ``scale(-lr)`` last is
+    a hand-made optimizer (optax's convention; its docstring says so)."""
+    from fengine.optim.transforms import scale_by_schedule
+
+    code = scale_by_schedule(1.0).update.__code__  # type: ignore[attr-defined]
+    return getattr(tx.update, "__code__", None) is code
+
+
+def missing_optimizer(tx: GradientTransformation) -> str | None:
+    """What ends ``tx`` without an optimizer (one with ``apply``, or ``scale(-lr)`` last), or
+    None when every path through it ends in one: a chain by its last transformation, a
+    `partition` by each group's. A step adds what such a ``tx`` returns to the params as it
+    is, which for a gradient (a clipped one, say) trains uphill."""
+    kind, parts = _composed.get(tx.update, ("", ()))
+    if kind == "chain":
+        return missing_optimizer(parts[-1]) if parts else "an empty chain()"
+    if kind == "partition":
+        missing = [(label, missing_optimizer(t)) for label, t in parts.items()]
+        return ", ".join(f"group {label!r}: {m}" for label, m in missing if m) or None
+    if tx.apply is not None or _ends_hand_made(tx):
+        return None
+    return _describe(tx)
+
+
 def identity() -> GradientTransformation:
     """Pass gradients through unchanged."""
 
@@ -234,13 +316,25 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     If the last one is an optimizer (has ``apply``), the chain has ``apply`` too,
     so ``chain(clip_by_global_norm(1.0), adamw(1e-3))`` updates params with
-    torch's exact AdamW kernel sequence.
+    torch's exact AdamW kernel sequence. An optimizer anywhere else is refused: what
+    follows it would transform its update (new - old params), not the gradient. An
+    ``update`` without a ``step`` argument (optax's ``update(grads, state, params)``) is
+    called without one.
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
             raise TypeError(
                 f"chain: argument {i} is {type(t).__name__}, expected a GradientTransformation"
             )
+    for i, t in enumerate(transforms[:-1]):
+        if t.apply is not None:
+            raise ValueError(
+                f"chain: argument {i + 1} ({_describe(transforms[i + 1])}) comes after the "
+                f"optimizer {_describe(t)} (argument {i}), so it would transform the optimizer's "
+                "update, not the gradient: put it before the optimizer, e.g. "
+                "chain(clip_by_global_norm(1.0), adamw(1e-3)); a chain ends in its one optimizer"
+            )
+    updates = [with_step(t.update) for t in transforms]
 
     def init_fn(params):
         return tuple(t.init(params) for t in transforms)
@@ -256,21 +350,21 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update_fn(grads, state, params=None, *, step=None):
         _check(state)
         new_state = []
-        for t, s in zip(transforms, state):
-            grads, s = t.update(grads, s, params, step=step)
+        for update, s in zip(updates, state):
+            grads, s = update(grads, s, params, step=step)
             new_state.append(s)
         return grads, tuple(new_state)
 
     apply_fn = None
     last_apply = transforms[-1].apply if transforms else None
     if last_apply is not None:
-        head = transforms[:-1]
+        head = updates[:-1]
 
         def apply_fn(grads, state, params, *, step=None):
             _check(state)
             new_state = []
-            for t, s in zip(head, state):
-                grads, s = t.update(grads, s, params, step=step)
+            for update, s in zip(head, state):
+                grads, s = update(grads, s, params, step=step)
                 new_state.append(s)
             params, s = last_apply(grads, state[-1], params, step=step)
             new_state.append(s)
@@ -282,6 +376,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         def report(state, step):
             return tuple(report_at(t, s, step) for t, s in zip(transforms, state))
 
+    _composed[update_fn] = ("chain", transforms)
     return GradientTransformation(init_fn, update_fn, apply_fn, report)
 
 
@@ -302,9 +397,11 @@ def partition(
       labels: param name -> label, or a function ``(name, tensor) -> label``.
 
     Every trainable param must get a label that ``transforms`` has; the error
-    names the first that does not.
+    names the first that does not. A partition whose every group ends in an optimizer is one
+    (a step's ``tx`` may end in it); nothing may follow one with ``apply`` in a `chain`.
     """
     transforms = dict(transforms)
+    group_updates = {label: with_step(t.update) for label, t in transforms.items()}
     cache: dict[tuple[str, ...], dict[str, list[str]]] = {}
 
     def groups_of(params: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -342,9 +439,7 @@ def partition(
                 continue
             sub = {n: grads[n] for n in names}
             sub_params = None if params is None else {n: params[n] for n in names}
-            u, inner[label] = transforms[label].update(
-                sub, state.inner[label], sub_params, step=step
-            )
+            u, inner[label] = group_updates[label](sub, state.inner[label], sub_params, step=step)
             updates.update(u)
         return {n: updates[n] for n in grads}, PartitionState(inner)
 
@@ -365,7 +460,9 @@ def partition(
                 if tx.apply is not None:
                     _, inner[label] = tx.apply(sub, state.inner[label], sub_params, step=step)
                 else:
-                    u, inner[label] = tx.update(sub, state.inner[label], sub_params, step=step)
+                    u, inner[label] = group_updates[label](
+                        sub, state.inner[label], sub_params, step=step
+                    )
                     apply_updates(sub_params, u)
             return params, PartitionState(inner)
 
@@ -377,6 +474,7 @@ def partition(
                 {label: report_at(transforms[label], s, step) for label, s in state.inner.items()}
             )
 
+    _composed[update_fn] = ("partition", transforms)
     return GradientTransformation(init_fn, update_fn, apply_fn, report)
 
 
