@@ -210,6 +210,8 @@ def evaluate(
     events (MMEngine's TestLoop)."""
     if phase not in ("val", "test"):
         raise ValueError(f"evaluate: phase must be 'val' or 'test', got {phase!r}")
+    if isinstance(state, TrainState):
+        state.check_live()  # an alias of a consumed state holds another step's weights
     if not callable(eval_fn) or isinstance(eval_fn, nn.Module):  # before any handler runs
         raise TypeError(
             f"evaluate: eval_fn must be a function (model, batch) -> outputs, got "

@@ -168,11 +168,13 @@ class TrainState:
         return target
 
     def replace(self, **changes: Any) -> TrainState:
-        """A new state with ``changes``; this one stays valid.
+        """A new state with ``changes``, sharing this one's tensors (`clone` copies them).
 
-        Copies the field dict instead of running the frozen dataclass ``__init__``:
-        it is called twice per training step, and this is ~5x cheaper (eagerly; a compiled
-        step traces the constructor, once).
+        The two are aliases: a step that consumes either (donation) consumes both, and a later
+        step, save or evaluation of the other raises `DonatedStateError`, since its tensors
+        were updated in place. Copies the field dict instead of running the frozen dataclass
+        ``__init__``: it is called a few times per training step, and this is ~5x cheaper
+        (eagerly; a compiled step traces the constructor, once).
         """
         if not changes.keys() <= _ALL_SET:
             unknown = sorted(set(changes) - _ALL_SET)
@@ -181,9 +183,12 @@ class TrainState:
             )
         if _OLD_DYNAMO and torch.compiler.is_compiling():  # it cannot trace __dict__.update
             return TrainState(**{f: changes[f] if f in changes else getattr(self, f) for f in _ALL})
+        mine = self.__dict__
+        if "_aliases" not in mine:  # one cell for this state and every state made from it
+            mine["_aliases"] = [None]
         new = object.__new__(TrainState)
         fields = new.__dict__
-        fields.update(self.__dict__)
+        fields.update(mine)
         fields.update(changes)
         return new
 
@@ -192,14 +197,31 @@ class TrainState:
     def is_donated(self) -> bool:
         return False
 
-    def _mark_donated(self, to: str) -> None:
+    def _mark_donated(self, to: str, keep: TrainState | None = None) -> None:
         """Consume this state: from now on reading any field raises `DonatedStateError`.
 
         Implemented by switching the instance's class, so live states pay nothing
-        for the check on attribute access.
+        for the check on attribute access. Its aliases (`replace`) are marked in their
+        shared cell, and `check_live` consumes them where they are next used; ``keep``
+        (the state the step returned, made from this one) starts a cell of its own.
         """
+        aliases = self.__dict__.get("_aliases")
+        if aliases is not None:
+            aliases[0] = to
+        if keep is not None:
+            keep.__dict__.pop("_aliases", None)
         object.__setattr__(self, "_donated_to", to)
         object.__setattr__(self, "__class__", _DonatedTrainState)
+
+    def check_live(self) -> None:
+        """Raise `DonatedStateError` if this state, or a state it shares tensors with (made by or
+        from it through `replace`), was consumed: a step, save or evaluation of it would see
+        tensors another step updated in place."""
+        aliases = self.__dict__.get("_aliases")
+        if aliases is not None and aliases[0] is not None and not self.is_donated:
+            self._mark_donated(aliases[0])
+        if self.is_donated:
+            self.step  # noqa: B018 - raises, naming the step that consumed it
 
     def clone(self) -> TrainState:
         """A deep copy: every tensor cloned, so the copy shares no storage."""

@@ -120,6 +120,7 @@ def header_digest(table: Mapping, metadata: Mapping[str, str]) -> str:
 
 def position(state: TrainState) -> dict[str, int]:
     """``fengine.position``; raises `DonatedStateError` for a consumed state, ``ValueError`` for one no file could hold."""
+    state.check_live()  # an alias of a consumed state: its tensors are another step's
     pos = {k: getattr(state, k) for k in POSITION}
     for k, v in pos.items():
         if not is_int(v):
