@@ -7,12 +7,15 @@ lock never blocks the next run. The holder's pid is written into the file for th
 error message; a lock file that is a symlink, a hard link or not a regular file is
 refused (the pid would overwrite a file elsewhere: a work dir may come from someone
 else). Re-entrant within a process: a recipe can hold the lock around its own writes
-(``config.json``) and call `fengine.fit`, which takes it again.
+(``config.json``) and call `fengine.fit`, which takes it again. A lock dies with its file:
+a work dir deleted or replaced during a run is not recreated by the next save
+(`check_still_locked`), since a second run could lock the new one and write there too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no lock (documented)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "WorkDirLocked", "lock_work_dir"]
+__all__ = ["LOCK_NAME", "WorkDirLocked", "check_still_locked", "lock_work_dir"]
 
 LOCK_NAME = ".fengine.lock"
 
@@ -83,10 +86,42 @@ def _acquire(d: Path) -> int:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except BaseException:
+    except OSError as e:
         os.close(fd)  # releases the lock
+        raise OSError(
+            e.errno,
+            f"lock_work_dir: cannot write this run's pid into {d / LOCK_NAME}: {e.strerror}",
+        ) from e
+    except BaseException:
+        os.close(fd)
         raise
     return fd
+
+
+def check_still_locked(directory: str | os.PathLike) -> None:
+    """Raise ``OSError`` if ``directory`` is a work dir this process locked whose lock file is
+    gone or another file now (the dir was deleted or replaced during the run: a second run
+    could lock it and write there too); else nothing. Called once per file a save writes
+    (`fengine.checkpoint._io.atomic_write`): a dict lookup, or a realpath, fstat and stat."""
+    if not _held:
+        return
+    d = Path(os.path.realpath(directory))
+    with _guard:
+        entry = _held.get(d)
+        if entry is None:
+            return
+        locked = os.fstat(entry[0])
+    try:
+        now = os.stat(d / LOCK_NAME)
+    except OSError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
+        raise OSError(
+            errno.ENOENT if now is None else errno.ESTALE,
+            f"work dir {d} was deleted or replaced during the run (its {LOCK_NAME} is "
+            f"{'gone' if now is None else 'another file'}): this run's lock no longer covers it, "
+            "so this run writes nothing more there; find what removed it",
+        )
 
 
 def _open_lock_file(path: Path) -> int:

@@ -247,30 +247,53 @@ def open_to_append(path: Path) -> TextIO:
 
 
 # ======================================================================= writing and removing
+_NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+"""A directory fsync refused by the file system (EINVAL on Linux and macOS, EBADF where fsync
+needs a writable descriptor): nothing to make durable that way, so nothing is reported."""
+_NO_DIR_OPEN = frozenset({errno.EACCES, errno.EISDIR})
+"""Opening a directory refused (Windows: EACCES; some systems: EISDIR): no directory fsync here."""
+
+
 def _fsync_dir(directory: Path) -> None:
+    """fsync ``directory``, making the renames and deletions in it durable. A file system or
+    platform that cannot (`_NO_DIR_OPEN`, `_NO_DIR_FSYNC`) is skipped; any other error (EIO,
+    ENOSPC, the directory gone) raises ``OSError`` naming it: its entries may not be on disk,
+    and a caller deleting an older file next would then lose both."""
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
+    except OSError as e:
+        if e.errno in _NO_DIR_OPEN:
+            return
+        raise OSError(
+            e.errno, f"cannot open directory {directory} to fsync it: {e.strerror}"
+        ) from e
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
-        pass
+    except OSError as e:
+        if e.errno not in _NO_DIR_FSYNC:
+            raise OSError(e.errno, f"fsync of directory {directory} failed: {e.strerror}") from e
     finally:
         os.close(fd)
 
 
-def _save_failed(path: Path, e: OSError, what: str) -> OSError:
-    """``e`` again (same type and errno), with a message naming ``path`` and saying nothing else changed."""
+def _save_failed(path: Path, e: OSError, what: str, *, renamed: bool = False) -> OSError:
+    """``e`` again (same type and errno), with a message naming ``path`` and saying nothing else
+    changed; ``renamed``: the file is in place but its directory fsync failed."""
     reason = e.strerror or str(e)
     if isinstance(e, (NotADirectoryError, FileExistsError)):
         blocker = next((p for p in path.parents if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
             reason = f"{blocker} is a file, not a directory"
-    msg = (
-        f"cannot save {what} {path}: {reason}. Nothing was written there; existing "
-        "checkpoints and the last_checkpoint pointer are untouched"
-    )
+    if renamed:
+        msg = (
+            f"cannot save {what} {path} durably: {reason}. The file is in place but may not "
+            "survive a crash or power loss; older checkpoints are kept (none is retired for it)"
+        )
+    else:
+        msg = (
+            f"cannot save {what} {path}: {reason}. Nothing was written there; existing "
+            "checkpoints and the last_checkpoint pointer are untouched"
+        )
     try:
         return type(e)(e.errno, msg, str(path)) if e.errno is not None else type(e)(msg)
     except TypeError:  # pragma: no cover - odd OSError subclasses
@@ -289,11 +312,17 @@ def atomic_write(
 
     ``final(result of write)`` may choose the name to rename to (`publish` names
     the file by its digest). Returns the path written. A failure raises
-    ``OSError`` naming the path and removes the temp file.
+    ``OSError`` naming the path and removes the temp file; a failed directory
+    fsync too (the file is then in place, not durable), so nothing older is
+    retired after it. A work dir this process locked that was deleted or replaced
+    since is not recreated: `fengine.workdir.check_still_locked` raises.
     """
+    from fengine.workdir import check_still_locked  # (fengine.workdir imports this module)
+
     tmp = None
     fd = -1
     try:
+        check_still_locked(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # see TEMP
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | BINARY, 0o666)
@@ -306,9 +335,6 @@ def atomic_write(
             path = final(result)
         os.replace(tmp, path)
         tmp = None
-        if fsync:
-            _fsync_dir(path.parent)
-        return path
     except OSError as e:
         raise _save_failed(path, e, what) from e
     finally:
@@ -319,6 +345,12 @@ def atomic_write(
                 os.unlink(tmp)
             except OSError:
                 pass
+    if fsync:
+        try:
+            _fsync_dir(path.parent)
+        except OSError as e:
+            raise _save_failed(path, e, what, renamed=True) from e
+    return path
 
 
 def remove(path: str | os.PathLike) -> bool:
@@ -327,7 +359,8 @@ def remove(path: str | os.PathLike) -> bool:
     The directory fsync orders the deletion after the renames that came before
     it (the newer checkpoint, the ``last_checkpoint`` pointer): after a power
     loss a retention policy never turns out to have deleted the file the pointer
-    still names while the new one is lost. A directory raises ``IsADirectoryError``.
+    still names while the new one is lost. A directory raises ``IsADirectoryError``;
+    a failed directory fsync raises ``OSError`` naming the directory (`_fsync_dir`).
     """
     path = Path(path)
     try:
