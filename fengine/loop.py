@@ -312,38 +312,59 @@ def _updates(
         data_rng.before_pass(mid_pass=state.batch_in_epoch > 0)
     on_skipped = data_rng.after_skip if data_rng is not None else None
     batches = batches_of(train_data, state.epoch, state.batch_in_epoch, on_skipped=on_skipped)
-    t = time.perf_counter()
-    group = list(itertools.islice(batches, k))
-    while group:
-        batch = MicroBatches(group) if k > 1 else group[0]
-        # batch_idx as MMEngine gives it: in the epoch, or the global iteration
-        idx, data_time = (
-            state.batch_in_epoch // k if plan.by_epoch else state.step,
-            time.perf_counter() - t,
-        )
-        # `_sent` written out: these two run on every update
-        sent = yield Tick("before_train_iter", state, idx, batch, _NO_METRICS, data_time)
-        if sent is not None:
-            state = sent
-        if stop():
-            return state
-        state, metrics = _run(step, state, to_device(batch, device))
-        state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
-        ended = state.batch_in_epoch >= plan.batches_per_epoch
-        if ended:
-            # the pass's end is read before the tick: a RandomSampler draws one more permutation
-            # there, which a checkpoint written at this tick must already hold
-            t = time.perf_counter()
-            group = [] if plan.done(state) else list(itertools.islice(batches, k))
-        sent = yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
-        if sent is not None:
-            state = sent
-        if stop() or plan.done(state):
-            return state
-        if not ended:
-            t = time.perf_counter()
-            group = list(itertools.islice(batches, k))
-    return state
+    try:
+        t = time.perf_counter()
+        group = _take(batches, k)
+        while group:
+            batch = MicroBatches(group) if k > 1 else group[0]
+            # batch_idx as MMEngine gives it: in the epoch, or the global iteration
+            idx, data_time = (
+                state.batch_in_epoch // k if plan.by_epoch else state.step,
+                time.perf_counter() - t,
+            )
+            # `_sent` written out: these two run on every update
+            sent = yield Tick("before_train_iter", state, idx, batch, _NO_METRICS, data_time)
+            if sent is not None:
+                state = sent
+            if stop():
+                return state
+            state, metrics = _run(step, state, to_device(batch, device))
+            state = state.replace(batch_in_epoch=state.batch_in_epoch + len(group))
+            ended = state.batch_in_epoch >= plan.batches_per_epoch
+            if ended:
+                # the pass's end is read before the tick: a RandomSampler draws one more permutation
+                # there, which a checkpoint written at this tick must already hold
+                t = time.perf_counter()
+                group = [] if plan.done(state) else _take(batches, k)
+            sent = yield Tick("after_train_iter", state, idx, batch, metrics, data_time)
+            if sent is not None:
+                state = sent
+            if stop() or plan.done(state):
+                return state
+            if not ended:
+                t = time.perf_counter()
+                group = _take(batches, k)
+        return state
+    except BaseException:
+        # the error's traceback keeps this frame, and with it a DataLoader's workers: end them
+        del batches
+        raise
+
+
+def _take(batches: Iterator[Any], k: int) -> list[Any]:
+    """The next ``k`` batches (fewer at the pass's end). `fit` tells an error of fetching a batch
+    from the step's or a handler's by this function in its traceback (`_fetch_failed`)."""
+    return list(itertools.islice(batches, k))
+
+
+def _fetch_failed(error: BaseException) -> bool:
+    """Was ``error`` raised while `train_steps` fetched the next batches (`_take`)?"""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _take.__code__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _run(step: Step, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
@@ -455,12 +476,15 @@ def fit(
                 held.enter_context(lock_work_dir(d))  # another run saving there is refused
                 _remove_stale_temps(d)
         bg = _Background()
+        ticks: Generator[Tick, TrainState | None, None] | None = None
         try:
             dispatch("before_run", state, run)
             moment = None
             if resume:
-                state, run, moment = _resume(state, step, resume, run, dispatch, save_dirs)
-                _check_not_past(state, p)
+                state, run, moment, resumed = _resume(state, step, resume, run, dispatch, save_dirs)
+                _check_not_past(state, p)  # (refused: the loaded state is the error's)
+                if resumed is not None:
+                    _resumed(resumed, resume is not True, state, run, dispatch, save_dirs)
             elif main:
                 _warn_if_saving_over(save_dirs)
             dispatch("before_train", state, run)
@@ -482,10 +506,23 @@ def fit(
                 ticks = train_steps(state, step, train_data, p,
                                     stop=lambda: dispatch.stop is not None, data_rng=data_rng)  # fmt: skip
                 sent: TrainState | None = None  # the state validation changed, for the next tick
+                at = "before_train"  # the loop moment `state` is at
                 # runs between every two updates: each check costs nothing when there is nothing to do
-                while (tick := _next(ticks, sent)) is not None:
+                while True:
+                    try:
+                        tick = _next(ticks, sent)
+                    except Exception as fetch_error:
+                        # a signal to the process group ended a DataLoader's workers too, and the
+                        # batch after `state` failed: still the preemption, of the state before it
+                        # (the error is the Preempted's __context__)
+                        if (received and world == 1 and _fetch_failed(fetch_error)
+                                and not state.is_donated):  # fmt: skip
+                            _preempt(received, state, run, dispatch, at, bg, watch)
+                        raise
+                    if tick is None:
+                        break
                     event, state, batch_idx, batch, metrics, data_time = tick
-                    sent = None
+                    sent, at = None, event
                     if bg.used:
                         bg.poll(run, dispatch)  # a finished background save: its events, or error
                     if event == "after_train_iter":
@@ -502,6 +539,7 @@ def fit(
                     if val is not None and _validation_due(event, state, p, val, interval):
                         state = sent = _validate(state, val, dispatch, run, bg, watch,
                                                  sync=world > 1 and event != "after_train_epoch")  # fmt: skip
+                        at = "after_val"
                         if _signalled(received, tick, world, device):
                             _preempt(received, state, run, dispatch, "after_val", bg, watch)
                 watch.check()
@@ -517,6 +555,8 @@ def fit(
                 bg.finish(run, dispatch)  # a save asked for at after_train
             dispatch("after_run", state, run)
         except BaseException as e:
+            if ticks is not None:  # its DataLoader iterator ends its workers (the error's
+                ticks.close()  # traceback holds this frame, and so the paused generator)
             bg.abandon()
             dispatch.close()  # files and tracker runs closed, their data flushed
             _keep_state(e, state)
@@ -818,9 +858,10 @@ def _resume(
     run: RunInfo,
     dispatch: Dispatcher,
     save_dirs: list[Path],
-) -> tuple[TrainState, RunInfo, str | None]:
-    """Load the checkpoint and the handlers' state; also the loop moment it was saved at
-    (``save_dirs``: where the handlers save checkpoints)."""
+) -> tuple[TrainState, RunInfo, str | None, Path | None]:
+    """Load the checkpoint and the handlers' state; also the loop moment it was saved at and
+    the file (None: nothing to resume from) (``save_dirs``: where the handlers save checkpoints).
+    Nothing is written yet: `fit` checks the loaded state, then `_resumed` goes on."""
     if resume is True:
         assert run.work_dir is not None
         with warnings.catch_warnings(
@@ -832,10 +873,9 @@ def _resume(
             log.warning("resume: %s", w.message)
     else:
         path = Path(resume)  # type: ignore[arg-type]  # fit only resumes when resume is truthy
-        _set_aside_later_checkpoints(path, save_dirs)
     if path is None:
         log.info("resume: no checkpoint in %s; starting from scratch", run.work_dir)
-        return state, run, None
+        return state, run, None, None
     # the metadata first: a file refused for it leaves the given state as it was
     info = checkpoint.read_meta(path)
     meta = info["meta"] if isinstance(info["meta"], Mapping) else {}
@@ -858,16 +898,20 @@ def _resume(
     state = repartition(state, saved_run.get("world_size", 1), run.world_size, path,
                          saved_run.get("batches_per_epoch"))  # fmt: skip
     run = dataclasses.replace(run, start_step=state.step)
-    log.info(
-        "resumed from %s at step %d (epoch %d, batch %d)",
-        path,
-        state.step,
-        state.epoch,
-        state.batch_in_epoch,
-    )
-    dispatch("after_load_checkpoint", state, run, checkpoint=path)
     moment = meta.get("moment")
-    return state, run, moment if moment in _MOMENTS else None
+    return state, run, moment if moment in _MOMENTS else None, path
+
+
+def _resumed(path: Path, rewind: bool, state: TrainState, run: RunInfo, dispatch: Dispatcher,
+             save_dirs: list[Path]) -> None:  # fmt: skip
+    """A resume from ``path`` that loaded and passed every check: a ``rewind`` (``resume=PATH``)
+    sets the later checkpoints aside only now, so a refused one leaves the directory and its
+    ``last_checkpoint`` as they were; then ``after_load_checkpoint`` (its handlers write)."""
+    if rewind:
+        _set_aside_later_checkpoints(path, save_dirs)
+    log.info("resumed from %s at step %d (epoch %d, batch %d)",
+             path, state.step, state.epoch, state.batch_in_epoch)  # fmt: skip
+    dispatch("after_load_checkpoint", state, run, checkpoint=path)
 
 
 def _check_batch_in_epoch(
