@@ -13,11 +13,7 @@ have seen, without loading the skipped ones.
 
 from __future__ import annotations
 
-import functools
-import os
 import random
-import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from itertools import count
 from typing import Any, NamedTuple
@@ -50,33 +46,6 @@ class _Keys(NamedTuple):
 
 def _identity(batch: Any) -> Any:
     return batch
-
-
-def _outlive_stop_signals(worker_id: int, main: int) -> None:
-    """A worker's ``worker_init_fn``: SIGINT and SIGTERM from anyone but its main process are
-    ignored. A signal to the whole process group or cgroup (Ctrl-C, SLURM, systemd) killed the
-    workers first, and `fit` failed on the next batch instead of saving a preemption checkpoint
-    at the step boundary; the main process still ends its workers itself, and its SIGTERM
-    (``Process.terminate``: torch's shutdown, multiprocessing's at exit) ends a worker at once, as
-    torch's handler does (ignoring that one hung the interpreter's exit with persistent workers)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: no sender to tell; torch's handling
-        return
-    # the process that iterates (``main``, where the Loader was built) and the worker's parent
-    # (the same under fork and spawn; a forkserver under forkserver)
-    senders = {main, os.getppid()}
-    # blocked in this thread, so in every thread it starts: the waiter below takes each SIGTERM
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_end_on_parents_sigterm, args=(senders,), daemon=True,
-                     name="fengine-worker-sigterm").start()  # fmt: skip
-
-
-def _end_on_parents_sigterm(senders: set[int]) -> None:
-    """Wait for SIGTERMs; one from the main process (``senders``) ends the worker, any other is
-    ignored."""
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid in senders:
-            os._exit(0)
 
 
 class _Fetch(torch.utils.data.Dataset):
@@ -276,7 +245,6 @@ class Loader:
             # The DataLoader draws its workers' base seed from this generator, never from
             # torch's global one, so iterating leaves the caller's RNG untouched.
             generator=self._worker_seed,
-            worker_init_fn=functools.partial(_outlive_stop_signals, main=os.getpid()),
         )
 
     def __len__(self) -> int:
