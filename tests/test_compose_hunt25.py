@@ -118,6 +118,47 @@ def test_hand_made_optimizers_are_accepted():
     assert adamw.as_optimizer() is adamw
 
 
+def test_a_marked_chain_and_paramwise_groups_of_a_hand_made_optimizer_are_accepted():
+    """The review's cases: ``chain(...).as_optimizer()`` (the error message suggests marking the
+    tx) was still refused, and so was `paramwise(...).build` of a hand-made ``scale(-lr)``
+    optimizer with several groups (its base-lr wrapper hid the chains)."""
+
+    def negated(grads, state, params=None, *, step=None):
+        return {n: g * -0.1 for n, g in grads.items()}, state
+
+    custom = optim.GradientTransformation(lambda p: optim.EmptyState(), negated)
+    fe.train_step(ce_loss, optim.chain(optim.clip_by_global_norm(1.0), custom).as_optimizer())
+
+    def my_sgd(lr, weight_decay):
+        return optim.chain(optim.add_decayed_weights(weight_decay), optim.scale(-lr))
+
+    groups = optim.paramwise(mlp(), lr=0.1, weight_decay=1e-4, bias_decay_mult=0.0)
+    assert groups.mmengine_groups > 1
+    fe.train_step(ce_loss, groups.build(my_sgd))
+    with pytest.raises(ValueError, match="tx does not end in an optimizer"):
+        fe.train_step(ce_loss, groups.build(lambda lr, weight_decay: optim.identity()))
+
+
+def test_a_partition_that_only_freezes_may_come_before_the_optimizer():
+    """``chain(partition({"train": identity(), "frozen": set_to_zero()}), sgd)`` freezes a group
+    (set_to_zero has an ``apply``, for an optimizer's frozen group); it was refused."""
+    labels = lambda name, p: "frozen" if name.startswith("0.") else "train"  # noqa: E731
+    freeze = optim.partition({"train": optim.identity(), "frozen": optim.set_to_zero()}, labels)
+    start = fe.train_step(ce_loss, optim.sgd(0.1)).init(mlp()).params
+    trained, _ = _train(optim.chain(freeze, optim.sgd(0.1)))
+    assert any(n.startswith("0.") for n in start)
+    for n in trained.params:
+        moved = not torch.equal(trained.params[n], start[n])
+        assert moved == (not n.startswith("0.")), n
+    optim.chain(optim.set_to_zero(), optim.sgd(0.1))
+    # a partition that is an optimizer still ends a chain
+    with pytest.raises(ValueError, match="comes after the optimizer"):
+        optim.chain(
+            optim.partition({"train": optim.sgd(0.1), "frozen": optim.set_to_zero()}, labels),
+            optim.clip_by_value(1.0),
+        )
+
+
 # ------------------------------------------------------ 3. update(grads, state, params): optax's
 def _scale_by(c):
     """DESIGN's protocol: ``update(grads, tstate, params)``, no ``step``."""

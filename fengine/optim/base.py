@@ -95,6 +95,7 @@ class GradientTransformation(NamedTuple):
             updates, state = update(grads, state, params, step=step)
             return apply_updates(params, updates), state
 
+        _marked.add(apply_fn)  # (its update may be a chain's: `missing_optimizer` asks this first)
         return self._replace(apply=apply_fn)
 
 
@@ -247,6 +248,10 @@ _composed: weakref.WeakKeyDictionary[Callable[..., Any], tuple[str, Any]] = (
 )
 
 
+# the ``apply`` of each `GradientTransformation.as_optimizer` result: an optimizer as marked
+_marked: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
 def _describe(tx: GradientTransformation) -> str:
     """``tx`` for an error message: the function that built it (``sgd(...)``), as far as known."""
     fn = tx.apply or tx.update
@@ -268,7 +273,11 @@ def missing_optimizer(tx: GradientTransformation) -> str | None:
     None when every path through it ends in one: a chain by its last transformation, a
     `partition` by each group's. A step adds what such a ``tx`` returns to the params as it
     is, which for a gradient (a clipped one, say) trains uphill."""
+    if tx.apply is not None and tx.apply in _marked:
+        return None
     kind, parts = _composed.get(tx.update, ("", ()))
+    if kind == "wrap":  # a transformation around another (paramwise's base-lr report)
+        return missing_optimizer(parts)
     if kind == "chain":
         return missing_optimizer(parts[-1]) if parts else "an empty chain()"
     if kind == "partition":
@@ -277,6 +286,24 @@ def missing_optimizer(tx: GradientTransformation) -> str | None:
     if tx.apply is not None or _ends_hand_made(tx):
         return None
     return _describe(tx)
+
+
+def wrapping(
+    outer: GradientTransformation, inner: GradientTransformation
+) -> GradientTransformation:
+    """``outer``, recorded as a transformation around ``inner`` (which decides whether it is an
+    optimizer: `missing_optimizer`); for transformations that add to another's state."""
+    _composed[outer.update] = ("wrap", inner)
+    return outer
+
+
+def _zeroes_only(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` is `set_to_zero` or a `partition` of them: it has ``apply`` (a frozen
+    group of an optimizer's partition) but moves nothing, so a chain may go on after it."""
+    kind, parts = _composed.get(tx.update, ("", ()))
+    if kind == "partition":
+        return all(_zeroes_only(t) for t in parts.values())
+    return getattr(tx.update, "__code__", None) is _ZEROS_CODE
 
 
 def identity() -> GradientTransformation:
@@ -311,6 +338,9 @@ def set_to_zero() -> GradientTransformation:
     return GradientTransformation(init_fn, update_fn, apply_fn)
 
 
+_ZEROS_CODE = set_to_zero().update.__code__
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order; the state is the tuple of their states.
 
@@ -327,7 +357,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"chain: argument {i} is {type(t).__name__}, expected a GradientTransformation"
             )
     for i, t in enumerate(transforms[:-1]):
-        if t.apply is not None:
+        # an optimizer (a partition of zeroing and pass-through groups is none: it moves nothing)
+        if missing_optimizer(t) is None and not _zeroes_only(t):
             raise ValueError(
                 f"chain: argument {i + 1} ({_describe(transforms[i + 1])}) comes after the "
                 f"optimizer {_describe(t)} (argument {i}), so it would transform the optimizer's "

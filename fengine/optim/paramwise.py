@@ -64,6 +64,7 @@ from fengine.optim.base import (
     partition,
     report_at,
     resolve,
+    wrapping,
 )
 from fengine.optim.scaling import ScaledLR, ScaledSchedule
 from fengine.schedules import Join, Schedule
@@ -462,7 +463,7 @@ def _reporting_base_lr(tx: GradientTransformation, base_lr: Hyper) -> GradientTr
         inner = report_at(tx, PartitionState(state.inner), step).inner
         return ParamGroupsState(inner, state.base_lr if step is None else value(step))
 
-    return GradientTransformation(init_fn, update_fn, apply_fn, report)
+    return wrapping(GradientTransformation(init_fn, update_fn, apply_fn, report), tx)
 
 
 def _check_mult(
