@@ -344,3 +344,28 @@ def test_a_recipe_that_cannot_build_the_recorded_config_is_one_line_naming_the_l
         f"env.threads={threads}, which replay sets (this machine has {threads - 1} CPUs): "
         "--keep-settings keeps this process's\n"
     )
+
+
+def test_a_log_hashed_with_int_keys_before_this_release_reads(tmp_path):
+    """The review's case: a run log written before the hash was taken of the config as the log
+    holds it recorded the hash of the int keys (8 sorted before 11); it must still read."""
+    import fengine as fe
+    from fengine.replay import RunRecorder
+
+    config = {"lr_milestones": {8: 0.1, 11: 0.01}}
+    recorder = RunRecorder(recipe=replay_recipe.__file__, config=config)
+    exp = replay_recipe.build(replay_recipe.Config(max_steps=2))
+    fe.fit(exp.state, exp.step, exp.train_data, max_steps=2, work_dir=tmp_path, handlers=[recorder])
+    log = tmp_path / "run_log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    old_hash = config_hash(config)  # what the earlier writer recorded
+    assert old_hash != config_hash(records[0]["config"])
+    records[0]["config_hash"] = old_hash
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (segment,) = read_log(tmp_path)
+    assert segment.record["config"] == {"lr_milestones": {"8": 0.1, "11": 0.01}}
+    # and an edit of such a config is still a damaged log
+    records[0]["config"]["lr_milestones"]["8"] = 0.5
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ReplayError, match="does not match its config_hash"):
+        read_log(tmp_path)
