@@ -985,3 +985,20 @@ def test_load_params_refuses_complex_weights_for_real_ones(tmp_path, suffix):
         CheckpointError, match=r"'weight' is torch\.complex64 and 'weight' is torch\.float32"
     ):
         ckpt.load_params(path, nn.Linear(4, 3))
+
+
+def test_load_params_reads_a_pth_saved_without_crcs(tmp_path):
+    """torch's ``compute_crc32=False`` writes CRC fields of 0 (nothing to check); torch.load
+    reads such a file, and so must load_params (the review's case: it was refused as damaged)."""
+    import torch.utils.serialization as serialization
+
+    lin = nn.Linear(4, 3)
+    path = tmp_path / "lin.pth"
+    serialization.config.save.compute_crc32 = False
+    try:
+        torch.save(lin.state_dict(), path)
+    finally:
+        serialization.config.save.compute_crc32 = True
+    loaded, report = ckpt.load_params(path, nn.Linear(4, 3))
+    assert report.ok
+    assert torch.equal(loaded["weight"], lin.weight.detach())
