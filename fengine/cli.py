@@ -458,7 +458,8 @@ def _read_small_file(path: Path) -> str:
 _YAML_12 = {  # YAML 1.2's core schema, as JSON reads: a plain scalar matching none is a string
     "null": r"~|null|Null|NULL|",
     "bool": r"true|True|TRUE|false|False|FALSE",
-    "int": r"[-+]?(?:0|[1-9][0-9]*)",  # decimal: PyYAML reads a leading 0 as octal
+    # decimal (PyYAML reads a leading 0 as octal; `_` between digits it drops, as Python) or hex
+    "int": r"[-+]?(?:0|[1-9](?:_?[0-9])*)|0x[0-9a-fA-F]+",
     "float": r"[-+]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)"
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
 }

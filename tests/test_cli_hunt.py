@@ -416,8 +416,7 @@ def test_unknown_keys_of_mixed_types_are_listed(tmp_path, capsys):
     [
         ("seed: 017\n", "Config.seed: expected int, got '017'"),  # YAML 1.1: octal 15
         ("seed: 1:30\n", "Config.seed: expected int, got '1:30'"),  # YAML 1.1: 90
-        ("seed: 0x10\n", "Config.seed: expected int, got '0x10'"),
-        ("seed: 1_000\n", "Config.seed: expected int, got '1_000'"),
+        ("seed: 1__0\n", "Config.seed: expected int, got '1__0'"),
         ("data: {augment: no}\n", "Config.data.augment: expected bool, got 'no'"),
         ("data: {augment: on}\n", "Config.data.augment: expected bool, got 'on'"),
         ("optim: {lr: 1:30.5}\n", "Config.optim.lr: expected float, got '1:30.5'"),
@@ -431,11 +430,11 @@ def test_yaml_reads_plain_scalars_as_yaml_1_2_does(tmp_path, capsys, text, got):
 def test_yaml_1_2_scalars_still_read(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
-        "max_steps: 3\nseed: -0\nload_from: ~\n"
+        "max_steps: 100_000\nseed: 0x10\nload_from: ~\n"
         "optim: {lr: .5, weight_decay: 2.}\ndata: {augment: false}\n"
     )
     cfg, _ = parse("--config", str(path), "--work-dir", str(tmp_path / "w"))
-    assert (cfg.max_steps, cfg.seed, cfg.load_from) == (3, 0, None)
+    assert (cfg.max_steps, cfg.seed, cfg.load_from) == (100_000, 16, None)
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.data.augment) == (0.5, 2.0, False)
 
 
