@@ -169,7 +169,7 @@ _requires_grad = operator.attrgetter("requires_grad")
 def _grad_fn(part: Part, multi: bool) -> GradFn:
     """The innermost gradient computation of ``part`` (see the module docstring)."""
     cache: dict[str, Any] = {}
-    frozen: dict[str, torch.Tensor] = {}  # a cell of its own: checked at every step
+    frozen: dict[tuple[str, str], torch.Tensor] = {}  # a cell of its own: checked every step
 
     def grad_fn(state: TrainState, batch: Any, *, weight: Any = None, micro: int = 0) -> Grads:
         params = state.params
@@ -182,7 +182,7 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
             inputs = tuple(params[n] for n in names)
             cache.update(params=params, names=names, inputs=inputs, devices=tuple(cuda))
             frozen.clear()
-            frozen.update(_frozen(part, params, state.model))
+            frozen.update(_frozen(part, params, state.model, cache))
         if frozen and any(map(_requires_grad, frozen.values())):  # unfrozen in place since
             raise _unfrozen(part, frozen)
         model = state.model
@@ -219,28 +219,32 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
     return grad_fn
 
 
-def _frozen(part: Part, params: Mapping[str, torch.Tensor], model: Any) -> dict[str, Any]:
+def _frozen(
+    part: Part, params: Mapping[str, torch.Tensor], model: Any, cache: dict[str, Any]
+) -> dict[tuple[str, str], torch.Tensor]:
     """The frozen (``requires_grad=False``) params ``part`` would own, the state's tensors and the
-    module's own: each step checks that none was unfrozen in place (usually there are none)."""
+    module's own: each step checks that none was unfrozen in place (usually there are none).
+    Runs when the params dict is new (every step of a ``donate=False`` step): the module's
+    params are looked up once per module (``cache``)."""
     sel = part.select
     names = [n for n, p in params.items() if not p.requires_grad and (sel is None or sel(n))]
     if not names:
         return {}
-    own = dict(model.named_parameters()) if model is not None else {}
-    return {
-        f"param {n!r} (in {where})": t
-        for n in names
-        for where, t in (("state.params", params[n]), ("the model", own.get(n)))
-        if t is not None
-    }
+    if cache.get("model") is not model:
+        own = dict(model.named_parameters()) if model is not None else {}
+        cache.update(model=model, own=own)
+    own = cache["own"]
+    out = {(n, "state.params"): params[n] for n in names}
+    out.update({(n, "the model"): own[n] for n in names if n in own})
+    return out
 
 
-def _unfrozen(part: Part, frozen: Mapping[str, torch.Tensor]) -> StepMismatchError:
+def _unfrozen(part: Part, frozen: Mapping[tuple[str, str], torch.Tensor]) -> StepMismatchError:
     """The error for a param frozen when the state was built and unfrozen in place since."""
-    now = [n for n, t in frozen.items() if t.requires_grad]
+    name, where = next(key for key, t in frozen.items() if t.requires_grad)
     return StepMismatchError(
-        f"{_who(part)}: {now[0]} was frozen (requires_grad=False) when this state was built "
-        f"and requires grad now; the step would not train it: {_RETRAIN}"
+        f"{_who(part)}: param {name!r} (in {where}) was frozen (requires_grad=False) when this "
+        f"state was built and requires grad now; the step would not train it: {_RETRAIN}"
     )
 
 
