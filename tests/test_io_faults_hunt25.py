@@ -81,12 +81,14 @@ def test_a_directory_that_cannot_be_opened_is_skipped_but_a_missing_one_raises(
         _io._fsync_dir(tmp_path / "gone")
 
 
-def test_remove_reports_a_failed_dir_fsync(tmp_path, monkeypatch):
+def test_remove_logs_a_failed_dir_fsync(tmp_path, monkeypatch, caplog):
+    """The file is deleted already: a run must not fail over the deletion's durability."""
     path = ckpt.save(tmp_path / "a.safetensors", _state())
     _failing_dir_fsync(monkeypatch, errno.ENOSPC)
-    with pytest.raises(OSError, match=f"fsync of directory {tmp_path} failed") as info:
-        ckpt.remove(path)
-    assert info.value.errno == errno.ENOSPC
+    with caplog.at_level("WARNING", logger="fengine"):
+        assert ckpt.remove(path)
+    assert not path.exists()
+    assert f"fsync of directory {tmp_path} failed" in caplog.text
 
 
 @pytest.mark.parametrize("async_save", [False, True])

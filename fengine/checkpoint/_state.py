@@ -198,9 +198,9 @@ def load(path: str | os.PathLike, like: TrainState, *, into: bool = False) -> Tr
         if into:
             like._mark_donated("checkpoint.load(..., into=True)")
     state = pytree.tree_unflatten(_values(tmpl, adopt, tensors, info, owned, targets), spec)
-    _check_loaded(h.path, state)
     if owned and model is not None:
         reshard(model)  # no all-gathered copy of the old values survives
+    _check_loaded(h.path, state)
     return state
 
 
