@@ -271,6 +271,9 @@ class CompiledStep:
         # reads that changes between steps recompiles rather than staying as first traced
         self.guards = bool(options.get("guards", False))
         compile_kw = {k: v for k, v in options.items() if k != "guards"}
+        # static shapes unless asked: a short last batch makes one more graph, where torch's
+        # automatic dynamic shapes retraced it with symbolic sizes that dropout cannot take
+        compile_kw.setdefault("dynamic", False)
         self.compiled = torch.compile(_own_code(self._run), fullgraph=True, **compile_kw)
         self.fallback_reason: str | None = None
         self.compile_seconds: float | None = None
@@ -443,8 +446,16 @@ class CompiledStep:
         if raised:
             self.fallback_reason = f"{raised['type']}: {raised['text']}"
         else:
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-            self.fallback_reason = f"{type(e).__name__}: {' | '.join(lines[:6])}"
+            lines = []
+            for ln in str(e).strip().splitlines():  # its message, not a C++ stack after it
+                if ln.lstrip().startswith(
+                    ("Exception raised from", "frame #", "C++ CapturedTraceback")
+                ):
+                    break
+                if ln.strip():
+                    lines.append(ln.strip())
+            reason = " | ".join(lines[:6])
+            self.fallback_reason = f"{type(e).__name__}: {reason[:600]}"
         warnings.warn(
             "compiled step: cannot trace the whole step, running it eagerly from now on "
             f"(bitwise equal to compile=False). Reason: {self.fallback_reason}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -655,3 +656,24 @@ def test_a_later_trace_that_reaches_every_param_compiles_probing_once_per_trace(
     assert probed == [False, True]
     for n in a.params:
         torch.testing.assert_close(b.params[n], a.params[n], **TOL)
+
+
+def test_a_short_last_batch_with_dropout_compiles_one_more_graph_not_a_fallback():
+    """compile=True traces static shapes: a short batch is one more graph. torch's automatic
+    dynamic shapes retraced it with symbolic sizes that dropout refused, and the step fell
+    back to eager for the rest of the run (the recipes hunt)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.ReLU(), nn.Linear(8, 2))
+    counter = Counter()
+    step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": counter})
+    state = step.init(model, seed=0)
+    g = torch.Generator().manual_seed(0)
+    sizes = [8, 8, 3, 8, 3]
+    batches = [
+        (torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g)) for n in sizes
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        for batch in batches:
+            state, _ = step(state, batch)
+    assert counter.graphs == 2
