@@ -896,7 +896,7 @@ def _resume(
     if step.donate and not given.is_donated:
         given._mark_donated("fit(resume=...)")
     state = repartition(state, saved_run.get("world_size", 1), run.world_size, path,
-                         saved_run.get("batches_per_epoch"))  # fmt: skip
+                         saved_run.get("batches_per_epoch"), run.batches_per_epoch)  # fmt: skip
     run = dataclasses.replace(run, start_step=state.step)
     moment = meta.get("moment")
     return state, run, moment if moment in _MOMENTS else None, path
@@ -1023,12 +1023,19 @@ def load_adding_wrappers(
 
 
 def repartition(
-    state: TrainState, saved: Any, world: int, path: Path, saved_batches: Any = None
+    state: TrainState,
+    saved: Any,
+    world: int,
+    path: Path,
+    saved_batches: Any = None,
+    batches: int | None = None,
 ) -> TrainState:
     """The position in the epoch, in this world size's batches: a run saved by N processes (each at
     batch b of its shard) is at sample b * N * batch_size of the epoch, i.e. batch b * N / M for M.
-    At the end of an epoch (b = the saving run's ``saved_batches`` per epoch) it is the next
-    epoch's start, whatever M."""
+    At the end of an epoch (b = the saving run's ``saved_batches`` per epoch) it stays at the end,
+    this run's ``batches`` per epoch, whatever M: a checkpoint saved at the epoch's last update
+    precedes that epoch's end events (validation, epoch checkpoint), which the resume runs first
+    as in the same world size (without ``batches``: the next epoch's start, the same updates)."""
     if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
         raise checkpoint.CheckpointError(
             f"{path}: its run world_size is {saved!r}, expected an int >= 1"
@@ -1036,7 +1043,11 @@ def repartition(
     if saved == world or state.batch_in_epoch == 0:
         return state
     if isinstance(saved_batches, int) and state.batch_in_epoch >= saved_batches > 0:
-        return _next_epoch(state)
+        if batches is None:
+            return _next_epoch(state)
+        log.info("resume: %d -> %d processes: the end of epoch %d (batch %d) is batch %d",
+                 saved, world, state.epoch + 1, state.batch_in_epoch, batches)  # fmt: skip
+        return state.replace(batch_in_epoch=batches)
     if (state.batch_in_epoch * saved) % world:
         raise ValueError(
             f"{path} was saved by {saved} processes at batch {state.batch_in_epoch} of the epoch "

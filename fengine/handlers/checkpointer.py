@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fengine import checkpoint
+from fengine import checkpoint, distributed
 from fengine.checkpoint import CheckpointError
 from fengine.events import Handler, Priority, Retire, RunInfo, Save, Snapshot
 from fengine.state import TrainState
@@ -630,6 +630,27 @@ class Checkpointer(Handler):
     # ------------------------------------------------------------------ resume
     def on_after_load_checkpoint(self, snap: Snapshot) -> None:
         self._resumed_from = snap.checkpoint  # named if its adopted best key proves unknown
+        if not self.best:
+            return
+        directory = self.directory(snap.run)
+        # rank 0 holds the files: every rank drops the same records (a best save is collective)
+        for key in distributed.computed_by_main(lambda: self._missing_best(directory, snap)):
+            self.best.pop(key, None)
+
+    def _missing_best(self, directory: Path, snap: Snapshot) -> list[str]:
+        """The best records whose file is not in ``directory`` (a rewind: a later best of the
+        abandoned path deleted it, and that best moved aside), with a warning each: dropped, so
+        the next validation writes a best file again instead of the run having none."""
+        missing = [k for k, v in self.best.items() if not (directory / v["path"]).is_file()]
+        for key in missing:
+            warnings.warn(
+                f"Checkpointer: {snap.checkpoint} records the best {key!r} "
+                f"({self.best[key]['score']:.6g}) as {self.best[key]['path']}, which is not in "
+                f"{directory}; that record is dropped and the next validation saves a best file",
+                UserWarning,
+                stacklevel=2,
+            )
+        return missing
 
     def state_dict(self) -> dict[str, Any]:
         return {

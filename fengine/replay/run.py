@@ -244,9 +244,11 @@ def _load_start(path: Path, exp: Any, begin: Pos) -> TrainState:
     meta = checkpoint.read_meta(path)["meta"]
     saved = meta.get("run") if isinstance(meta, Mapping) else None
     saved = saved if isinstance(saved, Mapping) else {}
+    # at an epoch's end the resume stayed there, in its own batches per epoch (the log's)
+    batches = begin[2] if begin[1] == state.epoch else None
     try:
         state = repartition(state, saved.get("world_size", 1), distributed.world_size(), path,
-                             saved.get("batches_per_epoch"))  # fmt: skip
+                             saved.get("batches_per_epoch"), batches)  # fmt: skip
     except ValueError as e:
         raise ReplayError(str(e)) from None
     if key(position(state)) != begin:
