@@ -338,7 +338,7 @@ def set_to_zero() -> GradientTransformation:
     return GradientTransformation(init_fn, update_fn, apply_fn)
 
 
-_ZEROS_CODE = set_to_zero().update.__code__
+_ZEROS_CODE = getattr(set_to_zero().update, "__code__", None)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
