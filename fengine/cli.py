@@ -291,11 +291,12 @@ def parse(
             base = dataclasses.replace(base, load_from=None)
     base = _horizon_from_argv(base, argv)
     cfg = _tyro(cls, quiet, base, desc)
-    ckpt = None
+    ckpt = layered = None
     if cfg.resuming:
         ckpt = _resume_path(cfg)
         if ckpt is not None and given.config is None and given.preset is None:
             base = _horizon_from_argv(_from_checkpoint(cls, ckpt, base), argv)
+            layered = ckpt
     cfg = _tyro(cls, argv, base, desc)  # --help ends here, showing the layered defaults
     try:
         check(cfg)
@@ -304,6 +305,8 @@ def parse(
             raise
         raise UsageError(f"--config {given.config}: {e.name} {e.problem}") from None
     except UsageError as e:
+        if layered is not None and (hint := _dropped_path_hint(str(e), cfg, layered)):
+            raise UsageError(f"{e}{hint}") from None
         if given.config is None:
             raise
         # its flags may stand for the file's values (a GPU run's config.json, say: --device cuda)
@@ -455,10 +458,13 @@ def _read_small_file(path: Path) -> str:
     return data.decode("utf-8")
 
 
-_YAML_12 = {  # YAML 1.2's core schema, as JSON reads: a plain scalar matching none is a string
+# The plain scalars read as other than strings, near YAML 1.2's core schema (a plain scalar
+# matching none is a string): its nulls, bools and floats; ints in decimal without a leading 0
+# (``017`` stays a string: PyYAML would read it as octal), `_` allowed between digits (dropped, as
+# Python does; not in YAML 1.2), or unsigned hex ``0x1F``; no octal: ``0o17`` stays a string.
+_YAML_12 = {
     "null": r"~|null|Null|NULL|",
     "bool": r"true|True|TRUE|false|False|FALSE",
-    # decimal (PyYAML reads a leading 0 as octal; `_` between digits it drops, as Python) or hex
     "int": r"[-+]?(?:0|[1-9](?:_?[0-9])*)|0x[0-9a-fA-F]+",
     "float": r"[-+]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)"
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
@@ -582,6 +588,29 @@ def _paths_from(base: Any, cfg: Any) -> Any:
         return getattr(node, names[-1])
 
     return _replace_paths(cfg, of_base)
+
+
+def _dropped_path_hint(error: str, cfg: Any, path: Path) -> str:
+    """For an error naming a path flag that is unset here but that the checkpoint at ``path``
+    recorded (`_paths_from` drops it): why it is unset and the flag to give, else ``""``."""
+    recorded = _checkpoint_run(path)[0] or {}
+    hints: list[str] = []
+
+    def hint(names: tuple[str, ...], value: Any) -> Any:
+        was: Any = recorded
+        for name in names:
+            was = was.get(name) if isinstance(was, Mapping) else None
+        flag = "--" + ".".join(names).replace("_", "-")
+        named = flag in error or "--" + ".".join(names) in error
+        if value is None and isinstance(was, str) and named:
+            hints.append(
+                f"; {path} recorded {'.'.join(names)}={was}, and a checkpoint never chooses a "
+                f"path: pass {flag} {was}"
+            )
+        return value
+
+    _replace_paths(cfg, hint)
+    return "".join(hints)
 
 
 def _field_default(cls: type, name: str) -> Any:
@@ -857,8 +886,8 @@ def _horizon_text(max_epochs: Any, max_steps: Any) -> str:
 def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str], Any]:
     """Check the checkpoint against the fresh state (loads it once: a damaged or mismatched file
     fails here, before anything is written) and say how this run differs from the checkpoint's.
-    A horizon it is past, or an epoch-based run whose schedules would end before it does, is a
-    `UsageError`.
+    A horizon it is past, or an epoch-based run that would not end where its schedules do (another
+    world size, say), is a `UsageError`.
 
     Returns the notes and, when nothing is left to train, the loaded state (else None: `fit`
     loads it again, and one copy of the state is kept).
@@ -900,7 +929,8 @@ def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str]
     if old_total is not None and (old_total != plan.total_steps or old_epochs != new_epochs):
         was_h = _horizon_text(old_epochs, old_total)
         now_h = _horizon_text(new_epochs, plan.total_steps)
-        lr_was = optim.hyperparams(loaded.opt_state).get("lr")
+        last = optim.hyperparams(loaded.opt_state)
+        lr_was = last.get("lr", last.get("base_lr"))  # param groups: their base lr
         lr = exp.hyperparams.get("lr")
         lr_now = optim.resolve(lr, step) if lr is not None else None
         lr_text = (
@@ -928,13 +958,16 @@ def resume_notes(cfg: RunConfig, exp: Experiment, path: Path) -> tuple[list[str]
             f"{path} is the end of its {_horizon_text(plan.max_epochs, plan.total_steps)} run: "
             "nothing to train (give a larger --max-steps or --max-epochs to train on)"
         )
-    elif end > plan.total_steps:
-        why = "; ".join(changed) or "the updates per epoch differ from its run's"
+    elif plan.by_epoch and end != plan.total_steps:  # past their end, or short of it
+        saved, world = run.get("world_size", 1), distributed.world_size()
+        moved = [f"saved by {saved} processes, resumed in {world}"] if saved != world else []
+        why = "; ".join(changed + moved) or "the updates per epoch differ from its run's"
         raise UsageError(
             f"{path} is at step {step} (epoch {loaded.epoch}); this {plan.max_epochs}-epoch run "
             f"plans its schedules over {plan.total_steps} updates ({plan.steps_per_epoch} per "
-            f"epoch) but would train to step {end}, past their end ({why}): resume without that "
-            f"change, or give the horizon in updates (--max-steps {end})"
+            f"epoch) but would train to step {end}, "
+            f"{'past' if end > plan.total_steps else 'short of'} their end ({why}): resume "
+            f"without that change, or give the horizon in updates (--max-steps {end})"
         )
     return notes, loaded if done else None
 

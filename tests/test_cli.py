@@ -635,8 +635,11 @@ def test_a_preset_or_config_file_given_with_resume_is_the_base(trained, tmp_path
     work = tmp_path / "w"
     shutil.copytree(trained, work)  # --dry-run writes its plot there
     notes: list[str] = []
+    # another batch size: the epoch plan (450 updates) would stop at step 408, short of its end
     assert run("--work-dir", str(work), "--resume", "--preset", "tiny", "--dry-run",
-               "--no-progress", out=notes) == 0  # fmt: skip
+               "--no-progress", out=notes) == 2  # fmt: skip
+    assert run("--work-dir", str(work), "--resume", "--preset", "tiny", "--dry-run",
+               "--max-steps", "450", "--no-progress", out=notes) == 0  # fmt: skip
     assert any("data.batch_size 512 -> " in n for n in notes), notes
     path = tmp_path / "c.json"
     path.write_text(json.dumps({**json.loads((trained / "config.json").read_text()), "seed": 5}))
