@@ -88,6 +88,7 @@ def test_auto_key_from_a_checkpoint_the_validation_lacks_is_dropped_with_a_warni
     ck.load_state_dict({"save_best": ["loss"],
                         "best": {"loss": {"score": 0.1, "path": "best_loss_epoch_1.safetensors"}}})  # fmt: skip
     assert ck.save_best == ["loss"] and ck.rules == ["less"] and "loss" in ck.best
+    (tmp_path / "best_loss_epoch_1.safetensors").touch()  # the recorded best file is there
     ck.on_after_load_checkpoint(
         _snap("after_load_checkpoint", checkpoint=tmp_path / "epoch_1.safetensors")
     )
