@@ -77,7 +77,7 @@ import torch
 
 from fengine import checkpoint, distributed
 from fengine.allocator import steady_cpu_allocations
-from fengine.config import from_dict, to_dict
+from fengine.config import from_dict, to_dict, unique_keys
 
 
 __all__ = [
@@ -412,7 +412,7 @@ def load_config(cls: type[C], path: Path) -> C:
             except yaml.YAMLError as e:
                 raise ValueError(_yaml_problem(e)) from None
         else:
-            data = json.loads(text, object_pairs_hook=_no_duplicates)
+            data = json.loads(text, object_pairs_hook=unique_keys)
     except (OSError, ValueError, ImportError) as e:
         raise UsageError(f"--config {path}: {e}") from None
     except RecursionError:
@@ -431,16 +431,6 @@ def load_config(cls: type[C], path: Path) -> C:
         raise UsageError(f"--config {path}: {e}") from None
     except RecursionError:
         raise UsageError(f"--config {path}: nested too deeply to be a config") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's dict; a key given twice is an error (`json` kept the last silently)."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {repr(key)[:80]}")
-        seen.add(key)
-    return dict(pairs)
 
 
 _CONFIG_MAX_BYTES = 16 << 20

@@ -27,7 +27,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 
-__all__ = ["TYPE_KEY", "config_hash", "from_dict", "to_dict"]
+__all__ = ["TYPE_KEY", "config_hash", "from_dict", "to_dict", "unique_keys"]
 
 TYPE_KEY = "__type__"
 """The key under which `to_dict` records the class a union-of-dataclasses field holds."""
@@ -41,6 +41,20 @@ def _show(value: Any) -> str:
     """``repr(value)`` cut short for an error message: a config file is untrusted, and its value
     may be megabytes of text or (through YAML aliases) a list of millions of items."""
     return _repr.repr(value)
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict for ``json.loads(object_pairs_hook=...)``: a key given twice is a
+    ``ValueError`` naming it (``json`` keeps the last one silently). Configs and checkpoint
+    headers are untrusted files: an edit may hide behind the first value."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {repr(key)[:80]}")
+            seen.add(key)
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

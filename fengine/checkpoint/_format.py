@@ -19,6 +19,7 @@ import torch
 
 from fengine.checkpoint._io import NotRegularFile, open_regular
 from fengine.checkpoint._tree import name_of, prefixes
+from fengine.config import unique_keys
 
 
 if TYPE_CHECKING:
@@ -215,18 +216,10 @@ def is_int(x: Any, lo: int = 0, hi: int = _U64 - 1) -> bool:
     return type(x) is int and lo <= x <= hi
 
 
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        dup = next(k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i]))
-        raise ValueError(f"duplicate key {dup!r}")
-    return out
-
-
 def parse_json(text: str, field: str) -> Any:
     """JSON without duplicate keys; anything else (deep nesting, huge ints included) raises `Invalid`."""
     try:
-        return json.loads(text, object_pairs_hook=_unique)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, duplicates, the int digit limit
         raise Invalid(field, f"valid JSON ({str(e)[:200]})") from None
 
