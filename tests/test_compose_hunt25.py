@@ -235,7 +235,7 @@ def _frozen_first_layer():
     return model
 
 
-def test_a_frozen_param_stays_frozen_and_costs_nothing_more():
+def test_a_frozen_param_stays_frozen_while_the_others_train():
     """The regular case: the frozen weight is left alone, the others train."""
     model = _frozen_first_layer()
     before = model[0].weight.detach().clone()
