@@ -1913,3 +1913,22 @@ def test_a_handler_state_out_of_range_is_a_value_error_naming_the_handler():
     state["train"]["loss"]["values"] = ["0x1p+99999"]
     with pytest.raises(ValueError, match="^handler 'logger' cannot load its saved state: Overflow"):
         Dispatcher([Logger(json_file=None, env=False)]).load_state_dicts({"logger": state})
+
+
+def test_a_work_dir_deleted_during_the_run_is_named_by_the_logger(tmp_path):
+    """The next JSON-lines record after the work dir is removed raises naming the work dir (not a
+    bare "No such file" for scalars.jsonl), and the error keeps the state."""
+    import shutil
+
+    work_dir = tmp_path / "run"
+
+    class RemoveWorkDir(fe.Handler):
+        def on_after_train_iter(self, snap):
+            if snap.state.step == 3:
+                shutil.rmtree(work_dir)
+
+    step = fe.train_step(ce_loss, optim.sgd(0.1))
+    with pytest.raises(FileNotFoundError, match="work dir .*run was deleted or moved") as e:
+        fe.fit(step.init(mlp()), step, mlp_batches(6), max_epochs=1, work_dir=work_dir,
+               handlers=[RemoveWorkDir(), Logger(interval=2)])  # fmt: skip
+    assert e.value.fengine_state.step == 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import errno
 import itertools
 import json
 import logging
@@ -941,7 +942,17 @@ class Logger(_TrainScalars):
                 self.logger.info("Logger: %d record(s) of %s after step %d, written again by this "
                                  "resume, moved to its .superseded file", moved, self._json_path.name, at)  # fmt: skip
         if self._json_path is not None:
-            with open_to_append(self._json_path) as f:
+            try:
+                f = open_to_append(self._json_path)
+            except FileNotFoundError:
+                if self._json_path.parent.is_dir():
+                    raise
+                raise FileNotFoundError(
+                    errno.ENOENT, f"Logger: cannot write {self._json_path.name}: the work dir "
+                    f"{self._json_path.parent} was deleted or moved during the run",
+                    str(self._json_path),
+                ) from None  # fmt: skip
+            with f:
                 f.write(json.dumps({k: _to_json(v) for k, v in record.items()}) + "\n")
 
     def _move_aside_an_earlier_run(self, path: Path) -> None:
