@@ -1050,7 +1050,7 @@ def repartition(
         return state.replace(batch_in_epoch=batches)
     if (state.batch_in_epoch * saved) % world:
         raise ValueError(
-            f"{path} was saved by {saved} processes at batch {state.batch_in_epoch} of the epoch "
+            f"{path} was saved by {saved} process{'es' * (saved > 1)} at batch {state.batch_in_epoch} of the epoch "
             f"({state.batch_in_epoch * saved} batches of all ranks); {world} processes cannot continue at "
             f"that sample; resume with a world size that divides {state.batch_in_epoch * saved}, or from an "
             "epoch boundary"

@@ -84,3 +84,20 @@ def test_a_best_record_whose_file_exists_is_kept_without_a_warning(tmp_path):
                val=fe.Val(data[:1], [Scripted([0.1])]),
                handlers=[Checkpointer(1, save_best="acc")])  # fmt: skip
     assert sorted(p.name for p in Path(tmp_path).glob("best_*")) == ["best_acc_epoch_2.safetensors"]
+
+
+def test_a_resume_between_two_ranks_batches_is_refused_naming_the_sample():
+    """1 process saved after batch 3 of an epoch: 2 processes cannot start at sample 3 * batch
+    (each takes every other batch); the error names the file, the position and what works."""
+    from fengine.loop import repartition
+
+    state, _, _ = _setup()
+    at3 = state.replace(step=3, epoch=0, batch_in_epoch=3)
+    with pytest.raises(ValueError) as e:
+        repartition(at3, 1, 2, Path("iter_3.safetensors"), saved_batches=4)
+    assert str(e.value) == (
+        "iter_3.safetensors was saved by 1 process at batch 3 of the epoch (3 batches of all "
+        "ranks); 2 processes cannot continue at that sample; resume with a world size that "
+        "divides 3, or from an epoch boundary"
+    )
+    assert repartition(at3, 1, 3, Path("x"), saved_batches=4).batch_in_epoch == 1
