@@ -17,7 +17,10 @@ too (`from_cfg`). Semantics, as MMEngine 0.10.7's ``initialize``:
 
 * ``layer=`` (a class name, a class, or a list of them) selects every submodule whose
   class, or one of its direct bases, matches; a spec without ``layer`` initialises
-  nothing by itself (only its ``override``s).
+  nothing by itself (only its ``override``s). A ``layer`` that selects no module (a typo,
+  ``"linear"``) raises before anything is written (MMEngine skips it silently); in a
+  scope of a mapping (below) it warns, as a nested module's default ``init_cfg`` may name
+  a layer that module lacks.
 * a selected module's ``weight`` gets the distribution and its ``bias`` the constant
   ``bias`` (``bias_prob=p`` sets it to ``-log((1 - p) / p)``, `bias_init_with_prob`).
 * ``override={"name": spec}`` then re-initialises the whole submodule ``name`` (every
@@ -31,17 +34,26 @@ too (`from_cfg`). Semantics, as MMEngine 0.10.7's ``initialize``:
   `Pretrained` specs (BaseModule.init_weights' order).
 
 Randomness: each weight is drawn on the CPU from its own generator, seeded with
-``fold_in(seed, tag, crc32(parameter name))``, then copied to the param's device. A
-weight's draws thus depend only on the seed and its name: not on the device, nor on
-the other layers (adding a layer changes no other). ``generator=`` draws everything from one
+``fold_in(seed, tag, crc32(parameter name))``, then copied to the param's device. The name
+is the one ``named_parameters()`` gives (a shared module's first), less torch.compile's
+``_orig_mod.`` or DDP's ``module.``. A weight's draws thus depend only on the seed and its
+name: not on the device, a wrapper, a second parent, nor on the other layers (adding a
+layer changes no other). ``generator=`` draws everything from one
 generator in MMEngine's order instead; with ``torch.Generator().manual_seed(k)`` the
 values equal MMEngine's ``initialize`` after ``torch.manual_seed(k)``, bit for bit.
 
 `TruncNormal` uses MMEngine's inverse-CDF sampler (``mmengine...trunc_normal_``, one
 uniform draw per element), not torch 2.13's rejection sampler: same distribution,
-MMEngine's bits. The report is exact (it records every write), where MMEngine infers
-it from a change of the parameter's mean: a bias reset to the same 0 by an override is
-reported as MMEngine's earlier initialiser there, as the override here.
+MMEngine's bits for float32 / float64 weights except at the uniform's endpoint -1 (about 1
+in 2**24 float32 draws when ``a`` is far below the mean): MMEngine's ``erfinv(-1) = -inf``
+puts the weight at ``a`` (-2: 100 std at std=0.02), here the uniform stays inside (-1, 1)
+(-5.4 std). bf16 / fp16 weights get the float32 draw, rounded: MMEngine draws in their
+dtype, which rounds values near ±1 to ±1, putting thousands of a layer's weights at ``a``
+or ``b`` (``generator=`` differs from MMEngine there).
+
+The report is exact (it records every write), where MMEngine infers it from a change of
+the parameter's mean: a bias reset to the same 0 by an override is reported as MMEngine's
+earlier initialiser there, as the override here.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -101,15 +114,29 @@ def trunc_normal_(
     b: float = 2.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """MMEngine's truncated normal: uniform in CDF space, inverse CDF, clamp to ``[a, b]``."""
+    """MMEngine's truncated normal: uniform in CDF space, inverse CDF, clamp to ``[a, b]``.
+
+    Unlike MMEngine's, the uniform is drawn in float32 at least and kept strictly inside
+    (-1, 1): ``erfinv(±1) = ±inf``, clamped, put weights at ``a`` / ``b`` (-2 / 2: 100 std at
+    std=0.02); a float32 draw hits -1 about once in 2**24, a bf16 / fp16 one rounds thousands
+    of values near ±1 to ±1. A float32 / float64 tensor gets MMEngine's bits except at that
+    endpoint; a bf16 / fp16 one the float32 draw, rounded.
+    """
 
     def cdf(x: float) -> float:
         return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
 
+    if not t.is_floating_point():
+        raise ValueError(f"trunc_normal_: needs a floating-point tensor, got {t.dtype}")
     lo, hi = cdf((a - mean) / std), cdf((b - mean) / std)
+    work = torch.promote_types(t.dtype, torch.float32)  # float64 stays float64
+    edge = 1 - torch.finfo(work).eps / 2  # the largest float below 1
     with torch.no_grad():
-        t.uniform_(2 * lo - 1, 2 * hi - 1, generator=generator)
-        t.erfinv_().mul_(std * math.sqrt(2.0)).add_(mean).clamp_(min=a, max=b)
+        u = t if work == t.dtype else torch.empty_like(t, dtype=work)  # keeps the layout
+        u.uniform_(2 * lo - 1, 2 * hi - 1, generator=generator).clamp_(-edge, edge)
+        u.erfinv_().mul_(std * math.sqrt(2.0)).add_(mean).clamp_(min=a, max=b)
+        if u is not t:
+            t.copy_(u)
     return t
 
 
@@ -432,10 +459,15 @@ class _Run:
         self.writes: dict[str, list[str]] = {n: [] for n, _ in model.named_parameters()}
         # a param reached through another path (a shared submodule) is reported under its name
         self.names = {id(p): n for n, p in model.named_parameters()}
+        self.wrapper = _wrapper_prefix(model)
 
-    def gen(self, name: str) -> torch.Generator:
+    def gen(self, w: torch.Tensor, path: str) -> torch.Generator:
+        """The weight's generator: keyed by its canonical name (its first name in
+        ``named_parameters()``, less a torch.compile / DDP wrapper's prefix), not by the path
+        that reached it, so neither a second parent of a shared module nor a wrapper changes it."""
         if self.generator is not None:
             return self.generator
+        name = self.names.get(id(w), path).removeprefix(self.wrapper)
         g = torch.Generator()
         g.manual_seed(fold_in(self.seed, _TAG, zlib.crc32(name.encode())))
         return g
@@ -444,6 +476,21 @@ class _Run:
         name = self.names.get(id(tensor))
         if name is not None:
             self.writes[name].append(info)
+
+
+def _wrapper_prefix(model: nn.Module) -> str:
+    """The prefix wrappers add to every name: ``_orig_mod.`` (torch.compile), ``module.`` (DDP)."""
+    # torch.compile's class, only if torch.compile ran (importing torch._dynamo takes seconds)
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(eval_frame, "OptimizedModule", ())
+    prefix = ""
+    while True:
+        if isinstance(model, compiled):
+            prefix, model = prefix + "_orig_mod.", model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            prefix, model = prefix + "module.", model.module
+        else:
+            return prefix
 
 
 def _post_order(m: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
@@ -465,7 +512,7 @@ def _fill_module(spec: _Init, m: nn.Module, prefix: str, run: _Run) -> None:
         else:
             tmp = torch.empty(w.shape, dtype=w.dtype)
         try:
-            spec.fill(tmp, run.gen(name))
+            spec.fill(tmp, run.gen(w, name))
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"init: {type(spec).__name__} on {name} {tuple(w.shape)}: {e}") from e
         w.copy_(tmp)
@@ -493,6 +540,26 @@ def _run_spec(spec: Spec, module: nn.Module, prefix: str, run: _Run, whole: bool
         if sub is None:  # the parent's args, on the whole submodule
             sub = dataclasses.replace(spec, layer=(), override={})
         _run_spec(sub, target, f"{prefix}{sub_name}.", run, whole=True)
+
+
+def _check_selects(spec: Spec, module: nn.Module, scope: str, strict: bool) -> None:
+    """A ``layer`` that matches no module (a typo, ``"linear"``) initialised nothing, silently:
+    raise before anything is written, or warn (``strict=False``: a scope of a mapping, which may
+    port a nested BaseModule's default ``init_cfg`` naming a layer that module lacks, which
+    MMEngine skips without a word)."""
+    if not isinstance(spec, _Init) or not spec.layer:
+        return
+    if any(spec.matches(m) for m in module.modules()):
+        return
+    layers = [x if isinstance(x, str) else x.__name__ for x in cast(tuple, spec.layer)]
+    msg = (
+        f"init: {type(spec).__name__}(layer={layers}) selects no module of "
+        f"{scope or 'the model'}: layer names a module class or a direct base (case-sensitive); "
+        f"its module classes are {sorted({type(m).__name__ for m in module.modules()})}"
+    )
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def _load(spec: Pretrained, module: nn.Module, at: str, run: _Run) -> None:
@@ -571,14 +638,17 @@ def apply(
                 f"'type' (one of {sorted(_TYPES)})"
             )
         scopes = {k: _specs(v, where=f"init.apply specs[{k!r}]") for k, v in specs.items()}
+        strict = False  # nested init_cfg: a default may name a layer its scope lacks
     else:
         scopes = {"": _specs(specs, where="init.apply specs")}
-    for name in scopes:
-        if name:
-            try:
-                model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"init.apply: the model has no submodule {name!r}") from None
+        strict = True
+    for name, scope_specs in scopes.items():
+        try:
+            scope = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"init.apply: the model has no submodule {name!r}") from None
+        for s in scope_specs:
+            _check_selects(s, scope, name, strict)
     run = _Run(model, seed, generator)
 
     def visit(module: nn.Module, name: str) -> None:

@@ -540,3 +540,112 @@ def test_a_pretrained_prefix_matching_nothing_names_the_prefix(tmp_path):
     with pytest.raises(Exception, match=r"Pretrained\(.*prefix='backbone'\) into the model loads "
                        r"nothing: no weight of the file under 'backbone\.'"):  # fmt: skip
         init.apply(nn.Linear(3, 2), init.Pretrained(path, prefix="backbone"))
+
+
+# ------------------------------------------------ truncation bounds, selection, name keys
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_trunc_normal_of_a_half_precision_weight_keeps_its_std_off_the_bounds(dtype):
+    """A bf16 / fp16 weight was drawn in its own dtype: values near ±1 in CDF space rounded to
+    ±1, erfinv gave ±inf, clamped to ±2 (100 std): bf16 std 0.0905, 2050 weights above 0.2."""
+    lin = nn.Linear(1024, 1024).to(dtype)
+    init.apply(lin, init.TruncNormal(layer="Linear", std=0.02), seed=0)
+    w = lin.weight.float()
+    assert abs(w.std().item() - 0.02) < 0.02 * 0.02
+    assert w.abs().max().item() < 8 * 0.02
+    # the float32 draw, rounded: per-name keys and one generator alike
+    lin32 = nn.Linear(1024, 1024)
+    init.apply(lin32, init.TruncNormal(layer="Linear", std=0.02), seed=0)
+    assert torch.equal(lin.weight, lin32.weight.to(dtype))
+    g = torch.Generator
+    half = init.trunc_normal_(
+        torch.empty(64, 33, dtype=dtype), std=0.02, generator=g().manual_seed(5)
+    )
+    full = init.trunc_normal_(torch.empty(64, 33), std=0.02, generator=g().manual_seed(5))
+    assert torch.equal(half, full.to(dtype))
+
+
+def test_trunc_normal_of_a_float32_weight_never_lands_on_the_bound():
+    """A float32 uniform draw is exactly -1 about once in 2**24: erfinv gave -inf, clamped to
+    a=-2 (100 std). Seed 1 hits it in a Linear(1024, 1024); MMEngine's sampler, with the same
+    draws, still puts that weight at -2.0. Every other weight keeps MMEngine's bits."""
+    lin = nn.Linear(1024, 1024, bias=False)
+    init.apply(lin, init.TruncNormal(layer="Linear", std=0.02), seed=1)
+    torch.manual_seed(fold_in(1, init._TAG, zlib.crc32(b"weight")))
+    theirs = mm.trunc_normal_(torch.empty(1024, 1024), std=0.02)
+    at_bound = theirs == -2.0
+    assert at_bound.sum().item() == 1
+    w = lin.weight.detach()
+    assert torch.equal(w[~at_bound], theirs[~at_bound])
+    assert w.abs().max().item() < 8 * 0.02
+    # the float32 next above -1 instead: erfinv(-(1 - 2**-24)) * sqrt(2) = -5.42 std
+    assert w[at_bound].item() == pytest.approx(-5.42 * 0.02, rel=1e-3)
+
+
+def test_a_layer_that_selects_no_module_raises_naming_it_and_the_module_classes():
+    """init.Kaiming(layer="Conv") (for Conv2d) or layer="linear" initialised nothing, silently."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2))
+    before = copy.deepcopy(model.state_dict())
+    classes = "its module classes are ['Conv2d', 'Linear', 'Sequential']"
+    cases = [
+        (init.Kaiming(layer="Conv"), "Kaiming(layer=['Conv'])"),
+        (dict(type="Normal", layer="linear"), "Normal(layer=['linear'])"),
+        ([init.Normal(layer="Linear"), init.Kaiming(layer=[nn.Conv1d, "BatchNorm2d"])],
+         "Kaiming(layer=['Conv1d', 'BatchNorm2d'])"),
+    ]  # fmt: skip
+    for specs, named in cases:
+        with pytest.raises(ValueError) as e:
+            init.apply(model, specs, seed=0)
+        assert str(e.value).startswith(f"init: {named} selects no module of the model: ")
+        assert str(e.value).endswith(classes)
+        _assert_same(model.state_dict(), before)  # refused before anything was written
+    # one of the listed layers matching is enough (a config naming BatchNorm2d and GroupNorm)
+    rep = init.apply(model, init.Normal(layer=["Linear", "GroupNorm"]), seed=0)
+    assert rep.last("1.weight").startswith("NormalInit")
+
+
+def test_a_scope_of_a_mapping_lacking_the_layer_warns_and_the_rest_applies():
+    """A mapping ports nested init_cfg: a BaseModule's default (Kaiming on Conv2d) on a module
+    without a conv is skipped by MMEngine without a word; here it warns, naming the scope."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2))
+    specs = {
+        "": init.Kaiming(layer="Conv2d"),
+        "1": [init.Kaiming(layer="Conv2d"), init.Normal(layer="Linear")],
+    }
+    with pytest.warns(UserWarning) as said:
+        rep = init.apply(model, specs, seed=0)
+    (msg,) = [str(w.message) for w in said]
+    assert msg == (
+        "init: Kaiming(layer=['Conv2d']) selects no module of 1: layer names a module class or a "
+        "direct base (case-sensitive); its module classes are ['Linear']"
+    )
+    assert rep.last("0.weight").startswith("KaimingInit")
+    assert rep.last("1.weight").startswith("NormalInit")
+
+
+def test_per_name_values_are_keyed_by_the_parameter_name_not_the_path_or_a_wrapper():
+    """A module shared as p1.0 and p2.0 was keyed by the last path (p2.0.weight): renaming the
+    second parent changed p1.0.weight; torch.compile's _orig_mod. prefix changed every value."""
+
+    class TwoParents(nn.Module):
+        def __init__(self, second: str) -> None:
+            super().__init__()
+            shared = nn.Linear(4, 4)
+            self.p1 = nn.Sequential(shared)
+            setattr(self, second, nn.Sequential(shared))
+
+    spec = init.Normal(layer="Linear")
+    a, b = TwoParents("p2"), TwoParents("zz")
+    init.apply(a, spec, seed=0)
+    init.apply(b, spec, seed=0)
+    g = torch.Generator().manual_seed(fold_in(0, init._TAG, zlib.crc32(b"p1.0.weight")))
+    want = nn.init.normal_(torch.empty(4, 4), generator=g)
+    assert torch.equal(a.p1[0].weight, want) and torch.equal(b.p1[0].weight, want)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    init.apply(plain, spec, seed=0)
+    for wrap in (torch.compile, nn.DataParallel):  # _orig_mod., module. (CPU: no replicas)
+        inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        rep = init.apply(wrap(inner), spec, seed=0)
+        _assert_same(inner.state_dict(), plain.state_dict())
+        assert all(rep.writes.values())
