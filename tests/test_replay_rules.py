@@ -387,3 +387,26 @@ def test_replay_averages_buffers_where_fit_does(horizon, averages, monkeypatch):
     stop = (p.total_steps, 2, 0) if "max_epochs" in horizon else (7, 0, 7)
     run_leg(exp.state, exp, leg, stop, {}, Progress(lambda s: None, 0, p.total_steps, tty=False))
     assert len(calls) == averages
+
+
+def test_state_digest_is_the_recorded_layout_so_old_run_logs_still_match():
+    """The digest old run logs hold: SHA-256 over each leaf's path, then a tensor's dtype and
+    shape and its raw bytes (a number as JSON), computed here by hand from copied bytes."""
+    import hashlib
+    import json
+
+    import torch.utils._pytree as pytree
+
+    state = fe.TrainState.create(
+        torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    )
+    state = state.replace(params={**state.params, "0.weight": state.params["0.weight"].bfloat16()})
+    h = hashlib.sha256()
+    for path, leaf in pytree.tree_flatten_with_path(state)[0]:
+        h.update(pytree.keystr(path).encode())
+        if isinstance(leaf, torch.Tensor):
+            h.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
+            h.update(bytes(leaf.detach().contiguous().reshape(-1).view(torch.uint8).tolist()))
+        else:
+            h.update(json.dumps(leaf).encode())
+    assert state_digest(state) == h.hexdigest()

@@ -78,7 +78,8 @@ def state_digest(state: TrainState) -> str:
         if isinstance(leaf, torch.Tensor):
             t = leaf.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():  # hashed in place: no copy of the tensor's bytes
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
         else:
             h.update(json.dumps(leaf).encode())
     return h.hexdigest()

@@ -149,6 +149,10 @@ class _Averaged(Wrapper):
                     src_b=[new.buffers[n] for n in e.buffers],
                     avg_b=list(e.buffers.values()),
                 )
+                floats = [n for n, a in e.buffers.items() if a.is_floating_point()]
+                cache.update(  # averaged; the others (step counters) are copied
+                    src_fb=[new.buffers[n] for n in floats], avg_fb=[e.buffers[n] for n in floats]
+                )
             src_b, avg_b = cache["src_b"], cache["avg_b"]
             started = self._started(new)
             with torch.no_grad():
@@ -158,11 +162,8 @@ class _Averaged(Wrapper):
                         torch._foreach_copy_(avg_b, src_b)
                 elif e.steps % interval == 0:
                     self._average(cache["avg"], cache["src"], e.steps)
-                    floats = [
-                        (a, b) for a, b in zip(avg_b, src_b) if a.is_floating_point()
-                    ]  # not step counters
-                    if floats:
-                        self._average([a for a, _ in floats], [b for _, b in floats], e.steps)
+                    if cache["avg_fb"]:
+                        self._average(cache["avg_fb"], cache["src_fb"], e.steps)
             steps = e.steps + 1 if started else e.steps
             return new.replace(
                 extra={**new.extra, name: EmaState(e.params, e.buffers, steps)}
