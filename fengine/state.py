@@ -82,10 +82,14 @@ class TrainState:
         *unexpected: Any,
         seed: int = 0,
         device: str | torch.device | None = None,
+        copy: bool = True,
     ) -> TrainState:
         """Take params and buffers from ``model`` (copied, to ``device`` if given); no optimizer or wrapper state.
 
-        A model sharded by FSDP (`fengine.distributed.shard`) is not copied: the state holds
+        ``copy=False``: the state holds the module's own tensors where they already are on
+        ``device`` (no second copy of the weights in memory); training updates them in place,
+        so the module holds the live weights as it trains, as in a hand-written loop.
+        A model sharded by FSDP (`fengine.distributed.shard`) is never copied: the state holds
         the module's own sharded parameters and buffers, which FSDP all-gathers from.
 
         The low-level constructor behind `fengine.Step.init`, which is how a
@@ -107,16 +111,18 @@ class TrainState:
                 f"TrainState.create: seed must be a non-negative int below 2**63 (the compiled "
                 f"step carries it in an int64 tensor), got {seed!r}"
             )
+        if not isinstance(copy, bool):
+            raise TypeError(f"TrainState.create: copy must be a bool, got {copy!r}")
         if is_sharded(model):  # FSDP all-gathers from the module's own params: share, never copy
             params, buffers = shared_tensors(model, device)
             return cls(params=params, buffers=buffers, seed=seed, model=model)
         to = None if device is None else torch.device(device)
         params = {
-            name: p.detach().to(to or p.device, copy=True).requires_grad_(p.requires_grad)
+            name: p.detach().to(to or p.device, copy=copy).requires_grad_(p.requires_grad)
             for name, p in model.named_parameters()
         }
         buffers = {
-            name: b.detach().to(to or b.device, copy=True) for name, b in model.named_buffers()
+            name: b.detach().to(to or b.device, copy=copy) for name, b in model.named_buffers()
         }
         return cls(step=0, params=params, buffers=buffers, seed=seed, model=model)
 

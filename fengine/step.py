@@ -481,15 +481,24 @@ class Step:
         return fn
 
     def init(
-        self, model: nn.Module, *, seed: int = 0, device: str | torch.device | None = None
+        self,
+        model: nn.Module,
+        *,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        copy: bool = True,
     ) -> TrainState:
         """The state this step trains: ``model``'s params and buffers (copied to ``device``, default:
         where they are), the optimizer state of every part and the state of every wrapper that
         keeps one, on the same device. The module itself stays where it is: the step binds the
-        state's tensors into it."""
+        state's tensors into it, and it keeps its initial weights until `TrainState.load_into`.
+
+        ``copy=False`` saves the copy (one model's worth of memory): the state holds the module's
+        own tensors (those already on ``device``), which a donating step updates in place, so the
+        module holds the live weights as it trains; build one state per module this way."""
         if device is not None:
             device = parse_device(device, "step.init")
-        state = TrainState.create(model, seed=seed, device=device)
+        state = TrainState.create(model, seed=seed, device=device, copy=copy)
         state = state.replace(opt_state=self._init_opt(state.params))
         state = state.replace(
             extra={w.name: w.init(state, self.parts) for w in self.wrappers if w.name}

@@ -320,3 +320,26 @@ def test_bind_names_a_missing_tensor_and_leaves_the_module_as_it_was():
             pass
     assert all(dict(model.named_parameters())[n] is p for n, p in own.items())
     assert all(dict(model.named_buffers())[n] is b for n, b in own_buffers.items())
+
+
+def test_init_without_a_copy_trains_the_modules_own_tensors_bit_for_bit():
+    """``copy=False``: the state holds the module's tensors (no second copy of the weights), a
+    donating step updates them in place (the module holds the live weights, as in a hand-written
+    loop), and the run is bitwise the default (copying) one's."""
+    step = fe.train_step(ce_loss, optim.adamw(1e-2, weight_decay=0.1), fe.ema(0.9))
+    copied = step.init(mlp(), seed=0)
+    model = mlp()
+    shared = step.init(model, seed=0, copy=False)
+    own = dict(model.named_parameters())
+    assert all(t.data_ptr() == own[n].data_ptr() for n, t in shared.params.items())
+    assert all(t.data_ptr() != own[n].data_ptr() for n, t in copied.params.items())
+    for batch in mlp_batches(5):
+        copied, _ = step(copied, batch)
+        shared, _ = step(shared, batch)
+    assert_dicts_equal(copied.params, shared.params, "params")
+    assert_dicts_equal(copied.extra["ema"].params, shared.extra["ema"].params, "ema")
+    assert_dicts_equal(
+        {n: p.detach() for n, p in model.named_parameters()}, shared.params, "module"
+    )
+    with pytest.raises(TypeError, match="copy must be a bool, got 'no'"):
+        step.init(mlp(), copy="no")
