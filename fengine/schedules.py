@@ -726,6 +726,7 @@ def warmup(
     if kind == "linear":
         head: Schedule = Linear(schedule.base, start_factor, 1.0, begin=0, end=steps + 1)
     elif kind == "constant":
+        _real("warmup", "start_factor", start_factor, ge=0.0, le=1.0)  # not Constant's "factor"
         head = Constant(schedule.base, start_factor, begin=0, end=steps + 1)
     else:
         _fail("warmup", "kind", kind, "'linear' or 'constant'")
@@ -738,11 +739,15 @@ def convert_to_iter_based(schedule: Schedule, steps_per_epoch: int | None = None
     Multiplies ``begin``, ``end`` and the period arguments by ``steps_per_epoch`` (default:
     the schedule's own; if given it must match) and sets ``by_epoch=False``. Factors are
     not rescaled: a converted `exponential` decays by ``gamma`` per *step*, as in MMEngine.
-    In a `join`, the by-epoch parts are converted and the others kept.
+    In a `join`, the by-epoch parts are converted and the others kept. A
+    `fengine.optim.scale_lr` schedule is converted inside and scaled as before (the order
+    of the two does not matter).
     """
+    from fengine.optim.scaling import ScaledSchedule  # (it builds on this module)
+
     where = "convert_to_iter_based"
     if isinstance(schedule, Join):
-        by_epoch = [getattr(p, "by_epoch", False) for p in schedule.parts]
+        by_epoch = [bool(epoch_schedules(p)) for p in schedule.parts]
         if not any(by_epoch):
             _fail(where, "schedule", schedule, "a join with at least one by_epoch=True part")
         parts = tuple(
@@ -750,6 +755,9 @@ def convert_to_iter_based(schedule: Schedule, steps_per_epoch: int | None = None
             for p, e in zip(schedule.parts, by_epoch)
         )
         return Join(schedule.base, parts)
+    if isinstance(schedule, ScaledSchedule):  # the base stays schedule.base * scale
+        inner = convert_to_iter_based(schedule.schedule, steps_per_epoch)
+        return dataclasses.replace(schedule, schedule=inner)
     if not isinstance(schedule, _Windowed):
         raise TypeError(f"{where}: schedule must be a fengine schedule, got {schedule!r}")
     if not schedule.by_epoch:

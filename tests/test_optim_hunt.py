@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fengine as fe
-from fengine import checkpoint, optim
+from fengine import checkpoint, optim, schedules as S
 from fengine.optim.base import step_params
 
 
@@ -225,3 +225,160 @@ def test_unschedulable_hyper_refused_with_its_name(make, name):
 def test_sgd_dampening_must_be_a_number():
     with pytest.raises(TypeError, match=r"sgd: dampening must be a number, got '0\.1'"):
         optim.sgd(0.1, momentum=0.9, dampening="0.1")
+
+
+# ---------------------------------------------------------------- an update without gradients
+def _loss_head(m, batch):
+    return m["body"](batch["x"]).pow(2).mean()
+
+
+def _loss_aux(m, batch):
+    """Reaches the ``aux`` part's params only on batches that carry its target."""
+    out = m["body"](batch["x"]).pow(2).mean()
+    return out + m["aux"](batch["x"]).pow(2).mean() if batch["has_aux"] else out
+
+
+@pytest.mark.parametrize(
+    "make_tx, make_opt",
+    [
+        (
+            lambda: optim.sgd(0.1, momentum=0.9, dampening=0.1),
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, foreach=True),
+        ),
+        (
+            lambda: optim.adamw(1e-2),
+            lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+        ),
+        (
+            lambda: optim.from_torch(torch.optim.NAdam, lr=1e-2),
+            lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+        ),
+    ],
+    ids=["sgd_momentum", "adamw", "from_torch_nadam"],
+)
+def test_multi_step_part_without_gradients_is_torch_no_op(make_tx, make_opt):
+    """A part whose loss reaches none of its params: torch.optim's ``step()`` changes nothing
+    (no step count moves), so later updates (the momentum buffer's start, bias corrections)
+    are bitwise those of torch; the first update of ``aux`` is the step-0 one, empty."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(4, 1), "aux": nn.Linear(4, 1)})
+    ref = nn.ModuleDict({"body": nn.Linear(4, 1), "aux": nn.Linear(4, 1)})
+    ref.load_state_dict(model.state_dict())
+    step = fe.multi_step(
+        {"body": (_loss_head, optim.sgd(0.1), "body"), "aux": (_loss_aux, make_tx(), "aux")}
+    )
+    state = step.init(model, seed=0)
+    opt_body = torch.optim.SGD(ref["body"].parameters(), lr=0.1, foreach=True)
+    opt_aux = make_opt(list(ref["aux"].parameters()))
+    g = torch.Generator().manual_seed(1)
+    for has_aux in [False, True, False, True, True]:
+        batch = {"x": torch.randn(8, 4, generator=g), "has_aux": has_aux}
+        state, _ = step(state, batch)
+        for loss_fn, opt in [(_loss_head, opt_body), (_loss_aux, opt_aux)]:
+            ref.zero_grad(set_to_none=True)
+            loss_fn(ref, batch).backward()
+            opt.step()
+    assert state.opt_state["aux"].num_updates == 3
+    for n, p in ref.named_parameters():
+        assert torch.equal(state.params[n], p.detach()), n
+
+
+def test_step_params_without_gradients_reports_the_scheduled_lr():
+    """No gradient: params and state as they were, but the lr reported at this step."""
+    tx = optim.adam(lambda t: 0.1 / (t + 1))
+    params = {"w": torch.ones(3)}
+    state = tx.init(params)
+    new, new_state = step_params(tx, {}, state, params, step=4)
+    assert new is params and torch.equal(params["w"], torch.ones(3))
+    assert new_state.num_updates == 0 and new_state.missed == {}
+    assert new_state.lr == pytest.approx(0.02)
+
+
+# ---------------------------------------------------------------- past 2**24 updates
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "make_tx, make_opt, moments",
+    [
+        (
+            lambda: optim.adam(0.1, b2=1 - 1e-8),
+            lambda ps: torch.optim.Adam(ps, lr=0.1, betas=(0.9, 1 - 1e-8), foreach=True),
+            ("exp_avg", "exp_avg_sq"),
+        ),
+        (
+            lambda: optim.adamw(0.1, b2=1 - 1e-8, amsgrad=True),
+            lambda ps: torch.optim.AdamW(
+                ps, lr=0.1, betas=(0.9, 1 - 1e-8), amsgrad=True, foreach=True
+            ),
+            ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        ),
+        (
+            lambda: optim.adagrad(0.1, lr_decay=1e-6),
+            lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=1e-6, foreach=True),
+            ("sum",),
+        ),
+    ],
+    ids=["adam", "adamw_amsgrad", "adagrad"],
+)
+def test_foreach_step_count_past_2_24_bitwise(make_tx, make_opt, moments, default_dtype):
+    """torch's foreach ``state['step']`` is float32 (float64 under a float64 default dtype):
+    it stops at 2**24, so the bias corrections / lr decay stop there too. ``v`` missed two
+    updates, so its own count crosses 2**24 one update later."""
+    n = 2**24
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        g = torch.Generator().manual_seed(0)
+        init = {k: torch.randn(5, generator=g, dtype=torch.float64) for k in ("w", "v")}
+        steps = [{k: torch.randn(5, generator=g, dtype=torch.float64) for k in init} for _ in "abc"]
+        tp = _torch_params(init)
+        opt = make_opt(list(tp.values()))
+        for p in tp.values():  # one update of zeros makes torch's state, then both are moved on
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        tx = make_tx()
+        fp = {k: v.clone() for k, v in init.items()}
+        state = tx.init(fp)
+        with torch.no_grad():
+            for k, p in tp.items():
+                p.copy_(init[k])
+                opt.state[p]["step"].fill_(n - (2 if k == "v" else 0))
+                for field in moments:
+                    opt.state[p][field].fill_(0.5)
+                    getattr(state, field)[k].fill_(0.5)
+        state = state._replace(num_updates=n, missed={"v": 2})
+        for t, grads in enumerate(steps):
+            for k, p in tp.items():
+                p.grad = grads[k].clone()
+            opt.step()
+            fp, state = step_params(tx, {k: v.clone() for k, v in grads.items()}, state, fp, step=t)
+            for k, p in tp.items():
+                assert torch.equal(fp[k], p.detach()), (t, k)
+    finally:
+        torch.set_default_dtype(old)
+    assert opt.state[tp["w"]]["step"].item() == (n if default_dtype == torch.float32 else n + 3)
+
+
+# ---------------------------------------------------------------- nesterov with a momentum schedule
+@pytest.mark.parametrize(
+    "momentum, dampening, shown",
+    [
+        (S.linear(0.9, 0.5, end=10), 0.1, r"momentum=Linear\(base=0\.9.*dampening=0\.1$"),
+        (_schedule, 0.5, r"momentum=<function _schedule .*dampening=0\.5$"),
+        (S.constant(0.0, 1.0), 0.0, r"momentum=Constant\(base=0\.0.*dampening=0\.0$"),
+    ],
+    ids=["schedule_dampening", "callable_dampening", "schedule_base_0"],
+)
+def test_sgd_nesterov_checks_a_momentum_schedule(momentum, dampening, shown):
+    """torch's SGD refuses nesterov with dampening != 0 or momentum <= 0 (a fengine schedule's
+    base is the momentum MMEngine builds the optimizer with)."""
+    with pytest.raises(
+        ValueError, match=r"sgd: nesterov=True requires momentum > 0 and dampening = 0"
+    ):
+        optim.sgd(0.1, momentum=momentum, dampening=dampening, nesterov=True)
+    with pytest.raises(ValueError, match=shown):
+        optim.sgd(0.1, momentum=momentum, dampening=dampening, nesterov=True)
+
+
+def test_sgd_nesterov_accepts_a_momentum_schedule_from_zero():
+    """MMEngine builds SGD with its initial momentum (0.9) and may schedule 0 at step 0."""
+    optim.sgd(0.1, momentum=S.linear(0.9, 0.0, end=10), nesterov=True)

@@ -1105,3 +1105,45 @@ def test_scaled_opaque_callable_is_multiplied():
     assert Scaled(3.0, sched)(9) != 3.0 * sched(9)
     want = 0.01 + (0.3 - 0.01) * (1 + math.cos(math.pi * 9 / 10)) / 2  # cosine on base 0.3
     assert math.isclose(Scaled(3.0, sched)(9), want, rel_tol=1e-12)
+
+
+MOMENTUM_CASES = [
+    (
+        "linear",
+        S.linear(0.9, 0.5, end=11),
+        [lambda o: ms.LinearMomentum(o, start_factor=0.5, end=11, by_epoch=False)],
+    ),
+    (
+        "linear + cosine eta_min",
+        S.join(S.linear(0.9, 0.5, end=11), S.cosine(0.9, eta_min=0.1, begin=10, end=30)),
+        [
+            lambda o: ms.LinearMomentum(o, start_factor=0.5, end=11, by_epoch=False),
+            lambda o: ms.CosineAnnealingMomentum(
+                o, T_max=20, eta_min=0.1, begin=10, end=30, by_epoch=False
+            ),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "schedule,makers", [c[1:] for c in MOMENTUM_CASES], ids=[c[0] for c in MOMENTUM_CASES]
+)
+def test_custom_keys_momentum_option_is_scheduled_as_mmengine(schedule, makers, monkeypatch):
+    """``custom_keys`` ``momentum=0.5`` is the group's initial momentum, which MMEngine's momentum
+    schedulers run on (0.25 at step 0 under LinearMomentum(start_factor=0.5)): not a constant."""
+    model = make_net()
+    cfg = dict(custom_keys={"head": dict(lr_mult=2.0, momentum=0.5)})
+    theirs = _mm_group_values(model, cfg, makers, monkeypatch, key="momentum", n=32)
+    g = paramwise(model, lr=0.05, weight_decay=1e-3, **cfg)
+    tx = g.build(sgd, momentum=schedule)
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state = tx.init(params)
+    labels = g.labels()
+    assert theirs["head.0.weight"][0] == 0.25 and theirs["backbone.layer0.weight"][0] == 0.45
+    for t in range(32):
+        grads = {n: torch.ones_like(p) for n, p in params.items()}
+        params, state = step_params(tx, grads, state, params, step=t)
+        for name, want in theirs.items():
+            got = state.inner[labels[name]].momentum
+            assert math.isclose(got, want[t], rel_tol=1e-12), (name, t, got, want[t])

@@ -564,6 +564,41 @@ def test_convert_join_converts_epoch_parts_only():
     assert_matches(converted, expected)
 
 
+def test_convert_scaled_schedule_converts_inside_and_keeps_the_scale():
+    """scale_lr then convert_to_iter_based = convert then scale_lr, alone or in a join (the
+    scaled part counted as by-epoch, also when it is the join's only one)."""
+    spe = 100
+    cos = S.cosine(BASE, end=10, by_epoch=True, steps_per_epoch=spe)
+    sizes = dict(base_batch_size=256, batch_size=128)
+    scaled = optim.scale_lr(cos, **sizes)
+    expected = optim.scale_lr(S.convert_to_iter_based(cos), **sizes)
+    converted = S.convert_to_iter_based(scaled)
+    assert converted == expected and converted.schedule.end == 1000
+    assert [converted(t) for t in (0, 1, 50, 999)] == [expected(t) for t in (0, 1, 50, 999)]
+    assert converted(1) < converted(0)  # per step, not per epoch
+    for head in (
+        S.linear(scaled.base, 0.1, end=50),
+        S.linear(scaled.base, 0.1, end=5, by_epoch=True, steps_per_epoch=spe),
+    ):
+        joined = S.convert_to_iter_based(S.join(head, scaled))
+        assert joined.parts[1] == expected
+        assert not joined.parts[0].by_epoch
+
+
+def test_convert_scaled_schedule_without_epochs_names_by_epoch():
+    scaled = optim.scale_lr(S.cosine(BASE, end=10), base_batch_size=256, batch_size=128)
+    with pytest.raises(ValueError, match=r"schedule\.by_epoch must be True"):
+        S.convert_to_iter_based(scaled)
+    with pytest.raises(ValueError, match="at least one by_epoch=True part"):
+        S.convert_to_iter_based(S.join(S.linear(scaled.base, 0.1, end=5), scaled))
+
+
+@pytest.mark.parametrize("kind", ["linear", "constant"])
+def test_warmup_bad_start_factor_is_named(kind):
+    with pytest.raises(ValueError, match=r"start_factor must be .*<= 1\.0, got 2"):
+        S.warmup(S.step(0.1, 5), steps=5, start_factor=2, kind=kind)
+
+
 # ------------------------------------------------------------------ hand-computed values
 def test_hand_computed_points():
     warm = S.linear(2.0, 0.001, end=50)

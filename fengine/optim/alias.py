@@ -53,6 +53,7 @@ from fengine.optim.base import (
     resolver,
     update_via_apply,
 )
+from fengine.schedules import Schedule
 from fengine.sharding import foreach_copy_
 from fengine.step_check import counter, counts_within, shaped_like
 
@@ -118,6 +119,14 @@ def _optimizer(init_fn, apply_fn, **reported: Hyper) -> GradientTransformation:
 _FUSED_MAX_STEP = 2**24
 
 
+def _foreach_max_step() -> float:
+    """Where torch's foreach Adam / Adagrad step stops growing: its ``state['step']`` is a
+    float32 tensor (stuck at 2**24) unless the default dtype is float64 when the state is made
+    (`torch.optim.optimizer._get_scalar_dtype`; read here at each update, as the state's
+    making is torch's first step)."""
+    return math.inf if torch.get_default_dtype() == torch.float64 else float(_FUSED_MAX_STEP)
+
+
 def _check_fused(params, where):
     """``torch.optim``'s fused precondition (`_device_dtype_check_for_fused`), as a ValueError at init."""
     devices = _get_fused_kernels_supported_devices()
@@ -174,11 +183,13 @@ def _counts(missed: dict[str, int], grads, num_updates: int) -> list[float] | No
 
 
 def _per_param(fn, num_updates, counts, n: int) -> list:
-    """``fn`` of each param's count: ``[fn(count) for count in counts]``, computed once when
-    they are all ``num_updates``."""
+    """``fn`` of each param's count as torch's foreach kernels read it (stuck at
+    `_foreach_max_step`): ``[fn(count) for count in counts]``, computed once when they are all
+    ``num_updates``."""
+    cap = _foreach_max_step()
     if counts is None:
-        return [fn(float(num_updates))] * n
-    return [fn(c) for c in counts]
+        return [fn(min(float(num_updates), cap))] * n
+    return [fn(min(c, cap)) for c in counts]
 
 
 def _missed(missed: dict[str, int], grads, every: Mapping[str, Any]) -> dict[str, int]:
@@ -230,6 +241,15 @@ def _starting(state: SgdState, grads) -> bool | set[str]:
     return True if len(new) == len(grads) else new or False
 
 
+def _no_momentum(momentum: Hyper) -> bool:
+    """Whether torch's SGD constructor would see momentum <= 0: a number <= 0, or a fengine
+    schedule whose base (MMEngine's initial momentum) is and which starts there. (Another
+    schedule may start at 0 under MMEngine with a positive initial value: not refused.)"""
+    if isinstance(momentum, Schedule):
+        return momentum.base <= 0 and momentum(0) <= 0
+    return not callable(momentum) and momentum <= 0
+
+
 def sgd(
     lr: Hyper,
     momentum: Hyper = 0.0,
@@ -245,9 +265,11 @@ def sgd(
     check_hyper("momentum", momentum, where=where)
     check_hyper("weight_decay", weight_decay, where=where)
     check_hyper("dampening", dampening, low=-math.inf, where=where, schedule=False)
-    if nesterov and not callable(momentum) and (momentum <= 0 or dampening != 0):
+    if nesterov and (dampening != 0 or _no_momentum(momentum)):
         raise ValueError(
-            f"sgd: nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum}, dampening={dampening}"
+            "sgd: nesterov=True requires momentum > 0 and dampening = 0 (torch: Nesterov "
+            f"momentum requires a momentum and zero dampening), got momentum={momentum!r}, "
+            f"dampening={dampening!r}"
         )
     uses_momentum = callable(momentum) or momentum != 0
     # torch starts the buffers at the first update with momentum != 0: the compiled step starts

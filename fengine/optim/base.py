@@ -190,8 +190,15 @@ def step_params(
 ) -> tuple[Params, Any]:
     """Update ``params`` with ``tx``: the fused ``apply`` when it has one, else update + add.
 
+    With no gradient at all (``grads`` empty: a `fengine.multi_step` part whose loss reached
+    none of its params) nothing is updated, as ``torch.optim``'s ``step()`` when every
+    ``.grad`` is None: params and state as they were, no update counted (so no param's own
+    count moves either), only the reported hyper-parameters moved to ``step`` (`report_at`).
+
     Grad mode is switched off by the flag itself, not a ``torch.no_grad()`` object: this
     runs on every step, and the object costs ~70 bytecodes to build, enter and leave."""
+    if not grads:
+        return params, report_at(tx, state, step)
     was_enabled = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:

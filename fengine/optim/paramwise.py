@@ -20,7 +20,9 @@ The `paramwise` rules (MMEngine 0.10.7 source; its docs differ in places):
 - ``custom_keys`` match by **substring** of the name (a top-level param as ``"." + name``);
   the longest key wins, ties go to the alphabetically first. A match sets ``lr_mult`` /
   ``decay_mult`` (default 1), gives its other entries (``momentum=...``) to that param's
-  optimizer, and turns off the type-wise rules below.
+  optimizer (a number over a scheduled ``build`` kwarg is the group's initial value, which
+  the schedule is rebuilt on, as MMEngine's schedulers), and turns off the type-wise rules
+  below.
 - lr: ``bias_lr_mult`` for a ``bias`` outside norm layers and deformable convs;
   ``dcn_offset_lr_mult`` (which wins) for the ``conv_offset`` convs of mmcv's
   ``DeformConv2d`` / ``ModulatedDeformConv2d`` (found by class name; mmcv is not imported).
@@ -140,6 +142,34 @@ def _rebase(schedule: Any, mult: float) -> Callable[[int], Any] | None:
     if isinstance(schedule, Schedule) and dataclasses.is_dataclass(schedule):
         return dataclasses.replace(schedule, base=schedule.base * mult)
     return None
+
+
+def _on_base(schedule: Any, value: float) -> Schedule | None:
+    """``schedule`` rebuilt on the base ``value`` (its factors kept, absolute targets as given),
+    or None if it is no fengine schedule (see `_option`)."""
+    if isinstance(schedule, ScaledSchedule):
+        return _on_base(schedule._rebased, value)
+    if isinstance(schedule, Join):
+        parts = [_on_base(p, value) for p in schedule.parts]
+        kept = tuple(p for p in parts if p is not None)
+        return Join(value, kept) if len(kept) == len(parts) else None
+    if isinstance(schedule, Schedule) and dataclasses.is_dataclass(schedule):
+        return dataclasses.replace(schedule, base=value)
+    return None
+
+
+def _option(shared: Any, value: Any) -> Any:
+    """A group's ``custom_keys`` option ``value`` over the kwarg ``shared`` of `ParamGroups.build`.
+
+    A number over a fengine schedule sets the group's initial value, which MMEngine's scheduler
+    then runs on (``momentum=0.5`` under ``LinearMomentum``): the schedule rebuilt on that
+    number. Otherwise the option replaces the kwarg.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        rebased = _on_base(shared, float(value))
+        if rebased is not None:
+            return rebased
+    return value
 
 
 def _scale(base: Hyper, mult: float) -> Hyper:
@@ -306,8 +336,9 @@ class ParamGroups:
 
         ``optimizer`` is e.g. `fengine.optim.sgd`; ``lr`` / ``weight_decay`` replace the
         base values; ``kwargs`` are shared by every group, overridden by a ``custom_keys``
-        entry's options. A group with no gradient in a step is skipped that step. With
-        ``mmengine_groups > 1`` its state is a `ParamGroupsState`, which also reports the
+        entry's options (a number over a fengine schedule: the schedule rebuilt on that
+        number, as MMEngine schedules the group from its own initial value). A group with
+        no gradient in a step is skipped that step. With ``mmengine_groups > 1`` its state is a `ParamGroupsState`, which also reports the
         base lr (MMEngine's ``base_lr``).
         """
         if not callable(optimizer):
@@ -323,7 +354,7 @@ class ParamGroups:
         transforms: dict[str, GradientTransformation] = {}
         labels: dict[str, str] = {}
         for g in plan:
-            kw = {**kwargs, **dict(g.options)}
+            kw = {**kwargs, **{k: _option(kwargs.get(k), v) for k, v in g.options}}
             try:
                 tx = optimizer(lr=g.lr, weight_decay=g.weight_decay, **kw)
             except (TypeError, ValueError) as e:
