@@ -72,8 +72,8 @@ class ScaledSchedule(Schedule):
     cosine towards ``eta_min_ratio * base``), while absolute targets given in the
     config (``eta_min`` of `cosine`, `cosine_restart` and `poly`) stay as written.
     This is ``schedule`` with its ``base`` (and, in a `join`, every part's) multiplied
-    by ``scale``. Build it with `scale_lr`; convert epoch units
-    (`schedules.convert_to_iter_based`) before scaling.
+    by ``scale``. Build it with `scale_lr`; `schedules.convert_to_iter_based` converts its
+    epoch units before or after scaling (the scaled schedule's inner one is converted).
     """
 
     _: KW_ONLY
