@@ -34,8 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -49,6 +48,8 @@ from fengine.optim.base import (
     Hyper,
     Params,
     check_hyper,
+    pick,
+    picker,
     resolve,
     resolver,
     update_via_apply,
@@ -80,21 +81,7 @@ def _zeros(params, names=None):
 
 
 def _pick(d, grads):
-    if torch.compiler.is_compiling():  # dynamo calls no itemgetter (nor, quietly, an lru_cache)
-        return [d[n] for n in grads]
-    return picker(tuple(grads))(d)
-
-
-@functools.lru_cache(maxsize=64)
-def picker(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], list]:
-    """``d -> [d[n] for n in names]`` in C (``operator.itemgetter``): optimizers pick their
-    per-param lists from several dicts on every update."""
-    if not names:
-        return lambda d: []
-    get = operator.itemgetter(*names)
-    if len(names) == 1:
-        return lambda d: [get(d)]
-    return lambda d: list(get(d))
+    return pick(d, tuple(grads))
 
 
 def _optimizer(init_fn, apply_fn, **reported: Hyper) -> GradientTransformation:

@@ -20,7 +20,9 @@ update is skipped), so schedules follow it the way torch/MMEngine schedulers do.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import operator
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
@@ -172,11 +174,35 @@ def check_hyper(
         raise ValueError(f"{where}: invalid {name} {probe!r}; expected a value {bound}")
 
 
+@functools.lru_cache(maxsize=64)
+def picker(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], list]:
+    """``d -> [d[n] for n in names]`` in C (``operator.itemgetter``): optimizers pick their
+    per-param lists from several dicts on every update."""
+    if not names:
+        return lambda d: []
+    get = operator.itemgetter(*names)
+    if len(names) == 1:
+        return lambda d: [get(d)]
+    return lambda d: list(get(d))
+
+
+def pick(d: Mapping[str, Any], names: tuple[str, ...]) -> list:
+    """``[d[n] for n in names]``, by a cached `picker` (a plain loop while dynamo traces: it
+    calls no itemgetter, nor, quietly, an lru_cache)."""
+    if torch.compiler.is_compiling():
+        return [d[n] for n in names]
+    return picker(names)(d)
+
+
+def subset(d: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``{n: d[n] for n in names}``, built in C (`pick`)."""
+    return dict(zip(names, pick(d, names)))
+
+
 def apply_updates(params: Params, updates: Updates) -> Params:
     """``params += updates`` in place (one foreach op); returns ``params``."""
-    names = list(updates)
     with torch.no_grad():
-        torch._foreach_add_([params[n] for n in names], list(updates.values()))
+        torch._foreach_add_(pick(params, tuple(updates)), list(updates.values()))
     return params
 
 
@@ -424,6 +450,9 @@ class PartitionState(NamedTuple):
     inner: dict[str, Any]
 
 
+_GROUPINGS_KEPT = 64  # a partition's cached groupings (by the set of params with a gradient)
+
+
 def partition(
     transforms: Mapping[str, GradientTransformation],
     labels: Mapping[str, str] | Callable[[str, torch.Tensor], str],
@@ -440,21 +469,30 @@ def partition(
     """
     transforms = dict(transforms)
     group_updates = {label: with_step(t.update) for label, t in transforms.items()}
-    cache: dict[tuple[str, ...], dict[str, list[str]]] = {}
+    label_of: dict[str, str] = {}  # each param labelled once
+    # groups by the names that got a gradient, which vary from update to update with a mixture
+    # of experts or a head used on some batches: bounded, oldest dropped first
+    cache: dict[tuple[str, ...], dict[str, tuple[str, ...]]] = {}
 
-    def groups_of(params: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    def groups_of(params: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:
         key = tuple(params)
         found = cache.get(key)
         if found is None:
-            found = {label: [] for label in transforms}
+            members: dict[str, list[str]] = {label: [] for label in transforms}
             for name, tensor in params.items():
-                label = labels(name, tensor) if callable(labels) else labels.get(name)
-                if label not in transforms:
-                    raise KeyError(
-                        f"partition: param {name!r} has label {label!r}, but transforms has labels "
-                        f"{sorted(transforms)}"
-                    )
-                found[label].append(name)
+                label = label_of.get(name)
+                if label is None:
+                    label = labels(name, tensor) if callable(labels) else labels.get(name)
+                    if label not in transforms:
+                        raise KeyError(
+                            f"partition: param {name!r} has label {label!r}, but transforms has "
+                            f"labels {sorted(transforms)}"
+                        )
+                    label_of[name] = label
+                members[label].append(name)
+            found = {label: tuple(names) for label, names in members.items()}
+            if len(cache) >= _GROUPINGS_KEPT:
+                del cache[next(iter(cache))]
             cache[key] = found
         return found
 
@@ -462,7 +500,7 @@ def partition(
         groups = groups_of(params)
         return PartitionState(
             {
-                label: transforms[label].init({n: params[n] for n in names})
+                label: transforms[label].init(subset(params, names))
                 for label, names in groups.items()
             }
         )
@@ -475,11 +513,11 @@ def partition(
             if not names:  # no param of this group got a gradient: its state as it was, but
                 inner[label] = report_at(transforms[label], state.inner[label], step)  # its lr
                 continue
-            sub = {n: grads[n] for n in names}
-            sub_params = None if params is None else {n: params[n] for n in names}
+            sub = subset(grads, names)
+            sub_params = None if params is None else subset(params, names)
             u, inner[label] = group_updates[label](sub, state.inner[label], sub_params, step=step)
             updates.update(u)
-        return {n: updates[n] for n in grads}, PartitionState(inner)
+        return subset(updates, tuple(grads)), PartitionState(inner)
 
     apply_fn = None
     if any(t.apply is not None for t in transforms.values()):
@@ -493,8 +531,8 @@ def partition(
                 if not names:
                     inner[label] = report_at(tx, state.inner[label], step)
                     continue
-                sub = {n: grads[n] for n in names}
-                sub_params = {n: params[n] for n in names}
+                sub = subset(grads, names)
+                sub_params = subset(params, names)
                 if tx.apply is not None:
                     _, inner[label] = tx.apply(sub, state.inner[label], sub_params, step=step)
                 else:

@@ -14,7 +14,14 @@ from typing import NamedTuple
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from fengine.optim.base import EmptyState, GradientTransformation, Hyper, check_hyper, resolve
+from fengine.optim.base import (
+    EmptyState,
+    GradientTransformation,
+    Hyper,
+    check_hyper,
+    pick,
+    resolve,
+)
 
 
 __all__ = [
@@ -156,8 +163,8 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
         if params is None:
             raise ValueError("add_decayed_weights needs params")
         wd = resolve(weight_decay, step if step is not None else 0)
-        names = list(grads)
-        ps = [params[n] for n in names]
+        names = tuple(grads)
+        ps = pick(params, names)
         if isinstance(wd, torch.Tensor):  # a schedule under the compiled step: a 0-d tensor
             out = torch._foreach_add(list(grads.values()), torch._foreach_mul(ps, wd))
         elif wd == 0:
