@@ -29,6 +29,7 @@ are all kept, as MMEngine's ``collect_results`` keeps them (it only truncates to
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
@@ -68,8 +69,10 @@ class Metric(Protocol):
     (by default `collect_results`: a list of per-sample results gathered in the sampler's
     order); ``compute(acc, size=None)`` the prefixed results. In a multi-rank run ``reduce`` is
     a collective (every rank evaluates, not rank 0 alone) and ``compute`` runs on rank 0 only
-    (no collectives in it): its results are sent to every rank (``size`` is
-    passed only when given, so ``compute(acc)`` suffices for metrics that ignore padding).
+    (no collectives in it): its results are sent to every rank. ``size`` (the dataset's length,
+    to drop a sharded sampler's padding) is passed only when given and only to a ``compute``
+    that takes it: ``compute(acc)`` suffices for a list of per-sample results (`Evaluator` cuts
+    the padding), while a metric with its own ``reduce`` must take ``size`` to be given one.
     """
 
     default_prefix: ClassVar[str | None] = None
@@ -123,6 +126,20 @@ def _cut(results: list, size: int, metric: Any) -> list:
             "results, cut to the dataset's size); keep one per sample, or define reduce(acc)"
         )
     return results[:size]
+
+
+def _takes_size(metric: Any) -> bool:
+    """True when ``metric.compute(acc, size)`` is a valid call (by its signature; True when
+    it has none that Python can read, as the protocol says)."""
+    try:
+        signature = inspect.signature(metric.compute)
+    except ValueError:
+        return True
+    try:
+        signature.bind(None, 0)
+    except TypeError:
+        return False
+    return True
 
 
 def _reduces_by_default(metric: Any) -> bool:
@@ -303,11 +320,27 @@ def _default_target(batch: Any, outputs: Any) -> Any:
     )
 
 
+def _label_rank(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) how many classes rank before each label: ``scores.sort(descending=True,
+    stable=True)``'s order (ties to the lowest index as ``argmax``, NaN above every number as
+    in ``sort`` and ``topk``), counted in O(N C): a sort is some 10x slower at C = 1000.
+    A label outside [0, C) is in no top k (rank C)."""
+    c = scores.shape[1]
+    inside = (labels >= 0) & (labels < c)
+    own = scores.gather(1, labels.clamp(0, c - 1)[:, None])  # (N, 1) the label's score
+    nan, own_nan = scores.isnan(), own.isnan()
+    above = (scores > own) | (nan & ~own_nan)
+    tied = (scores == own) | (nan & own_nan)
+    lower = torch.arange(c, device=scores.device) < labels[:, None]
+    return torch.where(inside, (above | (tied & lower)).sum(dim=1), c)
+
+
 class Accuracy(SumMetric):
     """Top-k classification accuracy in percent, results ``accuracy`` (k=1), ``accuracy_top{k}``.
 
-    A sample is correct at k when its label is the ``argmax`` of its logits (ties go to
-    the lowest index) or among the ``torch.topk`` k highest, so accuracy never drops with k.
+    A sample is correct at k when its label is among the first k classes of one ranking of its
+    logits (highest first, ties to the lowest index as ``argmax``): every k reads a prefix of it,
+    so accuracy never drops with k and tied logits count exactly k classes (mmpretrain's rule).
 
     Args:
       topk: an int or a tuple of distinct positive ints.
@@ -370,11 +403,11 @@ class Accuracy(SumMetric):
         # the labels arrived, and the comparison below reads them on the host
         to_host = scores.device.type == "cpu"
         scores, labels = scores.detach(), labels.to(scores.device, non_blocking=not to_host)
-        top1 = scores.argmax(dim=1) == labels
-        # (N, maxk) hits of the top-maxk; with maxk == 1 every k is 1 and top1 alone answers
-        hit = scores.topk(maxk, dim=1).indices == labels[:, None] if maxk > 1 else top1[:, None]
-        cols = [top1 if k == 1 else hit[:, :k].any(dim=1) | top1 for k in self.topk]
-        correct = torch.stack(cols, dim=1).to(torch.int64)  # (N, K)
+        if self.topk == (1,):  # the ranking's first class is argmax's: found without ranking
+            correct = (scores.argmax(dim=1) == labels)[:, None].to(torch.int64)
+        else:  # one ranking for every k: tied logits fill exactly k places
+            rank = _label_rank(scores, labels)
+            correct = torch.stack([rank < k for k in self.topk], dim=1).to(torch.int64)  # (N, K)
         return BatchStats(n, correct.sum(dim=0), correct[-1])
 
     def finalize(self, n: int, totals: list[float]) -> dict[str, float]:
@@ -578,6 +611,7 @@ class Evaluator:
                     "(see fengine.metrics.Metric)"
                 )
         self.metrics: tuple[Metric, ...] = tuple(metrics)
+        self._takes_size = tuple(_takes_size(m) for m in self.metrics)  # once, not per call
         declared = [(m, getattr(m, "keys", None)) for m in self.metrics]
         _merge_unique(
             (m, dict.fromkeys(k)) for m, k in declared if k is not None and not callable(k)
@@ -604,18 +638,29 @@ class Evaluator:
     def compute(self, acc: Sequence[Any], size: int | None = None) -> dict[str, float]:
         """Reduce across ranks, compute every metric on rank 0 and send its results to every
         rank, so all act alike on them (MMEngine ``evaluate(size)``); the per-sample lists of
-        metrics without their own ``reduce`` are cut to ``size`` (the sampler's padding)."""
-        reduced = [
-            _cut(a, size, m) if size is not None and isinstance(a, list) and _reduces_by_default(m)
-            else a
-            for m, a in zip(self.metrics, self.reduce(acc))
-        ]  # fmt: skip
+        metrics without their own ``reduce`` are cut to ``size`` (the sampler's padding), and
+        any other accumulator goes with ``size`` to a ``compute`` that must take it."""
+        reduced = []
+        for m, a, takes_size in zip(self.metrics, self.reduce(acc), self._takes_size):
+            if size is not None and isinstance(a, list) and _reduces_by_default(m):
+                a = _cut(a, size, m)
+            elif size is not None and not takes_size:
+                name = type(m).__name__
+                raise TypeError(
+                    f"{name}: Evaluator.compute got size={size} (the dataset's length, to drop a "
+                    f"sharded sampler's padding) but {name}.compute{inspect.signature(m.compute)} "
+                    "takes no size, and only a list accumulator without a reduce of its own is "
+                    "cut for it; define compute(self, acc, size=None) (ignore size if your reduce "
+                    "already drops the padding)"
+                )
+            reduced.append(a)
         return distributed.computed_by_main(lambda: self._merge(reduced, size))
 
     def _merge(self, acc: Sequence[Any], size: int | None) -> dict[str, float]:
+        """Every metric's results; ``size`` goes to those whose ``compute`` takes it."""
         return _merge_unique(
-            (m, m.compute(a) if size is None else m.compute(a, size))
-            for m, a in zip(self.metrics, acc)
+            (m, m.compute(a, size) if size is not None and takes_size else m.compute(a))
+            for m, a, takes_size in zip(self.metrics, acc, self._takes_size)
         )
 
     def offline(

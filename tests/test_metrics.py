@@ -203,6 +203,41 @@ def test_argmax_tie_rule_and_topk_monotone():
     assert got["accuracy_top2"] >= got["accuracy"]
 
 
+def test_tied_logits_fill_exactly_k_places():
+    """A dead head (all logits tied), every class equally often: the top k holds k of the 10
+    classes, so top-5 is 50.0 (mmpretrain's topk rule). Before: argmax's class 0 was added to
+    torch.topk's 5 others, 6 classes counted: 60.0."""
+    labels = torch.arange(1000) % 10
+    m = Accuracy(topk=(1, 5, 3, 10))
+    got = m.compute(fold(m, [((None, labels), torch.zeros(1000, 10))]))
+    assert got == {
+        "accuracy": 10.0,
+        "accuracy_top5": 50.0,
+        "accuracy_top3": 30.0,
+        "accuracy_top10": 100.0,
+    }
+
+
+def test_topk_with_ties_matches_a_hand_counted_rank():
+    """Logits from {0, 1, 2} (many ties): the label's place is the classes scoring higher plus the
+    tied ones of lower index (argmax's rule), counted by loops; correct at k iff place < k."""
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randint(0, 3, (64, 7), generator=g).float()
+    labels = torch.randint(0, 7, (64,), generator=g)
+    places = []
+    for row, y in zip(logits.tolist(), labels.tolist()):
+        places.append(sum(v > row[y] or (v == row[y] and j < y) for j, v in enumerate(row)))
+    m = Accuracy(topk=(1, 2, 3, 6))
+    got = m.compute(
+        fold(m, [((None, labels[:40]), logits[:40]), ((None, labels[40:]), logits[40:])])
+    )
+    want = [100.0 * sum(p < k for p in places) / 64 for k in (1, 2, 3, 6)]
+    assert list(got.values()) == want
+    assert want == [17.1875, 28.125, 42.1875, 84.375]  # 11, 18, 27, 54 of 64
+    top1 = Accuracy()  # topk=(1,) asks argmax alone: the same first place
+    assert top1.compute(fold(top1, [((None, labels), logits)])) == {"accuracy": want[0]}
+
+
 # -- bad input ----------------------------------------------------------------------
 
 
@@ -473,6 +508,71 @@ def test_evaluator_bad_use():
     ev = Evaluator([Accuracy(), MeanLoss()])
     with pytest.raises(ValueError, match="1 entries for 2 metrics"):
         ev.update((Accuracy().init(),), None, None)
+
+
+class SimpleAccuracy:
+    """MMEngine docs' SimpleAccuracy, functional: a per-sample list and ``compute(acc)``, which
+    the protocol says suffices (the Evaluator cuts the list to size)."""
+
+    prefix = "ACC"
+
+    def init(self):
+        return []
+
+    def update(self, acc, batch, outputs):
+        return acc + (outputs.argmax(1) == batch[1]).tolist()
+
+    def compute(self, acc):
+        return {"ACC/accuracy": 100.0 * sum(acc) / len(acc), "ACC/n": len(acc)}
+
+
+class SummedWithoutSize(Metric):
+    """Its own ``reduce`` (a sum over ranks) and a ``compute`` without size: padding stays in."""
+
+    def init(self):
+        return torch.zeros((), dtype=torch.float64)
+
+    def update(self, acc, batch, outputs):
+        return acc + outputs["loss"].sum()
+
+    def reduce(self, acc):
+        acc = acc.clone()
+        if dist.is_initialized():
+            dist.all_reduce(acc)
+        return acc
+
+    def compute(self, acc):
+        return {"total": float(acc)}
+
+
+class SummedWithSize(SummedWithoutSize):
+    def compute(self, acc, size=None):
+        return {"total": float(acc), "size": size}
+
+
+def test_evaluator_passes_size_only_to_a_compute_that_takes_it():
+    """Before: ``compute(acc, size)`` whenever a size was known (every multi-rank evaluation and
+    every offline one), a TypeError for a ``compute(acc)`` the protocol allows."""
+    labels = torch.tensor([0, 1, 2, 0])
+    logits = torch.eye(3)[[0, 2, 2, 1]]  # predicts 0, 2, 2, 1: samples 0 and 2 right
+    ev = Evaluator([SimpleAccuracy()])
+    acc = ev.update(ev.init(), (None, labels), logits)
+    assert ev.compute(acc, size=4) == {"ACC/accuracy": 50.0, "ACC/n": 4}
+    assert ev.offline(list(logits), list(zip(logits, labels)), 3) == {
+        "ACC/accuracy": 50.0,
+        "ACC/n": 4,
+    }
+    sized = Evaluator([SummedWithSize()])
+    assert sized.compute((torch.tensor(2.5),), size=4) == {"total": 2.5, "size": 4}
+    assert sized.compute((torch.tensor(2.5),)) == {"total": 2.5, "size": None}
+    own = Evaluator([SummedWithoutSize()])
+    assert own.compute((torch.tensor(2.5),)) == {"total": 2.5}
+    with pytest.raises(
+        TypeError,
+        match=r"^SummedWithoutSize: Evaluator.compute got size=4 .* but "
+        r"SummedWithoutSize.compute\(acc\) takes no size.*define compute\(self, acc, size=None\)",
+    ):
+        own.compute((torch.tensor(2.5),), size=4)
 
 
 def test_custom_sum_metric():
@@ -748,7 +848,19 @@ def _dist_worker(rank, world, store, out_dir, size):
             unsharded = None
         except ValueError as e:
             unsharded = str(e)
+        simple = Evaluator([SimpleAccuracy()])
+        sacc = simple.init()
+        for t in chunks:
+            sacc = simple.update(sacc, (t, labels[t]), logits[t])
+        own = Evaluator([SummedWithoutSize()])
+        try:
+            own.compute(own.update(own.init(), None, {"loss": losses[:2]}), size)
+            own_refusal = None
+        except TypeError as e:
+            own_refusal = str(e)
         result = {
+            "simple": simple.compute(sacc, size=size),
+            "own_refusal": own_refusal,
             "too_long": too_long,
             "unsharded": unsharded,
             "ours": ev.compute(acc, size=size),
@@ -861,3 +973,16 @@ def test_mean_loss_default_collated_batches_still_weigh_by_dim_0():
         x, y = torch.zeros(n, 3), torch.zeros(n, dtype=torch.long)
         acc = m.update(acc, [x, [y, y.clone()]] if n == 1 else [x, y], torch.tensor(loss))
     assert m.compute(acc) == {"loss": (4 * 1.0 + 3.0) / 5}
+
+
+def test_distributed_compute_without_size_gets_the_cut_list(dist_results):
+    """SimpleAccuracy's ``compute(acc)`` on 3 ranks: the gathered list cut to the 7 samples (only
+    sample 6 is predicted right: 100/7; the 2 padded duplicates, both wrong, would give 100/9).
+    Before: a TypeError on every rank. A metric with its own reduce and no size is refused on
+    every rank, naming it."""
+    logits, labels, _ = _dist_data(7)
+    assert (logits.argmax(1) == labels).tolist() == [False] * 6 + [True]
+    for r in dist_results:
+        assert r["simple"] == {"ACC/accuracy": 100.0 / 7, "ACC/n": 7}
+        assert r["own_refusal"].startswith("SummedWithoutSize: Evaluator.compute got size=7")
+        assert "SummedWithoutSize.compute(acc) takes no size" in r["own_refusal"]
