@@ -9,8 +9,10 @@ bound everywhere they appear.
 
 from __future__ import annotations
 
+import operator
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,47 +41,69 @@ class Binding:
             self.sharded
         ):  # FSDP sets its parameters into their slots itself: only buffers are swapped
             self.slots = [s for s in self.slots if not s[2]]
+        # the params' slots first, then the buffers': the columns `_Bound` swaps in C
+        self.slots.sort(key=lambda slot: not slot[2])
+        self.stores = [store for store, _, _, _ in self.slots]
+        self.keys = [key for _, key, _, _ in self.slots]
+        self.pick_params = _picker([n for _, _, is_param, n in self.slots if is_param])
+        self.pick_buffers = _picker([n for _, _, is_param, n in self.slots if not is_param])
 
     def __call__(
         self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
     ) -> _Bound:
-        return _Bound(self.slots, params, buffers)
+        return _Bound(self, params, buffers)
+
+
+def _picker(names: list[str]) -> Callable[[Mapping[str, Any]], tuple]:
+    """``d -> tuple(d[n] for n in names)``, in C."""
+    if not names:
+        return lambda d: ()
+    get = operator.itemgetter(*names)
+    return (lambda d: (get(d),)) if len(names) == 1 else get
 
 
 class _Bound:
     """The context a `Binding` returns: the state's tensors in the slots inside, the module's own after.
 
-    A class rather than a ``contextlib`` generator: it is entered on every step."""
+    A class rather than a ``contextlib`` generator: it is entered on every step. Each slot is
+    swapped by ``map(operator.setitem, ...)``: a C loop, no Python per tensor."""
 
-    __slots__ = ("slots", "params", "buffers", "saved")
+    __slots__ = ("binding", "params", "buffers", "saved")
 
     def __init__(
         self,
-        slots: list[tuple[dict, str, bool, str]],
+        binding: Binding,
         params: Mapping[str, torch.Tensor],
         buffers: Mapping[str, torch.Tensor],
     ) -> None:
-        self.slots, self.params, self.buffers = slots, params, buffers
+        self.binding, self.params, self.buffers = binding, params, buffers
 
     def __enter__(self) -> None:
-        params, buffers = self.params, self.buffers
-        self.saved = [store[key] for store, key, _, _ in self.slots]
+        b = self.binding
+        if torch.compiler.is_compiling():  # dynamo traces plain loops, not itemgetter and map
+            self.saved = [store[key] for store, key, _, _ in b.slots]
+            for store, key, is_param, name in b.slots:
+                store[key] = self.params[name] if is_param else self.buffers[name]
+            return
         try:
-            for store, key, is_param, name in self.slots:
-                store[key] = params[name] if is_param else buffers[name]
-        except KeyError:
-            self.__exit__()
-            missing = next(
-                (p, n) for _, _, p, n in self.slots if n not in (params if p else buffers)
-            )
+            values = b.pick_params(self.params) + b.pick_buffers(self.buffers)
+        except KeyError:  # nothing swapped yet
+            params, buffers = self.params, self.buffers
+            missing = next((p, n) for _, _, p, n in b.slots if n not in (params if p else buffers))
             kind = "params" if missing[0] else "buffers"
             raise KeyError(
                 f"the state has no {kind}[{missing[1]!r}], which the model uses; was the state built from this model?"
             ) from None
+        self.saved = list(map(operator.getitem, b.stores, b.keys))
+        any(map(operator.setitem, b.stores, b.keys, values))  # setitem returns None: runs all
 
     def __exit__(self, *exc: object) -> None:
-        for (store, key, _, _), original in zip(self.slots, self.saved):
-            store[key] = original
+        b = self.binding
+        if torch.compiler.is_compiling():
+            for store, key, value in zip(b.stores, b.keys, self.saved):
+                store[key] = value
+            return
+        any(map(operator.setitem, b.stores, b.keys, self.saved))
 
 
 _cache: weakref.WeakKeyDictionary[nn.Module, Binding] = weakref.WeakKeyDictionary()

@@ -37,6 +37,7 @@ which traces. Metrics are tensors: nothing here syncs with the device.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -211,9 +212,10 @@ def _grad_fn(part: Part, multi: bool) -> GradFn:
             if not target.requires_grad:
                 raise ValueError(f"{_who(part)}: {_DETACHED}") from e
             raise
-        return Grads(
-            loss.detach(), {n: g for n, g in zip(cache["names"], grads) if g is not None}, metrics
-        )
+        found = dict(zip(cache["names"], grads))
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):  # (in C, no loop here)
+            found = {n: g for n, g in found.items() if g is not None}  # params the loss missed
+        return Grads(loss.detach(), found, metrics)
 
     _base_grad_fns.add(grad_fn)
     return grad_fn

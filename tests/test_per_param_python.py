@@ -37,8 +37,9 @@ def _loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def _bytecodes(n: int, make_step: Callable[[nn.Module], fe.Step]) -> float:
-    """Bytecodes per update of ``make_step``'s step on ``_Layers(n)`` (after a first update)."""
+def _bytecodes(n: int, make_step: Callable[[nn.Module], fe.Step], only: str = "") -> float:
+    """Bytecodes per update of ``make_step``'s step on ``_Layers(n)`` (after a first update), in
+    files whose path contains ``only``."""
     torch.manual_seed(0)
     model = _Layers(n)
     step = make_step(model)
@@ -52,7 +53,7 @@ def _bytecodes(n: int, make_step: Callable[[nn.Module], fe.Step]) -> float:
     def trace(frame: Any, event: str, arg: Any) -> Any:
         nonlocal count
         frame.f_trace_opcodes = True
-        if event == "opcode":
+        if event == "opcode" and only in frame.f_code.co_filename:
             count += 1
         return trace
 
@@ -131,3 +132,20 @@ def test_partition_keeps_a_bounded_number_of_groupings():
     groups_of = cells["groups_of"].cell_contents
     cache = dict(zip(groups_of.__code__.co_freevars, groups_of.__closure__))["cache"].cell_contents
     assert 0 < len(cache) <= 64
+
+
+def test_the_step_runs_no_python_per_param():
+    """fengine's own Python per update does not grow with the model (the modules' forwards
+    aside): the state's tensors are bound into the module by a C loop and the gradients dict
+    is built in C (measured before: ~39 bytecodes per tensor to bind and unbind, 10 per param
+    for the gradients; 1877 -> 5778 per update from 4 to 24 BatchNorm layers). Params the loss
+    misses are still left out of the update."""
+    model = _Layers(3)
+    missed = fe.train_step(lambda m, b: m.head(b[0]).sum(), optim.sgd(0.1))
+    state = missed.init(model)
+    before = {n: t.clone() for n, t in state.params.items()}
+    state, _ = missed(state, (torch.ones(2, 4), None))
+    moved = {n for n, t in state.params.items() if not torch.equal(t, before[n])}
+    assert moved == {"head.weight", "head.bias"}
+    own = [_bytecodes(n, _sgd, only="/fengine/") for n in (4, 24)]  # the modules' own aside
+    assert own[1] - own[0] < 20, own
