@@ -14,6 +14,8 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import math
+import numbers
 import os
 import pickle
 from collections.abc import Callable, Iterable, Mapping
@@ -97,8 +99,10 @@ def setup(device: str | torch.device | None = None, *, timeout_s: float = 1800.0
     ``device`` "cpu", "cuda" or "cuda:N" (default: cuda when available, else cpu). Under
     torchrun, "cuda" means ``cuda:LOCAL_RANK`` (one device per process) and the backend is
     nccl; on CPU it is gloo. Without torchrun (``WORLD_SIZE`` unset or 1) nothing is
-    initialised. Safe to call twice.
+    initialised. Safe to call twice. ``timeout_s``: how long a collective (and the rendezvous)
+    waits for the other ranks, in seconds.
     """
+    timeout = _timeout(timeout_s)
     try:
         want = torch.device(device) if device is not None else None
     except (RuntimeError, TypeError):
@@ -120,7 +124,7 @@ def setup(device: str | torch.device | None = None, *, timeout_s: float = 1800.0
     if world > 1 and not _active():
         backend = "nccl" if want.type == "cuda" else "gloo"
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(backend, timeout=timeout)
             atexit.register(
                 _teardown
             )  # a live gloo/nccl group at interpreter exit aborts the process
@@ -135,6 +139,26 @@ def setup(device: str | torch.device | None = None, *, timeout_s: float = 1800.0
     ):  # one console: other ranks only say what goes wrong (MMEngine's MMLogger does the same)
         logging.getLogger("fengine").setLevel(logging.WARNING)
     return DistInfo(rank(), world_size(), local, want)
+
+
+def _timeout(timeout_s: Any) -> datetime.timedelta:
+    """``setup``'s ``timeout_s`` checked before any rendezvous, so a bad value is named as such
+    (not as an unreachable MASTER_ADDR), and in one process too."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
+        raise TypeError(
+            f"setup: timeout_s must be a number of seconds (an int or float), got "
+            f"{type(timeout_s).__name__} {timeout_s!r:.80}"
+        )
+    try:
+        seconds = float(timeout_s)
+        if seconds > 0 and math.isfinite(seconds):
+            return datetime.timedelta(seconds=seconds)
+    except OverflowError:  # beyond a float, or a timedelta
+        most = datetime.timedelta.max.total_seconds()
+        raise ValueError(
+            f"setup: timeout_s={timeout_s!r:.80} is too large: at most {most:.0f} seconds"
+        ) from None
+    raise ValueError(f"setup: timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
 
 
 def _teardown() -> None:

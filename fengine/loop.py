@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -27,6 +28,7 @@ import re
 import signal
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from fengine import checkpoint, distributed, plateau, schedules, sharding
 from fengine.checkpoint._background import Snapshots, Writer
+from fengine.checkpoint._format import read_header
 from fengine.data.loader_rng import LoaderRng, persistent_workers_note
 from fengine.devices import device_of, to_device
 from fengine.evaluation import (
@@ -454,16 +457,17 @@ def fit(
             raise ValueError(f"fit: Val(params='ema'): {e}") from None
     work_dir = Path(work_dir) if work_dir is not None else None
     world, main, device = _check_distributed(step), distributed.is_main(), device_of(state.params)
-    if world > 1:
-        _check_same_length(p.batches_per_epoch)
-        _check_ranks_agree(state, step, p, train_data, world, None if val is None else val.data)
-        start_replicas(state, step)
     # a DataLoader's order comes from torch generators: carried in checkpoints (one process)
     data_rng = LoaderRng(train_data) if world == 1 else None
-    if work_dir is not None and (note := persistent_workers_note(train_data)):
-        log.warning("fit: %s", note)
     dispatch = Dispatcher(_default_handlers(work_dir, p.by_epoch) if handlers is None else handlers,
                           also=[data_rng] if data_rng and data_rng.generators else [])  # fmt: skip
+    if world > 1:
+        _check_same_length(p.batches_per_epoch)
+        _check_ranks_agree(state, step, p, train_data, world, val, interval, dispatch.handlers,
+                           bool(resume))  # fmt: skip
+        start_replicas(state, step)
+    if work_dir is not None and (note := persistent_workers_note(train_data)):
+        log.warning("fit: %s", note)
     val_batches = None if val is None else data_length(val.data)
     held = contextlib.ExitStack()  # the checkpoint directories' locks, once they are known
     with lock_work_dir(work_dir if main else None), held:  # rank 0 writes the work dir
@@ -481,7 +485,9 @@ def fit(
             dispatch("before_run", state, run)
             moment = None
             if resume:
-                state, run, moment, resumed = _resume(state, step, resume, run, dispatch, save_dirs)
+                state, run, moment, resumed = _resume_on_every_rank(
+                    state, step, resume, run, dispatch, save_dirs
+                )
                 _check_not_past(state, p)  # (refused: the loaded state is the error's)
                 if resumed is not None:
                     _resumed(resumed, resume is not True, state, run, dispatch, save_dirs)
@@ -644,14 +650,24 @@ def _check_same_length(batches: int) -> None:
 
 
 def _check_ranks_agree(
-    state: TrainState, step: Step, p: Plan, train_data: Iterable, world: int, val_data: Any = None
+    state: TrainState,
+    step: Step,
+    p: Plan,
+    train_data: Iterable,
+    world: int,
+    val: Val | None = None,
+    interval: int = 0,
+    handlers: Sequence[Any] = (),
+    resume: bool = False,
 ) -> None:
-    """The ranks run one training: the same plan, wrappers and param layout, and data sharded
-    for this world size (each rank its own shard, in one order; validation data too). A
-    difference was a hang, a gloo abort ("data size doesn't match"), replicas drifting apart or
-    samples read twice and others never; it is one error naming the field, on every rank."""
+    """The ranks run one training: the same plan, wrappers, param layout, seed, optimizer
+    hyper-parameters, validation schedule and handlers' cadence, and data sharded for this world
+    size (each rank its own shard, in one order; validation data too). A difference was a hang,
+    a gloo abort ("data size doesn't match"), replicas drifting apart or samples read twice and
+    others never; it is one error naming the field, on every rank. One gather, once per `fit`."""
     # a train loader without a sharding sampler may read a per-rank dataset: not told apart;
     # a validation one is the whole set on every rank, which the metrics would count N times
+    val_data = None if val is None else val.data
     train, held_out = _sharding(train_data), _sharding(val_data, whole=True)
     mine = {
         "data shards": None if train is None else train["world_size"],
@@ -661,6 +677,18 @@ def _check_ranks_agree(
         "wrappers": [_described(w) for w in step.wrappers],
         "params": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.params.items()],
         "buffers": [(n, tuple(t.shape), str(t.dtype)) for n, t in state.buffers.items()],
+        "seed (step.init(model, seed=))": state.seed,
+        "position (step, epoch, batch_in_epoch)": (state.step, state.epoch, state.batch_in_epoch),
+        "optimizer hyper-parameters": {
+            f"{part.name}: {k}" if part.name else k: v
+            for part in step.parts
+            for k, v in _hyperparameters(part.tx).items()
+        },
+        "validation (interval, begin, dynamic_intervals, params, autocast)": _val_schedule(
+            val, interval
+        ),
+        "handlers (cadence)": _cadences(handlers),
+        "resume": resume,
     }
     everyone = distributed.gather_objects(
         {**mine, "shard": None if train is None else train["rank"]}
@@ -668,11 +696,12 @@ def _check_ranks_agree(
     for field, value in mine.items():
         for r, theirs in enumerate(everyone):
             if theirs[field] != value:
+                hint = f" ({_RANK_HINTS[field]})" if field in _RANK_HINTS else ""
+                ours, other = _difference(value, theirs[field])
                 raise ValueError(
-                    f"fit: the ranks differ in {field}: rank {distributed.rank()} has {value!r}, "
-                    f"rank {r} has {theirs[field]!r}; every rank must run the same training "
-                    "(config, model, step) on its own shard of the data (a per-rank seed from "
-                    "seed_everything(diff_rank_seed=True) is for dropout, not the data's order)"
+                    f"fit: the ranks differ in {field}: rank {distributed.rank()} has {ours}, "
+                    f"rank {r} has {other}; every rank must run the same training "
+                    f"(config, model, step) on its own shard of the data{hint}"
                 )
     # the same on every rank by now
     for what, found in (("train_data", train), ("val data", held_out)):
@@ -711,6 +740,114 @@ def _sharding(data: Any, whole: bool = False) -> dict[str, Any] | None:
     ):
         return {"world_size": 1, "rank": 0, "order": None}
     return None
+
+
+def _val_schedule(val: Val | None, interval: int) -> tuple[Any, ...] | None:
+    """When and how ``val`` validates (``interval`` resolved): a rank validating at other updates
+    met the others' all-reduce with its evaluation's gather."""
+    if val is None:
+        return None
+    dynamic = [tuple(pair) for pair in val.dynamic_intervals]
+    return (interval, val.begin, dynamic, val.params, val.autocast)
+
+
+_RANK_HINTS = {
+    "data order (seed, shuffle, padding)": "a per-rank seed from "
+    "seed_everything(diff_rank_seed=True) is for dropout, not the data's order",
+    "seed (step.init(model, seed=))": "give step.init one seed on every rank: the checkpoint "
+    "keeps rank 0's; per-rank dropout is fe.data_parallel(diff_rank_seed=True)",
+    "resume": "pass the same resume= on every rank",
+}
+
+
+def _difference(ours: Any, theirs: Any, limit: int = 300) -> tuple[str, str]:
+    """Two ranks' values of a field, shortened: of a dict (the optimizer's hyper-parameters),
+    only the entries that differ."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        keys = [k for k in {**ours, **theirs} if ours.get(k) != theirs.get(k)]
+        ours = {k: ours.get(k, "(none)") for k in keys}
+        theirs = {k: theirs.get(k, "(none)") for k in keys}
+    return _shortened(repr(ours), limit), _shortened(repr(theirs), limit)
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_CADENCE = ("interval", "by_epoch", "every", "once", "save_begin", "save_last", "save_best",
+            "async_save", "monitor", "patience", "min_delta", "stopping_threshold")  # fmt: skip
+"""The handler attributes that say when it acts (a save is a collective; a stop ends the loop):
+compared across ranks. A handler's other attributes may hold per-rank values (times, files)."""
+
+
+def _cadences(handlers: Sequence[Any]) -> list[str]:
+    """The handlers that have a `_CADENCE` attribute, as the ranks can compare them: the type (or
+    its own repr, without memory addresses) and those attributes, ``Checkpointer(interval=2, ...)``.
+    Others (a Timer, a progress bar, one of your own only rank 0 has) are not compared."""
+    out = []
+    for h in handlers:
+        attrs = [(a, getattr(h, a)) for a in _CADENCE if hasattr(h, a)]
+        if attrs:
+            own = type(h).__repr__ is not object.__repr__
+            shown = ", ".join(f"{a}={v!r}" for a, v in attrs if _plain(v))
+            out.append(f"{_described(h) if own else type(h).__qualname__}({shown})")
+    return out
+
+
+_PLAIN = (bool, int, float, complex, str)
+
+
+def _plain(value: Any) -> bool:
+    """A number, string or None, or a short list/tuple of them: compared by its repr."""
+    if value is None or isinstance(value, _PLAIN):
+        return True
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) <= 64
+        and all(v is None or isinstance(v, _PLAIN) for v in value)
+    )
+
+
+def _hyperparameters(tx: Any) -> dict[str, str]:
+    """``tx``'s hyper-parameters as the ranks can compare them: a `GradientTransformation`'s
+    repr shows only its functions, so the numbers their closures captured (``sgd.lr``,
+    ``sgd.weight_decay``; a schedule by its repr), found as `fengine.schedules.reachable` walks
+    them. A name captured several times with one value counts once. Tensors, modules and other
+    libraries' objects (a device: per rank) are not entered."""
+    found: dict[str, list[str]] = {}
+    seen: set[int] = set()
+
+    def walk(x: Any, name: str, depth: int) -> None:
+        if x is None or depth > 16:
+            return
+        ours = type(x).__module__.split(".")[0] == "fengine"
+        if _plain(x) or (ours and not isinstance(x, tuple) and (  # a schedule: by its fields
+                dataclasses.is_dataclass(x) or type(x).__repr__ is not object.__repr__)):  # fmt: skip
+            found.setdefault(name, []).append(_described(x))
+            return
+        if id(x) in seen:  # (a shared object is entered once: the ranks share alike)
+            return
+        seen.add(id(x))
+        if isinstance(x, types.FunctionType):
+            owner = x.__qualname__.split(".<locals>")[0]
+            for var, cell in zip(x.__code__.co_freevars, x.__closure__ or ()):
+                with contextlib.suppress(ValueError):  # an empty cell
+                    walk(cell.cell_contents, f"{owner}.{var}", depth + 1)
+        elif isinstance(x, functools.partial):
+            for v in (x.func, *x.args, *x.keywords.values()):
+                walk(v, name, depth + 1)
+        elif isinstance(x, (list, tuple)) and len(x) <= 256:  # more: a closure's data
+            for v in x:
+                walk(v, name, depth + 1)
+        elif isinstance(x, dict) and len(x) <= 256:
+            for k, v in x.items():
+                walk(v, f"{name}[{_described(k)}]", depth + 1)
+        elif ours and hasattr(x, "__dict__"):
+            for k, v in vars(x).items():
+                walk(v, f"{type(x).__name__}.{k}", depth + 1)
+
+    walk(tx, "tx", 0)
+    return {k: v[0] if len(set(v)) == 1 else ", ".join(v) for k, v in found.items()}
 
 
 def _described(wrapper: Any) -> str:
@@ -900,6 +1037,67 @@ def _resume(
     run = dataclasses.replace(run, start_step=state.step)
     moment = meta.get("moment")
     return state, run, moment if moment in _MOMENTS else None, path
+
+
+def _resume_on_every_rank(
+    state: TrainState,
+    step: Step,
+    resume: bool | str | Path,
+    run: RunInfo,
+    dispatch: Dispatcher,
+    save_dirs: list[Path],
+) -> tuple[TrainState, RunInfo, str | None, Path | None]:
+    """`_resume`, then (several ranks) one gather of what each rank loaded: ranks that resumed
+    from different checkpoints or positions (a work dir on each node's local disk: rank 1 finds
+    none) would train on with mismatched collectives (a gloo abort, an NCCL hang) or replicas
+    that differ; one error on every rank names each rank's file and position instead. A rank
+    that failed to resume says so to the others, which raise too."""
+    if run.world_size == 1:
+        return _resume(state, step, resume, run, dispatch, save_dirs)
+    try:
+        out = _resume(state, step, resume, run, dispatch, save_dirs)
+        loaded, path = out[0], out[3]
+        mine: tuple[Any, ...] = (
+            None if path is None else _header_digest(path),
+            loaded.step,
+            loaded.epoch,
+            loaded.batch_in_epoch,
+            None if path is None else str(path),
+            None if run.work_dir is None else str(run.work_dir),
+        )
+    except Exception as e:
+        distributed.gather_objects(("failed", f"{type(e).__name__}: {_shortened(str(e), 300)}"))
+        raise
+    everyone = distributed.gather_objects(mine)
+    for r, theirs in enumerate(everyone):
+        if theirs[0] == "failed":
+            raise RuntimeError(
+                f"fit: rank {r} could not resume ({theirs[1]}); every rank stops: each must "
+                "load the same checkpoint"
+            )
+    if any(theirs[:4] != mine[:4] for theirs in everyone):
+        where = "; ".join(_resumed_at(r, theirs) for r, theirs in enumerate(everyone))
+        raise ValueError(
+            f"fit: the ranks resumed from different checkpoints or positions: {where}; every rank "
+            "must resume from the same checkpoint: put work_dir on storage every rank reads (rank "
+            "0 alone writes the checkpoints), or give each rank a copy of one file (resume=PATH)"
+        )
+    return out
+
+
+def _resumed_at(rank: int, record: tuple[Any, ...]) -> str:
+    """One rank's resume as `_resume_on_every_rank` names it."""
+    digest, step, epoch, batch, path, work_dir = record
+    where = f"no checkpoint found (in {work_dir})" if path is None else _shortened(path, 160)
+    digest = "" if digest is None else f", header digest {digest[:12]}"
+    return f"rank {rank}: {where} at step {step} (epoch {epoch}, batch {batch}{digest})"
+
+
+def _header_digest(path: Path) -> str | None:
+    """The checkpoint's recorded header digest (SHA-256 of its tensor table and metadata, the
+    data's block digests included): two files with one digest hold the same state; a header
+    read, no tensor data."""
+    return read_header(Path(path)).metadata.get("fengine.header_digest")
 
 
 def _resumed(path: Path, rewind: bool, state: TrainState, run: RunInfo, dispatch: Dispatcher,

@@ -247,6 +247,56 @@ def mismatch(out, rank, world):
     torch.save(messages, out / f"mismatch_rank{rank}.pt")
 
 
+def disagree(out, rank, world):
+    """Ranks configured apart where fit compared nothing, each refused on every rank with one
+    error naming the field and both values: (a) another lr / weight decay, (b) another state
+    seed, (c) another Val interval, (d) another Checkpointer interval; and a resume that loaded
+    different checkpoints (each rank its own work dir, as on per-node local disks: rank 0 finds
+    its checkpoint, rank 1 none), or failed on one rank. Before: accepted, or a gloo abort."""
+    ds = fe.data.synthetic_classification(32, num_features=16, num_classes=10, seed=0)
+    data = fe.data.Loader(ds, 4, seed=0, rank=rank, world_size=world)
+    step = fe.train_step(ce_loss, optim.sgd(0.1), fe.data_parallel())
+
+    def val(interval):
+        return fe.Val(fe.data.Loader(ds, 4, seed=0, shuffle=False, rank=rank, world_size=world),
+                      [Accuracy()], interval=interval)  # fmt: skip
+
+    def attempt(run=step, seed=0, **kw):
+        try:
+            fe.fit(run.init(mlp(), seed=seed), run, data, max_steps=kw.pop("max_steps", 4), **kw)
+            return None
+        except (ValueError, RuntimeError) as e:
+            return f"{type(e).__name__}: {e}"
+
+    lr = fe.train_step(ce_loss, optim.sgd(0.1 * (1 + rank)), fe.data_parallel())
+    decay = fe.train_step(ce_loss, optim.sgd(0.1, weight_decay=0.5 * rank), fe.data_parallel())
+    found = {
+        "lr": attempt(lr, handlers=[]),
+        "weight_decay": attempt(decay, handlers=[]),
+        "seed": attempt(seed=100 + rank, handlers=[]),
+        "val": attempt(val=val(2 + rank), handlers=[]),
+        "checkpointer": attempt(
+            handlers=[Checkpointer(2 + rank, by_epoch=False)], work_dir=out / "disagree_ckpt"
+        ),
+        "same": attempt(
+            val=val(2), handlers=[Checkpointer(2, by_epoch=False)], work_dir=out / "disagree_same"
+        ),
+    }
+    # each rank its own work dir: rank 0 writes its checkpoints, rank 1's stays empty
+    own = out / f"disagree_r{rank}"
+    found["first"] = attempt(max_steps=2, handlers=[Checkpointer(1, by_epoch=False)], work_dir=own)
+    found["resume"] = attempt(handlers=[], work_dir=own, resume=True)
+    found["resume_on_one"] = attempt(handlers=[], work_dir=own, resume=rank == 0)
+    # a file only rank 0 has: rank 1 fails to read it, rank 0 hears of it
+    found["missing"] = attempt(handlers=[], resume=own / "iter_2.safetensors")
+    # a copy of one file on each rank (another path, the same content): accepted
+    dist.barrier()
+    copy = out / f"disagree_copy{rank}.safetensors"
+    copy.write_bytes((out / "disagree_r0" / "iter_1.safetensors").read_bytes())
+    found["copies"] = attempt(handlers=[], resume=copy)
+    torch.save(found, out / f"disagree_rank{rank}.pt")
+
+
 def refuse(out, rank, world):
     """A step without data_parallel under 2 processes is refused."""
     step = fe.train_step(ce_loss, optim.sgd(0.1))
@@ -352,6 +402,7 @@ SCENARIOS = {
         replicas,
         nan_one_rank,
         mismatch,
+        disagree,
     )
 }
 

@@ -586,3 +586,16 @@ def test_iterating_a_loader_says_how():
     with pytest.raises(TypeError, match=r"loader.epoch\(e\) gives epoch e's batches.*next\(iter"):
         next(iter(loader))
     assert len(next(iter(loader.epoch(0)))[0]) == 4
+
+
+@pytest.mark.parametrize(
+    "name", ["shuffle", "drop_last", "round_up", "pin_memory", "persistent_workers", "seed_globals"]
+)
+def test_loader_flags_must_be_bools(name):
+    """A string "no" (from a config) would be truthy: round_up="no" padded, drop_last="no" dropped."""
+    ds = fd.synthetic_classification(13, num_features=4, num_classes=2, seed=0)
+    with pytest.raises(TypeError) as e:
+        fd.Loader(ds, 4, seed=0, rank=1, world_size=2, **{name: "no"})
+    assert str(e.value) == f"Loader: `{name}` must be a bool (True or False), got 'no'"
+    loader = fd.Loader(ds, 4, seed=0, rank=1, world_size=2, round_up=False, drop_last=False)
+    assert (len(loader), len(loader.sampler)) == (2, 6)

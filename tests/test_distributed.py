@@ -37,7 +37,7 @@ def torchrun(out: Path, *scenarios: str, script: Path | None = None, args: tuple
 def ran(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     done = torchrun(out, "fengine_dp", "fit_run", "dropout", "refuse", "preempt", "two_to_one",
-                    "uneven", "replicas", "nan_one_rank", "mismatch")  # fmt: skip
+                    "uneven", "replicas", "nan_one_rank", "mismatch", "disagree")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
@@ -146,6 +146,62 @@ def test_ranks_that_would_not_run_one_training_are_refused_naming_the_difference
         assert "diff_rank_seed=True) is for dropout" in seeds
         assert same.startswith("fit: the ranks read shards [0, 0] of train_data")
         assert "2 processes but the val data's sampler shards the data 1 way(s)" in val
+
+
+def test_ranks_configured_apart_are_refused_naming_the_field_and_each_value(ran):
+    """Before: another lr, weight decay or state seed was accepted (replicas apart; a resume
+    not the straight run), another Val or Checkpointer interval a gloo abort."""
+    for rank in (0, 1):
+        found, other = load(ran, "disagree", rank), 1 - rank
+        assert found["same"] is None and found["first"] is None  # no false refusal
+        assert found["lr"].startswith(
+            "ValueError: fit: the ranks differ in optimizer hyper-parameters: "
+        )
+        assert f"rank {rank} has {{'sgd.lr': '{0.1 * (1 + rank)}'" in found["lr"]
+        assert f"rank {other} has {{'sgd.lr': '{0.1 * (1 + other)}'" in found["lr"]
+        assert f"'sgd.weight_decay': '{0.5 * rank}'" in found["weight_decay"]
+        assert f"'sgd.weight_decay': '{0.5 * other}'" in found["weight_decay"]
+        assert found["seed"].startswith(
+            f"ValueError: fit: the ranks differ in seed (step.init(model, seed=)): rank {rank} "
+            f"has {100 + rank}, rank {other} has {100 + other}; "
+        )
+        assert "diff_rank_seed=True" in found["seed"]
+        assert (
+            "the ranks differ in validation (interval, begin, dynamic_intervals, params, "
+            f"autocast): rank {rank} has ({2 + rank}, 1, [], 'auto', None), rank {other} has "
+            f"({2 + other}, 1, [], 'auto', None)"
+        ) in found["val"]
+        assert (
+            f"the ranks differ in handlers (cadence): rank {rank} has ['Checkpointer(interval="
+            f"{2 + rank}, by_epoch=False, "
+        ) in found["checkpointer"]
+        assert f"rank {other} has ['Checkpointer(interval={2 + other}, " in found["checkpointer"]
+
+
+def test_ranks_that_resume_from_different_checkpoints_are_refused_naming_each(ran):
+    """Each rank its own work dir (per-node local disks): rank 0 resumed at step 2, rank 1 found
+    nothing and started at 0; before, they trained on until gloo aborted (SIGABRT)."""
+    r0, r1 = load(ran, "disagree", 0), load(ran, "disagree", 1)
+    assert r0["resume"] == r1["resume"]  # one error, the same on every rank
+    message = r0["resume"]
+    assert message.startswith(
+        "ValueError: fit: the ranks resumed from different checkpoints or positions: rank 0: "
+        f"{ran / 'disagree_r0' / 'iter_2.safetensors'} at step 2 (epoch 0, batch 2, header digest "
+    )
+    assert (
+        f"; rank 1: no checkpoint found (in {ran / 'disagree_r1'}) at step 0 (epoch 0, batch 0); "
+        in message
+    )
+    assert "put work_dir on storage every rank reads" in message
+    assert r1["resume_on_one"].startswith(
+        "ValueError: fit: the ranks differ in resume: rank 1 has False, rank 0 has True; "
+    )
+    # a file rank 1 cannot read: its own error there, and rank 0 told of it (not left waiting)
+    assert "disagree_r1/iter_2.safetensors" in r1["missing"]
+    assert r0["missing"].startswith("RuntimeError: fit: rank 1 could not resume (")
+    assert "disagree_r1/iter_2.safetensors" in r0["missing"]
+    # copies of one file at other paths: the same content, accepted
+    assert r0["copies"] is None and r1["copies"] is None
 
 
 def test_a_step_without_data_parallel_is_refused(ran):
@@ -260,3 +316,51 @@ def test_epoch_based_recipe_replays_under_torchrun(tmp_path):
     assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
     assert "epoch_2.safetensors: every tensor bitwise equal" in replayed.stdout
     assert replayed.stdout.count("REPLAY OK") == 1
+
+
+# --- setup's timeout_s and data_parallel's flag are checked before anything runs ---
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "said"),
+    [
+        ("30", TypeError, "setup: timeout_s must be a number of seconds (an int or float), got str '30'"),
+        (True, TypeError, "setup: timeout_s must be a number of seconds (an int or float), got bool True"),
+        (0, ValueError, "setup: timeout_s must be a finite number of seconds > 0, got 0"),
+        (-5.0, ValueError, "setup: timeout_s must be a finite number of seconds > 0, got -5.0"),
+        (float("nan"), ValueError, "setup: timeout_s must be a finite number of seconds > 0, got nan"),
+        (10**20, ValueError,
+         "setup: timeout_s=100000000000000000000 is too large: at most 86400000000000 seconds"),
+    ],
+)  # fmt: skip
+def test_setup_refuses_a_bad_timeout_in_one_process(value, error, said):
+    """Not accepted silently where no process group is made (it would fail the same script under
+    torchrun)."""
+    with pytest.raises(error) as e:
+        fe.distributed.setup("cpu", timeout_s=value)
+    assert str(e.value) == said
+    assert fe.distributed.setup("cpu", timeout_s=2.5).world_size == 1
+
+
+def test_a_bad_timeout_under_torchrun_is_named_not_blamed_on_the_rendezvous(monkeypatch):
+    """torchrun's environment (nothing listens at the port): the value is named before any rendezvous."""
+    env = dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(TypeError) as e:
+        fe.distributed.setup("cpu", timeout_s="30")
+    assert str(e.value).startswith("setup: timeout_s must be a number of seconds")
+    assert "MASTER_ADDR" not in str(e.value)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_data_parallel_diff_rank_seed_must_be_a_bool(value):
+    """A string "false" (from a config) would turn per-rank dropout on."""
+    with pytest.raises(TypeError) as e:
+        fe.data_parallel(diff_rank_seed=value)
+    assert (
+        str(e.value)
+        == f"data_parallel: diff_rank_seed must be a bool (True or False), got {value!r}"
+    )
+    assert fe.data_parallel(diff_rank_seed=True).diff_rank_seed is True

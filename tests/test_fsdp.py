@@ -311,3 +311,14 @@ def test_gather_state_without_sharded_leaves_is_the_state_itself():
     state = step.init(deep_mlp())
     assert fe.sharding.gather_state(state) is state
     assert not fe.sharding.is_sharded(state.model)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("defer_reduce", "false"), ("diff_rank_seed", "no"), ("defer_reduce", [0])]
+)
+def test_fsdp_flags_must_be_bools(name, value):
+    """A string "false" (from a config) would turn the option on."""
+    with pytest.raises(TypeError) as e:
+        fe.fsdp(**{name: value})
+    assert str(e.value) == f"fsdp: {name} must be a bool (True or False), got {value!r}"
+    assert repr(fe.fsdp(defer_reduce=True)) == "fsdp(defer_reduce=True, diff_rank_seed=False)"

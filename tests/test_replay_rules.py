@@ -283,7 +283,7 @@ def _legs(*worlds: int):
             (2, 1),
             1,
             "different numbers of processes (segment 1: 2, segment 2: 1); one replay runs "
-            "one world size: pass --from a checkpoint written after the change",
+            "one world size: no checkpoint file from segment 2 on, nor one before it,",
         ),  # fmt: skip
     ],
 )
@@ -410,3 +410,85 @@ def test_state_digest_is_the_recorded_layout_so_old_run_logs_still_match():
         else:
             h.update(json.dumps(leaf).encode())
     assert state_digest(state) == h.hexdigest()
+
+
+def _relabel(work: Path, number: int, world: int, batch=lambda b: b) -> None:
+    """Mark segment ``number`` of the log as run by ``world`` processes, its positions in batches
+    ``batch(b)`` (what a torchrun segment records), as a test without torchrun can."""
+    seen = 0
+
+    def edit(r: dict) -> None:
+        nonlocal seen
+        seen += r["kind"] == "segment"
+        if seen == number and r["kind"] == "segment":
+            r["env"]["world_size"] = world
+            r["start"]["batch_in_epoch"] = batch(r["start"]["batch_in_epoch"])
+        elif seen == number:
+            r["batch_in_epoch"] = batch(r["batch_in_epoch"])
+
+    _rewrite(work, edit)
+
+
+def _append_segment(work: Path, world: int, resumed: tuple[int, int, int, str], *ends) -> None:
+    """A resumed segment of ``world`` processes, as `fit` under torchrun records it: its start
+    (the file it resumed from) and the checkpoints ``ends`` ((step, epoch, batch, name), ...)."""
+    records = _records(work)
+    seg = json.loads(json.dumps([r for r in records if r["kind"] == "segment"][-1]))
+    step, epoch, batch, name = resumed
+    seg.update(start={"step": step, "epoch": epoch, "batch_in_epoch": batch}, resumed_from=name)
+    seg["env"]["world_size"] = world
+    total = ends[-1][0]
+    seg["horizon"] = {"max_epochs": None, "max_steps": total, "total_steps": total}
+    digests = [{"kind": "digest", "step": s, "epoch": e, "batch_in_epoch": b,
+                "digest": f"{s:064x}", "checkpoint": n} for s, e, b, n in (resumed, *ends)]  # fmt: skip
+    (work / "run_log.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [*records, seg, *digests])
+    )
+
+
+def test_a_segment_followed_by_a_resume_with_more_processes_replays_to_its_checkpoints(tmp_path):
+    """1 process to step 8, then 2 processes (torchrun) from iter_8 to 12: the resume's start is
+    batch 4 in 2-process batches (segment 1's own record is batch 8), so positions of the two
+    segments are not compared; segment 1 replays to its own checkpoint in one process."""
+    from fengine.replay.run import lineage, select
+
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_steps=8, every=4)
+    _append_segment(work, 2, (8, 0, 4, "iter_8.safetensors"), (12, 0, 8, "iter_12.safetensors"))
+    ok, out = _replay(work, to=8)
+    assert ok and "from step 0 to step 8 (iter_8.safetensors)" in out, out
+    with pytest.raises(ReplayError) as e:
+        replay(work, out=lambda s: None)
+    assert str(e.value).endswith(
+        "different numbers of processes (segment 1: 1, segment 2: 2); one replay runs one world "
+        "size: pass --from one of [8] (the checkpoint files from segment 2 on) or --to one of "
+        "[4, 8] (the checkpoints before segment 2)"
+    )
+    # --from 8 starts segment 2 where it resumed, in its batches (a 2-process replay)
+    sel = select(work, lineage(read_log(work)), 8, None)
+    assert [leg.seg.number for leg in sel.legs] == [2]
+    assert (sel.begin, sel.end, sel.start_file) == (
+        (8, 0, 4),
+        (12, 0, 8),
+        work / "iter_8.safetensors",
+    )
+    with pytest.raises(ReplayError, match="torchrun --nproc_per_node=2 -m fengine replay"):
+        replay(work, start=8, out=lambda s: None)
+
+
+def test_a_one_process_segment_between_two_process_ones_replays_from_and_to_its_checkpoints(
+    tmp_path,
+):
+    """2 -> 1 -> 2 processes (the first segment's record rewritten as a 2-process one's): segment
+    2's checkpoint at step 12 is at batch 2 of epoch 1 in its batches, segment 3 started at
+    batch 1: --from 8 --to 12 replays segment 2 alone, bit for bit."""
+    work = tmp_path / "w"
+    replay_recipe.run(work, max_steps=8, every=4)
+    replay_recipe.run(work, max_steps=12, every=4, resume=True)
+    _relabel(work, 1, 2, batch=lambda b: b // 2)
+    _append_segment(work, 2, (12, 1, 1, "iter_12.safetensors"), (16, 1, 3, "iter_16.safetensors"))
+    ok, out = _replay(work, start=8, to=12)
+    assert ok, out
+    assert "from step 8 to step 12 (iter_12.safetensors)" in out
+    assert "segment 2: steps 8-12, max_steps 12, resumed from iter_8.safetensors" in out
+    assert "segment 1:" not in out and "segment 3:" not in out

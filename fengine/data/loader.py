@@ -199,6 +199,13 @@ class Loader:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Loader: `batch_size` must be an int >= 1, got {batch_size!r}")
         check_int("Loader", "seed", seed)
+        flags = dict(shuffle=shuffle, drop_last=drop_last, round_up=round_up, pin_memory=pin_memory,
+                     persistent_workers=persistent_workers, seed_globals=seed_globals)  # fmt: skip
+        for name, value in flags.items():  # a string such as "no" (from a config) would be truthy
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"Loader: `{name}` must be a bool (True or False), got {value!r:.80}"
+                )
         if persistent_workers and num_workers == 0:
             raise ValueError("Loader: `persistent_workers=True` needs `num_workers` > 0")
         self.dataset = dataset

@@ -50,14 +50,34 @@ Out = Callable[[str], Any]
 
 @dataclasses.dataclass
 class Leg:
-    """A segment on the path to the target, run until ``end`` (where the next one resumed)."""
+    """A segment on the path to the target, run until ``end`` (where the next one resumed, a
+    position in the next one's batches: another world size counts other batches per epoch)."""
 
     seg: Segment
     end: Pos | None
+    same_world: bool = True  # the next segment ran as many processes: ``end`` is in our batches
+
+    def reaches(self, pos: Pos) -> bool:
+        """Whether this segment's position ``pos`` lies at or before the next one's resume: by
+        position in one world size; across world sizes by step and epoch (the batch counts differ,
+        and a replay never runs on through a change of world size)."""
+        if self.end is None:
+            return True
+        return pos <= self.end if self.same_world else pos[:2] <= self.end[:2]
+
+    def ends_at(self, pos: Pos) -> bool:
+        """Whether the next segment resumed from this segment's position ``pos``."""
+        if self.end is None:
+            return False
+        return pos == self.end if self.same_world else pos[0] == self.end[0]
 
     def records(self) -> list[dict]:
-        s, e = self.seg.start, self.end
-        return [r for r in self.seg.digests if s <= key(r) and (e is None or key(r) <= e)]
+        return [r for r in self.seg.digests if self.seg.start <= key(r) and self.reaches(key(r))]
+
+
+def _world(seg: Segment) -> int:
+    """The number of processes ``seg`` ran (logs before ``world_size``: one)."""
+    return int(seg.record.get("env", {}).get("world_size", 1))
 
 
 def lineage(segments: list[Segment]) -> list[Leg]:
@@ -69,18 +89,26 @@ def lineage(segments: list[Segment]) -> list[Leg]:
         if earlier is None:
             break  # resumed from a checkpoint this log did not produce
         chain.insert(0, earlier)
-    return [Leg(s, chain[i + 1].start if i + 1 < len(chain) else None) for i, s in enumerate(chain)]
+    legs = [Leg(s, nxt.start, _world(s) == _world(nxt)) for s, nxt in zip(chain, chain[1:])]
+    return [*legs, Leg(chain[-1], None)]
 
 
 def _resumed_from(seg: Segment, before: list[Segment]) -> Segment | None:
     """The latest earlier segment that recorded the very state ``seg`` started from (its digest at
     that position), else one that recorded the file it resumed from there, else the latest that
-    started before that position and planned to reach it (a file from another directory)."""
+    started before that position and planned to reach it (a file from another directory). A
+    segment of another world size counts other batches: there the step decides."""
     p, name = seg.start, seg.record["resumed_from"]
     started = next((r["digest"] for r in seg.digests if key(r) == p), None)
-    earlier = [s for s in before if s.start < p]
+
+    def at(s: Segment, pos: Pos) -> bool:
+        return pos == p if _world(s) == _world(seg) else pos[0] == p[0]
+
+    earlier = [
+        s for s in before if (s.start < p if _world(s) == _world(seg) else s.start[0] < p[0])
+    ]
     for same in (lambda r: r["digest"] == started, lambda r: r.get("checkpoint") == name):
-        found = [s for s in earlier if any(key(r) == p and same(r) for r in s.digests)]
+        found = [s for s in earlier if any(at(s, key(r)) and same(r) for r in s.digests)]
         if found:
             return found[-1]
     reach = [s for s in earlier if s.horizon["total_steps"] >= p[0]]
@@ -102,7 +130,8 @@ def _file(work_dir: Path, name: str) -> Path | None:
 @dataclasses.dataclass
 class Selection:
     """What to re-run: from position ``begin`` (``start_file``'s, or the initial state) to
-    ``target``'s, through ``legs``; ``records`` are the digests on that path."""
+    ``target``'s, through ``legs`` (``begin`` in the first one's batches, ``target`` in the last
+    one's); ``records`` are the digests on that path."""
 
     legs: list[Leg]
     records: list[dict]
@@ -115,31 +144,37 @@ class Selection:
         return key(self.target)
 
     def stop(self, leg: Leg) -> Pos:
-        return self.end if leg.end is None else min(leg.end, self.end)
+        return self.end if leg is self.legs[-1] or leg.end is None else leg.end
 
 
 def select(work_dir: Path, legs: list[Leg], start: int | None, to: int | None) -> Selection:
     """``start``: a step with a checkpoint file on the path (None or 0: the initial state);
-    ``to``: a step with a recorded checkpoint (None: the last), its file present or not."""
+    ``to``: a step with a recorded checkpoint (None: the last), its file present or not.
+
+    Records are placed by (leg, position): a position counts its own segment's batches, so
+    positions of segments that ran different numbers of processes are not compared."""
     log = work_dir / LOG_NAME
-    ckpts = [r for leg in legs for r in leg.records() if "checkpoint" in r]
+    ckpts = [(i, r) for i, leg in enumerate(legs) for r in leg.records() if "checkpoint" in r]
     # the checkpoints a segment wrote (not the file a resumed one started from, whose digest may
     # include a wrapper the resume added)
-    written = [r for leg in legs for r in leg.records()[leg.seg.start != SCRATCH :]
+    written = [(i, r) for i, leg in enumerate(legs) for r in leg.records()[leg.seg.start != SCRATCH :]
                if "checkpoint" in r]  # fmt: skip
     if not written:
         raise ReplayError(f"{log} records no checkpoint to verify against: save one (Checkpointer)")
-    target = (
-        written[-1] if to is None else next((r for r in written[::-1] if r["step"] == to), None)
+    found = (
+        written[-1] if to is None else next((w for w in written[::-1] if w[1]["step"] == to), None)
     )
-    if target is None:
-        steps = sorted({r["step"] for r in written})
+    if found is None:
+        steps = sorted({r["step"] for _, r in written})
         raise ReplayError(f"{log} records no checkpoint at step {to}: pass --to one of {steps}")
-    end, start_file = key(target), None
-    present = sorted({(key(r), r["checkpoint"]) for r in ckpts if _file(work_dir, r["checkpoint"])})
-    offer = sorted({pos[0] for pos, _ in present if pos < end})
+    ti, target = found
+    end = (ti, key(target))
+    present = sorted(
+        {(i, key(r), r["checkpoint"]) for i, r in ckpts if _file(work_dir, r["checkpoint"])}
+    )
+    offer = sorted({pos[0] for i, pos, _ in present if (i, pos) < end})
+    bi, begin, start_file = 0, SCRATCH, None
     if not start:
-        begin = SCRATCH
         if legs[0].seg.start != SCRATCH:
             where = (
                 f"replay from a later checkpoint with --from one of {offer}"
@@ -152,7 +187,8 @@ def select(work_dir: Path, legs: list[Leg], start: int | None, to: int | None) -
                 f"{legs[0].seg.record['resumed_from']}, a state no segment of the log produced: {where}"
             )
     else:
-        at = [(pos, name) for pos, name in present if pos[0] == start and pos < end]
+        # the latest on the path: where a segment resumed from it, in that segment's batches
+        at = [(i, pos, name) for i, pos, name in present if pos[0] == start and (i, pos) < end]
         if not at:
             where = (
                 f"pass --from one of {offer} (the files that still exist)"
@@ -160,16 +196,24 @@ def select(work_dir: Path, legs: list[Leg], start: int | None, to: int | None) -
                 else "none before it still exists: replay without --from, from the initial state"
             )
             raise ReplayError(
-                f"{work_dir} has no checkpoint file of step {start} before step {end[0]}: {where}"
+                f"{work_dir} has no checkpoint file of step {start} before step {end[1][0]}: {where}"
             )
-        begin, start_file = at[-1][0], _file(work_dir, at[-1][1])
-    if begin >= end:
+        bi, begin, name = at[-1]
+        start_file = _file(work_dir, name)
+        while bi < ti and legs[bi].ends_at(begin):  # the next segment resumed here: start
+            bi, begin = bi + 1, legs[bi + 1].seg.start  # there, in its batches, as it did
+    if (bi, begin) >= end:
         raise ReplayError(
-            f"start (step {begin[0]}) is not before the target checkpoint (step {end[0]}) "
+            f"start (step {begin[0]}) is not before the target checkpoint (step {end[1][0]}) "
             f"of {log}: pass --to a later step"
         )
-    run = [leg for leg in legs if (leg.end is None or leg.end > begin) and leg.seg.start < end]
-    on_path = [r for leg in run for r in leg.records() if begin <= key(r) <= end]
+    run = legs[bi : ti + 1]
+    on_path = [
+        r
+        for i, leg in enumerate(run, bi)
+        for r in leg.records()
+        if (i > bi or begin <= key(r)) and (i < ti or key(r) <= end[1])
+    ]
     return Selection(run, on_path, target, begin, start_file)
 
 
@@ -196,7 +240,8 @@ def describe(work_dir: Path, sel: Selection, out: Out) -> None:
             f"max_epochs {h['max_epochs']}" if h["max_epochs"] else f"max_steps {h['max_steps']}"
         )
         resumed = f", resumed from {r['resumed_from']}" if r["resumed_from"] else ""
-        steps = f"{max(leg.seg.start, sel.begin)[0]}-{sel.stop(leg)[0]}"
+        first = sel.begin if leg is sel.legs[0] else leg.seg.start
+        steps = f"{first[0]}-{sel.stop(leg)[0]}"
         config = f"config {(r['config_hash'] or '-')[:12]}{_config_note(leg, sel.legs[0])}"
         out(f"  segment {leg.seg.number}: steps {steps}, {horizon}{resumed}, {config}")
 
@@ -261,15 +306,26 @@ def _load_start(path: Path, exp: Any, begin: Pos) -> TrainState:
     return state
 
 
-def _check_world(legs: list[Leg], who: str, work_dir: Path) -> None:
-    """The replay runs as many processes as each replayed segment did (`torchrun`'s ``WORLD_SIZE``)."""
+def _check_world(legs: list[Leg], who: str, work_dir: Path, end: Pos | None = None) -> None:
+    """The replay runs as many processes as each replayed segment did (`torchrun`'s ``WORLD_SIZE``).
+    ``end``: the target's position in the last leg (the files after it are not offered)."""
     launched = distributed.launched_world_size()
-    worlds = {leg.seg.number: leg.seg.record["env"].get("world_size", 1) for leg in legs}
+    worlds = {leg.seg.number: _world(leg.seg) for leg in legs}
     if len(set(worlds.values())) > 1:
         seen = ", ".join(f"segment {n}: {w}" for n, w in worlds.items())
+        last = max(i for i, leg in enumerate(legs) if _world(leg.seg) != _world(legs[-1].seg))
+        tail = legs[last + 1 :]  # one world size: their positions compare
+        steps = sorted({r["step"] for leg in tail for r in leg.records() if "checkpoint" in r
+                        and (end is None or key(r) < end) and _file(work_dir, r["checkpoint"])})  # fmt: skip
+        tos = sorted({r["step"] for leg in legs[: last + 1]
+                      for r in leg.records()[leg.seg.start != SCRATCH :] if "checkpoint" in r})  # fmt: skip
+        n = tail[0].seg.number
+        ways = [f"--from one of {steps} (the checkpoint files from segment {n} on)"] * bool(steps)
+        ways += [f"--to one of {tos} (the checkpoints before segment {n})"] * bool(tos)
+        none = f"no checkpoint file from segment {n} on, nor one before it, to replay to or from"
         raise ReplayError(
             f"the replayed segments ran with different numbers of processes ({seen}); one replay "
-            "runs one world size: pass --from a checkpoint written after the change"
+            f"runs one world size: {'pass ' + ' or '.join(ways) if ways else none}"
         )
     ((number, world),) = list(worlds.items())[-1:]
     name = who.format(number)
@@ -432,7 +488,7 @@ def replay(
     describe(work_dir, sel, out)
     check_code(path, [leg.seg for leg in sel.legs], force, out)
     who = "the run was" if len(sel.legs) == 1 else "segment {} was"
-    _check_world(sel.legs, who, work_dir)
+    _check_world(sel.legs, who, work_dir, sel.end)
     recorded = [(who.format(leg.seg.number), leg.seg.record["env"]) for leg in sel.legs]
     differences = env.notes(recorded, keep_settings)
     for note in differences:

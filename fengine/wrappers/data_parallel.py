@@ -160,4 +160,11 @@ def data_parallel(bucket_mb: float = 25.0, *, diff_rank_seed: bool = False) -> W
             f"data_parallel: bucket_mb must be a finite number of megabytes > 0 (at least one "
             f"byte), got {bucket_mb!r}"
         )
-    return _DataParallel(bucket_mb, diff_rank_seed)
+    return _DataParallel(bucket_mb, check_flag("data_parallel", "diff_rank_seed", diff_rank_seed))
+
+
+def check_flag(where: str, name: str, value: Any) -> bool:
+    """``value`` if it is a bool: a string such as ``"false"`` (from a config) would be truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a bool (True or False), got {value!r:.80}")
+    return value

@@ -24,7 +24,7 @@ from fengine.state import TrainState
 from fengine.step import GradFn, Grads, Part, is_base_grad_fn, rng_key, run_loss
 from fengine.wrappers.accumulate import _Accumulate, micro_batch_position
 from fengine.wrappers.base import Wrapper, once
-from fengine.wrappers.data_parallel import _DataParallel
+from fengine.wrappers.data_parallel import _DataParallel, check_flag
 
 
 __all__ = ["fsdp"]
@@ -117,4 +117,7 @@ def fsdp(*, defer_reduce: bool = False, diff_rank_seed: bool = False) -> Wrapper
     other parts' gradients, which are dropped (as ``loss.backward()`` + one optimizer per
     part would).
     """
-    return _Fsdp(bool(defer_reduce), bool(diff_rank_seed))
+    return _Fsdp(
+        check_flag("fsdp", "defer_reduce", defer_reduce),
+        check_flag("fsdp", "diff_rank_seed", diff_rank_seed),
+    )
