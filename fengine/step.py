@@ -355,6 +355,9 @@ def _apply_fn(part: Part) -> ApplyFn:
         if new is not params:  # a transformation that returned new tensors, not updated in place
             new = {**params, **new}
         metrics = {**g.metrics, **collect_metrics(own)}
+        if not g.grads:  # no update (torch's no-op): grad_norm & co would be the last update's
+            moved = hyperparams(own)
+            metrics = {k: v for k, v in metrics.items() if k in g.metrics or k in moved}
         return state.replace(
             params=new, opt_state=own if part.name is None else {**opt_state, part.name: own}
         ), metrics

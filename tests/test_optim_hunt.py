@@ -382,3 +382,20 @@ def test_sgd_nesterov_checks_a_momentum_schedule(momentum, dampening, shown):
 def test_sgd_nesterov_accepts_a_momentum_schedule_from_zero():
     """MMEngine builds SGD with its initial momentum (0.9) and may schedule 0 at step 0."""
     optim.sgd(0.1, momentum=S.linear(0.9, 0.0, end=10), nesterov=True)
+
+
+def test_an_update_without_gradients_reports_no_stale_grad_norm():
+    """A part with no gradient is not updated: its metrics keep the scheduled lr, not the
+    previous update's grad_norm (as an fp16-skipped update's)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(4, 1), "aux": nn.Linear(4, 1)})
+    aux_tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(lambda t: 0.1 / (t + 1)))
+    step = fe.multi_step(
+        {"body": (_loss_head, optim.sgd(0.1), "body"), "aux": (_loss_aux, aux_tx, "aux")}
+    )
+    state = step.init(model, seed=0)
+    state, with_aux = step(state, {"x": torch.ones(2, 4), "has_aux": True})
+    state, without = step(state, {"x": torch.ones(2, 4), "has_aux": False})
+    assert "aux/grad_norm" in with_aux
+    assert "aux/grad_norm" not in without
+    assert float(without["aux/lr"]) == pytest.approx(0.05)
