@@ -191,6 +191,11 @@ class Handler:
 
     priority: int = Priority.NORMAL
     name: str | None = None
+    collective: bool = False
+    """Acts on every rank at the same points (saves a checkpoint, stops the run): under torchrun
+    `fit` refuses ranks that differ in such handlers or their cadence (a rank saving or
+    stopping alone would wait for the others forever). A handler only rank 0 has (a logger,
+    a tracker) leaves it False."""
 
     def __init__(self, *, priority: int | str | None = None, name: str | None = None) -> None:
         if priority is not None:

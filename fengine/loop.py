@@ -776,21 +776,23 @@ def _shortened(text: str, limit: int) -> str:
 
 _CADENCE = ("interval", "by_epoch", "every", "once", "save_begin", "save_last", "save_best",
             "async_save", "monitor", "patience", "min_delta", "stopping_threshold")  # fmt: skip
-"""The handler attributes that say when it acts (a save is a collective; a stop ends the loop):
-compared across ranks. A handler's other attributes may hold per-rank values (times, files)."""
+"""The attributes that say when a `collective` handler acts (a save is a collective; a stop ends
+the loop): compared across ranks. Its other attributes may hold per-rank values (times, files)."""
 
 
 def _cadences(handlers: Sequence[Any]) -> list[str]:
-    """The handlers that have a `_CADENCE` attribute, as the ranks can compare them: the type (or
-    its own repr, without memory addresses) and those attributes, ``Checkpointer(interval=2, ...)``.
-    Others (a Timer, a progress bar, one of your own only rank 0 has) are not compared."""
+    """The `fengine.events.Handler.collective` handlers (Checkpointer, EarlyStopping: they act on
+    every rank at once) as the ranks can compare them: the type (or its own repr, without memory
+    addresses) and their `_CADENCE` attributes, ``Checkpointer(interval=2, ...)``. The others
+    (a Logger, a tracker, a Timer, one of your own only rank 0 has) are not compared."""
     out = []
     for h in handlers:
+        if not getattr(h, "collective", False):
+            continue
         attrs = [(a, getattr(h, a)) for a in _CADENCE if hasattr(h, a)]
-        if attrs:
-            own = type(h).__repr__ is not object.__repr__
-            shown = ", ".join(f"{a}={v!r}" for a, v in attrs if _plain(v))
-            out.append(f"{_described(h) if own else type(h).__qualname__}({shown})")
+        own = type(h).__repr__ is not object.__repr__
+        shown = ", ".join(f"{a}={v!r}" for a, v in attrs if _plain(v))
+        out.append(f"{_described(h) if own else type(h).__qualname__}({shown})")
     return out
 
 

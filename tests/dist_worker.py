@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fengine as fe
 from fengine import optim
-from fengine.handlers import Checkpointer
+from fengine.handlers import Checkpointer, Logger, Timer
 from fengine.metrics import Accuracy
 
 
@@ -280,6 +280,11 @@ def disagree(out, rank, world):
         ),
         "same": attempt(
             val=val(2), handlers=[Checkpointer(2, by_epoch=False)], work_dir=out / "disagree_same"
+        ),
+        # handlers only rank 0 acts on (a Logger, a Timer), another Logger interval: accepted
+        "rank0_only": attempt(
+            handlers=[Logger(interval=10), Timer()] if rank == 0 else [Logger(interval=50)],
+            work_dir=out / "disagree_logger",
         ),
     }
     # each rank its own work dir: rank 0 writes its checkpoints, rank 1's stays empty

@@ -154,6 +154,7 @@ def test_ranks_configured_apart_are_refused_naming_the_field_and_each_value(ran)
     for rank in (0, 1):
         found, other = load(ran, "disagree", rank), 1 - rank
         assert found["same"] is None and found["first"] is None  # no false refusal
+        assert found["rank0_only"] is None  # the cadence of saving / stopping handlers only
         assert found["lr"].startswith(
             "ValueError: fit: the ranks differ in optimizer hyper-parameters: "
         )

@@ -306,6 +306,8 @@ class Checkpointer(Handler):
       priority: default VERY_LOW (after the schedulers and the logger, as MMEngine).
     """
 
+    collective = True  # saves / stops on every rank at once
+
     priority = Priority.VERY_LOW
     name = "checkpointer"
 

@@ -86,6 +86,8 @@ class EarlyStopping(Handler):
         EarlyStoppings in one run distinct names.
     """
 
+    collective = True  # saves / stops on every rank at once
+
     priority = Priority.LOWEST
     name = "early_stopping"
 
