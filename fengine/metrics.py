@@ -320,19 +320,52 @@ def _default_target(batch: Any, outputs: Any) -> Any:
     )
 
 
+_RANK_CHUNK = 2**20  # scores compared per chunk of rows: bounded temporaries, cache-sized
+
+
 def _label_rank(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N,) how many classes rank before each label: ``scores.sort(descending=True,
     stable=True)``'s order (ties to the lowest index as ``argmax``, NaN above every number as
-    in ``sort`` and ``topk``), counted in O(N C): a sort is some 10x slower at C = 1000.
+    in ``sort`` and ``topk``), counted in O(N C) by chunks of rows (a sort is some 10x slower at
+    C = 1000; whole (N, C) masks were several times the logits' memory at a 50k vocabulary).
     A label outside [0, C) is in no top k (rank C)."""
-    c = scores.shape[1]
+    n, c = scores.shape
+    labels = labels.long()  # gather's index (uint8 / int16 labels are valid ones)
     inside = (labels >= 0) & (labels < c)
     own = scores.gather(1, labels.clamp(0, c - 1)[:, None])  # (N, 1) the label's score
-    nan, own_nan = scores.isnan(), own.isnan()
-    above = (scores > own) | (nan & ~own_nan)
-    tied = (scores == own) | (nan & own_nan)
-    lower = torch.arange(c, device=scores.device) < labels[:, None]
-    return torch.where(inside, (above | (tied & lower)).sum(dim=1), c)
+    rows = max(1, _RANK_CHUNK // max(c, 1))
+    ranks = [
+        _chunk_rank(scores[i : i + rows], own[i : i + rows], labels[i : i + rows])
+        for i in range(0, n, rows)
+    ]
+    rank = torch.cat(ranks) if len(ranks) != 1 else ranks[0]
+    return torch.where(inside, rank, c)
+
+
+def _chunk_rank(s: torch.Tensor, own: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`_label_rank` of some rows. On the CPU, two passes count the classes above each label
+    (``not s <= own``: a NaN too) and its ties; the rows with a tie or a NaN label score are
+    then counted exactly (picking them reads the counts: no sync on the CPU); on a GPU every row
+    is counted exactly, with no host read."""
+    if s.device.type != "cpu":
+        return _exact_rank(s, own, labels)
+    c = s.shape[1]
+    rank = c - (s <= own).sum(dim=1)
+    odd = ((s == own).sum(dim=1) > 1) | own[:, 0].isnan()  # a tie (or no number) to break
+    if odd.any():
+        at = odd.nonzero()[:, 0]
+        rank[at] = _exact_rank(s[at], own[at], labels[at])
+    return rank
+
+
+def _exact_rank(s: torch.Tensor, own: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Classes above each label, ties before it by index, NaN above every number."""
+    lower = torch.arange(s.shape[1], device=s.device) < labels[:, None]
+    rank = (s > own).sum(dim=1) + ((s == own) & lower).sum(dim=1)
+    if s.is_floating_point():  # NaN: above every number, tied with another NaN
+        nan, own_nan = s.isnan(), own[:, 0].isnan()
+        rank += torch.where(own_nan, (nan & lower).sum(dim=1), nan.sum(dim=1))
+    return rank
 
 
 class Accuracy(SumMetric):

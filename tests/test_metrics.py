@@ -986,3 +986,31 @@ def test_distributed_compute_without_size_gets_the_cut_list(dist_results):
         assert r["simple"] == {"ACC/accuracy": 100.0 / 7, "ACC/n": 7}
         assert r["own_refusal"].startswith("SummedWithoutSize: Evaluator.compute got size=7")
         assert "SummedWithoutSize.compute(acc) takes no size" in r["own_refusal"]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_topk_takes_small_integer_labels(dtype):
+    """uint8 / int8 / int16 labels are valid (gather needs int64: converted)."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(16, 10, generator=g)
+    labels = torch.randint(0, 10, (16,), generator=g)
+    want = Accuracy(topk=(1, 5)).batch_stats((scores, labels), scores).total
+    got = Accuracy(topk=(1, 5)).batch_stats((scores, labels.to(dtype)), scores).total
+    assert torch.equal(got, want)
+
+
+def test_label_rank_counts_as_a_stable_sort_on_both_paths():
+    """The CPU path (two counting passes, exact rows where a tie or NaN needs it) and the exact
+    path a GPU takes give a stable descending sort's rank, NaN, ±inf and ties included."""
+    from fengine.metrics import _exact_rank, _label_rank
+
+    g = torch.Generator().manual_seed(0)
+    pool = torch.tensor([0.0, 1.0, -1.0, 2.0, float("nan"), float("inf"), -float("inf"), -0.0])
+    for _ in range(200):
+        n, c = int(torch.randint(1, 9, (), generator=g)), int(torch.randint(1, 12, (), generator=g))
+        s = pool[torch.randint(0, len(pool), (n, c), generator=g)]
+        y = torch.randint(0, c, (n,), generator=g)
+        order = s.sort(dim=1, descending=True, stable=True).indices
+        ref = (order == y[:, None]).int().argmax(dim=1)
+        assert torch.equal(_label_rank(s, y), ref)
+        assert torch.equal(_exact_rank(s, s.gather(1, y[:, None]), y), ref)
