@@ -543,23 +543,36 @@ def _run_spec(spec: Spec, module: nn.Module, prefix: str, run: _Run, whole: bool
 
 
 def _check_selects(spec: Spec, module: nn.Module, scope: str, strict: bool) -> None:
-    """A ``layer`` that matches no module (a typo, ``"linear"``) initialised nothing, silently:
-    raise before anything is written, or warn (``strict=False``: a scope of a mapping, which may
-    port a nested BaseModule's default ``init_cfg`` naming a layer that module lacks, which
-    MMEngine skips without a word)."""
+    """A ``layer`` that matches no module initialised nothing, silently. A name no module class
+    has (a typo, ``"linear"``) raises before anything is written (``strict``; a scope of a
+    mapping warns); a class this model lacks warns (MMEngine skips it: a model's default
+    ``init_cfg`` may name ``_BatchNorm`` for a variant built without one)."""
     if not isinstance(spec, _Init) or not spec.layer:
         return
     if any(spec.matches(m) for m in module.modules()):
         return
     layers = [x if isinstance(x, str) else x.__name__ for x in cast(tuple, spec.layer)]
+    unknown = [x for x in spec.layer if isinstance(x, str) and x not in _module_class_names()]
     msg = (
         f"init: {type(spec).__name__}(layer={layers}) selects no module of "
         f"{scope or 'the model'}: layer names a module class or a direct base (case-sensitive); "
         f"its module classes are {sorted({type(m).__name__ for m in module.modules()})}"
     )
-    if strict:
-        raise ValueError(msg)
+    if strict and unknown:
+        raise ValueError(f"{msg}; no module class is named {unknown}")
     warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def _module_class_names() -> set[str]:
+    """The names of every `nn.Module` subclass defined so far (torch's and the user's)."""
+    seen: set[type] = set()
+    todo = [nn.Module]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                todo.append(sub)
+    return {cls.__name__ for cls in seen}
 
 
 def _load(spec: Pretrained, module: nn.Module, at: str, run: _Run) -> None:

@@ -101,7 +101,9 @@ def seed_everything(
 
     ``seed=None`` draws one (rank 0's, shared by every rank) and logs it; ``diff_rank_seed`` adds
     the rank; ``deterministic`` turns on torch's deterministic algorithms and turns cudnn's
-    benchmark off. Returns the seed used (record it: ``step.init(model, seed=...)``).
+    benchmark off. Returns the seed used, the rank's with ``diff_rank_seed`` (record the base
+    seed in the state, ``step.init(model, seed=...)``, the same on every rank: `fit` refuses
+    ranks that differ in it; per-rank dropout is ``fe.data_parallel(diff_rank_seed=True)``).
     """
     from fengine import distributed  # distributed imports nothing from here; keep rng import-light
 

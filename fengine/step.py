@@ -501,6 +501,8 @@ class Step:
         ``copy=False`` saves the copy (one model's worth of memory): the state holds the module's
         own tensors (those already on ``device``), which a donating step updates in place, so the
         module holds the live weights as it trains; build one state per module this way."""
+        if not isinstance(copy, bool):
+            raise TypeError(f"step.init: copy must be a bool, got {copy!r}")
         if device is not None:
             device = parse_device(device, "step.init")
         state = TrainState.create(model, seed=seed, device=device, copy=copy)

@@ -584,22 +584,29 @@ def test_trunc_normal_of_a_float32_weight_never_lands_on_the_bound():
 
 
 def test_a_layer_that_selects_no_module_raises_naming_it_and_the_module_classes():
-    """init.Kaiming(layer="Conv") (for Conv2d) or layer="linear" initialised nothing, silently."""
+    """init.Kaiming(layer="Conv") (for Conv2d) or layer="linear" initialised nothing, silently:
+    a name no module class has raises; a class this model lacks (mmpretrain's VGG default
+    init_cfg names _BatchNorm, absent without BN) warns, as MMEngine skips it."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2))
     before = copy.deepcopy(model.state_dict())
     classes = "its module classes are ['Conv2d', 'Linear', 'Sequential']"
     cases = [
-        (init.Kaiming(layer="Conv"), "Kaiming(layer=['Conv'])"),
-        (dict(type="Normal", layer="linear"), "Normal(layer=['linear'])"),
-        ([init.Normal(layer="Linear"), init.Kaiming(layer=[nn.Conv1d, "BatchNorm2d"])],
-         "Kaiming(layer=['Conv1d', 'BatchNorm2d'])"),
+        (init.Kaiming(layer="Conv"), "Kaiming(layer=['Conv'])", "['Conv']"),
+        (dict(type="Normal", layer="linear"), "Normal(layer=['linear'])", "['linear']"),
+        ([init.Normal(layer="Linear"), init.Kaiming(layer=[nn.Conv1d, "BatchNorm2e"])],
+         "Kaiming(layer=['Conv1d', 'BatchNorm2e'])", "['BatchNorm2e']"),
     ]  # fmt: skip
-    for specs, named in cases:
+    for specs, named, unknown in cases:
         with pytest.raises(ValueError) as e:
             init.apply(model, specs, seed=0)
         assert str(e.value).startswith(f"init: {named} selects no module of the model: ")
-        assert str(e.value).endswith(classes)
+        assert str(e.value).endswith(f"{classes}; no module class is named {unknown}")
         _assert_same(model.state_dict(), before)  # refused before anything was written
+    with pytest.warns(UserWarning, match=r"Constant\(layer=\['_BatchNorm'\]\) selects no module"):
+        rep = init.apply(
+            model, [init.Kaiming(layer="Conv2d"), init.Constant(layer="_BatchNorm", val=1)]
+        )
+    assert rep.last("0.weight").startswith("KaimingInit")
     # one of the listed layers matching is enough (a config naming BatchNorm2d and GroupNorm)
     rep = init.apply(model, init.Normal(layer=["Linear", "GroupNorm"]), seed=0)
     assert rep.last("1.weight").startswith("NormalInit")

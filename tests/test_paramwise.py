@@ -1147,3 +1147,32 @@ def test_custom_keys_momentum_option_is_scheduled_as_mmengine(schedule, makers, 
         for name, want in theirs.items():
             got = state.inner[labels[name]].momentum
             assert math.isclose(got, want[t], rel_tol=1e-12), (name, t, got, want[t])
+
+
+def test_custom_keys_momentum_over_a_plateau_momentum_is_reduced_as_mmengine():
+    """``momentum=0.5`` for the head over ``rop(0.9)``: MMEngine's ReduceOnPlateauMomentum
+    reduces every group's own value (0.09 and 0.05 after one plateau); it was held at 0.5."""
+    from mmengine.optim import OptimWrapper
+    from mmengine.optim.scheduler import ReduceOnPlateauMomentum
+
+    import fengine as fe
+    from fengine import plateau
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("backbone", nn.Linear(4, 4))
+    model.add_module("head", nn.Linear(4, 2))
+    rop = fe.reduce_on_plateau("loss", patience=0, factor=0.1)
+    groups = paramwise(model, lr=0.1, custom_keys={"head": dict(momentum=0.5)})
+    step = fe.train_step(lambda m, b: m(b).pow(2).mean(), groups.build(sgd, momentum=rop(0.9)), rop)
+    state = step.init(model)
+    ref = torch.optim.SGD([{"params": model.backbone.parameters(), "momentum": 0.9},
+                           {"params": model.head.parameters(), "momentum": 0.5}], lr=0.1)  # fmt: skip
+    mm = ReduceOnPlateauMomentum(OptimWrapper(ref), monitor="loss", factor=0.1, patience=0)
+    for value in (1.0, 1.0):  # the second validation is no better: one reduction
+        state = plateau.observe(state, {"loss": value})
+        mm.step({"loss": value})
+    state, _ = step(state, torch.randn(8, 4))
+    labels = groups.labels()
+    got = [state.opt_state.inner[labels[n]].momentum for n in ("backbone.weight", "head.weight")]
+    assert got == [g["momentum"] for g in ref.param_groups]

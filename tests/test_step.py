@@ -341,5 +341,5 @@ def test_init_without_a_copy_trains_the_modules_own_tensors_bit_for_bit():
     assert_dicts_equal(
         {n: p.detach() for n, p in model.named_parameters()}, shared.params, "module"
     )
-    with pytest.raises(TypeError, match="copy must be a bool, got 'no'"):
+    with pytest.raises(TypeError, match="^step.init: copy must be a bool, got 'no'"):
         step.init(mlp(), copy="no")

@@ -155,6 +155,9 @@ def _on_base(schedule: Any, value: float) -> Schedule | None:
         return Join(value, kept) if len(kept) == len(parts) else None
     if isinstance(schedule, Schedule) and dataclasses.is_dataclass(schedule):
         return dataclasses.replace(schedule, base=value)
+    if callable(getattr(schedule, "scaled_base", None)):  # reduced on plateau (`fengine.plateau`)
+        inner = _on_base(schedule.base, value) if callable(schedule.base) else value
+        return None if inner is None else dataclasses.replace(schedule, base=inner)
     return None
 
 
