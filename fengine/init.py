@@ -551,8 +551,9 @@ def _check_selects(spec: Spec, module: nn.Module, scope: str, strict: bool) -> N
         return
     if any(spec.matches(m) for m in module.modules()):
         return
-    layers = [x if isinstance(x, str) else x.__name__ for x in cast(tuple, spec.layer)]
-    unknown = [x for x in spec.layer if isinstance(x, str) and x not in _module_class_names()]
+    given = cast(tuple, spec.layer)
+    layers = [x if isinstance(x, str) else x.__name__ for x in given]
+    unknown = [x for x in given if isinstance(x, str) and x not in _module_class_names()]
     msg = (
         f"init: {type(spec).__name__}(layer={layers}) selects no module of "
         f"{scope or 'the model'}: layer names a module class or a direct base (case-sensitive); "
