@@ -1200,13 +1200,18 @@ def load_adding_wrappers(
 ) -> TrainState:
     """A checkpoint lacking only some wrappers' state (an EMA added to a resumed run): load the rest
     and start those wrappers from the loaded weights, with a warning (MMEngine's EMAHook does so)
-    naming the file (``shown``: the name to give a temporary copy)."""
-    names = {m.split("/")[1] for m in error.missing if m.startswith("extra/")}
+    naming the file (``shown``: the name to give a temporary copy). A wrapper the file has some
+    state for was not added but reconfigured (an EMA given ``update_buffers=True``): ``error``,
+    which names the missing entries."""
+    names = {m.split(" ")[0].split("/")[1] for m in error.missing if m.startswith("extra/")}
     if (
         not names
         or any(not m.startswith("extra/") for m in error.missing)
         or (error.unexpected or error.shape or error.dtype or error.kind)
     ):
+        raise error
+    structure = checkpoint.read_meta(path)["structure"]
+    if names & {e[0].split("/")[1] for e in structure if e[0].startswith("extra/")}:
         raise error
     state = checkpoint.load(
         path,

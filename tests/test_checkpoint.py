@@ -379,6 +379,23 @@ def test_structure_mismatch_lists_every_problem_by_name(tmp_path):
     assert "step.init(model" in str(info.value)
 
 
+def test_a_reconfigured_wrapper_is_hinted_only_when_the_model_matches(tmp_path):
+    """The file and the template both have EMA state, with other entries (update_buffers changed):
+    the hint names the wrapper and the likely cause; a changed model gets no such hint."""
+    ema = lambda u: fengine.train_step(loss_fn, clip_adamw(), fengine.ema(0.9, update_buffers=u))  # noqa: E731
+    saved = ema(True).init(make_model(bn=True))
+    path = ckpt.save(tmp_path / "ck.safetensors", saved)
+    with pytest.raises(CheckpointMismatchError) as info:
+        ckpt.load(path, ema(False).init(make_model(bn=True)))  # narrowed: buffers unexpected
+    assert info.value.unexpected[0] == "extra/ema/buffers/1.running_mean" and not info.value.missing
+    assert "hint: the model matches, but the file's ema state has other entries than the " in str(
+        info.value
+    )
+    with pytest.raises(CheckpointMismatchError) as info:
+        ckpt.load(path, ema(False).init(make_model(bn=False)))  # the model differs too
+    assert "params/1.weight" in info.value.unexpected and "the model matches" not in str(info.value)
+
+
 def test_scalar_vs_tensor_mismatch(tmp_path):
     state = fengine.TrainState(step=1, params={"w": torch.ones(2)}, buffers={}, extra={"x": 3})
     path = ckpt.save(tmp_path / "s.safetensors", state)
@@ -794,6 +811,83 @@ def test_load_params_ema_weights_and_corruption(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="CRC-32"):
         ckpt.load_params(path, template())
+
+
+def test_load_params_live_reads_an_mmengine_ema_checkpoints_trained_weights(tmp_path):
+    """MMEngine's EMAHook.before_save_checkpoint swaps the EMA weights into ``state_dict`` and the
+    trained ones into ``ema_state_dict`` (``module.<name>``): weights="live" read the EMA ones."""
+    from types import SimpleNamespace
+
+    hooks = pytest.importorskip("mmengine.hooks")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    w0 = model[0].weight.detach().clone()
+    runner = SimpleNamespace(model=model, iter=0, epoch=0, max_epochs=1, max_iters=10)
+    hook = hooks.EMAHook(momentum=0.5, update_buffers=True)
+    hook.before_run(runner)
+    hook.before_train(runner)
+    for i in range(3):
+        with torch.no_grad():
+            for t in (model[0].weight, model[0].bias, model[1].running_mean):
+                t.add_(1.0)
+        runner.iter = i
+        hook.after_train_iter(runner, i)
+    live, ema = model.state_dict(), hook.ema_model.module.state_dict()
+    saved = {"meta": {}, "state_dict": {k: v.clone() for k, v in live.items()}}
+    hook.before_save_checkpoint(runner, saved)  # MMEngine's own swap
+    torch.save(saved, tmp_path / "epoch_1.pth")
+
+    def fresh():
+        return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+
+    got = {w: ckpt.load_params(tmp_path / "epoch_1.pth", fresh(), strict=True, weights=w)[0]
+           for w in ("eval", "live")}  # fmt: skip
+    for k in live:
+        assert torch.equal(got["eval"][k], ema[k]) and torch.equal(got["live"][k], live[k]), k
+    assert torch.equal(got["live"]["0.weight"] - w0, torch.full_like(w0, 3.0))
+    assert torch.allclose(got["eval"]["0.weight"] - w0, torch.full_like(w0, 2.25))  # 1, 1.5, 2.25
+    torch.save({"state_dict": live}, tmp_path / "plain.pth")  # one set of weights: both read it
+    for w in ("eval", "live"):
+        sd, _ = ckpt.load_params(tmp_path / "plain.pth", fresh(), strict=True, weights=w)
+        assert all(torch.equal(sd[k], live[k]) for k in live)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # one tensor, two state-dict names
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+def test_load_params_strict_loads_a_tied_modules_alias_from_the_one_saved_tensor(tmp_path):
+    """A weight-tied module's state dict names the tensor twice, fengine's files once: the alias
+    (head.weight) was reported missing, so strict=True always failed and the returned dict held
+    the module's old value under it."""
+    step = fengine.train_step(loss_fn, fengine.optim.sgd(0.5), ema := fengine.ema(momentum=0.3))
+    state = step.init(TiedLM())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        state, _ = step(state, (torch.randint(0, 10, (8,), generator=g),) * 2)
+    assert list(state.params) == ["emb.weight"]
+    want = ema.params(state)["emb.weight"]
+    assert not torch.equal(want, TiedLM().emb.weight)
+    published = ckpt.publish(state, tmp_path / "pub")
+    saved = ckpt.save(tmp_path / "ck.safetensors", state)
+    for path in (published, saved):
+        target = TiedLM()
+        sd, report = ckpt.load_params(path, target, strict=True)
+        assert report.loaded == ("emb.weight", "head.weight") and report.missing == (), path
+        assert sd["head.weight"] is sd["emb.weight"] and torch.equal(sd["emb.weight"], want)
+        target.load_state_dict(sd)
+        assert target.head.weight is target.emb.weight and torch.equal(target.emb.weight, want)
+    live, _ = ckpt.load_params(saved, TiedLM(), strict=True, weights="live")
+    assert live["head.weight"] is live["emb.weight"]
+    assert torch.equal(live["head.weight"], state.params["emb.weight"])
 
 
 # ----------------------------------------------------------------- publish

@@ -402,3 +402,41 @@ def test_a_resume_past_the_horizon_is_refused_in_the_library_too(tmp_path):
         run(max_epochs=1, resume=True)
     assert run(max_steps=6, resume=True).step == 6  # at the horizon: nothing left, no error
     assert run(max_epochs=2, resume=True).step == 6
+
+
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear
+    return torch.nn.Sequential(lin(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), lin(8, 3))
+
+
+@pytest.mark.parametrize(
+    "saved,resumed,first_missing",
+    [
+        ({"update_buffers": False}, {"update_buffers": True}, "extra/ema/buffers/1.running_mean"),
+        ({"params": "0"}, {}, "extra/ema/params/1.weight"),
+    ],
+)
+def test_resuming_with_a_widened_ema_names_what_the_file_lacks(
+    tmp_path, saved, resumed, first_missing
+):
+    """An EMA whose configuration changed (update_buffers=True added, params='0' widened to all)
+    is not an EMA added to the run: it was the misleading 'the template has no step-wrapper state'
+    of a second load without the EMA; the real cause was only in the chained traceback."""
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))] * 2
+    first = fe.train_step(loss, optim.sgd(0.1), fe.ema(momentum=0.2, **saved))
+    fe.fit(first.init(_bn_model()), first, data, max_epochs=1, work_dir=tmp_path,
+           handlers=[fe.handlers.Checkpointer()])  # fmt: skip
+    second = fe.train_step(loss, optim.sgd(0.1), fe.ema(momentum=0.2, **resumed))
+    with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+        fe.fit(second.init(_bn_model()), second, data, max_epochs=2, work_dir=tmp_path,
+               resume=True, handlers=[])  # fmt: skip
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'epoch_1.safetensors'}: the checkpoint (step 2)")
+    assert "missing in the file" in msg and f"    {first_missing}\n" in msg
+    assert info.value.missing[0] == first_missing and not info.value.unexpected
+    assert "the file's ema state has other entries than the template's" in msg
+    assert "update_buffers= or params=" in msg and "template has none" not in msg
+    assert info.value.__context__ is None  # not a second error chained onto the first

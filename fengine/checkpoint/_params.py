@@ -6,6 +6,7 @@ import dataclasses
 import os
 import zipfile
 from collections.abc import Mapping
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,20 @@ def _check_zip_records(path: Path) -> None:
         raise err(path, f"damaged zip archive (torch .pth): {type(e).__name__}: {e}") from None
 
 
-def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _mmengine_live(obj: Mapping) -> Mapping:
+    """The live weights of an MMEngine checkpoint its EMAHook wrote: ``before_save_checkpoint``
+    swaps the averaged weights into ``state_dict`` (what deployment loads) and the live ones into
+    ``ema_state_dict`` as ``module.<name>`` (``_swap_ema_state_dict``). Other files as they are."""
+    sd, ema = obj.get("state_dict"), obj.get("ema_state_dict")
+    if not isinstance(sd, Mapping) or not isinstance(ema, Mapping):
+        return obj
+    live = {k: ema.get(f"module.{k}", v) for k, v in sd.items()}
+    return {**obj, "state_dict": live}
+
+
+def _torch_state_dict(path: Path, weights: str = "eval") -> dict[str, torch.Tensor]:
+    """A ``.pth`` file's state dict; ``weights="live"`` takes an MMEngine EMA checkpoint's live
+    weights (`_mmengine_live`)."""
     _check_zip_records(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -113,6 +127,8 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
             path, f"cannot read as a torch checkpoint with torch.load(weights_only=True): {e}"
         ) from None
     if isinstance(obj, Mapping):
+        if weights == "live":
+            obj = _mmengine_live(obj)
         for key in ("state_dict", "model"):
             inner = obj.get(key)
             if isinstance(inner, Mapping) and not isinstance(inner, torch.Tensor):
@@ -169,7 +185,7 @@ def _train_state_names(info: Info, weights: str) -> dict[str, str]:
 
 def _weights(path: Path, weights: str) -> _Weights:
     if _foreign(path):
-        sd = _torch_state_dict(path)
+        sd = _torch_state_dict(path, weights)
         sources: dict[str, str] = {}
         for k in sd:
             sources.setdefault(_strip_module(k), k)
@@ -225,7 +241,10 @@ def load_params(
     run kept an EMA, see `TrainState.eval_weights`; ``weights="live"`` for the
     trained ones), a published params file, a plain
     safetensors state dict, or a torch ``.pth`` state dict (read with
-    ``weights_only=True``; a ``{'state_dict': ...}`` wrapper is unwrapped).
+    ``weights_only=True``; a ``{'state_dict': ...}`` wrapper is unwrapped). An
+    MMEngine checkpoint written with its EMAHook holds the EMA weights in
+    ``state_dict`` and the trained ones in ``ema_state_dict``: ``weights="live"``
+    takes those. The other files hold one set of weights, which either value loads.
     A leading ``module.`` (DataParallel) is stripped from every name.
 
     ``prefix_map`` renames by prefix, longest first: ``{'backbone.': ''}`` loads
@@ -234,7 +253,9 @@ def load_params(
     ``(new_state, report)`` for a `TrainState` (other fields shared with
     ``into``), or ``(state_dict, report)`` for an ``nn.Module``: the module's
     full state dict with the loaded values in place, for
-    ``module.load_state_dict``; the module itself is not modified.
+    ``module.load_state_dict``; the module itself is not modified. A tied
+    tensor's other names (``head.weight`` tied to ``emb.weight``) take the
+    value loaded under one of them (a fengine file names a tensor once).
     ``strict=True`` raises `CheckpointMismatchError` listing every missing,
     unexpected and shape-mismatched name. Loading nothing at all (no name of the
     file matches one of the target) raises `CheckpointError` listing some of
@@ -263,10 +284,12 @@ def load_params(
         else:
             loaded.append(name)
     missing = [n for n in targets if n not in mapped]
+    tied = _tied_to(into, set(loaded), set(missing)) if isinstance(into, nn.Module) else {}
+    missing = [n for n in missing if n not in tied]
     report = LoadReport(
         path,
         w.format,
-        tuple(loaded),
+        (*loaded, *tied),
         tuple(missing),
         tuple(unexpected),
         tuple(mismatched),
@@ -303,12 +326,31 @@ def load_params(
         if tgt.requires_grad:
             t = t.detach().requires_grad_(True)
         new[name] = t
+    for alias, name in tied.items():
+        new[alias] = new[name]  # the one tensor, under each of its names
     if isinstance(into, TrainState):
         params = {n: new.get(n, v) for n, v in into.params.items()}
         buffers = {n: new.get(n, v) for n, v in into.buffers.items()}
         extra = {k: _averaging_from(v, new) for k, v in into.extra.items()}
         return into.replace(params=params, buffers=buffers, extra=extra), report
     return {n: new.get(n, v) for n, v in targets.items()}, report
+
+
+def _tied_to(module: nn.Module, loaded: set[str], missing: set[str]) -> dict[str, str]:
+    """The ``missing`` names of a tied tensor -> a ``loaded`` name of the same tensor: a weight-tied
+    model's state dict names the tensor twice (``head.weight`` is ``emb.weight``), a file once
+    (`checkpoint.save`, `publish`, safetensors keep one name per tensor)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in chain(
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+    ):
+        groups.setdefault(id(t), []).append(name)
+    out = {}
+    for names in groups.values():
+        have = [n for n in names if n in loaded]
+        out.update({n: have[0] for n in names if have and n in missing})
+    return out
 
 
 def _averaging_from(value: Any, new: dict[str, torch.Tensor]) -> Any:

@@ -164,7 +164,9 @@ def load(path: str | os.PathLike, like: TrainState, *, into: bool = False) -> Tr
     dict in ``like`` where the file has entries (the per-parameter state of a
     `fengine.optim.from_torch` optimizer, which torch fills lazily at the first
     step) takes the file's entries; one the file lacks (a field added since it was saved, as
-    the optimizers' ``missed`` counts) stays empty. Leaves that are one tensor object in
+    the optimizers' ``missed`` counts) stays empty. A step wrapper's empty dict takes nothing
+    (an EMA without ``update_buffers`` has no buffers: the file's are unexpected, the wrapper's
+    configuration changed). Leaves that are one tensor object in
     ``like`` (tied) stay one object if their saved values are equal.
 
     For a state of a sharded model (FSDP, `fengine.sharding`), every rank reads the full
@@ -257,7 +259,12 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
     adopt: dict[str, list] = {}
     for leaf in tmpl:
         v, e = leaf.value, file_entries.get(leaf.name)
-        if is_empty_dict(v) and leaf.name in below and adoptable(below[leaf.name], len(leaf.path)):
+        if (
+            is_empty_dict(v)
+            and leaf.name in below
+            and not leaf.name.startswith("extra/")  # a wrapper's config fixes its state's shape
+            and adoptable(below[leaf.name], len(leaf.path))
+        ):
             adopt[leaf.name] = below[leaf.name]
             used.update(f[0] for f in below[leaf.name])
             continue
@@ -332,6 +339,15 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
                 "  hint: the file has step-wrapper state (amp, ema, ...) and the template has none; "
                 "build the template with the run's step: step.init(model, seed=...)"
             )
+        differ = [*missing, *unexpected, *(b[0] for b in shape_bad + dtype_bad)]
+        differ += [k.split(": ")[0] for k in kind_bad]
+        changed = _changed_wrappers(differ, file_entries, like)
+        if changed:
+            parts.append(
+                f"  hint: the model matches, but the file's {' and '.join(changed)} state has other "
+                "entries than the template's: the wrapper's configuration changed since the "
+                "checkpoint was saved (e.g. ema's update_buffers= or params=); use the saved one"
+            )
         raise CheckpointMismatchError(
             "\n".join(parts),
             missing=missing,
@@ -341,6 +357,21 @@ def _match(h: Header, info: Info, tmpl: list[Leaf], like: TrainState) -> dict[st
             kind=kind_bad,
         )
     return adopt
+
+
+def _changed_wrappers(names: list[str], file_entries: dict, like: TrainState) -> list[str]:
+    """The wrappers (``extra/<name>/...``) that both the file and ``like`` have state for, among
+    ``names`` (every entry that differs), when only wrapper entries differ (a widened EMA)."""
+
+    def wrapper(name: str) -> str | None:
+        parts = name.split(" ")[0].split("/")  # "extra/ema/steps (non-tensor)"
+        return parts[1] if parts[0] == "extra" and len(parts) > 1 else None
+
+    differ = {wrapper(n) for n in names}
+    if None in differ:
+        return []  # the model (or optimizer) differs too: the wrapper config is not the cause
+    in_file = {wrapper(n) for n in file_entries}
+    return sorted(w for w in differ if w is not None and w in in_file and w in like.extra)
 
 
 def _check_loaded(path: Path, state: TrainState) -> None:
