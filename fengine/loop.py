@@ -1133,6 +1133,18 @@ def _check_batch_in_epoch(
             f"{path}: its position batch_in_epoch={batch} is past the end of an epoch of {bound} "
             f"batches ({whose}); a checkpoint fit wrote is never past it (an edited position?)"
         )
+    if (
+        whose.startswith("as its run")
+        and saved_run.get("world_size", 1) == run.world_size
+        and bound != run.batches_per_epoch
+        and 0 < batch < bound
+    ):  # another batch size or dataset: batch b is other samples, in another order
+        raise ValueError(
+            f"{path} was saved at batch {batch} of an epoch of {bound} batches; this run's data "
+            f"has {run.batches_per_epoch} batches per epoch (another batch size or dataset), so "
+            "resuming mid-epoch would skip some of the epoch's samples and repeat others; resume "
+            "with the run's data, or from the end of an epoch"
+        )
 
 
 def _set_aside_later_checkpoints(path: Path, save_dirs: list[Path]) -> None:
