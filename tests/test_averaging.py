@@ -8,6 +8,8 @@ every update, as MMEngine's ``after_train_iter`` sees them.
 
 from __future__ import annotations
 
+import re
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -211,3 +213,102 @@ def test_swa_resume_is_exact(tmp_path):
     assert wrapper.state(resumed).steps == wrapper.state(straight).steps == 8
     for n, p in wrapper.params(straight).items():
         assert torch.equal(wrapper.params(resumed)[n], p), n
+
+
+# ------------------------------------------------------------- two averagers, momentum, repr
+def test_two_averagers_over_the_same_params_are_refused_naming_both():
+    """ema + swa over the same params: evaluation, published weights and load_params used the
+    last one (SWA) and evaluate(params="ema") ran on SWA weights, silently."""
+    tx = optim.sgd(0.1)
+    for first, second in (
+        (fe.ema(momentum=0.5), fe.swa()),
+        (fe.ema(momentum=0.5, params="0"), fe.swa(params="0.weight")),  # a submodule's own
+        (fe.swa(params="2"), fe.ema(momentum=0.5, name="ema_all")),  # all params: overlaps any
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"step wrappers {re.escape(repr(first))} and {re.escape(repr(second))} both "
+            r"average the same params, .*evaluate\(params='ema'\) too.*disjoint params=",
+        ):
+            fe.train_step(ce_loss, tx, first, second)
+
+
+def test_averagers_over_disjoint_params_stay_allowed_each_substituting_its_own():
+    """Two parts of a GAN, each with its averager: both sets of averaged weights are evaluated."""
+    ema, swa = fe.ema(momentum=0.5, params="0"), fe.swa(params="2")
+    fe.train_step(ce_loss, optim.sgd(0.1), fe.ema(params="gen"), fe.swa(params="generator"))
+    step = fe.train_step(ce_loss, optim.sgd(0.1), ema, swa)
+    state = step.init(mlp())
+    for batch in mlp_batches(3):
+        state, _ = step(state, batch)
+    params, _ = state.eval_weights()
+    assert params["0.weight"] is state.extra["ema"].params["0.weight"]
+    assert params["2.weight"] is state.extra["swa"].params["2.weight"]
+    assert not torch.equal(params["0.weight"], state.params["0.weight"])
+
+
+def test_two_averagers_whose_predicates_overlap_are_refused_on_the_first_step():
+    """``params=`` predicates are judged on the names: on the first step, before it updates."""
+    overlapping = fe.train_step(
+        ce_loss,
+        optim.sgd(0.1),
+        fe.ema(momentum=0.5, params=lambda n: n.startswith("0.")),
+        fe.swa(params=lambda n: n.endswith("weight")),
+    )
+    state = overlapping.init(mlp())
+    before = {n: p.clone() for n, p in state.params.items()}
+    with pytest.raises(
+        ValueError, match=r"step wrappers with states 'ema' and 'swa' both average 0.weight, but"
+    ):
+        overlapping(state, mlp_batches(1)[0])
+    assert state.step == 0 and all(torch.equal(before[n], p) for n, p in state.params.items())
+    disjoint = fe.train_step(
+        ce_loss,
+        optim.sgd(0.1),
+        fe.ema(momentum=0.5, params=lambda n: n.startswith("0.")),
+        fe.swa(params=lambda n: n.startswith("2.")),
+    )
+    state, _ = disjoint(disjoint.init(mlp()), mlp_batches(1)[0])
+    assert state.step == 1
+
+
+def test_ema_warns_for_a_momentum_above_one_half_naming_what_was_given():
+    """fe.ema(0.0002) (MMEngine's default momentum given where fengine takes the decay) made
+    the "EMA" the live weights, silently; MMEngine's ExponentialMovingAverage warns too."""
+    with pytest.warns(UserWarning) as got:
+        fe.ema(0.0002)
+        fe.ema(momentum=0.9998, gamma=100)
+    assert [str(w.message).split(": the weight")[0] for w in got] == [
+        "ema: decay=0.0002 gives momentum=0.9998 > 0.5",
+        "ema: momentum=0.9998 > 0.5",
+    ]
+    assert all("pass momentum=0.0002 (decay=0.9998)" in str(w.message) for w in got)
+    assert all(w.filename == __file__ for w in got)  # points at the call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fe.ema(0.9998), fe.ema(momentum=0.5), fe.ema(0.5), fe.ema(momentum=1.0)  # 1: deliberate
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "given"),
+    [
+        ({"decay": 1.0}, "decay=1.0"),
+        ({"decay": -0.5}, "decay=-0.5"),
+        ({"momentum": 0}, "momentum=0"),
+    ],
+)
+def test_ema_out_of_range_names_the_argument_given(kwargs, given):
+    with pytest.raises(ValueError, match=rf"ema: momentum must be in \(0, 1\] .*got {given}$"):
+        fe.ema(**kwargs)
+
+
+def test_averager_reprs_show_params_and_update_buffers():
+    def heads(name: str) -> bool:
+        return name.startswith("2.")
+
+    assert repr(fe.ema(momentum=0.1, update_buffers=True, params="gen")) == (
+        "ema(momentum=0.1, interval=1, update_buffers=True, params='gen', name='ema')"
+    )
+    assert repr(fe.swa(begin=3, params=heads, name="s")) == (
+        "swa(interval=1, begin=3, params=heads, name='s')"
+    )

@@ -156,3 +156,51 @@ def test_check_finite_in_a_later_part_says_which_part_and_that_earlier_parts_upd
     with pytest.raises(FloatingPointError, match="in part 'disc' at step 1: .*Params and") as e:
         fe.fit(first.init(GAN()), first, gan_batches(2), max_steps=2, handlers=[])
     assert e.value.fengine_state.step == 0
+
+
+def test_a_part_without_gradients_on_a_batch_leaves_its_loss_scaler_as_torch_does():
+    """The generator's loss reaches none of its params on odd batches (an n_critic schedule written
+    in the loss): that counted as a good fp16 step, and its scale grew (1024 -> 2048 -> 4096 with
+    growth_interval=2) where torch's GradScaler refuses a step without gradients. Against a hand
+    loop whose generator GradScaler steps only on the batches with gradients (bitwise)."""
+    kw = dict(init_scale=2.0**10, growth_interval=2)
+
+    def disc(model, batch):
+        return disc_loss(model, batch[:2])
+
+    def gen(model, batch):
+        return gen_loss(model, batch[:2]) if batch[2] else model.disc(batch[0]).mean() * 0.0
+
+    batches = [(real, z, i % 2 == 0) for i, (real, z) in enumerate(gan_batches(6))]
+    amp = fe.amp("float16", **kw)
+    step = fe.multi_step(
+        {"disc": (disc, optim.adam(1e-3, b1=0.5), "disc"), "gen": (gen, optim.adam(2e-3), "gen")},
+        amp,
+    )
+    state = step.init(GAN())
+    model = GAN()
+    d_opt = torch.optim.Adam(model.disc.parameters(), lr=1e-3, betas=(0.5, 0.999), foreach=True)
+    g_opt = torch.optim.Adam(model.gen.parameters(), lr=2e-3, foreach=True)
+    d_scaler = torch.amp.GradScaler("cpu", **kw)
+    g_scaler = torch.amp.GradScaler("cpu", **kw)
+
+    def amp_update(opt, scaler, loss_fn, batch):  # MMEngine AmpOptimWrapper.update_params
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, _ = fe.parse_losses(loss_fn(model, batch))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    scales = []
+    for batch in batches:
+        state, m = step(state, batch)
+        amp_update(d_opt, d_scaler, disc, batch)
+        if batch[2]:
+            amp_update(g_opt, g_scaler, gen, batch)
+        scales.append(float(m["gen/loss_scale"]))
+        assert scales[-1] == g_scaler.get_scale()
+        assert int(amp.scaler(state, "gen").growth_tracker) == int(g_scaler._growth_tracker)
+        assert not bool(m["gen/update_skipped"])
+    assert scales == [1024.0, 1024.0, 2048.0, 2048.0, 2048.0, 2048.0]
+    assert_dicts_equal(state.params, {n: p.detach() for n, p in model.named_parameters()}, "params")

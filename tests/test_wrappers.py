@@ -539,7 +539,8 @@ def test_meaningless_combinations_are_refused_at_construction():
         fe.train_step(ce_loss, tx, fe.accumulate(2), fe.accumulate(2))
     with pytest.raises(ValueError, match=r"same name \['ema'\]"):
         fe.train_step(ce_loss, tx, fe.ema(0.9), fe.ema(0.8))
-    fe.train_step(ce_loss, tx, fe.ema(0.9), fe.ema(0.8, name="ema_slow"))  # distinct names: fine
+    # distinct names over disjoint params: fine (over the same params: test_averaging)
+    fe.train_step(ce_loss, tx, fe.ema(0.9, params="0"), fe.ema(0.8, params="2", name="ema_2"))
     with pytest.raises(
         TypeError, match="step wrapper 0 is a gradient transformation; put it in tx"
     ):
@@ -703,3 +704,66 @@ def test_accumulate_takes_tensor_weights_without_a_host_read(monkeypatch):
     monkeypatch.undo()
     assert not reads
     assert_dicts_equal(tensors.params, numbers.params)
+
+
+def _loss_with_aux(model, b):
+    """``loss_main`` always; ``loss_aux`` (the value given, on the graph) only where given."""
+    x, y, aux = b
+    out = {"loss_main": ce_loss(model, (x, y))}
+    if aux is not None:
+        out["loss_aux"] = torch.tensor(aux) + 0 * model(x).sum()
+    return out
+
+
+@pytest.mark.parametrize("weights", [None, "number", "tensor"])
+def test_accumulate_averages_a_metric_over_the_micro_batches_that_have_it(weights):
+    """A loss term only some micro-batches have was logged divided by k (2.0 in one of 3 logged
+    0.667); it is the mean over those that have it, their shares renormalised (MMEngine's logger
+    averages a key over the iterations that logged it). The terms every micro-batch has and the
+    total loss are bitwise as before: each value times its share, summed in order."""
+    sizes = {None: [1.0, 1.0, 1.0], "number": [1.0, 2.0, 3.0], "tensor": [1.0, 2.0, 3.0]}[weights]
+    it = iter(sizes)
+    weight = None
+    if weights == "number":
+        weight = lambda mb: next(it)  # noqa: E731
+    elif weights == "tensor":
+        weight = lambda mb: torch.tensor(next(it))  # noqa: E731
+    batches = mlp_batches(3)
+    group = [(x, y, aux) for (x, y), aux in zip(batches, [None, 2.0, 5.0])]
+    step = fe.train_step(_loss_with_aux, optim.sgd(0.0), fe.accumulate(3, weight=weight))
+    _, m = step(step.init(mlp()), fe.MicroBatches(group))
+    shares = [s / sum(sizes) for s in sizes]
+    if weights == "tensor":
+        shares = list(torch.tensor(sizes, dtype=torch.float64) / sum(sizes))
+    parts = [fe.parse_losses(_loss_with_aux(mlp(), b)) for b in group]
+    main = loss = None
+    for (total, terms), w in zip(parts, shares):
+        main = terms["loss_main"] * w if main is None else main + terms["loss_main"] * w
+        loss = total.detach() * w if loss is None else loss + total.detach() * w
+    assert torch.equal(m["loss_main"], main) and torch.equal(m["loss"], loss)
+    expected = (2.0 * sizes[1] + 5.0 * sizes[2]) / (sizes[1] + sizes[2])  # 3.5; weighted 3.8
+    assert float(m["loss_aux"]) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_accumulate_keeps_a_metric_whose_micro_batches_all_weigh_zero(as_tensor):
+    """Renormalising over shares that sum to 0 would log NaN: the (zero) sum stays."""
+    it = iter([0.0, 1.0])
+    step = fe.train_step(
+        _loss_with_aux,
+        optim.sgd(0.0),
+        fe.accumulate(2, weight=lambda mb: torch.tensor(next(it)) if as_tensor else next(it)),
+    )
+    group = [(x, y, aux) for (x, y), aux in zip(mlp_batches(2), [2.0, None])]
+    _, m = step(step.init(mlp()), fe.MicroBatches(group))
+    assert float(m["loss_aux"]) == 0.0
+
+
+def test_accumulate_refuses_a_weight_that_is_not_a_function_at_build_time():
+    """weight=3 was accepted, then the first step failed with "'int' object is not callable"."""
+    with pytest.raises(
+        TypeError,
+        match=r"accumulate: weight must be a function micro_batch -> number .*got 3 \(int\)",
+    ):
+        fe.accumulate(2, weight=3)
+    assert fe.accumulate(2, weight=len).weight is len

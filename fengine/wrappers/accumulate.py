@@ -59,6 +59,8 @@ class _Accumulate(Wrapper):
             reorder = False  # a param first seen after the first micro-batch: back in param order
             loss: Any = None
             metrics: Metrics = {}
+            seen: dict[str, int] = {}  # averaged metric -> micro-batches that gave it
+            keys: list[Any] = []  # each micro-batch's metric names
             traced = isinstance(state.step, torch.Tensor)  # a compiled step: no ContextVar (fsdp's)
             for i, (mb, w_i) in enumerate(zip(group, shares)):
                 token = None if traced else _position.set((i, r))
@@ -80,11 +82,19 @@ class _Accumulate(Wrapper):
                         else:
                             total[n], reorder = g, late
                 loss = res.loss * w_i if loss is None else loss + res.loss * w_i
+                keys.append(res.metrics.keys())
                 for name, v in res.metrics.items():
                     if _averaged(v):  # counts too: MMEngine logs the mean over micro-iterations
-                        metrics[name] = v * w_i if name not in metrics else metrics[name] + v * w_i
+                        if name in seen:
+                            metrics[name], seen[name] = metrics[name] + v * w_i, seen[name] + 1
+                        else:
+                            metrics[name], seen[name] = v * w_i, 1
                     else:
                         metrics[name] = v
+            for name, count in seen.items():
+                if count < r:  # the mean over the micro-batches that have it, as MMEngine's logger
+                    present = sum(w for w, ks in zip(shares, keys) if name in ks)
+                    metrics[name] = _renormalised(metrics[name], present)
             if reorder:  # in the params' order, as the gradients of one pass (clip sums in it)
                 total = {n: total[n] for n in state.params if n in total}
             return Grads(loss, total, metrics, group_weight)
@@ -93,6 +103,14 @@ class _Accumulate(Wrapper):
 
     def __repr__(self) -> str:
         return f"accumulate({self.micro_batches})"
+
+
+def _renormalised(total: Any, present: Any) -> Any:
+    """``total`` (a sum of shares times values) over ``present`` (the sum of those shares); as
+    it was where the shares sum to 0 (a tensor share is not read on the host)."""
+    if isinstance(present, torch.Tensor):
+        return torch.where(present > 0, total / present, total)
+    return total / present if present > 0 else total
 
 
 def _averaged(v: Any) -> bool:
@@ -141,11 +159,18 @@ def accumulate(k: int, weight: Callable[[Any], Any] | None = None) -> Wrapper:
     stays on its device, without a host read) replaces the count: micro-batch i is then weighted ``w_i / sum(w)``, which
     gives the exact mean over samples/tokens when micro-batches differ in size.
     Metrics are averaged with the same shares, integer counts too (as floats: MMEngine
-    logs the mean over micro-iterations). Schedules count updates, not micro-batches.
+    logs the mean over micro-iterations); a metric some micro-batches lack (an auxiliary loss
+    term only some batches have) over those that have it, its shares renormalised there.
+    Schedules count updates, not micro-batches.
     Dropout in micro-batch i draws from ``fold_in(seed, step, i)``. With `fengine.data_parallel`, the total weight of
     each rank's group weights its share of the global mean (ranks may hold different
     sample or token counts).
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"accumulate: k must be an int >= 1, got {k!r}")
+    if weight is not None and not callable(weight):
+        raise TypeError(
+            f"accumulate: weight must be a function micro_batch -> number (or None), "
+            f"got {weight!r:.60} ({type(weight).__name__})"
+        )
     return _Accumulate(k, weight)

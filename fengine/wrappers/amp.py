@@ -111,6 +111,12 @@ class _Amp(Wrapper):
 
         def unscaled(state: TrainState, g: Grads) -> tuple[TrainState, Metrics]:
             scaler = part.get(state.extra[name])
+            if not g.grads:  # the loss reached none of the part's params: no update happens, so
+                # the scaler neither grows nor backs off (GradScaler refuses: no inf checks recorded)
+                new_state, metrics = apply(state, g)
+                metrics["loss_scale"] = scaler.scale.clone()
+                metrics["update_skipped"] = torch.zeros((), device=scaler.scale.device)
+                return new_state, metrics
             found_inf = _unscale_(g.grads, scaler.scale)
             if isinstance(
                 state.step, torch.Tensor
@@ -202,7 +208,8 @@ def amp(
     do in torch); the scale backs off by 0.5 and grows by 2.0 after 2000 good
     steps. A number is a static scale (overflowing steps are still skipped).
     ``None`` disables scaling; bfloat16 never scales. In a multi step each part
-    has its own scaler, as each of MMEngine's AmpOptimWrappers does. Skipping
+    has its own scaler, as each of MMEngine's AmpOptimWrappers does; a part whose loss reached
+    none of its params on a batch makes no update, and its scaler stays as it was. Skipping
     needs one host read of the overflow flag per step, as GradScaler does. Scales must be
     finite and > 0, ``growth_factor > 1`` and ``0 < backoff_factor < 1`` (GradScaler's rule).
     """

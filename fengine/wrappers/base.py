@@ -22,6 +22,9 @@ class Wrapper:
     """Key of this wrapper's state in ``state.extra`` (None: it keeps none)."""
     micro_batches: int = 1
     """Batches one update consumes (`accumulate` sets it)."""
+    eval_params: str | Callable[[str], bool] | None | bool = False
+    """The params whose eval weights its state substitutes (`TrainState.eval_weights`): False
+    none; None all; a submodule name or a predicate on param names (`ema`, `swa` ``params=``)."""
 
     def init(self, state: TrainState, parts: tuple[Part, ...]) -> Any:
         raise NotImplementedError(
@@ -62,7 +65,27 @@ def check_wrappers(wrappers: Sequence[Any]) -> tuple[Wrapper, ...]:
         raise ValueError(
             f"step wrappers keep state under the same name {twice}; give each a distinct name="
         )
+    averagers = [w for w in wrappers if w.eval_params is not False]
+    for i, w in enumerate(averagers):
+        for v in averagers[:i]:
+            if _overlap(v.eval_params, w.eval_params):
+                raise ValueError(
+                    f"step wrappers {v!r} and {w!r} both average the same params, but evaluation, "
+                    "published weights and load_params use one set (the last written's, "
+                    "evaluate(params='ema') too); keep one averager, or give them disjoint "
+                    "params= (one submodule each)"
+                )
     return tuple(wrappers)
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two ``params=`` specs surely select common params: None selects all, a submodule
+    name its own and its submodules'; a predicate is judged on the names (the averager's first step)."""
+    if a is None or b is None:
+        return True
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+    return False
 
 
 def once(kind: type, what: str, before: Sequence[Wrapper]) -> None:

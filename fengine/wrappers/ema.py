@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -68,10 +69,12 @@ class _Averaged(Wrapper):
         begin_epoch: int,
         select: Any,
         name: str,
+        spec: str | Callable[[str], bool] | None = None,
     ) -> None:
         self.interval, self.update_buffers = interval, update_buffers
         self.begin, self.begin_epoch = begin, begin_epoch
         self.select, self.name, self.key = select, name, name  # key: the name, typed str
+        self.eval_params = spec  # the params= given: check_wrappers refuses two that overlap
 
     def init(self, state: TrainState, parts: tuple[Part, ...]) -> EmaState:
         sel = self.select
@@ -132,6 +135,8 @@ class _Averaged(Wrapper):
         cache: dict[str, Any] = {}
 
         def with_average(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+            if not cache:  # the first call (or a trace): before the step consumes the state
+                self._refuse_shared(state)
             new, metrics = step_fn(state, batch)
             if isinstance(new.step, torch.Tensor):  # a compiled step: tensor counts, no branches
                 return self._traced(new), metrics
@@ -171,6 +176,22 @@ class _Averaged(Wrapper):
 
         return with_average
 
+    def _refuse_shared(self, state: TrainState) -> None:
+        """Refuse another averager over some of these params (``params=`` predicates, which
+        `check_wrappers` cannot judge before the names are known): the eval weights are one set."""
+        mine = state.extra[self.key].params
+        for key, other in state.extra.items():
+            if key == self.key or not isinstance(other, EmaState):
+                continue
+            shared = [n for n in mine if n in other.params]
+            if shared:
+                raise ValueError(
+                    f"step wrappers with states {key!r} and {self.key!r} both average "
+                    f"{', '.join(shared[:3])}{'...' if len(shared) > 3 else ''}, but evaluation, "
+                    "published weights and load_params use one set (the last written's); keep "
+                    "one averager, or give them disjoint params="
+                )
+
     def _traced(self, new: TrainState) -> TrainState:
         """The averaging update of a compiled step: the eager rule as selections on 0-d tensors."""
         e: EmaState = new.extra[self.key]
@@ -194,9 +215,20 @@ class _Averaged(Wrapper):
         raise NotImplementedError
 
     def _begin_repr(self) -> str:
+        """``update_buffers``, ``begin``/``begin_epoch`` and ``params`` where not the defaults."""
+        out = ", update_buffers=True" if self.update_buffers else ""
         if self.begin_epoch:
-            return f", begin_epoch={self.begin_epoch}"
-        return f", begin={self.begin}" if self.begin else ""
+            out += f", begin_epoch={self.begin_epoch}"
+        elif self.begin:
+            out += f", begin={self.begin}"
+        spec = self.eval_params
+        if spec is not None:
+            out += f", params={spec!r}" if isinstance(spec, str) else f", params={_fn_name(spec)}"
+        return out
+
+
+def _fn_name(fn: Any) -> str:
+    return str(getattr(fn, "__name__", fn))
 
 
 class _Ema(_Averaged):
@@ -281,7 +313,9 @@ def ema(
     """Keep an EMA of the params in ``state.extra[name]`` (MMEngine ExponentialMovingAverage).
 
     MMEngine's convention: ``ema = (1 - momentum) * ema + momentum * param``, so
-    ``momentum = 1 - decay``; default momentum 0.0002 (decay 0.9998). With ``gamma``
+    ``momentum = 1 - decay``; default momentum 0.0002 (decay 0.9998). A momentum in (0.5, 1)
+    warns, as MMEngine does (a decay given as momentum, or the reverse); momentum 1 (decay 0)
+    makes the average the live weights. With ``gamma``
     it is MMEngine's ``MomentumAnnealingEMA``: the momentum of averaging update ``t``
     is ``max(momentum, gamma / (gamma + t))``, large early and annealed to ``momentum``.
     The first update copies the params; later ones average every ``interval`` updates
@@ -302,8 +336,22 @@ def ema(
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"ema: {arg} must be a number, got {value!r}")
     m = momentum if momentum is not None else 0.0002 if decay is None else 1.0 - decay
+    given = f"decay={decay}" if decay is not None else f"momentum={m}"
     if not 0.0 < m <= 1.0:
-        raise ValueError(f"ema: momentum must be in (0, 1] (decay in [0, 1)), got momentum={m}")
+        raise ValueError(
+            f"ema: momentum must be in (0, 1] (decay = 1 - momentum in [0, 1)), got {given}"
+        )
+    if 0.5 < m < 1.0:  # MMEngine's ExponentialMovingAverage warns too; 1 (decay 0) is deliberate
+        what = given if decay is None else f"{given} gives momentum={m:g}"
+        warnings.warn(
+            f"ema: {what} > 0.5: the weight of the new params in each update (ema = "
+            "(1 - momentum) * ema + momentum * param, MMEngine's convention), so the average "
+            "barely lags the live weights. The usual momentum is small (MMEngine's default "
+            f"0.0002 = decay 0.9998); if you meant MMEngine's momentum, pass "
+            f"momentum={1.0 - m:g} (decay={m:g})",
+            UserWarning,
+            stacklevel=2,
+        )
     if gamma is not None and (
         isinstance(gamma, bool)
         or not isinstance(gamma, (int, float))
@@ -313,7 +361,7 @@ def ema(
             f"ema: gamma must be a number > 0 and finite (MomentumAnnealingEMA), got {gamma!r}"
         )
     select = _common("ema", interval, begin, begin_epoch, params, update_buffers, name)
-    return _Ema(m, gamma, interval, update_buffers, begin, begin_epoch, select, name)
+    return _Ema(m, gamma, interval, update_buffers, begin, begin_epoch, select, name, params)
 
 
 def swa(
@@ -337,4 +385,4 @@ def swa(
     MMEngine, which does not either); ``update_buffers=True`` averages them instead.
     """
     select = _common("swa", interval, begin, begin_epoch, params, update_buffers, name)
-    return _Swa(interval, update_buffers, begin, begin_epoch, select, name)
+    return _Swa(interval, update_buffers, begin, begin_epoch, select, name, params)
