@@ -3,18 +3,20 @@
 `fit` and `evaluate` move every batch to the state's device before the step, as
 MMEngine's data preprocessor does: nested tuples, lists, dicts and named tuples of
 tensors are rebuilt with each tensor moved (``non_blocking`` when it is pinned, so
-the copy overlaps the previous step on CUDA); anything else is left alone.
+the copy overlaps the previous step on CUDA); any other object with a ``.to`` method
+(MMEngine's ``BaseDataElement`` data samples) is moved with it; anything else is left alone.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 
-__all__ = ["default_device", "device_of", "devices_in", "parse_device", "to_device"]
+__all__ = ["default_device", "device_of", "devices_in", "move_leaf", "parse_device", "to_device"]
 
 
 def parse_device(device: str | torch.device, where: str) -> torch.device:
@@ -50,8 +52,38 @@ def device_of(tensors: Mapping[str, torch.Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
+_TAKES_NON_BLOCKING: dict[type, bool] = {}
+
+
+def _to_takes_non_blocking(kind: type) -> bool:
+    """Whether ``kind.to`` accepts ``non_blocking=`` (BaseDataElement's ``to(*args, **kwargs)``
+    does); looked up once per type, as a batch may hold hundreds of data samples."""
+    if kind not in _TAKES_NON_BLOCKING:
+        try:
+            params = list(inspect.signature(kind.to).parameters.values())  # type: ignore[attr-defined]
+        except (AttributeError, TypeError, ValueError):  # an instance's own `to`, a builtin's
+            params = []
+        _TAKES_NON_BLOCKING[kind] = any(
+            p.name == "non_blocking" or p.kind is p.VAR_KEYWORD for p in params
+        )
+    return _TAKES_NON_BLOCKING[kind]
+
+
+def move_leaf(leaf: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """A non-tensor leaf moved with its own ``.to(device)`` (an MMEngine ``BaseDataElement``, as
+    MMEngine's ``cast_data`` moves it), passing ``non_blocking`` only where ``to`` takes it;
+    a leaf without a ``.to`` method (a string, a number) as it is."""
+    to = getattr(leaf, "to", None)
+    if isinstance(leaf, type) or not callable(to):  # a class's unbound `to` moves nothing
+        return leaf
+    if _to_takes_non_blocking(type(leaf)):
+        return to(device, non_blocking=non_blocking)
+    return to(device)
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor on ``device``; the same object when nothing had to move."""
+    """``batch`` with every tensor on ``device``, and every other leaf with a ``.to`` method moved
+    by it (see `move_leaf`); the same object when nothing had to move."""
     if isinstance(batch, torch.Tensor):
         return batch if batch.device == device else batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, (tuple, list)):
@@ -68,7 +100,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
         if all(moved_map[k] is v for k, v in batch.items()):
             return batch
         return moved_map if type(batch) is dict else _rebuild(type(batch), moved_map)
-    return batch
+    return move_leaf(batch, device)
 
 
 def _rebuild(kind: type, content: Any) -> Any:

@@ -1,7 +1,8 @@
 """Derived randomness: every random draw is a pure function of the run's seed.
 
 Per-step randomness (dropout) uses ``fold_in(seed, step, micro_step)``;
-per-sample data randomness uses ``fold_in(seed, epoch, index)``. Resume and
+per-sample data randomness uses ``fold_in(seed, tag, epoch, index)``
+(`fengine.data.augment_generator`: the tag keeps it apart from dropout's keys). Resume and
 replay therefore need no RNG snapshots, and the number of DataLoader workers
 cannot change what a sample sees.
 """

@@ -255,3 +255,32 @@ def test_missing_and_malformed_files_are_named(tmp_path):
             fd.cifar10(tmp_path, "test")
         assert type(e.value).__name__ == kind
         assert str(e.value).startswith(f"{folder / 'test_batch'}: not a readable CIFAR-10 batch")
+
+
+def test_bytes_after_the_pickle_are_refused_with_their_count(tmp_path):
+    """The unpickler stops at STOP: batch 2 followed by batch 3's bytes (a botched append) or a
+    zero-filled tail loaded as batch 2 with no error."""
+    make_batches(tmp_path, per_batch=2)
+    folder = tmp_path / "cifar-10-batches-py"
+    b2, b3 = (folder / "data_batch_2").read_bytes(), (folder / "data_batch_3").read_bytes()
+    for tail in (b3, b"\x00" * 1000, b"\x00"):
+        (folder / "data_batch_2").write_bytes(b2 + tail)
+        with pytest.raises(ValueError) as e:
+            fd.cifar10(tmp_path)
+        assert str(e.value).startswith(
+            f"{folder / 'data_batch_2'}: {len(tail)} bytes follow the CIFAR-10 batch's pickle"
+        )
+    (folder / "data_batch_2").write_bytes(b2)
+    assert len(fd.cifar10(tmp_path)) == 10  # the intact file still loads
+
+
+def test_a_class_name_that_is_not_utf8_names_the_meta_file(tmp_path):
+    """Before: a bare UnicodeDecodeError naming no file."""
+    make_batches(tmp_path, per_batch=1)
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(py2_pickle({b"label_names": [b"\xe9t\xe9"] + NAMES[1:]}))  # latin-1
+    with pytest.raises(ValueError) as e:
+        fd.cifar10(tmp_path, "test")
+    assert str(e.value).startswith(
+        f"{meta}: a 'label_names' entry is not UTF-8 text (b'\\xe9t\\xe9'"
+    )

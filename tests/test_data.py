@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fengine.data as fd
 from fengine import rng
+from fengine.data import loader as loader_module
 
 
 # ---------------------------------------------------------------- helpers
@@ -51,10 +52,15 @@ def mm_default_sampler(
     return s
 
 
+def sample_generator(seed, epoch, index):
+    """The documented per-sample key: fold_in(seed, the loader's augmentation tag, epoch, index)."""
+    return rng.generator(seed, loader_module._SAMPLE_TAG, epoch, index)
+
+
 def reference_batches(dataset, indices, batch_size, drop_last, transform=None, seed=0, epoch=0):
-    """Hand-built batches: fetch in the given order, transform with rng.generator(seed, epoch, i)."""
+    """Hand-built batches: fetch in the given order, transform with sample_generator(seed, epoch, i)."""
     samples = [
-        dataset[i] if transform is None else transform(dataset[i], rng.generator(seed, epoch, i))
+        dataset[i] if transform is None else transform(dataset[i], sample_generator(seed, epoch, i))
         for i in indices
     ]
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
@@ -289,7 +295,7 @@ def test_loader_stream_matches_concatenated_epochs_and_resumes(monkeypatch):
         for epoch in range(5)
         for i in mm_default_sampler(monkeypatch, 10, seed=seed, epoch=epoch, round_up=False)
     ]
-    samples = [jitter(ds[i], rng.generator(seed, epoch, i)) for epoch, i in keyed]
+    samples = [jitter(ds[i], sample_generator(seed, epoch, i)) for epoch, i in keyed]
     ref = [torch.utils.data.default_collate(samples[k : k + bs]) for k in range(0, 48, bs)]
     loader = fd.Loader(ds, bs, seed=seed, transform=jitter)
     for start in (0, 3, 7):
@@ -599,3 +605,176 @@ def test_loader_flags_must_be_bools(name):
     assert str(e.value) == f"Loader: `{name}` must be a bool (True or False), got 'no'"
     loader = fd.Loader(ds, 4, seed=0, rank=1, world_size=2, round_up=False, drop_last=False)
     assert (len(loader), len(loader.sampler)) == (2, 6)
+
+
+# ---------------------------------------------------------------- findings: keys, devices, flags
+
+
+def test_augmentation_keys_are_apart_from_dropout_keys():
+    """Untagged, sample m's augmentation in epoch e was seeded with fold_in(seed, e, m): the key
+    of micro-batch m's dropout at step e (`fengine.step.rng_key`), so both drew the same numbers."""
+    from types import SimpleNamespace
+
+    from fengine.step import rng_key
+
+    class Indexed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return i
+
+    seeds = {}
+
+    def record(i, g):
+        seeds[i] = g.initial_seed()
+        return i
+
+    loader = fd.Loader(Indexed(), 3, seed=7, transform=record)
+    for epoch in (0, 2):
+        seeds.clear()
+        list(loader.epoch(epoch))
+        assert sorted(seeds) == list(range(6))
+        for i, got in seeds.items():
+            assert got != rng_key(SimpleNamespace(seed=7, step=epoch), None, i, False)
+            assert got == rng.fold_in(7, loader_module._SAMPLE_TAG, epoch, i)
+    # the key ImagePreprocessor's message suggests for batch augmentation is no step's dropout key
+    batch_key = loader_module.augment_generator(7, 3).initial_seed()
+    assert batch_key not in (
+        rng.fold_in(7, 3),
+        rng_key(SimpleNamespace(seed=7, step=3), None, 0, False),
+    )
+    pre = fd.ImagePreprocessor(augment=lambda b, g: b)
+    with pytest.raises(ValueError, match=r"augment_generator\(state.seed, state.step\)"):
+        pre(uint8_images(), training=True)
+
+
+class Box:
+    """A data sample with its own ``to(device)`` and no ``non_blocking``."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def to(self, device):
+        return Box(self.t.to(device))
+
+
+def test_to_device_and_preprocessor_move_data_samples_with_their_to():
+    """MMEngine's cast_data moves BaseDataElement data samples; to_device left them on the CPU."""
+    from mmengine.model import BaseDataPreprocessor
+    from mmengine.structures import BaseDataElement
+
+    sample = BaseDataElement(gt_label=torch.tensor([3]), metainfo=dict(img_shape=(4, 4)))
+    batch = {"inputs": uint8_images(2), "data_samples": [sample, Box(torch.ones(2))], "k": Box}
+    ref = BaseDataPreprocessor()
+    ref._device = torch.device("meta")  # what .to("meta") sets
+    want = ref.cast_data({"inputs": batch["inputs"], "data_samples": [sample]})
+    for out in (
+        fd.to_device(batch, "meta"),
+        fd.ImagePreprocessor(device="meta")(batch, training=False),
+    ):
+        moved, box = out["data_samples"]
+        assert moved.gt_label.device == want["data_samples"][0].gt_label.device
+        assert moved.img_shape == (4, 4) and out["inputs"].device.type == "meta"
+        assert type(box) is Box and box.t.device.type == "meta"  # a `to` without non_blocking
+        assert out["k"] is Box  # a class's unbound `to` is not called
+    calls = []
+
+    class Pinned:
+        def to(self, device, *, non_blocking=False):
+            calls.append((torch.device(device), non_blocking))
+            return self
+
+    fd.to_device([Pinned()], "meta", non_blocking=True)
+    assert calls == [(torch.device("meta"), True)]
+
+
+@pytest.mark.parametrize("flag", ["bgr_to_rgb", "rgb_to_bgr"])
+def test_image_preprocessor_channel_flip_matches_mmengine(flag):
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    imgs = uint8_images()
+    mm = ImgDataPreprocessor(mean=mean, std=std, **{flag: True})
+    ref = mm({"inputs": imgs.clone()}, False)["inputs"]
+    ours = fd.ImagePreprocessor(mean, std, **{flag: True})({"inputs": imgs}, training=False)
+    assert_tree_equal(ours["inputs"], ref)
+    assert not torch.equal(ref, fd.ImagePreprocessor(mean, std)(imgs, False))  # it flipped
+    last = fd.ImagePreprocessor(mean, std, channels_last=True, **{flag: True})(imgs, False)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, ref)
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (3, h, w), generator=g).to(torch.uint8) for h, w in
+              ((8, 8), (6, 7))]  # fmt: skip
+    ref_list = mm({"inputs": list(images)}, False)["inputs"]
+    got = fd.ImagePreprocessor(mean, std, **{flag: True})({"inputs": images}, False)["inputs"]
+    assert_tree_equal(got, ref_list)
+
+
+def test_image_preprocessor_channel_flip_refusals():
+    with pytest.raises(ValueError, match=r"`bgr_to_rgb` and `rgb_to_bgr` cannot both be True"):
+        fd.ImagePreprocessor(bgr_to_rgb=True, rgb_to_bgr=True)
+    with pytest.raises(
+        TypeError, match=r"^ImagePreprocessor: `rgb_to_bgr` must be a bool, got 'no'$"
+    ):
+        fd.ImagePreprocessor(rgb_to_bgr="no")
+    with pytest.raises(
+        ValueError, match=r"reverse 3 channels, but the image has shape \(2, 1, 5, 6\)"
+    ):
+        fd.ImagePreprocessor(bgr_to_rgb=True)(uint8_images(2, 1), False)
+
+
+def test_sampler_flags_must_be_bools():
+    """shuffle="False" shuffled and round_up="no" padded in Sampler, InfiniteSampler and the
+    functions (Loader already refused them)."""
+    bad = r"`{}` must be a bool \(True or False\), got 'False'"
+    calls = {
+        "Sampler": lambda v: fd.Sampler(10, seed=0, shuffle=v),
+        "InfiniteSampler": lambda v: fd.InfiniteSampler(10, seed=0, shuffle=v),
+        "sampler": lambda v: fd.epoch_indices(10, seed=0, epoch=0, shuffle=v),
+    }
+    for where, call in calls.items():
+        with pytest.raises(TypeError, match="^" + where + ": " + bad.format("shuffle")):
+            call("False")
+    with pytest.raises(TypeError, match=bad.format("shuffle")):
+        fd.stream_indices(10, seed=0, start=0, count=3, shuffle="False")
+    with pytest.raises(TypeError, match=r"^Sampler: " + bad.format("round_up")):
+        fd.Sampler(10, seed=0, rank=2, world_size=3, round_up="False")
+    with pytest.raises(TypeError, match=bad.format("round_up")):
+        fd.samples_per_rank(10, rank=2, world_size=3, round_up="False")
+    assert len(fd.Sampler(10, seed=0, rank=2, world_size=3, round_up=False)) == 3
+
+
+def test_seeds_must_fit_torchs_generators():
+    """seed=2**64-1 was accepted and epoch 1 died in torch ("Overflow when unpacking long long")."""
+    for bad in (-1, 2**63, 2**64 - 1):
+        msg = rf"must be a non-negative int below 2\*\*63, got {bad}$"
+        with pytest.raises(ValueError, match=r"^Loader: `seed` " + msg):
+            fd.Loader(tensor_dataset(5), 2, seed=bad)
+        with pytest.raises(ValueError, match=r"^Sampler: `seed` " + msg):
+            fd.Sampler(5, seed=bad)
+        with pytest.raises(ValueError, match=r"^InfiniteSampler: `seed` " + msg):
+            fd.InfiniteSampler(5, seed=bad)
+        with pytest.raises(ValueError, match=r"^sampler: `seed` " + msg):
+            fd.epoch_indices(5, seed=bad, epoch=0)
+    largest = fd.Loader(tensor_dataset(5), 2, seed=2**63 - 1)
+    assert len(list(largest.epoch(1))) == 3  # seed + epoch still fits torch's uint64 seed
+
+
+def test_loader_checks_workers_collate_and_transform_up_front():
+    """Each was accepted and failed only at the first batch naming no argument (or ran 1 worker
+    for num_workers=True)."""
+    ds = tensor_dataset(10)
+    for bad, kind, msg in ((True, TypeError, "an int, got True"), (2.0, TypeError, "an int, got 2.0"),
+                           (-1, ValueError, ">= 0, got -1")):  # fmt: skip
+        with pytest.raises(kind, match=rf"^Loader: `num_workers` must be {re.escape(msg)}$"):
+            fd.Loader(ds, 4, seed=0, num_workers=bad)
+    with pytest.raises(
+        TypeError, match=r"^Loader: `transform` must be a function \(or None\), got int 1$"
+    ):
+        fd.Loader(ds, 4, seed=0, transform=1)
+    with pytest.raises(
+        TypeError, match=r"^Loader: `collate_fn` must be a function \(or None\), got str 'stack'$"
+    ):
+        fd.Loader(ds, 4, seed=0, collate_fn="stack")
+    # collate_fn=None is the default collate, as torch's DataLoader takes it
+    ours = list(fd.Loader(ds, 4, seed=0, collate_fn=None).epoch(1))
+    for a, b in zip(ours, fd.Loader(ds, 4, seed=0).epoch(1), strict=True):
+        assert_tree_equal(a, b)

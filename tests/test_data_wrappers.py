@@ -14,7 +14,6 @@ import torch
 from torch.utils.data import TensorDataset
 
 import fengine.data as fd
-from fengine import rng
 
 
 # Categories per sample: category 0 is common, 1 and 3 are rare, 2 is in between; one sample
@@ -221,7 +220,7 @@ def test_loader_over_wrapper_resumes_by_position(name):
     full = list(loader.epoch(epoch))
     # Reference built by hand: the sampler's order, samples keyed by the wrapper index.
     order = fd.epoch_indices(len(ds), seed=seed, epoch=epoch)
-    samples = [jitter(ds[i], rng.generator(seed, epoch, i)) for i in order]
+    samples = [jitter(ds[i], fd.augment_generator(seed, epoch, i)) for i in order]
     ref = [torch.utils.data.default_collate(samples[k : k + bs]) for k in range(0, len(ds), bs)]
     assert len(full) == len(ref) == len(loader)
     for (x, y), (rx, ry) in zip(full, ref, strict=True):

@@ -147,3 +147,31 @@ def test_setup_names_the_device_flag_for_an_unknown_device():
     """Before: torch's long list of device types, naming neither --device nor the value."""
     with pytest.raises(ValueError, match=r"--device must be 'cpu', 'cuda' or 'cuda:N'.*got 'tpu'"):
         fe.distributed.setup("tpu")
+
+
+class Box:
+    """A data sample with its own ``to(device)`` (no ``non_blocking``), as a user might write."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def to(self, device):
+        return Box(self.t.to(device))
+
+
+def test_to_device_moves_leaves_with_a_to_method_as_mmengines_cast_data():
+    """Before, MMEngine's BaseDataElement (and any object with `.to`) stayed on the CPU."""
+    from mmengine.model import BaseDataPreprocessor
+    from mmengine.structures import BaseDataElement
+
+    sample = BaseDataElement(gt_label=torch.tensor([3]), metainfo=dict(img_shape=(4, 4)))
+    batch = {"inputs": torch.zeros(2, 3), "data_samples": [sample, Box(torch.ones(2))], "n": "x"}
+    moved = to_device(batch, torch.device("meta"))
+    out, box = moved["data_samples"]
+    assert out.gt_label.device.type == "meta" and out.img_shape == (4, 4)
+    assert type(box) is Box and box.t.device.type == "meta" and moved["n"] == "x"
+    ref = BaseDataPreprocessor()
+    ref._device = torch.device("meta")  # what .to("meta") sets
+    assert ref.cast_data(batch)["data_samples"][0].gt_label.device == out.gt_label.device
+    assert sample.gt_label.device.type == "cpu"  # the caller's sample is left as it was
+    assert to_device({"kind": Box}, torch.device("meta"))["kind"] is Box  # a class: not moved

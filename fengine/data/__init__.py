@@ -7,7 +7,7 @@ resuming a run needs its position, never an RNG snapshot.
 from fengine.data.cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, cifar10
 from fengine.data.collate import default_collate, pseudo_collate
 from fengine.data.datasets import digits, synthetic_classification
-from fengine.data.loader import Loader
+from fengine.data.loader import Loader, augment_generator
 from fengine.data.preprocess import ImagePreprocessor, to_device
 from fengine.data.sampler import (
     InfiniteSampler,
@@ -43,6 +43,7 @@ __all__ = [
     "ImagePreprocessor",
     "InfiniteSampler",
     "Loader",
+    "augment_generator",
     "Sampler",
     "default_collate",
     "digits",

@@ -110,7 +110,9 @@ def load_batch(path: str | os.PathLike[str]) -> dict[str, Any]:
     """One CIFAR pickle read with the restricted unpickler; keys decoded to ``str``.
 
     Raises ``pickle.UnpicklingError`` for a file that names any global beyond
-    numpy's array reconstruction (see the module docstring).
+    numpy's array reconstruction (see the module docstring), and ``ValueError`` for a
+    truncated or corrupt file, or one with bytes after its pickle (a botched append
+    or copy: the pickle alone would load as if nothing were wrong).
     """
     p = Path(path)
     with open(p, "rb") as f:
@@ -125,6 +127,12 @@ def load_batch(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{p}: not a readable CIFAR-10 batch (truncated or corrupt?): "
                 f"{type(e).__name__}: {e}"
             ) from None
+        if f.read(1):  # the unpickler stops at its STOP opcode, leaving the file just after it
+            trailing = p.stat().st_size - f.tell() + 1
+            raise ValueError(
+                f"{p}: {trailing} bytes follow the CIFAR-10 batch's pickle; expected the file to "
+                "end there (appended to or copied over another file?)"
+            )
     if not isinstance(obj, dict):
         raise ValueError(f"{p}: expected a dict (a CIFAR-10 batch), got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -196,7 +204,14 @@ class CIFAR10(torch.utils.data.Dataset):
             ) from None
         if not isinstance(label_names, list) or len(label_names) != 10:
             raise ValueError(f"{meta_path}: 'label_names' must be a list of the 10 class names")
-        self.classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in label_names)
+        try:
+            self.classes = tuple(
+                n.decode() if isinstance(n, bytes) else str(n) for n in label_names
+            )
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{meta_path}: a 'label_names' entry is not UTF-8 text ({e.object!r:.60}: {e.reason})"
+            ) from None
         parts = [_images_and_labels(p, len(self.classes)) for p in paths]
         data = np.concatenate([d for d, _ in parts])  # a fresh, writable copy
         self.images = torch.from_numpy(data).view(-1, 3, 32, 32)

@@ -2,7 +2,7 @@
 
 Every batch is a pure function of ``(seed, epoch, batch index)``: the index
 order comes from :mod:`fengine.data.sampler`, and per-sample augmentation
-draws from ``fengine.rng.generator(seed, epoch, index)`` instead of a worker's
+draws from ``augment_generator(seed, epoch, index)`` instead of a worker's
 global RNG. A dataset that draws from the global generators itself (torch's,
 numpy's, Python's ``random``: a torchvision or albumentations transform in its
 ``__getitem__``) finds them seeded from the batch's key while the batch loads.
@@ -14,6 +14,7 @@ have seen, without loading the skipped ones.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from itertools import count
 from typing import Any, NamedTuple
@@ -24,10 +25,17 @@ import torch.utils.data
 
 from fengine import rng
 from fengine.data.collate import default_collate
-from fengine.data.sampler import InfiniteSampler, Sampler, check_int, stream_positions
+from fengine.data.sampler import (
+    InfiniteSampler,
+    Sampler,
+    check_bool,
+    check_int,
+    check_seed,
+    stream_positions,
+)
 
 
-__all__ = ["Loader"]
+__all__ = ["Loader", "augment_generator"]
 
 Transform = Callable[[Any, torch.Generator], Any]
 
@@ -35,6 +43,19 @@ Transform = Callable[[Any, torch.Generator], Any]
 # batch loads, from per-sample keys.
 _WORKER_SEED_TAG = 0x5EED_0F_3011E5
 _GLOBAL_RNG_TAG = 0x61_0BA1_5EED
+# Tags augmentation keys, apart from dropout's fold_in(seed, step, micro): untagged, sample m of
+# epoch e drew the very numbers of micro-batch m's dropout at step e.
+_SAMPLE_TAG = zlib.crc32(b"fengine.data.augment")
+
+
+def augment_generator(seed: int, *data: int) -> torch.Generator:
+    """A fresh generator for data augmentation, ``fengine.rng.generator(seed, _SAMPLE_TAG, *data)``.
+
+    The Loader hands sample ``index`` of ``epoch`` ``augment_generator(seed, epoch, index)``; a
+    batch augmentation (`ImagePreprocessor`'s ``augment``) can take ``augment_generator(seed,
+    step)``. The tag keeps these draws apart from dropout's (``fold_in(seed, step, micro)``).
+    """
+    return rng.generator(seed, _SAMPLE_TAG, *data)
 
 
 class _Keys(NamedTuple):
@@ -94,7 +115,7 @@ class _Fetch(torch.utils.data.Dataset):
             samples = [self.dataset[i] for i in indices]
         else:
             samples = [
-                self.transform(self.dataset[i], rng.generator(self.seed, e, i))
+                self.transform(self.dataset[i], augment_generator(self.seed, e, i))
                 for e, i in zip(epochs, indices)
             ]
         return self.collate_fn(samples)
@@ -153,11 +174,12 @@ class Loader:
         dataset: supports ``len`` and ``dataset[i]``.
         batch_size: samples per batch on this rank.
         seed: the run's seed; index order is MMEngine's ``DefaultSampler`` with
-            this seed, per-sample randomness is ``fengine.rng.generator(seed, epoch, index)``.
+            this seed, per-sample randomness is ``augment_generator(seed, epoch, index)``.
         shuffle: shuffle each epoch (else dataset order).
         drop_last: drop the last incomplete batch of each epoch.
         round_up: pad every rank to the same number of samples (MMEngine's default).
-        collate_fn: list of samples -> batch (``default_collate`` stacks; see ``pseudo_collate``).
+        collate_fn: list of samples -> batch (``default_collate`` stacks, and is what ``None``
+            means, as in torch; see ``pseudo_collate``).
         transform: optional ``transform(sample, generator) -> sample`` for random
             per-sample augmentation; it must draw only from ``generator``.
         num_workers, pin_memory, persistent_workers, prefetch_factor: as for
@@ -177,7 +199,7 @@ class Loader:
         shuffle: bool = True,
         drop_last: bool = False,
         round_up: bool = True,
-        collate_fn: Callable[[list[Any]], Any] = default_collate,
+        collate_fn: Callable[[list[Any]], Any] | None = default_collate,
         transform: Transform | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -198,13 +220,18 @@ class Loader:
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Loader: `batch_size` must be an int >= 1, got {batch_size!r}")
-        check_int("Loader", "seed", seed)
+        check_seed("Loader", seed)
         flags = dict(shuffle=shuffle, drop_last=drop_last, round_up=round_up, pin_memory=pin_memory,
                      persistent_workers=persistent_workers, seed_globals=seed_globals)  # fmt: skip
-        for name, value in flags.items():  # a string such as "no" (from a config) would be truthy
-            if not isinstance(value, bool):
+        for name, value in flags.items():
+            check_bool("Loader", name, value)
+        check_int("Loader", "num_workers", num_workers, 0)
+        collate_fn = default_collate if collate_fn is None else collate_fn
+        for name, fn in (("collate_fn", collate_fn), ("transform", transform)):
+            if fn is not None and not callable(fn):  # else a TypeError at the first batch
                 raise TypeError(
-                    f"Loader: `{name}` must be a bool (True or False), got {value!r:.80}"
+                    f"Loader: `{name}` must be a function (or None), got {type(fn).__name__} "
+                    f"{fn!r:.80}"
                 )
         if persistent_workers and num_workers == 0:
             raise ValueError("Loader: `persistent_workers=True` needs `num_workers` > 0")

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from fengine.devices import move_leaf
+
 
 __all__ = ["ImagePreprocessor", "to_device"]
 
@@ -45,8 +47,9 @@ def _rebuild_mapping(template: Mapping, items: dict) -> Mapping:
 def to_device(tree: Any, device: torch.device | str | None, *, non_blocking: bool = True) -> Any:
     """Move every tensor in a nested dict/list/tuple to ``device``; keep the structure and its types.
 
-    ``device=None`` leaves tensors where they are. Non-tensor leaves (strings,
-    numbers, metadata) pass through. ``non_blocking`` overlaps host-to-device
+    ``device=None`` leaves tensors where they are. Other leaves with a ``.to`` method (MMEngine's
+    ``BaseDataElement`` data samples) are moved by it, as MMEngine's ``cast_data`` does; the rest
+    (strings, numbers, metadata) pass through. ``non_blocking`` overlaps host-to-device
     copies with compute when the source is pinned.
     """
     if device is None:
@@ -59,7 +62,7 @@ def to_device(tree: Any, device: torch.device | str | None, *, non_blocking: boo
         )
     if isinstance(tree, (list, tuple)):
         return _rebuild(tree, [to_device(v, device, non_blocking=non_blocking) for v in tree])
-    return tree
+    return move_leaf(tree, device, non_blocking)
 
 
 def _many_alike(batch: Sequence[Any]) -> bool:
@@ -98,7 +101,8 @@ class ImagePreprocessor:
     """``pre(batch, training, generator=None) -> batch``: to device, to float, normalise, augment.
 
     Steps, in order: move every tensor of ``batch`` to ``device`` (as it is,
-    usually ``uint8``); optionally switch the image to ``channels_last``; convert
+    usually ``uint8``); optionally reverse the image's 3 channels (``bgr_to_rgb`` or
+    ``rgb_to_bgr``); optionally switch the image to ``channels_last``; convert
     it to ``dtype``; normalise with ``(x - mean) / std`` per channel (MMEngine's
     formula, so results match ``ImgDataPreprocessor`` bitwise); then, only when
     ``training``, apply ``augment(batch, generator)``.
@@ -127,6 +131,9 @@ class ImagePreprocessor:
         pad_size_divisor: pad height and width to a multiple of it (MMEngine's default 1:
             only to the largest image of a list).
         pad_value: the value of the padding, in normalised units (MMEngine's default 0).
+        bgr_to_rgb, rgb_to_bgr: reverse the channels of a 3-channel image before the float
+            conversion (MMEngine's flags: one or the other; ``mean``/``std`` are then in the
+            converted order).
     """
 
     def __init__(
@@ -142,7 +149,17 @@ class ImagePreprocessor:
         dtype: torch.dtype = torch.float32,
         pad_size_divisor: int = 1,
         pad_value: float = 0.0,
+        bgr_to_rgb: bool = False,
+        rgb_to_bgr: bool = False,
     ) -> None:
+        for name, flag in (("bgr_to_rgb", bgr_to_rgb), ("rgb_to_bgr", rgb_to_bgr)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"ImagePreprocessor: `{name}` must be a bool, got {flag!r:.80}")
+        if bgr_to_rgb and rgb_to_bgr:
+            raise ValueError(
+                "ImagePreprocessor: `bgr_to_rgb` and `rgb_to_bgr` cannot both be True (each "
+                "reverses the channels; set the one that names your input's order)"
+            )
         if (
             isinstance(pad_size_divisor, bool)
             or not isinstance(pad_size_divisor, int)
@@ -174,6 +191,7 @@ class ImagePreprocessor:
         self.inputs = inputs
         self.dtype = dtype
         self.pad_size_divisor, self.pad_value = pad_size_divisor, float(pad_value)
+        self.flip_channels = bgr_to_rgb or rgb_to_bgr
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _stats_on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,17 +209,32 @@ class ImagePreprocessor:
             target = _padded_size(images, self.pad_size_divisor)
             if target is not None:  # unequal sizes: normalised one by one, then padded
                 x = torch.stack(
-                    [_pad_to(self._normalise(i), target, self.pad_value) for i in images]
+                    [
+                        _pad_to(self._normalise(self._flip(i)), target, self.pad_value)
+                        for i in images
+                    ]
                 )
                 return self._memory_format(x)
             x = torch.stack(images)
-        x = self._normalise(self._memory_format(x))  # channels_last before .to(float): fewer bytes
+        # flip and channels_last before .to(float): fewer bytes
+        x = self._normalise(self._memory_format(self._flip(x)))
         if self.pad_size_divisor > 1 and x.dim() == 4:
             div = self.pad_size_divisor
             size = tuple(math.ceil(n / div) * div for n in x.shape[-2:])
             if size != tuple(x.shape[-2:]):
                 x = self._memory_format(_pad_to(x, size, self.pad_value))
         return x
+
+    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+        """BGR <-> RGB when asked: the 3 channels reversed (MMEngine's ``x[:, [2, 1, 0]]``)."""
+        if not self.flip_channels:
+            return x
+        if x.dim() < 3 or x.shape[-3] != 3:
+            raise ValueError(
+                f"ImagePreprocessor: bgr_to_rgb/rgb_to_bgr reverse 3 channels, but the image has "
+                f"shape {tuple(x.shape)} (expected (..., 3, H, W))"
+            )
+        return x.flip(-3)
 
     def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -276,7 +309,8 @@ class ImagePreprocessor:
             if generator is None:
                 raise ValueError(
                     "ImagePreprocessor: `augment` is set, so a training call needs an explicit "
-                    "`generator` (e.g. fengine.rng.generator(seed, step))"
+                    "`generator`, e.g. fengine.data.loader.augment_generator(state.seed, state.step) "
+                    "(a key of its own: fengine.rng.generator(seed, step) is the step's dropout key)"
                 )
             batch = self.augment(batch, generator)
         return batch

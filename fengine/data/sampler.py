@@ -35,6 +35,20 @@ def check_int(where: str, name: str, value: Any, low: int | None = None) -> None
         raise ValueError(f"{where}: `{name}` must be >= {low}, got {value}")
 
 
+def check_bool(where: str, name: str, value: Any) -> None:
+    """``value`` is a bool: a string such as ``"False"`` (from a config) would be truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: `{name}` must be a bool (True or False), got {value!r:.80}")
+
+
+def check_seed(where: str, seed: Any) -> None:
+    """``seed`` is an int in ``[0, 2**63)``, as `TrainState`'s: epoch ``e``'s generator is seeded
+    with ``seed + e``, which torch refuses from 2**64 on (before, at some later epoch)."""
+    check_int(where, "seed", seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{where}: `seed` must be a non-negative int below 2**63, got {seed}")
+
+
 def _check_shard(rank: int, world_size: int) -> None:
     check_int("sampler", "rank", rank)
     check_int("sampler", "world_size", world_size)
@@ -67,6 +81,7 @@ def samples_per_rank(n: int, *, rank: int = 0, world_size: int = 1, round_up: bo
     """
     _check_n(n)
     _check_shard(rank, world_size)
+    check_bool("sampler", "round_up", round_up)
     if round_up:
         return -(-n // world_size)
     return max(0, -(-(n - rank) // world_size))
@@ -83,8 +98,9 @@ def epoch_index_tensor(
     round_up: bool = True,
 ) -> torch.Tensor:
     """:func:`epoch_indices` as an int64 tensor (no Python list is built)."""
-    check_int("sampler", "seed", seed)
+    check_seed("sampler", seed)
     check_int("sampler", "epoch", epoch, 0)
+    check_bool("sampler", "shuffle", shuffle)
     per_rank = samples_per_rank(n, rank=rank, world_size=world_size, round_up=round_up)
     indices = _permutation(n, seed + epoch, shuffle)
     total = per_rank * world_size if round_up else n
@@ -143,7 +159,9 @@ class Sampler:
     def __post_init__(self) -> None:
         _check_n(self.n)
         _check_shard(self.rank, self.world_size)
-        check_int("Sampler", "seed", self.seed)
+        check_seed("Sampler", self.seed)
+        check_bool("Sampler", "shuffle", self.shuffle)
+        check_bool("Sampler", "round_up", self.round_up)
 
     def index_tensor(self, epoch: int) -> torch.Tensor:
         """This rank's indices for ``epoch`` as an int64 tensor."""
@@ -192,6 +210,8 @@ def stream_positions(
     permutation that position ``start + i`` falls in (the per-sample "epoch").
     """
     _check_shard(rank, world_size)
+    check_seed("sampler", seed)
+    check_bool("sampler", "shuffle", shuffle)
     if n < 1:
         raise ValueError(f"an endless stream needs n >= 1 indices, got n={n}")
     if start < 0 or count < 0:
@@ -245,7 +265,8 @@ class InfiniteSampler:
         if self.n < 1:
             raise ValueError(f"InfiniteSampler needs n >= 1, got n={self.n}")
         _check_shard(self.rank, self.world_size)
-        check_int("InfiniteSampler", "seed", self.seed)
+        check_seed("InfiniteSampler", self.seed)
+        check_bool("InfiniteSampler", "shuffle", self.shuffle)
 
     def indices(self, start: int, count: int) -> list[int]:
         """The ``count`` indices from position ``start`` on (a pure function)."""
