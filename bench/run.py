@@ -212,7 +212,10 @@ def write_results(
         before = out.read_text() if out.exists() else "\n".join(header[:1] + [""])
         out.write_text(before.rstrip("\n") + "\n\n" + "\n".join(section))
         return
-    out.write_text("\n".join([*header, *lines, "", "## Checkpoints", "", *ckpt, ""]))
+    kept = ""  # other devices' sections stay (a CPU run on a machine without their device)
+    if out.exists() and (at := out.read_text().find("\n## On ")) >= 0:
+        kept = "\n" + out.read_text()[at + 1 :]
+    out.write_text("\n".join([*header, *lines, "", "## Checkpoints", "", *ckpt, ""]) + kept)
 
 
 def _version(module: str) -> str:

@@ -91,3 +91,23 @@ def test_fengine_runs_less_python_per_update_than_the_hand_written_loop():
     hand, step, fit = per["hand-written loop"], per["fengine step"], per["fengine fit"]
     assert step < 0.6 * hand, out.stdout
     assert fit < hand, out.stdout
+
+
+def test_a_cpu_run_keeps_another_devices_section_of_the_results(tmp_path, monkeypatch):
+    """`bench/run.py` on CPU rewrites its table and keeps the "## On cuda" section a GPU session
+    added (it dropped it: the GPU's numbers were lost at the next CPU run)."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_run", run)  # its dataclasses look themselves up
+    spec.loader.exec_module(run)
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\nold cpu table\n\n## On cuda (H200)\n\ngpu rows\n")
+    args = argparse.Namespace(device="cpu", out=str(out), threads=2, malloc="steady")
+    run.write_results(args, ["new cpu table"], ["checkpoint rows"], 60.0)
+    text = out.read_text()
+    assert "new cpu table" in text and "old cpu table" not in text
+    assert text.endswith("\n## On cuda (H200)\n\ngpu rows\n")
+    assert text.index("## Checkpoints") < text.index("## On cuda")
