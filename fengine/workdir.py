@@ -41,6 +41,20 @@ class WorkDirLocked(RuntimeError):
     """Another process is running in this work dir."""
 
 
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the copies of the held locks' files (a
+    close, not an unlock: the parent keeps its lock). Else a run killed with SIGKILL left its
+    work dir locked until its orphaned workers noticed and exited, seconds later."""
+    for fd, _ in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextlib.contextmanager
 def lock_work_dir(work_dir: str | os.PathLike | None) -> Iterator[None]:
     """Hold the exclusive lock of ``work_dir`` (created if missing) inside the ``with`` block.
@@ -79,6 +93,12 @@ def _acquire(d: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
+        if holder.isdigit() and not _alive(int(holder)):
+            raise WorkDirLocked(
+                f"work dir {d} is still locked by a process that run (pid {holder}, exited) "
+                "started (it inherited the lock's file and has not exited yet); try again in a "
+                "few seconds, or give this run another work dir"
+            ) from None
         raise WorkDirLocked(
             f"work dir {d} is in use by another run (pid {holder}); wait for it to finish, "
             "or give this run another work dir"
@@ -96,6 +116,17 @@ def _acquire(d: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def check_still_locked(directory: str | os.PathLike) -> None:

@@ -71,3 +71,36 @@ def test_a_regular_lock_file_holds_the_pid(tmp_path):
     (tmp_path / LOCK_NAME).write_text("stale 12345 and more text\n")
     _fit(tmp_path)  # an existing plain file is reused, its contents replaced
     assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
+_HOLDER = """
+import os, signal, sys, time
+from fengine.workdir import lock_work_dir
+with lock_work_dir(sys.argv[1]):
+    if os.fork() == 0:  # a DataLoader worker's fork: it outlives its parent for a while
+        time.sleep(30)
+        os._exit(0)
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_runs_forked_children_do_not_keep_its_work_dir_locked(tmp_path):
+    """A run SIGKILLed while its forked DataLoader workers live: they inherited the lock's open
+    file and held the lock until they exited (an immediate --resume was refused, naming the
+    dead pid); they close their copy at fork now, so the work dir is free at once."""
+    import subprocess
+    import sys
+
+    from fengine.workdir import lock_work_dir
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.wait(timeout=30)
+        with lock_work_dir(tmp_path):
+            assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    finally:
+        os.killpg(holder.pid, 9)  # the sleeping child
+        holder.stdout.close()
