@@ -602,7 +602,7 @@ def test_loader_flags_must_be_bools(name):
     ds = fd.synthetic_classification(13, num_features=4, num_classes=2, seed=0)
     with pytest.raises(TypeError) as e:
         fd.Loader(ds, 4, seed=0, rank=1, world_size=2, **{name: "no"})
-    assert str(e.value) == f"Loader: `{name}` must be a bool (True or False), got 'no'"
+    assert str(e.value) == f"Loader: {name} must be a bool (True or False), got 'no'"
     loader = fd.Loader(ds, 4, seed=0, rank=1, world_size=2, round_up=False, drop_last=False)
     assert (len(loader), len(loader.sampler)) == (2, 6)
 
@@ -712,7 +712,8 @@ def test_image_preprocessor_channel_flip_refusals():
     with pytest.raises(ValueError, match=r"`bgr_to_rgb` and `rgb_to_bgr` cannot both be True"):
         fd.ImagePreprocessor(bgr_to_rgb=True, rgb_to_bgr=True)
     with pytest.raises(
-        TypeError, match=r"^ImagePreprocessor: `rgb_to_bgr` must be a bool, got 'no'$"
+        TypeError,
+        match=r"^ImagePreprocessor: rgb_to_bgr must be a bool \(True or False\), got 'no'$",
     ):
         fd.ImagePreprocessor(rgb_to_bgr="no")
     with pytest.raises(
@@ -724,7 +725,7 @@ def test_image_preprocessor_channel_flip_refusals():
 def test_sampler_flags_must_be_bools():
     """shuffle="False" shuffled and round_up="no" padded in Sampler, InfiniteSampler and the
     functions (Loader already refused them)."""
-    bad = r"`{}` must be a bool \(True or False\), got 'False'"
+    bad = r"{} must be a bool \(True or False\), got 'False'"
     calls = {
         "Sampler": lambda v: fd.Sampler(10, seed=0, shuffle=v),
         "InfiniteSampler": lambda v: fd.InfiniteSampler(10, seed=0, shuffle=v),

@@ -22,23 +22,31 @@ from fengine.handlers import Checkpointer, EmptyCache, Logger, Profiler
 # ----------------------------------------------------------------- 1. on/off flags
 @pytest.mark.parametrize("flag", ["before_epoch", "after_epoch", "after_iter"])
 def test_empty_cache_refuses_a_string_flag(flag):
-    with pytest.raises(TypeError, match=rf"^EmptyCache: {flag} must be a bool, got 'false'$"):
+    with pytest.raises(
+        TypeError, match=rf"^EmptyCache: {flag} must be a bool \(True or False\), got 'false'$"
+    ):
         EmptyCache(**{flag: "false"})
-    with pytest.raises(TypeError, match=rf"EmptyCache: {flag} must be a bool, got 1$"):
+    with pytest.raises(
+        TypeError, match=rf"EmptyCache: {flag} must be a bool \(True or False\), got 1$"
+    ):
         EmptyCache(**{flag: 1})
     assert getattr(EmptyCache(**{flag: False}), flag) is False
 
 
 @pytest.mark.parametrize("flag", ["record_shapes", "profile_memory", "with_stack", "with_flops"])
 def test_profiler_refuses_a_string_flag(flag):
-    with pytest.raises(TypeError, match=rf"^Profiler: {flag} must be a bool, got 'false'$"):
+    with pytest.raises(
+        TypeError, match=rf"^Profiler: {flag} must be a bool \(True or False\), got 'false'$"
+    ):
         Profiler(**{flag: "false"})
     assert getattr(Profiler(**{flag: True}), flag) is True
 
 
 @pytest.mark.parametrize("flag", ["log_file", "env", "log_config"])
 def test_logger_refuses_a_string_flag(flag):
-    with pytest.raises(TypeError, match=rf"^Logger: {flag} must be a bool, got 'false'$"):
+    with pytest.raises(
+        TypeError, match=rf"^Logger: {flag} must be a bool \(True or False\), got 'false'$"
+    ):
         Logger(json_file=None, **{flag: "false"})
     assert getattr(Logger(json_file=None, **{flag: False}), flag) is False
 

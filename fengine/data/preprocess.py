@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from fengine.checks import check_bool
 from fengine.devices import move_leaf
 
 
@@ -152,9 +153,8 @@ class ImagePreprocessor:
         bgr_to_rgb: bool = False,
         rgb_to_bgr: bool = False,
     ) -> None:
-        for name, flag in (("bgr_to_rgb", bgr_to_rgb), ("rgb_to_bgr", rgb_to_bgr)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"ImagePreprocessor: `{name}` must be a bool, got {flag!r:.80}")
+        check_bool("ImagePreprocessor", "bgr_to_rgb", bgr_to_rgb)
+        check_bool("ImagePreprocessor", "rgb_to_bgr", rgb_to_bgr)
         if bgr_to_rgb and rgb_to_bgr:
             raise ValueError(
                 "ImagePreprocessor: `bgr_to_rgb` and `rgb_to_bgr` cannot both be True (each "

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from fengine.checks import check_bool
+
 
 __all__ = [
     "InfiniteSampler",
@@ -33,12 +35,6 @@ def check_int(where: str, name: str, value: Any, low: int | None = None) -> None
         raise TypeError(f"{where}: `{name}` must be an int, got {value!r}{extra}")
     if low is not None and value < low:
         raise ValueError(f"{where}: `{name}` must be >= {low}, got {value}")
-
-
-def check_bool(where: str, name: str, value: Any) -> None:
-    """``value`` is a bool: a string such as ``"False"`` (from a config) would be truthy."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: `{name}` must be a bool (True or False), got {value!r:.80}")
 
 
 def check_seed(where: str, seed: Any) -> None:

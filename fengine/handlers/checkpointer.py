@@ -62,6 +62,7 @@ import torch
 
 from fengine import checkpoint, distributed
 from fengine.checkpoint import CheckpointError
+from fengine.checks import check_bool
 from fengine.events import Handler, Priority, Retire, RunInfo, Save, Snapshot
 from fengine.state import TrainState
 
@@ -154,9 +155,7 @@ def _check_int(name: str, value: Any) -> int:
 
 
 def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Checkpointer: {name} must be a bool, got {value!r}")
-    return value
+    return check_bool("Checkpointer", name, value)
 
 
 def _str_list(name: str, value: Any) -> list[str]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fengine.checkpoint._io import open_to_append
+from fengine.checks import check_bool
 from fengine.events import Handler, Priority, Snapshot
 from fengine.handlers.banner import environment, format_banner, format_config
 from fengine.handlers.history import History, known_statistics, statistic
@@ -807,8 +808,7 @@ class Logger(_TrainScalars):
         if exp_name is not None and (not isinstance(exp_name, str) or not exp_name):
             raise ValueError(f"Logger: exp_name must be a non-empty str, got {exp_name!r}")
         for flag, value in (("log_file", log_file), ("env", env), ("log_config", log_config)):
-            if not isinstance(value, bool):  # a config's "false" would be truthy
-                raise TypeError(f"Logger: {flag} must be a bool, got {value!r}")
+            check_bool("Logger", flag, value)
         if timer is True:
             timer = None
         if not (timer is None or timer is False or isinstance(timer, Timer)):

@@ -9,17 +9,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fengine.checks import check_bool
 from fengine.events import Handler, Priority, Snapshot
 
 
 __all__ = ["EmptyCache", "Profiler", "ScheduleRecorder"]
-
-
-def _flag(where: str, name: str, value: object) -> bool:
-    """``value`` if it is a bool: a string such as ``"false"`` (from a config) would be truthy."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: {name} must be a bool, got {value!r}")
-    return value
 
 
 def _empty_cache(snap: Snapshot | None = None) -> None:
@@ -48,9 +42,9 @@ class EmptyCache(Handler):
         priority: int | str | None = None,
     ) -> None:
         super().__init__(priority=priority)
-        self.before_epoch = _flag("EmptyCache", "before_epoch", before_epoch)
-        self.after_epoch = _flag("EmptyCache", "after_epoch", after_epoch)
-        self.after_iter = _flag("EmptyCache", "after_iter", after_iter)
+        self.before_epoch = check_bool("EmptyCache", "before_epoch", before_epoch)
+        self.after_epoch = check_bool("EmptyCache", "after_epoch", after_epoch)
+        self.after_iter = check_bool("EmptyCache", "after_iter", after_iter)
         for phase in ("train", "val", "test"):
             if self.before_epoch:
                 setattr(self, f"on_before_{phase}_epoch", _empty_cache)
@@ -144,10 +138,10 @@ class Profiler(Handler):
             if not acts:
                 raise ValueError("Profiler: activities is empty")
         self.activities = acts
-        self.record_shapes = _flag("Profiler", "record_shapes", record_shapes)
-        self.profile_memory = _flag("Profiler", "profile_memory", profile_memory)
-        self.with_stack = _flag("Profiler", "with_stack", with_stack)
-        self.with_flops = _flag("Profiler", "with_flops", with_flops)
+        self.record_shapes = check_bool("Profiler", "record_shapes", record_shapes)
+        self.profile_memory = check_bool("Profiler", "profile_memory", profile_memory)
+        self.with_stack = check_bool("Profiler", "with_stack", with_stack)
+        self.with_flops = check_bool("Profiler", "with_flops", with_flops)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.traces: list[Path] = []
         self._prof: torch.profiler.profile | None = None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fengine.checks import check_bool
 from fengine.distributed import rank, world_size
 from fengine.state import TrainState
 from fengine.step import ApplyFn, GradFn, Grads, Metrics, Part
@@ -160,11 +161,4 @@ def data_parallel(bucket_mb: float = 25.0, *, diff_rank_seed: bool = False) -> W
             f"data_parallel: bucket_mb must be a finite number of megabytes > 0 (at least one "
             f"byte), got {bucket_mb!r}"
         )
-    return _DataParallel(bucket_mb, check_flag("data_parallel", "diff_rank_seed", diff_rank_seed))
-
-
-def check_flag(where: str, name: str, value: Any) -> bool:
-    """``value`` if it is a bool: a string such as ``"false"`` (from a config) would be truthy."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: {name} must be a bool (True or False), got {value!r:.80}")
-    return value
+    return _DataParallel(bucket_mb, check_bool("data_parallel", "diff_rank_seed", diff_rank_seed))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fengine.checks import check_bool
 from fengine.distributed import rank
 from fengine.rng import seeded_default_generators
 from fengine.sharding import check_owned, check_root
@@ -24,7 +25,7 @@ from fengine.state import TrainState
 from fengine.step import GradFn, Grads, Part, is_base_grad_fn, rng_key, run_loss
 from fengine.wrappers.accumulate import _Accumulate, micro_batch_position
 from fengine.wrappers.base import Wrapper, once
-from fengine.wrappers.data_parallel import _DataParallel, check_flag
+from fengine.wrappers.data_parallel import _DataParallel
 
 
 __all__ = ["fsdp"]
@@ -118,6 +119,6 @@ def fsdp(*, defer_reduce: bool = False, diff_rank_seed: bool = False) -> Wrapper
     part would).
     """
     return _Fsdp(
-        check_flag("fsdp", "defer_reduce", defer_reduce),
-        check_flag("fsdp", "diff_rank_seed", diff_rank_seed),
+        check_bool("fsdp", "defer_reduce", defer_reduce),
+        check_bool("fsdp", "diff_rank_seed", diff_rank_seed),
     )
