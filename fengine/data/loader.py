@@ -24,15 +24,9 @@ import torch
 import torch.utils.data
 
 from fengine import rng
+from fengine.checks import check_bool
 from fengine.data.collate import default_collate
-from fengine.data.sampler import (
-    InfiniteSampler,
-    Sampler,
-    check_bool,
-    check_int,
-    check_seed,
-    stream_positions,
-)
+from fengine.data.sampler import InfiniteSampler, Sampler, check_int, check_seed, stream_positions
 
 
 __all__ = ["Loader", "augment_generator"]
