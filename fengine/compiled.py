@@ -32,6 +32,7 @@ import re
 import time
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -284,6 +285,11 @@ class CompiledStep:
         # whether the graph draws random numbers (seeded per step when it does); None: not yet seen
         self._draws: bool | None = None
         self._sig: Any = None  # the last batch's `_signature`
+        # model -> {(batch signature, layout): the code dynamo compiled for them}, called without
+        # dynamo's frame machinery (`_record_direct`); None: not for this step (CUDA graphs)
+        self._direct: weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, Any]] | None = (
+            weakref.WeakKeyDictionary() if _direct_allowed(compile_kw) else None
+        )
 
     def _run(self, leaves: list[Any], batch: Any) -> tuple[list[Any], Metrics]:
         """The traced function: leaves in, leaves out (the pytree work happens at trace time)."""
@@ -313,11 +319,12 @@ class CompiledStep:
         # the guards dynamo would check (~30% of a small step) hold by construction when the
         # leaves are the ones the graph returned and the batch looks like the last one
         sig = _signature(batch)
-        same = not self.guards and cached and sig is not None and sig == self._sig
+        steady = not self.guards and cached and sig is not None
+        same = steady and sig == self._sig
         self._sig = sig
         t0 = time.perf_counter()
         try:
-            done = self._guarded(state, leaves, batch, skip_guards=same, trace=first)
+            done = self._guarded(state, leaves, batch, skip_guards=same, steady=steady, trace=first)
         except _UNTRACEABLE as e:
             return e
         if isinstance(done, Exception):
@@ -342,18 +349,32 @@ class CompiledStep:
         return new, metrics
 
     def _guarded(
-        self, state: TrainState, leaves: list[Any], batch: Any, *, skip_guards: bool, trace: bool
+        self,
+        state: TrainState,
+        leaves: list[Any],
+        batch: Any,
+        *,
+        skip_guards: bool,
+        steady: bool,
+        trace: bool,
     ) -> tuple[list[Any], Metrics] | Exception:
         """`_call`, tracing again only once `_unreached` passed on this batch (else its error).
+        ``steady``: the state is the one the last call returned (same model, same layout), and
+        the call may run dynamo's code directly (`_direct_call`).
 
         A batch that takes another Python branch of the loss (an auxiliary head used on some
         batches only) makes dynamo trace again, and the new graph may leave params unreached
         that the first one reached: each later call runs under the ``fail_on_recompile``
         stance, so such a trace stops before it starts and the probe runs first (no extra
         work while a graph is reused)."""
+        if steady and (done := self._direct_call(state, leaves, batch)) is not None:
+            return done
         while True:
             try:
-                return self._call(state, leaves, batch, skip_guards=skip_guards, trace=trace)
+                done = self._call(state, leaves, batch, skip_guards=skip_guards, trace=trace)
+                if steady and self._direct is not None:
+                    self._record_direct(state, leaves, batch)
+                return done
             except RuntimeError as e:  # dynamo's own errors (TorchRuntimeError, ...) too
                 if skip_guards and "skip_guard_eval_unsafe" in str(e):
                     skip_guards = False  # a guard did matter after all: check them all
@@ -382,19 +403,72 @@ class CompiledStep:
     def _call(
         self, state: TrainState, leaves: list[Any], batch: Any, *, skip_guards: bool, trace: bool
     ) -> tuple[list[Any], Metrics]:
-        """One call of the graph; ``trace=False``: dynamo raises rather than tracing again."""
+        """One call of the graph through dynamo; ``trace=False``: it raises rather than tracing again."""
         stance = "default" if trace else "fail_on_recompile"
         with torch.compiler.set_stance(stance, skip_guard_eval_unsafe=skip_guards):
-            if self._draws is False:  # the graph draws no random numbers: nothing to seed
-                return self.compiled(leaves, batch)
-            cuda = self._cuda_of(state)
-            with seeded_default_generators(fold_in(state.seed, state.step), cuda):
-                seeded = torch.default_generator.get_state() if self._draws is None else None
-                out = self.compiled(leaves, batch)
-                if seeded is not None and not cuda:
-                    # a graph is static: one that left the generator untouched never draws
-                    self._draws = not torch.equal(seeded, torch.default_generator.get_state())
-            return out
+            return self._seeded(self.compiled, state, leaves, batch)
+
+    def _direct_call(
+        self, state: TrainState, leaves: list[Any], batch: Any
+    ) -> tuple[list[Any], Metrics] | None:
+        """The call of the code dynamo compiled for this model, layout and batch signature,
+        once `_record_direct` found it (as dynamo itself runs it without guards); None when
+        there is none to call."""
+        key = (self._sig, self._layout)
+        known = None if self._direct is None else self._direct.get(state.model)  # type: ignore[arg-type]
+        direct = None if known is None else known.get(key)
+        if known is None or direct is None:
+            return None
+        try:
+            return self._seeded(direct, state, leaves, batch)
+        except AssertionError:  # inductor's check of the inputs' sizes and strides failed
+            del known[key]  # (before any work): let dynamo check every guard
+            return None
+
+    def _seeded(
+        self, fn: Callable[[list[Any], Any], Any], state: TrainState, leaves: list[Any], batch: Any
+    ) -> tuple[list[Any], Metrics]:
+        """``fn(leaves, batch)`` with torch's generators seeded from the state when the graph draws."""
+        if self._draws is False:  # the graph draws no random numbers: nothing to seed
+            return fn(leaves, batch)
+        cuda = self._cuda_of(state)
+        with seeded_default_generators(fold_in(state.seed, state.step), cuda):
+            seeded = torch.default_generator.get_state() if self._draws is None else None
+            out = fn(leaves, batch)
+            if seeded is not None and not cuda:
+                # a graph is static: one that left the generator untouched never draws
+                self._draws = not torch.equal(seeded, torch.default_generator.get_state())
+        return out
+
+    def _record_direct(self, state: TrainState, leaves: list[Any], batch: Any) -> None:
+        """Keep the code dynamo compiled for this model, layout and batch signature, to call it
+        directly.
+
+        Under ``skip_guard_eval_unsafe`` dynamo still spends ~50 us per call in its frame
+        evaluation (a third of the compiled MLP step) before it runs the code it generated:
+        the graph call, the outputs' assembly and any side effects it replays. That code is
+        taken from dynamo's cache once per signature, the one cache entry whose guards pass on
+        these inputs, and called as a function (same code, same bits)."""
+        assert self._direct is not None and state.model is not None
+        known = self._direct.setdefault(state.model, {})
+        key = (self._sig, self._layout)
+        if self._sig is None or key in known or len(known) >= _DIRECT_MAX:
+            return
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            run = self.compiled._torchdynamo_orig_callable.__func__  # type: ignore[attr-defined]
+            code = run.__code__
+            frame = {"self": self, "leaves": leaves, "batch": batch}
+            hits = [e for e in _debug_get_cache_entry_list(code) if e.guard_manager.check(frame)]
+        except Exception as e:  # noqa: BLE001 - another torch's internals: dynamo's calls only
+            log.debug("compiled step: calling dynamo's code directly is off (%r)", e)
+            self._direct = None
+            return
+        if len(hits) == 1 and not hits[0].code.co_freevars:
+            # the globals dynamo added its names to (the compiled graph, imports) are `_run`'s
+            fn = types.FunctionType(hits[0].code, run.__globals__, hits[0].code.co_name)
+            known[key] = types.MethodType(fn, self)
 
     def _lifted(self, state: TrainState) -> tuple[list[Any], list[Any], bool]:
         """``state``'s leaves with its numbers as tensors, its leaves as they are, and whether
@@ -462,6 +536,18 @@ class CompiledStep:
             CompileFallbackWarning,
             stacklevel=4,
         )
+
+
+_DIRECT_MAX = 16  # batch signatures whose compiled code is called directly
+
+
+def _direct_allowed(options: Mapping[str, Any]) -> bool:
+    """Whether dynamo's compiled code may be called without dynamo: not under CUDA graphs,
+    whose trees count a step at each call through dynamo."""
+    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+        return False
+    extra = options.get("options") or {}
+    return not any("cudagraph" in str(k) for k in extra)
 
 
 # dynamo's "Observed exception" report names the error the traced code raised in its debug context
