@@ -168,9 +168,14 @@ def _builder(spec: pytree.TreeSpec) -> Any:
     """A function ``iterator of leaves -> tree`` for trees of layout ``spec``."""
     if spec.is_leaf():
         return next
+    n, context = spec.num_children, spec.context
+    if spec.type in (dict, list, tuple) and all(spec.child(i).is_leaf() for i in range(n)):
+        # a container of leaves (params, moments, buffers): taken in C
+        if spec.type is dict:
+            return lambda it: dict(zip(context, itertools.islice(it, n)))
+        return lambda it, kind=spec.type: kind(itertools.islice(it, n))
     unflatten = pytree.SUPPORTED_NODES[spec.type].unflatten_fn
-    kids = [_builder(spec.child(i)) for i in range(spec.num_children)]
-    context = spec.context
+    kids = [_builder(spec.child(i)) for i in range(n)]
 
     def build(it: Any) -> Any:
         return unflatten([kid(it) for kid in kids], context)
