@@ -34,7 +34,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -418,14 +418,18 @@ class CompiledStep:
     ) -> tuple[list[Any], Metrics] | None:
         """The call of the code dynamo compiled for this model, layout and batch signature,
         once `_record_direct` found it (as dynamo itself runs it without guards); None when
-        there is none to call."""
+        there is none to call: not found yet, gone from dynamo's cache (``torch._dynamo.reset``),
+        or traced under another global state (grad mode, autocast, ...)."""
         key = (self._sig, self._layout)
         known = None if self._direct is None else self._direct.get(state.model)  # type: ignore[arg-type]
         direct = None if known is None else known.get(key)
-        if known is None or direct is None:
+        if known is None or direct is None or not direct.global_state.check():
+            return None
+        if not any(e.code is direct.code for e in _cache_entries(direct.dynamo_code)):
+            del known[key]  # dynamo's caches were reset: it traces again
             return None
         try:
-            return self._seeded(direct, state, leaves, batch)
+            return self._seeded(direct.fn, state, leaves, batch)
         except AssertionError:  # inductor's check of the inputs' sizes and strides failed
             del known[key]  # (before any work): let dynamo check every guard
             return None
@@ -460,12 +464,12 @@ class CompiledStep:
         if self._sig is None or key in known or len(known) >= _DIRECT_MAX:
             return
         try:
-            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+            from torch._C._dynamo.guards import GlobalStateGuard
 
             run = self.compiled._torchdynamo_orig_callable.__func__  # type: ignore[attr-defined]
-            code = run.__code__
             frame = {"self": self, "leaves": leaves, "batch": batch}
-            hits = [e for e in _debug_get_cache_entry_list(code) if e.guard_manager.check(frame)]
+            hits = [e for e in _cache_entries(run.__code__) if e.guard_manager.check(frame)]
+            global_state = GlobalStateGuard()  # grad mode, autocast, ... as they are now
         except Exception as e:  # noqa: BLE001 - another torch's internals: dynamo's calls only
             log.debug("compiled step: calling dynamo's code directly is off (%r)", e)
             self._direct = None
@@ -473,7 +477,9 @@ class CompiledStep:
         if len(hits) == 1 and not hits[0].code.co_freevars:
             # the globals dynamo added its names to (the compiled graph, imports) are `_run`'s
             fn = types.FunctionType(hits[0].code, run.__globals__, hits[0].code.co_name)
-            known[key] = types.MethodType(fn, self)
+            known[key] = _Direct(
+                types.MethodType(fn, self), hits[0].code, run.__code__, global_state
+            )
 
     def _lifted(self, state: TrainState) -> tuple[list[Any], list[Any], bool]:
         """``state``'s leaves with its numbers as tensors, its leaves as they are, and whether
@@ -546,6 +552,22 @@ class CompiledStep:
 _DIRECT_MAX = 16  # batch signatures whose compiled code is called directly
 
 
+class _Direct(NamedTuple):
+    """Dynamo's compiled code for one model, layout and batch signature, called directly."""
+
+    fn: Callable[[list[Any], Any], tuple[list[Any], Any]]  # the code, bound to the step
+    code: types.CodeType  # the code itself (its cache entry's)
+    dynamo_code: types.CodeType  # the code dynamo's cache is kept for (`CompiledStep._run`'s)
+    global_state: Any  # dynamo's GlobalStateGuard as the code was found: checked before a call
+
+
+def _cache_entries(code: types.CodeType) -> list[Any]:
+    """Dynamo's cache entries for ``code`` (one per compiled graph)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return _debug_get_cache_entry_list(code)
+
+
 def _direct_allowed(options: Mapping[str, Any]) -> bool:
     """Whether dynamo's compiled code may be called without dynamo: not under CUDA graphs,
     whose trees count a step at each call through dynamo."""
@@ -566,21 +588,32 @@ class _Opaque(Exception):
 
 
 def _signature(batch: Any) -> Any:
-    """What dynamo's guards see of a batch (structure, tensor metadata, plain values, grad
-    mode); None for a batch with objects it cannot describe (then the guards run)."""
+    """What dynamo's guards see of a batch (structure, tensor metadata, plain values, which
+    tensors are one object or share memory, grad mode); None for a batch with objects it
+    cannot describe (then the guards run)."""
+    tensors: list[torch.Tensor] = []
     try:
-        return (torch.is_grad_enabled(), _sig(batch))
-    except _Opaque:
+        sig = _sig(batch, tensors)
+        # dynamo passes a tensor given twice once, and traces aliased inputs apart
+        objects: dict[int, int] = {}
+        memory: dict[int, int] = {}
+        aliasing = tuple(
+            (objects.setdefault(id(t), i), memory.setdefault(t.untyped_storage().data_ptr(), i))
+            for i, t in enumerate(tensors)
+        )
+    except (_Opaque, RuntimeError, NotImplementedError):  # (a tensor without storage)
         return None
+    return (torch.is_grad_enabled(), sig, aliasing)
 
 
-def _sig(x: Any) -> Any:
+def _sig(x: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(x, torch.Tensor):
+        tensors.append(x)
         return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
     if isinstance(x, tuple | list):
-        return (type(x), *map(_sig, x))
+        return (type(x), *(_sig(v, tensors) for v in x))
     if type(x) is dict:
-        return (dict, *((k, _sig(v)) for k, v in x.items()))
+        return (dict, *((k, _sig(v, tensors)) for k, v in x.items()))
     if x is None or type(x) in (int, float, str, bool):
         return (type(x), x)
     raise _Opaque

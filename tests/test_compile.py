@@ -7,6 +7,7 @@ One test runs inductor for the numbers: tolerance to eager, run-to-run bits, exa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -738,11 +739,11 @@ def test_a_direct_call_whose_inputs_no_longer_fit_goes_back_through_dynamo():
     def stale(leaves, batch):
         raise AssertionError("expected size 8==5")
 
-    known[key] = stale
+    known[key] = known[key]._replace(fn=stale)
     for batch in batches[3:]:
         a, _ = eager(a, batch)
         b, _ = step(b, batch)
-    assert known[key] is not stale  # found again after the guarded call
+    assert known[key].fn is not stale  # found again after the guarded call
     for n, p in a.params.items():
         torch.testing.assert_close(b.params[n], p, **TOL)
 
@@ -755,3 +756,78 @@ def test_cuda_graph_modes_keep_every_call_through_dynamo():
     assert not _direct_allowed({"mode": "reduce-overhead"})
     assert not _direct_allowed({"mode": "max-autotune"})
     assert not _direct_allowed({"options": {"triton.cudagraphs": True}})
+
+
+def _losses(step: fe.Step, model: nn.Module, batches: list, between=None) -> list[float]:
+    """The loss of each update of ``step`` from ``model`` over ``batches``; ``between(i)`` runs
+    before update i (a context for it when it returns one)."""
+    state, losses = step.init(model), []
+    for i, batch in enumerate(batches):
+        context = between(i) if between is not None else None
+        with context if context is not None else contextlib.nullcontext():
+            state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_a_batch_whose_fields_are_one_tensor_is_not_run_through_a_graph_for_two():
+    """Dynamo passes a tensor given twice once: the code traced for (x, x) must not run for
+    (x, t) of the same shapes (it trained a denoiser towards its input; the hunt of stop 27)."""
+
+    def mse(model, batch):
+        return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 16, generator=g) for _ in range(4)]
+    ts = [torch.randn(8, 16, generator=g) for _ in range(4)]
+    batches = [(xs[0], xs[0]), (xs[1], xs[1]), (xs[2], ts[2]), (xs[3], ts[3])]
+    torch.manual_seed(0)
+    eager = _losses(fe.train_step(mse, optim.sgd(0.1)), nn.Linear(16, 16), batches)
+    torch.manual_seed(0)
+    compiled_step = fe.train_step(mse, optim.sgd(0.1), compile={"backend": Counter()})
+    compiled = _losses(compiled_step, nn.Linear(16, 16), batches)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_after_a_dynamo_reset_the_step_traces_again():
+    """``torch._dynamo.reset()`` (how a changed closure value is usually retraced) drops the
+    code the step called directly, as it drops dynamo's own."""
+    weight = {"w": 1.0}
+
+    def weighted(model, batch):
+        return weight["w"] * ce_loss(model, batch)
+
+    def reset_at_3(i):
+        if i == 3:
+            weight["w"] = 3.0
+            torch._dynamo.reset()
+
+    batches = mlp_batches(6)
+    eager = _losses(fe.train_step(weighted, optim.sgd(0.1)), mlp(0), batches, reset_at_3)
+    weight["w"] = 1.0
+    counter = Counter()
+    step = fe.train_step(weighted, optim.sgd(0.1), compile={"backend": counter})
+    compiled = _losses(step, mlp(0), batches, reset_at_3)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert counter.graphs == 2
+
+
+def test_a_step_under_another_global_state_goes_through_dynamo(monkeypatch):
+    """The code found for one global state (grad mode, autocast, ...) is not called under
+    another: an outer ``torch.autocast`` sends those steps through dynamo, which checks it
+    (the direct call ran the float32 graph there, under inductor)."""
+    through_dynamo = []
+    set_stance = torch.compiler.set_stance
+
+    def counted(*args, **kwargs):
+        through_dynamo.append(torch.is_autocast_enabled("cpu"))
+        return set_stance(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", counted)
+
+    def bf16_at_3_and_4(i):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if i in (3, 4) else None
+
+    step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": Counter()})
+    _losses(step, mlp(0), mlp_batches(7), bf16_at_3_and_4)
+    assert through_dynamo.count(True) >= 2  # both autocast steps, none of them directly
