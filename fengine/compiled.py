@@ -284,6 +284,11 @@ class CompiledStep:
         self.fallback_reason: str | None = None
         self.compile_seconds: float | None = None
         self._layout: Layout | None = None
+        # per model: a number for each structure and kind of leaves its states had (`_lineage_of`)
+        self._lineages: weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lineage = 0  # the last call's state's
         # the state returned last, its leaves lifted and as they are
         self._last: tuple[TrainState, list[Any], list[Any]] | None = None
         self._cuda: tuple[Any, tuple[torch.device, ...]] = (None, ())
@@ -416,11 +421,11 @@ class CompiledStep:
     def _direct_call(
         self, state: TrainState, leaves: list[Any], batch: Any
     ) -> tuple[list[Any], Metrics] | None:
-        """The call of the code dynamo compiled for this model, layout and batch signature,
+        """The call of the code dynamo compiled for this model, lineage of states and batch signature,
         once `_record_direct` found it (as dynamo itself runs it without guards); None when
         there is none to call: not found yet, gone from dynamo's cache (``torch._dynamo.reset``),
         or traced under another global state (grad mode, autocast, ...)."""
-        key = (self._sig, self._layout)
+        key = (self._sig, self._lineage)
         known = None if self._direct is None else self._direct.get(state.model)  # type: ignore[arg-type]
         direct = None if known is None else known.get(key)
         if known is None or direct is None or not direct.global_state.check():
@@ -450,8 +455,8 @@ class CompiledStep:
         return out
 
     def _record_direct(self, state: TrainState, leaves: list[Any], batch: Any) -> None:
-        """Keep the code dynamo compiled for this model, layout and batch signature, to call it
-        directly.
+        """Keep the code dynamo compiled for this model, lineage of states and batch signature,
+        to call it directly.
 
         Under ``skip_guard_eval_unsafe`` dynamo still spends ~50 us per call in its frame
         evaluation (a third of the compiled MLP step) before it runs the code it generated:
@@ -460,7 +465,7 @@ class CompiledStep:
         these inputs, and called as a function (same code, same bits)."""
         assert self._direct is not None and state.model is not None
         known = self._direct.setdefault(state.model, {})
-        key = (self._sig, self._layout)
+        key = (self._sig, self._lineage)
         if self._sig is None or key in known or len(known) >= _DIRECT_MAX:
             return
         try:
@@ -503,7 +508,25 @@ class CompiledStep:
         flat, spec = pytree.tree_flatten(state)
         if self._layout is None or spec != self._layout.spec:
             self._layout = Layout(flat, spec)
+        self._lineage = self._lineage_of(state, flat, spec)
         return _lift_leaves(flat, self._layout, _device(state)), flat, False
+
+    def _lineage_of(self, state: TrainState, flat: list[Any], spec: pytree.TreeSpec) -> int:
+        """A number for the structure and the leaves' kinds (dtype, device, shape, strides,
+        requires_grad) of a state of ``state.model``: the states the step returns from it keep
+        them, and a direct call (`_direct_call`) is found per lineage. Asked for a state that
+        does not continue the last call's (a new, loaded or older one), not per step."""
+        if self._direct is None or state.model is None:
+            return 0
+        tree = tuple(spec.child(i) for i in range(spec.num_children))  # (the root holds the model)
+        kinds = tuple(
+            (x.dtype, x.device, x.shape, x.stride(), x.requires_grad)
+            if isinstance(x, torch.Tensor)
+            else type(x)
+            for x in flat
+        )
+        known = self._lineages.setdefault(state.model, {})
+        return known.setdefault((tree, kinds), len(known))
 
     def _cuda_of(self, state: TrainState) -> tuple[torch.device, ...]:
         """The CUDA devices of the state's params (their generators are seeded too); cached
@@ -553,7 +576,8 @@ _DIRECT_MAX = 16  # batch signatures whose compiled code is called directly
 
 
 class _Direct(NamedTuple):
-    """Dynamo's compiled code for one model, layout and batch signature, called directly."""
+    """Dynamo's compiled code for one model, lineage of states and batch signature, called
+    directly."""
 
     fn: Callable[[list[Any], Any], tuple[list[Any], Any]]  # the code, bound to the step
     code: types.CodeType  # the code itself (its cache entry's)

@@ -831,3 +831,41 @@ def test_a_step_under_another_global_state_goes_through_dynamo(monkeypatch):
     step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": Counter()})
     _losses(step, mlp(0), mlp_batches(7), bf16_at_3_and_4)
     assert through_dynamo.count(True) >= 2  # both autocast steps, none of them directly
+
+
+def test_states_of_one_model_with_other_dtypes_get_their_own_direct_call():
+    """A second state of the same model with other dtypes (``model.double()``; token batches,
+    so the batch signature is the same) must not run the code found for the first state's
+    float32 leaves (inductor's float32 kernels raised on it, or read float64 as float32)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 16), nn.Flatten(), nn.Linear(64, 10))
+    g = torch.Generator().manual_seed(0)
+    tokens = [
+        (torch.randint(0, 20, (8, 4), generator=g), torch.randint(0, 10, (8,), generator=g))
+        for _ in range(6)
+    ]
+    step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": Counter()})
+    state = step.init(model)
+    for batch in tokens[:3]:
+        state, _ = step(state, batch)
+    model.double()
+    eager = _losses(fe.train_step(ce_loss, optim.sgd(0.1)), model, tokens[3:])
+    assert _losses(step, model, tokens[3:]) == pytest.approx(eager, rel=1e-12)
+    assert step._compiled is not None and step._compiled._direct is not None
+    (known,) = step._compiled._direct.values()
+    assert len(known) == 2  # one per kind of state: float32 and float64
+
+
+def test_one_step_over_two_models_in_turns_keeps_calling_directly():
+    """Returning to a model (its state's layout built again) finds the code found before:
+    the direct calls did not stop after 16 switches (each added a dead entry)."""
+    step = fe.train_step(ce_loss, optim.sgd(0.1), compile={"backend": Counter()})
+    models, batches = (mlp(0), mlp(1, dropout=0.2)), mlp_batches(3)
+    states = [step.init(m) for m in models]
+    assert step._compiled is not None and step._compiled._direct is not None
+    for _ in range(20):
+        for k in range(2):
+            for batch in batches:
+                states[k], _ = step(states[k], batch)
+    for m in models:
+        assert len(step._compiled._direct[m]) == 1
