@@ -598,7 +598,7 @@ def _direct_allowed(options: Mapping[str, Any]) -> bool:
     if options.get("mode") in ("reduce-overhead", "max-autotune"):
         return False
     extra = options.get("options") or {}
-    return not any("cudagraph" in str(k) for k in extra)
+    return not any("cudagraph" in str(k) and v for k, v in extra.items())
 
 
 # dynamo's "Observed exception" report names the error the traced code raised in its debug context

@@ -756,6 +756,7 @@ def test_cuda_graph_modes_keep_every_call_through_dynamo():
     assert not _direct_allowed({"mode": "reduce-overhead"})
     assert not _direct_allowed({"mode": "max-autotune"})
     assert not _direct_allowed({"options": {"triton.cudagraphs": True}})
+    assert _direct_allowed({"options": {"triton.cudagraphs": False}})
 
 
 def _losses(step: fe.Step, model: nn.Module, batches: list, between=None) -> list[float]:
