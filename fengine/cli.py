@@ -725,7 +725,11 @@ def initial_state(step: Any, model: Any, cfg: RunConfig, device: Any = None) -> 
         steady_cpu_allocations()
     state = step.init(model, seed=cfg.seed, device=device)
     if cfg.load_from is not None:
-        state, report = checkpoint.load_params(cfg.load_from, state)
+        try:
+            state, report = checkpoint.load_params(cfg.load_from, state)
+        except checkpoint.CheckpointError as e:  # named by the flag, as --resume-from's
+            e.args = (f"--load-from {e}", *e.args[1:])
+            raise
         print(report)
     return state
 

@@ -67,7 +67,12 @@ def lock_work_dir(work_dir: str | os.PathLike | None) -> Iterator[None]:
         yield
         return
     d = Path(work_dir).resolve()
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # say what was being made: "No such file: /proc/x" reads as a missing file
+        raise type(e)(
+            f"cannot create the work dir {work_dir} ({e.strerror}: {e.filename})"
+        ) from None
     with _guard:
         entry = _held.get(d)
         if entry is not None:

@@ -17,6 +17,7 @@ from helpers import field_docs
 from fengine import checkpoint, cli
 from fengine.config import to_dict
 from fengine.replay import ReplayError
+from fengine.workdir import lock_work_dir
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -387,7 +388,14 @@ def test_a_failed_run_leaves_config_and_logs_untouched(trained, tmp_path, capsys
     )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "nope.pt" in err
+    assert f"--load-from {tmp_path / 'nope.pt'}: no such file" in err  # the flag named
     assert not fresh.exists() or not list(fresh.iterdir())
+    # a work dir that cannot be made says so (not "No such file or directory: <its parent>")
+    inside_a_file = tmp_path / "file"
+    inside_a_file.write_text("")
+    with pytest.raises(OSError, match=r"cannot create the work dir .*/file/w .*: .*/file"):
+        with lock_work_dir(inside_a_file / "w"):
+            pass
 
 
 def test_a_corrupt_checkpoint_is_one_line_and_a_traceback_with_debug(
