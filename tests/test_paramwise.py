@@ -1176,3 +1176,19 @@ def test_custom_keys_momentum_over_a_plateau_momentum_is_reduced_as_mmengine():
     labels = groups.labels()
     got = [state.opt_state.inner[labels[n]].momentum for n in ("backbone.weight", "head.weight")]
     assert got == [g["momentum"] for g in ref.param_groups]
+
+
+def test_the_table_shows_a_schedules_base_not_its_warm_ups_first_value():
+    """``--dry-run``'s table: a warmed-up lr is shown by its base (MMEngine's ``base_lr``,
+    0.003), each group's by its share of it; it showed the warm-up's first value (3e-06)."""
+    lr = S.warmup(S.cosine(0.003, T_max=100), steps=10, start_factor=1e-3)
+    g = paramwise(make_net(), lr=lr, weight_decay=WD, bias_lr_mult=2.0)
+    text = str(g)
+    assert "base lr=0.003 (sched)" in text
+    bias_row = next(r for r in text.splitlines() if r.startswith("backbone.layer1.bias"))
+    assert "0.006 (sched)" in bias_row and "3e-06" not in text
+
+    def opaque(step):  # no base to show: its first value, said so
+        return 0.1 / (1 + step)
+
+    assert "base lr=0.1 (sched) at update 0" in str(paramwise(make_net(), lr=opaque))

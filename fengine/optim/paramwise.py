@@ -194,7 +194,22 @@ def _scale(base: Hyper, mult: float) -> Hyper:
 
 
 def _show(value: Hyper) -> str:
-    return f"{value(0):.6g} (sched)" if callable(value) else f"{value:.6g}"
+    """A hyper-parameter for the table: a schedule by its base (MMEngine's ``base_lr``, not its
+    warm-up's first value), or by its first value when it has none."""
+    if not callable(value):
+        return f"{value:.6g}"
+    base = _base_of(value)
+    return f"{base:.6g} (sched)" if base is not None else f"{value(0):.6g} (sched) at update 0"
+
+
+def _base_of(value: Any) -> float | None:
+    if isinstance(value, Scaled):
+        if value._rebased is not None:
+            return _base_of(value._rebased)
+        inner = _base_of(value.schedule)
+        return None if inner is None else value.mult * inner
+    base = getattr(value, "base", None)
+    return float(base) if isinstance(base, int | float) and not isinstance(base, bool) else None
 
 
 @dataclass(frozen=True)
