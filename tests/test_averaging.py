@@ -191,6 +191,9 @@ def test_validation():
         "ema(momentum=0.1, gamma=100, interval=1, begin_epoch=3, name='ema')"
     )
     assert repr(fe.swa(interval=2)) == "swa(interval=2, name='swa')"
+    # a decay is shown as given (it showed momentum=0.010000000000000009 for decay 0.99)
+    assert repr(fe.ema(0.99)) == "ema(decay=0.99, interval=1, name='ema')"
+    assert repr(fe.ema()) == "ema(momentum=0.0002, interval=1, name='ema')"
 
 
 def test_swa_resume_is_exact(tmp_path):

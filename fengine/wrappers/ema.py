@@ -232,9 +232,10 @@ def _fn_name(fn: Any) -> str:
 
 
 class _Ema(_Averaged):
-    def __init__(self, momentum: float, gamma: float | None, *args: Any) -> None:
+    def __init__(self, given: str, momentum: float, gamma: float | None, *args: Any) -> None:
         super().__init__(*args)
         self.momentum, self.gamma = momentum, gamma
+        self.given = given  # "decay=0.99" or "momentum=0.01", as the user wrote it (for repr)
 
     def _average(self, avg: list[torch.Tensor], src: list[torch.Tensor], steps: int) -> None:
         m = self.momentum
@@ -251,7 +252,7 @@ class _Ema(_Averaged):
     def __repr__(self) -> str:
         gamma = "" if self.gamma is None else f", gamma={self.gamma}"
         return (
-            f"ema(momentum={self.momentum}{gamma}, interval={self.interval}"
+            f"ema({self.given}{gamma}, interval={self.interval}"
             f"{self._begin_repr()}, name={self.name!r})"
         )
 
@@ -361,7 +362,7 @@ def ema(
             f"ema: gamma must be a number > 0 and finite (MomentumAnnealingEMA), got {gamma!r}"
         )
     select = _common("ema", interval, begin, begin_epoch, params, update_buffers, name)
-    return _Ema(m, gamma, interval, update_buffers, begin, begin_epoch, select, name, params)
+    return _Ema(given, m, gamma, interval, update_buffers, begin, begin_epoch, select, name, params)
 
 
 def swa(
